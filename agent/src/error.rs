@@ -1,0 +1,128 @@
+//! Errors of the agent's data plane.
+
+use crate::pg::{classify, describe, ErrorClass};
+
+/// Which database a connection or statement went to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The source database (read under the exported snapshot).
+    Source,
+    /// The destination database (shadow tables).
+    Destination,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Source => "source",
+            Side::Destination => "destination",
+        })
+    }
+}
+
+/// A failure of one copy task. Every variant leaves the destination as it was before the task
+/// (its transaction is rolled back), so the task can be retried from scratch.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The task message is incomplete or contradictory.
+    #[error("invalid copy task: {0}")]
+    InvalidTask(String),
+    /// A connection string could not be parsed.
+    #[error("invalid {side} connection string: {message}")]
+    InvalidConnection {
+        /// Which database.
+        side: Side,
+        /// Parser message (never contains the connection string).
+        message: String,
+    },
+    /// The database could not be reached.
+    #[error("connect to the {side} database: {message}")]
+    Connect {
+        /// Which database.
+        side: Side,
+        /// One-line reason.
+        message: String,
+        /// Whether a retry may succeed.
+        class: ErrorClass,
+    },
+    /// The exported snapshot is gone (the coordinator's snapshot transaction ended).
+    #[error("import source snapshot {snapshot}: {message}; the coordinator's snapshot transaction has ended, restart the migration")]
+    Snapshot {
+        /// Snapshot id.
+        snapshot: String,
+        /// One-line reason.
+        message: String,
+    },
+    /// A statement of the copy failed.
+    #[error("copy {table}: {step} on the {side}: {message}")]
+    Copy {
+        /// Table being copied (destination name).
+        table: String,
+        /// What was being done.
+        step: &'static str,
+        /// Which database.
+        side: Side,
+        /// One-line reason.
+        message: String,
+        /// Whether a retry may succeed.
+        class: ErrorClass,
+    },
+    /// The destination received another number of rows than the source snapshot holds.
+    #[error("copy {table}: wrote {written} rows but the source snapshot holds {in_source}; nothing was committed")]
+    RowCountMismatch {
+        /// Table being copied.
+        table: String,
+        /// Rows written by COPY.
+        written: u64,
+        /// Rows counted in the source.
+        in_source: u64,
+    },
+}
+
+impl AgentError {
+    /// Wraps a PostgreSQL error raised during `step` of copying `table`.
+    pub fn copy(table: &str, step: &'static str, side: Side, err: &tokio_postgres::Error) -> Self {
+        AgentError::Copy {
+            table: table.to_string(),
+            step,
+            side,
+            message: describe(err),
+            class: classify(err),
+        }
+    }
+
+    /// Whether retrying the task from a clean state may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            AgentError::Connect { class, .. } | AgentError::Copy { class, .. } => {
+                *class != ErrorClass::Fatal
+            }
+            AgentError::InvalidTask(_)
+            | AgentError::InvalidConnection { .. }
+            | AgentError::Snapshot { .. }
+            | AgentError::RowCountMismatch { .. } => false,
+        }
+    }
+}
+
+impl From<AgentError> for tonic::Status {
+    fn from(err: AgentError) -> Self {
+        let message = err.to_string();
+        match err {
+            AgentError::InvalidTask(_) | AgentError::InvalidConnection { .. } => {
+                tonic::Status::invalid_argument(message)
+            }
+            AgentError::Snapshot { .. } => tonic::Status::failed_precondition(message),
+            AgentError::RowCountMismatch { .. } => tonic::Status::data_loss(message),
+            // Retryable failures travel as UNAVAILABLE, fatal ones as ABORTED: the coordinator
+            // retries only the former.
+            AgentError::Connect { class, .. } | AgentError::Copy { class, .. } => {
+                if class == ErrorClass::Fatal {
+                    tonic::Status::aborted(message)
+                } else {
+                    tonic::Status::unavailable(message)
+                }
+            }
+        }
+    }
+}

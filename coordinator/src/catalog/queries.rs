@@ -1,0 +1,558 @@
+//! The named catalog queries behind [`super::read_schema`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use tokio_postgres::Client;
+
+use super::*;
+use crate::error::CoordinatorError;
+
+const TABLES: &str = "
+SELECT c.oid, c.relname::text, c.relkind::text, c.relpersistence::text,
+       coalesce(c.reloptions, '{}')::text[],
+       c.relispartition OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid OR i.inhparent = c.oid),
+       obj_description(c.oid, 'pg_class'),
+       c.reltuples::int8,
+       (c.relpages::int8 + coalesce((SELECT t.relpages FROM pg_class t WHERE t.oid = c.reltoastrelid), 0))
+         * current_setting('block_size')::int8
+FROM pg_class c
+WHERE c.relnamespace = 'public'::regnamespace
+  AND c.relkind IN ('r', 'p', 'm', 'f')
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                  WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+ORDER BY c.relname";
+
+const COLUMNS: &str = "
+SELECT a.attrelid, a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid,
+       CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE 0::oid END,
+       a.attnotnull,
+       CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, d.adrelid) END,
+       a.attidentity::text,
+       CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END,
+       CASE WHEN a.attcollation <> t.typcollation AND a.attcollation <> 0
+            THEN quote_ident(cn.nspname) || '.' || quote_ident(co.collname) END,
+       col_description(a.attrelid, a.attnum)
+FROM pg_attribute a
+JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+LEFT JOIN pg_collation co ON co.oid = a.attcollation
+LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace
+WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attrelid, a.attnum";
+
+const CONSTRAINTS: &str = "
+SELECT con.conrelid, con.conname::text, con.contype::text, pg_get_constraintdef(con.oid),
+       con.confrelid, con.convalidated, obj_description(con.oid, 'pg_constraint')
+FROM pg_constraint con
+WHERE con.conrelid = ANY($1::oid[]) AND con.contype IN ('p', 'u', 'x', 'c', 'f')
+ORDER BY con.conrelid, con.conname";
+
+const INDEXES: &str = "
+SELECT i.indrelid, ic.relname::text, pg_get_indexdef(i.indexrelid), obj_description(i.indexrelid, 'pg_class')
+FROM pg_index i
+JOIN pg_class ic ON ic.oid = i.indexrelid
+WHERE i.indrelid = ANY($1::oid[])
+  AND NOT EXISTS (SELECT 1 FROM pg_constraint c
+                  WHERE c.conindid = i.indexrelid AND c.conrelid = i.indrelid AND c.contype IN ('p', 'u', 'x'))
+ORDER BY i.indrelid, ic.relname";
+
+const TRIGGERS: &str = "
+SELECT tg.tgrelid, tg.tgname::text, pg_get_triggerdef(tg.oid), tg.tgenabled <> 'D', tg.tgfoid,
+       p.pronamespace = 'public'::regnamespace, p.pronamespace = 'pg_catalog'::regnamespace
+FROM pg_trigger tg
+JOIN pg_proc p ON p.oid = tg.tgfoid
+WHERE tg.tgrelid = ANY($1::oid[]) AND NOT tg.tgisinternal
+ORDER BY tg.tgrelid, tg.tgname";
+
+const FUNCTIONS: &str = "
+SELECT p.oid::regprocedure::text, pg_get_functiondef(p.oid)
+FROM pg_proc p WHERE p.oid = ANY($1::oid[]) ORDER BY 1";
+
+const TYPES: &str = "
+SELECT t.oid, t.typarray, t.typname::text, t.typtype::text,
+       t.typnamespace = 'public'::regnamespace
+         AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                         WHERE d.classid = 'pg_type'::regclass AND d.objid = t.oid AND d.deptype = 'e'),
+       obj_description(t.oid, 'pg_type'),
+       CASE WHEN t.typtype = 'e'
+            THEN ARRAY(SELECT e.enumlabel::text FROM pg_enum e WHERE e.enumtypid = t.oid ORDER BY e.enumsortorder) END,
+       CASE WHEN t.typtype = 'd' THEN format_type(t.typbasetype, t.typtypmod) END,
+       t.typbasetype, t.typnotnull,
+       CASE WHEN t.typtype = 'd' THEN pg_get_expr(t.typdefaultbin, 0) END,
+       CASE WHEN t.typtype = 'd' AND t.typcollation <> 0
+                 AND t.typcollation <> (SELECT b.typcollation FROM pg_type b WHERE b.oid = t.typbasetype)
+            THEN (SELECT quote_ident(n.nspname) || '.' || quote_ident(c.collname)
+                  FROM pg_collation c JOIN pg_namespace n ON n.oid = c.collnamespace WHERE c.oid = t.typcollation) END,
+       t.typcategory = 'A', t.typelem
+FROM pg_type t WHERE t.oid = ANY($1::oid[])";
+
+const DOMAIN_CHECKS: &str = "
+SELECT contypid, conname::text, pg_get_constraintdef(oid)
+FROM pg_constraint WHERE contypid = ANY($1::oid[]) AND contype = 'c' ORDER BY contypid, conname";
+
+const SEQUENCES: &str = "
+WITH used AS (
+    SELECT d.objid AS seq, d.refobjid AS tab, d.refobjsubid AS col, d.deptype
+    FROM pg_depend d
+    WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+      AND d.deptype IN ('a', 'i') AND d.refobjid = ANY($1::oid[])
+    UNION
+    SELECT dd.refobjid, NULL, NULL, NULL
+    FROM pg_attrdef ad
+    JOIN pg_depend dd ON dd.classid = 'pg_attrdef'::regclass AND dd.objid = ad.oid
+                     AND dd.refclassid = 'pg_class'::regclass
+    WHERE ad.adrelid = ANY($1::oid[])
+)
+SELECT s.oid, s.relname::text, format_type(sq.seqtypid, NULL), sq.seqstart, sq.seqincrement, sq.seqmin,
+       sq.seqmax, sq.seqcache, sq.seqcycle,
+       (SELECT c.relname::text FROM pg_class c WHERE c.oid = o.refobjid),
+       (SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = o.refobjid AND a.attnum = o.refobjsubid),
+       coalesce(o.deptype = 'i', false),
+       coalesce(pg_sequence_last_value(s.oid), sq.seqstart),
+       pg_sequence_last_value(s.oid) IS NOT NULL,
+       s.relnamespace = 'public'::regnamespace
+FROM pg_class s
+JOIN pg_sequence sq ON sq.seqrelid = s.oid
+LEFT JOIN pg_depend o ON o.classid = 'pg_class'::regclass AND o.objid = s.oid
+                     AND o.refclassid = 'pg_class'::regclass AND o.deptype IN ('a', 'i')
+WHERE s.relkind = 'S' AND s.oid IN (SELECT seq FROM used)
+ORDER BY s.relname";
+
+const VIEWS: &str = "
+SELECT c.oid, c.relname::text, pg_get_viewdef(c.oid), coalesce(c.reloptions, '{}')::text[],
+       obj_description(c.oid, 'pg_class')
+FROM pg_class c
+WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'v'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                  WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
+
+/// Dependencies of views on other relations (view oid, referenced relation oid).
+pub const VIEW_DEPENDENCIES_SQL: &str = "
+SELECT DISTINCT r.ev_class, d.refobjid
+FROM pg_rewrite r
+JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid <> r.ev_class";
+
+const EXTENSIONS: &str = "
+SELECT e.extname::text, n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+WHERE e.extname <> 'plpgsql' ORDER BY 1";
+
+fn catalog_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError {
+    move |e| CoordinatorError::catalog(what, &e)
+}
+
+/// Reads the whole source schema. The caller has set `search_path = pg_catalog` and holds the
+/// snapshot transaction.
+pub async fn read_schema(client: &Client) -> Result<SourceSchema, CoordinatorError> {
+    let mut schema = SourceSchema::default();
+    for row in client
+        .query(TABLES, &[])
+        .await
+        .map_err(catalog_err("read tables"))?
+    {
+        let name: String = row.get(1);
+        let kind: String = row.get(2);
+        let inherits: bool = row.get(5);
+        match kind.as_str() {
+            "p" => schema.unsupported.push(format!(
+                "table \"{name}\" is partitioned: partitioned tables are not migrated yet; convert it or exclude it"
+            )),
+            "m" => schema.unsupported.push(format!(
+                "materialized view \"{name}\": materialized views are not migrated yet; drop it in the source or recreate it after the migration"
+            )),
+            "f" => schema.unsupported.push(format!("foreign table \"{name}\": foreign tables are not migrated")),
+            _ if inherits => schema.unsupported.push(format!(
+                "table \"{name}\" uses inheritance or partitioning: not migrated yet"
+            )),
+            _ => schema.tables.push(Table {
+                oid: row.get(0),
+                name,
+                persistence: row.get::<_, String>(3).chars().next().unwrap_or('p'),
+                reloptions: row.get(4),
+                columns: Vec::new(),
+                constraints: Vec::new(),
+                indexes: Vec::new(),
+                triggers: Vec::new(),
+                comment: row.get(6),
+                estimated_rows: row.get(7),
+                estimated_bytes: row.get(8),
+            }),
+        }
+    }
+    let oids: Vec<Oid> = schema.tables.iter().map(|t| t.oid).collect();
+    let index_of: HashMap<Oid, usize> = schema
+        .tables
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.oid, i))
+        .collect();
+    let name_of: HashMap<Oid, String> = schema
+        .tables
+        .iter()
+        .map(|t| (t.oid, t.name.clone()))
+        .collect();
+
+    let mut type_oids = BTreeSet::new();
+    for row in client
+        .query(COLUMNS, &[&oids])
+        .await
+        .map_err(catalog_err("read columns"))?
+    {
+        let table = index_of[&row.get::<_, Oid>(0)];
+        let type_oid: Oid = row.get(3);
+        let elem_type_oid: Oid = row.get(4);
+        type_oids.insert(type_oid);
+        if elem_type_oid != 0 {
+            type_oids.insert(elem_type_oid);
+        }
+        let identity = match row.get::<_, String>(7).as_str() {
+            "a" => Some(Identity::Always),
+            "d" => Some(Identity::ByDefault),
+            _ => None,
+        };
+        schema.tables[table].columns.push(Column {
+            name: row.get(1),
+            type_sql: row.get(2),
+            type_oid,
+            elem_type_oid,
+            not_null: row.get(5),
+            default: row.get(6),
+            identity,
+            identity_sequence: None,
+            generated: row.get(8),
+            collation: row.get(9),
+            comment: row.get(10),
+        });
+    }
+
+    for row in client
+        .query(CONSTRAINTS, &[&oids])
+        .await
+        .map_err(catalog_err("read constraints"))?
+    {
+        let table = index_of[&row.get::<_, Oid>(0)];
+        let kind = row.get::<_, String>(2).chars().next().unwrap_or('c');
+        let name: String = row.get(1);
+        let references = if kind == 'f' {
+            let target: Oid = row.get(4);
+            match name_of.get(&target) {
+                Some(t) => Some(t.clone()),
+                None => {
+                    schema.unsupported.push(format!(
+                        "foreign key \"{name}\" of table \"{}\" references a table outside the migrated set",
+                        schema.tables[table].name
+                    ));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        schema.tables[table].constraints.push(Constraint {
+            name,
+            kind,
+            definition: row.get(3),
+            references,
+            validated: row.get(5),
+            comment: row.get(6),
+        });
+    }
+
+    for row in client
+        .query(INDEXES, &[&oids])
+        .await
+        .map_err(catalog_err("read indexes"))?
+    {
+        let table = index_of[&row.get::<_, Oid>(0)];
+        schema.tables[table].indexes.push(Index {
+            name: row.get(1),
+            definition: row.get(2),
+            comment: row.get(3),
+        });
+    }
+
+    let mut function_oids = BTreeSet::new();
+    for row in client
+        .query(TRIGGERS, &[&oids])
+        .await
+        .map_err(catalog_err("read triggers"))?
+    {
+        let table = index_of[&row.get::<_, Oid>(0)];
+        let name: String = row.get(1);
+        let in_public: bool = row.get(5);
+        let in_catalog: bool = row.get(6);
+        if in_public {
+            function_oids.insert(row.get::<_, Oid>(4));
+        } else if !in_catalog {
+            schema.unsupported.push(format!(
+                "trigger \"{name}\" of table \"{}\" calls a function outside schema public",
+                schema.tables[table].name
+            ));
+        }
+        schema.tables[table].triggers.push(Trigger {
+            name,
+            definition: row.get(2),
+            enabled: row.get(3),
+        });
+    }
+    let function_oids: Vec<Oid> = function_oids.into_iter().collect();
+    for row in client
+        .query(FUNCTIONS, &[&function_oids])
+        .await
+        .map_err(catalog_err("read trigger functions"))?
+    {
+        schema.functions.push(Function {
+            signature: row.get(0),
+            definition: row.get(1),
+        });
+    }
+
+    read_types(client, type_oids, &mut schema).await?;
+    read_sequences(client, &oids, &mut schema).await?;
+    read_views(client, &mut schema).await?;
+    for row in client
+        .query(EXTENSIONS, &[])
+        .await
+        .map_err(catalog_err("read extensions"))?
+    {
+        schema.extensions.push((row.get(0), row.get(1)));
+    }
+    Ok(schema)
+}
+
+async fn read_types(
+    client: &Client,
+    mut pending: BTreeSet<Oid>,
+    schema: &mut SourceSchema,
+) -> Result<(), CoordinatorError> {
+    let mut seen = BTreeSet::new();
+    let mut found: BTreeMap<Oid, UserType> = BTreeMap::new();
+    while !pending.is_empty() {
+        let batch: Vec<Oid> = pending
+            .iter()
+            .copied()
+            .filter(|o| seen.insert(*o))
+            .collect();
+        pending.clear();
+        if batch.is_empty() {
+            break;
+        }
+        let mut domains = Vec::new();
+        for row in client
+            .query(TYPES, &[&batch])
+            .await
+            .map_err(catalog_err("read types"))?
+        {
+            let oid: Oid = row.get(0);
+            let name: String = row.get(2);
+            let kind: String = row.get(3);
+            let user_owned: bool = row.get(4);
+            let is_array: bool = row.get(12);
+            if is_array {
+                pending.insert(row.get(13));
+                continue;
+            }
+            if !user_owned {
+                continue;
+            }
+            let kind = match kind.as_str() {
+                "e" => UserTypeKind::Enum(row.get(6)),
+                "d" => {
+                    let base: Oid = row.get(8);
+                    pending.insert(base);
+                    domains.push(oid);
+                    UserTypeKind::Domain {
+                        base_type_sql: row.get(7),
+                        base_type_oid: base,
+                        not_null: row.get(9),
+                        default: row.get(10),
+                        collation: row.get(11),
+                        checks: Vec::new(),
+                    }
+                }
+                "c" => {
+                    schema.unsupported.push(format!(
+                        "composite type \"{name}\" used by a column: not migrated yet"
+                    ));
+                    continue;
+                }
+                "r" | "m" => {
+                    schema.unsupported.push(format!(
+                        "range type \"{name}\" used by a column: not migrated yet"
+                    ));
+                    continue;
+                }
+                _ => {
+                    schema.unsupported.push(format!(
+                        "base type \"{name}\" defined outside an extension: not migrated"
+                    ));
+                    continue;
+                }
+            };
+            found.insert(
+                oid,
+                UserType {
+                    oid,
+                    array_oid: row.get(1),
+                    name,
+                    kind,
+                    comment: row.get(5),
+                },
+            );
+        }
+        if !domains.is_empty() {
+            for row in client
+                .query(DOMAIN_CHECKS, &[&domains])
+                .await
+                .map_err(catalog_err("read domain constraints"))?
+            {
+                if let Some(UserType {
+                    kind: UserTypeKind::Domain { checks, .. },
+                    ..
+                }) = found.get_mut(&row.get::<_, Oid>(0))
+                {
+                    checks.push((row.get(1), row.get(2)));
+                }
+            }
+        }
+    }
+    // Domains over user types must be created after their base type: order by dependency.
+    let mut ordered: Vec<UserType> = Vec::new();
+    let mut remaining: Vec<UserType> = found.into_values().collect();
+    while !remaining.is_empty() {
+        let before = remaining.len();
+        let done: BTreeSet<Oid> = ordered.iter().map(|t| t.oid).collect();
+        let all: BTreeSet<Oid> = remaining.iter().map(|t| t.oid).collect();
+        let (ready, rest): (Vec<_>, Vec<_>) = remaining.into_iter().partition(|t| match &t.kind {
+            UserTypeKind::Domain { base_type_oid, .. } => {
+                done.contains(base_type_oid) || !all.contains(base_type_oid)
+            }
+            UserTypeKind::Enum(_) => true,
+        });
+        ordered.extend(ready);
+        remaining = rest;
+        if remaining.len() == before {
+            ordered.append(&mut remaining);
+        }
+    }
+    schema.types = ordered;
+    Ok(())
+}
+
+async fn read_sequences(
+    client: &Client,
+    oids: &[Oid],
+    schema: &mut SourceSchema,
+) -> Result<(), CoordinatorError> {
+    for row in client
+        .query(SEQUENCES, &[&oids])
+        .await
+        .map_err(catalog_err("read sequences"))?
+    {
+        let name: String = row.get(1);
+        let in_public: bool = row.get(14);
+        if !in_public {
+            continue;
+        }
+        let owned_by = match (
+            row.get::<_, Option<String>>(9),
+            row.get::<_, Option<String>>(10),
+        ) {
+            (Some(t), Some(c)) => Some((t, c)),
+            _ => None,
+        };
+        let identity: bool = row.get(11);
+        if identity {
+            if let Some((table, column)) = &owned_by {
+                if let Some(t) = schema.tables.iter_mut().find(|t| &t.name == table) {
+                    if let Some(c) = t.columns.iter_mut().find(|c| &c.name == column) {
+                        c.identity_sequence = Some(name.clone());
+                    }
+                }
+            }
+        }
+        schema.sequences.push(Sequence {
+            oid: row.get(0),
+            name,
+            type_sql: row.get(2),
+            start: row.get(3),
+            increment: row.get(4),
+            min: row.get(5),
+            max: row.get(6),
+            cache: row.get(7),
+            cycle: row.get(8),
+            owned_by,
+            identity,
+            last_value: row.get(12),
+            is_called: row.get(13),
+        });
+    }
+    Ok(())
+}
+
+async fn read_views(client: &Client, schema: &mut SourceSchema) -> Result<(), CoordinatorError> {
+    let mut views: BTreeMap<Oid, View> = BTreeMap::new();
+    for row in client
+        .query(VIEWS, &[])
+        .await
+        .map_err(catalog_err("read views"))?
+    {
+        views.insert(
+            row.get(0),
+            View {
+                name: row.get(1),
+                definition: row.get(2),
+                options: row.get(3),
+                comment: row.get(4),
+            },
+        );
+    }
+    if views.is_empty() {
+        return Ok(());
+    }
+    let mut deps: BTreeMap<Oid, BTreeSet<Oid>> = BTreeMap::new();
+    for row in client
+        .query(VIEW_DEPENDENCIES_SQL, &[])
+        .await
+        .map_err(catalog_err("read view dependencies"))?
+    {
+        let view: Oid = row.get(0);
+        let on: Oid = row.get(1);
+        if views.contains_key(&view) && views.contains_key(&on) {
+            deps.entry(view).or_default().insert(on);
+        }
+    }
+    for oid in topological_order(views.keys().copied().collect(), &deps) {
+        if let Some(v) = views.remove(&oid) {
+            schema.views.push(v);
+        }
+    }
+    Ok(())
+}
+
+/// Orders `nodes` so that each comes after the nodes it depends on (cycles, which PostgreSQL
+/// does not allow between views, are appended in oid order).
+pub fn topological_order(nodes: Vec<Oid>, deps: &BTreeMap<Oid, BTreeSet<Oid>>) -> Vec<Oid> {
+    let mut out = Vec::with_capacity(nodes.len());
+    let mut placed = BTreeSet::new();
+    let mut remaining = nodes;
+    while !remaining.is_empty() {
+        let before = remaining.len();
+        remaining.retain(|n| {
+            let ready = deps
+                .get(n)
+                .is_none_or(|d| d.iter().all(|x| placed.contains(x) || x == n));
+            if ready {
+                out.push(*n);
+            }
+            !ready
+        });
+        for n in &out {
+            placed.insert(*n);
+        }
+        if remaining.len() == before {
+            out.append(&mut remaining);
+        }
+    }
+    out
+}

@@ -1,0 +1,367 @@
+//! What the destination holds before a migration: live tables and their dependent objects,
+//! privileges to carry over, names that could collide, extensions, and the tool's own metadata.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tokio_postgres::Client;
+
+use crate::catalog::Oid;
+use crate::error::CoordinatorError;
+
+/// A live table of the destination's `public` schema.
+#[derive(Debug, Clone)]
+pub struct LiveTable {
+    /// pg_class oid.
+    pub oid: Oid,
+    /// Unquoted name.
+    pub name: String,
+    /// Owner role name.
+    pub owner: String,
+    /// Table privileges: (grantee or "PUBLIC", privilege, grantable).
+    pub grants: Vec<Grant>,
+    /// Column privileges: (column, grant).
+    pub column_grants: Vec<(String, Grant)>,
+    /// ENABLE ROW LEVEL SECURITY.
+    pub row_security: bool,
+    /// FORCE ROW LEVEL SECURITY.
+    pub force_row_security: bool,
+    /// Policies (name, permissive, command, roles, USING, WITH CHECK), expressions qualified.
+    pub policies: Vec<Policy>,
+    /// Names of all its indexes (including constraint indexes).
+    pub indexes: Vec<String>,
+    /// Sequences owned by its columns (serial and identity).
+    pub owned_sequences: Vec<String>,
+}
+
+/// One privilege granted on an object.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Grant {
+    /// Role name, or `PUBLIC`.
+    pub grantee: String,
+    /// SELECT, INSERT, USAGE…
+    pub privilege: String,
+    /// WITH GRANT OPTION.
+    pub grantable: bool,
+}
+
+/// A row-level-security policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Unquoted name.
+    pub name: String,
+    /// PERMISSIVE (true) or RESTRICTIVE.
+    pub permissive: bool,
+    /// ALL, SELECT, INSERT, UPDATE, DELETE.
+    pub command: String,
+    /// Role names (`public` for PUBLIC).
+    pub roles: Vec<String>,
+    /// USING expression.
+    pub using: Option<String>,
+    /// WITH CHECK expression.
+    pub with_check: Option<String>,
+}
+
+/// A view of the destination.
+#[derive(Debug, Clone)]
+pub struct LiveView {
+    /// pg_class oid.
+    pub oid: Oid,
+    /// Unquoted name.
+    pub name: String,
+    /// `pg_get_viewdef`, qualified.
+    pub definition: String,
+    /// reloptions.
+    pub options: Vec<String>,
+    /// Owner.
+    pub owner: String,
+    /// Privileges.
+    pub grants: Vec<Grant>,
+    /// COMMENT ON VIEW.
+    pub comment: Option<String>,
+    /// Relations (oids) it reads.
+    pub depends_on: BTreeSet<Oid>,
+}
+
+/// A foreign key from a table the migration does not replace to one it does.
+#[derive(Debug, Clone)]
+pub struct ForeignKeyIn {
+    /// Referencing table.
+    pub table: String,
+    /// Constraint name.
+    pub name: String,
+    /// Referenced (swapped) table.
+    pub references: String,
+    /// `pg_get_constraintdef`, qualified.
+    pub definition: String,
+}
+
+/// Snapshot of the destination.
+#[derive(Debug, Clone, Default)]
+pub struct Destination {
+    /// Live tables by name.
+    pub tables: BTreeMap<String, LiveTable>,
+    /// Views by name.
+    pub views: BTreeMap<String, LiveView>,
+    /// Names of every relation (table, index, sequence, view…) in `public`.
+    pub relation_names: BTreeSet<String>,
+    /// Names of every type in `public` (array types excluded).
+    pub type_names: BTreeSet<String>,
+    /// Owner and grants of sequences and types by name, to carry to their replacements.
+    pub sequence_acl: BTreeMap<String, (String, Vec<Grant>)>,
+    /// Owner and grants of user types by name.
+    pub type_acl: BTreeMap<String, (String, Vec<Grant>)>,
+    /// Installed extensions.
+    pub extensions: BTreeSet<String>,
+    /// Extensions the server could install.
+    pub available_extensions: BTreeSet<String>,
+    /// Foreign keys of tables not in the migration that reference tables of it (filled by the
+    /// planner's request, see [`read`]).
+    pub foreign_keys_in: Vec<ForeignKeyIn>,
+    /// Signatures of functions in `public` (`regprocedure` text) and their definitions.
+    pub functions: BTreeMap<String, String>,
+    /// Whether the current user is a superuser.
+    pub superuser: bool,
+}
+
+const TABLES: &str = "
+SELECT c.oid, c.relname::text, pg_get_userbyid(c.relowner)::text, c.relrowsecurity, c.relforcerowsecurity,
+       ARRAY(SELECT coalesce(NULLIF(pg_get_userbyid(a.grantee)::text, '-'), '') || '|' || a.privilege_type || '|' || a.is_grantable::text
+             FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner),
+       ARRAY(SELECT i.relname::text FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = c.oid ORDER BY 1),
+       ARRAY(SELECT s.relname::text FROM pg_depend d JOIN pg_class s ON s.oid = d.objid
+             WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+               AND d.refobjid = c.oid AND d.deptype IN ('a', 'i') AND s.relkind = 'S' ORDER BY 1)
+FROM pg_class c
+WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
+
+const COLUMN_GRANTS: &str = "
+SELECT a.attrelid, a.attname::text,
+       coalesce(NULLIF(pg_get_userbyid(x.grantee)::text, '-'), ''), x.privilege_type, x.is_grantable
+FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid, aclexplode(a.attacl) x
+WHERE c.relnamespace = 'public'::regnamespace AND a.attacl IS NOT NULL AND a.attnum > 0 AND NOT a.attisdropped";
+
+const POLICIES: &str = "
+SELECT p.polrelid, p.polname::text, p.polpermissive, p.polcmd::text,
+       ARRAY(SELECT CASE WHEN r = 0 THEN 'public' ELSE pg_get_userbyid(r)::text END FROM unnest(p.polroles) r),
+       pg_get_expr(p.polqual, p.polrelid), pg_get_expr(p.polwithcheck, p.polrelid)
+FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
+WHERE c.relnamespace = 'public'::regnamespace ORDER BY p.polname";
+
+const RELATION_NAMES: &str =
+    "SELECT relname::text FROM pg_class WHERE relnamespace = 'public'::regnamespace";
+
+const TYPES: &str = "
+SELECT t.typname::text, pg_get_userbyid(t.typowner)::text,
+       ARRAY(SELECT coalesce(NULLIF(pg_get_userbyid(a.grantee)::text, '-'), '') || '|' || a.privilege_type || '|' || a.is_grantable::text
+             FROM aclexplode(t.typacl) a WHERE a.grantee <> t.typowner)
+FROM pg_type t
+WHERE t.typnamespace = 'public'::regnamespace AND t.typcategory <> 'A'";
+
+const SEQUENCE_ACL: &str = "
+SELECT c.relname::text, pg_get_userbyid(c.relowner)::text,
+       ARRAY(SELECT coalesce(NULLIF(pg_get_userbyid(a.grantee)::text, '-'), '') || '|' || a.privilege_type || '|' || a.is_grantable::text
+             FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner)
+FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'S'";
+
+const VIEWS: &str = "
+SELECT c.oid, c.relname::text, pg_get_viewdef(c.oid), coalesce(c.reloptions, '{}')::text[],
+       pg_get_userbyid(c.relowner)::text,
+       ARRAY(SELECT coalesce(NULLIF(pg_get_userbyid(a.grantee)::text, '-'), '') || '|' || a.privilege_type || '|' || a.is_grantable::text
+             FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner),
+       obj_description(c.oid, 'pg_class')
+FROM pg_class c
+WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'v'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
+
+const FOREIGN_KEYS: &str = "
+SELECT src.relname::text, con.conname::text, dst.relname::text, pg_get_constraintdef(con.oid)
+FROM pg_constraint con
+JOIN pg_class src ON src.oid = con.conrelid
+JOIN pg_class dst ON dst.oid = con.confrelid
+WHERE con.contype = 'f' AND dst.relnamespace = 'public'::regnamespace";
+
+const EXTENSIONS: &str = "SELECT extname::text FROM pg_extension";
+const AVAILABLE_EXTENSIONS: &str = "SELECT name::text FROM pg_available_extensions";
+const FUNCTIONS: &str = "
+SELECT p.oid::regprocedure::text, pg_get_functiondef(p.oid)
+FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace AND p.prokind = 'f'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')";
+
+fn parse_grants(items: Vec<String>) -> Vec<Grant> {
+    items
+        .into_iter()
+        .filter_map(|item| {
+            let mut parts = item.splitn(3, '|');
+            let grantee = parts.next()?;
+            let privilege = parts.next()?.to_string();
+            let grantable = parts.next()? == "true";
+            let grantee = if grantee.is_empty() {
+                "PUBLIC".to_string()
+            } else {
+                grantee.to_string()
+            };
+            Some(Grant {
+                grantee,
+                privilege,
+                grantable,
+            })
+        })
+        .collect()
+}
+
+fn err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError {
+    move |e| CoordinatorError::destination(format!("inspect the destination: {what}"), &e)
+}
+
+/// Reads the destination. The caller has set `search_path = pg_catalog` on `client`.
+pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
+    let mut dest = Destination::default();
+    let mut by_oid = BTreeMap::new();
+    for row in client.query(TABLES, &[]).await.map_err(err("tables"))? {
+        let t = LiveTable {
+            oid: row.get(0),
+            name: row.get(1),
+            owner: row.get(2),
+            row_security: row.get(3),
+            force_row_security: row.get(4),
+            grants: parse_grants(row.get(5)),
+            column_grants: Vec::new(),
+            policies: Vec::new(),
+            indexes: row.get(6),
+            owned_sequences: row.get(7),
+        };
+        by_oid.insert(t.oid, t.name.clone());
+        dest.tables.insert(t.name.clone(), t);
+    }
+    for row in client
+        .query(COLUMN_GRANTS, &[])
+        .await
+        .map_err(err("column privileges"))?
+    {
+        let Some(table) = by_oid.get(&row.get::<_, Oid>(0)) else {
+            continue;
+        };
+        let grantee: String = row.get(2);
+        let grant = Grant {
+            grantee: if grantee.is_empty() {
+                "PUBLIC".into()
+            } else {
+                grantee
+            },
+            privilege: row.get(3),
+            grantable: row.get(4),
+        };
+        if let Some(t) = dest.tables.get_mut(table) {
+            t.column_grants.push((row.get(1), grant));
+        }
+    }
+    for row in client.query(POLICIES, &[]).await.map_err(err("policies"))? {
+        let Some(table) = by_oid.get(&row.get::<_, Oid>(0)) else {
+            continue;
+        };
+        let command = match row.get::<_, String>(3).as_str() {
+            "r" => "SELECT",
+            "a" => "INSERT",
+            "w" => "UPDATE",
+            "d" => "DELETE",
+            _ => "ALL",
+        };
+        let policy = Policy {
+            name: row.get(1),
+            permissive: row.get(2),
+            command: command.into(),
+            roles: row.get(4),
+            using: row.get(5),
+            with_check: row.get(6),
+        };
+        if let Some(t) = dest.tables.get_mut(table) {
+            t.policies.push(policy);
+        }
+    }
+    for row in client
+        .query(RELATION_NAMES, &[])
+        .await
+        .map_err(err("relation names"))?
+    {
+        dest.relation_names.insert(row.get(0));
+    }
+    for row in client.query(TYPES, &[]).await.map_err(err("types"))? {
+        let name: String = row.get(0);
+        dest.type_names.insert(name.clone());
+        dest.type_acl
+            .insert(name, (row.get(1), parse_grants(row.get(2))));
+    }
+    for row in client
+        .query(SEQUENCE_ACL, &[])
+        .await
+        .map_err(err("sequences"))?
+    {
+        dest.sequence_acl
+            .insert(row.get(0), (row.get(1), parse_grants(row.get(2))));
+    }
+    let mut deps: BTreeMap<Oid, BTreeSet<Oid>> = BTreeMap::new();
+    for row in client
+        .query(crate::catalog::VIEW_DEPENDENCIES_SQL, &[])
+        .await
+        .map_err(err("view dependencies"))?
+    {
+        deps.entry(row.get(0)).or_default().insert(row.get(1));
+    }
+    for row in client.query(VIEWS, &[]).await.map_err(err("views"))? {
+        let oid: Oid = row.get(0);
+        let v = LiveView {
+            oid,
+            name: row.get(1),
+            definition: row.get(2),
+            options: row.get(3),
+            owner: row.get(4),
+            grants: parse_grants(row.get(5)),
+            comment: row.get(6),
+            depends_on: deps.remove(&oid).unwrap_or_default(),
+        };
+        dest.views.insert(v.name.clone(), v);
+    }
+    for row in client
+        .query(FOREIGN_KEYS, &[])
+        .await
+        .map_err(err("foreign keys"))?
+    {
+        dest.foreign_keys_in.push(ForeignKeyIn {
+            table: row.get(0),
+            name: row.get(1),
+            references: row.get(2),
+            definition: row.get(3),
+        });
+    }
+    for row in client
+        .query(EXTENSIONS, &[])
+        .await
+        .map_err(err("extensions"))?
+    {
+        dest.extensions.insert(row.get(0));
+    }
+    for row in client
+        .query(AVAILABLE_EXTENSIONS, &[])
+        .await
+        .map_err(err("available extensions"))?
+    {
+        dest.available_extensions.insert(row.get(0));
+    }
+    for row in client
+        .query(FUNCTIONS, &[])
+        .await
+        .map_err(err("functions"))?
+    {
+        dest.functions.insert(row.get(0), row.get(1));
+    }
+    dest.superuser = client
+        .query_one(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(err("current role"))?
+        .get(0);
+    Ok(dest)
+}

@@ -1,0 +1,139 @@
+//! Errors of the coordinator. Each variant is a failure the operator can act on; its message is
+//! one line saying what failed and what to do.
+
+use pgzm_agent::pg::{classify, describe, ErrorClass};
+
+/// A coordinator failure.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// Bad command-line input.
+    #[error("{0}")]
+    Usage(String),
+    /// A connection string could not be parsed.
+    #[error("invalid {side} database URL: {message}")]
+    InvalidUrl {
+        /// "source" or "destination".
+        side: &'static str,
+        /// What is wrong (never contains the URL).
+        message: String,
+    },
+    /// A database could not be reached.
+    #[error("cannot connect to the {side} database {target}: {message}")]
+    Connect {
+        /// "source" or "destination".
+        side: &'static str,
+        /// host:port/dbname, without credentials.
+        target: String,
+        /// One-line reason.
+        message: String,
+    },
+    /// Reading the catalog failed.
+    #[error("read the source catalog: {what}: {message}")]
+    Catalog {
+        /// Which query.
+        what: &'static str,
+        /// One-line reason.
+        message: String,
+    },
+    /// The plan found reasons not to start; nothing was changed.
+    #[error("cannot migrate: {}", .0.join("; "))]
+    Refused(Vec<String>),
+    /// Another pgzm run holds the destination.
+    #[error("another pgzm run is working on this destination (advisory lock held); wait for it to finish or stop it")]
+    Busy,
+    /// A DDL or metadata statement on the destination failed.
+    #[error("{action}: {message}")]
+    Destination {
+        /// What was being done, e.g. `create shadow table "Area"`.
+        action: String,
+        /// One-line reason.
+        message: String,
+        /// Classification of the underlying error.
+        class: ErrorClass,
+    },
+    /// A statement on the source failed.
+    #[error("{action} on the source: {message}")]
+    Source {
+        /// What was being done.
+        action: String,
+        /// One-line reason.
+        message: String,
+    },
+    /// A copy task failed for good.
+    #[error("copy table \"{table}\": {message}")]
+    Copy {
+        /// Table.
+        table: String,
+        /// One-line reason from the agent.
+        message: String,
+    },
+    /// The agent could not be reached or is incompatible.
+    #[error("agent {agent}: {message}")]
+    Agent {
+        /// Agent address or "in-process".
+        agent: String,
+        /// One-line reason.
+        message: String,
+    },
+    /// Row counts of a shadow table do not match the source snapshot.
+    #[error("validate \"{table}\": shadow table has {shadow} rows, the source snapshot {source_rows}; nothing was swapped")]
+    Validation {
+        /// Table.
+        table: String,
+        /// Rows in the shadow table.
+        shadow: i64,
+        /// Rows in the source snapshot.
+        source_rows: i64,
+    },
+    /// The swap could not take its locks within the allowed time; nothing was swapped.
+    #[error("swap: could not lock the tables within {waited_ms} ms ({attempts} attempts of {lock_timeout_ms} ms each; a long transaction holds a lock on one of them); nothing was swapped: retry later or raise --swap-timeout")]
+    SwapLockTimeout {
+        /// Attempts made.
+        attempts: u32,
+        /// lock_timeout per attempt.
+        lock_timeout_ms: u64,
+        /// Total time spent.
+        waited_ms: u64,
+    },
+}
+
+impl CoordinatorError {
+    /// A catalog query failure.
+    pub fn catalog(what: &'static str, err: &tokio_postgres::Error) -> Self {
+        CoordinatorError::Catalog {
+            what,
+            message: describe(err),
+        }
+    }
+
+    /// A destination statement failure while doing `action`.
+    pub fn destination(action: impl Into<String>, err: &tokio_postgres::Error) -> Self {
+        CoordinatorError::Destination {
+            action: action.into(),
+            message: describe(err),
+            class: classify(err),
+        }
+    }
+
+    /// A source statement failure while doing `action`.
+    pub fn source(action: impl Into<String>, err: &tokio_postgres::Error) -> Self {
+        CoordinatorError::Source {
+            action: action.into(),
+            message: describe(err),
+        }
+    }
+
+    /// Whether this is a lock timeout.
+    pub fn is_lock_timeout(&self) -> bool {
+        matches!(
+            self,
+            CoordinatorError::Destination {
+                class: ErrorClass::LockTimeout,
+                ..
+            }
+        )
+    }
+}
+
+/// Result alias.
+pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;

@@ -1,0 +1,24 @@
+//! Control plane of pg_zero_migration.
+//!
+//! The coordinator reads the source catalog, plans every name it will create and move, builds
+//! the shadow tables in the destination, hands per-table copy tasks to an agent (in-process by
+//! default, over the gRPC contract of `pgzm-proto`), finishes the shadow tables, and swaps them
+//! in with one short transaction. See `ARCHITECTURE.md` for the map.
+
+pub mod build;
+pub mod catalog;
+pub mod cli;
+pub mod conninfo;
+pub mod copy;
+pub mod ddl;
+pub mod destination;
+pub mod error;
+pub mod migrate;
+pub mod naming;
+pub mod output;
+pub mod plan;
+pub mod rewrite;
+pub mod state;
+pub mod swap;
+
+pub use error::CoordinatorError;

@@ -1,0 +1,69 @@
+//! Names of the objects the tool creates: `shadow_<name>` and `backup_<name>`.
+//!
+//! PostgreSQL truncates identifiers at 63 bytes, so a prefixed name that would exceed that is
+//! shortened deterministically: the name is cut at a character boundary and a hash of the full
+//! name is appended. Every name is recorded in the migration's metadata, so rollback and cleanup
+//! never have to guess.
+
+/// Longest identifier PostgreSQL keeps (NAMEDATALEN - 1).
+pub const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// Prefix of objects being built.
+pub const SHADOW: &str = "shadow_";
+/// Prefix of the previous live objects after a swap.
+pub const BACKUP: &str = "backup_";
+
+/// `prefix + name`, shortened to fit 63 bytes when needed.
+pub fn prefixed(prefix: &str, name: &str) -> String {
+    let full = format!("{prefix}{name}");
+    if full.len() <= MAX_IDENTIFIER_BYTES {
+        return full;
+    }
+    let hash = format!("_{:08x}", fnv1a(name.as_bytes()));
+    let budget = MAX_IDENTIFIER_BYTES - prefix.len() - hash.len();
+    let mut cut = budget.min(name.len());
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{prefix}{}{hash}", &name[..cut])
+}
+
+/// 32-bit FNV-1a: stable across versions and platforms (unlike `DefaultHasher`).
+fn fnv1a(bytes: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in bytes {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_names_are_plain() {
+        assert_eq!(prefixed(SHADOW, "User"), "shadow_User");
+        assert_eq!(prefixed(BACKUP, "Order Items"), "backup_Order Items");
+    }
+
+    #[test]
+    fn long_names_are_shortened_deterministically() {
+        let name = "a".repeat(60);
+        let s = prefixed(SHADOW, &name);
+        assert!(s.len() <= MAX_IDENTIFIER_BYTES);
+        assert!(s.starts_with("shadow_aaaa"));
+        assert_eq!(s, prefixed(SHADOW, &name));
+        let other = format!("{}b", "a".repeat(59));
+        assert_ne!(prefixed(SHADOW, &other), s);
+    }
+
+    #[test]
+    fn multibyte_names_are_cut_at_char_boundaries() {
+        let name = "é".repeat(31); // 62 bytes
+        let s = prefixed(BACKUP, &name);
+        assert!(s.len() <= MAX_IDENTIFIER_BYTES);
+        assert!(s.is_char_boundary(s.len()));
+    }
+}

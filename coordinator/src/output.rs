@@ -1,0 +1,143 @@
+//! Human-readable output: the plan and the final report.
+
+use std::fmt::Write;
+
+use crate::migrate::Report;
+use crate::plan::Plan;
+
+fn size(bytes: i64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = bytes.max(0) as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// The plan as the operator reads it.
+pub fn human_plan(plan: &Plan) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Plan for migration {} from {}",
+        plan.migration_id, plan.source
+    );
+    let _ = writeln!(
+        s,
+        "  tables: {} (about {} in the source)",
+        plan.tables.len(),
+        size(plan.estimated_bytes())
+    );
+    for t in &plan.tables {
+        let rows = if t.estimated_rows < 0 {
+            "?".to_string()
+        } else {
+            t.estimated_rows.to_string()
+        };
+        let _ = writeln!(
+            s,
+            "    {:<40} ~{rows} rows, {:>10}  -> {}{}",
+            format!("\"{}\"", t.name),
+            size(t.estimated_bytes),
+            t.shadow,
+            t.backup
+                .as_ref()
+                .map(|b| format!(", live table kept as {b}"))
+                .unwrap_or_else(|| ", new table".into())
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  shadow objects: {} types, {} sequences, {} indexes",
+        plan.types.len(),
+        plan.sequences.len(),
+        plan.indexes.len()
+    );
+    let _ = writeln!(
+        s,
+        "  swap renames: {} to backup, {} to live",
+        plan.to_backup.len(),
+        plan.to_live.len()
+    );
+    if !plan.views.is_empty() {
+        let names: Vec<&str> = plan.views.iter().map(|v| v.name.as_str()).collect();
+        let _ = writeln!(s, "  views created at the swap: {}", names.join(", "));
+    }
+    if !plan.extensions_to_create.is_empty() {
+        let names: Vec<&str> = plan
+            .extensions_to_create
+            .iter()
+            .map(|(e, _)| e.as_str())
+            .collect();
+        let _ = writeln!(s, "  extensions to create: {}", names.join(", "));
+    }
+    if let Some(id) = plan.previous_backup {
+        let _ = writeln!(
+            s,
+            "  the backup set of migration {id} will be replaced once this one is prepared"
+        );
+    }
+    if !plan.leftovers.is_empty() {
+        let _ = writeln!(
+            s,
+            "  interrupted runs to clean up first: {:?}",
+            plan.leftovers
+        );
+    }
+    for w in &plan.warnings {
+        let _ = writeln!(s, "  warning: {w}");
+    }
+    s
+}
+
+/// The final report.
+pub fn human_report(r: &Report) -> String {
+    let mut s = human_plan(&r.plan);
+    if r.dry_run {
+        let _ = writeln!(s, "Dry run: nothing was changed.");
+        return s;
+    }
+    for c in &r.cleaned_up {
+        let _ = writeln!(s, "cleaned up from an interrupted run: {c}");
+    }
+    for d in &r.dropped_backup {
+        let _ = writeln!(s, "dropped from the previous backup set: {d}");
+    }
+    let _ = writeln!(
+        s,
+        "Copied {} rows ({}) in {} tables",
+        r.rows,
+        size(r.bytes as i64),
+        r.tables.len()
+    );
+    for p in &r.phases {
+        let _ = writeln!(
+            s,
+            "  {:<22} {:>8} ms  (started {})",
+            p.phase, p.duration_ms, p.started_at
+        );
+    }
+    if let Some(sw) = &r.swap {
+        let _ = writeln!(
+            s,
+            "Swapped in {} attempt(s); locks held {:.1} ms",
+            sw.attempts,
+            sw.lock_held_us as f64 / 1000.0
+        );
+    }
+    for w in &r.warnings {
+        let _ = writeln!(s, "warning: {w}");
+    }
+    let _ = writeln!(
+        s,
+        "Migration {} complete; the previous tables are kept as backup_*.",
+        r.migration_id
+    );
+    s
+}

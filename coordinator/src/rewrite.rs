@@ -1,0 +1,229 @@
+//! Re-pointing deparsed SQL at renamed objects.
+//!
+//! The catalog is read with `search_path = pg_catalog`, so PostgreSQL prints every reference to
+//! an object of `public` as `public.<ident>` (and sequence references as
+//! `'public.<ident>'::regclass`). [`Renames::apply`] rewrites exactly those references —
+//! outside string literals — for the names in the map, e.g. `public."Role"` →
+//! `public."shadow_Role"`, so a shadow table's defaults, checks, index expressions and foreign
+//! keys name the shadow objects.
+
+use std::collections::HashMap;
+
+use pgzm_agent::sql::{quote_ident, quote_literal};
+
+/// Name changes to apply to qualified references in `public`.
+#[derive(Debug, Clone, Default)]
+pub struct Renames {
+    map: HashMap<String, String>,
+}
+
+const PREFIX: &str = "public.";
+
+impl Renames {
+    /// Empty map.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `from` → `to` (unquoted names).
+    pub fn insert(&mut self, from: &str, to: &str) {
+        self.map.insert(from.to_string(), to.to_string());
+    }
+
+    /// The new name for `name`, if renamed.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.map.get(name).map(String::as_str)
+    }
+
+    /// Rewrites qualified references in deparsed SQL.
+    pub fn apply(&self, sql: &str) -> String {
+        let bytes = sql.as_bytes();
+        let mut out = String::with_capacity(sql.len() + 16);
+        let mut i = 0;
+        while i < bytes.len() {
+            let c = bytes[i];
+            if c == b'\'' {
+                let end = literal_end(bytes, i);
+                let literal = &sql[i..end];
+                out.push_str(
+                    &self
+                        .rewrite_regclass_literal(literal, &sql[end..])
+                        .unwrap_or_else(|| literal.to_string()),
+                );
+                i = end;
+                continue;
+            }
+            if c == b'"' {
+                let end = quoted_ident_end(bytes, i);
+                out.push_str(&sql[i..end]);
+                i = end;
+                continue;
+            }
+            if sql[i..].starts_with(PREFIX) && (i == 0 || !is_ident_byte(bytes[i - 1])) {
+                if let Some((name, end)) = parse_ident(sql, i + PREFIX.len()) {
+                    if let Some(new) = self.map.get(&name) {
+                        out.push_str(PREFIX);
+                        out.push_str(&quote_ident(new));
+                        i = end;
+                        continue;
+                    }
+                }
+            }
+            if is_ident_byte(c) {
+                // Copy a whole word so that `xpublic.` is never seen as a reference.
+                let start = i;
+                while i < bytes.len() && is_ident_byte(bytes[i]) {
+                    i += 1;
+                }
+                out.push_str(&sql[start..i]);
+                continue;
+            }
+            let ch_len = utf8_len(c);
+            out.push_str(&sql[i..i + ch_len]);
+            i += ch_len;
+        }
+        out
+    }
+
+    fn rewrite_regclass_literal(&self, literal: &str, rest: &str) -> Option<String> {
+        if !rest.starts_with("::regclass") || !literal.starts_with('\'') {
+            return None;
+        }
+        let content = literal[1..literal.len() - 1].replace("''", "'");
+        let name_part = content.strip_prefix(PREFIX)?;
+        let (name, end) = parse_ident(name_part, 0)?;
+        if end != name_part.len() {
+            return None;
+        }
+        let new = self.map.get(&name)?;
+        Some(quote_literal(&format!("{PREFIX}{}", quote_ident(new))))
+    }
+}
+
+fn is_ident_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
+}
+
+fn utf8_len(first: u8) -> usize {
+    match first {
+        0x00..=0x7f => 1,
+        0xc0..=0xdf => 2,
+        0xe0..=0xef => 3,
+        _ => 4,
+    }
+}
+
+/// End (exclusive) of the string literal starting at `start` (a `'`), with `''` escapes.
+fn literal_end(bytes: &[u8], start: usize) -> usize {
+    let mut i = start + 1;
+    while i < bytes.len() {
+        if bytes[i] == b'\'' {
+            if i + 1 < bytes.len() && bytes[i + 1] == b'\'' {
+                i += 2;
+                continue;
+            }
+            return i + 1;
+        }
+        i += 1;
+    }
+    bytes.len()
+}
+
+fn quoted_ident_end(bytes: &[u8], start: usize) -> usize {
+    let mut i = start + 1;
+    while i < bytes.len() {
+        if bytes[i] == b'"' {
+            if i + 1 < bytes.len() && bytes[i + 1] == b'"' {
+                i += 2;
+                continue;
+            }
+            return i + 1;
+        }
+        i += 1;
+    }
+    bytes.len()
+}
+
+/// Parses one identifier (quoted, or unquoted as PostgreSQL prints lower-case names) at `start`;
+/// returns its unquoted value and the end offset.
+fn parse_ident(sql: &str, start: usize) -> Option<(String, usize)> {
+    let bytes = sql.as_bytes();
+    if start >= bytes.len() {
+        return None;
+    }
+    if bytes[start] == b'"' {
+        let end = quoted_ident_end(bytes, start);
+        if end < start + 2 || bytes[end - 1] != b'"' {
+            return None;
+        }
+        return Some((sql[start + 1..end - 1].replace("\"\"", "\""), end));
+    }
+    let mut end = start;
+    while end < bytes.len() && is_ident_byte(bytes[end]) {
+        end += 1;
+    }
+    (end > start).then(|| (sql[start..end].to_string(), end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn renames() -> Renames {
+        let mut r = Renames::new();
+        r.insert("User", "shadow_User");
+        r.insert("role", "shadow_role");
+        r.insert("User_id_seq", "shadow_User_id_seq");
+        r.insert("Order Items", "shadow_Order Items");
+        r
+    }
+
+    #[test]
+    fn rewrites_qualified_references() {
+        let r = renames();
+        assert_eq!(
+            r.apply("FOREIGN KEY (a) REFERENCES public.\"User\"(id) ON DELETE CASCADE"),
+            "FOREIGN KEY (a) REFERENCES public.\"shadow_User\"(id) ON DELETE CASCADE"
+        );
+        assert_eq!(
+            r.apply("'USER'::public.role"),
+            "'USER'::public.\"shadow_role\""
+        );
+        assert_eq!(
+            r.apply("ARRAY['A'::public.role]"),
+            "ARRAY['A'::public.\"shadow_role\"]"
+        );
+        assert_eq!(
+            r.apply("SELECT x FROM (public.\"Order Items\" oi JOIN public.\"User\" u ON true)"),
+            "SELECT x FROM (public.\"shadow_Order Items\" oi JOIN public.\"shadow_User\" u ON true)"
+        );
+    }
+
+    #[test]
+    fn rewrites_regclass_literals() {
+        let r = renames();
+        assert_eq!(
+            r.apply("nextval('public.\"User_id_seq\"'::regclass)"),
+            "nextval('public.\"shadow_User_id_seq\"'::regclass)"
+        );
+        // Other literals are left alone, even when they look like references.
+        assert_eq!(
+            r.apply("'public.\"User\"'::text"),
+            "'public.\"User\"'::text"
+        );
+    }
+
+    #[test]
+    fn leaves_other_names_alone() {
+        let r = renames();
+        assert_eq!(
+            r.apply("public.geometry(Point,4326)"),
+            "public.geometry(Point,4326)"
+        );
+        assert_eq!(r.apply("mypublic.role"), "mypublic.role");
+        assert_eq!(r.apply("public.\"Users\""), "public.\"Users\"");
+        assert_eq!(r.apply("\"public.role\""), "\"public.role\"");
+        assert_eq!(r.apply("'it''s public.role'"), "'it''s public.role'");
+        assert_eq!(r.apply("é public.role"), "é public.\"shadow_role\"");
+    }
+}

@@ -1,0 +1,362 @@
+//! The migration's state, kept in the destination (schema `pgzm`), not in a local file: which
+//! runs exist, what each created, which backup set is current.
+//!
+//! Every object the tool creates is recorded, with its oid, in the same transaction that creates
+//! it, so an interrupted run can always be recognised and cleaned up precisely — never by
+//! matching name patterns.
+
+use serde::{Deserialize, Serialize};
+use tokio_postgres::{Client, GenericClient};
+
+use crate::catalog::Oid;
+use crate::error::CoordinatorError;
+use crate::plan::{Move, Plan};
+
+/// Schema holding the tool's metadata.
+pub const SCHEMA: &str = "pgzm";
+
+/// Advisory lock key held by a running pgzm on the destination ("pgzm" in ASCII).
+const LOCK_KEY: i64 = 0x7067_7a6d;
+
+const DDL: &str = "
+CREATE SCHEMA IF NOT EXISTS pgzm;
+COMMENT ON SCHEMA pgzm IS 'pg_zero_migration metadata: migrations, their objects and backup sets';
+CREATE TABLE IF NOT EXISTS pgzm.migrations (
+    id              bigint PRIMARY KEY,
+    status          text NOT NULL CHECK (status IN ('preparing', 'prepared', 'swapped', 'failed', 'rolled_back')),
+    source          text NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    prepared_at     timestamptz,
+    swapped_at      timestamptz,
+    plan            jsonb NOT NULL,
+    created_objects jsonb NOT NULL DEFAULT '{}',
+    shadow_present  boolean NOT NULL DEFAULT false,
+    backup_present  boolean NOT NULL DEFAULT false,
+    stats           jsonb,
+    error           text
+);";
+
+/// Objects a run created in the destination before its swap, with their oids.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RecordedObjects {
+    /// Shadow tables (name, oid).
+    pub tables: Vec<(String, Oid)>,
+    /// Shadow types (name, oid).
+    pub types: Vec<(String, Oid)>,
+    /// Shadow sequences not owned by a shadow table (name, oid).
+    pub sequences: Vec<(String, Oid)>,
+    /// Shadow index names (dropped with their tables).
+    pub indexes: Vec<String>,
+    /// Functions created for the new tables' triggers (regprocedure text).
+    pub functions: Vec<String>,
+}
+
+/// Takes the destination's run lock on this session; false when another run holds it.
+pub async fn try_lock(client: &Client) -> Result<bool, CoordinatorError> {
+    let row = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
+        .await
+        .map_err(|e| CoordinatorError::destination("take the pgzm run lock", &e))?;
+    Ok(row.get(0))
+}
+
+/// Creates the metadata schema when missing.
+pub async fn ensure_schema(client: &impl GenericClient) -> Result<(), CoordinatorError> {
+    client
+        .batch_execute(DDL)
+        .await
+        .map_err(|e| CoordinatorError::destination("create the pgzm metadata schema", &e))
+}
+
+/// Whether the metadata table exists (read-only check, for dry runs).
+async fn exists(client: &Client) -> Result<bool, CoordinatorError> {
+    let row = client
+        .query_one("SELECT to_regclass('pgzm.migrations') IS NOT NULL", &[])
+        .await
+        .map_err(|e| CoordinatorError::destination("read pgzm metadata", &e))?;
+    Ok(row.get(0))
+}
+
+/// Unfinished runs with shadow objects that may still exist, and the current backup set.
+pub async fn earlier_runs(client: &Client) -> Result<crate::plan::Earlier, CoordinatorError> {
+    let mut earlier = crate::plan::Earlier::default();
+    if !exists(client).await? {
+        return Ok(earlier);
+    }
+    let rows = client
+        .query(
+            "SELECT id, created_objects, plan, shadow_present, backup_present FROM pgzm.migrations
+             WHERE shadow_present OR backup_present ORDER BY id",
+            &[],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("read pgzm metadata", &e))?;
+    for row in rows {
+        let id: i64 = row.get(0);
+        if row.get::<_, bool>(3) {
+            let objects: RecordedObjects = serde_json::from_value(row.get(1)).unwrap_or_default();
+            earlier.leftovers.push((id, objects));
+        }
+        if row.get::<_, bool>(4) {
+            let plan: Plan =
+                serde_json::from_value(row.get(2)).map_err(|e| CoordinatorError::Destination {
+                    action: format!("read the backup set of migration {id}"),
+                    message: format!(
+                        "its recorded plan is unreadable ({e}); inspect pgzm.migrations"
+                    ),
+                    class: pgzm_agent::pg::ErrorClass::Fatal,
+                })?;
+            earlier.backup_set = Some((id, plan.to_backup));
+        }
+    }
+    Ok(earlier)
+}
+
+/// Records a new run in the shadow-creation transaction.
+pub async fn insert(client: &impl GenericClient, plan: &Plan) -> Result<(), CoordinatorError> {
+    let plan_json = serde_json::to_value(plan).unwrap_or_default();
+    client
+        .execute(
+            "INSERT INTO pgzm.migrations (id, status, source, plan, shadow_present) VALUES ($1, 'preparing', $2, $3, true)",
+            &[&plan.migration_id, &plan.source, &plan_json],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("record the migration in pgzm.migrations", &e))?;
+    Ok(())
+}
+
+/// Stores what a run created (in the transaction that created it).
+pub async fn record_objects(
+    client: &impl GenericClient,
+    id: i64,
+    objects: &RecordedObjects,
+) -> Result<(), CoordinatorError> {
+    let json = serde_json::to_value(objects).unwrap_or_default();
+    client
+        .execute(
+            "UPDATE pgzm.migrations SET created_objects = $2 WHERE id = $1",
+            &[&id, &json],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("record created objects", &e))?;
+    Ok(())
+}
+
+/// Sets the status (and optionally stats or an error) of a run.
+pub async fn set_status(
+    client: &impl GenericClient,
+    id: i64,
+    status: &str,
+    stats: Option<&serde_json::Value>,
+    error: Option<&str>,
+) -> Result<(), CoordinatorError> {
+    client
+        .execute(
+            "UPDATE pgzm.migrations SET status = $2, stats = coalesce($3, stats), error = $4,
+                    prepared_at = CASE WHEN $2 = 'prepared' THEN now() ELSE prepared_at END
+             WHERE id = $1",
+            &[&id, &status, &stats, &error],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination(format!("mark migration {id} {status}"), &e))?;
+    Ok(())
+}
+
+/// Drops what an unfinished run created — only objects whose oid still matches the record —
+/// and marks the run failed. One transaction.
+pub async fn clean_leftovers(
+    client: &mut Client,
+    id: i64,
+    objects: &RecordedObjects,
+) -> Result<Vec<String>, CoordinatorError> {
+    let action = |what: &str| format!("clean up leftovers of interrupted migration {id}: {what}");
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| CoordinatorError::destination(action("begin"), &e))?;
+    let mut dropped = Vec::new();
+    let mut tables = Vec::new();
+    for (name, oid) in &objects.tables {
+        if relation_oid(&tx, name).await? == Some(*oid) {
+            tables.push(pgzm_agent::sql::quote_qualified("public", name));
+            dropped.push(format!("table {name}"));
+        }
+    }
+    if !tables.is_empty() {
+        tx.batch_execute(&format!("DROP TABLE {}", tables.join(", ")))
+            .await
+            .map_err(|e| CoordinatorError::destination(action("drop shadow tables"), &e))?;
+    }
+    for (name, oid) in &objects.sequences {
+        if relation_oid(&tx, name).await? == Some(*oid) {
+            tx.batch_execute(&format!(
+                "DROP SEQUENCE {}",
+                pgzm_agent::sql::quote_qualified("public", name)
+            ))
+            .await
+            .map_err(|e| CoordinatorError::destination(action("drop shadow sequence"), &e))?;
+            dropped.push(format!("sequence {name}"));
+        }
+    }
+    for (name, oid) in objects.types.iter().rev() {
+        let row = tx
+            .query_opt("SELECT oid FROM pg_type WHERE typname = $1 AND typnamespace = 'public'::regnamespace", &[name])
+            .await
+            .map_err(|e| CoordinatorError::destination(action("find shadow type"), &e))?;
+        if row.map(|r| r.get::<_, Oid>(0)) == Some(*oid) {
+            tx.batch_execute(&format!(
+                "DROP TYPE {}",
+                pgzm_agent::sql::quote_qualified("public", name)
+            ))
+            .await
+            .map_err(|e| CoordinatorError::destination(action("drop shadow type"), &e))?;
+            dropped.push(format!("type {name}"));
+        }
+    }
+    for signature in &objects.functions {
+        // Only if nothing else uses it by now: no CASCADE, and a failure is not fatal.
+        tx.batch_execute("SAVEPOINT drop_function")
+            .await
+            .map_err(|e| CoordinatorError::destination(action("savepoint"), &e))?;
+        let sql = format!("DROP FUNCTION IF EXISTS {signature}");
+        match tx.batch_execute(&sql).await {
+            Ok(()) => dropped.push(format!("function {signature}")),
+            Err(_) => {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT drop_function")
+                    .await
+                    .map_err(|e| {
+                        CoordinatorError::destination(action("rollback to savepoint"), &e)
+                    })?;
+            }
+        }
+    }
+    tx.execute(
+        "UPDATE pgzm.migrations SET shadow_present = false,
+                status = CASE WHEN status IN ('preparing', 'prepared') THEN 'failed' ELSE status END,
+                error = coalesce(error, 'interrupted; cleaned up by a later run')
+         WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .map_err(|e| CoordinatorError::destination(action("update metadata"), &e))?;
+    tx.commit()
+        .await
+        .map_err(|e| CoordinatorError::destination(action("commit"), &e))?;
+    Ok(dropped)
+}
+
+async fn relation_oid(
+    client: &impl GenericClient,
+    name: &str,
+) -> Result<Option<Oid>, CoordinatorError> {
+    let row = client
+        .query_opt(
+            "SELECT oid FROM pg_class WHERE relname = $1 AND relnamespace = 'public'::regnamespace",
+            &[&name],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("look up a relation", &e))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Drops the backup set of migration `id` (its backup-named tables, sequences, types, views).
+pub async fn drop_backup_set(
+    client: &mut Client,
+    id: i64,
+    moves: &[Move],
+) -> Result<Vec<String>, CoordinatorError> {
+    use crate::plan::ObjectKind;
+    use pgzm_agent::sql::quote_qualified;
+    let action = |what: &str| format!("drop the backup set of migration {id}: {what}");
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| CoordinatorError::destination(action("begin"), &e))?;
+    tx.batch_execute("SET LOCAL lock_timeout = '5s'")
+        .await
+        .map_err(|e| CoordinatorError::destination(action("set lock_timeout"), &e))?;
+    let existing = |kind: ObjectKind| {
+        moves
+            .iter()
+            .filter(move |m| m.kind == kind)
+            .map(|m| m.to.clone())
+    };
+    let mut dropped = Vec::new();
+    let mut statements = Vec::new();
+    let views: Vec<String> = existing(ObjectKind::View).collect();
+    let tables: Vec<String> = existing(ObjectKind::Table).collect();
+    let sequences: Vec<String> = existing(ObjectKind::Sequence).collect();
+    let types: Vec<String> = existing(ObjectKind::Type).collect();
+    let present = |names: Vec<String>, relkinds: &'static str| {
+        let tx = &tx;
+        async move {
+            let mut out = Vec::new();
+            for n in names {
+                let row = tx
+                    .query_opt(
+                        "SELECT 1 FROM pg_class WHERE relname = $1 AND relnamespace = 'public'::regnamespace AND relkind = ANY(string_to_array($2, ','))",
+                        &[&n, &relkinds],
+                    )
+                    .await
+                    .map_err(|e| CoordinatorError::destination("look up a backup object", &e))?;
+                if row.is_some() {
+                    out.push(n);
+                }
+            }
+            Ok::<_, CoordinatorError>(out)
+        }
+    };
+    let views = present(views, "v").await?;
+    let tables = present(tables, "r,p").await?;
+    let sequences = present(sequences, "S").await?;
+    if !views.is_empty() {
+        statements.push(format!(
+            "DROP VIEW {}",
+            views
+                .iter()
+                .map(|n| quote_qualified("public", n))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        dropped.extend(views.iter().map(|n| format!("view {n}")));
+    }
+    if !tables.is_empty() {
+        statements.push(format!(
+            "DROP TABLE {}",
+            tables
+                .iter()
+                .map(|n| quote_qualified("public", n))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        dropped.extend(tables.iter().map(|n| format!("table {n}")));
+    }
+    for n in &sequences {
+        statements.push(format!(
+            "DROP SEQUENCE IF EXISTS {}",
+            quote_qualified("public", n)
+        ));
+    }
+    for n in &types {
+        statements.push(format!(
+            "DROP TYPE IF EXISTS {}",
+            quote_qualified("public", n)
+        ));
+    }
+    dropped.extend(types.iter().map(|n| format!("type {n}")));
+    for sql in statements {
+        tx.batch_execute(&sql)
+            .await
+            .map_err(|e| CoordinatorError::destination(action(&sql), &e))?;
+    }
+    tx.execute(
+        "UPDATE pgzm.migrations SET backup_present = false WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .map_err(|e| CoordinatorError::destination(action("update metadata"), &e))?;
+    tx.commit()
+        .await
+        .map_err(|e| CoordinatorError::destination(action("commit"), &e))?;
+    Ok(dropped)
+}

@@ -1,0 +1,246 @@
+//! The swap: one transaction, sent as one message, that renames the live objects to their
+//! backup names and the shadow objects to the live names, re-points foreign keys of
+//! destination-only tables, recreates views, and records the migration as swapped.
+//!
+//! Locks are taken up front, in a fixed (sorted) order, with a short `lock_timeout`: if any lock
+//! is not granted in time the transaction rolls back and the swap retries with jittered
+//! exponential backoff, so production queries never queue behind a waiting ACCESS EXCLUSIVE
+//! request for longer than the timeout.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use pgzm_agent::pg::{classify, describe, ErrorClass};
+use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
+use tokio_postgres::{Client, SimpleQueryMessage};
+use tracing::{info, warn};
+
+use crate::ddl::grants_sql;
+use crate::error::CoordinatorError;
+use crate::plan::{ObjectKind, Plan};
+
+/// Lock behaviour of the swap.
+#[derive(Debug, Clone, Copy)]
+pub struct SwapSettings {
+    /// `lock_timeout` of each attempt.
+    pub lock_timeout: Duration,
+    /// Give up after this much time in total.
+    pub total_timeout: Duration,
+}
+
+impl Default for SwapSettings {
+    fn default() -> Self {
+        SwapSettings {
+            lock_timeout: Duration::from_millis(50),
+            total_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a successful swap measured.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct SwapOutcome {
+    /// Attempts (1 when the locks were free).
+    pub attempts: u32,
+    /// Time from the locks being granted to the commit having finished, measured by the server
+    /// clock, in microseconds.
+    pub lock_held_us: i64,
+    /// Wall time of the whole swap step including retries, in milliseconds.
+    pub total_ms: u64,
+}
+
+fn public(name: &str) -> String {
+    quote_qualified("public", name)
+}
+
+/// The swap transaction's SQL (without the lock-timeout retry loop).
+pub fn swap_sql(plan: &Plan, lock_timeout: Duration) -> String {
+    let mut sql = String::new();
+    let mut push = |s: String| {
+        sql.push_str(&s);
+        sql.push_str(";\n");
+    };
+    push("BEGIN".into());
+    push(format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        lock_timeout.as_millis().max(1)
+    ));
+    // Every relation whose name changes or whose constraints are rewritten, sorted: one order
+    // for every run, so two swaps can never deadlock on each other.
+    let mut lock: BTreeSet<String> = BTreeSet::new();
+    for m in plan.to_backup.iter().chain(&plan.to_live) {
+        if matches!(m.kind, ObjectKind::Table | ObjectKind::View) {
+            lock.insert(m.from.clone());
+        }
+    }
+    for fk in &plan.foreign_keys {
+        lock.insert(fk.table.clone());
+    }
+    if !lock.is_empty() {
+        push(format!(
+            "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+            lock.iter()
+                .map(|n| public(n))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    push("SELECT 'locked', (extract(epoch FROM clock_timestamp()) * 1000000)::int8".into());
+    for fk in &plan.foreign_keys {
+        push(format!(
+            "ALTER TABLE {} DROP CONSTRAINT {}",
+            public(&fk.table),
+            quote_ident(&fk.name)
+        ));
+    }
+    for m in plan.to_backup.iter().chain(&plan.to_live) {
+        push(format!(
+            "ALTER {} {} RENAME TO {}",
+            m.kind.keyword(),
+            public(&m.from),
+            quote_ident(&m.to)
+        ));
+    }
+    for fk in &plan.foreign_keys {
+        // The definition names the referenced table by its live name, which is now the new table.
+        push(format!(
+            "ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID",
+            public(&fk.table),
+            quote_ident(&fk.name),
+            fk.definition.trim_end_matches(" NOT VALID")
+        ));
+    }
+    for v in &plan.views {
+        let options = if v.options.is_empty() {
+            String::new()
+        } else {
+            format!(" WITH ({})", v.options.join(", "))
+        };
+        push(format!(
+            "CREATE VIEW {}{options} AS {}",
+            public(&v.name),
+            v.definition.trim_end().trim_end_matches(';')
+        ));
+        if let Some(owner) = &v.owner {
+            push(format!(
+                "ALTER VIEW {} OWNER TO {}",
+                public(&v.name),
+                quote_ident(owner)
+            ));
+        }
+        for g in grants_sql("TABLE", &public(&v.name), &v.grants) {
+            push(g);
+        }
+        if let Some(c) = &v.comment {
+            push(format!(
+                "COMMENT ON VIEW {} IS {}",
+                public(&v.name),
+                quote_literal(c)
+            ));
+        }
+    }
+    push(format!(
+        "UPDATE pgzm.migrations SET status = 'swapped', swapped_at = now(), shadow_present = false, backup_present = {} WHERE id = {}",
+        !plan.to_backup.is_empty(),
+        plan.migration_id
+    ));
+    push("COMMIT".into());
+    push("SELECT 'committed', (extract(epoch FROM clock_timestamp()) * 1000000)::int8".into());
+    sql
+}
+
+fn marker(messages: &[SimpleQueryMessage], name: &str) -> Option<i64> {
+    messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) if row.get(0) == Some(name) => {
+            row.get(1).and_then(|v| v.parse().ok())
+        }
+        _ => None,
+    })
+}
+
+/// Runs the swap with lock-timeout retries. On any error nothing has changed.
+pub async fn swap(
+    client: &Client,
+    plan: &Plan,
+    settings: SwapSettings,
+) -> Result<SwapOutcome, CoordinatorError> {
+    let sql = swap_sql(plan, settings.lock_timeout);
+    let started = Instant::now();
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        match client.simple_query(&sql).await {
+            Ok(messages) => {
+                let locked = marker(&messages, "locked").unwrap_or(0);
+                let committed = marker(&messages, "committed").unwrap_or(locked);
+                let outcome = SwapOutcome {
+                    attempts,
+                    lock_held_us: committed - locked,
+                    total_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                };
+                info!(
+                    attempts,
+                    lock_held_us = outcome.lock_held_us,
+                    "swap committed"
+                );
+                return Ok(outcome);
+            }
+            Err(err) => {
+                // The transaction is aborted (or was never opened): end it so the session is usable.
+                let _ = client.batch_execute("ROLLBACK").await;
+                if classify(&err) != ErrorClass::LockTimeout {
+                    return Err(CoordinatorError::destination(
+                        "swap transaction (rolled back, nothing changed)",
+                        &err,
+                    ));
+                }
+                let elapsed = started.elapsed();
+                if elapsed >= settings.total_timeout {
+                    return Err(CoordinatorError::SwapLockTimeout {
+                        attempts,
+                        lock_timeout_ms: settings.lock_timeout.as_millis() as u64,
+                        waited_ms: elapsed.as_millis() as u64,
+                    });
+                }
+                let backoff = backoff(attempts).min(settings.total_timeout.saturating_sub(elapsed));
+                warn!(attempts, error = %describe(&err), backoff_ms = backoff.as_millis() as u64, "swap could not take its locks; retrying");
+                tokio::time::sleep(backoff).await;
+            }
+        }
+    }
+}
+
+/// Exponential backoff from 50 ms, capped at 2 s, with ±50 % jitter.
+fn backoff(attempt: u32) -> Duration {
+    let base = 50u64.saturating_mul(1 << attempt.min(6)).min(2000);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let jitter = u64::from(nanos % 1000) * base / 1000; // 0..base
+    Duration::from_millis(base / 2 + jitter)
+}
+
+/// Validates the re-pointed foreign keys after the swap. A key that does not validate (rows of
+/// the destination-only table reference rows the new data lacks) stays NOT VALID: production
+/// keeps working, and the message says which key to look at.
+pub async fn validate_repointed(client: &Client, plan: &Plan) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for fk in &plan.foreign_keys {
+        let sql = format!(
+            "ALTER TABLE {} VALIDATE CONSTRAINT {}",
+            public(&fk.table),
+            quote_ident(&fk.name)
+        );
+        if let Err(e) = client.batch_execute(&sql).await {
+            warnings.push(format!(
+                "foreign key \"{}\" on \"{}\" was re-pointed to the new \"{}\" but does not validate: {}; it stays NOT VALID until you fix the rows and run: {sql}",
+                fk.name,
+                fk.table,
+                fk.references,
+                describe(&e)
+            ));
+        }
+    }
+    warnings
+}

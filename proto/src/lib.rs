@@ -1,0 +1,17 @@
+//! The gRPC contract between the pgzm coordinator and its agents.
+//!
+//! This crate holds only generated wire types; domain types live in the `agent` and
+//! `coordinator` crates and convert at the boundary.
+
+#![allow(clippy::all, missing_docs)]
+
+/// Generated types and services of package `pgzm.agent.v1`.
+pub mod agent {
+    /// Version 1 of the agent protocol.
+    pub mod v1 {
+        tonic::include_proto!("pgzm.agent.v1");
+    }
+}
+
+/// Protocol version spoken by this build; agents refuse coordinators with another one.
+pub const PROTOCOL_VERSION: u32 = 1;
