@@ -1,0 +1,69 @@
+//! Shared setup of the integration tests: a source and a destination database on two distinct
+//! throwaway servers, fixtures, and running the migration through the coordinator's library API
+//! with the in-process agent (exactly what `pgzm start` does).
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use pgzm_agent::service::AgentService;
+use pgzm_coordinator::build::BuildSettings;
+use pgzm_coordinator::conninfo::DbUrl;
+use pgzm_coordinator::migrate::{self, Report, StartOptions};
+use pgzm_coordinator::swap::SwapSettings;
+use pgzm_coordinator::CoordinatorError;
+use pgzm_tests::{PgCluster, TestDb};
+
+/// A source database on the source server and a destination database on the destination server.
+pub struct Pair {
+    /// The rebuilt data set.
+    pub source: TestDb,
+    /// "Production".
+    pub dest: TestDb,
+}
+
+/// Creates an empty pair.
+pub async fn pair(label: &str) -> Pair {
+    let (src_cluster, dst_cluster) = PgCluster::shared_pair();
+    let source = TestDb::create(src_cluster, &format!("{label}_src")).await.expect("create source db");
+    let dest = TestDb::create(dst_cluster, &format!("{label}_dst")).await.expect("create dest db");
+    Pair { source, dest }
+}
+
+/// Creates a pair loaded with a fixture: `schema.sql` on both, `source_data.sql` on the source and
+/// `dest_data.sql` on the destination.
+pub async fn fixture_pair(label: &str, fixture: &str) -> Pair {
+    let p = pair(label).await;
+    p.source.load_fixture(&format!("{fixture}/schema.sql")).await.expect("load source schema");
+    p.source.load_fixture(&format!("{fixture}/source_data.sql")).await.expect("load source data");
+    p.dest.load_fixture(&format!("{fixture}/schema.sql")).await.expect("load dest schema");
+    p.dest.load_fixture(&format!("{fixture}/dest_data.sql")).await.expect("load dest data");
+    p
+}
+
+/// Default options for tests: 2 jobs, short swap timeout.
+pub fn options(p: &Pair) -> StartOptions {
+    StartOptions {
+        source: DbUrl::parse(&p.source.url(), "source").expect("source url"),
+        destination: DbUrl::parse(&p.dest.url(), "destination").expect("dest url"),
+        jobs: 2,
+        dry_run: false,
+        swap: SwapSettings { lock_timeout: Duration::from_millis(50), total_timeout: Duration::from_secs(10) },
+        copy_retries: 1,
+        build: BuildSettings::default(),
+    }
+}
+
+/// Runs `start` with the in-process agent.
+pub async fn run(opts: StartOptions) -> Result<Report, CoordinatorError> {
+    let agent = AgentService::new(u32::try_from(opts.jobs).unwrap_or(2))
+        .into_in_process_client()
+        .await
+        .expect("in-process agent");
+    migrate::start(opts, agent).await
+}
+
+/// Runs `start` with default options.
+pub async fn migrate(p: &Pair) -> Result<Report, CoordinatorError> {
+    run(options(p)).await
+}
