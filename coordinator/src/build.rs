@@ -57,7 +57,13 @@ pub fn table_statements(
         let name = renames.get(&ix.name).unwrap_or(&ix.name);
         out.extend(ddl::create_index(ix, name, renames)?);
     }
-    for tg in &t.triggers {
+    // A preserved table's own triggers would fire on mirrored writes: they are created in the swap.
+    let triggers = if plan.is_preserved(&t.name) {
+        &[][..]
+    } else {
+        &t.triggers[..]
+    };
+    for tg in triggers {
         out.extend(ddl::create_trigger(
             &tg.definition,
             tg.enabled,
@@ -153,6 +159,14 @@ pub async fn foreign_keys(
             continue;
         };
         for c in t.constraints.iter().filter(|c| c.kind == 'f') {
+            // Keys involving a preserved table are added in the swap (see `preserve`).
+            if plan.is_preserved(&t.name)
+                || c.references
+                    .as_deref()
+                    .is_some_and(|r| plan.is_preserved(r))
+            {
+                continue;
+            }
             let mut not_valid = c.clone();
             not_valid.validated = false;
             add.extend(ddl::add_constraint(

@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::build::BuildSettings;
 use crate::conninfo::DbUrl;
+use crate::cutover::SwapOptions;
 use crate::error::CoordinatorError;
 use crate::migrate::StartOptions;
 use crate::swap::SwapSettings;
@@ -30,33 +31,99 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a whole migration: plan, build shadow tables, copy, swap.
-    Start(StartArgs),
+    Start(PrepareArgs),
+    /// First phase of a two-phase migration: everything but the swap. Leaves the migration
+    /// `prepared` (state kept in the destination), preserved tables kept in sync.
+    Prepare(PrepareArgs),
+    /// Second phase: swap the prepared migration in (from any machine).
+    Swap(SwapArgs),
+    /// Show where the newest migration stands and whether it is safe to swap.
+    Status(StatusArgs),
 }
 
-/// Arguments of `pgzm start`.
+/// Destination URL argument with its environment fallbacks.
 #[derive(Debug, Args)]
-pub struct StartArgs {
-    /// Source database URL (the rebuilt data). Default: $SOURCE_DATABASE_URL.
-    #[arg(long, env = "SOURCE_DATABASE_URL", hide_env_values = true)]
-    pub source: Option<String>,
+pub struct DestArg {
     /// Destination database URL (production). Default: $DEST_DATABASE_URL, then $DATABASE_URL.
     #[arg(long, hide_env_values = true)]
     pub dest: Option<String>,
+}
+
+impl DestArg {
+    /// The parsed destination.
+    pub fn url(&self) -> Result<DbUrl, CoordinatorError> {
+        let dest = self
+            .dest
+            .clone()
+            .filter(|s| !s.trim().is_empty())
+            .or_else(|| env_url(&["DEST_DATABASE_URL", "DATABASE_URL"]))
+            .ok_or_else(|| {
+                CoordinatorError::Usage(
+                    "no destination database: pass --dest URL or set DEST_DATABASE_URL".into(),
+                )
+            })?;
+        DbUrl::parse(&dest, "destination")
+    }
+}
+
+/// Lock behaviour flags shared by the commands that take table locks.
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    /// lock_timeout of each attempt to lock the live tables (swap, sync triggers), in ms.
+    #[arg(long, default_value_t = 50)]
+    pub lock_timeout_ms: u64,
+    /// Give up after this many seconds of lock retries (nothing is changed then).
+    #[arg(long, default_value_t = 30)]
+    pub swap_timeout: u64,
+}
+
+impl LockArgs {
+    fn settings(&self) -> Result<SwapSettings, CoordinatorError> {
+        if self.lock_timeout_ms == 0 {
+            return Err(CoordinatorError::Usage(
+                "--lock-timeout-ms must be at least 1".into(),
+            ));
+        }
+        Ok(SwapSettings {
+            lock_timeout: Duration::from_millis(self.lock_timeout_ms),
+            total_timeout: Duration::from_secs(self.swap_timeout),
+        })
+    }
+}
+
+/// Arguments of `pgzm start` and `pgzm prepare`.
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// Source database URL (the rebuilt data). Default: $SOURCE_DATABASE_URL.
+    #[arg(long, env = "SOURCE_DATABASE_URL", hide_env_values = true)]
+    pub source: Option<String>,
+    /// Destination.
+    #[command(flatten)]
+    pub dest: DestArg,
+    /// Tables whose destination rows survive the migration, comma-separated (kept in sync with
+    /// triggers until the swap). Default: $PRESERVED_TABLES.
+    #[arg(
+        long,
+        env = "PRESERVED_TABLES",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub preserved_tables: Vec<String>,
     /// Print the plan and change nothing in either database.
     #[arg(long)]
     pub dry_run: bool,
+    /// Replace a migration that is prepared and waiting for its swap.
+    #[arg(long)]
+    pub force: bool,
     /// Tables copied and indexed at once (default: number of CPUs).
     #[arg(long, short = 'j')]
     pub jobs: Option<usize>,
     /// Print the final report as one JSON document on stdout.
     #[arg(long)]
     pub json: bool,
-    /// lock_timeout of each swap attempt, in milliseconds.
-    #[arg(long, default_value_t = 50)]
-    pub lock_timeout_ms: u64,
-    /// Give up the swap after this many seconds of lock retries (nothing is swapped then).
-    #[arg(long, default_value_t = 30)]
-    pub swap_timeout: u64,
+    /// Lock behaviour.
+    #[command(flatten)]
+    pub locks: LockArgs,
     /// Retries of a table copy that failed for a transient reason.
     #[arg(long, default_value_t = 2)]
     pub copy_retries: u32,
@@ -65,33 +132,57 @@ pub struct StartArgs {
     pub maintenance_work_mem: String,
 }
 
+/// Arguments of `pgzm swap`.
+#[derive(Debug, Args)]
+pub struct SwapArgs {
+    /// Destination.
+    #[command(flatten)]
+    pub dest: DestArg,
+    /// Migration id to swap (as printed by prepare); default: the newest.
+    #[arg(long)]
+    pub timestamp: Option<i64>,
+    /// Check that the prepared migration can be swapped, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the final report as one JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Lock behaviour.
+    #[command(flatten)]
+    pub locks: LockArgs,
+}
+
+/// Arguments of `pgzm status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Destination.
+    #[command(flatten)]
+    pub dest: DestArg,
+    /// Print the status as one JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
 fn env_url(names: &[&str]) -> Option<String> {
     names
         .iter()
         .find_map(|n| std::env::var(n).ok().filter(|v| !v.trim().is_empty()))
 }
 
-impl StartArgs {
+impl PrepareArgs {
     /// Validates the arguments into run options.
-    pub fn into_options(self) -> Result<StartOptions, CoordinatorError> {
+    pub fn to_options(&self) -> Result<StartOptions, CoordinatorError> {
         let source = self
             .source
+            .clone()
             .filter(|s| !s.trim().is_empty())
             .ok_or_else(|| {
                 CoordinatorError::Usage(
                     "no source database: pass --source URL or set SOURCE_DATABASE_URL".into(),
                 )
             })?;
-        let dest = self
-            .dest
-            .or_else(|| env_url(&["DEST_DATABASE_URL", "DATABASE_URL"]))
-            .ok_or_else(|| {
-                CoordinatorError::Usage(
-                    "no destination database: pass --dest URL or set DEST_DATABASE_URL".into(),
-                )
-            })?;
         let source = DbUrl::parse(&source, "source")?;
-        let destination = DbUrl::parse(&dest, "destination")?;
+        let destination = self.dest.url()?;
         if source.host_port() == destination.host_port() && source.dbname() == destination.dbname()
         {
             return Err(CoordinatorError::Usage(format!(
@@ -105,24 +196,30 @@ impl StartArgs {
                 .map(|n| n.get())
                 .unwrap_or(2),
         };
-        if self.lock_timeout_ms == 0 {
-            return Err(CoordinatorError::Usage(
-                "--lock-timeout-ms must be at least 1".into(),
-            ));
-        }
         Ok(StartOptions {
             source,
             destination,
             jobs,
             dry_run: self.dry_run,
-            swap: SwapSettings {
-                lock_timeout: Duration::from_millis(self.lock_timeout_ms),
-                total_timeout: Duration::from_secs(self.swap_timeout),
-            },
+            swap: self.locks.settings()?,
             copy_retries: self.copy_retries,
             build: BuildSettings {
-                maintenance_work_mem: self.maintenance_work_mem,
+                maintenance_work_mem: self.maintenance_work_mem.clone(),
             },
+            preserved: crate::prepare::preserved_names(&self.preserved_tables),
+            force: self.force,
+        })
+    }
+}
+
+impl SwapArgs {
+    /// Validates the arguments into swap options.
+    pub fn to_options(&self) -> Result<SwapOptions, CoordinatorError> {
+        Ok(SwapOptions {
+            destination: self.dest.url()?,
+            migration_id: self.timestamp,
+            dry_run: self.dry_run,
+            locks: self.locks.settings()?,
         })
     }
 }

@@ -71,9 +71,14 @@ pub fn create_type(t: &UserType, shadow: &str, renames: &Renames) -> Vec<String>
 }
 
 fn sequence_options(s: &Sequence) -> String {
+    format!("AS {} {}", s.type_sql, sequence_options_untyped(s))
+}
+
+/// Sequence options without `AS type`: an identity column's sequence takes the column's type,
+/// and PostgreSQL rejects an explicit `AS` there ("conflicting or redundant options").
+fn sequence_options_untyped(s: &Sequence) -> String {
     format!(
-        "AS {} INCREMENT BY {} MINVALUE {} MAXVALUE {} START WITH {} CACHE {} {}",
-        s.type_sql,
+        "INCREMENT BY {} MINVALUE {} MAXVALUE {} START WITH {} CACHE {} {}",
         s.increment,
         s.min,
         s.max,
@@ -117,7 +122,7 @@ fn column_sql(c: &Column, sequences: &[Sequence], renames: &Renames) -> String {
             sql.push_str(&format!(
                 " (SEQUENCE NAME {} {})",
                 public(shadow),
-                sequence_options(seq).replacen("AS ", "AS ", 1)
+                sequence_options_untyped(seq)
             ));
         }
     }

@@ -85,9 +85,12 @@ pub enum CoordinatorError {
         /// Rows in the source snapshot.
         source_rows: i64,
     },
-    /// The swap could not take its locks within the allowed time; nothing was swapped.
-    #[error("swap: could not lock the tables within {waited_ms} ms ({attempts} attempts of {lock_timeout_ms} ms each; a long transaction holds a lock on one of them); nothing was swapped: retry later or raise --swap-timeout")]
+    /// A transaction that needs table locks (the swap, setting up or removing sync triggers)
+    /// could not take them within the allowed time; it was rolled back, nothing changed.
+    #[error("{action}: could not lock the tables within {waited_ms} ms ({attempts} attempts of {lock_timeout_ms} ms each; a long transaction holds a lock on one of them); nothing was changed: retry later or raise --swap-timeout")]
     SwapLockTimeout {
+        /// What needed the locks ("swap", …).
+        action: String,
         /// Attempts made.
         attempts: u32,
         /// lock_timeout per attempt.

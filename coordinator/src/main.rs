@@ -5,7 +5,10 @@ use std::process::ExitCode;
 use clap::Parser;
 use pgzm_agent::service::AgentService;
 use pgzm_coordinator::cli::{Cli, Command};
-use pgzm_coordinator::{migrate, output};
+use pgzm_coordinator::migrate::StartOptions;
+use pgzm_coordinator::{cutover, migrate, output, prepare, status};
+use pgzm_proto::agent::v1::agent_client::AgentClient;
+use tonic::transport::Channel;
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(cli: &Cli) {
@@ -24,22 +27,55 @@ fn init_logging(cli: &Cli) {
         .init();
 }
 
+async fn in_process_agent(opts: &StartOptions) -> anyhow::Result<AgentClient<Channel>> {
+    AgentService::new(u32::try_from(opts.jobs).unwrap_or(u32::MAX))
+        .into_in_process_client()
+        .await
+        .map_err(|e| anyhow::anyhow!("start the in-process agent: {e}"))
+}
+
+fn print<T: serde::Serialize>(
+    json: bool,
+    value: &T,
+    human: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", human());
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Start(args) => {
-            let json = args.json;
-            let opts = args.into_options()?;
-            let agent = AgentService::new(u32::try_from(opts.jobs).unwrap_or(u32::MAX))
-                .into_in_process_client()
-                .await
-                .map_err(|e| anyhow::anyhow!("start the in-process agent: {e}"))?;
+            let opts = args.to_options()?;
+            let agent = in_process_agent(&opts).await?;
             let report = migrate::start(opts, agent).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", output::human_report(&report));
-            }
-            Ok(())
+            print(args.json, &report, || output::human_report(&report))
+        }
+        Command::Prepare(args) => {
+            let opts = args.to_options()?;
+            let agent = in_process_agent(&opts).await?;
+            let mut phases = migrate::Phases(Vec::new());
+            let prepared = prepare::prepare(&opts, agent, &mut phases).await?;
+            let Some(prepared) = prepared else {
+                anyhow::bail!("prepare returned nothing")
+            };
+            let mut report = prepared.report;
+            report.phases = phases.0;
+            print(args.json, &report, || output::human_prepare(&report))
+        }
+        Command::Swap(args) => {
+            let opts = args.to_options()?;
+            let report = cutover::swap_command(opts).await?;
+            print(args.json, &report, || output::human_report(&report))
+        }
+        Command::Status(args) => {
+            let dest = args.dest.url()?;
+            let s = status::status(&dest).await?;
+            print(args.json, &s, || output::human_status(&s))
         }
     }
 }

@@ -141,3 +141,109 @@ pub fn human_report(r: &Report) -> String {
     );
     s
 }
+
+/// Output of `pgzm prepare`.
+pub fn human_prepare(r: &Report) -> String {
+    let mut s = human_plan(&r.plan);
+    if r.dry_run {
+        let _ = writeln!(s, "Dry run: nothing was changed.");
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "Copied {} rows ({}) in {} tables",
+        r.rows,
+        size(r.bytes as i64),
+        r.tables.len()
+    );
+    for p in &r.phases {
+        let _ = writeln!(
+            s,
+            "  {:<22} {:>8} ms  (started {})",
+            p.phase, p.duration_ms, p.started_at
+        );
+    }
+    if !r.plan.preserved.is_empty() {
+        let names: Vec<&str> = r.plan.preserved.iter().map(|p| p.table.as_str()).collect();
+        let _ = writeln!(
+            s,
+            "Preserved tables kept in sync until the swap: {}",
+            names.join(", ")
+        );
+    }
+    let _ = writeln!(
+        s,
+        "Migration {} is prepared. Swap it in with:\n  pgzm swap --dest \"$DEST_DATABASE_URL\" --timestamp {}",
+        r.migration_id, r.migration_id
+    );
+    s
+}
+
+/// Output of `pgzm status`.
+pub fn human_status(st: &crate::status::Status) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "State: {}", st.state.to_uppercase());
+    if let Some(id) = st.migration_id {
+        let _ = writeln!(
+            s,
+            "Migration {id} from {} (created {}, {:.0} s ago)",
+            st.source.as_deref().unwrap_or("?"),
+            st.created_at.as_deref().unwrap_or("?"),
+            st.age_seconds.unwrap_or(0.0)
+        );
+    }
+    if !st.tables.is_empty() {
+        let _ = writeln!(s, "Tables: {}", st.tables.len());
+    }
+    if !st.preserved_tables.is_empty() {
+        let _ = writeln!(s, "Preserved: {}", st.preserved_tables.join(", "));
+    }
+    for t in &st.shadow_tables {
+        let _ = writeln!(
+            s,
+            "  {:<40} {:<8} rows {:>10} expected {:>10}{}",
+            t.shadow,
+            if t.present { "present" } else { "MISSING" },
+            t.rows.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+            t.expected_rows
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| "-".into()),
+            if t.preserved { "  (preserved)" } else { "" }
+        );
+    }
+    let healthy = st
+        .sync_triggers
+        .iter()
+        .filter(|t| t.present && t.enabled)
+        .count();
+    if !st.sync_triggers.is_empty() {
+        let _ = writeln!(
+            s,
+            "Sync triggers: {healthy}/{} present and enabled",
+            st.sync_triggers.len()
+        );
+    }
+    for e in &st.sync_errors {
+        let _ = writeln!(
+            s,
+            "  sync error: {} on {} at {}: {}",
+            e.operation, e.table, e.at, e.message
+        );
+    }
+    if let Some(e) = &st.error {
+        let _ = writeln!(s, "Error: {e}");
+    }
+    for p in &st.problems {
+        let _ = writeln!(s, "  - {p}");
+    }
+    let _ = writeln!(
+        s,
+        "{}",
+        if st.safe_to_swap {
+            "READY FOR SWAP"
+        } else {
+            "NOT READY FOR SWAP"
+        }
+    );
+    s
+}

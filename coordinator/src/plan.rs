@@ -145,6 +145,13 @@ pub struct Plan {
     pub leftovers: Vec<i64>,
     /// Things the operator should know that do not stop the migration.
     pub warnings: Vec<String>,
+    /// Preserved tables: destination rows, kept in sync until the swap.
+    #[serde(default)]
+    pub preserved: Vec<crate::preserve::PreservedTable>,
+    /// Statements run inside the swap after the renames: foreign keys involving preserved
+    /// tables (added and validated) and the source's triggers on preserved tables.
+    #[serde(default)]
+    pub deferred: Vec<String>,
 }
 
 /// What the tool's metadata says about earlier runs.
@@ -154,6 +161,8 @@ pub struct Earlier {
     pub leftovers: Vec<(i64, RecordedObjects)>,
     /// The current backup set (migration id, its backup-named objects).
     pub backup_set: Option<(i64, Vec<Move>)>,
+    /// A run that is prepared and waiting for its swap (also listed in `leftovers`).
+    pub prepared: Option<i64>,
 }
 
 impl Plan {
@@ -172,6 +181,11 @@ impl Plan {
             r.insert(&m.from, &m.to);
         }
         r
+    }
+
+    /// Whether `table` is preserved.
+    pub fn is_preserved(&self, table: &str) -> bool {
+        self.preserved.iter().any(|p| p.table == table)
     }
 
     /// The table plan of that name.
@@ -407,6 +421,8 @@ pub fn build(
         previous_backup: earlier.backup_set.as_ref().map(|(id, _)| *id),
         leftovers: earlier.leftovers.iter().map(|(id, _)| *id).collect(),
         warnings,
+        preserved: Vec::new(),
+        deferred: Vec::new(),
     })
 }
 

@@ -16,7 +16,7 @@ use crate::plan::{Move, Plan};
 pub const SCHEMA: &str = "pgzm";
 
 /// Advisory lock key held by a running pgzm on the destination ("pgzm" in ASCII).
-const LOCK_KEY: i64 = 0x7067_7a6d;
+pub const LOCK_KEY: i64 = 0x7067_7a6d;
 
 const DDL: &str = "
 CREATE SCHEMA IF NOT EXISTS pgzm;
@@ -34,6 +34,13 @@ CREATE TABLE IF NOT EXISTS pgzm.migrations (
     backup_present  boolean NOT NULL DEFAULT false,
     stats           jsonb,
     error           text
+);
+CREATE TABLE IF NOT EXISTS pgzm.sync_errors (
+    migration_id    bigint NOT NULL,
+    table_name      text NOT NULL,
+    operation       text NOT NULL,
+    message         text NOT NULL,
+    at              timestamptz NOT NULL DEFAULT clock_timestamp()
 );";
 
 /// Objects a run created in the destination before its swap, with their oids.
@@ -49,6 +56,12 @@ pub struct RecordedObjects {
     pub indexes: Vec<String>,
     /// Functions created for the new tables' triggers (regprocedure text).
     pub functions: Vec<String>,
+    /// Live tables carrying sync triggers (name, oid).
+    #[serde(default)]
+    pub sync_triggers: Vec<(String, Oid)>,
+    /// Sync trigger functions (qualified, quoted; no arguments).
+    #[serde(default)]
+    pub sync_functions: Vec<String>,
 }
 
 /// Takes the destination's run lock on this session; false when another run holds it.
@@ -85,7 +98,7 @@ pub async fn earlier_runs(client: &Client) -> Result<crate::plan::Earlier, Coord
     }
     let rows = client
         .query(
-            "SELECT id, created_objects, plan, shadow_present, backup_present FROM pgzm.migrations
+            "SELECT id, created_objects, plan, shadow_present, backup_present, status FROM pgzm.migrations
              WHERE shadow_present OR backup_present ORDER BY id",
             &[],
         )
@@ -96,6 +109,9 @@ pub async fn earlier_runs(client: &Client) -> Result<crate::plan::Earlier, Coord
         if row.get::<_, bool>(3) {
             let objects: RecordedObjects = serde_json::from_value(row.get(1)).unwrap_or_default();
             earlier.leftovers.push((id, objects));
+            if row.get::<_, String>(5) == "prepared" {
+                earlier.prepared = Some(id);
+            }
         }
         if row.get::<_, bool>(4) {
             let plan: Plan =
@@ -162,86 +178,96 @@ pub async fn set_status(
     Ok(())
 }
 
-/// Drops what an unfinished run created — only objects whose oid still matches the record —
-/// and marks the run failed. One transaction.
+/// Drops what an unfinished run created — sync triggers on live tables first (so no write on a
+/// live table can ever hit a missing shadow table), then shadow tables, sequences, types and
+/// functions, only objects whose oid still matches the record — and marks the run failed. One
+/// transaction, with a short lock_timeout and retries (dropping a trigger locks its table).
 pub async fn clean_leftovers(
-    client: &mut Client,
+    client: &Client,
     id: i64,
     objects: &RecordedObjects,
+    locks: crate::swap::SwapSettings,
 ) -> Result<Vec<String>, CoordinatorError> {
-    let action = |what: &str| format!("clean up leftovers of interrupted migration {id}: {what}");
-    let tx = client
-        .transaction()
-        .await
-        .map_err(|e| CoordinatorError::destination(action("begin"), &e))?;
+    use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
     let mut dropped = Vec::new();
+    let mut statements = vec![
+        "BEGIN".to_string(),
+        format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            locks.lock_timeout.as_millis().max(1)
+        ),
+    ];
+    for (table, oid) in &objects.sync_triggers {
+        if relation_oid(client, table).await? == Some(*oid) {
+            for (name, _) in crate::preserve::TRIGGERS {
+                statements.push(format!(
+                    "DROP TRIGGER IF EXISTS {} ON {}",
+                    quote_ident(name),
+                    quote_qualified("public", table)
+                ));
+            }
+            dropped.push(format!("sync triggers on {table}"));
+        }
+    }
+    for function in &objects.sync_functions {
+        statements.push(format!("DROP FUNCTION IF EXISTS {function}()"));
+    }
     let mut tables = Vec::new();
     for (name, oid) in &objects.tables {
-        if relation_oid(&tx, name).await? == Some(*oid) {
-            tables.push(pgzm_agent::sql::quote_qualified("public", name));
+        if relation_oid(client, name).await? == Some(*oid) {
+            tables.push(quote_qualified("public", name));
             dropped.push(format!("table {name}"));
         }
     }
     if !tables.is_empty() {
-        tx.batch_execute(&format!("DROP TABLE {}", tables.join(", ")))
-            .await
-            .map_err(|e| CoordinatorError::destination(action("drop shadow tables"), &e))?;
+        statements.push(format!("DROP TABLE {}", tables.join(", ")));
     }
     for (name, oid) in &objects.sequences {
-        if relation_oid(&tx, name).await? == Some(*oid) {
-            tx.batch_execute(&format!(
-                "DROP SEQUENCE {}",
-                pgzm_agent::sql::quote_qualified("public", name)
-            ))
-            .await
-            .map_err(|e| CoordinatorError::destination(action("drop shadow sequence"), &e))?;
+        if relation_oid(client, name).await? == Some(*oid) {
+            // Owned sequences went with their tables.
+            statements.push(format!(
+                "DROP SEQUENCE IF EXISTS {}",
+                quote_qualified("public", name)
+            ));
             dropped.push(format!("sequence {name}"));
         }
     }
     for (name, oid) in objects.types.iter().rev() {
-        let row = tx
-            .query_opt("SELECT oid FROM pg_type WHERE typname = $1 AND typnamespace = 'public'::regnamespace", &[name])
+        let row = client
+            .query_opt(
+                "SELECT oid FROM pg_type WHERE typname = $1 AND typnamespace = 'public'::regnamespace",
+                &[name],
+            )
             .await
-            .map_err(|e| CoordinatorError::destination(action("find shadow type"), &e))?;
+            .map_err(|e| CoordinatorError::destination("look up a shadow type", &e))?;
         if row.map(|r| r.get::<_, Oid>(0)) == Some(*oid) {
-            tx.batch_execute(&format!(
-                "DROP TYPE {}",
-                pgzm_agent::sql::quote_qualified("public", name)
-            ))
-            .await
-            .map_err(|e| CoordinatorError::destination(action("drop shadow type"), &e))?;
+            statements.push(format!("DROP TYPE {}", quote_qualified("public", name)));
             dropped.push(format!("type {name}"));
         }
     }
     for signature in &objects.functions {
-        // Only if nothing else uses it by now: no CASCADE, and a failure is not fatal.
-        tx.batch_execute("SAVEPOINT drop_function")
-            .await
-            .map_err(|e| CoordinatorError::destination(action("savepoint"), &e))?;
-        let sql = format!("DROP FUNCTION IF EXISTS {signature}");
-        match tx.batch_execute(&sql).await {
-            Ok(()) => dropped.push(format!("function {signature}")),
-            Err(_) => {
-                tx.batch_execute("ROLLBACK TO SAVEPOINT drop_function")
-                    .await
-                    .map_err(|e| {
-                        CoordinatorError::destination(action("rollback to savepoint"), &e)
-                    })?;
-            }
-        }
+        // Only if nothing else uses it by now: no CASCADE, and a refusal is not fatal.
+        statements.push(format!(
+            "DO $pgzm$ BEGIN EXECUTE {}; EXCEPTION WHEN dependent_objects_still_exist THEN NULL; END $pgzm$",
+            quote_literal(&format!("DROP FUNCTION IF EXISTS {signature}"))
+        ));
     }
-    tx.execute(
+    statements.push(format!(
         "UPDATE pgzm.migrations SET shadow_present = false,
                 status = CASE WHEN status IN ('preparing', 'prepared') THEN 'failed' ELSE status END,
                 error = coalesce(error, 'interrupted; cleaned up by a later run')
-         WHERE id = $1",
-        &[&id],
+         WHERE id = {id}"
+    ));
+    statements.push("COMMIT".into());
+    let sql = statements.join(";\n");
+    crate::swap::run_with_lock_retry(
+        client,
+        &sql,
+        locks,
+        &format!("clean up migration {id}"),
+        &format!("clean up the shadow objects of migration {id}"),
     )
-    .await
-    .map_err(|e| CoordinatorError::destination(action("update metadata"), &e))?;
-    tx.commit()
-        .await
-        .map_err(|e| CoordinatorError::destination(action("commit"), &e))?;
+    .await?;
     Ok(dropped)
 }
 
@@ -337,17 +363,29 @@ pub async fn drop_backup_set(
             quote_qualified("public", n)
         ));
     }
-    for n in &types {
-        statements.push(format!(
-            "DROP TYPE IF EXISTS {}",
-            quote_qualified("public", n)
-        ));
-    }
-    dropped.extend(types.iter().map(|n| format!("type {n}")));
     for sql in statements {
         tx.batch_execute(&sql)
             .await
             .map_err(|e| CoordinatorError::destination(action(&sql), &e))?;
+    }
+    // A backup type may still be used by a destination-only table (it kept the live type when
+    // the migration replaced it): such a type stays, and is reported, instead of failing the run.
+    for n in &types {
+        let sql = format!("DROP TYPE IF EXISTS {}", quote_qualified("public", n));
+        tx.batch_execute("SAVEPOINT drop_type")
+            .await
+            .map_err(|e| CoordinatorError::destination(action("savepoint"), &e))?;
+        match tx.batch_execute(&sql).await {
+            Ok(()) => dropped.push(format!("type {n}")),
+            Err(e) => {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT drop_type")
+                    .await
+                    .map_err(|e| {
+                        CoordinatorError::destination(action("rollback to savepoint"), &e)
+                    })?;
+                tracing::warn!(r#type = %n, error = %pgzm_agent::pg::describe(&e), "backup type kept: still in use");
+            }
+        }
     }
     tx.execute(
         "UPDATE pgzm.migrations SET backup_present = false WHERE id = $1",
@@ -359,4 +397,98 @@ pub async fn drop_backup_set(
         .await
         .map_err(|e| CoordinatorError::destination(action("commit"), &e))?;
     Ok(dropped)
+}
+
+/// One row of `pgzm.migrations`.
+#[derive(Debug, Clone)]
+pub struct MigrationRow {
+    /// Migration id (ms since the epoch).
+    pub id: i64,
+    /// preparing, prepared, swapped, failed, rolled_back.
+    pub status: String,
+    /// Source (`user@host:port/db`).
+    pub source: String,
+    /// The plan recorded at prepare time.
+    pub plan: Plan,
+    /// Objects created before the swap.
+    pub objects: RecordedObjects,
+    /// Whether its shadow objects may still exist.
+    pub shadow_present: bool,
+    /// Whether its backup set exists.
+    pub backup_present: bool,
+    /// Seconds since it was created.
+    pub age_seconds: f64,
+    /// Timestamps (text, server time zone).
+    pub created_at: String,
+    /// When prepared.
+    pub prepared_at: Option<String>,
+    /// When swapped.
+    pub swapped_at: Option<String>,
+    /// Recorded statistics.
+    pub stats: Option<serde_json::Value>,
+    /// Recorded error.
+    pub error: Option<String>,
+}
+
+/// Loads migration `id`, or the newest one. `None` when there is none (or no metadata yet).
+pub async fn load(
+    client: &Client,
+    id: Option<i64>,
+) -> Result<Option<MigrationRow>, CoordinatorError> {
+    if !exists(client).await? {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            "SELECT id, status, source, plan, created_objects, shadow_present, backup_present,
+                    extract(epoch FROM now() - created_at)::float8, created_at::text, prepared_at::text,
+                    swapped_at::text, stats, error
+             FROM pgzm.migrations WHERE $1::int8 IS NULL OR id = $1 ORDER BY id DESC LIMIT 1",
+            &[&id],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("read pgzm metadata", &e))?;
+    let Some(row) = row else { return Ok(None) };
+    let id: i64 = row.get(0);
+    let plan: Plan =
+        serde_json::from_value(row.get(3)).map_err(|e| CoordinatorError::Destination {
+            action: format!("read migration {id}"),
+            message: format!(
+                "its recorded plan is unreadable ({e}); it was written by another pgzm version"
+            ),
+            class: pgzm_agent::pg::ErrorClass::Fatal,
+        })?;
+    Ok(Some(MigrationRow {
+        id,
+        status: row.get(1),
+        source: row.get(2),
+        plan,
+        objects: serde_json::from_value(row.get(4)).unwrap_or_default(),
+        shadow_present: row.get(5),
+        backup_present: row.get(6),
+        age_seconds: row.get(7),
+        created_at: row.get(8),
+        prepared_at: row.get(9),
+        swapped_at: row.get(10),
+        stats: row.get(11),
+        error: row.get(12),
+    }))
+}
+
+/// Sync errors recorded for a migration: (table, operation, message, at).
+pub async fn sync_errors(
+    client: &Client,
+    id: i64,
+) -> Result<Vec<(String, String, String, String)>, CoordinatorError> {
+    let rows = client
+        .query(
+            "SELECT table_name, operation, message, at::text FROM pgzm.sync_errors WHERE migration_id = $1 ORDER BY at",
+            &[&id],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("read pgzm.sync_errors", &e))?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect())
 }

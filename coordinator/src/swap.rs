@@ -86,6 +86,21 @@ pub fn swap_sql(plan: &Plan, lock_timeout: Duration) -> String {
         ));
     }
     push("SELECT 'locked', (extract(epoch FROM clock_timestamp()) * 1000000)::int8".into());
+    if !plan.preserved.is_empty() {
+        // Under the locks no more writes can reach the preserved tables: a mirror that failed
+        // before now means a stale shadow, and the swap must not happen.
+        push(format!(
+            "DO $pgzm$ BEGIN IF EXISTS (SELECT 1 FROM pgzm.sync_errors WHERE migration_id = {id}) THEN \
+             RAISE EXCEPTION 'a write to a preserved table could not be mirrored into its shadow (see pgzm.sync_errors): prepare again with --force'; \
+             END IF; END $pgzm$",
+            id = plan.migration_id
+        ));
+        for p in &plan.preserved {
+            for s in p.teardown_sql(&p.table) {
+                push(s);
+            }
+        }
+    }
     for fk in &plan.foreign_keys {
         push(format!(
             "ALTER TABLE {} DROP CONSTRAINT {}",
@@ -109,6 +124,14 @@ pub fn swap_sql(plan: &Plan, lock_timeout: Duration) -> String {
             quote_ident(&fk.name),
             fk.definition.trim_end_matches(" NOT VALID")
         ));
+    }
+    for s in &plan.deferred {
+        push(s.clone());
+    }
+    for p in &plan.preserved {
+        for s in p.sequence_sql() {
+            push(s);
+        }
     }
     for v in &plan.views {
         let options = if v.options.is_empty() {
@@ -166,44 +189,63 @@ pub async fn swap(
 ) -> Result<SwapOutcome, CoordinatorError> {
     let sql = swap_sql(plan, settings.lock_timeout);
     let started = Instant::now();
+    let (attempts, messages) = run_with_lock_retry(
+        client,
+        &sql,
+        settings,
+        "swap",
+        "swap transaction (rolled back, nothing changed)",
+    )
+    .await?;
+    let locked = marker(&messages, "locked").unwrap_or(0);
+    let committed = marker(&messages, "committed").unwrap_or(locked);
+    let outcome = SwapOutcome {
+        attempts,
+        lock_held_us: committed - locked,
+        total_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    };
+    info!(
+        attempts,
+        lock_held_us = outcome.lock_held_us,
+        "swap committed"
+    );
+    Ok(outcome)
+}
+
+/// Sends `sql` (a whole `BEGIN; SET LOCAL lock_timeout …; …; COMMIT` batch) and, when a lock
+/// was not granted within the timeout, rolls back and retries with jittered backoff until
+/// `settings.total_timeout`. Any other error is returned at once (after the rollback), labelled
+/// with `action`. Returns the attempts made and the messages of the successful attempt.
+pub async fn run_with_lock_retry(
+    client: &Client,
+    sql: &str,
+    settings: SwapSettings,
+    lock_action: &str,
+    action: &str,
+) -> Result<(u32, Vec<SimpleQueryMessage>), CoordinatorError> {
+    let started = Instant::now();
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        match client.simple_query(&sql).await {
-            Ok(messages) => {
-                let locked = marker(&messages, "locked").unwrap_or(0);
-                let committed = marker(&messages, "committed").unwrap_or(locked);
-                let outcome = SwapOutcome {
-                    attempts,
-                    lock_held_us: committed - locked,
-                    total_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                };
-                info!(
-                    attempts,
-                    lock_held_us = outcome.lock_held_us,
-                    "swap committed"
-                );
-                return Ok(outcome);
-            }
+        match client.simple_query(sql).await {
+            Ok(messages) => return Ok((attempts, messages)),
             Err(err) => {
                 // The transaction is aborted (or was never opened): end it so the session is usable.
                 let _ = client.batch_execute("ROLLBACK").await;
                 if classify(&err) != ErrorClass::LockTimeout {
-                    return Err(CoordinatorError::destination(
-                        "swap transaction (rolled back, nothing changed)",
-                        &err,
-                    ));
+                    return Err(CoordinatorError::destination(action, &err));
                 }
                 let elapsed = started.elapsed();
                 if elapsed >= settings.total_timeout {
                     return Err(CoordinatorError::SwapLockTimeout {
+                        action: lock_action.to_string(),
                         attempts,
                         lock_timeout_ms: settings.lock_timeout.as_millis() as u64,
                         waited_ms: elapsed.as_millis() as u64,
                     });
                 }
                 let backoff = backoff(attempts).min(settings.total_timeout.saturating_sub(elapsed));
-                warn!(attempts, error = %describe(&err), backoff_ms = backoff.as_millis() as u64, "swap could not take its locks; retrying");
+                warn!(attempts, error = %describe(&err), backoff_ms = backoff.as_millis() as u64, "could not take the locks in time; retrying");
                 tokio::time::sleep(backoff).await;
             }
         }

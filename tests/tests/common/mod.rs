@@ -25,8 +25,12 @@ pub struct Pair {
 /// Creates an empty pair.
 pub async fn pair(label: &str) -> Pair {
     let (src_cluster, dst_cluster) = PgCluster::shared_pair();
-    let source = TestDb::create(src_cluster, &format!("{label}_src")).await.expect("create source db");
-    let dest = TestDb::create(dst_cluster, &format!("{label}_dst")).await.expect("create dest db");
+    let source = TestDb::create(src_cluster, &format!("{label}_src"))
+        .await
+        .expect("create source db");
+    let dest = TestDb::create(dst_cluster, &format!("{label}_dst"))
+        .await
+        .expect("create dest db");
     Pair { source, dest }
 }
 
@@ -34,10 +38,22 @@ pub async fn pair(label: &str) -> Pair {
 /// `dest_data.sql` on the destination.
 pub async fn fixture_pair(label: &str, fixture: &str) -> Pair {
     let p = pair(label).await;
-    p.source.load_fixture(&format!("{fixture}/schema.sql")).await.expect("load source schema");
-    p.source.load_fixture(&format!("{fixture}/source_data.sql")).await.expect("load source data");
-    p.dest.load_fixture(&format!("{fixture}/schema.sql")).await.expect("load dest schema");
-    p.dest.load_fixture(&format!("{fixture}/dest_data.sql")).await.expect("load dest data");
+    p.source
+        .load_fixture(&format!("{fixture}/schema.sql"))
+        .await
+        .expect("load source schema");
+    p.source
+        .load_fixture(&format!("{fixture}/source_data.sql"))
+        .await
+        .expect("load source data");
+    p.dest
+        .load_fixture(&format!("{fixture}/schema.sql"))
+        .await
+        .expect("load dest schema");
+    p.dest
+        .load_fixture(&format!("{fixture}/dest_data.sql"))
+        .await
+        .expect("load dest data");
     p
 }
 
@@ -48,9 +64,14 @@ pub fn options(p: &Pair) -> StartOptions {
         destination: DbUrl::parse(&p.dest.url(), "destination").expect("dest url"),
         jobs: 2,
         dry_run: false,
-        swap: SwapSettings { lock_timeout: Duration::from_millis(50), total_timeout: Duration::from_secs(10) },
+        swap: SwapSettings {
+            lock_timeout: Duration::from_millis(50),
+            total_timeout: Duration::from_secs(10),
+        },
         copy_retries: 1,
         build: BuildSettings::default(),
+        preserved: Vec::new(),
+        force: false,
     }
 }
 

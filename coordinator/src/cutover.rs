@@ -1,0 +1,153 @@
+//! `pgzm swap` (and the second half of `start`): check the prepared shadow set, replace the
+//! previous backup set, swap in one transaction, validate re-pointed keys, record the result.
+//!
+//! `swap` needs only the destination: everything it does comes from the migration's plan,
+//! recorded in `pgzm.migrations` by `prepare` (possibly days earlier, on another machine).
+
+use tokio_postgres::Client;
+use tracing::info;
+
+use crate::conninfo::DbUrl;
+use crate::error::CoordinatorError;
+use crate::migrate::{Phases, Report, TableReport};
+use crate::plan::Plan;
+use crate::state::{self, RecordedObjects};
+use crate::status;
+use crate::swap::{self, SwapSettings};
+
+/// Options of `pgzm swap`.
+#[derive(Debug, Clone)]
+pub struct SwapOptions {
+    /// Destination database.
+    pub destination: DbUrl,
+    /// Migration to swap (default: the newest).
+    pub migration_id: Option<i64>,
+    /// Check and print, change nothing.
+    pub dry_run: bool,
+    /// Lock behaviour.
+    pub locks: SwapSettings,
+}
+
+/// Swaps a prepared migration in, on the control session that holds the run lock.
+pub async fn swap_prepared(
+    control: &Client,
+    destination: &DbUrl,
+    plan: &Plan,
+    objects: &RecordedObjects,
+    locks: SwapSettings,
+    phases: &mut Phases,
+    report: &mut Report,
+) -> Result<(), CoordinatorError> {
+    let problems = status::shadow_problems(control, plan, objects).await?;
+    if !problems.is_empty() {
+        return Err(CoordinatorError::Refused(problems));
+    }
+    // The previous backup set is replaced only now that this run is fully prepared.
+    let earlier = state::earlier_runs(control).await?;
+    if let Some((id, moves)) = earlier.backup_set {
+        if id != plan.migration_id {
+            let mut c = destination.connect("pgzm-coordinator").await?;
+            report.dropped_backup = phases
+                .run(
+                    "drop_previous_backup",
+                    state::drop_backup_set(&mut c, id, &moves),
+                )
+                .await?;
+        }
+    }
+    let outcome = phases.run("swap", swap::swap(control, plan, locks)).await?;
+    report.swap = Some(outcome);
+    // After the commit nothing may fail the run: problems become warnings.
+    report
+        .warnings
+        .extend(swap::validate_repointed(control, plan).await);
+    let stats = serde_json::json!({
+        "tables": report.tables, "rows": report.rows, "bytes": report.bytes,
+        "swap": outcome, "phases": phases.0,
+    });
+    if let Err(e) =
+        state::set_status(control, plan.migration_id, "swapped", Some(&stats), None).await
+    {
+        report.warnings.push(format!(
+            "the swap committed but its statistics could not be recorded: {e}"
+        ));
+    }
+    Ok(())
+}
+
+/// `pgzm swap`: swaps the prepared migration recorded in the destination.
+pub async fn swap_command(opts: SwapOptions) -> Result<Report, CoordinatorError> {
+    let mut phases = Phases(Vec::new());
+    let control = opts.destination.connect("pgzm-coordinator").await?;
+    if !state::try_lock(&control).await? {
+        return Err(CoordinatorError::Busy);
+    }
+    control
+        .batch_execute("SET search_path = pg_catalog")
+        .await
+        .map_err(|e| CoordinatorError::destination("set search_path", &e))?;
+    let row =
+        match (
+            state::load(&control, opts.migration_id).await?,
+            opts.migration_id,
+        ) {
+            (Some(row), _) => row,
+            (None, Some(id)) => {
+                return Err(CoordinatorError::Refused(vec![format!(
+                    "no migration {id} in this destination: see `pgzm status`"
+                )]))
+            }
+            (None, None) => return Err(CoordinatorError::Refused(vec![
+                "nothing prepared in this destination (no shadow tables): run `pgzm prepare` first"
+                    .into(),
+            ])),
+        };
+    match row.status.as_str() {
+        "prepared" => {}
+        "swapped" => {
+            return Err(CoordinatorError::Refused(vec![format!(
+                "migration {} is already swapped; nothing prepared: run `pgzm prepare` for a new one",
+                row.id
+            )]))
+        }
+        "preparing" => {
+            return Err(CoordinatorError::Refused(vec![format!(
+                "migration {} is still preparing (or was interrupted): wait for `pgzm prepare` to finish, or run it again",
+                row.id
+            )]))
+        }
+        other => {
+            return Err(CoordinatorError::Refused(vec![format!(
+                "nothing prepared: the newest migration ({}) is {other}; run `pgzm prepare` first",
+                row.id
+            )]))
+        }
+    }
+    let mut report = Report::new(&row.plan, opts.dry_run);
+    if let Some(tables) = row.stats.as_ref().and_then(|s| s.get("tables")) {
+        report.tables =
+            serde_json::from_value::<Vec<TableReport>>(tables.clone()).unwrap_or_default();
+        report.rows = report.tables.iter().map(|t| t.rows).sum();
+        report.bytes = report.tables.iter().map(|t| t.bytes).sum();
+    }
+    if opts.dry_run {
+        let problems = status::shadow_problems(&control, &row.plan, &row.objects).await?;
+        if !problems.is_empty() {
+            return Err(CoordinatorError::Refused(problems));
+        }
+        return Ok(report);
+    }
+    swap_prepared(
+        &control,
+        &opts.destination,
+        &row.plan,
+        &row.objects,
+        opts.locks,
+        &mut phases,
+        &mut report,
+    )
+    .await?;
+    info!(migration = row.id, "swapped");
+    report.phases = phases.0;
+    Ok(report)
+}

@@ -1,0 +1,547 @@
+//! `pgzm prepare` (and the first half of `start`): plan → shadow schema → preserved-table sync →
+//! copy with per-table builds → foreign keys → state `prepared`.
+//!
+//! Invariant: the live tables are not modified before the swap transaction (the sync triggers
+//! on preserved tables only read them). Until the swap, a failure removes everything this run
+//! created; a killed run's objects are recorded by oid, so the next run removes them first.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
+use pgzm_proto::agent::v1::agent_client::AgentClient;
+use tokio_postgres::{Client, GenericClient};
+use tonic::transport::Channel;
+use tracing::{info_span, warn, Instrument};
+
+use crate::build;
+use crate::catalog::{self, SourceSchema};
+use crate::copy::{self, CopyContext, CopyJob, CopyStats};
+use crate::ddl;
+use crate::destination::{self, Destination};
+use crate::error::CoordinatorError;
+use crate::migrate::{check_agent, Phases, Report, StartOptions, TableReport};
+use crate::plan::{self, Plan};
+use crate::preserve;
+use crate::rewrite::Renames;
+use crate::state::{self, RecordedObjects};
+use crate::swap::SwapSettings;
+
+/// A prepared migration, still holding the destination's run lock.
+pub struct Prepared {
+    /// The control session (holds the advisory run lock; `search_path = pg_catalog`).
+    pub control: Client,
+    /// What this run created (for cleanup on a later failure).
+    pub created: RecordedObjects,
+    /// The report so far.
+    pub report: Report,
+}
+
+/// Normalises `--preserved-tables` entries: trimmed, empties dropped, duplicates removed.
+pub fn preserved_names(raw: &[String]) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    raw.iter()
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .filter(|s| seen.insert(s.to_string()))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Prepares a migration. With `dry_run`, returns after the plan with nothing changed.
+pub async fn prepare(
+    opts: &StartOptions,
+    mut agent: AgentClient<Channel>,
+    phases: &mut Phases,
+) -> Result<Option<Prepared>, CoordinatorError> {
+    let migration_id = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let preserved_names = preserved_names(&opts.preserved);
+
+    // Plan: read both sides under one source snapshot; change nothing.
+    let (source_client, control, schema, dest, earlier, snapshot, live_shapes) = phases
+        .run("plan", async {
+            check_agent(&mut agent, "in-process").await?;
+            let source_client = opts.source.connect("pgzm-coordinator").await?;
+            let control = opts.destination.connect("pgzm-coordinator").await?;
+            if !state::try_lock(&control).await? {
+                return Err(CoordinatorError::Busy);
+            }
+            source_client
+                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL search_path = pg_catalog")
+                .await
+                .map_err(|e| CoordinatorError::source("open the snapshot transaction", &e))?;
+            let snapshot: String = source_client
+                .query_one("SELECT pg_export_snapshot()", &[])
+                .await
+                .map_err(|e| CoordinatorError::source("export a snapshot", &e))?
+                .get(0);
+            let schema = catalog::read(&source_client).await?;
+            control
+                .batch_execute("SET search_path = pg_catalog")
+                .await
+                .map_err(|e| CoordinatorError::destination("set search_path", &e))?;
+            let dest = destination::read(&control).await?;
+            let earlier = state::earlier_runs(&control).await?;
+            let live_shapes = preserve::read_live(&control, &preserved_names).await?;
+            Ok((source_client, control, schema, dest, earlier, snapshot, live_shapes))
+        })
+        .await?;
+
+    let mut plan = plan::build(
+        migration_id,
+        opts.source.to_string(),
+        &schema,
+        &dest,
+        &earlier,
+    )
+    .map_err(CoordinatorError::Refused)?;
+    let mut problems = Vec::new();
+    if let Some(id) = earlier.prepared {
+        if !opts.force {
+            problems.push(format!(
+                "migration {id} is prepared and waiting for its swap: run `pgzm swap`, or prepare again with --force to replace it"
+            ));
+        }
+    }
+    let renames = plan.shadow_renames();
+    let backup_of = |live_seq: &str| {
+        plan.to_backup
+            .iter()
+            .find(|m| m.from == live_seq)
+            .map(|m| m.to.clone())
+    };
+    plan.preserved = preserve::plan(
+        &preserved_names,
+        migration_id,
+        &schema,
+        &live_shapes,
+        &renames,
+        backup_of,
+        &mut problems,
+    );
+    if !problems.is_empty() {
+        return Err(CoordinatorError::Refused(problems));
+    }
+    plan.deferred = deferred_statements(&schema, &plan);
+
+    let mut report = Report::new(&plan, opts.dry_run);
+    if opts.dry_run {
+        return Ok(Some(Prepared {
+            control,
+            created: RecordedObjects::default(),
+            report,
+        }));
+    }
+
+    // Leftovers of interrupted runs go first (only objects recorded by oid).
+    for (id, objects) in &earlier.leftovers {
+        let dropped = state::clean_leftovers(&control, *id, objects, opts.swap).await?;
+        if !dropped.is_empty() {
+            warn!(
+                migration = id,
+                objects = dropped.len(),
+                "cleaned up an earlier run's shadow objects"
+            );
+        }
+        report.cleaned_up.extend(dropped);
+    }
+
+    let mut control = control;
+    let mut created = phases
+        .run(
+            "shadow",
+            create_shadow(&mut control, &plan, &schema, &dest, &renames),
+        )
+        .await?;
+    let result = fill(
+        opts,
+        agent,
+        phases,
+        &mut report,
+        &control,
+        source_client,
+        &plan,
+        &schema,
+        &dest,
+        renames,
+        snapshot,
+        &mut created,
+    )
+    .await;
+    match result {
+        Ok(()) => Ok(Some(Prepared {
+            control,
+            created,
+            report,
+        })),
+        Err(err) => {
+            abandon(&control, migration_id, &created, opts.swap, &err).await;
+            Err(err)
+        }
+    }
+}
+
+/// Removes what a failed run created and records the failure. Never fails: if cleanup is not
+/// possible now, the objects stay recorded and the next run removes them.
+pub async fn abandon(
+    control: &Client,
+    id: i64,
+    created: &RecordedObjects,
+    locks: SwapSettings,
+    err: &CoordinatorError,
+) {
+    let message = err.to_string();
+    if let Err(clean_err) = state::clean_leftovers(control, id, created, locks).await {
+        warn!(error = %clean_err, "could not remove this run's shadow objects now; the next run will");
+    }
+    let _ = state::set_status(control, id, "failed", None, Some(&message)).await;
+}
+
+/// Foreign keys involving a preserved table and the source's triggers on preserved tables:
+/// created inside the swap transaction, on the live names (which are the new tables by then).
+fn deferred_statements(schema: &SourceSchema, plan: &Plan) -> Vec<String> {
+    let preserved: BTreeSet<&str> = plan.preserved.iter().map(|p| p.table.as_str()).collect();
+    let mut out = Vec::new();
+    for t in &schema.tables {
+        for c in t.constraints.iter().filter(|c| c.kind == 'f') {
+            let involved = preserved.contains(t.name.as_str())
+                || c.references
+                    .as_deref()
+                    .is_some_and(|r| preserved.contains(r));
+            if !involved {
+                continue;
+            }
+            let table = quote_qualified("public", &t.name);
+            let def = c.definition.trim_end_matches(" NOT VALID");
+            out.push(format!(
+                "ALTER TABLE {table} ADD CONSTRAINT {} {def} NOT VALID",
+                quote_ident(&c.name)
+            ));
+            if c.validated {
+                out.push(format!(
+                    "ALTER TABLE {table} VALIDATE CONSTRAINT {}",
+                    quote_ident(&c.name)
+                ));
+            }
+        }
+        if preserved.contains(t.name.as_str()) {
+            for tg in &t.triggers {
+                out.push(tg.definition.clone());
+                if !tg.enabled {
+                    out.push(format!(
+                        "ALTER TABLE {} DISABLE TRIGGER {}",
+                        quote_qualified("public", &t.name),
+                        quote_ident(&tg.name)
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fill(
+    opts: &StartOptions,
+    agent: AgentClient<Channel>,
+    phases: &mut Phases,
+    report: &mut Report,
+    control: &Client,
+    source_client: Client,
+    plan: &Plan,
+    schema: &SourceSchema,
+    dest: &Destination,
+    renames: Renames,
+    snapshot: String,
+    created: &mut RecordedObjects,
+) -> Result<(), CoordinatorError> {
+    if !plan.preserved.is_empty() {
+        phases
+            .run(
+                "preserve",
+                sync_preserved(opts, control, plan, schema, dest, &renames, created),
+            )
+            .await?;
+    }
+    let schema = Arc::new(schema.clone());
+    let plan_arc = Arc::new(plan.clone());
+    let renames = Arc::new(renames);
+    let jobs: Vec<CopyJob> = plan
+        .tables
+        .iter()
+        .filter(|t| !plan.is_preserved(&t.name))
+        .map(|t| CopyJob {
+            table: t.name.clone(),
+            shadow: t.shadow.clone(),
+            columns: t.copy_columns.clone(),
+        })
+        .collect();
+    let ctx = CopyContext {
+        agent,
+        source: opts.source.clone(),
+        destination: opts.destination.clone(),
+        snapshot,
+        migration_id: plan.migration_id,
+        retries: opts.copy_retries,
+    };
+    let dest_url = opts.destination.clone();
+    let build_settings = opts.build.clone();
+    let copied: Vec<(String, CopyStats)> = phases
+        .run("copy", {
+            let (schema, plan_arc, renames) = (
+                Arc::clone(&schema),
+                Arc::clone(&plan_arc),
+                Arc::clone(&renames),
+            );
+            copy::copy_all(ctx, jobs, opts.jobs, move |job: CopyJob, _stats| {
+                let (schema, plan_arc, renames, dest, settings) = (
+                    Arc::clone(&schema),
+                    Arc::clone(&plan_arc),
+                    Arc::clone(&renames),
+                    dest_url.clone(),
+                    build_settings.clone(),
+                );
+                async move {
+                    let Some(table) = schema.table(&job.table) else {
+                        return Ok(());
+                    };
+                    let statements = build::table_statements(table, &plan_arc, &schema, &renames)?;
+                    build::run_on_session(
+                        &dest,
+                        &settings,
+                        &format!("build \"{}\"", job.table),
+                        statements,
+                    )
+                    .instrument(info_span!("build_table", table = %job.table))
+                    .await
+                }
+            })
+        })
+        .await?;
+    // Every task has read the snapshot: release it so the source's vacuum is not held back.
+    let _ = source_client.batch_execute("COMMIT").await;
+    drop(source_client);
+
+    phases
+        .run(
+            "constraints",
+            build::foreign_keys(&opts.destination, plan, &schema, &renames, opts.jobs),
+        )
+        .await?;
+
+    for (table, s) in &copied {
+        report.tables.push(TableReport {
+            table: table.clone(),
+            rows: s.rows,
+            bytes: s.bytes,
+            copy_ms: s.duration_ms,
+            attempts: s.attempts,
+        });
+        report.rows += s.rows;
+        report.bytes += s.bytes;
+    }
+    report.tables.sort_by(|a, b| a.table.cmp(&b.table));
+    let stats = serde_json::json!({ "tables": report.tables, "rows": report.rows, "bytes": report.bytes, "phases": phases.0 });
+    state::set_status(control, plan.migration_id, "prepared", Some(&stats), None).await?;
+    Ok(())
+}
+
+/// Builds the preserved shadow tables' keys and indexes while they are empty, then, per table,
+/// creates the sync triggers and copies the live rows in one transaction.
+async fn sync_preserved(
+    opts: &StartOptions,
+    control: &Client,
+    plan: &Plan,
+    schema: &SourceSchema,
+    dest: &Destination,
+    renames: &Renames,
+    created: &mut RecordedObjects,
+) -> Result<(), CoordinatorError> {
+    for p in &plan.preserved {
+        let Some(table) = schema.table(&p.table) else {
+            continue;
+        };
+        let statements = build::table_statements(table, plan, schema, renames)?;
+        build::run_on_session(
+            &opts.destination,
+            &opts.build,
+            &format!("build \"{}\"", p.table),
+            statements,
+        )
+        .await?;
+    }
+    for p in &plan.preserved {
+        let live_oid = dest.tables.get(&p.table).map(|t| t.oid).unwrap_or(0);
+        let mut next = created.clone();
+        next.sync_triggers.push((p.table.clone(), live_oid));
+        next.sync_functions.push(p.function.clone());
+        let objects_json = serde_json::to_string(&next).unwrap_or_default();
+        let mut sql = vec![
+            "BEGIN".to_string(),
+            format!(
+                "SET LOCAL lock_timeout = '{}ms'",
+                opts.swap.lock_timeout.as_millis().max(1)
+            ),
+        ];
+        sql.extend(p.setup_sql(plan.migration_id));
+        sql.push(format!(
+            "DO $pgzm$ BEGIN IF (SELECT count(*) FROM {shadow}) <> (SELECT count(*) FROM {live}) THEN RAISE EXCEPTION 'row counts differ after the initial copy'; END IF; END $pgzm$",
+            shadow = quote_qualified("public", &p.shadow),
+            live = quote_qualified("public", &p.table)
+        ));
+        sql.push(format!(
+            "UPDATE pgzm.migrations SET created_objects = {}::jsonb WHERE id = {}",
+            quote_literal(&objects_json),
+            plan.migration_id
+        ));
+        sql.push("COMMIT".into());
+        crate::swap::run_with_lock_retry(
+            control,
+            &sql.join(";\n"),
+            opts.swap,
+            &format!("set up the sync of preserved table \"{}\"", p.table),
+            &format!("set up the sync of preserved table \"{}\"", p.table),
+        )
+        .await?;
+        *created = next;
+    }
+    Ok(())
+}
+
+/// Creates the shadow types, sequences and tables in one transaction, together with the
+/// migration's metadata row and the record of every object (with its oid).
+async fn create_shadow(
+    control: &mut Client,
+    plan: &Plan,
+    schema: &SourceSchema,
+    dest: &Destination,
+    renames: &Renames,
+) -> Result<RecordedObjects, CoordinatorError> {
+    use pgzm_agent::sql::{quote_ident, quote_qualified};
+    for (ext, ext_schema) in &plan.extensions_to_create {
+        control
+            .batch_execute(&format!(
+                "CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA {}",
+                quote_ident(ext),
+                quote_ident(ext_schema)
+            ))
+            .await
+            .map_err(|e| {
+                CoordinatorError::destination(
+                    format!("create extension {ext} (needed by the source's tables)"),
+                    &e,
+                )
+            })?;
+    }
+    let tx = control
+        .transaction()
+        .await
+        .map_err(|e| CoordinatorError::destination("begin the shadow transaction", &e))?;
+    state::ensure_schema(&tx).await?;
+    state::insert(&tx, plan).await?;
+    let mut statements: Vec<(String, String)> = Vec::new();
+    for (signature, definition) in &plan.functions_to_create {
+        statements.push((
+            format!("create trigger function {signature}"),
+            definition.clone(),
+        ));
+    }
+    for (m, t) in plan.types.iter().zip(&schema.types) {
+        let action = format!("create shadow type \"{}\"", m.to);
+        for sql in ddl::create_type(t, &m.to, renames) {
+            statements.push((action.clone(), sql));
+        }
+        if let Some((owner, grants)) = dest.type_acl.get(&t.name) {
+            statements.push((
+                action.clone(),
+                format!(
+                    "ALTER TYPE {} OWNER TO {}",
+                    quote_qualified("public", &m.to),
+                    quote_ident(owner)
+                ),
+            ));
+            for g in ddl::grants_sql("TYPE", &quote_qualified("public", &m.to), grants) {
+                statements.push((action.clone(), g));
+            }
+        }
+    }
+    for (m, s) in plan.sequences.iter().zip(&schema.sequences) {
+        if !s.identity {
+            statements.push((
+                format!("create shadow sequence \"{}\"", m.to),
+                ddl::create_sequence(s, &m.to),
+            ));
+        }
+    }
+    for t in &schema.tables {
+        let Some(tp) = plan.table(&t.name) else {
+            continue;
+        };
+        let action = format!("create shadow table \"{}\"", tp.shadow);
+        for sql in ddl::create_table(t, &tp.shadow, &schema.sequences, renames) {
+            statements.push((action.clone(), sql));
+        }
+        if let Some(live) = dest.tables.get(&t.name) {
+            let cols: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
+            for sql in ddl::carry_privileges(live, &tp.shadow, &cols, renames) {
+                statements.push((
+                    format!("carry privileges of \"{}\" to its shadow", t.name),
+                    sql,
+                ));
+            }
+        }
+    }
+    for (m, s) in plan.sequences.iter().zip(&schema.sequences) {
+        let action = format!("set shadow sequence \"{}\"", m.to);
+        statements.push((action.clone(), ddl::set_sequence(&m.to, s)));
+        if let Some((_, grants)) = dest.sequence_acl.get(&s.name) {
+            for g in ddl::grants_sql("SEQUENCE", &quote_qualified("public", &m.to), grants) {
+                statements.push((action.clone(), g));
+            }
+        }
+    }
+    for (action, sql) in &statements {
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| CoordinatorError::destination(action.clone(), &e))?;
+    }
+    let objects = record(&tx, plan).await?;
+    state::record_objects(&tx, plan.migration_id, &objects).await?;
+    tx.commit()
+        .await
+        .map_err(|e| CoordinatorError::destination("commit the shadow transaction", &e))?;
+    Ok(objects)
+}
+
+async fn record(tx: &impl GenericClient, plan: &Plan) -> Result<RecordedObjects, CoordinatorError> {
+    let oids = |sql: &'static str, names: Vec<String>| async move {
+        let rows = tx
+            .query(sql, &[&names])
+            .await
+            .map_err(|e| CoordinatorError::destination("record created objects", &e))?;
+        Ok::<_, CoordinatorError>(
+            rows.iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, u32>(1)))
+                .collect::<Vec<_>>(),
+        )
+    };
+    const RELS: &str = "SELECT relname::text, oid FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relname = ANY($1)";
+    const TYPES: &str = "SELECT typname::text, oid FROM pg_type WHERE typnamespace = 'public'::regnamespace AND typname = ANY($1)";
+    Ok(RecordedObjects {
+        tables: oids(RELS, plan.tables.iter().map(|t| t.shadow.clone()).collect()).await?,
+        types: oids(TYPES, plan.types.iter().map(|m| m.to.clone()).collect()).await?,
+        sequences: oids(RELS, plan.sequences.iter().map(|m| m.to.clone()).collect()).await?,
+        indexes: plan.indexes.iter().map(|m| m.to.clone()).collect(),
+        functions: plan
+            .functions_to_create
+            .iter()
+            .map(|(signature, _)| signature.clone())
+            .collect(),
+        ..RecordedObjects::default()
+    })
+}

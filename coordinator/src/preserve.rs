@@ -1,0 +1,357 @@
+//! Preserved tables: the shadow table takes the source's definition and the destination's rows,
+//! and stays current until the swap.
+//!
+//! For each preserved table `T` one transaction creates the sync triggers on the live `T`
+//! (`CREATE TRIGGER` takes a SHARE ROW EXCLUSIVE lock, so no write can commit in between) and
+//! copies `T`'s rows into `shadow_T` (columns matched by name). From then on, statement-level
+//! AFTER triggers with transition tables mirror every INSERT, UPDATE (as delete + insert by the
+//! primary key, so key changes are mirrored too), DELETE and TRUNCATE into the shadow table, in
+//! the writer's transaction — hence in commit order, and rolled back with it.
+//!
+//! A mirror that fails must never fail the application's write: the trigger function catches
+//! the error, records it in `pgzm.sync_errors` and raises a WARNING; the swap then refuses (the
+//! shadow is stale) and the operator re-runs prepare. Foreign keys that involve a preserved table
+//! are added and validated inside the swap transaction, so a write to a preserved table can never
+//! be rejected by a shadow table's constraint.
+
+use std::collections::BTreeMap;
+
+use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Client;
+
+use crate::catalog::{SourceSchema, Table};
+use crate::error::CoordinatorError;
+use crate::rewrite::Renames;
+
+/// Names of the sync triggers created on a preserved live table.
+pub const TRIGGERS: [(&str, &str); 4] = [
+    ("pgzm_sync_insert", "AFTER INSERT ON {T} REFERENCING NEW TABLE AS pgzm_new FOR EACH STATEMENT"),
+    ("pgzm_sync_update", "AFTER UPDATE ON {T} REFERENCING OLD TABLE AS pgzm_old NEW TABLE AS pgzm_new FOR EACH STATEMENT"),
+    ("pgzm_sync_delete", "AFTER DELETE ON {T} REFERENCING OLD TABLE AS pgzm_old FOR EACH STATEMENT"),
+    ("pgzm_sync_truncate", "AFTER TRUNCATE ON {T} FOR EACH STATEMENT"),
+];
+
+/// Shape of a preserved table in the destination.
+#[derive(Debug, Clone, Default)]
+pub struct LiveShape {
+    /// Column names.
+    pub columns: Vec<String>,
+    /// Primary key columns, in key order (empty: no primary key).
+    pub key: Vec<String>,
+    /// Sequences owned by columns: (column, sequence).
+    pub sequences: Vec<(String, String)>,
+}
+
+const LIVE_SHAPE: &str = "
+SELECT c.relname::text,
+       ARRAY(SELECT a.attname::text FROM pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
+       ARRAY(SELECT a.attname::text
+             FROM pg_constraint k, unnest(k.conkey) WITH ORDINALITY AS u(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = u.attnum
+             WHERE k.conrelid = c.oid AND k.contype = 'p' ORDER BY u.ord),
+       ARRAY(SELECT a.attname::text || '|' || s.relname::text
+             FROM pg_depend d
+             JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = d.refobjsubid
+             WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+               AND d.refobjid = c.oid AND d.deptype IN ('a', 'i') ORDER BY 1)
+FROM pg_class c
+WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r' AND c.relname = ANY($1)";
+
+/// Reads the live shape of the named tables.
+pub async fn read_live(
+    client: &Client,
+    tables: &[String],
+) -> Result<BTreeMap<String, LiveShape>, CoordinatorError> {
+    let rows = client.query(LIVE_SHAPE, &[&tables]).await.map_err(|e| {
+        CoordinatorError::destination("inspect the destination: preserved tables", &e)
+    })?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let sequences = r
+                .get::<_, Vec<String>>(3)
+                .into_iter()
+                .filter_map(|s| {
+                    s.split_once('|')
+                        .map(|(c, q)| (c.to_string(), q.to_string()))
+                })
+                .collect();
+            (
+                r.get(0),
+                LiveShape {
+                    columns: r.get(1),
+                    key: r.get(2),
+                    sequences,
+                },
+            )
+        })
+        .collect())
+}
+
+/// One preserved table, as planned (stored with the plan, so `swap` needs no source access).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreservedTable {
+    /// Live name.
+    pub table: String,
+    /// Shadow name.
+    pub shadow: String,
+    /// Shadow columns filled from the live table: (column, conversion expression template
+    /// with `{row}` standing for the row alias).
+    pub columns: Vec<(String, String)>,
+    /// Primary key columns (of the live table, present in the shadow).
+    pub key: Vec<String>,
+    /// Sync function, qualified and quoted.
+    pub function: String,
+    /// Sequences to set at the swap: (new sequence's live name, column, live sequence's backup name).
+    pub sequences: Vec<(String, String, Option<String>)>,
+}
+
+impl PreservedTable {
+    fn select_list(&self, alias: &str) -> String {
+        self.columns
+            .iter()
+            .map(|(_, expr)| expr.replace("{row}", alias))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn column_list(&self) -> String {
+        self.columns
+            .iter()
+            .map(|(c, _)| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn key_match(&self, shadow_alias: &str, other_alias: &str) -> String {
+        self.key
+            .iter()
+            .map(|k| {
+                let expr = self
+                    .columns
+                    .iter()
+                    .find(|(c, _)| c == k)
+                    .map(|(_, e)| e.replace("{row}", other_alias))
+                    .unwrap_or_else(|| format!("{other_alias}.{}", quote_ident(k)));
+                format!(
+                    "{shadow_alias}.{} IS NOT DISTINCT FROM {expr}",
+                    quote_ident(k)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    /// `INSERT INTO shadow (…) SELECT … FROM <from> <alias>`.
+    fn insert_from(&self, from: &str, alias: &str) -> String {
+        format!(
+            "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {from} {alias}",
+            quote_qualified("public", &self.shadow),
+            self.column_list(),
+            self.select_list(alias)
+        )
+    }
+
+    /// The trigger function, the triggers on the live table and the initial copy, to run in one
+    /// transaction (the caller sets a short lock_timeout and retries).
+    pub fn setup_sql(&self, migration_id: i64) -> Vec<String> {
+        let shadow = quote_qualified("public", &self.shadow);
+        let live = quote_qualified("public", &self.table);
+        let delete_old = format!(
+            "DELETE FROM {shadow} s USING pgzm_old o WHERE {}",
+            self.key_match("s", "o")
+        );
+        let insert_new = self.insert_from("pgzm_new", "n");
+        let body = format!(
+            "
+BEGIN
+    IF to_regclass({shadow_lit}) IS NULL THEN
+        RETURN NULL;
+    END IF;
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            {insert_new};
+        ELSIF TG_OP = 'UPDATE' THEN
+            {delete_old};
+            {insert_new};
+        ELSIF TG_OP = 'DELETE' THEN
+            {delete_old};
+        ELSIF TG_OP = 'TRUNCATE' THEN
+            DELETE FROM {shadow};
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        INSERT INTO pgzm.sync_errors (migration_id, table_name, operation, message)
+        VALUES ({migration_id}, {table_lit}, TG_OP, SQLERRM);
+        RAISE WARNING 'pg_zero_migration: mirroring % on table % into its shadow failed: %; the prepared migration will not swap until prepared again', TG_OP, {table_lit}, SQLERRM;
+    END;
+    RETURN NULL;
+END",
+            shadow_lit = quote_literal(&shadow),
+            table_lit = quote_literal(&self.table),
+        );
+        let mut out = vec![format!(
+            "CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS {}",
+            self.function,
+            dollar_quote(&body)
+        )];
+        for (name, timing) in TRIGGERS {
+            out.push(format!(
+                "CREATE TRIGGER {} {} EXECUTE FUNCTION {}()",
+                quote_ident(name),
+                timing.replace("{T}", &live),
+                self.function
+            ));
+        }
+        out.push(format!("DELETE FROM {shadow}"));
+        out.push(self.insert_from(&live, "l"));
+        out
+    }
+
+    /// Statements of the swap transaction that end the sync: drop the triggers and function.
+    pub fn teardown_sql(&self, live_name: &str) -> Vec<String> {
+        let mut out: Vec<String> = TRIGGERS
+            .iter()
+            .map(|(name, _)| {
+                format!(
+                    "DROP TRIGGER IF EXISTS {} ON {}",
+                    quote_ident(name),
+                    quote_qualified("public", live_name)
+                )
+            })
+            .collect();
+        out.push(format!("DROP FUNCTION IF EXISTS {}()", self.function));
+        out
+    }
+
+    /// Statements of the swap transaction (after the renames) that set each sequence of the
+    /// new table past both its rows and the live sequence at this instant.
+    pub fn sequence_sql(&self) -> Vec<String> {
+        self.sequences
+            .iter()
+            .map(|(seq, column, live_backup)| {
+                let live_value = live_backup
+                    .as_ref()
+                    .map(|b| format!(", (SELECT last_value FROM {})", quote_qualified("public", b)))
+                    .unwrap_or_default();
+                format!(
+                    "SELECT setval({}::regclass, greatest((SELECT max({})::int8 FROM {}){live_value}, 1))",
+                    quote_literal(&quote_qualified("public", seq)),
+                    quote_ident(column),
+                    quote_qualified("public", &self.table)
+                )
+            })
+            .collect()
+    }
+}
+
+fn dollar_quote(body: &str) -> String {
+    let mut tag = String::from("$pgzm$");
+    let mut n = 0;
+    while body.contains(&tag) {
+        n += 1;
+        tag = format!("$pgzm{n}$");
+    }
+    format!("{tag}{body}{tag}")
+}
+
+/// Plans the preserved tables, or says why one cannot be preserved.
+pub fn plan(
+    names: &[String],
+    migration_id: i64,
+    source: &SourceSchema,
+    live: &BTreeMap<String, LiveShape>,
+    renames: &Renames,
+    live_backup_of: impl Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+) -> Vec<PreservedTable> {
+    let mut out = Vec::new();
+    for (n, name) in names.iter().enumerate() {
+        let Some(table) = source.table(name) else {
+            problems.push(format!(
+                "preserved table \"{name}\" does not exist in the source: check --preserved-tables"
+            ));
+            continue;
+        };
+        let Some(shape) = live.get(name) else {
+            problems.push(format!("preserved table \"{name}\" does not exist in the destination: check --preserved-tables"));
+            continue;
+        };
+        if shape.key.is_empty() {
+            problems.push(format!(
+                "preserved table \"{name}\" has no primary key in the destination: its rows cannot be kept in sync; add one"
+            ));
+            continue;
+        }
+        let columns = column_mapping(table, shape, source, renames);
+        if let Some(missing) = shape
+            .key
+            .iter()
+            .find(|k| !columns.iter().any(|(c, _)| c == *k))
+        {
+            problems.push(format!(
+                "preserved table \"{name}\": primary key column \"{missing}\" does not exist in the source's definition"
+            ));
+            continue;
+        }
+        let sequences = source
+            .sequences
+            .iter()
+            .filter_map(|s| {
+                let (t, c) = s.owned_by.as_ref()?;
+                (t == name).then(|| {
+                    let live_seq = shape
+                        .sequences
+                        .iter()
+                        .find(|(col, _)| col == c)
+                        .map(|(_, seq)| seq.as_str());
+                    (
+                        s.name.clone(),
+                        c.clone(),
+                        live_seq.and_then(&live_backup_of),
+                    )
+                })
+            })
+            .collect();
+        out.push(PreservedTable {
+            table: name.clone(),
+            shadow: renames.get(name).unwrap_or(name).to_string(),
+            columns,
+            key: shape.key.clone(),
+            function: quote_qualified("pgzm", &format!("sync_{migration_id}_{n}")),
+            sequences,
+        });
+    }
+    out
+}
+
+/// Columns of the source definition that the live table also has, with the expression that
+/// converts a live value to the shadow column's type (user enums and domains go through text,
+/// since the shadow has its own copy of the type).
+fn column_mapping(
+    table: &Table,
+    shape: &LiveShape,
+    source: &SourceSchema,
+    renames: &Renames,
+) -> Vec<(String, String)> {
+    table
+        .columns
+        .iter()
+        .filter(|c| c.generated.is_none() && shape.columns.contains(&c.name))
+        .map(|c| {
+            let user_type = source
+                .types
+                .iter()
+                .any(|t| t.oid == c.type_oid || (c.elem_type_oid != 0 && t.oid == c.elem_type_oid));
+            let col = quote_ident(&c.name);
+            let expr = if user_type {
+                format!("{{row}}.{col}::text::{}", renames.apply(&c.type_sql))
+            } else {
+                format!("{{row}}.{col}")
+            };
+            (c.name.clone(), expr)
+        })
+        .collect()
+}

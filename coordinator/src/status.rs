@@ -1,0 +1,315 @@
+//! `pgzm status`: where the newest migration of a destination stands, and whether it is safe to
+//! swap. Also the shadow-set checks the swap runs before it starts.
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::conninfo::DbUrl;
+use crate::error::CoordinatorError;
+use crate::plan::Plan;
+use crate::preserve::TRIGGERS;
+use crate::state::{self, RecordedObjects};
+
+/// A shadow table and its rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShadowTable {
+    /// Live name.
+    pub table: String,
+    /// Shadow name.
+    pub shadow: String,
+    /// Whether it exists (with the recorded oid).
+    pub present: bool,
+    /// Rows now in the shadow table.
+    pub rows: Option<i64>,
+    /// Rows expected: copied from the source snapshot, or (preserved) now in the live table.
+    pub expected_rows: Option<i64>,
+    /// Whether the table is preserved.
+    pub preserved: bool,
+}
+
+/// A sync trigger on a preserved live table.
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncTrigger {
+    /// Live table.
+    pub table: String,
+    /// Trigger name.
+    pub trigger: String,
+    /// Present.
+    pub present: bool,
+    /// Enabled.
+    pub enabled: bool,
+}
+
+/// A failed mirror of a write to a preserved table.
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncError {
+    /// Live table.
+    pub table: String,
+    /// INSERT, UPDATE, DELETE or TRUNCATE.
+    pub operation: String,
+    /// Error message.
+    pub message: String,
+    /// When.
+    pub at: String,
+}
+
+/// The status document.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// none, preparing, prepared, swapping, swapped, failed, rolled_back.
+    pub state: String,
+    /// Migration id (ms since the epoch).
+    pub migration_id: Option<i64>,
+    /// Seconds since the migration was created.
+    pub age_seconds: Option<f64>,
+    /// Source of the migration (`user@host:port/db`).
+    pub source: Option<String>,
+    /// Created / prepared / swapped timestamps.
+    pub created_at: Option<String>,
+    /// When prepared.
+    pub prepared_at: Option<String>,
+    /// When swapped.
+    pub swapped_at: Option<String>,
+    /// Migrated tables.
+    pub tables: Vec<String>,
+    /// Preserved tables.
+    pub preserved_tables: Vec<String>,
+    /// Shadow tables (while prepared).
+    pub shadow_tables: Vec<ShadowTable>,
+    /// Sync triggers (while prepared).
+    pub sync_triggers: Vec<SyncTrigger>,
+    /// Failed mirrors.
+    pub sync_errors: Vec<SyncError>,
+    /// Whether its backup set exists.
+    pub backup_present: bool,
+    /// Whether `pgzm swap` would go ahead.
+    pub safe_to_swap: bool,
+    /// Why not.
+    pub problems: Vec<String>,
+    /// Recorded error of a failed migration.
+    pub error: Option<String>,
+}
+
+async fn oid_of(client: &Client, name: &str) -> Result<Option<u32>, CoordinatorError> {
+    let row = client
+        .query_opt(
+            "SELECT oid FROM pg_class WHERE relname = $1 AND relnamespace = 'public'::regnamespace",
+            &[&name],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("inspect shadow tables", &e))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+async fn triggers_of(client: &Client, plan: &Plan) -> Result<Vec<SyncTrigger>, CoordinatorError> {
+    let mut out = Vec::new();
+    for p in &plan.preserved {
+        for (name, _) in TRIGGERS {
+            let row = client
+                .query_opt(
+                    "SELECT t.tgenabled <> 'D' FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+                     WHERE c.relnamespace = 'public'::regnamespace AND c.relname = $1 AND t.tgname = $2",
+                    &[&p.table, &name],
+                )
+                .await
+                .map_err(|e| CoordinatorError::destination("inspect sync triggers", &e))?;
+            out.push(SyncTrigger {
+                table: p.table.clone(),
+                trigger: name.to_string(),
+                present: row.is_some(),
+                enabled: row.map(|r| r.get(0)).unwrap_or(false),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Reasons the prepared shadow set cannot be swapped: a shadow table missing or replaced, a
+/// sync trigger missing or disabled, a failed mirror.
+pub async fn shadow_problems(
+    client: &Client,
+    plan: &Plan,
+    objects: &RecordedObjects,
+) -> Result<Vec<String>, CoordinatorError> {
+    let mut problems = Vec::new();
+    for t in &plan.tables {
+        let recorded = objects
+            .tables
+            .iter()
+            .find(|(n, _)| n == &t.shadow)
+            .map(|(_, o)| *o);
+        if recorded.is_none() || oid_of(client, &t.shadow).await? != recorded {
+            problems.push(format!(
+                "shadow table \"{}\" is missing or was replaced",
+                t.shadow
+            ));
+        }
+    }
+    for tg in triggers_of(client, plan).await? {
+        if !tg.present || !tg.enabled {
+            problems.push(format!(
+                "sync trigger \"{}\" on \"{}\" is {}",
+                tg.trigger,
+                tg.table,
+                if tg.present { "disabled" } else { "missing" }
+            ));
+        }
+    }
+    if !plan.preserved.is_empty() {
+        let errors = state::sync_errors(client, plan.migration_id).await?;
+        if let Some((table, op, message, at)) = errors.first() {
+            problems.push(format!(
+                "{} write(s) to preserved tables could not be mirrored (first: {op} on \"{table}\" at {at}: {message})",
+                errors.len()
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        problems.push(format!(
+            "the prepared migration {} is damaged; nothing was changed: run `pgzm prepare --force` again",
+            plan.migration_id
+        ));
+    }
+    Ok(problems)
+}
+
+async fn count(client: &Client, table: &str) -> Result<i64, CoordinatorError> {
+    let sql = format!(
+        "SELECT count(*) FROM {}",
+        pgzm_agent::sql::quote_qualified("public", table)
+    );
+    let row = client
+        .query_one(&sql, &[])
+        .await
+        .map_err(|e| CoordinatorError::destination(format!("count rows of \"{table}\""), &e))?;
+    Ok(row.get(0))
+}
+
+/// Reads the status of the newest migration of the destination.
+pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
+    let client = destination.connect("pgzm-status").await?;
+    let mut s = Status {
+        state: "none".into(),
+        migration_id: None,
+        age_seconds: None,
+        source: None,
+        created_at: None,
+        prepared_at: None,
+        swapped_at: None,
+        tables: Vec::new(),
+        preserved_tables: Vec::new(),
+        shadow_tables: Vec::new(),
+        sync_triggers: Vec::new(),
+        sync_errors: Vec::new(),
+        backup_present: false,
+        safe_to_swap: false,
+        problems: Vec::new(),
+        error: None,
+    };
+    let Some(row) = state::load(&client, None).await? else {
+        s.problems.push("nothing prepared".into());
+        return Ok(s);
+    };
+    let run_active: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
+                             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                             AND ((classid::int8 << 32) | objid::int8) = $1)",
+            &[&state::LOCK_KEY],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("inspect pg_locks", &e))?
+        .get(0);
+    s.state = match row.status.as_str() {
+        "prepared" if run_active => "swapping".into(),
+        other => other.to_string(),
+    };
+    s.migration_id = Some(row.id);
+    s.age_seconds = Some(row.age_seconds);
+    s.source = Some(row.source.clone());
+    s.created_at = Some(row.created_at.clone());
+    s.prepared_at = row.prepared_at.clone();
+    s.swapped_at = row.swapped_at.clone();
+    s.tables = row.plan.tables.iter().map(|t| t.name.clone()).collect();
+    s.preserved_tables = row.plan.preserved.iter().map(|p| p.table.clone()).collect();
+    s.backup_present = row.backup_present;
+    s.error = row.error.clone();
+    if row.status == "preparing" && !run_active {
+        s.problems.push("this run was interrupted: the next `pgzm prepare` or `pgzm start` removes its shadow objects".into());
+    }
+    if row.status != "prepared" {
+        if row.status != "preparing" {
+            s.problems.push(format!(
+                "nothing prepared (the newest migration is {})",
+                row.status
+            ));
+        }
+        return Ok(s);
+    }
+    let copied: Vec<crate::migrate::TableReport> = row
+        .stats
+        .as_ref()
+        .and_then(|st| st.get("tables"))
+        .and_then(|t| serde_json::from_value(t.clone()).ok())
+        .unwrap_or_default();
+    for t in &row.plan.tables {
+        let recorded = row
+            .objects
+            .tables
+            .iter()
+            .find(|(n, _)| n == &t.shadow)
+            .map(|(_, o)| *o);
+        let present = recorded.is_some() && oid_of(&client, &t.shadow).await? == recorded;
+        let preserved = row.plan.is_preserved(&t.name);
+        let rows = if present {
+            Some(count(&client, &t.shadow).await?)
+        } else {
+            None
+        };
+        let expected_rows = if preserved {
+            Some(count(&client, &t.name).await?)
+        } else {
+            copied
+                .iter()
+                .find(|c| c.table == t.name)
+                .map(|c| c.rows as i64)
+        };
+        if present && rows != expected_rows {
+            s.problems.push(format!(
+                "shadow table \"{}\" has {} rows, expected {}",
+                t.shadow,
+                rows.unwrap_or(0),
+                expected_rows
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "?".into())
+            ));
+        }
+        s.shadow_tables.push(ShadowTable {
+            table: t.name.clone(),
+            shadow: t.shadow.clone(),
+            present,
+            rows,
+            expected_rows,
+            preserved,
+        });
+    }
+    s.sync_triggers = triggers_of(&client, &row.plan).await?;
+    s.sync_errors = state::sync_errors(&client, row.id)
+        .await?
+        .into_iter()
+        .map(|(table, operation, message, at)| SyncError {
+            table,
+            operation,
+            message,
+            at,
+        })
+        .collect();
+    s.problems
+        .extend(shadow_problems(&client, &row.plan, &row.objects).await?);
+    s.safe_to_swap = s.problems.is_empty() && s.state == "prepared";
+    if s.state == "swapping" {
+        s.problems
+            .push("a pgzm run holds this destination right now".into());
+    }
+    Ok(s)
+}

@@ -1,0 +1,333 @@
+//! Black-box tests of the real `pgzm` binary against throwaway PostgreSQL servers: the `--json`
+//! contract, one-line user errors that never echo a password, environment fallbacks, and a
+//! `kill -9` in the middle of the copy followed by a successful rerun.
+
+use std::collections::BTreeMap;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use pgzm_tests::inspect::{self, TableChecksum};
+use pgzm_tests::{PgCluster, TestDb};
+use tokio::process::Command;
+
+/// A password that must never be printed.
+const SECRET: &str = "Sup3rSecret";
+/// A URL with that password, pointing at a port where nothing listens.
+const UNREACHABLE: &str = "postgres://postgres:Sup3rSecret@127.0.0.1:1/db";
+/// Longest any wait on the servers may take before the test fails.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// `pgzm` with a clean environment: none of the URL variables it falls back to.
+fn pgzm() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgzm"));
+    for var in [
+        "SOURCE_DATABASE_URL",
+        "DEST_DATABASE_URL",
+        "DATABASE_URL",
+        "PRESERVED_TABLES",
+        "PGZM_LOG",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    cmd
+}
+
+async fn output(cmd: &mut Command) -> Output {
+    cmd.output().await.expect("run pgzm")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The simple fixture: source data on the source server, "production" data on the other.
+async fn simple_pair(label: &str) -> (TestDb, TestDb) {
+    let (src_cluster, dst_cluster) = PgCluster::shared_pair();
+    let source = TestDb::create(src_cluster, &format!("{label}_src"))
+        .await
+        .expect("create source db");
+    let dest = TestDb::create(dst_cluster, &format!("{label}_dst"))
+        .await
+        .expect("create dest db");
+    for (db, data) in [(&source, "source_data.sql"), (&dest, "dest_data.sql")] {
+        db.load_fixture("simple/schema.sql").await.expect("schema");
+        db.load_fixture(&format!("simple/{data}"))
+            .await
+            .expect("data");
+    }
+    (source, dest)
+}
+
+/// Checksums of the tables in `public`, without the `backup_` set.
+async fn live_sums(db: &TestDb) -> BTreeMap<String, TableChecksum> {
+    let c = db.connect().await.expect("connect");
+    let mut sums = inspect::table_checksums(&c).await.expect("checksums");
+    sums.retain(|t, _| !t.starts_with("backup_"));
+    sums
+}
+
+/// Relations and types in `public` named `shadow_…` (or `_shadow_…` array types).
+async fn shadow_objects(db: &TestDb) -> Vec<String> {
+    let c = db.connect().await.expect("connect");
+    c.query(
+        "SELECT relname::text FROM pg_class \
+           WHERE relnamespace = 'public'::regnamespace AND relname LIKE 'shadow\\_%' \
+         UNION ALL \
+         SELECT typname::text FROM pg_type WHERE typnamespace = 'public'::regnamespace \
+           AND (typname LIKE 'shadow\\_%' OR typname LIKE '\\_shadow\\_%') ORDER BY 1",
+        &[],
+    )
+    .await
+    .expect("list shadow objects")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Number of sessions on `db` with `application_name`, optionally only those waiting on a lock.
+async fn sessions(db: &TestDb, application_name: &str, waiting_on_lock: bool) -> i64 {
+    let c = db.connect().await.expect("connect monitor");
+    c.query_one(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = $2 \
+         AND (NOT $3 OR wait_event_type = 'Lock')",
+        &[&db.name(), &application_name, &waiting_on_lock],
+    )
+    .await
+    .expect("poll pg_stat_activity")
+    .get(0)
+}
+
+/// Polls until `condition` holds, failing the test after [`DEADLINE`].
+async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !condition().await {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_report_is_one_document_on_stdout() {
+    let (source, dest) = simple_pair("cli_json").await;
+    let out = output(pgzm().args([
+        "start",
+        "--json",
+        "--jobs",
+        "2",
+        "--source",
+        &source.url(),
+        "--dest",
+        &dest.url(),
+    ]))
+    .await;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "pgzm failed: {stderr}");
+
+    let documents: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&stdout)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"));
+    assert_eq!(documents.len(), 1, "stdout: {stdout}");
+    let report = &documents[0];
+    assert!(report["migration_id"].as_i64().is_some(), "{report}");
+    assert_eq!(report["rows"].as_u64(), Some(6), "{report}");
+    assert_eq!(
+        report["tables"].as_array().map(Vec::len),
+        Some(3),
+        "{report}"
+    );
+    let lock_held_us = report["swap"]["lock_held_us"]
+        .as_i64()
+        .expect("lock_held_us");
+    assert!(lock_held_us >= 0, "{report}");
+    eprintln!("pgzm --json: swap held its locks {lock_held_us} us");
+    assert!(!stderr.trim().is_empty(), "logs go to stderr");
+
+    assert_eq!(live_sums(&dest).await, live_sums(&source).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_errors_are_one_line_without_secrets() {
+    let (_, dest) = simple_pair("cli_errors").await;
+    let bad_url = "postgres://postgres:Sup3rSecret@127.0.0.1:notaport/db";
+    let dest_url = dest.url();
+    let cases: [(&str, Vec<&str>, &str); 4] = [
+        (
+            "bad URL",
+            vec!["--source", bad_url, "--dest", &dest_url],
+            "invalid source database URL",
+        ),
+        (
+            "missing --dest",
+            vec!["--source", UNREACHABLE],
+            "no destination database",
+        ),
+        (
+            "unreachable server",
+            vec!["--source", UNREACHABLE, "--dest", &dest_url],
+            "cannot connect to the source database",
+        ),
+        (
+            "same database",
+            vec!["--source", UNREACHABLE, "--dest", UNREACHABLE],
+            "same database",
+        ),
+    ];
+    for (case, args, expected) in cases {
+        let out = output(pgzm().arg("-q").arg("start").args(&args)).await;
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        eprintln!("{case}: {}", stderr.trim_end());
+        assert!(!out.status.success(), "{case}: exit status {}", out.status);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{case}: stderr: {stderr}");
+        assert!(lines[0].starts_with("pgzm: error: "), "{case}: {stderr}");
+        assert!(lines[0].contains(expected), "{case}: {stderr}");
+        assert!(stdout.trim().is_empty(), "{case}: stdout: {stdout}");
+        assert!(
+            !stdout.contains(SECRET) && !stderr.contains(SECRET),
+            "{case}: the password was printed"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_fallbacks() {
+    let (source, dest) = simple_pair("cli_env").await;
+    // DATABASE_URL as the destination.
+    let out = output(
+        pgzm()
+            .args(["start", "--dry-run"])
+            .env("SOURCE_DATABASE_URL", source.url())
+            .env("DATABASE_URL", dest.url()),
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("Dry run"),
+        "{}",
+        text(&out.stdout)
+    );
+    // DEST_DATABASE_URL wins over DATABASE_URL.
+    let out = output(
+        pgzm()
+            .args(["start", "--dry-run"])
+            .env("SOURCE_DATABASE_URL", source.url())
+            .env("DEST_DATABASE_URL", dest.url())
+            .env("DATABASE_URL", UNREACHABLE),
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(!all.contains(SECRET), "the password was printed");
+    // A dry run writes nothing.
+    let c = dest.connect().await.expect("connect");
+    let pgzm_schema: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'pgzm'",
+            &[],
+        )
+        .await
+        .expect("query")
+        .get(0);
+    assert_eq!(pgzm_schema, 0, "a dry run created the metadata schema");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_copy_then_rerun_succeeds() {
+    let (source, dest) = simple_pair("cli_kill").await;
+    let dest_before = live_sums(&dest).await;
+    let dst = dest.connect().await.expect("connect dest");
+    let signature_before = inspect::catalog_signature(&dst, None)
+        .await
+        .expect("signature");
+
+    // Hold the copy of "Comment" back: the agent's COPY waits on this lock.
+    let blocker = source.connect().await.expect("connect blocker");
+    blocker
+        .batch_execute(r#"BEGIN; LOCK TABLE "Comment" IN ACCESS EXCLUSIVE MODE"#)
+        .await
+        .expect("lock Comment");
+    let mut child = pgzm()
+        .args(["-q", "start", "--jobs", "2", "--source", &source.url()])
+        .args(["--dest", &dest.url()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn pgzm");
+    let started = Instant::now();
+    while sessions(&source, "pgzm-agent", true).await == 0 {
+        if let Some(status) = child.try_wait().expect("poll pgzm") {
+            panic!("pgzm exited ({status}) before its copy blocked");
+        }
+        if started.elapsed() >= DEADLINE {
+            let c = source.connect().await.expect("connect");
+            let rows = c
+                .query(
+                    "SELECT format('%s %s/%s: %s', application_name, wait_event_type, wait_event, \
+                     query) FROM pg_stat_activity WHERE datname = $1",
+                    &[&source.name()],
+                )
+                .await
+                .expect("list sessions");
+            let list: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            panic!("the copy never waited on the lock; source sessions: {list:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().await.expect("kill -9 pgzm");
+
+    assert_eq!(
+        live_sums(&dest).await.len(),
+        dest_before.len() + 3,
+        "shadow tables expected"
+    );
+    let mut live = live_sums(&dest).await;
+    live.retain(|t, _| !t.starts_with("shadow_"));
+    assert_eq!(live, dest_before, "live tables changed");
+    assert_eq!(
+        inspect::catalog_signature(&dst, None)
+            .await
+            .expect("signature"),
+        signature_before
+    );
+    let left = shadow_objects(&dest).await;
+    assert!(
+        left.iter().any(|o| o == "shadow_Comment"),
+        "a killed run leaves its shadow objects: {left:?}"
+    );
+
+    blocker.batch_execute("ROLLBACK").await.expect("unlock");
+    // The killed process's sessions end once the server notices the closed sockets.
+    wait_until("the killed run's sessions are gone", || async {
+        sessions(&dest, "pgzm-coordinator", false).await
+            + sessions(&dest, "pgzm-agent", false).await
+            == 0
+    })
+    .await;
+    let out = output(pgzm().args([
+        "start",
+        "--jobs",
+        "2",
+        "--source",
+        &source.url(),
+        "--dest",
+        &dest.url(),
+    ]))
+    .await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "rerun failed: {}", text(&out.stderr));
+    assert!(
+        stdout.contains("cleaned up from an interrupted run"),
+        "{stdout}"
+    );
+    assert_eq!(live_sums(&dest).await, live_sums(&source).await);
+    assert_eq!(shadow_objects(&dest).await, Vec::<String>::new());
+}
