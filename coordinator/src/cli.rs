@@ -39,6 +39,72 @@ pub enum Command {
     Swap(SwapArgs),
     /// Show where the newest migration stands and whether it is safe to swap.
     Status(StatusArgs),
+    /// List backup sets with timestamp, tables, rows and sizes.
+    List(StatusArgs),
+    /// Check that a backup set is complete and consistent (exit 1 when not).
+    Verify(VerifyArgs),
+    /// Swap a backup set back in (one transaction); the backup set is consumed.
+    Rollback(RollbackArgs),
+    /// Drop backup sets older than a date.
+    Cleanup(CleanupArgs),
+}
+
+/// Arguments of `pgzm verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Destination.
+    #[command(flatten)]
+    pub dest: DestArg,
+    /// Backup set (its timestamp, as `list` shows); default: the newest.
+    #[arg(long)]
+    pub timestamp: Option<i64>,
+    /// Print the result as one JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `pgzm rollback`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["latest", "timestamp"])))]
+pub struct RollbackArgs {
+    /// Destination.
+    #[command(flatten)]
+    pub dest: DestArg,
+    /// Restore the newest backup set.
+    #[arg(long)]
+    pub latest: bool,
+    /// Restore the backup set with this timestamp.
+    #[arg(long)]
+    pub timestamp: Option<i64>,
+    /// Tables that keep their current live data, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub keep_tables: Vec<String>,
+    /// Print the rollback transaction, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the result as one JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Lock behaviour.
+    #[command(flatten)]
+    pub locks: LockArgs,
+}
+
+/// Arguments of `pgzm cleanup`.
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// Destination.
+    #[command(flatten)]
+    pub dest: DestArg,
+    /// Drop backup sets older than this: YYYY-MM-DD, "YYYY-MM-DD HH:MM" (UTC) or epoch ms.
+    #[arg(long)]
+    pub before: String,
+    /// List what would be dropped, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the result as one JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Destination URL argument with its environment fallbacks.
@@ -130,6 +196,13 @@ pub struct PrepareArgs {
     /// maintenance_work_mem for index builds on the destination.
     #[arg(long, default_value = "256MB")]
     pub maintenance_work_mem: String,
+    /// Write the migration log here (start only; default:
+    /// ./migration_<time>_<source db>_to_<dest db>.log).
+    #[arg(long)]
+    pub log_file: Option<std::path::PathBuf>,
+    /// Do not write a migration log file.
+    #[arg(long, conflicts_with = "log_file")]
+    pub no_log_file: bool,
 }
 
 /// Arguments of `pgzm swap`.
@@ -208,6 +281,19 @@ impl PrepareArgs {
             },
             preserved: crate::prepare::preserved_names(&self.preserved_tables),
             force: self.force,
+        })
+    }
+}
+
+impl RollbackArgs {
+    /// Validates the arguments into rollback options.
+    pub fn to_options(&self) -> Result<crate::rollback::RollbackOptions, CoordinatorError> {
+        Ok(crate::rollback::RollbackOptions {
+            destination: self.dest.url()?,
+            migration_id: if self.latest { None } else { self.timestamp },
+            keep_tables: self.keep_tables.clone(),
+            dry_run: self.dry_run,
+            locks: self.locks.settings()?,
         })
     }
 }

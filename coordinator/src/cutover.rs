@@ -61,9 +61,31 @@ pub async fn swap_prepared(
     report
         .warnings
         .extend(swap::validate_repointed(control, plan).await);
+    // The backup tables are frozen from now on: their row counts are what `verify` checks.
+    let mut backup_rows = serde_json::Map::new();
+    for m in plan
+        .to_backup
+        .iter()
+        .filter(|m| m.kind == crate::plan::ObjectKind::Table)
+    {
+        let sql = format!(
+            "SELECT count(*) FROM {}",
+            pgzm_agent::sql::quote_qualified("public", &m.to)
+        );
+        match control.query_one(&sql, &[]).await {
+            Ok(r) => {
+                backup_rows.insert(m.from.clone(), serde_json::json!(r.get::<_, i64>(0)));
+            }
+            Err(e) => report.warnings.push(format!(
+                "could not count the rows of backup table \"{}\": {}",
+                m.to,
+                pgzm_agent::pg::describe(&e)
+            )),
+        }
+    }
     let stats = serde_json::json!({
         "tables": report.tables, "rows": report.rows, "bytes": report.bytes,
-        "swap": outcome, "phases": phases.0,
+        "swap": outcome, "phases": phases.0, "backup_rows": backup_rows,
     });
     if let Err(e) =
         state::set_status(control, plan.migration_id, "swapped", Some(&stats), None).await
@@ -86,22 +108,23 @@ pub async fn swap_command(opts: SwapOptions) -> Result<Report, CoordinatorError>
         .batch_execute("SET search_path = pg_catalog")
         .await
         .map_err(|e| CoordinatorError::destination("set search_path", &e))?;
-    let row =
-        match (
-            state::load(&control, opts.migration_id).await?,
-            opts.migration_id,
-        ) {
-            (Some(row), _) => row,
-            (None, Some(id)) => {
-                return Err(CoordinatorError::Refused(vec![format!(
-                    "no migration {id} in this destination: see `pgzm status`"
-                )]))
-            }
-            (None, None) => return Err(CoordinatorError::Refused(vec![
+    let row = match (
+        state::load(&control, opts.migration_id).await?,
+        opts.migration_id,
+    ) {
+        (Some(row), _) => row,
+        (None, Some(id)) => {
+            return Err(CoordinatorError::Refused(vec![format!(
+                "no migration {id} in this destination: see `pgzm status`"
+            )]))
+        }
+        (None, None) => {
+            return Err(CoordinatorError::Refused(vec![
                 "nothing prepared in this destination (no shadow tables): run `pgzm prepare` first"
                     .into(),
-            ])),
-        };
+            ]))
+        }
+    };
     match row.status.as_str() {
         "prepared" => {}
         "swapped" => {

@@ -102,6 +102,8 @@ pub struct Destination {
     pub tables: BTreeMap<String, LiveTable>,
     /// Views by name.
     pub views: BTreeMap<String, LiveView>,
+    /// Materialized views by name: (oid, relations they read).
+    pub materialized_views: BTreeMap<String, (Oid, BTreeSet<Oid>)>,
     /// Names of every relation (table, index, sequence, view…) in `public`.
     pub relation_names: BTreeSet<String>,
     /// Names of every type in `public` (array types excluded).
@@ -125,7 +127,7 @@ pub struct Destination {
 
 const TABLES: &str = "
 SELECT c.oid, c.relname::text, pg_get_userbyid(c.relowner)::text, c.relrowsecurity, c.relforcerowsecurity,
-       ARRAY(SELECT coalesce(NULLIF(pg_get_userbyid(a.grantee)::text, '-'), '') || '|' || a.privilege_type || '|' || a.is_grantable::text
+       ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
              FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner),
        ARRAY(SELECT i.relname::text FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = c.oid ORDER BY 1),
        ARRAY(SELECT s.relname::text FROM pg_depend d JOIN pg_class s ON s.oid = d.objid
@@ -137,7 +139,7 @@ WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
 
 const COLUMN_GRANTS: &str = "
 SELECT a.attrelid, a.attname::text,
-       coalesce(NULLIF(pg_get_userbyid(x.grantee)::text, '-'), ''), x.privilege_type, x.is_grantable
+       CASE WHEN x.grantee = 0 THEN '' ELSE pg_get_userbyid(x.grantee)::text END, x.privilege_type, x.is_grantable
 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid, aclexplode(a.attacl) x
 WHERE c.relnamespace = 'public'::regnamespace AND a.attacl IS NOT NULL AND a.attnum > 0 AND NOT a.attisdropped";
 
@@ -153,25 +155,30 @@ const RELATION_NAMES: &str =
 
 const TYPES: &str = "
 SELECT t.typname::text, pg_get_userbyid(t.typowner)::text,
-       ARRAY(SELECT coalesce(NULLIF(pg_get_userbyid(a.grantee)::text, '-'), '') || '|' || a.privilege_type || '|' || a.is_grantable::text
+       ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
              FROM aclexplode(t.typacl) a WHERE a.grantee <> t.typowner)
 FROM pg_type t
 WHERE t.typnamespace = 'public'::regnamespace AND t.typcategory <> 'A'";
 
 const SEQUENCE_ACL: &str = "
 SELECT c.relname::text, pg_get_userbyid(c.relowner)::text,
-       ARRAY(SELECT coalesce(NULLIF(pg_get_userbyid(a.grantee)::text, '-'), '') || '|' || a.privilege_type || '|' || a.is_grantable::text
+       ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
              FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner)
 FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'S'";
 
 const VIEWS: &str = "
 SELECT c.oid, c.relname::text, pg_get_viewdef(c.oid), coalesce(c.reloptions, '{}')::text[],
        pg_get_userbyid(c.relowner)::text,
-       ARRAY(SELECT coalesce(NULLIF(pg_get_userbyid(a.grantee)::text, '-'), '') || '|' || a.privilege_type || '|' || a.is_grantable::text
+       ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
              FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner),
        obj_description(c.oid, 'pg_class')
 FROM pg_class c
 WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'v'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
+
+const MATERIALIZED_VIEWS: &str = "
+SELECT c.oid, c.relname::text FROM pg_class c
+WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'm'
   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
 
 const FOREIGN_KEYS: &str = "
@@ -192,10 +199,11 @@ fn parse_grants(items: Vec<String>) -> Vec<Grant> {
     items
         .into_iter()
         .filter_map(|item| {
-            let mut parts = item.splitn(3, '|');
-            let grantee = parts.next()?;
-            let privilege = parts.next()?.to_string();
+            // From the right: a role name may itself contain '|'.
+            let mut parts = item.rsplitn(3, '|');
             let grantable = parts.next()? == "true";
+            let privilege = parts.next()?.to_string();
+            let grantee = parts.next()?;
             let grantee = if grantee.is_empty() {
                 "PUBLIC".to_string()
             } else {
@@ -321,6 +329,15 @@ pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
             depends_on: deps.remove(&oid).unwrap_or_default(),
         };
         dest.views.insert(v.name.clone(), v);
+    }
+    for row in client
+        .query(MATERIALIZED_VIEWS, &[])
+        .await
+        .map_err(err("materialized views"))?
+    {
+        let oid: Oid = row.get(0);
+        let reads = deps.remove(&oid).unwrap_or_default();
+        dest.materialized_views.insert(row.get(1), (oid, reads));
     }
     for row in client
         .query(FOREIGN_KEYS, &[])

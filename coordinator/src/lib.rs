@@ -5,6 +5,7 @@
 //! default, over the gRPC contract of `pgzm-proto`), finishes the shadow tables, and swaps them
 //! in with one short transaction. See `ARCHITECTURE.md` for the map.
 
+pub mod backup;
 pub mod build;
 pub mod catalog;
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod cutover;
 pub mod ddl;
 pub mod destination;
 pub mod error;
+pub mod logfile;
 pub mod migrate;
 pub mod naming;
 pub mod output;
@@ -21,6 +23,7 @@ pub mod plan;
 pub mod prepare;
 pub mod preserve;
 pub mod rewrite;
+pub mod rollback;
 pub mod state;
 pub mod status;
 pub mod swap;

@@ -6,7 +6,7 @@ use clap::Parser;
 use pgzm_agent::service::AgentService;
 use pgzm_coordinator::cli::{Cli, Command};
 use pgzm_coordinator::migrate::StartOptions;
-use pgzm_coordinator::{cutover, migrate, output, prepare, status};
+use pgzm_coordinator::{backup, cutover, logfile, migrate, output, prepare, rollback, status};
 use pgzm_proto::agent::v1::agent_client::AgentClient;
 use tonic::transport::Channel;
 use tracing_subscriber::EnvFilter;
@@ -52,7 +52,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Start(args) => {
             let opts = args.to_options()?;
             let agent = in_process_agent(&opts).await?;
-            let report = migrate::start(opts, agent).await?;
+            let started = migrate::now_ms();
+            let mut phases = migrate::Phases(Vec::new());
+            let result = migrate::start_with_phases(opts.clone(), agent, &mut phases).await;
+            if !args.no_log_file {
+                let path = args
+                    .log_file
+                    .clone()
+                    .unwrap_or_else(|| logfile::default_path(started, &opts));
+                let text = logfile::render(
+                    &opts,
+                    started,
+                    migrate::now_ms(),
+                    &phases.0,
+                    result.as_ref(),
+                );
+                match logfile::write(&path, &text) {
+                    Ok(()) => tracing::info!(path = %path.display(), "migration log written"),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "could not write the migration log")
+                    }
+                }
+            }
+            let report = result?;
             print(args.json, &report, || output::human_report(&report))
         }
         Command::Prepare(args) => {
@@ -76,6 +98,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let dest = args.dest.url()?;
             let s = status::status(&dest).await?;
             print(args.json, &s, || output::human_status(&s))
+        }
+        Command::List(args) => {
+            let sets = backup::list(&args.dest.url()?).await?;
+            print(args.json, &sets, || output::human_list(&sets))
+        }
+        Command::Verify(args) => {
+            let v = backup::verify(&args.dest.url()?, args.timestamp).await?;
+            print(args.json, &v, || output::human_verify(&v))?;
+            if !v.valid {
+                anyhow::bail!(
+                    "backup set {} is not valid: {} check(s) failed",
+                    v.timestamp,
+                    v.checks.iter().filter(|c| !c.ok).count()
+                );
+            }
+            Ok(())
+        }
+        Command::Rollback(args) => {
+            let r = rollback::rollback(args.to_options()?).await?;
+            print(args.json, &r, || output::human_rollback(&r))
+        }
+        Command::Cleanup(args) => {
+            let before = backup::parse_before(&args.before)?;
+            let c = backup::cleanup(&args.dest.url()?, before, args.dry_run).await?;
+            print(args.json, &c, || output::human_cleanup(&c))
         }
     }
 }

@@ -139,6 +139,14 @@ impl Phases {
     }
 }
 
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Current time as RFC 3339 UTC with milliseconds (no date crate needed).
 pub fn now_rfc3339() -> String {
     let d = SystemTime::now()
@@ -208,13 +216,22 @@ pub async fn start(
     agent: AgentClient<Channel>,
 ) -> Result<Report, CoordinatorError> {
     let mut phases = Phases(Vec::new());
-    let Some(mut prepared) = prepare::prepare(&opts, agent, &mut phases).await? else {
+    start_with_phases(opts, agent, &mut phases).await
+}
+
+/// [`start`], leaving the phase timings in `phases` also when it fails (for the log file).
+pub async fn start_with_phases(
+    opts: StartOptions,
+    agent: AgentClient<Channel>,
+    phases: &mut Phases,
+) -> Result<Report, CoordinatorError> {
+    let Some(mut prepared) = prepare::prepare(&opts, agent, phases).await? else {
         return Err(CoordinatorError::Usage(
-            "internal: dry run returned no report".into(),
+            "internal: prepare returned no report".into(),
         ));
     };
     if prepared.report.dry_run {
-        prepared.report.phases = phases.0;
+        prepared.report.phases = phases.0.clone();
         return Ok(prepared.report);
     }
     let result = cutover::swap_prepared(
@@ -223,13 +240,13 @@ pub async fn start(
         &prepared.report.plan.clone(),
         &prepared.created,
         opts.swap,
-        &mut phases,
+        phases,
         &mut prepared.report,
     )
     .await;
     match result {
         Ok(()) => {
-            prepared.report.phases = phases.0;
+            prepared.report.phases = phases.0.clone();
             Ok(prepared.report)
         }
         Err(err) => {

@@ -5,7 +5,8 @@ use std::fmt::Write;
 use crate::migrate::Report;
 use crate::plan::Plan;
 
-fn size(bytes: i64) -> String {
+/// Bytes as a human-readable size.
+pub fn size(bytes: i64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
     let mut v = bytes.max(0) as f64;
     let mut u = 0;
@@ -245,5 +246,122 @@ pub fn human_status(st: &crate::status::Status) -> String {
             "NOT READY FOR SWAP"
         }
     );
+    s
+}
+
+/// Output of `pgzm list` (the original tool's columns).
+pub fn human_list(sets: &[crate::backup::BackupSet]) -> String {
+    let mut s = String::new();
+    if sets.is_empty() {
+        let _ = writeln!(s, "No backup sets found.");
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "{:<15}  {:<25}  {:>6}  {:>10}",
+        "Timestamp", "Created", "Tables", "Size"
+    );
+    for b in sets {
+        let _ = writeln!(
+            s,
+            "{:<15}  {:<25}  {:>6}  {:>10}",
+            b.timestamp, b.created, b.table_count, b.size
+        );
+        for t in &b.tables {
+            let _ = writeln!(
+                s,
+                "    {:<40} {:>12} rows  {:>10}",
+                t.backup,
+                t.rows
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|| "missing".into()),
+                t.bytes.map(size).unwrap_or_default()
+            );
+        }
+    }
+    s
+}
+
+/// Output of `pgzm verify`.
+pub fn human_verify(v: &crate::backup::Verification) -> String {
+    let mut s = String::new();
+    for c in &v.checks {
+        let _ = writeln!(
+            s,
+            "  [{}] {}{}",
+            if c.ok { "ok" } else { "FAILED" },
+            c.check,
+            c.detail
+                .as_ref()
+                .map(|d| format!(": {d}"))
+                .unwrap_or_default()
+        );
+    }
+    let _ = writeln!(
+        s,
+        "Backup set {} is {}",
+        v.timestamp,
+        if v.valid { "VALID" } else { "NOT VALID" }
+    );
+    s
+}
+
+/// Output of `pgzm rollback`.
+pub fn human_rollback(r: &crate::rollback::RollbackReport) -> String {
+    let mut s = String::new();
+    if r.dry_run {
+        let _ = writeln!(
+            s,
+            "Dry run: the rollback to backup set {} would run this transaction:",
+            r.timestamp
+        );
+        for st in &r.statements {
+            let _ = writeln!(s, "  {st};");
+        }
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "Rolled back to backup set {} ({} lock attempt(s)).",
+        r.timestamp, r.attempts
+    );
+    let _ = writeln!(s, "  restored: {}", r.restored.join(", "));
+    if !r.kept.is_empty() {
+        let _ = writeln!(s, "  kept with their current data: {}", r.kept.join(", "));
+    }
+    if !r.dropped.is_empty() {
+        let _ = writeln!(
+            s,
+            "  dropped (added by the migration): {}",
+            r.dropped.join(", ")
+        );
+    }
+    for w in &r.warnings {
+        let _ = writeln!(s, "warning: {w}");
+    }
+    s
+}
+
+/// Output of `pgzm cleanup`.
+pub fn human_cleanup(c: &crate::backup::Cleanup) -> String {
+    let mut s = String::new();
+    let verb = if c.dry_run { "Would drop" } else { "Dropped" };
+    if c.backup_sets.is_empty() {
+        let _ = writeln!(
+            s,
+            "No backup set older than {}.",
+            crate::migrate::rfc3339(c.before)
+        );
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "{verb} {} backup set(s): {:?}",
+        c.backup_sets.len(),
+        c.backup_sets
+    );
+    for o in &c.objects {
+        let _ = writeln!(s, "  {o}");
+    }
     s
 }

@@ -309,6 +309,7 @@ pub fn build(
     }
 
     let views = plan_views(source, dest, &tables, &mut to_backup, &mut warnings);
+    refuse_materialized_views(dest, &tables, &views, &mut problems);
 
     let mut to_live: Vec<Move> = tables
         .iter()
@@ -526,6 +527,55 @@ fn plan_views(
         }
     }
     out
+}
+
+/// A destination materialized view that reads a replaced table (directly or through views and
+/// other materialized views) would keep reading the backup after the swap and would block
+/// dropping that backup set later; pgzm does not rebuild materialized views, so the plan refuses.
+fn refuse_materialized_views(
+    dest: &Destination,
+    tables: &[TablePlan],
+    views: &[ViewPlan],
+    problems: &mut Vec<String>,
+) {
+    let mut replaced: BTreeMap<u32, String> = tables
+        .iter()
+        .filter_map(|t| dest.tables.get(&t.name))
+        .map(|t| (t.oid, t.name.clone()))
+        .chain(
+            views
+                .iter()
+                .filter_map(|v| dest.views.get(&v.name))
+                .map(|v| (v.oid, v.name.clone())),
+        )
+        .collect();
+    let mut found: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    loop {
+        let before = found.len();
+        for (name, (oid, reads)) in &dest.materialized_views {
+            if found.contains_key(name.as_str()) {
+                continue;
+            }
+            let hits: Vec<String> = reads
+                .iter()
+                .filter_map(|r| replaced.get(r))
+                .map(|n| format!("\"{n}\""))
+                .collect();
+            if !hits.is_empty() {
+                found.insert(name, hits);
+                replaced.insert(*oid, name.clone());
+            }
+        }
+        if found.len() == before {
+            break;
+        }
+    }
+    for (name, hits) in found {
+        problems.push(format!(
+            "destination materialized view \"{name}\" reads {} which the migration replaces: it would keep reading the old data and block dropping the backup later; pgzm does not rebuild materialized views, so drop it before the migration and recreate it afterwards",
+            hits.join(", ")
+        ));
+    }
 }
 
 /// Simulates every naming step on the destination's namespaces and reports collisions.

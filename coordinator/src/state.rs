@@ -65,13 +65,29 @@ pub struct RecordedObjects {
 }
 
 /// Takes the destination's run lock on this session; false when another run holds it.
+///
+/// A run that just ended (or was killed) releases the lock only when the server has noticed
+/// its closed connection, a moment after the process is gone; so a held lock is retried for
+/// [`LOCK_GRACE`] before another run is reported.
 pub async fn try_lock(client: &Client) -> Result<bool, CoordinatorError> {
-    let row = client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
-        .await
-        .map_err(|e| CoordinatorError::destination("take the pgzm run lock", &e))?;
-    Ok(row.get(0))
+    let started = std::time::Instant::now();
+    loop {
+        let row = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
+            .await
+            .map_err(|e| CoordinatorError::destination("take the pgzm run lock", &e))?;
+        if row.get(0) {
+            return Ok(true);
+        }
+        if started.elapsed() >= LOCK_GRACE {
+            return Ok(false);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
+
+/// How long [`try_lock`] waits for the lock of a run that is ending.
+pub const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Creates the metadata schema when missing.
 pub async fn ensure_schema(client: &impl GenericClient) -> Result<(), CoordinatorError> {

@@ -1,0 +1,494 @@
+//! Backup sets: `pgzm list`, `pgzm verify`, `pgzm cleanup`.
+//!
+//! A backup set is what a swap moved aside: the previous live tables (with their indexes,
+//! sequences, types and views) under `backup_` names, recorded in the migration's plan. The
+//! newest successful prepare replaces it; `rollback` consumes it.
+
+use pgzm_agent::sql::{quote_ident, quote_qualified};
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::conninfo::DbUrl;
+use crate::error::CoordinatorError;
+use crate::plan::{Move, ObjectKind};
+use crate::state::{self, MigrationRow};
+
+/// One table of a backup set.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupTable {
+    /// Name it had when live (and has again after a rollback).
+    pub name: String,
+    /// Backup name.
+    pub backup: String,
+    /// Whether the backup table exists.
+    pub present: bool,
+    /// Rows now (exact count).
+    pub rows: Option<i64>,
+    /// Rows recorded right after the swap.
+    pub rows_at_swap: Option<i64>,
+    /// Total size in bytes (table, indexes, TOAST).
+    pub bytes: Option<i64>,
+}
+
+/// One backup set, as `list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupSet {
+    /// Migration id (milliseconds since the epoch): the `--timestamp` of rollback and verify.
+    pub timestamp: i64,
+    /// When the swap that made it happened.
+    pub created: String,
+    /// Seconds since the swap.
+    pub age_seconds: f64,
+    /// Number of tables.
+    #[serde(rename = "tableCount")]
+    pub table_count: usize,
+    /// Total size, human readable.
+    pub size: String,
+    /// Total size in bytes.
+    pub bytes: i64,
+    /// Tables.
+    pub tables: Vec<BackupTable>,
+}
+
+/// Backup-set rows of `pgzm.migrations`, newest first.
+async fn backup_rows(client: &Client) -> Result<Vec<MigrationRow>, CoordinatorError> {
+    let mut out = Vec::new();
+    let mut ids = Vec::new();
+    if client
+        .query_one("SELECT to_regclass('pgzm.migrations') IS NOT NULL", &[])
+        .await
+        .map_err(|e| CoordinatorError::destination("read pgzm metadata", &e))?
+        .get::<_, bool>(0)
+    {
+        for row in client
+            .query(
+                "SELECT id FROM pgzm.migrations WHERE backup_present ORDER BY id DESC",
+                &[],
+            )
+            .await
+            .map_err(|e| CoordinatorError::destination("read pgzm metadata", &e))?
+        {
+            ids.push(row.get::<_, i64>(0));
+        }
+    }
+    for id in ids {
+        if let Some(row) = state::load(client, Some(id)).await? {
+            out.push(row);
+        }
+    }
+    Ok(out)
+}
+
+/// The backup set of migration `id`, or the newest; an error saying what exists when missing.
+pub async fn find(client: &Client, id: Option<i64>) -> Result<MigrationRow, CoordinatorError> {
+    let rows = backup_rows(client).await?;
+    let found = match id {
+        Some(id) => rows.into_iter().find(|r| r.id == id),
+        None => rows.into_iter().next(),
+    };
+    found.ok_or_else(|| {
+        CoordinatorError::Refused(vec![match id {
+            Some(id) => format!("no backup set with timestamp {id} in this destination: see `pgzm list`"),
+            None => "there is no backup set in this destination (nothing was swapped, or it was rolled back or cleaned up)".into(),
+        }])
+    })
+}
+
+fn recorded_rows(row: &MigrationRow, table: &str) -> Option<i64> {
+    row.stats.as_ref()?.get("backup_rows")?.get(table)?.as_i64()
+}
+
+async fn describe_set(client: &Client, row: &MigrationRow) -> Result<BackupSet, CoordinatorError> {
+    let mut tables = Vec::new();
+    for m in row
+        .plan
+        .to_backup
+        .iter()
+        .filter(|m| m.kind == ObjectKind::Table)
+    {
+        let info = client
+            .query_opt(
+                "SELECT pg_total_relation_size(c.oid) FROM pg_class c
+                 WHERE c.relnamespace = 'public'::regnamespace AND c.relname = $1 AND c.relkind = 'r'",
+                &[&m.to],
+            )
+            .await
+            .map_err(|e| CoordinatorError::destination("inspect backup tables", &e))?;
+        let present = info.is_some();
+        let rows = if present {
+            Some(count(client, &m.to).await?)
+        } else {
+            None
+        };
+        tables.push(BackupTable {
+            name: m.from.clone(),
+            backup: m.to.clone(),
+            present,
+            rows,
+            rows_at_swap: recorded_rows(row, &m.from),
+            bytes: info.map(|r| r.get(0)),
+        });
+    }
+    let bytes: i64 = tables.iter().filter_map(|t| t.bytes).sum();
+    Ok(BackupSet {
+        timestamp: row.id,
+        created: row
+            .swapped_at
+            .clone()
+            .unwrap_or_else(|| row.created_at.clone()),
+        age_seconds: row.age_seconds,
+        table_count: tables.len(),
+        size: crate::output::size(bytes),
+        bytes,
+        tables,
+    })
+}
+
+async fn count(client: &Client, table: &str) -> Result<i64, CoordinatorError> {
+    let sql = format!("SELECT count(*) FROM {}", quote_qualified("public", table));
+    Ok(client
+        .query_one(&sql, &[])
+        .await
+        .map_err(|e| CoordinatorError::destination(format!("count rows of \"{table}\""), &e))?
+        .get(0))
+}
+
+/// `pgzm list`.
+pub async fn list(destination: &DbUrl) -> Result<Vec<BackupSet>, CoordinatorError> {
+    let client = destination.connect("pgzm-list").await?;
+    let mut out = Vec::new();
+    for row in backup_rows(&client).await? {
+        out.push(describe_set(&client, &row).await?);
+    }
+    Ok(out)
+}
+
+/// One check of `verify`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// What was checked.
+    pub check: String,
+    /// Whether it holds.
+    pub ok: bool,
+    /// Details when not.
+    pub detail: Option<String>,
+}
+
+/// The result of `pgzm verify`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verification {
+    /// Backup set.
+    pub timestamp: i64,
+    /// Whether every check holds.
+    pub valid: bool,
+    /// The checks.
+    pub checks: Vec<Check>,
+}
+
+/// `pgzm verify`: every backup table exists and has its live twin, row counts recorded at the
+/// swap still match, primary keys are present and hold no NULL, foreign keys inside the set
+/// have no orphans, backup sequences are present.
+pub async fn verify(
+    destination: &DbUrl,
+    id: Option<i64>,
+) -> Result<Verification, CoordinatorError> {
+    let client = destination.connect("pgzm-verify").await?;
+    let row = find(&client, id).await?;
+    let set = describe_set(&client, &row).await?;
+    let mut checks = Vec::new();
+    let mut check = |check: String, problem: Option<String>| {
+        checks.push(Check {
+            check,
+            ok: problem.is_none(),
+            detail: problem,
+        });
+    };
+    for t in &set.tables {
+        check(
+            format!("backup table \"{}\" exists", t.backup),
+            (!t.present).then(|| "missing".to_string()),
+        );
+        if !t.present {
+            continue;
+        }
+        let twin = client
+            .query_opt(
+                "SELECT 1 FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relname = $1 AND relkind = 'r'",
+                &[&t.name],
+            )
+            .await
+            .map_err(|e| CoordinatorError::destination("inspect live tables", &e))?;
+        check(
+            format!("live table \"{}\" exists", t.name),
+            twin.is_none().then(|| "missing".to_string()),
+        );
+        if let (Some(now), Some(then)) = (t.rows, t.rows_at_swap) {
+            check(
+                format!(
+                    "\"{}\" still holds the {then} rows it had at the swap",
+                    t.backup
+                ),
+                (now != then).then(|| format!("it holds {now}")),
+            );
+        }
+        let pk = client
+            .query_opt(
+                "SELECT ARRAY(SELECT a.attname::text FROM unnest(k.conkey) AS u(n)
+                              JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n)
+                 FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
+                 WHERE c.relnamespace = 'public'::regnamespace AND c.relname = $1 AND k.contype = 'p'",
+                &[&t.backup],
+            )
+            .await
+            .map_err(|e| CoordinatorError::destination("inspect primary keys", &e))?;
+        if let Some(pk) = pk {
+            let cols: Vec<String> = pk.get(0);
+            let cond = cols
+                .iter()
+                .map(|c| format!("{} IS NULL", quote_ident(c)))
+                .collect::<Vec<_>>()
+                .join(" OR ");
+            let sql = format!(
+                "SELECT count(*) FROM {} WHERE {cond}",
+                quote_qualified("public", &t.backup)
+            );
+            let nulls: i64 = client
+                .query_one(&sql, &[])
+                .await
+                .map_err(|e| CoordinatorError::destination("check primary keys", &e))?
+                .get(0);
+            check(
+                format!("primary key of \"{}\" has no NULL", t.backup),
+                (nulls > 0).then(|| format!("{nulls} rows")),
+            );
+        }
+    }
+    for (constraint, table, orphans) in orphans_in_set(&client, &row.plan.to_backup).await? {
+        check(
+            format!("foreign key \"{constraint}\" of \"{table}\" has no orphans"),
+            (orphans > 0).then(|| format!("{orphans} orphaned rows")),
+        );
+    }
+    for m in row
+        .plan
+        .to_backup
+        .iter()
+        .filter(|m| m.kind == ObjectKind::Sequence)
+    {
+        let present = client
+            .query_opt(
+                "SELECT 1 FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relname = $1 AND relkind = 'S'",
+                &[&m.to],
+            )
+            .await
+            .map_err(|e| CoordinatorError::destination("inspect sequences", &e))?
+            .is_some();
+        check(
+            format!("backup sequence \"{}\" exists", m.to),
+            (!present).then(|| "missing".to_string()),
+        );
+    }
+    let valid = checks.iter().all(|c| c.ok);
+    Ok(Verification {
+        timestamp: row.id,
+        valid,
+        checks,
+    })
+}
+
+/// Orphan counts of the foreign keys declared on backup tables.
+async fn orphans_in_set(
+    client: &Client,
+    moves: &[Move],
+) -> Result<Vec<(String, String, i64)>, CoordinatorError> {
+    let tables: Vec<String> = moves
+        .iter()
+        .filter(|m| m.kind == ObjectKind::Table)
+        .map(|m| m.to.clone())
+        .collect();
+    let fks = client
+        .query(
+            "SELECT k.conname::text, c.relname::text, r.relname::text,
+                    ARRAY(SELECT a.attname::text FROM unnest(k.conkey) WITH ORDINALITY u(n, o)
+                          JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n ORDER BY u.o),
+                    ARRAY(SELECT a.attname::text FROM unnest(k.confkey) WITH ORDINALITY u(n, o)
+                          JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = u.n ORDER BY u.o)
+             FROM pg_constraint k
+             JOIN pg_class c ON c.oid = k.conrelid
+             JOIN pg_class r ON r.oid = k.confrelid
+             WHERE k.contype = 'f' AND c.relnamespace = 'public'::regnamespace AND c.relname = ANY($1)",
+            &[&tables],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("inspect foreign keys of the backup set", &e))?;
+    let mut out = Vec::new();
+    for fk in fks {
+        let (name, table, target): (String, String, String) = (fk.get(0), fk.get(1), fk.get(2));
+        let cols: Vec<String> = fk.get(3);
+        let refs: Vec<String> = fk.get(4);
+        let not_null = cols
+            .iter()
+            .map(|c| format!("t.{} IS NOT NULL", quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let join = cols
+            .iter()
+            .zip(&refs)
+            .map(|(c, r)| format!("r.{} = t.{}", quote_ident(r), quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let sql = format!(
+            "SELECT count(*) FROM {} t WHERE {not_null} AND NOT EXISTS (SELECT 1 FROM {} r WHERE {join})",
+            quote_qualified("public", &table),
+            quote_qualified("public", &target)
+        );
+        let n: i64 = client
+            .query_one(&sql, &[])
+            .await
+            .map_err(|e| {
+                CoordinatorError::destination(format!("check foreign key \"{name}\""), &e)
+            })?
+            .get(0);
+        out.push((name, table, n));
+    }
+    Ok(out)
+}
+
+/// Parses `--before`: `YYYY-MM-DD` (UTC midnight), `YYYY-MM-DD HH:MM[:SS]` or
+/// `YYYY-MM-DDTHH:MM[:SS][Z]` (UTC), or milliseconds since the epoch (all digits).
+pub fn parse_before(text: &str) -> Result<i64, CoordinatorError> {
+    let t = text.trim();
+    let bad = || {
+        CoordinatorError::Usage(format!(
+            "--before {t:?}: expected YYYY-MM-DD, \"YYYY-MM-DD HH:MM\" (UTC) or milliseconds since the epoch"
+        ))
+    };
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return t.parse::<i64>().map_err(|_| bad());
+    }
+    let t = t.trim_end_matches('Z');
+    let (date, time) = match t.split_once(['T', ' ']) {
+        Some((d, tm)) => (d, Some(tm)),
+        None => (t, None),
+    };
+    let mut d = date.split('-');
+    let (y, m, day) = (d.next(), d.next(), d.next());
+    if d.next().is_some() {
+        return Err(bad());
+    }
+    let num = |s: Option<&str>, len: usize| -> Result<i64, CoordinatorError> {
+        let s = s.ok_or_else(bad)?;
+        if s.len() != len || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        s.parse().map_err(|_| bad())
+    };
+    let (y, m, day) = (num(y, 4)?, num(m, 2)?, num(day, 2)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+        return Err(bad());
+    }
+    let mut secs = days_from_civil(y, m, day) * 86_400;
+    if let Some(time) = time {
+        let mut p = time.split(':');
+        let (h, mi, s) = (p.next(), p.next(), p.next());
+        let h = num(h, 2)?;
+        let mi = num(mi, 2)?;
+        let s = if s.is_some() { num(s, 2)? } else { 0 };
+        if h > 23 || mi > 59 || s > 60 || p.next().is_some() {
+            return Err(bad());
+        }
+        secs += h * 3600 + mi * 60 + s;
+    }
+    Ok(secs * 1000)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// What `cleanup` dropped (or would drop).
+#[derive(Debug, Clone, Serialize)]
+pub struct Cleanup {
+    /// Cut-off, ms since the epoch.
+    pub before: i64,
+    /// Whether this was a dry run.
+    pub dry_run: bool,
+    /// Backup sets (timestamps) dropped or to drop.
+    pub backup_sets: Vec<i64>,
+    /// Objects dropped or to drop.
+    pub objects: Vec<String>,
+}
+
+/// `pgzm cleanup --before`: drops backup sets older than the cut-off.
+pub async fn cleanup(
+    destination: &DbUrl,
+    before: i64,
+    dry_run: bool,
+) -> Result<Cleanup, CoordinatorError> {
+    let mut client = destination.connect("pgzm-cleanup").await?;
+    if !state::try_lock(&client).await? {
+        return Err(CoordinatorError::Busy);
+    }
+    let mut out = Cleanup {
+        before,
+        dry_run,
+        backup_sets: Vec::new(),
+        objects: Vec::new(),
+    };
+    for row in backup_rows(&client).await? {
+        if row.id >= before {
+            continue;
+        }
+        out.backup_sets.push(row.id);
+        if dry_run {
+            out.objects.extend(
+                row.plan
+                    .to_backup
+                    .iter()
+                    .filter(|m| m.kind != ObjectKind::Index)
+                    .map(|m| format!("{} {}", m.kind.keyword().to_lowercase(), m.to)),
+            );
+        } else {
+            out.objects
+                .extend(state::drop_backup_set(&mut client, row.id, &row.plan.to_backup).await?);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cutoffs() {
+        assert_eq!(parse_before("1700000000000").unwrap(), 1_700_000_000_000);
+        assert_eq!(parse_before("1970-01-02").unwrap(), 86_400_000);
+        assert_eq!(parse_before("2024-02-29").unwrap(), 1_709_164_800_000);
+        assert_eq!(
+            parse_before("2024-02-29 12:30").unwrap(),
+            1_709_164_800_000 + 45_000_000
+        );
+        assert_eq!(
+            parse_before("2024-02-29T12:30:15Z").unwrap(),
+            1_709_164_800_000 + 45_015_000
+        );
+        for bad in [
+            "",
+            "yesterday",
+            "2024-13-01",
+            "2024-1-01",
+            "2024-01-01 25:00",
+            "12.5",
+        ] {
+            assert!(parse_before(bad).is_err(), "{bad}");
+        }
+    }
+}
