@@ -185,6 +185,24 @@ async fn count(client: &Client, table: &str) -> Result<i64, CoordinatorError> {
     Ok(row.get(0))
 }
 
+/// Row counts of a shadow table and its live table, read in one statement (one snapshot).
+async fn count_pair(
+    client: &Client,
+    shadow: &str,
+    live: &str,
+) -> Result<(i64, i64), CoordinatorError> {
+    use pgzm_agent::sql::quote_qualified;
+    let sql = format!(
+        "SELECT (SELECT count(*) FROM {}), (SELECT count(*) FROM {})",
+        quote_qualified("public", shadow),
+        quote_qualified("public", live)
+    );
+    let row = client.query_one(&sql, &[]).await.map_err(|e| {
+        CoordinatorError::destination(format!("count rows of \"{shadow}\" and \"{live}\""), &e)
+    })?;
+    Ok((row.get(0), row.get(1)))
+}
+
 /// Reads the status of the newest migration of the destination.
 pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
     let client = destination.connect("pgzm-status").await?;
@@ -261,13 +279,19 @@ pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
             .map(|(_, o)| *o);
         let present = recorded.is_some() && oid_of(&client, &t.shadow).await? == recorded;
         let preserved = row.plan.is_preserved(&t.name);
-        let rows = if present {
-            Some(count(&client, &t.shadow).await?)
-        } else {
-            None
+        let (rows, expected_rows) = match (present, preserved) {
+            // One statement, hence one snapshot: a write committing in between (mirrored into
+            // the shadow in the same transaction) cannot make the two counts differ.
+            (true, true) => {
+                let (shadow, live) = count_pair(&client, &t.shadow, &t.name).await?;
+                (Some(shadow), Some(live))
+            }
+            (true, false) => (Some(count(&client, &t.shadow).await?), None),
+            (false, true) => (None, Some(count(&client, &t.name).await?)),
+            (false, false) => (None, None),
         };
         let expected_rows = if preserved {
-            Some(count(&client, &t.name).await?)
+            expected_rows
         } else {
             copied
                 .iter()

@@ -88,3 +88,42 @@ pub async fn run(opts: StartOptions) -> Result<Report, CoordinatorError> {
 pub async fn migrate(p: &Pair) -> Result<Report, CoordinatorError> {
     run(options(p)).await
 }
+
+/// Runs `prepare` with the in-process agent (what `pgzm prepare` does). The returned value
+/// holds the run's control session; drop it to release the destination's run lock.
+pub async fn prepare(
+    opts: &StartOptions,
+) -> Result<Option<pgzm_coordinator::prepare::Prepared>, CoordinatorError> {
+    let agent = AgentService::new(u32::try_from(opts.jobs).unwrap_or(2))
+        .into_in_process_client()
+        .await
+        .expect("in-process agent");
+    pgzm_coordinator::prepare::prepare(opts, agent, &mut migrate::Phases(Vec::new())).await
+}
+
+/// Runs `prepare` and releases its session, as a separate `pgzm prepare` process would.
+pub async fn prepare_and_release(opts: &StartOptions) -> Result<Report, CoordinatorError> {
+    let prepared = prepare(opts).await?.expect("prepare returned a report");
+    Ok(prepared.report)
+}
+
+/// Runs `swap` on the destination of `p` (what `pgzm swap --dest URL` does), with the same
+/// short lock settings as [`options`].
+pub async fn swap(p: &Pair) -> Result<Report, CoordinatorError> {
+    let opts = options(p);
+    pgzm_coordinator::cutover::swap_command(pgzm_coordinator::cutover::SwapOptions {
+        destination: opts.destination,
+        migration_id: None,
+        dry_run: false,
+        locks: opts.swap,
+    })
+    .await
+}
+
+/// `pgzm status` of the destination of `p`.
+pub async fn status(p: &Pair) -> pgzm_coordinator::status::Status {
+    let dest = DbUrl::parse(&p.dest.url(), "destination").expect("dest url");
+    pgzm_coordinator::status::status(&dest)
+        .await
+        .expect("pgzm status")
+}

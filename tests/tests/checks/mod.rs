@@ -1,0 +1,195 @@
+//! Assertion helpers shared by the migration-correctness tests: live vs backup checksums,
+//! relations by name prefix, schemas, and single-value queries.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+
+use pgzm_tests::inspect::{self, CatalogSignature, TableChecksum};
+use tokio_postgres::Client;
+
+/// Checksums of the live tables: every table of `public` except `shadow_*` and `backup_*`.
+pub async fn live_sums(client: &Client) -> BTreeMap<String, TableChecksum> {
+    inspect::table_checksums(client)
+        .await
+        .expect("table checksums")
+        .into_iter()
+        .filter(|(name, _)| !name.starts_with("shadow_") && !name.starts_with("backup_"))
+        .collect()
+}
+
+/// Checksums of the `backup_*` tables, keyed by the name without the prefix.
+pub async fn backup_sums(client: &Client) -> BTreeMap<String, TableChecksum> {
+    inspect::table_checksums(client)
+        .await
+        .expect("table checksums")
+        .into_iter()
+        .filter_map(|(name, sum)| name.strip_prefix("backup_").map(|n| (n.to_string(), sum)))
+        .collect()
+}
+
+/// Every relation (any relkind) and type in `public` whose name starts with `prefix`
+/// (compared with `left()`, not `LIKE`), as `kind:name`, sorted.
+pub async fn objects_with_prefix(client: &Client, prefix: &str) -> Vec<String> {
+    let rows = client
+        .query(
+            "SELECT 'rel ' || c.relkind::text || ':' || c.relname::text FROM pg_class c
+             WHERE c.relnamespace = 'public'::regnamespace
+               AND left(c.relname::text, length($1)) = $1
+             UNION ALL
+             SELECT 'type:' || t.typname::text FROM pg_type t
+             WHERE t.typnamespace = 'public'::regnamespace AND t.typtype IN ('e', 'd')
+               AND left(t.typname::text, length($1)) = $1
+             ORDER BY 1",
+            &[&prefix],
+        )
+        .await
+        .expect("list objects by prefix");
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+/// Names of the ordinary tables of `public` that start with `prefix`, sorted.
+pub async fn tables_with_prefix(client: &Client, prefix: &str) -> Vec<String> {
+    inspect::tables(client)
+        .await
+        .expect("tables")
+        .into_iter()
+        .filter(|t| t.starts_with(prefix))
+        .collect()
+}
+
+/// Every schema of the database, sorted.
+pub async fn schemas(client: &Client) -> Vec<String> {
+    let rows = client
+        .query("SELECT nspname::text FROM pg_namespace ORDER BY 1", &[])
+        .await
+        .expect("list schemas");
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+/// Every relation and type in `public` not owned by an extension, as `kind:name`, sorted —
+/// a coarse "nothing was created or dropped" fingerprint.
+pub async fn public_objects(client: &Client) -> Vec<String> {
+    let rows = client
+        .query(
+            "SELECT 'rel ' || c.relkind::text || ':' || c.relname::text FROM pg_class c
+             WHERE c.relnamespace = 'public'::regnamespace
+               AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                               AND d.objid = c.oid AND d.deptype = 'e')
+             UNION ALL
+             SELECT 'type ' || t.typtype::text || ':' || t.typname::text FROM pg_type t
+             WHERE t.typnamespace = 'public'::regnamespace
+               AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_type'::regclass
+                               AND d.objid = t.oid AND d.deptype = 'e')
+               AND t.typtype IN ('e', 'd')
+             UNION ALL
+             SELECT 'proc:' || p.oid::regprocedure::text FROM pg_proc p
+             WHERE p.pronamespace = 'public'::regnamespace
+               AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
+                               AND d.objid = p.oid AND d.deptype = 'e')
+             UNION ALL
+             SELECT 'trigger:' || tgname::text FROM pg_trigger WHERE NOT tgisinternal
+             UNION ALL
+             SELECT 'policy:' || polname::text FROM pg_policy
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("list public objects");
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+/// The server's message of a failed statement (the `Display` of the error only says "db error").
+pub fn pg_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!(
+            "{} [{}]{}",
+            db.message(),
+            db.code().code(),
+            db.detail().map(|d| format!(" ({d})")).unwrap_or_default()
+        ),
+        None => e.to_string(),
+    }
+}
+
+/// The one text value `sql` returns.
+pub async fn text(client: &Client, sql: &str) -> String {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {}", pg_error(&e)))
+        .get(0)
+}
+
+/// The one bigint value `sql` returns.
+pub async fn int(client: &Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {}", pg_error(&e)))
+        .get(0)
+}
+
+/// The one boolean value `sql` returns.
+pub async fn boolean(client: &Client, sql: &str) -> bool {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {}", pg_error(&e)))
+        .get(0)
+}
+
+/// The first column of every row `sql` returns, as text.
+pub async fn texts(client: &Client, sql: &str) -> Vec<String> {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {}", pg_error(&e)))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// The signature of the `backup_*` tables, with the prefix also removed where the harness's
+/// normalisation leaves it: sequence and type names inside column types and defaults
+/// (`nextval('"backup_User_id_seq"'::regclass)`, `'A'::"backup_City"`). The owned sequences
+/// and the replaced types move to backup names together with their tables.
+pub async fn backup_signature(client: &Client) -> CatalogSignature {
+    let mut sig = inspect::catalog_signature(client, Some("backup_"))
+        .await
+        .expect("backup signature");
+    for table in sig.tables.values_mut() {
+        for column in &mut table.columns {
+            column.type_name = strip_backup_prefix(&column.type_name);
+            if let Some(d) = &mut column.default {
+                *d = strip_backup_prefix(d);
+            }
+        }
+    }
+    sig
+}
+
+/// Removes `backup_` wherever it starts an identifier (not inside another word).
+fn strip_backup_prefix(sql: &str) -> String {
+    const PREFIX: &str = "backup_";
+    let mut out = String::with_capacity(sql.len());
+    let mut rest = sql;
+    while let Some(pos) = rest.find(PREFIX) {
+        let before = rest[..pos].chars().next_back();
+        let starts_word = before.is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '$'));
+        out.push_str(&rest[..pos]);
+        if !starts_word {
+            out.push_str(PREFIX);
+        }
+        rest = &rest[pos + PREFIX.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Asserts two signatures are equal, printing the differences.
+pub fn assert_same_signature(left: &CatalogSignature, right: &CatalogSignature, what: &str) {
+    let diff = left.differences(right);
+    assert!(diff.is_empty(), "{what}:\n  {}", diff.join("\n  "));
+    assert_eq!(left, right, "{what}");
+}

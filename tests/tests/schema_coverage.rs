@@ -1,0 +1,323 @@
+//! The coverage schema (one of every object kind: identity, serial and standalone sequences,
+//! enum and domain, generated columns, every constraint and index kind, a trigger and its
+//! function, comments, an unlogged table, a view) migrates with identical data and identical
+//! catalog definitions — into an empty destination, and over a destination that already has
+//! the schema with other data or none.
+
+mod checks;
+mod common;
+
+use checks::{
+    assert_same_signature, backup_signature, backup_sums, boolean, int, live_sums,
+    objects_with_prefix, text, texts,
+};
+use pgzm_tests::inspect;
+use tokio_postgres::Client;
+
+const VIEW_ROWS: &str = "SELECT v::text FROM customer_order_summary v ORDER BY customer_id";
+
+/// Loads the coverage fixture into the source; the destination gets only PostGIS.
+async fn coverage_pair(label: &str) -> common::Pair {
+    let p = common::pair(label).await;
+    p.source
+        .load_fixture("coverage/schema.sql")
+        .await
+        .expect("load coverage schema");
+    p.source
+        .load_fixture("coverage/data.sql")
+        .await
+        .expect("load coverage data");
+    p.dest
+        .batch("CREATE EXTENSION postgis")
+        .await
+        .expect("create postgis in the destination");
+    p
+}
+
+/// Everything that must hold after migrating the coverage schema, whatever the destination
+/// held before.
+async fn assert_migrated(src: &Client, dst: &Client) {
+    // Data: every table equals the source's, including the no-PK table's duplicate rows and
+    // the unlogged table.
+    let src_sums = live_sums(src).await;
+    assert_eq!(src_sums.len(), 9, "{src_sums:?}");
+    assert_eq!(live_sums(dst).await, src_sums);
+    assert_eq!(
+        int(dst, "SELECT count(*) FROM audit_log WHERE id = 1999").await,
+        2
+    );
+    assert_eq!(
+        text(
+            dst,
+            "SELECT legacy_attributes::text FROM \"Product\" WHERE id = 2"
+        )
+        .await,
+        r#"{"a": 1, "a": 2,   "b" : [ ]}"#
+    );
+
+    // Definitions: columns, defaults, identity, generated columns, collations, comments,
+    // constraints (NOT VALID and DEFERRABLE included), indexes and triggers.
+    let src_sig = inspect::catalog_signature(src, None)
+        .await
+        .expect("source signature");
+    let dst_sig = inspect::catalog_signature(dst, None)
+        .await
+        .expect("dest signature");
+    assert_same_signature(&dst_sig, &src_sig, "destination vs source");
+    assert_eq!(dst_sig.tables["session_cache"].persistence, "u");
+    assert_eq!(
+        dst_sig.tables["Customer"].comment.as_deref(),
+        Some("People who place orders")
+    );
+    assert!(!boolean(
+        dst,
+        "SELECT convalidated FROM pg_constraint WHERE conname = 'customer_display_name_not_blank'
+           AND conrelid = 'public.\"Customer\"'::regclass"
+    )
+    .await);
+    assert!(
+        boolean(
+            dst,
+            "SELECT condeferrable AND condeferred FROM pg_constraint
+         WHERE conname = 'Order Items_product_id_fkey'
+           AND conrelid = 'public.\"Order Items\"'::regclass"
+        )
+        .await
+    );
+    assert_eq!(
+        int(
+            dst,
+            "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+             WHERE c.relnamespace = 'public'::regnamespace AND NOT (i.indisvalid AND i.indisready)"
+        )
+        .await,
+        0,
+        "every index is valid"
+    );
+
+    // Types: the enum and the domain the new tables use carry the source's definitions.
+    assert_eq!(
+        texts(dst, "SELECT unnest(enum_range(NULL::order_status))::text").await,
+        texts(src, "SELECT unnest(enum_range(NULL::order_status))::text").await
+    );
+    assert_eq!(
+        text(
+            dst,
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE contypid = 'positive_amount'::regtype"
+        )
+        .await,
+        "CHECK ((VALUE > (0)::numeric))"
+    );
+
+    // The view exists, returns the source's rows, and keeps its comment.
+    let src_view = texts(src, VIEW_ROWS).await;
+    assert_eq!(src_view.len(), 20);
+    assert_eq!(texts(dst, VIEW_ROWS).await, src_view);
+    assert_eq!(
+        text(
+            dst,
+            "SELECT obj_description('public.customer_order_summary'::regclass, 'pg_class')"
+        )
+        .await,
+        "Orders per customer"
+    );
+    let orders_of_1000 = "SELECT order_count FROM customer_order_summary WHERE customer_id = 1000";
+    let orders_before = int(dst, orders_of_1000).await;
+
+    // Sequences: same positions as the source (which are at the data), each owned by the new
+    // column, and the next values continue the source's series.
+    let src_seqs = inspect::sequences(src).await.expect("source sequences");
+    assert_eq!(src_seqs.len(), 7, "{src_seqs:?}");
+    let dst_seqs: Vec<_> = inspect::sequences(dst)
+        .await
+        .expect("dest sequences")
+        .into_iter()
+        .filter(|s| !s.name.starts_with("backup_"))
+        .collect();
+    assert_eq!(dst_seqs, src_seqs);
+    for seq in &src_seqs {
+        let (table, column) = seq.owned_by.as_ref().expect("every sequence is owned");
+        let max = int(
+            dst,
+            &format!(
+                "SELECT coalesce(max({})::int8, 0) FROM {}",
+                pgzm_tests::quote_ident(column),
+                pgzm_tests::quote_ident(table)
+            ),
+        )
+        .await;
+        assert!(seq.last_value >= max, "{seq:?} behind {max}");
+    }
+    let row = dst
+        .query_one(
+            "INSERT INTO \"Order\" (customer_id, total) VALUES (1000, 12.5) RETURNING id, invoice_no",
+            &[],
+        )
+        .await
+        .expect("insert an order");
+    assert_eq!(row.get::<_, i32>(0), 580);
+    assert_eq!(row.get::<_, i64>(1), 100_280);
+    assert_eq!(
+        int(
+            dst,
+            "INSERT INTO \"Customer\" (\"Display Name\", email) VALUES ('New', 'new@example.com') RETURNING id::int8"
+        )
+        .await,
+        1100
+    );
+    assert_eq!(
+        int(dst, "INSERT INTO \"Product\" (sku, name, price, barcode) VALUES ('NEW-1', 'new', 1, 'new') RETURNING id").await,
+        31
+    );
+    assert_eq!(
+        int(
+            dst,
+            "INSERT INTO audit_log (logged_at, action) VALUES (now(), 'x') RETURNING id"
+        )
+        .await,
+        2000
+    );
+
+    // The view reads the new tables: it sees the rows just inserted.
+    assert_eq!(int(dst, orders_of_1000).await, orders_before + 1);
+    assert_eq!(texts(dst, VIEW_ROWS).await.len(), 21);
+
+    // The trigger function exists and the trigger fires on the new table.
+    assert!(inspect::functions(dst)
+        .await
+        .expect("functions")
+        .contains(&"set_updated_at".to_string()));
+    assert!(
+        boolean(
+            dst,
+            "WITH u AS (UPDATE \"Customer\" SET tags = '{x}' WHERE id = 1005 RETURNING updated_at)
+         SELECT updated_at > timestamptz '2025-01-01' FROM u"
+        )
+        .await
+    );
+
+    // Nothing half-built remains and every key holds.
+    assert!(objects_with_prefix(dst, "shadow_").await.is_empty());
+    assert!(inspect::fk_orphans(dst)
+        .await
+        .expect("fk orphans")
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coverage_schema_into_an_empty_destination() -> anyhow::Result<()> {
+    let p = coverage_pair("cov_empty").await;
+    let src = p.source.connect().await?;
+    let dst = p.dest.connect().await?;
+    let src_sums = live_sums(&src).await;
+    let src_sig = inspect::catalog_signature(&src, None).await?;
+
+    let report = common::migrate(&p).await?;
+    assert_eq!(
+        report.rows,
+        20 + 30 + 40 + 50 + 20 + 12 + 2000 + 10,
+        "{report:?}"
+    );
+    assert_migrated(&src, &dst).await;
+    // Nothing was replaced, so there is no backup.
+    assert!(objects_with_prefix(&dst, "backup_").await.is_empty());
+    assert_eq!(
+        int(
+            &dst,
+            "SELECT count(*) FROM pgzm.migrations WHERE backup_present"
+        )
+        .await,
+        0
+    );
+
+    // The source was only read.
+    assert_eq!(live_sums(&src).await, src_sums);
+    assert_same_signature(
+        &inspect::catalog_signature(&src, None).await?,
+        &src_sig,
+        "source before vs after",
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coverage_schema_over_an_existing_schema_without_data() -> anyhow::Result<()> {
+    let p = coverage_pair("cov_nodata").await;
+    p.dest.load_fixture("coverage/schema.sql").await?;
+    let src = p.source.connect().await?;
+    let dst = p.dest.connect().await?;
+    let dst_sig_before = inspect::catalog_signature(&dst, None).await?;
+
+    common::migrate(&p).await?;
+    assert_migrated(&src, &dst).await;
+    // The old, empty tables are the backup, with their definitions.
+    let backups = backup_sums(&dst).await;
+    assert_eq!(backups.len(), 9);
+    assert!(backups.values().all(|s| s.rows == 0), "{backups:?}");
+    assert_same_signature(
+        &backup_signature(&dst).await,
+        &dst_sig_before,
+        "backup tables vs the old live tables",
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coverage_schema_over_an_existing_schema_with_other_data() -> anyhow::Result<()> {
+    let p = coverage_pair("cov_other").await;
+    p.dest.load_fixture("coverage/schema.sql").await?;
+    p.dest.load_fixture("coverage/data.sql").await?;
+    p.dest
+        .batch(
+            "DELETE FROM audit_log WHERE id > 1500;
+             UPDATE \"Product\" SET name = name || ' (old)';
+             DELETE FROM \"Customer\" WHERE id = 1095;
+             INSERT INTO archived_order (id, customer_id, snapshot) VALUES (1, 1000, '{}');
+             INSERT INTO \"Order\" (customer_id, total) VALUES (1000, 99);
+             ALTER TYPE order_status ADD VALUE 'old_only';",
+        )
+        .await?;
+    let src = p.source.connect().await?;
+    let dst = p.dest.connect().await?;
+    let dst_sums_before = live_sums(&dst).await;
+    let dst_view_before = texts(&dst, VIEW_ROWS).await;
+    assert_ne!(dst_sums_before, live_sums(&src).await);
+
+    common::migrate(&p).await?;
+    assert_migrated(&src, &dst).await;
+
+    // The backup keeps the old rows, the old enum (with its extra label) and the old view.
+    assert_eq!(backup_sums(&dst).await, dst_sums_before);
+    assert!(texts(
+        &dst,
+        "SELECT unnest(enum_range(NULL::\"backup_order_status\"))::text"
+    )
+    .await
+    .contains(&"old_only".to_string()));
+    assert!(
+        !texts(&dst, "SELECT unnest(enum_range(NULL::order_status))::text")
+            .await
+            .contains(&"old_only".to_string())
+    );
+    assert_eq!(
+        texts(
+            &dst,
+            "SELECT v::text FROM backup_customer_order_summary v ORDER BY customer_id"
+        )
+        .await,
+        dst_view_before,
+        "the old view is kept and still reads the old tables"
+    );
+    assert_eq!(
+        text(
+            &dst,
+            "SELECT string_agg(DISTINCT c.relname, ',') FROM pg_depend d
+             JOIN pg_rewrite r ON r.oid = d.objid JOIN pg_class c ON c.oid = d.refobjid
+             WHERE r.ev_class = 'public.customer_order_summary'::regclass
+               AND d.refobjid <> r.ev_class AND c.relkind = 'r'"
+        )
+        .await,
+        "Customer,Order"
+    );
+    Ok(())
+}
