@@ -80,6 +80,8 @@ pub struct LiveView {
     pub comment: Option<String>,
     /// Relations (oids) it reads.
     pub depends_on: BTreeSet<Oid>,
+    /// Columns it reads: (relation, column).
+    pub columns: Vec<(String, String)>,
 }
 
 /// A foreign key from a table the migration does not replace to one it does.
@@ -171,7 +173,14 @@ SELECT c.oid, c.relname::text, pg_get_viewdef(c.oid), coalesce(c.reloptions, '{}
        pg_get_userbyid(c.relowner)::text,
        ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
              FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner),
-       obj_description(c.oid, 'pg_class')
+       obj_description(c.oid, 'pg_class'),
+       ARRAY(SELECT DISTINCT t.relname::text || '|' || a.attname::text
+             FROM pg_rewrite r
+             JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+                              AND d.refclassid = 'pg_class'::regclass AND d.refobjsubid > 0
+             JOIN pg_class t ON t.oid = d.refobjid AND t.relnamespace = 'public'::regnamespace
+             JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+             WHERE r.ev_class = c.oid AND d.refobjid <> c.oid)
 FROM pg_class c
 WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'v'
   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
@@ -327,6 +336,14 @@ pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
             grants: parse_grants(row.get(5)),
             comment: row.get(6),
             depends_on: deps.remove(&oid).unwrap_or_default(),
+            columns: row
+                .get::<_, Vec<String>>(7)
+                .into_iter()
+                .filter_map(|s| {
+                    s.split_once('|')
+                        .map(|(t, c)| (t.to_string(), c.to_string()))
+                })
+                .collect(),
         };
         dest.views.insert(v.name.clone(), v);
     }

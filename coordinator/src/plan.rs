@@ -308,7 +308,14 @@ pub fn build(
         }
     }
 
-    let views = plan_views(source, dest, &tables, &mut to_backup, &mut warnings);
+    let views = plan_views(
+        source,
+        dest,
+        &tables,
+        &mut to_backup,
+        &mut warnings,
+        &mut problems,
+    );
     refuse_materialized_views(dest, &tables, &views, &mut problems);
 
     let mut to_live: Vec<Move> = tables
@@ -457,6 +464,7 @@ fn plan_views(
     tables: &[TablePlan],
     to_backup: &mut Vec<Move>,
     warnings: &mut Vec<String>,
+    problems: &mut Vec<String>,
 ) -> Vec<ViewPlan> {
     let mut out = Vec::new();
     let mut replaced_oids: BTreeSet<u32> = tables
@@ -503,6 +511,17 @@ fn plan_views(
         .collect();
     for oid in crate::catalog::topological_order(affected.keys().copied().collect(), &deps) {
         let v = affected[&oid];
+        // The view is recreated over the new tables: each column it reads must exist there.
+        for (table, column) in &v.columns {
+            if let Some(t) = source.table(table) {
+                if !t.columns.iter().any(|c| &c.name == column) {
+                    problems.push(format!(
+                        "destination view \"{}\" reads column \"{table}\".\"{column}\", which the source's \"{table}\" does not have: change or drop the view first",
+                        v.name
+                    ));
+                }
+            }
+        }
         warnings.push(format!("destination view \"{}\" reads migrated tables: it will be recreated to read the new ones", v.name));
         out.push(ViewPlan {
             name: v.name.clone(),
