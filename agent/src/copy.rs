@@ -1,18 +1,24 @@
-//! One copy task: stream a table from the source snapshot into its shadow table.
+//! One copy task: stream a table (or a page range of it) from the source snapshot into its
+//! shadow table, exactly once.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt, TryStreamExt};
+use bytes::Bytes;
+use futures_util::{SinkExt, Stream, StreamExt};
 use pgzm_proto::agent::v1 as proto;
-use tokio_postgres::Config;
+use tokio_postgres::{Client, Config};
 use tracing::{debug, info_span, Instrument};
 
+use crate::endpoint::Databases;
 use crate::error::{AgentError, Side};
 use crate::pg;
 use crate::sql::{quote_ident_list, quote_literal, quote_qualified};
 
 /// Default interval between progress reports.
 pub const DEFAULT_PROGRESS_EVERY_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Longest time between two progress reports (a heartbeat for the coordinator).
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// A schema-qualified table name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +42,40 @@ impl std::fmt::Display for QualifiedName {
     }
 }
 
+/// Heap pages `[start, end)`; `end == 0` means to the end of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRange {
+    /// First page.
+    pub start: u64,
+    /// Page after the last (0: open-ended).
+    pub end: u64,
+}
+
+impl PageRange {
+    /// The TID-range predicate selecting the range.
+    pub fn predicate(&self) -> String {
+        let mut p = format!("ctid >= '({},0)'::tid", self.start);
+        if self.end > 0 {
+            p.push_str(&format!(" AND ctid < '({},0)'::tid", self.end));
+        }
+        p
+    }
+}
+
+/// Where the source data comes from.
+#[derive(Clone)]
+pub enum SourceSpec {
+    /// The agent connects to the source itself.
+    Direct(Config),
+    /// A source-side agent streams it (`ExportRange`); the request is forwarded as is.
+    Peer {
+        /// The peer's URL.
+        url: String,
+        /// The export request for the peer.
+        request: proto::ExportRequest,
+    },
+}
+
 /// A validated copy task (the domain form of [`proto::CopyTask`]).
 ///
 /// `Debug` leaves the connection configs out: they may hold passwords.
@@ -43,11 +83,15 @@ impl std::fmt::Display for QualifiedName {
 pub struct CopySpec {
     /// Unique id of this task attempt.
     pub task_id: String,
-    /// Source connection.
-    pub source: Config,
+    /// Task identity across attempts.
+    pub task_key: String,
+    /// Migration.
+    pub migration_id: i64,
+    /// Source data.
+    pub source: SourceSpec,
     /// Destination connection.
     pub destination: Config,
-    /// application_name for both connections.
+    /// application_name for the connections.
     pub application_name: String,
     /// Exported source snapshot.
     pub snapshot_id: String,
@@ -57,6 +101,8 @@ pub struct CopySpec {
     pub destination_table: QualifiedName,
     /// Columns, in order.
     pub columns: Vec<String>,
+    /// Part of the table, or all of it.
+    pub range: Option<PageRange>,
     /// Progress interval in bytes.
     pub progress_every_bytes: u64,
 }
@@ -67,7 +113,7 @@ impl std::fmt::Debug for CopySpec {
             .field("task_id", &self.task_id)
             .field("source_table", &self.source_table)
             .field("destination_table", &self.destination_table)
-            .field("columns", &self.columns.len())
+            .field("range", &self.range)
             .finish_non_exhaustive()
     }
 }
@@ -85,19 +131,26 @@ fn table_name(side: &str, t: Option<proto::TableName>) -> Result<QualifiedName, 
     })
 }
 
-fn endpoint(side: Side, e: Option<proto::Endpoint>) -> Result<(Config, String), AgentError> {
-    let e = e.ok_or_else(|| AgentError::InvalidTask(format!("{side} endpoint missing")))?;
-    let config = pg::parse_config(&e.url)
-        .map_err(|message| AgentError::InvalidConnection { side, message })?;
-    Ok((config, e.application_name))
+fn range(r: Option<proto::PageRange>) -> Result<Option<PageRange>, AgentError> {
+    match r {
+        None => Ok(None),
+        Some(r) if r.end_page != 0 && r.end_page <= r.start_page => Err(AgentError::InvalidTask(
+            format!("empty page range [{}, {})", r.start_page, r.end_page),
+        )),
+        Some(r) => Ok(Some(PageRange {
+            start: r.start_page,
+            end: r.end_page,
+        })),
+    }
 }
 
-impl TryFrom<proto::CopyTask> for CopySpec {
-    type Error = AgentError;
-
-    fn try_from(task: proto::CopyTask) -> Result<Self, Self::Error> {
-        if task.task_id.is_empty() {
-            return Err(AgentError::InvalidTask("task_id is empty".into()));
+impl CopySpec {
+    /// Validates a task against the databases this agent holds.
+    pub fn from_task(task: proto::CopyTask, databases: &Databases) -> Result<Self, AgentError> {
+        if task.task_id.is_empty() || task.task_key.is_empty() {
+            return Err(AgentError::InvalidTask(
+                "task_id or task_key is empty".into(),
+            ));
         }
         if task.snapshot_id.is_empty() {
             return Err(AgentError::InvalidTask("snapshot_id is empty".into()));
@@ -105,17 +158,40 @@ impl TryFrom<proto::CopyTask> for CopySpec {
         if task.columns.is_empty() {
             return Err(AgentError::InvalidTask("no columns to copy".into()));
         }
-        let (source, application_name) = endpoint(Side::Source, task.source)?;
-        let (destination, _) = endpoint(Side::Destination, task.destination)?;
+        let (destination, application_name) =
+            databases.resolve(Side::Destination, task.destination.as_ref())?;
+        let source_table = table_name("source", task.source_table)?;
+        let range = range(task.range)?;
+        let source = if task.peer_url.is_empty() {
+            SourceSpec::Direct(databases.resolve(Side::Source, task.source.as_ref())?.0)
+        } else {
+            SourceSpec::Peer {
+                url: task.peer_url.clone(),
+                request: proto::ExportRequest {
+                    task_id: task.task_id.clone(),
+                    source: task.source.clone(),
+                    snapshot_id: task.snapshot_id.clone(),
+                    table: Some(proto::TableName {
+                        schema: source_table.schema.clone(),
+                        name: source_table.name.clone(),
+                    }),
+                    columns: task.columns.clone(),
+                    range: task.range,
+                },
+            }
+        };
         Ok(CopySpec {
             task_id: task.task_id,
+            task_key: task.task_key,
+            migration_id: task.migration_id,
             source,
             destination,
             application_name,
             snapshot_id: task.snapshot_id,
-            source_table: table_name("source", task.source_table)?,
+            source_table,
             destination_table: table_name("destination", task.destination_table)?,
             columns: task.columns,
+            range,
             progress_every_bytes: if task.progress_every_bytes == 0 {
                 DEFAULT_PROGRESS_EVERY_BYTES
             } else {
@@ -130,12 +206,14 @@ impl TryFrom<proto::CopyTask> for CopySpec {
 pub struct CopyOutcome {
     /// Rows the destination's COPY wrote.
     pub rows_written: u64,
-    /// Rows in the source table under the snapshot.
+    /// Rows the source sent under the snapshot.
     pub rows_in_source: u64,
     /// COPY payload bytes.
     pub bytes: u64,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
+    /// Committed by an earlier attempt; nothing copied now.
+    pub already_done: bool,
 }
 
 impl From<CopyOutcome> for proto::CopyDone {
@@ -145,130 +223,319 @@ impl From<CopyOutcome> for proto::CopyDone {
             rows_in_source: o.rows_in_source,
             bytes: o.bytes,
             duration_ms: o.duration_ms,
+            already_done: o.already_done,
         }
     }
 }
 
+/// Counts the rows of a binary COPY stream. PostgreSQL sends COPY TO output one row per
+/// CopyData message, the header and the trailer in messages of their own; the count is checked
+/// against the destination's.
+#[derive(Debug, Default)]
+pub struct RowCounter {
+    messages: u64,
+    header: bool,
+    trailer: bool,
+}
+
+const BINARY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+/// Signature, flags field and header-extension length (PostgreSQL writes no extension).
+const HEADER_LEN: usize = 19;
+
+impl RowCounter {
+    /// Accounts for one CopyData message.
+    ///
+    /// The 19-byte header is buffered by the server and arrives in the first message, together
+    /// with the first row — or with the trailer when the table is empty.
+    pub fn message(&mut self, data: &[u8]) {
+        let mut data = data;
+        if !self.header && data.starts_with(BINARY_SIGNATURE) && data.len() >= HEADER_LEN {
+            self.header = true;
+            data = &data[HEADER_LEN..];
+            if data.is_empty() {
+                return;
+            }
+        }
+        if data == [0xff, 0xff] {
+            self.trailer = true;
+            return;
+        }
+        self.messages += 1;
+    }
+
+    /// Rows seen.
+    pub fn rows(&self) -> u64 {
+        self.messages
+    }
+}
+
+/// Opens the source side: a snapshot transaction and a COPY TO stream of the table or range.
+pub async fn open_source(
+    config: Config,
+    application_name: &str,
+    snapshot_id: &str,
+    table: &QualifiedName,
+    columns: &[String],
+    range: Option<PageRange>,
+) -> Result<(Client, tokio_postgres::CopyOutStream), AgentError> {
+    let name = table.to_string();
+    let src = pg::connect(config, application_name)
+        .await
+        .map_err(|e| connect_error(Side::Source, &e))?;
+    src.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(|e| AgentError::copy(&name, "begin snapshot transaction", Side::Source, &e))?;
+    src.batch_execute(&format!(
+        "SET TRANSACTION SNAPSHOT {}",
+        quote_literal(snapshot_id)
+    ))
+    .await
+    .map_err(|e| AgentError::Snapshot {
+        snapshot: snapshot_id.to_string(),
+        message: pg::describe(&e),
+    })?;
+    let columns = quote_ident_list(columns.iter().map(String::as_str));
+    let sql = match range {
+        None => format!(
+            "COPY {} ({columns}) TO STDOUT (FORMAT binary)",
+            table.quoted()
+        ),
+        Some(r) => format!(
+            "COPY (SELECT {columns} FROM {} WHERE {}) TO STDOUT (FORMAT binary)",
+            table.quoted(),
+            r.predicate()
+        ),
+    };
+    let out = src
+        .copy_out(&sql)
+        .await
+        .map_err(|e| AgentError::copy(&name, "start COPY TO", Side::Source, &e))?;
+    Ok((src, out))
+}
+
+/// Source data as a stream of byte chunks, ending with the source's row count.
+pub enum SourceItem {
+    /// COPY data.
+    Data(Bytes),
+    /// Rows the source sent (last item).
+    Rows(u64),
+}
+
+/// A boxed source stream.
+pub type SourceStream =
+    std::pin::Pin<Box<dyn Stream<Item = Result<SourceItem, AgentError>> + Send>>;
+
+async fn source_stream(
+    spec: &CopySpec,
+    peers: &crate::peer::PeerConnector,
+) -> Result<SourceStream, AgentError> {
+    let table = spec.destination_table.to_string();
+    match &spec.source {
+        SourceSpec::Direct(config) => {
+            let (client, out) = open_source(
+                config.clone(),
+                &spec.application_name,
+                &spec.snapshot_id,
+                &spec.source_table,
+                &spec.columns,
+                spec.range,
+            )
+            .await?;
+            Ok(direct_stream(client, out, table))
+        }
+        SourceSpec::Peer { url, request } => peers.export(url, request.clone(), &table).await,
+    }
+}
+
+/// The COPY TO stream of a direct source, rows counted as they pass, ending with the count.
+pub fn direct_stream(
+    client: Client,
+    out: tokio_postgres::CopyOutStream,
+    table: String,
+) -> SourceStream {
+    // Rows are counted as they pass; the count ends the stream. The client lives as long as the
+    // stream so the snapshot transaction stays open.
+    let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let c2 = std::sync::Arc::clone(&counted);
+    let mut rows_seen = RowCounter::default();
+    let data = out.map(move |item| match item {
+        Ok(bytes) => {
+            rows_seen.message(&bytes);
+            c2.store(rows_seen.rows(), std::sync::atomic::Ordering::Relaxed);
+            Ok(SourceItem::Data(bytes))
+        }
+        Err(e) => Err(AgentError::copy(&table, "read COPY data", Side::Source, &e)),
+    });
+    let tail = futures_util::stream::once(async move {
+        drop(client);
+        Ok(SourceItem::Rows(
+            counted.load(std::sync::atomic::Ordering::Relaxed),
+        ))
+    });
+    Box::pin(data.chain(tail))
+}
+
 /// Runs one copy task.
 ///
-/// The source side reads in a `REPEATABLE READ READ ONLY` transaction that imports the
-/// coordinator's snapshot; the destination side truncates the shadow table and copies into it
-/// (`FREEZE`) in one transaction, which commits only when the row count written equals the
-/// source's count under the same snapshot. `progress` is called with the byte count so far about
-/// every `progress_every_bytes`.
+/// If the task already committed in an earlier attempt (recorded in `pgzm.copy_progress`),
+/// nothing is copied. Otherwise one destination transaction truncates the shadow table (whole
+/// table tasks only), copies into it (`FREEZE` for whole tables), checks the row count against
+/// what the source sent, records the task in `pgzm.copy_progress`, and commits. `progress` is
+/// called with the byte count about every `progress_every_bytes` and at least every
+/// [`HEARTBEAT`].
 pub async fn run_copy(
     spec: &CopySpec,
+    peers: &crate::peer::PeerConnector,
     mut progress: impl FnMut(u64) + Send,
 ) -> Result<CopyOutcome, AgentError> {
     let span = info_span!("copy_task", task = %spec.task_id, table = %spec.destination_table);
     async move {
         let started = Instant::now();
         let table = spec.destination_table.to_string();
-        let src = pg::connect(spec.source.clone(), &spec.application_name)
-            .await
-            .map_err(|e| connect_error(Side::Source, &e))?;
         let dst = pg::connect(spec.destination.clone(), &spec.application_name)
             .await
             .map_err(|e| connect_error(Side::Destination, &e))?;
-
-        src.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        let done = dst
+            .query_opt(
+                "SELECT rows, bytes FROM pgzm.copy_progress WHERE migration_id = $1 AND task_key = $2",
+                &[&spec.migration_id, &spec.task_key],
+            )
             .await
-            .map_err(|e| {
-                AgentError::copy(&table, "begin snapshot transaction", Side::Source, &e)
-            })?;
-        src.batch_execute(&format!(
-            "SET TRANSACTION SNAPSHOT {}",
-            quote_literal(&spec.snapshot_id)
-        ))
-        .await
-        .map_err(|e| AgentError::Snapshot {
-            snapshot: spec.snapshot_id.clone(),
-            message: pg::describe(&e),
-        })?;
+            .map_err(|e| AgentError::copy(&table, "read pgzm.copy_progress", Side::Destination, &e))?;
+        if let Some(row) = done {
+            let rows = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+            return Ok(CopyOutcome {
+                rows_written: rows,
+                rows_in_source: rows,
+                bytes: u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+                duration_ms: 0,
+                already_done: true,
+            });
+        }
+        let mut source = source_stream(spec, peers).await?;
 
         let columns = quote_ident_list(spec.columns.iter().map(String::as_str));
         let target = spec.destination_table.quoted();
-        dst.batch_execute(&format!("BEGIN; TRUNCATE {target}"))
+        let (begin, copy) = match spec.range {
+            None => (
+                format!("BEGIN; TRUNCATE {target}"),
+                format!("COPY {target} ({columns}) FROM STDIN (FORMAT binary, FREEZE)"),
+            ),
+            Some(_) => ("BEGIN".to_string(), format!("COPY {target} ({columns}) FROM STDIN (FORMAT binary)")),
+        };
+        dst.batch_execute(&begin)
             .await
-            .map_err(|e| {
-                AgentError::copy(&table, "truncate shadow table", Side::Destination, &e)
-            })?;
-
-        let out = src
-            .copy_out(&format!(
-                "COPY {} ({columns}) TO STDOUT (FORMAT binary)",
-                spec.source_table.quoted()
-            ))
-            .await
-            .map_err(|e| AgentError::copy(&table, "start COPY TO", Side::Source, &e))?;
+            .map_err(|e| AgentError::copy(&table, "begin the destination transaction", Side::Destination, &e))?;
         let sink = dst
-            .copy_in::<_, bytes::Bytes>(&format!(
-                "COPY {target} ({columns}) FROM STDIN (FORMAT binary, FREEZE)"
-            ))
+            .copy_in::<_, Bytes>(&copy)
             .await
             .map_err(|e| AgentError::copy(&table, "start COPY FROM", Side::Destination, &e))?;
         futures_util::pin_mut!(sink);
 
         let mut bytes = 0u64;
         let mut next_report = spec.progress_every_bytes;
-        let chunks = out.map_err(|e| AgentError::copy(&table, "read COPY data", Side::Source, &e));
-        futures_util::pin_mut!(chunks);
-        while let Some(chunk) = chunks.next().await {
-            let chunk = chunk?;
-            bytes += chunk.len() as u64;
-            sink.feed(chunk)
-                .await
-                .map_err(|e| AgentError::copy(&table, "write COPY data", Side::Destination, &e))?;
-            if bytes >= next_report {
-                progress(bytes);
-                next_report = bytes + spec.progress_every_bytes;
+        let mut last_report = Instant::now();
+        let mut rows_in_source = None;
+        while let Some(item) = source.next().await {
+            match item? {
+                SourceItem::Data(chunk) => {
+                    bytes += chunk.len() as u64;
+                    sink.feed(chunk)
+                        .await
+                        .map_err(|e| AgentError::copy(&table, "write COPY data", Side::Destination, &e))?;
+                    if bytes >= next_report || last_report.elapsed() >= HEARTBEAT {
+                        progress(bytes);
+                        next_report = bytes + spec.progress_every_bytes;
+                        last_report = Instant::now();
+                    }
+                }
+                SourceItem::Rows(n) => rows_in_source = Some(n),
             }
         }
+        let rows_in_source = rows_in_source.ok_or_else(|| AgentError::Copy {
+            table: table.clone(),
+            step: "read COPY data",
+            side: Side::Source,
+            message: "the source stream ended without its row count".into(),
+            class: pg::ErrorClass::Retryable,
+        })?;
         let rows_written = sink
             .as_mut()
             .finish()
             .await
             .map_err(|e| AgentError::copy(&table, "finish COPY", Side::Destination, &e))?;
         progress(bytes);
-
-        let row = src
-            .query_one(
-                &format!("SELECT count(*) FROM {}", spec.source_table.quoted()),
-                &[],
-            )
-            .await
-            .map_err(|e| AgentError::copy(&table, "count source rows", Side::Source, &e))?;
-        let rows_in_source = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
-        // The source transaction only read: ending it cannot fail in a way that matters.
-        let _ = src.batch_execute("COMMIT").await;
         if rows_in_source != rows_written {
             let _ = dst.batch_execute("ROLLBACK").await;
-            return Err(AgentError::RowCountMismatch {
-                table,
-                written: rows_written,
-                in_source: rows_in_source,
-            });
+            return Err(AgentError::RowCountMismatch { table, written: rows_written, in_source: rows_in_source });
         }
-        dst.batch_execute("COMMIT")
-            .await
-            .map_err(|e| AgentError::copy(&table, "commit", Side::Destination, &e))?;
+        dst.execute(
+            "INSERT INTO pgzm.copy_progress (migration_id, task_key, rows, bytes) VALUES ($1, $2, $3, $4)",
+            &[&spec.migration_id, &spec.task_key, &(rows_written as i64), &(bytes as i64)],
+        )
+        .await
+        .map_err(|e| AgentError::copy(&table, "record the task in pgzm.copy_progress", Side::Destination, &e))?;
+        dst.batch_execute("COMMIT").await.map_err(|e| AgentError::copy(&table, "commit", Side::Destination, &e))?;
         let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         debug!(rows = rows_written, bytes, duration_ms, "copy task done");
-        Ok(CopyOutcome {
-            rows_written,
-            rows_in_source,
-            bytes,
-            duration_ms,
-        })
+        Ok(CopyOutcome { rows_written, rows_in_source, bytes, duration_ms, already_done: false })
     }
     .instrument(span)
     .await
 }
 
-fn connect_error(side: Side, err: &tokio_postgres::Error) -> AgentError {
+pub(crate) fn connect_error(side: Side, err: &tokio_postgres::Error) -> AgentError {
     AgentError::Connect {
         side,
         message: pg::describe(err),
         class: pg::classify(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header() -> Vec<u8> {
+        let mut h = BINARY_SIGNATURE.to_vec();
+        h.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
+        h
+    }
+
+    #[test]
+    fn counts_rows_between_header_and_trailer() {
+        let mut c = RowCounter::default();
+        let mut first = header();
+        first.extend_from_slice(&[0, 1, 0, 0, 0, 1, b'x']);
+        c.message(&first);
+        c.message(&[0, 1, 0xff, 0xff, 0xff, 0xff]);
+        c.message(&[0xff, 0xff]);
+        assert_eq!(c.rows(), 2);
+    }
+
+    #[test]
+    fn an_empty_table_is_header_and_trailer_in_one_message() {
+        let mut c = RowCounter::default();
+        let mut only = header();
+        only.extend_from_slice(&[0xff, 0xff]);
+        c.message(&only);
+        assert_eq!(c.rows(), 0);
+        let mut c = RowCounter::default();
+        c.message(&header());
+        c.message(&[0xff, 0xff]);
+        assert_eq!(c.rows(), 0);
+    }
+
+    #[test]
+    fn page_range_predicates() {
+        assert_eq!(
+            PageRange { start: 0, end: 10 }.predicate(),
+            "ctid >= '(0,0)'::tid AND ctid < '(10,0)'::tid"
+        );
+        assert_eq!(
+            PageRange { start: 10, end: 0 }.predicate(),
+            "ctid >= '(10,0)'::tid"
+        );
     }
 }

@@ -105,24 +105,27 @@ impl AgentError {
     }
 }
 
+/// Metadata key on every error status an agent returns about a task: `1` when a retry may
+/// succeed, `0` when not. A status without it comes from the transport (the agent is gone or
+/// unreachable), not from the task.
+pub const RETRYABLE_KEY: &str = "pgzm-retryable";
+
 impl From<AgentError> for tonic::Status {
     fn from(err: AgentError) -> Self {
         let message = err.to_string();
-        match err {
+        let retryable = err.is_retryable();
+        let mut status = match err {
             AgentError::InvalidTask(_) | AgentError::InvalidConnection { .. } => {
                 tonic::Status::invalid_argument(message)
             }
             AgentError::Snapshot { .. } => tonic::Status::failed_precondition(message),
             AgentError::RowCountMismatch { .. } => tonic::Status::data_loss(message),
-            // Retryable failures travel as UNAVAILABLE, fatal ones as ABORTED: the coordinator
-            // retries only the former.
-            AgentError::Connect { class, .. } | AgentError::Copy { class, .. } => {
-                if class == ErrorClass::Fatal {
-                    tonic::Status::aborted(message)
-                } else {
-                    tonic::Status::unavailable(message)
-                }
-            }
-        }
+            AgentError::Connect { .. } | AgentError::Copy { .. } => tonic::Status::aborted(message),
+        };
+        status.metadata_mut().insert(
+            RETRYABLE_KEY,
+            tonic::metadata::MetadataValue::from_static(if retryable { "1" } else { "0" }),
+        );
+        status
     }
 }

@@ -9,7 +9,9 @@
 //! network listener; the coordinator always talks to it through the gRPC client.
 
 pub mod copy;
+pub mod endpoint;
 pub mod error;
+pub mod peer;
 pub mod pg;
 pub mod service;
 pub mod sql;

@@ -1,33 +1,102 @@
 //! The gRPC service of an agent, and its in-process transport.
 
 use std::sync::Arc;
+use std::time::Instant;
 
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
 use pgzm_proto::agent::v1 as proto;
 use pgzm_proto::agent::v1::agent_client::AgentClient;
 use pgzm_proto::agent::v1::agent_server::{Agent, AgentServer};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::CompressionEncoding;
 use tonic::transport::{Channel, Endpoint, Server, Uri};
 use tonic::{Request, Response, Status};
-use tracing::warn;
+use tracing::{info_span, warn, Instrument};
 
-use crate::copy::{run_copy, CopySpec};
+use crate::copy::{open_source, run_copy, CopySpec, PageRange, QualifiedName, RowCounter};
+use crate::endpoint::Databases;
+use crate::error::{AgentError, Side};
+use crate::peer::PeerConnector;
+
+/// Size of the chunks an export stream sends (many COPY rows per gRPC message).
+const EXPORT_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Settings of an agent.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Copy tasks at once.
+    pub max_concurrent_tasks: u32,
+    /// Which databases it serves.
+    pub side: proto::Side,
+    /// Placement label.
+    pub region: String,
+    /// Address other agents use to reach it.
+    pub advertise_url: String,
+    /// Named connection strings.
+    pub databases: Databases,
+    /// How it reaches other agents.
+    pub peers: PeerConnector,
+    /// Shared secret callers must present.
+    pub token: Option<String>,
+}
+
+impl AgentConfig {
+    /// An in-process agent: both sides, no names, no token.
+    pub fn in_process(max_concurrent_tasks: u32) -> Self {
+        AgentConfig {
+            max_concurrent_tasks: max_concurrent_tasks.max(1),
+            side: proto::Side::Both,
+            region: String::new(),
+            advertise_url: String::new(),
+            databases: Databases::default(),
+            peers: PeerConnector::default(),
+            token: None,
+        }
+    }
+}
 
 /// Implementation of the `pgzm.agent.v1.Agent` service.
 #[derive(Clone)]
 pub struct AgentService {
-    max_concurrent_tasks: u32,
+    config: Arc<AgentConfig>,
     permits: Arc<Semaphore>,
 }
 
 impl AgentService {
-    /// A service running at most `max_concurrent_tasks` copy tasks at once (at least 1).
+    /// A service running at most `max_concurrent_tasks` copy tasks at once (at least 1), for
+    /// in-process use.
     pub fn new(max_concurrent_tasks: u32) -> Self {
-        let max = max_concurrent_tasks.max(1);
+        Self::with_config(AgentConfig::in_process(max_concurrent_tasks))
+    }
+
+    /// A service with the given settings.
+    pub fn with_config(config: AgentConfig) -> Self {
+        let permits = Arc::new(Semaphore::new(config.max_concurrent_tasks.max(1) as usize));
         AgentService {
-            max_concurrent_tasks: max,
-            permits: Arc::new(Semaphore::new(max as usize)),
+            config: Arc::new(config),
+            permits,
         }
+    }
+
+    /// The tonic server for this service: checks the token on every call, and speaks zstd when
+    /// the caller asks for it.
+    pub fn into_server(
+        self,
+    ) -> tonic::service::interceptor::InterceptedService<
+        AgentServer<AgentService>,
+        impl tonic::service::Interceptor + Clone,
+    > {
+        let token = self.config.token.clone();
+        let server = AgentServer::new(self)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .send_compressed(CompressionEncoding::Zstd)
+            .max_decoding_message_size(64 << 20);
+        tonic::service::interceptor::InterceptedService::new(server, move |req: Request<()>| {
+            crate::peer::check_token(&token, &req)?;
+            Ok(req)
+        })
     }
 
     /// Runs this service inside the current process and returns a gRPC client connected to it
@@ -40,7 +109,7 @@ impl AgentService {
         let incoming = tokio_stream::once(Ok::<_, std::io::Error>(server_io));
         tokio::spawn(async move {
             if let Err(err) = Server::builder()
-                .add_service(AgentServer::new(self))
+                .add_service(self.into_server())
                 .serve_with_incoming(incoming)
                 .await
             {
@@ -63,6 +132,7 @@ impl AgentService {
 }
 
 type EventStream = ReceiverStream<Result<proto::CopyEvent, Status>>;
+type ChunkStream = ReceiverStream<Result<proto::CopyChunk, Status>>;
 
 #[tonic::async_trait]
 impl Agent for AgentService {
@@ -82,8 +152,50 @@ impl Agent for AgentService {
         Ok(Response::new(proto::InfoResponse {
             protocol_version: pgzm_proto::PROTOCOL_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            max_concurrent_tasks: self.max_concurrent_tasks,
+            max_concurrent_tasks: self.config.max_concurrent_tasks,
+            side: self.config.side as i32,
+            region: self.config.region.clone(),
+            databases: self.config.databases.names(),
+            advertise_url: self.config.advertise_url.clone(),
         }))
+    }
+
+    async fn probe(
+        &self,
+        request: Request<proto::ProbeRequest>,
+    ) -> Result<Response<proto::ProbeResponse>, Status> {
+        let mut results = Vec::new();
+        for e in request.into_inner().endpoints {
+            let result = match self.config.databases.resolve(Side::Destination, Some(&e)) {
+                Err(err) => proto::ProbeResult {
+                    ok: false,
+                    message: err.to_string(),
+                },
+                Ok((config, app)) => match crate::pg::connect(
+                    config,
+                    if app.is_empty() { "pgzm-agent" } else { &app },
+                )
+                .await
+                {
+                    Err(err) => proto::ProbeResult {
+                        ok: false,
+                        message: crate::pg::describe(&err),
+                    },
+                    Ok(client) => match client.query_one("SELECT version()", &[]).await {
+                        Ok(row) => proto::ProbeResult {
+                            ok: true,
+                            message: row.get(0),
+                        },
+                        Err(err) => proto::ProbeResult {
+                            ok: false,
+                            message: crate::pg::describe(&err),
+                        },
+                    },
+                },
+            };
+            results.push(result);
+        }
+        Ok(Response::new(proto::ProbeResponse { results }))
     }
 
     type RunCopyStream = EventStream;
@@ -92,18 +204,20 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::CopyTask>,
     ) -> Result<Response<Self::RunCopyStream>, Status> {
-        let spec = CopySpec::try_from(request.into_inner())?;
+        let spec = CopySpec::from_task(request.into_inner(), &self.config.databases)?;
         let permits = Arc::clone(&self.permits);
+        let config = Arc::clone(&self.config);
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let Ok(_permit) = permits.acquire_owned().await else {
                 return;
             };
             let progress_tx = tx.clone();
-            let work = run_copy(&spec, move |bytes| {
+            let work = run_copy(&spec, &config.peers, move |bytes| {
                 let event = proto::CopyEvent {
                     event: Some(proto::copy_event::Event::Progress(proto::CopyProgress {
                         bytes,
+                        rows: 0,
                     })),
                 };
                 // Progress is advisory: drop it rather than wait when the client is slow.
@@ -123,6 +237,112 @@ impl Agent for AgentService {
             };
             let _ = tx.send(message).await;
         });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type ExportRangeStream = ChunkStream;
+
+    async fn export_range(
+        &self,
+        request: Request<proto::ExportRequest>,
+    ) -> Result<Response<Self::ExportRangeStream>, Status> {
+        let req = request.into_inner();
+        if req.snapshot_id.is_empty() || req.columns.is_empty() {
+            return Err(
+                AgentError::InvalidTask("export needs a snapshot and columns".into()).into(),
+            );
+        }
+        let (config, app) = self
+            .config
+            .databases
+            .resolve(Side::Source, req.source.as_ref())?;
+        let table = req
+            .table
+            .map(|t| QualifiedName {
+                schema: t.schema,
+                name: t.name,
+            })
+            .ok_or_else(|| Status::invalid_argument("export needs a table"))?;
+        let range = req.range.map(|r| PageRange {
+            start: r.start_page,
+            end: r.end_page,
+        });
+        let (tx, rx) = mpsc::channel(8);
+        let span = info_span!("export_range", task = %req.task_id, table = %table);
+        tokio::spawn(
+            async move {
+                let started = Instant::now();
+                let opened = open_source(
+                    config,
+                    if app.is_empty() { "pgzm-agent" } else { &app },
+                    &req.snapshot_id,
+                    &table,
+                    &req.columns,
+                    range,
+                )
+                .await;
+                let (client, out) = match opened {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                };
+                futures_util::pin_mut!(out);
+                let mut counter = RowCounter::default();
+                let mut buf = BytesMut::with_capacity(EXPORT_CHUNK_BYTES * 2);
+                while let Some(item) = out.next().await {
+                    match item {
+                        Ok(bytes) => {
+                            counter.message(&bytes);
+                            buf.extend_from_slice(&bytes);
+                            if buf.len() >= EXPORT_CHUNK_BYTES {
+                                let data: Bytes = buf.split().freeze();
+                                if tx
+                                    .send(Ok(proto::CopyChunk {
+                                        chunk: Some(proto::copy_chunk::Chunk::Data(data.to_vec())),
+                                    }))
+                                    .await
+                                    .is_err()
+                                {
+                                    return; // the importer went away
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            let err = AgentError::copy(
+                                &table.to_string(),
+                                "read COPY data",
+                                Side::Source,
+                                &e,
+                            );
+                            let _ = tx.send(Err(Status::from(err))).await;
+                            return;
+                        }
+                    }
+                }
+                if !buf.is_empty() {
+                    let data = buf.split().freeze();
+                    let _ = tx
+                        .send(Ok(proto::CopyChunk {
+                            chunk: Some(proto::copy_chunk::Chunk::Data(data.to_vec())),
+                        }))
+                        .await;
+                }
+                drop(client);
+                let _ = tx
+                    .send(Ok(proto::CopyChunk {
+                        chunk: Some(proto::copy_chunk::Chunk::RowsInSource(counter.rows())),
+                    }))
+                    .await;
+                tracing::debug!(
+                    rows = counter.rows(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "export done"
+                );
+            }
+            .instrument(span),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -354,52 +354,100 @@ async fn orphans_in_set(
     Ok(out)
 }
 
-/// Parses `--before`: `YYYY-MM-DD` (UTC midnight), `YYYY-MM-DD HH:MM[:SS]` or
-/// `YYYY-MM-DDTHH:MM[:SS][Z]` (UTC), or milliseconds since the epoch (all digits).
+/// Parses `--before`: milliseconds since the epoch (all digits), `YYYY-MM-DD` (UTC midnight),
+/// or `YYYY-MM-DD HH:MM[:SS[.fff]]` / `YYYY-MM-DDTHH:MM[:SS[.fff]]`, UTC unless followed by `Z`
+/// or an offset `±HH:MM` / `±HHMM` / `±HH` (ISO 8601, e.g. the output of `date -Iseconds`).
+/// Dates that do not exist (2023-02-29, 2024-04-31) are refused.
 pub fn parse_before(text: &str) -> Result<i64, CoordinatorError> {
     let t = text.trim();
     let bad = || {
         CoordinatorError::Usage(format!(
-            "--before {t:?}: expected YYYY-MM-DD, \"YYYY-MM-DD HH:MM\" (UTC) or milliseconds since the epoch"
+            "--before {t:?}: expected YYYY-MM-DD, \"YYYY-MM-DD HH:MM[:SS]\" (UTC), an ISO 8601 \
+             timestamp such as 2024-02-29T12:30:00+01:00, or milliseconds since the epoch"
         ))
     };
     if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
         return t.parse::<i64>().map_err(|_| bad());
     }
-    let t = t.trim_end_matches('Z');
-    let (date, time) = match t.split_once(['T', ' ']) {
-        Some((d, tm)) => (d, Some(tm)),
-        None => (t, None),
-    };
-    let mut d = date.split('-');
-    let (y, m, day) = (d.next(), d.next(), d.next());
-    if d.next().is_some() {
-        return Err(bad());
-    }
-    let num = |s: Option<&str>, len: usize| -> Result<i64, CoordinatorError> {
-        let s = s.ok_or_else(bad)?;
+    let digits = |s: &str, len: usize| -> Result<i64, CoordinatorError> {
         if s.len() != len || !s.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad());
         }
         s.parse().map_err(|_| bad())
     };
-    let (y, m, day) = (num(y, 4)?, num(m, 2)?, num(day, 2)?);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+    let (date, time) = match t.split_once(['T', ' ']) {
+        Some((d, tm)) => (d, Some(tm)),
+        None => (t, None),
+    };
+    let parts: Vec<&str> = date.split('-').collect();
+    let [y, m, d] = parts.as_slice() else {
+        return Err(bad());
+    };
+    let (y, m, d) = (digits(y, 4)?, digits(m, 2)?, digits(d, 2)?);
+    if !(1..=12).contains(&m) || d < 1 || d > days_in_month(y, m) {
         return Err(bad());
     }
-    let mut secs = days_from_civil(y, m, day) * 86_400;
+    let mut ms = days_from_civil(y, m, d) * 86_400_000;
     if let Some(time) = time {
-        let mut p = time.split(':');
-        let (h, mi, s) = (p.next(), p.next(), p.next());
-        let h = num(h, 2)?;
-        let mi = num(mi, 2)?;
-        let s = if s.is_some() { num(s, 2)? } else { 0 };
-        if h > 23 || mi > 59 || s > 60 || p.next().is_some() {
+        // Time zone designator: `Z` or a numeric offset east of UTC.
+        let (clock, offset_minutes) = if let Some(clock) = time.strip_suffix('Z') {
+            (clock, 0)
+        } else if let Some(pos) = time.rfind(['+', '-']) {
+            let (clock, zone) = (&time[..pos], &time[pos + 1..]);
+            let (h, mi) = match zone.len() {
+                2 => (digits(zone, 2)?, 0),
+                4 => (digits(&zone[..2], 2)?, digits(&zone[2..], 2)?),
+                5 if zone.as_bytes()[2] == b':' => (digits(&zone[..2], 2)?, digits(&zone[3..], 2)?),
+                _ => return Err(bad()),
+            };
+            if h > 23 || mi > 59 {
+                return Err(bad());
+            }
+            let sign = if time.as_bytes()[pos] == b'-' { -1 } else { 1 };
+            (clock, sign * (h * 60 + mi))
+        } else {
+            (time, 0)
+        };
+        let (hms, fraction) = match clock.split_once('.') {
+            Some((hms, f)) => (hms, Some(f)),
+            None => (clock, None),
+        };
+        let fields: Vec<&str> = hms.split(':').collect();
+        let (h, mi, s) = match fields.as_slice() {
+            [h, mi] => (digits(h, 2)?, digits(mi, 2)?, 0),
+            [h, mi, s] => (digits(h, 2)?, digits(mi, 2)?, digits(s, 2)?),
+            _ => return Err(bad()),
+        };
+        if h > 23 || mi > 59 || s > 60 {
             return Err(bad());
         }
-        secs += h * 3600 + mi * 60 + s;
+        let millis = match fraction {
+            // A fraction needs seconds and at least one digit; digits past the millisecond
+            // are dropped.
+            Some(f) if fields.len() == 3 && !f.is_empty() && f.len() <= 9 => {
+                if !f.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(bad());
+                }
+                format!("{:0<3}", &f[..f.len().min(3)])
+                    .parse::<i64>()
+                    .map_err(|_| bad())?
+            }
+            Some(_) => return Err(bad()),
+            None => 0,
+        };
+        ms += ((h * 60 + mi - offset_minutes) * 60 + s) * 1000 + millis;
     }
-    Ok(secs * 1000)
+    Ok(ms)
+}
+
+/// Number of days of month `m` (1–12) of year `y` (proleptic Gregorian).
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        4 | 6 | 9 | 11 => 30,
+        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        2 => 28,
+        _ => 31,
+    }
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).

@@ -196,6 +196,12 @@ pub struct PrepareArgs {
     /// maintenance_work_mem for index builds on the destination.
     #[arg(long, default_value = "256MB")]
     pub maintenance_work_mem: String,
+    /// Split tables larger than this many MB (heap + TOAST) into page ranges copied in parallel.
+    #[arg(long, default_value_t = 256)]
+    pub range_size_mb: i64,
+    /// Remote agents.
+    #[command(flatten)]
+    pub agents: AgentArgs,
     /// Write the migration log here (start only; default:
     /// ./migration_<time>_<source db>_to_<dest db>.log).
     #[arg(long)]
@@ -203,6 +209,72 @@ pub struct PrepareArgs {
     /// Do not write a migration log file.
     #[arg(long, conflicts_with = "log_file")]
     pub no_log_file: bool,
+}
+
+/// How the coordinator reaches remote agents.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// A `pgzm-agent` to hand copy tasks to (repeatable): http://HOST:PORT (loopback) or
+    /// https://HOST:PORT. Without any, an agent runs in-process.
+    #[arg(long = "agent", value_name = "URL")]
+    pub urls: Vec<String>,
+    /// CA certificate (PEM) that signed the agents' server certificates.
+    #[arg(long, value_name = "FILE")]
+    pub agent_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) presented to agents that require one.
+    #[arg(long, value_name = "FILE", requires = "agent_key")]
+    pub agent_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --agent-cert.
+    #[arg(long, value_name = "FILE", requires = "agent_cert")]
+    pub agent_key: Option<std::path::PathBuf>,
+    /// Shared token the agents require. Default: $PGZM_AGENT_TOKEN.
+    #[arg(long, env = "PGZM_AGENT_TOKEN", hide_env_values = true)]
+    pub agent_token: Option<String>,
+    /// Name of the source connection string the agents hold (pgzm-agent --database NAME=URL),
+    /// sent instead of --source.
+    #[arg(long, value_name = "NAME")]
+    pub agent_source_db: Option<String>,
+    /// Same for the destination.
+    #[arg(long, value_name = "NAME")]
+    pub agent_dest_db: Option<String>,
+}
+
+impl AgentArgs {
+    /// The agent settings.
+    pub fn settings(&self) -> Result<crate::agents::AgentSettings, CoordinatorError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p)
+                .map_err(|e| CoordinatorError::Usage(format!("read {}: {e}", p.display())))
+        };
+        let mut tls = None;
+        if self.agent_ca.is_some() || self.agent_cert.is_some() {
+            let mut t = tonic::transport::ClientTlsConfig::new();
+            if let Some(ca) = &self.agent_ca {
+                t = t.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+            }
+            if let (Some(c), Some(k)) = (&self.agent_cert, &self.agent_key) {
+                t = t.identity(tonic::transport::Identity::from_pem(read(c)?, read(k)?));
+            }
+            tls = Some(t);
+        }
+        for url in &self.urls {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(CoordinatorError::Usage(format!(
+                    "--agent {url}: expected http://HOST:PORT or https://HOST:PORT"
+                )));
+            }
+        }
+        Ok(crate::agents::AgentSettings {
+            urls: self.urls.clone(),
+            connector: pgzm_agent::peer::PeerConnector {
+                tls,
+                token: self.agent_token.clone().filter(|t| !t.is_empty()),
+                compress: false,
+            },
+            source_database: self.agent_source_db.clone(),
+            destination_database: self.agent_dest_db.clone(),
+        })
+    }
 }
 
 /// Arguments of `pgzm swap`.
@@ -281,6 +353,7 @@ impl PrepareArgs {
             },
             preserved: crate::prepare::preserved_names(&self.preserved_tables),
             force: self.force,
+            range_bytes: self.range_size_mb.max(1) << 20,
         })
     }
 }

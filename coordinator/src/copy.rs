@@ -1,19 +1,25 @@
-//! The copy phase: one task per table, sent to an agent through the gRPC contract, at most
-//! `jobs` at once, largest tables first; retryable failures are retried from scratch (a task
-//! is one destination transaction, so a retry never duplicates rows).
+//! The copy phase: tasks — one per table, or per page range of a large table — dispatched to
+//! the agents' task slots, largest first. A task is one destination transaction that also records
+//! it in `pgzm.copy_progress`, so a retry (after a transient database error, or on another agent
+//! when one dies or stalls) never duplicates rows and completed ranges are never copied again.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use pgzm_agent::error::RETRYABLE_KEY;
 use pgzm_proto::agent::v1 as proto;
-use pgzm_proto::agent::v1::agent_client::AgentClient;
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
-use tonic::transport::Channel;
 use tracing::{info, info_span, warn, Instrument};
 
+use crate::agents::{AgentHandle, AgentPool};
 use crate::conninfo::DbUrl;
 use crate::error::CoordinatorError;
+
+/// A task's agent-side silence after which it is given up on that agent (agents report
+/// progress at least every 2 s).
+const STALL: Duration = Duration::from_secs(60);
 
 /// One table to copy.
 #[derive(Debug, Clone)]
@@ -24,6 +30,10 @@ pub struct CopyJob {
     pub shadow: String,
     /// Columns.
     pub columns: Vec<String>,
+    /// Heap pages of the source table (for splitting).
+    pub pages: i64,
+    /// Estimated bytes (heap + TOAST).
+    pub bytes: i64,
 }
 
 /// Result of one table's copy.
@@ -33,33 +43,106 @@ pub struct CopyStats {
     pub rows: u64,
     /// COPY payload bytes.
     pub bytes: u64,
-    /// Agent-side duration.
+    /// Agent-side duration (sum over ranges).
     pub duration_ms: u64,
-    /// Attempts used.
+    /// Attempts used (sum over ranges).
     pub attempts: u32,
+    /// Tasks (ranges) the table was split into.
+    pub tasks: u32,
 }
 
 /// Shared settings of the copy phase.
 #[derive(Clone)]
 pub struct CopyContext {
-    /// Agent client (in-process or remote).
-    pub agent: AgentClient<Channel>,
-    /// Source URL (sent to the agent, never logged).
+    /// Source URL (sent to agents unless they hold a named one; never logged).
     pub source: DbUrl,
     /// Destination URL.
     pub destination: DbUrl,
     /// Exported snapshot id.
     pub snapshot: String,
-    /// Migration id, for task ids.
+    /// Migration id, for task ids and keys.
     pub migration_id: i64,
-    /// Retries per task after the first attempt.
+    /// Retries per task after a transient database error.
     pub retries: u32,
+    /// Split tables larger than this into page ranges of about this size.
+    pub range_bytes: i64,
 }
 
-/// Copies `jobs` with at most `parallel` tasks at once. `on_done` runs after each table lands
-/// (the caller starts that table's index builds there).
+#[derive(Debug, Clone)]
+struct Task {
+    job: usize,
+    key: String,
+    range: Option<proto::PageRange>,
+    attempts: u32,
+    failovers: u32,
+}
+
+/// Splits a job into page-range tasks of about `range_bytes` each (one task when small).
+fn split(job_index: usize, job: &CopyJob, range_bytes: i64) -> Vec<Task> {
+    let parts = if range_bytes > 0 && job.bytes > range_bytes && job.pages > 1 {
+        ((job.bytes + range_bytes - 1) / range_bytes)
+            .min(job.pages)
+            .max(1)
+    } else {
+        1
+    };
+    if parts == 1 {
+        return vec![Task {
+            job: job_index,
+            key: format!("t{job_index}"),
+            range: None,
+            attempts: 0,
+            failovers: 0,
+        }];
+    }
+    let per = (job.pages + parts - 1) / parts;
+    (0..parts)
+        .map(|i| {
+            let start = (i * per) as u64;
+            let end = if i == parts - 1 {
+                0
+            } else {
+                ((i + 1) * per) as u64
+            };
+            Task {
+                job: job_index,
+                key: format!("t{job_index}/p{start}"),
+                range: Some(proto::PageRange {
+                    start_page: start,
+                    end_page: end,
+                }),
+                attempts: 0,
+                failovers: 0,
+            }
+        })
+        .collect()
+}
+
+struct Queue {
+    tasks: VecDeque<Task>,
+    in_flight: usize,
+    failed: Option<CoordinatorError>,
+    remaining: BTreeMap<usize, usize>,
+    stats: BTreeMap<usize, CopyStats>,
+}
+
+enum Outcome {
+    Done(proto::CopyDone),
+    /// The task failed; retry when `retry`.
+    Failed {
+        message: String,
+        retry: bool,
+    },
+    /// The agent failed (transport, stall): retry elsewhere.
+    AgentLost(String),
+}
+
+/// Copies `jobs` with at most `parallel` tasks at once across the pool's agents. `on_done`
+/// runs once per table, as soon as all of its tasks have landed (the caller builds that
+/// table's indexes there).
 pub async fn copy_all<F, Fut>(
     ctx: CopyContext,
+    pool: Arc<AgentPool>,
     jobs: Vec<CopyJob>,
     parallel: usize,
     on_done: F,
@@ -68,73 +151,269 @@ where
     F: Fn(CopyJob, CopyStats) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<(), CoordinatorError>> + Send + 'static,
 {
-    let permits = Arc::new(Semaphore::new(parallel.max(1)));
+    let mut tasks = Vec::new();
+    let mut remaining = BTreeMap::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let parts = split(i, job, ctx.range_bytes);
+        remaining.insert(i, parts.len());
+        tasks.extend(parts);
+    }
+    let queue = Arc::new(Mutex::new(Queue {
+        tasks: tasks.into(),
+        in_flight: 0,
+        failed: None,
+        remaining,
+        stats: BTreeMap::new(),
+    }));
+    let notify = Arc::new(Notify::new());
+    let jobs = Arc::new(jobs);
     let on_done = Arc::new(on_done);
+    let executors = pool.executors();
+    let agent_count = executors.len() as u32;
     let mut set = JoinSet::new();
-    for (n, job) in jobs.into_iter().enumerate() {
-        let ctx = ctx.clone();
-        let permits = Arc::clone(&permits);
-        let on_done = Arc::clone(&on_done);
-        let span = info_span!("table_task", table = %job.table, task = n);
-        set.spawn(
-            async move {
-                let _permit =
-                    permits
-                        .acquire_owned()
-                        .await
-                        .map_err(|_| CoordinatorError::Copy {
-                            table: job.table.clone(),
-                            message: "copy phase cancelled".into(),
-                        })?;
-                let stats = copy_one(&ctx, &job, n).await?;
-                on_done(job.clone(), stats).await?;
-                Ok::<_, CoordinatorError>((job.table, stats))
+    // Slots: each executor's capacity, in turn, until `parallel` are handed out.
+    let mut slots = Vec::new();
+    let mut round = 0u32;
+    while slots.len() < parallel.max(1) {
+        let before = slots.len();
+        for a in &executors {
+            if round < a.info.max_concurrent_tasks.max(1) && slots.len() < parallel.max(1) {
+                slots.push(Arc::clone(a));
             }
-            .instrument(span),
+        }
+        if slots.len() == before {
+            break;
+        }
+        round += 1;
+    }
+    for (n, agent) in slots.into_iter().enumerate() {
+        let w = Worker {
+            ctx: ctx.clone(),
+            pool: Arc::clone(&pool),
+            agent,
+            queue: Arc::clone(&queue),
+            notify: Arc::clone(&notify),
+            jobs: Arc::clone(&jobs),
+            agent_count,
+        };
+        let on_done = Arc::clone(&on_done);
+        set.spawn(
+            async move { w.run(on_done.as_ref()).await }
+                .instrument(info_span!("copy_worker", slot = n)),
         );
     }
-    let mut out = Vec::new();
     while let Some(joined) = set.join_next().await {
-        match joined {
-            Ok(Ok(r)) => out.push(r),
-            Ok(Err(err)) => {
-                set.abort_all();
-                while set.join_next().await.is_some() {}
-                return Err(err);
+        if let Err(e) = joined {
+            let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.failed.get_or_insert(CoordinatorError::Copy {
+                table: "?".into(),
+                message: format!("copy worker failed: {e}"),
+            });
+        }
+        let failed = queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .failed
+            .is_some();
+        if failed {
+            set.abort_all();
+            notify.notify_waiters();
+        }
+    }
+    let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(err) = q.failed.take() {
+        return Err(err);
+    }
+    if let Some(t) = q.tasks.front() {
+        return Err(CoordinatorError::Copy {
+            table: jobs[t.job].table.clone(),
+            message: "no agent is left to run this task (every agent failed)".into(),
+        });
+    }
+    Ok(std::mem::take(&mut q.stats)
+        .into_iter()
+        .map(|(i, s)| (jobs[i].table.clone(), s))
+        .collect())
+}
+
+struct Worker {
+    ctx: CopyContext,
+    pool: Arc<AgentPool>,
+    agent: Arc<AgentHandle>,
+    queue: Arc<Mutex<Queue>>,
+    notify: Arc<Notify>,
+    jobs: Arc<Vec<CopyJob>>,
+    agent_count: u32,
+}
+
+impl Worker {
+    fn take(&self) -> Option<Option<Task>> {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.failed.is_some() {
+            return None;
+        }
+        match q.tasks.pop_front() {
+            Some(t) => {
+                q.in_flight += 1;
+                Some(Some(t))
             }
-            Err(join_err) => {
-                set.abort_all();
-                while set.join_next().await.is_some() {}
-                return Err(CoordinatorError::Copy {
-                    table: "?".into(),
-                    message: format!("copy task panicked: {join_err}"),
-                });
+            None if q.in_flight == 0 => None,
+            None => Some(None),
+        }
+    }
+
+    fn fail(&self, err: CoordinatorError) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.failed.get_or_insert(err);
+        q.in_flight = q.in_flight.saturating_sub(1);
+        drop(q);
+        self.notify.notify_waiters();
+    }
+
+    fn requeue(&self, task: Task) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.tasks.push_front(task);
+        q.in_flight = q.in_flight.saturating_sub(1);
+        drop(q);
+        self.notify.notify_waiters();
+    }
+
+    async fn run<F, Fut>(self, on_done: &F)
+    where
+        F: Fn(CopyJob, CopyStats) -> Fut,
+        Fut: std::future::Future<Output = Result<(), CoordinatorError>>,
+    {
+        loop {
+            let notified = self.notify.notified();
+            let mut task = match self.take() {
+                None => return,
+                Some(None) => {
+                    notified.await;
+                    continue;
+                }
+                Some(Some(t)) => t,
+            };
+            task.attempts += 1;
+            let job = &self.jobs[task.job];
+            let started = Instant::now();
+            match self.attempt(&task, job).await {
+                Outcome::Done(done) => {
+                    if done.rows_written != done.rows_in_source {
+                        self.fail(CoordinatorError::Validation {
+                            table: job.table.clone(),
+                            shadow: done.rows_written as i64,
+                            source_rows: done.rows_in_source as i64,
+                        });
+                        return;
+                    }
+                    info!(table = %job.table, agent = %self.agent.label, rows = done.rows_written, bytes = done.bytes,
+                          ms = started.elapsed().as_millis() as u64, already_done = done.already_done, "copy task done");
+                    let finished = {
+                        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                        let s = q.stats.entry(task.job).or_default();
+                        s.rows += done.rows_written;
+                        s.bytes += done.bytes;
+                        s.duration_ms += done.duration_ms;
+                        s.attempts += task.attempts;
+                        s.tasks += 1;
+                        let stats = *s;
+                        let left = q.remaining.entry(task.job).or_insert(1);
+                        *left -= 1;
+                        (*left == 0).then_some(stats)
+                    };
+                    if let Some(stats) = finished {
+                        if let Err(e) = on_done(job.clone(), stats).await {
+                            self.fail(e);
+                            return;
+                        }
+                    }
+                    {
+                        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                        q.in_flight = q.in_flight.saturating_sub(1);
+                    }
+                    self.notify.notify_waiters();
+                }
+                Outcome::Failed { message, retry } => {
+                    if retry && task.attempts <= self.ctx.retries + task.failovers {
+                        warn!(table = %job.table, attempt = task.attempts, error = %message, "copy task failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200 * u64::from(task.attempts)))
+                            .await;
+                        self.requeue(task);
+                        continue;
+                    }
+                    let attempts = task.attempts;
+                    self.fail(CoordinatorError::Copy {
+                        table: job.table.clone(),
+                        message: if attempts > 1 {
+                            format!("{message} (after {attempts} attempts)")
+                        } else {
+                            message
+                        },
+                    });
+                    return;
+                }
+                Outcome::AgentLost(message) => {
+                    task.failovers += 1;
+                    warn!(table = %job.table, agent = %self.agent.label, error = %message, "agent failed during a task; the task goes back to the queue");
+                    if task.failovers > 2 * self.agent_count + self.ctx.retries {
+                        self.fail(CoordinatorError::Copy {
+                            table: job.table.clone(),
+                            message: format!(
+                                "agents kept failing ({} failovers); last: {message}",
+                                task.failovers
+                            ),
+                        });
+                        return;
+                    }
+                    self.requeue(task);
+                    // This slot waits for its agent to come back; the other agents go on.
+                    if !self.wait_for_agent().await {
+                        return;
+                    }
+                }
             }
         }
     }
-    Ok(out)
-}
 
-async fn copy_one(
-    ctx: &CopyContext,
-    job: &CopyJob,
-    n: usize,
-) -> Result<CopyStats, CoordinatorError> {
-    let mut attempt = 0u32;
-    loop {
-        attempt += 1;
-        let started = Instant::now();
-        let task = proto::CopyTask {
-            task_id: format!("m{}/t{n}/a{attempt}", ctx.migration_id),
-            source: Some(proto::Endpoint {
-                url: ctx.source.expose().to_string(),
-                application_name: "pgzm-agent".into(),
-            }),
-            destination: Some(proto::Endpoint {
-                url: ctx.destination.expose().to_string(),
-                application_name: "pgzm-agent".into(),
-            }),
-            snapshot_id: ctx.snapshot.clone(),
+    /// Polls the agent until it answers again (up to a minute, while work remains).
+    async fn wait_for_agent(&self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut delay = Duration::from_millis(250);
+        while Instant::now() < deadline {
+            tokio::time::sleep(delay).await;
+            {
+                let q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                if q.failed.is_some() || (q.tasks.is_empty() && q.in_flight == 0) {
+                    return false;
+                }
+            }
+            let mut client = self.agent.client.clone();
+            let req = self.pool.connector.request(proto::InfoRequest {
+                protocol_version: pgzm_proto::PROTOCOL_VERSION,
+            });
+            if tokio::time::timeout(Duration::from_secs(5), client.info(req))
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
+                info!(agent = %self.agent.label, "agent is back");
+                return true;
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        false
+    }
+
+    async fn attempt(&self, task: &Task, job: &CopyJob) -> Outcome {
+        let peer_url = if self.agent.side() == proto::Side::Destination {
+            self.pool.source_peer().unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let message = proto::CopyTask {
+            task_id: format!("m{}/{}/a{}", self.ctx.migration_id, task.key, task.attempts),
+            source: Some(self.pool.endpoint(&self.ctx.source, false)),
+            destination: Some(self.pool.endpoint(&self.ctx.destination, true)),
+            snapshot_id: self.ctx.snapshot.clone(),
             source_table: Some(proto::TableName {
                 schema: "public".into(),
                 name: job.table.clone(),
@@ -145,65 +424,97 @@ async fn copy_one(
             }),
             columns: job.columns.clone(),
             progress_every_bytes: 0,
+            range: task.range,
+            task_key: task.key.clone(),
+            migration_id: self.ctx.migration_id,
+            peer_url,
         };
-        match run_task(ctx.agent.clone(), task).await {
-            Ok(done) => {
-                if done.rows_written != done.rows_in_source {
-                    return Err(CoordinatorError::Validation {
-                        table: job.table.clone(),
-                        shadow: i64::try_from(done.rows_written).unwrap_or(i64::MAX),
-                        source_rows: i64::try_from(done.rows_in_source).unwrap_or(i64::MAX),
-                    });
+        let mut client = self.agent.client.clone();
+        let mut stream = match client.run_copy(self.pool.connector.request(message)).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => return classify(s),
+        };
+        loop {
+            match tokio::time::timeout(STALL, stream.message()).await {
+                Err(_) => {
+                    return Outcome::AgentLost(format!(
+                        "no word from the agent for {} s",
+                        STALL.as_secs()
+                    ))
                 }
-                info!(
-                    rows = done.rows_written,
-                    bytes = done.bytes,
-                    ms = started.elapsed().as_millis() as u64,
-                    "table copied"
-                );
-                return Ok(CopyStats {
-                    rows: done.rows_written,
-                    bytes: done.bytes,
-                    duration_ms: done.duration_ms,
-                    attempts: attempt,
-                });
-            }
-            Err(status) => {
-                let retryable = matches!(
-                    status.code(),
-                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
-                );
-                if retryable && attempt <= ctx.retries {
-                    let backoff = Duration::from_millis(200 * u64::from(attempt));
-                    warn!(attempt, error = %status.message(), "copy attempt failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    continue;
+                Ok(Err(s)) => return classify(s),
+                Ok(Ok(None)) => {
+                    return Outcome::AgentLost(
+                        "the agent closed the task stream without a result".into(),
+                    )
                 }
-                return Err(CoordinatorError::Copy {
-                    table: job.table.clone(),
-                    message: if attempt > 1 {
-                        format!("{} (after {attempt} attempts)", status.message())
-                    } else {
-                        status.message().to_string()
-                    },
-                });
+                Ok(Ok(Some(event))) => {
+                    if let Some(proto::copy_event::Event::Done(done)) = event.event {
+                        return Outcome::Done(done);
+                    }
+                }
             }
         }
     }
 }
 
-async fn run_task(
-    mut agent: AgentClient<Channel>,
-    task: proto::CopyTask,
-) -> Result<proto::CopyDone, tonic::Status> {
-    let mut stream = agent.run_copy(task).await?.into_inner();
-    while let Some(event) = stream.message().await? {
-        match event.event {
-            Some(proto::copy_event::Event::Done(done)) => return Ok(done),
-            Some(proto::copy_event::Event::Progress(_)) | None => {}
+fn classify(s: tonic::Status) -> Outcome {
+    match s
+        .metadata()
+        .get(RETRYABLE_KEY)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(flag) => Outcome::Failed {
+            message: s.message().to_string(),
+            retry: flag == "1",
+        },
+        None if s.code() == tonic::Code::Unauthenticated
+            || s.code() == tonic::Code::FailedPrecondition =>
+        {
+            Outcome::Failed {
+                message: s.message().to_string(),
+                retry: false,
+            }
+        }
+        None => Outcome::AgentLost(format!("{}: {}", s.code(), s.message())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(pages: i64, bytes: i64) -> CopyJob {
+        CopyJob {
+            table: "t".into(),
+            shadow: "shadow_t".into(),
+            columns: vec!["a".into()],
+            pages,
+            bytes,
         }
     }
-    Err(tonic::Status::unavailable(
-        "the agent closed the task stream without a result",
-    ))
+
+    #[test]
+    fn small_tables_are_one_task() {
+        let t = split(3, &job(10, 80_000), 256 << 20);
+        assert_eq!(t.len(), 1);
+        assert!(t[0].range.is_none());
+        assert_eq!(t[0].key, "t3");
+    }
+
+    #[test]
+    fn large_tables_are_split_into_contiguous_ranges() {
+        let t = split(0, &job(100_000, 1 << 30), 256 << 20);
+        assert_eq!(t.len(), 4);
+        let r: Vec<(u64, u64)> = t
+            .iter()
+            .map(|t| t.range.map(|r| (r.start_page, r.end_page)).unwrap())
+            .collect();
+        assert_eq!(
+            r,
+            vec![(0, 25_000), (25_000, 50_000), (50_000, 75_000), (75_000, 0)]
+        );
+        let keys: std::collections::BTreeSet<_> = t.iter().map(|t| t.key.clone()).collect();
+        assert_eq!(keys.len(), 4);
+    }
 }

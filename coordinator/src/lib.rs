@@ -5,6 +5,7 @@
 //! default, over the gRPC contract of `pgzm-proto`), finishes the shadow tables, and swaps them
 //! in with one short transaction. See `ARCHITECTURE.md` for the map.
 
+pub mod agents;
 pub mod backup;
 pub mod build;
 pub mod catalog;

@@ -3,12 +3,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use pgzm_agent::service::AgentService;
-use pgzm_coordinator::cli::{Cli, Command};
+use pgzm_coordinator::agents::AgentPool;
+use pgzm_coordinator::cli::{Cli, Command, PrepareArgs};
 use pgzm_coordinator::migrate::StartOptions;
 use pgzm_coordinator::{backup, cutover, logfile, migrate, output, prepare, rollback, status};
-use pgzm_proto::agent::v1::agent_client::AgentClient;
-use tonic::transport::Channel;
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(cli: &Cli) {
@@ -27,11 +25,18 @@ fn init_logging(cli: &Cli) {
         .init();
 }
 
-async fn in_process_agent(opts: &StartOptions) -> anyhow::Result<AgentClient<Channel>> {
-    AgentService::new(u32::try_from(opts.jobs).unwrap_or(u32::MAX))
-        .into_in_process_client()
-        .await
-        .map_err(|e| anyhow::anyhow!("start the in-process agent: {e}"))
+/// The agents of a run: remote ones when given (then `--jobs` defaults to their capacity),
+/// else one in-process.
+async fn agents(args: &PrepareArgs, opts: &mut StartOptions) -> anyhow::Result<AgentPool> {
+    let settings = args.agents.settings()?;
+    if settings.urls.is_empty() {
+        return Ok(AgentPool::in_process(opts.jobs).await?);
+    }
+    let pool = AgentPool::connect(&settings).await?;
+    if args.jobs.is_none() {
+        opts.jobs = pool.capacity().max(1);
+    }
+    Ok(pool)
 }
 
 fn print<T: serde::Serialize>(
@@ -50,11 +55,11 @@ fn print<T: serde::Serialize>(
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Start(args) => {
-            let opts = args.to_options()?;
-            let agent = in_process_agent(&opts).await?;
+            let mut opts = args.to_options()?;
+            let pool = agents(&args, &mut opts).await?;
             let started = migrate::now_ms();
             let mut phases = migrate::Phases(Vec::new());
-            let result = migrate::start_with_phases(opts.clone(), agent, &mut phases).await;
+            let result = migrate::start_with_phases(opts.clone(), pool, &mut phases).await;
             if !args.no_log_file {
                 let path = args
                     .log_file
@@ -78,14 +83,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print(args.json, &report, || output::human_report(&report))
         }
         Command::Prepare(args) => {
-            let opts = args.to_options()?;
-            let agent = in_process_agent(&opts).await?;
+            let mut opts = args.to_options()?;
+            let pool = agents(&args, &mut opts).await?;
             let mut phases = migrate::Phases(Vec::new());
-            let prepared = prepare::prepare(&opts, agent, &mut phases).await?;
+            let prepared = prepare::prepare(&opts, pool, &mut phases).await?;
             let Some(prepared) = prepared else {
                 anyhow::bail!("prepare returned nothing")
             };
-            let mut report = prepared.report;
+            let mut report = prepared.release().await;
             report.phases = phases.0;
             print(args.json, &report, || output::human_prepare(&report))
         }

@@ -7,12 +7,10 @@
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use pgzm_proto::agent::v1::agent_client::AgentClient;
-use pgzm_proto::agent::v1::InfoRequest;
 use serde::Serialize;
-use tonic::transport::Channel;
 use tracing::{info, info_span, Instrument};
 
+use crate::agents::AgentPool;
 use crate::build::BuildSettings;
 use crate::conninfo::DbUrl;
 use crate::error::CoordinatorError;
@@ -41,7 +39,12 @@ pub struct StartOptions {
     pub preserved: Vec<String>,
     /// Replace a prepared migration that is waiting for its swap.
     pub force: bool,
+    /// Split tables larger than this (heap + TOAST bytes) into page ranges copied in parallel.
+    pub range_bytes: i64,
 }
+
+/// Default size of a copy task's page range: 256 MB.
+pub const DEFAULT_RANGE_BYTES: i64 = 256 << 20;
 
 /// Duration of one phase.
 #[derive(Debug, Clone, Serialize)]
@@ -180,52 +183,20 @@ pub fn rfc3339(ms: i64) -> String {
     )
 }
 
-/// Checks that the agent answers and speaks our protocol.
-pub async fn check_agent(
-    agent: &mut AgentClient<Channel>,
-    label: &str,
-) -> Result<(), CoordinatorError> {
-    let info = agent
-        .info(InfoRequest {
-            protocol_version: pgzm_proto::PROTOCOL_VERSION,
-        })
-        .await
-        .map_err(|s| CoordinatorError::Agent {
-            agent: label.to_string(),
-            message: s.message().to_string(),
-        })?
-        .into_inner();
-    if info.protocol_version != pgzm_proto::PROTOCOL_VERSION {
-        return Err(CoordinatorError::Agent {
-            agent: label.to_string(),
-            message: format!(
-                "speaks protocol {} (agent {}), this pgzm speaks {}: run the same version on both",
-                info.protocol_version,
-                info.agent_version,
-                pgzm_proto::PROTOCOL_VERSION
-            ),
-        });
-    }
-    Ok(())
-}
-
 /// Runs a whole migration — prepare, then swap, in one process (or, with `dry_run`, only its
 /// plan). Until the swap commits, a failure removes everything this run created.
-pub async fn start(
-    opts: StartOptions,
-    agent: AgentClient<Channel>,
-) -> Result<Report, CoordinatorError> {
+pub async fn start(opts: StartOptions, pool: AgentPool) -> Result<Report, CoordinatorError> {
     let mut phases = Phases(Vec::new());
-    start_with_phases(opts, agent, &mut phases).await
+    start_with_phases(opts, pool, &mut phases).await
 }
 
 /// [`start`], leaving the phase timings in `phases` also when it fails (for the log file).
 pub async fn start_with_phases(
     opts: StartOptions,
-    agent: AgentClient<Channel>,
+    pool: AgentPool,
     phases: &mut Phases,
 ) -> Result<Report, CoordinatorError> {
-    let Some(mut prepared) = prepare::prepare(&opts, agent, phases).await? else {
+    let Some(mut prepared) = prepare::prepare(&opts, pool, phases).await? else {
         return Err(CoordinatorError::Usage(
             "internal: prepare returned no report".into(),
         ));

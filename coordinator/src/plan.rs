@@ -77,6 +77,9 @@ pub struct TablePlan {
     pub estimated_rows: i64,
     /// Estimate of bytes in the source.
     pub estimated_bytes: i64,
+    /// Heap pages in the source (estimate).
+    #[serde(default)]
+    pub pages: i64,
 }
 
 /// A view created in the swap transaction.
@@ -442,6 +445,7 @@ fn table_plan(t: &Table, dest: &Destination) -> TablePlan {
         copy_columns: t.copy_columns(),
         estimated_rows: t.estimated_rows,
         estimated_bytes: t.estimated_bytes,
+        pages: t.pages,
     }
 }
 

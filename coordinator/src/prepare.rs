@@ -10,18 +10,17 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
-use pgzm_proto::agent::v1::agent_client::AgentClient;
 use tokio_postgres::{Client, GenericClient};
-use tonic::transport::Channel;
 use tracing::{info_span, warn, Instrument};
 
+use crate::agents::AgentPool;
 use crate::build;
 use crate::catalog::{self, SourceSchema};
 use crate::copy::{self, CopyContext, CopyJob, CopyStats};
 use crate::ddl;
 use crate::destination::{self, Destination};
 use crate::error::CoordinatorError;
-use crate::migrate::{check_agent, Phases, Report, StartOptions, TableReport};
+use crate::migrate::{Phases, Report, StartOptions, TableReport};
 use crate::plan::{self, Plan};
 use crate::preserve;
 use crate::rewrite::Renames;
@@ -36,6 +35,22 @@ pub struct Prepared {
     pub created: RecordedObjects,
     /// The report so far.
     pub report: Report,
+}
+
+impl Prepared {
+    /// Ends the prepare run: releases the destination's run lock now, instead of whenever the
+    /// server notices the closed connection, so a `status` or `swap` started right after sees
+    /// no run in progress. Returns the report.
+    pub async fn release(self) -> Report {
+        if let Err(e) = self
+            .control
+            .execute("SELECT pg_advisory_unlock($1)", &[&state::LOCK_KEY])
+            .await
+        {
+            warn!(error = %e, "could not release the pgzm run lock; it goes with the connection");
+        }
+        self.report
+    }
 }
 
 /// Normalises `--preserved-tables` entries: trimmed, empties dropped, duplicates removed.
@@ -53,7 +68,7 @@ pub fn preserved_names(raw: &[String]) -> Vec<String> {
 /// Prepares a migration. With `dry_run`, returns after the plan with nothing changed.
 pub async fn prepare(
     opts: &StartOptions,
-    mut agent: AgentClient<Channel>,
+    pool: AgentPool,
     phases: &mut Phases,
 ) -> Result<Option<Prepared>, CoordinatorError> {
     let migration_id = SystemTime::now()
@@ -65,14 +80,19 @@ pub async fn prepare(
     // Plan: read both sides under one source snapshot; change nothing.
     let (source_client, control, schema, dest, earlier, snapshot, live_shapes) = phases
         .run("plan", async {
-            check_agent(&mut agent, "in-process").await?;
+            pool.check_reach(&opts.source, &opts.destination).await?;
             let source_client = opts.source.connect("pgzm-coordinator").await?;
             let control = opts.destination.connect("pgzm-coordinator").await?;
             if !state::try_lock(&control).await? {
                 return Err(CoordinatorError::Busy);
             }
             source_client
-                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL search_path = pg_catalog")
+                .batch_execute(
+                    // Deparsing a table's defaults and indexes takes a brief ACCESS SHARE lock
+                    // on it: bounded, so DDL in progress on the source gives an error, not a hang.
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL search_path = pg_catalog; \
+                     SET LOCAL lock_timeout = '30s'",
+                )
                 .await
                 .map_err(|e| CoordinatorError::source("open the snapshot transaction", &e))?;
             let snapshot: String = source_client
@@ -160,7 +180,7 @@ pub async fn prepare(
         .await?;
     let result = fill(
         opts,
-        agent,
+        pool,
         phases,
         &mut report,
         &control,
@@ -248,7 +268,7 @@ fn deferred_statements(schema: &SourceSchema, plan: &Plan) -> Vec<String> {
 #[allow(clippy::too_many_arguments)]
 async fn fill(
     opts: &StartOptions,
-    agent: AgentClient<Channel>,
+    pool: AgentPool,
     phases: &mut Phases,
     report: &mut Report,
     control: &Client,
@@ -279,15 +299,18 @@ async fn fill(
             table: t.name.clone(),
             shadow: t.shadow.clone(),
             columns: t.copy_columns.clone(),
+            pages: t.pages,
+            bytes: t.estimated_bytes,
         })
         .collect();
+    let pool = Arc::new(pool);
     let ctx = CopyContext {
-        agent,
         source: opts.source.clone(),
         destination: opts.destination.clone(),
         snapshot,
         migration_id: plan.migration_id,
         retries: opts.copy_retries,
+        range_bytes: opts.range_bytes,
     };
     let dest_url = opts.destination.clone();
     let build_settings = opts.build.clone();
@@ -298,29 +321,36 @@ async fn fill(
                 Arc::clone(&plan_arc),
                 Arc::clone(&renames),
             );
-            copy::copy_all(ctx, jobs, opts.jobs, move |job: CopyJob, _stats| {
-                let (schema, plan_arc, renames, dest, settings) = (
-                    Arc::clone(&schema),
-                    Arc::clone(&plan_arc),
-                    Arc::clone(&renames),
-                    dest_url.clone(),
-                    build_settings.clone(),
-                );
-                async move {
-                    let Some(table) = schema.table(&job.table) else {
-                        return Ok(());
-                    };
-                    let statements = build::table_statements(table, &plan_arc, &schema, &renames)?;
-                    build::run_on_session(
-                        &dest,
-                        &settings,
-                        &format!("build \"{}\"", job.table),
-                        statements,
-                    )
-                    .instrument(info_span!("build_table", table = %job.table))
-                    .await
-                }
-            })
+            copy::copy_all(
+                ctx,
+                Arc::clone(&pool),
+                jobs,
+                opts.jobs,
+                move |job: CopyJob, _stats| {
+                    let (schema, plan_arc, renames, dest, settings) = (
+                        Arc::clone(&schema),
+                        Arc::clone(&plan_arc),
+                        Arc::clone(&renames),
+                        dest_url.clone(),
+                        build_settings.clone(),
+                    );
+                    async move {
+                        let Some(table) = schema.table(&job.table) else {
+                            return Ok(());
+                        };
+                        let statements =
+                            build::table_statements(table, &plan_arc, &schema, &renames)?;
+                        build::run_on_session(
+                            &dest,
+                            &settings,
+                            &format!("build \"{}\"", job.table),
+                            statements,
+                        )
+                        .instrument(info_span!("build_table", table = %job.table))
+                        .await
+                    }
+                },
+            )
         })
         .await?;
     // Every task has read the snapshot: release it so the source's vacuum is not held back.

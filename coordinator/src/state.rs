@@ -35,6 +35,14 @@ CREATE TABLE IF NOT EXISTS pgzm.migrations (
     stats           jsonb,
     error           text
 );
+CREATE TABLE IF NOT EXISTS pgzm.copy_progress (
+    migration_id    bigint NOT NULL,
+    task_key        text NOT NULL,
+    rows            bigint NOT NULL,
+    bytes           bigint NOT NULL,
+    done_at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (migration_id, task_key)
+);
 CREATE TABLE IF NOT EXISTS pgzm.sync_errors (
     migration_id    bigint NOT NULL,
     table_name      text NOT NULL,

@@ -75,6 +75,8 @@ pub struct Table {
     pub estimated_rows: i64,
     /// Heap + TOAST + index pages, in bytes, from `relpages` (no lock taken).
     pub estimated_bytes: i64,
+    /// Heap pages (`relpages`), for splitting the copy into page ranges.
+    pub pages: i64,
 }
 
 impl Table {

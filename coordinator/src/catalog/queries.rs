@@ -14,7 +14,8 @@ SELECT c.oid, c.relname::text, c.relkind::text, c.relpersistence::text,
        obj_description(c.oid, 'pg_class'),
        c.reltuples::int8,
        (c.relpages::int8 + coalesce((SELECT t.relpages FROM pg_class t WHERE t.oid = c.reltoastrelid), 0))
-         * current_setting('block_size')::int8
+         * current_setting('block_size')::int8,
+       c.relpages::int8
 FROM pg_class c
 WHERE c.relnamespace = 'public'::regnamespace
   AND c.relkind IN ('r', 'p', 'm', 'f')
@@ -176,6 +177,7 @@ pub async fn read_schema(client: &Client) -> Result<SourceSchema, CoordinatorErr
                 comment: row.get(6),
                 estimated_rows: row.get(7),
                 estimated_bytes: row.get(8),
+                pages: row.get(9),
             }),
         }
     }

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use pgzm_agent::service::AgentService;
+use pgzm_coordinator::agents::AgentPool;
 use pgzm_coordinator::build::BuildSettings;
 use pgzm_coordinator::conninfo::DbUrl;
 use pgzm_coordinator::migrate::{self, Report, StartOptions};
@@ -72,16 +72,21 @@ pub fn options(p: &Pair) -> StartOptions {
         build: BuildSettings::default(),
         preserved: Vec::new(),
         force: false,
+        range_bytes: pgzm_coordinator::migrate::DEFAULT_RANGE_BYTES,
     }
+}
+
+/// The in-process agent, as `pgzm` runs it without `--agent`.
+pub async fn in_process(opts: &StartOptions) -> AgentPool {
+    AgentPool::in_process(opts.jobs)
+        .await
+        .expect("in-process agent")
 }
 
 /// Runs `start` with the in-process agent.
 pub async fn run(opts: StartOptions) -> Result<Report, CoordinatorError> {
-    let agent = AgentService::new(u32::try_from(opts.jobs).unwrap_or(2))
-        .into_in_process_client()
-        .await
-        .expect("in-process agent");
-    migrate::start(opts, agent).await
+    let pool = in_process(&opts).await;
+    migrate::start(opts, pool).await
 }
 
 /// Runs `start` with default options.
@@ -94,17 +99,14 @@ pub async fn migrate(p: &Pair) -> Result<Report, CoordinatorError> {
 pub async fn prepare(
     opts: &StartOptions,
 ) -> Result<Option<pgzm_coordinator::prepare::Prepared>, CoordinatorError> {
-    let agent = AgentService::new(u32::try_from(opts.jobs).unwrap_or(2))
-        .into_in_process_client()
-        .await
-        .expect("in-process agent");
-    pgzm_coordinator::prepare::prepare(opts, agent, &mut migrate::Phases(Vec::new())).await
+    let pool = in_process(opts).await;
+    pgzm_coordinator::prepare::prepare(opts, pool, &mut migrate::Phases(Vec::new())).await
 }
 
 /// Runs `prepare` and releases its session, as a separate `pgzm prepare` process would.
 pub async fn prepare_and_release(opts: &StartOptions) -> Result<Report, CoordinatorError> {
     let prepared = prepare(opts).await?.expect("prepare returned a report");
-    Ok(prepared.report)
+    Ok(prepared.release().await)
 }
 
 /// Runs `swap` on the destination of `p` (what `pgzm swap --dest URL` does), with the same

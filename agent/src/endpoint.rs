@@ -1,0 +1,67 @@
+//! Where an agent's connections go: connection strings sent in tasks, or named ones the agent
+//! holds itself (`--database NAME=URL`), so credentials need not travel.
+
+use std::collections::BTreeMap;
+
+use pgzm_proto::agent::v1 as proto;
+use tokio_postgres::Config;
+
+use crate::error::{AgentError, Side};
+use crate::pg;
+
+/// Named connection strings held by the agent.
+#[derive(Clone, Default)]
+pub struct Databases {
+    named: BTreeMap<String, Config>,
+}
+
+impl std::fmt::Debug for Databases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.named.keys()).finish()
+    }
+}
+
+impl Databases {
+    /// Parses `NAME=URL` definitions. The error never repeats the URL.
+    pub fn parse(definitions: &[String]) -> Result<Databases, String> {
+        let mut named = BTreeMap::new();
+        for d in definitions {
+            let (name, url) = d
+                .split_once('=')
+                .filter(|(n, _)| !n.trim().is_empty())
+                .ok_or_else(|| "--database takes NAME=URL".to_string())?;
+            let config = pg::parse_config(url.trim())
+                .map_err(|m| format!("--database {}: {m}", name.trim()))?;
+            named.insert(name.trim().to_string(), config);
+        }
+        Ok(Databases { named })
+    }
+
+    /// Names held.
+    pub fn names(&self) -> Vec<String> {
+        self.named.keys().cloned().collect()
+    }
+
+    /// Resolves an endpoint to a connection config and application name.
+    pub fn resolve(
+        &self,
+        side: Side,
+        e: Option<&proto::Endpoint>,
+    ) -> Result<(Config, String), AgentError> {
+        let e = e.ok_or_else(|| AgentError::InvalidTask(format!("{side} endpoint missing")))?;
+        let config = match &e.target {
+            Some(proto::endpoint::Target::Url(url)) => pg::parse_config(url)
+                .map_err(|message| AgentError::InvalidConnection { side, message })?,
+            Some(proto::endpoint::Target::Database(name)) => {
+                self.named.get(name).cloned().ok_or_else(|| {
+                    AgentError::InvalidTask(format!(
+                        "this agent holds no database named \"{name}\" (it has: {})",
+                        self.names().join(", ")
+                    ))
+                })?
+            }
+            None => return Err(AgentError::InvalidTask(format!("{side} endpoint is empty"))),
+        };
+        Ok((config, e.application_name.clone()))
+    }
+}

@@ -1,0 +1,155 @@
+//! Calls between agents (a destination-side agent pulling from a source-side one) and the
+//! shared-secret authentication every agent call carries.
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use pgzm_proto::agent::v1 as proto;
+use pgzm_proto::agent::v1::agent_client::AgentClient;
+use tonic::codec::CompressionEncoding;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::{Request, Status};
+
+use crate::copy::{SourceItem, SourceStream};
+use crate::error::{AgentError, Side};
+use crate::pg::ErrorClass;
+
+/// How this process connects to agents: TLS settings, the shared token, compression.
+#[derive(Clone, Default)]
+pub struct PeerConnector {
+    /// TLS for `https://` agents (CA, client identity).
+    pub tls: Option<ClientTlsConfig>,
+    /// Shared secret sent as `authorization: Bearer …`.
+    pub token: Option<String>,
+    /// Ask peers for zstd-compressed streams.
+    pub compress: bool,
+}
+
+impl std::fmt::Debug for PeerConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerConnector")
+            .field("tls", &self.tls.is_some())
+            .field("token", &self.token.is_some())
+            .field("compress", &self.compress)
+            .finish()
+    }
+}
+
+impl PeerConnector {
+    /// Connects to an agent at `url` (`http://` or `https://`).
+    pub async fn connect(
+        &self,
+        url: &str,
+    ) -> Result<AgentClient<Channel>, tonic::transport::Error> {
+        let mut endpoint = Endpoint::from_shared(url.to_string())?
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+            .keep_alive_timeout(std::time::Duration::from_secs(20));
+        if url.starts_with("https://") {
+            endpoint = endpoint.tls_config(
+                self.tls
+                    .clone()
+                    .unwrap_or_else(|| ClientTlsConfig::new().with_enabled_roots()),
+            )?;
+        }
+        let channel = endpoint.connect().await?;
+        let mut client = AgentClient::new(channel).max_decoding_message_size(64 << 20);
+        if self.compress {
+            client = client
+                .accept_compressed(CompressionEncoding::Zstd)
+                .send_compressed(CompressionEncoding::Zstd);
+        }
+        Ok(client)
+    }
+
+    /// Wraps a message into a request carrying the token.
+    pub fn request<T>(&self, message: T) -> Request<T> {
+        let mut req = Request::new(message);
+        if let Some(token) = &self.token {
+            if let Ok(v) = MetadataValue::try_from(format!("Bearer {token}")) {
+                req.metadata_mut().insert("authorization", v);
+            }
+        }
+        req
+    }
+
+    /// Opens a source-side agent's export stream for `table`.
+    pub async fn export(
+        &self,
+        url: &str,
+        request: proto::ExportRequest,
+        table: &str,
+    ) -> Result<SourceStream, AgentError> {
+        let peer_err = |message: String, class: ErrorClass| AgentError::Copy {
+            table: table.to_string(),
+            step: "read from the source-side agent",
+            side: Side::Source,
+            message,
+            class,
+        };
+        let mut client = self
+            .connect(url)
+            .await
+            .map_err(|e| peer_err(format!("cannot reach {url}: {e}"), ErrorClass::Retryable))?;
+        let stream = client
+            .export_range(self.request(request))
+            .await
+            .map_err(|s| peer_err(s.message().to_string(), status_class(&s)))?
+            .into_inner();
+        let table = table.to_string();
+        Ok(Box::pin(stream.map(move |item| match item {
+            Ok(proto::CopyChunk {
+                chunk: Some(proto::copy_chunk::Chunk::Data(d)),
+            }) => Ok(SourceItem::Data(Bytes::from(d))),
+            Ok(proto::CopyChunk {
+                chunk: Some(proto::copy_chunk::Chunk::RowsInSource(n)),
+            }) => Ok(SourceItem::Rows(n)),
+            Ok(proto::CopyChunk { chunk: None }) => Ok(SourceItem::Data(Bytes::new())),
+            Err(s) => Err(AgentError::Copy {
+                table: table.clone(),
+                step: "read from the source-side agent",
+                side: Side::Source,
+                message: s.message().to_string(),
+                class: status_class(&s),
+            }),
+        })))
+    }
+}
+
+/// Retry class of a status received from another agent.
+pub fn status_class(s: &Status) -> ErrorClass {
+    match s.code() {
+        tonic::Code::Unavailable
+        | tonic::Code::Unknown
+        | tonic::Code::Internal
+        | tonic::Code::Cancelled
+        | tonic::Code::DeadlineExceeded => ErrorClass::Retryable,
+        _ => ErrorClass::Fatal,
+    }
+}
+
+/// Server-side check of the shared token (constant-time comparison).
+pub fn check_token(expected: &Option<String>, req: &Request<()>) -> Result<(), Status> {
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let got = req
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let want = format!("Bearer {expected}");
+    let same = got.len() == want.len()
+        && got
+            .bytes()
+            .zip(want.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(Status::unauthenticated(
+            "this agent requires the shared token (PGZM_AGENT_TOKEN) of its coordinator",
+        ))
+    }
+}

@@ -1,0 +1,287 @@
+//! The agents a migration uses: the in-process one (default) or remote `pgzm-agent`s reached
+//! over gRPC, their placement (which side each serves) and health.
+//!
+//! Placement rules:
+//! - an agent of side `both` runs whole tasks, connecting to both databases itself;
+//! - an agent of side `destination` runs tasks too, but reads the data from a `source`-side
+//!   agent's `ExportRange` stream (so the bytes cross the long link once, between agents);
+//! - a `source`-side agent only serves exports.
+//!
+//! With `--agent-source-db NAME` / `--agent-dest-db NAME`, tasks name a connection string the
+//! agents hold (`pgzm-agent --database NAME=URL`) instead of carrying the coordinator's.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use pgzm_agent::peer::PeerConnector;
+use pgzm_proto::agent::v1 as proto;
+use pgzm_proto::agent::v1::agent_client::AgentClient;
+use tonic::transport::Channel;
+use tracing::info;
+
+use crate::conninfo::DbUrl;
+use crate::error::CoordinatorError;
+
+/// How to reach and address remote agents.
+#[derive(Debug, Clone, Default)]
+pub struct AgentSettings {
+    /// Agent URLs (`http://host:port` on loopback, `https://host:port` elsewhere).
+    pub urls: Vec<String>,
+    /// TLS, shared token.
+    pub connector: PeerConnector,
+    /// Name of the source connection string the agents hold, instead of sending ours.
+    pub source_database: Option<String>,
+    /// Same for the destination.
+    pub destination_database: Option<String>,
+}
+
+/// One agent.
+pub struct AgentHandle {
+    /// URL, or "in-process".
+    pub label: String,
+    /// Client.
+    pub client: AgentClient<Channel>,
+    /// What it said about itself.
+    pub info: proto::InfoResponse,
+    /// Address peers use to reach it.
+    pub peer_url: String,
+}
+
+impl AgentHandle {
+    /// Its side.
+    pub fn side(&self) -> proto::Side {
+        proto::Side::try_from(self.info.side).unwrap_or(proto::Side::Both)
+    }
+}
+
+/// The agents of a migration.
+pub struct AgentPool {
+    /// Agents.
+    pub agents: Vec<Arc<AgentHandle>>,
+    /// Request decoration (token).
+    pub connector: PeerConnector,
+    source_database: Option<String>,
+    destination_database: Option<String>,
+    next_source: AtomicUsize,
+}
+
+async fn info(
+    client: &mut AgentClient<Channel>,
+    connector: &PeerConnector,
+    label: &str,
+) -> Result<proto::InfoResponse, CoordinatorError> {
+    let info = client
+        .info(connector.request(proto::InfoRequest {
+            protocol_version: pgzm_proto::PROTOCOL_VERSION,
+        }))
+        .await
+        .map_err(|s| CoordinatorError::Agent {
+            agent: label.to_string(),
+            message: s.message().to_string(),
+        })?
+        .into_inner();
+    if info.protocol_version != pgzm_proto::PROTOCOL_VERSION {
+        return Err(CoordinatorError::Agent {
+            agent: label.to_string(),
+            message: format!(
+                "speaks protocol {} (pgzm-agent {}), this pgzm speaks {} ({}): run the same version on both",
+                info.protocol_version,
+                info.agent_version,
+                pgzm_proto::PROTOCOL_VERSION,
+                env!("CARGO_PKG_VERSION")
+            ),
+        });
+    }
+    Ok(info)
+}
+
+impl AgentPool {
+    /// The in-process agent, behind the same gRPC client as a remote one.
+    pub async fn in_process(jobs: usize) -> Result<AgentPool, CoordinatorError> {
+        let client =
+            pgzm_agent::service::AgentService::new(u32::try_from(jobs).unwrap_or(u32::MAX))
+                .into_in_process_client()
+                .await
+                .map_err(|e| CoordinatorError::Agent {
+                    agent: "in-process".into(),
+                    message: e.to_string(),
+                })?;
+        Self::from_client(client).await
+    }
+
+    /// A pool of one agent reached through `client` (e.g. an in-process one).
+    pub async fn from_client(
+        mut client: AgentClient<Channel>,
+    ) -> Result<AgentPool, CoordinatorError> {
+        let connector = PeerConnector::default();
+        let info = info(&mut client, &connector, "in-process").await?;
+        Ok(AgentPool {
+            agents: vec![Arc::new(AgentHandle {
+                label: "in-process".into(),
+                client,
+                info,
+                peer_url: String::new(),
+            })],
+            connector,
+            source_database: None,
+            destination_database: None,
+            next_source: AtomicUsize::new(0),
+        })
+    }
+
+    /// Connects to remote agents and checks their versions and placement.
+    pub async fn connect(settings: &AgentSettings) -> Result<AgentPool, CoordinatorError> {
+        let mut agents = Vec::new();
+        for url in &settings.urls {
+            let mut client =
+                settings
+                    .connector
+                    .connect(url)
+                    .await
+                    .map_err(|e| CoordinatorError::Agent {
+                        agent: url.clone(),
+                        message: format!("cannot connect: {}", transport_message(&e)),
+                    })?;
+            let info = info(&mut client, &settings.connector, url).await?;
+            let peer_url = if info.advertise_url.is_empty() {
+                url.clone()
+            } else {
+                info.advertise_url.clone()
+            };
+            info!(agent = %url, side = ?proto::Side::try_from(info.side), region = %info.region, capacity = info.max_concurrent_tasks, "agent ready");
+            agents.push(Arc::new(AgentHandle {
+                label: url.clone(),
+                client,
+                info,
+                peer_url,
+            }));
+        }
+        let pool = AgentPool {
+            agents,
+            connector: settings.connector.clone(),
+            source_database: settings.source_database.clone(),
+            destination_database: settings.destination_database.clone(),
+            next_source: AtomicUsize::new(0),
+        };
+        if pool.executors().is_empty() {
+            return Err(CoordinatorError::Usage(
+                "no agent can run copy tasks: give at least one agent of side `both` or `destination`".into(),
+            ));
+        }
+        if pool
+            .executors()
+            .iter()
+            .any(|a| a.side() == proto::Side::Destination)
+            && pool.sources().is_empty()
+        {
+            return Err(CoordinatorError::Usage(
+                "destination-side agents need a source-side agent to read from: add one with --agent".into(),
+            ));
+        }
+        Ok(pool)
+    }
+
+    /// Agents that run copy tasks.
+    pub fn executors(&self) -> Vec<Arc<AgentHandle>> {
+        self.agents
+            .iter()
+            .filter(|a| a.side() != proto::Side::Source)
+            .cloned()
+            .collect()
+    }
+
+    fn sources(&self) -> Vec<Arc<AgentHandle>> {
+        self.agents
+            .iter()
+            .filter(|a| a.side() == proto::Side::Source)
+            .cloned()
+            .collect()
+    }
+
+    /// Total task slots of the executors.
+    pub fn capacity(&self) -> usize {
+        self.executors()
+            .iter()
+            .map(|a| a.info.max_concurrent_tasks.max(1) as usize)
+            .sum()
+    }
+
+    /// A source-side agent to read from (round robin), for tasks on a destination-side agent.
+    pub fn source_peer(&self) -> Option<String> {
+        let sources = self.sources();
+        if sources.is_empty() {
+            return None;
+        }
+        let n = self.next_source.fetch_add(1, Ordering::Relaxed) % sources.len();
+        Some(sources[n].peer_url.clone())
+    }
+
+    /// The endpoint tasks use for `url`'s database.
+    pub fn endpoint(&self, url: &DbUrl, destination: bool) -> proto::Endpoint {
+        let named = if destination {
+            &self.destination_database
+        } else {
+            &self.source_database
+        };
+        proto::Endpoint {
+            target: Some(match named {
+                Some(name) => proto::endpoint::Target::Database(name.clone()),
+                None => proto::endpoint::Target::Url(url.expose().to_string()),
+            }),
+            application_name: "pgzm-agent".into(),
+        }
+    }
+
+    /// Checks that every agent reaches the databases its side needs, before any change.
+    pub async fn check_reach(
+        &self,
+        source: &DbUrl,
+        destination: &DbUrl,
+    ) -> Result<(), CoordinatorError> {
+        for a in &self.agents {
+            if a.label == "in-process" {
+                continue;
+            }
+            let mut wanted = Vec::new();
+            if a.side() != proto::Side::Destination {
+                wanted.push(("source", self.endpoint(source, false)));
+            }
+            if a.side() != proto::Side::Source {
+                wanted.push(("destination", self.endpoint(destination, true)));
+            }
+            let mut client = a.client.clone();
+            let results = client
+                .probe(self.connector.request(proto::ProbeRequest {
+                    endpoints: wanted.iter().map(|(_, e)| e.clone()).collect(),
+                }))
+                .await
+                .map_err(|s| CoordinatorError::Agent {
+                    agent: a.label.clone(),
+                    message: s.message().to_string(),
+                })?
+                .into_inner()
+                .results;
+            for ((side, _), r) in wanted.iter().zip(results) {
+                if !r.ok {
+                    return Err(CoordinatorError::Agent {
+                        agent: a.label.clone(),
+                        message: format!("cannot reach the {side} database: {}", r.message),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A transport error's message with its causes (tonic's own Display is terse).
+pub fn transport_message(e: &tonic::transport::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
