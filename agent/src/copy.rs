@@ -496,7 +496,6 @@ pub(crate) fn connect_error(side: Side, err: &tokio_postgres::Error) -> AgentErr
 mod tests {
     use super::*;
 
-    #[test]
     fn header() -> Vec<u8> {
         let mut h = BINARY_SIGNATURE.to_vec();
         h.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
