@@ -1,0 +1,180 @@
+//! `pgzm-agent`: the data-plane daemon. Runs copy tasks for coordinators (and exports for other
+//! agents) near the databases.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use pgzm_agent::endpoint::Databases;
+use pgzm_agent::peer::PeerConnector;
+use pgzm_agent::service::{AgentConfig, AgentService};
+use pgzm_proto::agent::v1 as proto;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, Server, ServerTlsConfig};
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+/// Which databases this agent serves.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SideArg {
+    /// Reaches both databases: runs whole tasks.
+    Both,
+    /// Near the source: serves exports to destination-side agents.
+    Source,
+    /// Near the destination: runs tasks, reading from a source-side agent.
+    Destination,
+}
+
+/// pg_zero_migration agent: moves table data for a pgzm coordinator.
+#[derive(Debug, Parser)]
+#[command(name = "pgzm-agent", version, about)]
+struct Args {
+    /// Address to listen on, HOST:PORT.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Server certificate (PEM); with --tls-key enables TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) whose client certificates are required from callers (coordinators and agents).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// CA (PEM) to verify other agents' server certificates (default: --tls-client-ca). This
+    /// agent presents --tls-cert to them.
+    #[arg(long)]
+    tls_peer_ca: Option<PathBuf>,
+    /// Shared token callers must present. Default: $PGZM_AGENT_TOKEN.
+    #[arg(long, env = "PGZM_AGENT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Listen without TLS on a non-loopback address (traffic, including database passwords
+    /// sent in tasks, would be readable on the network).
+    #[arg(long)]
+    allow_insecure_listen: bool,
+    /// Which databases this agent serves.
+    #[arg(long, value_enum, default_value_t = SideArg::Both)]
+    side: SideArg,
+    /// Placement label reported to the coordinator, e.g. eu-west-1.
+    #[arg(long, default_value = "")]
+    region: String,
+    /// A connection string this agent holds, NAME=URL (repeatable); coordinators then send the
+    /// name instead of credentials.
+    #[arg(long = "database", value_name = "NAME=URL")]
+    databases: Vec<String>,
+    /// Copy tasks run at once (default: number of CPUs).
+    #[arg(long)]
+    max_tasks: Option<u32>,
+    /// URL other agents use to reach this one (default: the one the coordinator uses).
+    #[arg(long, default_value = "")]
+    advertise_url: String,
+    /// Ask source-side agents for zstd-compressed streams (pays on links slower than ~1 Gbit/s).
+    #[arg(long)]
+    compress: bool,
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+fn read(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("read {}", path.display()))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let databases = Databases::parse(&args.databases).map_err(anyhow::Error::msg)?;
+    let mut builder = Server::builder();
+    let mut peer_tls = None;
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let (cert, key) = (read(cert)?, read(key)?);
+            let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(&cert, &key));
+            if let Some(ca) = &args.tls_client_ca {
+                tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+            }
+            builder = builder.tls_config(tls).context("configure TLS")?;
+            let mut client = ClientTlsConfig::new().identity(Identity::from_pem(cert, key));
+            if let Some(ca) = args.tls_peer_ca.as_ref().or(args.tls_client_ca.as_ref()) {
+                client = client.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            peer_tls = Some(client);
+        }
+        _ => {
+            if !args.listen.ip().is_loopback() && !args.allow_insecure_listen {
+                bail!(
+                    "refusing to listen without TLS on {}: give --tls-cert/--tls-key (and --tls-client-ca), listen on loopback, or pass --allow-insecure-listen",
+                    args.listen
+                );
+            }
+        }
+    }
+    let config = AgentConfig {
+        max_concurrent_tasks: args
+            .max_tasks
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(2))
+            .max(1),
+        side: match args.side {
+            SideArg::Both => proto::Side::Both,
+            SideArg::Source => proto::Side::Source,
+            SideArg::Destination => proto::Side::Destination,
+        },
+        region: args.region.clone(),
+        advertise_url: args.advertise_url.clone(),
+        databases,
+        peers: PeerConnector { tls: peer_tls, token: args.token.clone().filter(|t| !t.is_empty()), compress: args.compress },
+        token: args.token.clone().filter(|t| !t.is_empty()),
+    };
+    if config.token.is_none() && args.tls_client_ca.is_none() {
+        warn!("no --token and no --tls-client-ca: any process that can reach this port can use the agent");
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
+    let local = listener.local_addr()?;
+    info!(listen = %local, side = ?config.side, region = %config.region, tasks = config.max_concurrent_tasks,
+          tls = args.tls_cert.is_some(), client_auth = args.tls_client_ca.is_some(), "pgzm-agent listening");
+    // The port goes to stdout too, so a supervisor (or test) that asked for port 0 learns it.
+    println!("listening on {local}");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+        info!("shutting down: no new tasks; running tasks finish");
+    };
+    builder
+        .add_service(AgentService::with_config(config).into_server())
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .context("serve")?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let default = match args.verbose {
+        0 => "info",
+        1 => "pgzm_agent=debug,info",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("PGZM_LOG").unwrap_or_else(|_| EnvFilter::new(default)))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgzm-agent: error: start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgzm-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
