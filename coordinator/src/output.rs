@@ -137,8 +137,8 @@ pub fn human_report(r: &Report) -> String {
     }
     let _ = writeln!(
         s,
-        "Migration {} complete; the previous tables are kept as backup_*.",
-        r.migration_id
+        "Migration {id} complete; the previous tables are kept as backup_*. To undo it:\n  pgzm rollback --dest \"$DEST_DATABASE_URL\" --timestamp {id}",
+        id = r.migration_id
     );
     s
 }
