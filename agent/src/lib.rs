@@ -15,5 +15,6 @@ pub mod peer;
 pub mod pg;
 pub mod service;
 pub mod sql;
+pub mod telemetry;
 
 pub use error::AgentError;

@@ -10,10 +10,10 @@ use clap::{Parser, ValueEnum};
 use pgzm_agent::endpoint::Databases;
 use pgzm_agent::peer::PeerConnector;
 use pgzm_agent::service::{AgentConfig, AgentService};
+use pgzm_agent::telemetry::{self, LogFormat};
 use pgzm_proto::agent::v1 as proto;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
-use tracing_subscriber::EnvFilter;
 
 /// Which databases this agent serves.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -24,6 +24,15 @@ enum SideArg {
     Source,
     /// Near the destination: runs tasks, reading from a source-side agent.
     Destination,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// pg_zero_migration agent: moves table data for a pgzm coordinator.
@@ -72,6 +81,9 @@ struct Args {
     /// Ask source-side agents for zstd-compressed streams (pays on links slower than ~1 Gbit/s).
     #[arg(long)]
     compress: bool,
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
+    log_format: LogFormatArg,
     /// More log output (-v debug, -vv trace).
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -111,7 +123,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let config = AgentConfig {
         max_concurrent_tasks: args
             .max_tasks
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(2))
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get() as u32)
+                    .unwrap_or(2)
+            })
             .max(1),
         side: match args.side {
             SideArg::Both => proto::Side::Both,
@@ -121,13 +137,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         region: args.region.clone(),
         advertise_url: args.advertise_url.clone(),
         databases,
-        peers: PeerConnector { tls: peer_tls, token: args.token.clone().filter(|t| !t.is_empty()), compress: args.compress },
+        peers: PeerConnector {
+            tls: peer_tls,
+            token: args.token.clone().filter(|t| !t.is_empty()),
+            compress: args.compress,
+        },
         token: args.token.clone().filter(|t| !t.is_empty()),
     };
     if config.token.is_none() && args.tls_client_ca.is_none() {
         warn!("no --token and no --tls-client-ca: any process that can reach this port can use the agent");
     }
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
     let local = listener.local_addr()?;
     info!(listen = %local, side = ?config.side, region = %config.region, tasks = config.max_concurrent_tasks,
           tls = args.tls_cert.is_some(), client_auth = args.tls_client_ca.is_some(), "pgzm-agent listening");
@@ -135,7 +157,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!("listening on {local}");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
@@ -157,20 +180,28 @@ fn main() -> ExitCode {
         1 => "pgzm_agent=debug,info",
         _ => "trace",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("PGZM_LOG").unwrap_or_else(|_| EnvFilter::new(default)))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pgzm-agent: error: start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    let format = match args.log_format {
+        LogFormatArg::Text => LogFormat::Text,
+        LogFormatArg::Json => LogFormat::Json,
+    };
+    let telemetry = {
+        let _g = runtime.enter();
+        telemetry::init("pgzm-agent", default, format)
+    };
+    let result = runtime.block_on(run(args));
+    drop(runtime);
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pgzm-agent: error: {e:#}");

@@ -62,9 +62,11 @@ impl PeerConnector {
         Ok(client)
     }
 
-    /// Wraps a message into a request carrying the token.
+    /// Wraps a message into a request carrying the token and the current span's trace
+    /// context.
     pub fn request<T>(&self, message: T) -> Request<T> {
         let mut req = Request::new(message);
+        crate::telemetry::inject(req.metadata_mut());
         if let Some(token) = &self.token {
             if let Ok(v) = MetadataValue::try_from(format!("Bearer {token}")) {
                 req.metadata_mut().insert("authorization", v);

@@ -204,39 +204,61 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::CopyTask>,
     ) -> Result<Response<Self::RunCopyStream>, Status> {
+        let span = info_span!(
+            "agent_task",
+            task = tracing::field::Empty,
+            table = tracing::field::Empty,
+            range = tracing::field::Empty,
+            rows = tracing::field::Empty,
+            bytes = tracing::field::Empty
+        );
+        crate::telemetry::follow(&span, request.metadata());
         let spec = CopySpec::from_task(request.into_inner(), &self.config.databases)?;
+        span.record("task", spec.task_id.as_str());
+        span.record("table", spec.destination_table.to_string().as_str());
+        if let Some(r) = spec.range {
+            span.record("range", format!("{}..{}", r.start, r.end).as_str());
+        }
         let permits = Arc::clone(&self.permits);
         let config = Arc::clone(&self.config);
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
-            let Ok(_permit) = permits.acquire_owned().await else {
-                return;
-            };
-            let progress_tx = tx.clone();
-            let work = run_copy(&spec, &config.peers, move |bytes| {
-                let event = proto::CopyEvent {
-                    event: Some(proto::copy_event::Event::Progress(proto::CopyProgress {
-                        bytes,
-                        rows: 0,
-                    })),
+        tokio::spawn(
+            async move {
+                let Ok(_permit) = permits.acquire_owned().await else {
+                    return;
                 };
-                // Progress is advisory: drop it rather than wait when the client is slow.
-                let _ = progress_tx.try_send(Ok(event));
-            });
-            // When the coordinator goes away the copy is abandoned: dropping it closes both
-            // connections, and the destination rolls the task's transaction back.
-            let result = tokio::select! {
-                result = work => result,
-                () = tx.closed() => return,
-            };
-            let message = match result {
-                Ok(outcome) => Ok(proto::CopyEvent {
-                    event: Some(proto::copy_event::Event::Done(outcome.into())),
-                }),
-                Err(err) => Err(Status::from(err)),
-            };
-            let _ = tx.send(message).await;
-        });
+                let progress_tx = tx.clone();
+                let work = run_copy(&spec, &config.peers, move |bytes| {
+                    let event = proto::CopyEvent {
+                        event: Some(proto::copy_event::Event::Progress(proto::CopyProgress {
+                            bytes,
+                            rows: 0,
+                        })),
+                    };
+                    // Progress is advisory: drop it rather than wait when the client is slow.
+                    let _ = progress_tx.try_send(Ok(event));
+                });
+                // When the coordinator goes away the copy is abandoned: dropping it closes both
+                // connections, and the destination rolls the task's transaction back.
+                let result = tokio::select! {
+                    result = work => result,
+                    () = tx.closed() => return,
+                };
+                if let Ok(o) = &result {
+                    tracing::Span::current()
+                        .record("rows", o.rows_written)
+                        .record("bytes", o.bytes);
+                }
+                let message = match result {
+                    Ok(outcome) => Ok(proto::CopyEvent {
+                        event: Some(proto::copy_event::Event::Done(outcome.into())),
+                    }),
+                    Err(err) => Err(Status::from(err)),
+                };
+                let _ = tx.send(message).await;
+            }
+            .instrument(span),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -246,6 +268,7 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::ExportRequest>,
     ) -> Result<Response<Self::ExportRangeStream>, Status> {
+        let parent = crate::telemetry::extract(request.metadata());
         let req = request.into_inner();
         if req.snapshot_id.is_empty() || req.columns.is_empty() {
             return Err(
@@ -268,7 +291,14 @@ impl Agent for AgentService {
             end: r.end_page,
         });
         let (tx, rx) = mpsc::channel(8);
-        let span = info_span!("export_range", task = %req.task_id, table = %table);
+        let span = info_span!("export_range", task = %req.task_id, table = %table, rows = tracing::field::Empty);
+        {
+            use opentelemetry::trace::TraceContextExt as _;
+            use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+            if parent.span().span_context().is_valid() {
+                let _ = span.set_parent(parent);
+            }
+        }
         tokio::spawn(
             async move {
                 let started = Instant::now();
@@ -330,6 +360,7 @@ impl Agent for AgentService {
                         .await;
                 }
                 drop(client);
+                tracing::Span::current().record("rows", counter.rows());
                 let _ = tx
                     .send(Ok(proto::CopyChunk {
                         chunk: Some(proto::copy_chunk::Chunk::RowsInSource(counter.rows())),

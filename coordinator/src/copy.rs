@@ -188,6 +188,7 @@ where
     }
     for (n, agent) in slots.into_iter().enumerate() {
         let w = Worker {
+            phase: tracing::Span::current(),
             ctx: ctx.clone(),
             pool: Arc::clone(&pool),
             agent,
@@ -199,7 +200,7 @@ where
         let on_done = Arc::clone(&on_done);
         set.spawn(
             async move { w.run(on_done.as_ref()).await }
-                .instrument(info_span!("copy_worker", slot = n)),
+                .instrument(info_span!("copy_slot", slot = n)),
         );
     }
     while let Some(joined) = set.join_next().await {
@@ -237,6 +238,8 @@ where
 }
 
 struct Worker {
+    /// The copy phase's span: every task span is its child.
+    phase: tracing::Span,
     ctx: CopyContext,
     pool: Arc<AgentPool>,
     agent: Arc<AgentHandle>,
@@ -296,8 +299,29 @@ impl Worker {
             task.attempts += 1;
             let job = &self.jobs[task.job];
             let started = Instant::now();
-            match self.attempt(&task, job).await {
+            let span = info_span!(
+                parent: &self.phase,
+                "table_task",
+                table = %job.table,
+                task = %task.key,
+                range = task.range.map(|r| format!("{}..{}", r.start_page, r.end_page)).unwrap_or_default(),
+                agent = %self.agent.label,
+                attempt = task.attempts,
+                rows = tracing::field::Empty,
+                bytes = tracing::field::Empty,
+            );
+            let outcome = self.attempt(&task, job).instrument(span.clone()).await;
+            let metrics = crate::metrics::get();
+            match outcome {
                 Outcome::Done(done) => {
+                    span.record("rows", done.rows_written)
+                        .record("bytes", done.bytes);
+                    let attrs = [opentelemetry::KeyValue::new("table", job.table.clone())];
+                    metrics.rows.add(done.rows_written, &attrs);
+                    metrics.bytes.add(done.bytes, &attrs);
+                    metrics
+                        .task_duration
+                        .record(started.elapsed().as_secs_f64(), &attrs);
                     if done.rows_written != done.rows_in_source {
                         self.fail(CoordinatorError::Validation {
                             table: job.table.clone(),
@@ -335,6 +359,10 @@ impl Worker {
                 }
                 Outcome::Failed { message, retry } => {
                     if retry && task.attempts <= self.ctx.retries + task.failovers {
+                        metrics.retries.add(
+                            1,
+                            &[opentelemetry::KeyValue::new("table", job.table.clone())],
+                        );
                         warn!(table = %job.table, attempt = task.attempts, error = %message, "copy task failed; retrying");
                         tokio::time::sleep(Duration::from_millis(200 * u64::from(task.attempts)))
                             .await;
@@ -354,6 +382,10 @@ impl Worker {
                 }
                 Outcome::AgentLost(message) => {
                     task.failovers += 1;
+                    metrics.retries.add(
+                        1,
+                        &[opentelemetry::KeyValue::new("table", job.table.clone())],
+                    );
                     warn!(table = %job.table, agent = %self.agent.label, error = %message, "agent failed during a task; the task goes back to the queue");
                     if task.failovers > 2 * self.agent_count + self.ctx.retries {
                         self.fail(CoordinatorError::Copy {
@@ -434,6 +466,7 @@ impl Worker {
             Ok(r) => r.into_inner(),
             Err(s) => return classify(s),
         };
+        let mut reported = 0u64;
         loop {
             match tokio::time::timeout(STALL, stream.message()).await {
                 Err(_) => {
@@ -448,11 +481,18 @@ impl Worker {
                         "the agent closed the task stream without a result".into(),
                     )
                 }
-                Ok(Ok(Some(event))) => {
-                    if let Some(proto::copy_event::Event::Done(done)) = event.event {
+                Ok(Ok(Some(event))) => match event.event {
+                    Some(proto::copy_event::Event::Done(done)) => {
+                        crate::progress::advance(&job.table, done.bytes.saturating_sub(reported));
+                        crate::progress::finish_table(&job.table);
                         return Outcome::Done(done);
                     }
-                }
+                    Some(proto::copy_event::Event::Progress(p)) => {
+                        crate::progress::advance(&job.table, p.bytes.saturating_sub(reported));
+                        reported = reported.max(p.bytes);
+                    }
+                    None => {}
+                },
             }
         }
     }

@@ -56,6 +56,13 @@ pub async fn swap_prepared(
         }
     }
     let outcome = phases.run("swap", swap::swap(control, plan, locks)).await?;
+    let m = crate::metrics::get();
+    m.swap_lock_held
+        .record(outcome.lock_held_us as f64 / 1000.0, &[]);
+    m.swap_lock_wait.record(
+        (outcome.total_ms as f64 - outcome.lock_held_us as f64 / 1000.0).max(0.0),
+        &[],
+    );
     report.swap = Some(outcome);
     // After the commit nothing may fail the run: problems become warnings.
     report
@@ -104,12 +111,24 @@ pub async fn swap_command(opts: SwapOptions) -> Result<Report, CoordinatorError>
     if !state::try_lock(&control).await? {
         return Err(CoordinatorError::Busy);
     }
+    let result = swap_locked(&control, opts, &mut phases).await;
+    // Release the run lock now rather than when the server notices the closed connection, so a
+    // `status` or another run started right after does not find this one still holding it.
+    state::unlock(&control).await;
+    result
+}
+
+async fn swap_locked(
+    control: &Client,
+    opts: SwapOptions,
+    phases: &mut Phases,
+) -> Result<Report, CoordinatorError> {
     control
         .batch_execute("SET search_path = pg_catalog")
         .await
         .map_err(|e| CoordinatorError::destination("set search_path", &e))?;
     let row = match (
-        state::load(&control, opts.migration_id).await?,
+        state::load(control, opts.migration_id).await?,
         opts.migration_id,
     ) {
         (Some(row), _) => row,
@@ -154,23 +173,23 @@ pub async fn swap_command(opts: SwapOptions) -> Result<Report, CoordinatorError>
         report.bytes = report.tables.iter().map(|t| t.bytes).sum();
     }
     if opts.dry_run {
-        let problems = status::shadow_problems(&control, &row.plan, &row.objects).await?;
+        let problems = status::shadow_problems(control, &row.plan, &row.objects).await?;
         if !problems.is_empty() {
             return Err(CoordinatorError::Refused(problems));
         }
         return Ok(report);
     }
     swap_prepared(
-        &control,
+        control,
         &opts.destination,
         &row.plan,
         &row.objects,
         opts.locks,
-        &mut phases,
+        phases,
         &mut report,
     )
     .await?;
     info!(migration = row.id, "swapped");
-    report.phases = phases.0;
+    report.phases = std::mem::take(&mut phases.0);
     Ok(report)
 }

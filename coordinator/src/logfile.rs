@@ -70,6 +70,11 @@ pub fn render(
             url.user().unwrap_or("(default)")
         );
     }
+    // Preserved tables are not copied (they keep the destination's rows) but are processed.
+    let preserved: Vec<&str> = match outcome {
+        Ok(r) if !r.dry_run => r.plan.preserved.iter().map(|p| p.table.as_str()).collect(),
+        _ => Vec::new(),
+    };
     let (tables, rows, bytes, warnings, lock) = match outcome {
         Ok(r) => (
             r.tables.len(),
@@ -85,7 +90,16 @@ pub fn render(
         .map(|e| vec![e.to_string()])
         .unwrap_or_default();
     let _ = writeln!(s, "STATISTICS");
-    let _ = writeln!(s, "  Tables Processed: {tables}");
+    if preserved.is_empty() {
+        let _ = writeln!(s, "  Tables Processed: {tables}");
+    } else {
+        let _ = writeln!(
+            s,
+            "  Tables Processed: {} ({tables} copied, {} preserved)",
+            tables + preserved.len(),
+            preserved.len()
+        );
+    }
     let _ = writeln!(s, "  Records Migrated: {rows}");
     let _ = writeln!(s, "  Bytes Migrated: {bytes}");
     if let Some(us) = lock {
@@ -112,6 +126,13 @@ pub fn render(
                 t.copy_ms
             );
         }
+    }
+    for t in &preserved {
+        let _ = writeln!(
+            s,
+            "  table {:<40} preserved: the destination's rows were kept",
+            format!("\"{t}\"")
+        );
     }
     for w in &warnings {
         let _ = writeln!(s, "WARNING: {w}");

@@ -3,26 +3,25 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use pgzm_agent::telemetry;
 use pgzm_coordinator::agents::AgentPool;
-use pgzm_coordinator::cli::{Cli, Command, PrepareArgs};
+use pgzm_coordinator::cli::{Cli, Command, LogFormatArg, PrepareArgs};
 use pgzm_coordinator::migrate::StartOptions;
 use pgzm_coordinator::{backup, cutover, logfile, migrate, output, prepare, rollback, status};
-use tracing_subscriber::EnvFilter;
+use tracing::Instrument;
 
-fn init_logging(cli: &Cli) {
+fn init_telemetry(cli: &Cli) -> telemetry::Telemetry {
     let default = match (cli.quiet, cli.verbose) {
         (true, _) => "warn",
         (false, 0) => "info",
         (false, 1) => "pgzm_coordinator=debug,pgzm_agent=debug,info",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_env("PGZM_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+    let format = match cli.log_format {
+        LogFormatArg::Text => telemetry::LogFormat::Text,
+        LogFormatArg::Json => telemetry::LogFormat::Json,
+    };
+    telemetry::init("pgzm", default, format)
 }
 
 /// The agents of a run: remote ones when given (then `--jobs` defaults to their capacity),
@@ -52,7 +51,22 @@ fn print<T: serde::Serialize>(
     Ok(())
 }
 
+/// A live progress bar only for a person at a terminal.
+fn progress_wanted(cli: &Cli, json: bool) -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && !cli.quiet
+        && !json
+        && cli.log_format == LogFormatArg::Text
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let show_progress = match &cli.command {
+        Command::Start(a) | Command::Prepare(a) => progress_wanted(&cli, a.json) && !a.dry_run,
+        _ => false,
+    };
+    if show_progress {
+        pgzm_coordinator::progress::request();
+    }
     match cli.command {
         Command::Start(args) => {
             let mut opts = args.to_options()?;
@@ -134,7 +148,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -145,7 +158,26 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let telemetry = {
+        let _g = runtime.enter();
+        init_telemetry(&cli)
+    };
+    let command = match &cli.command {
+        Command::Start(_) => "start",
+        Command::Prepare(_) => "prepare",
+        Command::Swap(_) => "swap",
+        Command::Status(_) => "status",
+        Command::List(_) => "list",
+        Command::Verify(_) => "verify",
+        Command::Rollback(_) => "rollback",
+        Command::Cleanup(_) => "cleanup",
+    };
+    // One root span per run: every phase and table task of the migration is in its trace.
+    let result = runtime.block_on(run(cli).instrument(tracing::info_span!("pgzm", command)));
+    drop(runtime);
+    // Spans and metrics are flushed also when the run failed.
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("pgzm: error: {err}");

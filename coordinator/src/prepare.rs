@@ -42,13 +42,7 @@ impl Prepared {
     /// server notices the closed connection, so a `status` or `swap` started right after sees
     /// no run in progress. Returns the report.
     pub async fn release(self) -> Report {
-        if let Err(e) = self
-            .control
-            .execute("SELECT pg_advisory_unlock($1)", &[&state::LOCK_KEY])
-            .await
-        {
-            warn!(error = %e, "could not release the pgzm run lock; it goes with the connection");
-        }
+        state::unlock(&self.control).await;
         self.report
     }
 }
@@ -314,6 +308,7 @@ async fn fill(
     };
     let dest_url = opts.destination.clone();
     let build_settings = opts.build.clone();
+    crate::progress::enable(plan.estimated_bytes().max(0) as u64);
     let copied: Vec<(String, CopyStats)> = phases
         .run("copy", {
             let (schema, plan_arc, renames) = (
@@ -353,6 +348,7 @@ async fn fill(
             )
         })
         .await?;
+    crate::progress::disable();
     // Every task has read the snapshot: release it so the source's vacuum is not held back.
     let _ = source_client.batch_execute("COMMIT").await;
     drop(source_client);

@@ -6,7 +6,12 @@
 //! sequences and types — take their live names again, foreign keys of other tables are
 //! re-pointed at the restored tables, views are recreated, and the backup set is marked consumed.
 //! The rolled-back tables are dropped, not kept: after a rollback nothing `backup_` or
-//! `rolledback_` remains, except a type still used by a kept table (renamed `rolledback_…`).
+//! `rolledback_` remains. A kept table's columns typed with a migration type that a restored type
+//! of the same name replaces are converted to the restored type in the same transaction (one
+//! rewrite of the kept table; views reading it are recreated), so kept and restored tables share
+//! one type again; this fails — changing nothing — if a kept row holds a value the restored type
+//! lacks. Only a type the migration introduced (no restored counterpart) that a kept table still
+//! uses stays, renamed `rolledback_…`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -214,6 +219,9 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
     }
 
     let fks_in = foreign_keys(&control, FKS_INTO, &current_oids, &gone).await?;
+    let kept_oids: Vec<Oid> = keep.iter().filter_map(|k| oid_of.get(k).copied()).collect();
+    let conversions = type_conversions(&control, plan, &kept_oids).await?;
+    let converted_oids: BTreeSet<Oid> = conversions.iter().map(|c| c.table_oid).collect();
     let fks_kept = foreign_keys(&control, FKS_FROM, &restored_oids, &kept_backup_oids).await?;
 
     // Views. A backup view comes back by renaming it (it reads the restored tables by oid),
@@ -238,32 +246,39 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
         })
         .map(|(live, _)| *live)
         .collect();
-    let mut dropped_views: BTreeMap<Oid, &LiveView> = BTreeMap::new();
     let gone_set: BTreeSet<Oid> = gone.iter().copied().collect();
-    loop {
-        let before = dropped_views.len();
-        for v in dest.views.values() {
-            if dropped_views.contains_key(&v.oid) {
-                continue;
-            }
-            let restorable_backup = backup_view_moves
-                .iter()
-                .any(|(l, b)| *b == v.name && restorable.contains(l));
-            if restorable_backup {
-                continue;
-            }
-            if restorable.contains(v.name.as_str())
-                || v.depends_on
+    // Views that read (transitively) one of `seeds`, or whose name a restored view takes.
+    let views_reading = |seeds: &BTreeSet<Oid>| {
+        let mut dropped: BTreeMap<Oid, &LiveView> = BTreeMap::new();
+        loop {
+            let before = dropped.len();
+            for v in dest.views.values() {
+                if dropped.contains_key(&v.oid) {
+                    continue;
+                }
+                let restorable_backup = backup_view_moves
                     .iter()
-                    .any(|d| gone_set.contains(d) || dropped_views.contains_key(d))
-            {
-                dropped_views.insert(v.oid, v);
+                    .any(|(l, b)| *b == v.name && restorable.contains(l));
+                if restorable_backup {
+                    continue;
+                }
+                if restorable.contains(v.name.as_str())
+                    || v.depends_on
+                        .iter()
+                        .any(|d| seeds.contains(d) || dropped.contains_key(d))
+                {
+                    dropped.insert(v.oid, v);
+                }
+            }
+            if dropped.len() == before {
+                break dropped;
             }
         }
-        if dropped_views.len() == before {
-            break;
-        }
-    }
+    };
+    let dropped_for_gone = views_reading(&gone_set);
+    // Views reading a kept table whose columns change type are dropped too (ALTER COLUMN TYPE
+    // refuses columns a view reads), and always recreated: nothing they read goes away.
+    let dropped_views = views_reading(&gone_set.union(&converted_oids).copied().collect());
     let created_by_migration: BTreeSet<&str> = plan
         .views
         .iter()
@@ -282,7 +297,8 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
             .filter(|v| {
                 !restorable.contains(v.name.as_str())
                     && !backup_view_names.contains(v.name.as_str())
-                    && !created_by_migration.contains(v.name.as_str())
+                    && !(created_by_migration.contains(v.name.as_str())
+                        && dropped_for_gone.contains_key(&v.oid))
             })
             .collect();
     let restore_views: Vec<(&str, &str)> = backup_view_moves
@@ -309,6 +325,7 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
     lock.extend(fks_in.iter().map(|f| f.table.clone()));
     lock.extend(dropped_views.values().map(|v| v.name.clone()));
     lock.extend(restore_views.iter().map(|(_, b)| b.to_string()));
+    lock.extend(conversions.iter().map(|c| c.table.clone()));
     sql.push(format!(
         "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
         lock.iter()
@@ -360,7 +377,6 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
     }
     // Types and free-standing sequences the migration brought in: dropped, or moved aside when a
     // kept table still uses them.
-    let kept_oids: Vec<Oid> = keep.iter().filter_map(|k| oid_of.get(k).copied()).collect();
     let kept_sequences: BTreeSet<String> = control
         .query(
             "SELECT s.relname::text FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
@@ -454,6 +470,7 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
             back.apply(fk.definition.trim_end_matches(" NOT VALID"))
         ));
     }
+    sql.extend(conversion_sql(&conversions));
     for v in &recreate {
         let name = v.name.clone();
         let options = if v.options.is_empty() {
@@ -498,7 +515,7 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
             .collect(),
         statements: sql.clone(),
         attempts: 0,
-        warnings: Vec::new(),
+        warnings: pending_prepares(&control, row.id, &current_drop).await?,
     };
     if opts.dry_run {
         return Ok(report);
@@ -531,4 +548,186 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
         }
     }
     Ok(report)
+}
+
+/// Warnings about migrations prepared (or being prepared) against the live tables this rollback
+/// replaces: their sync triggers go with the dropped tables, and their plan describes tables that
+/// are no longer live, so they must be prepared again before a swap.
+async fn pending_prepares(
+    control: &Client,
+    rolled_back: i64,
+    replaced: &[String],
+) -> Result<Vec<String>, CoordinatorError> {
+    let ids: Vec<i64> = control
+        .query(
+            "SELECT id FROM pgzm.migrations
+             WHERE shadow_present AND status IN ('preparing', 'prepared') AND id <> $1 ORDER BY id",
+            &[&rolled_back],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("read pgzm metadata", &e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut warnings = Vec::new();
+    for id in ids {
+        let Some(pending) = state::load(control, Some(id)).await? else {
+            continue;
+        };
+        let synced: Vec<String> = pending
+            .plan
+            .preserved
+            .iter()
+            .filter(|p| replaced.contains(&p.table))
+            .map(|p| format!("\"{}\"", p.table))
+            .collect();
+        warnings.push(if synced.is_empty() {
+            format!(
+                "migration {id} is {} against the tables this rollback replaces: run `pgzm prepare --force` again before swapping it",
+                pending.status
+            )
+        } else {
+            format!(
+                "migration {id} is {} and keeps {} in sync with triggers on the tables this rollback replaces; those triggers go with them, so its swap will be refused: run `pgzm prepare --force` again",
+                pending.status,
+                synced.join(", ")
+            )
+        });
+    }
+    Ok(warnings)
+}
+
+/// A column of a kept table whose type is one the migration brought in and the rollback
+/// replaces by the restored type of the same name.
+struct Conversion {
+    table_oid: Oid,
+    table: String,
+    column: String,
+    /// The type's live name (the restored type's, after the rollback).
+    type_name: String,
+    /// Whether the column is an array of the type.
+    array: bool,
+    /// The column default, as read now (schema-qualified, so it names the restored type after
+    /// the renames).
+    default: Option<String>,
+}
+
+/// Columns of the kept tables typed with a migration type that a restored (backup) type
+/// replaces. Left alone, they would keep the migration's type under a `rolledback_` name, and
+/// values of the kept table would no longer compare with the restored tables' (no operator
+/// between two distinct enums).
+async fn type_conversions(
+    control: &Client,
+    plan: &crate::plan::Plan,
+    kept_oids: &[Oid],
+) -> Result<Vec<Conversion>, CoordinatorError> {
+    let replaced: Vec<String> = plan
+        .to_backup
+        .iter()
+        .filter(|m| m.kind == ObjectKind::Type)
+        .filter(|m| {
+            plan.to_live
+                .iter()
+                .any(|l| l.kind == ObjectKind::Type && l.to == m.from)
+        })
+        .map(|m| m.from.clone())
+        .collect();
+    if replaced.is_empty() || kept_oids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = control
+        .query(
+            "SELECT c.oid, c.relname::text, a.attname::text, t.typname::text, a.atttypid = t.typarray,
+                    pg_get_expr(d.adbin, d.adrelid)
+             FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+             JOIN pg_type t ON (t.oid = a.atttypid OR t.typarray = a.atttypid)
+                           AND t.typnamespace = 'public'::regnamespace
+             LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+             WHERE a.attrelid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped
+               AND a.attgenerated = '' AND t.typname = ANY($2)
+             ORDER BY c.relname, a.attnum",
+            &[&kept_oids, &replaced],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("inspect kept tables' column types", &e))?;
+    Ok(rows
+        .iter()
+        .map(|r| Conversion {
+            table_oid: r.get(0),
+            table: r.get(1),
+            column: r.get(2),
+            type_name: r.get(3),
+            array: r.get(4),
+            default: r.get(5),
+        })
+        .collect())
+}
+
+/// Statements converting kept tables' columns to the restored types (run after the renames):
+/// per table, defaults dropped, one ALTER TABLE changing every column (one rewrite), defaults
+/// set again; then the migration's types, now unused, are dropped.
+fn conversion_sql(conversions: &[Conversion]) -> Vec<String> {
+    let mut sql = Vec::new();
+    let mut by_table: BTreeMap<&str, Vec<&Conversion>> = BTreeMap::new();
+    for c in conversions {
+        by_table.entry(&c.table).or_default().push(c);
+    }
+    for (table, cols) in &by_table {
+        let with_default: Vec<&&Conversion> = cols.iter().filter(|c| c.default.is_some()).collect();
+        if !with_default.is_empty() {
+            sql.push(format!(
+                "ALTER TABLE {} {}",
+                public(table),
+                with_default
+                    .iter()
+                    .map(|c| format!("ALTER COLUMN {} DROP DEFAULT", quote_ident(&c.column)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        sql.push(format!(
+            "ALTER TABLE {} {}",
+            public(table),
+            cols.iter()
+                .map(|c| {
+                    let (text, target) = if c.array {
+                        ("text[]", format!("{}[]", public(&c.type_name)))
+                    } else {
+                        ("text", public(&c.type_name))
+                    };
+                    format!(
+                        "ALTER COLUMN {col} TYPE {target} USING {col}::{text}::{target}",
+                        col = quote_ident(&c.column)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        if !with_default.is_empty() {
+            sql.push(format!(
+                "ALTER TABLE {} {}",
+                public(table),
+                with_default
+                    .iter()
+                    .map(|c| format!(
+                        "ALTER COLUMN {} SET DEFAULT {}",
+                        quote_ident(&c.column),
+                        c.default.as_deref().unwrap_or_default()
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    let types: BTreeSet<&str> = conversions.iter().map(|c| c.type_name.as_str()).collect();
+    for t in types {
+        let aside = prefixed(ROLLEDBACK, t);
+        sql.push(format!(
+            "DO $pgzm$ BEGIN IF EXISTS (SELECT 1 FROM pg_catalog.pg_type WHERE typname = {name} AND typnamespace = 'public'::regnamespace) THEN \
+             BEGIN EXECUTE {drop}; EXCEPTION WHEN dependent_objects_still_exist THEN NULL; END; END IF; END $pgzm$",
+            name = quote_literal(&aside),
+            drop = quote_literal(&format!("DROP TYPE {}", public(&aside))),
+        ));
+    }
+    sql
 }

@@ -94,6 +94,17 @@ pub async fn try_lock(client: &Client) -> Result<bool, CoordinatorError> {
     }
 }
 
+/// Releases the run lock taken by [`try_lock`] on this session (best effort: it goes with the
+/// session anyway).
+pub async fn unlock(client: &Client) {
+    if let Err(e) = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
+        .await
+    {
+        tracing::warn!(error = %e, "could not release the pgzm run lock; it goes with the connection");
+    }
+}
+
 /// How long [`try_lock`] waits for the lock of a run that is ending.
 pub const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -393,7 +404,9 @@ pub async fn drop_backup_set(
             .map_err(|e| CoordinatorError::destination(action(&sql), &e))?;
     }
     // A backup type may still be used by a destination-only table (it kept the live type when
-    // the migration replaced it): such a type stays, and is reported, instead of failing the run.
+    // the migration replaced it): such a type stays instead of failing the run, but leaves the
+    // `backup_` name — the next swap needs that name for the type it replaces — for
+    // `replaced_<name>` (or `replaced_<id>_<name>` if taken), and is reported.
     for n in &types {
         let sql = format!("DROP TYPE IF EXISTS {}", quote_qualified("public", n));
         tx.batch_execute("SAVEPOINT drop_type")
@@ -407,7 +420,50 @@ pub async fn drop_backup_set(
                     .map_err(|e| {
                         CoordinatorError::destination(action("rollback to savepoint"), &e)
                     })?;
-                tracing::warn!(r#type = %n, error = %pgzm_agent::pg::describe(&e), "backup type kept: still in use");
+                let live = moves
+                    .iter()
+                    .find(|m| m.kind == ObjectKind::Type && &m.to == n)
+                    .map_or(n.as_str(), |m| m.from.as_str());
+                let used_by: String = tx
+                    .query_one(
+                        "SELECT coalesce(string_agg(DISTINCT format('%I.%I', c.relname, a.attname), ', '), '')
+                         FROM pg_type t JOIN pg_attribute a ON a.atttypid IN (t.oid, t.typarray)
+                         JOIN pg_class c ON c.oid = a.attrelid
+                         WHERE t.typname = $1 AND t.typnamespace = 'public'::regnamespace
+                           AND a.attnum > 0 AND NOT a.attisdropped",
+                        &[n],
+                    )
+                    .await
+                    .map_err(|e| CoordinatorError::destination(action("find a type's users"), &e))?
+                    .get(0);
+                let mut aside = crate::naming::prefixed("replaced_", live);
+                let taken = |name: String| {
+                    let tx = &tx;
+                    async move {
+                        tx.query_opt(
+                            "SELECT 1 FROM pg_type WHERE typname = $1 AND typnamespace = 'public'::regnamespace",
+                            &[&name],
+                        )
+                        .await
+                        .map(|r| r.is_some())
+                        .map_err(|e| CoordinatorError::destination("look up a type", &e))
+                    }
+                };
+                if taken(aside.clone()).await? {
+                    aside = crate::naming::prefixed(&format!("replaced_{id}_"), live);
+                }
+                let rename = format!(
+                    "ALTER TYPE {} RENAME TO {}",
+                    quote_qualified("public", n),
+                    pgzm_agent::sql::quote_ident(&aside)
+                );
+                tx.batch_execute(&rename)
+                    .await
+                    .map_err(|e| CoordinatorError::destination(action(&rename), &e))?;
+                tracing::warn!(r#type = %n, renamed_to = %aside, used_by = %used_by, error = %pgzm_agent::pg::describe(&e), "backup type kept: still in use");
+                dropped.push(format!(
+                    "type {n} kept, still used by {used_by}: renamed to {aside}"
+                ));
             }
         }
     }

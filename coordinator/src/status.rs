@@ -203,6 +203,20 @@ async fn count_pair(
     Ok((row.get(0), row.get(1)))
 }
 
+/// Whether a pgzm run holds the destination's run lock.
+async fn run_lock_held(client: &Client) -> Result<bool, CoordinatorError> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
+                             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                             AND ((classid::int8 << 32) | objid::int8) = $1)",
+            &[&state::LOCK_KEY],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("inspect pg_locks", &e))?
+        .get(0))
+}
+
 /// Reads the status of the newest migration of the destination.
 pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
     let client = destination.connect("pgzm-status").await?;
@@ -224,20 +238,26 @@ pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
         problems: Vec::new(),
         error: None,
     };
-    let Some(row) = state::load(&client, None).await? else {
+    let Some(mut row) = state::load(&client, None).await? else {
         s.problems.push("nothing prepared".into());
         return Ok(s);
     };
-    let run_active: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
-                             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                             AND ((classid::int8 << 32) | objid::int8) = $1)",
-            &[&state::LOCK_KEY],
-        )
-        .await
-        .map_err(|e| CoordinatorError::destination("inspect pg_locks", &e))?
-        .get(0);
+    let mut run_active = run_lock_held(&client).await?;
+    if run_active && row.status == "prepared" {
+        // A run that just ended (a failed `swap`, a refused `prepare`) holds the lock until the
+        // server notices its closed connection, a moment later: look again for as long as
+        // `try_lock` would wait before calling the destination busy, then read the outcome.
+        let since = std::time::Instant::now();
+        while run_active && since.elapsed() < state::LOCK_GRACE {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            run_active = run_lock_held(&client).await?;
+        }
+        if !run_active {
+            if let Some(newer) = state::load(&client, None).await? {
+                row = newer;
+            }
+        }
+    }
     s.state = match row.status.as_str() {
         "prepared" if run_active => "swapping".into(),
         other => other.to_string(),

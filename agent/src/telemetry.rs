@@ -1,0 +1,338 @@
+//! Logs, traces and metrics for both binaries.
+//!
+//! - Logs: `tracing` to stderr, text (default) or JSON lines (`--log-format json`).
+//! - Traces and metrics: exported with OTLP when the standard variables are set
+//!   (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; protocol from
+//!   `OTEL_EXPORTER_OTLP_PROTOCOL`: `grpc` or `http/protobuf`, the default; `OTEL_SERVICE_NAME`,
+//!   `OTEL_RESOURCE_ATTRIBUTES`). [`Telemetry::shutdown`] flushes them, also after a failure.
+//! - Trace context crosses gRPC as W3C `traceparent` metadata ([`inject`], [`extract`]), so an
+//!   agent's spans are children of the coordinator's task span.
+//!
+//! The SDK's batch processors export from threads of their own, where the OTLP clients (tonic,
+//! hyper) find no Tokio reactor; [`OnRuntime`] runs the exporters on a small runtime they own.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::Context;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::data::ResourceMetrics;
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
+use opentelemetry_sdk::metrics::{SdkMeterProvider, Temporality};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use opentelemetry_sdk::Resource;
+use tonic::metadata::{KeyRef, MetadataKey, MetadataMap, MetadataValue};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Installed telemetry; call [`Telemetry::shutdown`] before the process exits.
+pub struct Telemetry {
+    tracer_provider: Option<SdkTracerProvider>,
+    meter_provider: Option<SdkMeterProvider>,
+    /// What was set up, for a log line.
+    pub exporting: Option<String>,
+}
+
+impl Telemetry {
+    /// Flushes and stops the exporters (bounded: a collector that is down does not hang exit).
+    pub fn shutdown(self) {
+        if let Some(p) = self.tracer_provider {
+            let _ = p.force_flush();
+            let _ = p.shutdown();
+        }
+        if let Some(m) = self.meter_provider {
+            let _ = m.force_flush();
+            let _ = m.shutdown();
+        }
+    }
+}
+
+/// Whether the standard variables ask for OTLP export.
+pub fn otlp_configured() -> bool {
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty()))
+        && std::env::var("OTEL_SDK_DISABLED")
+            .map(|v| v != "true")
+            .unwrap_or(true)
+}
+
+fn grpc() -> bool {
+    let p = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or_default();
+    p.trim() == "grpc"
+}
+
+fn resource(default_service: &str) -> Resource {
+    let b = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_ok_and(|s| !s.is_empty()) {
+        b.build()
+    } else {
+        b.with_service_name(default_service.to_string()).build()
+    }
+}
+
+/// Runs an exporter on a Tokio runtime of its own (see the module docs).
+#[derive(Debug, Clone)]
+pub struct OnRuntime<E> {
+    inner: Arc<E>,
+    runtime: Arc<tokio::runtime::Runtime>,
+}
+
+impl<E> OnRuntime<E> {
+    fn new(runtime: Arc<tokio::runtime::Runtime>, make: impl FnOnce() -> E) -> Self {
+        let _guard = runtime.enter();
+        OnRuntime {
+            inner: Arc::new(make()),
+            runtime,
+        }
+    }
+}
+
+impl<E: SpanExporter + 'static> SpanExporter for OnRuntime<E> {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        let (inner, runtime) = (Arc::clone(&self.inner), Arc::clone(&self.runtime));
+        async move { runtime.block_on(async move { inner.export(batch).await }) }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        let _g = self.runtime.enter();
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        let _g = self.runtime.enter();
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.set_resource(resource);
+        }
+    }
+}
+
+impl<E: PushMetricExporter> PushMetricExporter for OnRuntime<E> {
+    fn export(
+        &self,
+        metrics: &ResourceMetrics,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        let result = self.runtime.block_on(self.inner.export(metrics));
+        async move { result }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        let _g = self.runtime.enter();
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        let _g = self.runtime.enter();
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(&self) -> Temporality {
+        self.inner.temporality()
+    }
+}
+
+fn exporter_runtime() -> std::io::Result<Arc<tokio::runtime::Runtime>> {
+    Ok(Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("pgzm-otlp")
+            .enable_all()
+            .build()?,
+    ))
+}
+
+/// Sets up logging (and OTLP export when configured) for a binary named `service`.
+/// `default_filter` is the log filter unless `PGZM_LOG` is set.
+pub fn init(service: &str, default_filter: &str, format: LogFormat) -> Telemetry {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let filter =
+        || EnvFilter::try_from_env("PGZM_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false);
+    let fmt: Box<dyn Layer<_> + Send + Sync> = match format {
+        LogFormat::Text => fmt.with_filter(filter()).boxed(),
+        LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_filter(filter())
+            .boxed(),
+    };
+    let mut telemetry = Telemetry {
+        tracer_provider: None,
+        meter_provider: None,
+        exporting: None,
+    };
+    let mut otel_error = None;
+    let otel = if otlp_configured() {
+        match build_providers(service) {
+            Ok((tracer, meter, what)) => {
+                let layer = tracing_opentelemetry::layer()
+                    .with_tracer(tracer.tracer(service.to_string()))
+                    .with_filter(EnvFilter::new("pgzm_coordinator=info,pgzm_agent=info,warn"));
+                opentelemetry::global::set_meter_provider(meter.clone());
+                telemetry.tracer_provider = Some(tracer);
+                telemetry.meter_provider = Some(meter);
+                telemetry.exporting = Some(what);
+                Some(layer)
+            }
+            Err(e) => {
+                otel_error = Some(e);
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    if let Some(e) = otel_error {
+        tracing::warn!(error = %e, "OpenTelemetry export is configured but could not be set up; continuing without it");
+    }
+    if let Some(what) = &telemetry.exporting {
+        tracing::debug!(exporter = %what, "exporting traces and metrics");
+    }
+    telemetry
+}
+
+fn build_providers(service: &str) -> Result<(SdkTracerProvider, SdkMeterProvider, String), String> {
+    use opentelemetry_otlp::{MetricExporter, SpanExporter as OtlpSpanExporter};
+    let runtime = exporter_runtime().map_err(|e| format!("start the exporter runtime: {e}"))?;
+    let grpc = grpc();
+    let spans = {
+        let _g = runtime.enter();
+        if grpc {
+            OtlpSpanExporter::builder().with_tonic().build()
+        } else {
+            OtlpSpanExporter::builder().with_http().build()
+        }
+        .map_err(|e| format!("build the OTLP span exporter: {e}"))?
+    };
+    let metrics = {
+        let _g = runtime.enter();
+        if grpc {
+            MetricExporter::builder().with_tonic().build()
+        } else {
+            MetricExporter::builder().with_http().build()
+        }
+        .map_err(|e| format!("build the OTLP metric exporter: {e}"))?
+    };
+    let spans = OnRuntime::new(Arc::clone(&runtime), || spans);
+    let metrics = OnRuntime::new(Arc::clone(&runtime), || metrics);
+    let resource = resource(service);
+    let tracer = SdkTracerProvider::builder()
+        .with_resource(resource.clone())
+        .with_batch_exporter(spans)
+        .build();
+    let meter = SdkMeterProvider::builder()
+        .with_resource(resource)
+        .with_periodic_exporter(metrics)
+        .build();
+    Ok((
+        tracer,
+        meter,
+        if grpc {
+            "otlp/grpc".into()
+        } else {
+            "otlp/http".into()
+        },
+    ))
+}
+
+/// Builds the tracing layer for a given span exporter (tests use an in-memory one).
+pub fn layer_with_exporter<S, E>(exporter: E, service: &str) -> (impl Layer<S>, SdkTracerProvider)
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    E: SpanExporter + 'static,
+{
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let provider = SdkTracerProvider::builder()
+        .with_resource(resource(service))
+        .with_simple_exporter(exporter)
+        .build();
+    let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(service.to_string()));
+    (layer, provider)
+}
+
+struct MetadataInjector<'a>(&'a mut MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (
+            MetadataKey::from_bytes(key.as_bytes()),
+            MetadataValue::try_from(value.as_str()),
+        ) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+struct MetadataExtractor<'a>(&'a MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                KeyRef::Ascii(k) => Some(k.as_str()),
+                KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// Writes the current span's trace context into gRPC request metadata (`traceparent`).
+pub fn inject(metadata: &mut MetadataMap) {
+    let cx = tracing::Span::current().context();
+    TraceContextPropagator::new().inject_context(&cx, &mut MetadataInjector(metadata));
+}
+
+/// Reads a caller's trace context from gRPC request metadata.
+pub fn extract(metadata: &MetadataMap) -> Context {
+    TraceContextPropagator::new().extract(&MetadataExtractor(metadata))
+}
+
+/// Makes `span` a child of the caller's trace, when the request carries one.
+pub fn follow(span: &tracing::Span, metadata: &MetadataMap) {
+    let cx = extract(metadata);
+    use opentelemetry::trace::TraceContextExt as _;
+    if cx.span().span_context().is_valid() {
+        let _ = span.set_parent(cx);
+    }
+}
