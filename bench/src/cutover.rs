@@ -1,0 +1,142 @@
+//! Cutover: the swap of a prepared migration of N tables while a client runs short queries on
+//! them; with and without a long transaction holding a lock on one table.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pgzm_tests::PgCluster;
+
+use crate::methods::{fresh_db, run_measured};
+use crate::Binaries;
+
+/// One cutover measurement.
+#[derive(Debug, Clone)]
+pub struct CutoverResult {
+    /// Tables swapped.
+    pub tables: usize,
+    /// Whether a long transaction held a lock on one table.
+    pub blocker: bool,
+    /// Lock-held time reported by pgzm (server clock), ms.
+    pub lock_held_ms: f64,
+    /// Swap attempts.
+    pub attempts: u64,
+    /// Wall time of `pgzm swap`, ms.
+    pub swap_ms: f64,
+    /// Client queries during the swap.
+    pub queries: usize,
+    /// Worst client latency during the swap, ms.
+    pub worst_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// Client errors.
+    pub errors: usize,
+}
+
+fn tables_sql(n: usize) -> String {
+    let mut s = String::new();
+    for i in 0..n {
+        s.push_str(&format!(
+            "CREATE TABLE t_{i:04} (id serial PRIMARY KEY, v int); INSERT INTO t_{i:04} (v) SELECT g FROM generate_series(1, 100) g;\n"
+        ));
+    }
+    s
+}
+
+async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(c)
+}
+
+/// Prepares a migration of `n` tables, then swaps it while measuring a client.
+pub async fn measure(
+    source: &PgCluster,
+    dest: &PgCluster,
+    bins: &Binaries,
+    n: usize,
+    blocker: bool,
+) -> anyhow::Result<CutoverResult> {
+    let src = fresh_db(source, "bench_cut_src", false).await?;
+    let dst = fresh_db(dest, "bench_cut_dst", false).await?;
+    connect(&src).await?.batch_execute(&tables_sql(n)).await?;
+    connect(&dst).await?.batch_execute(&tables_sql(n)).await?;
+    run_measured(
+        Command::new(&bins.pgzm)
+            .args(["-q", "prepare", "--json", "--source", &src, "--dest", &dst]),
+    )?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let samples: Arc<Mutex<Vec<(Instant, Duration, bool)>>> = Arc::new(Mutex::new(Vec::new()));
+    let client = {
+        let (stop, samples, dst) = (Arc::clone(&stop), Arc::clone(&samples), dst.clone());
+        tokio::spawn(async move {
+            let c = connect(&dst).await?;
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let ok = c
+                    .simple_query(&format!("SELECT v FROM t_{:04} WHERE id = 7", i % n))
+                    .await
+                    .is_ok();
+                samples
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((t, t.elapsed(), ok));
+                i += 1;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let holder = if blocker {
+        let c = connect(&dst).await?;
+        c.batch_execute(&format!("BEGIN; SELECT count(*) FROM t_{:04}", n - 1))
+            .await?;
+        Some(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            c.batch_execute("COMMIT").await
+        }))
+    } else {
+        None
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let swap_started = Instant::now();
+    let pgzm = bins.pgzm.clone();
+    let dst2 = dst.clone();
+    let m = tokio::task::spawn_blocking(move || {
+        run_measured(Command::new(&pgzm).args(["-q", "swap", "--json", "--dest", &dst2]))
+    })
+    .await??;
+    let swap_ended = Instant::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    client.await??;
+    if let Some(h) = holder {
+        h.await??;
+    }
+    let report: serde_json::Value = serde_json::from_str(&m.stdout)?;
+    let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut during: Vec<f64> = samples
+        .iter()
+        .filter(|(t, d, _)| *t + *d >= swap_started && *t <= swap_ended)
+        .map(|(_, d, _)| d.as_secs_f64() * 1000.0)
+        .collect();
+    during.sort_by(f64::total_cmp);
+    let p99 = during
+        .get(((during.len() as f64) * 0.99).floor() as usize)
+        .copied()
+        .or(during.last().copied())
+        .unwrap_or(0.0);
+    Ok(CutoverResult {
+        tables: n,
+        blocker,
+        lock_held_ms: report["swap"]["lock_held_us"].as_f64().unwrap_or(0.0) / 1000.0,
+        attempts: report["swap"]["attempts"].as_u64().unwrap_or(0),
+        swap_ms: m.elapsed.as_secs_f64() * 1000.0,
+        queries: during.len(),
+        worst_ms: during.last().copied().unwrap_or(0.0),
+        p99_ms: p99,
+        errors: samples.iter().filter(|s| !s.2).count(),
+    })
+}

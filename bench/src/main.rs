@@ -1,0 +1,128 @@
+//! `pgzm-bench`: measures pgzm against `pg_dump -Fd -j N | pg_restore -j N`, `pgcopydb clone`
+//! (when installed) and a plain binary COPY pipe, on the same data in the same run, on two
+//! throwaway local servers; writes a markdown report (docs/BENCHMARKS.md).
+//!
+//! Run with `./bench/run [--scale small|medium|large]` (builds the release binaries first).
+
+mod cutover;
+mod datasets;
+mod methods;
+mod report;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use pgzm_tests::PgCluster;
+
+/// Data sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scale {
+    /// About 1 M rows in the large table; finishes in a few minutes on 2 cores.
+    Small,
+    /// About 5 M rows (1.2 GB heap, the baseline of STACK.md).
+    Medium,
+    /// About 10 M rows.
+    Large,
+}
+
+/// Benchmarks pgzm against pg_dump/pg_restore and pgcopydb.
+#[derive(Debug, Parser)]
+#[command(name = "pgzm-bench")]
+pub struct Args {
+    /// Data sizes.
+    #[arg(long, value_enum, default_value_t = Scale::Small)]
+    pub scale: Scale,
+    /// Parallel jobs for every method.
+    #[arg(long, default_value_t = 2)]
+    pub jobs: usize,
+    /// Where to write the report.
+    #[arg(long, default_value = "docs/BENCHMARKS.md")]
+    pub out: PathBuf,
+    /// Skip the copy comparison.
+    #[arg(long)]
+    pub skip_copy: bool,
+    /// Skip the cutover measurements.
+    #[arg(long)]
+    pub skip_cutover: bool,
+    /// Skip the scaling measurements.
+    #[arg(long)]
+    pub skip_scaling: bool,
+}
+
+/// Paths of the binaries under test, next to this one.
+pub struct Binaries {
+    /// pgzm.
+    pub pgzm: PathBuf,
+    /// pgzm-agent.
+    pub agent: PathBuf,
+    /// PostgreSQL's bin directory (pg_dump, pg_restore, psql).
+    pub pg: PathBuf,
+    /// pgcopydb, if installed.
+    pub pgcopydb: Option<PathBuf>,
+}
+
+fn binaries(cluster: &PgCluster) -> anyhow::Result<Binaries> {
+    let me = std::env::current_exe()?;
+    let pgzm = me.with_file_name("pgzm");
+    let agent = me.with_file_name("pgzm-agent");
+    for b in [&pgzm, &agent] {
+        anyhow::ensure!(
+            b.exists(),
+            "{} is missing: build it first (./bench/run does)",
+            b.display()
+        );
+    }
+    let pgcopydb = ["/usr/bin/pgcopydb", "/usr/lib/postgresql/15/bin/pgcopydb"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
+    Ok(Binaries {
+        pgzm,
+        agent,
+        pg: cluster.bindir().to_path_buf(),
+        pgcopydb,
+    })
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    eprintln!("starting two throwaway PostgreSQL servers…");
+    let source = PgCluster::start().context("start the source server")?;
+    let dest = PgCluster::start().context("start the destination server")?;
+    let bins = binaries(&source)?;
+    let mut report = report::Report::new(&args, &bins);
+    if !args.skip_copy {
+        for ds in datasets::copy_datasets(args.scale) {
+            eprintln!("== dataset {}", ds.name);
+            let results = methods::compare(&ds, &source, &dest, &bins, args.jobs).await?;
+            report.copy.push((ds, results));
+        }
+    }
+    if !args.skip_cutover {
+        for tables in [100usize, 1000] {
+            for blocker in [false, true] {
+                eprintln!("== cutover: {tables} tables, long transaction: {blocker}");
+                report
+                    .cutover
+                    .push(cutover::measure(&source, &dest, &bins, tables, blocker).await?);
+            }
+        }
+    }
+    if !args.skip_scaling {
+        for ds in datasets::scaling_datasets(args.scale) {
+            eprintln!("== scaling: {}", ds.name);
+            let r = methods::pgzm_embedded(&ds, &source, &dest, &bins, args.jobs).await?;
+            report.scaling.push((ds, r));
+        }
+    }
+    let text = report.render();
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    std::fs::write(&args.out, &text).with_context(|| format!("write {}", args.out.display()))?;
+    println!("{text}");
+    eprintln!("report written to {}", args.out.display());
+    Ok(())
+}

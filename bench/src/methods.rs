@@ -1,0 +1,417 @@
+//! The methods compared, each on a fresh destination database, timed and measured (peak RSS
+//! of the client-side processes: pgzm and its agents, pg_dump/pg_restore, pgcopydb, psql).
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use pgzm_tests::PgCluster;
+
+use crate::datasets::Dataset;
+use crate::Binaries;
+
+/// One measured run.
+#[derive(Debug, Clone)]
+pub struct MethodResult {
+    /// Method label.
+    pub method: String,
+    /// Wall time of the whole method.
+    pub seconds: f64,
+    /// Wall time of the data copy alone, when the method reports it.
+    pub copy_seconds: Option<f64>,
+    /// Bytes of table data moved, when known.
+    pub bytes: Option<u64>,
+    /// Peak RSS of the largest client-side process, MiB.
+    pub peak_rss_mib: f64,
+    /// Swap lock-held time (pgzm), ms.
+    pub lock_held_ms: Option<f64>,
+}
+
+/// Output and resource use of a child process.
+pub struct Measured {
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Peak RSS in KiB.
+    pub max_rss_kib: u64,
+    /// Standard output.
+    pub stdout: String,
+}
+
+/// Runs a command to completion, measuring wall time and peak RSS (wait4's rusage).
+pub fn run_measured(cmd: &mut Command) -> anyhow::Result<Measured> {
+    let started = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawn {cmd:?}"))?;
+    let mut out = child.stdout.take().context("stdout")?;
+    let mut err = child.stderr.take().context("stderr")?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data, filled in by the kernel.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; the pointers are valid for the call.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let elapsed = started.elapsed();
+    let stdout = reader.join().unwrap_or_default();
+    let stderr = err_reader.join().unwrap_or_default();
+    if r < 0 {
+        bail!("wait4 failed for {cmd:?}");
+    }
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    if !ok {
+        bail!(
+            "{cmd:?} failed:\n{}",
+            stderr
+                .lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    Ok(Measured {
+        elapsed,
+        max_rss_kib: usage.ru_maxrss as u64,
+        stdout,
+    })
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+async fn admin(cluster: &PgCluster) -> anyhow::Result<tokio_postgres::Client> {
+    let (c, conn) =
+        tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(c)
+}
+
+/// Creates (or recreates) an empty database, with PostGIS when asked.
+pub async fn fresh_db(cluster: &PgCluster, name: &str, postgis: bool) -> anyhow::Result<String> {
+    let c = admin(cluster).await?;
+    c.batch_execute(&format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}"
+    ))
+    .await?;
+    let url = cluster.url(name);
+    if postgis {
+        let (d, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        d.batch_execute("CREATE EXTENSION postgis").await?;
+    }
+    Ok(url)
+}
+
+/// Loads a data set into a fresh source database; returns its URL.
+pub async fn load_source(ds: &Dataset, source: &PgCluster) -> anyhow::Result<String> {
+    let url = fresh_db(source, "bench_src", false).await?;
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    c.batch_execute(&ds.sql)
+        .await
+        .with_context(|| format!("generate {}", ds.name))?;
+    c.batch_execute("CHECKPOINT").await?;
+    Ok(url)
+}
+
+fn json_report(stdout: &str) -> anyhow::Result<serde_json::Value> {
+    serde_json::from_str(stdout).context("parse the pgzm --json report")
+}
+
+fn from_report(method: &str, m: &Measured, extra_rss_kib: u64) -> anyhow::Result<MethodResult> {
+    let r = json_report(&m.stdout)?;
+    let phases = r["phases"].as_array().cloned().unwrap_or_default();
+    let copy_ms: f64 = phases
+        .iter()
+        .filter(|p| p["phase"] == "copy")
+        .filter_map(|p| p["duration_ms"].as_f64())
+        .sum();
+    Ok(MethodResult {
+        method: method.into(),
+        seconds: m.elapsed.as_secs_f64(),
+        copy_seconds: Some(copy_ms / 1000.0),
+        bytes: r["bytes"].as_u64(),
+        peak_rss_mib: mib(m.max_rss_kib.max(extra_rss_kib)),
+        lock_held_ms: r["swap"]["lock_held_us"].as_f64().map(|us| us / 1000.0),
+    })
+}
+
+/// pgzm with the in-process agent.
+pub async fn pgzm_embedded(
+    ds: &Dataset,
+    source: &PgCluster,
+    dest: &PgCluster,
+    bins: &Binaries,
+    jobs: usize,
+) -> anyhow::Result<MethodResult> {
+    let src = load_source(ds, source).await?;
+    run_pgzm_embedded(&src, ds, dest, bins, jobs).await
+}
+
+async fn run_pgzm_embedded(
+    src: &str,
+    ds: &Dataset,
+    dest: &PgCluster,
+    bins: &Binaries,
+    jobs: usize,
+) -> anyhow::Result<MethodResult> {
+    let dst = fresh_db(dest, "bench_dst", ds.postgis).await?;
+    let m = run_measured(Command::new(&bins.pgzm).args([
+        "-q",
+        "start",
+        "--json",
+        "--no-log-file",
+        "--source",
+        src,
+        "--dest",
+        &dst,
+        "--jobs",
+        &jobs.to_string(),
+    ]))?;
+    from_report("pgzm (embedded agent)", &m, 0)
+}
+
+/// A `pgzm-agent` process on a free loopback port.
+struct AgentProcess {
+    child: std::process::Child,
+    url: String,
+}
+
+impl AgentProcess {
+    fn start(bin: &Path, tasks: usize) -> anyhow::Result<AgentProcess> {
+        let mut child = Command::new(bin)
+            .args(["--listen", "127.0.0.1:0", "--max-tasks", &tasks.to_string()])
+            .env("PGZM_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut out = child.stdout.take().context("agent stdout")?;
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while out.read(&mut byte)? == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        let line = String::from_utf8_lossy(&line).to_string();
+        let addr = line
+            .strip_prefix("listening on ")
+            .context("agent did not report its address")?
+            .trim()
+            .to_string();
+        Ok(AgentProcess {
+            child,
+            url: format!("http://{addr}"),
+        })
+    }
+
+    /// Peak RSS so far (VmHWM), KiB.
+    fn peak_rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn run_pgzm_agents(
+    src: &str,
+    ds: &Dataset,
+    dest: &PgCluster,
+    bins: &Binaries,
+    jobs: usize,
+) -> anyhow::Result<MethodResult> {
+    let dst = fresh_db(dest, "bench_dst", ds.postgis).await?;
+    let per = jobs.div_ceil(2).max(1);
+    let a = AgentProcess::start(&bins.agent, per)?;
+    let b = AgentProcess::start(&bins.agent, per)?;
+    let m = run_measured(Command::new(&bins.pgzm).args([
+        "-q",
+        "start",
+        "--json",
+        "--no-log-file",
+        "--source",
+        src,
+        "--dest",
+        &dst,
+        "--jobs",
+        &jobs.to_string(),
+        "--agent",
+        &a.url,
+        "--agent",
+        &b.url,
+    ]))?;
+    let agents_rss = a.peak_rss_kib().max(b.peak_rss_kib());
+    from_report("pgzm (2 agent processes)", &m, agents_rss)
+}
+
+fn pg(bins: &Binaries, tool: &str) -> std::path::PathBuf {
+    bins.pg.join(tool)
+}
+
+async fn run_dump_restore(
+    src: &str,
+    ds: &Dataset,
+    dest: &PgCluster,
+    bins: &Binaries,
+    jobs: usize,
+) -> anyhow::Result<MethodResult> {
+    let dst = fresh_db(dest, "bench_dst", false).await?;
+    let dir = std::env::temp_dir().join(format!("pgzm-bench-dump-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dump = run_measured(
+        Command::new(pg(bins, "pg_dump"))
+            .args(["-Fd", "-j", &jobs.to_string(), "-f"])
+            .arg(&dir)
+            .arg(src),
+    )?;
+    let restore = run_measured(
+        Command::new(pg(bins, "pg_restore"))
+            .args(["-j", &jobs.to_string(), "-d", &dst])
+            .arg(&dir),
+    )?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = ds;
+    Ok(MethodResult {
+        method: format!("pg_dump -Fd -j{jobs} + pg_restore -j{jobs}"),
+        seconds: (dump.elapsed + restore.elapsed).as_secs_f64(),
+        copy_seconds: None,
+        bytes: None,
+        peak_rss_mib: mib(dump.max_rss_kib.max(restore.max_rss_kib)),
+        lock_held_ms: None,
+    })
+}
+
+async fn run_pgcopydb(
+    src: &str,
+    ds: &Dataset,
+    dest: &PgCluster,
+    bins: &Binaries,
+    jobs: usize,
+) -> anyhow::Result<Option<MethodResult>> {
+    let Some(pgcopydb) = &bins.pgcopydb else {
+        return Ok(None);
+    };
+    let dst = fresh_db(dest, "bench_dst", false).await?;
+    let _ = ds;
+    let dir = std::env::temp_dir().join(format!("pgzm-bench-pgcopydb-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let m = run_measured(
+        Command::new(pgcopydb)
+            .args([
+                "clone",
+                "--source",
+                src,
+                "--target",
+                &dst,
+                "--table-jobs",
+                &jobs.to_string(),
+                "--index-jobs",
+                &jobs.to_string(),
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    bins.pg.display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            ),
+    )?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Some(MethodResult {
+        method: format!("pgcopydb clone (table/index jobs {jobs})"),
+        seconds: m.elapsed.as_secs_f64(),
+        copy_seconds: None,
+        bytes: None,
+        peak_rss_mib: mib(m.max_rss_kib),
+        lock_held_ms: None,
+    }))
+}
+
+/// The ceiling: one binary COPY pipe between the servers, into a table without indexes.
+async fn run_copy_pipe(
+    src: &str,
+    dest: &PgCluster,
+    bins: &Binaries,
+) -> anyhow::Result<MethodResult> {
+    let dst = fresh_db(dest, "bench_dst", false).await?;
+    let (c, conn) = tokio_postgres::connect(&dst, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    c.batch_execute(
+        "CREATE TABLE measurements (id bigint, ts timestamptz NOT NULL, device int NOT NULL, value double precision, note text)",
+    )
+    .await?;
+    let psql = pg(bins, "psql");
+    let script = format!(
+        "{p} -X -q -d '{src}' -c 'COPY measurements TO STDOUT (FORMAT binary)' | {p} -X -q -d '{dst}' -c 'COPY measurements FROM STDIN (FORMAT binary)'",
+        p = psql.display()
+    );
+    let m = run_measured(Command::new("sh").args(["-c", &script]))?;
+    Ok(MethodResult {
+        method: "psql binary COPY pipe (no indexes)".into(),
+        seconds: m.elapsed.as_secs_f64(),
+        copy_seconds: Some(m.elapsed.as_secs_f64()),
+        bytes: None,
+        peak_rss_mib: mib(m.max_rss_kib),
+        lock_held_ms: None,
+    })
+}
+
+/// Every method on one data set, in alternating order.
+pub async fn compare(
+    ds: &Dataset,
+    source: &PgCluster,
+    dest: &PgCluster,
+    bins: &Binaries,
+    jobs: usize,
+) -> anyhow::Result<Vec<MethodResult>> {
+    let src = load_source(ds, source).await?;
+    let mut out = Vec::new();
+    eprintln!("   pg_dump | pg_restore");
+    out.push(run_dump_restore(&src, ds, dest, bins, jobs).await?);
+    eprintln!("   pgzm embedded");
+    out.push(run_pgzm_embedded(&src, ds, dest, bins, jobs).await?);
+    if bins.pgcopydb.is_some() {
+        eprintln!("   pgcopydb");
+        if let Some(r) = run_pgcopydb(&src, ds, dest, bins, jobs).await? {
+            out.push(r);
+        }
+    }
+    eprintln!("   pgzm with 2 agents");
+    out.push(run_pgzm_agents(&src, ds, dest, bins, jobs).await?);
+    if ds.name.starts_with("large") {
+        eprintln!("   binary COPY pipe");
+        out.push(run_copy_pipe(&src, dest, bins).await?);
+    }
+    Ok(out)
+}
