@@ -75,9 +75,20 @@ async fn info(
             protocol_version: pgzm_proto::PROTOCOL_VERSION,
         }))
         .await
-        .map_err(|s| CoordinatorError::Agent {
-            agent: label.to_string(),
-            message: s.message().to_string(),
+        .map_err(|s| {
+            let mut message = status_message(&s);
+            // With TLS 1.3 a server that rejects the client's certificate (or its absence)
+            // does so after the client considers the handshake done: the first call only sees
+            // the connection closing.
+            if label.starts_with("https://") && std::error::Error::source(&s).is_some() {
+                message.push_str(
+                    " (the agent closed the TLS connection: if it runs with --tls-client-ca it requires a client certificate issued by that CA: give --agent-cert and --agent-key)",
+                );
+            }
+            CoordinatorError::Agent {
+                agent: label.to_string(),
+                message,
+            }
         })?
         .into_inner();
     if info.protocol_version != pgzm_proto::PROTOCOL_VERSION {
@@ -257,7 +268,7 @@ impl AgentPool {
                 .await
                 .map_err(|s| CoordinatorError::Agent {
                     agent: a.label.clone(),
-                    message: s.message().to_string(),
+                    message: status_message(&s),
                 })?
                 .into_inner()
                 .results;
@@ -276,8 +287,20 @@ impl AgentPool {
 
 /// A transport error's message with its causes (tonic's own Display is terse).
 pub fn transport_message(e: &tonic::transport::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = std::error::Error::source(e);
+    with_causes(e.to_string(), std::error::Error::source(e))
+}
+
+/// The message of a status an agent call ended with. A status made by the client's transport
+/// (the agent unreachable, the TLS handshake refused) carries only "transport error": its
+/// causes are appended.
+pub fn status_message(s: &tonic::Status) -> String {
+    with_causes(s.message().to_string(), std::error::Error::source(s))
+}
+
+fn with_causes(
+    mut out: String,
+    mut source: Option<&(dyn std::error::Error + 'static)>,
+) -> String {
     while let Some(cause) = source {
         out.push_str(": ");
         out.push_str(&cause.to_string());

@@ -1,0 +1,199 @@
+//! The two-phase workflow across OS processes, with the real `pgzm` binary: `prepare` in one
+//! process, then `status` and `swap` in others. Nothing but the destination database carries the
+//! migration's state from one to the next.
+
+use std::process::{Output, Stdio};
+
+use pgzm_tests::inspect;
+use pgzm_tests::{PgCluster, TestDb};
+use tokio::process::Command;
+
+/// A password put in the URLs (the test servers trust every local connection, so it is accepted
+/// and ignored); it must never be printed.
+const SECRET: &str = "TwoPhaseS3cret";
+
+/// `pgzm` with a clean environment: none of the variables it falls back to.
+fn pgzm() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgzm"));
+    for var in [
+        "SOURCE_DATABASE_URL",
+        "DEST_DATABASE_URL",
+        "DATABASE_URL",
+        "PRESERVED_TABLES",
+        "PGZM_LOG",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    cmd
+}
+
+/// Runs `pgzm args…`, checks it succeeded and printed no password; returns (stdout, stderr).
+async fn run_ok(args: &[&str]) -> (String, String) {
+    let out: Output = pgzm().args(args).output().await.expect("run pgzm");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "pgzm {} failed ({}): {stderr}",
+        args[0],
+        out.status
+    );
+    assert!(
+        !stdout.contains(SECRET) && !stderr.contains(SECRET),
+        "pgzm {} printed the password:\n{stdout}\n{stderr}",
+        args[0]
+    );
+    (stdout, stderr)
+}
+
+/// The one JSON document of a `--json` run.
+fn json(stdout: &str) -> serde_json::Value {
+    let docs: Vec<serde_json::Value> = serde_json::Deserializer::from_str(stdout)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"));
+    assert_eq!(docs.len(), 1, "stdout: {stdout}");
+    docs.into_iter().next().unwrap_or_default()
+}
+
+fn with_password(url: &str) -> String {
+    let with = url.replacen(
+        "postgres://postgres@",
+        &format!("postgres://postgres:{SECRET}@"),
+        1,
+    );
+    assert_ne!(with, url, "unexpected test URL form: {url}");
+    with
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_then_status_and_swap_in_other_processes() {
+    let (src_cluster, dst_cluster) = PgCluster::shared_pair();
+    let source = TestDb::create(src_cluster, "two_phase_src")
+        .await
+        .expect("create source db");
+    let dest = TestDb::create(dst_cluster, "two_phase_dst")
+        .await
+        .expect("create dest db");
+    for (db, data) in [(&source, "source_data.sql"), (&dest, "dest_data.sql")] {
+        db.load_fixture("simple/schema.sql").await.expect("schema");
+        db.load_fixture(&format!("simple/{data}"))
+            .await
+            .expect("data");
+    }
+    let (src_url, dst_url) = (with_password(&source.url()), with_password(&dest.url()));
+    let dst = dest.connect().await.expect("connect dest");
+    let src_sums = inspect::table_checksums(&source.connect().await.expect("connect source"))
+        .await
+        .expect("source checksums");
+
+    // Process 1: prepare.
+    let (stdout, _) = run_ok(&[
+        "prepare",
+        "--source",
+        &src_url,
+        "--dest",
+        &dst_url,
+        "--preserved-tables",
+        "User",
+        "--jobs",
+        "2",
+    ])
+    .await;
+    assert!(
+        stdout.contains("pgzm swap"),
+        "prepare must tell the swap command: {stdout}"
+    );
+    let id: i64 = dst
+        .query_one(
+            "SELECT id FROM pgzm.migrations WHERE status = 'prepared'",
+            &[],
+        )
+        .await
+        .expect("the prepared migration is recorded in the destination")
+        .get(0);
+    assert!(stdout.contains(&format!("--timestamp {id}")), "{stdout}");
+
+    // Process 2: status.
+    let (stdout, _) = run_ok(&["status", "--dest", &dst_url, "--json"]).await;
+    let st = json(&stdout);
+    assert_eq!(st["state"], "prepared", "{st}");
+    assert_eq!(st["safe_to_swap"], true, "{st}");
+    assert_eq!(st["migration_id"], id, "{st}");
+    assert_eq!(st["preserved_tables"], serde_json::json!(["User"]), "{st}");
+    let triggers = st["sync_triggers"].as_array().expect("sync_triggers");
+    assert_eq!(triggers.len(), 4, "{st}");
+    assert!(
+        triggers
+            .iter()
+            .all(|t| t["present"] == true && t["enabled"] == true),
+        "{st}"
+    );
+
+    // The application writes between the two phases.
+    dst.batch_execute(
+        r#"INSERT INTO "User" (name, email) VALUES ('Between', 'between@example.com');
+           UPDATE "User" SET name = 'Jane (edited)' WHERE id = 2"#,
+    )
+    .await
+    .expect("application writes");
+    let users: Vec<String> = dst
+        .query(r#"SELECT id || ' ' || name FROM "User" ORDER BY id"#, &[])
+        .await
+        .expect("users")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+
+    // Process 3: swap.
+    let (stdout, _) = run_ok(&[
+        "swap",
+        "--dest",
+        &dst_url,
+        "--timestamp",
+        &id.to_string(),
+        "--json",
+    ])
+    .await;
+    let report = json(&stdout);
+    assert_eq!(report["migration_id"], id, "{report}");
+    assert!(
+        report["swap"]["lock_held_us"].as_i64().is_some(),
+        "{report}"
+    );
+
+    // Process 4: status again.
+    let (stdout, _) = run_ok(&["status", "--dest", &dst_url, "--json"]).await;
+    let st = json(&stdout);
+    assert_eq!(st["state"], "swapped", "{st}");
+    assert_eq!(st["safe_to_swap"], false, "{st}");
+    let (stdout, _) = run_ok(&["status", "--dest", &dst_url]).await;
+    assert!(stdout.contains("SWAPPED"), "{stdout}");
+
+    // The preserved table has the destination's rows including the writes between the phases;
+    // the others the source's; the sync is gone.
+    let after: Vec<String> = dst
+        .query(r#"SELECT id || ' ' || name FROM "User" ORDER BY id"#, &[])
+        .await
+        .expect("users")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(after, users);
+    assert_eq!(after, vec!["1 John Doe", "2 Jane (edited)", "3 Between"]);
+    let sums = inspect::table_checksums(&dst).await.expect("checksums");
+    for t in ["Post", "Comment"] {
+        assert_eq!(sums[t], src_sums[t], "{t}");
+    }
+    let sync: i64 = dst
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE left(tgname::text, 10) = 'pgzm_sync_'",
+            &[],
+        )
+        .await
+        .expect("triggers")
+        .get(0);
+    assert_eq!(sync, 0, "sync triggers left after the swap");
+    assert_eq!(inspect::fk_orphans(&dst).await.expect("fk orphans"), vec![]);
+}
