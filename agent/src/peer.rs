@@ -102,7 +102,7 @@ impl PeerConnector {
         Ok(Box::pin(stream.map(move |item| match item {
             Ok(proto::CopyChunk {
                 chunk: Some(proto::copy_chunk::Chunk::Data(d)),
-            }) => Ok(SourceItem::Data(Bytes::from(d))),
+            }) => Ok(SourceItem::Data(d)),
             Ok(proto::CopyChunk {
                 chunk: Some(proto::copy_chunk::Chunk::RowsInSource(n)),
             }) => Ok(SourceItem::Rows(n)),

@@ -330,7 +330,7 @@ impl Agent for AgentService {
                                 let data: Bytes = buf.split().freeze();
                                 if tx
                                     .send(Ok(proto::CopyChunk {
-                                        chunk: Some(proto::copy_chunk::Chunk::Data(data.to_vec())),
+                                        chunk: Some(proto::copy_chunk::Chunk::Data(data)),
                                     }))
                                     .await
                                     .is_err()
@@ -355,7 +355,7 @@ impl Agent for AgentService {
                     let data = buf.split().freeze();
                     let _ = tx
                         .send(Ok(proto::CopyChunk {
-                            chunk: Some(proto::copy_chunk::Chunk::Data(data.to_vec())),
+                            chunk: Some(proto::copy_chunk::Chunk::Data(data)),
                         }))
                         .await;
                 }
