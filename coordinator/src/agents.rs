@@ -80,10 +80,14 @@ async fn info(
             // With TLS 1.3 a server that rejects the client's certificate (or its absence)
             // does so after the client considers the handshake done: the first call only sees
             // the connection closing.
-            if label.starts_with("https://") && std::error::Error::source(&s).is_some() {
-                message.push_str(
-                    " (the agent closed the TLS connection: if it runs with --tls-client-ca it requires a client certificate issued by that CA: give --agent-cert and --agent-key)",
-                );
+            if std::error::Error::source(&s).is_some() {
+                if label.starts_with("https://") {
+                    message.push_str(
+                        " (the agent closed the TLS connection: if it runs with --tls-client-ca it requires a client certificate issued by that CA: give --agent-cert and --agent-key)",
+                    );
+                } else if label.starts_with("http://") {
+                    message.push_str(" (if the agent runs with --tls-cert, use an https:// URL)");
+                }
             }
             CoordinatorError::Agent {
                 agent: label.to_string(),
@@ -297,13 +301,13 @@ pub fn status_message(s: &tonic::Status) -> String {
     with_causes(s.message().to_string(), std::error::Error::source(s))
 }
 
-fn with_causes(
-    mut out: String,
-    mut source: Option<&(dyn std::error::Error + 'static)>,
-) -> String {
+fn with_causes(mut out: String, mut source: Option<&(dyn std::error::Error + 'static)>) -> String {
     while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         source = cause.source();
     }
     out

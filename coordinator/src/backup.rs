@@ -474,7 +474,8 @@ pub struct Cleanup {
     pub objects: Vec<String>,
 }
 
-/// `pgzm cleanup --before`: drops backup sets older than the cut-off.
+/// `pgzm cleanup --before`: drops backup sets older than the cut-off — created (swapped in)
+/// before it, and with a timestamp (migration id) before it.
 pub async fn cleanup(
     destination: &DbUrl,
     before: i64,
@@ -490,8 +491,26 @@ pub async fn cleanup(
         backup_sets: Vec::new(),
         objects: Vec::new(),
     };
-    for row in backup_rows(&client).await? {
-        if row.id >= before {
+    // A backup set's age is that of its swap (when the live tables became the backup), not of
+    // its prepare: with two-phase runs they can be days apart, and a set swapped in an hour ago
+    // must not go because its prepare started last week.
+    let rows = backup_rows(&client).await?;
+    if rows.is_empty() {
+        return Ok(out);
+    }
+    let created: std::collections::BTreeMap<i64, i64> = client
+        .query(
+            "SELECT id, (extract(epoch FROM coalesce(swapped_at, created_at)) * 1000)::int8
+             FROM pgzm.migrations WHERE backup_present",
+            &[],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("read pgzm metadata", &e))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for row in rows {
+        if created.get(&row.id).copied().unwrap_or(row.id).max(row.id) >= before {
             continue;
         }
         out.backup_sets.push(row.id);

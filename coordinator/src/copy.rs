@@ -306,7 +306,7 @@ impl Worker {
                 task = %task.key,
                 range = task.range.map(|r| format!("{}..{}", r.start_page, r.end_page)).unwrap_or_default(),
                 agent = %self.agent.label,
-                attempt = task.attempts,
+                attempt = i64::from(task.attempts),
                 rows = tracing::field::Empty,
                 bytes = tracing::field::Empty,
             );
@@ -314,8 +314,9 @@ impl Worker {
             let metrics = crate::metrics::get();
             match outcome {
                 Outcome::Done(done) => {
-                    span.record("rows", done.rows_written)
-                        .record("bytes", done.bytes);
+                    // As i64: tracing-opentelemetry exports u64 fields as strings.
+                    span.record("rows", i64::try_from(done.rows_written).unwrap_or(i64::MAX))
+                        .record("bytes", i64::try_from(done.bytes).unwrap_or(i64::MAX));
                     let attrs = [opentelemetry::KeyValue::new("table", job.table.clone())];
                     metrics.rows.add(done.rows_written, &attrs);
                     metrics.bytes.add(done.bytes, &attrs);
@@ -411,13 +412,23 @@ impl Worker {
     async fn wait_for_agent(&self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut delay = Duration::from_millis(250);
+        let mut next_probe = Instant::now() + delay;
         while Instant::now() < deadline {
-            tokio::time::sleep(delay).await;
+            // Woken by the other slots too, so this one stops as soon as the work is done
+            // instead of at its next probe.
+            let changed = self.notify.notified();
             {
                 let q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
                 if q.failed.is_some() || (q.tasks.is_empty() && q.in_flight == 0) {
                     return false;
                 }
+            }
+            if Instant::now() < next_probe {
+                tokio::select! {
+                    () = tokio::time::sleep_until(next_probe.into()) => {}
+                    () = changed => {}
+                }
+                continue;
             }
             let mut client = self.agent.client.clone();
             let req = self.pool.connector.request(proto::InfoRequest {
@@ -431,6 +442,7 @@ impl Worker {
                 return true;
             }
             delay = (delay * 2).min(Duration::from_secs(5));
+            next_probe = Instant::now() + delay;
         }
         false
     }

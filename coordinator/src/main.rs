@@ -172,13 +172,34 @@ fn main() -> ExitCode {
         Command::Rollback(_) => "rollback",
         Command::Cleanup(_) => "cleanup",
     };
+    let json_logs = cli.log_format == LogFormatArg::Json;
     // One root span per run: every phase and table task of the migration is in its trace.
-    let result = runtime.block_on(run(cli).instrument(tracing::info_span!("pgzm", command)));
+    let root = tracing::info_span!(
+        "pgzm",
+        command,
+        otel.status_description = tracing::field::Empty
+    );
+    let result = runtime.block_on(run(cli).instrument(root.clone()));
+    if let Err(err) = &result {
+        // The trace says that, and why, the run failed (the message never holds a password).
+        root.record("otel.status_description", err.to_string().as_str());
+    }
+    drop(root);
     drop(runtime);
     // Spans and metrics are flushed also when the run failed.
     telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if json_logs => {
+            // Like every other stderr line with --log-format json: one JSON object.
+            let line = serde_json::json!({
+                "timestamp": migrate::now_rfc3339(),
+                "level": "ERROR",
+                "message": format!("pgzm: error: {err}"),
+            });
+            eprintln!("{line}");
+            ExitCode::FAILURE
+        }
         Err(err) => {
             eprintln!("pgzm: error: {err}");
             ExitCode::FAILURE

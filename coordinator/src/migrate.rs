@@ -130,7 +130,16 @@ impl Phases {
     ) -> Result<T, CoordinatorError> {
         let started_at = now_rfc3339();
         let t = Instant::now();
-        let r = f.instrument(info_span!("phase", phase)).await;
+        let span = info_span!(
+            "phase",
+            phase,
+            otel.status_description = tracing::field::Empty
+        );
+        let r = f.instrument(span.clone()).await;
+        if let Err(e) = &r {
+            // The failed phase is marked in the trace, with the (password-free) message.
+            span.record("otel.status_description", e.to_string().as_str());
+        }
         let duration_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
         info!(phase, duration_ms, ok = r.is_ok(), "phase finished");
         self.0.push(PhaseTiming {

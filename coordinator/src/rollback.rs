@@ -295,10 +295,12 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
             .iter()
             .map(|o| dropped_views[o])
             .filter(|v| {
+                // A view the migration created is not recreated when it read a dropped table.
+                let migration_view_of_gone = created_by_migration.contains(v.name.as_str())
+                    && dropped_for_gone.contains_key(&v.oid);
                 !restorable.contains(v.name.as_str())
                     && !backup_view_names.contains(v.name.as_str())
-                    && !(created_by_migration.contains(v.name.as_str())
-                        && dropped_for_gone.contains_key(&v.oid))
+                    && !migration_view_of_gone
             })
             .collect();
     let restore_views: Vec<(&str, &str)> = backup_view_moves

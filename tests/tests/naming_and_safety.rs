@@ -225,7 +225,10 @@ async fn destination_views_that_cannot_follow_are_refused_or_rolled_back() -> an
         .await
         .expect_err("the view cannot be recreated");
     let msg = err.to_string();
-    assert!(msg.contains("legacy") && msg.contains("user_legacy"), "{msg}");
+    assert!(
+        msg.contains("legacy") && msg.contains("user_legacy"),
+        "{msg}"
+    );
     assert!(!msg.contains('\n'), "one line: {msg}");
     assert_eq!(public_objects(&dst).await, objects, "nothing left behind");
     assert_eq!(live_sums(&dst).await, sums, "live tables untouched");
