@@ -36,7 +36,7 @@ pub enum CoordinatorError {
         message: String,
     },
     /// The plan found reasons not to start; nothing was changed.
-    #[error("cannot migrate: {}", .0.join("; "))]
+    #[error("{}", .0.join("; "))]
     Refused(Vec<String>),
     /// Another pgzm run holds the destination.
     #[error("another pgzm run is working on this destination (advisory lock held); wait for it to finish or stop it")]

@@ -47,6 +47,14 @@ impl Prepared {
     }
 }
 
+/// A refused plan: nothing was changed.
+fn refused(mut problems: Vec<String>) -> CoordinatorError {
+    if let Some(first) = problems.first_mut() {
+        *first = format!("cannot migrate: {first}");
+    }
+    CoordinatorError::Refused(problems)
+}
+
 /// Normalises `--preserved-tables` entries: trimmed, empties dropped, duplicates removed.
 pub fn preserved_names(raw: &[String]) -> Vec<String> {
     let mut seen = BTreeSet::new();
@@ -113,7 +121,7 @@ pub async fn prepare(
         &dest,
         &earlier,
     )
-    .map_err(CoordinatorError::Refused)?;
+    .map_err(refused)?;
     let mut problems = Vec::new();
     if let Some(id) = earlier.prepared {
         if !opts.force {
@@ -139,7 +147,7 @@ pub async fn prepare(
         &mut problems,
     );
     if !problems.is_empty() {
-        return Err(CoordinatorError::Refused(problems));
+        return Err(refused(problems));
     }
     plan.deferred = deferred_statements(&schema, &plan);
 
