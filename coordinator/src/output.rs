@@ -97,19 +97,8 @@ pub fn human_plan(plan: &Plan) -> String {
     s
 }
 
-/// The final report.
-pub fn human_report(r: &Report) -> String {
-    let mut s = human_plan(&r.plan);
-    if r.dry_run {
-        let _ = writeln!(s, "Dry run: nothing was changed.");
-        return s;
-    }
-    for c in &r.cleaned_up {
-        let _ = writeln!(s, "cleaned up from an interrupted run: {c}");
-    }
-    for d in &r.dropped_backup {
-        let _ = writeln!(s, "dropped from the previous backup set: {d}");
-    }
+/// Rows and bytes copied, and the phase timings.
+fn copied_and_phases(s: &mut String, r: &Report) {
     let _ = writeln!(
         s,
         "Copied {} rows ({}) in {} tables",
@@ -124,6 +113,22 @@ pub fn human_report(r: &Report) -> String {
             p.phase, p.duration_ms, p.started_at
         );
     }
+}
+
+/// The final report.
+pub fn human_report(r: &Report) -> String {
+    let mut s = human_plan(&r.plan);
+    if r.dry_run {
+        let _ = writeln!(s, "Dry run: nothing was changed.");
+        return s;
+    }
+    for c in &r.cleaned_up {
+        let _ = writeln!(s, "cleaned up from an interrupted run: {c}");
+    }
+    for d in &r.dropped_backup {
+        let _ = writeln!(s, "dropped from the previous backup set: {d}");
+    }
+    copied_and_phases(&mut s, r);
     if let Some(sw) = &r.swap {
         let _ = writeln!(
             s,
@@ -150,20 +155,7 @@ pub fn human_prepare(r: &Report) -> String {
         let _ = writeln!(s, "Dry run: nothing was changed.");
         return s;
     }
-    let _ = writeln!(
-        s,
-        "Copied {} rows ({}) in {} tables",
-        r.rows,
-        size(r.bytes as i64),
-        r.tables.len()
-    );
-    for p in &r.phases {
-        let _ = writeln!(
-            s,
-            "  {:<22} {:>8} ms  (started {})",
-            p.phase, p.duration_ms, p.started_at
-        );
-    }
+    copied_and_phases(&mut s, r);
     if !r.plan.preserved.is_empty() {
         let names: Vec<&str> = r.plan.preserved.iter().map(|p| p.table.as_str()).collect();
         let _ = writeln!(

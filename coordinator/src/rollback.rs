@@ -88,6 +88,24 @@ async fn oids(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// Names of the sequences owned by (serial or identity columns of) the given tables.
+async fn owned_sequences(
+    client: &Client,
+    tables: &[Oid],
+) -> Result<BTreeSet<String>, CoordinatorError> {
+    const OWNED_SEQUENCES: &str = "
+        SELECT s.relname::text FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+        WHERE d.refobjid = ANY($1) AND d.refclassid = 'pg_class'::regclass
+          AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')";
+    Ok(client
+        .query(OWNED_SEQUENCES, &[&tables])
+        .await
+        .map_err(|e| CoordinatorError::destination("inspect owned sequences", &e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 struct ForeignKey {
     table: String,
     name: String,
@@ -379,18 +397,7 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
     }
     // Types and free-standing sequences the migration brought in: dropped, or moved aside when a
     // kept table still uses them.
-    let kept_sequences: BTreeSet<String> = control
-        .query(
-            "SELECT s.relname::text FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
-             WHERE d.refobjid = ANY($1) AND d.refclassid = 'pg_class'::regclass
-               AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')",
-            &[&kept_oids],
-        )
-        .await
-        .map_err(|e| CoordinatorError::destination("inspect kept tables' sequences", &e))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let kept_sequences = owned_sequences(&control, &kept_oids).await?;
     for m in plan.to_live.iter().filter(|m| {
         matches!(m.kind, ObjectKind::Type | ObjectKind::Sequence) && !kept_sequences.contains(&m.to)
     }) {
@@ -425,18 +432,7 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
         .await
         .map_err(|e| CoordinatorError::destination("inspect backup indexes and sequences", &e))?;
     let child_names: BTreeSet<String> = children.iter().map(|r| r.get::<_, String>(1)).collect();
-    let kept_children: BTreeSet<String> = control
-        .query(
-            "SELECT s.relname::text FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
-             WHERE d.refobjid = ANY($1) AND d.refclassid = 'pg_class'::regclass
-               AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')",
-            &[&kept_backup_oids],
-        )
-        .await
-        .map_err(|e| CoordinatorError::destination("inspect backup sequences", &e))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let kept_children = owned_sequences(&control, &kept_backup_oids).await?;
     for m in &plan.to_backup {
         let rename = match m.kind {
             ObjectKind::Table => restored_backup_names.contains(m.to.as_str()),
