@@ -93,6 +93,7 @@ pub async fn swap_prepared(
     let stats = serde_json::json!({
         "tables": report.tables, "rows": report.rows, "bytes": report.bytes,
         "swap": outcome, "phases": phases.0, "backup_rows": backup_rows,
+        "throughput": report.throughput,
     });
     if let Err(e) =
         state::set_status(control, plan.migration_id, "swapped", Some(&stats), None).await
@@ -172,6 +173,12 @@ async fn swap_locked(
         report.rows = report.tables.iter().map(|t| t.rows).sum();
         report.bytes = report.tables.iter().map(|t| t.bytes).sum();
     }
+    // The copy ran in the prepare run: its throughput is in the recorded statistics.
+    report.throughput = row
+        .stats
+        .as_ref()
+        .and_then(|s| s.get("throughput"))
+        .and_then(|t| serde_json::from_value(t.clone()).ok());
     if opts.dry_run {
         let problems = status::shadow_problems(control, &row.plan, &row.objects).await?;
         if !problems.is_empty() {

@@ -87,7 +87,32 @@ impl Report {
             cleaned_up: Vec::new(),
             dropped_backup: Vec::new(),
             warnings: plan.warnings.clone(),
+            throughput: None,
         }
+    }
+}
+
+/// Throughput of a run's copy phase.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+pub struct Throughput {
+    /// Wall time of the copy phase (copies and per-table index builds), ms.
+    pub copy_ms: u64,
+    /// Rows copied per second of that time.
+    pub rows_per_s: f64,
+    /// COPY bytes moved per second of that time.
+    pub bytes_per_s: f64,
+}
+
+impl Throughput {
+    /// `rows` and `bytes` moved in the copy phase among `phases` (none without one).
+    pub fn of(rows: u64, bytes: u64, phases: &[PhaseTiming]) -> Option<Throughput> {
+        let copy_ms = phases.iter().find(|p| p.phase == "copy")?.duration_ms;
+        let secs = (copy_ms.max(1)) as f64 / 1000.0;
+        Some(Throughput {
+            copy_ms,
+            rows_per_s: rows as f64 / secs,
+            bytes_per_s: bytes as f64 / secs,
+        })
     }
 }
 
@@ -116,6 +141,8 @@ pub struct Report {
     pub dropped_backup: Vec<String>,
     /// Warnings.
     pub warnings: Vec<String>,
+    /// Copy throughput (none for a dry run).
+    pub throughput: Option<Throughput>,
 }
 
 /// Timings of the phases run so far.

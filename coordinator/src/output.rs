@@ -106,6 +106,14 @@ fn copied_and_phases(s: &mut String, r: &Report) {
         size(r.bytes as i64),
         r.tables.len()
     );
+    if let Some(t) = &r.throughput {
+        let _ = writeln!(
+            s,
+            "  copy throughput: {:.0} rows/s, {}/s",
+            t.rows_per_s,
+            size(t.bytes_per_s as i64)
+        );
+    }
     for p in &r.phases {
         let _ = writeln!(
             s,

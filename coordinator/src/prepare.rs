@@ -20,7 +20,7 @@ use crate::copy::{self, CopyContext, CopyJob, CopyStats};
 use crate::ddl;
 use crate::destination::{self, Destination};
 use crate::error::CoordinatorError;
-use crate::migrate::{Phases, Report, StartOptions, TableReport};
+use crate::migrate::{Phases, Report, StartOptions, TableReport, Throughput};
 use crate::plan::{self, Plan};
 use crate::preserve;
 use crate::rewrite::Renames;
@@ -380,7 +380,8 @@ async fn fill(
         report.bytes += s.bytes;
     }
     report.tables.sort_by(|a, b| a.table.cmp(&b.table));
-    let stats = serde_json::json!({ "tables": report.tables, "rows": report.rows, "bytes": report.bytes, "phases": phases.0 });
+    report.throughput = Throughput::of(report.rows, report.bytes, &phases.0);
+    let stats = serde_json::json!({ "tables": report.tables, "rows": report.rows, "bytes": report.bytes, "phases": phases.0, "throughput": report.throughput });
     state::set_status(control, plan.migration_id, "prepared", Some(&stats), None).await?;
     Ok(())
 }
