@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::{SinkExt, Stream, StreamExt};
 use pgzm_proto::agent::v1 as proto;
-use tokio_postgres::{Client, Config};
+use tokio_postgres::Client;
+
+use crate::pg::PgTarget;
 use tracing::{debug, info_span, Instrument};
 
 use crate::endpoint::Databases;
@@ -66,7 +68,7 @@ impl PageRange {
 #[derive(Clone)]
 pub enum SourceSpec {
     /// The agent connects to the source itself.
-    Direct(Config),
+    Direct(PgTarget),
     /// A source-side agent streams it (`ExportRange`); the request is forwarded as is.
     Peer {
         /// The peer's URL.
@@ -90,7 +92,7 @@ pub struct CopySpec {
     /// Source data.
     pub source: SourceSpec,
     /// Destination connection.
-    pub destination: Config,
+    pub destination: PgTarget,
     /// application_name for the connections.
     pub application_name: String,
     /// Exported source snapshot.
@@ -271,7 +273,7 @@ impl RowCounter {
 
 /// Opens the source side: a snapshot transaction and a COPY TO stream of the table or range.
 pub async fn open_source(
-    config: Config,
+    config: PgTarget,
     application_name: &str,
     snapshot_id: &str,
     table: &QualifiedName,

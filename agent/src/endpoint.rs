@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::pg::PgTarget;
 use pgzm_proto::agent::v1 as proto;
-use tokio_postgres::Config;
 
 use crate::error::{AgentError, Side};
 use crate::pg;
@@ -12,7 +12,7 @@ use crate::pg;
 /// Named connection strings held by the agent.
 #[derive(Clone, Default)]
 pub struct Databases {
-    named: BTreeMap<String, Config>,
+    named: BTreeMap<String, PgTarget>,
 }
 
 impl std::fmt::Debug for Databases {
@@ -47,7 +47,7 @@ impl Databases {
         &self,
         side: Side,
         e: Option<&proto::Endpoint>,
-    ) -> Result<(Config, String), AgentError> {
+    ) -> Result<(PgTarget, String), AgentError> {
         let e = e.ok_or_else(|| AgentError::InvalidTask(format!("{side} endpoint missing")))?;
         let config = match &e.target {
             Some(proto::endpoint::Target::Url(url)) => pg::parse_config(url)

@@ -16,5 +16,6 @@ pub mod pg;
 pub mod service;
 pub mod sql;
 pub mod telemetry;
+pub mod tls;
 
 pub use error::AgentError;

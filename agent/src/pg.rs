@@ -1,6 +1,7 @@
 //! PostgreSQL connections and error classification shared by the agent and the coordinator.
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls};
@@ -75,26 +76,77 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Parses a connection string (URL or `key=value` form) into a config.
-///
-/// The error message never repeats the string itself, which may hold a password.
-pub fn parse_config(conninfo: &str) -> Result<Config, String> {
-    Config::from_str(conninfo).map_err(|e| describe(&e))
+/// A parsed connection target: tokio-postgres settings plus the TLS policy of its `sslmode`
+/// (see [`crate::tls`]). `Debug` shows no password.
+#[derive(Clone)]
+pub struct PgTarget {
+    config: Config,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
-/// Connects with the given config and application name, driving the connection on tokio.
+impl std::fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgTarget")
+            .field("hosts", &self.config.get_hosts())
+            .field("dbname", &self.config.get_dbname())
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for PgTarget {
+    type Target = Config;
+
+    fn deref(&self) -> &Config {
+        &self.config
+    }
+}
+
+/// Parses a connection string (URL or `key=value` form, libpq's `sslmode` values and
+/// `sslrootcert` included). The error message never repeats the string itself, which may hold
+/// a password.
+pub fn parse_config(conninfo: &str) -> Result<PgTarget, String> {
+    let (rest, params) = crate::tls::split_tls_params(conninfo)?;
+    let config = Config::from_str(&rest).map_err(|e| describe(&e))?;
+    let tls = crate::tls::client_config(&params)?;
+    Ok(PgTarget { config, tls })
+}
+
+/// Connects with the given target and application name, driving the connection on tokio.
 pub async fn connect(
-    mut config: Config,
+    target: PgTarget,
     application_name: &str,
 ) -> Result<Client, tokio_postgres::Error> {
+    let PgTarget { mut config, tls } = target;
     if !application_name.is_empty() {
         config.application_name(application_name);
     }
-    let (client, connection) = config.connect(NoTls).await?;
+    let client = match tls {
+        None => {
+            let (client, connection) = config.connect(NoTls).await?;
+            drive(connection);
+            client
+        }
+        Some(tls) => {
+            let (client, connection) = config
+                .connect(tokio_postgres_rustls::MakeRustlsConnect::new(
+                    (*tls).clone(),
+                ))
+                .await?;
+            drive(connection);
+            client
+        }
+    };
+    Ok(client)
+}
+
+fn drive<T>(connection: T)
+where
+    T: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::debug!(error = %describe(&err), "connection ended with an error");
         }
     });
-    Ok(client)
 }

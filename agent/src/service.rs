@@ -246,8 +246,9 @@ impl Agent for AgentService {
                 };
                 if let Ok(o) = &result {
                     tracing::Span::current()
-                        .record("rows", o.rows_written)
-                        .record("bytes", o.bytes);
+                        // As i64: tracing-opentelemetry exports u64 fields as strings.
+                        .record("rows", i64::try_from(o.rows_written).unwrap_or(i64::MAX))
+                        .record("bytes", i64::try_from(o.bytes).unwrap_or(i64::MAX));
                 }
                 let message = match result {
                     Ok(outcome) => Ok(proto::CopyEvent {
@@ -360,7 +361,8 @@ impl Agent for AgentService {
                         .await;
                 }
                 drop(client);
-                tracing::Span::current().record("rows", counter.rows());
+                tracing::Span::current()
+                    .record("rows", i64::try_from(counter.rows()).unwrap_or(i64::MAX));
                 let _ = tx
                     .send(Ok(proto::CopyChunk {
                         chunk: Some(proto::copy_chunk::Chunk::RowsInSource(counter.rows())),

@@ -51,13 +51,20 @@ pub struct Telemetry {
 
 impl Telemetry {
     /// Flushes and stops the exporters (bounded: a collector that is down does not hang exit).
+    /// A failed export is reported (once per signal), not silently dropped: an operator whose
+    /// collector address is wrong learns it from the run's log.
     pub fn shutdown(self) {
+        let what = self.exporting.unwrap_or_default();
         if let Some(p) = self.tracer_provider {
-            let _ = p.force_flush();
+            if let Err(e) = p.force_flush() {
+                tracing::warn!(exporter = %what, error = %e, "could not export the run's spans");
+            }
             let _ = p.shutdown();
         }
         if let Some(m) = self.meter_provider {
-            let _ = m.force_flush();
+            if let Err(e) = m.force_flush() {
+                tracing::warn!(exporter = %what, error = %e, "could not export the run's metrics");
+            }
             let _ = m.shutdown();
         }
     }
@@ -199,7 +206,11 @@ pub fn init(service: &str, default_filter: &str, format: LogFormat) -> Telemetry
             Ok((tracer, meter, what)) => {
                 let layer = tracing_opentelemetry::layer()
                     .with_tracer(tracer.tracer(service.to_string()))
-                    .with_filter(EnvFilter::new("pgzm_coordinator=info,pgzm_agent=info,warn"));
+                    // `pgzm` is the target of the coordinator binary's root span: without it
+                    // every phase would be a trace of its own.
+                    .with_filter(EnvFilter::new(
+                        "pgzm=info,pgzm_coordinator=info,pgzm_agent=info,warn",
+                    ));
                 opentelemetry::global::set_meter_provider(meter.clone());
                 telemetry.tracer_provider = Some(tracer);
                 telemetry.meter_provider = Some(meter);

@@ -26,6 +26,8 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 mod auth;
 #[path = "distributed/failover.rs"]
 mod failover;
+#[path = "distributed/pg_tls.rs"]
+mod pg_tls;
 #[path = "distributed/placement.rs"]
 mod placement;
 

@@ -1,7 +1,7 @@
 //! Connection strings: parsed once, passed on to agents as given, printed without secrets.
 
 use tokio_postgres::config::Host;
-use tokio_postgres::Config;
+use pgzm_agent::pg::PgTarget;
 
 use crate::error::CoordinatorError;
 
@@ -9,7 +9,7 @@ use crate::error::CoordinatorError;
 #[derive(Clone)]
 pub struct DbUrl {
     raw: String,
-    config: Config,
+    config: PgTarget,
     side: &'static str,
 }
 
@@ -51,7 +51,7 @@ impl DbUrl {
     }
 
     /// Parsed config.
-    pub fn config(&self) -> &Config {
+    pub fn config(&self) -> &PgTarget {
         &self.config
     }
 
