@@ -1,7 +1,7 @@
 //! Connection strings: parsed once, passed on to agents as given, printed without secrets.
 
-use tokio_postgres::config::Host;
 use pgzm_agent::pg::PgTarget;
+use tokio_postgres::config::Host;
 
 use crate::error::CoordinatorError;
 
