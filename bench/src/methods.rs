@@ -107,10 +107,9 @@ async fn admin(cluster: &PgCluster) -> anyhow::Result<tokio_postgres::Client> {
 /// Creates (or recreates) an empty database, with PostGIS when asked.
 pub async fn fresh_db(cluster: &PgCluster, name: &str, postgis: bool) -> anyhow::Result<String> {
     let c = admin(cluster).await?;
-    c.batch_execute(&format!(
-        "DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}"
-    ))
-    .await?;
+    // One statement each: neither may run inside the implicit transaction of a batch.
+    c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
+    c.batch_execute(&format!("CREATE DATABASE {name}")).await?;
     let url = cluster.url(name);
     if postgis {
         let (d, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
