@@ -9,6 +9,7 @@ use pgzm_proto::agent::v1 as proto;
 use tokio_postgres::Client;
 
 use crate::pg::PgTarget;
+use crate::pool::Sessions;
 use tracing::{debug, info_span, Instrument};
 
 use crate::endpoint::Databases;
@@ -93,6 +94,10 @@ pub struct CopySpec {
     pub source: SourceSpec,
     /// Destination connection.
     pub destination: PgTarget,
+    /// Session-reuse key of the source (includes the snapshot).
+    pub source_key: String,
+    /// Session-reuse key of the destination.
+    pub destination_key: String,
     /// application_name for the connections.
     pub application_name: String,
     /// Exported source snapshot.
@@ -163,6 +168,12 @@ impl CopySpec {
         let (destination, application_name) =
             databases.resolve(Side::Destination, task.destination.as_ref())?;
         let source_table = table_name("source", task.source_table)?;
+        let source_key = format!(
+            "{}\u{0}{}",
+            crate::endpoint::session_key(task.source.as_ref()),
+            task.snapshot_id
+        );
+        let destination_key = crate::endpoint::session_key(task.destination.as_ref());
         let range = range(task.range)?;
         let source = if task.peer_url.is_empty() {
             SourceSpec::Direct(databases.resolve(Side::Source, task.source.as_ref())?.0)
@@ -188,6 +199,8 @@ impl CopySpec {
             migration_id: task.migration_id,
             source,
             destination,
+            source_key,
+            destination_key,
             application_name,
             snapshot_id: task.snapshot_id,
             source_table,
@@ -272,6 +285,7 @@ impl RowCounter {
 }
 
 /// Opens the source side: a snapshot transaction and a COPY TO stream of the table or range.
+/// `reuse` is a session of an earlier task that is already inside this snapshot's transaction.
 pub async fn open_source(
     config: PgTarget,
     application_name: &str,
@@ -279,23 +293,32 @@ pub async fn open_source(
     table: &QualifiedName,
     columns: &[String],
     range: Option<PageRange>,
+    reuse: Option<Client>,
 ) -> Result<(Client, tokio_postgres::CopyOutStream), AgentError> {
     let name = table.to_string();
-    let src = pg::connect(config, application_name)
-        .await
-        .map_err(|e| connect_error(Side::Source, &e))?;
-    src.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await
-        .map_err(|e| AgentError::copy(&name, "begin snapshot transaction", Side::Source, &e))?;
-    src.batch_execute(&format!(
-        "SET TRANSACTION SNAPSHOT {}",
-        quote_literal(snapshot_id)
-    ))
-    .await
-    .map_err(|e| AgentError::Snapshot {
-        snapshot: snapshot_id.to_string(),
-        message: pg::describe(&e),
-    })?;
+    let src = match reuse {
+        Some(c) => c,
+        None => {
+            let src = pg::connect(config, application_name)
+                .await
+                .map_err(|e| connect_error(Side::Source, &e))?;
+            src.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await
+                .map_err(|e| {
+                    AgentError::copy(&name, "begin snapshot transaction", Side::Source, &e)
+                })?;
+            src.batch_execute(&format!(
+                "SET TRANSACTION SNAPSHOT {}",
+                quote_literal(snapshot_id)
+            ))
+            .await
+            .map_err(|e| AgentError::Snapshot {
+                snapshot: snapshot_id.to_string(),
+                message: pg::describe(&e),
+            })?;
+            src
+        }
+    };
     let columns = quote_ident_list(columns.iter().map(String::as_str));
     let sql = match range {
         None => format!(
@@ -330,6 +353,7 @@ pub type SourceStream =
 async fn source_stream(
     spec: &CopySpec,
     peers: &crate::peer::PeerConnector,
+    sessions: &Sessions,
 ) -> Result<SourceStream, AgentError> {
     let table = spec.destination_table.to_string();
     match &spec.source {
@@ -341,24 +365,34 @@ async fn source_stream(
                 &spec.source_table,
                 &spec.columns,
                 spec.range,
+                sessions.source.take(&spec.source_key),
             )
             .await?;
-            Ok(direct_stream(client, out, table))
+            let pool = std::sync::Arc::clone(&sessions.source);
+            let key = spec.source_key.clone();
+            Ok(direct_stream(client, out, table, move |c| pool.put(key, c)))
         }
         SourceSpec::Peer { url, request } => peers.export(url, request.clone(), &table).await,
     }
 }
 
 /// The COPY TO stream of a direct source, rows counted as they pass, ending with the count.
+/// `done` receives the session back when the whole stream was read without error (it is still
+/// inside the snapshot transaction and can serve the next task of the same snapshot).
 pub fn direct_stream(
     client: Client,
     out: tokio_postgres::CopyOutStream,
     table: String,
+    done: impl FnOnce(Client) + Send + 'static,
 ) -> SourceStream {
     // Rows are counted as they pass; the count ends the stream. The client lives as long as the
     // stream so the snapshot transaction stays open.
     let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let c2 = std::sync::Arc::clone(&counted);
+    let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (c2, f2) = (
+        std::sync::Arc::clone(&counted),
+        std::sync::Arc::clone(&failed),
+    );
     let mut rows_seen = RowCounter::default();
     let data = out.map(move |item| match item {
         Ok(bytes) => {
@@ -366,10 +400,17 @@ pub fn direct_stream(
             c2.store(rows_seen.rows(), std::sync::atomic::Ordering::Relaxed);
             Ok(SourceItem::Data(bytes))
         }
-        Err(e) => Err(AgentError::copy(&table, "read COPY data", Side::Source, &e)),
+        Err(e) => {
+            f2.store(true, std::sync::atomic::Ordering::Relaxed);
+            Err(AgentError::copy(&table, "read COPY data", Side::Source, &e))
+        }
     });
     let tail = futures_util::stream::once(async move {
-        drop(client);
+        if failed.load(std::sync::atomic::Ordering::Relaxed) {
+            drop(client);
+        } else {
+            done(client);
+        }
         Ok(SourceItem::Rows(
             counted.load(std::sync::atomic::Ordering::Relaxed),
         ))
@@ -388,15 +429,19 @@ pub fn direct_stream(
 pub async fn run_copy(
     spec: &CopySpec,
     peers: &crate::peer::PeerConnector,
+    sessions: &Sessions,
     mut progress: impl FnMut(u64) + Send,
 ) -> Result<CopyOutcome, AgentError> {
     let span = info_span!("copy_task", task = %spec.task_id, table = %spec.destination_table);
     async move {
         let started = Instant::now();
         let table = spec.destination_table.to_string();
-        let dst = pg::connect(spec.destination.clone(), &spec.application_name)
-            .await
-            .map_err(|e| connect_error(Side::Destination, &e))?;
+        let dst = match sessions.destination.take(&spec.destination_key) {
+            Some(c) => c,
+            None => pg::connect(spec.destination.clone(), &spec.application_name)
+                .await
+                .map_err(|e| connect_error(Side::Destination, &e))?,
+        };
         let done = dst
             .query_opt(
                 "SELECT rows, bytes FROM pgzm.copy_progress WHERE migration_id = $1 AND task_key = $2",
@@ -406,6 +451,7 @@ pub async fn run_copy(
             .map_err(|e| AgentError::copy(&table, "read pgzm.copy_progress", Side::Destination, &e))?;
         if let Some(row) = done {
             let rows = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+            sessions.destination.put(spec.destination_key.clone(), dst);
             return Ok(CopyOutcome {
                 rows_written: rows,
                 rows_in_source: rows,
@@ -414,7 +460,7 @@ pub async fn run_copy(
                 already_done: true,
             });
         }
-        let mut source = source_stream(spec, peers).await?;
+        let mut source = source_stream(spec, peers, sessions).await?;
 
         let columns = quote_ident_list(spec.columns.iter().map(String::as_str));
         let target = spec.destination_table.quoted();
@@ -478,6 +524,7 @@ pub async fn run_copy(
         .await
         .map_err(|e| AgentError::copy(&table, "record the task in pgzm.copy_progress", Side::Destination, &e))?;
         dst.batch_execute("COMMIT").await.map_err(|e| AgentError::copy(&table, "commit", Side::Destination, &e))?;
+        sessions.destination.put(spec.destination_key.clone(), dst);
         let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         debug!(rows = rows_written, bytes, duration_ms, "copy task done");
         Ok(CopyOutcome { rows_written, rows_in_source, bytes, duration_ms, already_done: false })

@@ -65,3 +65,12 @@ impl Databases {
         Ok((config, e.application_name.clone()))
     }
 }
+
+/// A key identifying where an endpoint connects (for session reuse; kept in memory only).
+pub fn session_key(e: Option<&proto::Endpoint>) -> String {
+    match e.and_then(|e| e.target.as_ref().map(|t| (t, &e.application_name))) {
+        Some((proto::endpoint::Target::Url(u), app)) => format!("url\u{0}{u}\u{0}{app}"),
+        Some((proto::endpoint::Target::Database(d), app)) => format!("db\u{0}{d}\u{0}{app}"),
+        None => String::new(),
+    }
+}

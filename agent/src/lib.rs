@@ -13,6 +13,7 @@ pub mod endpoint;
 pub mod error;
 pub mod peer;
 pub mod pg;
+pub mod pool;
 pub mod service;
 pub mod sql;
 pub mod telemetry;

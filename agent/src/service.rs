@@ -62,6 +62,7 @@ impl AgentConfig {
 pub struct AgentService {
     config: Arc<AgentConfig>,
     permits: Arc<Semaphore>,
+    sessions: crate::pool::Sessions,
 }
 
 impl AgentService {
@@ -77,6 +78,7 @@ impl AgentService {
         AgentService {
             config: Arc::new(config),
             permits,
+            sessions: crate::pool::Sessions::default(),
         }
     }
 
@@ -221,6 +223,7 @@ impl Agent for AgentService {
         }
         let permits = Arc::clone(&self.permits);
         let config = Arc::clone(&self.config);
+        let sessions = self.sessions.clone();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(
             async move {
@@ -228,7 +231,7 @@ impl Agent for AgentService {
                     return;
                 };
                 let progress_tx = tx.clone();
-                let work = run_copy(&spec, &config.peers, move |bytes| {
+                let work = run_copy(&spec, &config.peers, &sessions, move |bytes| {
                     let event = proto::CopyEvent {
                         event: Some(proto::copy_event::Event::Progress(proto::CopyProgress {
                             bytes,
@@ -291,6 +294,12 @@ impl Agent for AgentService {
             start: r.start_page,
             end: r.end_page,
         });
+        let source_key = format!(
+            "{}\u{0}{}",
+            crate::endpoint::session_key(req.source.as_ref()),
+            req.snapshot_id
+        );
+        let pool = Arc::clone(&self.sessions.source);
         let (tx, rx) = mpsc::channel(8);
         let span = info_span!("export_range", task = %req.task_id, table = %table, rows = tracing::field::Empty);
         {
@@ -310,6 +319,7 @@ impl Agent for AgentService {
                     &table,
                     &req.columns,
                     range,
+                    pool.take(&source_key),
                 )
                 .await;
                 let (client, out) = match opened {
@@ -360,7 +370,8 @@ impl Agent for AgentService {
                         }))
                         .await;
                 }
-                drop(client);
+                // Read to the end without error: still in the snapshot's transaction, reusable.
+                pool.put(source_key, client);
                 tracing::Span::current()
                     .record("rows", i64::try_from(counter.rows()).unwrap_or(i64::MAX));
                 let _ = tx

@@ -103,6 +103,57 @@ pub fn table_statements(
     Ok(out)
 }
 
+/// Destination sessions for builds, reused across tables (a session per table would cost a
+/// backend start each: most of the time of a small table).
+pub struct BuildSessions {
+    dest: DbUrl,
+    settings: BuildSettings,
+    idle: std::sync::Mutex<Vec<tokio_postgres::Client>>,
+}
+
+impl BuildSessions {
+    /// No sessions yet; they are opened on demand.
+    pub fn new(dest: DbUrl, settings: BuildSettings) -> Self {
+        BuildSessions {
+            dest,
+            settings,
+            idle: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Runs `statements` one after another on a session of the pool. A session that saw an
+    /// error is closed rather than reused.
+    pub async fn run(&self, label: &str, statements: Vec<String>) -> Result<(), CoordinatorError> {
+        let reused = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let client = match reused {
+            Some(c) if !c.is_closed() => c,
+            _ => {
+                let c = self.dest.connect("pgzm-build").await?;
+                c.batch_execute(&format!(
+                    "SET maintenance_work_mem = {}",
+                    quote_literal(&self.settings.maintenance_work_mem)
+                ))
+                .await
+                .map_err(|e| {
+                    CoordinatorError::destination(format!("{label}: set maintenance_work_mem"), &e)
+                })?;
+                c
+            }
+        };
+        for sql in statements {
+            debug!(statement = %sql, "build");
+            client.batch_execute(&sql).await.map_err(|e| {
+                CoordinatorError::destination(format!("{label}: {}", first_line(&sql)), &e)
+            })?;
+        }
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(client);
+        Ok(())
+    }
+}
+
 /// Runs `statements` on a fresh destination session, one after another.
 pub async fn run_on_session(
     dest: &DbUrl,
@@ -110,23 +161,9 @@ pub async fn run_on_session(
     label: &str,
     statements: Vec<String>,
 ) -> Result<(), CoordinatorError> {
-    let client = dest.connect("pgzm-build").await?;
-    client
-        .batch_execute(&format!(
-            "SET maintenance_work_mem = {}",
-            quote_literal(&settings.maintenance_work_mem)
-        ))
+    BuildSessions::new(dest.clone(), settings.clone())
+        .run(label, statements)
         .await
-        .map_err(|e| {
-            CoordinatorError::destination(format!("{label}: set maintenance_work_mem"), &e)
-        })?;
-    for sql in statements {
-        debug!(statement = %sql, "build");
-        client.batch_execute(&sql).await.map_err(|e| {
-            CoordinatorError::destination(format!("{label}: {}", first_line(&sql)), &e)
-        })?;
-    }
-    Ok(())
 }
 
 fn first_line(sql: &str) -> String {

@@ -314,8 +314,10 @@ async fn fill(
         retries: opts.copy_retries,
         range_bytes: opts.range_bytes,
     };
-    let dest_url = opts.destination.clone();
-    let build_settings = opts.build.clone();
+    let sessions = Arc::new(build::BuildSessions::new(
+        opts.destination.clone(),
+        opts.build.clone(),
+    ));
     crate::progress::enable(plan.estimated_bytes().max(0) as u64);
     let copied: Vec<(String, CopyStats)> = phases
         .run("copy", {
@@ -330,12 +332,11 @@ async fn fill(
                 jobs,
                 opts.jobs,
                 move |job: CopyJob, _stats| {
-                    let (schema, plan_arc, renames, dest, settings) = (
+                    let (schema, plan_arc, renames, sessions) = (
                         Arc::clone(&schema),
                         Arc::clone(&plan_arc),
                         Arc::clone(&renames),
-                        dest_url.clone(),
-                        build_settings.clone(),
+                        Arc::clone(&sessions),
                     );
                     async move {
                         let Some(table) = schema.table(&job.table) else {
@@ -343,14 +344,10 @@ async fn fill(
                         };
                         let statements =
                             build::table_statements(table, &plan_arc, &schema, &renames)?;
-                        build::run_on_session(
-                            &dest,
-                            &settings,
-                            &format!("build \"{}\"", job.table),
-                            statements,
-                        )
-                        .instrument(info_span!("build_table", table = %job.table))
-                        .await
+                        sessions
+                            .run(&format!("build \"{}\"", job.table), statements)
+                            .instrument(info_span!("build_table", table = %job.table))
+                            .await
                     }
                 },
             )
