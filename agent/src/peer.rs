@@ -43,6 +43,7 @@ impl PeerConnector {
     ) -> Result<AgentClient<Channel>, tonic::transport::Error> {
         let mut endpoint = Endpoint::from_shared(url.to_string())?
             .connect_timeout(std::time::Duration::from_secs(10))
+            .tcp_nodelay(true)
             .http2_keep_alive_interval(std::time::Duration::from_secs(10))
             .keep_alive_timeout(std::time::Duration::from_secs(20));
         if url.starts_with("https://") {
