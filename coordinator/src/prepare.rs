@@ -537,10 +537,22 @@ async fn create_shadow(
             }
         }
     }
-    for (action, sql) in &statements {
-        tx.batch_execute(sql)
+    // Consecutive statements of one action (one table, one type…) go in one round trip; an
+    // error still names the object.
+    let mut i = 0;
+    while i < statements.len() {
+        let action = &statements[i].0;
+        let mut j = i;
+        let mut batch = String::new();
+        while j < statements.len() && &statements[j].0 == action {
+            batch.push_str(&statements[j].1);
+            batch.push_str(";\n");
+            j += 1;
+        }
+        tx.batch_execute(&batch)
             .await
             .map_err(|e| CoordinatorError::destination(action.clone(), &e))?;
+        i = j;
     }
     let objects = record(&tx, plan).await?;
     state::record_objects(&tx, plan.migration_id, &objects).await?;
