@@ -108,7 +108,8 @@ async fn admin(cluster: &PgCluster) -> anyhow::Result<tokio_postgres::Client> {
 pub async fn fresh_db(cluster: &PgCluster, name: &str, postgis: bool) -> anyhow::Result<String> {
     let c = admin(cluster).await?;
     // One statement each: neither may run inside the implicit transaction of a batch.
-    c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
+    c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await?;
     c.batch_execute(&format!("CREATE DATABASE {name}")).await?;
     let url = cluster.url(name);
     if postgis {
