@@ -156,11 +156,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // The port goes to stdout too, so a supervisor (or test) that asked for port 0 learns it.
     println!("listening on {local}");
     // Small messages (task events) must not wait for Nagle's algorithm.
-    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
-        s.inspect(|s| {
-            let _ = s.set_nodelay(true);
-        })
-    });
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |s| {
+            s.inspect(|s| {
+                let _ = s.set_nodelay(true);
+            })
+        },
+    );
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
