@@ -4,62 +4,18 @@
 //! exit codes through the CLI.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Output;
 
 use pgzm_tests::inspect::{self, TableChecksum};
 use pgzm_tests::{PgCluster, TestDb};
+use support::{pgzm_command, WorkDir};
 use tokio::process::Command;
+
+mod support;
 
 /// A password put in every URL: trust authentication ignores it, and it must never be printed
 /// or written to a log.
 const SECRET: &str = "Bk9PassW0rd";
-
-/// A scratch working directory for the child processes, removed at the end of the test.
-struct WorkDir(PathBuf);
-
-impl WorkDir {
-    fn new(label: &str) -> WorkDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!(
-            "pgzm-backup-cli-{label}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).expect("create work dir");
-        WorkDir(dir)
-    }
-
-    /// (name, text) of every file in the directory, sorted by name.
-    fn files(&self) -> Vec<(String, String)> {
-        files_in(&self.0)
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn files_in(dir: &Path) -> Vec<(String, String)> {
-    let mut files: Vec<(String, String)> = std::fs::read_dir(dir)
-        .expect("read work dir")
-        .map(|e| {
-            let path = e.expect("dir entry").path();
-            let name = path
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into();
-            (name, std::fs::read_to_string(&path).unwrap_or_default())
-        })
-        .collect();
-    files.sort();
-    files
-}
 
 /// A source and a destination database on two servers, with a fixture loaded.
 struct Pair {
@@ -106,30 +62,12 @@ impl Pair {
 }
 
 fn with_password(url: &str) -> String {
-    let out = url.replacen(
-        "postgres://postgres@",
-        &format!("postgres://postgres:{SECRET}@"),
-        1,
-    );
-    assert!(out.contains(SECRET), "unexpected URL form: {url}");
-    out
+    support::with_password(url, SECRET)
 }
 
-/// `pgzm` run in `dir`, with none of the environment variables it falls back to.
+/// `pgzm` run in `dir`, with a clean environment.
 fn pgzm(dir: &WorkDir) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgzm"));
-    cmd.current_dir(&dir.0);
-    for var in [
-        "SOURCE_DATABASE_URL",
-        "DEST_DATABASE_URL",
-        "DATABASE_URL",
-        "PRESERVED_TABLES",
-        "PGZM_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.stdin(Stdio::null()).kill_on_drop(true);
-    cmd
+    pgzm_command(Some(dir))
 }
 
 /// Runs the command; asserts it succeeded (or failed, per `ok`) and printed no password.

@@ -3,13 +3,15 @@
 //! `kill -9` in the middle of the copy followed by a successful rerun.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use pgzm_tests::inspect::{self, TableChecksum};
 use pgzm_tests::{PgCluster, TestDb};
+use support::{pgzm_command, WorkDir};
 use tokio::process::Command;
+
+mod support;
 
 /// A password that must never be printed.
 const SECRET: &str = "Sup3rSecret";
@@ -18,62 +20,9 @@ const UNREACHABLE: &str = "postgres://postgres:Sup3rSecret@127.0.0.1:1/db";
 /// Longest any wait on the servers may take before the test fails.
 const DEADLINE: Duration = Duration::from_secs(10);
 
-/// A scratch working directory for the child (`pgzm start` writes its migration log file
-/// there), removed at the end of the test.
-struct WorkDir(PathBuf);
-
-impl WorkDir {
-    fn new(label: &str) -> WorkDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let dir =
-            std::env::temp_dir().join(format!("pgzm-cli-{label}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create work dir");
-        WorkDir(dir)
-    }
-
-    /// The text of every file the child wrote here.
-    fn files(&self) -> Vec<(String, String)> {
-        let mut files: Vec<(String, String)> = std::fs::read_dir(&self.0)
-            .expect("read work dir")
-            .map(|e| {
-                let path = e.expect("dir entry").path();
-                let name = path
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into();
-                (name, std::fs::read_to_string(&path).unwrap_or_default())
-            })
-            .collect();
-        files.sort();
-        files
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `pgzm` run in `dir`, with a clean environment: none of the URL variables it falls back to.
+/// `pgzm` run in `dir`, with a clean environment.
 fn pgzm(dir: &WorkDir) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgzm"));
-    cmd.current_dir(&dir.0);
-    for var in [
-        "SOURCE_DATABASE_URL",
-        "DEST_DATABASE_URL",
-        "DATABASE_URL",
-        "PRESERVED_TABLES",
-        "PGZM_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.stdin(Stdio::null()).kill_on_drop(true);
-    cmd
+    pgzm_command(Some(dir))
 }
 
 async fn output(cmd: &mut Command) -> Output {

@@ -42,9 +42,12 @@ use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use pgzm_tests::{PgCluster, TestDb};
 use prost::Message;
+use support::WorkDir;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
+
+mod support;
 use tokio::sync::watch;
 
 /// A password that must never be printed or exported.
@@ -499,45 +502,10 @@ fn environment(cmd: &mut Command, otel: &Otel, service: &str) {
     cmd.stdin(Stdio::null()).kill_on_drop(true);
 }
 
-/// A scratch working directory (`pgzm start` writes its log file there).
-struct WorkDir(PathBuf);
-
-impl WorkDir {
-    fn new(label: &str) -> WorkDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let dir =
-            std::env::temp_dir().join(format!("pgzm-otlp-{label}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create work dir");
-        WorkDir(dir)
-    }
-
-    /// The text of every file written here.
-    fn files(&self) -> Vec<(String, String)> {
-        std::fs::read_dir(&self.0)
-            .expect("read work dir")
-            .map(|e| {
-                let path = e.expect("dir entry").path();
-                let name = path.display().to_string();
-                (name, std::fs::read_to_string(&path).unwrap_or_default())
-            })
-            .collect()
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// `pgzm` exporting to `otel` as `service`, run in `dir`.
 fn pgzm(dir: &WorkDir, otel: &Otel, service: &str) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgzm"));
+    let mut cmd = support::pgzm_command(Some(dir));
     environment(&mut cmd, otel, service);
-    cmd.current_dir(&dir.0);
     cmd
 }
 
@@ -637,13 +605,7 @@ async fn simple_pair(label: &str) -> (TestDb, TestDb) {
 
 /// `url` with the password [`SECRET`] (the test servers trust any password).
 fn with_password(url: &str) -> String {
-    let with = url.replacen(
-        "postgres://postgres@",
-        &format!("postgres://postgres:{SECRET}@"),
-        1,
-    );
-    assert_ne!(with, url, "unexpected test URL {url}");
-    with
+    support::with_password(url, SECRET)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,30 +2,21 @@
 //! process, then `status` and `swap` in others. Nothing but the destination database carries the
 //! migration's state from one to the next.
 
-use std::process::{Output, Stdio};
+use std::process::Output;
 
 use pgzm_tests::inspect;
 use pgzm_tests::{PgCluster, TestDb};
 use tokio::process::Command;
 
+mod support;
+
 /// A password put in the URLs (the test servers trust every local connection, so it is accepted
 /// and ignored); it must never be printed.
 const SECRET: &str = "TwoPhaseS3cret";
 
-/// `pgzm` with a clean environment: none of the variables it falls back to.
+/// `pgzm` with a clean environment.
 fn pgzm() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgzm"));
-    for var in [
-        "SOURCE_DATABASE_URL",
-        "DEST_DATABASE_URL",
-        "DATABASE_URL",
-        "PRESERVED_TABLES",
-        "PGZM_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.stdin(Stdio::null()).kill_on_drop(true);
-    cmd
+    support::pgzm_command(None)
 }
 
 /// Runs `pgzm args…`, checks it succeeded and printed no password; returns (stdout, stderr).
@@ -58,13 +49,7 @@ fn json(stdout: &str) -> serde_json::Value {
 }
 
 fn with_password(url: &str) -> String {
-    let with = url.replacen(
-        "postgres://postgres@",
-        &format!("postgres://postgres:{SECRET}@"),
-        1,
-    );
-    assert_ne!(with, url, "unexpected test URL form: {url}");
-    with
+    support::with_password(url, SECRET)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
