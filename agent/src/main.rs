@@ -184,7 +184,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let args = Args::parse();
     let default = match args.verbose {
-        0 => "info",
+        0 => "info,tokio_postgres=warn",
         1 => "pgzm_agent=debug,info",
         _ => "trace",
     };

@@ -496,7 +496,7 @@ impl Worker {
                 Ok(Ok(Some(event))) => match event.event {
                     Some(proto::copy_event::Event::Done(done)) => {
                         crate::progress::advance(&job.table, done.bytes.saturating_sub(reported));
-                        crate::progress::finish_table(&job.table);
+                        crate::progress::finish_table(&job.table, done.rows_written);
                         return Outcome::Done(done);
                     }
                     Some(proto::copy_event::Event::Progress(p)) => {

@@ -13,7 +13,7 @@ use tracing::Instrument;
 fn init_telemetry(cli: &Cli) -> telemetry::Telemetry {
     let default = match (cli.quiet, cli.verbose) {
         (true, _) => "warn",
-        (false, 0) => "info",
+        (false, 0) => "info,tokio_postgres=warn",
         (false, 1) => "pgzm_coordinator=debug,pgzm_agent=debug,info",
         _ => "trace",
     };
