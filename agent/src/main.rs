@@ -153,6 +153,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
     info!(listen = %local, side = ?config.side, region = %config.region, tasks = config.max_concurrent_tasks,
           tls = args.tls_cert.is_some(), client_auth = args.tls_client_ca.is_some(), "pgzm-agent listening");
+    // Signal handlers go in before the port is announced: a supervisor may stop the agent as
+    // soon as it knows the agent is up.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
     // The port goes to stdout too, so a supervisor (or test) that asked for port 0 learns it.
     println!("listening on {local}");
     // Small messages (task events) must not wait for Nagle's algorithm.
@@ -164,12 +169,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             })
         },
     );
-    let shutdown = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let shutdown = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
         }
         info!("shutting down: no new tasks; running tasks finish");
     };

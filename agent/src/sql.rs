@@ -22,6 +22,15 @@ pub fn quote_qualified(schema: &str, name: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(name))
 }
 
+/// A comma-separated list of quoted names qualified with `schema`.
+pub fn quote_qualified_list<'a>(schema: &str, names: impl IntoIterator<Item = &'a str>) -> String {
+    names
+        .into_iter()
+        .map(|n| quote_qualified(schema, n))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Quotes a string literal (standard_conforming_strings on): `'it''s'`.
 ///
 /// Backslashes are literal in standard strings; a string containing one is sent as an `E''`
@@ -63,6 +72,10 @@ mod tests {
         assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
         assert_eq!(quote_qualified("public", "a b"), "\"public\".\"a b\"");
         assert_eq!(quote_ident_list(["a", "B"]), "\"a\", \"B\"");
+        assert_eq!(
+            quote_qualified_list("public", ["a", "B"]),
+            "\"public\".\"a\", \"public\".\"B\""
+        );
     }
 
     #[test]

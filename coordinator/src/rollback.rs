@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
+use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified, quote_qualified_list};
 use serde::Serialize;
 use tokio_postgres::Client;
 
@@ -348,19 +348,12 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
     lock.extend(conversions.iter().map(|c| c.table.clone()));
     sql.push(format!(
         "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-        lock.iter()
-            .map(|n| public(n))
-            .collect::<Vec<_>>()
-            .join(", ")
+        quote_qualified_list("public", lock.iter().map(String::as_str))
     ));
     if !dropped_views.is_empty() {
         sql.push(format!(
             "DROP VIEW {}",
-            dropped_views
-                .values()
-                .map(|v| public(&v.name))
-                .collect::<Vec<_>>()
-                .join(", ")
+            quote_qualified_list("public", dropped_views.values().map(|v| v.name.as_str()))
         ));
     }
     for fk in fks_in.iter().chain(&fks_kept) {
@@ -378,21 +371,13 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
     if !dropping.is_empty() {
         sql.push(format!(
             "DROP TABLE {}",
-            dropping
-                .iter()
-                .map(|n| public(n))
-                .collect::<Vec<_>>()
-                .join(", ")
+            quote_qualified_list("public", dropping.iter().map(String::as_str))
         ));
     }
     if !kept_backups.is_empty() {
         sql.push(format!(
             "DROP TABLE {}",
-            kept_backups
-                .iter()
-                .map(|n| public(n))
-                .collect::<Vec<_>>()
-                .join(", ")
+            quote_qualified_list("public", kept_backups.iter().map(String::as_str))
         ));
     }
     // Types and free-standing sequences the migration brought in: dropped, or moved aside when a

@@ -327,7 +327,7 @@ pub async fn drop_backup_set(
     moves: &[Move],
 ) -> Result<Vec<String>, CoordinatorError> {
     use crate::plan::ObjectKind;
-    use pgzm_agent::sql::quote_qualified;
+    use pgzm_agent::sql::{quote_qualified, quote_qualified_list};
     let action = |what: &str| format!("drop the backup set of migration {id}: {what}");
     let tx = client
         .transaction()
@@ -373,22 +373,14 @@ pub async fn drop_backup_set(
     if !views.is_empty() {
         statements.push(format!(
             "DROP VIEW {}",
-            views
-                .iter()
-                .map(|n| quote_qualified("public", n))
-                .collect::<Vec<_>>()
-                .join(", ")
+            quote_qualified_list("public", views.iter().map(String::as_str))
         ));
         dropped.extend(views.iter().map(|n| format!("view {n}")));
     }
     if !tables.is_empty() {
         statements.push(format!(
             "DROP TABLE {}",
-            tables
-                .iter()
-                .map(|n| quote_qualified("public", n))
-                .collect::<Vec<_>>()
-                .join(", ")
+            quote_qualified_list("public", tables.iter().map(String::as_str))
         ));
         dropped.extend(tables.iter().map(|n| format!("table {n}")));
     }

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use pgzm_agent::pg::{classify, describe, ErrorClass};
-use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
+use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified, quote_qualified_list};
 use tokio_postgres::{Client, SimpleQueryMessage};
 use tracing::{info, warn};
 
@@ -79,10 +79,7 @@ pub fn swap_sql(plan: &Plan, lock_timeout: Duration) -> String {
     if !lock.is_empty() {
         push(format!(
             "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-            lock.iter()
-                .map(|n| public(n))
-                .collect::<Vec<_>>()
-                .join(", ")
+            quote_qualified_list("public", lock.iter().map(String::as_str))
         ));
     }
     push("SELECT 'locked', (extract(epoch FROM clock_timestamp()) * 1000000)::int8".into());

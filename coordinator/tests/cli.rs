@@ -7,7 +7,7 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use pgzm_tests::inspect::{self, TableChecksum};
-use pgzm_tests::{PgCluster, TestDb};
+use pgzm_tests::TestDb;
 use support::{pgzm_command, WorkDir};
 use tokio::process::Command;
 
@@ -35,20 +35,9 @@ fn text(bytes: &[u8]) -> String {
 
 /// The simple fixture: source data on the source server, "production" data on the other.
 async fn simple_pair(label: &str) -> (TestDb, TestDb) {
-    let (src_cluster, dst_cluster) = PgCluster::shared_pair();
-    let source = TestDb::create(src_cluster, &format!("{label}_src"))
+    pgzm_tests::fixture_pair(label, "simple")
         .await
-        .expect("create source db");
-    let dest = TestDb::create(dst_cluster, &format!("{label}_dst"))
-        .await
-        .expect("create dest db");
-    for (db, data) in [(&source, "source_data.sql"), (&dest, "dest_data.sql")] {
-        db.load_fixture("simple/schema.sql").await.expect("schema");
-        db.load_fixture(&format!("simple/{data}"))
-            .await
-            .expect("data");
-    }
-    (source, dest)
+        .expect("load the simple fixture")
 }
 
 /// Checksums of the tables in `public`, without the `backup_` set.

@@ -40,7 +40,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
-use pgzm_tests::{PgCluster, TestDb};
+use pgzm_tests::TestDb;
 use prost::Message;
 use support::WorkDir;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
@@ -587,20 +587,9 @@ impl Agent {
 
 /// The simple fixture: source data on the source server, "production" data on the other.
 async fn simple_pair(label: &str) -> (TestDb, TestDb) {
-    let (src_cluster, dst_cluster) = PgCluster::shared_pair();
-    let source = TestDb::create(src_cluster, &format!("{label}_src"))
+    pgzm_tests::fixture_pair(label, "simple")
         .await
-        .expect("create source db");
-    let dest = TestDb::create(dst_cluster, &format!("{label}_dst"))
-        .await
-        .expect("create dest db");
-    for (db, data) in [(&source, "source_data.sql"), (&dest, "dest_data.sql")] {
-        db.load_fixture("simple/schema.sql").await.expect("schema");
-        db.load_fixture(&format!("simple/{data}"))
-            .await
-            .expect("data");
-    }
-    (source, dest)
+        .expect("load the simple fixture")
 }
 
 /// `url` with the password [`SECRET`] (the test servers trust any password).

@@ -148,6 +148,31 @@ fn sanitize_label(label: &str) -> String {
         .collect()
 }
 
+/// A source and a destination database for a migration test: `source` on `src_cluster` with the
+/// fixture's `schema.sql` + `source_data.sql`, `dest` on `dst_cluster` with `schema.sql` +
+/// `dest_data.sql` (the fixtures' convention: the destination is "production", the source the
+/// rebuilt data).
+pub async fn fixture_pair_on(
+    src_cluster: &PgCluster,
+    dst_cluster: &PgCluster,
+    label: &str,
+    fixture: &str,
+) -> Result<(TestDb, TestDb), HarnessError> {
+    let source = TestDb::create(src_cluster, &format!("{label}_src")).await?;
+    let dest = TestDb::create(dst_cluster, &format!("{label}_dst")).await?;
+    for (db, data) in [(&source, "source_data.sql"), (&dest, "dest_data.sql")] {
+        db.load_fixture(&format!("{fixture}/schema.sql")).await?;
+        db.load_fixture(&format!("{fixture}/{data}")).await?;
+    }
+    Ok((source, dest))
+}
+
+/// [`fixture_pair_on`] on the shared source and destination clusters.
+pub async fn fixture_pair(label: &str, fixture: &str) -> Result<(TestDb, TestDb), HarnessError> {
+    let (src, dst) = PgCluster::shared_pair();
+    fixture_pair_on(src, dst, label, fixture).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

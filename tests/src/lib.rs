@@ -41,6 +41,6 @@ pub mod inspect;
 pub mod sql;
 
 pub use cluster::PgCluster;
-pub use db::{fixtures_dir, TestDb};
+pub use db::{fixture_pair, fixture_pair_on, fixtures_dir, TestDb};
 pub use error::HarnessError;
 pub use sql::quote_ident;

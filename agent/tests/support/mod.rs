@@ -232,22 +232,9 @@ pub async fn fixture_pair_on(
     label: &str,
     fixture: &str,
 ) -> Pair {
-    let source = TestDb::create(src_cluster, &format!("{label}_src"))
+    let (source, dest) = pgzm_tests::fixture_pair_on(src_cluster, dst_cluster, label, fixture)
         .await
-        .expect("create source db");
-    let dest = TestDb::create(dst_cluster, &format!("{label}_dst"))
-        .await
-        .expect("create dest db");
-    for (db, file) in [
-        (&source, "schema.sql"),
-        (&source, "source_data.sql"),
-        (&dest, "schema.sql"),
-        (&dest, "dest_data.sql"),
-    ] {
-        db.load_fixture(&format!("{fixture}/{file}"))
-            .await
-            .unwrap_or_else(|e| panic!("load {fixture}/{file}: {e}"));
-    }
+        .unwrap_or_else(|e| panic!("load fixture {fixture}: {e}"));
     Pair { source, dest }
 }
 

@@ -34,27 +34,12 @@ pub async fn pair(label: &str) -> Pair {
     Pair { source, dest }
 }
 
-/// Creates a pair loaded with a fixture: `schema.sql` on both, `source_data.sql` on the source and
-/// `dest_data.sql` on the destination.
+/// Creates a pair loaded with a fixture (see [`pgzm_tests::fixture_pair`]).
 pub async fn fixture_pair(label: &str, fixture: &str) -> Pair {
-    let p = pair(label).await;
-    p.source
-        .load_fixture(&format!("{fixture}/schema.sql"))
+    let (source, dest) = pgzm_tests::fixture_pair(label, fixture)
         .await
-        .expect("load source schema");
-    p.source
-        .load_fixture(&format!("{fixture}/source_data.sql"))
-        .await
-        .expect("load source data");
-    p.dest
-        .load_fixture(&format!("{fixture}/schema.sql"))
-        .await
-        .expect("load dest schema");
-    p.dest
-        .load_fixture(&format!("{fixture}/dest_data.sql"))
-        .await
-        .expect("load dest data");
-    p
+        .unwrap_or_else(|e| panic!("load fixture {fixture}: {e}"));
+    Pair { source, dest }
 }
 
 /// Default options for tests: 2 jobs, short swap timeout.
