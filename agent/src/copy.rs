@@ -112,6 +112,8 @@ pub struct CopySpec {
     pub range: Option<PageRange>,
     /// Progress interval in bytes.
     pub progress_every_bytes: u64,
+    /// Truncate first and load with `COPY FREEZE` (whole-table tasks only).
+    pub freeze: bool,
 }
 
 impl std::fmt::Debug for CopySpec {
@@ -206,6 +208,7 @@ impl CopySpec {
             source_table,
             destination_table: table_name("destination", task.destination_table)?,
             columns: task.columns,
+            freeze: task.freeze && range.is_none(),
             range,
             progress_every_bytes: if task.progress_every_bytes == 0 {
                 DEFAULT_PROGRESS_EVERY_BYTES
@@ -421,8 +424,8 @@ pub fn direct_stream(
 /// Runs one copy task.
 ///
 /// If the task already committed in an earlier attempt (recorded in `pgzm.copy_progress`),
-/// nothing is copied. Otherwise one destination transaction truncates the shadow table (whole
-/// table tasks only), copies into it (`FREEZE` for whole tables), checks the row count against
+/// nothing is copied. Otherwise one destination transaction truncates the shadow table and
+/// copies with `FREEZE` when the task asks (large whole tables), or just copies, checks the row count against
 /// what the source sent, records the task in `pgzm.copy_progress`, and commits. `progress` is
 /// called with the byte count about every `progress_every_bytes` and at least every
 /// [`HEARTBEAT`].
@@ -442,38 +445,33 @@ pub async fn run_copy(
                 .await
                 .map_err(|e| connect_error(Side::Destination, &e))?,
         };
-        let done = dst
-            .query_opt(
-                "SELECT rows, bytes FROM pgzm.copy_progress WHERE migration_id = $1 AND task_key = $2",
-                &[&spec.migration_id, &spec.task_key],
-            )
+        // One round trip: open the copy's transaction and look for an earlier attempt's commit.
+        let progress_row = format!(
+            "SELECT rows, bytes FROM pgzm.copy_progress WHERE migration_id = {} AND task_key = {}",
+            spec.migration_id,
+            quote_literal(&spec.task_key)
+        );
+        let found = dst
+            .simple_query(&format!("BEGIN; {progress_row}"))
             .await
             .map_err(|e| AgentError::copy(&table, "read pgzm.copy_progress", Side::Destination, &e))?;
-        if let Some(row) = done {
-            let rows = u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+        if let Some((rows, bytes)) = progress_of(&found) {
+            let _ = dst.batch_execute("ROLLBACK").await;
             sessions.destination.put(spec.destination_key.clone(), dst);
-            return Ok(CopyOutcome {
-                rows_written: rows,
-                rows_in_source: rows,
-                bytes: u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
-                duration_ms: 0,
-                already_done: true,
-            });
+            return Ok(CopyOutcome { rows_written: rows, rows_in_source: rows, bytes, duration_ms: 0, already_done: true });
         }
         let mut source = source_stream(spec, peers, sessions).await?;
 
         let columns = quote_ident_list(spec.columns.iter().map(String::as_str));
         let target = spec.destination_table.quoted();
-        let (begin, copy) = match spec.range {
-            None => (
-                format!("BEGIN; TRUNCATE {target}"),
-                format!("COPY {target} ({columns}) FROM STDIN (FORMAT binary, FREEZE)"),
-            ),
-            Some(_) => ("BEGIN".to_string(), format!("COPY {target} ({columns}) FROM STDIN (FORMAT binary)")),
+        let copy = if spec.freeze {
+            dst.batch_execute(&format!("TRUNCATE {target}"))
+                .await
+                .map_err(|e| AgentError::copy(&table, "truncate the shadow table", Side::Destination, &e))?;
+            format!("COPY {target} ({columns}) FROM STDIN (FORMAT binary, FREEZE)")
+        } else {
+            format!("COPY {target} ({columns}) FROM STDIN (FORMAT binary)")
         };
-        dst.batch_execute(&begin)
-            .await
-            .map_err(|e| AgentError::copy(&table, "begin the destination transaction", Side::Destination, &e))?;
         let sink = dst
             .copy_in::<_, Bytes>(&copy)
             .await
@@ -517,13 +515,28 @@ pub async fn run_copy(
             let _ = dst.batch_execute("ROLLBACK").await;
             return Err(AgentError::RowCountMismatch { table, written: rows_written, in_source: rows_in_source });
         }
-        dst.execute(
-            "INSERT INTO pgzm.copy_progress (migration_id, task_key, rows, bytes) VALUES ($1, $2, $3, $4)",
-            &[&spec.migration_id, &spec.task_key, &(rows_written as i64), &(bytes as i64)],
-        )
-        .await
-        .map_err(|e| AgentError::copy(&table, "record the task in pgzm.copy_progress", Side::Destination, &e))?;
-        dst.batch_execute("COMMIT").await.map_err(|e| AgentError::copy(&table, "commit", Side::Destination, &e))?;
+        // Recorded in the copy's own transaction, committed in the same round trip. Another
+        // attempt of this task that committed first (an agent that stalled, then recovered)
+        // holds the key: this attempt then rolls back and reports that one's result.
+        let record = format!(
+            "INSERT INTO pgzm.copy_progress (migration_id, task_key, rows, bytes) VALUES ({}, {}, {}, {}); COMMIT",
+            spec.migration_id,
+            quote_literal(&spec.task_key),
+            rows_written,
+            bytes
+        );
+        if let Err(e) = dst.batch_execute(&record).await {
+            let _ = dst.batch_execute("ROLLBACK").await;
+            if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+                if let Ok(found) = dst.simple_query(&progress_row).await {
+                    if let Some((rows, bytes)) = progress_of(&found) {
+                        sessions.destination.put(spec.destination_key.clone(), dst);
+                        return Ok(CopyOutcome { rows_written: rows, rows_in_source: rows, bytes, duration_ms: 0, already_done: true });
+                    }
+                }
+            }
+            return Err(AgentError::copy(&table, "record the task in pgzm.copy_progress", Side::Destination, &e));
+        }
         sessions.destination.put(spec.destination_key.clone(), dst);
         let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         debug!(rows = rows_written, bytes, duration_ms, "copy task done");
@@ -531,6 +544,16 @@ pub async fn run_copy(
     }
     .instrument(span)
     .await
+}
+
+/// `(rows, bytes)` of a `pgzm.copy_progress` row in a simple-query answer.
+fn progress_of(messages: &[tokio_postgres::SimpleQueryMessage]) -> Option<(u64, u64)> {
+    messages.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => {
+            Some((r.get(0)?.parse().ok()?, r.get(1)?.parse().ok()?))
+        }
+        _ => None,
+    })
 }
 
 pub(crate) fn connect_error(side: Side, err: &tokio_postgres::Error) -> AgentError {

@@ -30,6 +30,10 @@ impl Default for BuildSettings {
     }
 }
 
+/// Tables smaller than this are built in one round trip; larger ones statement by statement
+/// (each index build is long enough that its own log line and error context are worth it).
+pub const BATCH_BELOW_BYTES: i64 = 64 << 20;
+
 /// Statements that finish one shadow table (everything but foreign keys).
 pub fn table_statements(
     t: &Table,
@@ -124,6 +128,25 @@ impl BuildSessions {
     /// Runs `statements` one after another on a session of the pool. A session that saw an
     /// error is closed rather than reused.
     pub async fn run(&self, label: &str, statements: Vec<String>) -> Result<(), CoordinatorError> {
+        self.run_as(label, statements, false).await
+    }
+
+    /// Runs `statements` in one round trip (one implicit transaction): for small tables, where
+    /// a round trip per statement costs more than the statements.
+    pub async fn run_batch(
+        &self,
+        label: &str,
+        statements: Vec<String>,
+    ) -> Result<(), CoordinatorError> {
+        self.run_as(label, statements, true).await
+    }
+
+    async fn run_as(
+        &self,
+        label: &str,
+        statements: Vec<String>,
+        batch: bool,
+    ) -> Result<(), CoordinatorError> {
         let reused = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let client = match reused {
             Some(c) if !c.is_closed() => c,
@@ -140,6 +163,23 @@ impl BuildSessions {
                 c
             }
         };
+        if batch && statements.len() > 1 {
+            let mut all = String::new();
+            for sql in &statements {
+                debug!(statement = %sql, "build");
+                all.push_str(sql);
+                all.push_str(";\n");
+            }
+            client
+                .batch_execute(&all)
+                .await
+                .map_err(|e| CoordinatorError::destination(label, &e))?;
+            self.idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(client);
+            return Ok(());
+        }
         for sql in statements {
             debug!(statement = %sql, "build");
             client.batch_execute(&sql).await.map_err(|e| {

@@ -21,6 +21,10 @@ use crate::error::CoordinatorError;
 /// progress at least every 2 s).
 const STALL: Duration = Duration::from_secs(60);
 
+/// Whole tables at least this large are loaded with `COPY FREEZE` (after a `TRUNCATE` in the
+/// same transaction, which creates new relation files: not worth it for small tables).
+const FREEZE_MIN_BYTES: i64 = 16 << 20;
+
 /// One table to copy.
 #[derive(Debug, Clone)]
 pub struct CopyJob {
@@ -139,7 +143,8 @@ enum Outcome {
 
 /// Copies `jobs` with at most `parallel` tasks at once across the pool's agents. `on_done`
 /// runs once per table, as soon as all of its tasks have landed (the caller builds that
-/// table's indexes there).
+/// table's indexes there), at most `parallel` at once, beside the copies: a copy slot goes on
+/// to its next task while the table it just copied is being indexed.
 pub async fn copy_all<F, Fut>(
     ctx: CopyContext,
     pool: Arc<AgentPool>,
@@ -167,7 +172,17 @@ where
     }));
     let notify = Arc::new(Notify::new());
     let jobs = Arc::new(jobs);
-    let on_done = Arc::new(on_done);
+    let (build_tx, build_rx) = tokio::sync::mpsc::unbounded_channel();
+    let builder = tokio::spawn(
+        run_builds(
+            build_rx,
+            on_done,
+            parallel.max(1),
+            Arc::clone(&queue),
+            Arc::clone(&notify),
+        )
+        .instrument(tracing::Span::current()),
+    );
     let executors = pool.executors();
     let agent_count = executors.len() as u32;
     let mut set = JoinSet::new();
@@ -196,13 +211,11 @@ where
             notify: Arc::clone(&notify),
             jobs: Arc::clone(&jobs),
             agent_count,
+            builds: build_tx.clone(),
         };
-        let on_done = Arc::clone(&on_done);
-        set.spawn(
-            async move { w.run(on_done.as_ref()).await }
-                .instrument(info_span!("copy_slot", slot = n)),
-        );
+        set.spawn(w.run().instrument(info_span!("copy_slot", slot = n)));
     }
+    drop(build_tx);
     while let Some(joined) = set.join_next().await {
         if let Err(e) = joined {
             let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -221,6 +234,24 @@ where
             notify.notify_waiters();
         }
     }
+    // Every copy has ended: the builds still running finish (or, after a failure, stop).
+    let failed = queue
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .failed
+        .is_some();
+    if failed {
+        builder.abort();
+    }
+    if let Err(e) = builder.await {
+        if !e.is_cancelled() {
+            let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.failed.get_or_insert(CoordinatorError::Copy {
+                table: "?".into(),
+                message: format!("index builds failed: {e}"),
+            });
+        }
+    }
     let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(err) = q.failed.take() {
         return Err(err);
@@ -237,6 +268,61 @@ where
         .collect())
 }
 
+/// Runs `on_done` for every table whose copy has landed, at most `parallel` at once. The first
+/// failure stops the copy phase.
+async fn run_builds<F, Fut>(
+    mut finished: tokio::sync::mpsc::UnboundedReceiver<(CopyJob, CopyStats)>,
+    on_done: F,
+    parallel: usize,
+    queue: Arc<Mutex<Queue>>,
+    notify: Arc<Notify>,
+) where
+    F: Fn(CopyJob, CopyStats) -> Fut,
+    Fut: std::future::Future<Output = Result<(), CoordinatorError>> + Send + 'static,
+{
+    let mut running = JoinSet::new();
+    let fail = |err: CoordinatorError| {
+        queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .failed
+            .get_or_insert(err);
+        notify.notify_waiters();
+    };
+    let settle = |res: Result<Result<(), CoordinatorError>, tokio::task::JoinError>| match res {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => fail(e),
+        Err(e) => fail(CoordinatorError::Copy {
+            table: "?".into(),
+            message: format!("an index build failed: {e}"),
+        }),
+    };
+    loop {
+        if running.len() >= parallel {
+            if let Some(res) = running.join_next().await {
+                settle(res);
+            }
+            continue;
+        }
+        tokio::select! {
+            biased;
+            Some(res) = running.join_next(), if !running.is_empty() => settle(res),
+            next = finished.recv() => match next {
+                Some((job, stats)) => {
+                    let stopped = queue.lock().unwrap_or_else(|p| p.into_inner()).failed.is_some();
+                    if !stopped {
+                        running.spawn(on_done(job, stats).in_current_span());
+                    }
+                }
+                None => break,
+            },
+        }
+    }
+    while let Some(res) = running.join_next().await {
+        settle(res);
+    }
+}
+
 struct Worker {
     /// The copy phase's span: every task span is its child.
     phase: tracing::Span,
@@ -247,6 +333,8 @@ struct Worker {
     notify: Arc<Notify>,
     jobs: Arc<Vec<CopyJob>>,
     agent_count: u32,
+    /// Tables whose data has fully landed, for their builds.
+    builds: tokio::sync::mpsc::UnboundedSender<(CopyJob, CopyStats)>,
 }
 
 impl Worker {
@@ -281,11 +369,7 @@ impl Worker {
         self.notify.notify_waiters();
     }
 
-    async fn run<F, Fut>(self, on_done: &F)
-    where
-        F: Fn(CopyJob, CopyStats) -> Fut,
-        Fut: std::future::Future<Output = Result<(), CoordinatorError>>,
-    {
+    async fn run(self) {
         loop {
             let notified = self.notify.notified();
             let mut task = match self.take() {
@@ -347,10 +431,8 @@ impl Worker {
                         (*left == 0).then_some(stats)
                     };
                     if let Some(stats) = finished {
-                        if let Err(e) = on_done(job.clone(), stats).await {
-                            self.fail(e);
-                            return;
-                        }
+                        // The receiver lives until every worker has ended.
+                        let _ = self.builds.send((job.clone(), stats));
                     }
                     {
                         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -472,6 +554,7 @@ impl Worker {
             task_key: task.key.clone(),
             migration_id: self.ctx.migration_id,
             peer_url,
+            freeze: task.range.is_none() && job.bytes >= FREEZE_MIN_BYTES,
         };
         let mut client = self.agent.client.clone();
         let mut stream = match client.run_copy(self.pool.connector.request(message)).await {

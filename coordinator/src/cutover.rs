@@ -69,27 +69,7 @@ pub async fn swap_prepared(
         .warnings
         .extend(swap::validate_repointed(control, plan).await);
     // The backup tables are frozen from now on: their row counts are what `verify` checks.
-    let mut backup_rows = serde_json::Map::new();
-    for m in plan
-        .to_backup
-        .iter()
-        .filter(|m| m.kind == crate::plan::ObjectKind::Table)
-    {
-        let sql = format!(
-            "SELECT count(*) FROM {}",
-            pgzm_agent::sql::quote_qualified("public", &m.to)
-        );
-        match control.query_one(&sql, &[]).await {
-            Ok(r) => {
-                backup_rows.insert(m.from.clone(), serde_json::json!(r.get::<_, i64>(0)));
-            }
-            Err(e) => report.warnings.push(format!(
-                "could not count the rows of backup table \"{}\": {}",
-                m.to,
-                pgzm_agent::pg::describe(&e)
-            )),
-        }
-    }
+    let backup_rows = count_backups(control, plan, &mut report.warnings).await;
     let stats = serde_json::json!({
         "tables": report.tables, "rows": report.rows, "bytes": report.bytes,
         "swap": outcome, "phases": phases.0, "backup_rows": backup_rows,
@@ -103,6 +83,56 @@ pub async fn swap_prepared(
         ));
     }
     Ok(())
+}
+
+/// Row counts of the backup tables, a few hundred per statement; a chunk that fails is counted
+/// table by table so one unreadable table costs only its own count (and a warning).
+async fn count_backups(
+    control: &Client,
+    plan: &Plan,
+    warnings: &mut Vec<String>,
+) -> serde_json::Map<String, serde_json::Value> {
+    use pgzm_agent::sql::{quote_literal, quote_qualified};
+    let tables: Vec<&crate::plan::Move> = plan
+        .to_backup
+        .iter()
+        .filter(|m| m.kind == crate::plan::ObjectKind::Table)
+        .collect();
+    let count_sql = |chunk: &[&crate::plan::Move]| {
+        chunk
+            .iter()
+            .map(|m| {
+                format!(
+                    "SELECT {}::text, count(*) FROM {}",
+                    quote_literal(&m.from),
+                    quote_qualified("public", &m.to)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ")
+    };
+    let mut out = serde_json::Map::new();
+    for chunk in tables.chunks(200) {
+        if let Ok(rows) = control.query(&count_sql(chunk), &[]).await {
+            for r in rows {
+                out.insert(r.get(0), serde_json::json!(r.get::<_, i64>(1)));
+            }
+            continue;
+        }
+        for m in chunk {
+            match control.query_one(&count_sql(&[*m]), &[]).await {
+                Ok(r) => {
+                    out.insert(r.get(0), serde_json::json!(r.get::<_, i64>(1)));
+                }
+                Err(e) => warnings.push(format!(
+                    "could not count the rows of backup table \"{}\": {}",
+                    m.to,
+                    pgzm_agent::pg::describe(&e)
+                )),
+            }
+        }
+    }
+    out
 }
 
 /// `pgzm swap`: swaps the prepared migration recorded in the destination.

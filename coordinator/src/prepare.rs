@@ -344,10 +344,16 @@ async fn fill(
                         };
                         let statements =
                             build::table_statements(table, &plan_arc, &schema, &renames)?;
-                        sessions
-                            .run(&format!("build \"{}\"", job.table), statements)
-                            .instrument(info_span!("build_table", table = %job.table))
-                            .await
+                        let label = format!("build \"{}\"", job.table);
+                        let span = info_span!("build_table", table = %job.table);
+                        if job.bytes < build::BATCH_BELOW_BYTES {
+                            sessions
+                                .run_batch(&label, statements)
+                                .instrument(span)
+                                .await
+                        } else {
+                            sessions.run(&label, statements).instrument(span).await
+                        }
                     }
                 },
             )
@@ -537,21 +543,35 @@ async fn create_shadow(
             }
         }
     }
-    // Consecutive statements of one action (one table, one type…) go in one round trip; an
-    // error still names the object.
+    // Up to SHADOW_BATCH actions (one table, one type…) go in one round trip; an error names the
+    // actions of its batch (and the server's message names the object).
+    const SHADOW_BATCH: usize = 64;
     let mut i = 0;
     while i < statements.len() {
-        let action = &statements[i].0;
+        let first = &statements[i].0;
+        let mut actions = 0;
         let mut j = i;
         let mut batch = String::new();
-        while j < statements.len() && &statements[j].0 == action {
+        while j < statements.len() {
+            if j == i || statements[j].0 != statements[j - 1].0 {
+                if actions == SHADOW_BATCH {
+                    break;
+                }
+                actions += 1;
+            }
             batch.push_str(&statements[j].1);
             batch.push_str(";\n");
             j += 1;
         }
-        tx.batch_execute(&batch)
-            .await
-            .map_err(|e| CoordinatorError::destination(action.clone(), &e))?;
+        let last = &statements[j - 1].0;
+        tx.batch_execute(&batch).await.map_err(|e| {
+            let what = if actions == 1 {
+                first.clone()
+            } else {
+                format!("{first} … {last}")
+            };
+            CoordinatorError::destination(what, &e)
+        })?;
         i = j;
     }
     let objects = record(&tx, plan).await?;

@@ -90,15 +90,19 @@ pub struct Status {
     pub error: Option<String>,
 }
 
-async fn oid_of(client: &Client, name: &str) -> Result<Option<u32>, CoordinatorError> {
-    let row = client
-        .query_opt(
-            "SELECT oid FROM pg_class WHERE relname = $1 AND relnamespace = 'public'::regnamespace",
-            &[&name],
+/// Oids of the named relations in `public` that exist, in one query.
+async fn oids_of(
+    client: &Client,
+    names: Vec<String>,
+) -> Result<std::collections::HashMap<String, u32>, CoordinatorError> {
+    let rows = client
+        .query(
+            "SELECT relname::text, oid FROM pg_class WHERE relname = ANY($1) AND relnamespace = 'public'::regnamespace",
+            &[&names],
         )
         .await
         .map_err(|e| CoordinatorError::destination("inspect shadow tables", &e))?;
-    Ok(row.map(|r| r.get(0)))
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 async fn triggers_of(client: &Client, plan: &Plan) -> Result<Vec<SyncTrigger>, CoordinatorError> {
@@ -132,13 +136,18 @@ pub async fn shadow_problems(
     objects: &RecordedObjects,
 ) -> Result<Vec<String>, CoordinatorError> {
     let mut problems = Vec::new();
+    let present = oids_of(
+        client,
+        plan.tables.iter().map(|t| t.shadow.clone()).collect(),
+    )
+    .await?;
     for t in &plan.tables {
         let recorded = objects
             .tables
             .iter()
             .find(|(n, _)| n == &t.shadow)
             .map(|(_, o)| *o);
-        if recorded.is_none() || oid_of(client, &t.shadow).await? != recorded {
+        if recorded.is_none() || present.get(&t.shadow).copied() != recorded {
             problems.push(format!(
                 "shadow table \"{}\" is missing or was replaced",
                 t.shadow
@@ -290,6 +299,11 @@ pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
         .and_then(|st| st.get("tables"))
         .and_then(|t| serde_json::from_value(t.clone()).ok())
         .unwrap_or_default();
+    let existing = oids_of(
+        &client,
+        row.plan.tables.iter().map(|t| t.shadow.clone()).collect(),
+    )
+    .await?;
     for t in &row.plan.tables {
         let recorded = row
             .objects
@@ -297,7 +311,7 @@ pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
             .iter()
             .find(|(n, _)| n == &t.shadow)
             .map(|(_, o)| *o);
-        let present = recorded.is_some() && oid_of(&client, &t.shadow).await? == recorded;
+        let present = recorded.is_some() && existing.get(&t.shadow).copied() == recorded;
         let preserved = row.plan.is_preserved(&t.name);
         let (rows, expected_rows) = match (present, preserved) {
             // One statement, hence one snapshot: a write committing in between (mirrored into
