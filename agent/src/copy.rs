@@ -20,6 +20,9 @@ use crate::sql::{quote_ident_list, quote_literal, quote_qualified};
 /// Default interval between progress reports.
 pub const DEFAULT_PROGRESS_EVERY_BYTES: u64 = 8 * 1024 * 1024;
 
+/// Size of the CopyData messages sent to the destination.
+const FLUSH_BYTES: usize = 64 * 1024;
+
 /// Longest time between two progress reports (a heartbeat for the coordinator).
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 
@@ -478,6 +481,9 @@ pub async fn run_copy(
             .map_err(|e| AgentError::copy(&table, "start COPY FROM", Side::Destination, &e))?;
         futures_util::pin_mut!(sink);
 
+        // Rows arrive one CopyData message each; they go out in messages of about FLUSH_BYTES
+        // (fewer wakeups, channel sends and writes per byte than one message per row).
+        let mut pending = bytes::BytesMut::with_capacity(FLUSH_BYTES * 2);
         let mut bytes = 0u64;
         let mut next_report = spec.progress_every_bytes;
         let mut last_report = Instant::now();
@@ -486,9 +492,16 @@ pub async fn run_copy(
             match item? {
                 SourceItem::Data(chunk) => {
                     bytes += chunk.len() as u64;
-                    sink.feed(chunk)
-                        .await
-                        .map_err(|e| AgentError::copy(&table, "write COPY data", Side::Destination, &e))?;
+                    if pending.is_empty() && chunk.len() >= FLUSH_BYTES {
+                        sink.feed(chunk).await
+                    } else {
+                        pending.extend_from_slice(&chunk);
+                        if pending.len() < FLUSH_BYTES {
+                            continue;
+                        }
+                        sink.feed(pending.split().freeze()).await
+                    }
+                    .map_err(|e| AgentError::copy(&table, "write COPY data", Side::Destination, &e))?;
                     if bytes >= next_report || last_report.elapsed() >= HEARTBEAT {
                         progress(bytes);
                         next_report = bytes + spec.progress_every_bytes;
@@ -497,6 +510,11 @@ pub async fn run_copy(
                 }
                 SourceItem::Rows(n) => rows_in_source = Some(n),
             }
+        }
+        if !pending.is_empty() {
+            sink.feed(pending.split().freeze())
+                .await
+                .map_err(|e| AgentError::copy(&table, "write COPY data", Side::Destination, &e))?;
         }
         let rows_in_source = rows_in_source.ok_or_else(|| AgentError::Copy {
             table: table.clone(),

@@ -192,6 +192,7 @@ fn main() -> ExitCode {
         _ => "trace",
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(pgzm_agent::runtime_threads())
         .enable_all()
         .build()
     {

@@ -128,6 +128,17 @@ struct Queue {
     failed: Option<CoordinatorError>,
     remaining: BTreeMap<usize, usize>,
     stats: BTreeMap<usize, CopyStats>,
+    /// When the last task landed.
+    last_landed: Option<Instant>,
+}
+
+/// What the copy phase did.
+pub struct Copied {
+    /// Per table, in plan order.
+    pub tables: Vec<(String, CopyStats)>,
+    /// From the start of the phase to the moment the last copy task landed: the data movement
+    /// alone (the phase itself also waits for the last index builds).
+    pub data_time: Duration,
 }
 
 enum Outcome {
@@ -151,11 +162,12 @@ pub async fn copy_all<F, Fut>(
     jobs: Vec<CopyJob>,
     parallel: usize,
     on_done: F,
-) -> Result<Vec<(String, CopyStats)>, CoordinatorError>
+) -> Result<Copied, CoordinatorError>
 where
     F: Fn(CopyJob, CopyStats) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<(), CoordinatorError>> + Send + 'static,
 {
+    let started = Instant::now();
     let mut tasks = Vec::new();
     let mut remaining = BTreeMap::new();
     for (i, job) in jobs.iter().enumerate() {
@@ -169,6 +181,7 @@ where
         failed: None,
         remaining,
         stats: BTreeMap::new(),
+        last_landed: None,
     }));
     let notify = Arc::new(Notify::new());
     let jobs = Arc::new(jobs);
@@ -262,10 +275,17 @@ where
             message: "no agent is left to run this task (every agent failed)".into(),
         });
     }
-    Ok(std::mem::take(&mut q.stats)
-        .into_iter()
-        .map(|(i, s)| (jobs[i].table.clone(), s))
-        .collect())
+    let data_time = q
+        .last_landed
+        .map(|t| t.saturating_duration_since(started))
+        .unwrap_or_default();
+    Ok(Copied {
+        tables: std::mem::take(&mut q.stats)
+            .into_iter()
+            .map(|(i, s)| (jobs[i].table.clone(), s))
+            .collect(),
+        data_time,
+    })
 }
 
 /// Runs `on_done` for every table whose copy has landed, at most `parallel` at once. The first
@@ -426,6 +446,7 @@ impl Worker {
                         s.attempts += task.attempts;
                         s.tasks += 1;
                         let stats = *s;
+                        q.last_landed = Some(Instant::now());
                         let left = q.remaining.entry(task.job).or_insert(1);
                         *left -= 1;
                         (*left == 0).then_some(stats)

@@ -149,6 +149,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(pgzm_agent::runtime_threads())
         .enable_all()
         .build()
     {

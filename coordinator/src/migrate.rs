@@ -101,17 +101,27 @@ pub struct Throughput {
     pub rows_per_s: f64,
     /// COPY bytes moved per second of that time.
     pub bytes_per_s: f64,
+    /// From the start of the copy phase until the last copy task landed, ms: the data movement
+    /// alone (index builds of tables that landed earlier overlap it; the last table's follow).
+    #[serde(default)]
+    pub data_ms: u64,
+    /// COPY bytes moved per second of `data_ms`.
+    #[serde(default)]
+    pub data_bytes_per_s: f64,
 }
 
 impl Throughput {
-    /// `rows` and `bytes` moved in the copy phase among `phases` (none without one).
-    pub fn of(rows: u64, bytes: u64, phases: &[PhaseTiming]) -> Option<Throughput> {
+    /// `rows` and `bytes` moved in the copy phase among `phases` (none without one), the data
+    /// movement having taken `data_ms` of it.
+    pub fn of(rows: u64, bytes: u64, phases: &[PhaseTiming], data_ms: u64) -> Option<Throughput> {
         let copy_ms = phases.iter().find(|p| p.phase == "copy")?.duration_ms;
         let secs = (copy_ms.max(1)) as f64 / 1000.0;
         Some(Throughput {
             copy_ms,
             rows_per_s: rows as f64 / secs,
             bytes_per_s: bytes as f64 / secs,
+            data_ms,
+            data_bytes_per_s: bytes as f64 / (data_ms.max(1) as f64 / 1000.0),
         })
     }
 }

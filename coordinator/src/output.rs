@@ -109,9 +109,11 @@ fn copied_and_phases(s: &mut String, r: &Report) {
     if let Some(t) = &r.throughput {
         let _ = writeln!(
             s,
-            "  copy throughput: {:.0} rows/s, {}/s",
+            "  copy throughput: {:.0} rows/s, {}/s (with index builds); data landed in {} ms, {}/s",
             t.rows_per_s,
-            size(t.bytes_per_s as i64)
+            size(t.bytes_per_s as i64),
+            t.data_ms,
+            size(t.data_bytes_per_s as i64)
         );
     }
     for p in &r.phases {

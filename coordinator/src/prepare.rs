@@ -16,7 +16,7 @@ use tracing::{info_span, warn, Instrument};
 use crate::agents::AgentPool;
 use crate::build;
 use crate::catalog::{self, SourceSchema};
-use crate::copy::{self, CopyContext, CopyJob, CopyStats};
+use crate::copy::{self, CopyContext, CopyJob};
 use crate::ddl;
 use crate::destination::{self, Destination};
 use crate::error::CoordinatorError;
@@ -319,7 +319,7 @@ async fn fill(
         opts.build.clone(),
     ));
     crate::progress::enable(plan.estimated_bytes().max(0) as u64);
-    let copied: Vec<(String, CopyStats)> = phases
+    let copied: copy::Copied = phases
         .run("copy", {
             let (schema, plan_arc, renames) = (
                 Arc::clone(&schema),
@@ -371,7 +371,7 @@ async fn fill(
         )
         .await?;
 
-    for (table, s) in &copied {
+    for (table, s) in &copied.tables {
         report.tables.push(TableReport {
             table: table.clone(),
             rows: s.rows,
@@ -383,7 +383,12 @@ async fn fill(
         report.bytes += s.bytes;
     }
     report.tables.sort_by(|a, b| a.table.cmp(&b.table));
-    report.throughput = Throughput::of(report.rows, report.bytes, &phases.0);
+    report.throughput = Throughput::of(
+        report.rows,
+        report.bytes,
+        &phases.0,
+        u64::try_from(copied.data_time.as_millis()).unwrap_or(u64::MAX),
+    );
     let stats = serde_json::json!({ "tables": report.tables, "rows": report.rows, "bytes": report.bytes, "phases": phases.0, "throughput": report.throughput });
     state::set_status(control, plan.migration_id, "prepared", Some(&stats), None).await?;
     Ok(())
