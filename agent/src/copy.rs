@@ -117,6 +117,8 @@ pub struct CopySpec {
     pub progress_every_bytes: u64,
     /// Truncate first and load with `COPY FREEZE` (whole-table tasks only).
     pub freeze: bool,
+    /// Digest the rows on both sides and compare.
+    pub verify: bool,
 }
 
 impl std::fmt::Debug for CopySpec {
@@ -195,6 +197,7 @@ impl CopySpec {
                     }),
                     columns: task.columns.clone(),
                     range: task.range,
+                    verify: task.verify,
                 },
             }
         };
@@ -212,6 +215,7 @@ impl CopySpec {
             destination_table: table_name("destination", task.destination_table)?,
             columns: task.columns,
             freeze: task.freeze && range.is_none(),
+            verify: task.verify,
             range,
             progress_every_bytes: if task.progress_every_bytes == 0 {
                 DEFAULT_PROGRESS_EVERY_BYTES
@@ -235,6 +239,8 @@ pub struct CopyOutcome {
     pub duration_ms: u64,
     /// Committed by an earlier attempt; nothing copied now.
     pub already_done: bool,
+    /// The rows' digest, when verified.
+    pub digest: Option<crate::digest::Digest>,
 }
 
 impl From<CopyOutcome> for proto::CopyDone {
@@ -245,25 +251,35 @@ impl From<CopyOutcome> for proto::CopyDone {
             bytes: o.bytes,
             duration_ms: o.duration_ms,
             already_done: o.already_done,
+            digest: o.digest.map(|d| d.hex()).unwrap_or_default(),
         }
     }
 }
 
-/// Counts the rows of a binary COPY stream. PostgreSQL sends COPY TO output one row per
-/// CopyData message, the header and the trailer in messages of their own; the count is checked
-/// against the destination's.
+/// Counts and digests the rows of a binary COPY stream as PostgreSQL sends it: one row per
+/// CopyData message, the header with the first row, the trailer in a message of its own. The
+/// count is checked against the destination's, the digest against the destination side's.
 #[derive(Debug, Default)]
 pub struct RowCounter {
-    messages: u64,
+    digest: crate::digest::Digest,
     header: bool,
     trailer: bool,
+    hash: bool,
 }
 
-const BINARY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+use crate::digest::BINARY_SIGNATURE;
 /// Signature, flags field and header-extension length (PostgreSQL writes no extension).
 const HEADER_LEN: usize = 19;
 
 impl RowCounter {
+    /// A counter that also digests the rows when `hash`.
+    pub fn new(hash: bool) -> Self {
+        RowCounter {
+            hash,
+            ..RowCounter::default()
+        }
+    }
+
     /// Accounts for one CopyData message.
     ///
     /// The 19-byte header is buffered by the server and arrives in the first message, together
@@ -281,12 +297,21 @@ impl RowCounter {
             self.trailer = true;
             return;
         }
-        self.messages += 1;
+        if self.hash {
+            self.digest.add_row(data);
+        } else {
+            self.digest.rows += 1;
+        }
     }
 
     /// Rows seen.
     pub fn rows(&self) -> u64 {
-        self.messages
+        self.digest.rows
+    }
+
+    /// The rows' digest, when hashing.
+    pub fn digest(&self) -> Option<crate::digest::Digest> {
+        self.hash.then_some(self.digest)
     }
 }
 
@@ -344,12 +369,17 @@ pub async fn open_source(
     Ok((src, out))
 }
 
-/// Source data as a stream of byte chunks, ending with the source's row count.
+/// Source data as a stream of byte chunks, ending with the source's row count and digest.
 pub enum SourceItem {
     /// COPY data.
     Data(Bytes),
-    /// Rows the source sent (last item).
-    Rows(u64),
+    /// Last item: rows the source sent, and their digest when asked for.
+    End {
+        /// Rows.
+        rows: u64,
+        /// Digest (verified tasks).
+        digest: Option<crate::digest::Digest>,
+    },
 }
 
 /// A boxed source stream.
@@ -376,52 +406,70 @@ async fn source_stream(
             .await?;
             let pool = std::sync::Arc::clone(&sessions.source);
             let key = spec.source_key.clone();
-            Ok(direct_stream(client, out, table, move |c| pool.put(key, c)))
+            Ok(direct_stream(client, out, table, spec.verify, move |c| {
+                pool.put(key, c)
+            }))
         }
         SourceSpec::Peer { url, request } => peers.export(url, request.clone(), &table).await,
     }
 }
 
-/// The COPY TO stream of a direct source, rows counted as they pass, ending with the count.
-/// `done` receives the session back when the whole stream was read without error (it is still
-/// inside the snapshot transaction and can serve the next task of the same snapshot).
+/// The COPY TO stream of a direct source, rows counted (and digested when `hash`) as they pass,
+/// ending with the count and digest. `done` receives the session back when the whole stream was
+/// read without error (it is still inside the snapshot transaction and can serve the next task
+/// of the same snapshot).
 pub fn direct_stream(
     client: Client,
     out: tokio_postgres::CopyOutStream,
     table: String,
+    hash: bool,
     done: impl FnOnce(Client) + Send + 'static,
 ) -> SourceStream {
-    // Rows are counted as they pass; the count ends the stream. The client lives as long as the
-    // stream so the snapshot transaction stays open.
-    let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (c2, f2) = (
-        std::sync::Arc::clone(&counted),
-        std::sync::Arc::clone(&failed),
-    );
-    let mut rows_seen = RowCounter::default();
-    let data = out.map(move |item| match item {
-        Ok(bytes) => {
-            rows_seen.message(&bytes);
-            c2.store(rows_seen.rows(), std::sync::atomic::Ordering::Relaxed);
-            Ok(SourceItem::Data(bytes))
+    struct State<D> {
+        out: std::pin::Pin<Box<tokio_postgres::CopyOutStream>>,
+        counter: RowCounter,
+        // Lives as long as the stream, so the snapshot transaction stays open.
+        client: Option<Client>,
+        done: Option<D>,
+        table: String,
+        ended: bool,
+    }
+    let state = State {
+        out: Box::pin(out),
+        counter: RowCounter::new(hash),
+        client: Some(client),
+        done: Some(done),
+        table,
+        ended: false,
+    };
+    Box::pin(futures_util::stream::unfold(state, |mut st| async move {
+        if st.ended {
+            return None;
         }
-        Err(e) => {
-            f2.store(true, std::sync::atomic::Ordering::Relaxed);
-            Err(AgentError::copy(&table, "read COPY data", Side::Source, &e))
+        match st.out.next().await {
+            Some(Ok(bytes)) => {
+                st.counter.message(&bytes);
+                Some((Ok(SourceItem::Data(bytes)), st))
+            }
+            Some(Err(e)) => {
+                st.ended = true;
+                st.client = None;
+                let err = AgentError::copy(&st.table, "read COPY data", Side::Source, &e);
+                Some((Err(err), st))
+            }
+            None => {
+                st.ended = true;
+                if let (Some(client), Some(done)) = (st.client.take(), st.done.take()) {
+                    done(client);
+                }
+                let end = SourceItem::End {
+                    rows: st.counter.rows(),
+                    digest: st.counter.digest(),
+                };
+                Some((Ok(end), st))
+            }
         }
-    });
-    let tail = futures_util::stream::once(async move {
-        if failed.load(std::sync::atomic::Ordering::Relaxed) {
-            drop(client);
-        } else {
-            done(client);
-        }
-        Ok(SourceItem::Rows(
-            counted.load(std::sync::atomic::Ordering::Relaxed),
-        ))
-    });
-    Box::pin(data.chain(tail))
+    }))
 }
 
 /// Runs one copy task.
@@ -450,7 +498,7 @@ pub async fn run_copy(
         };
         // One round trip: open the copy's transaction and look for an earlier attempt's commit.
         let progress_row = format!(
-            "SELECT rows, bytes FROM pgzm.copy_progress WHERE migration_id = {} AND task_key = {}",
+            "SELECT rows, bytes, digest FROM pgzm.copy_progress WHERE migration_id = {} AND task_key = {}",
             spec.migration_id,
             quote_literal(&spec.task_key)
         );
@@ -458,10 +506,10 @@ pub async fn run_copy(
             .simple_query(&format!("BEGIN; {progress_row}"))
             .await
             .map_err(|e| AgentError::copy(&table, "read pgzm.copy_progress", Side::Destination, &e))?;
-        if let Some((rows, bytes)) = progress_of(&found) {
+        if let Some(earlier) = progress_of(&found) {
             let _ = dst.batch_execute("ROLLBACK").await;
             sessions.destination.put(spec.destination_key.clone(), dst);
-            return Ok(CopyOutcome { rows_written: rows, rows_in_source: rows, bytes, duration_ms: 0, already_done: true });
+            return Ok(earlier);
         }
         let mut source = source_stream(spec, peers, sessions).await?;
 
@@ -487,11 +535,15 @@ pub async fn run_copy(
         let mut bytes = 0u64;
         let mut next_report = spec.progress_every_bytes;
         let mut last_report = Instant::now();
-        let mut rows_in_source = None;
+        let mut end = None;
+        let mut written = spec.verify.then(crate::digest::StreamDigester::default);
         while let Some(item) = source.next().await {
             match item? {
                 SourceItem::Data(chunk) => {
                     bytes += chunk.len() as u64;
+                    if let Some(w) = written.as_mut() {
+                        w.feed(&chunk);
+                    }
                     if pending.is_empty() && chunk.len() >= FLUSH_BYTES {
                         sink.feed(chunk).await
                     } else {
@@ -508,7 +560,7 @@ pub async fn run_copy(
                         last_report = Instant::now();
                     }
                 }
-                SourceItem::Rows(n) => rows_in_source = Some(n),
+                SourceItem::End { rows, digest } => end = Some((rows, digest)),
             }
         }
         if !pending.is_empty() {
@@ -516,7 +568,7 @@ pub async fn run_copy(
                 .await
                 .map_err(|e| AgentError::copy(&table, "write COPY data", Side::Destination, &e))?;
         }
-        let rows_in_source = rows_in_source.ok_or_else(|| AgentError::Copy {
+        let (rows_in_source, read_digest) = end.ok_or_else(|| AgentError::Copy {
             table: table.clone(),
             step: "read COPY data",
             side: Side::Source,
@@ -533,23 +585,55 @@ pub async fn run_copy(
             let _ = dst.batch_execute("ROLLBACK").await;
             return Err(AgentError::RowCountMismatch { table, written: rows_written, in_source: rows_in_source });
         }
+        // Verification: the digest of the rows read from the source against the digest of the
+        // bytes handed to COPY FROM (parsed into rows here); the row counts were compared above.
+        let digest = match (written, read_digest) {
+            (Some(w), Some(read)) => {
+                let wrote = w.finish().map_err(|m| AgentError::DigestMismatch {
+                    table: table.clone(),
+                    source_digest: format!("{} rows, {}", read.rows, read.hex()),
+                    destination: format!("unreadable: {m}"),
+                });
+                match wrote {
+                    Ok(wrote) if wrote == read => Some(wrote),
+                    Ok(wrote) => {
+                        let _ = dst.batch_execute("ROLLBACK").await;
+                        return Err(AgentError::DigestMismatch {
+                            table,
+                            source_digest: format!("{} rows, {}", read.rows, read.hex()),
+                            destination: format!("{} rows, {}", wrote.rows, wrote.hex()),
+                        });
+                    }
+                    Err(e) => {
+                        let _ = dst.batch_execute("ROLLBACK").await;
+                        return Err(e);
+                    }
+                }
+            }
+            (Some(_), None) => {
+                tracing::warn!("the source side sent no row digest (an older agent?): this task is checked by row count only");
+                None
+            }
+            _ => None,
+        };
         // Recorded in the copy's own transaction, committed in the same round trip. Another
         // attempt of this task that committed first (an agent that stalled, then recovered)
         // holds the key: this attempt then rolls back and reports that one's result.
         let record = format!(
-            "INSERT INTO pgzm.copy_progress (migration_id, task_key, rows, bytes) VALUES ({}, {}, {}, {}); COMMIT",
+            "INSERT INTO pgzm.copy_progress (migration_id, task_key, rows, bytes, digest) VALUES ({}, {}, {}, {}, {}); COMMIT",
             spec.migration_id,
             quote_literal(&spec.task_key),
             rows_written,
-            bytes
+            bytes,
+            digest.map(|d| quote_literal(&d.hex())).unwrap_or_else(|| "NULL".into())
         );
         if let Err(e) = dst.batch_execute(&record).await {
             let _ = dst.batch_execute("ROLLBACK").await;
             if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
                 if let Ok(found) = dst.simple_query(&progress_row).await {
-                    if let Some((rows, bytes)) = progress_of(&found) {
+                    if let Some(earlier) = progress_of(&found) {
                         sessions.destination.put(spec.destination_key.clone(), dst);
-                        return Ok(CopyOutcome { rows_written: rows, rows_in_source: rows, bytes, duration_ms: 0, already_done: true });
+                        return Ok(earlier);
                     }
                 }
             }
@@ -558,17 +642,28 @@ pub async fn run_copy(
         sessions.destination.put(spec.destination_key.clone(), dst);
         let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         debug!(rows = rows_written, bytes, duration_ms, "copy task done");
-        Ok(CopyOutcome { rows_written, rows_in_source, bytes, duration_ms, already_done: false })
+        Ok(CopyOutcome { rows_written, rows_in_source, bytes, duration_ms, already_done: false, digest })
     }
     .instrument(span)
     .await
 }
 
-/// `(rows, bytes)` of a `pgzm.copy_progress` row in a simple-query answer.
-fn progress_of(messages: &[tokio_postgres::SimpleQueryMessage]) -> Option<(u64, u64)> {
+/// The outcome recorded in a `pgzm.copy_progress` row (rows, bytes, digest) of a simple-query
+/// answer: a task an earlier attempt committed.
+fn progress_of(messages: &[tokio_postgres::SimpleQueryMessage]) -> Option<CopyOutcome> {
     messages.iter().find_map(|m| match m {
         tokio_postgres::SimpleQueryMessage::Row(r) => {
-            Some((r.get(0)?.parse().ok()?, r.get(1)?.parse().ok()?))
+            let rows: u64 = r.get(0)?.parse().ok()?;
+            Some(CopyOutcome {
+                rows_written: rows,
+                rows_in_source: rows,
+                bytes: r.get(1)?.parse().ok()?,
+                duration_ms: 0,
+                already_done: true,
+                digest: r
+                    .get(2)
+                    .and_then(|h| crate::digest::Digest::parse_hex(rows, h)),
+            })
         }
         _ => None,
     })

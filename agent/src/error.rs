@@ -77,6 +77,17 @@ pub enum AgentError {
         /// Rows counted in the source.
         in_source: u64,
     },
+    /// The rows handed to the destination differ from the rows read from the source (the row
+    /// digests disagree): data changed on its way. Retried; nothing was committed.
+    #[error("copy {table}: the rows written ({destination}) differ from the rows read from the source ({source_digest}); nothing was committed")]
+    DigestMismatch {
+        /// Table being copied.
+        table: String,
+        /// Source-side digest (rows and hash).
+        source_digest: String,
+        /// Destination-side digest.
+        destination: String,
+    },
 }
 
 impl AgentError {
@@ -101,6 +112,7 @@ impl AgentError {
             | AgentError::InvalidConnection { .. }
             | AgentError::Snapshot { .. }
             | AgentError::RowCountMismatch { .. } => false,
+            AgentError::DigestMismatch { .. } => true,
         }
     }
 }
@@ -119,7 +131,9 @@ impl From<AgentError> for tonic::Status {
                 tonic::Status::invalid_argument(message)
             }
             AgentError::Snapshot { .. } => tonic::Status::failed_precondition(message),
-            AgentError::RowCountMismatch { .. } => tonic::Status::data_loss(message),
+            AgentError::RowCountMismatch { .. } | AgentError::DigestMismatch { .. } => {
+                tonic::Status::data_loss(message)
+            }
             AgentError::Connect { .. } | AgentError::Copy { .. } => tonic::Status::aborted(message),
         };
         status.metadata_mut().insert(

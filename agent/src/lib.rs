@@ -9,6 +9,7 @@
 //! network listener; the coordinator always talks to it through the gRPC client.
 
 pub mod copy;
+pub mod digest;
 pub mod endpoint;
 pub mod error;
 pub mod peer;

@@ -100,21 +100,35 @@ impl PeerConnector {
             .map_err(|s| peer_err(s.message().to_string(), status_class(&s)))?
             .into_inner();
         let table = table.to_string();
-        Ok(Box::pin(stream.map(move |item| match item {
-            Ok(proto::CopyChunk {
-                chunk: Some(proto::copy_chunk::Chunk::Data(d)),
-            }) => Ok(SourceItem::Data(d)),
-            Ok(proto::CopyChunk {
-                chunk: Some(proto::copy_chunk::Chunk::RowsInSource(n)),
-            }) => Ok(SourceItem::Rows(n)),
-            Ok(proto::CopyChunk { chunk: None }) => Ok(SourceItem::Data(Bytes::new())),
-            Err(s) => Err(AgentError::Copy {
-                table: table.clone(),
-                step: "read from the source-side agent",
-                side: Side::Source,
-                message: s.message().to_string(),
-                class: status_class(&s),
-            }),
+        let mut digest = None;
+        Ok(Box::pin(stream.map(move |item| {
+            match item {
+                Ok(proto::CopyChunk {
+                    chunk: Some(proto::copy_chunk::Chunk::Data(d)),
+                }) => Ok(SourceItem::Data(d)),
+                Ok(proto::CopyChunk {
+                    chunk: Some(proto::copy_chunk::Chunk::SourceDigest(hex)),
+                }) => {
+                    digest = Some(hex);
+                    Ok(SourceItem::Data(Bytes::new()))
+                }
+                Ok(proto::CopyChunk {
+                    chunk: Some(proto::copy_chunk::Chunk::RowsInSource(n)),
+                }) => Ok(SourceItem::End {
+                    rows: n,
+                    digest: digest
+                        .take()
+                        .and_then(|h| crate::digest::Digest::parse_hex(n, &h)),
+                }),
+                Ok(proto::CopyChunk { chunk: None }) => Ok(SourceItem::Data(Bytes::new())),
+                Err(s) => Err(AgentError::Copy {
+                    table: table.clone(),
+                    step: "read from the source-side agent",
+                    side: Side::Source,
+                    message: s.message().to_string(),
+                    class: status_class(&s),
+                }),
+            }
         })))
     }
 }

@@ -330,7 +330,7 @@ impl Agent for AgentService {
                     }
                 };
                 futures_util::pin_mut!(out);
-                let mut counter = RowCounter::default();
+                let mut counter = RowCounter::new(req.verify);
                 let mut buf = BytesMut::with_capacity(EXPORT_CHUNK_BYTES * 2);
                 while let Some(item) = out.next().await {
                     match item {
@@ -374,6 +374,13 @@ impl Agent for AgentService {
                 pool.put(source_key, client);
                 tracing::Span::current()
                     .record("rows", i64::try_from(counter.rows()).unwrap_or(i64::MAX));
+                if let Some(d) = counter.digest() {
+                    let _ = tx
+                        .send(Ok(proto::CopyChunk {
+                            chunk: Some(proto::copy_chunk::Chunk::SourceDigest(d.hex())),
+                        }))
+                        .await;
+                }
                 let _ = tx
                     .send(Ok(proto::CopyChunk {
                         chunk: Some(proto::copy_chunk::Chunk::RowsInSource(counter.rows())),

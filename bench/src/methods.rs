@@ -27,6 +27,11 @@ pub struct MethodResult {
     pub peak_rss_mib: f64,
     /// Swap lock-held time (pgzm), ms.
     pub lock_held_ms: Option<f64>,
+    /// Wall time of pgzm's copy phase (data and index builds), s.
+    pub copy_phase_seconds: Option<f64>,
+    /// ETA error of pgzm's progress once 10 % of the data had landed: (worst, median), as a
+    /// fraction of the actual data time.
+    pub eta_error: Option<(f64, f64)>,
 }
 
 /// Output and resource use of a child process.
@@ -37,6 +42,8 @@ pub struct Measured {
     pub max_rss_kib: u64,
     /// Standard output.
     pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
 }
 
 /// Runs a command to completion, measuring wall time and peak RSS (wait4's rusage).
@@ -90,6 +97,7 @@ pub fn run_measured(cmd: &mut Command) -> anyhow::Result<Measured> {
         elapsed,
         max_rss_kib: usage.ru_maxrss as u64,
         stdout,
+        stderr,
     })
 }
 
@@ -148,6 +156,10 @@ fn from_report(method: &str, m: &Measured, extra_rss_kib: u64) -> anyhow::Result
             .filter_map(|p| p["duration_ms"].as_f64())
             .sum()
     });
+    let phase_ms: Option<f64> = phases
+        .iter()
+        .find(|p| p["phase"] == "copy")
+        .and_then(|p| p["duration_ms"].as_f64());
     Ok(MethodResult {
         method: method.into(),
         seconds: m.elapsed.as_secs_f64(),
@@ -155,7 +167,35 @@ fn from_report(method: &str, m: &Measured, extra_rss_kib: u64) -> anyhow::Result
         bytes: r["bytes"].as_u64(),
         peak_rss_mib: mib(m.max_rss_kib.max(extra_rss_kib)),
         lock_held_ms: r["swap"]["lock_held_us"].as_f64().map(|us| us / 1000.0),
+        copy_phase_seconds: phase_ms.map(|ms| ms / 1000.0),
+        eta_error: eta_error(&m.stderr, copy_ms),
     })
+}
+
+/// How far pgzm's progress ETA was from the truth: for every progress log line (JSON) logged
+/// once at least 10 % of the data had landed and before all of it had, the predicted end
+/// (elapsed + ETA) against the actual end of the data movement (`data_ms`). Returns the worst
+/// and the median error as fractions of `data_ms`.
+fn eta_error(stderr: &str, data_ms: f64) -> Option<(f64, f64)> {
+    let mut errors: Vec<f64> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "pgzm::progress")
+        .filter_map(|v| {
+            let f = &v["fields"];
+            let pct = f["percent"].as_f64()?;
+            let elapsed = f["elapsed_ms"].as_f64()?;
+            let eta = f["eta_ms"].as_f64()?;
+            (10.0..100.0)
+                .contains(&pct)
+                .then(|| ((elapsed + eta) - data_ms).abs() / data_ms.max(1.0))
+        })
+        .collect();
+    if errors.is_empty() {
+        return None;
+    }
+    errors.sort_by(f64::total_cmp);
+    Some((errors[errors.len() - 1], errors[errors.len() / 2]))
 }
 
 /// pgzm with the in-process agent.
@@ -177,20 +217,49 @@ async fn run_pgzm_embedded(
     bins: &Binaries,
     jobs: usize,
 ) -> anyhow::Result<MethodResult> {
+    run_pgzm_embedded_with(src, ds, dest, bins, jobs, true).await
+}
+
+/// pgzm embedded; `verify: false` adds `--no-verify` (to measure what verification costs).
+/// Progress is logged as JSON every 50 ms, for the ETA's accuracy.
+async fn run_pgzm_embedded_with(
+    src: &str,
+    ds: &Dataset,
+    dest: &PgCluster,
+    bins: &Binaries,
+    jobs: usize,
+    verify: bool,
+) -> anyhow::Result<MethodResult> {
     let dst = fresh_db(dest, "bench_dst", ds.postgis).await?;
-    let m = run_measured(Command::new(&bins.pgzm).args([
-        "-q",
+    let mut cmd = Command::new(&bins.pgzm);
+    cmd.args([
+        "--log-format",
+        "json",
         "start",
         "--json",
         "--no-log-file",
+        "--progress-every",
+        "0.05",
         "--source",
         src,
         "--dest",
         &dst,
         "--jobs",
         &jobs.to_string(),
-    ]))?;
-    from_report("pgzm (embedded agent)", &m, 0)
+    ]);
+    if !verify {
+        cmd.arg("--no-verify");
+    }
+    let m = run_measured(&mut cmd)?;
+    from_report(
+        if verify {
+            "pgzm (embedded agent)"
+        } else {
+            "pgzm (embedded agent, --no-verify)"
+        },
+        &m,
+        0,
+    )
 }
 
 /// A `pgzm-agent` process on a free loopback port.
@@ -310,6 +379,8 @@ async fn run_dump_restore(
         bytes: None,
         peak_rss_mib: mib(dump.max_rss_kib.max(restore.max_rss_kib)),
         lock_held_ms: None,
+        copy_phase_seconds: None,
+        eta_error: None,
     })
 }
 
@@ -359,6 +430,8 @@ async fn run_pgcopydb(
         bytes: None,
         peak_rss_mib: mib(m.max_rss_kib),
         lock_held_ms: None,
+        copy_phase_seconds: None,
+        eta_error: None,
     }))
 }
 
@@ -388,6 +461,8 @@ async fn run_copy_pipe(
         bytes: None,
         peak_rss_mib: mib(m.max_rss_kib),
         lock_held_ms: None,
+        copy_phase_seconds: None,
+        eta_error: None,
     })
 }
 
@@ -416,6 +491,10 @@ pub async fn compare(
     if ds.name.starts_with("large") {
         eprintln!("   binary COPY pipe");
         out.push(run_copy_pipe(&src, dest, bins).await?);
+    }
+    if !ds.name.starts_with("many") {
+        eprintln!("   pgzm embedded, --no-verify");
+        out.push(run_pgzm_embedded_with(&src, ds, dest, bins, jobs, false).await?);
     }
     Ok(out)
 }

@@ -211,6 +211,15 @@ pub struct PrepareArgs {
     /// Split tables larger than this many MB (heap + TOAST) into page ranges copied in parallel.
     #[arg(long, default_value_t = 256)]
     pub range_size_mb: i64,
+    /// Skip the row digests of the copy's verification (row counts are still compared).
+    /// By default every row is hashed on the source side and on the destination side of its copy
+    /// and a table whose digests differ is copied again.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Without a terminal (logs, CI, Kubernetes): log the copy's progress (percent, bytes, rate,
+    /// ETA) every this many seconds; 0 turns it off. On a terminal a progress bar shows it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub progress_every: f64,
     /// Remote agents.
     #[command(flatten)]
     pub agents: AgentArgs,
@@ -366,6 +375,7 @@ impl PrepareArgs {
             preserved: crate::prepare::preserved_names(&self.preserved_tables),
             force: self.force,
             range_bytes: self.range_size_mb.max(1) << 20,
+            verify: !self.no_verify,
         })
     }
 }

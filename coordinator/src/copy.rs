@@ -53,6 +53,9 @@ pub struct CopyStats {
     pub attempts: u32,
     /// Tasks (ranges) the table was split into.
     pub tasks: u32,
+    /// Sum of the tasks' digests; `None` once a task came without one.
+    #[serde(skip)]
+    pub digest: Option<pgzm_agent::digest::Digest>,
 }
 
 /// Shared settings of the copy phase.
@@ -70,6 +73,8 @@ pub struct CopyContext {
     pub retries: u32,
     /// Split tables larger than this into page ranges of about this size.
     pub range_bytes: i64,
+    /// Digest the rows on both sides of every task.
+    pub verify: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -79,6 +84,24 @@ struct Task {
     range: Option<proto::PageRange>,
     attempts: u32,
     failovers: u32,
+}
+
+/// A task's share of its table's estimated bytes (a range's share is its share of the pages).
+fn estimate(task: &Task, job: &CopyJob) -> u64 {
+    let bytes = job.bytes.max(0) as u64;
+    match task.range {
+        Some(r) if job.pages > 0 => {
+            let pages = job.pages as u64;
+            let end = if r.end_page == 0 {
+                pages
+            } else {
+                r.end_page.min(pages)
+            };
+            (bytes as u128 * u128::from(end.saturating_sub(r.start_page)) / u128::from(pages))
+                as u64
+        }
+        _ => bytes,
+    }
 }
 
 /// Splits a job into page-range tasks of about `range_bytes` each (one task when small).
@@ -444,6 +467,19 @@ impl Worker {
                         s.bytes += done.bytes;
                         s.duration_ms += done.duration_ms;
                         s.attempts += task.attempts;
+                        let digest = (!done.digest.is_empty())
+                            .then(|| {
+                                pgzm_agent::digest::Digest::parse_hex(
+                                    done.rows_written,
+                                    &done.digest,
+                                )
+                            })
+                            .flatten();
+                        s.digest = match (s.tasks, s.digest, digest) {
+                            (0, _, d) => d,
+                            (_, Some(a), Some(b)) => Some(a.combine(b)),
+                            _ => None,
+                        };
                         s.tasks += 1;
                         let stats = *s;
                         q.last_landed = Some(Instant::now());
@@ -451,6 +487,13 @@ impl Worker {
                         *left -= 1;
                         (*left == 0).then_some(stats)
                     };
+                    crate::progress::task_done(
+                        &job.table,
+                        &task.key,
+                        estimate(&task, job),
+                        done.bytes,
+                        finished.map(|s| s.rows),
+                    );
                     if let Some(stats) = finished {
                         // The receiver lives until every worker has ended.
                         let _ = self.builds.send((job.clone(), stats));
@@ -462,6 +505,7 @@ impl Worker {
                     self.notify.notify_waiters();
                 }
                 Outcome::Failed { message, retry } => {
+                    crate::progress::task_reset(&task.key);
                     if retry && task.attempts <= self.ctx.retries + task.failovers {
                         metrics.retries.add(
                             1,
@@ -485,6 +529,7 @@ impl Worker {
                     return;
                 }
                 Outcome::AgentLost(message) => {
+                    crate::progress::task_reset(&task.key);
                     task.failovers += 1;
                     metrics.retries.add(
                         1,
@@ -576,13 +621,14 @@ impl Worker {
             migration_id: self.ctx.migration_id,
             peer_url,
             freeze: task.range.is_none() && job.bytes >= FREEZE_MIN_BYTES,
+            verify: self.ctx.verify,
         };
         let mut client = self.agent.client.clone();
         let mut stream = match client.run_copy(self.pool.connector.request(message)).await {
             Ok(r) => r.into_inner(),
             Err(s) => return classify(s),
         };
-        let mut reported = 0u64;
+        let est = estimate(task, job);
         loop {
             match tokio::time::timeout(STALL, stream.message()).await {
                 Err(_) => {
@@ -599,13 +645,10 @@ impl Worker {
                 }
                 Ok(Ok(Some(event))) => match event.event {
                     Some(proto::copy_event::Event::Done(done)) => {
-                        crate::progress::advance(&job.table, done.bytes.saturating_sub(reported));
-                        crate::progress::finish_table(&job.table, done.rows_written);
                         return Outcome::Done(done);
                     }
                     Some(proto::copy_event::Event::Progress(p)) => {
-                        crate::progress::advance(&job.table, p.bytes.saturating_sub(reported));
-                        reported = reported.max(p.bytes);
+                        crate::progress::task_progress(&job.table, &task.key, est, p.bytes);
                     }
                     None => {}
                 },

@@ -67,6 +67,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if show_progress {
         pgzm_coordinator::progress::request();
     }
+    if let Command::Start(a) | Command::Prepare(a) = &cli.command {
+        if a.progress_every.is_finite() && a.progress_every > 0.0 {
+            pgzm_coordinator::progress::log_every(std::time::Duration::from_secs_f64(
+                a.progress_every.min(86_400.0),
+            ));
+        }
+    }
     match cli.command {
         Command::Start(args) => {
             let mut opts = args.to_options()?;

@@ -41,6 +41,8 @@ pub struct StartOptions {
     pub force: bool,
     /// Split tables larger than this (heap + TOAST bytes) into page ranges copied in parallel.
     pub range_bytes: i64,
+    /// Digest every row on both sides of the copy and compare (on by default).
+    pub verify: bool,
 }
 
 /// Default size of a copy task's page range: 256 MB.
@@ -70,6 +72,10 @@ pub struct TableReport {
     pub copy_ms: u64,
     /// Attempts.
     pub attempts: u32,
+    /// Order-independent digest of the table's rows (32 hex digits), equal on the source and
+    /// destination sides of the copy; absent when the copy was not verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 impl Report {

@@ -313,12 +313,13 @@ async fn fill(
         migration_id: plan.migration_id,
         retries: opts.copy_retries,
         range_bytes: opts.range_bytes,
+        verify: opts.verify,
     };
     let sessions = Arc::new(build::BuildSessions::new(
         opts.destination.clone(),
         opts.build.clone(),
     ));
-    crate::progress::enable(plan.estimated_bytes().max(0) as u64);
+    crate::progress::enable(jobs.iter().map(|j| j.bytes.max(0) as u64).sum());
     let copied: copy::Copied = phases
         .run("copy", {
             let (schema, plan_arc, renames) = (
@@ -378,6 +379,7 @@ async fn fill(
             bytes: s.bytes,
             copy_ms: s.duration_ms,
             attempts: s.attempts,
+            digest: s.digest.map(|d| d.hex()),
         });
         report.rows += s.rows;
         report.bytes += s.bytes;

@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS pgzm.copy_progress (
     done_at         timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (migration_id, task_key)
 );
+-- The rows' digest (verified copies); added after the first release.
+ALTER TABLE pgzm.copy_progress ADD COLUMN IF NOT EXISTS digest text;
 CREATE TABLE IF NOT EXISTS pgzm.sync_errors (
     migration_id    bigint NOT NULL,
     table_name      text NOT NULL,

@@ -115,6 +115,7 @@ async fn a_migration_is_one_trace_with_phase_table_and_agent_spans() {
         preserved: Vec::new(),
         force: false,
         range_bytes: migrate::DEFAULT_RANGE_BYTES,
+        verify: true,
     };
 
     let root = tracing::info_span!("migration_under_test");

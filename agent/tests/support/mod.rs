@@ -264,6 +264,7 @@ pub fn options_for(source: &str, dest: &str) -> StartOptions {
         preserved: Vec::new(),
         force: false,
         range_bytes: pgzm_coordinator::migrate::DEFAULT_RANGE_BYTES,
+        verify: true,
     }
 }
 

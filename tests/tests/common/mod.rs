@@ -58,6 +58,7 @@ pub fn options(p: &Pair) -> StartOptions {
         preserved: Vec::new(),
         force: false,
         range_bytes: pgzm_coordinator::migrate::DEFAULT_RANGE_BYTES,
+        verify: true,
     }
 }
 
