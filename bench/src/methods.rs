@@ -180,9 +180,14 @@ fn eta_error(stderr: &str, data_ms: f64) -> Option<(f64, f64)> {
     let mut errors: Vec<f64> = stderr
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"] == "pgzm::progress")
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("copy progress"))
+        })
         .filter_map(|v| {
-            let f = &v["fields"];
+            // pgzm's JSON lines carry the event's fields at the top level.
+            let f = &v;
             let pct = f["percent"].as_f64()?;
             let elapsed = f["elapsed_ms"].as_f64()?;
             let eta = f["eta_ms"].as_f64()?;

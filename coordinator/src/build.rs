@@ -32,34 +32,177 @@ impl Default for BuildSettings {
 
 /// Tables smaller than this are built in one round trip; larger ones statement by statement
 /// (each index build is long enough that its own log line and error context are worth it).
-pub const BATCH_BELOW_BYTES: i64 = 64 << 20;
+pub const BATCH_BELOW_BYTES: i64 = 8 << 20;
 
-/// Statements that finish one shadow table (everything but foreign keys).
-pub fn table_statements(
+/// The statements that finish one shadow table (everything but foreign keys), in three groups
+/// run in order: `first` one after another, `parallel` at once (index builds: each takes only a
+/// SHARE lock, which they all can hold together), `last` one after another.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TableBuild {
+    /// Constraints that must build their own index (exclusion, deferrable): ACCESS EXCLUSIVE.
+    pub first: Vec<String>,
+    /// Index builds, including the indexes of primary keys and unique constraints.
+    pub parallel: Vec<String>,
+    /// Constraints attached to their built indexes, NOT VALID checks, triggers, sequences,
+    /// statistics.
+    pub last: Vec<String>,
+}
+
+impl TableBuild {
+    /// Every statement, in an order that is valid one after another.
+    pub fn sequential(&self) -> Vec<String> {
+        self.first
+            .iter()
+            .chain(&self.parallel)
+            .chain(&self.last)
+            .cloned()
+            .collect()
+    }
+}
+
+/// For a primary key or unique constraint, the `CREATE UNIQUE INDEX` tail (after `ON table`)
+/// that builds its index on its own, so it can run in parallel with the table's other indexes
+/// and then be attached (`ADD CONSTRAINT … USING INDEX`, a catalog change). Derived from
+/// `pg_get_constraintdef`: `PRIMARY KEY (cols)` / `UNIQUE [NULLS NOT DISTINCT] (cols)`, then
+/// optionally `INCLUDE (cols)`, `WITH (options)`, `USING INDEX TABLESPACE name`. Anything else
+/// (deferrable constraints, exclusion constraints, a form not recognised) is `None`: the
+/// constraint is then added the ordinary way.
+fn index_for_constraint(c: &crate::catalog::Constraint) -> Option<String> {
+    let (mut rest, nulls_not_distinct) = match c.kind {
+        'p' => (c.definition.strip_prefix("PRIMARY KEY ")?, false),
+        'u' => {
+            let r = c.definition.strip_prefix("UNIQUE ")?;
+            match r.strip_prefix("NULLS NOT DISTINCT ") {
+                Some(r) => (r, true),
+                None => (r, false),
+            }
+        }
+        _ => return None,
+    };
+    let (columns, r) = parenthesized(rest)?;
+    rest = r;
+    let mut include = None;
+    if let Some(r) = rest.strip_prefix(" INCLUDE ") {
+        let (cols, r) = parenthesized(r)?;
+        include = Some(cols);
+        rest = r;
+    }
+    let mut with = None;
+    if let Some(r) = rest.strip_prefix(" WITH ") {
+        let (opts, r) = parenthesized(r)?;
+        with = Some(opts);
+        rest = r;
+    }
+    let mut tablespace = None;
+    if let Some(r) = rest.strip_prefix(" USING INDEX TABLESPACE ") {
+        tablespace = Some(r);
+        rest = "";
+    }
+    if !rest.is_empty() {
+        return None;
+    }
+    let mut tail = format!("USING btree {columns}");
+    if let Some(i) = include {
+        tail.push_str(&format!(" INCLUDE {i}"));
+    }
+    if nulls_not_distinct {
+        tail.push_str(" NULLS NOT DISTINCT");
+    }
+    if let Some(w) = with {
+        tail.push_str(&format!(" WITH {w}"));
+    }
+    if let Some(t) = tablespace {
+        tail.push_str(&format!(" TABLESPACE {t}"));
+    }
+    Some(tail)
+}
+
+/// Splits `(…)` (balanced, quotes respected) off the start of `s`.
+fn parenthesized(s: &str) -> Option<(&str, &str)> {
+    if !s.starts_with('(') {
+        return None;
+    }
+    let mut depth = 0usize;
+    let mut quote: Option<char> = None;
+    for (i, ch) in s.char_indices() {
+        match (quote, ch) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"') | (None, '\'') => quote = Some(ch),
+            (None, '(') => depth += 1,
+            (None, ')') => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some((&s[..=i], &s[i + 1..]));
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The statements that finish one shadow table; see [`TableBuild`].
+pub fn table_build(
     t: &Table,
     plan: &Plan,
     source: &SourceSchema,
     renames: &Renames,
-) -> Result<Vec<String>, CoordinatorError> {
+) -> Result<TableBuild, CoordinatorError> {
     let shadow = &plan
         .table(&t.name)
         .map(|p| p.shadow.clone())
         .unwrap_or_default();
-    let mut out = Vec::new();
+    let mut b = TableBuild::default();
     for c in t.constraints.iter().filter(|c| c.has_index()) {
         let name = renames.get(&c.name).unwrap_or(&c.name);
-        out.extend(ddl::add_constraint(shadow, c, name, renames));
+        match index_for_constraint(c) {
+            Some(tail) => {
+                b.parallel.push(format!(
+                    "CREATE UNIQUE INDEX {} ON {} {}",
+                    quote_ident(name),
+                    quote_qualified("public", shadow),
+                    renames.apply(&tail)
+                ));
+                b.last.push(format!(
+                    "ALTER TABLE {} ADD CONSTRAINT {} {} USING INDEX {}",
+                    quote_qualified("public", shadow),
+                    quote_ident(name),
+                    if c.kind == 'p' {
+                        "PRIMARY KEY"
+                    } else {
+                        "UNIQUE"
+                    },
+                    quote_ident(name)
+                ));
+                if let Some(comment) = &c.comment {
+                    b.last.push(format!(
+                        "COMMENT ON CONSTRAINT {} ON {} IS {}",
+                        quote_ident(name),
+                        quote_qualified("public", shadow),
+                        quote_literal(comment)
+                    ));
+                }
+            }
+            None => b
+                .first
+                .extend(ddl::add_constraint(shadow, c, name, renames)),
+        }
     }
+    for ix in &t.indexes {
+        let name = renames.get(&ix.name).unwrap_or(&ix.name);
+        let mut stmts = ddl::create_index(ix, name, renames)?.into_iter();
+        // The build itself in parallel; its comment after.
+        b.parallel.extend(stmts.next());
+        b.last.extend(stmts);
+    }
+    let out = &mut b.last;
     for c in t
         .constraints
         .iter()
         .filter(|c| c.kind == 'c' && !c.validated)
     {
         out.extend(ddl::add_constraint(shadow, c, &c.name, renames));
-    }
-    for ix in &t.indexes {
-        let name = renames.get(&ix.name).unwrap_or(&ix.name);
-        out.extend(ddl::create_index(ix, name, renames)?);
     }
     // A preserved table's own triggers would fire on mirrored writes: they are created in the swap.
     let triggers = if plan.is_preserved(&t.name) {
@@ -104,7 +247,7 @@ pub fn table_statements(
         ));
     }
     out.push(format!("ANALYZE {}", quote_qualified("public", shadow)));
-    Ok(out)
+    Ok(b)
 }
 
 /// Destination sessions for builds, reused across tables (a session per table would cost a
@@ -113,6 +256,8 @@ pub struct BuildSessions {
     dest: DbUrl,
     settings: BuildSettings,
     idle: std::sync::Mutex<Vec<tokio_postgres::Client>>,
+    /// Bounds the index builds running at once across tables (see [`BuildSessions::run_table`]).
+    parallel: Arc<Semaphore>,
 }
 
 impl BuildSessions {
@@ -122,7 +267,37 @@ impl BuildSessions {
             dest,
             settings,
             idle: std::sync::Mutex::new(Vec::new()),
+            parallel: Arc::new(Semaphore::new(1)),
         }
+    }
+
+    /// At most `n` index builds at once in [`BuildSessions::run_table`] (over all tables).
+    pub fn with_parallel_statements(mut self, n: usize) -> Self {
+        self.parallel = Arc::new(Semaphore::new(n.max(1)));
+        self
+    }
+
+    /// Runs a large table's build: `first` in order, then the index builds at once (each on its
+    /// own session, within the parallelism bound), then `last` in order. A single-threaded
+    /// build (GIN, GiST, expression indexes…) then uses one CPU while the table's other indexes
+    /// use the others, as `pg_restore -j` does.
+    pub async fn run_table(&self, label: &str, build: TableBuild) -> Result<(), CoordinatorError> {
+        if !build.first.is_empty() {
+            self.run(label, build.first).await?;
+        }
+        let builds = build.parallel.into_iter().map(|sql| async move {
+            let _permit = self
+                .parallel
+                .acquire()
+                .await
+                .map_err(|_| CoordinatorError::Usage("cancelled".into()))?;
+            self.run(label, vec![sql]).await
+        });
+        try_join_all(builds).await?;
+        if !build.last.is_empty() {
+            self.run(label, build.last).await?;
+        }
+        Ok(())
     }
 
     /// Runs `statements` one after another on a session of the pool. A session that saw an
@@ -300,4 +475,47 @@ pub async fn foreign_keys(
     });
     try_join_all(tasks).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Constraint;
+
+    fn c(kind: char, definition: &str) -> Constraint {
+        Constraint {
+            name: "k".into(),
+            kind,
+            definition: definition.into(),
+            references: None,
+            validated: true,
+            comment: None,
+        }
+    }
+
+    #[test]
+    fn constraint_indexes_are_derived_from_the_definition() {
+        assert_eq!(
+            index_for_constraint(&c('p', "PRIMARY KEY (id)")).as_deref(),
+            Some("USING btree (id)")
+        );
+        assert_eq!(
+            index_for_constraint(&c(
+                'u',
+                "UNIQUE NULLS NOT DISTINCT (\"a)b\", c) INCLUDE (d) WITH (fillfactor='70') USING INDEX TABLESPACE ts"
+            ))
+            .as_deref(),
+            Some("USING btree (\"a)b\", c) INCLUDE (d) NULLS NOT DISTINCT WITH (fillfactor='70') TABLESPACE ts")
+        );
+        // Kept on the ordinary path.
+        assert_eq!(
+            index_for_constraint(&c('u', "UNIQUE (a) DEFERRABLE INITIALLY DEFERRED")),
+            None
+        );
+        assert_eq!(
+            index_for_constraint(&c('x', "EXCLUDE USING gist (r WITH &&)")),
+            None
+        );
+        assert_eq!(index_for_constraint(&c('p', "PRIMARY KEY id")), None);
+    }
 }

@@ -315,10 +315,10 @@ async fn fill(
         range_bytes: opts.range_bytes,
         verify: opts.verify,
     };
-    let sessions = Arc::new(build::BuildSessions::new(
-        opts.destination.clone(),
-        opts.build.clone(),
-    ));
+    let sessions = Arc::new(
+        build::BuildSessions::new(opts.destination.clone(), opts.build.clone())
+            .with_parallel_statements(opts.jobs),
+    );
     crate::progress::enable(jobs.iter().map(|j| j.bytes.max(0) as u64).sum());
     let copied: copy::Copied = phases
         .run("copy", {
@@ -343,17 +343,19 @@ async fn fill(
                         let Some(table) = schema.table(&job.table) else {
                             return Ok(());
                         };
-                        let statements =
-                            build::table_statements(table, &plan_arc, &schema, &renames)?;
+                        let statements = build::table_build(table, &plan_arc, &schema, &renames)?;
                         let label = format!("build \"{}\"", job.table);
                         let span = info_span!("build_table", table = %job.table);
                         if job.bytes < build::BATCH_BELOW_BYTES {
                             sessions
-                                .run_batch(&label, statements)
+                                .run_batch(&label, statements.sequential())
                                 .instrument(span)
                                 .await
                         } else {
-                            sessions.run(&label, statements).instrument(span).await
+                            sessions
+                                .run_table(&label, statements)
+                                .instrument(span)
+                                .await
                         }
                     }
                 },
@@ -411,7 +413,7 @@ async fn sync_preserved(
         let Some(table) = schema.table(&p.table) else {
             continue;
         };
-        let statements = build::table_statements(table, plan, schema, renames)?;
+        let statements = build::table_build(table, plan, schema, renames)?.sequential();
         build::run_on_session(
             &opts.destination,
             &opts.build,
