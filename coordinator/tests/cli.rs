@@ -314,3 +314,85 @@ async fn sigkill_mid_copy_then_rerun_succeeds() {
     assert_eq!(live_sums(&dest).await, live_sums(&source).await);
     assert_eq!(shadow_objects(&dest).await, Vec::<String>::new());
 }
+
+/// Without a terminal, `--progress-every` logs the copy's progress (JSON with
+/// `--log-format json`): percent never going back, an ETA, then "all data landed"; the `--json`
+/// report carries every table's digest and the data time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_lines_and_verification_in_the_report() {
+    let (src_cluster, dst_cluster) = pgzm_tests::PgCluster::shared_pair();
+    let source = TestDb::create(src_cluster, "progress_src")
+        .await
+        .expect("source");
+    let dest = TestDb::create(dst_cluster, "progress_dst")
+        .await
+        .expect("dest");
+    source
+        .batch(
+            "CREATE TABLE big (id bigint PRIMARY KEY, payload text NOT NULL);
+             INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 300000) g;
+             CREATE TABLE small (id int PRIMARY KEY);
+             INSERT INTO small SELECT generate_series(1, 10);
+             ANALYZE;",
+        )
+        .await
+        .expect("load");
+    let dir = WorkDir::new("progress");
+    let out = output(pgzm(&dir).args([
+        "--log-format",
+        "json",
+        "start",
+        "--json",
+        "--no-log-file",
+        "--jobs",
+        "2",
+        "--range-size-mb",
+        "8",
+        "--progress-every",
+        "0.02",
+        "--source",
+        &source.url(),
+        "--dest",
+        &dest.url(),
+    ]))
+    .await;
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("copy progress"))
+        })
+        .collect();
+    assert!(!lines.is_empty(), "no progress lines in: {stderr}");
+    let percents: Vec<f64> = lines
+        .iter()
+        .map(|v| v["percent"].as_f64().expect("percent field"))
+        .collect();
+    assert!(
+        percents.windows(2).all(|w| w[0] <= w[1]),
+        "progress went back: {percents:?}"
+    );
+    assert!(percents.iter().all(|p| (0.0..=100.0).contains(p)));
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["eta_ms"].is_u64() || v["percent"] == 100.0),
+        "{lines:?}"
+    );
+
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");
+    let tables = report["tables"].as_array().expect("tables");
+    assert_eq!(tables.len(), 2);
+    for t in tables {
+        let digest = t["digest"].as_str().expect("digest");
+        assert_eq!(digest.len(), 32, "{t}");
+        assert!(digest.chars().all(|c| c.is_ascii_hexdigit()), "{t}");
+    }
+    let data_ms = report["throughput"]["data_ms"].as_u64().expect("data_ms");
+    let copy_ms = report["throughput"]["copy_ms"].as_u64().expect("copy_ms");
+    assert!(data_ms <= copy_ms, "{}", report["throughput"]);
+}
