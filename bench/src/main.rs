@@ -36,6 +36,9 @@ pub struct Args {
     /// Parallel jobs for every method.
     #[arg(long, default_value_t = 2)]
     pub jobs: usize,
+    /// Runs of every method per data set (alternating order); the report gives the medians.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Where to write the report.
     #[arg(long, default_value = "docs/BENCHMARKS.md")]
     pub out: PathBuf,
@@ -96,7 +99,8 @@ async fn main() -> anyhow::Result<()> {
     if !args.skip_copy {
         for ds in datasets::copy_datasets(args.scale) {
             eprintln!("== dataset {}", ds.name);
-            let results = methods::compare(&ds, &source, &dest, &bins, args.jobs).await?;
+            let results =
+                methods::compare(&ds, &source, &dest, &bins, args.jobs, args.rounds).await?;
             report.copy.push((ds, results));
         }
     }

@@ -136,6 +136,8 @@ pub async fn load_source(ds: &Dataset, source: &PgCluster) -> anyhow::Result<Str
     c.batch_execute(&ds.sql)
         .await
         .with_context(|| format!("generate {}", ds.name))?;
+    // Every method then reads settled pages: no first reader pays for setting hint bits.
+    c.batch_execute("VACUUM (ANALYZE)").await?;
     c.batch_execute("CHECKPOINT").await?;
     Ok(url)
 }
@@ -471,35 +473,93 @@ async fn run_copy_pipe(
     })
 }
 
-/// Every method on one data set, in alternating order.
+/// Every method on one data set, `rounds` times (the order reversed every other round), each
+/// method's result the median of its rounds.
 pub async fn compare(
     ds: &Dataset,
     source: &PgCluster,
     dest: &PgCluster,
     bins: &Binaries,
     jobs: usize,
+    rounds: usize,
 ) -> anyhow::Result<Vec<MethodResult>> {
     let src = load_source(ds, source).await?;
-    let mut out = Vec::new();
-    eprintln!("   pg_dump | pg_restore");
-    out.push(run_dump_restore(&src, ds, dest, bins, jobs).await?);
-    eprintln!("   pgzm embedded");
-    out.push(run_pgzm_embedded(&src, ds, dest, bins, jobs).await?);
-    if bins.pgcopydb.is_some() {
-        eprintln!("   pgcopydb");
-        if let Some(r) = run_pgcopydb(&src, ds, dest, bins, jobs).await? {
-            out.push(r);
+    let mut all: Vec<Vec<MethodResult>> = Vec::new();
+    for round in 0..rounds.max(1) {
+        let mut methods: Vec<&str> =
+            vec!["dump", "embedded", "pgcopydb", "agents", "pipe", "noverify"];
+        if round % 2 == 1 {
+            methods.reverse();
         }
+        let mut results = Vec::new();
+        for m in methods {
+            let r = match m {
+                "dump" => Some(run_dump_restore(&src, ds, dest, bins, jobs).await?),
+                "embedded" => Some(run_pgzm_embedded(&src, ds, dest, bins, jobs).await?),
+                "pgcopydb" => run_pgcopydb(&src, ds, dest, bins, jobs).await?,
+                "agents" => Some(run_pgzm_agents(&src, ds, dest, bins, jobs).await?),
+                "pipe" if ds.name.starts_with("large") => {
+                    Some(run_copy_pipe(&src, dest, bins).await?)
+                }
+                "noverify" if !ds.name.starts_with("many") => {
+                    Some(run_pgzm_embedded_with(&src, ds, dest, bins, jobs, false).await?)
+                }
+                _ => None,
+            };
+            if let Some(r) = r {
+                eprintln!("   round {}: {} {:.2} s", round + 1, r.method, r.seconds);
+                results.push(r);
+            }
+        }
+        all.push(results);
     }
-    eprintln!("   pgzm with 2 agents");
-    out.push(run_pgzm_agents(&src, ds, dest, bins, jobs).await?);
-    if ds.name.starts_with("large") {
-        eprintln!("   binary COPY pipe");
-        out.push(run_copy_pipe(&src, dest, bins).await?);
+    // In the first round's order.
+    let order: Vec<String> = all[0].iter().map(|r| r.method.clone()).collect();
+    Ok(order
+        .iter()
+        .map(|method| {
+            median(
+                all.iter()
+                    .flatten()
+                    .filter(|r| &r.method == method)
+                    .cloned()
+                    .collect(),
+            )
+        })
+        .collect())
+}
+
+/// The field-by-field median of one method's rounds.
+pub fn median(runs: Vec<MethodResult>) -> MethodResult {
+    fn mid(mut v: Vec<f64>) -> Option<f64> {
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        Some(v[v.len() / 2])
     }
-    if !ds.name.starts_with("many") {
-        eprintln!("   pgzm embedded, --no-verify");
-        out.push(run_pgzm_embedded_with(&src, ds, dest, bins, jobs, false).await?);
+    let pick = |f: &dyn Fn(&MethodResult) -> Option<f64>| mid(runs.iter().filter_map(f).collect());
+    let first = runs[0].clone();
+    MethodResult {
+        method: first.method.clone(),
+        seconds: pick(&|r| Some(r.seconds)).unwrap_or(first.seconds),
+        copy_seconds: pick(&|r| r.copy_seconds),
+        bytes: first.bytes,
+        peak_rss_mib: runs.iter().map(|r| r.peak_rss_mib).fold(0.0, f64::max),
+        lock_held_ms: pick(&|r| r.lock_held_ms),
+        copy_phase_seconds: pick(&|r| r.copy_phase_seconds),
+        eta_error: match (
+            mid(runs
+                .iter()
+                .filter_map(|r| r.eta_error.map(|e| e.0))
+                .collect()),
+            mid(runs
+                .iter()
+                .filter_map(|r| r.eta_error.map(|e| e.1))
+                .collect()),
+        ) {
+            (Some(w), Some(m)) => Some((w, m)),
+            _ => None,
+        },
     }
-    Ok(out)
 }

@@ -25,6 +25,9 @@ const STALL: Duration = Duration::from_secs(60);
 /// same transaction, which creates new relation files: not worth it for small tables).
 const FREEZE_MIN_BYTES: i64 = 16 << 20;
 
+/// Agents report a task's progress about every this many bytes (the ETA's resolution).
+const PROGRESS_EVERY_BYTES: u64 = 1 << 20;
+
 /// One table to copy.
 #[derive(Debug, Clone)]
 pub struct CopyJob {
@@ -38,6 +41,8 @@ pub struct CopyJob {
     pub pages: i64,
     /// Estimated bytes (heap + TOAST).
     pub bytes: i64,
+    /// Expected COPY bytes from the source's statistics (0: unknown), for the progress.
+    pub copy_bytes: i64,
 }
 
 /// Result of one table's copy.
@@ -86,9 +91,18 @@ struct Task {
     failovers: u32,
 }
 
-/// A task's share of its table's estimated bytes (a range's share is its share of the pages).
+/// The progress estimate of a job: its expected COPY bytes, else its heap + TOAST bytes.
+pub fn progress_estimate(job: &CopyJob) -> u64 {
+    if job.copy_bytes > 0 {
+        job.copy_bytes as u64
+    } else {
+        job.bytes.max(0) as u64
+    }
+}
+
+/// A task's share of its table's progress estimate (a range's share is its share of the pages).
 fn estimate(task: &Task, job: &CopyJob) -> u64 {
-    let bytes = job.bytes.max(0) as u64;
+    let bytes = progress_estimate(job);
     match task.range {
         Some(r) if job.pages > 0 => {
             let pages = job.pages as u64;
@@ -198,6 +212,8 @@ where
         remaining.insert(i, parts.len());
         tasks.extend(parts);
     }
+    // The progress total is the sum of the tasks' own estimates, so that it is reached exactly.
+    crate::progress::enable(tasks.iter().map(|t| estimate(t, &jobs[t.job])).sum());
     let queue = Arc::new(Mutex::new(Queue {
         tasks: tasks.into(),
         in_flight: 0,
@@ -271,6 +287,7 @@ where
         }
     }
     // Every copy has ended: the builds still running finish (or, after a failure, stop).
+    crate::progress::disable();
     let failed = queue
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -615,7 +632,7 @@ impl Worker {
                 name: job.shadow.clone(),
             }),
             columns: job.columns.clone(),
-            progress_every_bytes: 0,
+            progress_every_bytes: PROGRESS_EVERY_BYTES,
             range: task.range,
             task_key: task.key.clone(),
             migration_id: self.ctx.migration_id,
@@ -690,6 +707,7 @@ mod tests {
             columns: vec!["a".into()],
             pages,
             bytes,
+            copy_bytes: 0,
         }
     }
 

@@ -80,6 +80,9 @@ pub struct TablePlan {
     /// Heap pages in the source (estimate).
     #[serde(default)]
     pub pages: i64,
+    /// Expected binary COPY bytes from the source's statistics (0: unknown).
+    #[serde(default)]
+    pub estimated_copy_bytes: i64,
 }
 
 /// A view created in the swap transaction.
@@ -445,6 +448,7 @@ fn table_plan(t: &Table, dest: &Destination) -> TablePlan {
         copy_columns: t.copy_columns(),
         estimated_rows: t.estimated_rows,
         estimated_bytes: t.estimated_bytes,
+        estimated_copy_bytes: t.estimated_copy_bytes,
         pages: t.pages,
     }
 }

@@ -303,6 +303,7 @@ async fn fill(
             columns: t.copy_columns.clone(),
             pages: t.pages,
             bytes: t.estimated_bytes,
+            copy_bytes: t.estimated_copy_bytes,
         })
         .collect();
     let pool = Arc::new(pool);
@@ -319,7 +320,6 @@ async fn fill(
         build::BuildSessions::new(opts.destination.clone(), opts.build.clone())
             .with_parallel_statements(opts.jobs),
     );
-    crate::progress::enable(jobs.iter().map(|j| j.bytes.max(0) as u64).sum());
     let copied: copy::Copied = phases
         .run("copy", {
             let (schema, plan_arc, renames) = (

@@ -292,11 +292,20 @@ pub fn task_reset(key: &str) {
     }
 }
 
-/// Stops tracking; removes the bars.
+/// Stops tracking (the copies have ended); removes the bars.
 pub fn disable() {
     if let Some(s) = state().lock().unwrap_or_else(|p| p.into_inner()).take() {
         if let Some(l) = s.logger {
             l.abort();
+            let snap = s.tracker.snapshot();
+            tracing::info!(
+                target: "pgzm::progress",
+                elapsed_ms = snap.elapsed.as_millis() as u64,
+                copied_bytes = snap.copied_bytes,
+                "copy progress: copies ended after {:.1} s, {} copied",
+                snap.elapsed.as_secs_f64(),
+                HumanBytes(snap.copied_bytes)
+            );
         }
         if let Some(b) = s.bars {
             for bar in b.tables.values() {

@@ -316,8 +316,8 @@ async fn sigkill_mid_copy_then_rerun_succeeds() {
 }
 
 /// Without a terminal, `--progress-every` logs the copy's progress (JSON with
-/// `--log-format json`): percent never going back, an ETA, then "all data landed"; the `--json`
-/// report carries every table's digest and the data time.
+/// `--log-format json`): percent never going back, an ETA, then a line when the copies have
+/// ended; the `--json` report carries every table's digest and the data time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_lines_and_verification_in_the_report() {
     let (src_cluster, dst_cluster) = pgzm_tests::PgCluster::shared_pair();
@@ -367,11 +367,15 @@ async fn progress_lines_and_verification_in_the_report() {
                 .is_some_and(|m| m.starts_with("copy progress"))
         })
         .collect();
-    assert!(!lines.is_empty(), "no progress lines in: {stderr}");
-    let percents: Vec<f64> = lines
-        .iter()
-        .map(|v| v["percent"].as_f64().expect("percent field"))
-        .collect();
+    assert!(
+        lines
+            .last()
+            .and_then(|v| v["message"].as_str())
+            .is_some_and(|m| m.contains("copies ended")),
+        "the last progress line says the copies ended: {lines:?}"
+    );
+    let percents: Vec<f64> = lines.iter().filter_map(|v| v["percent"].as_f64()).collect();
+    assert!(!percents.is_empty(), "no progress lines in: {stderr}");
     assert!(
         percents.windows(2).all(|w| w[0] <= w[1]),
         "progress went back: {percents:?}"

@@ -77,6 +77,9 @@ pub struct Table {
     pub estimated_bytes: i64,
     /// Heap pages (`relpages`), for splitting the copy into page ranges.
     pub pages: i64,
+    /// Expected binary COPY bytes from the column statistics (0 without statistics): the
+    /// progress estimate.
+    pub estimated_copy_bytes: i64,
 }
 
 impl Table {
