@@ -12,6 +12,7 @@ pub mod copy;
 pub mod digest;
 pub mod endpoint;
 pub mod error;
+pub mod metrics;
 pub mod peer;
 pub mod pg;
 pub mod pool;

@@ -243,15 +243,37 @@ impl Agent for AgentService {
                 });
                 // When the coordinator goes away the copy is abandoned: dropping it closes both
                 // connections, and the destination rolls the task's transaction back.
+                let started = std::time::Instant::now();
                 let result = tokio::select! {
                     result = work => result,
                     () = tx.closed() => return,
                 };
-                if let Ok(o) = &result {
-                    tracing::Span::current()
-                        // As i64: tracing-opentelemetry exports u64 fields as strings.
-                        .record("rows", i64::try_from(o.rows_written).unwrap_or(i64::MAX))
-                        .record("bytes", i64::try_from(o.bytes).unwrap_or(i64::MAX));
+                let metrics = crate::metrics::get();
+                let attrs = [opentelemetry::KeyValue::new(
+                    "table",
+                    spec.destination_table.to_string(),
+                )];
+                match &result {
+                    Ok(o) => {
+                        tracing::Span::current()
+                            // As i64: tracing-opentelemetry exports u64 fields as strings.
+                            .record("rows", i64::try_from(o.rows_written).unwrap_or(i64::MAX))
+                            .record("bytes", i64::try_from(o.bytes).unwrap_or(i64::MAX));
+                        if !o.already_done {
+                            metrics.rows.add(o.rows_written, &attrs);
+                            metrics.bytes.add(o.bytes, &attrs);
+                            metrics
+                                .task_duration
+                                .record(started.elapsed().as_secs_f64(), &attrs);
+                        }
+                    }
+                    Err(e) => metrics.failures.add(
+                        1,
+                        &[
+                            attrs[0].clone(),
+                            opentelemetry::KeyValue::new("retryable", e.is_retryable()),
+                        ],
+                    ),
                 }
                 let message = match result {
                     Ok(outcome) => Ok(proto::CopyEvent {
@@ -331,11 +353,13 @@ impl Agent for AgentService {
                 };
                 futures_util::pin_mut!(out);
                 let mut counter = RowCounter::new(req.verify);
+                let mut exported = 0u64;
                 let mut buf = BytesMut::with_capacity(EXPORT_CHUNK_BYTES * 2);
                 while let Some(item) = out.next().await {
                     match item {
                         Ok(bytes) => {
                             counter.message(&bytes);
+                            exported += bytes.len() as u64;
                             buf.extend_from_slice(&bytes);
                             if buf.len() >= EXPORT_CHUNK_BYTES {
                                 let data: Bytes = buf.split().freeze();
@@ -372,6 +396,10 @@ impl Agent for AgentService {
                 }
                 // Read to the end without error: still in the snapshot's transaction, reusable.
                 pool.put(source_key, client);
+                crate::metrics::get().exported_bytes.add(
+                    exported,
+                    &[opentelemetry::KeyValue::new("table", table.to_string())],
+                );
                 tracing::Span::current()
                     .record("rows", i64::try_from(counter.rows()).unwrap_or(i64::MAX));
                 if let Some(d) = counter.digest() {

@@ -85,6 +85,13 @@ pub fn swap_sql(plan: &Plan, lock_timeout: Duration) -> String {
             quote_ident(&m.to)
         ));
     }
+    // The migration is recorded as swapped in the same transaction (so only if the swap
+    // commits), but before the locks: it touches only pgzm's own table.
+    push(format!(
+        "UPDATE pgzm.migrations SET status = 'swapped', swapped_at = now(), shadow_present = false, backup_present = {} WHERE id = {}",
+        !plan.to_backup.is_empty(),
+        plan.migration_id
+    ));
     // Every relation whose name changes or whose constraints are rewritten, sorted: one order
     // for every run, so two swaps can never deadlock on each other.
     let mut lock: BTreeSet<String> = BTreeSet::new();
@@ -184,11 +191,6 @@ pub fn swap_sql(plan: &Plan, lock_timeout: Duration) -> String {
             ));
         }
     }
-    push(format!(
-        "UPDATE pgzm.migrations SET status = 'swapped', swapped_at = now(), shadow_present = false, backup_present = {} WHERE id = {}",
-        !plan.to_backup.is_empty(),
-        plan.migration_id
-    ));
     push("COMMIT".into());
     push("SELECT 'committed', (extract(epoch FROM clock_timestamp()) * 1000000)::int8".into());
     sql

@@ -727,9 +727,14 @@ fn assert_one_trace(
 
 /// The copy metrics of `service`: the last value of `pgzm.copy.rows` per table.
 fn copied_rows(c: &Collected, service: &str) -> BTreeMap<String, i64> {
+    rows_metric(c, service, "pgzm.copy.rows")
+}
+
+/// The last value of the row counter `metric` of `service`, per table.
+fn rows_metric(c: &Collected, service: &str, metric: &str) -> BTreeMap<String, i64> {
     c.points
         .iter()
-        .filter(|p| p.service == service && p.metric == "pgzm.copy.rows")
+        .filter(|p| p.service == service && p.metric == metric)
         .map(|p| {
             let table = p
                 .attributes
@@ -790,11 +795,18 @@ async fn grpc_export_joins_coordinator_and_agent_in_one_trace() {
         })
         .await;
     let agent_url = agent.url.clone();
+    // Stopping the agent flushes its metrics.
     agent.stop().await;
     receiver
-        .wait_for("the coordinator's spans and metrics", |c| {
-            has_root(c, "otlp-grpc-coordinator") && has_copy_rows(c, "otlp-grpc-coordinator")
-        })
+        .wait_for(
+            "the coordinator's spans and metrics, the agent's metrics",
+            |c| {
+                has_root(c, "otlp-grpc-coordinator")
+                    && has_copy_rows(c, "otlp-grpc-coordinator")
+                    && rows_metric(c, "otlp-grpc-agent", "pgzm_agent.task.rows").len()
+                        == TABLES.len()
+            },
+        )
         .await;
     let c = receiver.lock();
     assert_one_trace(
@@ -811,6 +823,13 @@ async fn grpc_export_joins_coordinator_and_agent_in_one_trace() {
         "{}",
         c.summary()
     );
+    // The agent counts what it wrote, under the shadow tables' names.
+    let agent_rows: BTreeMap<String, i64> =
+        rows_metric(&c, "otlp-grpc-agent", "pgzm_agent.task.rows")
+            .into_iter()
+            .map(|(t, n)| (t.trim_start_matches("public.shadow_").to_string(), n))
+            .collect();
+    assert_eq!(agent_rows, expected, "{}", c.summary());
     let metrics: BTreeSet<&str> = c.points.iter().map(|p| p.metric.as_str()).collect();
     for m in [
         "pgzm.copy.rows",
