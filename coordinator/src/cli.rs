@@ -355,16 +355,13 @@ impl PrepareArgs {
                 "source and destination are the same database ({destination}): pass two different databases"
             )));
         }
+        let defaults = StartOptions::new(source, destination);
         let jobs = match self.jobs {
             Some(0) => return Err(CoordinatorError::Usage("--jobs must be at least 1".into())),
             Some(n) => n,
-            None => std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
+            None => defaults.jobs,
         };
         Ok(StartOptions {
-            source,
-            destination,
             jobs,
             dry_run: self.dry_run,
             swap: self.locks.settings()?,
@@ -376,6 +373,7 @@ impl PrepareArgs {
             force: self.force,
             range_bytes: self.range_size_mb.max(1) << 20,
             verify: !self.no_verify,
+            ..defaults
         })
     }
 }

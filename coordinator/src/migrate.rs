@@ -45,6 +45,28 @@ pub struct StartOptions {
     pub verify: bool,
 }
 
+impl StartOptions {
+    /// The options `pgzm start` uses when only the two databases are given: as many jobs as
+    /// CPUs, the default lock behaviour, 2 retries, 256 MB ranges, verification on.
+    pub fn new(source: DbUrl, destination: DbUrl) -> StartOptions {
+        StartOptions {
+            source,
+            destination,
+            jobs: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            dry_run: false,
+            swap: SwapSettings::default(),
+            copy_retries: 2,
+            build: BuildSettings::default(),
+            preserved: Vec::new(),
+            force: false,
+            range_bytes: DEFAULT_RANGE_BYTES,
+            verify: true,
+        }
+    }
+}
+
 /// Default size of a copy task's page range: 256 MB.
 pub const DEFAULT_RANGE_BYTES: i64 = 256 << 20;
 

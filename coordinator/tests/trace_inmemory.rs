@@ -15,7 +15,6 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData, SpanExporter};
 use pgzm_agent::telemetry;
 use pgzm_coordinator::agents::AgentPool;
-use pgzm_coordinator::build::BuildSettings;
 use pgzm_coordinator::conninfo::DbUrl;
 use pgzm_coordinator::migrate::{self, StartOptions};
 use pgzm_coordinator::swap::SwapSettings;
@@ -102,20 +101,16 @@ async fn a_migration_is_one_trace_with_phase_table_and_agent_spans() {
             .expect("data");
     }
     let opts = StartOptions {
-        source: DbUrl::parse(&source.url(), "source").expect("source url"),
-        destination: DbUrl::parse(&dest.url(), "destination").expect("dest url"),
         jobs: 2,
-        dry_run: false,
         swap: SwapSettings {
             lock_timeout: Duration::from_millis(50),
             total_timeout: Duration::from_secs(10),
         },
         copy_retries: 1,
-        build: BuildSettings::default(),
-        preserved: Vec::new(),
-        force: false,
-        range_bytes: migrate::DEFAULT_RANGE_BYTES,
-        verify: true,
+        ..StartOptions::new(
+            DbUrl::parse(&source.url(), "source").expect("source url"),
+            DbUrl::parse(&dest.url(), "destination").expect("dest url"),
+        )
     };
 
     let root = tracing::info_span!("migration_under_test");

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use pgzm_agent::peer::PeerConnector;
 use pgzm_coordinator::agents::{AgentPool, AgentSettings};
-use pgzm_coordinator::build::BuildSettings;
 use pgzm_coordinator::conninfo::DbUrl;
 use pgzm_coordinator::migrate::StartOptions;
 use pgzm_coordinator::swap::SwapSettings;
@@ -251,20 +250,16 @@ pub const SMALL_RANGES: i64 = 128 << 10;
 /// The coordinator's options for `source`/`dest` URLs (what `pgzm start` builds from its flags).
 pub fn options_for(source: &str, dest: &str) -> StartOptions {
     StartOptions {
-        source: DbUrl::parse(source, "source").expect("source url"),
-        destination: DbUrl::parse(dest, "destination").expect("dest url"),
         jobs: 2,
-        dry_run: false,
         swap: SwapSettings {
             lock_timeout: Duration::from_millis(50),
             total_timeout: Duration::from_secs(10),
         },
         copy_retries: 1,
-        build: BuildSettings::default(),
-        preserved: Vec::new(),
-        force: false,
-        range_bytes: pgzm_coordinator::migrate::DEFAULT_RANGE_BYTES,
-        verify: true,
+        ..StartOptions::new(
+            DbUrl::parse(source, "source").expect("source url"),
+            DbUrl::parse(dest, "destination").expect("dest url"),
+        )
     }
 }
 

@@ -7,7 +7,6 @@
 use std::time::Duration;
 
 use pgzm_coordinator::agents::AgentPool;
-use pgzm_coordinator::build::BuildSettings;
 use pgzm_coordinator::conninfo::DbUrl;
 use pgzm_coordinator::migrate::{self, Report, StartOptions};
 use pgzm_coordinator::swap::SwapSettings;
@@ -45,20 +44,16 @@ pub async fn fixture_pair(label: &str, fixture: &str) -> Pair {
 /// Default options for tests: 2 jobs, short swap timeout.
 pub fn options(p: &Pair) -> StartOptions {
     StartOptions {
-        source: DbUrl::parse(&p.source.url(), "source").expect("source url"),
-        destination: DbUrl::parse(&p.dest.url(), "destination").expect("dest url"),
         jobs: 2,
-        dry_run: false,
         swap: SwapSettings {
             lock_timeout: Duration::from_millis(50),
             total_timeout: Duration::from_secs(10),
         },
         copy_retries: 1,
-        build: BuildSettings::default(),
-        preserved: Vec::new(),
-        force: false,
-        range_bytes: pgzm_coordinator::migrate::DEFAULT_RANGE_BYTES,
-        verify: true,
+        ..StartOptions::new(
+            DbUrl::parse(&p.source.url(), "source").expect("source url"),
+            DbUrl::parse(&p.dest.url(), "destination").expect("dest url"),
+        )
     }
 }
 
