@@ -163,30 +163,15 @@ impl StreamDigester {
                         self.malformed = Some("negative field count");
                         break;
                     }
-                    if tuple_start.is_none() {
-                        // The count was cut by the chunk boundary: the tuple is hashed
-                        // incrementally, from its first byte.
-                        self.partial
-                            .get_or_insert_with(|| Box::new(Xxh3::new()))
-                            .update(&bytes);
-                    }
-                    self.state = if n == 0 {
-                        self.finish_tuple(chunk, tuple_start, pos);
-                        tuple_start = None;
-                        State::FieldCount
-                    } else {
-                        State::FieldLength { fields: n as u16 }
-                    };
+                    // A count cut by the chunk boundary starts the incremental hash.
+                    self.carry(tuple_start, &bytes);
+                    self.next_field(chunk, &mut tuple_start, pos, n as u16);
                 }
                 State::FieldLength { fields } => {
                     let Some(bytes) = self.fixed::<4>(chunk, &mut pos) else {
                         continue;
                     };
-                    if tuple_start.is_none() {
-                        if let Some(h) = self.partial.as_mut() {
-                            h.update(&bytes);
-                        }
-                    }
+                    self.carry(tuple_start, &bytes);
                     let len = i32::from_be_bytes(bytes);
                     let fields = fields - 1;
                     if len < -1 {
@@ -198,31 +183,19 @@ impl StreamDigester {
                             left: len as u32,
                             fields,
                         };
-                    } else if fields == 0 {
-                        self.finish_tuple(chunk, tuple_start, pos);
-                        tuple_start = None;
-                        self.state = State::FieldCount;
                     } else {
-                        self.state = State::FieldLength { fields };
+                        self.next_field(chunk, &mut tuple_start, pos, fields);
                     }
                 }
                 State::FieldData { left, fields } => {
                     let take = (left as usize).min(chunk.len() - pos);
-                    if tuple_start.is_none() {
-                        if let Some(h) = self.partial.as_mut() {
-                            h.update(&chunk[pos..pos + take]);
-                        }
-                    }
+                    self.carry(tuple_start, &chunk[pos..pos + take]);
                     pos += take;
                     let left = left - take as u32;
                     if left > 0 {
                         self.state = State::FieldData { left, fields };
-                    } else if fields == 0 {
-                        self.finish_tuple(chunk, tuple_start, pos);
-                        tuple_start = None;
-                        self.state = State::FieldCount;
                     } else {
-                        self.state = State::FieldLength { fields };
+                        self.next_field(chunk, &mut tuple_start, pos, fields);
                     }
                 }
                 State::Done => {
@@ -237,6 +210,35 @@ impl StreamDigester {
             let mut h = Box::new(Xxh3::new());
             h.update(&chunk[start..chunk.len() - self.small.len()]);
             self.partial = Some(h);
+        }
+    }
+
+    /// Bytes of the current tuple when it began in an earlier chunk (`tuple_start` is `None`):
+    /// they go to its incremental hash. (A tuple that began in this chunk is hashed whole.)
+    fn carry(&mut self, tuple_start: Option<usize>, bytes: &[u8]) {
+        if tuple_start.is_none() {
+            self.partial
+                .get_or_insert_with(|| Box::new(Xxh3::new()))
+                .update(bytes);
+        }
+    }
+
+    /// After a field (or a tuple's field count): the next field's length, or, with no field
+    /// left, the end of the tuple.
+    fn next_field(
+        &mut self,
+        chunk: &[u8],
+        tuple_start: &mut Option<usize>,
+        pos: usize,
+        fields_left: u16,
+    ) {
+        if fields_left == 0 {
+            self.finish_tuple(chunk, tuple_start.take(), pos);
+            self.state = State::FieldCount;
+        } else {
+            self.state = State::FieldLength {
+                fields: fields_left,
+            };
         }
     }
 

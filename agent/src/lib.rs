@@ -23,6 +23,14 @@ pub mod tls;
 
 pub use error::AgentError;
 
+/// The async runtime of `pgzm` and `pgzm-agent`, with [`runtime_threads`] worker threads.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(runtime_threads())
+        .enable_all()
+        .build()
+}
+
 /// Worker threads of the async runtime of `pgzm` and `pgzm-agent`: `$TOKIO_WORKER_THREADS` when
 /// set, else half the CPUs (at least one). The work of both binaries is moving bytes between
 /// sockets; the CPUs are better left to the PostgreSQL backends on either side (on 2 cores a

@@ -191,11 +191,7 @@ fn main() -> ExitCode {
         1 => "pgzm_agent=debug,info",
         _ => "trace",
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(pgzm_agent::runtime_threads())
-        .enable_all()
-        .build()
-    {
+    let runtime = match pgzm_agent::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pgzm-agent: error: start the async runtime: {e}");

@@ -214,22 +214,12 @@ pub async fn pgzm_embedded(
     jobs: usize,
 ) -> anyhow::Result<MethodResult> {
     let src = load_source(ds, source).await?;
-    run_pgzm_embedded(&src, ds, dest, bins, jobs).await
-}
-
-async fn run_pgzm_embedded(
-    src: &str,
-    ds: &Dataset,
-    dest: &PgCluster,
-    bins: &Binaries,
-    jobs: usize,
-) -> anyhow::Result<MethodResult> {
-    run_pgzm_embedded_with(src, ds, dest, bins, jobs, true).await
+    run_pgzm_embedded(&src, ds, dest, bins, jobs, true).await
 }
 
 /// pgzm embedded; `verify: false` adds `--no-verify` (to measure what verification costs).
 /// Progress is logged as JSON every 50 ms, for the ETA's accuracy.
-async fn run_pgzm_embedded_with(
+async fn run_pgzm_embedded(
     src: &str,
     ds: &Dataset,
     dest: &PgCluster,
@@ -495,14 +485,14 @@ pub async fn compare(
         for m in methods {
             let r = match m {
                 "dump" => Some(run_dump_restore(&src, ds, dest, bins, jobs).await?),
-                "embedded" => Some(run_pgzm_embedded(&src, ds, dest, bins, jobs).await?),
+                "embedded" => Some(run_pgzm_embedded(&src, ds, dest, bins, jobs, true).await?),
                 "pgcopydb" => run_pgcopydb(&src, ds, dest, bins, jobs).await?,
                 "agents" => Some(run_pgzm_agents(&src, ds, dest, bins, jobs).await?),
                 "pipe" if ds.name.starts_with("large") => {
                     Some(run_copy_pipe(&src, dest, bins).await?)
                 }
                 "noverify" if !ds.name.starts_with("many") => {
-                    Some(run_pgzm_embedded_with(&src, ds, dest, bins, jobs, false).await?)
+                    Some(run_pgzm_embedded(&src, ds, dest, bins, jobs, false).await?)
                 }
                 _ => None,
             };

@@ -193,7 +193,7 @@ pub struct PrepareArgs {
     /// Replace a migration that is prepared and waiting for its swap.
     #[arg(long)]
     pub force: bool,
-    /// Tables copied and indexed at once (default: number of CPUs).
+    /// Copy tasks at once, and as many index builds beside them (default: number of CPUs).
     #[arg(long, short = 'j')]
     pub jobs: Option<usize>,
     /// Print the final report as one JSON document on stdout.

@@ -178,6 +178,12 @@ pub struct Copied {
     pub data_time: Duration,
 }
 
+/// The queue, also after a panic of another holder (its state is still consistent: every
+/// change is a single assignment).
+fn lock(queue: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
+    queue.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 enum Outcome {
     Done(proto::CopyDone),
     /// The task failed; retry when `retry`.
@@ -270,17 +276,13 @@ where
     drop(build_tx);
     while let Some(joined) = set.join_next().await {
         if let Err(e) = joined {
-            let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
+            let mut q = lock(&queue);
             q.failed.get_or_insert(CoordinatorError::Copy {
                 table: "?".into(),
                 message: format!("copy worker failed: {e}"),
             });
         }
-        let failed = queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .failed
-            .is_some();
+        let failed = lock(&queue).failed.is_some();
         if failed {
             set.abort_all();
             notify.notify_waiters();
@@ -288,24 +290,20 @@ where
     }
     // Every copy has ended: the builds still running finish (or, after a failure, stop).
     crate::progress::disable();
-    let failed = queue
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .failed
-        .is_some();
+    let failed = lock(&queue).failed.is_some();
     if failed {
         builder.abort();
     }
     if let Err(e) = builder.await {
         if !e.is_cancelled() {
-            let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
+            let mut q = lock(&queue);
             q.failed.get_or_insert(CoordinatorError::Copy {
                 table: "?".into(),
                 message: format!("index builds failed: {e}"),
             });
         }
     }
-    let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
+    let mut q = lock(&queue);
     if let Some(err) = q.failed.take() {
         return Err(err);
     }
@@ -342,11 +340,7 @@ async fn run_builds<F, Fut>(
 {
     let mut running = JoinSet::new();
     let fail = |err: CoordinatorError| {
-        queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .failed
-            .get_or_insert(err);
+        lock(&queue).failed.get_or_insert(err);
         notify.notify_waiters();
     };
     let settle = |res: Result<Result<(), CoordinatorError>, tokio::task::JoinError>| match res {
@@ -369,7 +363,7 @@ async fn run_builds<F, Fut>(
             Some(res) = running.join_next(), if !running.is_empty() => settle(res),
             next = finished.recv() => match next {
                 Some((job, stats)) => {
-                    let stopped = queue.lock().unwrap_or_else(|p| p.into_inner()).failed.is_some();
+                    let stopped = lock(&queue).failed.is_some();
                     if !stopped {
                         running.spawn(on_done(job, stats).in_current_span());
                     }
@@ -399,7 +393,7 @@ struct Worker {
 
 impl Worker {
     fn take(&self) -> Option<Option<Task>> {
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = lock(&self.queue);
         if q.failed.is_some() {
             return None;
         }
@@ -414,7 +408,7 @@ impl Worker {
     }
 
     fn fail(&self, err: CoordinatorError) {
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = lock(&self.queue);
         q.failed.get_or_insert(err);
         q.in_flight = q.in_flight.saturating_sub(1);
         drop(q);
@@ -422,7 +416,7 @@ impl Worker {
     }
 
     fn requeue(&self, task: Task) {
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = lock(&self.queue);
         q.tasks.push_front(task);
         q.in_flight = q.in_flight.saturating_sub(1);
         drop(q);
@@ -478,7 +472,7 @@ impl Worker {
                     info!(table = %job.table, agent = %self.agent.label, rows = done.rows_written, bytes = done.bytes,
                           ms = started.elapsed().as_millis() as u64, already_done = done.already_done, "copy task done");
                     let finished = {
-                        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut q = lock(&self.queue);
                         let s = q.stats.entry(task.job).or_default();
                         s.rows += done.rows_written;
                         s.bytes += done.bytes;
@@ -516,7 +510,7 @@ impl Worker {
                         let _ = self.builds.send((job.clone(), stats));
                     }
                     {
-                        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut q = lock(&self.queue);
                         q.in_flight = q.in_flight.saturating_sub(1);
                     }
                     self.notify.notify_waiters();
@@ -583,7 +577,7 @@ impl Worker {
             // instead of at its next probe.
             let changed = self.notify.notified();
             {
-                let q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                let q = lock(&self.queue);
                 if q.failed.is_some() || (q.tasks.is_empty() && q.in_flight == 0) {
                     return false;
                 }

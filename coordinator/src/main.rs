@@ -155,11 +155,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(pgzm_agent::runtime_threads())
-        .enable_all()
-        .build()
-    {
+    let runtime = match pgzm_agent::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pgzm: error: start the async runtime: {e}");
