@@ -30,8 +30,9 @@ impl Default for BuildSettings {
     }
 }
 
-/// Tables smaller than this are built in one round trip; larger ones statement by statement
-/// (each index build is long enough that its own log line and error context are worth it).
+/// Tables smaller than this are built in one round trip; larger ones with
+/// [`BuildSessions::run_table`]: their index builds at once, each statement on its own (long
+/// enough that its own log line and error context are worth a round trip).
 pub const BATCH_BELOW_BYTES: i64 = 8 << 20;
 
 /// The statements that finish one shadow table (everything but foreign keys), in three groups
