@@ -245,88 +245,44 @@ pub fn client_config(params: &TlsParams) -> Result<Option<Arc<ClientConfig>>, St
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup: {e}"))?;
-    let verifier: Arc<dyn ServerCertVerifier> = match params.mode {
+    let chain = match params.mode {
         Mode::Disable => return Ok(None),
-        Mode::Prefer | Mode::Require => Arc::new(NoVerification(provider())),
-        Mode::VerifyCa | Mode::VerifyFull => {
-            let webpki = WebPkiServerVerifier::builder_with_provider(
+        Mode::Prefer | Mode::Require => None,
+        Mode::VerifyCa | Mode::VerifyFull => Some(
+            WebPkiServerVerifier::builder_with_provider(
                 Arc::new(roots(&params.root_cert)?),
                 provider(),
             )
             .build()
-            .map_err(|e| format!("TLS setup: {e}"))?;
-            Arc::new(ChainVerifier {
-                inner: webpki,
-                check_name: params.mode == Mode::VerifyFull,
-            })
-        }
+            .map_err(|e| format!("TLS setup: {e}"))?,
+        ),
+    };
+    let verifier = Verifier {
+        provider: provider(),
+        chain,
+        check_name: params.mode == Mode::VerifyFull,
     };
     Ok(Some(Arc::new(
         builder
             .dangerous()
-            .with_custom_certificate_verifier(verifier)
+            .with_custom_certificate_verifier(Arc::new(verifier))
             .with_no_client_auth(),
     )))
 }
 
-/// `prefer`/`require`: encrypt, accept any certificate (libpq's meaning), still checking the
-/// handshake signatures.
+/// The server certificate check of an `sslmode`. The handshake signatures are always checked,
+/// with the provider's algorithms (the same ones the chain verifier uses).
 #[derive(Debug)]
-struct NoVerification(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, TlsError> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca` (chain only) and `verify-full` (chain and name).
-#[derive(Debug)]
-struct ChainVerifier {
-    inner: Arc<WebPkiServerVerifier>,
+struct Verifier {
+    provider: Arc<CryptoProvider>,
+    /// `None` for `prefer`/`require`: any certificate is accepted (libpq's meaning). The chain
+    /// verifier for `verify-ca` and `verify-full`.
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    /// Whether the host name must match too (`verify-full`).
     check_name: bool,
 }
 
-impl ServerCertVerifier for ChainVerifier {
+impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -335,10 +291,10 @@ impl ServerCertVerifier for ChainVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        match self
-            .inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(TlsError::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) if !self.check_name => Ok(ServerCertVerified::assertion()),
@@ -352,7 +308,12 @@ impl ServerCertVerifier for ChainVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -361,11 +322,18 @@ impl ServerCertVerifier for ChainVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

@@ -4,11 +4,10 @@
 //! exit codes through the CLI.
 
 use std::collections::BTreeMap;
-use std::process::Output;
 
 use pgzm_tests::inspect::{self, TableChecksum};
 use pgzm_tests::{PgCluster, TestDb};
-use support::{pgzm_command, WorkDir};
+use support::{one_json, pgzm_command, WorkDir};
 use tokio::process::Command;
 
 mod support;
@@ -27,21 +26,11 @@ struct Pair {
 
 impl Pair {
     async fn new(label: &str, fixture: &str) -> Pair {
+        let (source, dest) = pgzm_tests::fixture_pair(label, fixture)
+            .await
+            .expect("load the fixture");
+        // The clusters `fixture_pair` creates its databases on.
         let (src_cluster, dst_cluster) = PgCluster::shared_pair();
-        let source = TestDb::create(src_cluster, &format!("{label}_src"))
-            .await
-            .expect("create source db");
-        let dest = TestDb::create(dst_cluster, &format!("{label}_dst"))
-            .await
-            .expect("create dest db");
-        for (db, data) in [(&source, "source_data.sql"), (&dest, "dest_data.sql")] {
-            db.load_fixture(&format!("{fixture}/schema.sql"))
-                .await
-                .expect("schema");
-            db.load_fixture(&format!("{fixture}/{data}"))
-                .await
-                .expect("data");
-        }
         Pair {
             source,
             dest,
@@ -72,25 +61,18 @@ fn pgzm(dir: &WorkDir) -> Command {
 
 /// Runs the command; asserts it succeeded (or failed, per `ok`) and printed no password.
 async fn run(cmd: &mut Command, ok: bool, what: &str) -> (String, String) {
-    let out: Output = cmd.output().await.expect("run pgzm");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(
-        out.status.success(),
-        ok,
-        "{what}: exit status {}\nstdout: {stdout}\nstderr: {stderr}",
-        out.status
-    );
-    assert!(
-        !stdout.contains(SECRET) && !stderr.contains(SECRET),
-        "{what}: the password was printed"
-    );
-    (stdout, stderr)
+    support::run_checked(cmd, ok, what, SECRET).await
 }
 
-fn json(stdout: &str, what: &str) -> serde_json::Value {
-    serde_json::from_str(stdout)
-        .unwrap_or_else(|e| panic!("{what}: not one JSON document ({e}): {stdout}"))
+/// `pgzm list --json --dest dst`, run in `dir`: the backup sets.
+async fn list_json(dir: &WorkDir, dst: &str) -> serde_json::Value {
+    let (stdout, _) = run(
+        pgzm(dir).args(["list", "--json", "--dest", dst]),
+        true,
+        "list",
+    )
+    .await;
+    one_json("list --json", &stdout)
 }
 
 /// Checksums of the live tables (no `backup_`).
@@ -232,11 +214,10 @@ async fn multiple_migrations_then_rollback_and_clear_through_the_cli() {
     let dir = WorkDir::new("tes");
     let (src, dst) = (pair.source_url(), pair.dest_url());
     let preserved = "User,Scenario,BlockgroupOnScenario";
-
-    // 1: `start` with preserved tables, which writes the migration log.
-    let (stdout, _) = run(
-        pgzm(&dir).args([
-            "start",
+    // `start` and `prepare` migrate with the same arguments.
+    let migrate = |command| {
+        [
+            command,
             "--json",
             "--jobs",
             "2",
@@ -246,12 +227,12 @@ async fn multiple_migrations_then_rollback_and_clear_through_the_cli() {
             &dst,
             "--preserved-tables",
             preserved,
-        ]),
-        true,
-        "start",
-    )
-    .await;
-    let report = json(&stdout, "start --json");
+        ]
+    };
+
+    // 1: `start` with preserved tables, which writes the migration log.
+    let (stdout, _) = run(pgzm(&dir).args(migrate("start")), true, "start").await;
+    let report = one_json("start --json", &stdout);
     let first_id = report["migration_id"].as_i64().expect("migration_id");
     assert_eq!(report["plan"]["tables"].as_array().map(Vec::len), Some(15));
     assert_eq!(
@@ -287,35 +268,13 @@ async fn multiple_migrations_then_rollback_and_clear_through_the_cli() {
     assert_eq!(john, "John Doe");
 
     // 2: `prepare` + `swap` again on the same databases.
-    let (stdout, _) = run(
-        pgzm(&dir).args([
-            "prepare",
-            "--json",
-            "--jobs",
-            "2",
-            "--source",
-            &src,
-            "--dest",
-            &dst,
-            "--preserved-tables",
-            preserved,
-        ]),
-        true,
-        "prepare",
-    )
-    .await;
-    let second_id = json(&stdout, "prepare --json")["migration_id"]
+    let (stdout, _) = run(pgzm(&dir).args(migrate("prepare")), true, "prepare").await;
+    let second_id = one_json("prepare --json", &stdout)["migration_id"]
         .as_i64()
         .expect("migration_id");
     assert!(second_id > first_id);
     // Until the swap, the first migration's backup set is the one listed.
-    let (stdout, _) = run(
-        pgzm(&dir).args(["list", "--json", "--dest", &dst]),
-        true,
-        "list",
-    )
-    .await;
-    let sets = json(&stdout, "list --json");
+    let sets = list_json(&dir, &dst).await;
     assert_eq!(sets.as_array().map(Vec::len), Some(1), "{sets}");
     assert_eq!(sets[0]["timestamp"].as_i64(), Some(first_id));
     let (stdout, _) = run(
@@ -325,19 +284,13 @@ async fn multiple_migrations_then_rollback_and_clear_through_the_cli() {
     )
     .await;
     assert_eq!(
-        json(&stdout, "swap --json")["migration_id"].as_i64(),
+        one_json("swap --json", &stdout)["migration_id"].as_i64(),
         Some(second_id)
     );
     assert_eq!(dir.files().len(), 1, "only `start` writes a log file");
 
     // `list`: exactly one backup set, the second migration's.
-    let (stdout, _) = run(
-        pgzm(&dir).args(["list", "--json", "--dest", &dst]),
-        true,
-        "list",
-    )
-    .await;
-    let sets = json(&stdout, "list --json");
+    let sets = list_json(&dir, &dst).await;
     let sets = sets.as_array().expect("an array");
     assert_eq!(sets.len(), 1, "{sets:?}");
     let set = &sets[0];
@@ -356,7 +309,7 @@ async fn multiple_migrations_then_rollback_and_clear_through_the_cli() {
         "verify",
     )
     .await;
-    let v = json(&stdout, "verify --json");
+    let v = one_json("verify --json", &stdout);
     assert_eq!(v["valid"].as_bool(), Some(true), "{v}");
 
     // `rollback --latest`: back to the state after the first migration; nothing listed.
@@ -367,24 +320,15 @@ async fn multiple_migrations_then_rollback_and_clear_through_the_cli() {
     )
     .await;
     assert_eq!(live_sums(&pair.dest).await, after_first);
-    let (stdout, _) = run(
-        pgzm(&dir).args(["list", "--json", "--dest", &dst]),
-        true,
-        "list",
-    )
-    .await;
-    assert_eq!(json(&stdout, "list --json"), serde_json::json!([]));
+    assert_eq!(list_json(&dir, &dst).await, serde_json::json!([]));
     let (stdout, _) = run(pgzm(&dir).args(["list", "--dest", &dst]), true, "list").await;
     assert!(stdout.contains("No backup sets"), "{stdout}");
-    let backups: i64 = c
-        .query_one(
-            "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace \
-             AND left(relname, 7) IN ('backup_', 'shadow_')",
-            &[],
-        )
-        .await
-        .expect("query")
-        .get(0);
+    let backups = support::query_i64(
+        &c,
+        "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace \
+         AND left(relname, 7) IN ('backup_', 'shadow_')",
+    )
+    .await;
     assert_eq!(backups, 0);
     assert!(inspect::fk_orphans(&c).await.expect("orphans").is_empty());
 
@@ -429,7 +373,7 @@ async fn log_file_flags_cleanup_and_verify_exit_codes() {
         "start --no-log-file",
     )
     .await;
-    json(&stdout, "start --json");
+    one_json("start --json", &stdout);
     assert_eq!(dir.files(), Vec::<(String, String)>::new());
 
     // --log-file PATH: written there and only there.
@@ -451,7 +395,7 @@ async fn log_file_flags_cleanup_and_verify_exit_codes() {
         "start --log-file",
     )
     .await;
-    let report = json(&stdout, "start --json");
+    let report = one_json("start --json", &stdout);
     assert_eq!(dir.files(), Vec::<(String, String)>::new());
     let logs = elsewhere.files();
     assert_eq!(logs.len(), 1);
@@ -552,7 +496,7 @@ async fn log_file_flags_cleanup_and_verify_exit_codes() {
     )
     .await;
     assert_eq!(
-        json(&stdout, "cleanup --json")["backup_sets"],
+        one_json("cleanup --json", &stdout)["backup_sets"],
         serde_json::json!([])
     );
     let tomorrow = (std::time::SystemTime::now()
@@ -576,16 +520,13 @@ async fn log_file_flags_cleanup_and_verify_exit_codes() {
     )
     .await;
     assert_eq!(
-        json(&stdout, "cleanup --json")["backup_sets"],
+        one_json("cleanup --json", &stdout)["backup_sets"],
         serde_json::json!([second_id])
     );
-    let (stdout, _) = run(
-        pgzm(&dir).args(["list", "--json", "--dest", &dst]),
-        true,
-        "list",
-    )
-    .await;
-    assert_eq!(json(&stdout, "list").as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        list_json(&dir, &dst).await.as_array().map(Vec::len),
+        Some(1)
+    );
     let (stdout, _) = run(
         pgzm(&dir).args(["cleanup", "--dest", &dst, "--before", &tomorrow]),
         true,
@@ -593,21 +534,12 @@ async fn log_file_flags_cleanup_and_verify_exit_codes() {
     )
     .await;
     assert!(stdout.contains("backup_User"), "{stdout}");
-    let (stdout, _) = run(
-        pgzm(&dir).args(["list", "--json", "--dest", &dst]),
-        true,
-        "list",
+    assert_eq!(list_json(&dir, &dst).await, serde_json::json!([]));
+    let left = support::query_i64(
+        &c,
+        "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace \
+         AND left(relname, 7) = 'backup_'",
     )
     .await;
-    assert_eq!(json(&stdout, "list"), serde_json::json!([]));
-    let left: i64 = c
-        .query_one(
-            "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace \
-             AND left(relname, 7) = 'backup_'",
-            &[],
-        )
-        .await
-        .expect("query")
-        .get(0);
     assert_eq!(left, 0);
 }

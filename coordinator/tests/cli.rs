@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use pgzm_tests::inspect::{self, TableChecksum};
 use pgzm_tests::TestDb;
-use support::{pgzm_command, WorkDir};
+use support::{one_json, pgzm_command, simple_pair, text, WorkDir};
 use tokio::process::Command;
 
 mod support;
@@ -27,17 +27,6 @@ fn pgzm(dir: &WorkDir) -> Command {
 
 async fn output(cmd: &mut Command) -> Output {
     cmd.output().await.expect("run pgzm")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// The simple fixture: source data on the source server, "production" data on the other.
-async fn simple_pair(label: &str) -> (TestDb, TestDb) {
-    pgzm_tests::fixture_pair(label, "simple")
-        .await
-        .expect("load the simple fixture")
 }
 
 /// Checksums of the tables in `public`, without the `backup_` set.
@@ -97,12 +86,7 @@ async fn json_report_is_one_document_on_stdout() {
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "pgzm failed: {stderr}");
 
-    let documents: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&stdout)
-        .into_iter()
-        .collect::<Result<_, _>>()
-        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"));
-    assert_eq!(documents.len(), 1, "stdout: {stdout}");
-    let report = &documents[0];
+    let report = one_json("start --json", &stdout);
     assert!(report["migration_id"].as_i64().is_some(), "{report}");
     assert_eq!(report["rows"].as_u64(), Some(6), "{report}");
     assert_eq!(
@@ -207,14 +191,11 @@ async fn environment_fallbacks() {
     }
     // A dry run writes nothing.
     let c = dest.connect().await.expect("connect");
-    let pgzm_schema: i64 = c
-        .query_one(
-            "SELECT count(*) FROM pg_namespace WHERE nspname = 'pgzm'",
-            &[],
-        )
-        .await
-        .expect("query")
-        .get(0);
+    let pgzm_schema = support::query_i64(
+        &c,
+        "SELECT count(*) FROM pg_namespace WHERE nspname = 'pgzm'",
+    )
+    .await;
     assert_eq!(pgzm_schema, 0, "a dry run created the metadata schema");
 }
 

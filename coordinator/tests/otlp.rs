@@ -40,9 +40,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
-use pgzm_tests::TestDb;
 use prost::Message;
-use support::WorkDir;
+use support::{one_json, simple_pair, text, WorkDir};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
@@ -483,23 +482,13 @@ fn environment(cmd: &mut Command, otel: &Otel, service: &str) {
             cmd.env_remove(name.as_ref());
         }
     }
-    for var in [
-        "SOURCE_DATABASE_URL",
-        "DEST_DATABASE_URL",
-        "DATABASE_URL",
-        "PRESERVED_TABLES",
-        "PGZM_LOG",
-        "PGZM_AGENT_TOKEN",
-    ] {
-        cmd.env_remove(var);
-    }
+    support::clean_environment(cmd);
     cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", &otel.endpoint)
         .env("OTEL_SERVICE_NAME", service)
         .env("OTEL_BSP_SCHEDULE_DELAY", otel.batch_delay_ms.to_string());
     if let Some(p) = otel.protocol {
         cmd.env("OTEL_EXPORTER_OTLP_PROTOCOL", p);
     }
-    cmd.stdin(Stdio::null()).kill_on_drop(true);
 }
 
 /// `pgzm` exporting to `otel` as `service`, run in `dir`.
@@ -514,10 +503,6 @@ async fn output(cmd: &mut Command) -> Output {
         .await
         .expect("pgzm finished in time")
         .expect("run pgzm")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// A running `pgzm-agent`.
@@ -583,13 +568,6 @@ impl Agent {
         );
         stderr
     }
-}
-
-/// The simple fixture: source data on the source server, "production" data on the other.
-async fn simple_pair(label: &str) -> (TestDb, TestDb) {
-    pgzm_tests::fixture_pair(label, "simple")
-        .await
-        .expect("load the simple fixture")
 }
 
 /// `url` with the password [`SECRET`] (the test servers trust any password).
@@ -694,7 +672,7 @@ fn assert_one_trace(
         tasks.len(),
         "one task span per table:\n{summary}"
     );
-    let expected: BTreeMap<String, i64> = TABLES.iter().map(|(t, n)| (t.to_string(), *n)).collect();
+    let expected = expected_rows();
     assert_eq!(rows, expected, "rows of the task spans");
 
     // The agent process's task spans: children of the coordinator's task spans.
@@ -723,6 +701,11 @@ fn assert_one_trace(
     }
     assert_eq!(agent_tasks.len(), TABLES.len(), "{summary}");
     assert_eq!(rows, expected, "rows of the agent_task spans");
+}
+
+/// [`TABLES`] as a map.
+fn expected_rows() -> BTreeMap<String, i64> {
+    TABLES.iter().map(|(t, n)| (t.to_string(), *n)).collect()
 }
 
 /// The copy metrics of `service`: the last value of `pgzm.copy.rows` per table.
@@ -765,19 +748,67 @@ fn has_root(c: &Collected, service: &str) -> bool {
 // ---------------------------------------------------------------------------------------------
 // The tests.
 
-/// OTLP/gRPC: one trace across `pgzm start` and a `pgzm-agent` process; metrics arrive.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_export_joins_coordinator_and_agent_in_one_trace() {
+/// How the processes export to the receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// OTLP/gRPC, for both processes.
+    Grpc,
+    /// OTLP http/protobuf: the default protocol for the coordinator, explicit for the agent.
+    Http,
+}
+
+impl Transport {
+    /// Its name, as in [`Span::transport`].
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Grpc => "grpc",
+            Transport::Http => "http",
+        }
+    }
+
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL` of the agent and of `pgzm`.
+    fn protocols(self) -> (Option<&'static str>, Option<&'static str>) {
+        match self {
+            Transport::Grpc => (Some("grpc"), Some("grpc")),
+            Transport::Http => (Some("http/protobuf"), None),
+        }
+    }
+
+    /// Serves `receiver` on this transport; returns the endpoint URL.
+    async fn serve(self, receiver: &Receiver) -> String {
+        match self {
+            Transport::Grpc => receiver.serve_grpc().await,
+            Transport::Http => receiver.serve_http().await,
+        }
+    }
+}
+
+/// `pgzm start` with its copy tasks on a `pgzm-agent` process, both exporting over `transport`
+/// as `otlp-<transport>-coordinator` and `otlp-<transport>-agent`: their spans arrive in one
+/// trace ([`assert_one_trace`]) and the coordinator's copy metrics arrive. Over gRPC it also
+/// waits for the running agent's task spans (exported on its batch schedule) and, after the
+/// agent has stopped, its metrics. Returns the receiver for further checks.
+async fn export_joins_coordinator_and_agent_in_one_trace(transport: Transport) -> Receiver {
+    let t = transport.name();
+    let coordinator = format!("otlp-{t}-coordinator");
+    let agent_service = format!("otlp-{t}-agent");
     let receiver = Receiver::new();
-    let otel = Otel {
-        endpoint: receiver.serve_grpc().await,
-        protocol: Some("grpc"),
+    let endpoint = transport.serve(&receiver).await;
+    let (agent_protocol, pgzm_protocol) = transport.protocols();
+    let (source, dest) = simple_pair(&format!("otlp_{t}")).await;
+    let agent_otel = Otel {
+        endpoint: endpoint.clone(),
+        protocol: agent_protocol,
         batch_delay_ms: 100,
     };
-    let (source, dest) = simple_pair("otlp_grpc").await;
-    let agent = Agent::start(&otel, "otlp-grpc-agent", &[]).await;
-    let dir = WorkDir::new("grpc");
-    let out = output(pgzm(&dir, &otel, "otlp-grpc-coordinator").args([
+    let agent = Agent::start(&agent_otel, &agent_service, &[]).await;
+    let otel = Otel {
+        endpoint,
+        protocol: pgzm_protocol,
+        batch_delay_ms: 100,
+    };
+    let dir = WorkDir::new(t);
+    let out = output(pgzm(&dir, &otel, &coordinator).args([
         "start",
         "--agent",
         &agent.url,
@@ -788,48 +819,51 @@ async fn grpc_export_joins_coordinator_and_agent_in_one_trace() {
     ]))
     .await;
     assert!(out.status.success(), "pgzm failed: {}", text(&out.stderr));
-    // The coordinator flushed at exit; the agent, still running, exports on its batch schedule.
-    receiver
-        .wait_for("the agent's task spans", |c| {
-            all_agent_tasks(c, "otlp-grpc-agent")
-        })
-        .await;
+    if transport == Transport::Grpc {
+        // The coordinator flushed at exit; the agent, still running, exports on its batch
+        // schedule.
+        receiver
+            .wait_for("the agent's task spans", |c| {
+                all_agent_tasks(c, &agent_service)
+            })
+            .await;
+    }
     let agent_url = agent.url.clone();
     // Stopping the agent flushes its metrics.
     agent.stop().await;
     receiver
-        .wait_for(
-            "the coordinator's spans and metrics, the agent's metrics",
-            |c| {
-                has_root(c, "otlp-grpc-coordinator")
-                    && has_copy_rows(c, "otlp-grpc-coordinator")
-                    && rows_metric(c, "otlp-grpc-agent", "pgzm_agent.task.rows").len()
-                        == TABLES.len()
-            },
-        )
+        .wait_for("spans and metrics of both", |c| {
+            all_agent_tasks(c, &agent_service)
+                && has_root(c, &coordinator)
+                && has_copy_rows(c, &coordinator)
+                && (transport != Transport::Grpc
+                    || rows_metric(c, &agent_service, "pgzm_agent.task.rows").len() == TABLES.len())
+        })
         .await;
     let c = receiver.lock();
-    assert_one_trace(
-        &c,
-        "otlp-grpc-coordinator",
-        "otlp-grpc-agent",
-        &agent_url,
-        "grpc",
-    );
-    let expected: BTreeMap<String, i64> = TABLES.iter().map(|(t, n)| (t.to_string(), *n)).collect();
+    assert_one_trace(&c, &coordinator, &agent_service, &agent_url, t);
     assert_eq!(
-        copied_rows(&c, "otlp-grpc-coordinator"),
-        expected,
+        copied_rows(&c, &coordinator),
+        expected_rows(),
         "{}",
         c.summary()
     );
+    drop(c);
+    receiver
+}
+
+/// OTLP/gRPC: one trace across `pgzm start` and a `pgzm-agent` process; metrics arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_export_joins_coordinator_and_agent_in_one_trace() {
+    let receiver = export_joins_coordinator_and_agent_in_one_trace(Transport::Grpc).await;
+    let c = receiver.lock();
     // The agent counts what it wrote, under the shadow tables' names.
     let agent_rows: BTreeMap<String, i64> =
         rows_metric(&c, "otlp-grpc-agent", "pgzm_agent.task.rows")
             .into_iter()
             .map(|(t, n)| (t.trim_start_matches("public.shadow_").to_string(), n))
             .collect();
-    assert_eq!(agent_rows, expected, "{}", c.summary());
+    assert_eq!(agent_rows, expected_rows(), "{}", c.summary());
     let metrics: BTreeSet<&str> = c.points.iter().map(|p| p.metric.as_str()).collect();
     for m in [
         "pgzm.copy.rows",
@@ -845,51 +879,7 @@ async fn grpc_export_joins_coordinator_and_agent_in_one_trace() {
 /// OTLP http/protobuf (the default protocol for the coordinator, explicit for the agent).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_export_joins_coordinator_and_agent_in_one_trace() {
-    let receiver = Receiver::new();
-    let endpoint = receiver.serve_http().await;
-    let (source, dest) = simple_pair("otlp_http").await;
-    let agent_otel = Otel {
-        endpoint: endpoint.clone(),
-        protocol: Some("http/protobuf"),
-        batch_delay_ms: 100,
-    };
-    let agent = Agent::start(&agent_otel, "otlp-http-agent", &[]).await;
-    let otel = Otel {
-        endpoint,
-        protocol: None,
-        batch_delay_ms: 100,
-    };
-    let dir = WorkDir::new("http");
-    let out = output(pgzm(&dir, &otel, "otlp-http-coordinator").args([
-        "start",
-        "--agent",
-        &agent.url,
-        "--source",
-        &source.url(),
-        "--dest",
-        &dest.url(),
-    ]))
-    .await;
-    assert!(out.status.success(), "pgzm failed: {}", text(&out.stderr));
-    let agent_url = agent.url.clone();
-    agent.stop().await;
-    receiver
-        .wait_for("spans and metrics of both", |c| {
-            all_agent_tasks(c, "otlp-http-agent")
-                && has_root(c, "otlp-http-coordinator")
-                && has_copy_rows(c, "otlp-http-coordinator")
-        })
-        .await;
-    let c = receiver.lock();
-    assert_one_trace(
-        &c,
-        "otlp-http-coordinator",
-        "otlp-http-agent",
-        &agent_url,
-        "http",
-    );
-    let expected: BTreeMap<String, i64> = TABLES.iter().map(|(t, n)| (t.to_string(), *n)).collect();
-    assert_eq!(copied_rows(&c, "otlp-http-coordinator"), expected);
+    export_joins_coordinator_and_agent_in_one_trace(Transport::Http).await;
 }
 
 /// A run that fails after its plan phase (the destination already has a table named like a
@@ -1137,14 +1127,6 @@ async fn json_logs_and_reports() {
         }
         levels
     };
-    let report = |what: &str, stdout: &str| -> serde_json::Value {
-        let docs: Vec<serde_json::Value> = serde_json::Deserializer::from_str(stdout)
-            .into_iter()
-            .collect::<Result<_, _>>()
-            .unwrap_or_else(|e| panic!("{what}: stdout is not JSON ({e}): {stdout}"));
-        assert_eq!(docs.len(), 1, "{what}: one document: {stdout}");
-        docs.into_iter().next().expect("document")
-    };
     let phases = |r: &serde_json::Value| -> BTreeMap<String, u64> {
         r["phases"]
             .as_array()
@@ -1174,9 +1156,9 @@ async fn json_logs_and_reports() {
             })
             .collect()
     };
-    let expected_rows: BTreeMap<String, u64> = TABLES
-        .iter()
-        .map(|(t, n)| (t.to_string(), *n as u64))
+    let expected: BTreeMap<String, u64> = expected_rows()
+        .into_iter()
+        .map(|(t, n)| (t, n as u64))
         .collect();
     let rows_of = |t: &BTreeMap<String, (u64, u64)>| -> BTreeMap<String, u64> {
         for (table, (_, bytes)) in t {
@@ -1217,12 +1199,12 @@ async fn json_logs_and_reports() {
         levels.contains("DEBUG") && levels.contains("INFO"),
         "{levels:?}"
     );
-    let r = report("start", &text(&out.stdout));
+    let r = one_json("start", &text(&out.stdout));
     let p = phases(&r);
     for phase in ["plan", "shadow", "copy", "constraints", "swap"] {
         assert!(p.contains_key(phase), "start: phase {phase}: {p:?}");
     }
-    assert_eq!(rows_of(&tables(&r)), expected_rows, "{r}");
+    assert_eq!(rows_of(&tables(&r)), expected, "{r}");
     throughput("start", &r);
     assert!(
         r["swap"]["lock_held_us"].as_i64().is_some_and(|us| us >= 0),
@@ -1232,6 +1214,15 @@ async fn json_logs_and_reports() {
 
     // prepare, then swap
     let (source, dest) = simple_pair("otlp_json_two").await;
+    let dest_url = dest.url();
+    let swap = [
+        "swap",
+        "--log-format",
+        "json",
+        "--json",
+        "--dest",
+        &dest_url,
+    ];
     let out = output(plain(&dir).args([
         "prepare",
         "--log-format",
@@ -1246,30 +1237,22 @@ async fn json_logs_and_reports() {
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "pgzm prepare failed: {stderr}");
     json_lines("prepare", &stderr);
-    let r = report("prepare", &text(&out.stdout));
+    let r = one_json("prepare", &text(&out.stdout));
     let p = phases(&r);
     for phase in ["plan", "shadow", "copy", "constraints"] {
         assert!(p.contains_key(phase), "prepare: phase {phase}: {p:?}");
     }
     assert!(!p.contains_key("swap"), "prepare does not swap: {p:?}");
-    assert_eq!(rows_of(&tables(&r)), expected_rows, "{r}");
+    assert_eq!(rows_of(&tables(&r)), expected, "{r}");
     throughput("prepare", &r);
 
-    let out = output(plain(&dir).args([
-        "swap",
-        "--log-format",
-        "json",
-        "--json",
-        "--dest",
-        &dest.url(),
-    ]))
-    .await;
+    let out = output(plain(&dir).args(swap)).await;
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "pgzm swap failed: {stderr}");
     json_lines("swap", &stderr);
-    let r = report("swap", &text(&out.stdout));
+    let r = one_json("swap", &text(&out.stdout));
     assert!(phases(&r).contains_key("swap"), "{r}");
-    assert_eq!(rows_of(&tables(&r)), expected_rows, "{r}");
+    assert_eq!(rows_of(&tables(&r)), expected, "{r}");
     throughput("swap", &r);
     assert!(
         r["swap"]["lock_held_us"].as_i64().is_some_and(|us| us >= 0),
@@ -1277,15 +1260,7 @@ async fn json_logs_and_reports() {
     );
 
     // A failure is a JSON line too.
-    let out = output(plain(&dir).args([
-        "swap",
-        "--log-format",
-        "json",
-        "--json",
-        "--dest",
-        &dest.url(),
-    ]))
-    .await;
+    let out = output(plain(&dir).args(swap)).await;
     let stderr = text(&out.stderr);
     assert!(!out.status.success(), "nothing left to swap: {stderr}");
     let levels = json_lines("failed swap", &stderr);

@@ -18,7 +18,6 @@ use pgzm_coordinator::agents::AgentPool;
 use pgzm_coordinator::conninfo::DbUrl;
 use pgzm_coordinator::migrate::{self, StartOptions};
 use pgzm_coordinator::swap::SwapSettings;
-use pgzm_tests::{PgCluster, TestDb};
 use tokio::sync::watch;
 use tracing::Instrument;
 use tracing_subscriber::layer::SubscriberExt;
@@ -87,19 +86,9 @@ async fn a_migration_is_one_trace_with_phase_table_and_agent_spans() {
         )))
         .init();
 
-    let (src_cluster, dst_cluster) = PgCluster::shared_pair();
-    let source = TestDb::create(src_cluster, "trace_src")
+    let (source, dest) = pgzm_tests::fixture_pair("trace", "simple")
         .await
-        .expect("create source db");
-    let dest = TestDb::create(dst_cluster, "trace_dst")
-        .await
-        .expect("create dest db");
-    for (db, data) in [(&source, "source_data.sql"), (&dest, "dest_data.sql")] {
-        db.load_fixture("simple/schema.sql").await.expect("schema");
-        db.load_fixture(&format!("simple/{data}"))
-            .await
-            .expect("data");
-    }
+        .expect("load the simple fixture");
     let opts = StartOptions {
         jobs: 2,
         swap: SwapSettings {

@@ -2,11 +2,8 @@
 //! process, then `status` and `swap` in others. Nothing but the destination database carries the
 //! migration's state from one to the next.
 
-use std::process::Output;
-
 use pgzm_tests::inspect;
-use pgzm_tests::{PgCluster, TestDb};
-use tokio::process::Command;
+use tokio_postgres::Client;
 
 mod support;
 
@@ -14,59 +11,29 @@ mod support;
 /// and ignored); it must never be printed.
 const SECRET: &str = "TwoPhaseS3cret";
 
-/// `pgzm` with a clean environment.
-fn pgzm() -> Command {
-    support::pgzm_command(None)
-}
-
 /// Runs `pgzm args…`, checks it succeeded and printed no password; returns (stdout, stderr).
 async fn run_ok(args: &[&str]) -> (String, String) {
-    let out: Output = pgzm().args(args).output().await.expect("run pgzm");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        out.status.success(),
-        "pgzm {} failed ({}): {stderr}",
-        args[0],
-        out.status
-    );
-    assert!(
-        !stdout.contains(SECRET) && !stderr.contains(SECRET),
-        "pgzm {} printed the password:\n{stdout}\n{stderr}",
-        args[0]
-    );
-    (stdout, stderr)
-}
-
-/// The one JSON document of a `--json` run.
-fn json(stdout: &str) -> serde_json::Value {
-    let docs: Vec<serde_json::Value> = serde_json::Deserializer::from_str(stdout)
-        .into_iter()
-        .collect::<Result<_, _>>()
-        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"));
-    assert_eq!(docs.len(), 1, "stdout: {stdout}");
-    docs.into_iter().next().unwrap_or_default()
+    let what = format!("pgzm {}", args[0]);
+    support::run_checked(support::pgzm_command(None).args(args), true, &what, SECRET).await
 }
 
 fn with_password(url: &str) -> String {
     support::with_password(url, SECRET)
 }
 
+/// `id name` of every row of "User", by id.
+async fn user_rows(dst: &Client) -> Vec<String> {
+    dst.query(r#"SELECT id || ' ' || name FROM "User" ORDER BY id"#, &[])
+        .await
+        .expect("users")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepare_then_status_and_swap_in_other_processes() {
-    let (src_cluster, dst_cluster) = PgCluster::shared_pair();
-    let source = TestDb::create(src_cluster, "two_phase_src")
-        .await
-        .expect("create source db");
-    let dest = TestDb::create(dst_cluster, "two_phase_dst")
-        .await
-        .expect("create dest db");
-    for (db, data) in [(&source, "source_data.sql"), (&dest, "dest_data.sql")] {
-        db.load_fixture("simple/schema.sql").await.expect("schema");
-        db.load_fixture(&format!("simple/{data}"))
-            .await
-            .expect("data");
-    }
+    let (source, dest) = support::simple_pair("two_phase").await;
     let (src_url, dst_url) = (with_password(&source.url()), with_password(&dest.url()));
     let dst = dest.connect().await.expect("connect dest");
     let src_sums = inspect::table_checksums(&source.connect().await.expect("connect source"))
@@ -102,7 +69,7 @@ async fn prepare_then_status_and_swap_in_other_processes() {
 
     // Process 2: status.
     let (stdout, _) = run_ok(&["status", "--dest", &dst_url, "--json"]).await;
-    let st = json(&stdout);
+    let st = support::one_json("status --json", &stdout);
     assert_eq!(st["state"], "prepared", "{st}");
     assert_eq!(st["safe_to_swap"], true, "{st}");
     assert_eq!(st["migration_id"], id, "{st}");
@@ -123,13 +90,7 @@ async fn prepare_then_status_and_swap_in_other_processes() {
     )
     .await
     .expect("application writes");
-    let users: Vec<String> = dst
-        .query(r#"SELECT id || ' ' || name FROM "User" ORDER BY id"#, &[])
-        .await
-        .expect("users")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let users = user_rows(&dst).await;
 
     // Process 3: swap.
     let (stdout, _) = run_ok(&[
@@ -141,7 +102,7 @@ async fn prepare_then_status_and_swap_in_other_processes() {
         "--json",
     ])
     .await;
-    let report = json(&stdout);
+    let report = support::one_json("swap --json", &stdout);
     assert_eq!(report["migration_id"], id, "{report}");
     assert!(
         report["swap"]["lock_held_us"].as_i64().is_some(),
@@ -150,7 +111,7 @@ async fn prepare_then_status_and_swap_in_other_processes() {
 
     // Process 4: status again.
     let (stdout, _) = run_ok(&["status", "--dest", &dst_url, "--json"]).await;
-    let st = json(&stdout);
+    let st = support::one_json("status --json", &stdout);
     assert_eq!(st["state"], "swapped", "{st}");
     assert_eq!(st["safe_to_swap"], false, "{st}");
     let (stdout, _) = run_ok(&["status", "--dest", &dst_url]).await;
@@ -158,27 +119,18 @@ async fn prepare_then_status_and_swap_in_other_processes() {
 
     // The preserved table has the destination's rows including the writes between the phases;
     // the others the source's; the sync is gone.
-    let after: Vec<String> = dst
-        .query(r#"SELECT id || ' ' || name FROM "User" ORDER BY id"#, &[])
-        .await
-        .expect("users")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let after = user_rows(&dst).await;
     assert_eq!(after, users);
     assert_eq!(after, vec!["1 John Doe", "2 Jane (edited)", "3 Between"]);
     let sums = inspect::table_checksums(&dst).await.expect("checksums");
     for t in ["Post", "Comment"] {
         assert_eq!(sums[t], src_sums[t], "{t}");
     }
-    let sync: i64 = dst
-        .query_one(
-            "SELECT count(*) FROM pg_trigger WHERE left(tgname::text, 10) = 'pgzm_sync_'",
-            &[],
-        )
-        .await
-        .expect("triggers")
-        .get(0);
+    let sync = support::query_i64(
+        &dst,
+        "SELECT count(*) FROM pg_trigger WHERE left(tgname::text, 10) = 'pgzm_sync_'",
+    )
+    .await;
     assert_eq!(sync, 0, "sync triggers left after the swap");
     assert_eq!(inspect::fk_orphans(&dst).await.expect("fk orphans"), vec![]);
 }

@@ -7,23 +7,27 @@ use super::tls_settings;
 use crate::support::pki::Pki;
 use crate::support::*;
 
+/// Starts an agent serving the PKI's agent certificate and requiring client certificates from
+/// its CA, with more `args` and `env`.
+async fn tls_agent(pki: &Pki, args: &[&str], env: &[(&str, &str)]) -> AgentProcess {
+    let path = |file: &str| pki.path(file).to_str().expect("path").to_string();
+    let (cert, key, ca) = (path("agent.pem"), path("agent.key"), path("ca.pem"));
+    let mut all = vec![
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-client-ca",
+        &ca,
+    ];
+    all.extend_from_slice(args);
+    AgentProcess::start_with_env(&all, env).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_with_a_client_ca_requires_a_certificate_from_it() {
     let pki = Pki::generate();
-    let (cert, key, client_ca) = (
-        pki.path("agent.pem"),
-        pki.path("agent.key"),
-        pki.path("ca.pem"),
-    );
-    let agent = AgentProcess::start(&[
-        "--tls-cert",
-        cert.to_str().expect("path"),
-        "--tls-key",
-        key.to_str().expect("path"),
-        "--tls-client-ca",
-        client_ca.to_str().expect("path"),
-    ])
-    .await;
+    let agent = tls_agent(&pki, &[], &[]).await;
     let url = agent.https_url();
     let p = fixture_pair("mtls", "simple").await;
     let dst = p.dest.connect().await.expect("connect dest");
@@ -38,13 +42,7 @@ async fn an_agent_with_a_client_ca_requires_a_certificate_from_it() {
         "no clear reason: {err}"
     );
     // A certificate from another CA.
-    let err = pool_error(&tls_settings(
-        &url,
-        &pki,
-        "ca.pem",
-        Some(("rogue.pem", "rogue.key")),
-    ))
-    .await;
+    let err = pool_error(&tls_settings(&url, &pki, "ca.pem", Some("rogue"))).await;
     eprintln!("with a certificate from another CA: {err}");
     assert!(err.contains(&url), "{err}");
     assert!(
@@ -60,7 +58,7 @@ async fn an_agent_with_a_client_ca_requires_a_certificate_from_it() {
         &url,
         &pki,
         "other-ca.pem",
-        Some(("coordinator.pem", "coordinator.key")),
+        Some("coordinator"),
     ))
     .await;
     eprintln!("untrusted agent certificate: {err}");
@@ -73,12 +71,7 @@ async fn an_agent_with_a_client_ca_requires_a_certificate_from_it() {
     assert_eq!(public_objects(&dst).await, before);
 
     // With the right certificate, over https.
-    let settings = tls_settings(
-        &url,
-        &pki,
-        "ca.pem",
-        Some(("coordinator.pem", "coordinator.key")),
-    );
+    let settings = tls_settings(&url, &pki, "ca.pem", Some("coordinator"));
     let pool = pool(&settings).await;
     migrate::start(options(&p), pool)
         .await
@@ -143,34 +136,15 @@ async fn an_agent_with_a_token_refuses_coordinators_without_it() {
 async fn agents_call_each_other_over_mtls_with_the_token() {
     const TOKEN: &str = "peer-t0ken-99";
     let pki = Pki::generate();
-    let (cert, key, ca) = (
-        pki.path("agent.pem"),
-        pki.path("agent.key"),
-        pki.path("ca.pem"),
-    );
-    let tls = [
-        "--tls-cert",
-        cert.to_str().expect("path"),
-        "--tls-key",
-        key.to_str().expect("path"),
-        "--tls-client-ca",
-        ca.to_str().expect("path"),
-        "-v",
-    ];
     let env = [("PGZM_AGENT_TOKEN", TOKEN)];
-    let source_agent =
-        AgentProcess::start_with_env(&[&["--side", "source"][..], &tls[..]].concat(), &env).await;
-    let dest_agent = AgentProcess::start_with_env(
-        &[&["--side", "destination", "--compress"][..], &tls[..]].concat(),
-        &env,
-    )
-    .await;
+    let source_agent = tls_agent(&pki, &["--side", "source", "-v"], &env).await;
+    let dest_agent = tls_agent(&pki, &["--side", "destination", "--compress", "-v"], &env).await;
     let p = fixture_pair("peer_mtls", "simple").await;
     let mut s = tls_settings(
         &source_agent.https_url(),
         &pki,
         "ca.pem",
-        Some(("coordinator.pem", "coordinator.key")),
+        Some("coordinator"),
     );
     s.urls.push(dest_agent.https_url());
     s.connector.token = Some(TOKEN.into());

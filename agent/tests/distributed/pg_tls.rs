@@ -1,33 +1,22 @@
 //! TLS to PostgreSQL: libpq's `sslmode` meanings with rustls, against a real server with SSL on.
 
 use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::time::Duration;
 
 use pgzm_tests::PgCluster;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{ExtendedKeyUsagePurpose, Issuer, KeyPair};
 
 use super::*;
+use crate::support::pki;
 
-fn ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let key = KeyPair::generate().expect("CA key");
-    let cert = params.self_signed(&key).expect("self-sign CA");
-    (cert.pem(), Issuer::new(params, key))
-}
-
+/// A server certificate for `names` signed by `issuer`: certificate and key (PEM).
 fn server(names: &[&str], issuer: &Issuer<'static, KeyPair>) -> (String, String) {
-    let mut params =
-        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .expect("params");
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "postgres");
-    let key = KeyPair::generate().expect("key");
-    let cert = params.signed_by(&key, issuer).expect("sign");
-    (cert.pem(), key.serialize_pem())
+    pki::leaf(
+        "postgres",
+        names,
+        &[ExtendedKeyUsagePurpose::ServerAuth],
+        issuer,
+    )
 }
 
 /// Installs a server certificate into the cluster (owned by the server's user, key 0600) and
@@ -41,7 +30,7 @@ async fn serve_tls(cluster: &PgCluster, cert: &str, key: &str) {
         chown(&path, Some(meta.uid()), Some(meta.gid())).expect("chown");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     }
-    let c = admin(cluster).await;
+    let c = connect(&cluster.url("postgres")).await;
     // One statement each: ALTER SYSTEM refuses to run in the implicit transaction of a batch.
     for sql in [
         format!(
@@ -57,14 +46,6 @@ async fn serve_tls(cluster: &PgCluster, cert: &str, key: &str) {
     ] {
         c.batch_execute(&sql).await.expect("enable ssl");
     }
-}
-
-async fn admin(cluster: &PgCluster) -> tokio_postgres::Client {
-    let (c, conn) = tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(conn);
-    c
 }
 
 /// Whether a connection made with `url` is encrypted (or the one-line error).
@@ -83,34 +64,30 @@ async fn ssl_of(url: &str) -> Result<bool, String> {
     Ok(row.get(0))
 }
 
-fn write(dir: &Path, file: &str, pem: &str) -> String {
-    let p = dir.join(file);
-    std::fs::write(&p, pem).expect("write pem");
-    p.display().to_string()
+/// Waits (up to 10 s) until a connection made with `url` is encrypted.
+async fn encrypted_soon(what: &str, url: String) {
+    poll(what, Duration::from_secs(10), || {
+        let url = url.clone();
+        async move { (ssl_of(&url).await == Ok(true)).then_some(()) }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sslmodes_behave_as_in_libpq() {
     let cluster = PgCluster::start().expect("private cluster");
-    let pem_dir = tempdir();
-    let (ca_pem, issuer) = ca("pgzm test server CA");
-    let (other_pem, _) = ca("another CA");
-    let ca = write(&pem_dir, "ca.pem", &ca_pem);
-    let other = write(&pem_dir, "other.pem", &other_pem);
+    let pems = Pki::empty("pgzm-pgtls");
+    let (ca_pem, issuer) = pki::ca("pgzm test server CA");
+    let (other_pem, _) = pki::ca("another CA");
+    let ca = pems.write("ca.pem", &ca_pem).display().to_string();
+    let other = pems.write("other.pem", &other_pem).display().to_string();
     // First a certificate for a name the client does not use.
     let (cert, key) = server(&["db.invalid"], &issuer);
     serve_tls(&cluster, &cert, &key).await;
     let base = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port());
     let url = |q: &str| format!("{base}?{q}");
     // The reload is asynchronous: wait until the server offers TLS.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while ssl_of(&url("sslmode=require")).await != Ok(true) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the server did not turn SSL on"
-        );
-        tokio::task::yield_now().await;
-    }
+    encrypted_soon("the server to turn SSL on", url("sslmode=require")).await;
     assert_eq!(ssl_of(&url("sslmode=disable")).await, Ok(false));
     assert_eq!(
         ssl_of(&base).await,
@@ -141,16 +118,9 @@ async fn sslmodes_behave_as_in_libpq() {
     // Now the right name: verify-full works, and a whole migration runs over verified TLS.
     let (cert, key) = server(&["127.0.0.1", "localhost"], &issuer);
     serve_tls(&cluster, &cert, &key).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while ssl_of(&url(&format!("sslmode=verify-full&sslrootcert={ca}"))).await != Ok(true) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the server did not load the new certificate"
-        );
-        tokio::task::yield_now().await;
-    }
-    let p = fixture_pair_on(&cluster, &cluster, "tls", "simple").await;
     let tls = format!("sslmode=verify-full&sslrootcert={ca}");
+    encrypted_soon("the server to load the new certificate", url(&tls)).await;
+    let p = fixture_pair_on(&cluster, &cluster, "tls", "simple").await;
     let opts = options_for(
         &format!("{}?{tls}", p.source.url()),
         &format!("{}?{tls}", p.dest.url()),
@@ -167,18 +137,4 @@ async fn sslmodes_behave_as_in_libpq() {
         .expect("sums");
     dst.retain(|t, _| !t.starts_with("backup_"));
     assert_eq!(src, dst, "the destination holds the source's rows");
-    let _ = std::fs::remove_dir_all(&pem_dir);
-}
-
-fn tempdir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "pgzm-pgtls-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    ));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
 }

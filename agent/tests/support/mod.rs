@@ -373,6 +373,17 @@ pub async fn recorded_tasks(client: &Client, migration_id: i64) -> (BTreeSet<Str
     (keys, rows.len())
 }
 
+/// The task keys recorded for `migration_id` of the TES fixture plus `big`; asserts that every
+/// task was recorded once and that `big` went in several page ranges.
+pub async fn recorded_tes_and_big(client: &Client, migration_id: i64) -> BTreeSet<String> {
+    let (keys, records) = recorded_tasks(client, migration_id).await;
+    assert_eq!(keys.len(), records, "a task key was recorded twice");
+    let big_ranges = keys.iter().filter(|k| k.contains("/p")).count();
+    assert!(big_ranges >= 3, "big was not split: {keys:?}");
+    assert_eq!(keys.len(), 15 + big_ranges, "{keys:?}");
+    keys
+}
+
 /// Connects to `url` without TLS.
 pub async fn connect(url: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)

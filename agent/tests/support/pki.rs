@@ -1,6 +1,7 @@
 //! A throwaway PKI for the mTLS tests: a CA, an agent certificate for 127.0.0.1/localhost
 //! (server and client use: agents also call each other), a coordinator client certificate, and
 //! a client certificate from an unrelated CA. PEM files in a temp dir removed on drop.
+//! [`ca`], [`leaf`] and [`Pki::empty`] also serve tests that need other certificates.
 
 use std::path::{Path, PathBuf};
 
@@ -9,12 +10,13 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
-/// The PEM files.
+/// The PEM files (a temp dir removed on drop).
 pub struct Pki {
     dir: PathBuf,
 }
 
-fn ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
+/// A self-signed CA: its certificate (PEM) and the issuer to sign leaves with.
+pub fn ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
     let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.distinguished_name.push(DnType::CommonName, name);
@@ -24,7 +26,9 @@ fn ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
     (cert.pem(), Issuer::new(params, key))
 }
 
-fn leaf(
+/// A certificate for `sans` with the extended key `usages`, signed by `issuer`: certificate
+/// and key (PEM).
+pub fn leaf(
     name: &str,
     sans: &[&str],
     usages: &[ExtendedKeyUsagePurpose],
@@ -46,10 +50,10 @@ fn leaf(
 }
 
 impl Pki {
-    /// Generates everything into a new temp dir.
-    pub fn generate() -> Pki {
+    /// A new empty temp dir `PREFIX-PID-NANOS`.
+    pub fn empty(prefix: &str) -> Pki {
         let dir = std::env::temp_dir().join(format!(
-            "pgzm-pki-{}-{}",
+            "{prefix}-{}-{}",
             std::process::id(),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -57,6 +61,19 @@ impl Pki {
                 .unwrap_or(0)
         ));
         std::fs::create_dir_all(&dir).expect("create pki dir");
+        Pki { dir }
+    }
+
+    /// Writes `pem` to `file` in the dir; its path.
+    pub fn write(&self, file: &str, pem: &str) -> PathBuf {
+        let path = self.path(file);
+        std::fs::write(&path, pem).expect("write pem");
+        path
+    }
+
+    /// Generates everything into a new temp dir.
+    pub fn generate() -> Pki {
+        let pki = Pki::empty("pgzm-pki");
         let (ca_pem, issuer) = ca("pgzm test CA");
         let (other_ca_pem, other_issuer) = ca("some other CA");
         let both = [
@@ -78,9 +95,9 @@ impl Pki {
             ("rogue.pem", rogue_cert),
             ("rogue.key", rogue_key),
         ] {
-            std::fs::write(dir.join(file), pem).expect("write pem");
+            pki.write(file, &pem);
         }
-        Pki { dir }
+        pki
     }
 
     /// Path of one of the files.

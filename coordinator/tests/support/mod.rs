@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use pgzm_tests::TestDb;
 use tokio::process::Command;
+use tokio_postgres::Client;
 
 /// A scratch working directory for a child process (`pgzm start` writes its migration log file
 /// there), removed at the end of the test.
@@ -54,6 +56,25 @@ pub fn files_in(dir: &Path) -> Vec<(String, String)> {
     files
 }
 
+/// The environment variables `pgzm` falls back to.
+const FALLBACK_VARS: [&str; 6] = [
+    "SOURCE_DATABASE_URL",
+    "DEST_DATABASE_URL",
+    "DATABASE_URL",
+    "PRESERVED_TABLES",
+    "PGZM_LOG",
+    "PGZM_AGENT_TOKEN",
+];
+
+/// Removes [`FALLBACK_VARS`] from `cmd`'s environment, gives it no stdin, and has it killed
+/// when the test drops it.
+pub fn clean_environment(cmd: &mut Command) {
+    for var in FALLBACK_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+}
+
 /// The `pgzm` binary with a clean environment (none of the variables it falls back to), run in
 /// `dir` when given, killed when the test drops it.
 pub fn pgzm_command(dir: Option<&WorkDir>) -> Command {
@@ -61,17 +82,62 @@ pub fn pgzm_command(dir: Option<&WorkDir>) -> Command {
     if let Some(dir) = dir {
         cmd.current_dir(&dir.0);
     }
-    for var in [
-        "SOURCE_DATABASE_URL",
-        "DEST_DATABASE_URL",
-        "DATABASE_URL",
-        "PRESERVED_TABLES",
-        "PGZM_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    clean_environment(&mut cmd);
     cmd
+}
+
+/// Runs `cmd`; asserts it succeeded (or failed, per `ok`) and printed nothing containing
+/// `secret`. Returns (stdout, stderr).
+pub async fn run_checked(
+    cmd: &mut Command,
+    ok: bool,
+    what: &str,
+    secret: &str,
+) -> (String, String) {
+    let out = cmd.output().await.expect("run pgzm");
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.success(),
+        ok,
+        "{what}: exit status {}\nstdout: {stdout}\nstderr: {stderr}",
+        out.status
+    );
+    assert!(
+        !stdout.contains(secret) && !stderr.contains(secret),
+        "{what}: the password was printed"
+    );
+    (stdout, stderr)
+}
+
+/// Process output as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The one JSON document of a `--json` run's stdout (`what` names the run in failures).
+pub fn one_json(what: &str, stdout: &str) -> serde_json::Value {
+    let docs: Vec<serde_json::Value> = serde_json::Deserializer::from_str(stdout)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("{what}: stdout is not JSON ({e}): {stdout}"));
+    assert_eq!(docs.len(), 1, "{what}: one document: {stdout}");
+    docs.into_iter().next().expect("document")
+}
+
+/// The simple fixture: source data on the source server, "production" data on the other.
+pub async fn simple_pair(label: &str) -> (TestDb, TestDb) {
+    pgzm_tests::fixture_pair(label, "simple")
+        .await
+        .expect("load the simple fixture")
+}
+
+/// The one `bigint` that `sql` (a query without parameters) returns.
+pub async fn query_i64(client: &Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
 }
 
 /// A test server URL with `secret` as the password (the test servers trust every local
