@@ -3,14 +3,18 @@
 //! the original tool. Everything runs against real PostgreSQL servers through the
 //! coordinator's library API (what the `pgzm` commands call).
 
+mod checks;
 mod common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use checks::{
+    assert_fails_with, assert_same_signature, backup_sums, boolean, checksum, column_type, int,
+    live_sums, signature, texts,
+};
+use common::{dest_url, locks, ENVELOPE, GEOMETRY_TABLES, TES_PRESERVED};
 use pgzm_coordinator::backup::{self, BackupSet};
-use pgzm_coordinator::conninfo::DbUrl;
-use pgzm_coordinator::cutover::{swap_command, SwapOptions};
 use pgzm_coordinator::rollback::{rollback, RollbackOptions, RollbackReport};
 use pgzm_coordinator::swap::SwapSettings;
 use pgzm_coordinator::CoordinatorError;
@@ -21,17 +25,6 @@ use tokio_postgres::Client;
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-fn dest_url(p: &common::Pair) -> DbUrl {
-    DbUrl::parse(&p.dest.url(), "destination").expect("dest url")
-}
-
-fn locks() -> SwapSettings {
-    SwapSettings {
-        lock_timeout: Duration::from_millis(50),
-        total_timeout: Duration::from_secs(10),
-    }
-}
 
 fn rollback_options(p: &common::Pair) -> RollbackOptions {
     RollbackOptions {
@@ -52,59 +45,6 @@ async fn rollback_latest(p: &common::Pair) -> RollbackReport {
     let report = rollback(rollback_options(p)).await.expect("pgzm rollback");
     assert!(report.warnings.is_empty(), "{:?}", report.warnings);
     report
-}
-
-fn pg_error(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} [{}]", db.message(), db.code().code()),
-        None => e.to_string(),
-    }
-}
-
-async fn texts(client: &Client, sql: &str) -> Vec<String> {
-    client
-        .query(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {}", pg_error(&e)))
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
-async fn int(client: &Client, sql: &str) -> i64 {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {}", pg_error(&e)))
-        .get(0)
-}
-
-async fn boolean(client: &Client, sql: &str) -> bool {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {}", pg_error(&e)))
-        .get(0)
-}
-
-/// Checksums of the live tables of `public` (no `backup_`/`shadow_` tables).
-async fn live_sums(client: &Client) -> BTreeMap<String, TableChecksum> {
-    inspect::table_checksums(client)
-        .await
-        .expect("table checksums")
-        .into_iter()
-        .filter(|(t, _)| !t.starts_with("backup_") && !t.starts_with("shadow_"))
-        .collect()
-}
-
-/// Checksums of the `backup_` tables, keyed by the live name.
-async fn backup_sums(client: &Client) -> BTreeMap<String, TableChecksum> {
-    inspect::table_checksums(client)
-        .await
-        .expect("table checksums")
-        .into_iter()
-        .filter_map(|(t, s)| t.strip_prefix("backup_").map(|n| (n.to_string(), s)))
-        .collect()
 }
 
 /// Every relation (any kind) and type of `public` whose name starts with one of the work
@@ -133,18 +73,6 @@ async fn work_objects(client: &Client) -> Vec<String> {
 /// Every sequence of `public` with its position.
 async fn sequences(client: &Client) -> Vec<inspect::SequenceState> {
     inspect::sequences(client).await.expect("sequences")
-}
-
-async fn signature(client: &Client) -> CatalogSignature {
-    inspect::catalog_signature(client, None)
-        .await
-        .expect("catalog signature")
-}
-
-fn assert_same_signature(left: &CatalogSignature, right: &CatalogSignature, what: &str) {
-    let diff = left.differences(right);
-    assert!(diff.is_empty(), "{what}:\n  {}", diff.join("\n  "));
-    assert_eq!(left, right, "{what}");
 }
 
 /// Status of migration `id` in `pgzm.migrations`, and whether its backup is present.
@@ -242,23 +170,7 @@ async fn snapshot(db: &TestDb) -> Snapshot {
             seqs.insert(qualified, (row.get(0), row.get(1)));
             continue;
         }
-        let row = client
-            .query_one(
-                &format!(
-                    "SELECT count(*), coalesce(md5(string_agg(md5(t::text), '' \
-                     ORDER BY md5(t::text) COLLATE \"C\")), '') FROM {qualified} t"
-                ),
-                &[],
-            )
-            .await
-            .unwrap_or_else(|e| panic!("checksum {qualified}: {}", pg_error(&e)));
-        sums.insert(
-            qualified,
-            TableChecksum {
-                rows: row.get(0),
-                md5: row.get(1),
-            },
-        );
+        sums.insert(qualified.clone(), checksum(&client, &qualified).await);
     }
     let catalog = texts(
         &client,
@@ -542,17 +454,6 @@ async fn rollback_after_post_migration_edits_restores_the_old_destination() -> a
 // Scenario 9: TES rollback with geometry verification
 // ---------------------------------------------------------------------------------------------
 
-/// Tables with a geometry column `geom`, all with a `gid`.
-const GEOMETRY_TABLES: [&str; 7] = [
-    "Area",
-    "Blockgroup",
-    "CongressionalDistrict",
-    "County",
-    "Municipality",
-    "State",
-    "TreeCanopy",
-];
-
 /// `gid: ST_AsText(geom)` of every row of every geometry table.
 async fn geometries(client: &Client) -> BTreeMap<&'static str, Vec<String>> {
     let mut out = BTreeMap::new();
@@ -606,8 +507,6 @@ async fn enums(client: &Client) -> Vec<(u32, String, String)> {
         .collect()
 }
 
-const ENVELOPE: &str = "ST_MakeEnvelope(-77.4585, 37.5505, -77.0485, 38.8515, 4326)";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tes_rollback_restores_geometries_indexes_and_enums() -> anyhow::Result<()> {
     let p = common::fixture_pair("bk_tes_rollback", "tes").await;
@@ -628,24 +527,14 @@ async fn tes_rollback_restores_geometries_indexes_and_enums() -> anyhow::Result<
         "1: MULTIPOLYGON(((-77.46 37.55,-77.459 37.55,-77.459 37.551,-77.46 37.551,-77.46 37.55))) srid 4326"
     );
 
-    let mut opts = common::options(&p);
-    opts.preserved = vec![
-        "User".into(),
-        "Scenario".into(),
-        "BlockgroupOnScenario".into(),
-    ];
-    let report = common::run(opts).await?;
+    let report = common::run(common::preserving(&p, &TES_PRESERVED)).await?;
     // The migration really moved every geometry (+0.001°), so the rollback has work to do.
     let geoms_migrated = geometries(&dst).await;
     for t in GEOMETRY_TABLES {
         assert_ne!(geoms_migrated[t], geoms_before[t], "{t} was not migrated");
     }
     assert_eq!(
-        texts(
-            &dst,
-            &format!(r#"SELECT id FROM "Area" WHERE ST_Intersects(geom, {ENVELOPE}) ORDER BY id"#)
-        )
-        .await,
+        texts(&dst, &common::areas_in_envelope()).await,
         ["110010003001_001", "510750001001_001"],
         "the migrated geometries are live"
     );
@@ -682,11 +571,7 @@ async fn tes_rollback_restores_geometries_indexes_and_enums() -> anyhow::Result<
     .join("\n");
     assert!(plan.contains("area_idx"), "{plan}");
     assert_eq!(
-        texts(
-            &dst,
-            &format!(r#"SELECT id FROM "Area" WHERE ST_Intersects(geom, {ENVELOPE}) ORDER BY id"#)
-        )
-        .await,
+        texts(&dst, &common::areas_in_envelope()).await,
         ["110010003001_001"],
         "the envelope sees only the old data again"
     );
@@ -721,13 +606,8 @@ async fn tes_rollback_restores_geometries_indexes_and_enums() -> anyhow::Result<
     // Enums: the original types (same oids), same labels, used by the restored columns.
     assert_eq!(enums(&dst).await, enums_before);
     assert_eq!(
-        texts(
-            &dst,
-            r#"SELECT format_type(atttypid, atttypmod) FROM pg_attribute
-               WHERE attrelid = '"TreeCanopy"'::regclass AND attname = 'city'"#
-        )
-        .await,
-        [r#""City""#]
+        column_type(&dst, r#""TreeCanopy""#, "city").await,
+        r#""City""#
     );
     assert_eq!(
         int(
@@ -811,16 +691,13 @@ async fn rollback_keep_tables_keeps_the_live_data_of_kept_tables() -> anyhow::Re
     }
     assert_eq!(foreign_keys(&dst).await, fks_before);
     assert!(inspect::fk_orphans(&dst).await?.is_empty());
-    let err = dst
-        .batch_execute(r#"INSERT INTO "Post"(title, content, user_id) VALUES ('x', 'y', 999)"#)
-        .await
-        .expect_err("the restored foreign key is enforced");
-    assert_eq!(
-        err.as_db_error().map(|d| d.code().code()),
-        Some("23503"),
-        "{}",
-        pg_error(&err)
-    );
+    assert_fails_with(
+        &dst,
+        r#"INSERT INTO "Post"(title, content, user_id) VALUES ('x', 'y', 999)"#,
+        "23503",
+        "the restored foreign key is enforced",
+    )
+    .await;
     // Deleting a kept user cascades into the restored tables (ON DELETE CASCADE kept).
     dst.batch_execute(r#"DELETE FROM "User" WHERE id = 1"#)
         .await?;
@@ -938,11 +815,13 @@ async fn rollback_repoints_destination_only_foreign_keys_and_views() -> anyhow::
     assert_eq!(work_objects(&dst).await, Vec::<String>::new());
 
     // The re-pointed key is live: enforced, and cascades from the restored table.
-    let err = dst
-        .batch_execute(r#"INSERT INTO "PostAudit"(post_id, note) VALUES (999, 'x')"#)
-        .await
-        .expect_err("FK enforced");
-    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("23503"));
+    assert_fails_with(
+        &dst,
+        r#"INSERT INTO "PostAudit"(post_id, note) VALUES (999, 'x')"#,
+        "23503",
+        "FK enforced",
+    )
+    .await;
     dst.batch_execute(r#"DELETE FROM "Post" WHERE id = 102"#)
         .await?;
     assert_eq!(int(&dst, r#"SELECT count(*) FROM "PostAudit""#).await, 1);
@@ -1191,13 +1070,7 @@ async fn every_dry_run_leaves_both_databases_unchanged() -> anyhow::Result<()> {
         prepared_state.1.catalog, before.1.catalog,
         "prepare built shadow tables"
     );
-    let swap_dry = swap_command(SwapOptions {
-        destination: dest_url(&p),
-        migration_id: None,
-        dry_run: true,
-        locks: locks(),
-    })
-    .await?;
+    let swap_dry = common::swap_dry_run(&p).await?;
     assert!(swap_dry.dry_run && swap_dry.swap.is_none());
     assert_eq!(swap_dry.migration_id, real.migration_id);
     assert_unchanged(&prepared_state, &snapshots(&p).await, "swap --dry-run");
@@ -1609,13 +1482,13 @@ async fn rollback_reports_foreign_keys_that_no_longer_validate() -> anyhow::Resu
         ["First Post", "Second Post"]
     );
     // New rows are checked against the restored table already.
-    let err = dst
-        .batch_execute(&format!(
-            r#"INSERT INTO "PostAudit" VALUES (3, {new_post})"#
-        ))
-        .await
-        .expect_err("enforced for new rows");
-    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("23503"));
+    assert_fails_with(
+        &dst,
+        &format!(r#"INSERT INTO "PostAudit" VALUES (3, {new_post})"#),
+        "23503",
+        "enforced for new rows",
+    )
+    .await;
     // After fixing the row, the command from the warning validates the key.
     dst.batch_execute(r#"DELETE FROM "PostAudit" WHERE id = 2"#)
         .await?;
@@ -1635,8 +1508,7 @@ async fn rollback_with_a_prepared_migration_pending() -> anyhow::Result<()> {
     let sums_before = live_sums(&dst).await;
     let r1 = common::migrate(&p).await?;
     // A second migration is prepared with User preserved (sync triggers on the live User).
-    let mut opts = common::options(&p);
-    opts.preserved = vec!["User".into()];
+    let mut opts = common::preserving(&p, &["User"]);
     let r2 = common::prepare_and_release(&opts).await?;
     assert_eq!(list(&p).await[0].timestamp, r1.migration_id);
 
@@ -1698,13 +1570,7 @@ async fn tes_keep_table_with_an_enum_column() -> anyhow::Result<()> {
     let sums_before = live_sums(&dst).await;
     let sig_before = signature(&dst).await;
     let enums_before = enums(&dst).await;
-    let mut opts = common::options(&p);
-    opts.preserved = vec![
-        "User".into(),
-        "Scenario".into(),
-        "BlockgroupOnScenario".into(),
-    ];
-    common::run(opts).await?;
+    common::run(common::preserving(&p, &TES_PRESERVED)).await?;
     dst.batch_execute(
         r#"INSERT INTO "Scenario"(id, "userId", name, city, "updatedAt")
            VALUES (99, 1, 'Added after the swap', 'BOSTON', now())"#,
@@ -1765,13 +1631,8 @@ async fn tes_keep_table_with_an_enum_column() -> anyhow::Result<()> {
         ["99 BOSTON"]
     );
     assert_eq!(
-        texts(
-            &dst,
-            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
-             WHERE attrelid = 'scenario_cities'::regclass AND attname = 'city'"
-        )
-        .await,
-        [r#""City""#]
+        column_type(&dst, "scenario_cities", "city").await,
+        r#""City""#
     );
     assert!(inspect::fk_orphans(&dst).await?.is_empty());
     assert!(foreign_keys(&dst).await.iter().all(|f| f.3));

@@ -124,6 +124,40 @@ async fn assert_dest_equals_source(p: &Pair) {
     );
 }
 
+/// Asserts that the failed run left the live tables as `before`, no shadow object, and one
+/// recorded run, failed, without shadow tables.
+async fn assert_failed_without_trace(p: &Pair, before: &LiveState) {
+    assert_eq!(&live_state(&p.dest).await, before, "live tables changed");
+    assert_eq!(shadow_objects(&p.dest).await, Vec::<String>::new());
+    let runs = migrations(&p.dest).await;
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(
+        (runs[0].1.as_str(), runs[0].2),
+        ("failed", false),
+        "{runs:?}"
+    );
+}
+
+/// Runs the migration again, which must succeed and leave no shadow object.
+async fn rerun_succeeds(p: &Pair, what: &str) {
+    common::migrate(p)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_dest_equals_source(p).await;
+    assert_eq!(shadow_objects(&p.dest).await, Vec::<String>::new());
+}
+
+/// Asserts a concurrent reader never failed, ran, and never waited long.
+fn assert_reader_unharmed(stats: &blocking::ReaderStats, what: &str) {
+    assert!(stats.errors.is_empty(), "reader errors: {:?}", stats.errors);
+    assert!(stats.queries > 0);
+    assert!(
+        stats.max_latency < Duration::from_millis(500),
+        "a reader waited {:?} {what}",
+        stats.max_latency
+    );
+}
+
 /// A copy that fails for good (its source session is killed on every attempt) fails the run
 /// with the table's name, leaves the live tables as they were and removes everything the run
 /// created; the next run succeeds.
@@ -157,15 +191,7 @@ async fn failing_copy_leaves_live_tables_and_nothing_behind() {
     assert!(message.contains(&format!("\"{BLOCKED}\"")), "{message}");
     assert_eq!(killed, 2, "one attempt plus one retry");
 
-    assert_eq!(live_state(&p.dest).await, before, "live tables changed");
-    assert_eq!(shadow_objects(&p.dest).await, Vec::<String>::new());
-    let runs = migrations(&p.dest).await;
-    assert_eq!(runs.len(), 1, "{runs:?}");
-    assert_eq!(
-        (runs[0].1.as_str(), runs[0].2),
-        ("failed", false),
-        "{runs:?}"
-    );
+    assert_failed_without_trace(&p, &before).await;
     let recorded: Option<String> = p
         .dest
         .connect()
@@ -183,9 +209,7 @@ async fn failing_copy_leaves_live_tables_and_nothing_behind() {
     );
 
     lock.release().await;
-    common::migrate(&p).await.expect("rerun after the failure");
-    assert_dest_equals_source(&p).await;
-    assert_eq!(shadow_objects(&p.dest).await, Vec::<String>::new());
+    rerun_succeeds(&p, "rerun after the failure").await;
 }
 
 /// A swap that cannot get its locks (a destination transaction keeps reading a live table) gives
@@ -220,30 +244,12 @@ async fn swap_that_cannot_lock_gives_up_without_blocking_readers() {
         message.contains("nothing was swapped") || message.contains("nothing was changed"),
         "the message must say nothing was swapped: {message}"
     );
-    assert!(stats.errors.is_empty(), "reader errors: {:?}", stats.errors);
-    assert!(stats.queries > 0);
-    assert!(
-        stats.max_latency < Duration::from_millis(500),
-        "a reader waited {:?} behind the swap",
-        stats.max_latency
-    );
+    assert_reader_unharmed(&stats, "behind the swap");
 
-    assert_eq!(live_state(&p.dest).await, before, "live tables changed");
-    assert_eq!(shadow_objects(&p.dest).await, Vec::<String>::new());
-    let runs = migrations(&p.dest).await;
-    assert_eq!(runs.len(), 1, "{runs:?}");
-    assert_eq!(
-        (runs[0].1.as_str(), runs[0].2),
-        ("failed", false),
-        "{runs:?}"
-    );
+    assert_failed_without_trace(&p, &before).await;
 
     blocker.release().await;
-    common::migrate(&p)
-        .await
-        .expect("rerun once the blocker is gone");
-    assert_dest_equals_source(&p).await;
-    assert_eq!(shadow_objects(&p.dest).await, Vec::<String>::new());
+    rerun_succeeds(&p, "rerun once the blocker is gone").await;
 }
 
 /// Readers of every live table during a whole migration, swap included, never fail (a query
@@ -263,13 +269,7 @@ async fn concurrent_reader_during_clean_swap() {
         "reader during a clean swap: {} queries, worst latency {:?}; swap: {} attempt(s), locks held {} us",
         stats.queries, stats.max_latency, swap.attempts, swap.lock_held_us
     );
-    assert!(stats.errors.is_empty(), "reader errors: {:?}", stats.errors);
-    assert!(stats.queries > 0);
-    assert!(
-        stats.max_latency < Duration::from_millis(500),
-        "a reader waited {:?}",
-        stats.max_latency
-    );
+    assert_reader_unharmed(&stats, "during the swap");
     assert_dest_equals_source(&p).await;
 }
 

@@ -5,13 +5,31 @@
 mod checks;
 mod common;
 
+use std::collections::BTreeMap;
+
 use checks::{
-    assert_same_signature, backup_signature, backup_sums, int, live_sums, objects_with_prefix,
-    public_objects, schemas, tables_with_prefix, texts,
+    assert_backup_of, assert_live_unchanged, assert_none_with_prefix, assert_same_signature, int,
+    live_sums, public_objects, schemas, tables_with_prefix, texts,
 };
-use pgzm_tests::inspect;
+use pgzm_tests::inspect::{self, CatalogSignature, TableChecksum};
+use tokio_postgres::Client;
 
 const TABLES: [&str; 3] = ["Comment", "Post", "User"];
+
+/// Asserts the backup set is exactly the three `backup_*` tables, holding `sums` with the
+/// definitions of `sig`.
+async fn assert_backup_set(
+    dst: &Client,
+    sums: &BTreeMap<String, TableChecksum>,
+    sig: &CatalogSignature,
+    what: &str,
+) {
+    assert_eq!(
+        tables_with_prefix(dst, "backup_").await,
+        vec!["backup_Comment", "backup_Post", "backup_User"]
+    );
+    assert_backup_of(dst, sums, sig, what).await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn complete_migration_keeps_data_integrity() -> anyhow::Result<()> {
@@ -64,26 +82,20 @@ async fn complete_migration_keeps_data_integrity() -> anyhow::Result<()> {
     );
 
     // Exactly the three backup tables, holding the old destination rows, with the old shape.
-    assert_eq!(
-        tables_with_prefix(&dst, "backup_").await,
-        vec!["backup_Comment", "backup_Post", "backup_User"]
-    );
-    assert_eq!(backup_sums(&dst).await, dst_sums_before);
-    assert_same_signature(
-        &backup_signature(&dst).await,
+    assert_backup_set(
+        &dst,
+        &dst_sums_before,
         &dst_sig_before,
         "backup tables vs the old live tables",
-    );
+    )
+    .await;
     assert_eq!(
         texts(&dst, r#"SELECT name FROM "backup_User" ORDER BY id"#).await,
         vec!["John Doe", "Jane Smith"]
     );
 
     // Nothing in construction remains; no write-protection triggers or functions anywhere.
-    assert_eq!(
-        objects_with_prefix(&dst, "shadow_").await,
-        Vec::<String>::new()
-    );
+    assert_none_with_prefix(&dst, "shadow_").await;
     assert!(inspect::triggers(&dst).await?.is_empty());
     assert!(inspect::functions(&dst).await?.is_empty());
     assert!(inspect::triggers(&src).await?.is_empty());
@@ -96,12 +108,13 @@ async fn complete_migration_keeps_data_integrity() -> anyhow::Result<()> {
 
     // The source is untouched.
     assert_eq!(inspect::tables(&src).await?, TABLES);
-    assert_eq!(live_sums(&src).await, src_sums_before);
-    assert_same_signature(
-        &inspect::catalog_signature(&src, None).await?,
+    assert_live_unchanged(
+        &src,
+        &src_sums_before,
         &src_sig_before,
         "source before vs after",
-    );
+    )
+    .await;
     assert_eq!(public_objects(&src).await, src_objects_before);
 
     // Sequences are past the data: the application's next insert just works.
@@ -152,19 +165,20 @@ async fn dry_run_changes_nothing() -> anyhow::Result<()> {
     planned.sort();
     assert_eq!(planned, TABLES, "the plan lists every table");
 
-    assert_eq!(live_sums(&dst).await, dst_sums);
     assert_eq!(inspect::tables(&dst).await?, dst_tables);
     assert_eq!(inspect::triggers(&dst).await?, dst_triggers);
     assert_eq!(schemas(&dst).await, dst_schemas);
     assert!(!dst_schemas.contains(&"pgzm".to_string()), "no pgzm schema");
     assert_eq!(public_objects(&dst).await, dst_objects);
-    assert_same_signature(
-        &inspect::catalog_signature(&dst, None).await?,
+    assert_live_unchanged(
+        &dst,
+        &dst_sums,
         &dst_sig,
         "destination before vs after a dry run",
-    );
-    assert!(objects_with_prefix(&dst, "shadow_").await.is_empty());
-    assert!(objects_with_prefix(&dst, "backup_").await.is_empty());
+    )
+    .await;
+    assert_none_with_prefix(&dst, "shadow_").await;
+    assert_none_with_prefix(&dst, "backup_").await;
     assert!(inspect::fk_orphans(&dst).await?.is_empty());
     assert_eq!(
         int(
@@ -198,23 +212,20 @@ async fn second_migration_replaces_the_backup_set() -> anyhow::Result<()> {
     );
 
     assert_eq!(live_sums(&dst).await, src_sums);
-    assert_eq!(
-        tables_with_prefix(&dst, "backup_").await,
-        vec!["backup_Comment", "backup_Post", "backup_User"]
-    );
     // The backup now holds what the first migration put live: the source's data.
-    assert_eq!(backup_sums(&dst).await, src_sums);
-    assert_same_signature(
-        &backup_signature(&dst).await,
+    assert_backup_set(
+        &dst,
+        &src_sums,
         &src_sig,
         "second backup set vs the first migration's tables",
-    );
+    )
+    .await;
     assert_same_signature(
         &inspect::catalog_signature(&dst, None).await?,
         &src_sig,
         "destination vs source",
     );
-    assert!(objects_with_prefix(&dst, "shadow_").await.is_empty());
+    assert_none_with_prefix(&dst, "shadow_").await;
     assert!(inspect::fk_orphans(&dst).await?.is_empty());
     assert_eq!(
         int(

@@ -7,24 +7,12 @@ mod common;
 use std::collections::BTreeMap;
 
 use checks::{
-    assert_same_signature, backup_signature, backup_sums, boolean, int, live_sums,
-    objects_with_prefix, text, texts,
+    assert_backup_of, assert_live_unchanged, assert_none_with_prefix, assert_same_signature,
+    boolean, column_type, int, live_sums, text, texts,
 };
+use common::GEOMETRY_TABLES;
 use pgzm_tests::inspect;
 use tokio_postgres::Client;
-
-/// Tables with a geometry column `geom`, all keyed by `gid`.
-const GEOMETRY_TABLES: [&str; 7] = [
-    "Area",
-    "Blockgroup",
-    "CongressionalDistrict",
-    "County",
-    "Municipality",
-    "State",
-    "TreeCanopy",
-];
-
-const ENVELOPE: &str = "ST_MakeEnvelope(-77.4585, 37.5505, -77.0485, 38.8515, 4326)";
 
 /// (gid, EWKT) of every row of `table`, by gid.
 async fn geometries(client: &Client, table: &str) -> BTreeMap<i32, String> {
@@ -92,11 +80,7 @@ async fn full_tes_migration_with_postgis() -> anyhow::Result<()> {
     let src_gist = gist_indexes(&src).await;
     assert_eq!(src_gist.len(), 7, "{src_gist:?}");
     assert_eq!(
-        texts(
-            &dst,
-            &format!(r#"SELECT id FROM "Area" WHERE ST_Intersects(geom, {ENVELOPE}) ORDER BY id"#)
-        )
-        .await,
+        texts(&dst, &common::areas_in_envelope()).await,
         vec!["110010003001_001"],
         "before: the envelope sees only the old Washington parcel"
     );
@@ -193,8 +177,7 @@ async fn full_tes_migration_with_postgis() -> anyhow::Result<()> {
     );
 
     // The spatial query returns the migrated rows, and can use the GiST index.
-    let envelope_query =
-        format!(r#"SELECT id FROM "Area" WHERE ST_Intersects(geom, {ENVELOPE}) ORDER BY id"#);
+    let envelope_query = common::areas_in_envelope();
     assert_eq!(
         texts(&dst, &envelope_query).await,
         vec!["110010003001_001", "510750001001_001"]
@@ -239,24 +222,15 @@ async fn full_tes_migration_with_postgis() -> anyhow::Result<()> {
             "backup_{ty}"
         );
     }
-    assert_eq!(
-        text(
-            &dst,
-            r#"SELECT format_type(atttypid, atttypmod) FROM pg_attribute
-               WHERE attrelid = 'public."Scenario"'::regclass AND attname = 'city'"#
-        )
-        .await,
-        r#""City""#
-    );
-    assert_eq!(
-        text(
-            &dst,
-            r#"SELECT format_type(atttypid, atttypmod) FROM pg_attribute
-               WHERE attrelid = 'public."backup_Scenario"'::regclass AND attname = 'city'"#
-        )
-        .await,
-        r#""backup_City""#
-    );
+    for (table, ty) in [
+        ("Scenario", r#""City""#),
+        ("backup_Scenario", r#""backup_City""#),
+    ] {
+        assert_eq!(
+            column_type(&dst, &format!(r#"public."{table}""#), "city").await,
+            ty
+        );
+    }
     assert_eq!(
         int(&dst, r#"INSERT INTO "TreeCanopy"(geom, city) VALUES (ST_Multi(ST_MakeEnvelope(0, 0, 1, 1, 4326)), 'BOSTON') RETURNING gid::int8"#).await,
         6
@@ -292,28 +266,24 @@ async fn full_tes_migration_with_postgis() -> anyhow::Result<()> {
     assert!(int(&dst, r#"SELECT last_value FROM "User_id_seq""#).await >= id);
 
     // Backups: one per table, with the old destination's rows and definitions.
-    assert_eq!(backup_sums(&dst).await, dst_sums_before);
-    assert_same_signature(
-        &backup_signature(&dst).await,
+    assert_backup_of(
+        &dst,
+        &dst_sums_before,
         &dst_sig_before,
         "backup tables vs the old live tables",
-    );
+    )
+    .await;
 
     // Definitions equal the source's; nothing half-built remains; all keys hold.
     let dst_sig = inspect::catalog_signature(&dst, None).await?;
     assert_same_signature(&dst_sig, &src_sig, "destination vs source");
-    assert!(objects_with_prefix(&dst, "shadow_").await.is_empty());
+    assert_none_with_prefix(&dst, "shadow_").await;
     assert!(inspect::fk_orphans(&dst).await?.is_empty());
     assert!(inspect::triggers(&dst).await?.is_empty());
 
     // The source is unchanged.
-    assert_eq!(live_sums(&src).await, src_sums);
-    assert_same_signature(
-        &inspect::catalog_signature(&src, None).await?,
-        &src_sig,
-        "source before vs after",
-    );
-    assert!(objects_with_prefix(&src, "shadow_").await.is_empty());
-    assert!(objects_with_prefix(&src, "backup_").await.is_empty());
+    assert_live_unchanged(&src, &src_sums, &src_sig, "source before vs after").await;
+    assert_none_with_prefix(&src, "shadow_").await;
+    assert_none_with_prefix(&src, "backup_").await;
     Ok(())
 }

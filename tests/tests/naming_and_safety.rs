@@ -8,8 +8,8 @@ mod checks;
 mod common;
 
 use checks::{
-    assert_same_signature, backup_sums, boolean, int, live_sums, objects_with_prefix, pg_error,
-    public_objects, schemas, text, texts,
+    assert_fails_with, assert_live_unchanged, assert_none_with_prefix, assert_same_signature,
+    backup_sums, boolean, int, live_sums, public_objects, schemas, text, texts,
 };
 use pgzm_coordinator::naming::{prefixed, BACKUP, SHADOW};
 use pgzm_coordinator::CoordinatorError;
@@ -304,7 +304,7 @@ async fn long_and_awkward_names_migrate() -> anyhow::Result<()> {
         "destination vs source",
     );
     assert!(inspect::fk_orphans(&dst).await?.is_empty());
-    assert!(objects_with_prefix(&dst, "shadow_").await.is_empty());
+    assert_none_with_prefix(&dst, "shadow_").await;
 
     // Each backup exists under its (shortened) name and holds the old rows.
     let backups = backup_sums(&dst).await;
@@ -413,16 +413,13 @@ async fn destination_only_foreign_keys_follow_the_new_table() -> anyhow::Result<
     dst.batch_execute(r#"DELETE FROM "User" WHERE id = 2"#)
         .await?;
     assert_eq!(int(&dst, "SELECT count(*) FROM audit_note").await, 1);
-    let err = dst
-        .batch_execute("INSERT INTO audit_note (user_id) VALUES (3)")
-        .await
-        .expect_err("user 3 is not in the new table");
-    assert_eq!(
-        err.as_db_error().map(|d| d.code().code()),
-        Some("23503"),
-        "{}",
-        pg_error(&err)
-    );
+    assert_fails_with(
+        &dst,
+        "INSERT INTO audit_note (user_id) VALUES (3)",
+        "23503",
+        "user 3 is not in the new table",
+    )
+    .await;
 
     // legacy_note's row references a user only the old data had.
     let row = dst
@@ -585,21 +582,19 @@ async fn privileges_and_row_level_security_carry_over() -> anyhow::Result<()> {
     assert_eq!(id, 3);
     dst.batch_execute(r#"UPDATE "User" SET name = 'Renamed' WHERE id = 3"#)
         .await?;
-    let denied = dst
-        .batch_execute(r#"INSERT INTO "User" (name, email) VALUES ('Evil', 'x@evil.org')"#)
-        .await
-        .expect_err("policy WITH CHECK");
-    assert_eq!(denied.as_db_error().map(|d| d.code().code()), Some("42501"));
-    let denied = dst
-        .batch_execute(r#"UPDATE "User" SET email = 'a@example.com' WHERE id = 3"#)
-        .await
-        .expect_err("no UPDATE on email");
-    assert_eq!(denied.as_db_error().map(|d| d.code().code()), Some("42501"));
-    let denied = dst
-        .batch_execute(r#"DELETE FROM "User" WHERE id = 3"#)
-        .await
-        .expect_err("no DELETE");
-    assert_eq!(denied.as_db_error().map(|d| d.code().code()), Some("42501"));
+    for (sql, what) in [
+        (
+            r#"INSERT INTO "User" (name, email) VALUES ('Evil', 'x@evil.org')"#,
+            "policy WITH CHECK",
+        ),
+        (
+            r#"UPDATE "User" SET email = 'a@example.com' WHERE id = 3"#,
+            "no UPDATE on email",
+        ),
+        (r#"DELETE FROM "User" WHERE id = 3"#, "no DELETE"),
+    ] {
+        assert_fails_with(&dst, sql, "42501", what).await;
+    }
     dst.batch_execute("RESET ROLE").await?;
     assert_eq!(
         text(&dst, r#"SELECT name FROM "User" WHERE id = 3"#).await,
@@ -664,12 +659,7 @@ async fn the_source_is_never_written() -> anyhow::Result<()> {
     // Apart from the writer's own row, nothing changed on the source.
     src.batch_execute(r#"DELETE FROM "User" WHERE email = 'inflight@example.com'"#)
         .await?;
-    assert_eq!(live_sums(&src).await, sums);
-    assert_same_signature(
-        &inspect::catalog_signature(&src, None).await?,
-        &sig,
-        "source before vs after",
-    );
+    assert_live_unchanged(&src, &sums, &sig, "source before vs after").await;
     assert_eq!(public_objects(&src).await, objects);
     assert_eq!(schemas(&src).await, src_schemas);
     assert_eq!(int(&src, all_relations).await, relations);

@@ -14,31 +14,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use checks::{int, live_sums, objects_with_prefix, pg_error, public_objects, schemas, texts};
+use checks::{
+    assert_none_with_prefix, checksum, column_type, int, live_sums, objects_with_prefix, pg_error,
+    public_objects, schemas, texts,
+};
+use common::{preserving, TES_PRESERVED};
 use pgzm_tests::inspect::{self, TableChecksum};
 use pgzm_tests::quote_ident;
 use tokio::sync::Notify;
 use tokio_postgres::Client;
 
-/// The preserved set of scenario 8 (safe on TES: nothing in the source points at rows the
-/// destination has and the source lacks).
-const TES_PRESERVED: [&str; 3] = ["User", "Scenario", "BlockgroupOnScenario"];
-
-/// Row count and content hash of one table (same definition as `inspect::table_checksums`).
+/// Row count and content hash of one table of `public`.
 async fn sum(c: &Client, table: &str) -> TableChecksum {
-    let sql = format!(
-        "SELECT count(*), coalesce(md5(string_agg(md5(t::text), '' ORDER BY md5(t::text) COLLATE \"C\")), '') \
-         FROM public.{} t",
-        quote_ident(table)
-    );
-    let row = c
-        .query_one(&sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("checksum {table}: {}", pg_error(&e)));
-    TableChecksum {
-        rows: row.get(0),
-        md5: row.get(1),
-    }
+    checksum(c, &format!("public.{}", quote_ident(table))).await
 }
 
 /// Asserts that `shadow_<T>` holds exactly the rows of the live `T`, for every `T`.
@@ -146,28 +134,9 @@ async fn assert_swapped_clean(c: &Client) {
         Vec::<String>::new(),
         "pgzm functions left"
     );
-    assert_eq!(
-        objects_with_prefix(c, "shadow_").await,
-        Vec::<String>::new()
-    );
+    assert_none_with_prefix(c, "shadow_").await;
     assert_eq!(inspect::fk_orphans(c).await.expect("fk orphans"), vec![]);
     assert_eq!(unvalidated_fks(c).await, Vec::<String>::new());
-}
-
-fn swap_options(p: &common::Pair) -> pgzm_coordinator::cutover::SwapOptions {
-    let opts = common::options(p);
-    pgzm_coordinator::cutover::SwapOptions {
-        destination: opts.destination,
-        migration_id: None,
-        dry_run: false,
-        locks: opts.swap,
-    }
-}
-
-fn preserving(p: &common::Pair, tables: &[&str]) -> pgzm_coordinator::migrate::StartOptions {
-    let mut opts = common::options(p);
-    opts.preserved = tables.iter().map(|s| s.to_string()).collect();
-    opts
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -296,11 +265,7 @@ async fn swap_refuses_when_nothing_is_prepared_or_the_shadow_set_is_damaged() ->
     common::prepare_and_release(&preserving(&p, &["User"])).await?;
 
     // `swap --dry-run` checks the healthy set and changes nothing.
-    let dry = pgzm_coordinator::cutover::swap_command(pgzm_coordinator::cutover::SwapOptions {
-        dry_run: true,
-        ..swap_options(&p)
-    })
-    .await?;
+    let dry = common::swap_dry_run(&p).await?;
     assert!(dry.dry_run && dry.swap.is_none());
     assert_eq!(live_sums(&dst).await, sums_before);
     assert_ready(&common::status(&p).await, &["User"]);
@@ -312,11 +277,7 @@ async fn swap_refuses_when_nothing_is_prepared_or_the_shadow_set_is_damaged() ->
         .await
         .expect_err("swap with a trigger missing")
         .to_string();
-    let dry = pgzm_coordinator::cutover::swap_command(pgzm_coordinator::cutover::SwapOptions {
-        dry_run: true,
-        ..swap_options(&p)
-    })
-    .await;
+    let dry = common::swap_dry_run(&p).await;
     assert!(dry.is_err(), "swap --dry-run accepted a damaged set");
     assert!(msg.contains("damaged"), "{msg}");
     assert!(
@@ -341,10 +302,7 @@ async fn swap_refuses_when_nothing_is_prepared_or_the_shadow_set_is_damaged() ->
     for t in ["User", "Post", "Comment"] {
         assert_eq!(inspect::row_count(&dst, t).await?, 2, "{t}");
     }
-    assert_eq!(
-        objects_with_prefix(&dst, "backup_").await,
-        Vec::<String>::new()
-    );
+    assert_none_with_prefix(&dst, "backup_").await;
     assert_eq!(
         without_sync_triggers(inspect::catalog_signature(&dst, None).await?),
         sig_before,
@@ -396,10 +354,7 @@ async fn dry_run_prepare_changes_nothing_anywhere() -> anyhow::Result<()> {
         assert_eq!(schemas(c).await, nsp, "a schema was created");
         assert_eq!(public_objects(c).await, objects);
         assert_eq!(sync_triggers(c).await, vec![]);
-        assert_eq!(
-            objects_with_prefix(c, "shadow_").await,
-            Vec::<String>::new()
-        );
+        assert_none_with_prefix(c, "shadow_").await;
     }
     let st = common::status(&p).await;
     assert_eq!(st.state, "none", "{st:#?}");
@@ -632,14 +587,8 @@ async fn start_fails_at_the_swap_on_a_violated_foreign_key_and_cleans_up() -> an
 
     assert_eq!(live_sums(&dst).await, dst_before, "live tables changed");
     assert_eq!(inspect::catalog_signature(&dst, None).await?, sig_before);
-    assert_eq!(
-        objects_with_prefix(&dst, "shadow_").await,
-        Vec::<String>::new()
-    );
-    assert_eq!(
-        objects_with_prefix(&dst, "backup_").await,
-        Vec::<String>::new()
-    );
+    assert_none_with_prefix(&dst, "shadow_").await;
+    assert_none_with_prefix(&dst, "backup_").await;
     assert_eq!(sync_triggers(&dst).await, vec![]);
     assert_eq!(pgzm_functions(&dst).await, Vec::<String>::new());
     let st = common::status(&p).await;
@@ -670,10 +619,7 @@ async fn swap_fails_on_a_violated_foreign_key_and_stays_prepared() -> anyhow::Re
     assert!(msg.contains("AreaOnScenario_areaId_fkey"), "{msg}");
 
     assert_eq!(live_sums(&dst).await, dst_before, "live tables changed");
-    assert_eq!(
-        objects_with_prefix(&dst, "backup_").await,
-        Vec::<String>::new()
-    );
+    assert_none_with_prefix(&dst, "backup_").await;
     assert_eq!(
         sync_triggers(&dst).await,
         expected_triggers(&["AreaOnScenario"])
@@ -1069,6 +1015,16 @@ async fn read_model(c: &Client) -> Model {
     m
 }
 
+/// Asserts `live` has exactly the keys of `committed`: no row lost, none extra.
+fn assert_same_keys<V>(committed: &BTreeMap<i32, V>, live: &BTreeMap<i32, V>, what: &str) {
+    let lost: Vec<_> = committed.keys().filter(|k| !live.contains_key(k)).collect();
+    let extra: Vec<_> = live.keys().filter(|k| !committed.contains_key(k)).collect();
+    assert!(
+        lost.is_empty() && extra.is_empty(),
+        "{what} lost {lost:?}, extra {extra:?}"
+    );
+}
+
 /// Waits (without sleeping) until the writer has committed `n` transactions in total.
 async fn wait_for_commits(ctl: &Control, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1178,34 +1134,8 @@ async fn concurrent_writes_before_and_during_the_swap_are_never_lost() -> anyhow
 
     // Zero lost, zero extra, zero changed rows.
     let live = read_model(&dst).await;
-    let lost: Vec<_> = model
-        .parents
-        .keys()
-        .filter(|k| !live.parents.contains_key(k))
-        .collect();
-    let extra: Vec<_> = live
-        .parents
-        .keys()
-        .filter(|k| !model.parents.contains_key(k))
-        .collect();
-    assert!(
-        lost.is_empty() && extra.is_empty(),
-        "parents lost {lost:?}, extra {extra:?}"
-    );
-    let lost: Vec<_> = model
-        .children
-        .keys()
-        .filter(|k| !live.children.contains_key(k))
-        .collect();
-    let extra: Vec<_> = live
-        .children
-        .keys()
-        .filter(|k| !model.children.contains_key(k))
-        .collect();
-    assert!(
-        lost.is_empty() && extra.is_empty(),
-        "children lost {lost:?}, extra {extra:?}"
-    );
+    assert_same_keys(&model.parents, &live.parents, "parents");
+    assert_same_keys(&model.children, &live.children, "children");
     assert!(live == model, "changed rows");
     assert!(stats.inserts_after_swap > 0, "no insert after the swap");
 
@@ -1340,10 +1270,7 @@ async fn preserved_table_takes_the_source_shape_and_the_app_keeps_writing() -> a
         .await,
         vec!["id,name,n,w"]
     );
-    assert_eq!(
-        texts(&dst, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'account'::regclass AND attname = 'n'").await,
-        vec!["bigint"]
-    );
+    assert_eq!(column_type(&dst, "account", "n").await, "bigint");
     assert_eq!(
         texts(
             &dst,
@@ -1443,10 +1370,7 @@ async fn a_write_that_cannot_be_mirrored_is_recorded_and_blocks_the_swap() -> an
         .to_string();
     assert!(msg.contains("could not be mirrored"), "{msg}");
     assert_eq!(live_sums(&dst).await, before, "live tables changed");
-    assert_eq!(
-        objects_with_prefix(&dst, "backup_").await,
-        Vec::<String>::new()
-    );
+    assert_none_with_prefix(&dst, "backup_").await;
 
     // Preparing again copies the live rows afresh, so the offending row must be fixed first.
     let mut opts = preserving(&p, &["tag"]);
@@ -1459,10 +1383,7 @@ async fn a_write_that_cannot_be_mirrored_is_recorded_and_blocks_the_swap() -> an
         msg.contains("\"tag\"") && msg.contains("check constraint"),
         "{msg}"
     );
-    assert_eq!(
-        objects_with_prefix(&dst, "shadow_").await,
-        Vec::<String>::new()
-    );
+    assert_none_with_prefix(&dst, "shadow_").await;
     assert_eq!(sync_triggers(&dst).await, vec![]);
 
     dst.batch_execute("UPDATE tag SET label = 'fixed' WHERE length(label) > 10")

@@ -8,31 +8,14 @@ mod checks;
 mod common;
 
 use checks::{
-    assert_same_signature, backup_signature, backup_sums, boolean, int, live_sums,
-    objects_with_prefix, text, texts,
+    assert_live_unchanged, assert_none_with_prefix, assert_same_signature, backup_signature,
+    backup_sums, boolean, int, live_sums, text, texts,
 };
+use common::coverage_pair;
 use pgzm_tests::inspect;
 use tokio_postgres::Client;
 
 const VIEW_ROWS: &str = "SELECT v::text FROM customer_order_summary v ORDER BY customer_id";
-
-/// Loads the coverage fixture into the source; the destination gets only PostGIS.
-async fn coverage_pair(label: &str) -> common::Pair {
-    let p = common::pair(label).await;
-    p.source
-        .load_fixture("coverage/schema.sql")
-        .await
-        .expect("load coverage schema");
-    p.source
-        .load_fixture("coverage/data.sql")
-        .await
-        .expect("load coverage data");
-    p.dest
-        .batch("CREATE EXTENSION postgis")
-        .await
-        .expect("create postgis in the destination");
-    p
-}
 
 /// Everything that must hold after migrating the coverage schema, whatever the destination
 /// held before.
@@ -197,7 +180,7 @@ async fn assert_migrated(src: &Client, dst: &Client) {
     );
 
     // Nothing half-built remains and every key holds.
-    assert!(objects_with_prefix(dst, "shadow_").await.is_empty());
+    assert_none_with_prefix(dst, "shadow_").await;
     assert!(inspect::fk_orphans(dst)
         .await
         .expect("fk orphans")
@@ -220,7 +203,7 @@ async fn coverage_schema_into_an_empty_destination() -> anyhow::Result<()> {
     );
     assert_migrated(&src, &dst).await;
     // Nothing was replaced, so there is no backup.
-    assert!(objects_with_prefix(&dst, "backup_").await.is_empty());
+    assert_none_with_prefix(&dst, "backup_").await;
     assert_eq!(
         int(
             &dst,
@@ -231,12 +214,7 @@ async fn coverage_schema_into_an_empty_destination() -> anyhow::Result<()> {
     );
 
     // The source was only read.
-    assert_eq!(live_sums(&src).await, src_sums);
-    assert_same_signature(
-        &inspect::catalog_signature(&src, None).await?,
-        &src_sig,
-        "source before vs after",
-    );
+    assert_live_unchanged(&src, &src_sums, &src_sig, "source before vs after").await;
     Ok(())
 }
 

@@ -49,23 +49,9 @@ async fn digest_copy(client: &Client, table: &str, sql: &str) -> anyhow::Result<
     d.finish().map_err(|m| anyhow::anyhow!("{table}: {m}"))
 }
 
-/// The coverage fixture (enums, domains, arrays, jsonb, uuid, geometry, generated columns…)
-/// in the source, an empty destination.
-async fn coverage_pair(label: &str) -> common::Pair {
-    let p = common::pair(label).await;
-    for f in ["coverage/schema.sql", "coverage/data.sql"] {
-        p.source.load_fixture(f).await.expect("load coverage");
-    }
-    p.dest
-        .batch("CREATE EXTENSION IF NOT EXISTS postgis")
-        .await
-        .expect("postgis");
-    p
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn table_digests_match_the_source_and_the_swapped_tables() -> anyhow::Result<()> {
-    let p = coverage_pair("verify_cov").await;
+    let p = common::coverage_pair("verify_cov").await;
     let report = common::migrate(&p).await?;
     let src = p.source.connect().await?;
     let dst = p.dest.connect().await?;

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use pgzm_tests::inspect::{self, CatalogSignature, TableChecksum};
+use tokio_postgres::types::FromSqlOwned;
 use tokio_postgres::Client;
 
 /// Checksums of the live tables: every table of `public` except `shadow_*` and `backup_*`.
@@ -28,6 +29,23 @@ pub async fn backup_sums(client: &Client) -> BTreeMap<String, TableChecksum> {
         .collect()
 }
 
+/// Row count and content hash of one table, `qualified` as it goes into SQL (same definition
+/// as `inspect::table_checksums`).
+pub async fn checksum(client: &Client, qualified: &str) -> TableChecksum {
+    let sql = format!(
+        "SELECT count(*), coalesce(md5(string_agg(md5(t::text), '' \
+         ORDER BY md5(t::text) COLLATE \"C\")), '') FROM {qualified} t"
+    );
+    let row = client
+        .query_one(&sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("checksum {qualified}: {}", pg_error(&e)));
+    TableChecksum {
+        rows: row.get(0),
+        md5: row.get(1),
+    }
+}
+
 /// Every relation (any relkind) and type in `public` whose name starts with `prefix`
 /// (compared with `left()`, not `LIKE`), as `kind:name`, sorted.
 pub async fn objects_with_prefix(client: &Client, prefix: &str) -> Vec<String> {
@@ -46,6 +64,15 @@ pub async fn objects_with_prefix(client: &Client, prefix: &str) -> Vec<String> {
         .await
         .expect("list objects by prefix");
     rows.iter().map(|r| r.get(0)).collect()
+}
+
+/// Asserts that nothing in `public` is named with `prefix` (see [`objects_with_prefix`]).
+pub async fn assert_none_with_prefix(client: &Client, prefix: &str) {
+    assert_eq!(
+        objects_with_prefix(client, prefix).await,
+        Vec::<String>::new(),
+        "objects named {prefix}*"
+    );
 }
 
 /// Names of the ordinary tables of `public` that start with `prefix`, sorted.
@@ -112,31 +139,28 @@ pub fn pg_error(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// The one text value `sql` returns.
-pub async fn text(client: &Client, sql: &str) -> String {
+/// The one value `sql` returns.
+pub async fn value<T: FromSqlOwned>(client: &Client, sql: &str) -> T {
     client
         .query_one(sql, &[])
         .await
         .unwrap_or_else(|e| panic!("{sql}: {}", pg_error(&e)))
         .get(0)
+}
+
+/// The one text value `sql` returns.
+pub async fn text(client: &Client, sql: &str) -> String {
+    value(client, sql).await
 }
 
 /// The one bigint value `sql` returns.
 pub async fn int(client: &Client, sql: &str) -> i64 {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {}", pg_error(&e)))
-        .get(0)
+    value(client, sql).await
 }
 
 /// The one boolean value `sql` returns.
 pub async fn boolean(client: &Client, sql: &str) -> bool {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {}", pg_error(&e)))
-        .get(0)
+    value(client, sql).await
 }
 
 /// The first column of every row `sql` returns, as text.
@@ -148,6 +172,39 @@ pub async fn texts(client: &Client, sql: &str) -> Vec<String> {
         .iter()
         .map(|r| r.get(0))
         .collect()
+}
+
+/// `format_type` of `column` of `table` (any text `::regclass` accepts, e.g. `public."User"`).
+pub async fn column_type(client: &Client, table: &str, column: &str) -> String {
+    client
+        .query_one(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+             WHERE attrelid = $1::text::regclass AND attname = $2",
+            &[&table, &column],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("type of {table}.{column}: {}", pg_error(&e)))
+        .get(0)
+}
+
+/// Asserts that `sql` fails with SQLSTATE `code`.
+pub async fn assert_fails_with(client: &Client, sql: &str, code: &str, what: &str) {
+    let Err(err) = client.batch_execute(sql).await else {
+        panic!("{what}: {sql} succeeded");
+    };
+    assert_eq!(
+        err.as_db_error().map(|d| d.code().code()),
+        Some(code),
+        "{what}: {}",
+        pg_error(&err)
+    );
+}
+
+/// The catalog signature of the live tables.
+pub async fn signature(client: &Client) -> CatalogSignature {
+    inspect::catalog_signature(client, None)
+        .await
+        .expect("catalog signature")
 }
 
 /// The signature of the `backup_*` tables, with the prefix also removed where the harness's
@@ -192,4 +249,26 @@ pub fn assert_same_signature(left: &CatalogSignature, right: &CatalogSignature, 
     let diff = left.differences(right);
     assert!(diff.is_empty(), "{what}:\n  {}", diff.join("\n  "));
     assert_eq!(left, right, "{what}");
+}
+
+/// Asserts the live tables still hold `sums` and have the definitions of `sig`.
+pub async fn assert_live_unchanged(
+    client: &Client,
+    sums: &BTreeMap<String, TableChecksum>,
+    sig: &CatalogSignature,
+    what: &str,
+) {
+    assert_eq!(live_sums(client).await, *sums, "{what}: rows");
+    assert_same_signature(&signature(client).await, sig, what);
+}
+
+/// Asserts the `backup_*` tables hold `sums` and have the definitions of `sig`.
+pub async fn assert_backup_of(
+    client: &Client,
+    sums: &BTreeMap<String, TableChecksum>,
+    sig: &CatalogSignature,
+    what: &str,
+) {
+    assert_eq!(backup_sums(client).await, *sums, "{what}: rows");
+    assert_same_signature(&backup_signature(client).await, sig, what);
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use pgzm_coordinator::agents::AgentPool;
 use pgzm_coordinator::conninfo::DbUrl;
+use pgzm_coordinator::cutover::SwapOptions;
 use pgzm_coordinator::migrate::{self, Report, StartOptions};
 use pgzm_coordinator::swap::SwapSettings;
 use pgzm_coordinator::CoordinatorError;
@@ -41,20 +42,76 @@ pub async fn fixture_pair(label: &str, fixture: &str) -> Pair {
     Pair { source, dest }
 }
 
+/// Creates a pair with the coverage fixture in the source and only PostGIS in the destination.
+pub async fn coverage_pair(label: &str) -> Pair {
+    let p = pair(label).await;
+    for f in ["coverage/schema.sql", "coverage/data.sql"] {
+        p.source
+            .load_fixture(f)
+            .await
+            .unwrap_or_else(|e| panic!("load {f}: {e}"));
+    }
+    p.dest
+        .batch("CREATE EXTENSION IF NOT EXISTS postgis")
+        .await
+        .expect("create postgis in the destination");
+    p
+}
+
+/// Tables of the TES fixture with a geometry column `geom`, all keyed by `gid`.
+pub const GEOMETRY_TABLES: [&str; 7] = [
+    "Area",
+    "Blockgroup",
+    "CongressionalDistrict",
+    "County",
+    "Municipality",
+    "State",
+    "TreeCanopy",
+];
+
+/// An envelope around one old and one migrated `"Area"` of the TES fixture.
+pub const ENVELOPE: &str = "ST_MakeEnvelope(-77.4585, 37.5505, -77.0485, 38.8515, 4326)";
+
+/// The ids of the TES `"Area"`s inside [`ENVELOPE`], sorted.
+pub fn areas_in_envelope() -> String {
+    format!(r#"SELECT id FROM "Area" WHERE ST_Intersects(geom, {ENVELOPE}) ORDER BY id"#)
+}
+
+/// The preserved set of scenario 8 (safe on TES: nothing in the source points at rows the
+/// destination has and the source lacks).
+pub const TES_PRESERVED: [&str; 3] = ["User", "Scenario", "BlockgroupOnScenario"];
+
+/// The destination's URL.
+pub fn dest_url(p: &Pair) -> DbUrl {
+    DbUrl::parse(&p.dest.url(), "destination").expect("dest url")
+}
+
+/// The short lock settings of the tests' swaps and rollbacks.
+pub fn locks() -> SwapSettings {
+    SwapSettings {
+        lock_timeout: Duration::from_millis(50),
+        total_timeout: Duration::from_secs(10),
+    }
+}
+
 /// Default options for tests: 2 jobs, short swap timeout.
 pub fn options(p: &Pair) -> StartOptions {
     StartOptions {
         jobs: 2,
-        swap: SwapSettings {
-            lock_timeout: Duration::from_millis(50),
-            total_timeout: Duration::from_secs(10),
-        },
+        swap: locks(),
         copy_retries: 1,
         ..StartOptions::new(
             DbUrl::parse(&p.source.url(), "source").expect("source url"),
-            DbUrl::parse(&p.dest.url(), "destination").expect("dest url"),
+            dest_url(p),
         )
     }
+}
+
+/// [`options`] with `tables` preserved.
+pub fn preserving(p: &Pair, tables: &[&str]) -> StartOptions {
+    let mut opts = options(p);
+    opts.preserved = tables.iter().map(|s| s.to_string()).collect();
+    opts
 }
 
 /// The in-process agent, as `pgzm` runs it without `--agent`.
@@ -90,23 +147,34 @@ pub async fn prepare_and_release(opts: &StartOptions) -> Result<Report, Coordina
     Ok(prepared.release().await)
 }
 
-/// Runs `swap` on the destination of `p` (what `pgzm swap --dest URL` does), with the same
-/// short lock settings as [`options`].
-pub async fn swap(p: &Pair) -> Result<Report, CoordinatorError> {
-    let opts = options(p);
-    pgzm_coordinator::cutover::swap_command(pgzm_coordinator::cutover::SwapOptions {
-        destination: opts.destination,
+/// What `pgzm swap --dest URL` runs on the destination of `p`, with the same short lock
+/// settings as [`options`].
+pub fn swap_options(p: &Pair) -> SwapOptions {
+    SwapOptions {
+        destination: dest_url(p),
         migration_id: None,
         dry_run: false,
-        locks: opts.swap,
+        locks: locks(),
+    }
+}
+
+/// Runs `swap` with [`swap_options`].
+pub async fn swap(p: &Pair) -> Result<Report, CoordinatorError> {
+    pgzm_coordinator::cutover::swap_command(swap_options(p)).await
+}
+
+/// Runs `swap --dry-run` with [`swap_options`]: checks the prepared set, changes nothing.
+pub async fn swap_dry_run(p: &Pair) -> Result<Report, CoordinatorError> {
+    pgzm_coordinator::cutover::swap_command(SwapOptions {
+        dry_run: true,
+        ..swap_options(p)
     })
     .await
 }
 
 /// `pgzm status` of the destination of `p`.
 pub async fn status(p: &Pair) -> pgzm_coordinator::status::Status {
-    let dest = DbUrl::parse(&p.dest.url(), "destination").expect("dest url");
-    pgzm_coordinator::status::status(&dest)
+    pgzm_coordinator::status::status(&dest_url(p))
         .await
         .expect("pgzm status")
 }
