@@ -169,9 +169,6 @@ impl CopySpec {
         if task.snapshot_id.is_empty() {
             return Err(AgentError::InvalidTask("snapshot_id is empty".into()));
         }
-        if task.columns.is_empty() {
-            return Err(AgentError::InvalidTask("no columns to copy".into()));
-        }
         let (destination, application_name) =
             databases.resolve(Side::Destination, task.destination.as_ref())?;
         let source_table = table_name("source", task.source_table)?;
@@ -315,6 +312,20 @@ impl RowCounter {
     }
 }
 
+/// ` (a, b, …)` for COPY, or nothing for a table without copied columns (no columns at all, or
+/// only generated ones): COPY without a column list then moves rows of zero fields, and the
+/// destination computes its generated columns.
+fn column_list(columns: &[String]) -> String {
+    if columns.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " ({})",
+            quote_ident_list(columns.iter().map(String::as_str))
+        )
+    }
+}
+
 /// Opens the source side: a snapshot transaction and a COPY TO stream of the table or range.
 /// `reuse` is a session of an earlier task that is already inside this snapshot's transaction.
 pub async fn open_source(
@@ -350,12 +361,10 @@ pub async fn open_source(
             src
         }
     };
+    let list = column_list(columns);
     let columns = quote_ident_list(columns.iter().map(String::as_str));
     let sql = match range {
-        None => format!(
-            "COPY {} ({columns}) TO STDOUT (FORMAT binary)",
-            table.quoted()
-        ),
+        None => format!("COPY {}{list} TO STDOUT (FORMAT binary)", table.quoted()),
         Some(r) => format!(
             "COPY (SELECT {columns} FROM {} WHERE {}) TO STDOUT (FORMAT binary)",
             table.quoted(),
@@ -513,15 +522,15 @@ pub async fn run_copy(
         }
         let mut source = source_stream(spec, peers, sessions).await?;
 
-        let columns = quote_ident_list(spec.columns.iter().map(String::as_str));
+        let columns = column_list(&spec.columns);
         let target = spec.destination_table.quoted();
         let copy = if spec.freeze {
             dst.batch_execute(&format!("TRUNCATE {target}"))
                 .await
                 .map_err(|e| AgentError::copy(&table, "truncate the shadow table", Side::Destination, &e))?;
-            format!("COPY {target} ({columns}) FROM STDIN (FORMAT binary, FREEZE)")
+            format!("COPY {target}{columns} FROM STDIN (FORMAT binary, FREEZE)")
         } else {
-            format!("COPY {target} ({columns}) FROM STDIN (FORMAT binary)")
+            format!("COPY {target}{columns} FROM STDIN (FORMAT binary)")
         };
         let sink = dst
             .copy_in::<_, Bytes>(&copy)

@@ -216,6 +216,10 @@ pub struct PrepareArgs {
     /// and a table whose digests differ is copied again.
     #[arg(long)]
     pub no_verify: bool,
+    /// Backup sets to keep after a swap, the new one included (older ones are dropped once the
+    /// swap has committed, never before).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_backups: u32,
     /// Without a terminal (logs, CI, Kubernetes): log the copy's progress (percent, bytes, rate,
     /// ETA) every this many seconds; 0 turns it off. On a terminal a progress bar shows it.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
@@ -316,6 +320,10 @@ pub struct SwapArgs {
     /// Lock behaviour.
     #[command(flatten)]
     pub locks: LockArgs,
+    /// Backup sets to keep after the swap, the new one included (older ones are dropped once
+    /// the swap has committed, never before).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_backups: u32,
 }
 
 /// Arguments of `pgzm status`.
@@ -373,6 +381,7 @@ impl PrepareArgs {
             force: self.force,
             range_bytes: self.range_size_mb.max(1) << 20,
             verify: !self.no_verify,
+            keep_backups: self.keep_backups,
             ..defaults
         })
     }
@@ -399,6 +408,7 @@ impl SwapArgs {
             migration_id: self.timestamp,
             dry_run: self.dry_run,
             locks: self.locks.settings()?,
+            keep_backups: self.keep_backups,
         })
     }
 }

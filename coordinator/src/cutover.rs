@@ -26,6 +26,17 @@ pub struct SwapOptions {
     pub dry_run: bool,
     /// Lock behaviour.
     pub locks: SwapSettings,
+    /// Backup sets kept after the swap, the new one included (at least 1).
+    pub keep_backups: u32,
+}
+
+/// How a swap runs: its locks, and how many backup sets it keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct SwapPolicy {
+    /// Lock behaviour.
+    pub locks: SwapSettings,
+    /// Backup sets kept after the swap, the new one included (at least 1).
+    pub keep_backups: u32,
 }
 
 /// Swaps a prepared migration in, on the control session that holds the run lock.
@@ -34,7 +45,7 @@ pub async fn swap_prepared(
     destination: &DbUrl,
     plan: &Plan,
     objects: &RecordedObjects,
-    locks: SwapSettings,
+    policy: SwapPolicy,
     phases: &mut Phases,
     report: &mut Report,
 ) -> Result<(), CoordinatorError> {
@@ -42,20 +53,22 @@ pub async fn swap_prepared(
     if !problems.is_empty() {
         return Err(CoordinatorError::Refused(problems));
     }
-    // The previous backup set is replaced only now that this run is fully prepared.
+    // The current backup set is not dropped before the swap: the swap transaction moves it
+    // aside (to `backup_<id>_` names, recorded in the same transaction), so a swap that fails
+    // leaves it exactly as it was.
     let earlier = state::earlier_runs(control).await?;
-    if let Some((id, moves)) = earlier.backup_set {
-        if id != plan.migration_id {
-            let mut c = destination.connect("pgzm-coordinator").await?;
-            report.dropped_backup = phases
-                .run(
-                    "drop_previous_backup",
-                    state::drop_backup_set(&mut c, id, &moves),
-                )
-                .await?;
+    let aside = match earlier.backup_set {
+        Some((id, moves)) if id != plan.migration_id => {
+            Some(state::aside_set(control, id, &moves).await?)
         }
-    }
-    let outcome = phases.run("swap", swap::swap(control, plan, locks)).await?;
+        _ => None,
+    };
+    let outcome = phases
+        .run(
+            "swap",
+            swap::swap(control, plan, aside.as_ref(), policy.locks),
+        )
+        .await?;
     let m = crate::metrics::get();
     m.swap_lock_held
         .record(outcome.lock_held_us as f64 / 1000.0, &[]);
@@ -68,6 +81,21 @@ pub async fn swap_prepared(
     report
         .warnings
         .extend(swap::validate_repointed(control, plan).await);
+    // Only now, with the new set in place, are sets beyond --keep-backups dropped.
+    match destination.connect("pgzm-coordinator").await {
+        Ok(mut c) => {
+            let (dropped, warnings) = phases
+                .run("drop_old_backups", async {
+                    Ok(state::drop_old_sets(&mut c, policy.keep_backups).await)
+                })
+                .await?;
+            report.dropped_backup = dropped;
+            report.warnings.extend(warnings);
+        }
+        Err(e) => report.warnings.push(format!(
+            "the swap committed, but older backup sets could not be dropped ({e}); run `pgzm cleanup` to drop them"
+        )),
+    }
     // The backup tables are frozen from now on: their row counts are what `verify` checks.
     let backup_rows = count_backups(control, plan, &mut report.warnings).await;
     let stats = serde_json::json!({
@@ -221,7 +249,10 @@ async fn swap_locked(
         &opts.destination,
         &row.plan,
         &row.objects,
-        opts.locks,
+        SwapPolicy {
+            locks: opts.locks,
+            keep_backups: opts.keep_backups,
+        },
         phases,
         &mut report,
     )

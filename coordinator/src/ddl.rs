@@ -348,7 +348,7 @@ pub fn create_index(
 
 /// How PostgreSQL's `quote_identifier` prints a name: bare when it is a lower-case simple
 /// identifier that is not a keyword, quoted otherwise. We accept both forms.
-fn quote_ident_like_pg(name: &str) -> String {
+pub fn quote_ident_like_pg(name: &str) -> String {
     let simple = name
         .chars()
         .next()

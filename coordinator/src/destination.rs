@@ -61,11 +61,21 @@ pub struct Policy {
     pub with_check: Option<String>,
 }
 
-/// A view of the destination.
+/// A schema-qualified name: (schema, name), both unquoted.
+pub type QualName = (String, String);
+
+/// `(public, name)`.
+pub fn in_public(name: &str) -> QualName {
+    (crate::naming::public_schema(), name.to_string())
+}
+
+/// A view of the destination (any schema but the system's and the tool's).
 #[derive(Debug, Clone)]
 pub struct LiveView {
     /// pg_class oid.
     pub oid: Oid,
+    /// Schema.
+    pub schema: String,
     /// Unquoted name.
     pub name: String,
     /// `pg_get_viewdef`, qualified.
@@ -80,6 +90,8 @@ pub struct LiveView {
     pub comment: Option<String>,
     /// Relations (oids) it reads.
     pub depends_on: BTreeSet<Oid>,
+    /// Functions (oids) it calls.
+    pub calls: BTreeSet<Oid>,
     /// Columns it reads: (relation, column).
     pub columns: Vec<(String, String)>,
 }
@@ -87,6 +99,8 @@ pub struct LiveView {
 /// A foreign key from a table the migration does not replace to one it does.
 #[derive(Debug, Clone)]
 pub struct ForeignKeyIn {
+    /// Schema of the referencing table.
+    pub schema: String,
     /// Referencing table.
     pub table: String,
     /// Constraint name.
@@ -102,12 +116,21 @@ pub struct ForeignKeyIn {
 pub struct Destination {
     /// Live tables by name.
     pub tables: BTreeMap<String, LiveTable>,
-    /// Views by name.
-    pub views: BTreeMap<String, LiveView>,
-    /// Materialized views by name: (oid, relations they read).
-    pub materialized_views: BTreeMap<String, (Oid, BTreeSet<Oid>)>,
-    /// Names of every relation (table, index, sequence, view…) in `public`.
-    pub relation_names: BTreeSet<String>,
+    /// Views by schema-qualified name, in every schema but the system's and the tool's.
+    pub views: BTreeMap<QualName, LiveView>,
+    /// Materialized views by schema-qualified name: (oid, relations they read).
+    pub materialized_views: BTreeMap<QualName, (Oid, BTreeSet<Oid>)>,
+    /// Functions and procedures whose signature or body depends on a relation or a user type
+    /// (the candidates to follow a swap).
+    pub typed_functions: Vec<TypedFunction>,
+    /// Oids of the live types in `public` by name (enums, domains; array types excluded).
+    pub type_oids: BTreeMap<String, Oid>,
+    /// Names of every relation (table, index, sequence, view…) in every schema.
+    pub relation_names: BTreeSet<QualName>,
+    /// Names of every type in every schema (array types excluded).
+    pub type_qualnames: BTreeSet<QualName>,
+    /// Names of every function and procedure in every schema.
+    pub function_names: BTreeSet<QualName>,
     /// Names of every type in `public` (array types excluded).
     pub type_names: BTreeSet<String>,
     /// Owner and grants of sequences and types by name, to carry to their replacements.
@@ -152,11 +175,20 @@ SELECT p.polrelid, p.polname::text, p.polpermissive, p.polcmd::text,
 FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
 WHERE c.relnamespace = 'public'::regnamespace ORDER BY p.polname";
 
-const RELATION_NAMES: &str =
-    "SELECT relname::text FROM pg_class WHERE relnamespace = 'public'::regnamespace";
+const RELATION_NAMES: &str = "
+SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND NOT n.nspname ^@ 'pg_toast'";
+
+const TYPE_NAMES: &str = "
+SELECT n.nspname::text, t.typname::text FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND NOT n.nspname ^@ 'pg_toast' AND t.typcategory <> 'A'";
+
+const FUNCTION_NAMES: &str = "
+SELECT DISTINCT n.nspname::text, p.proname::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')";
 
 const TYPES: &str = "
-SELECT t.typname::text, pg_get_userbyid(t.typowner)::text,
+SELECT t.oid, t.typname::text, pg_get_userbyid(t.typowner)::text,
        ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
              FROM aclexplode(t.typacl) a WHERE a.grantee <> t.typowner)
 FROM pg_type t
@@ -168,8 +200,71 @@ SELECT c.relname::text, pg_get_userbyid(c.relowner)::text,
              FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner)
 FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'S'";
 
+/// A function (or procedure) of the destination whose signature or body depends on relations
+/// or user types: a migrated table's row type, an enum the migration replaces, …
+#[derive(Debug, Clone)]
+pub struct TypedFunction {
+    /// pg_proc oid.
+    pub oid: Oid,
+    /// Schema.
+    pub schema: String,
+    /// Name.
+    pub name: String,
+    /// `regprocedure` text, qualified (`public.f(public.customer)`).
+    pub signature: String,
+    /// `f` function, `p` procedure, `a` aggregate, `w` window.
+    pub kind: char,
+    /// `pg_get_functiondef` (None for aggregates).
+    pub definition: Option<String>,
+    /// Owner.
+    pub owner: String,
+    /// Privileges, or None for the default (EXECUTE to PUBLIC).
+    pub grants: Option<Vec<Grant>>,
+    /// COMMENT ON FUNCTION.
+    pub comment: Option<String>,
+    /// Relations whose row type (or array of it) it uses, or that its body reads (SQL-standard
+    /// bodies).
+    pub relations: BTreeSet<Oid>,
+    /// Other types it uses (element types of arrays resolved).
+    pub types: BTreeSet<Oid>,
+}
+
+const TYPED_FUNCTIONS: &str = "
+WITH refs AS (
+    SELECT d.objid AS fn,
+           CASE WHEN d.refclassid = 'pg_class'::regclass THEN d.refobjid
+                ELSE coalesce(nullif(t.typrelid, 0), nullif(e.typrelid, 0)) END AS rel,
+           CASE WHEN d.refclassid = 'pg_type'::regclass AND coalesce(nullif(t.typrelid, 0), nullif(e.typrelid, 0)) IS NULL
+                THEN coalesce(e.oid, t.oid) END AS typ
+    FROM pg_depend d
+    LEFT JOIN pg_type t ON d.refclassid = 'pg_type'::regclass AND t.oid = d.refobjid
+    LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typcategory = 'A'
+    WHERE d.classid = 'pg_proc'::regclass AND d.deptype = 'n'
+      AND d.refclassid IN ('pg_class'::regclass, 'pg_type'::regclass)
+)
+SELECT p.oid, n.nspname::text, p.proname::text, p.oid::regprocedure::text, p.prokind::text,
+       CASE WHEN p.prokind <> 'a' THEN pg_get_functiondef(p.oid) END,
+       pg_get_userbyid(p.proowner)::text,
+       p.proacl IS NULL,
+       ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
+             FROM aclexplode(p.proacl) a WHERE a.grantee <> p.proowner),
+       obj_description(p.oid, 'pg_proc'),
+       ARRAY(SELECT DISTINCT r.rel FROM refs r WHERE r.fn = p.oid AND r.rel IS NOT NULL),
+       ARRAY(SELECT DISTINCT r.typ FROM refs r WHERE r.fn = p.oid AND r.typ IS NOT NULL)
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE p.oid IN (SELECT fn FROM refs WHERE rel IS NOT NULL OR typ IS NOT NULL)
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgzm')
+  AND NOT EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = 'pg_proc'::regclass AND x.objid = p.oid AND x.deptype = 'e')";
+
+/// Functions views call (view oid, function oid).
+const VIEW_CALLS: &str = "
+SELECT DISTINCT r.ev_class, d.refobjid
+FROM pg_rewrite r
+JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+WHERE d.refclassid = 'pg_proc'::regclass";
+
 const VIEWS: &str = "
-SELECT c.oid, c.relname::text, pg_get_viewdef(c.oid), coalesce(c.reloptions, '{}')::text[],
+SELECT c.oid, n.nspname::text, c.relname::text, pg_get_viewdef(c.oid), coalesce(c.reloptions, '{}')::text[],
        pg_get_userbyid(c.relowner)::text,
        ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
              FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner),
@@ -181,17 +276,17 @@ SELECT c.oid, c.relname::text, pg_get_viewdef(c.oid), coalesce(c.reloptions, '{}
              JOIN pg_class t ON t.oid = d.refobjid AND t.relnamespace = 'public'::regnamespace
              JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
              WHERE r.ev_class = c.oid AND d.refobjid <> c.oid)
-FROM pg_class c
-WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'v'
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgzm')
   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
 
 const MATERIALIZED_VIEWS: &str = "
-SELECT c.oid, c.relname::text FROM pg_class c
-WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'm'
+SELECT c.oid, n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'm' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgzm')
   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
 
 const FOREIGN_KEYS: &str = "
-SELECT src.relname::text, con.conname::text, dst.relname::text, pg_get_constraintdef(con.oid)
+SELECT (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = src.relnamespace), src.relname::text, con.conname::text, dst.relname::text, pg_get_constraintdef(con.oid)
 FROM pg_constraint con
 JOIN pg_class src ON src.oid = con.conrelid
 JOIN pg_class dst ON dst.oid = con.confrelid
@@ -301,13 +396,28 @@ pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
         .await
         .map_err(err("relation names"))?
     {
-        dest.relation_names.insert(row.get(0));
+        dest.relation_names.insert((row.get(0), row.get(1)));
+    }
+    for row in client
+        .query(TYPE_NAMES, &[])
+        .await
+        .map_err(err("type names"))?
+    {
+        dest.type_qualnames.insert((row.get(0), row.get(1)));
+    }
+    for row in client
+        .query(FUNCTION_NAMES, &[])
+        .await
+        .map_err(err("function names"))?
+    {
+        dest.function_names.insert((row.get(0), row.get(1)));
     }
     for row in client.query(TYPES, &[]).await.map_err(err("types"))? {
-        let name: String = row.get(0);
+        let name: String = row.get(1);
         dest.type_names.insert(name.clone());
+        dest.type_oids.insert(name.clone(), row.get(0));
         dest.type_acl
-            .insert(name, (row.get(1), parse_grants(row.get(2))));
+            .insert(name, (row.get(2), parse_grants(row.get(3))));
     }
     for row in client
         .query(SEQUENCE_ACL, &[])
@@ -325,19 +435,29 @@ pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
     {
         deps.entry(row.get(0)).or_default().insert(row.get(1));
     }
+    let mut calls: BTreeMap<Oid, BTreeSet<Oid>> = BTreeMap::new();
+    for row in client
+        .query(VIEW_CALLS, &[])
+        .await
+        .map_err(err("functions called by views"))?
+    {
+        calls.entry(row.get(0)).or_default().insert(row.get(1));
+    }
     for row in client.query(VIEWS, &[]).await.map_err(err("views"))? {
         let oid: Oid = row.get(0);
         let v = LiveView {
             oid,
-            name: row.get(1),
-            definition: row.get(2),
-            options: row.get(3),
-            owner: row.get(4),
-            grants: parse_grants(row.get(5)),
-            comment: row.get(6),
+            schema: row.get(1),
+            name: row.get(2),
+            definition: row.get(3),
+            options: row.get(4),
+            owner: row.get(5),
+            grants: parse_grants(row.get(6)),
+            comment: row.get(7),
             depends_on: deps.remove(&oid).unwrap_or_default(),
+            calls: calls.remove(&oid).unwrap_or_default(),
             columns: row
-                .get::<_, Vec<String>>(7)
+                .get::<_, Vec<String>>(8)
                 .into_iter()
                 .filter_map(|s| {
                     s.split_once('|')
@@ -345,7 +465,7 @@ pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
                 })
                 .collect(),
         };
-        dest.views.insert(v.name.clone(), v);
+        dest.views.insert((v.schema.clone(), v.name.clone()), v);
     }
     for row in client
         .query(MATERIALIZED_VIEWS, &[])
@@ -354,7 +474,8 @@ pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
     {
         let oid: Oid = row.get(0);
         let reads = deps.remove(&oid).unwrap_or_default();
-        dest.materialized_views.insert(row.get(1), (oid, reads));
+        dest.materialized_views
+            .insert((row.get(1), row.get(2)), (oid, reads));
     }
     for row in client
         .query(FOREIGN_KEYS, &[])
@@ -362,10 +483,11 @@ pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
         .map_err(err("foreign keys"))?
     {
         dest.foreign_keys_in.push(ForeignKeyIn {
-            table: row.get(0),
-            name: row.get(1),
-            references: row.get(2),
-            definition: row.get(3),
+            schema: row.get(0),
+            table: row.get(1),
+            name: row.get(2),
+            references: row.get(3),
+            definition: row.get(4),
         });
     }
     for row in client
@@ -388,6 +510,26 @@ pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
         .map_err(err("functions"))?
     {
         dest.functions.insert(row.get(0), row.get(1));
+    }
+    for row in client
+        .query(TYPED_FUNCTIONS, &[])
+        .await
+        .map_err(err("functions typed on relations"))?
+    {
+        let default_acl: bool = row.get(7);
+        dest.typed_functions.push(TypedFunction {
+            oid: row.get(0),
+            schema: row.get(1),
+            name: row.get(2),
+            signature: row.get(3),
+            kind: row.get::<_, String>(4).chars().next().unwrap_or('f'),
+            definition: row.get(5),
+            owner: row.get(6),
+            grants: (!default_acl).then(|| parse_grants(row.get(8))),
+            comment: row.get(9),
+            relations: row.get::<_, Vec<Oid>>(10).into_iter().collect(),
+            types: row.get::<_, Vec<Oid>>(11).into_iter().collect(),
+        });
     }
     dest.superuser = client
         .query_one(

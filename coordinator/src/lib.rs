@@ -14,6 +14,7 @@ pub mod conninfo;
 pub mod copy;
 pub mod cutover;
 pub mod ddl;
+pub mod dependents;
 pub mod destination;
 pub mod error;
 pub mod logfile;

@@ -43,6 +43,8 @@ pub struct StartOptions {
     pub range_bytes: i64,
     /// Digest every row on both sides of the copy and compare (on by default).
     pub verify: bool,
+    /// Backup sets kept after the swap, the new one included (at least 1).
+    pub keep_backups: u32,
 }
 
 impl StartOptions {
@@ -63,6 +65,7 @@ impl StartOptions {
             force: false,
             range_bytes: DEFAULT_RANGE_BYTES,
             verify: true,
+            keep_backups: 1,
         }
     }
 }
@@ -284,7 +287,10 @@ pub async fn start_with_phases(
         &opts.destination,
         &prepared.report.plan.clone(),
         &prepared.created,
-        opts.swap,
+        cutover::SwapPolicy {
+            locks: opts.swap,
+            keep_backups: opts.keep_backups,
+        },
         phases,
         &mut prepared.report,
     )

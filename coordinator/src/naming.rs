@@ -13,6 +13,14 @@ pub const SHADOW: &str = "shadow_";
 /// Prefix of the previous live objects after a swap.
 pub const BACKUP: &str = "backup_";
 
+/// The schema migrated tables live in (until schemas are chosen per run).
+pub const PUBLIC: &str = "public";
+
+/// [`PUBLIC`] as an owned string (serde default of recorded names without a schema).
+pub fn public_schema() -> String {
+    PUBLIC.to_string()
+}
+
 /// `prefix + name`, shortened to fit 63 bytes when needed.
 pub fn prefixed(prefix: &str, name: &str) -> String {
     let full = format!("{prefix}{name}");

@@ -70,6 +70,16 @@ pub fn human_plan(plan: &Plan) -> String {
         let names: Vec<&str> = plan.views.iter().map(|v| v.name.as_str()).collect();
         let _ = writeln!(s, "  views created at the swap: {}", names.join(", "));
     }
+    if !plan.dependents.is_empty() {
+        let _ = writeln!(
+            s,
+            "  objects outside the migrated tables that depend on them: {}",
+            plan.dependents.len()
+        );
+        for d in &plan.dependents {
+            let _ = writeln!(s, "    {} (on {}): {}", d.object, d.on, d.action);
+        }
+    }
     if !plan.extensions_to_create.is_empty() {
         let names: Vec<&str> = plan
             .extensions_to_create

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{SourceSchema, Table};
-use crate::destination::{Destination, Grant};
+use crate::destination::{Destination, Grant, QualName};
 use crate::naming::{prefixed, BACKUP, SHADOW};
 use crate::rewrite::Renames;
 use crate::state::RecordedObjects;
@@ -31,6 +31,8 @@ pub enum ObjectKind {
     Type,
     /// A view.
     View,
+    /// A function or procedure (identified by its oid: its signature may name migrated types).
+    Function,
 }
 
 impl ObjectKind {
@@ -42,24 +44,77 @@ impl ObjectKind {
             ObjectKind::Sequence => "SEQUENCE",
             ObjectKind::Type => "TYPE",
             ObjectKind::View => "VIEW",
+            ObjectKind::Function => "ROUTINE",
         }
     }
 
     /// Whether the object lives in pg_class (relations share one namespace per schema).
     pub fn is_relation(self) -> bool {
-        !matches!(self, ObjectKind::Type)
+        !matches!(self, ObjectKind::Type | ObjectKind::Function)
     }
 }
 
-/// One rename: `from` → `to`, both unquoted names in `public`.
+/// One rename: `from` → `to`, both unquoted names in `schema`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Move {
     /// Kind.
     pub kind: ObjectKind,
+    /// Schema of the object (plans recorded before schemas were carried read as `public`).
+    #[serde(default = "crate::naming::public_schema")]
+    pub schema: String,
     /// Current name.
     pub from: String,
     /// New name.
     pub to: String,
+    /// The object's oid, for functions (their signature is not a stable handle: it may name a
+    /// type that the swap renames).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oid: Option<crate::catalog::Oid>,
+}
+
+impl Move {
+    /// A rename in `public`.
+    pub fn public(kind: ObjectKind, from: impl Into<String>, to: impl Into<String>) -> Move {
+        Move {
+            kind,
+            schema: crate::naming::public_schema(),
+            from: from.into(),
+            to: to.into(),
+            oid: None,
+        }
+    }
+
+    /// `ALTER … RENAME` from `from` to `to` (or back, with `reverse`). A function is named by
+    /// its oid, resolved when the statement runs.
+    pub fn rename_sql(&self, reverse: bool) -> String {
+        let (from, to) = if reverse {
+            (&self.to, &self.from)
+        } else {
+            (&self.from, &self.to)
+        };
+        match (self.kind, self.oid) {
+            (ObjectKind::Function, Some(oid)) => format!(
+                "DO $pgzm$ BEGIN EXECUTE format('ALTER ROUTINE %s RENAME TO %I', {oid}::oid::pg_catalog.regprocedure, {}); END $pgzm$",
+                pgzm_agent::sql::quote_literal(to)
+            ),
+            _ => format!(
+                "ALTER {} {} RENAME TO {}",
+                self.kind.keyword(),
+                pgzm_agent::sql::quote_qualified(&self.schema, from),
+                pgzm_agent::sql::quote_ident(to)
+            ),
+        }
+    }
+
+    /// The quoted, schema-qualified current name.
+    pub fn qualified_from(&self) -> String {
+        pgzm_agent::sql::quote_qualified(&self.schema, &self.from)
+    }
+
+    /// The quoted, schema-qualified new name.
+    pub fn qualified_to(&self) -> String {
+        pgzm_agent::sql::quote_qualified(&self.schema, &self.to)
+    }
 }
 
 /// A table to migrate.
@@ -88,6 +143,9 @@ pub struct TablePlan {
 /// A view created in the swap transaction.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ViewPlan {
+    /// Schema.
+    #[serde(default = "crate::naming::public_schema")]
+    pub schema: String,
     /// Name.
     pub name: String,
     /// Definition (qualified; refers to live names, which are the new tables after the renames).
@@ -107,6 +165,9 @@ pub struct ViewPlan {
 /// A foreign key of a destination-only table re-pointed at the new table in the swap.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ForeignKeyRepoint {
+    /// Schema of the referencing table.
+    #[serde(default = "crate::naming::public_schema")]
+    pub schema: String,
     /// Referencing table (not migrated).
     pub table: String,
     /// Constraint name.
@@ -115,6 +176,77 @@ pub struct ForeignKeyRepoint {
     pub references: String,
     /// Constraint definition.
     pub definition: String,
+}
+
+/// A destination function (or procedure) whose signature or body is bound to an object the
+/// swap replaces (a migrated table's row type, a replaced enum, a recreated view): the old one
+/// moves to the backup set under a `backup_` name, and this one is created over the new objects
+/// in the swap transaction, with the same body, settings, owner, privileges and comment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FunctionPlan {
+    /// Schema.
+    pub schema: String,
+    /// Name.
+    pub name: String,
+    /// Its signature (`regprocedure` text, qualified) as read before the swap: after the
+    /// renames the type names in it denote the new objects.
+    pub signature: String,
+    /// `CREATE OR REPLACE FUNCTION …` (`pg_get_functiondef`, qualified).
+    pub definition: String,
+    /// Owner.
+    pub owner: String,
+    /// Privileges; None: the default (EXECUTE to PUBLIC).
+    pub grants: Option<Vec<Grant>>,
+    /// Comment.
+    pub comment: Option<String>,
+    /// `f` function, `p` procedure, `w` window function.
+    pub kind: char,
+    /// Typed on (or reading) a view recreated at the swap: created after the views.
+    #[serde(default)]
+    pub after_views: bool,
+}
+
+impl FunctionPlan {
+    /// `FUNCTION` or `PROCEDURE`.
+    pub fn keyword(&self) -> &'static str {
+        if self.kind == 'p' {
+            "PROCEDURE"
+        } else {
+            "FUNCTION"
+        }
+    }
+}
+
+/// An object outside the migrated set that depends on something the swap replaces, and what
+/// the migration does with it (listed by `plan`/`--dry-run`, human and JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dependent {
+    /// The object, as PostgreSQL describes it (`function public.f(integer)`, `view reporting.v`…).
+    pub object: String,
+    /// What it depends on (`table public.customer`…).
+    pub on: String,
+    /// What happens to it.
+    pub action: String,
+}
+
+/// A dependent of another table re-pointed in place at the swap (a column default, a
+/// row-level-security policy): `detach` removes it, `attach` creates it again from its
+/// definition read before the swap, which names objects by their live names (the new objects
+/// after the swap's renames, the restored ones after a rollback's).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Repoint {
+    /// The object, as PostgreSQL describes it.
+    pub object: String,
+    /// What it depends on.
+    pub on: String,
+    /// Schema of its table (locked during the swap).
+    pub schema: String,
+    /// Its table.
+    pub table: String,
+    /// Statements removing it.
+    pub detach: Vec<String>,
+    /// Statements creating it again.
+    pub attach: Vec<String>,
 }
 
 /// The whole plan of one migration.
@@ -140,6 +272,16 @@ pub struct Plan {
     pub views: Vec<ViewPlan>,
     /// Foreign keys re-pointed in the swap.
     pub foreign_keys: Vec<ForeignKeyRepoint>,
+    /// Destination functions recreated over the new objects in the swap.
+    #[serde(default)]
+    pub functions: Vec<FunctionPlan>,
+    /// Every object outside the migrated set that depends on a replaced object, and what
+    /// happens to it.
+    #[serde(default)]
+    pub dependents: Vec<Dependent>,
+    /// Defaults and policies of other tables re-pointed in place at the swap.
+    #[serde(default)]
+    pub repoints: Vec<Repoint>,
     /// Trigger functions missing in the destination, created with the shadow tables
     /// (signature, definition).
     pub functions_to_create: Vec<(String, String)>,
@@ -213,8 +355,25 @@ pub fn build(
     dest: &Destination,
     earlier: &Earlier,
 ) -> Result<Plan, Vec<String>> {
+    let (plan, problems) = build_all(migration_id, source_label, source, dest, earlier);
+    if problems.is_empty() {
+        Ok(plan)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Builds the plan and lists every reason it cannot run (empty when it can), so that further
+/// checks can add theirs and the operator sees all of them at once.
+pub fn build_all(
+    migration_id: i64,
+    source_label: String,
+    source: &SourceSchema,
+    dest: &Destination,
+    earlier: &Earlier,
+) -> (Plan, Vec<String>) {
     let mut problems: Vec<String> = source.unsupported.clone();
-    let mut warnings = Vec::new();
+    let warnings = Vec::new();
     if source.tables.is_empty() {
         problems.push("the source has no tables in schema public: nothing to migrate".into());
     }
@@ -231,36 +390,28 @@ pub fn build(
     let types: Vec<Move> = source
         .types
         .iter()
-        .map(|t| Move {
-            kind: ObjectKind::Type,
-            from: t.name.clone(),
-            to: shadow_of(&t.name),
-        })
+        .map(|t| Move::public(ObjectKind::Type, t.name.clone(), shadow_of(&t.name)))
         .collect();
     let sequences: Vec<Move> = source
         .sequences
         .iter()
-        .map(|s| Move {
-            kind: ObjectKind::Sequence,
-            from: s.name.clone(),
-            to: shadow_of(&s.name),
-        })
+        .map(|s| Move::public(ObjectKind::Sequence, s.name.clone(), shadow_of(&s.name)))
         .collect();
     let mut indexes = Vec::new();
     for t in &source.tables {
         for c in t.constraints.iter().filter(|c| c.has_index()) {
-            indexes.push(Move {
-                kind: ObjectKind::Index,
-                from: c.name.clone(),
-                to: shadow_of(&c.name),
-            });
+            indexes.push(Move::public(
+                ObjectKind::Index,
+                c.name.clone(),
+                shadow_of(&c.name),
+            ));
         }
         for i in &t.indexes {
-            indexes.push(Move {
-                kind: ObjectKind::Index,
-                from: i.name.clone(),
-                to: shadow_of(&i.name),
-            });
+            indexes.push(Move::public(
+                ObjectKind::Index,
+                i.name.clone(),
+                shadow_of(&i.name),
+            ));
         }
     }
 
@@ -270,25 +421,17 @@ pub fn build(
     let mut backed_up_relations = BTreeSet::new();
     for t in &tables {
         if let Some(live) = dest.tables.get(&t.name) {
-            to_backup.push(Move {
-                kind: ObjectKind::Table,
-                from: live.name.clone(),
-                to: backup_of(&live.name),
-            });
+            to_backup.push(Move::public(
+                ObjectKind::Table,
+                live.name.clone(),
+                backup_of(&live.name),
+            ));
             for i in &live.indexes {
-                to_backup.push(Move {
-                    kind: ObjectKind::Index,
-                    from: i.clone(),
-                    to: backup_of(i),
-                });
+                to_backup.push(Move::public(ObjectKind::Index, i.clone(), backup_of(i)));
                 backed_up_relations.insert(i.clone());
             }
             for s in &live.owned_sequences {
-                to_backup.push(Move {
-                    kind: ObjectKind::Sequence,
-                    from: s.clone(),
-                    to: backup_of(s),
-                });
+                to_backup.push(Move::public(ObjectKind::Sequence, s.clone(), backup_of(s)));
                 backed_up_relations.insert(s.clone());
             }
             backed_up_relations.insert(live.name.clone());
@@ -296,61 +439,58 @@ pub fn build(
     }
     for s in &sequences {
         if dest.sequence_acl.contains_key(&s.from) && !backed_up_relations.contains(&s.from) {
-            to_backup.push(Move {
-                kind: ObjectKind::Sequence,
-                from: s.from.clone(),
-                to: backup_of(&s.from),
-            });
+            to_backup.push(Move::public(
+                ObjectKind::Sequence,
+                s.from.clone(),
+                backup_of(&s.from),
+            ));
             backed_up_relations.insert(s.from.clone());
         }
     }
     for ty in &types {
         if dest.type_names.contains(&ty.from) && !dest.tables.contains_key(&ty.from) {
-            to_backup.push(Move {
-                kind: ObjectKind::Type,
-                from: ty.from.clone(),
-                to: backup_of(&ty.from),
-            });
+            to_backup.push(Move::public(
+                ObjectKind::Type,
+                ty.from.clone(),
+                backup_of(&ty.from),
+            ));
         }
     }
 
-    let views = plan_views(
+    let mut dependents = Vec::new();
+    let Followers {
+        views,
+        functions: recreated_functions,
+    } = plan_dependents(
         source,
         dest,
         &tables,
         &mut to_backup,
-        &mut warnings,
+        &mut dependents,
         &mut problems,
     );
-    refuse_materialized_views(dest, &tables, &views, &mut problems);
 
     let mut to_live: Vec<Move> = tables
         .iter()
-        .map(|t| Move {
-            kind: ObjectKind::Table,
-            from: t.shadow.clone(),
-            to: t.name.clone(),
-        })
+        .map(|t| Move::public(ObjectKind::Table, t.shadow.clone(), t.name.clone()))
         .collect();
     for m in types.iter().chain(&sequences).chain(&indexes) {
-        to_live.push(Move {
-            kind: m.kind,
-            from: m.to.clone(),
-            to: m.from.clone(),
-        });
+        to_live.push(Move::public(m.kind, m.to.clone(), m.from.clone()));
     }
 
     let source_names = source.table_names();
     let foreign_keys: Vec<ForeignKeyRepoint> = dest
         .foreign_keys_in
         .iter()
+        .filter(|fk| source_names.contains(fk.references.as_str()))
         .filter(|fk| {
-            source_names.contains(fk.references.as_str())
-                && !source_names.contains(fk.table.as_str())
+            fk.schema != crate::naming::PUBLIC
+                || (!source_names.contains(fk.table.as_str())
+                    && dest.tables.contains_key(&fk.table)
+                    && !is_tool_object(&fk.table, earlier))
         })
-        .filter(|fk| dest.tables.contains_key(&fk.table))
-        .filter(|fk| !is_tool_object(&fk.table, earlier))
         .map(|fk| ForeignKeyRepoint {
+            schema: fk.schema.clone(),
             table: fk.table.clone(),
             name: fk.name.clone(),
             references: fk.references.clone(),
@@ -358,12 +498,18 @@ pub fn build(
         })
         .collect();
     for fk in &foreign_keys {
-        warnings.push(format!(
-            "foreign key \"{}\" of destination-only table \"{}\" will be re-pointed to the new \"{}\" (validated after the swap)",
-            fk.name, fk.table, fk.references
-        ));
+        dependents.push(Dependent {
+            object: format!(
+                "foreign key {} on table {}",
+                crate::ddl::quote_ident_like_pg(&fk.name),
+                qualified_display(&fk.schema, &fk.table)
+            ),
+            on: format!("table {}", qualified_display("public", &fk.references)),
+            action:
+                "re-pointed at the new table at the swap (NOT VALID, validated after the commit)"
+                    .into(),
+        });
     }
-
     let mut functions_to_create = Vec::new();
     for f in &source.functions {
         match dest.functions.get(&f.signature) {
@@ -397,11 +543,7 @@ pub fn build(
 
     let shadows: Vec<Move> = tables
         .iter()
-        .map(|t| Move {
-            kind: ObjectKind::Table,
-            from: t.name.clone(),
-            to: t.shadow.clone(),
-        })
+        .map(|t| Move::public(ObjectKind::Table, t.name.clone(), t.shadow.clone()))
         .chain(types.iter().cloned())
         .chain(sequences.iter().cloned())
         .chain(indexes.iter().cloned())
@@ -416,10 +558,7 @@ pub fn build(
         &mut problems,
     );
 
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-    Ok(Plan {
+    let plan = Plan {
         migration_id,
         source: source_label,
         tables,
@@ -430,6 +569,9 @@ pub fn build(
         to_live,
         views,
         foreign_keys,
+        functions: recreated_functions,
+        dependents,
+        repoints: Vec::new(),
         functions_to_create,
         extensions_to_create,
         previous_backup: earlier.backup_set.as_ref().map(|(id, _)| *id),
@@ -437,7 +579,8 @@ pub fn build(
         warnings,
         preserved: Vec::new(),
         deferred: Vec::new(),
-    })
+    };
+    (plan, problems)
 }
 
 fn table_plan(t: &Table, dest: &Destination) -> TablePlan {
@@ -464,29 +607,58 @@ fn is_tool_object(name: &str, earlier: &Earlier) -> bool {
             .any(|(_, objs)| objs.tables.iter().any(|(n, _)| n == name))
 }
 
-/// Source views are created in the swap (replacing a destination view of the same name);
-/// destination views that read a replaced table or view are recreated so they read the new ones.
-fn plan_views(
+/// What follows the swap besides the tables: views and functions, found together because each
+/// can make the other depend on a replaced object.
+struct Followers {
+    views: Vec<ViewPlan>,
+    functions: Vec<FunctionPlan>,
+}
+
+/// Source views are created in the swap (replacing a destination view of the same name).
+/// Destination objects bound to a replaced object follow it, to a fixpoint: views (in any
+/// schema) that read a replaced relation or call a recreated function are recreated; functions
+/// whose signature or SQL body uses a replaced relation's row type, a replaced type or a
+/// recreated view are recreated (the old one joins the backup set). Materialized views and
+/// aggregates bound to a replaced object make the plan refuse.
+fn plan_dependents(
     source: &SourceSchema,
     dest: &Destination,
     tables: &[TablePlan],
     to_backup: &mut Vec<Move>,
-    warnings: &mut Vec<String>,
+    dependents: &mut Vec<Dependent>,
     problems: &mut Vec<String>,
-) -> Vec<ViewPlan> {
-    let mut out = Vec::new();
-    let mut replaced_oids: BTreeSet<u32> = tables
+) -> Followers {
+    use crate::destination::{in_public, LiveView, TypedFunction};
+    let mut views = Vec::new();
+    // Replaced relations (oid → description), growing as views are found.
+    let mut replaced: BTreeMap<u32, String> = tables
         .iter()
         .filter_map(|t| dest.tables.get(&t.name))
-        .map(|t| t.oid)
+        .map(|t| {
+            (
+                t.oid,
+                format!("table {}", qualified_display("public", &t.name)),
+            )
+        })
         .collect();
-    let source_views: BTreeSet<&str> = source.views.iter().map(|v| v.name.as_str()).collect();
+    let replaced_types: BTreeMap<u32, String> = to_backup
+        .iter()
+        .filter(|m| m.kind == ObjectKind::Type)
+        .filter_map(|m| dest.type_oids.get(&m.from).map(|o| (*o, m.from.clone())))
+        .map(|(o, n)| (o, format!("type {}", qualified_display("public", &n))))
+        .collect();
+    let source_views: BTreeSet<QualName> =
+        source.views.iter().map(|v| in_public(&v.name)).collect();
     for v in &source.views {
-        let live = dest.views.get(&v.name);
+        let live = dest.views.get(&in_public(&v.name));
         if let Some(live) = live {
-            replaced_oids.insert(live.oid);
+            replaced.insert(
+                live.oid,
+                format!("view {}", qualified_display("public", &v.name)),
+            );
         }
-        out.push(ViewPlan {
+        views.push(ViewPlan {
+            schema: crate::naming::public_schema(),
             name: v.name.clone(),
             definition: v.definition.clone(),
             options: v.options.clone(),
@@ -496,20 +668,51 @@ fn plan_views(
             from_source: true,
         });
     }
-    // Destination-only views reading replaced relations, transitively, in dependency order.
-    let mut affected: BTreeMap<u32, &crate::destination::LiveView> = BTreeMap::new();
+    let mut affected: BTreeMap<u32, &LiveView> = BTreeMap::new();
+    let mut functions: BTreeMap<u32, &TypedFunction> = BTreeMap::new();
+    let mut why: BTreeMap<(char, u32), String> = BTreeMap::new();
     loop {
-        let before = affected.len();
-        for v in dest.views.values() {
-            if source_views.contains(v.name.as_str()) || affected.contains_key(&v.oid) {
+        let before = (affected.len(), functions.len());
+        for f in &dest.typed_functions {
+            if functions.contains_key(&f.oid) {
                 continue;
             }
-            if v.depends_on.iter().any(|d| replaced_oids.contains(d)) {
-                affected.insert(v.oid, v);
-                replaced_oids.insert(v.oid);
+            let hit = f
+                .relations
+                .iter()
+                .find_map(|r| replaced.get(r))
+                .or_else(|| f.types.iter().find_map(|t| replaced_types.get(t)));
+            if let Some(on) = hit {
+                why.insert(('f', f.oid), on.clone());
+                functions.insert(f.oid, f);
             }
         }
-        if affected.len() == before {
+        for v in dest.views.values() {
+            let key = (v.schema.clone(), v.name.clone());
+            if source_views.contains(&key) || affected.contains_key(&v.oid) {
+                continue;
+            }
+            let hit = v
+                .depends_on
+                .iter()
+                .find_map(|d| replaced.get(d).cloned())
+                .or_else(|| {
+                    v.calls.iter().find_map(|c| {
+                        functions
+                            .get(c)
+                            .map(|f| format!("function {}", f.signature))
+                    })
+                });
+            if let Some(on) = hit {
+                why.insert(('v', v.oid), on);
+                affected.insert(v.oid, v);
+                replaced.insert(
+                    v.oid,
+                    format!("view {}", qualified_display(&v.schema, &v.name)),
+                );
+            }
+        }
+        if (affected.len(), functions.len()) == before {
             break;
         }
     }
@@ -524,14 +727,20 @@ fn plan_views(
             if let Some(t) = source.table(table) {
                 if !t.columns.iter().any(|c| &c.name == column) {
                     problems.push(format!(
-                        "destination view \"{}\" reads column \"{table}\".\"{column}\", which the source's \"{table}\" does not have: change or drop the view first",
-                        v.name
+                        "destination view {} reads column \"{table}\".\"{column}\", which the source's \"{table}\" does not have: change or drop the view first",
+                        qualified_display(&v.schema, &v.name)
                     ));
                 }
             }
         }
-        warnings.push(format!("destination view \"{}\" reads migrated tables: it will be recreated to read the new ones", v.name));
-        out.push(ViewPlan {
+        dependents.push(Dependent {
+            object: format!("view {}", qualified_display(&v.schema, &v.name)),
+            on: why[&('v', v.oid)].clone(),
+            action: "recreated over the new objects at the swap (the old one joins the backup set)"
+                .into(),
+        });
+        views.push(ViewPlan {
+            schema: v.schema.clone(),
             name: v.name.clone(),
             definition: v.definition.clone(),
             options: v.options.clone(),
@@ -541,67 +750,155 @@ fn plan_views(
             from_source: false,
         });
     }
-    for v in &out {
-        if dest.views.contains_key(&v.name) {
+    for v in &views {
+        if dest.views.contains_key(&(v.schema.clone(), v.name.clone())) {
             to_backup.insert(
                 0,
                 Move {
                     kind: ObjectKind::View,
+                    schema: v.schema.clone(),
                     from: v.name.clone(),
                     to: prefixed(BACKUP, &v.name),
+                    oid: None,
                 },
             );
         }
     }
-    out
-}
-
-/// A destination materialized view that reads a replaced table (directly or through views and
-/// other materialized views) would keep reading the backup after the swap and would block
-/// dropping that backup set later; pgzm does not rebuild materialized views, so the plan refuses.
-fn refuse_materialized_views(
-    dest: &Destination,
-    tables: &[TablePlan],
-    views: &[ViewPlan],
-    problems: &mut Vec<String>,
-) {
-    let mut replaced: BTreeMap<u32, String> = tables
-        .iter()
-        .filter_map(|t| dest.tables.get(&t.name))
-        .map(|t| (t.oid, t.name.clone()))
-        .chain(
-            views
-                .iter()
-                .filter_map(|v| dest.views.get(&v.name))
-                .map(|v| (v.oid, v.name.clone())),
-        )
-        .collect();
-    let mut found: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut planned = Vec::new();
+    for f in functions.values() {
+        let on = why[&('f', f.oid)].clone();
+        let object = format!(
+            "{} {}",
+            if f.kind == 'p' {
+                "procedure"
+            } else {
+                "function"
+            },
+            f.signature
+        );
+        let definition = match (&f.definition, f.kind) {
+            (Some(d), 'f' | 'p' | 'w') => d.clone(),
+            _ => {
+                problems.push(format!(
+                    "aggregate {} is typed on {on}, which the migration replaces: pgzm does not recreate aggregates; drop it before the migration and create it again afterwards",
+                    f.signature
+                ));
+                continue;
+            }
+        };
+        dependents.push(Dependent {
+            object,
+            on,
+            action: "recreated over the new objects at the swap with its body, settings, owner, privileges and comment (the old one joins the backup set)".into(),
+        });
+        to_backup.push(Move {
+            kind: ObjectKind::Function,
+            schema: f.schema.clone(),
+            from: f.name.clone(),
+            to: prefixed(BACKUP, &f.name),
+            oid: Some(f.oid),
+        });
+        planned.push(FunctionPlan {
+            schema: f.schema.clone(),
+            name: f.name.clone(),
+            signature: f.signature.clone(),
+            definition,
+            owner: f.owner.clone(),
+            grants: f.grants.clone(),
+            comment: f.comment.clone(),
+            kind: f.kind,
+            after_views: f.relations.iter().any(|r| affected.contains_key(r)),
+        });
+    }
+    // Materialized views bound to a replaced relation would keep reading the old data.
+    let mut found: BTreeMap<&QualName, String> = BTreeMap::new();
     loop {
         let before = found.len();
         for (name, (oid, reads)) in &dest.materialized_views {
-            if found.contains_key(name.as_str()) {
+            if found.contains_key(name) {
                 continue;
             }
-            let hits: Vec<String> = reads
-                .iter()
-                .filter_map(|r| replaced.get(r))
-                .map(|n| format!("\"{n}\""))
-                .collect();
-            if !hits.is_empty() {
-                found.insert(name, hits);
-                replaced.insert(*oid, name.clone());
+            if let Some(hit) = reads.iter().find_map(|r| replaced.get(r)) {
+                found.insert(name, hit.clone());
+                replaced.insert(
+                    *oid,
+                    format!("materialized view {}", qualified_display(&name.0, &name.1)),
+                );
             }
         }
         if found.len() == before {
             break;
         }
     }
-    for (name, hits) in found {
+    for ((schema, name), hit) in found {
         problems.push(format!(
-            "destination materialized view \"{name}\" reads {} which the migration replaces: it would keep reading the old data and block dropping the backup later; pgzm does not rebuild materialized views, so drop it before the migration and recreate it afterwards",
-            hits.join(", ")
+            "destination materialized view {} reads {hit}, which the migration replaces: it would keep reading the old data and block dropping the backup later; pgzm does not rebuild materialized views yet, so drop it before the migration and recreate it afterwards",
+            qualified_display(schema, name)
         ));
+    }
+    Followers {
+        views,
+        functions: planned,
+    }
+}
+
+/// `schema.name`, each part quoted only when PostgreSQL would need it (for messages).
+pub fn qualified_display(schema: &str, name: &str) -> String {
+    format!(
+        "{}.{}",
+        crate::ddl::quote_ident_like_pg(schema),
+        crate::ddl::quote_ident_like_pg(name)
+    )
+}
+
+/// The destination's namespaces as the plan's steps change them: relations and types share
+/// pg_class/pg_type names per schema; functions have their own.
+struct Namespaces {
+    relations: BTreeSet<QualName>,
+    types: BTreeSet<QualName>,
+    functions: BTreeSet<QualName>,
+}
+
+impl Namespaces {
+    fn release(&mut self, m: &Move) {
+        let key = (m.schema.clone(), m.from.clone());
+        if m.kind.is_relation() {
+            self.relations.remove(&key);
+        }
+        if matches!(
+            m.kind,
+            ObjectKind::Type | ObjectKind::Table | ObjectKind::View
+        ) {
+            self.types.remove(&key);
+        }
+        if m.kind == ObjectKind::Function {
+            self.functions.remove(&key);
+        }
+    }
+
+    /// Takes `name`; false when it is already taken.
+    fn claim(&mut self, kind: ObjectKind, name: QualName) -> bool {
+        let taken = match kind {
+            ObjectKind::Function => self.functions.contains(&name),
+            k if k.is_relation() => {
+                self.relations.contains(&name)
+                    || (k == ObjectKind::Table && self.types.contains(&name))
+            }
+            _ => self.types.contains(&name),
+        };
+        if kind.is_relation() {
+            self.relations.insert(name.clone());
+        }
+        if matches!(
+            kind,
+            ObjectKind::Type | ObjectKind::Table | ObjectKind::View
+        ) {
+            self.types.insert(name.clone());
+        }
+        if kind == ObjectKind::Function {
+            self.functions.insert(name);
+        }
+        !taken
     }
 }
 
@@ -615,102 +912,83 @@ fn check_names(
     views: &[ViewPlan],
     problems: &mut Vec<String>,
 ) {
-    let mut relations: BTreeSet<String> = dest.relation_names.clone();
-    let mut types: BTreeSet<String> = dest.type_names.clone();
-    // Leftovers and the previous backup set are dropped before the names are needed.
+    use crate::destination::in_public;
+    let mut ns = Namespaces {
+        relations: dest.relation_names.clone(),
+        types: dest.type_qualnames.clone(),
+        functions: dest.function_names.clone(),
+    };
+    // Leftovers and the previous backup set are dropped (or moved aside) before the names are
+    // needed.
     for (_, objs) in &earlier.leftovers {
         for (name, _) in objs.tables.iter().chain(&objs.sequences) {
-            relations.remove(name);
-            types.remove(name);
+            ns.relations.remove(&in_public(name));
+            ns.types.remove(&in_public(name));
         }
         for (name, _) in &objs.types {
-            types.remove(name);
+            ns.types.remove(&in_public(name));
         }
         for name in &objs.indexes {
-            relations.remove(name);
+            ns.relations.remove(&in_public(name));
         }
     }
     if let Some((_, moves)) = &earlier.backup_set {
         for m in moves {
-            relations.remove(&m.to);
-            types.remove(&m.to);
+            let key = (m.schema.clone(), m.to.clone());
+            if m.kind == ObjectKind::Function {
+                ns.functions.remove(&key);
+            } else {
+                ns.relations.remove(&key);
+                ns.types.remove(&key);
+            }
         }
     }
-    let mut claim = |kind: ObjectKind,
-                     name: &str,
-                     why: &str,
-                     relations: &mut BTreeSet<String>,
-                     types: &mut BTreeSet<String>| {
-        let taken = if kind.is_relation() {
-            relations.contains(name)
-        } else {
-            types.contains(name)
-        } || (kind == ObjectKind::Table && types.contains(name));
-        if taken {
+    let mut claim = |ns: &mut Namespaces, kind: ObjectKind, schema: &str, name: &str, why: &str| {
+        if !ns.claim(kind, (schema.to_string(), name.to_string())) {
             problems.push(format!(
-                "the destination already has an object named \"{name}\" ({why}) that pgzm did not create: rename or drop it first"
+                "the destination already has an object named {} ({why}) that pgzm did not create: rename or drop it first",
+                qualified_display(schema, name)
             ));
-        }
-        if kind.is_relation() {
-            relations.insert(name.to_string());
-        }
-        if matches!(
-            kind,
-            ObjectKind::Type | ObjectKind::Table | ObjectKind::View
-        ) {
-            types.insert(name.to_string());
         }
     };
     for m in shadows {
         claim(
+            &mut ns,
             m.kind,
+            &m.schema,
             &m.to,
             "needed for a shadow object",
-            &mut relations,
-            &mut types,
         );
     }
     for m in to_backup {
-        release(m, &mut relations, &mut types);
+        ns.release(m);
         claim(
+            &mut ns,
             m.kind,
+            &m.schema,
             &m.to,
             "needed for the backup set",
-            &mut relations,
-            &mut types,
         );
     }
     for m in to_live {
-        release(m, &mut relations, &mut types);
+        ns.release(m);
     }
     for m in to_live {
         claim(
+            &mut ns,
             m.kind,
+            &m.schema,
             &m.to,
             "the name a migrated object takes at the swap",
-            &mut relations,
-            &mut types,
         );
     }
     for v in views {
         claim(
+            &mut ns,
             ObjectKind::View,
+            &v.schema,
             &v.name,
             "the name of a view created at the swap",
-            &mut relations,
-            &mut types,
         );
-    }
-}
-
-fn release(m: &Move, relations: &mut BTreeSet<String>, types: &mut BTreeSet<String>) {
-    if m.kind.is_relation() {
-        relations.remove(&m.from);
-    }
-    if matches!(
-        m.kind,
-        ObjectKind::Type | ObjectKind::Table | ObjectKind::View
-    ) {
-        types.remove(&m.from);
     }
 }

@@ -114,15 +114,14 @@ pub async fn prepare(
         })
         .await?;
 
-    let mut plan = plan::build(
+    let (mut plan, mut problems) = plan::build_all(
         migration_id,
         opts.source.to_string(),
         &schema,
         &dest,
         &earlier,
-    )
-    .map_err(refused)?;
-    let mut problems = Vec::new();
+    );
+    problems.extend(crate::dependents::check(&control, &mut plan, &dest).await?);
     if let Some(id) = earlier.prepared {
         if !opts.force {
             problems.push(format!(

@@ -14,7 +14,7 @@
 //! are added and validated inside the swap transaction, so a write to a preserved table can never
 //! be rejected by a shadow table's constraint.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
 use serde::{Deserialize, Serialize};
@@ -39,7 +39,7 @@ pub struct LiveShape {
     pub columns: Vec<String>,
     /// Primary key columns, in key order (empty: no primary key).
     pub key: Vec<String>,
-    /// Sequences owned by columns: (column, sequence).
+    /// Sequences owned by columns or used by their defaults: (column, sequence).
     pub sequences: Vec<(String, String)>,
 }
 
@@ -56,7 +56,16 @@ SELECT c.relname::text,
              JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = d.refobjsubid
              WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
-               AND d.refobjid = c.oid AND d.deptype IN ('a', 'i') ORDER BY 1)
+               AND d.refobjid = c.oid AND d.deptype IN ('a', 'i')
+             UNION
+             SELECT a.attname::text || '|' || s.relname::text
+             FROM pg_attrdef ad
+             JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+                             AND d.refclassid = 'pg_class'::regclass
+             JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S'
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ad.adnum
+             WHERE ad.adrelid = c.oid
+             ORDER BY 1)
 FROM pg_class c
 WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r' AND c.relname = ANY($1)";
 
@@ -105,7 +114,8 @@ pub struct PreservedTable {
     pub key: Vec<String>,
     /// Sync function, qualified and quoted.
     pub function: String,
-    /// Sequences to set at the swap: (new sequence's live name, column, live sequence's backup name).
+    /// Sequences to set at the swap: (new sequence's live name, column, the live sequence's name
+    /// after the swap: its backup name, or its own when the swap does not replace it).
     pub sequences: Vec<(String, String, Option<String>)>,
 }
 
@@ -236,9 +246,12 @@ END",
                     .as_ref()
                     .map(|b| format!(", (SELECT last_value FROM {})", quote_qualified("public", b)))
                     .unwrap_or_default();
+                // The new sequence's own value counts too: a sequence shared by several
+                // columns is set once per column, and never moves back.
+                let seq = quote_qualified("public", seq);
                 format!(
-                    "SELECT setval({}::regclass, greatest((SELECT max({})::int8 FROM {}){live_value}, 1))",
-                    quote_literal(&quote_qualified("public", seq)),
+                    "SELECT setval({}::regclass, greatest((SELECT max({})::int8 FROM {}){live_value}, (SELECT last_value FROM {seq}), 1))",
+                    quote_literal(&seq),
                     quote_ident(column),
                     quote_qualified("public", &self.table)
                 )
@@ -296,25 +309,28 @@ pub fn plan(
             ));
             continue;
         }
-        let sequences = source
-            .sequences
-            .iter()
-            .filter_map(|s| {
-                let (t, c) = s.owned_by.as_ref()?;
-                (t == name).then(|| {
-                    let live_seq = shape
-                        .sequences
-                        .iter()
-                        .find(|(col, _)| col == c)
-                        .map(|(_, seq)| seq.as_str());
-                    (
-                        s.name.clone(),
-                        c.clone(),
-                        live_seq.and_then(&live_backup_of),
-                    )
-                })
-            })
-            .collect();
+        // Every sequence a default of the table uses, owned by the column or not: at the swap
+        // it is set past the column's rows and past the live sequence that column used.
+        let mut sequences = Vec::new();
+        for s in &source.sequences {
+            let columns: BTreeSet<&String> = s
+                .owned_by
+                .iter()
+                .chain(&s.used_by)
+                .filter(|(t, _)| t == name)
+                .map(|(_, c)| c)
+                .collect();
+            for c in columns {
+                let live_seq = shape
+                    .sequences
+                    .iter()
+                    .find(|(col, _)| col == c)
+                    .map(|(_, seq)| seq.as_str());
+                let after_swap =
+                    live_seq.map(|l| live_backup_of(l).unwrap_or_else(|| l.to_string()));
+                sequences.push((s.name.clone(), c.clone(), after_swap));
+            }
+        }
         out.push(PreservedTable {
             table: name.clone(),
             shadow: renames.get(name).unwrap_or(name).to_string(),

@@ -22,7 +22,6 @@ use tokio_postgres::Client;
 use crate::backup;
 use crate::catalog::{topological_order, Oid};
 use crate::conninfo::DbUrl;
-use crate::ddl::grants_sql;
 use crate::destination::{self, LiveView};
 use crate::error::CoordinatorError;
 use crate::naming::prefixed;
@@ -107,6 +106,7 @@ async fn owned_sequences(
 }
 
 struct ForeignKey {
+    schema: String,
     table: String,
     name: String,
     definition: String,
@@ -125,20 +125,21 @@ async fn foreign_keys(
     Ok(rows
         .iter()
         .map(|r| ForeignKey {
-            table: r.get(0),
-            name: r.get(1),
-            definition: r.get(2),
+            schema: r.get(0),
+            table: r.get(1),
+            name: r.get(2),
+            definition: r.get(3),
         })
         .collect())
 }
 
 const FKS_INTO: &str = "
-SELECT c.relname::text, k.conname::text, pg_get_constraintdef(k.oid)
+SELECT (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c.relnamespace), c.relname::text, k.conname::text, pg_get_constraintdef(k.oid)
 FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
 WHERE k.contype = 'f' AND k.confrelid = ANY($1) AND NOT (k.conrelid = ANY($2))";
 
 const FKS_FROM: &str = "
-SELECT c.relname::text, k.conname::text, pg_get_constraintdef(k.oid)
+SELECT (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c.relnamespace), c.relname::text, k.conname::text, pg_get_constraintdef(k.oid)
 FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
 WHERE k.contype = 'f' AND k.conrelid = ANY($1) AND k.confrelid = ANY($2)";
 
@@ -248,21 +249,22 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
     // create are recreated from their current definition, which names the tables by their live
     // names — the restored tables after the renames.
     let dest = destination::read(&control).await?;
-    let backup_view_moves: Vec<(&str, &str)> = plan
+    // Views by (schema, live name, backup name).
+    let backup_view_moves: Vec<(&str, &str, &str)> = plan
         .to_backup
         .iter()
         .filter(|m| m.kind == ObjectKind::View)
-        .map(|m| (m.from.as_str(), m.to.as_str()))
+        .map(|m| (m.schema.as_str(), m.from.as_str(), m.to.as_str()))
         .collect();
     let kept_set: BTreeSet<Oid> = kept_backup_oids.iter().copied().collect();
-    let restorable: BTreeSet<&str> = backup_view_moves
+    let restorable: BTreeSet<(&str, &str)> = backup_view_moves
         .iter()
-        .filter(|(_, b)| {
+        .filter(|(s, _, b)| {
             dest.views
-                .get(*b)
+                .get(&(s.to_string(), b.to_string()))
                 .is_some_and(|v| v.depends_on.is_disjoint(&kept_set))
         })
-        .map(|(live, _)| *live)
+        .map(|(s, live, _)| (*s, *live))
         .collect();
     let gone_set: BTreeSet<Oid> = gone.iter().copied().collect();
     // Views that read (transitively) one of `seeds`, or whose name a restored view takes.
@@ -274,13 +276,13 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
                 if dropped.contains_key(&v.oid) {
                     continue;
                 }
-                let restorable_backup = backup_view_moves
-                    .iter()
-                    .any(|(l, b)| *b == v.name && restorable.contains(l));
+                let restorable_backup = backup_view_moves.iter().any(|(s, l, b)| {
+                    *s == v.schema && *b == v.name && restorable.contains(&(*s, *l))
+                });
                 if restorable_backup {
                     continue;
                 }
-                if restorable.contains(v.name.as_str())
+                if restorable.contains(&(v.schema.as_str(), v.name.as_str()))
                     || v.depends_on
                         .iter()
                         .any(|d| seeds.contains(d) || dropped.contains_key(d))
@@ -297,13 +299,18 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
     // Views reading a kept table whose columns change type are dropped too (ALTER COLUMN TYPE
     // refuses columns a view reads), and always recreated: nothing they read goes away.
     let dropped_views = views_reading(&gone_set.union(&converted_oids).copied().collect());
-    let created_by_migration: BTreeSet<&str> = plan
+    let created_by_migration: BTreeSet<(&str, &str)> = plan
         .views
         .iter()
-        .filter(|v| !backup_view_moves.iter().any(|(l, _)| l == &v.name))
-        .map(|v| v.name.as_str())
+        .filter(|v| {
+            !backup_view_moves
+                .iter()
+                .any(|(s, l, _)| *s == v.schema && *l == v.name)
+        })
+        .map(|v| (v.schema.as_str(), v.name.as_str()))
         .collect();
-    let backup_view_names: BTreeSet<&str> = backup_view_moves.iter().map(|(_, b)| *b).collect();
+    let backup_view_names: BTreeSet<(&str, &str)> =
+        backup_view_moves.iter().map(|(s, _, b)| (*s, *b)).collect();
     let deps: BTreeMap<Oid, BTreeSet<Oid>> = dropped_views
         .values()
         .map(|v| (v.oid, v.depends_on.clone()))
@@ -314,16 +321,17 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
             .map(|o| dropped_views[o])
             .filter(|v| {
                 // A view the migration created is not recreated when it read a dropped table.
-                let migration_view_of_gone = created_by_migration.contains(v.name.as_str())
-                    && dropped_for_gone.contains_key(&v.oid);
-                !restorable.contains(v.name.as_str())
-                    && !backup_view_names.contains(v.name.as_str())
+                let key = (v.schema.as_str(), v.name.as_str());
+                let migration_view_of_gone =
+                    created_by_migration.contains(&key) && dropped_for_gone.contains_key(&v.oid);
+                !restorable.contains(&key)
+                    && !backup_view_names.contains(&key)
                     && !migration_view_of_gone
             })
             .collect();
-    let restore_views: Vec<(&str, &str)> = backup_view_moves
+    let restore_views: Vec<(&str, &str, &str)> = backup_view_moves
         .iter()
-        .filter(|(l, _)| restorable.contains(l))
+        .filter(|(s, l, _)| restorable.contains(&(*s, *l)))
         .copied()
         .collect();
 
@@ -339,27 +347,48 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
         current_drop
             .iter()
             .filter(|n| oid_of.contains_key(*n))
-            .cloned(),
+            .map(|n| public(n)),
     );
-    lock.extend(backups.iter().map(|(_, b)| b.clone()));
-    lock.extend(fks_in.iter().map(|f| f.table.clone()));
-    lock.extend(dropped_views.values().map(|v| v.name.clone()));
-    lock.extend(restore_views.iter().map(|(_, b)| b.to_string()));
-    lock.extend(conversions.iter().map(|c| c.table.clone()));
+    lock.extend(backups.iter().map(|(_, b)| public(b)));
+    lock.extend(fks_in.iter().map(|f| quote_qualified(&f.schema, &f.table)));
+    lock.extend(
+        dropped_views
+            .values()
+            .map(|v| quote_qualified(&v.schema, &v.name)),
+    );
+    lock.extend(restore_views.iter().map(|(s, _, b)| quote_qualified(s, b)));
+    lock.extend(conversions.iter().map(|c| public(&c.table)));
+    lock.extend(
+        plan.repoints
+            .iter()
+            .map(|r| quote_qualified(&r.schema, &r.table)),
+    );
     sql.push(format!(
         "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-        quote_qualified_list("public", lock.iter().map(String::as_str))
+        lock.iter().cloned().collect::<Vec<_>>().join(", ")
     ));
     if !dropped_views.is_empty() {
         sql.push(format!(
             "DROP VIEW {}",
-            quote_qualified_list("public", dropped_views.values().map(|v| v.name.as_str()))
+            dropped_views
+                .values()
+                .map(|v| quote_qualified(&v.schema, &v.name))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
+    }
+    // Functions the swap recreated over the migration's objects go before those objects; their
+    // backup (the original) takes the name back below.
+    for f in &plan.functions {
+        sql.push(format!("DROP ROUTINE IF EXISTS {}", f.signature));
+    }
+    for r in &plan.repoints {
+        sql.extend(r.detach.iter().cloned());
     }
     for fk in fks_in.iter().chain(&fks_kept) {
         sql.push(format!(
             "ALTER TABLE {} DROP CONSTRAINT {}",
-            public(&fk.table),
+            quote_qualified(&fk.schema, &fk.table),
             quote_ident(&fk.name)
         ));
     }
@@ -424,22 +453,17 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
             ObjectKind::Index => child_names.contains(&m.to),
             // Owned by a restored table, or free-standing (a kept backup's went with it).
             ObjectKind::Sequence => child_names.contains(&m.to) || !kept_children.contains(&m.to),
-            ObjectKind::Type => true,
-            ObjectKind::View => restorable.contains(m.from.as_str()),
+            ObjectKind::Type | ObjectKind::Function => true,
+            ObjectKind::View => restorable.contains(&(m.schema.as_str(), m.from.as_str())),
         };
         if rename {
-            sql.push(format!(
-                "ALTER {} {} RENAME TO {}",
-                m.kind.keyword(),
-                public(&m.to),
-                quote_ident(&m.from)
-            ));
+            sql.push(m.rename_sql(true));
         }
     }
     for fk in &fks_in {
         sql.push(format!(
             "ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID",
-            public(&fk.table),
+            quote_qualified(&fk.schema, &fk.table),
             quote_ident(&fk.name),
             fk.definition.trim_end_matches(" NOT VALID")
         ));
@@ -454,31 +478,20 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
         ));
     }
     sql.extend(conversion_sql(&conversions));
+    for r in &plan.repoints {
+        sql.extend(r.attach.iter().cloned());
+    }
     for v in &recreate {
-        let name = v.name.clone();
-        let options = if v.options.is_empty() {
-            String::new()
-        } else {
-            format!(" WITH ({})", v.options.join(", "))
-        };
-        sql.push(format!(
-            "CREATE VIEW {}{options} AS {}",
-            public(&name),
-            v.definition.trim_end().trim_end_matches(';')
-        ));
-        sql.push(format!(
-            "ALTER VIEW {} OWNER TO {}",
-            public(&name),
-            quote_ident(&v.owner)
-        ));
-        sql.extend(grants_sql("TABLE", &public(&name), &v.grants));
-        if let Some(c) = &v.comment {
-            sql.push(format!(
-                "COMMENT ON VIEW {} IS {}",
-                public(&name),
-                quote_literal(c)
-            ));
-        }
+        sql.extend(crate::swap::view_sql(&crate::plan::ViewPlan {
+            schema: v.schema.clone(),
+            name: v.name.clone(),
+            definition: v.definition.clone(),
+            options: v.options.clone(),
+            owner: Some(v.owner.clone()),
+            grants: v.grants.clone(),
+            comment: v.comment.clone(),
+            from_source: false,
+        }));
     }
     sql.push(format!(
         "UPDATE pgzm.migrations SET status = 'rolled_back', backup_present = false WHERE id = {}",
@@ -516,10 +529,14 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
     .await?;
     report.attempts = attempts;
     for fk in fks_in.iter().chain(&fks_kept) {
-        let table = back.get(&fk.table).unwrap_or(&fk.table).to_string();
+        let table = if fk.schema == crate::naming::PUBLIC {
+            back.get(&fk.table).unwrap_or(&fk.table).to_string()
+        } else {
+            fk.table.clone()
+        };
         let validate = format!(
             "ALTER TABLE {} VALIDATE CONSTRAINT {}",
-            public(&table),
+            quote_qualified(&fk.schema, &table),
             quote_ident(&fk.name)
         );
         if let Err(e) = control.batch_execute(&validate).await {

@@ -346,7 +346,6 @@ pub async fn drop_backup_set(
     };
     let mut dropped = Vec::new();
     let mut statements = Vec::new();
-    let views: Vec<String> = existing(ObjectKind::View).collect();
     let tables: Vec<String> = existing(ObjectKind::Table).collect();
     let sequences: Vec<String> = existing(ObjectKind::Sequence).collect();
     let types: Vec<String> = existing(ObjectKind::Type).collect();
@@ -369,15 +368,13 @@ pub async fn drop_backup_set(
             Ok::<_, CoordinatorError>(out)
         }
     };
-    let views = present(views, "v").await?;
     let tables = present(tables, "r,p").await?;
     let sequences = present(sequences, "S").await?;
-    if !views.is_empty() {
-        statements.push(format!(
-            "DROP VIEW {}",
-            quote_qualified_list("public", views.iter().map(String::as_str))
-        ));
-        dropped.extend(views.iter().map(|n| format!("view {n}")));
+    // Views and functions (in any schema) may depend on each other: dropped in dependency order.
+    let (block, names) = drop_views_and_functions(moves);
+    if let Some(block) = block {
+        statements.push(block);
+        dropped.extend(names);
     }
     if !tables.is_empty() {
         statements.push(format!(
@@ -471,6 +468,205 @@ pub async fn drop_backup_set(
         .await
         .map_err(|e| CoordinatorError::destination(action("commit"), &e))?;
     Ok(dropped)
+}
+
+/// A backup set moved aside by the swap that replaces it as the current set: its objects take
+/// `backup_<id>_` names so the new set can take the `backup_` ones, and its recorded moves are
+/// rewritten to the new names in the same transaction.
+#[derive(Debug, Clone)]
+pub struct AsideSet {
+    /// The set's migration id.
+    pub id: i64,
+    /// Renames of its objects that exist: `from` = current (backup) name, `to` = aside name.
+    pub renames: Vec<Move>,
+    /// Its moves as they are recorded after the swap (`to` = aside name).
+    pub recorded: Vec<Move>,
+}
+
+impl AsideSet {
+    /// The statement recording the set's new names (part of the swap transaction).
+    pub fn record_sql(&self) -> String {
+        let json = serde_json::to_string(&self.recorded).unwrap_or_else(|_| "[]".into());
+        format!(
+            "UPDATE pgzm.migrations SET plan = jsonb_set(plan, '{{to_backup}}', {}::jsonb) WHERE id = {}",
+            pgzm_agent::sql::quote_literal(&json),
+            self.id
+        )
+    }
+}
+
+const ASIDE_CHECK: &str = "
+SELECT x.i::int4,
+       CASE x.k WHEN 'function' THEN EXISTS (SELECT 1 FROM pg_proc p WHERE p.oid = x.o AND p.proname = x.n)
+                WHEN 'type' THEN EXISTS (SELECT 1 FROM pg_type t JOIN pg_namespace s ON s.oid = t.typnamespace
+                                         WHERE s.nspname = x.sc AND t.typname = x.n)
+                ELSE EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace
+                             WHERE s.nspname = x.sc AND c.relname = x.n) END,
+       CASE x.k WHEN 'function' THEN EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace s ON s.oid = p.pronamespace
+                                             WHERE s.nspname = x.sc AND p.proname = x.t)
+                ELSE EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace
+                             WHERE s.nspname = x.sc AND c.relname = x.t)
+                  OR EXISTS (SELECT 1 FROM pg_type t JOIN pg_namespace s ON s.oid = t.typnamespace
+                             WHERE s.nspname = x.sc AND t.typname = x.t) END
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::oid[]) WITH ORDINALITY AS x(k, sc, n, t, o, i)";
+
+/// Plans moving backup set `id` (its recorded `moves`) aside for the next swap. Refuses, before
+/// any change, when an aside name is taken by an object pgzm did not create.
+pub async fn aside_set(
+    client: &Client,
+    id: i64,
+    moves: &[Move],
+) -> Result<AsideSet, CoordinatorError> {
+    use crate::plan::ObjectKind;
+    let prefix = format!("{}{id}_", crate::naming::BACKUP);
+    let recorded: Vec<Move> = moves
+        .iter()
+        .map(|m| Move {
+            to: crate::naming::prefixed(&prefix, &m.from),
+            ..m.clone()
+        })
+        .collect();
+    let kind = |k: ObjectKind| match k {
+        ObjectKind::Function => "function",
+        ObjectKind::Type => "type",
+        _ => "relation",
+    };
+    let kinds: Vec<&str> = moves.iter().map(|m| kind(m.kind)).collect();
+    let schemas: Vec<&str> = moves.iter().map(|m| m.schema.as_str()).collect();
+    let names: Vec<&str> = moves.iter().map(|m| m.to.as_str()).collect();
+    let targets: Vec<&str> = recorded.iter().map(|m| m.to.as_str()).collect();
+    let oids: Vec<Oid> = moves.iter().map(|m| m.oid.unwrap_or(0)).collect();
+    let rows = client
+        .query(ASIDE_CHECK, &[&kinds, &schemas, &names, &targets, &oids])
+        .await
+        .map_err(|e| CoordinatorError::destination("inspect the current backup set", &e))?;
+    let mut renames = Vec::new();
+    let mut problems = Vec::new();
+    for r in rows {
+        let i = usize::try_from(r.get::<_, i32>(0) - 1).unwrap_or(0);
+        let (exists, taken): (bool, bool) = (r.get(1), r.get(2));
+        if !exists {
+            continue;
+        }
+        if taken {
+            problems.push(format!(
+                "the backup set of migration {id} must move aside to make room for the new one, but {} is taken by an object pgzm did not create: rename or drop it, or drop that backup set first (`pgzm cleanup`)",
+                crate::plan::qualified_display(&recorded[i].schema, &recorded[i].to)
+            ));
+            continue;
+        }
+        renames.push(Move {
+            from: moves[i].to.clone(),
+            ..recorded[i].clone()
+        });
+    }
+    if !problems.is_empty() {
+        return Err(CoordinatorError::Refused(problems));
+    }
+    Ok(AsideSet {
+        id,
+        renames,
+        recorded,
+    })
+}
+
+/// After a swap committed: drops the backup sets beyond the newest `keep`. Never fails: a set
+/// that cannot be dropped is kept and reported. Returns what was dropped and the warnings.
+pub async fn drop_old_sets(client: &mut Client, keep: u32) -> (Vec<String>, Vec<String>) {
+    let rows = match client
+        .query(
+            "SELECT id, plan FROM pgzm.migrations WHERE backup_present ORDER BY id DESC",
+            &[],
+        )
+        .await
+    {
+        Ok(rows) => rows,
+        Err(e) => {
+            return (
+                Vec::new(),
+                vec![format!(
+                "older backup sets could not be listed ({}); run `pgzm list` and `pgzm cleanup`",
+                pgzm_agent::pg::describe(&e)
+            )],
+            )
+        }
+    };
+    let mut dropped = Vec::new();
+    let mut warnings = Vec::new();
+    for row in rows.iter().skip(usize::try_from(keep.max(1)).unwrap_or(1)) {
+        let id: i64 = row.get(0);
+        let moves = match serde_json::from_value::<Plan>(row.get(1)) {
+            Ok(plan) => plan.to_backup,
+            Err(e) => {
+                warnings.push(format!(
+                    "backup set {id} is kept: its recorded plan is unreadable ({e})"
+                ));
+                continue;
+            }
+        };
+        match drop_backup_set(client, id, &moves).await {
+            Ok(names) => dropped.extend(names),
+            Err(e) => warnings.push(format!(
+                "backup set {id} could not be dropped and is kept ({e}); see `pgzm list`, and run `pgzm cleanup` once what blocks it is gone"
+            )),
+        }
+    }
+    (dropped, warnings)
+}
+
+/// One `DO` block dropping the backup views and functions of `moves` that still exist, in
+/// dependency order (a view may call a function, a function may be typed on a view): each pass
+/// drops what nothing else depends on any more; the last statement left raises its real error.
+/// Returns the block (None when there is nothing to drop) and what it may drop.
+pub fn drop_views_and_functions(moves: &[Move]) -> (Option<String>, Vec<String>) {
+    use crate::plan::ObjectKind;
+    use pgzm_agent::sql::{quote_literal, quote_qualified};
+    let mut checks = Vec::new();
+    let mut names = Vec::new();
+    for m in moves {
+        match (m.kind, m.oid) {
+            (ObjectKind::View, _) => {
+                let name = quote_qualified(&m.schema, &m.to);
+                checks.push(format!(
+                    "CASE WHEN to_regclass({}) IS NOT NULL THEN {} END",
+                    quote_literal(&name),
+                    quote_literal(&format!("DROP VIEW {name}"))
+                ));
+                names.push(format!(
+                    "view {}",
+                    crate::plan::qualified_display(&m.schema, &m.to)
+                ));
+            }
+            (ObjectKind::Function, Some(oid)) => {
+                checks.push(format!(
+                    "(SELECT 'DROP ROUTINE ' || p.oid::regprocedure::text FROM pg_catalog.pg_proc p WHERE p.oid = {oid} AND p.proname = {})",
+                    quote_literal(&m.to)
+                ));
+                names.push(format!(
+                    "function {}",
+                    crate::plan::qualified_display(&m.schema, &m.to)
+                ));
+            }
+            _ => {}
+        }
+    }
+    if checks.is_empty() {
+        return (None, names);
+    }
+    let block = format!(
+        "DO $pgzm$ DECLARE todo text[] := array_remove(ARRAY[{}], NULL); rest text[]; s text; \
+         BEGIN \
+         LOOP rest := '{{}}'; \
+           FOREACH s IN ARRAY todo LOOP \
+             BEGIN EXECUTE s; EXCEPTION WHEN dependent_objects_still_exist THEN rest := rest || s; END; \
+           END LOOP; \
+           EXIT WHEN cardinality(rest) = 0 OR cardinality(rest) = cardinality(todo); \
+           todo := rest; \
+         END LOOP; \
+         FOREACH s IN ARRAY rest LOOP EXECUTE s; END LOOP; END $pgzm$",
+        checks.join(", ")
+    );
+    (Some(block), names)
 }
 
 /// One row of `pgzm.migrations`.

@@ -12,13 +12,14 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use pgzm_agent::pg::{classify, describe, ErrorClass};
-use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified, quote_qualified_list};
+use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
 use tokio_postgres::{Client, SimpleQueryMessage};
 use tracing::{info, warn};
 
 use crate::ddl::grants_sql;
 use crate::error::CoordinatorError;
-use crate::plan::{ObjectKind, Plan};
+use crate::plan::{FunctionPlan, ObjectKind, Plan, ViewPlan};
+use crate::state::AsideSet;
 
 /// Lock behaviour of the swap.
 #[derive(Debug, Clone, Copy)]
@@ -50,12 +51,8 @@ pub struct SwapOutcome {
     pub total_ms: u64,
 }
 
-fn public(name: &str) -> String {
-    quote_qualified("public", name)
-}
-
 /// The swap transaction's SQL (without the lock-timeout retry loop).
-pub fn swap_sql(plan: &Plan, lock_timeout: Duration) -> String {
+pub fn swap_sql(plan: &Plan, aside: Option<&AsideSet>, lock_timeout: Duration) -> String {
     let mut sql = String::new();
     let mut push = |s: String| {
         sql.push_str(&s);
@@ -71,19 +68,29 @@ pub fn swap_sql(plan: &Plan, lock_timeout: Duration) -> String {
     // queries take, so production keeps reading and writing while they run. What is left under
     // the ACCESS EXCLUSIVE locks is the table and sequence renames: the lock window is about
     // half as long. (Other sessions keep seeing the old names until the commit.)
-    let early = |k: ObjectKind| matches!(k, ObjectKind::Index | ObjectKind::Type);
+    // The current backup set moves aside first, freeing the `backup_` names, and its new names
+    // are recorded in the same transaction: if the swap fails, it is untouched.
+    if let Some(a) = aside {
+        for m in &a.renames {
+            push(m.rename_sql(false));
+        }
+        push(a.record_sql());
+    }
+    // Functions bound to replaced objects move to their backup names here too (a routine
+    // rename takes no lock).
+    let early = |k: ObjectKind| {
+        matches!(
+            k,
+            ObjectKind::Index | ObjectKind::Type | ObjectKind::Function
+        )
+    };
     for m in plan
         .to_backup
         .iter()
         .chain(&plan.to_live)
         .filter(|m| early(m.kind))
     {
-        push(format!(
-            "ALTER {} {} RENAME TO {}",
-            m.kind.keyword(),
-            public(&m.from),
-            quote_ident(&m.to)
-        ));
+        push(m.rename_sql(false));
     }
     // The migration is recorded as swapped in the same transaction (so only if the swap
     // commits), but before the locks: it touches only pgzm's own table.
@@ -94,19 +101,25 @@ pub fn swap_sql(plan: &Plan, lock_timeout: Duration) -> String {
     ));
     // Every relation whose name changes or whose constraints are rewritten, sorted: one order
     // for every run, so two swaps can never deadlock on each other.
-    let mut lock: BTreeSet<String> = BTreeSet::new();
+    let mut lock: BTreeSet<(String, String)> = BTreeSet::new();
     for m in plan.to_backup.iter().chain(&plan.to_live) {
         if matches!(m.kind, ObjectKind::Table | ObjectKind::View) {
-            lock.insert(m.from.clone());
+            lock.insert((m.schema.clone(), m.from.clone()));
         }
     }
     for fk in &plan.foreign_keys {
-        lock.insert(fk.table.clone());
+        lock.insert((fk.schema.clone(), fk.table.clone()));
+    }
+    for r in &plan.repoints {
+        lock.insert((r.schema.clone(), r.table.clone()));
     }
     if !lock.is_empty() {
         push(format!(
             "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-            quote_qualified_list("public", lock.iter().map(String::as_str))
+            lock.iter()
+                .map(|(s, n)| quote_qualified(s, n))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     push("SELECT 'locked', (extract(epoch FROM clock_timestamp()) * 1000000)::int8".into());
@@ -128,7 +141,7 @@ pub fn swap_sql(plan: &Plan, lock_timeout: Duration) -> String {
     for fk in &plan.foreign_keys {
         push(format!(
             "ALTER TABLE {} DROP CONSTRAINT {}",
-            public(&fk.table),
+            quote_qualified(&fk.schema, &fk.table),
             quote_ident(&fk.name)
         ));
     }
@@ -138,18 +151,13 @@ pub fn swap_sql(plan: &Plan, lock_timeout: Duration) -> String {
         .chain(&plan.to_live)
         .filter(|m| !early(m.kind))
     {
-        push(format!(
-            "ALTER {} {} RENAME TO {}",
-            m.kind.keyword(),
-            public(&m.from),
-            quote_ident(&m.to)
-        ));
+        push(m.rename_sql(false));
     }
     for fk in &plan.foreign_keys {
         // The definition names the referenced table by its live name, which is now the new table.
         push(format!(
             "ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID",
-            public(&fk.table),
+            quote_qualified(&fk.schema, &fk.table),
             quote_ident(&fk.name),
             fk.definition.trim_end_matches(" NOT VALID")
         ));
@@ -162,38 +170,73 @@ pub fn swap_sql(plan: &Plan, lock_timeout: Duration) -> String {
             push(s);
         }
     }
+    // Functions first (views may call them), except those typed on a view created here.
+    let (after_views, before_views): (Vec<_>, Vec<_>) =
+        plan.functions.iter().partition(|f| f.after_views);
+    for f in &before_views {
+        for s in function_sql(f) {
+            push(s);
+        }
+    }
     for v in &plan.views {
-        let options = if v.options.is_empty() {
-            String::new()
-        } else {
-            format!(" WITH ({})", v.options.join(", "))
-        };
-        push(format!(
-            "CREATE VIEW {}{options} AS {}",
-            public(&v.name),
-            v.definition.trim_end().trim_end_matches(';')
-        ));
-        if let Some(owner) = &v.owner {
-            push(format!(
-                "ALTER VIEW {} OWNER TO {}",
-                public(&v.name),
-                quote_ident(owner)
-            ));
+        for s in view_sql(v) {
+            push(s);
         }
-        for g in grants_sql("TABLE", &public(&v.name), &v.grants) {
-            push(g);
+    }
+    for f in &after_views {
+        for s in function_sql(f) {
+            push(s);
         }
-        if let Some(c) = &v.comment {
-            push(format!(
-                "COMMENT ON VIEW {} IS {}",
-                public(&v.name),
-                quote_literal(c)
-            ));
+    }
+    for r in &plan.repoints {
+        for s in r.detach.iter().chain(&r.attach) {
+            push(s.clone());
         }
     }
     push("COMMIT".into());
     push("SELECT 'committed', (extract(epoch FROM clock_timestamp()) * 1000000)::int8".into());
     sql
+}
+
+/// `CREATE VIEW` with its options, owner, privileges and comment.
+pub fn view_sql(v: &ViewPlan) -> Vec<String> {
+    let name = quote_qualified(&v.schema, &v.name);
+    let options = if v.options.is_empty() {
+        String::new()
+    } else {
+        format!(" WITH ({})", v.options.join(", "))
+    };
+    let mut out = vec![format!(
+        "CREATE VIEW {name}{options} AS {}",
+        v.definition.trim_end().trim_end_matches(';')
+    )];
+    if let Some(owner) = &v.owner {
+        out.push(format!("ALTER VIEW {name} OWNER TO {}", quote_ident(owner)));
+    }
+    out.extend(grants_sql("TABLE", &name, &v.grants));
+    if let Some(c) = &v.comment {
+        out.push(format!("COMMENT ON VIEW {name} IS {}", quote_literal(c)));
+    }
+    out
+}
+
+/// A function recreated over the new objects: its own definition (body, language, settings,
+/// security), then owner, privileges and comment. Its signature, read before the swap, names
+/// the new objects once the renames are done.
+pub fn function_sql(f: &FunctionPlan) -> Vec<String> {
+    let sig = &f.signature;
+    let mut out = vec![
+        f.definition.trim_end().trim_end_matches(';').to_string(),
+        format!("ALTER ROUTINE {sig} OWNER TO {}", quote_ident(&f.owner)),
+    ];
+    if let Some(grants) = &f.grants {
+        out.push(format!("REVOKE ALL ON ROUTINE {sig} FROM PUBLIC"));
+        out.extend(grants_sql("ROUTINE", sig, grants));
+    }
+    if let Some(c) = &f.comment {
+        out.push(format!("COMMENT ON ROUTINE {sig} IS {}", quote_literal(c)));
+    }
+    out
 }
 
 fn marker(messages: &[SimpleQueryMessage], name: &str) -> Option<i64> {
@@ -209,9 +252,10 @@ fn marker(messages: &[SimpleQueryMessage], name: &str) -> Option<i64> {
 pub async fn swap(
     client: &Client,
     plan: &Plan,
+    aside: Option<&AsideSet>,
     settings: SwapSettings,
 ) -> Result<SwapOutcome, CoordinatorError> {
-    let sql = swap_sql(plan, settings.lock_timeout);
+    let sql = swap_sql(plan, aside, settings.lock_timeout);
     let started = Instant::now();
     let (attempts, messages) = run_with_lock_retry(
         client,
@@ -295,7 +339,7 @@ pub async fn validate_repointed(client: &Client, plan: &Plan) -> Vec<String> {
     for fk in &plan.foreign_keys {
         let sql = format!(
             "ALTER TABLE {} VALIDATE CONSTRAINT {}",
-            public(&fk.table),
+            quote_qualified(&fk.schema, &fk.table),
             quote_ident(&fk.name)
         );
         if let Err(e) = client.batch_execute(&sql).await {

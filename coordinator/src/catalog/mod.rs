@@ -241,6 +241,8 @@ pub struct Sequence {
     pub last_value: i64,
     /// `is_called` in the source.
     pub is_called: bool,
+    /// Columns whose default uses it (table, column), owned or not.
+    pub used_by: Vec<(String, String)>,
 }
 
 /// A view of the source.

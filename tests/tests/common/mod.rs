@@ -155,6 +155,7 @@ pub fn swap_options(p: &Pair) -> SwapOptions {
         migration_id: None,
         dry_run: false,
         locks: locks(),
+        keep_backups: 1,
     }
 }
 

@@ -1,0 +1,527 @@
+//! Objects *around* the migrated tables (issue 11): every object outside the migrated set that
+//! depends on a replaced object follows the swap — functions typed on a table's row type (with
+//! their body, owner, grants, comment and security settings), functions with SQL-standard
+//! bodies, views and foreign keys in other schemas, views calling such functions, policies and
+//! column defaults of other tables — or the plan refuses before any change, naming the object.
+//! Nothing stays bound to a `backup_` object: `cleanup` and the next `start` succeed, and
+//! `rollback` puts every dependent back on the restored tables.
+
+mod checks;
+mod common;
+
+use checks::{boolean, int, live_sums, text, texts};
+use common::dest_url;
+use pgzm_coordinator::backup;
+use pgzm_coordinator::rollback::{rollback, RollbackOptions};
+use pgzm_coordinator::CoordinatorError;
+use pgzm_tests::{quote_ident, TestDb};
+use tokio_postgres::Client;
+
+async fn ensure_role(db: &TestDb, role: &str) {
+    db.batch(&format!(
+        "DO $$ BEGIN CREATE ROLE {} NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+        quote_ident(role)
+    ))
+    .await
+    .expect("create role");
+}
+
+/// Dependents of the simple fixture's tables, in `public` and in another schema, as a
+/// production database accumulates them.
+const DEPENDENTS: &str = r#"
+CREATE FUNCTION public.active_users(min_id integer) RETURNS SETOF "User"
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = public, pg_temp
+    AS $$ SELECT * FROM "User" WHERE id >= min_id ORDER BY id $$;
+COMMENT ON FUNCTION public.active_users(integer) IS 'users from an id on';
+REVOKE ALL ON FUNCTION public.active_users(integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION public.active_users(integer) TO app_ro;
+ALTER FUNCTION public.active_users(integer) OWNER TO app_owner;
+GRANT SELECT ON "User" TO app_owner;
+CREATE FUNCTION public.user_label(u "User") RETURNS text LANGUAGE sql IMMUTABLE
+    AS $$ SELECT u.name || ' <' || u.email || '>' $$;
+CREATE FUNCTION public.post_count() RETURNS bigint LANGUAGE sql STABLE
+    BEGIN ATOMIC SELECT count(*) FROM "Post"; END;
+CREATE PROCEDURE public.touch_user(u "User") LANGUAGE plpgsql AS $$ BEGIN NULL; END $$;
+CREATE VIEW public.top_users AS SELECT id, name FROM public.active_users(1);
+CREATE SCHEMA reporting;
+CREATE VIEW reporting.post_authors AS
+    SELECT p.id, p.title, u.name FROM public."Post" p JOIN public."User" u ON u.id = p.user_id;
+CREATE VIEW reporting.labels AS SELECT public.user_label(u) AS label FROM public."User" u;
+CREATE TABLE reporting.featured (post_id integer REFERENCES public."Post"(id), note text);
+INSERT INTO reporting.featured VALUES (101, 'pinned');
+CREATE TABLE public.audit_note (id integer PRIMARY KEY, user_id integer,
+                                ticket integer DEFAULT nextval('public."User_id_seq"'::regclass));
+INSERT INTO public.audit_note (id, user_id) VALUES (1, 1);
+ALTER TABLE public.audit_note ENABLE ROW LEVEL SECURITY;
+CREATE POLICY known_users ON public.audit_note FOR SELECT TO app_ro
+    USING (user_id IN (SELECT id FROM public."User"));
+"#;
+
+/// Objects outside the backup set that still depend on a `backup_` relation, type or routine
+/// (the backup set's own members, and the parts of backup tables, are excluded).
+async fn bound_to_backup(c: &Client) -> Vec<String> {
+    texts(
+        c,
+        r#"WITH backup_objects AS (
+               SELECT 'pg_class'::regclass AS cls, oid FROM pg_class WHERE left(relname, 7) = 'backup_'
+               UNION ALL SELECT 'pg_type'::regclass, oid FROM pg_type WHERE left(typname, 7) = 'backup_'
+               UNION ALL SELECT 'pg_proc'::regclass, oid FROM pg_proc WHERE left(proname, 7) = 'backup_')
+           SELECT DISTINCT pg_describe_object(d.classid, d.objid, d.objsubid) || ' -> ' ||
+                           pg_describe_object(d.refclassid, d.refobjid, 0)
+           FROM pg_depend d JOIN backup_objects b ON b.cls = d.refclassid AND b.oid = d.refobjid
+           WHERE d.deptype IN ('n', 'a')
+             AND NOT EXISTS (SELECT 1 FROM backup_objects o WHERE o.cls = d.classid AND o.oid = d.objid)
+             AND NOT (d.classid = 'pg_rewrite'::regclass AND EXISTS (
+                      SELECT 1 FROM pg_rewrite r JOIN pg_class v ON v.oid = r.ev_class
+                      WHERE r.oid = d.objid AND left(v.relname, 7) = 'backup_'))
+             AND NOT (d.classid IN ('pg_constraint'::regclass, 'pg_attrdef'::regclass, 'pg_trigger'::regclass, 'pg_policy'::regclass)
+                      AND coalesce((SELECT conrelid FROM pg_constraint WHERE oid = d.objid AND d.classid = 'pg_constraint'::regclass),
+                                   (SELECT adrelid FROM pg_attrdef WHERE oid = d.objid AND d.classid = 'pg_attrdef'::regclass),
+                                   (SELECT tgrelid FROM pg_trigger WHERE oid = d.objid AND d.classid = 'pg_trigger'::regclass),
+                                   (SELECT polrelid FROM pg_policy WHERE oid = d.objid AND d.classid = 'pg_policy'::regclass))
+                          IN (SELECT oid FROM pg_class WHERE left(relname, 7) = 'backup_'))
+             AND NOT (d.classid = 'pg_class'::regclass AND EXISTS (
+                      SELECT 1 FROM pg_index x JOIN pg_class t ON t.oid = x.indrelid
+                      WHERE x.indexrelid = d.objid AND left(t.relname, 7) = 'backup_'))
+           ORDER BY 1"#,
+    )
+    .await
+}
+
+/// What each dependent is bound to, by oid (so a re-pointed object reads the live tables).
+async fn bindings(c: &Client) -> Vec<String> {
+    texts(
+        c,
+        r#"SELECT 'active_users returns ' || (SELECT typrelid::regclass::text FROM pg_type WHERE oid = p.prorettype)
+           FROM pg_proc p WHERE p.oid = 'public.active_users(integer)'::regprocedure
+           UNION ALL
+           SELECT 'user_label takes ' || (SELECT typrelid::regclass::text FROM pg_type WHERE oid = p.proargtypes[0])
+           FROM pg_proc p WHERE p.proname = 'user_label' AND p.pronamespace = 'public'::regnamespace
+           UNION ALL
+           SELECT 'touch_user takes ' || (SELECT typrelid::regclass::text FROM pg_type WHERE oid = p.proargtypes[0])
+           FROM pg_proc p WHERE p.proname = 'touch_user' AND p.pronamespace = 'public'::regnamespace
+           UNION ALL
+           SELECT 'post_count reads ' || d.refobjid::regclass::text
+           FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
+             AND d.objid = 'public.post_count()'::regprocedure AND d.refclassid = 'pg_class'::regclass
+           UNION ALL
+           SELECT 'featured references ' || confrelid::regclass::text FROM pg_constraint
+           WHERE conrelid = 'reporting.featured'::regclass AND contype = 'f'
+           UNION ALL
+           SELECT 'audit_note.ticket uses ' || d.refobjid::regclass::text
+           FROM pg_attrdef a JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = a.oid
+                                              AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> a.adrelid
+           WHERE a.adrelid = 'public.audit_note'::regclass
+           UNION ALL
+           SELECT 'known_users reads ' || d.refobjid::regclass::text
+           FROM pg_policy p JOIN pg_depend d ON d.classid = 'pg_policy'::regclass AND d.objid = p.oid
+                                            AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> p.polrelid
+           WHERE p.polname = 'known_users'
+           ORDER BY 1"#,
+    )
+    .await
+}
+
+/// Owner, privileges, comment and security settings of `active_users`.
+async fn active_users_attributes(c: &Client) -> String {
+    text(
+        c,
+        "SELECT pg_get_userbyid(proowner) || ' ' || coalesce(proacl::text, 'default') || ' ' ||
+                prosecdef || ' ' || coalesce(proconfig::text, '') || ' ' || provolatile::text || ' ' ||
+                coalesce(obj_description(oid, 'pg_proc'), '')
+         FROM pg_proc WHERE oid = 'public.active_users(integer)'::regprocedure",
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dependents_in_any_schema_follow_the_swap_and_the_rollback() -> anyhow::Result<()> {
+    let p = common::fixture_pair("dependents", "simple").await;
+    ensure_role(&p.dest, "app_ro").await;
+    ensure_role(&p.dest, "app_owner").await;
+    p.dest.batch(DEPENDENTS).await?;
+    let dst = p.dest.connect().await?;
+    let before_bindings = bindings(&dst).await;
+    let attributes = active_users_attributes(&dst).await;
+    assert!(
+        attributes.starts_with("app_owner {") && attributes.contains("app_ro=X/app_owner"),
+        "{attributes}"
+    );
+
+    // The plan lists every dependent and what happens to it.
+    let mut dry = common::options(&p);
+    dry.dry_run = true;
+    let plan = common::run(dry).await?.plan;
+    let listed: Vec<String> = plan
+        .dependents
+        .iter()
+        .map(|d| format!("{} | {}", d.object, d.action))
+        .collect();
+    for object in [
+        "function public.active_users(integer)",
+        "function public.user_label(public.\"User\")",
+        "function public.post_count()",
+        "procedure public.touch_user(public.\"User\")",
+        "view public.top_users",
+        "view reporting.post_authors",
+        "view reporting.labels",
+        "foreign key featured_post_id_fkey on table reporting.featured",
+        "default of column ticket of table public.audit_note",
+        "policy known_users on table public.audit_note",
+    ] {
+        assert!(
+            listed.iter().any(|l| l.starts_with(&format!("{object} |"))),
+            "{object} not listed: {listed:#?}"
+        );
+    }
+
+    let report = common::migrate(&p).await?;
+    assert!(report.swap.is_some());
+    // Every dependent is now bound to the live (new) objects.
+    let after = bindings(&dst).await;
+    assert_eq!(
+        after,
+        vec![
+            "active_users returns \"User\"",
+            "audit_note.ticket uses \"User_id_seq\"",
+            "featured references \"Post\"",
+            "known_users reads \"User\"",
+            "post_count reads \"Post\"",
+            "touch_user takes \"User\"",
+            "user_label takes \"User\"",
+        ],
+        "before the swap: {before_bindings:?}"
+    );
+    assert_eq!(after, before_bindings, "same names, new objects");
+    assert!(
+        bound_to_backup(&dst).await.is_empty(),
+        "{:?}",
+        bound_to_backup(&dst).await
+    );
+    // The recreated function keeps its attributes, and it and the views read the new data.
+    assert_eq!(active_users_attributes(&dst).await, attributes);
+    assert_eq!(
+        texts(&dst, "SELECT name FROM public.top_users ORDER BY id").await,
+        ["John Doe Modified", "Jane Smith Modified"]
+    );
+    assert_eq!(
+        texts(&dst, "SELECT title FROM reporting.post_authors ORDER BY id").await,
+        ["First Post Modified", "Second Post Modified"]
+    );
+    assert_eq!(
+        texts(&dst, "SELECT label FROM reporting.labels ORDER BY 1").await,
+        [
+            "Jane Smith Modified <jane.smith.modified@example.com>",
+            "John Doe Modified <john.doe.modified@example.com>"
+        ]
+    );
+    assert_eq!(int(&dst, "SELECT public.post_count()").await, 2);
+    dst.batch_execute(
+        r#"DO $$ DECLARE u "User"; BEGIN SELECT * INTO u FROM "User" WHERE id = 1; CALL public.touch_user(u); END $$"#,
+    )
+    .await?;
+    assert_eq!(
+        int(&dst, "SELECT count(*) FROM reporting.featured").await,
+        1
+    );
+    assert!(
+        boolean(
+            &dst,
+            "SELECT convalidated FROM pg_constraint WHERE conrelid = 'reporting.featured'::regclass AND contype = 'f'"
+        )
+        .await
+    );
+    // The originals are in the backup set, still bound to the backup tables.
+    assert_eq!(
+        text(
+            &dst,
+            "SELECT (SELECT typrelid::regclass::text FROM pg_type WHERE oid = prorettype) FROM pg_proc WHERE proname = 'backup_active_users'"
+        )
+        .await,
+        "\"backup_User\""
+    );
+    let migrated = live_sums(&dst).await;
+    let migrated_bindings = bindings(&dst).await;
+
+    // A second migration replaces this backup set (dropping it: nothing else depends on it).
+    let second = common::migrate(&p).await?;
+    assert!(second.swap.is_some());
+    assert!(bound_to_backup(&dst).await.is_empty());
+    assert_eq!(bindings(&dst).await, migrated_bindings);
+    assert_eq!(active_users_attributes(&dst).await, attributes);
+
+    // Rollback restores the first migration's tables, and every dependent follows them back.
+    let rb = rollback(RollbackOptions {
+        destination: dest_url(&p),
+        migration_id: None,
+        keep_tables: Vec::new(),
+        dry_run: false,
+        locks: common::locks(),
+    })
+    .await?;
+    assert!(rb.warnings.is_empty(), "{:?}", rb.warnings);
+    assert_eq!(live_sums(&dst).await, migrated);
+    assert_eq!(bindings(&dst).await, migrated_bindings);
+    assert_eq!(active_users_attributes(&dst).await, attributes);
+    assert!(bound_to_backup(&dst).await.is_empty());
+    assert_eq!(
+        texts(&dst, "SELECT name FROM public.top_users ORDER BY id").await,
+        ["John Doe Modified", "Jane Smith Modified"]
+    );
+
+    // Cleanup drops what is left of the backup sets without tripping over dependents.
+    let c = backup::cleanup(&dest_url(&p), i64::MAX / 2, false).await?;
+    assert!(c.objects.iter().all(|o| !o.contains("kept")), "{c:?}");
+    assert!(texts(
+        &dst,
+        "SELECT proname::text FROM pg_proc WHERE left(proname, 7) = 'backup_'"
+    )
+    .await
+    .is_empty());
+    Ok(())
+}
+
+/// Dependents pgzm cannot make follow the swap are refused at plan time, all of them in one
+/// message, each named, and nothing changes in either database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dependents_that_cannot_follow_are_refused_before_any_change() -> anyhow::Result<()> {
+    let p = common::fixture_pair("dependents_refused", "simple").await;
+    p.dest
+        .batch(
+            r#"CREATE DOMAIN user_row AS "User";
+               CREATE TABLE inbox (id int, body text);
+               CREATE RULE copy_to_users AS ON INSERT TO inbox
+                   DO ALSO UPDATE "User" SET name = NEW.body WHERE id = NEW.id;
+               CREATE FUNCTION first_user_sfunc(acc "User", u "User") RETURNS "User"
+                   LANGUAGE sql AS 'SELECT coalesce(acc, u)';
+               CREATE AGGREGATE first_user("User") (SFUNC = first_user_sfunc, STYPE = "User");"#,
+        )
+        .await?;
+    let dst = p.dest.connect().await?;
+    let sums = live_sums(&dst).await;
+    for dry_run in [true, false] {
+        let mut opts = common::options(&p);
+        opts.dry_run = dry_run;
+        let err = common::run(opts).await.expect_err("must be refused");
+        assert!(matches!(err, CoordinatorError::Refused(_)), "{err:?}");
+        let message = err.to_string();
+        assert!(!message.contains('\n'), "one line: {message}");
+        for named in [
+            "type public.user_row",
+            "rule copy_to_users on table public.inbox",
+            "aggregate public.first_user(public.\"User\")",
+        ] {
+            assert!(message.contains(named), "{named} not in: {message}");
+        }
+    }
+    assert_eq!(live_sums(&dst).await, sums);
+    assert!(
+        texts(
+            &dst,
+            "SELECT nspname::text FROM pg_namespace WHERE nspname = 'pgzm'"
+        )
+        .await
+        .is_empty(),
+        "no metadata written"
+    );
+    Ok(())
+}
+
+/// Item 10: a run whose swap fails never loses the current backup set (it used to be dropped
+/// before the swap); `--keep-backups N` keeps older sets, listed and restorable by timestamp;
+/// sets beyond N are dropped only after a swap has committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_swap_keeps_the_backup_set_and_older_sets_can_be_kept() -> anyhow::Result<()> {
+    use pgzm_coordinator::swap::SwapSettings;
+    use std::time::Duration;
+    let p = common::fixture_pair("backup_sets", "simple").await;
+    let dst = p.dest.connect().await?;
+    let original = live_sums(&dst).await;
+    let first = common::migrate(&p).await?;
+    let after_first = live_sums(&dst).await;
+    let list = || async { backup::list(&dest_url(&p)).await.expect("pgzm list") };
+    assert_eq!(list().await.len(), 1);
+    let backup_of_original = checks::backup_sums(&dst).await;
+    assert_eq!(backup_of_original, original);
+
+    // A reader holds a lock on a live table: the second run's swap cannot get its locks.
+    let blocker = p.dest.connect().await?;
+    blocker
+        .batch_execute(r#"BEGIN; SELECT count(*) FROM "Comment""#)
+        .await?;
+    let mut opts = common::options(&p);
+    opts.swap = SwapSettings {
+        lock_timeout: Duration::from_millis(20),
+        total_timeout: Duration::from_millis(500),
+    };
+    let err = common::run(opts).await.expect_err("the swap cannot lock");
+    assert!(
+        matches!(err, CoordinatorError::SwapLockTimeout { .. }),
+        "{err:?}"
+    );
+    blocker.batch_execute("ROLLBACK").await?;
+    // Nothing was lost: the live tables and the first backup set are as they were.
+    assert_eq!(live_sums(&dst).await, after_first);
+    assert_eq!(checks::backup_sums(&dst).await, backup_of_original);
+    let sets = list().await;
+    assert_eq!(sets.len(), 1);
+    assert_eq!(sets[0].timestamp, first.migration_id);
+
+    // With --keep-backups 2 the next swap moves the first set aside and keeps it.
+    let mut opts = common::options(&p);
+    opts.keep_backups = 2;
+    let third = common::run(opts).await?;
+    assert!(
+        third.dropped_backup.is_empty(),
+        "{:?}",
+        third.dropped_backup
+    );
+    let sets = list().await;
+    assert_eq!(
+        sets.iter().map(|s| s.timestamp).collect::<Vec<_>>(),
+        [third.migration_id, first.migration_id]
+    );
+    assert!(sets[1].tables.iter().all(|t| t.present), "{:?}", sets[1]);
+    let aside = format!("{}_", first.migration_id);
+    let (older, newest): (Vec<_>, Vec<_>) = checks::backup_sums(&dst)
+        .await
+        .into_iter()
+        .partition(|(k, _)| k.starts_with(&aside));
+    assert_eq!(
+        newest
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>(),
+        after_first,
+        "newest set"
+    );
+    assert_eq!(
+        older
+            .into_iter()
+            .map(|(k, v)| (k[aside.len()..].to_string(), v))
+            .collect::<std::collections::BTreeMap<_, _>>(),
+        original,
+        "the older set, moved aside"
+    );
+    assert!(
+        bound_to_backup(&dst).await.is_empty(),
+        "{:?}",
+        bound_to_backup(&dst).await
+    );
+    let v = backup::verify(&dest_url(&p), Some(first.migration_id)).await?;
+    assert!(v.valid, "{v:?}");
+
+    // The older set is restorable by its timestamp: the destination as it was at the start.
+    let rb = rollback(RollbackOptions {
+        destination: dest_url(&p),
+        migration_id: Some(first.migration_id),
+        keep_tables: Vec::new(),
+        dry_run: false,
+        locks: common::locks(),
+    })
+    .await?;
+    assert!(rb.warnings.is_empty(), "{:?}", rb.warnings);
+    assert_eq!(live_sums(&dst).await, original);
+
+    // The default (1) drops every older set, but only after the swap committed.
+    let fourth = common::migrate(&p).await?;
+    assert!(!fourth.dropped_backup.is_empty());
+    let sets = list().await;
+    assert_eq!(
+        sets.iter().map(|s| s.timestamp).collect::<Vec<_>>(),
+        [fourth.migration_id]
+    );
+    assert_eq!(checks::backup_sums(&dst).await, original);
+    Ok(())
+}
+
+/// Item 7: tables with zero columns, or with only generated columns, migrate with their row
+/// counts (they used to fail in the copy phase after the dry run had passed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_without_copied_columns_migrate_with_their_rows() -> anyhow::Result<()> {
+    let p = common::fixture_pair("no_columns", "simple").await;
+    p.source
+        .batch(
+            "CREATE TABLE no_columns ();
+             INSERT INTO no_columns SELECT FROM generate_series(1, 3);
+             CREATE TABLE only_generated (g integer GENERATED ALWAYS AS (7) STORED);
+             INSERT INTO only_generated SELECT FROM generate_series(1, 5);",
+        )
+        .await?;
+    p.dest
+        .batch("CREATE TABLE no_columns (); INSERT INTO no_columns DEFAULT VALUES;")
+        .await?;
+    let report = common::migrate(&p).await?;
+    assert!(report.swap.is_some());
+    let dst = p.dest.connect().await?;
+    assert_eq!(int(&dst, "SELECT count(*) FROM no_columns").await, 3);
+    assert_eq!(int(&dst, "SELECT count(*) FROM backup_no_columns").await, 1);
+    assert_eq!(
+        int(&dst, "SELECT count(*) FROM only_generated WHERE g = 7").await,
+        5
+    );
+    Ok(())
+}
+
+/// Item 6: a preserved table whose default uses a sequence that no column owns (Pagila's
+/// shape): at the swap the sequence is past the column's rows and past the live sequence, so
+/// the next INSERT does not collide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preserved_table_sequences_not_owned_by_a_column_are_set_past_the_data(
+) -> anyhow::Result<()> {
+    let p = common::fixture_pair("unowned_sequence", "simple").await;
+    let schema = "CREATE SEQUENCE account_ids;
+                  CREATE TABLE account (id integer PRIMARY KEY DEFAULT nextval('account_ids'), name text);";
+    p.source.batch(schema).await?;
+    p.dest.batch(schema).await?;
+    p.source
+        .batch("INSERT INTO account (name) SELECT 'src ' || g FROM generate_series(1, 10) g")
+        .await?;
+    // Production has more rows, and its sequence went further than its rows (a rolled-back
+    // insert consumed values).
+    p.dest
+        .batch(
+            "INSERT INTO account (name) SELECT 'dst ' || g FROM generate_series(1, 50) g;
+             SELECT setval('account_ids', 80);",
+        )
+        .await?;
+    let report = common::run(common::preserving(&p, &["account"])).await?;
+    assert!(report.swap.is_some());
+    let dst = p.dest.connect().await?;
+    assert_eq!(int(&dst, "SELECT count(*) FROM account").await, 50);
+    let id = int(
+        &dst,
+        "INSERT INTO account (name) VALUES ('after the swap') RETURNING id::int8",
+    )
+    .await;
+    assert!(id > 80, "next id {id} must be past the live sequence (80)");
+    Ok(())
+}
+
+/// Item 8: columns that reference large objects are refused at plan time (never copied as
+/// dangling or clashing oids), naming the table and the column; nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_object_references_are_refused_at_plan_time() -> anyhow::Result<()> {
+    let p = common::fixture_pair("large_objects", "simple").await;
+    p.source
+        .batch(
+            "CREATE TABLE document (id integer PRIMARY KEY, body oid);
+             INSERT INTO document VALUES (1, lo_from_bytea(0, 'hello'));",
+        )
+        .await?;
+    let dst = p.dest.connect().await?;
+    let sums = live_sums(&dst).await;
+    let err = common::migrate(&p).await.expect_err("refused");
+    let message = err.to_string();
+    assert!(matches!(err, CoordinatorError::Refused(_)), "{message}");
+    assert!(
+        message.contains("\"document\".\"body\"") && message.contains("large object"),
+        "{message}"
+    );
+    assert_eq!(live_sums(&dst).await, sums);
+    // Without large objects in the source, an oid column is just a number and migrates.
+    p.source
+        .batch("SELECT lo_unlink(body) FROM document")
+        .await?;
+    common::migrate(&p).await?;
+    Ok(())
+}
