@@ -366,7 +366,7 @@ pub async fn open_source(
     let sql = match range {
         None => format!("COPY {}{list} TO STDOUT (FORMAT binary)", table.quoted()),
         Some(r) => format!(
-            "COPY (SELECT {columns} FROM {} WHERE {}) TO STDOUT (FORMAT binary)",
+            "COPY (SELECT {columns} FROM ONLY {} WHERE {}) TO STDOUT (FORMAT binary)",
             table.quoted(),
             r.predicate()
         ),

@@ -157,7 +157,14 @@ pub fn table_build(
     let mut b = TableBuild::default();
     for c in t.constraints.iter().filter(|c| c.has_index()) {
         let name = renames.get(&c.name).unwrap_or(&c.name);
-        match index_for_constraint(c) {
+        // `ADD CONSTRAINT … USING INDEX` is not supported on partitioned tables: their keys are
+        // added directly (attaching the partitions' keys, built already).
+        let index = if t.is_partitioned() {
+            None
+        } else {
+            index_for_constraint(c)
+        };
+        match index {
             Some(tail) => {
                 b.parallel.push(format!(
                     "CREATE UNIQUE INDEX {} ON {} {}",
@@ -418,6 +425,12 @@ pub async fn foreign_keys(
                     .as_deref()
                     .is_some_and(|r| plan.is_preserved(r))
             {
+                continue;
+            }
+            // A partitioned table's foreign key cannot be added NOT VALID (before PostgreSQL
+            // 18): it is added validated, checking every partition once.
+            if t.is_partitioned() {
+                add.extend(ddl::add_constraint(&tp.shadow, c, &c.name, renames));
                 continue;
             }
             let mut not_valid = c.clone();

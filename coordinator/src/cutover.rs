@@ -131,7 +131,7 @@ async fn count_backups(
             .iter()
             .map(|m| {
                 format!(
-                    "SELECT {}::text, count(*) FROM {}",
+                    "SELECT {}::text, count(*) FROM ONLY {}",
                     quote_literal(&m.from),
                     quote_qualified("public", &m.to)
                 )

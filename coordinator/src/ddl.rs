@@ -176,6 +176,9 @@ pub fn create_table(
         public(shadow),
         parts.join(",\n    ")
     );
+    if let Some(key) = &t.partition_key {
+        sql.push_str(&format!(" PARTITION BY {}", renames.apply(key)));
+    }
     if !t.reloptions.is_empty() {
         sql.push_str(&format!(" WITH ({})", t.reloptions.join(", ")));
     }

@@ -119,6 +119,11 @@ pub async fn check(
             ),
             ObjectKind::Type => types.extend(dest.type_oids.get(&m.from).copied()),
             ObjectKind::Function => functions.extend(m.oid),
+            ObjectKind::MaterializedView => relations.extend(
+                dest.materialized_views
+                    .get(&(m.schema.clone(), m.from.clone()))
+                    .map(|v| v.oid),
+            ),
             ObjectKind::Sequence | ObjectKind::Index => {}
         }
     }
@@ -170,7 +175,6 @@ pub async fn check(
         .filter_map(|v| dest.views.get(&(v.schema.clone(), v.name.clone())))
         .map(|v| v.oid)
         .collect();
-    let matviews: BTreeSet<Oid> = dest.materialized_views.values().map(|(o, _)| *o).collect();
     let repointed_fks: BTreeSet<(String, String, String)> = plan
         .foreign_keys
         .iter()
@@ -201,8 +205,6 @@ pub async fn check(
         }
         match e.catalog.as_str() {
             "pg_rewrite" if e.owner.is_some_and(|o| recreated_views.contains(&o)) => {}
-            // Refused by the planner already, with its own message.
-            "pg_rewrite" if e.owner.is_some_and(|o| matviews.contains(&o)) => {}
             "pg_proc" if recreated_functions.contains(&e.objid) => {}
             "pg_constraint" if e.contype.as_deref() == Some("f") => {
                 if !fk_names

@@ -31,6 +31,8 @@ pub struct LiveTable {
     pub indexes: Vec<String>,
     /// Sequences owned by its columns (serial and identity).
     pub owned_sequences: Vec<String>,
+    /// Its partitions and inheritance children in the same schema.
+    pub children: Vec<String>,
 }
 
 /// One privilege granted on an object.
@@ -96,6 +98,21 @@ pub struct LiveView {
     pub columns: Vec<(String, String)>,
 }
 
+/// A materialized view of the destination.
+#[derive(Debug, Clone)]
+pub struct LiveMatview {
+    /// pg_class oid.
+    pub oid: Oid,
+    /// Relations it reads (oids).
+    pub reads: BTreeSet<Oid>,
+    /// Definition, indexes, population, comment.
+    pub matview: crate::catalog::Matview,
+    /// Owner.
+    pub owner: String,
+    /// Privileges.
+    pub grants: Vec<Grant>,
+}
+
 /// A foreign key from a table the migration does not replace to one it does.
 #[derive(Debug, Clone)]
 pub struct ForeignKeyIn {
@@ -118,8 +135,8 @@ pub struct Destination {
     pub tables: BTreeMap<String, LiveTable>,
     /// Views by schema-qualified name, in every schema but the system's and the tool's.
     pub views: BTreeMap<QualName, LiveView>,
-    /// Materialized views by schema-qualified name: (oid, relations they read).
-    pub materialized_views: BTreeMap<QualName, (Oid, BTreeSet<Oid>)>,
+    /// Materialized views by schema-qualified name.
+    pub materialized_views: BTreeMap<QualName, LiveMatview>,
     /// Functions and procedures whose signature or body depends on a relation or a user type
     /// (the candidates to follow a swap).
     pub typed_functions: Vec<TypedFunction>,
@@ -157,7 +174,9 @@ SELECT c.oid, c.relname::text, pg_get_userbyid(c.relowner)::text, c.relrowsecuri
        ARRAY(SELECT i.relname::text FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = c.oid ORDER BY 1),
        ARRAY(SELECT s.relname::text FROM pg_depend d JOIN pg_class s ON s.oid = d.objid
              WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
-               AND d.refobjid = c.oid AND d.deptype IN ('a', 'i') AND s.relkind = 'S' ORDER BY 1)
+               AND d.refobjid = c.oid AND d.deptype IN ('a', 'i') AND s.relkind = 'S' ORDER BY 1),
+       ARRAY(SELECT ch.relname::text FROM pg_inherits i JOIN pg_class ch ON ch.oid = i.inhrelid
+             WHERE i.inhparent = c.oid AND ch.relnamespace = c.relnamespace ORDER BY 1)
 FROM pg_class c
 WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
@@ -281,7 +300,10 @@ WHERE c.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 
   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
 
 const MATERIALIZED_VIEWS: &str = "
-SELECT c.oid, n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+SELECT c.oid, n.nspname::text, c.relname::text, pg_get_userbyid(c.relowner)::text,
+       ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
+             FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'm' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgzm')
   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
 
@@ -342,6 +364,7 @@ pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
             policies: Vec::new(),
             indexes: row.get(6),
             owned_sequences: row.get(7),
+            children: row.get(8),
         };
         by_oid.insert(t.oid, t.name.clone());
         dest.tables.insert(t.name.clone(), t);
@@ -467,15 +490,29 @@ pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
         };
         dest.views.insert((v.schema.clone(), v.name.clone()), v);
     }
-    for row in client
+    let rows = client
         .query(MATERIALIZED_VIEWS, &[])
         .await
-        .map_err(err("materialized views"))?
-    {
+        .map_err(err("materialized views"))?;
+    let oids: Vec<Oid> = rows.iter().map(|r| r.get(0)).collect();
+    let mut details = crate::catalog::matviews_by_oid(client, &oids)
+        .await
+        .map_err(err("materialized view definitions"))?;
+    for row in rows {
         let oid: Oid = row.get(0);
-        let reads = deps.remove(&oid).unwrap_or_default();
-        dest.materialized_views
-            .insert((row.get(1), row.get(2)), (oid, reads));
+        let Some(matview) = details.remove(&oid) else {
+            continue;
+        };
+        dest.materialized_views.insert(
+            (row.get(1), row.get(2)),
+            LiveMatview {
+                oid,
+                reads: deps.remove(&oid).unwrap_or_default(),
+                matview,
+                owner: row.get(3),
+                grants: parse_grants(row.get(4)),
+            },
+        );
     }
     for row in client
         .query(FOREIGN_KEYS, &[])

@@ -18,6 +18,7 @@ pub mod dependents;
 pub mod destination;
 pub mod error;
 pub mod logfile;
+pub mod matview;
 pub mod metrics;
 pub mod migrate;
 pub mod naming;

@@ -33,6 +33,8 @@ pub enum ObjectKind {
     View,
     /// A function or procedure (identified by its oid: its signature may name migrated types).
     Function,
+    /// A materialized view.
+    MaterializedView,
 }
 
 impl ObjectKind {
@@ -45,7 +47,16 @@ impl ObjectKind {
             ObjectKind::Type => "TYPE",
             ObjectKind::View => "VIEW",
             ObjectKind::Function => "ROUTINE",
+            ObjectKind::MaterializedView => "MATERIALIZED VIEW",
         }
+    }
+
+    /// Whether its name is also a type's (a relation's row type, or a type).
+    pub fn has_row_type(self) -> bool {
+        matches!(
+            self,
+            ObjectKind::Type | ObjectKind::Table | ObjectKind::View | ObjectKind::MaterializedView
+        )
     }
 
     /// Whether the object lives in pg_class (relations share one namespace per schema).
@@ -138,6 +149,9 @@ pub struct TablePlan {
     /// Expected binary COPY bytes from the source's statistics (0: unknown).
     #[serde(default)]
     pub estimated_copy_bytes: i64,
+    /// A partitioned table: no rows of its own (its partitions are copied), built after them.
+    #[serde(default)]
+    pub partitioned: bool,
 }
 
 /// A view created in the swap transaction.
@@ -176,6 +190,24 @@ pub struct ForeignKeyRepoint {
     pub references: String,
     /// Constraint definition.
     pub definition: String,
+}
+
+/// A materialized view built over the shadow tables before the swap (`shadow_<name>`, with its
+/// indexes) and swapped in by rename: the source's own, or a destination one that reads a
+/// replaced relation, rebuilt from its definition.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MatviewPlan {
+    /// Definition (qualified, naming live objects: rewritten to shadow names when built),
+    /// indexes, population, comment; `schema`/`name` are the live ones.
+    pub matview: crate::catalog::Matview,
+    /// Name while shadow.
+    pub shadow: String,
+    /// Owner to set (the destination one's it replaces).
+    pub owner: Option<String>,
+    /// Privileges to grant.
+    pub grants: Vec<Grant>,
+    /// Whether the definition comes from the source.
+    pub from_source: bool,
 }
 
 /// A destination function (or procedure) whose signature or body is bound to an object the
@@ -275,6 +307,9 @@ pub struct Plan {
     /// Destination functions recreated over the new objects in the swap.
     #[serde(default)]
     pub functions: Vec<FunctionPlan>,
+    /// Materialized views built before the swap and swapped in by rename, in build order.
+    #[serde(default)]
+    pub matviews: Vec<MatviewPlan>,
     /// Every object outside the migrated set that depends on a replaced object, and what
     /// happens to it.
     #[serde(default)]
@@ -319,6 +354,9 @@ impl Plan {
         let mut r = Renames::new();
         for t in &self.tables {
             r.insert(&t.name, &t.shadow);
+        }
+        for mv in &self.matviews {
+            r.insert_in(&mv.matview.schema, &mv.matview.name, &mv.shadow);
         }
         for m in self
             .types
@@ -417,10 +455,42 @@ pub fn build_all(
 
     // Live objects that move to backup names: replaced tables with all their indexes and owned
     // sequences, and live types, sequences and views whose names the new objects take.
+    let mut dependents = Vec::new();
     let mut to_backup = Vec::new();
     let mut backed_up_relations = BTreeSet::new();
-    for t in &tables {
-        if let Some(live) = dest.tables.get(&t.name) {
+    // The live tables replaced, and the partitions and inheritance children of those that the
+    // source does not have: they stay attached to their parent, so they join the backup set
+    // with it (listed, verified, restored and dropped with it).
+    let mut replaced_live: Vec<&crate::destination::LiveTable> = Vec::new();
+    let mut seen: BTreeSet<&str> = BTreeSet::new();
+    let mut stack: Vec<(&str, Option<&str>)> = tables
+        .iter()
+        .rev()
+        .map(|t| (t.name.as_str(), None))
+        .collect();
+    while let Some((name, parent)) = stack.pop() {
+        let Some(live) = dest.tables.get(name) else {
+            continue;
+        };
+        if !seen.insert(name) {
+            continue;
+        }
+        if let Some(parent) = parent {
+            dependents.push(Dependent {
+                object: format!("table {}", qualified_display("public", name)),
+                on: format!("table {}", qualified_display("public", parent)),
+                action: "a partition or child of a replaced table that the source does not have: joins the backup set with it".into(),
+            });
+        }
+        replaced_live.push(live);
+        for child in &live.children {
+            if source.table(child).is_none() {
+                stack.push((child.as_str(), Some(name)));
+            }
+        }
+    }
+    for live in replaced_live {
+        {
             to_backup.push(Move::public(
                 ObjectKind::Table,
                 live.name.clone(),
@@ -457,10 +527,10 @@ pub fn build_all(
         }
     }
 
-    let mut dependents = Vec::new();
     let Followers {
         views,
         functions: recreated_functions,
+        matviews,
     } = plan_dependents(
         source,
         dest,
@@ -474,8 +544,30 @@ pub fn build_all(
         .iter()
         .map(|t| Move::public(ObjectKind::Table, t.shadow.clone(), t.name.clone()))
         .collect();
+    for mv in &matviews {
+        for (index, _) in &mv.matview.indexes {
+            indexes.push(Move {
+                kind: ObjectKind::Index,
+                schema: mv.matview.schema.clone(),
+                from: index.clone(),
+                to: prefixed(SHADOW, index),
+                oid: None,
+            });
+        }
+        to_live.push(Move {
+            kind: ObjectKind::MaterializedView,
+            schema: mv.matview.schema.clone(),
+            from: mv.shadow.clone(),
+            to: mv.matview.name.clone(),
+            oid: None,
+        });
+    }
     for m in types.iter().chain(&sequences).chain(&indexes) {
-        to_live.push(Move::public(m.kind, m.to.clone(), m.from.clone()));
+        to_live.push(Move {
+            from: m.to.clone(),
+            to: m.from.clone(),
+            ..m.clone()
+        });
     }
 
     let source_names = source.table_names();
@@ -547,6 +639,13 @@ pub fn build_all(
         .chain(types.iter().cloned())
         .chain(sequences.iter().cloned())
         .chain(indexes.iter().cloned())
+        .chain(matviews.iter().map(|mv| Move {
+            kind: ObjectKind::MaterializedView,
+            schema: mv.matview.schema.clone(),
+            from: mv.matview.name.clone(),
+            to: mv.shadow.clone(),
+            oid: None,
+        }))
         .collect();
     check_names(
         dest,
@@ -570,6 +669,7 @@ pub fn build_all(
         views,
         foreign_keys,
         functions: recreated_functions,
+        matviews,
         dependents,
         repoints: Vec::new(),
         functions_to_create,
@@ -593,6 +693,7 @@ fn table_plan(t: &Table, dest: &Destination) -> TablePlan {
         estimated_bytes: t.estimated_bytes,
         estimated_copy_bytes: t.estimated_copy_bytes,
         pages: t.pages,
+        partitioned: t.is_partitioned(),
     }
 }
 
@@ -607,11 +708,12 @@ fn is_tool_object(name: &str, earlier: &Earlier) -> bool {
             .any(|(_, objs)| objs.tables.iter().any(|(n, _)| n == name))
 }
 
-/// What follows the swap besides the tables: views and functions, found together because each
-/// can make the other depend on a replaced object.
+/// What follows the swap besides the tables: views, functions and materialized views, found
+/// together because each can make the others depend on a replaced object.
 struct Followers {
     views: Vec<ViewPlan>,
     functions: Vec<FunctionPlan>,
+    matviews: Vec<MatviewPlan>,
 }
 
 /// Source views are created in the swap (replacing a destination view of the same name).
@@ -649,6 +751,17 @@ fn plan_dependents(
         .collect();
     let source_views: BTreeSet<QualName> =
         source.views.iter().map(|v| in_public(&v.name)).collect();
+    let source_matviews: BTreeSet<QualName> =
+        source.matviews.iter().map(|m| in_public(&m.name)).collect();
+    // Source materialized views replace destination ones of the same name.
+    for m in &source.matviews {
+        if let Some(live) = dest.materialized_views.get(&in_public(&m.name)) {
+            replaced.insert(
+                live.oid,
+                format!("materialized view {}", qualified_display("public", &m.name)),
+            );
+        }
+    }
     for v in &source.views {
         let live = dest.views.get(&in_public(&v.name));
         if let Some(live) = live {
@@ -670,9 +783,23 @@ fn plan_dependents(
     }
     let mut affected: BTreeMap<u32, &LiveView> = BTreeMap::new();
     let mut functions: BTreeMap<u32, &TypedFunction> = BTreeMap::new();
+    let mut rebuilt: BTreeMap<u32, (&QualName, &crate::destination::LiveMatview)> = BTreeMap::new();
     let mut why: BTreeMap<(char, u32), String> = BTreeMap::new();
     loop {
-        let before = (affected.len(), functions.len());
+        let before = (affected.len(), functions.len(), rebuilt.len());
+        for (name, m) in &dest.materialized_views {
+            if source_matviews.contains(name) || rebuilt.contains_key(&m.oid) {
+                continue;
+            }
+            if let Some(hit) = m.reads.iter().find_map(|r| replaced.get(r)).cloned() {
+                why.insert(('m', m.oid), hit);
+                rebuilt.insert(m.oid, (name, m));
+                replaced.insert(
+                    m.oid,
+                    format!("materialized view {}", qualified_display(&name.0, &name.1)),
+                );
+            }
+        }
         for f in &dest.typed_functions {
             if functions.contains_key(&f.oid) {
                 continue;
@@ -712,7 +839,7 @@ fn plan_dependents(
                 );
             }
         }
-        if (affected.len(), functions.len()) == before {
+        if (affected.len(), functions.len(), rebuilt.len()) == before {
             break;
         }
     }
@@ -810,35 +937,76 @@ fn plan_dependents(
             after_views: f.relations.iter().any(|r| affected.contains_key(r)),
         });
     }
-    // Materialized views bound to a replaced relation would keep reading the old data.
-    let mut found: BTreeMap<&QualName, String> = BTreeMap::new();
-    loop {
-        let before = found.len();
-        for (name, (oid, reads)) in &dest.materialized_views {
-            if found.contains_key(name) {
-                continue;
-            }
-            if let Some(hit) = reads.iter().find_map(|r| replaced.get(r)) {
-                found.insert(name, hit.clone());
-                replaced.insert(
-                    *oid,
-                    format!("materialized view {}", qualified_display(&name.0, &name.1)),
-                );
-            }
-        }
-        if found.len() == before {
-            break;
-        }
+    // Materialized views: the source's are built over the new tables before the swap; a
+    // destination one that reads a replaced relation is rebuilt the same way, from its own
+    // definition; both are swapped in by rename. One that reads a view recreated at the swap
+    // cannot be built before it.
+    let mut matviews: Vec<MatviewPlan> = Vec::new();
+    for m in &source.matviews {
+        let live = dest.materialized_views.get(&in_public(&m.name));
+        matviews.push(MatviewPlan {
+            shadow: prefixed(SHADOW, &m.name),
+            matview: m.clone(),
+            owner: live.map(|l| l.owner.clone()),
+            grants: live.map(|l| l.grants.clone()).unwrap_or_default(),
+            from_source: true,
+        });
     }
-    for ((schema, name), hit) in found {
-        problems.push(format!(
-            "destination materialized view {} reads {hit}, which the migration replaces: it would keep reading the old data and block dropping the backup later; pgzm does not rebuild materialized views yet, so drop it before the migration and recreate it afterwards",
-            qualified_display(schema, name)
-        ));
+    let deps: BTreeMap<u32, BTreeSet<u32>> = rebuilt
+        .values()
+        .map(|(_, m)| (m.oid, m.reads.clone()))
+        .collect();
+    for oid in crate::catalog::topological_order(rebuilt.keys().copied().collect(), &deps) {
+        let (name, m) = rebuilt[&oid];
+        if let Some(view) = m.reads.iter().find_map(|r| affected.get(r)) {
+            problems.push(format!(
+                "destination materialized view {} reads view {}, which is recreated at the swap: pgzm rebuilds materialized views before the swap, so make it read the tables directly, or drop it before the migration and recreate it afterwards",
+                qualified_display(&name.0, &name.1),
+                qualified_display(&view.schema, &view.name)
+            ));
+            continue;
+        }
+        dependents.push(Dependent {
+            object: format!(
+                "materialized view {}",
+                qualified_display(&name.0, &name.1)
+            ),
+            on: why[&('m', oid)].clone(),
+            action: "rebuilt over the new tables before the swap (with its indexes) and swapped in by rename; the old one joins the backup set".into(),
+        });
+        matviews.push(MatviewPlan {
+            shadow: prefixed(SHADOW, &name.1),
+            matview: m.matview.clone(),
+            owner: Some(m.owner.clone()),
+            grants: m.grants.clone(),
+            from_source: false,
+        });
+    }
+    for mv in &matviews {
+        let key = (mv.matview.schema.clone(), mv.matview.name.clone());
+        if let Some(live) = dest.materialized_views.get(&key) {
+            to_backup.push(Move {
+                kind: ObjectKind::MaterializedView,
+                schema: key.0.clone(),
+                from: key.1.clone(),
+                to: prefixed(BACKUP, &key.1),
+                oid: None,
+            });
+            for (index, _) in &live.matview.indexes {
+                to_backup.push(Move {
+                    kind: ObjectKind::Index,
+                    schema: key.0.clone(),
+                    from: index.clone(),
+                    to: prefixed(BACKUP, index),
+                    oid: None,
+                });
+            }
+        }
     }
     Followers {
         views,
         functions: planned,
+        matviews,
     }
 }
 
@@ -865,10 +1033,7 @@ impl Namespaces {
         if m.kind.is_relation() {
             self.relations.remove(&key);
         }
-        if matches!(
-            m.kind,
-            ObjectKind::Type | ObjectKind::Table | ObjectKind::View
-        ) {
+        if m.kind.has_row_type() {
             self.types.remove(&key);
         }
         if m.kind == ObjectKind::Function {
@@ -889,10 +1054,7 @@ impl Namespaces {
         if kind.is_relation() {
             self.relations.insert(name.clone());
         }
-        if matches!(
-            kind,
-            ObjectKind::Type | ObjectKind::Table | ObjectKind::View
-        ) {
+        if kind.has_row_type() {
             self.types.insert(name.clone());
         }
         if kind == ObjectKind::Function {
@@ -930,6 +1092,11 @@ fn check_names(
         }
         for name in &objs.indexes {
             ns.relations.remove(&in_public(name));
+        }
+        for (schema, name, _) in &objs.matviews {
+            let key = (schema.clone(), name.clone());
+            ns.relations.remove(&key);
+            ns.types.remove(&key);
         }
     }
     if let Some((_, moves)) = &earlier.backup_set {

@@ -15,7 +15,7 @@ use tracing::{info_span, warn, Instrument};
 
 use crate::agents::AgentPool;
 use crate::build;
-use crate::catalog::{self, SourceSchema};
+use crate::catalog::{self, SourceSchema, Table};
 use crate::copy::{self, CopyContext, CopyJob};
 use crate::ddl;
 use crate::destination::{self, Destination};
@@ -207,6 +207,35 @@ pub async fn prepare(
     }
 }
 
+/// The partitioned tables of the migration (not preserved), each after the partitioned tables
+/// below it.
+fn partitioned_build_order<'a>(schema: &'a SourceSchema, plan: &Plan) -> Vec<&'a Table> {
+    let depth = |t: &Table| {
+        let mut d = 0;
+        let mut parent = t.partition_of.as_ref().map(|(p, _)| p.as_str());
+        while let Some(p) = parent {
+            d += 1;
+            parent = schema
+                .table(p)
+                .and_then(|t| t.partition_of.as_ref())
+                .map(|(p, _)| p.as_str());
+            if d > 64 {
+                break;
+            }
+        }
+        d
+    };
+    let mut out: Vec<&Table> = schema
+        .tables
+        .iter()
+        .filter(|t| {
+            t.is_partitioned() && plan.table(&t.name).is_some() && !plan.is_preserved(&t.name)
+        })
+        .collect();
+    out.sort_by_key(|t| std::cmp::Reverse(depth(t)));
+    out
+}
+
 /// Removes what a failed run created and records the failure. Never fails: if cleanup is not
 /// possible now, the objects stay recorded and the next run removes them.
 pub async fn abandon(
@@ -295,7 +324,7 @@ async fn fill(
     let jobs: Vec<CopyJob> = plan
         .tables
         .iter()
-        .filter(|t| !plan.is_preserved(&t.name))
+        .filter(|t| !plan.is_preserved(&t.name) && !t.partitioned)
         .map(|t| CopyJob {
             table: t.name.clone(),
             shadow: t.shadow.clone(),
@@ -321,10 +350,11 @@ async fn fill(
     );
     let copied: copy::Copied = phases
         .run("copy", {
-            let (schema, plan_arc, renames) = (
+            let (schema, plan_arc, renames, sessions) = (
                 Arc::clone(&schema),
                 Arc::clone(&plan_arc),
                 Arc::clone(&renames),
+                Arc::clone(&sessions),
             );
             copy::copy_all(
                 ctx,
@@ -366,12 +396,38 @@ async fn fill(
     let _ = source_client.batch_execute("COMMIT").await;
     drop(source_client);
 
+    // Partitioned tables, once all their partitions are built, deepest level first: their keys
+    // and indexes attach the partitions' (built already) instead of building new ones.
+    let parents = partitioned_build_order(&schema, plan);
+    if !parents.is_empty() {
+        phases
+            .run("partitioned", async {
+                for t in parents {
+                    let statements = build::table_build(t, plan, &schema, &renames)?.sequential();
+                    sessions
+                        .run_batch(&format!("build partitioned \"{}\"", t.name), statements)
+                        .instrument(info_span!("build_table", table = %t.name))
+                        .await?;
+                }
+                Ok(())
+            })
+            .await?;
+    }
+
     phases
         .run(
             "constraints",
             build::foreign_keys(&opts.destination, plan, &schema, &renames, opts.jobs),
         )
         .await?;
+    if !plan.matviews.is_empty() {
+        phases
+            .run(
+                "materialized_views",
+                crate::matview::build_all(control, plan, &renames, created),
+            )
+            .await?;
+    }
 
     for (table, s) in &copied.tables {
         report.tables.push(TableReport {
@@ -538,6 +594,39 @@ async fn create_shadow(
                 statements.push((
                     format!("carry privileges of \"{}\" to its shadow", t.name),
                     sql,
+                ));
+            }
+        }
+    }
+    // Partitions and inheritance children are created as tables of their own (columns in the
+    // source's order), then attached while empty (no scan, no lock anyone waits on).
+    for t in &schema.tables {
+        let shadow_of = |name: &str| plan.table(name).map(|p| p.shadow.clone());
+        let Some(shadow) = shadow_of(&t.name) else {
+            continue;
+        };
+        if let Some((parent, bound)) = &t.partition_of {
+            if let Some(parent_shadow) = shadow_of(parent) {
+                statements.push((
+                    format!("attach shadow partition \"{shadow}\""),
+                    format!(
+                        "ALTER TABLE {} ATTACH PARTITION {} {}",
+                        quote_qualified("public", &parent_shadow),
+                        quote_qualified("public", &shadow),
+                        renames.apply(bound)
+                    ),
+                ));
+            }
+        }
+        for parent in &t.inherits {
+            if let Some(parent_shadow) = shadow_of(parent) {
+                statements.push((
+                    format!("make shadow table \"{shadow}\" inherit"),
+                    format!(
+                        "ALTER TABLE {} INHERIT {}",
+                        quote_qualified("public", &shadow),
+                        quote_qualified("public", &parent_shadow)
+                    ),
                 ));
             }
         }

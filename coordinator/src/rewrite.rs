@@ -15,6 +15,8 @@ use pgzm_agent::sql::{quote_ident, quote_literal};
 #[derive(Debug, Clone, Default)]
 pub struct Renames {
     map: HashMap<String, String>,
+    /// Renames in other schemas: (schema, name) → new name.
+    qualified: HashMap<(String, String), String>,
 }
 
 const PREFIX: &str = "public.";
@@ -28,6 +30,16 @@ impl Renames {
     /// Adds `from` → `to` (unquoted names).
     pub fn insert(&mut self, from: &str, to: &str) {
         self.map.insert(from.to_string(), to.to_string());
+    }
+
+    /// Adds `schema.from` → `schema.to` for a schema other than `public` (unquoted names).
+    pub fn insert_in(&mut self, schema: &str, from: &str, to: &str) {
+        if schema == PREFIX.trim_end_matches('.') {
+            self.insert(from, to);
+        } else {
+            self.qualified
+                .insert((schema.to_string(), from.to_string()), to.to_string());
+        }
     }
 
     /// The new name for `name`, if renamed.
@@ -52,6 +64,20 @@ impl Renames {
                 );
                 i = end;
                 continue;
+            }
+            if !self.qualified.is_empty() && (i == 0 || !is_ident_byte(bytes[i - 1])) {
+                if let Some((schema, dot)) = parse_ident(sql, i) {
+                    if bytes.get(dot) == Some(&b'.') {
+                        if let Some((name, end)) = parse_ident(sql, dot + 1) {
+                            if let Some(new) = self.qualified.get(&(schema, name)) {
+                                out.push_str(&sql[i..=dot]);
+                                out.push_str(&quote_ident(new));
+                                i = end;
+                                continue;
+                            }
+                        }
+                    }
+                }
             }
             if c == b'"' {
                 let end = quoted_ident_end(bytes, i);
@@ -196,6 +222,21 @@ mod tests {
         assert_eq!(
             r.apply("SELECT x FROM (public.\"Order Items\" oi JOIN public.\"User\" u ON true)"),
             "SELECT x FROM (public.\"shadow_Order Items\" oi JOIN public.\"shadow_User\" u ON true)"
+        );
+    }
+
+    #[test]
+    fn rewrites_references_in_other_schemas() {
+        let mut r = renames();
+        r.insert_in("reporting", "user_names", "shadow_user_names");
+        r.insert_in("My Schema", "v", "shadow_v");
+        assert_eq!(
+            r.apply("SELECT count(*) FROM reporting.user_names JOIN \"My Schema\".v ON true JOIN public.\"User\" u ON true"),
+            "SELECT count(*) FROM reporting.\"shadow_user_names\" JOIN \"My Schema\".\"shadow_v\" ON true JOIN public.\"shadow_User\" u ON true"
+        );
+        assert_eq!(
+            r.apply("SELECT 'reporting.user_names', other.user_names, xreporting.user_names"),
+            "SELECT 'reporting.user_names', other.user_names, xreporting.user_names"
         );
     }
 

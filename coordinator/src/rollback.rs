@@ -382,6 +382,13 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
     for f in &plan.functions {
         sql.push(format!("DROP ROUTINE IF EXISTS {}", f.signature));
     }
+    // The migration's materialized views read its tables: they go first, dependents first.
+    for mv in plan.matviews.iter().rev() {
+        sql.push(format!(
+            "DROP MATERIALIZED VIEW IF EXISTS {}",
+            quote_qualified(&mv.matview.schema, &mv.matview.name)
+        ));
+    }
     for r in &plan.repoints {
         sql.extend(r.detach.iter().cloned());
     }
@@ -445,7 +452,26 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
         )
         .await
         .map_err(|e| CoordinatorError::destination("inspect backup indexes and sequences", &e))?;
-    let child_names: BTreeSet<String> = children.iter().map(|r| r.get::<_, String>(1)).collect();
+    let mut child_names: BTreeSet<String> =
+        children.iter().map(|r| r.get::<_, String>(1)).collect();
+    // Indexes of the backup materialized views come back with them.
+    let backup_matviews: Vec<String> = plan
+        .to_backup
+        .iter()
+        .filter(|m| m.kind == ObjectKind::MaterializedView)
+        .map(|m| quote_qualified(&m.schema, &m.to))
+        .collect();
+    if !backup_matviews.is_empty() {
+        let rows = control
+            .query(
+                "SELECT x.relname::text FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid
+                 WHERE i.indrelid IN (SELECT to_regclass(n) FROM unnest($1::text[]) n)",
+                &[&backup_matviews],
+            )
+            .await
+            .map_err(|e| CoordinatorError::destination("inspect backup materialized views", &e))?;
+        child_names.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+    }
     let kept_children = owned_sequences(&control, &kept_backup_oids).await?;
     for m in &plan.to_backup {
         let rename = match m.kind {
@@ -453,7 +479,7 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
             ObjectKind::Index => child_names.contains(&m.to),
             // Owned by a restored table, or free-standing (a kept backup's went with it).
             ObjectKind::Sequence => child_names.contains(&m.to) || !kept_children.contains(&m.to),
-            ObjectKind::Type | ObjectKind::Function => true,
+            ObjectKind::Type | ObjectKind::Function | ObjectKind::MaterializedView => true,
             ObjectKind::View => restorable.contains(&(m.schema.as_str(), m.from.as_str())),
         };
         if rename {

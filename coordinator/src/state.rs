@@ -72,6 +72,9 @@ pub struct RecordedObjects {
     /// Sync trigger functions (qualified, quoted; no arguments).
     #[serde(default)]
     pub sync_functions: Vec<String>,
+    /// Shadow materialized views (schema, name, oid).
+    #[serde(default)]
+    pub matviews: Vec<(String, String, Oid)>,
 }
 
 /// Takes the destination's run lock on this session; false when another run holds it.
@@ -248,6 +251,16 @@ pub async fn clean_leftovers(
     }
     for function in &objects.sync_functions {
         statements.push(format!("DROP FUNCTION IF EXISTS {function}()"));
+    }
+    // Shadow materialized views read shadow tables: they go first, dependents first.
+    for (schema, name, oid) in objects.matviews.iter().rev() {
+        let qualified = quote_qualified(schema, name);
+        statements.push(format!(
+            "DO $pgzm$ BEGIN IF to_regclass({lit}) = {oid}::oid THEN EXECUTE {drop}; END IF; END $pgzm$",
+            lit = quote_literal(&qualified),
+            drop = quote_literal(&format!("DROP MATERIALIZED VIEW {qualified}"))
+        ));
+        dropped.push(format!("materialized view {name}"));
     }
     let mut tables = Vec::new();
     for (name, oid) in &objects.tables {
@@ -625,15 +638,20 @@ pub fn drop_views_and_functions(moves: &[Move]) -> (Option<String>, Vec<String>)
     let mut names = Vec::new();
     for m in moves {
         match (m.kind, m.oid) {
-            (ObjectKind::View, _) => {
+            (ObjectKind::View | ObjectKind::MaterializedView, _) => {
                 let name = quote_qualified(&m.schema, &m.to);
+                let (keyword, what) = if m.kind == ObjectKind::View {
+                    ("VIEW", "view")
+                } else {
+                    ("MATERIALIZED VIEW", "materialized view")
+                };
                 checks.push(format!(
                     "CASE WHEN to_regclass({}) IS NOT NULL THEN {} END",
                     quote_literal(&name),
-                    quote_literal(&format!("DROP VIEW {name}"))
+                    quote_literal(&format!("DROP {keyword} {name}"))
                 ));
                 names.push(format!(
-                    "view {}",
+                    "{what} {}",
                     crate::plan::qualified_display(&m.schema, &m.to)
                 ));
             }

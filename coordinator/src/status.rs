@@ -184,7 +184,7 @@ pub async fn shadow_problems(
 
 async fn count(client: &Client, table: &str) -> Result<i64, CoordinatorError> {
     let sql = format!(
-        "SELECT count(*) FROM {}",
+        "SELECT count(*) FROM ONLY {}",
         pgzm_agent::sql::quote_qualified("public", table)
     );
     let row = client
@@ -202,7 +202,7 @@ async fn count_pair(
 ) -> Result<(i64, i64), CoordinatorError> {
     use pgzm_agent::sql::quote_qualified;
     let sql = format!(
-        "SELECT (SELECT count(*) FROM {}), (SELECT count(*) FROM {})",
+        "SELECT (SELECT count(*) FROM ONLY {}), (SELECT count(*) FROM ONLY {})",
         quote_qualified("public", shadow),
         quote_qualified("public", live)
     );

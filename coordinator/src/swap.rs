@@ -103,6 +103,8 @@ pub fn swap_sql(plan: &Plan, aside: Option<&AsideSet>, lock_timeout: Duration) -
     // for every run, so two swaps can never deadlock on each other.
     let mut lock: BTreeSet<(String, String)> = BTreeSet::new();
     for m in plan.to_backup.iter().chain(&plan.to_live) {
+        // (LOCK TABLE refuses materialized views: their renames take the lock themselves,
+        // under the same lock_timeout.)
         if matches!(m.kind, ObjectKind::Table | ObjectKind::View) {
             lock.insert((m.schema.clone(), m.from.clone()));
         }

@@ -14,7 +14,7 @@ use tokio_postgres::Client;
 
 use crate::error::CoordinatorError;
 
-pub use queries::{read_schema, topological_order, VIEW_DEPENDENCIES_SQL};
+pub use queries::{matviews_by_oid, read_schema, topological_order, VIEW_DEPENDENCIES_SQL};
 
 /// Object id of a catalog row.
 pub type Oid = u32;
@@ -30,6 +30,8 @@ pub struct SourceSchema {
     pub sequences: Vec<Sequence>,
     /// Views of `public`, in dependency order (a view after the views it reads).
     pub views: Vec<View>,
+    /// Materialized views of `public`, in dependency order.
+    pub matviews: Vec<Matview>,
     /// Functions of `public` called by the tables' triggers.
     pub functions: Vec<Function>,
     /// Extensions installed in the source (name, schema).
@@ -80,9 +82,21 @@ pub struct Table {
     /// Expected binary COPY bytes from the column statistics (0 without statistics): the
     /// progress estimate.
     pub estimated_copy_bytes: i64,
+    /// `PARTITION BY …` key (`pg_get_partkeydef`) of a partitioned table.
+    pub partition_key: Option<String>,
+    /// The partitioned table this one is a partition of, and its bound
+    /// (`FOR VALUES …` or `DEFAULT`).
+    pub partition_of: Option<(String, String)>,
+    /// Inheritance parents (not partitioning), in `inhseqno` order.
+    pub inherits: Vec<String>,
 }
 
 impl Table {
+    /// Whether it is a partitioned table (no storage of its own: nothing to copy).
+    pub fn is_partitioned(&self) -> bool {
+        self.partition_key.is_some()
+    }
+
     /// Columns that COPY carries (stored generated columns are recomputed by the destination).
     pub fn copy_columns(&self) -> Vec<String> {
         self.columns
@@ -255,6 +269,26 @@ pub struct View {
     /// View options (`security_barrier=true`, `check_option=local`).
     pub options: Vec<String>,
     /// COMMENT ON VIEW.
+    pub comment: Option<String>,
+}
+
+/// A materialized view: a definition, indexes, and whether it holds data.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Matview {
+    /// Schema.
+    #[serde(default = "crate::naming::public_schema")]
+    pub schema: String,
+    /// Unquoted name.
+    pub name: String,
+    /// `pg_get_viewdef`, qualified.
+    pub definition: String,
+    /// Populated (`relispopulated`): created `WITH DATA`.
+    pub populated: bool,
+    /// Indexes: (name, `pg_get_indexdef`).
+    pub indexes: Vec<(String, String)>,
+    /// Storage parameters.
+    pub options: Vec<String>,
+    /// COMMENT ON MATERIALIZED VIEW.
     pub comment: Option<String>,
 }
 

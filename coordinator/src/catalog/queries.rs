@@ -10,7 +10,9 @@ use crate::error::CoordinatorError;
 const TABLES: &str = "
 SELECT c.oid, c.relname::text, c.relkind::text, c.relpersistence::text,
        coalesce(c.reloptions, '{}')::text[],
-       c.relispartition OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid OR i.inhparent = c.oid),
+       -- Parents outside the migrated schema (a partition or child of another schema's table).
+       EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
+               WHERE i.inhrelid = c.oid AND p.relnamespace <> c.relnamespace),
        obj_description(c.oid, 'pg_class'),
        c.reltuples::int8,
        (c.relpages::int8 + coalesce((SELECT t.relpages FROM pg_class t WHERE t.oid = c.reltoastrelid), 0))
@@ -23,7 +25,13 @@ SELECT c.oid, c.relname::text, c.relkind::text, c.relpersistence::text,
                     ELSE 0 END
           FROM pg_attribute a
           LEFT JOIN pg_stats s ON s.schemaname = 'public' AND s.tablename = c.relname AND s.attname = a.attname
-         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '')
+         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''),
+       CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END,
+       (SELECT p.relname::text FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
+         WHERE i.inhrelid = c.oid AND c.relispartition),
+       CASE WHEN c.relispartition THEN pg_get_expr(c.relpartbound, c.oid) END,
+       ARRAY(SELECT p.relname::text FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
+              WHERE i.inhrelid = c.oid AND NOT c.relispartition ORDER BY i.inhseqno)
 FROM pg_class c
 WHERE c.relnamespace = 'public'::regnamespace
   AND c.relkind IN ('r', 'p', 'm', 'f')
@@ -54,6 +62,9 @@ SELECT con.conrelid, con.conname::text, con.contype::text, pg_get_constraintdef(
        con.confrelid, con.convalidated, obj_description(con.oid, 'pg_constraint')
 FROM pg_constraint con
 WHERE con.conrelid = ANY($1::oid[]) AND con.contype IN ('p', 'u', 'x', 'c', 'f')
+  -- A foreign key of a partitioned table is cloned onto its partitions (and onto the
+  -- partitions of a partitioned table it references): only the original is created.
+  AND NOT (con.contype = 'f' AND con.conparentid <> 0)
 ORDER BY con.conrelid, con.conname";
 
 const INDEXES: &str = "
@@ -71,6 +82,8 @@ SELECT tg.tgrelid, tg.tgname::text, pg_get_triggerdef(tg.oid), tg.tgenabled <> '
 FROM pg_trigger tg
 JOIN pg_proc p ON p.oid = tg.tgfoid
 WHERE tg.tgrelid = ANY($1::oid[]) AND NOT tg.tgisinternal
+  -- A partitioned table's row trigger is cloned onto its partitions by the server.
+  AND tg.tgparentid = 0
 ORDER BY tg.tgrelid, tg.tgname";
 
 const FUNCTIONS: &str = "
@@ -173,6 +186,7 @@ fn catalog_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> Coordina
 /// snapshot transaction.
 pub async fn read_schema(client: &Client) -> Result<SourceSchema, CoordinatorError> {
     let mut schema = SourceSchema::default();
+    let mut matview_oids: Vec<Oid> = Vec::new();
     for row in client
         .query(TABLES, &[])
         .await
@@ -182,15 +196,10 @@ pub async fn read_schema(client: &Client) -> Result<SourceSchema, CoordinatorErr
         let kind: String = row.get(2);
         let inherits: bool = row.get(5);
         match kind.as_str() {
-            "p" => schema.unsupported.push(format!(
-                "table \"{name}\" is partitioned: partitioned tables are not migrated yet; convert it or exclude it"
-            )),
-            "m" => schema.unsupported.push(format!(
-                "materialized view \"{name}\": materialized views are not migrated yet; drop it in the source or recreate it after the migration"
-            )),
+            "m" => matview_oids.push(row.get::<_, Oid>(0)),
             "f" => schema.unsupported.push(format!("foreign table \"{name}\": foreign tables are not migrated")),
             _ if inherits => schema.unsupported.push(format!(
-                "table \"{name}\" uses inheritance or partitioning: not migrated yet"
+                "table \"{name}\" is a partition or child of a table in another schema: migrate that schema's tables together with it"
             )),
             _ => schema.tables.push(Table {
                 oid: row.get(0),
@@ -206,6 +215,11 @@ pub async fn read_schema(client: &Client) -> Result<SourceSchema, CoordinatorErr
                 estimated_bytes: row.get(8),
                 pages: row.get(9),
                 estimated_copy_bytes: row.get(10),
+                partition_key: row.get(11),
+                partition_of: row
+                    .get::<_, Option<String>>(12)
+                    .zip(row.get::<_, Option<String>>(13)),
+                inherits: row.get(14),
             }),
         }
     }
@@ -350,6 +364,7 @@ pub async fn read_schema(client: &Client) -> Result<SourceSchema, CoordinatorErr
     read_types(client, type_oids, &mut schema).await?;
     read_sequences(client, &oids, &mut schema).await?;
     read_views(client, &mut schema).await?;
+    read_matviews(client, &matview_oids, &mut schema).await?;
     for row in client
         .query(EXTENSIONS, &[])
         .await
@@ -575,6 +590,98 @@ async fn read_views(client: &Client, schema: &mut SourceSchema) -> Result<(), Co
     for oid in topological_order(views.keys().copied().collect(), &deps) {
         if let Some(v) = views.remove(&oid) {
             schema.views.push(v);
+        }
+    }
+    Ok(())
+}
+
+/// Materialized views (by oid): definition, population, indexes, options, comment.
+pub const MATVIEWS_SQL: &str = "
+SELECT c.oid, n.nspname::text, c.relname::text, pg_get_viewdef(c.oid), c.relispopulated,
+       ARRAY(SELECT i.relname::text
+             FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = c.oid ORDER BY i.oid),
+       coalesce(c.reloptions, '{}')::text[], obj_description(c.oid, 'pg_class'),
+       ARRAY(SELECT pg_get_indexdef(i.oid)
+             FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = c.oid ORDER BY i.oid)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = ANY($1::oid[])";
+
+/// Reads materialized views by oid, with the views and materialized views each one reads
+/// (oids, for ordering and for refusals).
+pub async fn matviews_by_oid(
+    client: &Client,
+    oids: &[Oid],
+) -> Result<BTreeMap<Oid, Matview>, tokio_postgres::Error> {
+    let mut out = BTreeMap::new();
+    if oids.is_empty() {
+        return Ok(out);
+    }
+    for row in client.query(MATVIEWS_SQL, &[&oids]).await? {
+        out.insert(
+            row.get::<_, Oid>(0),
+            Matview {
+                schema: row.get(1),
+                name: row.get(2),
+                definition: row.get(3),
+                populated: row.get(4),
+                indexes: row
+                    .get::<_, Vec<String>>(5)
+                    .into_iter()
+                    .zip(row.get::<_, Vec<String>>(8))
+                    .collect(),
+                options: row.get(6),
+                comment: row.get(7),
+            },
+        );
+    }
+    Ok(out)
+}
+
+async fn read_matviews(
+    client: &Client,
+    oids: &[Oid],
+    schema: &mut SourceSchema,
+) -> Result<(), CoordinatorError> {
+    let mut found = matviews_by_oid(client, oids)
+        .await
+        .map_err(catalog_err("read materialized views"))?;
+    if found.is_empty() {
+        return Ok(());
+    }
+    let views: BTreeMap<Oid, String> = client
+        .query(
+            "SELECT oid, relname::text FROM pg_class WHERE relkind = 'v' AND relnamespace = 'public'::regnamespace",
+            &[],
+        )
+        .await
+        .map_err(catalog_err("read views"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut deps: BTreeMap<Oid, BTreeSet<Oid>> = BTreeMap::new();
+    for row in client
+        .query(VIEW_DEPENDENCIES_SQL, &[])
+        .await
+        .map_err(catalog_err("read materialized view dependencies"))?
+    {
+        let (mv, on): (Oid, Oid) = (row.get(0), row.get(1));
+        if !found.contains_key(&mv) {
+            continue;
+        }
+        if let Some(view) = views.get(&on) {
+            // Views are created at the swap, after the materialized views are built.
+            schema.unsupported.push(format!(
+                "materialized view \"{}\" reads view \"{view}\": pgzm builds materialized views over the new tables before the swap, when the new views do not exist yet; make it read the tables directly",
+                found[&mv].name
+            ));
+        }
+        if found.contains_key(&on) {
+            deps.entry(mv).or_default().insert(on);
+        }
+    }
+    for oid in topological_order(found.keys().copied().collect(), &deps) {
+        if let Some(m) = found.remove(&oid) {
+            schema.matviews.push(m);
         }
     }
     Ok(())

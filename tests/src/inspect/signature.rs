@@ -29,6 +29,9 @@ pub struct CatalogSignature {
 pub struct TableSignature {
     /// `relpersistence`: `p` permanent, `u` unlogged.
     pub persistence: String,
+    /// Partitioning and inheritance: `PARTITION BY …`, `PARTITION OF parent FOR VALUES …`,
+    /// `INHERITS (a, b)` (parent names prefix-stripped), empty for a plain table.
+    pub partitioning: String,
     /// The table comment.
     pub comment: Option<String>,
     /// Columns in `attnum` order (dropped columns skipped).
@@ -117,6 +120,12 @@ impl TableSignature {
             out.push(format!(
                 "table {table}: persistence {} vs {}",
                 self.persistence, other.persistence
+            ));
+        }
+        if self.partitioning != other.partitioning {
+            out.push(format!(
+                "table {table}: partitioning {:?} vs {:?}",
+                self.partitioning, other.partitioning
             ));
         }
         if self.comment != other.comment {
@@ -365,7 +374,13 @@ async fn read_tables(
 ) -> Result<Vec<RawTable>, HarnessError> {
     let sql = format!(
         "SELECT c.oid, c.relname::text, quote_ident(n.nspname) || '.' || quote_ident(c.relname), \
-         c.relpersistence::text, obj_description(c.oid, 'pg_class') \
+         c.relpersistence::text, obj_description(c.oid, 'pg_class'), \
+         CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END, \
+         (SELECT p.relname::text FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent \
+           WHERE i.inhrelid = c.oid AND c.relispartition), \
+         CASE WHEN c.relispartition THEN pg_get_expr(c.relpartbound, c.oid) END, \
+         ARRAY(SELECT p.relname::text FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent \
+                WHERE i.inhrelid = c.oid AND NOT c.relispartition ORDER BY i.inhseqno) \
          FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
          WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND {NOT_EXTENSION_REL}"
     );
@@ -389,6 +404,31 @@ async fn read_tables(
             quoted: row.get(2),
             key,
             signature: TableSignature {
+                partitioning: {
+                    let strip = |n: String| match strip_prefix {
+                        Some(p) => n.strip_prefix(p).map(str::to_string).unwrap_or(n),
+                        None => n,
+                    };
+                    let mut parts = Vec::new();
+                    if let Some(key) = row.get::<_, Option<String>>(5) {
+                        parts.push(format!("PARTITION BY {key}"));
+                    }
+                    if let (Some(parent), Some(bound)) = (
+                        row.get::<_, Option<String>>(6),
+                        row.get::<_, Option<String>>(7),
+                    ) {
+                        parts.push(format!("PARTITION OF {} {bound}", strip(parent)));
+                    }
+                    let parents: Vec<String> = row
+                        .get::<_, Vec<String>>(8)
+                        .into_iter()
+                        .map(strip)
+                        .collect();
+                    if !parents.is_empty() {
+                        parts.push(format!("INHERITS ({})", parents.join(", ")));
+                    }
+                    parts.join(" ")
+                },
                 persistence: row.get(3),
                 comment: row.get(4),
                 columns: Vec::new(),
