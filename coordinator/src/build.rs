@@ -402,16 +402,14 @@ fn first_line(sql: &str) -> String {
     }
 }
 
-/// Adds every foreign key `NOT VALID` in one transaction (no scans, no lock waits between
-/// shadow tables), then validates them in parallel (each validation takes only SHARE UPDATE
-/// EXCLUSIVE on its table). Keys that were NOT VALID in the source stay so.
-pub async fn foreign_keys(
-    dest: &DbUrl,
+/// The foreign keys of the shadow tables: the statements adding them (`NOT VALID`, except on
+/// partitioned tables) and the (table, constraint) pairs to validate afterwards. Keys involving
+/// a preserved table are left to the swap.
+pub fn foreign_key_statements(
     plan: &Plan,
     source: &SourceSchema,
     renames: &Renames,
-    parallel: usize,
-) -> Result<(), CoordinatorError> {
+) -> (Vec<String>, Vec<(String, String)>) {
     let mut add = Vec::new();
     let mut validate = Vec::new();
     for t in &source.tables {
@@ -443,9 +441,24 @@ pub async fn foreign_keys(
             }
         }
     }
+    (add, validate)
+}
+
+/// Adds every foreign key `NOT VALID` in one transaction (no scans, no lock waits between
+/// shadow tables), then validates them in parallel (each validation takes only SHARE UPDATE
+/// EXCLUSIVE on its table). Keys that were NOT VALID in the source stay so.
+pub async fn foreign_keys(
+    dest: &DbUrl,
+    plan: &Plan,
+    source: &SourceSchema,
+    renames: &Renames,
+    parallel: usize,
+) -> Result<(), CoordinatorError> {
+    let (add, validate) = foreign_key_statements(plan, source, renames);
     if add.is_empty() {
         return Ok(());
     }
+
     let client = dest.connect("pgzm-build").await?;
     let mut batch = String::from("BEGIN;\n");
     for sql in &add {

@@ -28,6 +28,23 @@ pub fn create_type(t: &UserType, shadow: &str, renames: &Renames) -> Vec<String>
                 labels.join(", ")
             ));
         }
+        UserTypeKind::Composite(attributes) => {
+            let attributes: Vec<String> = attributes
+                .iter()
+                .map(|(name, type_sql, _, collation)| {
+                    let mut a = format!("{} {}", quote_ident(name), renames.apply(type_sql));
+                    if let Some(c) = collation {
+                        a.push_str(&format!(" COLLATE {c}"));
+                    }
+                    a
+                })
+                .collect();
+            out.push(format!(
+                "CREATE TYPE {} AS ({})",
+                public(shadow),
+                attributes.join(", ")
+            ));
+        }
         UserTypeKind::Domain {
             base_type_sql,
             collation,

@@ -163,6 +163,8 @@ pub struct Destination {
     pub foreign_keys_in: Vec<ForeignKeyIn>,
     /// Signatures of functions in `public` (`regprocedure` text) and their definitions.
     pub functions: BTreeMap<String, String>,
+    /// Signatures (`regprocedure` text, qualified) of every routine outside the system schemas.
+    pub routines: BTreeSet<String>,
     /// Whether the current user is a superuser.
     pub superuser: bool,
 }
@@ -567,6 +569,17 @@ pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
             relations: row.get::<_, Vec<Oid>>(10).into_iter().collect(),
             types: row.get::<_, Vec<Oid>>(11).into_iter().collect(),
         });
+    }
+    for row in client
+        .query(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')",
+            &[],
+        )
+        .await
+        .map_err(err("routines"))?
+    {
+        dest.routines.insert(row.get(0));
     }
     dest.superuser = client
         .query_one(

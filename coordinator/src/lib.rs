@@ -27,6 +27,7 @@ pub mod plan;
 pub mod prepare;
 pub mod preserve;
 pub mod progress;
+pub mod rehearsal;
 pub mod rewrite;
 pub mod rollback;
 pub mod state;

@@ -608,9 +608,17 @@ pub fn build_all(
             None => functions_to_create.push((f.signature.clone(), f.definition.clone())),
             Some(def) if def.trim() == f.definition.trim() => {}
             Some(_) => problems.push(format!(
-                "function {} differs between source and destination: the new tables' triggers would call the destination's version; make them equal first",
+                "function {} differs between source and destination: the new tables (their triggers, defaults, checks, indexes or views) would use the destination's version; make them equal first",
                 f.signature
             )),
+        }
+    }
+
+    for (signature, what) in &source.required_routines {
+        if !dest.routines.contains(signature) {
+            problems.push(format!(
+                "{what} {signature} is used by the migrated tables or views and the destination does not have it: pgzm does not create it; create it in the destination first"
+            ));
         }
     }
 

@@ -152,6 +152,16 @@ pub async fn prepare(
 
     let mut report = Report::new(&plan, opts.dry_run);
     if opts.dry_run {
+        // Rehearse what the run would create, in a transaction always rolled back.
+        let failures = phases
+            .run(
+                "rehearsal",
+                crate::rehearsal::rehearse(&control, &plan, &schema, &dest, &renames),
+            )
+            .await?;
+        if !failures.is_empty() {
+            return Err(refused(failures));
+        }
         return Ok(Some(Prepared {
             control,
             created: RecordedObjects::default(),
@@ -517,35 +527,16 @@ async fn sync_preserved(
 
 /// Creates the shadow types, sequences and tables in one transaction, together with the
 /// migration's metadata row and the record of every object (with its oid).
-async fn create_shadow(
-    control: &mut Client,
+/// The shadow schema's statements, each with the action it belongs to: trigger and other
+/// functions the source's objects use, types, sequences, tables (with the live tables'
+/// privileges), partitions and inheritance attached, sequence positions.
+pub fn shadow_statements(
     plan: &Plan,
     schema: &SourceSchema,
     dest: &Destination,
     renames: &Renames,
-) -> Result<RecordedObjects, CoordinatorError> {
-    use pgzm_agent::sql::{quote_ident, quote_qualified};
-    for (ext, ext_schema) in &plan.extensions_to_create {
-        control
-            .batch_execute(&format!(
-                "CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA {}",
-                quote_ident(ext),
-                quote_ident(ext_schema)
-            ))
-            .await
-            .map_err(|e| {
-                CoordinatorError::destination(
-                    format!("create extension {ext} (needed by the source's tables)"),
-                    &e,
-                )
-            })?;
-    }
-    let tx = control
-        .transaction()
-        .await
-        .map_err(|e| CoordinatorError::destination("begin the shadow transaction", &e))?;
-    state::ensure_schema(&tx).await?;
-    state::insert(&tx, plan).await?;
+) -> Vec<(String, String)> {
+    use pgzm_agent::sql::quote_ident;
     let mut statements: Vec<(String, String)> = Vec::new();
     for (signature, definition) in &plan.functions_to_create {
         statements.push((
@@ -640,6 +631,39 @@ async fn create_shadow(
             }
         }
     }
+    statements
+}
+
+async fn create_shadow(
+    control: &mut Client,
+    plan: &Plan,
+    schema: &SourceSchema,
+    dest: &Destination,
+    renames: &Renames,
+) -> Result<RecordedObjects, CoordinatorError> {
+    use pgzm_agent::sql::quote_ident;
+    for (ext, ext_schema) in &plan.extensions_to_create {
+        control
+            .batch_execute(&format!(
+                "CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA {}",
+                quote_ident(ext),
+                quote_ident(ext_schema)
+            ))
+            .await
+            .map_err(|e| {
+                CoordinatorError::destination(
+                    format!("create extension {ext} (needed by the source's tables)"),
+                    &e,
+                )
+            })?;
+    }
+    let tx = control
+        .transaction()
+        .await
+        .map_err(|e| CoordinatorError::destination("begin the shadow transaction", &e))?;
+    state::ensure_schema(&tx).await?;
+    state::insert(&tx, plan).await?;
+    let statements = shadow_statements(plan, schema, dest, renames);
     // Up to SHADOW_BATCH actions (one table, one type…) go in one round trip; an error names the
     // actions of its batch (and the server's message names the object).
     const SHADOW_BATCH: usize = 64;

@@ -557,8 +557,19 @@ async fn sample_database_round_trip(fixture: &str) -> anyhow::Result<()> {
     let dst = p.dest.connect().await?;
     let source_sums = live_sums(&src).await;
     let source_sig = checks::signature(&src).await;
-    assert_ne!(live_sums(&dst).await, source_sums, "the sides differ");
+    let before = live_sums(&dst).await;
+    assert_ne!(before, source_sums, "the sides differ");
 
+    // The dry run's rehearsal passes where the real run does, and leaves nothing behind.
+    let mut dry = common::options(&p);
+    dry.dry_run = true;
+    let rehearsed = common::run(dry).await?;
+    assert!(rehearsed.phases.iter().any(|ph| ph.phase == "rehearsal"));
+    assert_eq!(
+        live_sums(&dst).await,
+        before,
+        "{fixture}: the dry run changed nothing"
+    );
     let first = common::migrate(&p).await?;
     assert!(first.swap.is_some());
     assert_eq!(live_sums(&dst).await, source_sums, "{fixture}: data");
@@ -857,4 +868,140 @@ async fn materialized_views_are_built_before_the_swap() -> anyhow::Result<()> {
     );
     assert!(bound_to_backup(&dst).await.is_empty());
     Ok(())
+}
+
+/// Item 5: objects only the source has are created when migrated objects use them: functions
+/// called by defaults, checks, index expressions and views (and the functions those call
+/// through SQL-standard bodies), composite types of columns, and standalone sequences used by
+/// defaults (set at or past the source's value).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_only_the_source_has_are_created_when_used() -> anyhow::Result<()> {
+    let p = common::fixture_pair("source_only", "simple").await;
+    p.source
+        .batch(
+            r#"CREATE FUNCTION code_prefix() RETURNS text LANGUAGE sql IMMUTABLE RETURN 'V-';
+               CREATE FUNCTION gen_code() RETURNS text LANGUAGE sql
+                   BEGIN ATOMIC SELECT code_prefix() || lpad((random() * 1000)::int::text, 4, '0'); END;
+               CREATE FUNCTION valid_code(c text) RETURNS boolean LANGUAGE sql IMMUTABLE
+                   AS $$ SELECT c LIKE 'V-%' $$;
+               CREATE FUNCTION normalize_code(c text) RETURNS text LANGUAGE sql IMMUTABLE
+                   AS $$ SELECT upper(c) $$;
+               CREATE FUNCTION shout(t text) RETURNS text LANGUAGE sql IMMUTABLE
+                   AS $$ SELECT upper(t) || '!' $$;
+               CREATE SEQUENCE ticket_no START 1000;
+               CREATE TYPE money_amount AS (currency character(3), cents bigint);
+               CREATE TABLE voucher (
+                   id integer PRIMARY KEY DEFAULT nextval('ticket_no'),
+                   code text NOT NULL DEFAULT gen_code() CHECK (valid_code(code)),
+                   price money_amount);
+               CREATE INDEX voucher_code ON voucher (normalize_code(code));
+               INSERT INTO voucher (price) SELECT ROW('EUR', g * 100)::money_amount FROM generate_series(1, 5) g;
+               CREATE VIEW loud_users AS SELECT shout(name) AS name FROM "User";"#,
+        )
+        .await?;
+    let src = p.source.connect().await?;
+    let dst = p.dest.connect().await?;
+    let report = common::migrate(&p).await?;
+    assert!(report.swap.is_some());
+    assert_eq!(
+        live_sums(&dst).await.get("voucher"),
+        live_sums(&src).await.get("voucher")
+    );
+    let id = int(
+        &dst,
+        "INSERT INTO voucher (price) VALUES (ROW('USD', 1)) RETURNING id::int8",
+    )
+    .await;
+    assert!(id > 1004, "next ticket {id} is past the source's");
+    assert!(
+        boolean(
+            &dst,
+            "SELECT code LIKE 'V-%' FROM voucher ORDER BY id DESC LIMIT 1"
+        )
+        .await
+    );
+    assert_eq!(
+        texts(&dst, "SELECT name FROM loud_users ORDER BY 1").await,
+        ["JANE SMITH MODIFIED!", "JOHN DOE MODIFIED!"]
+    );
+    assert_eq!(
+        int(
+            &dst,
+            "SELECT sum((price).cents)::int8 FROM voucher WHERE (price).currency = 'EUR'"
+        )
+        .await,
+        1500
+    );
+    assert_eq!(
+        text(&dst, "SELECT format_type(atttypid, NULL) FROM pg_attribute WHERE attrelid = 'voucher'::regclass AND attname = 'price'").await,
+        "money_amount"
+    );
+    Ok(())
+}
+
+/// Item 9: a dry run rehearses what the real run would create — the shadow schema, every
+/// table's keys and indexes, foreign keys, materialized views, stand-ins for the views and
+/// functions the swap recreates — in a transaction that is always rolled back, and reports
+/// every failure at once, where the plan alone passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_finds_every_failure_of_the_real_run() -> anyhow::Result<()> {
+    let p = common::fixture_pair("rehearsal", "simple").await;
+    // The source uses a collation the destination lacks, and changed a column's type so that
+    // a destination view can no longer be recreated over it.
+    p.source
+        .batch(
+            r#"CREATE COLLATION german_sort FROM "C";
+               ALTER TABLE "User" ALTER COLUMN name TYPE text COLLATE german_sort;
+               ALTER TABLE "Post" ALTER COLUMN published TYPE text USING published::text;"#,
+        )
+        .await?;
+    p.dest
+        .batch(r#"CREATE VIEW published_posts AS SELECT id FROM "Post" WHERE published;"#)
+        .await?;
+    let dst = p.dest.connect().await?;
+    let sums = live_sums(&dst).await;
+    let sig = checks::signature(&dst).await;
+    let mut opts = common::options(&p);
+    opts.dry_run = true;
+    let err = common::run(opts).await.expect_err("the rehearsal fails");
+    let message = err.to_string();
+    assert!(matches!(err, CoordinatorError::Refused(_)), "{message}");
+    assert!(!message.contains('\n'), "one line: {message}");
+    assert!(
+        message.contains("german_sort") && message.contains("shadow table \"shadow_User\""),
+        "{message}"
+    );
+    assert!(
+        message.contains("recreate view public.published_posts at the swap would fail"),
+        "{message}"
+    );
+    // Nothing is left of the rehearsal.
+    assert_eq!(live_sums(&dst).await, sums);
+    checks::assert_same_signature(&checks::signature(&dst).await, &sig, "after the dry run");
+    assert!(texts(
+        &dst,
+        "SELECT relname::text FROM pg_class WHERE left(relname, 7) IN ('shadow_', 'pgzm_re')"
+    )
+    .await
+    .is_empty());
+    assert!(texts(
+        &dst,
+        "SELECT nspname::text FROM pg_namespace WHERE nspname = 'pgzm'"
+    )
+    .await
+    .is_empty());
+    // The real run fails too, and changes nothing live.
+    common::migrate(&p).await.expect_err("the real run fails");
+    assert_eq!(live_sums(&dst).await, sums);
+    Ok(())
+}
+
+/// pgcopydb's test schemas (dimitri/pgcopydb `tests/unit` and friends), schema `public`:
+/// inheritance, a table with no columns, one with only a generated column, identity columns,
+/// sequences no column owns (one shared by two tables), EXCLUDE constraints, a NOT VALID check,
+/// names with quotes, newlines and 63 bytes, a materialized view with a unique index, views
+/// with collations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgcopydb_test_schemas_migrate_and_roll_back() -> anyhow::Result<()> {
+    sample_database_round_trip("pgcopydb").await
 }

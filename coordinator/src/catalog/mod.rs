@@ -34,6 +34,9 @@ pub struct SourceSchema {
     pub matviews: Vec<Matview>,
     /// Functions of `public` called by the tables' triggers.
     pub functions: Vec<Function>,
+    /// Routines the migrated objects use that pgzm does not create (aggregates, functions of
+    /// other schemas): (signature, what it is), required to exist in the destination.
+    pub required_routines: Vec<(String, String)>,
     /// Extensions installed in the source (name, schema).
     pub extensions: Vec<(String, String)>,
     /// Objects the migration cannot carry, with the reason (the plan refuses when not empty).
@@ -224,6 +227,9 @@ pub enum UserTypeKind {
         /// CHECK constraints (name, definition).
         checks: Vec<(String, String)>,
     },
+    /// Composite type: attributes (name, type qualified, type oid, collation qualified when not
+    /// the type's default).
+    Composite(Vec<(String, String, Oid, Option<String>)>),
 }
 
 /// A sequence carried with the tables.

@@ -108,6 +108,18 @@ SELECT t.oid, t.typarray, t.typname::text, t.typtype::text,
        t.typcategory = 'A', t.typelem
 FROM pg_type t WHERE t.oid = ANY($1::oid[])";
 
+const COMPOSITE_ATTRIBUTES: &str = "
+SELECT t.oid, a.attname::text, format_type(a.atttypid, a.atttypmod),
+       CASE WHEN at.typcategory = 'A' THEN at.typelem ELSE a.atttypid END,
+       CASE WHEN a.attcollation <> at.typcollation AND a.attcollation <> 0
+            THEN (SELECT quote_ident(n.nspname) || '.' || quote_ident(c.collname)
+                  FROM pg_collation c JOIN pg_namespace n ON n.oid = c.collnamespace WHERE c.oid = a.attcollation) END
+FROM pg_type t
+JOIN pg_attribute a ON a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+JOIN pg_type at ON at.oid = a.atttypid
+WHERE t.oid = ANY($1::oid[])
+ORDER BY t.oid, a.attnum";
+
 const DOMAIN_CHECKS: &str = "
 SELECT contypid, conname::text, pg_get_constraintdef(oid)
 FROM pg_constraint WHERE contypid = ANY($1::oid[]) AND contype = 'c' ORDER BY contypid, conname";
@@ -365,6 +377,7 @@ pub async fn read_schema(client: &Client) -> Result<SourceSchema, CoordinatorErr
     read_sequences(client, &oids, &mut schema).await?;
     read_views(client, &mut schema).await?;
     read_matviews(client, &matview_oids, &mut schema).await?;
+    read_used_functions(client, &oids, &mut schema).await?;
     for row in client
         .query(EXTENSIONS, &[])
         .await
@@ -393,6 +406,7 @@ async fn read_types(
             break;
         }
         let mut domains = Vec::new();
+        let mut composites = Vec::new();
         for row in client
             .query(TYPES, &[&batch])
             .await
@@ -426,10 +440,8 @@ async fn read_types(
                     }
                 }
                 "c" => {
-                    schema.unsupported.push(format!(
-                        "composite type \"{name}\" used by a column: not migrated yet"
-                    ));
-                    continue;
+                    composites.push(oid);
+                    UserTypeKind::Composite(Vec::new())
                 }
                 "r" | "m" => {
                     schema.unsupported.push(format!(
@@ -455,6 +467,23 @@ async fn read_types(
                 },
             );
         }
+        if !composites.is_empty() {
+            for row in client
+                .query(COMPOSITE_ATTRIBUTES, &[&composites])
+                .await
+                .map_err(catalog_err("read composite types"))?
+            {
+                let attribute_type: Oid = row.get(3);
+                pending.insert(attribute_type);
+                if let Some(UserType {
+                    kind: UserTypeKind::Composite(attributes),
+                    ..
+                }) = found.get_mut(&row.get::<_, Oid>(0))
+                {
+                    attributes.push((row.get(1), row.get(2), attribute_type, row.get(4)));
+                }
+            }
+        }
         if !domains.is_empty() {
             for row in client
                 .query(DOMAIN_CHECKS, &[&domains])
@@ -478,9 +507,11 @@ async fn read_types(
         let before = remaining.len();
         let done: BTreeSet<Oid> = ordered.iter().map(|t| t.oid).collect();
         let all: BTreeSet<Oid> = remaining.iter().map(|t| t.oid).collect();
+        let ready_after = |o: &Oid| done.contains(o) || !all.contains(o);
         let (ready, rest): (Vec<_>, Vec<_>) = remaining.into_iter().partition(|t| match &t.kind {
-            UserTypeKind::Domain { base_type_oid, .. } => {
-                done.contains(base_type_oid) || !all.contains(base_type_oid)
+            UserTypeKind::Domain { base_type_oid, .. } => ready_after(base_type_oid),
+            UserTypeKind::Composite(attributes) => {
+                attributes.iter().all(|(_, _, o, _)| ready_after(o))
             }
             UserTypeKind::Enum(_) => true,
         });
@@ -590,6 +621,91 @@ async fn read_views(client: &Client, schema: &mut SourceSchema) -> Result<(), Co
     for oid in topological_order(views.keys().copied().collect(), &deps) {
         if let Some(v) = views.remove(&oid) {
             schema.views.push(v);
+        }
+    }
+    Ok(())
+}
+
+/// Functions that the migrated objects call: column defaults and generated columns, CHECK
+/// constraints, index expressions and predicates of the tables; domain constraints and defaults
+/// of their types; the views and materialized views of `public`; and, through SQL-standard
+/// bodies, the functions those call.
+const USED_FUNCTIONS: &str = "
+WITH objs AS (
+    SELECT 'pg_attrdef'::regclass AS cls, oid FROM pg_attrdef WHERE adrelid = ANY($1::oid[])
+    UNION ALL SELECT 'pg_constraint'::regclass, oid FROM pg_constraint
+              WHERE conrelid = ANY($1::oid[]) OR contypid = ANY($2::oid[])
+    UNION ALL SELECT 'pg_class'::regclass, indexrelid FROM pg_index WHERE indrelid = ANY($1::oid[])
+    UNION ALL SELECT 'pg_rewrite'::regclass, r.oid FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
+              WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('v', 'm')
+    UNION ALL SELECT 'pg_type'::regclass, oid FROM pg_type WHERE oid = ANY($2::oid[])
+    UNION ALL SELECT 'pg_proc'::regclass, oid FROM pg_proc WHERE oid = ANY($3::oid[])
+)
+SELECT DISTINCT p.oid, p.oid::regprocedure::text, n.nspname::text,
+       EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = 'pg_proc'::regclass AND x.objid = p.oid AND x.deptype = 'e'),
+       p.prokind::text
+FROM pg_depend d
+JOIN objs o ON o.cls = d.classid AND o.oid = d.objid
+JOIN pg_proc p ON p.oid = d.refobjid
+JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE d.refclassid = 'pg_proc'::regclass AND d.deptype = 'n' AND n.nspname <> 'pg_catalog'";
+
+async fn read_used_functions(
+    client: &Client,
+    tables: &[Oid],
+    schema: &mut SourceSchema,
+) -> Result<(), CoordinatorError> {
+    let types: Vec<Oid> = schema.types.iter().map(|t| t.oid).collect();
+    let mut found: BTreeSet<Oid> = BTreeSet::new();
+    let mut public: Vec<Oid> = Vec::new();
+    // Rounds: a function found may call others through a SQL-standard body.
+    for _ in 0..16 {
+        let known: Vec<Oid> = found.iter().copied().collect();
+        let before = found.len();
+        for row in client
+            .query(USED_FUNCTIONS, &[&tables, &types, &known])
+            .await
+            .map_err(catalog_err("read functions the tables use"))?
+        {
+            let oid: Oid = row.get(0);
+            if !found.insert(oid) {
+                continue;
+            }
+            let (signature, namespace, extension, kind): (String, String, bool, String) =
+                (row.get(1), row.get(2), row.get(3), row.get(4));
+            if extension {
+                continue;
+            }
+            if namespace != crate::naming::PUBLIC {
+                schema
+                    .required_routines
+                    .push((signature, format!("function (schema {namespace})")));
+            } else if kind == "a" {
+                schema
+                    .required_routines
+                    .push((signature, "aggregate".to_string()));
+            } else {
+                public.push(oid);
+            }
+        }
+        if found.len() == before {
+            break;
+        }
+    }
+    if public.is_empty() {
+        return Ok(());
+    }
+    for row in client
+        .query(FUNCTIONS, &[&public])
+        .await
+        .map_err(catalog_err("read functions the tables use"))?
+    {
+        let signature: String = row.get(0);
+        if !schema.functions.iter().any(|f| f.signature == signature) {
+            schema.functions.push(Function {
+                signature,
+                definition: row.get(1),
+            });
         }
     }
     Ok(())

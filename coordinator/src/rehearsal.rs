@@ -1,0 +1,222 @@
+//! The dry run's rehearsal: everything the real run would create before its copy and its swap,
+//! run for real on the destination inside one transaction that is always rolled back, so a
+//! dry run finds the failures the real run would hit (a default calling a missing function, an
+//! index the destination's version cannot build, a view or function that cannot be recreated
+//! over the new tables…) and reports all of them at once.
+//!
+//! Each action runs under its own savepoint: one that fails is recorded and undone, and the
+//! rehearsal goes on. Only new objects are created, so no lock is taken on a live table except
+//! the shared read locks of materialized views and views reading destination-only tables. The
+//! swap's statements that need a live table's lock (renames, foreign keys and defaults of other
+//! tables re-pointed) are not rehearsed.
+
+use pgzm_agent::pg::describe;
+use pgzm_agent::sql::{quote_ident, quote_qualified};
+use tokio_postgres::Client;
+
+use crate::build;
+use crate::catalog::SourceSchema;
+use crate::ddl::quote_ident_like_pg;
+use crate::destination::Destination;
+use crate::error::CoordinatorError;
+use crate::naming::prefixed;
+use crate::plan::Plan;
+use crate::rewrite::Renames;
+
+/// Prefix of the stand-ins created for views and functions recreated at the swap.
+const STAND_IN: &str = "pgzm_rehearsal_";
+
+struct Rehearsal<'a> {
+    client: &'a Client,
+    failures: Vec<String>,
+}
+
+impl Rehearsal<'_> {
+    /// Runs one action's statements under a savepoint; a failure is recorded and undone.
+    async fn run(&mut self, action: &str, statements: &[String]) -> Result<(), CoordinatorError> {
+        if statements.is_empty() {
+            return Ok(());
+        }
+        let savepoint = |what: &str| {
+            let what = what.to_string();
+            move |e: tokio_postgres::Error| {
+                CoordinatorError::destination(format!("dry run: {what}"), &e)
+            }
+        };
+        self.client
+            .batch_execute("SAVEPOINT pgzm_rehearsal")
+            .await
+            .map_err(savepoint("savepoint"))?;
+        let mut sql = statements.join(";\n");
+        sql.push(';');
+        match self.client.batch_execute(&sql).await {
+            Ok(()) => self
+                .client
+                .batch_execute("RELEASE SAVEPOINT pgzm_rehearsal")
+                .await
+                .map_err(savepoint("release savepoint")),
+            Err(e) => {
+                self.failures
+                    .push(format!("{action} would fail: {}", describe(&e)));
+                self.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT pgzm_rehearsal")
+                    .await
+                    .map_err(savepoint("rollback to savepoint"))
+            }
+        }
+    }
+}
+
+/// Rehearses the run on the destination (see the module docs) and returns what would fail.
+/// The caller holds the run lock on `client`, whose `search_path` is `pg_catalog`.
+pub async fn rehearse(
+    client: &Client,
+    plan: &Plan,
+    schema: &SourceSchema,
+    dest: &Destination,
+    renames: &Renames,
+) -> Result<Vec<String>, CoordinatorError> {
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(|e| CoordinatorError::destination("dry run: begin", &e))?;
+    let mut r = Rehearsal {
+        client,
+        failures: Vec::new(),
+    };
+    let result = rehearse_in_transaction(&mut r, plan, schema, dest, renames).await;
+    let rolled_back = client.batch_execute("ROLLBACK").await;
+    result?;
+    rolled_back.map_err(|e| CoordinatorError::destination("dry run: roll back", &e))?;
+    Ok(r.failures)
+}
+
+async fn rehearse_in_transaction(
+    r: &mut Rehearsal<'_>,
+    plan: &Plan,
+    schema: &SourceSchema,
+    dest: &Destination,
+    renames: &Renames,
+) -> Result<(), CoordinatorError> {
+    for (ext, ext_schema) in &plan.extensions_to_create {
+        r.run(
+            &format!("create extension {ext}"),
+            &[format!(
+                "CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA {}",
+                quote_ident(ext),
+                quote_ident(ext_schema)
+            )],
+        )
+        .await?;
+    }
+    // The shadow schema, action by action.
+    let statements = crate::prepare::shadow_statements(plan, schema, dest, renames);
+    let mut i = 0;
+    while i < statements.len() {
+        let action = statements[i].0.clone();
+        let mut group = Vec::new();
+        while i < statements.len() && statements[i].0 == action {
+            group.push(statements[i].1.clone());
+            i += 1;
+        }
+        r.run(&action, &group).await?;
+    }
+    // Keys, indexes, triggers and sequence positions of each (empty) table; partitioned
+    // tables after their partitions.
+    let (parents, tables): (Vec<_>, Vec<_>) = schema
+        .tables
+        .iter()
+        .filter(|t| plan.table(&t.name).is_some())
+        .partition(|t| t.is_partitioned());
+    for t in tables.into_iter().chain(parents.into_iter().rev()) {
+        let statements = build::table_build(t, plan, schema, renames)?.sequential();
+        r.run(&format!("build \"{}\"", t.name), &statements).await?;
+    }
+    let (add, _) = build::foreign_key_statements(plan, schema, renames);
+    for sql in add {
+        r.run("add a foreign key to the shadow tables", &[sql])
+            .await?;
+    }
+    for mv in &plan.matviews {
+        let statements = crate::matview::build_sql(mv, plan, renames)?;
+        r.run(
+            &format!("build materialized view \"{}\"", mv.matview.name),
+            &statements,
+        )
+        .await?;
+    }
+    // What the swap recreates, as stand-ins over the shadow objects.
+    let mut stand_ins = renames.clone();
+    let relations: Vec<(&str, &str)> = plan
+        .tables
+        .iter()
+        .map(|t| (crate::naming::PUBLIC, t.name.as_str()))
+        .chain(
+            plan.views
+                .iter()
+                .map(|v| (v.schema.as_str(), v.name.as_str())),
+        )
+        .collect();
+    let (after_views, before_views): (Vec<_>, Vec<_>) =
+        plan.functions.iter().partition(|f| f.after_views);
+    for f in before_views {
+        rehearse_function(r, f, &mut stand_ins).await?;
+    }
+    for v in &plan.views {
+        let name = prefixed(STAND_IN, &v.name);
+        let definition = crate::matview::alias_relations(
+            v.definition.trim_end().trim_end_matches(';'),
+            &relations,
+        );
+        r.run(
+            &format!(
+                "recreate view {} at the swap",
+                crate::plan::qualified_display(&v.schema, &v.name)
+            ),
+            &[format!(
+                "CREATE VIEW {} AS {}",
+                quote_qualified(&v.schema, &name),
+                stand_ins.apply(&definition)
+            )],
+        )
+        .await?;
+        stand_ins.insert_in(&v.schema, &v.name, &name);
+    }
+    for f in after_views {
+        rehearse_function(r, f, &mut stand_ins).await?;
+    }
+    Ok(())
+}
+
+/// A stand-in for a function the swap recreates: its definition under another name, over the
+/// shadow objects; later stand-ins call it.
+async fn rehearse_function(
+    r: &mut Rehearsal<'_>,
+    f: &crate::plan::FunctionPlan,
+    stand_ins: &mut Renames,
+) -> Result<(), CoordinatorError> {
+    {
+        let head = format!(
+            "CREATE OR REPLACE {} {}.{}(",
+            f.keyword(),
+            quote_ident_like_pg(&f.schema),
+            quote_ident_like_pg(&f.name)
+        );
+        let Some(rest) = f.definition.strip_prefix(&head) else {
+            return Ok(());
+        };
+        let definition = format!(
+            "CREATE {} {}({}",
+            f.keyword(),
+            quote_qualified(&f.schema, &prefixed(STAND_IN, &f.name)),
+            stand_ins.apply(rest)
+        );
+        r.run(
+            &format!("recreate {} at the swap", f.signature),
+            &[definition],
+        )
+        .await?;
+        stand_ins.insert_in(&f.schema, &f.name, &prefixed(STAND_IN, &f.name));
+    }
+    Ok(())
+}
