@@ -18,6 +18,9 @@ pub struct CutoverResult {
     pub tables: usize,
     /// Whether a long transaction held a lock on one table.
     pub blocker: bool,
+    /// Whether each destination table had dependents that follow the swap: a view reading it
+    /// and a function taking its row type.
+    pub dependents: bool,
     /// Lock-held time reported by pgzm (server clock), ms.
     pub lock_held_ms: f64,
     /// Swap attempts.
@@ -44,6 +47,18 @@ fn tables_sql(n: usize) -> String {
     s
 }
 
+/// A view and a function typed on the row type of each table: what the swap recreates.
+fn dependents_sql(n: usize) -> String {
+    let mut s = String::new();
+    for i in 0..n {
+        s.push_str(&format!(
+            "CREATE VIEW v_{i:04} AS SELECT id, v FROM t_{i:04};
+             CREATE FUNCTION f_{i:04}(r t_{i:04}) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT r.v * 2';\n"
+        ));
+    }
+    s
+}
+
 async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
@@ -57,11 +72,15 @@ pub async fn measure(
     bins: &Binaries,
     n: usize,
     blocker: bool,
+    dependents: bool,
 ) -> anyhow::Result<CutoverResult> {
     let src = fresh_db(source, "bench_cut_src", false).await?;
     let dst = fresh_db(dest, "bench_cut_dst", false).await?;
     connect(&src).await?.batch_execute(&tables_sql(n)).await?;
     connect(&dst).await?.batch_execute(&tables_sql(n)).await?;
+    if dependents {
+        connect(&dst).await?.batch_execute(&dependents_sql(n)).await?;
+    }
     run_measured(
         Command::new(&bins.pgzm)
             .args(["-q", "prepare", "--json", "--source", &src, "--dest", &dst]),
@@ -131,6 +150,7 @@ pub async fn measure(
     Ok(CutoverResult {
         tables: n,
         blocker,
+        dependents,
         lock_held_ms: report["swap"]["lock_held_us"].as_f64().unwrap_or(0.0) / 1000.0,
         attempts: report["swap"]["attempts"].as_u64().unwrap_or(0),
         swap_ms: m.elapsed.as_secs_f64() * 1000.0,

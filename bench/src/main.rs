@@ -105,13 +105,23 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if !args.skip_cutover {
-        for tables in [100usize, 1000] {
-            for blocker in [false, true] {
-                eprintln!("== cutover: {tables} tables, long transaction: {blocker}");
+        for (tables, blocker, dependents) in [
+            (100usize, false, false),
+            (100, false, true),
+            (100, true, false),
+            (1000, false, false),
+            (1000, false, true),
+            (1000, true, false),
+        ] {
+            {
+                eprintln!("== cutover: {tables} tables, long transaction: {blocker}, dependents: {dependents}");
                 // The run with the median lock-held time of `rounds` runs.
                 let mut runs = Vec::new();
                 for _ in 0..args.rounds.max(1) {
-                    runs.push(cutover::measure(&source, &dest, &bins, tables, blocker).await?);
+                    runs.push(
+                        cutover::measure(&source, &dest, &bins, tables, blocker, dependents)
+                            .await?,
+                    );
                 }
                 runs.sort_by(|a, b| a.lock_held_ms.total_cmp(&b.lock_held_ms));
                 let median = runs.swap_remove(runs.len() / 2);

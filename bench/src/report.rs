@@ -136,15 +136,16 @@ impl Report {
             }
         }
         if !self.cutover.is_empty() {
-            let _ = writeln!(s, "\n## Cutover\n\nA prepared migration of N tables is swapped while a client runs short primary-key lookups on them in a loop. \"Long transaction\": another session holds a lock on one table (an open transaction that read it) for 1.5 s from just before the swap; the swap retries with `lock_timeout` 50 ms. Each row is the run with the median lock-held time of the rounds.\n");
-            let _ = writeln!(s, "| tables | long transaction | lock held (ms) | attempts | swap wall (ms) | client queries | client worst (ms) | client p99 (ms) | client errors |");
-            let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+            let _ = writeln!(s, "\n## Cutover\n\nA prepared migration of N tables is swapped while a client runs short primary-key lookups on them in a loop. \"Long transaction\": another session holds a lock on one table (an open transaction that read it) for 1.5 s from just before the swap; the swap retries with `lock_timeout` 50 ms. \"Dependents\": every destination table also has a view reading it and a function taking its row type, which the swap recreates. Each row is the run with the median lock-held time of the rounds.\n");
+            let _ = writeln!(s, "| tables | long transaction | dependents | lock held (ms) | attempts | swap wall (ms) | client queries | client worst (ms) | client p99 (ms) | client errors |");
+            let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
             for c in &self.cutover {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {:.1} | {} | {:.0} | {} | {:.1} | {:.1} | {} |",
+                    "| {} | {} | {} | {:.1} | {} | {:.0} | {} | {:.1} | {:.1} | {} |",
                     c.tables,
                     if c.blocker { "yes" } else { "no" },
+                    if c.dependents { "view + function per table" } else { "none" },
                     c.lock_held_ms,
                     c.attempts,
                     c.swap_ms,

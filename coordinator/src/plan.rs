@@ -654,6 +654,14 @@ pub fn build_all(
             to: mv.shadow.clone(),
             oid: None,
         }))
+        // Recreated views are created as `shadow_<name>` in the swap, before its locks.
+        .chain(views.iter().map(|v| Move {
+            kind: ObjectKind::View,
+            schema: v.schema.clone(),
+            from: v.name.clone(),
+            to: prefixed(SHADOW, &v.name),
+            oid: None,
+        }))
         .collect();
     check_names(
         dest,

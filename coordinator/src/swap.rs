@@ -92,6 +92,50 @@ pub fn swap_sql(plan: &Plan, aside: Option<&AsideSet>, lock_timeout: Duration) -
     {
         push(m.rename_sql(false));
     }
+    // Recreated functions and views are created here, before the locks, over the shadow
+    // objects (so they follow them through the renames): views as `shadow_<name>`, renamed
+    // after the locks; functions under their own name (the old ones are `backup_` by now).
+    // Under the locks only renames are left.
+    let mut over_shadows = plan.shadow_renames();
+    let (after_views, before_views): (Vec<_>, Vec<_>) =
+        plan.functions.iter().partition(|f| f.after_views);
+    for f in &before_views {
+        for s in function_sql(f, &over_shadows) {
+            push(s);
+        }
+    }
+    let relations: Vec<(&str, &str)> = plan
+        .tables
+        .iter()
+        .map(|t| (crate::naming::PUBLIC, t.name.as_str()))
+        .chain(plan.views.iter().map(|v| (v.schema.as_str(), v.name.as_str())))
+        .chain(
+            plan.matviews
+                .iter()
+                .map(|m| (m.matview.schema.as_str(), m.matview.name.as_str())),
+        )
+        .collect();
+    for v in &plan.views {
+        let shadow = crate::naming::prefixed(crate::naming::SHADOW, &v.name);
+        let definition = crate::matview::alias_relations(
+            v.definition.trim_end().trim_end_matches(';'),
+            &relations,
+        );
+        let created = ViewPlan {
+            name: shadow.clone(),
+            definition: over_shadows.apply(&definition),
+            ..v.clone()
+        };
+        for s in view_sql(&created) {
+            push(s);
+        }
+        over_shadows.insert_in(&v.schema, &v.name, &shadow);
+    }
+    for f in &after_views {
+        for s in function_sql(f, &over_shadows) {
+            push(s);
+        }
+    }
     // The migration is recorded as swapped in the same transaction (so only if the swap
     // commits), but before the locks: it touches only pgzm's own table.
     push(format!(
@@ -172,23 +216,15 @@ pub fn swap_sql(plan: &Plan, aside: Option<&AsideSet>, lock_timeout: Duration) -
             push(s);
         }
     }
-    // Functions first (views may call them), except those typed on a view created here.
-    let (after_views, before_views): (Vec<_>, Vec<_>) =
-        plan.functions.iter().partition(|f| f.after_views);
-    for f in &before_views {
-        for s in function_sql(f) {
-            push(s);
-        }
-    }
     for v in &plan.views {
-        for s in view_sql(v) {
-            push(s);
-        }
-    }
-    for f in &after_views {
-        for s in function_sql(f) {
-            push(s);
-        }
+        push(format!(
+            "ALTER VIEW {} RENAME TO {}",
+            quote_qualified(
+                &v.schema,
+                &crate::naming::prefixed(crate::naming::SHADOW, &v.name)
+            ),
+            quote_ident(&v.name)
+        ));
     }
     for r in &plan.repoints {
         for s in r.detach.iter().chain(&r.attach) {
@@ -222,13 +258,23 @@ pub fn view_sql(v: &ViewPlan) -> Vec<String> {
     out
 }
 
-/// A function recreated over the new objects: its own definition (body, language, settings,
-/// security), then owner, privileges and comment. Its signature, read before the swap, names
-/// the new objects once the renames are done.
-pub fn function_sql(f: &FunctionPlan) -> Vec<String> {
-    let sig = &f.signature;
+/// A function recreated over the new objects, before the renames: its own definition (body,
+/// language, settings, security) with its signature, result type and SQL-standard body pointed
+/// at the shadow objects (`over_shadows`; a string body is left alone: it resolves names when
+/// it runs), then owner, privileges and comment.
+pub fn function_sql(f: &FunctionPlan, over_shadows: &crate::rewrite::Renames) -> Vec<String> {
+    let sig = &over_shadows.apply(&f.signature);
+    let definition = f.definition.trim_end().trim_end_matches(';');
+    let definition = match definition.find("\nAS ") {
+        Some(at) if !definition[..at].contains("\nBEGIN ATOMIC") => format!(
+            "{}{}",
+            over_shadows.apply(&definition[..at]),
+            &definition[at..]
+        ),
+        _ => over_shadows.apply(definition),
+    };
     let mut out = vec![
-        f.definition.trim_end().trim_end_matches(';').to_string(),
+        definition,
         format!("ALTER ROUTINE {sig} OWNER TO {}", quote_ident(&f.owner)),
     ];
     if let Some(grants) = &f.grants {
