@@ -79,7 +79,10 @@ pub async fn measure(
     connect(&src).await?.batch_execute(&tables_sql(n)).await?;
     connect(&dst).await?.batch_execute(&tables_sql(n)).await?;
     if dependents {
-        connect(&dst).await?.batch_execute(&dependents_sql(n)).await?;
+        connect(&dst)
+            .await?
+            .batch_execute(&dependents_sql(n))
+            .await?;
     }
     run_measured(
         Command::new(&bins.pgzm)

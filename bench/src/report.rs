@@ -145,7 +145,11 @@ impl Report {
                     "| {} | {} | {} | {:.1} | {} | {:.0} | {} | {:.1} | {:.1} | {} |",
                     c.tables,
                     if c.blocker { "yes" } else { "no" },
-                    if c.dependents { "view + function per table" } else { "none" },
+                    if c.dependents {
+                        "view + function per table"
+                    } else {
+                        "none"
+                    },
                     c.lock_held_ms,
                     c.attempts,
                     c.swap_ms,

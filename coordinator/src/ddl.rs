@@ -28,6 +28,36 @@ pub fn create_type(t: &UserType, shadow: &str, renames: &Renames) -> Vec<String>
                 labels.join(", ")
             ));
         }
+        UserTypeKind::Range {
+            subtype_sql,
+            opclass,
+            collation,
+            subdiff,
+            multirange,
+            ..
+        } => {
+            let mut options = vec![format!("SUBTYPE = {}", renames.apply(subtype_sql))];
+            if let Some(o) = opclass {
+                options.push(format!("SUBTYPE_OPCLASS = {o}"));
+            }
+            if let Some(c) = collation {
+                options.push(format!("COLLATION = {c}"));
+            }
+            if let Some(f) = subdiff {
+                options.push(format!("SUBTYPE_DIFF = {f}"));
+            }
+            if let Some(m) = multirange {
+                options.push(format!(
+                    "MULTIRANGE_TYPE_NAME = {}",
+                    public(renames.get(m).unwrap_or(m))
+                ));
+            }
+            out.push(format!(
+                "CREATE TYPE {} AS RANGE ({})",
+                public(shadow),
+                options.join(", ")
+            ));
+        }
         UserTypeKind::Composite(attributes) => {
             let attributes: Vec<String> = attributes
                 .iter()
@@ -268,37 +298,47 @@ pub fn carry_privileges(
         out.push(format!("ALTER TABLE {target} FORCE ROW LEVEL SECURITY"));
     }
     for p in &live.policies {
-        let roles: Vec<String> = p
-            .roles
-            .iter()
-            .map(|r| {
-                if r == "public" {
-                    "PUBLIC".to_string()
-                } else {
-                    quote_ident(r)
-                }
-            })
-            .collect();
-        let mut sql = format!(
-            "CREATE POLICY {} ON {target} AS {} FOR {} TO {}",
-            quote_ident(&p.name),
-            if p.permissive {
-                "PERMISSIVE"
-            } else {
-                "RESTRICTIVE"
-            },
-            p.command,
-            roles.join(", ")
-        );
-        if let Some(u) = &p.using {
-            sql.push_str(&format!(" USING ({})", renames.apply(u)));
-        }
-        if let Some(c) = &p.with_check {
-            sql.push_str(&format!(" WITH CHECK ({})", renames.apply(c)));
-        }
-        out.push(sql);
+        out.push(create_policy_sql(p, &target, renames));
     }
     out
+}
+
+/// `CREATE POLICY` re-creating `p` on `target` (an already quoted name), its expressions
+/// re-pointed through `renames`.
+pub fn create_policy_sql(
+    p: &crate::destination::Policy,
+    target: &str,
+    renames: &Renames,
+) -> String {
+    let roles: Vec<String> = p
+        .roles
+        .iter()
+        .map(|r| {
+            if r == "public" {
+                "PUBLIC".to_string()
+            } else {
+                quote_ident(r)
+            }
+        })
+        .collect();
+    let mut sql = format!(
+        "CREATE POLICY {} ON {target} AS {} FOR {} TO {}",
+        quote_ident(&p.name),
+        if p.permissive {
+            "PERMISSIVE"
+        } else {
+            "RESTRICTIVE"
+        },
+        p.command,
+        roles.join(", ")
+    );
+    if let Some(u) = &p.using {
+        sql.push_str(&format!(" USING ({})", renames.apply(u)));
+    }
+    if let Some(c) = &p.with_check {
+        sql.push_str(&format!(" WITH CHECK ({})", renames.apply(c)));
+    }
+    sql
 }
 
 fn grantee(name: &str) -> String {

@@ -293,31 +293,45 @@ async fn foreign_key_names(
         .collect())
 }
 
-async fn default_repoints(
+/// The rows `sql` returns for the dependents `edges` (by oid, column 0), each with what it
+/// depends on.
+async fn rows_of(
     client: &Client,
+    sql: &str,
     edges: &[&Edge],
-) -> Result<Vec<Repoint>, CoordinatorError> {
+    what: &'static str,
+) -> Result<Vec<(tokio_postgres::Row, String)>, CoordinatorError> {
     let oids: Vec<Oid> = edges.iter().map(|e| e.objid).collect();
     if oids.is_empty() {
         return Ok(Vec::new());
     }
-    let rows = client
-        .query(DEFAULTS, &[&oids])
-        .await
-        .map_err(err("column defaults"))?;
+    let rows = client.query(sql, &[&oids]).await.map_err(err(what))?;
     Ok(rows
-        .iter()
+        .into_iter()
         .map(|r| {
             let oid: Oid = r.get(0);
-            let schema: String = r.get(1);
-            let table: String = r.get(2);
-            let column: String = r.get(3);
-            let expr: String = r.get(4);
             let on = edges
                 .iter()
                 .find(|e| e.objid == oid)
                 .map(|e| e.on.clone())
                 .unwrap_or_default();
+            (r, on)
+        })
+        .collect())
+}
+
+async fn default_repoints(
+    client: &Client,
+    edges: &[&Edge],
+) -> Result<Vec<Repoint>, CoordinatorError> {
+    Ok(rows_of(client, DEFAULTS, edges, "column defaults")
+        .await?
+        .into_iter()
+        .map(|(r, on)| {
+            let schema: String = r.get(1);
+            let table: String = r.get(2);
+            let column: String = r.get(3);
+            let expr: String = r.get(4);
             let t = quote_qualified(&schema, &table);
             let c = quote_ident(&column);
             Repoint {
@@ -344,75 +358,43 @@ async fn policy_repoints(
     client: &Client,
     edges: &[&Edge],
 ) -> Result<Vec<Repoint>, CoordinatorError> {
-    let oids: Vec<Oid> = edges.iter().map(|e| e.objid).collect();
-    if oids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let rows = client
-        .query(POLICIES, &[&oids])
-        .await
-        .map_err(err("policies"))?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            let oid: Oid = r.get(0);
+    Ok(rows_of(client, POLICIES, edges, "policies")
+        .await?
+        .into_iter()
+        .map(|(r, on)| {
             let schema: String = r.get(1);
             let table: String = r.get(2);
-            let name: String = r.get(3);
-            let permissive: bool = r.get(4);
-            let command = match r.get::<_, String>(5).as_str() {
-                "r" => "SELECT",
-                "a" => "INSERT",
-                "w" => "UPDATE",
-                "d" => "DELETE",
-                _ => "ALL",
-            };
-            let roles: Vec<String> = r.get(6);
-            let using: Option<String> = r.get(7);
-            let check: Option<String> = r.get(8);
-            let on = edges
-                .iter()
-                .find(|e| e.objid == oid)
-                .map(|e| e.on.clone())
-                .unwrap_or_default();
-            let t = quote_qualified(&schema, &table);
-            let p = quote_ident(&name);
-            let roles = roles
-                .iter()
-                .map(|r| {
-                    if r == "public" {
-                        "PUBLIC".to_string()
-                    } else {
-                        quote_ident(r)
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
-            let mut create = format!(
-                "CREATE POLICY {p} ON {t} AS {} FOR {command} TO {roles}",
-                if permissive {
-                    "PERMISSIVE"
-                } else {
-                    "RESTRICTIVE"
+            let policy = crate::destination::Policy {
+                name: r.get(3),
+                permissive: r.get(4),
+                command: match r.get::<_, String>(5).as_str() {
+                    "r" => "SELECT",
+                    "a" => "INSERT",
+                    "w" => "UPDATE",
+                    "d" => "DELETE",
+                    _ => "ALL",
                 }
-            );
-            if let Some(u) = using {
-                create.push_str(&format!(" USING ({u})"));
-            }
-            if let Some(c) = check {
-                create.push_str(&format!(" WITH CHECK ({c})"));
-            }
+                .into(),
+                roles: r.get(6),
+                using: r.get(7),
+                with_check: r.get(8),
+            };
+            let t = quote_qualified(&schema, &table);
             Repoint {
                 object: format!(
                     "policy {} on table {}",
-                    crate::ddl::quote_ident_like_pg(&name),
+                    crate::ddl::quote_ident_like_pg(&policy.name),
                     qualified_display(&schema, &table)
                 ),
                 on,
                 schema,
                 table,
-                detach: vec![format!("DROP POLICY {p} ON {t}")],
-                attach: vec![create],
+                detach: vec![format!("DROP POLICY {} ON {t}", quote_ident(&policy.name))],
+                attach: vec![crate::ddl::create_policy_sql(
+                    &policy,
+                    &t,
+                    &crate::rewrite::Renames::new(),
+                )],
             }
         })
         .collect())

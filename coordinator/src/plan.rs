@@ -294,6 +294,9 @@ pub struct Plan {
     pub types: Vec<Move>,
     /// Shadow sequences to create.
     pub sequences: Vec<Move>,
+    /// Multirange types created with the shadow range types (source name → shadow name).
+    #[serde(default)]
+    pub multiranges: Vec<Move>,
     /// Shadow indexes (and constraint indexes) to create.
     pub indexes: Vec<Move>,
     /// Live objects renamed to backup names in the swap.
@@ -361,6 +364,7 @@ impl Plan {
         for m in self
             .types
             .iter()
+            .chain(&self.multiranges)
             .chain(&self.sequences)
             .chain(&self.indexes)
         {
@@ -434,6 +438,17 @@ pub fn build_all(
         .sequences
         .iter()
         .map(|s| Move::public(ObjectKind::Sequence, s.name.clone(), shadow_of(&s.name)))
+        .collect();
+    let multiranges: Vec<Move> = source
+        .types
+        .iter()
+        .filter_map(|t| match &t.kind {
+            crate::catalog::UserTypeKind::Range {
+                multirange: Some(m),
+                ..
+            } => Some(Move::public(ObjectKind::Type, m.clone(), shadow_of(m))),
+            _ => None,
+        })
         .collect();
     let mut indexes = Vec::new();
     for t in &source.tables {
@@ -517,7 +532,7 @@ pub fn build_all(
             backed_up_relations.insert(s.from.clone());
         }
     }
-    for ty in &types {
+    for ty in types.iter().chain(&multiranges) {
         if dest.type_names.contains(&ty.from) && !dest.tables.contains_key(&ty.from) {
             to_backup.push(Move::public(
                 ObjectKind::Type,
@@ -562,7 +577,12 @@ pub fn build_all(
             oid: None,
         });
     }
-    for m in types.iter().chain(&sequences).chain(&indexes) {
+    for m in types
+        .iter()
+        .chain(&multiranges)
+        .chain(&sequences)
+        .chain(&indexes)
+    {
         to_live.push(Move {
             from: m.to.clone(),
             to: m.from.clone(),
@@ -645,6 +665,7 @@ pub fn build_all(
         .iter()
         .map(|t| Move::public(ObjectKind::Table, t.name.clone(), t.shadow.clone()))
         .chain(types.iter().cloned())
+        .chain(multiranges.iter().cloned())
         .chain(sequences.iter().cloned())
         .chain(indexes.iter().cloned())
         .chain(matviews.iter().map(|mv| Move {
@@ -679,6 +700,7 @@ pub fn build_all(
         tables,
         types,
         sequences,
+        multiranges,
         indexes,
         to_backup,
         to_live,

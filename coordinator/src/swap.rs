@@ -108,7 +108,11 @@ pub fn swap_sql(plan: &Plan, aside: Option<&AsideSet>, lock_timeout: Duration) -
         .tables
         .iter()
         .map(|t| (crate::naming::PUBLIC, t.name.as_str()))
-        .chain(plan.views.iter().map(|v| (v.schema.as_str(), v.name.as_str())))
+        .chain(
+            plan.views
+                .iter()
+                .map(|v| (v.schema.as_str(), v.name.as_str())),
+        )
         .chain(
             plan.matviews
                 .iter()

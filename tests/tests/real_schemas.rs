@@ -254,14 +254,7 @@ async fn dependents_in_any_schema_follow_the_swap_and_the_rollback() -> anyhow::
     assert_eq!(active_users_attributes(&dst).await, attributes);
 
     // Rollback restores the first migration's tables, and every dependent follows them back.
-    let rb = rollback(RollbackOptions {
-        destination: dest_url(&p),
-        migration_id: None,
-        keep_tables: Vec::new(),
-        dry_run: false,
-        locks: common::locks(),
-    })
-    .await?;
+    let rb = rollback_latest(&p).await?;
     assert!(rb.warnings.is_empty(), "{:?}", rb.warnings);
     assert_eq!(live_sums(&dst).await, migrated);
     assert_eq!(bindings(&dst).await, migrated_bindings);
@@ -529,6 +522,20 @@ async fn large_object_references_are_refused_at_plan_time() -> anyhow::Result<()
     Ok(())
 }
 
+/// `pgzm rollback --latest` with the tests' short lock settings.
+async fn rollback_latest(
+    p: &common::Pair,
+) -> Result<pgzm_coordinator::rollback::RollbackReport, CoordinatorError> {
+    rollback(RollbackOptions {
+        destination: dest_url(p),
+        migration_id: None,
+        keep_tables: Vec::new(),
+        dry_run: false,
+        locks: common::locks(),
+    })
+    .await
+}
+
 /// Loads a vendored sample database (`schema.sql` + `data.sql`) on both sides and applies its
 /// `source_changes.sql` to the source: production and its rebuilt data set.
 async fn sample_pair(label: &str, fixture: &str) -> common::Pair {
@@ -605,14 +612,7 @@ async fn sample_database_round_trip(fixture: &str) -> anyhow::Result<()> {
     let second = common::migrate(&p).await?;
     assert!(second.swap.is_some());
     assert_eq!(live_sums(&dst).await, source_sums);
-    let rb = rollback(RollbackOptions {
-        destination: dest_url(&p),
-        migration_id: None,
-        keep_tables: Vec::new(),
-        dry_run: false,
-        locks: common::locks(),
-    })
-    .await?;
+    let rb = rollback_latest(&p).await?;
     assert!(rb.warnings.is_empty(), "{:?}", rb.warnings);
     assert_eq!(live_sums(&dst).await, before_second, "{fixture}: rollback");
     checks::assert_same_signature(
@@ -754,14 +754,7 @@ async fn partitioned_and_inherited_tables_migrate_and_roll_back() -> anyhow::Res
     );
 
     // Rollback restores the partitioned tables exactly, the legacy partition included.
-    let rb = rollback(RollbackOptions {
-        destination: dest_url(&p),
-        migration_id: None,
-        keep_tables: Vec::new(),
-        dry_run: false,
-        locks: common::locks(),
-    })
-    .await?;
+    let rb = rollback_latest(&p).await?;
     assert!(rb.warnings.is_empty(), "{:?}", rb.warnings);
     assert_eq!(live_sums(&dst).await, before);
     checks::assert_same_signature(
@@ -853,14 +846,7 @@ async fn materialized_views_are_built_before_the_swap() -> anyhow::Result<()> {
         .await,
         "backup_user_names"
     );
-    let rb = rollback(RollbackOptions {
-        destination: dest_url(&p),
-        migration_id: None,
-        keep_tables: Vec::new(),
-        dry_run: false,
-        locks: common::locks(),
-    })
-    .await?;
+    let rb = rollback_latest(&p).await?;
     assert!(rb.warnings.is_empty(), "{:?}", rb.warnings);
     assert_eq!(
         texts(&dst, "SELECT name FROM reporting.user_names ORDER BY id").await,
@@ -872,8 +858,9 @@ async fn materialized_views_are_built_before_the_swap() -> anyhow::Result<()> {
 
 /// Item 5: objects only the source has are created when migrated objects use them: functions
 /// called by defaults, checks, index expressions and views (and the functions those call
-/// through SQL-standard bodies), composite types of columns, and standalone sequences used by
-/// defaults (set at or past the source's value).
+/// through SQL-standard bodies), composite, range and multirange types of columns (with the
+/// range's `subtype_diff` function), and standalone sequences used by defaults (set at or past
+/// the source's value).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn objects_only_the_source_has_are_created_when_used() -> anyhow::Result<()> {
     let p = common::fixture_pair("source_only", "simple").await;
@@ -890,12 +877,20 @@ async fn objects_only_the_source_has_are_created_when_used() -> anyhow::Result<(
                    AS $$ SELECT upper(t) || '!' $$;
                CREATE SEQUENCE ticket_no START 1000;
                CREATE TYPE money_amount AS (currency character(3), cents bigint);
+               CREATE FUNCTION score_diff(a numeric, b numeric) RETURNS float8 LANGUAGE sql
+                   IMMUTABLE AS $$ SELECT (a - b)::float8 $$;
+               CREATE TYPE score_range AS RANGE (SUBTYPE = numeric, SUBTYPE_DIFF = score_diff,
+                                                 MULTIRANGE_TYPE_NAME = score_ranges);
                CREATE TABLE voucher (
                    id integer PRIMARY KEY DEFAULT nextval('ticket_no'),
                    code text NOT NULL DEFAULT gen_code() CHECK (valid_code(code)),
-                   price money_amount);
+                   price money_amount,
+                   valid score_range DEFAULT '[1,10)',
+                   windows score_ranges);
                CREATE INDEX voucher_code ON voucher (normalize_code(code));
-               INSERT INTO voucher (price) SELECT ROW('EUR', g * 100)::money_amount FROM generate_series(1, 5) g;
+               INSERT INTO voucher (price, windows) SELECT ROW('EUR', g * 100)::money_amount,
+                   score_ranges(score_range(0, g), score_range(g + 1, g + 2))
+                   FROM generate_series(1, 5) g;
                CREATE VIEW loud_users AS SELECT shout(name) AS name FROM "User";"#,
         )
         .await?;
@@ -936,6 +931,21 @@ async fn objects_only_the_source_has_are_created_when_used() -> anyhow::Result<(
         text(&dst, "SELECT format_type(atttypid, NULL) FROM pg_attribute WHERE attrelid = 'voucher'::regclass AND attname = 'price'").await,
         "money_amount"
     );
+    assert_eq!(
+        texts(
+            &dst,
+            "SELECT format_type(atttypid, NULL) FROM pg_attribute WHERE attrelid = 'voucher'::regclass AND attname IN ('valid', 'windows') ORDER BY attnum"
+        )
+        .await,
+        ["score_range", "score_ranges"]
+    );
+    assert!(boolean(&dst, "SELECT bool_and(valid @> 5::numeric) FROM voucher").await);
+    assert!(texts(
+        &dst,
+        "SELECT typname::text FROM pg_type WHERE left(typname, 7) = 'shadow_'"
+    )
+    .await
+    .is_empty());
     Ok(())
 }
 

@@ -230,6 +230,21 @@ pub enum UserTypeKind {
     /// Composite type: attributes (name, type qualified, type oid, collation qualified when not
     /// the type's default).
     Composite(Vec<(String, String, Oid, Option<String>)>),
+    /// Range type.
+    Range {
+        /// Subtype, qualified.
+        subtype_sql: String,
+        /// Subtype oid (a range over a user type is created after it).
+        subtype_oid: Oid,
+        /// Subtype operator class, qualified, when not the default.
+        opclass: Option<String>,
+        /// Collation, qualified, when not the subtype's.
+        collation: Option<String>,
+        /// `subtype_diff` function, qualified.
+        subdiff: Option<String>,
+        /// Name of its multirange type (PostgreSQL 14 and later).
+        multirange: Option<String>,
+    },
 }
 
 /// A sequence carried with the tables.

@@ -108,6 +108,25 @@ SELECT t.oid, t.typarray, t.typname::text, t.typtype::text,
        t.typcategory = 'A', t.typelem
 FROM pg_type t WHERE t.oid = ANY($1::oid[])";
 
+/// Range types (`rngmultitypid` read through `to_jsonb`: it exists from PostgreSQL 14 on).
+const RANGES: &str = "
+SELECT r.rngtypid, format_type(r.rngsubtype, NULL), r.rngsubtype,
+       CASE WHEN NOT opc.opcdefault THEN quote_ident(n.nspname) || '.' || quote_ident(opc.opcname) END,
+       CASE WHEN r.rngcollation <> 0 AND r.rngcollation <> st.typcollation
+            THEN (SELECT quote_ident(cn.nspname) || '.' || quote_ident(c.collname)
+                  FROM pg_collation c JOIN pg_namespace cn ON cn.oid = c.collnamespace WHERE c.oid = r.rngcollation) END,
+       CASE WHEN r.rngcanonical <> 0 THEN r.rngcanonical::regproc::text END,
+       CASE WHEN r.rngsubdiff <> 0 THEN r.rngsubdiff::regproc::text END,
+       (SELECT m.typname::text FROM pg_type m WHERE m.oid = (to_jsonb(r) ->> 'rngmultitypid')::oid)
+FROM pg_range r
+JOIN pg_type st ON st.oid = r.rngsubtype
+JOIN pg_opclass opc ON opc.oid = r.rngsubopc
+JOIN pg_namespace n ON n.oid = opc.opcnamespace
+WHERE r.rngtypid = ANY($1::oid[])";
+
+const RANGES_OF_MULTIRANGES: &str = "
+SELECT r.rngtypid FROM pg_range r WHERE (to_jsonb(r) ->> 'rngmultitypid')::oid = ANY($1::oid[])";
+
 const COMPOSITE_ATTRIBUTES: &str = "
 SELECT t.oid, a.attname::text, format_type(a.atttypid, a.atttypmod),
        CASE WHEN at.typcategory = 'A' THEN at.typelem ELSE a.atttypid END,
@@ -407,6 +426,8 @@ async fn read_types(
         }
         let mut domains = Vec::new();
         let mut composites = Vec::new();
+        let mut ranges = Vec::new();
+        let mut multiranges = Vec::new();
         for row in client
             .query(TYPES, &[&batch])
             .await
@@ -443,10 +464,20 @@ async fn read_types(
                     composites.push(oid);
                     UserTypeKind::Composite(Vec::new())
                 }
-                "r" | "m" => {
-                    schema.unsupported.push(format!(
-                        "range type \"{name}\" used by a column: not migrated yet"
-                    ));
+                "r" => {
+                    ranges.push(oid);
+                    UserTypeKind::Range {
+                        subtype_sql: String::new(),
+                        subtype_oid: 0,
+                        opclass: None,
+                        collation: None,
+                        subdiff: None,
+                        multirange: None,
+                    }
+                }
+                // A multirange comes with its range.
+                "m" => {
+                    multiranges.push(oid);
                     continue;
                 }
                 _ => {
@@ -466,6 +497,50 @@ async fn read_types(
                     comment: row.get(5),
                 },
             );
+        }
+        if !multiranges.is_empty() {
+            for row in client
+                .query(RANGES_OF_MULTIRANGES, &[&multiranges])
+                .await
+                .map_err(catalog_err("read multirange types"))?
+            {
+                pending.insert(row.get::<_, Oid>(0));
+            }
+        }
+        if !ranges.is_empty() {
+            for row in client
+                .query(RANGES, &[&ranges])
+                .await
+                .map_err(catalog_err("read range types"))?
+            {
+                let subtype: Oid = row.get(2);
+                pending.insert(subtype);
+                if let Some(canonical) = row.get::<_, Option<String>>(5) {
+                    schema.unsupported.push(format!(
+                        "range type with canonical function {canonical}: pgzm cannot create it (canonical functions are written in C); create the range type in the destination first"
+                    ));
+                }
+                if let Some(UserType {
+                    kind:
+                        UserTypeKind::Range {
+                            subtype_sql,
+                            subtype_oid,
+                            opclass,
+                            collation,
+                            subdiff,
+                            multirange,
+                        },
+                    ..
+                }) = found.get_mut(&row.get::<_, Oid>(0))
+                {
+                    *subtype_sql = row.get(1);
+                    *subtype_oid = subtype;
+                    *opclass = row.get(3);
+                    *collation = row.get(4);
+                    *subdiff = row.get(6);
+                    *multirange = row.get(7);
+                }
+            }
         }
         if !composites.is_empty() {
             for row in client
@@ -513,6 +588,7 @@ async fn read_types(
             UserTypeKind::Composite(attributes) => {
                 attributes.iter().all(|(_, _, o, _)| ready_after(o))
             }
+            UserTypeKind::Range { subtype_oid, .. } => ready_after(subtype_oid),
             UserTypeKind::Enum(_) => true,
         });
         ordered.extend(ready);
