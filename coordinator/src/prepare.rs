@@ -122,6 +122,15 @@ pub async fn prepare(
         &earlier,
     );
     problems.extend(crate::dependents::check(&control, &mut plan, &dest).await?);
+    // The swap will move the current backup set aside: its names must be free (checked again
+    // at the swap, but a collision is better found before the copy).
+    if let Some((id, moves)) = &earlier.backup_set {
+        match state::aside_set(&control, *id, moves).await {
+            Ok(_) => {}
+            Err(CoordinatorError::Refused(reasons)) => problems.extend(reasons),
+            Err(e) => return Err(e),
+        }
+    }
     if let Some(id) = earlier.prepared {
         if !opts.force {
             problems.push(format!(

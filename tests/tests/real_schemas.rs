@@ -363,6 +363,20 @@ async fn a_failed_swap_keeps_the_backup_set_and_older_sets_can_be_kept() -> anyh
     assert_eq!(sets.len(), 1);
     assert_eq!(sets[0].timestamp, first.migration_id);
 
+    // The swap moves the current set aside: a name it needs that is taken is refused at plan
+    // time, before anything is copied.
+    let taken = format!("backup_{}_User", first.migration_id);
+    p.dest
+        .batch(&format!("CREATE TABLE {} (x int)", quote_ident(&taken)))
+        .await?;
+    let err = common::migrate(&p).await.expect_err("aside name taken");
+    assert!(
+        matches!(err, CoordinatorError::Refused(_)) && err.to_string().contains(&taken),
+        "{err}"
+    );
+    p.dest
+        .batch(&format!("DROP TABLE {}", quote_ident(&taken)))
+        .await?;
     // With --keep-backups 2 the next swap moves the first set aside and keeps it.
     let mut opts = common::options(&p);
     opts.keep_backups = 2;
