@@ -52,6 +52,23 @@ pub fn quote_literal(value: &str) -> String {
     out
 }
 
+/// `body` dollar-quoted with a tag that does not occur in it (`$pgzm$`, else `$pgzm1$`, …), so
+/// no text inside — a quoted name, a literal — can end the quote early.
+pub fn dollar_quote(body: &str) -> String {
+    let mut tag = String::from("$pgzm$");
+    let mut n = 0u32;
+    while body.contains(&tag) {
+        n += 1;
+        tag = format!("$pgzm{n}$");
+    }
+    format!("{tag}{body}{tag}")
+}
+
+/// `DO` with `body` (a PL/pgSQL block, `BEGIN … END`) [dollar-quoted](dollar_quote) safely.
+pub fn do_block(body: &str) -> String {
+    format!("DO {}", dollar_quote(body))
+}
+
 /// A comma-separated list of quoted identifiers.
 pub fn quote_ident_list<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
     names
@@ -63,6 +80,35 @@ pub fn quote_ident_list<'a>(names: impl IntoIterator<Item = &'a str>) -> String 
 
 #[cfg(test)]
 mod tests {
+
+    /// Every combination of hostile pieces: the chosen tag never occurs in the body, so the
+    /// quoted text is exactly the body.
+    #[test]
+    fn dollar_quotes_never_end_early() {
+        let pieces = [
+            "$pgzm$", "$pgzm1$", "$pgzm2$", "$", "pgzm", "'", "\"", ";", "END", "$$",
+        ];
+        let mut bodies = vec![String::new()];
+        for _ in 0..3 {
+            let mut next = Vec::new();
+            for b in &bodies {
+                for p in pieces {
+                    next.push(format!("{b}{p}"));
+                }
+            }
+            bodies.extend(next);
+        }
+        for body in bodies {
+            let quoted = dollar_quote(&body);
+            let tag_end = quoted[1..].find('$').map(|i| i + 2).unwrap_or(0);
+            let tag = &quoted[..tag_end];
+            assert!(tag.starts_with("$pgzm") && tag.ends_with('$'), "{quoted}");
+            assert!(!body.contains(tag), "tag {tag} occurs in {body:?}");
+            assert_eq!(&quoted[tag.len()..quoted.len() - tag.len()], body);
+            assert!(do_block(&body).starts_with("DO $pgzm"));
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -104,10 +104,10 @@ impl Move {
             (&self.from, &self.to)
         };
         match (self.kind, self.oid) {
-            (ObjectKind::Function, Some(oid)) => format!(
-                "DO $pgzm$ BEGIN EXECUTE format('ALTER ROUTINE %s RENAME TO %I', {oid}::oid::pg_catalog.regprocedure, {}); END $pgzm$",
+            (ObjectKind::Function, Some(oid)) => pgzm_agent::sql::do_block(&format!(
+                "BEGIN EXECUTE format('ALTER ROUTINE %s RENAME TO %I', {oid}::oid::pg_catalog.regprocedure, {}); END",
                 pgzm_agent::sql::quote_literal(to)
-            ),
+            )),
             _ => format!(
                 "ALTER {} {} RENAME TO {}",
                 self.kind.keyword(),

@@ -510,11 +510,11 @@ async fn sync_preserved(
             ),
         ];
         sql.extend(p.setup_sql(plan.migration_id));
-        sql.push(format!(
-            "DO $pgzm$ BEGIN IF (SELECT count(*) FROM {shadow}) <> (SELECT count(*) FROM {live}) THEN RAISE EXCEPTION 'row counts differ after the initial copy'; END IF; END $pgzm$",
+        sql.push(pgzm_agent::sql::do_block(&format!(
+            "BEGIN IF (SELECT count(*) FROM {shadow}) <> (SELECT count(*) FROM {live}) THEN RAISE EXCEPTION 'row counts differ after the initial copy'; END IF; END",
             shadow = quote_qualified("public", &p.shadow),
             live = quote_qualified("public", &p.table)
-        ));
+        )));
         sql.push(format!(
             "UPDATE pgzm.migrations SET created_objects = {}::jsonb WHERE id = {}",
             quote_literal(&objects_json),

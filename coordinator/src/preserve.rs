@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
+use pgzm_agent::sql::{dollar_quote, quote_ident, quote_literal, quote_qualified};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
@@ -258,16 +258,6 @@ END",
             })
             .collect()
     }
-}
-
-fn dollar_quote(body: &str) -> String {
-    let mut tag = String::from("$pgzm$");
-    let mut n = 0;
-    while body.contains(&tag) {
-        n += 1;
-        tag = format!("$pgzm{n}$");
-    }
-    format!("{tag}{body}{tag}")
 }
 
 /// Plans the preserved tables, or says why one cannot be preserved.

@@ -424,16 +424,16 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
     }) {
         let kw = m.kind.keyword();
         let aside = quote_ident(&prefixed(ROLLEDBACK, &m.to));
-        sql.push(format!(
-            "DO $pgzm$ BEGIN IF EXISTS (SELECT 1 FROM pg_catalog.{cat} WHERE {col} = {name} AND {ns} = 'public'::regnamespace) THEN \
-             BEGIN EXECUTE {drop}; EXCEPTION WHEN dependent_objects_still_exist THEN EXECUTE {rename}; END; END IF; END $pgzm$",
+        sql.push(pgzm_agent::sql::do_block(&format!(
+            "BEGIN IF EXISTS (SELECT 1 FROM pg_catalog.{cat} WHERE {col} = {name} AND {ns} = 'public'::regnamespace) THEN \
+             BEGIN EXECUTE {drop}; EXCEPTION WHEN dependent_objects_still_exist THEN EXECUTE {rename}; END; END IF; END",
             cat = if m.kind == ObjectKind::Type { "pg_type" } else { "pg_class" },
             col = if m.kind == ObjectKind::Type { "typname" } else { "relname" },
             ns = if m.kind == ObjectKind::Type { "typnamespace" } else { "relnamespace" },
             name = quote_literal(&m.to),
             drop = quote_literal(&format!("DROP {kw} {}", public(&m.to))),
             rename = quote_literal(&format!("ALTER {kw} {} RENAME TO {aside}", public(&m.to))),
-        ));
+        )));
     }
     // Backups take their names back: tables, then their indexes and sequences, types, sequences.
     let restored_backup_names: BTreeSet<&str> = restored.iter().map(|(_, b)| b.as_str()).collect();
@@ -748,12 +748,12 @@ fn conversion_sql(conversions: &[Conversion]) -> Vec<String> {
     let types: BTreeSet<&str> = conversions.iter().map(|c| c.type_name.as_str()).collect();
     for t in types {
         let aside = prefixed(ROLLEDBACK, t);
-        sql.push(format!(
-            "DO $pgzm$ BEGIN IF EXISTS (SELECT 1 FROM pg_catalog.pg_type WHERE typname = {name} AND typnamespace = 'public'::regnamespace) THEN \
-             BEGIN EXECUTE {drop}; EXCEPTION WHEN dependent_objects_still_exist THEN NULL; END; END IF; END $pgzm$",
+        sql.push(pgzm_agent::sql::do_block(&format!(
+            "BEGIN IF EXISTS (SELECT 1 FROM pg_catalog.pg_type WHERE typname = {name} AND typnamespace = 'public'::regnamespace) THEN \
+             BEGIN EXECUTE {drop}; EXCEPTION WHEN dependent_objects_still_exist THEN NULL; END; END IF; END",
             name = quote_literal(&aside),
             drop = quote_literal(&format!("DROP TYPE {}", public(&aside))),
-        ));
+        )));
     }
     sql
 }

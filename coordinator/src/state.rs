@@ -255,11 +255,11 @@ pub async fn clean_leftovers(
     // Shadow materialized views read shadow tables: they go first, dependents first.
     for (schema, name, oid) in objects.matviews.iter().rev() {
         let qualified = quote_qualified(schema, name);
-        statements.push(format!(
-            "DO $pgzm$ BEGIN IF to_regclass({lit}) = {oid}::oid THEN EXECUTE {drop}; END IF; END $pgzm$",
+        statements.push(pgzm_agent::sql::do_block(&format!(
+            "BEGIN IF to_regclass({lit}) = {oid}::oid THEN EXECUTE {drop}; END IF; END",
             lit = quote_literal(&qualified),
             drop = quote_literal(&format!("DROP MATERIALIZED VIEW {qualified}"))
-        ));
+        )));
         dropped.push(format!("materialized view {name}"));
     }
     let mut tables = Vec::new();
@@ -297,10 +297,10 @@ pub async fn clean_leftovers(
     }
     for signature in &objects.functions {
         // Only if nothing else uses it by now: no CASCADE, and a refusal is not fatal.
-        statements.push(format!(
-            "DO $pgzm$ BEGIN EXECUTE {}; EXCEPTION WHEN dependent_objects_still_exist THEN NULL; END $pgzm$",
+        statements.push(pgzm_agent::sql::do_block(&format!(
+            "BEGIN EXECUTE {}; EXCEPTION WHEN dependent_objects_still_exist THEN NULL; END",
             quote_literal(&format!("DROP FUNCTION IF EXISTS {signature}"))
-        ));
+        )));
     }
     statements.push(format!(
         "UPDATE pgzm.migrations SET shadow_present = false,
@@ -671,8 +671,8 @@ pub fn drop_views_and_functions(moves: &[Move]) -> (Option<String>, Vec<String>)
     if checks.is_empty() {
         return (None, names);
     }
-    let block = format!(
-        "DO $pgzm$ DECLARE todo text[] := array_remove(ARRAY[{}], NULL); rest text[]; s text; \
+    let block = pgzm_agent::sql::do_block(&format!(
+        "DECLARE todo text[] := array_remove(ARRAY[{}], NULL); rest text[]; s text; \
          BEGIN \
          LOOP rest := '{{}}'; \
            FOREACH s IN ARRAY todo LOOP \
@@ -681,9 +681,9 @@ pub fn drop_views_and_functions(moves: &[Move]) -> (Option<String>, Vec<String>)
            EXIT WHEN cardinality(rest) = 0 OR cardinality(rest) = cardinality(todo); \
            todo := rest; \
          END LOOP; \
-         FOREACH s IN ARRAY rest LOOP EXECUTE s; END LOOP; END $pgzm$",
+         FOREACH s IN ARRAY rest LOOP EXECUTE s; END LOOP; END",
         checks.join(", ")
-    );
+    ));
     (Some(block), names)
 }
 

@@ -176,12 +176,12 @@ pub fn swap_sql(plan: &Plan, aside: Option<&AsideSet>, lock_timeout: Duration) -
     if !plan.preserved.is_empty() {
         // Under the locks no more writes can reach the preserved tables: a mirror that failed
         // before now means a stale shadow, and the swap must not happen.
-        push(format!(
-            "DO $pgzm$ BEGIN IF EXISTS (SELECT 1 FROM pgzm.sync_errors WHERE migration_id = {id}) THEN \
+        push(pgzm_agent::sql::do_block(&format!(
+            "BEGIN IF EXISTS (SELECT 1 FROM pgzm.sync_errors WHERE migration_id = {id}) THEN \
              RAISE EXCEPTION 'a write to a preserved table could not be mirrored into its shadow (see pgzm.sync_errors): prepare again with --force'; \
-             END IF; END $pgzm$",
+             END IF; END",
             id = plan.migration_id
-        ));
+        )));
         for p in &plan.preserved {
             for s in p.teardown_sql(&p.table) {
                 push(s);

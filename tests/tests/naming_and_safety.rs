@@ -11,7 +11,9 @@ use checks::{
     assert_fails_with, assert_live_unchanged, assert_none_with_prefix, assert_same_signature,
     backup_sums, boolean, int, live_sums, public_objects, schemas, text, texts,
 };
+use pgzm_coordinator::backup;
 use pgzm_coordinator::naming::{prefixed, BACKUP, SHADOW};
+use pgzm_coordinator::rollback::{rollback, RollbackOptions};
 use pgzm_coordinator::CoordinatorError;
 use pgzm_tests::{inspect, quote_ident, PgCluster, TestDb};
 use tokio_postgres::Client;
@@ -732,5 +734,61 @@ async fn extensions_the_source_needs() -> anyhow::Result<()> {
         text(&dst, "SELECT attrs -> 'b' FROM kv WHERE id = 1").await,
         "2"
     );
+    Ok(())
+}
+
+/// Names carrying the tool's own dollar-quote tag (`$pgzm$`) cannot end a `DO` block early:
+/// a preserved table, a function recreated at the swap and a materialized view rebuilt before
+/// it, all named with `$pgzm$`, migrate, roll back and are cleaned up, and nothing else runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_with_the_tools_dollar_quote_tag_are_inert() -> anyhow::Result<()> {
+    let p = common::fixture_pair("dollar_tag", "simple").await;
+    let table = r#""p$pgzm$ END; DROP TABLE ""User""; --""#;
+    let schema = format!("CREATE TABLE {table} (id integer PRIMARY KEY, v text);");
+    p.source.batch(&schema).await?;
+    p.dest.batch(&schema).await?;
+    p.source
+        .batch(&format!("INSERT INTO {table} VALUES (1, 'source')"))
+        .await?;
+    p.dest
+        .batch(&format!(
+            r#"INSERT INTO {table} VALUES (1, 'dest'), (2, 'dest');
+               CREATE FUNCTION "f$pgzm$"(r {table}) RETURNS text LANGUAGE sql AS 'SELECT r.v';
+               CREATE MATERIALIZED VIEW "m$pgzm$" AS SELECT id FROM {table};"#
+        ))
+        .await?;
+    let dst = p.dest.connect().await?;
+    let name = "p$pgzm$ END; DROP TABLE \"User\"; --";
+    let report = common::run(common::preserving(&p, &[name])).await?;
+    assert!(report.swap.is_some());
+    assert_eq!(
+        int(&dst, &format!("SELECT count(*) FROM {table}")).await,
+        2,
+        "preserved rows"
+    );
+    assert_eq!(int(&dst, r#"SELECT count(*) FROM "User""#).await, 2);
+    assert_eq!(int(&dst, r#"SELECT count(*) FROM "m$pgzm$""#).await, 2);
+    assert_eq!(
+        text(
+            &dst,
+            &format!(r#"SELECT "f$pgzm$"(t) FROM {table} t WHERE id = 1"#)
+        )
+        .await,
+        "dest"
+    );
+    rollback(RollbackOptions {
+        destination: common::dest_url(&p),
+        migration_id: None,
+        keep_tables: Vec::new(),
+        dry_run: false,
+        locks: common::locks(),
+    })
+    .await?;
+    assert_eq!(int(&dst, r#"SELECT count(*) FROM "User""#).await, 2);
+    // A second run and a cleanup go through the same blocks (backup set aside and dropped).
+    common::run(common::preserving(&p, &[name])).await?;
+    common::run(common::preserving(&p, &[name])).await?;
+    backup::cleanup(&common::dest_url(&p), i64::MAX / 2, false).await?;
+    assert_eq!(int(&dst, r#"SELECT count(*) FROM "User""#).await, 2);
     Ok(())
 }
