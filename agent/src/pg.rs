@@ -105,11 +105,113 @@ impl std::ops::Deref for PgTarget {
 /// Parses a connection string (URL or `key=value` form, libpq's `sslmode` values and
 /// `sslrootcert` included). The error message never repeats the string itself, which may hold
 /// a password.
+///
+/// No error message ever contains the connection string or a part of it: the parser's messages
+/// quote the input, so quoted fragments and the password are cut out of them.
 pub fn parse_config(conninfo: &str) -> Result<PgTarget, String> {
-    let (rest, params) = crate::tls::split_tls_params(conninfo)?;
-    let config = Config::from_str(&rest).map_err(|e| describe(&e))?;
-    let tls = crate::tls::client_config(&params)?;
+    if let Some(problem) = ambiguous_userinfo(conninfo) {
+        return Err(problem);
+    }
+    if let Some((scheme, _)) = conninfo.split_once("://") {
+        if !matches!(scheme, "postgres" | "postgresql") && !scheme.contains([' ', '=']) {
+            return Err(
+                "its scheme is not postgres:// or postgresql:// (or use key=value pairs)".into(),
+            );
+        }
+    }
+    let redact = |m: String| redact_conninfo(&m, conninfo);
+    let (rest, params) = crate::tls::split_tls_params(conninfo).map_err(redact)?;
+    let config = Config::from_str(&rest).map_err(|e| redact(describe(&e)))?;
+    let tls = crate::tls::client_config(&params).map_err(redact)?;
     Ok(PgTarget { config, tls })
+}
+
+/// A URL whose user-info holds an unencoded `@` (`postgres://u:p@ss@host/db`) would be read
+/// with part of the password as the host, and that host is printed: refused as such.
+fn ambiguous_userinfo(conninfo: &str) -> Option<String> {
+    let rest = conninfo
+        .strip_prefix("postgresql://")
+        .or_else(|| conninfo.strip_prefix("postgres://"))?;
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    (authority.matches('@').count() > 1).then(|| {
+        "it has more than one '@' before the host: percent-encode '@' in the user name or password as %40".to_string()
+    })
+}
+
+/// `message` without any quoted fragment (the parser quotes the input it stopped at) and
+/// without the password of `conninfo`, wherever it appears.
+pub fn redact_conninfo(message: &str, conninfo: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quoted = false;
+    for c in message.chars() {
+        if c == '"' {
+            if !quoted {
+                out.push_str("\"…");
+            }
+            quoted = !quoted;
+            if !quoted {
+                out.push('"');
+            }
+            continue;
+        }
+        if !quoted {
+            out.push(c);
+        }
+    }
+    if quoted {
+        out.push('"');
+    }
+    for secret in password_candidates(conninfo) {
+        if secret.len() >= 2 {
+            out = out.replace(&secret, "***");
+        }
+    }
+    out
+}
+
+/// The password in a URL's user-info or in a `password=` pair (raw and percent-decoded text).
+fn password_candidates(conninfo: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(rest) = conninfo
+        .strip_prefix("postgresql://")
+        .or_else(|| conninfo.strip_prefix("postgres://"))
+        .or_else(|| conninfo.split_once("://").map(|(_, r)| r))
+    {
+        let authority = rest.split(['/', '?']).next().unwrap_or("");
+        if let Some((userinfo, _)) = authority.rsplit_once('@') {
+            if let Some((_, password)) = userinfo.split_once(':') {
+                out.push(password.to_string());
+            }
+        }
+    }
+    for part in conninfo.split(['&', '?', ' ']) {
+        if let Some(value) = part.trim().strip_prefix("password=") {
+            out.push(value.trim_matches('\'').to_string());
+        }
+    }
+    let decoded: Vec<String> = out
+        .iter()
+        .filter_map(|p| percent_decode(p).filter(|d| d != p))
+        .collect();
+    out.extend(decoded);
+    out
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Connects with the given target and application name, driving the connection on tokio.
@@ -149,4 +251,65 @@ where
             tracing::debug!(error = %describe(&err), "connection ended with an error");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Malformed connection strings never come back in the error, password least of all.
+    #[test]
+    fn parse_errors_never_echo_the_connection_string() {
+        for (conninfo, secrets) in [
+            (
+                "postgress://app:TopSecret9@db.example.com/prod",
+                &["TopSecret9"][..],
+            ),
+            (
+                "postgres://app:Top@Secret9@db.example.com/prod",
+                &["Top", "Secret9"],
+            ),
+            (
+                "postgres://app:TopSecret9@db.example.com:99999/prod",
+                &["TopSecret9"],
+            ),
+            ("postgres://app:TopSecret9@[::1/prod", &["TopSecret9"]),
+            (
+                "postgres://app:Top%20Secret9@db.example.com:x/prod",
+                &["Top%20Secret9", "Top Secret9"],
+            ),
+            ("host=db password=TopSecret9 dbname", &["TopSecret9"]),
+            (
+                "host=db password='TopSecret9' port=x dbname=d",
+                &["TopSecret9"],
+            ),
+            (
+                "host=db password=TopSecret9 sslmode=sometimes dbname=d",
+                &["TopSecret9"],
+            ),
+        ] {
+            let err = parse_config(conninfo)
+                .err()
+                .unwrap_or_else(|| panic!("{conninfo} parsed"));
+            for secret in secrets {
+                assert!(!err.contains(secret), "{conninfo}: {err}");
+            }
+            assert!(!err.contains("db.example.com/prod"), "{conninfo}: {err}");
+        }
+    }
+
+    #[test]
+    fn redaction_keeps_the_reason() {
+        assert_eq!(
+            redact_conninfo(
+                r#"invalid connection string: expected '=' after "x y""#,
+                "x y"
+            ),
+            r#"invalid connection string: expected '=' after "…""#
+        );
+        assert_eq!(
+            redact_conninfo("bad password s3cr3t", "postgres://u:s3cr3t@h/d"),
+            "bad password ***"
+        );
+    }
 }

@@ -381,3 +381,100 @@ async fn progress_lines_and_verification_in_the_report() {
     let copy_ms = report["throughput"]["copy_ms"].as_u64().expect("copy_ms");
     assert!(data_ms <= copy_ms, "{}", report["throughput"]);
 }
+
+/// Malformed URLs holding a password, through every command and flag of `pgzm` and the
+/// environment fallbacks, in text and JSON logs: the password never reaches stdout, stderr or
+/// a log file (issue 12, item 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_urls_never_print_the_password() {
+    let (_, dest) = simple_pair("cli_bad_urls").await;
+    let good = dest.url();
+    let bad_urls = [
+        "postgress://app:TopSecret9@127.0.0.1:5432/db",
+        "postgres://app:Top@Secret9@127.0.0.1:5432/db",
+        "postgres://app:TopSecret9@127.0.0.1:99999/db",
+        "postgres://app:TopSecret9@[::1/db",
+        "host=127.0.0.1 password=TopSecret9 dbname",
+    ];
+    for bad in bad_urls {
+        let mut runs: Vec<(String, Vec<String>, Vec<(&str, String)>)> = Vec::new();
+        for cmd in ["start", "prepare"] {
+            runs.push((
+                format!("{cmd} --source"),
+                vec![
+                    cmd.into(),
+                    "--source".into(),
+                    bad.into(),
+                    "--dest".into(),
+                    good.clone(),
+                ],
+                vec![],
+            ));
+            runs.push((
+                format!("{cmd} --dest"),
+                vec![
+                    cmd.into(),
+                    "--source".into(),
+                    good.clone(),
+                    "--dest".into(),
+                    bad.into(),
+                ],
+                vec![],
+            ));
+            runs.push((
+                format!("{cmd} SOURCE_DATABASE_URL"),
+                vec![cmd.into(), "--dest".into(), good.clone()],
+                vec![("SOURCE_DATABASE_URL", bad.to_string())],
+            ));
+        }
+        for cmd in [
+            vec!["swap"],
+            vec!["status"],
+            vec!["list"],
+            vec!["verify"],
+            vec!["rollback", "--latest"],
+            vec!["cleanup", "--before", "2020-01-01"],
+        ] {
+            let mut args: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+            let label = cmd.join(" ");
+            runs.push((
+                format!("{label} DEST_DATABASE_URL"),
+                args.clone(),
+                vec![("DEST_DATABASE_URL", bad.to_string())],
+            ));
+            runs.push((
+                format!("{label} DATABASE_URL"),
+                args.clone(),
+                vec![("DATABASE_URL", bad.to_string())],
+            ));
+            args.extend(["--dest".to_string(), bad.to_string()]);
+            runs.push((format!("{label} --dest"), args, vec![]));
+        }
+        for (label, args, env) in runs {
+            for format in ["text", "json"] {
+                let dir = WorkDir::new("bad_urls");
+                let mut cmd = pgzm(&dir);
+                cmd.args(["--log-format", format]).args(&args);
+                for (k, v) in &env {
+                    cmd.env(k, v);
+                }
+                let out = output(&mut cmd).await;
+                let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+                assert!(
+                    !out.status.success(),
+                    "{bad} / {label}: exit status {}",
+                    out.status
+                );
+                for secret in ["TopSecret9", "Secret9"] {
+                    assert!(
+                        !stdout.contains(secret) && !stderr.contains(secret),
+                        "{bad} / {label} ({format}): printed: {stderr}{stdout}"
+                    );
+                    for (name, log) in dir.files() {
+                        assert!(!log.contains(secret), "{bad} / {label}: {name} holds it");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -173,3 +173,33 @@ async fn sigterm_stops_an_agent_that_a_coordinator_is_connected_to() {
     assert!(agent.log().contains("shutting down"), "{}", agent.log());
     drop(pool);
 }
+
+/// A malformed `--database NAME=URL` is refused in one line that never shows the password
+/// (issue 12, item 4), in text and in JSON logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_database_urls_never_print_the_password() {
+    for url in [
+        "postgress://app:TopSecret9@127.0.0.1:5432/db",
+        "postgres://app:Top@Secret9@127.0.0.1:5432/db",
+        "postgres://app:TopSecret9@127.0.0.1:99999/db",
+        "host=127.0.0.1 password=TopSecret9 dbname",
+    ] {
+        for format in ["text", "json"] {
+            let database = format!("src={url}");
+            let (code, stderr) = run_agent_to_exit(&[
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                format,
+                "--database",
+                &database,
+            ])
+            .await;
+            assert_ne!(code, Some(0), "{url}: {stderr}");
+            assert!(
+                !stderr.contains("TopSecret9") && !stderr.contains("Secret9"),
+                "{url} ({format}): the password was printed: {stderr}"
+            );
+        }
+    }
+}
