@@ -85,6 +85,7 @@ pub async fn prepare(
             pool.check_reach(&opts.source, &opts.destination).await?;
             let source_client = opts.source.connect("pgzm-coordinator").await?;
             let control = opts.destination.connect("pgzm-coordinator").await?;
+            refuse_same_database(&source_client, &control, &opts.destination).await?;
             if !state::try_lock(&control).await? {
                 return Err(CoordinatorError::Busy);
             }
@@ -224,6 +225,47 @@ pub async fn prepare(
             Err(err)
         }
     }
+}
+
+/// The identity of the database a session is connected to: its server's start time
+/// (microseconds) and system identifier (when the role may read it), and the database's oid.
+const DATABASE_IDENTITY: &str = "
+SELECT pg_postmaster_start_time()::text,
+       (SELECT oid FROM pg_database WHERE datname = current_database()),
+       CASE WHEN has_function_privilege('pg_control_system()', 'EXECUTE')
+            THEN (SELECT system_identifier::text FROM pg_control_system()) END";
+
+/// Refuses when the source and the destination are one database reached through two different
+/// connection strings (`localhost` and `127.0.0.1`, a socket and TCP, another user…): the same
+/// server (start time, and system identifier when readable) and the same database oid.
+async fn refuse_same_database(
+    source: &Client,
+    destination: &Client,
+    dest_url: &crate::conninfo::DbUrl,
+) -> Result<(), CoordinatorError> {
+    type Identity = (String, u32, Option<String>);
+    let identity = |r: tokio_postgres::Row| -> Identity { (r.get(0), r.get(1), r.get(2)) };
+    let s = source
+        .query_one(DATABASE_IDENTITY, &[])
+        .await
+        .map(identity)
+        .map_err(|e| CoordinatorError::source("identify the source database", &e))?;
+    let d = destination
+        .query_one(DATABASE_IDENTITY, &[])
+        .await
+        .map(identity)
+        .map_err(|e| CoordinatorError::destination("identify the destination database", &e))?;
+    let same_system = match (&s.2, &d.2) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    };
+    if s.0 == d.0 && s.1 == d.1 && same_system {
+        return Err(CoordinatorError::Usage(format!(
+            "source and destination are the same database ({dest_url}, server started at {}): pass two different databases",
+            d.0
+        )));
+    }
+    Ok(())
 }
 
 /// The partitioned tables of the migration (not preserved), each after the partitioned tables

@@ -397,7 +397,9 @@ async fn malformed_urls_never_print_the_password() {
         "host=127.0.0.1 password=TopSecret9 dbname",
     ];
     for bad in bad_urls {
-        let mut runs: Vec<(String, Vec<String>, Vec<(&str, String)>)> = Vec::new();
+        // (label, arguments, environment)
+        type Run<'a> = (String, Vec<String>, Vec<(&'a str, String)>);
+        let mut runs: Vec<Run> = Vec::new();
         for cmd in ["start", "prepare"] {
             runs.push((
                 format!("{cmd} --source"),

@@ -792,3 +792,26 @@ async fn names_with_the_tools_dollar_quote_tag_are_inert() -> anyhow::Result<()>
     assert_eq!(int(&dst, r#"SELECT count(*) FROM "User""#).await, 2);
     Ok(())
 }
+
+/// One database reached through two different connection strings (`localhost` and
+/// `127.0.0.1`) is recognised by the server's identity, not the URL text, and refused before
+/// any change (issue 12, item 8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_database_under_another_host_name_is_refused() -> anyhow::Result<()> {
+    let p = common::fixture_pair("same_db", "simple").await;
+    let url = p.dest.url();
+    let other = url.replacen("127.0.0.1", "localhost", 1);
+    assert_ne!(url, other, "the harness URL names 127.0.0.1: {url}");
+    let dst = p.dest.connect().await?;
+    let objects = public_objects(&dst).await;
+    for dry_run in [true, false] {
+        let mut opts = common::options(&p);
+        opts.source = pgzm_coordinator::conninfo::DbUrl::parse(&other, "source")?;
+        opts.dry_run = dry_run;
+        let err = common::run(opts).await.expect_err("same database");
+        assert!(err.to_string().contains("same database"), "{err}");
+    }
+    assert_eq!(public_objects(&dst).await, objects);
+    assert!(!schemas(&dst).await.contains(&"pgzm".to_string()));
+    Ok(())
+}
