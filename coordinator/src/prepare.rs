@@ -73,21 +73,31 @@ pub async fn prepare(
     pool: AgentPool,
     phases: &mut Phases,
 ) -> Result<Option<Prepared>, CoordinatorError> {
-    let migration_id = SystemTime::now()
+    let started_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
     let preserved_names = preserved_names(&opts.preserved);
 
     // Plan: read both sides under one source snapshot; change nothing.
-    let (source_client, control, schema, dest, earlier, snapshot, live_shapes) = phases
+    let (source_client, control, schema, dest, earlier, snapshot, live_shapes, newest) = phases
         .run("plan", async {
             pool.check_reach(&opts.source, &opts.destination).await?;
             let source_client = opts.source.connect("pgzm-coordinator").await?;
             let control = opts.destination.connect("pgzm-coordinator").await?;
             refuse_same_database(&source_client, &control, &opts.destination).await?;
+            // What this run was started against: if another run finishes while this one waits
+            // for the run lock, this one must not plan over it unseen (and replace its backup).
+            let seen = state::newest(&control).await?;
             if !state::try_lock(&control).await? {
                 return Err(CoordinatorError::Busy);
+            }
+            let newest = state::newest(&control).await?;
+            if newest != seen {
+                let (id, status) = newest.clone().unwrap_or_default();
+                return Err(CoordinatorError::Refused(vec![format!(
+                    "another pgzm run (migration {id}, now {status}) changed this destination while this one waited for it; nothing was done: check `pgzm status` and `pgzm list`, then run again if you still mean to migrate on top of it"
+                )]));
             }
             source_client
                 .batch_execute(
@@ -111,9 +121,11 @@ pub async fn prepare(
             let dest = destination::read(&control).await?;
             let earlier = state::earlier_runs(&control).await?;
             let live_shapes = preserve::read_live(&control, &preserved_names).await?;
-            Ok((source_client, control, schema, dest, earlier, snapshot, live_shapes))
+            Ok((source_client, control, schema, dest, earlier, snapshot, live_shapes, newest))
         })
         .await?;
+    // Unique even for runs started in the same millisecond (they are serialised by the lock).
+    let migration_id = started_ms.max(newest.map_or(0, |(id, _)| id + 1));
 
     let (mut plan, mut problems) = plan::build_all(
         migration_id,

@@ -168,6 +168,23 @@ pub async fn earlier_runs(client: &Client) -> Result<crate::plan::Earlier, Coord
     Ok(earlier)
 }
 
+/// The newest migration recorded in the destination (id and status), if any: what a run
+/// reads before waiting for the run lock and again once it holds it, to notice another run
+/// that finished meanwhile.
+pub async fn newest(client: &Client) -> Result<Option<(i64, String)>, CoordinatorError> {
+    if !exists(client).await? {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            "SELECT id, status FROM pgzm.migrations ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("read pgzm metadata", &e))?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
 /// Records a new run in the shadow-creation transaction.
 pub async fn insert(client: &impl GenericClient, plan: &Plan) -> Result<(), CoordinatorError> {
     let plan_json = serde_json::to_value(plan).unwrap_or_default();

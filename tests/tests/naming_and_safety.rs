@@ -815,3 +815,63 @@ async fn the_same_database_under_another_host_name_is_refused() -> anyhow::Resul
     assert!(!schemas(&dst).await.contains(&"pgzm".to_string()));
     Ok(())
 }
+
+/// A second operator's run that waited for the destination while another run finished there
+/// refuses instead of planning over it (it would have replaced the backup set holding the
+/// original production data) (issue 12, item 9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_waited_while_another_finished_refuses() -> anyhow::Result<()> {
+    use pgzm_coordinator::state::LOCK_KEY;
+    let p = common::fixture_pair("second_operator", "simple").await;
+    let first = common::migrate(&p).await?;
+    let dst = p.dest.connect().await?;
+    let backups = backup_sums(&dst).await;
+    // Another run holds the destination…
+    let holder = p.dest.connect().await?;
+    holder
+        .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
+        .await?;
+    let second = tokio::spawn(common::run(common::options(&p)));
+    // …while the second run connects and waits for it…
+    let dbname = text(&dst, "SELECT current_database()::text").await;
+    let started = std::time::Instant::now();
+    loop {
+        let waiting = holder
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgzm-coordinator' AND datname = $1",
+                &[&dbname],
+            )
+            .await?
+            .get::<_, i64>(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "the second run never connected"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // …and the first one finishes something (here: it is rolled back) and lets go.
+    holder
+        .batch_execute(&format!(
+            "UPDATE pgzm.migrations SET status = 'rolled_back' WHERE id = {}",
+            first.migration_id
+        ))
+        .await?;
+    holder
+        .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
+        .await?;
+    let err = second.await?.expect_err("the second run must refuse");
+    assert!(
+        matches!(err, CoordinatorError::Refused(_)) && err.to_string().contains("another pgzm run"),
+        "{err}"
+    );
+    assert_eq!(
+        backup_sums(&dst).await,
+        backups,
+        "the backup set is untouched"
+    );
+    Ok(())
+}
