@@ -51,6 +51,14 @@ impl ObjectKind {
         }
     }
 
+    /// Whether the swap renames it before taking the table locks (no lock queries wait on).
+    pub fn renamed_before_locks(self) -> bool {
+        matches!(
+            self,
+            ObjectKind::Index | ObjectKind::Type | ObjectKind::Function
+        )
+    }
+
     /// Whether its name is also a type's (a relation's row type, or a type).
     pub fn has_row_type(self) -> bool {
         matches!(
@@ -684,6 +692,8 @@ pub fn build_all(
             oid: None,
         }))
         .collect();
+    order_renames(&mut to_backup);
+    order_renames(&mut to_live);
     check_names(
         dest,
         earlier,
@@ -1057,12 +1067,37 @@ pub fn qualified_display(schema: &str, name: &str) -> String {
     )
 }
 
+/// Orders renames so that one vacating a name comes before the one taking it (`shadow_x → x`
+/// before `shadow_shadow_x → shadow_x`), keeping the order otherwise.
+pub fn order_renames(moves: &mut Vec<Move>) {
+    let key = |m: &Move, name: &str| {
+        (
+            m.kind == ObjectKind::Function,
+            m.schema.clone(),
+            name.to_string(),
+        )
+    };
+    let mut remaining: Vec<Move> = std::mem::take(moves);
+    while !remaining.is_empty() {
+        let froms: BTreeSet<(bool, String, String)> =
+            remaining.iter().map(|m| key(m, &m.from)).collect();
+        let next = remaining
+            .iter()
+            .position(|m| !froms.contains(&key(m, &m.to)))
+            .unwrap_or(0);
+        moves.push(remaining.remove(next));
+    }
+}
+
 /// The destination's namespaces as the plan's steps change them: relations and types share
 /// pg_class/pg_type names per schema; functions have their own.
 struct Namespaces {
     relations: BTreeSet<QualName>,
     types: BTreeSet<QualName>,
     functions: BTreeSet<QualName>,
+    /// Names taken by an earlier step of this plan, with the reason (so a clash between two
+    /// of the migration's own objects is not blamed on the destination).
+    claimed: BTreeMap<QualName, String>,
 }
 
 impl Namespaces {
@@ -1076,6 +1111,18 @@ impl Namespaces {
         }
         if m.kind == ObjectKind::Function {
             self.functions.remove(&key);
+        }
+    }
+
+    /// Takes `name` for `why`; on a clash, the reason of the plan's own earlier claim (empty
+    /// when the destination had the name).
+    fn claim_for(&mut self, kind: ObjectKind, name: QualName, why: &str) -> Result<(), String> {
+        let free = self.claim(kind, name.clone());
+        let earlier = self.claimed.insert(name, why.to_string());
+        if free {
+            Ok(())
+        } else {
+            Err(earlier.unwrap_or_default())
         }
     }
 
@@ -1117,6 +1164,7 @@ fn check_names(
         relations: dest.relation_names.clone(),
         types: dest.type_qualnames.clone(),
         functions: dest.function_names.clone(),
+        claimed: BTreeMap::new(),
     };
     // Leftovers and the previous backup set are dropped (or moved aside) before the names are
     // needed.
@@ -1149,11 +1197,17 @@ fn check_names(
         }
     }
     let mut claim = |ns: &mut Namespaces, kind: ObjectKind, schema: &str, name: &str, why: &str| {
-        if !ns.claim(kind, (schema.to_string(), name.to_string())) {
-            problems.push(format!(
-                "the destination already has an object named {} ({why}) that pgzm did not create: rename or drop it first",
-                qualified_display(schema, name)
-            ));
+        if let Err(earlier) = ns.claim_for(kind, (schema.to_string(), name.to_string()), why) {
+            let shown = qualified_display(schema, name);
+            problems.push(if earlier.is_empty() {
+                format!(
+                    "the destination already has an object named {shown} ({why}) that pgzm did not create: rename or drop it first"
+                )
+            } else {
+                format!(
+                    "two objects of this migration need the name {shown} ({earlier}, and {why}): rename one of them in the source"
+                )
+            });
         }
     };
     for m in shadows {
@@ -1165,27 +1219,21 @@ fn check_names(
             "needed for a shadow object",
         );
     }
-    for m in to_backup {
-        ns.release(m);
-        claim(
-            &mut ns,
-            m.kind,
-            &m.schema,
-            &m.to,
-            "needed for the backup set",
-        );
-    }
-    for m in to_live {
-        ns.release(m);
-    }
-    for m in to_live {
-        claim(
-            &mut ns,
-            m.kind,
-            &m.schema,
-            &m.to,
-            "the name a migrated object takes at the swap",
-        );
+    // The swap's renames, in the order it runs them: those before the locks (indexes, types,
+    // routines), backup then live, then the rest.
+    for early in [true, false] {
+        for (moves, why) in [
+            (to_backup, "needed for the backup set"),
+            (to_live, "the name a migrated object takes at the swap"),
+        ] {
+            for m in moves
+                .iter()
+                .filter(|m| m.kind.renamed_before_locks() == early)
+            {
+                ns.release(m);
+                claim(&mut ns, m.kind, &m.schema, &m.to, why);
+            }
+        }
     }
     for v in views {
         claim(

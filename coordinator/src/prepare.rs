@@ -93,6 +93,20 @@ pub async fn prepare(
                 return Err(CoordinatorError::Busy);
             }
             let newest = state::newest(&control).await?;
+            // A bad --maintenance-work-mem fails here, not at the first index build.
+            control
+                .execute(
+                    "SELECT set_config('maintenance_work_mem', $1, true)",
+                    &[&opts.build.maintenance_work_mem],
+                )
+                .await
+                .map_err(|e| {
+                    CoordinatorError::Usage(format!(
+                        "--maintenance-work-mem {:?} is not a valid size for the destination: {}",
+                        opts.build.maintenance_work_mem,
+                        pgzm_agent::pg::describe(&e)
+                    ))
+                })?;
             if newest != seen {
                 let (id, status) = newest.clone().unwrap_or_default();
                 return Err(CoordinatorError::Refused(vec![format!(

@@ -121,13 +121,30 @@ pub async fn ensure_schema(client: &impl GenericClient) -> Result<(), Coordinato
         .map_err(|e| CoordinatorError::destination("create the pgzm metadata schema", &e))
 }
 
-/// Whether the metadata table exists (read-only check, for dry runs).
+/// The comment pgzm puts on its schema: a schema named `pgzm` without it is someone else's.
+const SCHEMA_COMMENT: &str =
+    "pg_zero_migration metadata: migrations, their objects and backup sets";
+
+/// Whether the metadata table exists (read-only check, for dry runs). A schema named `pgzm`
+/// that pgzm did not create is refused, never read or written.
 async fn exists(client: &Client) -> Result<bool, CoordinatorError> {
     let row = client
-        .query_one("SELECT to_regclass('pgzm.migrations') IS NOT NULL", &[])
+        .query_one(
+            "SELECT to_regclass('pgzm.migrations') IS NOT NULL,
+                    (SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = 'pgzm'),
+                    EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'pgzm')",
+            &[],
+        )
         .await
         .map_err(|e| CoordinatorError::destination("read pgzm metadata", &e))?;
-    Ok(row.get(0))
+    let (table, comment, schema): (bool, Option<String>, bool) =
+        (row.get(0), row.get(1), row.get(2));
+    if schema && comment.as_deref() != Some(SCHEMA_COMMENT) {
+        return Err(CoordinatorError::Refused(vec![
+            "the destination has a schema named \"pgzm\" that pgzm did not create (pgzm keeps its metadata there): rename that schema, then run again".into(),
+        ]));
+    }
+    Ok(table)
 }
 
 /// Unfinished runs with shadow objects that may still exist, and the current backup set.

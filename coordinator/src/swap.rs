@@ -78,12 +78,7 @@ pub fn swap_sql(plan: &Plan, aside: Option<&AsideSet>, lock_timeout: Duration) -
     }
     // Functions bound to replaced objects move to their backup names here too (a routine
     // rename takes no lock).
-    let early = |k: ObjectKind| {
-        matches!(
-            k,
-            ObjectKind::Index | ObjectKind::Type | ObjectKind::Function
-        )
-    };
+    let early = |k: ObjectKind| k.renamed_before_locks();
     for m in plan
         .to_backup
         .iter()

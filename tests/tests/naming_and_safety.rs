@@ -875,3 +875,63 @@ async fn a_run_that_waited_while_another_finished_refuses() -> anyhow::Result<()
     );
     Ok(())
 }
+
+/// Checks that used to come too late (issue 12, item 12): a chain of names (source tables `x`
+/// and `shadow_x`, each with a primary key, new to the destination) migrates, the swap renaming
+/// in the right order; a source table
+/// named like the backup of another is refused as a clash between the migration's own
+/// objects; a foreign `pgzm` schema and a bad `--maintenance-work-mem` are refused before any
+/// change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_chains_and_early_refusals() -> anyhow::Result<()> {
+    let p = common::fixture_pair("name_chain", "simple").await;
+    // Sizes make the plan list shadow_x before x (largest first).
+    let schema = "CREATE TABLE x (id integer PRIMARY KEY);
+                  CREATE TABLE shadow_x (id integer PRIMARY KEY, pad text);";
+    p.source.batch(schema).await?;
+    p.source
+        .batch("INSERT INTO x VALUES (1); INSERT INTO shadow_x SELECT g, repeat('p', 500) FROM generate_series(1, 200) g; ANALYZE")
+        .await?;
+    let src = p.source.connect().await?;
+    let dst = p.dest.connect().await?;
+    common::migrate(&p).await?;
+    assert_eq!(live_sums(&dst).await, live_sums(&src).await);
+    assert_eq!(
+        texts(&dst, "SELECT conname::text FROM pg_constraint WHERE conrelid IN ('x'::regclass, 'shadow_x'::regclass) ORDER BY 1").await,
+        ["shadow_x_pkey", "x_pkey"]
+    );
+
+    // A source table named like the backup of another: two of the migration's own objects.
+    let p = common::fixture_pair("backup_named", "simple").await;
+    p.source
+        .batch("CREATE TABLE y (id int); CREATE TABLE backup_y (id int);")
+        .await?;
+    p.dest.batch("CREATE TABLE y (id int);").await?;
+    let err = common::migrate(&p).await.expect_err("clash");
+    let message = err.to_string();
+    assert!(
+        message.contains("two objects of this migration need the name public.backup_y")
+            && !message.contains("the destination already has"),
+        "{message}"
+    );
+
+    // A foreign pgzm schema, and a bad --maintenance-work-mem: refused, nothing written.
+    let p = common::fixture_pair("foreign_pgzm", "simple").await;
+    p.dest
+        .batch("CREATE SCHEMA pgzm; CREATE TABLE pgzm.migrations (id int);")
+        .await?;
+    let err = common::migrate(&p).await.expect_err("foreign schema");
+    assert!(
+        err.to_string()
+            .contains("schema named \"pgzm\" that pgzm did not create"),
+        "{err}"
+    );
+    let p = common::fixture_pair("bad_mwm", "simple").await;
+    let mut opts = common::options(&p);
+    opts.build.maintenance_work_mem = "lots".into();
+    let err = common::run(opts).await.expect_err("bad size");
+    assert!(err.to_string().contains("--maintenance-work-mem"), "{err}");
+    let dst = p.dest.connect().await?;
+    assert!(!schemas(&dst).await.contains(&"pgzm".to_string()));
+    Ok(())
+}
