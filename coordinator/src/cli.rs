@@ -262,6 +262,26 @@ pub struct AgentArgs {
     /// Same for the destination.
     #[arg(long, value_name = "NAME")]
     pub agent_dest_db: Option<String>,
+    /// Allow plaintext `http://` agents beyond loopback (what is sent to them, database URLs
+    /// with passwords included unless --agent-source-db/--agent-dest-db are given, crosses the
+    /// network in the clear).
+    #[arg(long)]
+    pub allow_insecure_agents: bool,
+}
+
+/// Whether the host of an `http://HOST:PORT…` agent URL is a loopback address.
+pub fn is_loopback_agent(url: &str) -> bool {
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl AgentArgs {
@@ -287,6 +307,16 @@ impl AgentArgs {
                 return Err(CoordinatorError::Usage(format!(
                     "--agent {url}: expected http://HOST:PORT or https://HOST:PORT"
                 )));
+            }
+            if url.starts_with("http://") && !is_loopback_agent(url) {
+                let sends_urls = self.agent_source_db.is_none() || self.agent_dest_db.is_none();
+                if !self.allow_insecure_agents {
+                    return Err(CoordinatorError::Usage(format!(
+                        "--agent {url}: plaintext http:// beyond loopback would carry the copy{} in the clear: use https:// (pgzm-agent --tls-cert/--tls-key) and have the agents hold the connection strings (pgzm-agent --database NAME=URL with --agent-source-db/--agent-dest-db), or pass --allow-insecure-agents",
+                        if sends_urls { " and the database URLs, passwords included," } else { "" }
+                    )));
+                }
+                tracing::warn!(agent = %url, sends_urls, "plaintext agent beyond loopback (--allow-insecure-agents)");
             }
         }
         Ok(crate::agents::AgentSettings {
@@ -410,5 +440,32 @@ impl SwapArgs {
             locks: self.locks.settings()?,
             keep_backups: self.keep_backups,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_agent;
+
+    #[test]
+    fn loopback_agents_are_recognised() {
+        for url in [
+            "http://127.0.0.1:7000",
+            "http://127.9.9.9:1",
+            "http://localhost:7000",
+            "http://LOCALHOST:7000/",
+            "http://[::1]:7000",
+        ] {
+            assert!(is_loopback_agent(url), "{url}");
+        }
+        for url in [
+            "http://10.0.0.5:7000",
+            "http://agent.example.com:7000",
+            "http://[2001:db8::1]:7000",
+            "http://127.0.0.1.example.com:7000",
+            "http://localhost.example.com:7000",
+        ] {
+            assert!(!is_loopback_agent(url), "{url}");
+        }
     }
 }

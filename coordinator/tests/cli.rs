@@ -480,3 +480,41 @@ async fn malformed_urls_never_print_the_password() {
         }
     }
 }
+
+/// A plaintext agent beyond loopback is refused before anything is sent (issue 12, item 3):
+/// the message says what would cross the network and what to do instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_agents_beyond_loopback_are_refused() {
+    let (source, dest) = simple_pair("cli_insecure_agent").await;
+    let dir = WorkDir::new("insecure_agent");
+    // 192.0.2.0/24 is TEST-NET-1: never contacted, the refusal comes first.
+    let out = output(pgzm(&dir).args([
+        "start",
+        "--source",
+        &source.url(),
+        "--dest",
+        &dest.url(),
+        "--agent",
+        "http://192.0.2.10:7000",
+    ]))
+    .await;
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("plaintext http:// beyond loopback")
+            && stderr.contains("passwords included")
+            && stderr.contains("--agent-source-db")
+            && stderr.contains("--allow-insecure-agents"),
+        "{stderr}"
+    );
+    let dst = dest.connect().await.expect("connect");
+    let schemas = dst
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'pgzm'",
+            &[],
+        )
+        .await
+        .expect("query")
+        .get::<_, i64>(0);
+    assert_eq!(schemas, 0, "nothing was written");
+}
