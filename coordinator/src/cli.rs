@@ -59,6 +59,33 @@ pub enum Command {
     Rollback(RollbackArgs),
     /// Drop backup sets older than a date.
     Cleanup(CleanupArgs),
+    /// Remove an interrupted or prepared (not swapped) run: its sync triggers on the live
+    /// tables first, then its shadow objects; the live tables and backup sets are untouched.
+    Abort(AbortArgs),
+}
+
+/// Arguments of `pgzm abort`.
+#[derive(Debug, Args)]
+pub struct AbortArgs {
+    /// Destination.
+    #[command(flatten)]
+    pub dest: DestArg,
+    /// List what would be removed, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the result as one JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Lock behaviour (dropping a sync trigger locks its live table briefly).
+    #[command(flatten)]
+    pub locks: LockArgs,
+}
+
+impl AbortArgs {
+    /// The lock settings.
+    pub fn lock_settings(&self) -> Result<SwapSettings, CoordinatorError> {
+        self.locks.settings()
+    }
 }
 
 /// Arguments of `pgzm verify`.

@@ -150,6 +150,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let c = backup::cleanup(&args.dest.url()?, before, args.dry_run).await?;
             print(args.json, &c, || output::human_cleanup(&c))
         }
+        Command::Abort(args) => {
+            let a = pgzm_coordinator::state::abort(
+                &args.dest.url()?,
+                args.dry_run,
+                args.lock_settings()?,
+            )
+            .await?;
+            print(args.json, &a, || output::human_abort(&a))
+        }
     }
 }
 
@@ -175,6 +184,7 @@ fn main() -> ExitCode {
         Command::Verify(_) => "verify",
         Command::Rollback(_) => "rollback",
         Command::Cleanup(_) => "cleanup",
+        Command::Abort(_) => "abort",
     };
     let json_logs = cli.log_format == LogFormatArg::Json;
     // One root span per run: every phase and table task of the migration is in its trace.

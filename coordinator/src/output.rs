@@ -355,6 +355,25 @@ pub fn human_rollback(r: &crate::rollback::RollbackReport) -> String {
 }
 
 /// Output of `pgzm cleanup`.
+/// `pgzm abort`, for a terminal.
+pub fn human_abort(a: &crate::state::Aborted) -> String {
+    let mut s = String::new();
+    if a.migrations.is_empty() {
+        let _ = writeln!(s, "Nothing to abort: no interrupted or prepared run.");
+        return s;
+    }
+    let verb = if a.dry_run { "Would remove" } else { "Removed" };
+    let _ = writeln!(s, "{verb} run(s) {:?}:", a.migrations);
+    for o in &a.removed {
+        let _ = writeln!(s, "  {o}");
+    }
+    if !a.dry_run {
+        let _ = writeln!(s, "The live tables and the backup sets are unchanged.");
+    }
+    s
+}
+
+/// `pgzm cleanup`, for a terminal.
 pub fn human_cleanup(c: &crate::backup::Cleanup) -> String {
     let mut s = String::new();
     let verb = if c.dry_run { "Would drop" } else { "Dropped" };

@@ -721,6 +721,80 @@ pub fn drop_views_and_functions(moves: &[Move]) -> (Option<String>, Vec<String>)
     (Some(block), names)
 }
 
+/// What `pgzm abort` removed (or would remove).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Aborted {
+    /// Whether this was a dry run.
+    pub dry_run: bool,
+    /// The runs removed.
+    pub migrations: Vec<i64>,
+    /// Their objects, sync triggers first.
+    pub removed: Vec<String>,
+}
+
+/// `pgzm abort`: removes every run that is interrupted or prepared but not swapped — its sync
+/// triggers on live tables first, then its shadow objects, only objects recorded by oid — and
+/// marks it failed. Live tables and backup sets are untouched.
+pub async fn abort(
+    destination: &crate::conninfo::DbUrl,
+    dry_run: bool,
+    locks: crate::swap::SwapSettings,
+) -> Result<Aborted, CoordinatorError> {
+    let client = destination.connect("pgzm-abort").await?;
+    if !try_lock(&client).await? {
+        return Err(CoordinatorError::Busy);
+    }
+    client
+        .batch_execute("SET search_path = pg_catalog")
+        .await
+        .map_err(|e| CoordinatorError::destination("set search_path", &e))?;
+    let earlier = earlier_runs(&client).await?;
+    let mut out = Aborted {
+        dry_run,
+        migrations: Vec::new(),
+        removed: Vec::new(),
+    };
+    for (id, objects) in &earlier.leftovers {
+        out.migrations.push(*id);
+        if dry_run {
+            out.removed.extend(
+                objects
+                    .sync_triggers
+                    .iter()
+                    .map(|(t, _)| format!("sync triggers on {t}")),
+            );
+            out.removed
+                .extend(objects.tables.iter().map(|(t, _)| format!("table {t}")));
+            continue;
+        }
+        out.removed
+            .extend(clean_leftovers(&client, *id, objects, locks).await?);
+    }
+    unlock(&client).await;
+    Ok(out)
+}
+
+/// The sync triggers (pgzm's, found by their function's schema) on live tables, with whether
+/// each is enabled: what `status` reports, whatever the metadata says.
+pub async fn sync_triggers_present(
+    client: &Client,
+) -> Result<Vec<(String, String, bool)>, CoordinatorError> {
+    let rows = client
+        .query(
+            "SELECT c.relname::text, t.tgname::text, t.tgenabled <> 'D'
+             FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_proc p ON p.oid = t.tgfoid
+             WHERE p.pronamespace = (SELECT oid FROM pg_namespace WHERE nspname = 'pgzm')
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("inspect sync triggers", &e))?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
 /// One row of `pgzm.migrations`.
 #[derive(Debug, Clone)]
 pub struct MigrationRow {

@@ -282,9 +282,26 @@ pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
     s.backup_present = row.backup_present;
     s.error = row.error.clone();
     if row.status == "preparing" && !run_active {
-        s.problems.push("this run was interrupted: the next `pgzm prepare` or `pgzm start` removes its shadow objects".into());
+        s.problems.push("this run was interrupted: `pgzm abort` removes its shadow objects and sync triggers now (the next `pgzm prepare` or `pgzm start` would too)".into());
     }
     if row.status != "prepared" {
+        // Whatever the metadata says, report the mirroring triggers that exist.
+        let present = state::sync_triggers_present(&client).await?;
+        if !present.is_empty() {
+            s.problems.push(format!(
+                "{} sync trigger(s) of an unfinished run are still mirroring writes on live tables: run `pgzm abort`",
+                present.len()
+            ));
+        }
+        s.sync_triggers = present
+            .into_iter()
+            .map(|(table, trigger, enabled)| SyncTrigger {
+                table,
+                trigger,
+                present: true,
+                enabled,
+            })
+            .collect();
         if row.status != "preparing" {
             s.problems.push(format!(
                 "nothing prepared (the newest migration is {})",

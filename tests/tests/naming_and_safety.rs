@@ -935,3 +935,61 @@ async fn name_chains_and_early_refusals() -> anyhow::Result<()> {
     assert!(!schemas(&dst).await.contains(&"pgzm".to_string()));
     Ok(())
 }
+
+/// An interrupted run's sync triggers never go unreported, and `pgzm abort` removes them
+/// (first) with the run's shadow objects, leaving live tables and backup sets alone (issue 12,
+/// item 10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_removes_an_interrupted_runs_triggers_and_status_reports_them() -> anyhow::Result<()>
+{
+    let p = common::fixture_pair("abort", "tes").await;
+    common::migrate(&p).await?; // a backup set to keep
+    let dst = p.dest.connect().await?;
+    let live = live_sums(&dst).await;
+    let backups = backup_sums(&dst).await;
+    let report =
+        common::prepare_and_release(&common::preserving(&p, &common::TES_PRESERVED)).await?;
+    // The run is cut off mid-way: its record still says "preparing".
+    dst.batch_execute(&format!(
+        "UPDATE pgzm.migrations SET status = 'preparing' WHERE id = {}",
+        report.migration_id
+    ))
+    .await?;
+    let status = common::status(&p).await;
+    assert_eq!(status.state, "preparing");
+    assert_eq!(
+        status.sync_triggers.len(),
+        4 * common::TES_PRESERVED.len(),
+        "{status:?}"
+    );
+    assert!(
+        status.problems.iter().any(|m| m.contains("pgzm abort")),
+        "{:?}",
+        status.problems
+    );
+
+    let dry = pgzm_coordinator::state::abort(&common::dest_url(&p), true, common::locks()).await?;
+    assert_eq!(dry.migrations, [report.migration_id]);
+    assert_eq!(
+        common::status(&p).await.sync_triggers.len(),
+        4 * common::TES_PRESERVED.len()
+    );
+    let done =
+        pgzm_coordinator::state::abort(&common::dest_url(&p), false, common::locks()).await?;
+    assert_eq!(done.migrations, [report.migration_id]);
+    assert!(
+        done.removed[0].starts_with("sync triggers on"),
+        "{:?}",
+        done.removed
+    );
+    let status = common::status(&p).await;
+    assert!(status.sync_triggers.is_empty(), "{status:?}");
+    assert_none_with_prefix(&dst, "shadow_").await;
+    assert_eq!(live_sums(&dst).await, live);
+    assert_eq!(backup_sums(&dst).await, backups);
+    // Nothing left to abort.
+    let again =
+        pgzm_coordinator::state::abort(&common::dest_url(&p), false, common::locks()).await?;
+    assert!(again.migrations.is_empty());
+    Ok(())
+}
