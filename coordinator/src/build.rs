@@ -5,8 +5,11 @@ use std::sync::Arc;
 
 use futures_util::future::try_join_all;
 use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
+use std::time::Duration;
 use tokio::sync::Semaphore;
-use tracing::{debug, info_span, Instrument};
+
+use pgzm_agent::pg::{classify, ErrorClass};
+use tracing::{debug, info_span, warn, Instrument};
 
 use crate::catalog::{SourceSchema, Table};
 use crate::conninfo::DbUrl;
@@ -330,51 +333,102 @@ impl BuildSessions {
         statements: Vec<String>,
         batch: bool,
     ) -> Result<(), CoordinatorError> {
-        let reused = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let client = match reused {
-            Some(c) if !c.is_closed() => c,
-            _ => {
-                let c = self.dest.connect("pgzm-build").await?;
-                c.batch_execute(&format!(
-                    "SET maintenance_work_mem = {}",
-                    quote_literal(&self.settings.maintenance_work_mem)
-                ))
-                .await
-                .map_err(|e| {
-                    CoordinatorError::destination(format!("{label}: set maintenance_work_mem"), &e)
-                })?;
-                c
-            }
+        // A batch is one implicit transaction: retried whole. Otherwise statement by statement.
+        let units: Vec<String> = if batch && statements.len() > 1 {
+            vec![statements
+                .iter()
+                .map(|s| format!("{s};\n"))
+                .collect::<String>()]
+        } else {
+            statements
         };
-        if batch && statements.len() > 1 {
-            let mut all = String::new();
-            for sql in &statements {
-                debug!(statement = %sql, "build");
-                all.push_str(sql);
-                all.push_str(";\n");
-            }
-            client
-                .batch_execute(&all)
-                .await
-                .map_err(|e| CoordinatorError::destination(label, &e))?;
-            self.idle
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(client);
-            return Ok(());
-        }
-        for sql in statements {
+        let mut client = Some(self.session(label).await?);
+        for sql in &units {
             debug!(statement = %sql, "build");
-            client.batch_execute(&sql).await.map_err(|e| {
-                CoordinatorError::destination(format!("{label}: {}", first_line(&sql)), &e)
-            })?;
+            let mut attempt = 0u32;
+            loop {
+                let c = match client.take() {
+                    Some(c) if !c.is_closed() => c,
+                    _ => self.session(label).await?,
+                };
+                match c.batch_execute(sql).await {
+                    Ok(()) => {
+                        client = Some(c);
+                        break;
+                    }
+                    // A statement that committed just before the connection was lost is
+                    // found done when it is sent again.
+                    Err(e) if attempt > 0 && is_already_done(&e) => {
+                        client = Some(c);
+                        break;
+                    }
+                    Err(e) if classify(&e) == ErrorClass::Retryable && attempt < BUILD_RETRIES => {
+                        attempt += 1;
+                        warn!(attempt, error = %pgzm_agent::pg::describe(&e), "{label}: transient failure; retrying on a new session");
+                        drop(c);
+                        tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                    }
+                    Err(e) => {
+                        return Err(CoordinatorError::destination(
+                            format!("{label}: {}", first_line(sql)),
+                            &e,
+                        ))
+                    }
+                }
+            }
         }
-        self.idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(client);
+        if let Some(c) = client {
+            self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(c);
+        }
         Ok(())
     }
+
+    /// An idle session of the pool, or a new one (retried for a while: the server may be
+    /// restarting).
+    async fn session(&self, label: &str) -> Result<tokio_postgres::Client, CoordinatorError> {
+        let reused = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        if let Some(c) = reused.filter(|c| !c.is_closed()) {
+            return Ok(c);
+        }
+        let mut attempt = 0u32;
+        loop {
+            match self.dest.connect("pgzm-build").await {
+                Ok(c) => {
+                    c.batch_execute(&format!(
+                        "SET maintenance_work_mem = {}",
+                        quote_literal(&self.settings.maintenance_work_mem)
+                    ))
+                    .await
+                    .map_err(|e| {
+                        CoordinatorError::destination(
+                            format!("{label}: set maintenance_work_mem"),
+                            &e,
+                        )
+                    })?;
+                    return Ok(c);
+                }
+                Err(e) if attempt < BUILD_RETRIES * 5 => {
+                    attempt += 1;
+                    warn!(attempt, error = %e, "{label}: cannot connect for the build; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Retries of a build statement (or a small table's batch) after a transient failure.
+const BUILD_RETRIES: u32 = 3;
+
+/// Whether a statement sent again failed because its first attempt had in fact committed.
+fn is_already_done(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.code().is_some_and(|c| {
+        *c == SqlState::DUPLICATE_TABLE
+            || *c == SqlState::DUPLICATE_OBJECT
+            || *c == SqlState::INVALID_TABLE_DEFINITION
+    })
 }
 
 /// Runs `statements` on a fresh destination session, one after another.
@@ -459,44 +513,38 @@ pub async fn foreign_keys(
         return Ok(());
     }
 
-    let client = dest.connect("pgzm-build").await?;
+    // The build sessions' retries: one transaction adding every key (sent again whole after a
+    // transient failure), then the validations (idempotent), each retried alone.
+    let sessions = BuildSessions::new(dest.clone(), BuildSettings::default());
     let mut batch = String::from("BEGIN;\n");
     for sql in &add {
         batch.push_str(sql);
         batch.push_str(";\n");
     }
-    batch.push_str("COMMIT;");
-    if let Err(e) = client.batch_execute(&batch).await {
-        let _ = client.batch_execute("ROLLBACK").await;
-        return Err(CoordinatorError::destination(
-            "add foreign keys to the shadow tables",
-            &e,
-        ));
-    }
+    batch.push_str("COMMIT");
+    sessions
+        .run("add foreign keys to the shadow tables", vec![batch])
+        .await?;
     let permits = Arc::new(Semaphore::new(parallel.max(1)));
+    let sessions = &sessions;
     let tasks = validate.into_iter().map(|(table, name)| {
         let span = info_span!("validate_fk", table = %table);
         let permits = Arc::clone(&permits);
-        let dest = dest.clone();
         async move {
             let _p = permits
                 .acquire_owned()
                 .await
                 .map_err(|_| CoordinatorError::Usage("cancelled".into()))?;
-            let client = dest.connect("pgzm-build").await?;
-            client
-                .batch_execute(&format!(
-                    "ALTER TABLE {} VALIDATE CONSTRAINT {}",
-                    quote_qualified("public", &table),
-                    quote_ident(&name)
-                ))
+            sessions
+                .run(
+                    &format!("validate foreign key \"{name}\" on \"{table}\""),
+                    vec![format!(
+                        "ALTER TABLE {} VALIDATE CONSTRAINT {}",
+                        quote_qualified("public", &table),
+                        quote_ident(&name)
+                    )],
+                )
                 .await
-                .map_err(|e| {
-                    CoordinatorError::destination(
-                        format!("validate foreign key \"{name}\" on \"{table}\""),
-                        &e,
-                    )
-                })
         }
         .instrument(span)
     });

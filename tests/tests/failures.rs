@@ -438,3 +438,49 @@ async fn second_run_on_a_busy_destination_fails_fast() {
     first.await.expect("join").expect("the first run finishes");
     assert_dest_equals_source(&p).await;
 }
+
+/// A build session terminated mid-build (an index build's backend killed, as a destination
+/// restart would) is retried on a new session: the run succeeds (issue 12, item 11).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_build_session_is_retried() -> anyhow::Result<()> {
+    let p = common::fixture_pair("build_retry", "simple").await;
+    p.source
+        .batch(
+            "CREATE TABLE big (id integer PRIMARY KEY, v text NOT NULL);
+             INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 200000) g;
+             CREATE INDEX big_slow ON big ((md5(v || md5(v || md5(v || md5(v))))));
+             ANALYZE big;",
+        )
+        .await?;
+    let dst = p.dest.connect().await?;
+    let killer = p.dest.connect().await?;
+    let run = tokio::spawn(common::run(common::options(&p)));
+    let mut killed = 0i64;
+    let started = Instant::now();
+    while killed == 0 && !run.is_finished() && started.elapsed() < Duration::from_secs(120) {
+        killed = killer
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE application_name = 'pgzm-build' AND state = 'active'
+                   AND query LIKE 'CREATE INDEX%big_slow%'",
+                &[],
+            )
+            .await?
+            .get(0);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(killed > 0, "the index build was never seen running");
+    let report = run.await??;
+    assert!(report.swap.is_some());
+    let rows: i64 = dst.query_one("SELECT count(*) FROM big", &[]).await?.get(0);
+    assert_eq!(rows, 200_000);
+    let valid: bool = dst
+        .query_one(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'big_slow'::regclass",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert!(valid);
+    Ok(())
+}
