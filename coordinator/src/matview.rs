@@ -27,16 +27,7 @@ pub fn build_sql(
     };
     // Column references name their table (`"Post".user_id`): a renamed table keeps its name as
     // an alias, so they still resolve.
-    let relations: Vec<(&str, &str)> = plan
-        .tables
-        .iter()
-        .map(|t| (crate::naming::PUBLIC, t.name.as_str()))
-        .chain(
-            plan.matviews
-                .iter()
-                .map(|o| (o.matview.schema.as_str(), o.matview.name.as_str())),
-        )
-        .collect();
+    let relations = plan.relation_names();
     let definition = alias_relations(m.definition.trim_end().trim_end_matches(';'), &relations);
     let mut out = vec![format!(
         "CREATE MATERIALIZED VIEW {shadow}{options} AS {} WITH {}DATA",

@@ -381,6 +381,25 @@ impl Plan {
         r
     }
 
+    /// Every relation the migration brings in or recreates, as (schema, name): tables, views,
+    /// materialized views. Definitions naming them are re-pointed at their shadows.
+    pub fn relation_names(&self) -> Vec<(&str, &str)> {
+        self.tables
+            .iter()
+            .map(|t| (crate::naming::PUBLIC, t.name.as_str()))
+            .chain(
+                self.views
+                    .iter()
+                    .map(|v| (v.schema.as_str(), v.name.as_str())),
+            )
+            .chain(
+                self.matviews
+                    .iter()
+                    .map(|m| (m.matview.schema.as_str(), m.matview.name.as_str())),
+            )
+            .collect()
+    }
+
     /// Whether `table` is preserved.
     pub fn is_preserved(&self, table: &str) -> bool {
         self.preserved.iter().any(|p| p.table == table)

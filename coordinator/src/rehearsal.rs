@@ -147,16 +147,7 @@ async fn rehearse_in_transaction(
     }
     // What the swap recreates, as stand-ins over the shadow objects.
     let mut stand_ins = renames.clone();
-    let relations: Vec<(&str, &str)> = plan
-        .tables
-        .iter()
-        .map(|t| (crate::naming::PUBLIC, t.name.as_str()))
-        .chain(
-            plan.views
-                .iter()
-                .map(|v| (v.schema.as_str(), v.name.as_str())),
-        )
-        .collect();
+    let relations = plan.relation_names();
     let (after_views, before_views): (Vec<_>, Vec<_>) =
         plan.functions.iter().partition(|f| f.after_views);
     for f in before_views {

@@ -99,21 +99,7 @@ pub fn swap_sql(plan: &Plan, aside: Option<&AsideSet>, lock_timeout: Duration) -
             push(s);
         }
     }
-    let relations: Vec<(&str, &str)> = plan
-        .tables
-        .iter()
-        .map(|t| (crate::naming::PUBLIC, t.name.as_str()))
-        .chain(
-            plan.views
-                .iter()
-                .map(|v| (v.schema.as_str(), v.name.as_str())),
-        )
-        .chain(
-            plan.matviews
-                .iter()
-                .map(|m| (m.matview.schema.as_str(), m.matview.name.as_str())),
-        )
-        .collect();
+    let relations = plan.relation_names();
     for v in &plan.views {
         let shadow = crate::naming::prefixed(crate::naming::SHADOW, &v.name);
         let definition = crate::matview::alias_relations(
