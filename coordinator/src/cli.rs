@@ -81,13 +81,6 @@ pub struct AbortArgs {
     pub locks: LockArgs,
 }
 
-impl AbortArgs {
-    /// The lock settings.
-    pub fn lock_settings(&self) -> Result<SwapSettings, CoordinatorError> {
-        self.locks.settings()
-    }
-}
-
 /// Arguments of `pgzm verify`.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -183,7 +176,8 @@ pub struct LockArgs {
 }
 
 impl LockArgs {
-    fn settings(&self) -> Result<SwapSettings, CoordinatorError> {
+    /// Validates the flags into lock settings.
+    pub fn settings(&self) -> Result<SwapSettings, CoordinatorError> {
         if self.lock_timeout_ms == 0 {
             return Err(CoordinatorError::Usage(
                 "--lock-timeout-ms must be at least 1".into(),

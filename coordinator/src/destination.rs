@@ -140,7 +140,7 @@ pub struct Destination {
     /// Functions and procedures whose signature or body depends on a relation or a user type
     /// (the candidates to follow a swap).
     pub typed_functions: Vec<TypedFunction>,
-    /// Oids of the live types in `public` by name (enums, domains; array types excluded).
+    /// Every type of `public` (array types excluded) by name, with its oid.
     pub type_oids: BTreeMap<String, Oid>,
     /// Names of every relation (table, index, sequence, view…) in every schema.
     pub relation_names: BTreeSet<QualName>,
@@ -148,8 +148,6 @@ pub struct Destination {
     pub type_qualnames: BTreeSet<QualName>,
     /// Names of every function and procedure in every schema.
     pub function_names: BTreeSet<QualName>,
-    /// Names of every type in `public` (array types excluded).
-    pub type_names: BTreeSet<String>,
     /// Owner and grants of sequences and types by name, to carry to their replacements.
     pub sequence_acl: BTreeMap<String, (String, Vec<Grant>)>,
     /// Owner and grants of user types by name.
@@ -204,8 +202,9 @@ const TYPE_NAMES: &str = "
 SELECT n.nspname::text, t.typname::text FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND NOT n.nspname ^@ 'pg_toast' AND t.typcategory <> 'A'";
 
-const FUNCTION_NAMES: &str = "
-SELECT DISTINCT n.nspname::text, p.proname::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+const ROUTINES: &str = "
+SELECT n.nspname::text, p.proname::text, p.oid::regprocedure::text
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')";
 
 const TYPES: &str = "
@@ -430,16 +429,12 @@ pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
     {
         dest.type_qualnames.insert((row.get(0), row.get(1)));
     }
-    for row in client
-        .query(FUNCTION_NAMES, &[])
-        .await
-        .map_err(err("function names"))?
-    {
+    for row in client.query(ROUTINES, &[]).await.map_err(err("routines"))? {
         dest.function_names.insert((row.get(0), row.get(1)));
+        dest.routines.insert(row.get(2));
     }
     for row in client.query(TYPES, &[]).await.map_err(err("types"))? {
         let name: String = row.get(1);
-        dest.type_names.insert(name.clone());
         dest.type_oids.insert(name.clone(), row.get(0));
         dest.type_acl
             .insert(name, (row.get(2), parse_grants(row.get(3))));
@@ -569,17 +564,6 @@ pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
             relations: row.get::<_, Vec<Oid>>(10).into_iter().collect(),
             types: row.get::<_, Vec<Oid>>(11).into_iter().collect(),
         });
-    }
-    for row in client
-        .query(
-            "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')",
-            &[],
-        )
-        .await
-        .map_err(err("routines"))?
-    {
-        dest.routines.insert(row.get(0));
     }
     dest.superuser = client
         .query_one(

@@ -154,7 +154,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let a = pgzm_coordinator::state::abort(
                 &args.dest.url()?,
                 args.dry_run,
-                args.lock_settings()?,
+                args.locks.settings()?,
             )
             .await?;
             print(args.json, &a, || output::human_abort(&a))

@@ -246,6 +246,22 @@ pub struct FunctionPlan {
     pub after_views: bool,
 }
 
+impl ViewPlan {
+    /// A destination view created again from its own definition, owner, grants and comment.
+    pub fn recreating(v: &crate::destination::LiveView) -> ViewPlan {
+        ViewPlan {
+            schema: v.schema.clone(),
+            name: v.name.clone(),
+            definition: v.definition.clone(),
+            options: v.options.clone(),
+            owner: Some(v.owner.clone()),
+            grants: v.grants.clone(),
+            comment: v.comment.clone(),
+            from_source: false,
+        }
+    }
+}
+
 impl FunctionPlan {
     /// `FUNCTION` or `PROCEDURE`.
     pub fn keyword(&self) -> &'static str {
@@ -560,7 +576,7 @@ pub fn build_all(
         }
     }
     for ty in types.iter().chain(&multiranges) {
-        if dest.type_names.contains(&ty.from) && !dest.tables.contains_key(&ty.from) {
+        if dest.type_oids.contains_key(&ty.from) && !dest.tables.contains_key(&ty.from) {
             to_backup.push(Move::public(
                 ObjectKind::Type,
                 ty.from.clone(),
@@ -933,16 +949,7 @@ fn plan_dependents(
             action: "recreated over the new objects at the swap (the old one joins the backup set)"
                 .into(),
         });
-        views.push(ViewPlan {
-            schema: v.schema.clone(),
-            name: v.name.clone(),
-            definition: v.definition.clone(),
-            options: v.options.clone(),
-            owner: Some(v.owner.clone()),
-            grants: v.grants.clone(),
-            comment: v.comment.clone(),
-            from_source: false,
-        });
+        views.push(ViewPlan::recreating(v));
     }
     for v in &views {
         if dest.views.contains_key(&(v.schema.clone(), v.name.clone())) {

@@ -508,16 +508,7 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
         sql.extend(r.attach.iter().cloned());
     }
     for v in &recreate {
-        sql.extend(crate::swap::view_sql(&crate::plan::ViewPlan {
-            schema: v.schema.clone(),
-            name: v.name.clone(),
-            definition: v.definition.clone(),
-            options: v.options.clone(),
-            owner: Some(v.owner.clone()),
-            grants: v.grants.clone(),
-            comment: v.comment.clone(),
-            from_source: false,
-        }));
+        sql.extend(crate::swap::view_sql(&crate::plan::ViewPlan::recreating(v)));
     }
     sql.push(format!(
         "UPDATE pgzm.migrations SET status = 'rolled_back', backup_present = false WHERE id = {}",
