@@ -511,11 +511,31 @@ pub async fn run_copy(
             spec.migration_id,
             quote_literal(&spec.task_key)
         );
-        let found = dst
-            .simple_query(&format!("BEGIN; {progress_row}"))
-            .await
-            .map_err(|e| AgentError::copy(&table, "read pgzm.copy_progress", Side::Destination, &e))?;
-        if let Some(earlier) = progress_of(&found) {
+        // The same round trip checks that the task may write this table (see `guard`).
+        let status = crate::guard::status_sql(spec.migration_id, &spec.destination_table);
+        let found = match dst.simple_query(&format!("BEGIN; {status}; {progress_row}")).await {
+            Ok(found) => found,
+            Err(e) => {
+                let _ = dst.batch_execute("ROLLBACK").await;
+                return Err(crate::guard::first_statement_error(&spec.destination_table, &e));
+            }
+        };
+        let answers = crate::guard::statements(&found);
+        let checked = sessions
+            .guard
+            .check(
+                &dst,
+                &spec.destination_key,
+                spec.migration_id,
+                &spec.destination_table,
+                answers.get(1).map(Vec::as_slice).unwrap_or_default(),
+            )
+            .await;
+        if let Err(e) = checked {
+            let _ = dst.batch_execute("ROLLBACK").await;
+            return Err(e);
+        }
+        if let Some(earlier) = answers.get(2).and_then(|rows| progress_of(rows)) {
             let _ = dst.batch_execute("ROLLBACK").await;
             sessions.destination.put(spec.destination_key.clone(), dst);
             return Ok(earlier);
@@ -628,8 +648,11 @@ pub async fn run_copy(
         // Recorded in the copy's own transaction, committed in the same round trip. Another
         // attempt of this task that committed first (an agent that stalled, then recovered)
         // holds the key: this attempt then rolls back and reports that one's result.
+        // The status is checked again now that the copy holds its lock on the table (a swap
+        // cannot commit meanwhile, and one that did is seen).
         let record = format!(
-            "INSERT INTO pgzm.copy_progress (migration_id, task_key, rows, bytes, digest) VALUES ({}, {}, {}, {}, {}); COMMIT",
+            "{}; INSERT INTO pgzm.copy_progress (migration_id, task_key, rows, bytes, digest) VALUES ({}, {}, {}, {}, {}); COMMIT",
+            crate::guard::commit_check(spec.migration_id),
             spec.migration_id,
             quote_literal(&spec.task_key),
             rows_written,
@@ -638,9 +661,13 @@ pub async fn run_copy(
         );
         if let Err(e) = dst.batch_execute(&record).await {
             let _ = dst.batch_execute("ROLLBACK").await;
+            if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+                return Err(AgentError::Refused(format!("copy into {table}: {}", pg::describe(&e))));
+            }
             if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
                 if let Ok(found) = dst.simple_query(&progress_row).await {
-                    if let Some(earlier) = progress_of(&found) {
+                    let answers = crate::guard::statements(&found);
+                    if let Some(earlier) = answers.first().and_then(|rows| progress_of(rows)) {
                         sessions.destination.put(spec.destination_key.clone(), dst);
                         return Ok(earlier);
                     }
@@ -659,22 +686,19 @@ pub async fn run_copy(
 
 /// The outcome recorded in a `pgzm.copy_progress` row (rows, bytes, digest) of a simple-query
 /// answer: a task an earlier attempt committed.
-fn progress_of(messages: &[tokio_postgres::SimpleQueryMessage]) -> Option<CopyOutcome> {
-    messages.iter().find_map(|m| match m {
-        tokio_postgres::SimpleQueryMessage::Row(r) => {
-            let rows: u64 = r.get(0)?.parse().ok()?;
-            Some(CopyOutcome {
-                rows_written: rows,
-                rows_in_source: rows,
-                bytes: r.get(1)?.parse().ok()?,
-                duration_ms: 0,
-                already_done: true,
-                digest: r
-                    .get(2)
-                    .and_then(|h| crate::digest::Digest::parse_hex(rows, h)),
-            })
-        }
-        _ => None,
+fn progress_of(answer: &[&tokio_postgres::SimpleQueryRow]) -> Option<CopyOutcome> {
+    answer.first().and_then(|r| {
+        let rows: u64 = r.get(0)?.parse().ok()?;
+        Some(CopyOutcome {
+            rows_written: rows,
+            rows_in_source: rows,
+            bytes: r.get(1)?.parse().ok()?,
+            duration_ms: 0,
+            already_done: true,
+            digest: r
+                .get(2)
+                .and_then(|h| crate::digest::Digest::parse_hex(rows, h)),
+        })
     })
 }
 

@@ -1,5 +1,9 @@
 //! Where an agent's connections go: connection strings sent in tasks, or named ones the agent
 //! holds itself (`--database NAME=URL`), so credentials need not travel.
+//!
+//! An agent that holds named databases connects to those only: a connection string from a
+//! caller is refused, so a token holder cannot use the agent to reach (or probe the ports of)
+//! other servers on its network.
 
 use std::collections::BTreeMap;
 
@@ -50,6 +54,16 @@ impl Databases {
     ) -> Result<(PgTarget, String), AgentError> {
         let e = e.ok_or_else(|| AgentError::InvalidTask(format!("{side} endpoint missing")))?;
         let config = match &e.target {
+            Some(proto::endpoint::Target::Url(_)) if !self.named.is_empty() => {
+                let flag = match side {
+                    Side::Source => "--agent-source-db",
+                    Side::Destination => "--agent-dest-db",
+                };
+                return Err(AgentError::Refused(format!(
+                    "this agent connects only to the databases it holds ({}); the caller sent a {side} connection string: give the coordinator {flag} NAME",
+                    self.names().join(", ")
+                )));
+            }
             Some(proto::endpoint::Target::Url(url)) => pg::parse_config(url)
                 .map_err(|message| AgentError::InvalidConnection { side, message })?,
             Some(proto::endpoint::Target::Database(name)) => {

@@ -35,6 +35,11 @@ pub enum AgentError {
         /// Parser message (never contains the connection string).
         message: String,
     },
+    /// The caller asked for something this agent never does: a connection string when it holds
+    /// named databases, or a write outside the shadow tables of a recorded, unfinished
+    /// migration. Logged by the agent; never retried.
+    #[error("refused: {0}")]
+    Refused(String),
     /// The database could not be reached.
     #[error("connect to the {side} database: {message}")]
     Connect {
@@ -109,6 +114,7 @@ impl AgentError {
                 *class != ErrorClass::Fatal
             }
             AgentError::InvalidTask(_)
+            | AgentError::Refused(_)
             | AgentError::InvalidConnection { .. }
             | AgentError::Snapshot { .. }
             | AgentError::RowCountMismatch { .. } => false,
@@ -131,6 +137,7 @@ impl From<AgentError> for tonic::Status {
                 tonic::Status::invalid_argument(message)
             }
             AgentError::Snapshot { .. } => tonic::Status::failed_precondition(message),
+            AgentError::Refused(_) => tonic::Status::permission_denied(message),
             AgentError::RowCountMismatch { .. } | AgentError::DigestMismatch { .. } => {
                 tonic::Status::data_loss(message)
             }

@@ -12,6 +12,8 @@ pub mod copy;
 pub mod digest;
 pub mod endpoint;
 pub mod error;
+pub mod guard;
+pub mod libpq;
 pub mod metrics;
 pub mod peer;
 pub mod pg;

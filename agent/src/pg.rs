@@ -81,6 +81,7 @@ fn one_line(text: &str) -> String {
 #[derive(Clone)]
 pub struct PgTarget {
     config: Config,
+    params: crate::tls::TlsParams,
     tls: Option<Arc<rustls::ClientConfig>>,
 }
 
@@ -89,7 +90,7 @@ impl std::fmt::Debug for PgTarget {
         f.debug_struct("PgTarget")
             .field("hosts", &self.config.get_hosts())
             .field("dbname", &self.config.get_dbname())
-            .field("tls", &self.tls.is_some())
+            .field("sslmode", &self.params.mode)
             .finish_non_exhaustive()
     }
 }
@@ -102,13 +103,35 @@ impl std::ops::Deref for PgTarget {
     }
 }
 
-/// Parses a connection string (URL or `key=value` form, libpq's `sslmode` values and
-/// `sslrootcert` included). The error message never repeats the string itself, which may hold
-/// a password.
+impl PgTarget {
+    /// The TLS parameters.
+    pub fn tls_params(&self) -> &crate::tls::TlsParams {
+        &self.params
+    }
+
+    /// The completed connection string, every value explicit (password included): what another
+    /// process (an agent) needs to reach the same database whatever its own environment.
+    /// Never for output.
+    pub fn conninfo(&self) -> String {
+        crate::libpq::to_conninfo(&self.config, &self.params)
+    }
+}
+
+/// Parses a connection string (URL or `key=value` form) and completes it as libpq does, from
+/// the service file, the `PG*` environment variables, the password file and the defaults (see
+/// [`crate::libpq`]); `sslmode`, `sslrootcert`, `sslcert` and `sslkey` have libpq's meanings.
 ///
 /// No error message ever contains the connection string or a part of it: the parser's messages
 /// quote the input, so quoted fragments and the password are cut out of them.
 pub fn parse_config(conninfo: &str) -> Result<PgTarget, String> {
+    parse_config_in(conninfo, &crate::libpq::Environment::process())
+}
+
+/// [`parse_config`] with the given environment.
+pub fn parse_config_in(
+    conninfo: &str,
+    env: &crate::libpq::Environment,
+) -> Result<PgTarget, String> {
     if let Some(problem) = ambiguous_userinfo(conninfo) {
         return Err(problem);
     }
@@ -120,10 +143,25 @@ pub fn parse_config(conninfo: &str) -> Result<PgTarget, String> {
         }
     }
     let redact = |m: String| redact_conninfo(&m, conninfo);
-    let (rest, params) = crate::tls::split_tls_params(conninfo).map_err(redact)?;
-    let config = Config::from_str(&rest).map_err(|e| redact(describe(&e)))?;
+    let (rest, mut own) = crate::tls::split_params(conninfo).map_err(redact)?;
+    let defaults = crate::libpq::Defaults::read(&mut own, env).map_err(redact)?;
+    let rest = defaults.port_into_url(&rest);
+    let mut config = if rest.trim().is_empty() {
+        Config::new()
+    } else {
+        Config::from_str(&rest).map_err(|e| redact(describe(&e)))?
+    };
+    crate::libpq::complete(&mut config, &mut own, &defaults, env).map_err(redact)?;
+    let home = env.home();
+    let params = crate::tls::TlsParams::from_keywords(|k| own.get(k).cloned(), home.as_deref())
+        .map_err(redact)?;
+    config.ssl_mode(params.mode.negotiation());
     let tls = crate::tls::client_config(&params).map_err(redact)?;
-    Ok(PgTarget { config, tls })
+    Ok(PgTarget {
+        config,
+        params,
+        tls,
+    })
 }
 
 /// A URL whose user-info holds an unencoded `@` (`postgres://u:p@ss@host/db`) would be read
@@ -219,7 +257,9 @@ pub async fn connect(
     target: PgTarget,
     application_name: &str,
 ) -> Result<Client, tokio_postgres::Error> {
-    let PgTarget { mut config, tls } = target;
+    let PgTarget {
+        mut config, tls, ..
+    } = target;
     if !application_name.is_empty() {
         config.application_name(application_name);
     }

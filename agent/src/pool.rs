@@ -89,6 +89,8 @@ pub struct Sessions {
     pub source: Arc<SessionPool>,
     /// Idle destination sessions.
     pub destination: Arc<SessionPool>,
+    /// The shadow tables tasks may write into.
+    pub guard: Arc<crate::guard::WriteGuard>,
 }
 
 impl Default for Sessions {
@@ -96,6 +98,7 @@ impl Default for Sessions {
         Sessions {
             source: SessionPool::new(Duration::from_secs(1)),
             destination: SessionPool::new(Duration::from_secs(10)),
+            guard: Arc::default(),
         }
     }
 }

@@ -133,6 +133,14 @@ impl AgentService {
     }
 }
 
+/// Logs a refusal (see [`AgentError::Refused`]) with the call it answered; passes it on.
+fn logged(call: &str, err: AgentError) -> AgentError {
+    if let AgentError::Refused(reason) = &err {
+        warn!(call, reason = %reason, "refused a request");
+    }
+    err
+}
+
 type EventStream = ReceiverStream<Result<proto::CopyEvent, Status>>;
 type ChunkStream = ReceiverStream<Result<proto::CopyChunk, Status>>;
 
@@ -168,10 +176,24 @@ impl Agent for AgentService {
     ) -> Result<Response<proto::ProbeResponse>, Status> {
         let mut results = Vec::new();
         for e in request.into_inner().endpoints {
-            let result = match self.config.databases.resolve(Side::Destination, Some(&e)) {
+            // A probe does not say which side an endpoint is for: the refusal names both flags.
+            let resolved = self
+                .config
+                .databases
+                .resolve(Side::Destination, Some(&e))
+                .map_err(|err| match err {
+                    AgentError::Refused(_) => AgentError::Refused(format!(
+                        "this agent connects only to the databases it holds ({}), not to connection strings from callers: give the coordinator --agent-source-db and --agent-dest-db",
+                        self.config.databases.names().join(", ")
+                    )),
+                    other => other,
+                })
+                .map_err(|err| logged("Probe", err));
+            let result = match resolved {
                 Err(err) => proto::ProbeResult {
                     ok: false,
                     message: err.to_string(),
+                    role: String::new(),
                 },
                 Ok((config, app)) => match crate::pg::connect(
                     config,
@@ -182,15 +204,21 @@ impl Agent for AgentService {
                     Err(err) => proto::ProbeResult {
                         ok: false,
                         message: crate::pg::describe(&err),
+                        role: String::new(),
                     },
-                    Ok(client) => match client.query_one("SELECT version()", &[]).await {
+                    Ok(client) => match client
+                        .query_one("SELECT version(), current_user::text", &[])
+                        .await
+                    {
                         Ok(row) => proto::ProbeResult {
                             ok: true,
                             message: row.get(0),
+                            role: row.get(1),
                         },
                         Err(err) => proto::ProbeResult {
                             ok: false,
                             message: crate::pg::describe(&err),
+                            role: String::new(),
                         },
                     },
                 },
@@ -215,7 +243,8 @@ impl Agent for AgentService {
             bytes = tracing::field::Empty
         );
         crate::telemetry::follow(&span, request.metadata());
-        let spec = CopySpec::from_task(request.into_inner(), &self.config.databases)?;
+        let spec = CopySpec::from_task(request.into_inner(), &self.config.databases)
+            .map_err(|e| logged("RunCopy", e))?;
         span.record("task", spec.task_id.as_str());
         span.record("table", spec.destination_table.to_string().as_str());
         if let Some(r) = spec.range {
@@ -279,7 +308,7 @@ impl Agent for AgentService {
                     Ok(outcome) => Ok(proto::CopyEvent {
                         event: Some(proto::copy_event::Event::Done(outcome.into())),
                     }),
-                    Err(err) => Err(Status::from(err)),
+                    Err(err) => Err(Status::from(logged("RunCopy", err))),
                 };
                 let _ = tx.send(message).await;
             }
@@ -304,7 +333,8 @@ impl Agent for AgentService {
         let (config, app) = self
             .config
             .databases
-            .resolve(Side::Source, req.source.as_ref())?;
+            .resolve(Side::Source, req.source.as_ref())
+            .map_err(|e| logged("ExportRange", e))?;
         let table = req
             .table
             .map(|t| QualifiedName {

@@ -39,13 +39,100 @@ pub enum Mode {
     VerifyFull,
 }
 
-/// The TLS parameters taken out of a connection string.
+/// Where the server's certificate is checked against (`sslrootcert`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootCert {
+    /// A PEM file of CA certificates.
+    File(PathBuf),
+    /// `sslrootcert=system`: the system's trusted roots (implies `verify-full`, as in libpq 16).
+    System,
+}
+
+/// The TLS parameters of a connection (libpq's `ssl*` keywords).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsParams {
     /// sslmode.
     pub mode: Mode,
     /// sslrootcert.
-    pub root_cert: Option<PathBuf>,
+    pub root_cert: Option<RootCert>,
+    /// sslcert: the client certificate (PEM) presented to the server.
+    pub cert: Option<PathBuf>,
+    /// sslkey: its private key (PEM).
+    pub key: Option<PathBuf>,
+}
+
+impl Mode {
+    /// libpq's name of the mode.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Disable => "disable",
+            Mode::Prefer => "prefer",
+            Mode::Require => "require",
+            Mode::VerifyCa => "verify-ca",
+            Mode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// What tokio-postgres is told (it knows only whether TLS is off, offered or required).
+    pub fn negotiation(self) -> tokio_postgres::config::SslMode {
+        match self {
+            Mode::Disable => tokio_postgres::config::SslMode::Disable,
+            Mode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            _ => tokio_postgres::config::SslMode::Require,
+        }
+    }
+}
+
+impl TlsParams {
+    /// The parameters given by `sslmode`, `sslrootcert`, `sslcert` and `sslkey` (already
+    /// completed from the service file and the environment). As in libpq: the files under
+    /// `~/.postgresql/` (`root.crt`, `postgresql.crt`, `postgresql.key`) are used when they
+    /// exist and nothing else is given; `require` with a root certificate verifies the chain;
+    /// `sslrootcert=system` means `verify-full` against the system roots.
+    pub fn from_keywords(
+        get: impl Fn(&str) -> Option<String>,
+        home: Option<&std::path::Path>,
+    ) -> Result<TlsParams, String> {
+        let default_file = |name: &str| {
+            home.map(|h| h.join(".postgresql").join(name))
+                .filter(|p| p.is_file())
+        };
+        let root_cert = match get("sslrootcert") {
+            Some(v) if v == "system" => Some(RootCert::System),
+            Some(v) if !v.is_empty() => Some(RootCert::File(PathBuf::from(v))),
+            _ => default_file("root.crt").map(RootCert::File),
+        };
+        let mode = match get("sslmode") {
+            Some(v) => mode(&v)?,
+            None if root_cert == Some(RootCert::System) => Mode::VerifyFull,
+            None => Mode::Prefer,
+        };
+        if root_cert == Some(RootCert::System) && mode != Mode::VerifyFull {
+            return Err(format!(
+                "sslrootcert=system needs sslmode=verify-full, not the weaker {}",
+                mode.name()
+            ));
+        }
+        let mode = if mode == Mode::Require && root_cert.is_some() {
+            Mode::VerifyCa
+        } else {
+            mode
+        };
+        let cert = get("sslcert")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| default_file("postgresql.crt"));
+        let key = get("sslkey")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| default_file("postgresql.key"));
+        Ok(TlsParams {
+            mode,
+            root_cert,
+            cert,
+            key,
+        })
+    }
 }
 
 fn mode(value: &str) -> Result<Mode, String> {
@@ -81,24 +168,19 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Splits `sslmode` and `sslrootcert` off a URL or `key=value` connection string. The rest is
-/// returned for tokio-postgres, with `sslmode` set to what it understands.
-pub fn split_tls_params(conninfo: &str) -> Result<(String, TlsParams), String> {
-    let mut params = TlsParams {
-        mode: Mode::Prefer,
-        root_cert: None,
-    };
-    let mut set = |key: &str, value: &str| -> Result<bool, String> {
-        match key {
-            "sslmode" => {
-                params.mode = mode(value)?;
-                Ok(true)
-            }
-            "sslrootcert" => {
-                params.root_cert = Some(PathBuf::from(value));
-                Ok(true)
-            }
-            _ => Ok(false),
+/// Splits the keywords tokio-postgres does not know (`sslmode`, `sslrootcert`, `sslcert`,
+/// `sslkey`, `service`, `passfile`) off a URL or `key=value` connection string: the rest, for
+/// tokio-postgres, and those keywords' values.
+pub fn split_params(
+    conninfo: &str,
+) -> Result<(String, std::collections::BTreeMap<String, String>), String> {
+    let mut taken = std::collections::BTreeMap::new();
+    let mut take = |key: &str, value: &str| -> bool {
+        if crate::libpq::OWN_KEYWORDS.contains(&key) {
+            taken.insert(key.to_string(), value.to_string());
+            true
+        } else {
+            false
         }
     };
     let rest = if conninfo.starts_with("postgres://") || conninfo.starts_with("postgresql://") {
@@ -108,7 +190,7 @@ pub fn split_tls_params(conninfo: &str) -> Result<(String, TlsParams), String> {
                 let mut kept = Vec::new();
                 for pair in query.split('&').filter(|p| !p.is_empty()) {
                     let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                    if !set(&percent_decode(k), &percent_decode(v))? {
+                    if !take(&percent_decode(k), &percent_decode(v)) {
                         kept.push(pair.to_string());
                     }
                 }
@@ -122,38 +204,18 @@ pub fn split_tls_params(conninfo: &str) -> Result<(String, TlsParams), String> {
     } else {
         let mut kept = Vec::new();
         for (k, v) in key_values(conninfo)? {
-            if !set(&k, &v)? {
-                kept.push(format!(
-                    "{k}='{}'",
-                    v.replace('\\', "\\\\").replace('\'', "\\'")
-                ));
+            if !take(&k, &v) {
+                kept.push(format!("{k}={}", quote_value(&v)));
             }
         }
         kept.join(" ")
     };
-    let tokio_mode = match params.mode {
-        Mode::Disable => "disable",
-        Mode::Prefer => "prefer",
-        _ => "require",
-    };
-    let sep = if rest.starts_with("postgres://") || rest.starts_with("postgresql://") {
-        if rest.contains('?') {
-            "&"
-        } else {
-            "?"
-        }
-    } else {
-        " "
-    };
-    let rest = if rest.is_empty() {
-        format!("sslmode={tokio_mode}")
-    } else {
-        format!("{rest}{sep}sslmode={tokio_mode}")
-    };
-    if params.root_cert.is_some() && params.mode == Mode::Require {
-        params.mode = Mode::VerifyCa;
-    }
-    Ok((rest, params))
+    Ok((rest, taken))
+}
+
+/// A `key=value` value, single-quoted with backslash escapes.
+pub fn quote_value(v: &str) -> String {
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 /// Parses libpq `key=value` pairs (values may be single-quoted with backslash escapes).
@@ -214,10 +276,10 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn roots(path: &Option<PathBuf>) -> Result<RootCertStore, String> {
+fn roots(root: &Option<RootCert>) -> Result<RootCertStore, String> {
     let mut store = RootCertStore::empty();
-    match path {
-        Some(p) => {
+    match root {
+        Some(RootCert::File(p)) => {
             let certs = CertificateDer::pem_file_iter(p)
                 .map_err(|e| format!("sslrootcert {}: {e}", p.display()))?
                 .collect::<Result<Vec<_>, _>>()
@@ -231,13 +293,69 @@ fn roots(path: &Option<PathBuf>) -> Result<RootCertStore, String> {
                     .map_err(|e| format!("sslrootcert {}: {e}", p.display()))?;
             }
         }
-        None => {
+        Some(RootCert::System) | None => {
             for c in rustls_native_certs::load_native_certs().certs {
                 let _ = store.add(c);
+            }
+            if store.is_empty() {
+                return Err("the system has no trusted root certificates (sslrootcert=system or verify-ca/verify-full without sslrootcert): give sslrootcert=FILE".into());
             }
         }
     }
     Ok(store)
+}
+
+/// The client certificate chain and key of `sslcert`/`sslkey`, for certificate authentication.
+fn client_identity(
+    params: &TlsParams,
+) -> Result<
+    Option<(
+        Vec<CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+    String,
+> {
+    let (cert, key) = match (&params.cert, &params.key) {
+        (None, None) => return Ok(None),
+        (Some(c), Some(k)) => (c, k),
+        (Some(c), None) => {
+            return Err(format!(
+                "sslcert {} is given without sslkey: give both",
+                c.display()
+            ))
+        }
+        (None, Some(k)) => {
+            return Err(format!(
+                "sslkey {} is given without sslcert: give both",
+                k.display()
+            ))
+        }
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("sslcert {}: {e}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("sslcert {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("sslcert {}: no certificate in it", cert.display()));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(key)
+            .map_err(|e| format!("sslkey {}: {e}", key.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o037 != 0 {
+            return Err(format!(
+                "sslkey {} has group or world access (mode {:o}): it must be u=rw (0600) or less, or u=rw,g=r (0640) if owned by root, as libpq requires",
+                key.display(),
+                mode & 0o777
+            ));
+        }
+    }
+    let key_der = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("sslkey {}: {e}", key.display()))?;
+    Ok(Some((chain, key_der)))
 }
 
 /// The rustls client configuration for `params` (None for `disable`).
@@ -262,12 +380,16 @@ pub fn client_config(params: &TlsParams) -> Result<Option<Arc<ClientConfig>>, St
         chain,
         check_name: params.mode == Mode::VerifyFull,
     };
-    Ok(Some(Arc::new(
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_no_client_auth(),
-    )))
+    let builder = builder
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    let config = match client_identity(params)? {
+        None => builder.with_no_client_auth(),
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| format!("sslcert/sslkey: {e}"))?,
+    };
+    Ok(Some(Arc::new(config)))
 }
 
 /// The server certificate check of an `sslmode`. The handshake signatures are always checked,
@@ -341,49 +463,57 @@ impl ServerCertVerifier for Verifier {
 mod tests {
     use super::*;
 
+    fn params(pairs: &[(&str, &str)]) -> Result<TlsParams, String> {
+        let map: std::collections::BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        TlsParams::from_keywords(|k| map.get(k).cloned(), None)
+    }
+
     #[test]
     fn url_parameters_are_split_off() {
-        let (rest, p) = split_tls_params("postgres://u:p@h:5/db?sslmode=verify-full&sslrootcert=%2Ftmp%2Fca.pem&application_name=x").unwrap();
-        assert_eq!(
-            rest,
-            "postgres://u:p@h:5/db?application_name=x&sslmode=require"
-        );
-        assert_eq!(
-            p,
-            TlsParams {
-                mode: Mode::VerifyFull,
-                root_cert: Some(PathBuf::from("/tmp/ca.pem"))
-            }
-        );
-        let (rest, p) = split_tls_params("postgres://h/db").unwrap();
-        assert_eq!(rest, "postgres://h/db?sslmode=prefer");
-        assert_eq!(p.mode, Mode::Prefer);
-        let (_, p) =
-            split_tls_params("postgres://h/db?sslmode=require&sslrootcert=ca.pem").unwrap();
-        assert_eq!(
-            p.mode,
-            Mode::VerifyCa,
-            "require with a root certificate verifies the chain, as libpq does"
-        );
+        let (rest, taken) = split_params("postgres://u:p@h:5/db?sslmode=verify-full&sslrootcert=%2Ftmp%2Fca.pem&application_name=x&service=s").unwrap();
+        assert_eq!(rest, "postgres://u:p@h:5/db?application_name=x");
+        assert_eq!(taken["sslmode"], "verify-full");
+        assert_eq!(taken["sslrootcert"], "/tmp/ca.pem");
+        assert_eq!(taken["service"], "s");
+        let (rest, taken) = split_params("postgres://h/db").unwrap();
+        assert_eq!(rest, "postgres://h/db");
+        assert!(taken.is_empty());
     }
 
     #[test]
     fn key_value_parameters_are_split_off() {
-        let (rest, p) = split_tls_params(r"host=h password='it\'s' sslmode=disable").unwrap();
-        assert_eq!(rest, r"host='h' password='it\'s' sslmode=disable");
-        assert_eq!(p.mode, Mode::Disable);
-        let (rest, p) =
-            split_tls_params("host=h dbname='my db' sslmode = verify-ca sslrootcert='/a b/ca.pem'")
-                .unwrap();
-        assert_eq!(rest, "host='h' dbname='my db' sslmode=require");
+        let (rest, taken) = split_params(r"host=h password='it\'s' sslmode=disable").unwrap();
+        assert_eq!(rest, r"host='h' password='it\'s'");
+        assert_eq!(taken["sslmode"], "disable");
+        let (rest, taken) = split_params(
+            "host=h dbname='my db' sslmode = verify-ca sslrootcert='/a b/ca.pem' sslcert=c sslkey=k passfile=/p",
+        )
+        .unwrap();
+        assert_eq!(rest, "host='h' dbname='my db'");
+        assert_eq!(taken.len(), 5);
+        assert_eq!(taken["sslrootcert"], "/a b/ca.pem");
+    }
+
+    #[test]
+    fn modes_as_in_libpq() {
+        assert_eq!(params(&[]).unwrap().mode, Mode::Prefer);
         assert_eq!(
-            p,
-            TlsParams {
-                mode: Mode::VerifyCa,
-                root_cert: Some(PathBuf::from("/a b/ca.pem"))
-            }
+            params(&[("sslmode", "require"), ("sslrootcert", "ca.pem")])
+                .unwrap()
+                .mode,
+            Mode::VerifyCa,
+            "require with a root certificate verifies the chain"
         );
-        assert!(split_tls_params("host=h sslmode=sometimes")
+        let system = params(&[("sslrootcert", "system")]).unwrap();
+        assert_eq!(system.mode, Mode::VerifyFull);
+        assert_eq!(system.root_cert, Some(RootCert::System));
+        assert!(params(&[("sslrootcert", "system"), ("sslmode", "require")])
+            .unwrap_err()
+            .contains("verify-full"));
+        assert!(params(&[("sslmode", "sometimes")])
             .unwrap_err()
             .contains("unknown sslmode"));
     }

@@ -5,6 +5,8 @@
 //!   SIGTERMed (it finishes its running task, the rest goes elsewhere);
 //! - `auth`: mTLS with a client CA, the shared token, agent-to-agent mTLS, no plaintext beyond
 //!   loopback, SIGTERM;
+//! - `guard`: what a token holder cannot make an agent do (connect where it was not told to,
+//!   write outside the shadow tables of a migration that is copying);
 //! - `placement`: source-side and destination-side agents holding only their own database's
 //!   credentials (password authentication), and the refusals before any change: another
 //!   protocol version, an unreachable or unknown database, a pool that cannot run tasks.
@@ -26,6 +28,8 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 mod auth;
 #[path = "distributed/failover.rs"]
 mod failover;
+#[path = "distributed/guard.rs"]
+mod guard;
 #[path = "distributed/pg_tls.rs"]
 mod pg_tls;
 #[path = "distributed/placement.rs"]

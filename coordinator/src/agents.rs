@@ -241,18 +241,21 @@ impl AgentPool {
         proto::Endpoint {
             target: Some(match named {
                 Some(name) => proto::endpoint::Target::Database(name.clone()),
-                None => proto::endpoint::Target::Url(url.expose().to_string()),
+                None => proto::endpoint::Target::Url(url.expose()),
             }),
             application_name: "pgzm-agent".into(),
         }
     }
 
-    /// Checks that every agent reaches the databases its side needs, before any change.
+    /// Checks that every agent reaches the databases its side needs, before any change. Returns
+    /// the roles the agents' destination connections have (remote agents only: the in-process
+    /// agent connects as the coordinator).
     pub async fn check_reach(
         &self,
         source: &DbUrl,
         destination: &DbUrl,
-    ) -> Result<(), CoordinatorError> {
+    ) -> Result<Vec<String>, CoordinatorError> {
+        let mut roles = Vec::new();
         for a in &self.agents {
             if a.label == "in-process" {
                 continue;
@@ -283,9 +286,12 @@ impl AgentPool {
                         message: format!("cannot reach the {side} database: {}", r.message),
                     });
                 }
+                if *side == "destination" && !r.role.is_empty() && !roles.contains(&r.role) {
+                    roles.push(r.role);
+                }
             }
         }
-        Ok(())
+        Ok(roles)
     }
 }
 

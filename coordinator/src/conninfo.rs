@@ -1,4 +1,5 @@
-//! Connection strings: parsed once, passed on to agents as given, printed without secrets.
+//! Connection strings: parsed once and completed as libpq does (service file, `PG*` variables,
+//! password file), passed on to agents completed, printed without secrets.
 
 use pgzm_agent::pg::PgTarget;
 use tokio_postgres::config::Host;
@@ -8,14 +9,14 @@ use crate::error::CoordinatorError;
 /// A database connection string whose `Debug` and `Display` never show the password.
 #[derive(Clone)]
 pub struct DbUrl {
-    raw: String,
     config: PgTarget,
     side: &'static str,
 }
 
 impl DbUrl {
-    /// Parses a URL (`postgres://user:pass@host:port/db?sslmode=…`) or `key=value` string.
-    /// `side` ("source" or "destination") names it in messages.
+    /// Parses a URL (`postgres://user:pass@host:port/db?sslmode=…`) or `key=value` string and
+    /// completes it from the environment as libpq does. `side` ("source" or "destination")
+    /// names it in messages.
     pub fn parse(raw: &str, side: &'static str) -> Result<DbUrl, CoordinatorError> {
         let raw = raw.trim();
         if raw.is_empty() {
@@ -38,16 +39,13 @@ impl DbUrl {
                 message: "no database name given (postgres://user@host:port/DBNAME)".into(),
             });
         }
-        Ok(DbUrl {
-            raw: raw.to_string(),
-            config,
-            side,
-        })
+        Ok(DbUrl { config, side })
     }
 
-    /// The connection string as given, credentials included: for agents only, never for output.
-    pub fn expose(&self) -> &str {
-        &self.raw
+    /// The completed connection string, credentials included (those from the environment or
+    /// the password file too): for agents only, never for output.
+    pub fn expose(&self) -> String {
+        self.config.conninfo()
     }
 
     /// Parsed config.
@@ -126,10 +124,9 @@ mod tests {
         assert_eq!(url.host_port(), "db.example.com:6543");
         assert_eq!(url.to_string(), "app@db.example.com:6543/prod");
         assert!(!format!("{url:?}").contains("s3cret"));
-        assert_eq!(
-            url.expose(),
-            "postgres://app:s3cret@db.example.com:6543/prod"
-        );
+        let again = DbUrl::parse(&url.expose(), "destination").unwrap();
+        assert_eq!(again.to_string(), url.to_string());
+        assert_eq!(again.config().get_password(), Some(&b"s3cret"[..]));
     }
 
     #[test]
@@ -140,12 +137,10 @@ mod tests {
     }
 
     #[test]
-    fn rejects_missing_database_and_garbage_without_echoing() {
-        let err = DbUrl::parse("postgres://u:topsecret@localhost:5432", "source")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("no database name"), "{err}");
-        assert!(!err.contains("topsecret"));
+    fn defaults_the_database_and_rejects_garbage_without_echoing() {
+        // As in libpq, the database defaults to the user's name.
+        let url = DbUrl::parse("postgres://u:topsecret@localhost:5432", "source").unwrap();
+        assert_eq!(url.dbname(), "u");
         let err = DbUrl::parse("postgres://u:topsecret@localhost:notaport/db", "source")
             .unwrap_err()
             .to_string();

@@ -80,9 +80,9 @@ pub async fn prepare(
     let preserved_names = preserved_names(&opts.preserved);
 
     // Plan: read both sides under one source snapshot; change nothing.
-    let (source_client, control, schema, dest, earlier, snapshot, live_shapes, newest) = phases
+    let (source_client, control, schema, dest, earlier, snapshot, live_shapes, newest, agent_roles) = phases
         .run("plan", async {
-            pool.check_reach(&opts.source, &opts.destination).await?;
+            let agent_roles = pool.check_reach(&opts.source, &opts.destination).await?;
             let source_client = opts.source.connect("pgzm-coordinator").await?;
             let control = opts.destination.connect("pgzm-coordinator").await?;
             refuse_same_database(&source_client, &control, &opts.destination).await?;
@@ -135,7 +135,7 @@ pub async fn prepare(
             let dest = destination::read(&control).await?;
             let earlier = state::earlier_runs(&control).await?;
             let live_shapes = preserve::read_live(&control, &preserved_names).await?;
-            Ok((source_client, control, schema, dest, earlier, snapshot, live_shapes, newest))
+            Ok((source_client, control, schema, dest, earlier, snapshot, live_shapes, newest, agent_roles))
         })
         .await?;
     // Unique even for runs started in the same millisecond (they are serialised by the lock).
@@ -225,21 +225,43 @@ pub async fn prepare(
             create_shadow(&mut control, &plan, &schema, &dest, &renames),
         )
         .await?;
-    let result = fill(
-        opts,
-        pool,
-        phases,
-        &mut report,
-        &control,
-        source_client,
-        &plan,
-        &schema,
-        &dest,
-        renames,
-        snapshot,
-        &mut created,
-    )
-    .await;
+    // Remote agents' roles get what the copy needs on the tables they load, until it ends.
+    let loaded: Vec<u32> = created
+        .tables
+        .iter()
+        .filter(|(name, _)| {
+            plan.tables
+                .iter()
+                .any(|t| t.shadow == *name && !t.partitioned && !plan.is_preserved(&t.name))
+        })
+        .map(|(_, oid)| *oid)
+        .collect();
+    let result = match crate::grants::grant(&control, &agent_roles, &loaded).await {
+        Err(e) => Err(e),
+        Ok(grants) => {
+            let result = fill(
+                opts,
+                pool,
+                phases,
+                &mut report,
+                &control,
+                source_client,
+                &plan,
+                &schema,
+                &dest,
+                renames,
+                snapshot,
+                &mut created,
+                &grants,
+            )
+            .await;
+            if result.is_err() {
+                // Revoked after the copy phase already, unless the copy itself failed.
+                let _ = crate::grants::revoke(&control, &grants).await;
+            }
+            result
+        }
+    };
     match result {
         Ok(()) => Ok(Some(Prepared {
             control,
@@ -396,6 +418,7 @@ async fn fill(
     renames: Renames,
     snapshot: String,
     created: &mut RecordedObjects,
+    grants: &crate::grants::AgentGrants,
 ) -> Result<(), CoordinatorError> {
     if !plan.preserved.is_empty() {
         phases
@@ -482,6 +505,9 @@ async fn fill(
     // Every task has read the snapshot: release it so the source's vacuum is not held back.
     let _ = source_client.batch_execute("COMMIT").await;
     drop(source_client);
+    // The agents are done: their roles lose what they were granted for the copy, before any
+    // shadow table can become live.
+    crate::grants::revoke(control, grants).await?;
 
     // Partitioned tables, once all their partitions are built, deepest level first: their keys
     // and indexes attach the partitions' (built already) instead of building new ones.

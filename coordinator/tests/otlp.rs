@@ -958,19 +958,32 @@ async fn passwords_reach_no_log_span_metric_or_error() {
     let unreachable = format!("postgres://postgres:{SECRET}@127.0.0.1:1/nowhere");
     let src_db = format!("src={source_url}");
     let dst_db = format!("dst={dest_url}");
+    let bad_db = format!("bad={unreachable}");
     let agent = Agent::start(
         &otel,
         "otlp-secret-agent",
-        &["-v", "--database", &src_db, "--database", &dst_db],
+        &[
+            "-v",
+            "--database",
+            &src_db,
+            "--database",
+            &dst_db,
+            "--database",
+            &bad_db,
+        ],
     )
     .await;
     let dir = WorkDir::new("secret");
-    // A successful run: the tasks carry the URLs to the agent.
+    // A successful run: the agent holds the URLs, pgzm has them too.
     let ok = output(pgzm(&dir, &otel, "otlp-secret-coordinator").args([
         "-v",
         "start",
         "--agent",
         &agent.url,
+        "--agent-source-db",
+        "src",
+        "--agent-dest-db",
+        "dst",
         "--source",
         &source_url,
         "--dest",
@@ -984,7 +997,14 @@ async fn passwords_reach_no_log_span_metric_or_error() {
     for (service, agent_args) in [
         (
             "otlp-secret-failing-agent",
-            vec!["--agent", agent.url.as_str()],
+            vec![
+                "--agent",
+                agent.url.as_str(),
+                "--agent-source-db",
+                "src",
+                "--agent-dest-db",
+                "bad",
+            ],
         ),
         ("otlp-secret-failing-local", vec![]),
     ] {

@@ -3,13 +3,12 @@
 # that the agent next to this database logs in as (password: $PGZM_AGENT_DB_PASSWORD), with
 # only the privileges its side needs:
 #   source       read every table (pg_read_all_data) and import the coordinator's snapshot;
-#   destination  fill the shadow tables and record tasks in pgzm.copy_progress — all created
-#                later by the coordinator's role (postgres here), hence default privileges.
+#   destination  nothing: the coordinator grants the role what a copy needs on the shadow
+#                tables it creates (and on pgzm's metadata), and revokes it when the copy ends.
 set -eu
 case "${PGZM_AGENT_SIDE:?set PGZM_AGENT_SIDE to source or destination}" in
     source) grants="GRANT pg_read_all_data TO pgzm_agent;" ;;
-    destination) grants="ALTER DEFAULT PRIVILEGES FOR ROLE postgres GRANT SELECT, INSERT, TRUNCATE ON TABLES TO pgzm_agent;
-ALTER DEFAULT PRIVILEGES FOR ROLE postgres GRANT USAGE ON SCHEMAS TO pgzm_agent;" ;;
+    destination) grants="" ;;
     *) echo "PGZM_AGENT_SIDE must be source or destination" >&2; exit 1 ;;
 esac
 psql -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" \

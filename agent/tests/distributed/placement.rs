@@ -274,6 +274,38 @@ async fn side_by_side(src_cluster: &PgCluster, dst_cluster: &PgCluster, p: &Pair
         dst_logins.iter().all(|u| u == "dst_writer"),
         "{dst_logins:?}"
     );
+    // After the swap the agent's role holds nothing on any table (live, backup, pgzm's) beyond
+    // what every role holds (PostGIS's catalog views).
+    let held: Vec<String> = dst
+        .query(
+            "SELECT c.oid::regclass::text || ': ' || p
+               FROM pg_class c, unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE',
+                                             'REFERENCES', 'TRIGGER']) p
+              WHERE c.relnamespace IN ('public'::regnamespace, 'pgzm'::regnamespace)
+                AND c.relkind IN ('r', 'p', 'v', 'm')
+                AND has_table_privilege('dst_writer', c.oid, p)
+                AND NOT EXISTS (SELECT 1 FROM aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a
+                                 WHERE a.grantee = 0 AND a.privilege_type = p)",
+            &[],
+        )
+        .await
+        .expect("read privileges")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        held.is_empty(),
+        "the agent's role kept privileges: {held:?}"
+    );
+    let usage: bool = dst
+        .query_one(
+            "SELECT has_schema_privilege('dst_writer', 'pgzm', 'USAGE')",
+            &[],
+        )
+        .await
+        .expect("read schema privilege")
+        .get(0);
+    assert!(!usage, "the agent's role kept USAGE on pgzm");
     for a in [&source_agent, &dest_agent] {
         let log = a.log();
         for pw in [ADMIN_PW, SRC_PW, DST_PW] {
@@ -308,19 +340,9 @@ async fn source_side_and_destination_side_agents_each_hold_their_own_credentials
         "GRANT pg_read_all_data TO src_reader;",
     )
     .await;
+    // The destination-side role gets no privilege at all: the coordinator grants it what the
+    // copy needs on the shadow tables, and revokes it when the copy ends.
     add_role(&dst_cluster, "dst_writer", DST_PW, "").await;
-    // The destination-side role may fill the tables the coordinator (postgres) creates, and
-    // nothing more (the privileges deploy/README.md documents).
-    for p in &pairs {
-        p.dest
-            .batch(
-                "ALTER DEFAULT PRIVILEGES FOR ROLE postgres
-                     GRANT SELECT, INSERT, TRUNCATE ON TABLES TO dst_writer;
-                 ALTER DEFAULT PRIVILEGES FOR ROLE postgres GRANT USAGE ON SCHEMAS TO dst_writer;",
-            )
-            .await
-            .expect("grant default privileges");
-    }
     require_passwords(&src_cluster).await;
     require_passwords(&dst_cluster).await;
     side_by_side(&src_cluster, &dst_cluster, &pairs[0], false).await;
