@@ -518,3 +518,146 @@ async fn plaintext_agents_beyond_loopback_are_refused() {
         .get::<_, i64>(0);
     assert_eq!(schemas, 0, "nothing was written");
 }
+
+/// Passwords stay out of the command line, as with libpq: `pgzm` reads the service file
+/// (`service=NAME`, `$PGSERVICEFILE`), the password file (`$PGPASSFILE`), `PGPASSWORD` and the
+/// other `PG*` variables; and `PGSSLMODE=require` is obeyed (a server without TLS is refused,
+/// never silently reached in plaintext). Against a private server that requires passwords.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libpq_service_file_password_file_and_environment() {
+    const ADMIN_PW: &str = "libpq-Adm1n-pw";
+    let cluster = tokio::task::spawn_blocking(|| {
+        pgzm_tests::PgCluster::start().expect("start a private cluster")
+    })
+    .await
+    .expect("start");
+    let (source, dest) = pgzm_tests::fixture_pair_on(&cluster, &cluster, "libpq", "simple")
+        .await
+        .expect("load the simple fixture");
+    cluster
+        .require_passwords(ADMIN_PW)
+        .await
+        .expect("require passwords");
+    let dir = WorkDir::new("libpq");
+    let port = cluster.port();
+    let services = dir.0.join("pg_service.conf");
+    std::fs::write(
+        &services,
+        format!(
+            "[rebuilt]\nhost=127.0.0.1\nport={port}\ndbname={}\nuser=postgres\n\n[prod]\nhost=127.0.0.1\nport={port}\ndbname={}\nuser=postgres\nsslmode=disable\n",
+            source.name(),
+            dest.name()
+        ),
+    )
+    .expect("write the service file");
+    let passfile = dir.0.join("pgpass");
+    std::fs::write(
+        &passfile,
+        format!("127.0.0.1:{port}:*:postgres:{ADMIN_PW}\n"),
+    )
+    .expect("write the password file");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    let env = |cmd: &mut Command| {
+        cmd.env("PGSERVICEFILE", &services)
+            .env("PGPASSFILE", &passfile)
+            .env("HOME", &dir.0);
+    };
+
+    // Services and the password file: a whole migration with no password in argv.
+    let mut cmd = pgzm(&dir);
+    env(&mut cmd);
+    let out = output(cmd.args([
+        "start",
+        "--json",
+        "--jobs",
+        "2",
+        "--source",
+        "service=rebuilt",
+        "--dest",
+        "service=prod",
+    ]))
+    .await;
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "start with services: {stderr}");
+    let report = one_json("start", &text(&out.stdout));
+    assert_eq!(report["rows"].as_u64(), Some(6), "{report}");
+    assert!(
+        report["swap"]["lock_held_us"].as_i64().is_some(),
+        "{report}"
+    );
+    assert!(!stderr.contains(ADMIN_PW) && !text(&out.stdout).contains(ADMIN_PW));
+    let sums = |db: &TestDb| {
+        let url = format!(
+            "postgres://postgres:{ADMIN_PW}@127.0.0.1:{port}/{}",
+            db.name()
+        );
+        async move {
+            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("connect with the password");
+            tokio::spawn(conn);
+            let mut sums = inspect::table_checksums(&c).await.expect("checksums");
+            sums.retain(|t, _| !t.starts_with("backup_"));
+            sums
+        }
+    };
+    assert_eq!(
+        sums(&dest).await,
+        sums(&source).await,
+        "the destination holds the source's rows"
+    );
+
+    // PGPASSWORD and PGHOST/PGPORT/PGUSER/PGDATABASE, the URL naming nothing but the scheme.
+    let mut cmd = pgzm(&dir);
+    cmd.env("PGPASSWORD", ADMIN_PW)
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", port.to_string())
+        .env("PGUSER", "postgres")
+        .env("PGDATABASE", dest.name());
+    let out = output(cmd.args(["status", "--dest", "postgres://"])).await;
+    assert!(
+        out.status.success(),
+        "status from PG* variables: {}",
+        text(&out.stderr)
+    );
+
+    // No password anywhere: refused by the server, with libpq's meaning.
+    let out = output(pgzm(&dir).args([
+        "status",
+        "--dest",
+        &format!("postgres://postgres@127.0.0.1:{port}/{}", dest.name()),
+    ]))
+    .await;
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.to_lowercase().contains("password"), "{stderr}");
+
+    // PGSSLMODE=require against a server without TLS: refused, not plaintext.
+    let mut cmd = pgzm(&dir);
+    env(&mut cmd);
+    cmd.env("PGSSLMODE", "require");
+    let out = output(cmd.args([
+        "status",
+        "--dest",
+        &format!("postgres://postgres@127.0.0.1:{port}/{}", dest.name()),
+    ]))
+    .await;
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "PGSSLMODE=require reached a server without TLS"
+    );
+    assert!(
+        stderr.to_lowercase().contains("tls") || stderr.contains("SSL"),
+        "{stderr}"
+    );
+    // The service's own sslmode=disable wins over the variable, as in libpq.
+    let mut cmd = pgzm(&dir);
+    env(&mut cmd);
+    cmd.env("PGSSLMODE", "require");
+    let out = output(cmd.args(["status", "--dest", "service=prod"])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

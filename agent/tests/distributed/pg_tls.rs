@@ -137,4 +137,95 @@ async fn sslmodes_behave_as_in_libpq() {
         .expect("sums");
     dst.retain(|t, _| !t.starts_with("backup_"));
     assert_eq!(src, dst, "the destination holds the source's rows");
+
+    // Client certificate authentication (sslcert/sslkey), and libpq's variables: PGSSLMODE is
+    // obeyed, PGSSLCERT/PGSSLKEY/PGSSLROOTCERT are read.
+    let c = connect(&cluster.url("postgres")).await;
+    c.batch_execute("CREATE ROLE certuser LOGIN")
+        .await
+        .expect("create certuser");
+    let (client_cert, client_key) = pki::leaf(
+        "certuser",
+        &["certuser"],
+        &[ExtendedKeyUsagePurpose::ClientAuth],
+        &issuer,
+    );
+    let cert_file = pems.write("client.pem", &client_cert).display().to_string();
+    let key_file = pems.write("client.key", &client_key);
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let key_file = key_file.display().to_string();
+    let data = cluster.dir().join("data");
+    std::fs::write(
+        data.join("pg_hba.conf"),
+        "local all all trust\nhostssl all certuser 127.0.0.1/32 cert\nhost all all 127.0.0.1/32 trust\n",
+    )
+    .expect("write pg_hba.conf");
+    for sql in [
+        format!("ALTER SYSTEM SET ssl_ca_file = '{ca}'"),
+        "SELECT pg_reload_conf()".to_string(),
+    ] {
+        c.batch_execute(&sql)
+            .await
+            .expect("trust client certificates");
+    }
+    let as_certuser = format!(
+        "postgres://certuser@127.0.0.1:{}/postgres?{tls}",
+        cluster.port()
+    );
+    let with_cert = format!("{as_certuser}&sslcert={cert_file}&sslkey={key_file}");
+    poll(
+        "the server to accept client certificates",
+        Duration::from_secs(10),
+        || {
+            let url = with_cert.clone();
+            async move { (ssl_of(&url).await == Ok(true)).then_some(()) }
+        },
+    )
+    .await;
+    let err = ssl_of(&as_certuser)
+        .await
+        .expect_err("no client certificate");
+    assert!(err.contains("client certificate"), "{err}");
+    // The same through the environment.
+    let env = pgzm_agent::libpq::Environment::from_pairs([
+        ("PGSSLMODE", "verify-full"),
+        ("PGSSLROOTCERT", ca.as_str()),
+        ("PGSSLCERT", cert_file.as_str()),
+        ("PGSSLKEY", key_file.as_str()),
+    ]);
+    let bare = format!("postgres://certuser@127.0.0.1:{}/postgres", cluster.port());
+    let target = pgzm_agent::pg::parse_config_in(&bare, &env).expect("parse");
+    let client = pgzm_agent::pg::connect(target, "pgzm-tls-test")
+        .await
+        .expect("certificate authentication from the environment");
+    let user: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .expect("query")
+        .get(0);
+    assert_eq!(user, "certuser");
+    // A key others may read is refused, as libpq does.
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let err = pgzm_agent::pg::parse_config(&with_cert).expect_err("a readable key");
+    assert!(err.contains("group or world access"), "{err}");
+}
+
+/// `PGSSLMODE=require` against a server without TLS fails: never a silent plaintext fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgsslmode_require_is_obeyed() {
+    let cluster = pgzm_tests::PgCluster::shared();
+    let url = cluster.url("postgres");
+    let plain = pgzm_agent::pg::parse_config_in(&url, &pgzm_agent::libpq::Environment::default())
+        .expect("parse");
+    assert!(pgzm_agent::pg::connect(plain, "t").await.is_ok());
+    let env = pgzm_agent::libpq::Environment::from_pairs([("PGSSLMODE", "require")]);
+    let target = pgzm_agent::pg::parse_config_in(&url, &env).expect("parse");
+    let err = pgzm_agent::pg::connect(target, "t")
+        .await
+        .expect_err("a server without TLS");
+    let text = pgzm_agent::pg::describe(&err);
+    assert!(
+        text.to_lowercase().contains("tls") || text.contains("SSL"),
+        "{text}"
+    );
 }

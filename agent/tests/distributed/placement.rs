@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use pgzm_coordinator::agents::AgentSettings;
 use pgzm_coordinator::migrate;
@@ -161,34 +160,10 @@ async fn add_role(cluster: &PgCluster, role: &str, password: &str, grants: &str)
 /// From now on the cluster accepts TCP connections only with a password (SCRAM), and logs
 /// every connection.
 async fn require_passwords(cluster: &PgCluster) {
-    let admin = connect(&cluster.url("postgres")).await;
-    for sql in [
-        format!("ALTER ROLE postgres PASSWORD '{ADMIN_PW}'"),
-        "ALTER SYSTEM SET log_connections = on".to_string(),
-    ] {
-        admin.batch_execute(&sql).await.expect("secure the cluster");
-    }
-    let hba = cluster.dir().join("data").join("pg_hba.conf");
-    std::fs::write(
-        &hba,
-        "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n",
-    )
-    .expect("write pg_hba.conf");
-    admin
-        .batch_execute("SELECT pg_reload_conf()")
+    cluster
+        .require_passwords(ADMIN_PW)
         .await
-        .expect("reload");
-    let url = cluster.url("postgres");
-    poll("password authentication", Duration::from_secs(10), || {
-        let url = url.clone();
-        async move {
-            tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                .await
-                .is_err()
-                .then_some(())
-        }
-    })
-    .await;
+        .expect("require passwords");
 }
 
 /// `postgres://USER:PASSWORD@127.0.0.1:PORT/DB`.
@@ -216,18 +191,55 @@ fn agent_logins(log: &Path, database: &str) -> Vec<String> {
 
 /// One migration through a source-side and a destination-side agent holding named databases.
 async fn side_by_side(src_cluster: &PgCluster, dst_cluster: &PgCluster, p: &Pair, compress: bool) {
+    // No password on the agents' command lines: the source-side agent takes it from
+    // PGPASSWORD, the destination-side one from a password file (as libpq would).
     let src_def = format!(
-        "src={}",
-        url_as(&p.source, src_cluster, "src_reader", SRC_PW)
+        "src=postgres://src_reader@127.0.0.1:{}/{}",
+        src_cluster.port(),
+        p.source.name()
     );
-    let dst_def = format!("dst={}", url_as(&p.dest, dst_cluster, "dst_writer", DST_PW));
-    let source_agent =
-        AgentProcess::start(&["--side", "source", "--database", &src_def, "-v"]).await;
+    let dst_def = format!(
+        "dst=host=127.0.0.1 port={} dbname={} user=dst_writer",
+        dst_cluster.port(),
+        p.dest.name()
+    );
+    let passfile =
+        std::env::temp_dir().join(format!("pgzm-pgpass-{}-{compress}", std::process::id()));
+    std::fs::write(
+        &passfile,
+        format!(
+            "# the destination\n127.0.0.1:{}:*:dst_writer:{DST_PW}\n",
+            dst_cluster.port()
+        ),
+    )
+    .expect("write the password file");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod the password file");
+    }
+    let passfile_env = passfile.display().to_string();
+    let source_agent = AgentProcess::start_with_env(
+        &["--side", "source", "--database", &src_def, "-v"],
+        &[("PGPASSWORD", SRC_PW)],
+    )
+    .await;
     let mut dest_args = vec!["--side", "destination", "--database", &dst_def, "-v"];
     if compress {
         dest_args.push("--compress");
     }
-    let dest_agent = AgentProcess::start(&dest_args).await;
+    let dest_agent =
+        AgentProcess::start_with_env(&dest_args, &[("PGPASSFILE", passfile_env.as_str())]).await;
+    for a in [&source_agent, &dest_agent] {
+        let argv = std::fs::read(format!("/proc/{}/cmdline", a.pid())).expect("read argv");
+        let argv = String::from_utf8_lossy(&argv);
+        for pw in [ADMIN_PW, SRC_PW, DST_PW] {
+            assert!(
+                !argv.contains(pw),
+                "a password on an agent's command line: {argv}"
+            );
+        }
+    }
 
     let admin_src = url_as(&p.source, src_cluster, "postgres", ADMIN_PW);
     let admin_dst = url_as(&p.dest, dst_cluster, "postgres", ADMIN_PW);
@@ -306,6 +318,7 @@ async fn side_by_side(src_cluster: &PgCluster, dst_cluster: &PgCluster, p: &Pair
         .expect("read schema privilege")
         .get(0);
     assert!(!usage, "the agent's role kept USAGE on pgzm");
+    let _ = std::fs::remove_file(&passfile);
     for a in [&source_agent, &dest_agent] {
         let log = a.log();
         for pw in [ADMIN_PW, SRC_PW, DST_PW] {

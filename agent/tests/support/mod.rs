@@ -54,6 +54,12 @@ fn agent_command(args: &[&str], env: &[(&str, &str)]) -> Command {
     for var in SCRUBBED_ENV {
         cmd.env_remove(var);
     }
+    // libpq's variables of the test's own environment would complete the agents' strings.
+    for (var, _) in std::env::vars_os() {
+        if var.to_string_lossy().starts_with("PG") {
+            cmd.env_remove(var);
+        }
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }

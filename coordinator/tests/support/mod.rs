@@ -72,6 +72,12 @@ pub fn clean_environment(cmd: &mut Command) {
     for var in FALLBACK_VARS {
         cmd.env_remove(var);
     }
+    // libpq's variables of the test's own environment would complete pgzm's strings.
+    for (var, _) in std::env::vars_os() {
+        if var.to_string_lossy().starts_with("PG") {
+            cmd.env_remove(var);
+        }
+    }
     cmd.stdin(Stdio::null()).kill_on_drop(true);
 }
 

@@ -147,6 +147,54 @@ impl PgCluster {
         &self.dir
     }
 
+    /// From now on the server accepts TCP connections only with a password (SCRAM; local
+    /// socket connections stay trusted) and logs every connection; the superuser `postgres`
+    /// gets `admin_password`. Returns once a password-less TCP connection is refused.
+    pub async fn require_passwords(&self, admin_password: &str) -> Result<(), HarnessError> {
+        let url = self.url("postgres");
+        let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| HarnessError::sql("connect as the superuser", &e))?;
+        tokio::spawn(connection);
+        for sql in [
+            format!(
+                "ALTER ROLE postgres PASSWORD '{}'",
+                admin_password.replace('\'', "''")
+            ),
+            "ALTER SYSTEM SET log_connections = on".to_string(),
+        ] {
+            admin
+                .batch_execute(&sql)
+                .await
+                .map_err(|e| HarnessError::sql("secure the cluster", &e))?;
+        }
+        fs::write(
+            self.dir.join("data").join("pg_hba.conf"),
+            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n",
+        )
+        .map_err(|e| HarnessError::io("write pg_hba.conf", e))?;
+        admin
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .map_err(|e| HarnessError::sql("reload", &e))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .is_ok()
+        {
+            if Instant::now() > deadline {
+                return Err(HarnessError::io(
+                    "require passwords",
+                    std::io::Error::other(
+                        "the server still accepts connections without a password",
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
     /// The last `lines` lines of the server log, for error messages.
     pub fn log_tail(&self, lines: usize) -> String {
         read_log_tail(&self.log_path, 0, lines)
