@@ -39,6 +39,8 @@ pub struct AgentSettings {
 pub struct AgentHandle {
     /// URL, or "in-process".
     pub label: String,
+    /// Its position in the pool (tags its database sessions).
+    pub index: usize,
     /// Client.
     pub client: AgentClient<Channel>,
     /// What it said about itself.
@@ -133,6 +135,7 @@ impl AgentPool {
         Ok(AgentPool {
             agents: vec![Arc::new(AgentHandle {
                 label: "in-process".into(),
+                index: 0,
                 client,
                 info,
                 peer_url: String::new(),
@@ -166,6 +169,7 @@ impl AgentPool {
             info!(agent = %url, side = ?proto::Side::try_from(info.side), region = %info.region, capacity = info.max_concurrent_tasks, "agent ready");
             agents.push(Arc::new(AgentHandle {
                 label: url.clone(),
+                index: agents.len(),
                 client,
                 info,
                 peer_url,
@@ -231,8 +235,13 @@ impl AgentPool {
         Some(sources[n].peer_url.clone())
     }
 
-    /// The endpoint tasks use for `url`'s database.
-    pub fn endpoint(&self, url: &DbUrl, destination: bool) -> proto::Endpoint {
+    /// The endpoint tasks use for `url`'s database, their sessions named `application_name`.
+    pub fn endpoint(
+        &self,
+        url: &DbUrl,
+        destination: bool,
+        application_name: &str,
+    ) -> proto::Endpoint {
         let named = if destination {
             &self.destination_database
         } else {
@@ -243,7 +252,7 @@ impl AgentPool {
                 Some(name) => proto::endpoint::Target::Database(name.clone()),
                 None => proto::endpoint::Target::Url(url.expose()),
             }),
-            application_name: "pgzm-agent".into(),
+            application_name: application_name.to_string(),
         }
     }
 
@@ -262,10 +271,13 @@ impl AgentPool {
             }
             let mut wanted = Vec::new();
             if a.side() != proto::Side::Destination {
-                wanted.push(("source", self.endpoint(source, false)));
+                wanted.push(("source", self.endpoint(source, false, "pgzm-agent")));
             }
             if a.side() != proto::Side::Source {
-                wanted.push(("destination", self.endpoint(destination, true)));
+                wanted.push((
+                    "destination",
+                    self.endpoint(destination, true, "pgzm-agent"),
+                ));
             }
             let mut client = a.client.clone();
             let results = client

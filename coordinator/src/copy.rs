@@ -19,7 +19,7 @@ use crate::error::CoordinatorError;
 
 /// A task's agent-side silence after which it is given up on that agent (agents report
 /// progress at least every 2 s).
-const STALL: Duration = Duration::from_secs(60);
+pub const STALL: Duration = Duration::from_secs(60);
 
 /// Whole tables at least this large are loaded with `COPY FREEZE` (after a `TRUNCATE` in the
 /// same transaction, which creates new relation files: not worth it for small tables).
@@ -80,6 +80,42 @@ pub struct CopyContext {
     pub range_bytes: i64,
     /// Digest the rows on both sides of every task.
     pub verify: bool,
+    /// A task with no word from its agent for this long is taken from it.
+    pub stall: Duration,
+}
+
+/// The `application_name` of the database sessions of agent `agent` (its index in the pool) in
+/// migration `migration_id`: how the coordinator finds, and ends, the sessions of an agent it
+/// gave up on, and a run's cleanup those of all its agents.
+pub fn session_tag(migration_id: i64, agent: usize) -> String {
+    format!("pgzm-agent m{migration_id} a{agent}")
+}
+
+/// The `LIKE` pattern of every agent session of migration `migration_id`.
+pub fn session_tag_pattern(migration_id: i64) -> String {
+    format!("pgzm-agent m{migration_id} a%")
+}
+
+/// Ends the sessions whose `application_name` is `LIKE pattern` on `db` (other than this
+/// one), so that a stalled or frozen agent's open transaction neither holds locks on shadow
+/// tables nor writes after its task was given to another agent. Best effort: returns how many
+/// were ended, or why none could be.
+pub async fn terminate_sessions(db: &DbUrl, pattern: &str) -> Result<u64, String> {
+    let client = db
+        .connect("pgzm-coordinator")
+        .await
+        .map_err(|e| e.to_string())?;
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
+               FROM pg_stat_activity
+              WHERE application_name LIKE $1 AND pid <> pg_backend_pid()
+                AND datname = current_database()",
+            &[&pattern],
+        )
+        .await
+        .map_err(|e| pgzm_agent::pg::describe(&e))?;
+    Ok(row.get::<_, i64>(0).max(0) as u64)
 }
 
 #[derive(Debug, Clone)]
@@ -547,6 +583,10 @@ impl Worker {
                         &[opentelemetry::KeyValue::new("table", job.table.clone())],
                     );
                     warn!(table = %job.table, agent = %self.agent.label, error = %message, "agent failed during a task; the task goes back to the queue");
+                    // Its sessions end first: a frozen agent's open transaction would hold its
+                    // locks on the shadow table (blocking the next attempt's TRUNCATE, the
+                    // builds and the cleanup) and could still commit later.
+                    self.end_sessions().await;
                     if task.failovers > 2 * self.agent_count + self.ctx.retries {
                         self.fail(CoordinatorError::Copy {
                             table: job.table.clone(),
@@ -562,6 +602,26 @@ impl Worker {
                     if !self.wait_for_agent().await {
                         return;
                     }
+                }
+            }
+        }
+    }
+
+    /// This slot's agent's session tag.
+    fn tag(&self) -> String {
+        session_tag(self.ctx.migration_id, self.agent.index)
+    }
+
+    /// Ends the agent's sessions on both databases (see [`terminate_sessions`]).
+    async fn end_sessions(&self) {
+        let tag = self.tag();
+        for db in [&self.ctx.destination, &self.ctx.source] {
+            match terminate_sessions(db, &tag).await {
+                Ok(n) => {
+                    info!(agent = %self.agent.label, database = db.side(), sessions = n, "ended the sessions of an agent that was given up on")
+                }
+                Err(e) => {
+                    warn!(agent = %self.agent.label, database = db.side(), error = %e, "could not end the sessions of an agent that was given up on")
                 }
             }
         }
@@ -614,8 +674,8 @@ impl Worker {
         };
         let message = proto::CopyTask {
             task_id: format!("m{}/{}/a{}", self.ctx.migration_id, task.key, task.attempts),
-            source: Some(self.pool.endpoint(&self.ctx.source, false)),
-            destination: Some(self.pool.endpoint(&self.ctx.destination, true)),
+            source: Some(self.pool.endpoint(&self.ctx.source, false, &self.tag())),
+            destination: Some(self.pool.endpoint(&self.ctx.destination, true, &self.tag())),
             snapshot_id: self.ctx.snapshot.clone(),
             source_table: Some(proto::TableName {
                 schema: "public".into(),
@@ -641,11 +701,11 @@ impl Worker {
         };
         let est = estimate(task, job);
         loop {
-            match tokio::time::timeout(STALL, stream.message()).await {
+            match tokio::time::timeout(self.ctx.stall, stream.message()).await {
                 Err(_) => {
                     return Outcome::AgentLost(format!(
                         "no word from the agent for {} s",
-                        STALL.as_secs()
+                        self.ctx.stall.as_secs_f64()
                     ))
                 }
                 Ok(Err(s)) => return classify(s),

@@ -45,6 +45,9 @@ pub struct StartOptions {
     pub verify: bool,
     /// Backup sets kept after the swap, the new one included (at least 1).
     pub keep_backups: u32,
+    /// A copy task whose agent sends no word for this long is given to another agent (after
+    /// its sessions are ended).
+    pub stall_timeout: std::time::Duration,
 }
 
 impl StartOptions {
@@ -64,6 +67,7 @@ impl StartOptions {
             preserved: Vec::new(),
             force: false,
             range_bytes: DEFAULT_RANGE_BYTES,
+            stall_timeout: crate::copy::STALL,
             verify: true,
             keep_backups: 1,
         }

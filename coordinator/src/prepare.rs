@@ -453,6 +453,7 @@ async fn fill(
         retries: opts.copy_retries,
         range_bytes: opts.range_bytes,
         verify: opts.verify,
+        stall: opts.stall_timeout,
     };
     let sessions = Arc::new(
         build::BuildSessions::new(opts.destination.clone(), opts.build.clone())

@@ -252,10 +252,15 @@ pub async fn set_status(
     Ok(())
 }
 
-/// Drops what an unfinished run created — sync triggers on live tables first (so no write on a
-/// live table can ever hit a missing shadow table), then shadow tables, sequences, types and
-/// functions, only objects whose oid still matches the record — and marks the run failed. One
-/// transaction, with a short lock_timeout and retries (dropping a trigger locks its table).
+/// Drops what an unfinished run created, only objects whose oid still matches the record, and
+/// marks the run failed:
+/// 1. the run's agents' database sessions are ended (a frozen agent's open transaction would
+///    hold its locks on a shadow table);
+/// 2. the sync triggers on live tables and their functions, in a transaction of their own, so
+///    that live tables stop mirroring even when something below cannot be dropped now;
+/// 3. shadow materialized views, tables, sequences, types and functions, in a second one.
+///
+/// Both with a short lock_timeout and retries (dropping a trigger locks its table).
 pub async fn clean_leftovers(
     client: &Client,
     id: i64,
@@ -263,14 +268,37 @@ pub async fn clean_leftovers(
     locks: crate::swap::SwapSettings,
 ) -> Result<Vec<String>, CoordinatorError> {
     use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
-    let mut dropped = Vec::new();
-    let mut statements = vec![
-        "BEGIN".to_string(),
-        format!(
-            "SET LOCAL lock_timeout = '{}ms'",
-            locks.lock_timeout.as_millis().max(1)
+    let ended = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
+               FROM pg_stat_activity
+              WHERE application_name LIKE $1 AND pid <> pg_backend_pid()
+                AND datname = current_database()",
+            &[&crate::copy::session_tag_pattern(id)],
+        )
+        .await;
+    match ended {
+        Ok(row) if row.get::<_, i64>(0) > 0 => tracing::info!(
+            migration = id,
+            sessions = row.get::<_, i64>(0),
+            "ended the database sessions of the run's agents"
         ),
-    ];
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(migration = id, error = %pgzm_agent::pg::describe(&e), "could not end the run's agents' sessions")
+        }
+    }
+    let mut dropped = Vec::new();
+    let begin = || {
+        vec![
+            "BEGIN".to_string(),
+            format!(
+                "SET LOCAL lock_timeout = '{}ms'",
+                locks.lock_timeout.as_millis().max(1)
+            ),
+        ]
+    };
+    let mut statements = begin();
     for (table, oid) in &objects.sync_triggers {
         if relation_oid(client, table).await? == Some(*oid) {
             for (name, _) in crate::preserve::TRIGGERS {
@@ -286,6 +314,18 @@ pub async fn clean_leftovers(
     for function in &objects.sync_functions {
         statements.push(format!("DROP FUNCTION IF EXISTS {function}()"));
     }
+    if statements.len() > 2 {
+        statements.push("COMMIT".into());
+        crate::swap::run_with_lock_retry(
+            client,
+            &statements.join(";\n"),
+            locks,
+            &format!("remove the sync triggers of migration {id}"),
+            &format!("remove the sync triggers of migration {id} from the live tables"),
+        )
+        .await?;
+    }
+    let mut statements = begin();
     // Shadow materialized views read shadow tables: they go first, dependents first.
     for (schema, name, oid) in objects.matviews.iter().rev() {
         let qualified = quote_qualified(schema, name);

@@ -993,3 +993,48 @@ async fn abort_removes_an_interrupted_runs_triggers_and_status_reports_them() ->
     assert!(again.migrations.is_empty());
     Ok(())
 }
+
+/// Cleanup removes the sync triggers from the live tables in a transaction of its own, first:
+/// a shadow table that cannot be dropped now (another session holds a lock on it) leaves the
+/// run's shadow objects for later, never live tables mirroring (issue 12, item 7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn triggers_go_first_even_when_the_shadow_tables_cannot_be_dropped_yet() -> anyhow::Result<()>
+{
+    let p = common::fixture_pair("abort_locked", "tes").await;
+    let dst = p.dest.connect().await?;
+    let live = live_sums(&dst).await;
+    let report =
+        common::prepare_and_release(&common::preserving(&p, &common::TES_PRESERVED)).await?;
+    dst.batch_execute(&format!(
+        "UPDATE pgzm.migrations SET status = 'preparing' WHERE id = {}",
+        report.migration_id
+    ))
+    .await?;
+    assert!(!common::status(&p).await.sync_triggers.is_empty());
+    // A session that is no agent of the run reads a shadow table in an open transaction.
+    let reader = p.dest.connect().await?;
+    reader
+        .batch_execute("BEGIN; SELECT count(*) FROM \"shadow_User\"")
+        .await?;
+    let short = pgzm_coordinator::swap::SwapSettings {
+        lock_timeout: std::time::Duration::from_millis(50),
+        total_timeout: std::time::Duration::from_secs(1),
+    };
+    let err = pgzm_coordinator::state::abort(&common::dest_url(&p), false, short)
+        .await
+        .expect_err("the shadow table is locked");
+    assert!(err.to_string().contains("lock"), "{err}");
+    let status = common::status(&p).await;
+    assert!(
+        status.sync_triggers.is_empty(),
+        "the live tables still mirror: {status:?}"
+    );
+    assert_eq!(live_sums(&dst).await, live);
+    reader.batch_execute("COMMIT").await?;
+    let done =
+        pgzm_coordinator::state::abort(&common::dest_url(&p), false, common::locks()).await?;
+    assert_eq!(done.migrations, [report.migration_id]);
+    assert_none_with_prefix(&dst, "shadow_").await;
+    assert_eq!(live_sums(&dst).await, live);
+    Ok(())
+}

@@ -44,7 +44,7 @@ async fn wait_for_blocked_session(
         let waiting = watcher
             .query_opt(
                 "SELECT client_port FROM pg_stat_activity
-                 WHERE datname = $1 AND application_name = 'pgzm-agent'
+                 WHERE datname = $1 AND application_name LIKE 'pgzm-agent%'
                    AND wait_event_type = 'Lock' LIMIT 1",
                 &[&src_db],
             )
@@ -181,4 +181,121 @@ async fn an_agent_killed_mid_copy_is_replaced_by_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_terminated_mid_copy_finishes_its_task_and_leaves_the_rest() {
     stop_an_agent_mid_copy(Stop::Term).await;
+}
+
+/// The port of the server a pair's destination database is on.
+fn dest_port(p: &Pair) -> u16 {
+    let url = p.dest.url();
+    let host_port = url.split('@').nth(1).and_then(|r| r.split('/').next());
+    host_port
+        .and_then(|hp| hp.rsplit_once(':'))
+        .and_then(|(_, port)| port.parse().ok())
+        .expect("dest port")
+}
+
+/// An agent frozen (SIGSTOP) in the middle of its COPY into a shadow table, its session holding
+/// the table's lock: after the stall timeout the coordinator ends that agent's sessions before
+/// the task goes to the other agent, so nothing waits on the frozen session's lock (not the
+/// builds, not the swap) and the run finishes normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_agent_is_cut_off_before_its_task_is_given_to_another() {
+    let p = fixture_pair("agent_frozen", "tes").await;
+    p.source.batch(BIG_TABLE).await.expect("create big");
+    let agents = [
+        AgentProcess::start(&["--max-tasks", "1", "-v"]).await,
+        AgentProcess::start(&["--max-tasks", "1", "-v"]).await,
+    ];
+    let urls: Vec<String> = agents.iter().map(AgentProcess::http_url).collect();
+    let pool = pool(&settings(&urls)).await;
+    let dst = p.dest.connect().await.expect("connect dest");
+
+    // big's task waits on the source until the destination's shadow_big is locked too.
+    let src_locker = p.source.connect().await.expect("connect source");
+    src_locker
+        .batch_execute("BEGIN; LOCK TABLE big IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock big");
+    let mut opts = options(&p);
+    opts.jobs = 2;
+    opts.stall_timeout = Duration::from_secs(3);
+    let migration = tokio::spawn(migrate::start(opts, pool));
+    wait_for_blocked_session(&p, &migration, &agents).await;
+    let dst_locker = p.dest.connect().await.expect("connect dest");
+    dst_locker
+        .batch_execute("BEGIN; LOCK TABLE shadow_big IN SHARE MODE")
+        .await
+        .expect("lock shadow_big");
+    src_locker
+        .batch_execute("COMMIT")
+        .await
+        .expect("release big");
+
+    // The agent's COPY into shadow_big now waits for the lock: freeze that agent.
+    let dst_db = p.dest.name().to_string();
+    let port = poll(
+        "the COPY into shadow_big to wait",
+        Duration::from_secs(30),
+        || {
+            let (dst, dst_db) = (&dst, dst_db.clone());
+            async move {
+                dst.query_opt(
+                    "SELECT client_port FROM pg_stat_activity
+                  WHERE datname = $1 AND application_name LIKE 'pgzm-agent m% a%'
+                    AND wait_event_type = 'Lock' AND query LIKE 'COPY%shadow_big%'",
+                    &[&dst_db],
+                )
+                .await
+                .expect("read pg_stat_activity")
+                .map(|r| u16::try_from(r.get::<_, i32>(0)).expect("port"))
+            }
+        },
+    )
+    .await;
+    let pids: Vec<u32> = agents.iter().map(AgentProcess::pid).collect();
+    let victim = pid_of_connection(port, dest_port(&p), &pids).expect("the copying agent");
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(
+        unsafe { libc::kill(victim as libc::pid_t, libc::SIGSTOP) },
+        0
+    );
+    // The frozen agent's session takes the lock and keeps it, idle in its COPY.
+    dst_locker
+        .batch_execute("COMMIT")
+        .await
+        .expect("release shadow_big");
+
+    let started = Instant::now();
+    let report = tokio::time::timeout(Duration::from_secs(60), migration)
+        .await
+        .expect("the migration finishes despite the frozen agent")
+        .expect("join")
+        .unwrap_or_else(|e| panic!("migration with a frozen agent: {e}"));
+    eprintln!(
+        "frozen agent: finished {:?} after the freeze",
+        started.elapsed()
+    );
+    let src = p.source.connect().await.expect("connect source");
+    assert_migrated(&src, &dst).await;
+    let (keys, _) = recorded_tasks(&dst, report.migration_id).await;
+    assert_eq!(keys.len(), 16, "{keys:?}");
+    let left: i64 = dst
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE client_port = $1",
+            &[&i32::from(port)],
+        )
+        .await
+        .expect("read pg_stat_activity")
+        .get(0);
+    assert_eq!(left, 0, "the frozen agent's session was ended");
+    let triggers: i64 = dst
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgzm%' AND NOT tgisinternal",
+            &[],
+        )
+        .await
+        .expect("read triggers")
+        .get(0);
+    assert_eq!(triggers, 0);
+    // SAFETY: as above; the guard then kills it.
+    unsafe { libc::kill(victim as libc::pid_t, libc::SIGCONT) };
 }
