@@ -565,6 +565,9 @@ mod tests {
             references: None,
             validated: true,
             comment: None,
+            columns: Vec::new(),
+            ref_columns: Vec::new(),
+            match_full: false,
         }
     }
 

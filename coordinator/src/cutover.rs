@@ -81,6 +81,9 @@ pub async fn swap_prepared(
     report
         .warnings
         .extend(swap::validate_repointed(control, plan).await);
+    report
+        .warnings
+        .extend(swap::validate_deferred(control, plan).await);
     // Only now, with the new set in place, are sets beyond --keep-backups dropped.
     match destination.connect("pgzm-coordinator").await {
         Ok(mut c) => {

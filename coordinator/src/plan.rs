@@ -359,9 +359,19 @@ pub struct Plan {
     #[serde(default)]
     pub preserved: Vec<crate::preserve::PreservedTable>,
     /// Statements run inside the swap after the renames: foreign keys involving preserved
-    /// tables (added and validated) and the source's triggers on preserved tables.
+    /// tables (added `NOT VALID`; validated only a partitioned table's) and the source's
+    /// triggers on preserved tables.
     #[serde(default)]
     pub deferred: Vec<String>,
+    /// Checks run in the swap transaction before its locks: that no row of the shadow tables
+    /// breaks a foreign key involving a preserved table (the work of a validation, done while
+    /// production still runs; the lock window does not grow with the tables).
+    #[serde(default)]
+    pub deferred_checks: Vec<String>,
+    /// (live table, constraint) of the keys added `NOT VALID` in the swap, validated right
+    /// after its commit (without blocking writes).
+    #[serde(default)]
+    pub deferred_validations: Vec<(String, String)>,
 }
 
 /// What the tool's metadata says about earlier runs.
@@ -762,6 +772,8 @@ pub fn build_all(
         warnings,
         preserved: Vec::new(),
         deferred: Vec::new(),
+        deferred_checks: Vec::new(),
+        deferred_validations: Vec::new(),
     };
     (plan, problems)
 }

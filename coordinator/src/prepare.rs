@@ -184,7 +184,10 @@ pub async fn prepare(
     if !problems.is_empty() {
         return Err(refused(problems));
     }
-    plan.deferred = deferred_statements(&schema, &plan);
+    let deferred = deferred_statements(&schema, &plan);
+    plan.deferred = deferred.statements;
+    plan.deferred_checks = deferred.checks;
+    plan.deferred_validations = deferred.validations;
 
     let mut report = Report::new(&plan, opts.dry_run);
     if opts.dry_run {
@@ -361,11 +364,31 @@ pub async fn abandon(
     let _ = state::set_status(control, id, "failed", None, Some(&message)).await;
 }
 
-/// Foreign keys involving a preserved table and the source's triggers on preserved tables:
-/// created inside the swap transaction, on the live names (which are the new tables by then).
-fn deferred_statements(schema: &SourceSchema, plan: &Plan) -> Vec<String> {
+/// What the swap does about foreign keys involving a preserved table (and the source's
+/// triggers on preserved tables).
+struct Deferred {
+    /// In the swap, after the renames, on the live names (the new tables by then): each key
+    /// added `NOT VALID` (a partitioned table's validated: it cannot be `NOT VALID`), and the
+    /// triggers.
+    statements: Vec<String>,
+    /// In the swap, before its locks: a check per key that no shadow row breaks it.
+    checks: Vec<String>,
+    /// After the commit: the keys to validate.
+    validations: Vec<(String, String)>,
+}
+
+/// A foreign key involving a preserved table is validated inside the swap transaction, but not
+/// inside its lock window: the check (an anti-join over the shadow tables) runs before the
+/// locks, while production goes on; the key is then added `NOT VALID` under the locks and
+/// validated after the commit. Only a mirrored write committed between the check and the locks
+/// (milliseconds) could escape the check; the validation after the commit reports it.
+fn deferred_statements(schema: &SourceSchema, plan: &Plan) -> Deferred {
     let preserved: BTreeSet<&str> = plan.preserved.iter().map(|p| p.table.as_str()).collect();
-    let mut out = Vec::new();
+    let mut out = Deferred {
+        statements: Vec::new(),
+        checks: Vec::new(),
+        validations: Vec::new(),
+    };
     for t in &schema.tables {
         for c in t.constraints.iter().filter(|c| c.kind == 'f') {
             let involved = preserved.contains(t.name.as_str())
@@ -377,22 +400,30 @@ fn deferred_statements(schema: &SourceSchema, plan: &Plan) -> Vec<String> {
             }
             let table = quote_qualified("public", &t.name);
             let def = c.definition.trim_end_matches(" NOT VALID");
-            out.push(format!(
+            if t.is_partitioned() {
+                out.statements.push(format!(
+                    "ALTER TABLE {table} ADD CONSTRAINT {} {def}",
+                    quote_ident(&c.name)
+                ));
+                continue;
+            }
+            out.statements.push(format!(
                 "ALTER TABLE {table} ADD CONSTRAINT {} {def} NOT VALID",
                 quote_ident(&c.name)
             ));
-            if c.validated {
-                out.push(format!(
-                    "ALTER TABLE {table} VALIDATE CONSTRAINT {}",
-                    quote_ident(&c.name)
-                ));
+            if !c.validated {
+                continue;
+            }
+            out.validations.push((t.name.clone(), c.name.clone()));
+            if let Some(check) = foreign_key_check(plan, &t.name, c) {
+                out.checks.push(check);
             }
         }
         if preserved.contains(t.name.as_str()) {
             for tg in &t.triggers {
-                out.push(tg.definition.clone());
+                out.statements.push(tg.definition.clone());
                 if !tg.enabled {
-                    out.push(format!(
+                    out.statements.push(format!(
                         "ALTER TABLE {} DISABLE TRIGGER {}",
                         quote_qualified("public", &t.name),
                         quote_ident(&tg.name)
@@ -402,6 +433,60 @@ fn deferred_statements(schema: &SourceSchema, plan: &Plan) -> Vec<String> {
         }
     }
     out
+}
+
+/// A DO block failing with `foreign_key_violation` when a row of `table`'s shadow breaks key
+/// `c` against the referenced table's shadow (`MATCH SIMPLE`: a row with a NULL key column is
+/// exempt; `MATCH FULL`: all or none NULL).
+fn foreign_key_check(plan: &Plan, table: &str, c: &crate::catalog::Constraint) -> Option<String> {
+    let child = plan.table(table)?;
+    let parent = plan.table(c.references.as_deref()?)?;
+    if c.columns.is_empty() || c.columns.len() != c.ref_columns.len() {
+        return None;
+    }
+    let col = |alias: &str, name: &str| format!("{alias}.{}", quote_ident(name));
+    let not_null = c
+        .columns
+        .iter()
+        .map(|k| format!("{} IS NOT NULL", col("c", k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let join = c
+        .columns
+        .iter()
+        .zip(&c.ref_columns)
+        .map(|(k, r)| format!("{} = {}", col("p", r), col("c", k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let mut broken = format!(
+        "({not_null}) AND NOT EXISTS (SELECT 1 FROM {} p WHERE {join})",
+        quote_qualified("public", &parent.shadow)
+    );
+    if c.match_full && c.columns.len() > 1 {
+        let all = c
+            .columns
+            .iter()
+            .map(|k| col("c", k))
+            .collect::<Vec<_>>()
+            .join(", ");
+        broken = format!(
+            "({broken}) OR num_nonnulls({all}) BETWEEN 1 AND {}",
+            c.columns.len() - 1
+        );
+    }
+    let message = format!(
+        "foreign key \"{}\" of \"{}\" would be broken by the new tables: a row of \"{}\" references a row of \"{}\" that is missing (a preserved table's rows and the new data disagree); nothing was changed: fix the rows, then swap again",
+        c.name,
+        table,
+        table,
+        c.references.as_deref().unwrap_or_default()
+    );
+    Some(pgzm_agent::sql::do_block(&format!(
+        "BEGIN IF EXISTS (SELECT 1 FROM {} c WHERE {broken}) THEN \
+         RAISE EXCEPTION USING ERRCODE = 'foreign_key_violation', MESSAGE = {}; END IF; END",
+        quote_qualified("public", &child.shadow),
+        quote_literal(&message)
+    )))
 }
 
 #[allow(clippy::too_many_arguments)]

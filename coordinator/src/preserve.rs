@@ -11,8 +11,9 @@
 //! A mirror that fails must never fail the application's write: the trigger function catches
 //! the error, records it in `pgzm.sync_errors` and raises a WARNING; the swap then refuses (the
 //! shadow is stale) and the operator re-runs prepare. Foreign keys that involve a preserved table
-//! are added and validated inside the swap transaction, so a write to a preserved table can never
-//! be rejected by a shadow table's constraint.
+//! are checked in the swap transaction before its locks, added `NOT VALID` under them and
+//! validated after the commit (see `prepare::deferred_statements`), so a write to a preserved
+//! table can never be rejected by a shadow table's constraint.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -144,6 +144,11 @@ pub fn swap_sql(plan: &Plan, aside: Option<&AsideSet>, lock_timeout: Duration) -
     for r in &plan.repoints {
         lock.insert((r.schema.clone(), r.table.clone()));
     }
+    // Foreign keys involving a preserved table are checked now, while production still runs
+    // (no lock that blocks it: the anti-joins read the shadow tables), not in the lock window.
+    for check in &plan.deferred_checks {
+        push(check.clone());
+    }
     if !lock.is_empty() {
         push(format!(
             "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
@@ -362,6 +367,28 @@ fn backoff(attempt: u32) -> Duration {
         .unwrap_or(0);
     let jitter = u64::from(nanos % 1000) * base / 1000; // 0..base
     Duration::from_millis(base / 2 + jitter)
+}
+
+/// Validates, after the swap, the foreign keys involving preserved tables that the swap added
+/// `NOT VALID` (checked just before its locks). One that does not validate (a write committed
+/// between the check and the locks broke it) stays `NOT VALID`, still enforced on new writes,
+/// and the message says how to finish it.
+pub async fn validate_deferred(client: &Client, plan: &Plan) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (table, name) in &plan.deferred_validations {
+        let sql = format!(
+            "ALTER TABLE {} VALIDATE CONSTRAINT {}",
+            quote_qualified("public", table),
+            quote_ident(name)
+        );
+        if let Err(e) = client.batch_execute(&sql).await {
+            problems.push(format!(
+                "foreign key \"{name}\" on \"{table}\" does not validate: {}; a write committed just before the swap broke it. It stays NOT VALID (new writes are checked) until you fix the rows and run: {sql}",
+                describe(&e)
+            ));
+        }
+    }
+    problems
 }
 
 /// Validates the re-pointed foreign keys after the swap. A key that does not validate (rows of

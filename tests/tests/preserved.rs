@@ -1445,3 +1445,46 @@ async fn unusable_preserved_tables_are_refused_before_any_change() -> anyhow::Re
     assert_eq!(after, before, "a refused run changed something");
     Ok(())
 }
+
+/// Foreign keys involving a preserved table keep their guarantee without growing the swap's
+/// lock window: the swap transaction checks them (anti-joins over the shadow tables) before it
+/// takes its locks, adds them `NOT VALID` under the locks, and validates them after the commit
+/// (issue 12, item 13). Nothing of the validation work is between the lock and the commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preserved_foreign_keys_are_checked_before_the_locks_and_validated_after(
+) -> anyhow::Result<()> {
+    let p = common::fixture_pair("pres_fk_window", "tes").await;
+    let dst = p.dest.connect().await?;
+    let report = common::prepare_and_release(&preserving(&p, &TES_PRESERVED)).await?;
+    let plan = &report.plan;
+    assert!(!plan.deferred_checks.is_empty(), "{:?}", plan.deferred);
+    assert_eq!(plan.deferred_checks.len(), plan.deferred_validations.len());
+    let sql = pgzm_coordinator::swap::swap_sql(plan, None, Duration::from_millis(50));
+    let locked = sql.find("LOCK TABLE").expect("the swap locks");
+    let window = &sql[locked..];
+    for check in &plan.deferred_checks {
+        let at = sql.find(check.as_str()).expect("the check is in the swap");
+        assert!(at < locked, "a check runs under the locks: {check}");
+    }
+    assert!(!window.contains("VALIDATE CONSTRAINT"), "{window}");
+    assert!(!window.contains("NOT EXISTS (SELECT 1 FROM"), "{window}");
+    let adds = window.matches("NOT VALID").count();
+    assert!(adds >= plan.deferred_validations.len(), "{window}");
+
+    common::swap(&p).await?;
+    assert_swapped_clean(&dst).await;
+    assert_eq!(unvalidated_fks(&dst).await, Vec::<String>::new());
+    for (table, name) in &plan.deferred_validations {
+        let validated = int(
+            &dst,
+            &format!(
+                "SELECT count(*) FROM pg_constraint WHERE conname = '{name}' AND convalidated \
+                 AND conrelid = 'public.{}'::regclass",
+                quote_ident(table)
+            ),
+        )
+        .await;
+        assert_eq!(validated, 1, "{table}.{name}");
+    }
+    Ok(())
+}

@@ -161,6 +161,12 @@ pub struct Constraint {
     pub validated: bool,
     /// COMMENT ON CONSTRAINT.
     pub comment: Option<String>,
+    /// Foreign keys: the referencing columns, in key order.
+    pub columns: Vec<String>,
+    /// Foreign keys: the referenced columns, in key order.
+    pub ref_columns: Vec<String>,
+    /// Foreign keys: `MATCH FULL`.
+    pub match_full: bool,
 }
 
 impl Constraint {

@@ -59,7 +59,14 @@ ORDER BY a.attrelid, a.attnum";
 
 const CONSTRAINTS: &str = "
 SELECT con.conrelid, con.conname::text, con.contype::text, pg_get_constraintdef(con.oid),
-       con.confrelid, con.convalidated, obj_description(con.oid, 'pg_constraint')
+       con.confrelid, con.convalidated, obj_description(con.oid, 'pg_constraint'),
+       CASE WHEN con.contype = 'f' THEN ARRAY(
+           SELECT a.attname::text FROM unnest(con.conkey) WITH ORDINALITY k(n, i)
+           JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n ORDER BY k.i) END,
+       CASE WHEN con.contype = 'f' THEN ARRAY(
+           SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(n, i)
+           JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n ORDER BY k.i) END,
+       con.confmatchtype = 'f'
 FROM pg_constraint con
 WHERE con.conrelid = ANY($1::oid[]) AND con.contype IN ('p', 'u', 'x', 'c', 'f')
   -- A foreign key of a partitioned table is cloned onto its partitions (and onto the
@@ -330,6 +337,9 @@ pub async fn read_schema(client: &Client) -> Result<SourceSchema, CoordinatorErr
             references,
             validated: row.get(5),
             comment: row.get(6),
+            columns: row.get::<_, Option<Vec<String>>>(7).unwrap_or_default(),
+            ref_columns: row.get::<_, Option<Vec<String>>>(8).unwrap_or_default(),
+            match_full: row.get::<_, Option<bool>>(9).unwrap_or(false),
         });
     }
 
