@@ -390,29 +390,38 @@ impl BuildSessions {
         if let Some(c) = reused.filter(|c| !c.is_closed()) {
             return Ok(c);
         }
+        let started = std::time::Instant::now();
         let mut attempt = 0u32;
         loop {
-            match self.dest.connect("pgzm-build").await {
-                Ok(c) => {
-                    c.batch_execute(&format!(
+            let connected = match self.dest.connect("pgzm-build").await {
+                Ok(c) => c
+                    .batch_execute(&format!(
                         "SET maintenance_work_mem = {}",
                         quote_literal(&self.settings.maintenance_work_mem)
                     ))
                     .await
+                    .map(|()| c)
                     .map_err(|e| {
-                        CoordinatorError::destination(
-                            format!("{label}: set maintenance_work_mem"),
-                            &e,
+                        (
+                            classify(&e) == ErrorClass::Retryable,
+                            CoordinatorError::destination(
+                                format!("{label}: set maintenance_work_mem"),
+                                &e,
+                            ),
                         )
-                    })?;
-                    return Ok(c);
-                }
-                Err(e) if attempt < BUILD_RETRIES * 5 => {
+                    }),
+                Err(e) => Err((true, e)),
+            };
+            match connected {
+                Ok(c) => return Ok(c),
+                // The server may be restarting (crash recovery, a failover): connections are
+                // refused or dropped for a while.
+                Err((true, e)) if started.elapsed() < crate::copy::RESTART_PATIENCE => {
                     attempt += 1;
                     warn!(attempt, error = %e, "{label}: cannot connect for the build; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Err(e) => return Err(e),
+                Err((_, e)) => return Err(e),
             }
         }
     }

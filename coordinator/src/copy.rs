@@ -125,7 +125,13 @@ struct Task {
     range: Option<proto::PageRange>,
     attempts: u32,
     failovers: u32,
+    /// When its first transient failure happened (see [`RESTART_PATIENCE`]).
+    failing_since: Option<Instant>,
 }
+
+/// How long a task keeps being retried after transient failures, beyond its retry count: a
+/// destination or source restart (crash recovery, a failover) refuses connections for a while.
+pub const RESTART_PATIENCE: Duration = Duration::from_secs(60);
 
 /// The progress estimate of a job: its expected COPY bytes, else its heap + TOAST bytes.
 pub fn progress_estimate(job: &CopyJob) -> u64 {
@@ -170,6 +176,7 @@ fn split(job_index: usize, job: &CopyJob, range_bytes: i64) -> Vec<Task> {
             range: None,
             attempts: 0,
             failovers: 0,
+            failing_since: None,
         }];
     }
     let per = (job.pages + parts - 1) / parts;
@@ -190,6 +197,7 @@ fn split(job_index: usize, job: &CopyJob, range_bytes: i64) -> Vec<Task> {
                 }),
                 attempts: 0,
                 failovers: 0,
+                failing_since: None,
             }
         })
         .collect()
@@ -553,14 +561,22 @@ impl Worker {
                 }
                 Outcome::Failed { message, retry } => {
                     crate::progress::task_reset(&task.key);
-                    if retry && task.attempts <= self.ctx.retries + task.failovers {
+                    let since = *task.failing_since.get_or_insert_with(Instant::now);
+                    // Transient failures are retried their count of times, and beyond it while
+                    // they last less than RESTART_PATIENCE (a server restarting).
+                    if retry
+                        && (task.attempts <= self.ctx.retries + task.failovers
+                            || since.elapsed() < RESTART_PATIENCE)
+                    {
                         metrics.retries.add(
                             1,
                             &[opentelemetry::KeyValue::new("table", job.table.clone())],
                         );
                         warn!(table = %job.table, attempt = task.attempts, error = %message, "copy task failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(200 * u64::from(task.attempts)))
-                            .await;
+                        tokio::time::sleep(Duration::from_millis(
+                            (200 * u64::from(task.attempts)).min(2000),
+                        ))
+                        .await;
                         self.requeue(task);
                         continue;
                     }

@@ -15,6 +15,7 @@ use crate::build::BuildSettings;
 use crate::conninfo::DbUrl;
 use crate::error::CoordinatorError;
 use crate::plan::Plan;
+use crate::state;
 use crate::swap::{SwapOutcome, SwapSettings};
 use crate::{cutover, prepare};
 
@@ -286,19 +287,33 @@ pub async fn start_with_phases(
         prepared.report.phases = phases.0.clone();
         return Ok(prepared.report);
     }
-    let result = cutover::swap_prepared(
-        &prepared.control,
+    // The builds after the copy may have outlived a destination restart; the control session
+    // must be alive (and hold the run lock) for the swap.
+    let result = match state::reattach(
+        &mut prepared.control,
         &opts.destination,
-        &prepared.report.plan.clone(),
-        &prepared.created,
-        cutover::SwapPolicy {
-            locks: opts.swap,
-            keep_backups: opts.keep_backups,
-        },
-        phases,
-        &mut prepared.report,
+        prepared.report.migration_id,
+        "prepared",
     )
-    .await;
+    .await
+    {
+        Err(e) => Err(e),
+        Ok(()) => {
+            cutover::swap_prepared(
+                &prepared.control,
+                &opts.destination,
+                &prepared.report.plan.clone(),
+                &prepared.created,
+                cutover::SwapPolicy {
+                    locks: opts.swap,
+                    keep_backups: opts.keep_backups,
+                },
+                phases,
+                &mut prepared.report,
+            )
+            .await
+        }
+    };
     match result {
         Ok(()) => {
             prepared.report.phases = phases.0.clone();

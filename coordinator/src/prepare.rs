@@ -247,7 +247,7 @@ pub async fn prepare(
                 pool,
                 phases,
                 &mut report,
-                &control,
+                &mut control,
                 source_client,
                 &plan,
                 &schema,
@@ -276,6 +276,38 @@ pub async fn prepare(
             Err(err)
         }
     }
+}
+
+/// Every copy task the agents reported done is recorded in `pgzm.copy_progress`, with as many
+/// rows: a task's rows and its record commit together, so a missing record means the
+/// destination lost a committed copy (a crash with `synchronous_commit = off`, a failover to a
+/// replica that had not received it), and the shadow table lacks those rows. The run stops
+/// then, before anything is built on them.
+async fn check_recorded(
+    control: &Client,
+    id: i64,
+    copied: &copy::Copied,
+) -> Result<(), CoordinatorError> {
+    let tasks: i64 = copied.tables.iter().map(|(_, s)| i64::from(s.tasks)).sum();
+    let rows: i64 = copied
+        .tables
+        .iter()
+        .map(|(_, s)| i64::try_from(s.rows).unwrap_or(i64::MAX))
+        .sum();
+    let row = control
+        .query_one(
+            "SELECT count(*), coalesce(sum(rows), 0)::int8 FROM pgzm.copy_progress WHERE migration_id = $1",
+            &[&id],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("read pgzm.copy_progress", &e))?;
+    let (recorded, recorded_rows): (i64, i64) = (row.get(0), row.get(1));
+    if recorded < tasks || recorded_rows < rows {
+        return Err(CoordinatorError::Refused(vec![format!(
+            "the destination lost committed copies: {recorded} of {tasks} copy tasks ({recorded_rows} of {rows} rows) are recorded (did it restart with synchronous_commit = off, or fail over to a replica that had not received them?); nothing was swapped: run again"
+        )]));
+    }
+    Ok(())
 }
 
 /// The identity of the database a session is connected to: its server's start time
@@ -495,7 +527,7 @@ async fn fill(
     pool: AgentPool,
     phases: &mut Phases,
     report: &mut Report,
-    control: &Client,
+    control: &mut Client,
     source_client: Client,
     plan: &Plan,
     schema: &SourceSchema,
@@ -591,6 +623,10 @@ async fn fill(
     // Every task has read the snapshot: release it so the source's vacuum is not held back.
     let _ = source_client.batch_execute("COMMIT").await;
     drop(source_client);
+    // The destination may have restarted during the copy (the tasks and builds were retried).
+    state::reattach(control, &opts.destination, plan.migration_id, "preparing").await?;
+    let control: &Client = control;
+    check_recorded(control, plan.migration_id, &copied).await?;
     // The agents are done: their roles lose what they were granted for the copy, before any
     // shadow table can become live.
     crate::grants::revoke(control, grants).await?;

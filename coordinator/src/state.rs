@@ -99,6 +99,62 @@ pub async fn try_lock(client: &Client) -> Result<bool, CoordinatorError> {
     }
 }
 
+/// Makes sure the run's control session (which holds the run lock) is alive; if the
+/// destination restarted (crash recovery, a failover) and the session is gone, connects again
+/// (for up to [`crate::copy::RESTART_PATIENCE`]), takes the run lock again and checks that
+/// nothing happened meanwhile: run `id` is still the newest and still `status`. Otherwise the
+/// run stops (its objects are cleaned up by the next run or `pgzm abort`).
+pub async fn reattach(
+    control: &mut Client,
+    destination: &crate::conninfo::DbUrl,
+    id: i64,
+    status: &str,
+) -> Result<(), CoordinatorError> {
+    if !control.is_closed() && control.simple_query("SELECT 1").await.is_ok() {
+        return Ok(());
+    }
+    tracing::warn!(
+        migration = id,
+        "the destination's control session was lost (did the server restart?): connecting again"
+    );
+    let started = std::time::Instant::now();
+    let client = loop {
+        let attempt = async {
+            let c = destination.connect("pgzm-coordinator").await?;
+            c.batch_execute("SET search_path = pg_catalog")
+                .await
+                .map_err(|e| CoordinatorError::destination("set search_path", &e))?;
+            Ok::<_, CoordinatorError>(c)
+        };
+        match attempt.await {
+            Ok(c) => break c,
+            Err(e) if started.elapsed() < crate::copy::RESTART_PATIENCE => {
+                tracing::debug!(error = %e, "the destination is not back yet");
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    if !try_lock(&client).await? {
+        return Err(CoordinatorError::Refused(vec![format!(
+            "migration {id} lost its connection to the destination, and another pgzm run holds the destination now: this run stops; check `pgzm status`"
+        )]));
+    }
+    let newest = newest(&client).await?;
+    if newest.as_ref() != Some(&(id, status.to_string())) {
+        let (other, now) = newest.unwrap_or_default();
+        return Err(CoordinatorError::Refused(vec![format!(
+            "migration {id} lost its connection to the destination, and meanwhile the newest run became migration {other} ({now}): this run stops; check `pgzm status`"
+        )]));
+    }
+    tracing::info!(
+        migration = id,
+        "reconnected to the destination; the run goes on"
+    );
+    *control = client;
+    Ok(())
+}
+
 /// Releases the run lock taken by [`try_lock`] on this session (best effort: it goes with the
 /// session anyway).
 pub async fn unlock(client: &Client) {

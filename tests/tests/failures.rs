@@ -484,3 +484,141 @@ async fn a_terminated_build_session_is_retried() -> anyhow::Result<()> {
     assert!(valid);
     Ok(())
 }
+
+/// The destination server restarts (a backend is SIGKILLed: the postmaster ends every session
+/// and recovers) while the copy runs: the copy tasks retry until the server is back, the run's
+/// control session is reconnected (and the run lock taken again), and the migration completes
+/// (issue 12, item 11).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_restart_during_the_copy_is_survived() -> anyhow::Result<()> {
+    let dst_cluster = tokio::task::spawn_blocking(pgzm_tests::PgCluster::start).await??;
+    let (source, dest) = pgzm_tests::fixture_pair_on(
+        pgzm_tests::PgCluster::shared(),
+        &dst_cluster,
+        "dest_restart",
+        "tes",
+    )
+    .await?;
+    let p = Pair { source, dest };
+    p.source
+        .batch(
+            "CREATE TABLE big (id integer PRIMARY KEY, v text NOT NULL);
+             INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 20000) g;
+             ANALYZE big;",
+        )
+        .await?;
+    // Committed means durable, as on a production server (the harness runs its servers with
+    // synchronous_commit off, which loses the last commits in a crash).
+    p.dest
+        .batch(&format!(
+            "ALTER DATABASE {} SET synchronous_commit = on",
+            pgzm_tests::quote_ident(p.dest.name())
+        ))
+        .await?;
+    // big's task opens its destination transaction, then waits on the source.
+    let locker = p.source.connect().await?;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE big IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    let run = tokio::spawn(common::run(common::options(&p)));
+    let src_watch = p.source.connect().await?;
+    let src_db = p.source.name().to_string();
+    let started = Instant::now();
+    loop {
+        let waiting: i64 = src_watch
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1
+                   AND application_name LIKE 'pgzm-agent%' AND wait_event_type = 'Lock'",
+                &[&src_db],
+            )
+            .await?
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(!run.is_finished(), "the run ended while big was locked");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "big's copy never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Crash-restart the destination: SIGKILL one backend (an agent's).
+    let dst = p.dest.connect().await?;
+    let pid: i32 = dst
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'pgzm-agent%' LIMIT 1",
+            &[],
+        )
+        .await?
+        .get(0);
+    // SAFETY: kill(2) on a backend of our own throwaway server.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    drop(dst);
+    // Back once it accepts connections again (after recovery).
+    let back = Instant::now();
+    loop {
+        if let Ok(c) = p.dest.connect().await {
+            if c.simple_query("SELECT 1").await.is_ok() {
+                break;
+            }
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "the destination did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    locker.batch_execute("COMMIT").await?;
+    let report = tokio::time::timeout(Duration::from_secs(120), run).await???;
+    assert!(report.swap.is_some());
+    assert_dest_equals_source(&p).await;
+    let log = std::fs::read_to_string(dst_cluster.log_path())?;
+    assert!(
+        log.contains("terminated by signal 9"),
+        "the server restarted: {}",
+        dst_cluster.log_tail(20)
+    );
+    Ok(())
+}
+
+/// A copy the destination reported committed but then lost (as a crash with
+/// synchronous_commit = off or a failover to a lagging replica does) is found after the copy
+/// phase, from pgzm.copy_progress, and the run stops before building on the incomplete shadow
+/// tables: nothing is swapped. Simulated by a trigger that swallows one task's record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_the_destination_lost_stops_the_run_before_the_swap() -> anyhow::Result<()> {
+    let p = common::fixture_pair("lost_copy", "simple").await;
+    common::migrate(&p).await?; // pgzm's schema exists from now on
+    let dst = p.dest.connect().await?;
+    dst.batch_execute(
+        "CREATE FUNCTION pgzm.lose_a_record() RETURNS trigger LANGUAGE plpgsql AS
+           $$BEGIN IF NEW.task_key = 't0' THEN RETURN NULL; END IF; RETURN NEW; END$$;
+         CREATE TRIGGER lose BEFORE INSERT ON pgzm.copy_progress
+           FOR EACH ROW EXECUTE FUNCTION pgzm.lose_a_record();",
+    )
+    .await?;
+    let before = inspect::table_checksums(&dst).await?;
+    let err = common::migrate(&p)
+        .await
+        .expect_err("a lost copy must stop the run");
+    assert!(
+        err.to_string()
+            .contains("the destination lost committed copies"),
+        "{err}"
+    );
+    assert_eq!(
+        inspect::table_checksums(&dst).await?,
+        before,
+        "nothing was swapped"
+    );
+    let shadows: i64 = dst
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'shadow%' AND relnamespace = 'public'::regnamespace",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(shadows, 0, "the failed run cleaned up");
+    Ok(())
+}
