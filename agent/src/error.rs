@@ -128,10 +128,15 @@ impl AgentError {
 /// unreachable), not from the task.
 pub const RETRYABLE_KEY: &str = "pgzm-retryable";
 
+/// Metadata key on an error status whose task could not connect to a database (`1`): the
+/// server may be restarting, and the coordinator keeps retrying for a while.
+pub const CONNECT_KEY: &str = "pgzm-connect-failed";
+
 impl From<AgentError> for tonic::Status {
     fn from(err: AgentError) -> Self {
         let message = err.to_string();
         let retryable = err.is_retryable();
+        let connect = matches!(err, AgentError::Connect { .. });
         let mut status = match err {
             AgentError::InvalidTask(_) | AgentError::InvalidConnection { .. } => {
                 tonic::Status::invalid_argument(message)
@@ -147,6 +152,12 @@ impl From<AgentError> for tonic::Status {
             RETRYABLE_KEY,
             tonic::metadata::MetadataValue::from_static(if retryable { "1" } else { "0" }),
         );
+        if connect {
+            status.metadata_mut().insert(
+                CONNECT_KEY,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+        }
         status
     }
 }

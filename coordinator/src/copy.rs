@@ -125,11 +125,11 @@ struct Task {
     range: Option<proto::PageRange>,
     attempts: u32,
     failovers: u32,
-    /// When its first transient failure happened (see [`RESTART_PATIENCE`]).
+    /// When its first failure to connect happened (see [`RESTART_PATIENCE`]).
     failing_since: Option<Instant>,
 }
 
-/// How long a task keeps being retried after transient failures, beyond its retry count: a
+/// How long a task whose agent cannot connect keeps being retried, beyond its retry count: a
 /// destination or source restart (crash recovery, a failover) refuses connections for a while.
 pub const RESTART_PATIENCE: Duration = Duration::from_secs(60);
 
@@ -232,6 +232,8 @@ enum Outcome {
     Done(proto::CopyDone),
     /// The task failed; retry when `retry`.
     Failed {
+        /// The agent could not connect to a database (the server may be restarting).
+        connect: bool,
         message: String,
         retry: bool,
     },
@@ -559,15 +561,21 @@ impl Worker {
                     }
                     self.notify.notify_waiters();
                 }
-                Outcome::Failed { message, retry } => {
+                Outcome::Failed {
+                    message,
+                    retry,
+                    connect,
+                } => {
                     crate::progress::task_reset(&task.key);
-                    let since = *task.failing_since.get_or_insert_with(Instant::now);
-                    // Transient failures are retried their count of times, and beyond it while
-                    // they last less than RESTART_PATIENCE (a server restarting).
-                    if retry
-                        && (task.attempts <= self.ctx.retries + task.failovers
-                            || since.elapsed() < RESTART_PATIENCE)
-                    {
+                    // Transient failures are retried their count of times; failures to connect
+                    // also beyond it, for up to RESTART_PATIENCE (a server restarting).
+                    let restarting = connect
+                        && task
+                            .failing_since
+                            .get_or_insert_with(Instant::now)
+                            .elapsed()
+                            < RESTART_PATIENCE;
+                    if retry && (task.attempts <= self.ctx.retries + task.failovers || restarting) {
                         metrics.retries.add(
                             1,
                             &[opentelemetry::KeyValue::new("table", job.table.clone())],
@@ -751,6 +759,7 @@ fn classify(s: tonic::Status) -> Outcome {
         .and_then(|v| v.to_str().ok())
     {
         Some(flag) => Outcome::Failed {
+            connect: s.metadata().get(pgzm_agent::error::CONNECT_KEY).is_some(),
             message: s.message().to_string(),
             retry: flag == "1",
         },
@@ -758,6 +767,7 @@ fn classify(s: tonic::Status) -> Outcome {
             || s.code() == tonic::Code::FailedPrecondition =>
         {
             Outcome::Failed {
+                connect: false,
                 message: s.message().to_string(),
                 retry: false,
             }

@@ -55,11 +55,13 @@ async fn shadow_objects(db: &TestDb) -> Vec<String> {
     .collect()
 }
 
-/// Number of sessions on `db` with `application_name`, optionally only those waiting on a lock.
+/// Number of sessions on `db` with `application_name` (or it and a tag, as agents' sessions
+/// are), optionally only those waiting on a lock.
 async fn sessions(db: &TestDb, application_name: &str, waiting_on_lock: bool) -> i64 {
     let c = db.connect().await.expect("connect monitor");
     c.query_one(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = $2 \
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+         AND (application_name = $2 OR application_name LIKE $2 || ' %') \
          AND (NOT $3 OR wait_event_type = 'Lock')",
         &[&db.name(), &application_name, &waiting_on_lock],
     )

@@ -54,7 +54,8 @@ pub fn quoted(name: &str) -> String {
     pgzm_tests::quote_ident(name)
 }
 
-/// Polls `db`'s server until a backend of `db` named `application_name` waits on a heavyweight
+/// Polls `db`'s server until a backend of `db` named `application_name` (or `application_name`
+/// and a tag, as agents' sessions are: `pgzm-agent m<migration> a<agent>`) waits on a heavyweight
 /// lock (other than the pids in `exclude`); returns its pid, or `None` once `give_up` says so.
 pub async fn wait_for_lock_waiter(
     db: &TestDb,
@@ -67,7 +68,8 @@ pub async fn wait_for_lock_waiter(
     loop {
         let row = c
             .query_opt(
-                "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = $2 \
+                "SELECT pid FROM pg_stat_activity WHERE datname = $1 \
+                 AND (application_name = $2 OR application_name LIKE $2 || ' %') \
                  AND wait_event_type = 'Lock' AND pid <> ALL($3) LIMIT 1",
                 &[&db.name(), &application_name, &exclude],
             )
