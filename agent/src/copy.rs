@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::{SinkExt, Stream, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use pgzm_proto::agent::v1 as proto;
 use tokio_postgres::Client;
 
@@ -15,7 +15,9 @@ use tracing::{debug, info_span, Instrument};
 use crate::endpoint::Databases;
 use crate::error::{AgentError, Side};
 use crate::pg;
-use crate::sql::{quote_ident_list, quote_literal, quote_qualified};
+pub use crate::sql::QualifiedName;
+use crate::sql::{quote_ident_list, quote_literal};
+pub use crate::stream::{SourceItem, SourceStream};
 
 /// Default interval between progress reports.
 pub const DEFAULT_PROGRESS_EVERY_BYTES: u64 = 8 * 1024 * 1024;
@@ -25,28 +27,6 @@ const FLUSH_BYTES: usize = 64 * 1024;
 
 /// Longest time between two progress reports (a heartbeat for the coordinator).
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
-
-/// A schema-qualified table name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QualifiedName {
-    /// Schema (unquoted).
-    pub schema: String,
-    /// Relation name (unquoted).
-    pub name: String,
-}
-
-impl QualifiedName {
-    /// The quoted form, safe to splice into SQL.
-    pub fn quoted(&self) -> String {
-        quote_qualified(&self.schema, &self.name)
-    }
-}
-
-impl std::fmt::Display for QualifiedName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.schema, self.name)
-    }
-}
 
 /// Heap pages `[start, end)`; `end == 0` means to the end of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -377,23 +357,6 @@ pub async fn open_source(
         .map_err(|e| AgentError::copy(&name, "start COPY TO", Side::Source, &e))?;
     Ok((src, out))
 }
-
-/// Source data as a stream of byte chunks, ending with the source's row count and digest.
-pub enum SourceItem {
-    /// COPY data.
-    Data(Bytes),
-    /// Last item: rows the source sent, and their digest when asked for.
-    End {
-        /// Rows.
-        rows: u64,
-        /// Digest (verified tasks).
-        digest: Option<crate::digest::Digest>,
-    },
-}
-
-/// A boxed source stream.
-pub type SourceStream =
-    std::pin::Pin<Box<dyn Stream<Item = Result<SourceItem, AgentError>> + Send>>;
 
 async fn source_stream(
     spec: &CopySpec,

@@ -18,9 +18,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use crate::copy::QualifiedName;
 use crate::error::{AgentError, Side};
 use crate::pg;
+use crate::sql::QualifiedName;
 use crate::sql::{do_block, quote_literal};
 
 /// Prefix of the tables an agent writes into.

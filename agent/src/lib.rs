@@ -20,6 +20,7 @@ pub mod pg;
 pub mod pool;
 pub mod service;
 pub mod sql;
+pub mod stream;
 pub mod telemetry;
 pub mod tls;
 

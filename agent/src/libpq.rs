@@ -552,10 +552,133 @@ fn passfile_fields(line: &str) -> Vec<String> {
     fields
 }
 
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Splits the keywords tokio-postgres does not know (`sslmode`, `sslrootcert`, `sslcert`,
+/// `sslkey`, `service`, `passfile`) off a URL or `key=value` connection string: the rest, for
+/// tokio-postgres, and those keywords' values.
+pub fn split_params(
+    conninfo: &str,
+) -> Result<(String, std::collections::BTreeMap<String, String>), String> {
+    let mut taken = std::collections::BTreeMap::new();
+    let mut take = |key: &str, value: &str| -> bool {
+        if OWN_KEYWORDS.contains(&key) {
+            taken.insert(key.to_string(), value.to_string());
+            true
+        } else {
+            false
+        }
+    };
+    let rest = if conninfo.starts_with("postgres://") || conninfo.starts_with("postgresql://") {
+        match conninfo.split_once('?') {
+            None => conninfo.to_string(),
+            Some((base, query)) => {
+                let mut kept = Vec::new();
+                for pair in query.split('&').filter(|p| !p.is_empty()) {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    if !take(&percent_decode(k), &percent_decode(v)) {
+                        kept.push(pair.to_string());
+                    }
+                }
+                if kept.is_empty() {
+                    base.to_string()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                }
+            }
+        }
+    } else {
+        let mut kept = Vec::new();
+        for (k, v) in key_values(conninfo)? {
+            if !take(&k, &v) {
+                kept.push(format!("{k}={}", quote_value(&v)));
+            }
+        }
+        kept.join(" ")
+    };
+    Ok((rest, taken))
+}
+
+/// A `key=value` value, single-quoted with backslash escapes.
+pub fn quote_value(v: &str) -> String {
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// Parses libpq `key=value` pairs (values may be single-quoted with backslash escapes).
+fn key_values(s: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.peek().is_none() {
+            return Ok(out);
+        }
+        let mut key = String::new();
+        while let Some(&c) = chars.peek() {
+            if c == '=' || c.is_whitespace() {
+                break;
+            }
+            key.push(c);
+            chars.next();
+        }
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.next() != Some('=') {
+            return Err(format!(
+                "expected '=' after {key:?} in the connection string"
+            ));
+        }
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'\'') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    None => return Err("unterminated quoted value in the connection string".into()),
+                    Some('\\') => value.extend(chars.next()),
+                    Some('\'') => break,
+                    Some(c) => value.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                value.push(c);
+                chars.next();
+            }
+        }
+        out.push((key, value));
+    }
+}
+
 /// The `key=value` string of a completed configuration: every value explicit (password
 /// included), so another process reads it the same whatever its own environment.
 pub fn to_conninfo(config: &Config, tls: &crate::tls::TlsParams) -> String {
-    use crate::tls::{quote_value as q, RootCert};
+    use crate::tls::RootCert;
+    let q = quote_value;
     let mut out = Vec::new();
     let hosts: Vec<String> = config
         .get_hosts()
@@ -627,7 +750,7 @@ mod tests {
         conninfo: &str,
         env: &Environment,
     ) -> Result<(Config, BTreeMap<String, String>), String> {
-        let (rest, mut own) = crate::tls::split_params(conninfo)?;
+        let (rest, mut own) = split_params(conninfo)?;
         let defaults = Defaults::read(&mut own, env)?;
         let rest = defaults.port_into_url(&rest);
         let mut config = Config::from_str(&rest).map_err(|e| e.to_string())?;
@@ -749,12 +872,37 @@ mod tests {
         let (c, own) = complete_with("postgres://u@h:5/db?application_name=x", &env).unwrap();
         let tls = crate::tls::TlsParams::from_keywords(|k| own.get(k).cloned(), None).unwrap();
         let s = to_conninfo(&c, &tls);
-        let (rest, own2) = crate::tls::split_params(&s).unwrap();
+        let (rest, own2) = split_params(&s).unwrap();
         let c2 = Config::from_str(&rest).unwrap();
         assert_eq!(c2.get_password(), Some("it's \\ secret".as_bytes()));
         assert_eq!(c2.get_hosts(), c.get_hosts());
         assert_eq!(c2.get_ports(), [5]);
         assert_eq!(c2.get_application_name(), Some("x"));
         assert_eq!(own2["sslmode"], "require");
+    }
+    #[test]
+    fn url_parameters_are_split_off() {
+        let (rest, taken) = split_params("postgres://u:p@h:5/db?sslmode=verify-full&sslrootcert=%2Ftmp%2Fca.pem&application_name=x&service=s").unwrap();
+        assert_eq!(rest, "postgres://u:p@h:5/db?application_name=x");
+        assert_eq!(taken["sslmode"], "verify-full");
+        assert_eq!(taken["sslrootcert"], "/tmp/ca.pem");
+        assert_eq!(taken["service"], "s");
+        let (rest, taken) = split_params("postgres://h/db").unwrap();
+        assert_eq!(rest, "postgres://h/db");
+        assert!(taken.is_empty());
+    }
+
+    #[test]
+    fn key_value_parameters_are_split_off() {
+        let (rest, taken) = split_params(r"host=h password='it\'s' sslmode=disable").unwrap();
+        assert_eq!(rest, r"host='h' password='it\'s'");
+        assert_eq!(taken["sslmode"], "disable");
+        let (rest, taken) = split_params(
+            "host=h dbname='my db' sslmode = verify-ca sslrootcert='/a b/ca.pem' sslcert=c sslkey=k passfile=/p",
+        )
+        .unwrap();
+        assert_eq!(rest, "host='h' dbname='my db'");
+        assert_eq!(taken.len(), 5);
+        assert_eq!(taken["sslrootcert"], "/a b/ca.pem");
     }
 }

@@ -10,9 +10,9 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
-use crate::copy::{SourceItem, SourceStream};
 use crate::error::{AgentError, Side};
 use crate::pg::ErrorClass;
+use crate::stream::{SourceItem, SourceStream};
 
 /// How this process connects to agents: TLS settings, the shared token, compression.
 #[derive(Clone, Default)]

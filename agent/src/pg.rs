@@ -143,7 +143,7 @@ pub fn parse_config_in(
         }
     }
     let redact = |m: String| redact_conninfo(&m, conninfo);
-    let (rest, mut own) = crate::tls::split_params(conninfo).map_err(redact)?;
+    let (rest, mut own) = crate::libpq::split_params(conninfo).map_err(redact)?;
     let defaults = crate::libpq::Defaults::read(&mut own, env).map_err(redact)?;
     let rest = defaults.port_into_url(&rest);
     let mut config = if rest.trim().is_empty() {

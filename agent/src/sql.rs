@@ -78,6 +78,28 @@ pub fn quote_ident_list<'a>(names: impl IntoIterator<Item = &'a str>) -> String 
         .join(", ")
 }
 
+/// A schema-qualified table name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QualifiedName {
+    /// Schema (unquoted).
+    pub schema: String,
+    /// Relation name (unquoted).
+    pub name: String,
+}
+
+impl QualifiedName {
+    /// The quoted form, safe to splice into SQL.
+    pub fn quoted(&self) -> String {
+        quote_qualified(&self.schema, &self.name)
+    }
+}
+
+impl std::fmt::Display for QualifiedName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
 
