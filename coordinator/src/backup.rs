@@ -138,7 +138,7 @@ async fn describe_set(client: &Client, row: &MigrationRow) -> Result<BackupSet, 
             .unwrap_or_else(|| row.created_at.clone()),
         age_seconds: row.age_seconds,
         table_count: tables.len(),
-        size: crate::output::size(bytes),
+        size: crate::report::size(bytes),
         bytes,
         tables,
     })

@@ -8,7 +8,7 @@ use crate::build::BuildSettings;
 use crate::conninfo::DbUrl;
 use crate::cutover::SwapOptions;
 use crate::error::CoordinatorError;
-use crate::migrate::StartOptions;
+use crate::report::StartOptions;
 use crate::swap::SwapSettings;
 
 /// pg_zero_migration: replace the tables of a live PostgreSQL database with a freshly built

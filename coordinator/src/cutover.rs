@@ -9,7 +9,7 @@ use tracing::info;
 
 use crate::conninfo::DbUrl;
 use crate::error::CoordinatorError;
-use crate::migrate::{Phases, Report, TableReport};
+use crate::report::{Phases, Report, TableReport};
 use crate::plan::Plan;
 use crate::state::{self, RecordedObjects};
 use crate::status;

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::error::CoordinatorError;
-use crate::migrate::{rfc3339, PhaseTiming, Report, StartOptions};
+use crate::report::{rfc3339, PhaseTiming, Report, StartOptions};
 
 /// Default log path in the working directory:
 /// `migration_<YYYY-MM-DDTHH-MM-SS>_<srcdb>_to_<destdb>.log`.

@@ -2,24 +2,10 @@
 
 use std::fmt::Write;
 
-use crate::migrate::Report;
+use crate::report::Report;
 use crate::plan::Plan;
 
-/// Bytes as a human-readable size.
-pub fn size(bytes: i64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = bytes.max(0) as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+pub use crate::report::size;
 
 /// The plan as the operator reads it.
 pub fn human_plan(plan: &Plan) -> String {
@@ -381,7 +367,7 @@ pub fn human_cleanup(c: &crate::backup::Cleanup) -> String {
         let _ = writeln!(
             s,
             "No backup set older than {}.",
-            crate::migrate::rfc3339(c.before)
+            crate::report::rfc3339(c.before)
         );
         return s;
     }

@@ -17,10 +17,9 @@ use crate::agents::AgentPool;
 use crate::build;
 use crate::catalog::{self, SourceSchema, Table};
 use crate::copy::{self, CopyContext, CopyJob};
-use crate::ddl;
 use crate::destination::{self, Destination};
 use crate::error::CoordinatorError;
-use crate::migrate::{Phases, Report, StartOptions, TableReport, Throughput};
+use crate::report::{Phases, Report, StartOptions, TableReport, Throughput};
 use crate::plan::{self, Plan};
 use crate::preserve;
 use crate::rewrite::Renames;
@@ -752,113 +751,6 @@ async fn sync_preserved(
 
 /// Creates the shadow types, sequences and tables in one transaction, together with the
 /// migration's metadata row and the record of every object (with its oid).
-/// The shadow schema's statements, each with the action it belongs to: trigger and other
-/// functions the source's objects use, types, sequences, tables (with the live tables'
-/// privileges), partitions and inheritance attached, sequence positions.
-pub fn shadow_statements(
-    plan: &Plan,
-    schema: &SourceSchema,
-    dest: &Destination,
-    renames: &Renames,
-) -> Vec<(String, String)> {
-    use pgzm_agent::sql::quote_ident;
-    let mut statements: Vec<(String, String)> = Vec::new();
-    for (signature, definition) in &plan.functions_to_create {
-        statements.push((
-            format!("create trigger function {signature}"),
-            definition.clone(),
-        ));
-    }
-    for (m, t) in plan.types.iter().zip(&schema.types) {
-        let action = format!("create shadow type \"{}\"", m.to);
-        for sql in ddl::create_type(t, &m.to, renames) {
-            statements.push((action.clone(), sql));
-        }
-        if let Some((owner, grants)) = dest.type_acl.get(&t.name) {
-            statements.push((
-                action.clone(),
-                format!(
-                    "ALTER TYPE {} OWNER TO {}",
-                    quote_qualified("public", &m.to),
-                    quote_ident(owner)
-                ),
-            ));
-            for g in ddl::grants_sql("TYPE", &quote_qualified("public", &m.to), grants) {
-                statements.push((action.clone(), g));
-            }
-        }
-    }
-    for (m, s) in plan.sequences.iter().zip(&schema.sequences) {
-        if !s.identity {
-            statements.push((
-                format!("create shadow sequence \"{}\"", m.to),
-                ddl::create_sequence(s, &m.to),
-            ));
-        }
-    }
-    for t in &schema.tables {
-        let Some(tp) = plan.table(&t.name) else {
-            continue;
-        };
-        let action = format!("create shadow table \"{}\"", tp.shadow);
-        for sql in ddl::create_table(t, &tp.shadow, &schema.sequences, renames) {
-            statements.push((action.clone(), sql));
-        }
-        if let Some(live) = dest.tables.get(&t.name) {
-            let cols: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
-            for sql in ddl::carry_privileges(live, &tp.shadow, &cols, renames) {
-                statements.push((
-                    format!("carry privileges of \"{}\" to its shadow", t.name),
-                    sql,
-                ));
-            }
-        }
-    }
-    // Partitions and inheritance children are created as tables of their own (columns in the
-    // source's order), then attached while empty (no scan, no lock anyone waits on).
-    for t in &schema.tables {
-        let shadow_of = |name: &str| plan.table(name).map(|p| p.shadow.clone());
-        let Some(shadow) = shadow_of(&t.name) else {
-            continue;
-        };
-        if let Some((parent, bound)) = &t.partition_of {
-            if let Some(parent_shadow) = shadow_of(parent) {
-                statements.push((
-                    format!("attach shadow partition \"{shadow}\""),
-                    format!(
-                        "ALTER TABLE {} ATTACH PARTITION {} {}",
-                        quote_qualified("public", &parent_shadow),
-                        quote_qualified("public", &shadow),
-                        renames.apply(bound)
-                    ),
-                ));
-            }
-        }
-        for parent in &t.inherits {
-            if let Some(parent_shadow) = shadow_of(parent) {
-                statements.push((
-                    format!("make shadow table \"{shadow}\" inherit"),
-                    format!(
-                        "ALTER TABLE {} INHERIT {}",
-                        quote_qualified("public", &shadow),
-                        quote_qualified("public", &parent_shadow)
-                    ),
-                ));
-            }
-        }
-    }
-    for (m, s) in plan.sequences.iter().zip(&schema.sequences) {
-        let action = format!("set shadow sequence \"{}\"", m.to);
-        statements.push((action.clone(), ddl::set_sequence(&m.to, s)));
-        if let Some((_, grants)) = dest.sequence_acl.get(&s.name) {
-            for g in ddl::grants_sql("SEQUENCE", &quote_qualified("public", &m.to), grants) {
-                statements.push((action.clone(), g));
-            }
-        }
-    }
-    statements
-}
-
 async fn create_shadow(
     control: &mut Client,
     plan: &Plan,
@@ -888,7 +780,7 @@ async fn create_shadow(
         .map_err(|e| CoordinatorError::destination("begin the shadow transaction", &e))?;
     state::ensure_schema(&tx).await?;
     state::insert(&tx, plan).await?;
-    let statements = shadow_statements(plan, schema, dest, renames);
+    let statements = crate::shadow::statements(plan, schema, dest, renames);
     // Up to SHADOW_BATCH actions (one table, one type…) go in one round trip; an error names the
     // actions of its batch (and the server's message names the object).
     const SHADOW_BATCH: usize = 64;

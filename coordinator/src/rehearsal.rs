@@ -110,7 +110,7 @@ async fn rehearse_in_transaction(
         .await?;
     }
     // The shadow schema, action by action.
-    let statements = crate::prepare::shadow_statements(plan, schema, dest, renames);
+    let statements = crate::shadow::statements(plan, schema, dest, renames);
     let mut i = 0;
     while i < statements.len() {
         let action = statements[i].0.clone();

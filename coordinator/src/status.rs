@@ -310,7 +310,7 @@ pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
         }
         return Ok(s);
     }
-    let copied: Vec<crate::migrate::TableReport> = row
+    let copied: Vec<crate::report::TableReport> = row
         .stats
         .as_ref()
         .and_then(|st| st.get("tables"))
