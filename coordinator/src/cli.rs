@@ -428,7 +428,7 @@ impl PrepareArgs {
             build: BuildSettings {
                 maintenance_work_mem: self.maintenance_work_mem.clone(),
             },
-            preserved: crate::prepare::preserved_names(&self.preserved_tables),
+            preserved: crate::naming::table_list(&self.preserved_tables),
             force: self.force,
             range_bytes: self.range_size_mb.max(1) << 20,
             verify: !self.no_verify,

@@ -9,8 +9,8 @@ use tracing::info;
 
 use crate::conninfo::DbUrl;
 use crate::error::CoordinatorError;
-use crate::report::{Phases, Report, TableReport};
 use crate::plan::Plan;
+use crate::report::{Phases, Report, TableReport};
 use crate::state::{self, RecordedObjects};
 use crate::status;
 use crate::swap::{self, SwapSettings};

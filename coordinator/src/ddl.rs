@@ -10,6 +10,7 @@ use crate::catalog::{
 };
 use crate::destination::{Grant, LiveTable};
 use crate::error::CoordinatorError;
+use crate::rewrite::quote_ident_like_pg;
 use crate::rewrite::Renames;
 
 fn public(name: &str) -> String {
@@ -404,85 +405,6 @@ pub fn create_index(
         ));
     }
     Ok(out)
-}
-
-/// How PostgreSQL's `quote_identifier` prints a name: bare when it is a lower-case simple
-/// identifier that is not a keyword, quoted otherwise. We accept both forms.
-pub fn quote_ident_like_pg(name: &str) -> String {
-    let simple = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if simple && !is_keyword(name) {
-        name.to_string()
-    } else {
-        quote_ident(name)
-    }
-}
-
-fn is_keyword(name: &str) -> bool {
-    // The reserved and non-reserved keywords that quote_identifier quotes and that are plausible
-    // index names; anything missing here only makes `create_index` fall back to an error.
-    matches!(
-        name,
-        "all"
-            | "analyse"
-            | "analyze"
-            | "and"
-            | "any"
-            | "array"
-            | "as"
-            | "asc"
-            | "check"
-            | "collate"
-            | "column"
-            | "constraint"
-            | "create"
-            | "default"
-            | "desc"
-            | "distinct"
-            | "do"
-            | "else"
-            | "end"
-            | "except"
-            | "false"
-            | "for"
-            | "foreign"
-            | "from"
-            | "grant"
-            | "group"
-            | "having"
-            | "in"
-            | "index"
-            | "into"
-            | "is"
-            | "key"
-            | "limit"
-            | "not"
-            | "null"
-            | "offset"
-            | "on"
-            | "only"
-            | "or"
-            | "order"
-            | "primary"
-            | "references"
-            | "select"
-            | "table"
-            | "then"
-            | "to"
-            | "true"
-            | "union"
-            | "unique"
-            | "user"
-            | "using"
-            | "when"
-            | "where"
-            | "with"
-    )
 }
 
 /// `ALTER TABLE … ADD CONSTRAINT` for a key, exclusion, NOT VALID check or foreign key on a

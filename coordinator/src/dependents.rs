@@ -337,7 +337,7 @@ async fn default_repoints(
             Repoint {
                 object: format!(
                     "default of column {} of table {}",
-                    crate::ddl::quote_ident_like_pg(&column),
+                    crate::rewrite::quote_ident_like_pg(&column),
                     qualified_display(&schema, &table)
                 ),
                 on,
@@ -383,7 +383,7 @@ async fn policy_repoints(
             Repoint {
                 object: format!(
                     "policy {} on table {}",
-                    crate::ddl::quote_ident_like_pg(&policy.name),
+                    crate::rewrite::quote_ident_like_pg(&policy.name),
                     qualified_display(&schema, &table)
                 ),
                 on,

@@ -6,9 +6,10 @@
 use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
 use tokio_postgres::Client;
 
-use crate::ddl::{grants_sql, quote_ident_like_pg};
+use crate::ddl::grants_sql;
 use crate::error::CoordinatorError;
 use crate::plan::{MatviewPlan, Plan};
+use crate::rewrite::quote_ident_like_pg;
 use crate::rewrite::Renames;
 use crate::state::{self, RecordedObjects};
 
@@ -28,7 +29,8 @@ pub fn build_sql(
     // Column references name their table (`"Post".user_id`): a renamed table keeps its name as
     // an alias, so they still resolve.
     let relations = plan.relation_names();
-    let definition = alias_relations(m.definition.trim_end().trim_end_matches(';'), &relations);
+    let definition =
+        crate::rewrite::alias_relations(m.definition.trim_end().trim_end_matches(';'), &relations);
     let mut out = vec![format!(
         "CREATE MATERIALIZED VIEW {shadow}{options} AS {} WITH {}DATA",
         renames.apply(&definition),
@@ -67,98 +69,6 @@ pub fn build_sql(
         ));
     }
     Ok(out)
-}
-
-/// Words that can follow a relation in a deparsed FROM clause when it has no alias.
-const AFTER_RELATION: [&str; 24] = [
-    "WHERE",
-    "JOIN",
-    "INNER",
-    "LEFT",
-    "RIGHT",
-    "FULL",
-    "CROSS",
-    "NATURAL",
-    "ON",
-    "USING",
-    "GROUP",
-    "ORDER",
-    "LIMIT",
-    "OFFSET",
-    "HAVING",
-    "WINDOW",
-    "UNION",
-    "INTERSECT",
-    "EXCEPT",
-    "FETCH",
-    "FOR",
-    "TABLESAMPLE",
-    "WITH",
-    "RETURNING",
-];
-
-/// Adds the relation's own name as an alias after each `schema.name` reference (for `names`)
-/// that has none, in a `pg_get_viewdef` text (string literals left alone).
-pub fn alias_relations(sql: &str, names: &[(&str, &str)]) -> String {
-    let mut out = String::with_capacity(sql.len() + 32);
-    let mut rest = sql;
-    'scan: while !rest.is_empty() {
-        if rest.starts_with('\'') {
-            // Copy the literal whole ('' inside it included).
-            let bytes = rest.as_bytes();
-            let mut i = 1;
-            while i < bytes.len() {
-                if bytes[i] == b'\'' {
-                    if bytes.get(i + 1) == Some(&b'\'') {
-                        i += 2;
-                        continue;
-                    }
-                    i += 1;
-                    break;
-                }
-                i += 1;
-            }
-            out.push_str(&rest[..i]);
-            rest = &rest[i..];
-            continue;
-        }
-        let at_word_start = out
-            .chars()
-            .next_back()
-            .is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '"' || c == '.'));
-        if at_word_start {
-            for (schema, name) in names {
-                let quoted = quote_ident_like_pg(name);
-                let reference = format!("{}.{quoted}", quote_ident_like_pg(schema));
-                let Some(after) = rest.strip_prefix(&reference) else {
-                    continue;
-                };
-                let next = after.chars().next();
-                if next.is_some_and(|c| {
-                    c.is_alphanumeric() || c == '_' || c == '"' || c == '.' || c == '('
-                }) {
-                    continue;
-                }
-                out.push_str(&reference);
-                let trimmed = after.trim_start();
-                let word: String = trimmed
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '"')
-                    .collect();
-                let has_alias = !word.is_empty() && !AFTER_RELATION.contains(&word.as_str());
-                if !has_alias {
-                    out.push(' ');
-                    out.push_str(&quoted);
-                }
-                rest = after;
-                continue 'scan;
-            }
-        }
-        let c = rest.chars().next().unwrap_or(' ');
-        out.push(c);
-        rest = &rest[c.len_utf8()..];
-    }
-    out
 }
 
 /// `pg_get_indexdef` of an index on the materialized view, pointed at the shadow one under
@@ -263,7 +173,7 @@ async fn build_in_transaction(
 
 #[cfg(test)]
 mod tests {
-    use super::alias_relations;
+    use crate::rewrite::alias_relations;
 
     #[test]
     fn relations_without_an_alias_get_their_own_name() {

@@ -46,6 +46,19 @@ fn fnv1a(bytes: &[u8]) -> u32 {
     h
 }
 
+/// A list of table names as given on the command line (`--preserved-tables a,b`, repeated or
+/// comma-separated): trimmed, empties dropped, duplicates removed, first occurrence first.
+pub fn table_list(raw: &[String]) -> Vec<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    raw.iter()
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .filter(|s| seen.insert(s.to_string()))
+        .map(str::to_string)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

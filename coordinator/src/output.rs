@@ -2,8 +2,8 @@
 
 use std::fmt::Write;
 
-use crate::report::Report;
 use crate::plan::Plan;
+use crate::report::Report;
 
 pub use crate::report::size;
 

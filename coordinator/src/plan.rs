@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::{SourceSchema, Table};
 use crate::destination::{Destination, Grant, QualName};
 use crate::naming::{prefixed, BACKUP, SHADOW};
+use crate::records::RecordedObjects;
 use crate::rewrite::Renames;
-use crate::state::RecordedObjects;
 
 /// Kind of a renamed object (decides the `ALTER … RENAME` form).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -666,7 +666,7 @@ pub fn build_all(
         dependents.push(Dependent {
             object: format!(
                 "foreign key {} on table {}",
-                crate::ddl::quote_ident_like_pg(&fk.name),
+                crate::rewrite::quote_ident_like_pg(&fk.name),
                 qualified_display(&fk.schema, &fk.table)
             ),
             on: format!("table {}", qualified_display("public", &fk.references)),
@@ -1100,8 +1100,8 @@ fn plan_dependents(
 pub fn qualified_display(schema: &str, name: &str) -> String {
     format!(
         "{}.{}",
-        crate::ddl::quote_ident_like_pg(schema),
-        crate::ddl::quote_ident_like_pg(name)
+        crate::rewrite::quote_ident_like_pg(schema),
+        crate::rewrite::quote_ident_like_pg(name)
     )
 }
 

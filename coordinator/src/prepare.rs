@@ -19,9 +19,9 @@ use crate::catalog::{self, SourceSchema, Table};
 use crate::copy::{self, CopyContext, CopyJob};
 use crate::destination::{self, Destination};
 use crate::error::CoordinatorError;
-use crate::report::{Phases, Report, StartOptions, TableReport, Throughput};
 use crate::plan::{self, Plan};
 use crate::preserve;
+use crate::report::{Phases, Report, StartOptions, TableReport, Throughput};
 use crate::rewrite::Renames;
 use crate::state::{self, RecordedObjects};
 use crate::swap::SwapSettings;
@@ -54,18 +54,6 @@ fn refused(mut problems: Vec<String>) -> CoordinatorError {
     CoordinatorError::Refused(problems)
 }
 
-/// Normalises `--preserved-tables` entries: trimmed, empties dropped, duplicates removed.
-pub fn preserved_names(raw: &[String]) -> Vec<String> {
-    let mut seen = BTreeSet::new();
-    raw.iter()
-        .flat_map(|s| s.split(','))
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .filter(|s| seen.insert(s.to_string()))
-        .map(str::to_string)
-        .collect()
-}
-
 /// Prepares a migration. With `dry_run`, returns after the plan with nothing changed.
 pub async fn prepare(
     opts: &StartOptions,
@@ -76,7 +64,7 @@ pub async fn prepare(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    let preserved_names = preserved_names(&opts.preserved);
+    let preserved_names = crate::naming::table_list(&opts.preserved);
 
     // Plan: read both sides under one source snapshot; change nothing.
     let (source_client, control, schema, dest, earlier, snapshot, live_shapes, newest, agent_roles) = phases

@@ -16,11 +16,11 @@ use tokio_postgres::Client;
 
 use crate::build;
 use crate::catalog::SourceSchema;
-use crate::ddl::quote_ident_like_pg;
 use crate::destination::Destination;
 use crate::error::CoordinatorError;
 use crate::naming::prefixed;
 use crate::plan::Plan;
+use crate::rewrite::quote_ident_like_pg;
 use crate::rewrite::Renames;
 
 /// Prefix of the stand-ins created for views and functions recreated at the swap.
@@ -155,7 +155,7 @@ async fn rehearse_in_transaction(
     }
     for v in &plan.views {
         let name = prefixed(STAND_IN, &v.name);
-        let definition = crate::matview::alias_relations(
+        let definition = crate::rewrite::alias_relations(
             v.definition.trim_end().trim_end_matches(';'),
             &relations,
         );

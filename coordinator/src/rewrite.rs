@@ -191,6 +191,177 @@ fn parse_ident(sql: &str, start: usize) -> Option<(String, usize)> {
     (end > start).then(|| (sql[start..end].to_string(), end))
 }
 
+/// Words that can follow a relation in a deparsed FROM clause when it has no alias.
+const AFTER_RELATION: [&str; 24] = [
+    "WHERE",
+    "JOIN",
+    "INNER",
+    "LEFT",
+    "RIGHT",
+    "FULL",
+    "CROSS",
+    "NATURAL",
+    "ON",
+    "USING",
+    "GROUP",
+    "ORDER",
+    "LIMIT",
+    "OFFSET",
+    "HAVING",
+    "WINDOW",
+    "UNION",
+    "INTERSECT",
+    "EXCEPT",
+    "FETCH",
+    "FOR",
+    "TABLESAMPLE",
+    "WITH",
+    "RETURNING",
+];
+
+/// Adds the relation's own name as an alias after each `schema.name` reference (for `names`)
+/// that has none, in a `pg_get_viewdef` text (string literals left alone).
+pub fn alias_relations(sql: &str, names: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(sql.len() + 32);
+    let mut rest = sql;
+    'scan: while !rest.is_empty() {
+        if rest.starts_with('\'') {
+            // Copy the literal whole ('' inside it included).
+            let bytes = rest.as_bytes();
+            let mut i = 1;
+            while i < bytes.len() {
+                if bytes[i] == b'\'' {
+                    if bytes.get(i + 1) == Some(&b'\'') {
+                        i += 2;
+                        continue;
+                    }
+                    i += 1;
+                    break;
+                }
+                i += 1;
+            }
+            out.push_str(&rest[..i]);
+            rest = &rest[i..];
+            continue;
+        }
+        let at_word_start = out
+            .chars()
+            .next_back()
+            .is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '"' || c == '.'));
+        if at_word_start {
+            for (schema, name) in names {
+                let quoted = quote_ident_like_pg(name);
+                let reference = format!("{}.{quoted}", quote_ident_like_pg(schema));
+                let Some(after) = rest.strip_prefix(&reference) else {
+                    continue;
+                };
+                let next = after.chars().next();
+                if next.is_some_and(|c| {
+                    c.is_alphanumeric() || c == '_' || c == '"' || c == '.' || c == '('
+                }) {
+                    continue;
+                }
+                out.push_str(&reference);
+                let trimmed = after.trim_start();
+                let word: String = trimmed
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '"')
+                    .collect();
+                let has_alias = !word.is_empty() && !AFTER_RELATION.contains(&word.as_str());
+                if !has_alias {
+                    out.push(' ');
+                    out.push_str(&quoted);
+                }
+                rest = after;
+                continue 'scan;
+            }
+        }
+        let c = rest.chars().next().unwrap_or(' ');
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// How PostgreSQL's `quote_identifier` prints a name: bare when it is a lower-case simple
+/// identifier that is not a keyword, quoted otherwise. We accept both forms.
+pub fn quote_ident_like_pg(name: &str) -> String {
+    let simple = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if simple && !is_keyword(name) {
+        name.to_string()
+    } else {
+        quote_ident(name)
+    }
+}
+
+fn is_keyword(name: &str) -> bool {
+    // The reserved and non-reserved keywords that quote_identifier quotes and that are plausible
+    // index names; anything missing here only makes `create_index` fall back to an error.
+    matches!(
+        name,
+        "all"
+            | "analyse"
+            | "analyze"
+            | "and"
+            | "any"
+            | "array"
+            | "as"
+            | "asc"
+            | "check"
+            | "collate"
+            | "column"
+            | "constraint"
+            | "create"
+            | "default"
+            | "desc"
+            | "distinct"
+            | "do"
+            | "else"
+            | "end"
+            | "except"
+            | "false"
+            | "for"
+            | "foreign"
+            | "from"
+            | "grant"
+            | "group"
+            | "having"
+            | "in"
+            | "index"
+            | "into"
+            | "is"
+            | "key"
+            | "limit"
+            | "not"
+            | "null"
+            | "offset"
+            | "on"
+            | "only"
+            | "or"
+            | "order"
+            | "primary"
+            | "references"
+            | "select"
+            | "table"
+            | "then"
+            | "to"
+            | "true"
+            | "union"
+            | "unique"
+            | "user"
+            | "using"
+            | "when"
+            | "where"
+            | "with"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

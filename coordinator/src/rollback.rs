@@ -156,7 +156,7 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
     let row = backup::find(&control, opts.migration_id).await?;
     let plan = &row.plan;
     let migrated: BTreeSet<&str> = plan.tables.iter().map(|t| t.name.as_str()).collect();
-    let keep: BTreeSet<String> = crate::prepare::preserved_names(&opts.keep_tables)
+    let keep: BTreeSet<String> = crate::naming::table_list(&opts.keep_tables)
         .into_iter()
         .collect();
     let mut problems = Vec::new();

@@ -115,4 +115,3 @@ pub fn statements(
     }
     statements
 }
-

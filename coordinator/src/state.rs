@@ -5,7 +5,6 @@
 //! it, so an interrupted run can always be recognised and cleaned up precisely — never by
 //! matching name patterns.
 
-use serde::{Deserialize, Serialize};
 use tokio_postgres::{Client, GenericClient};
 
 use crate::catalog::Oid;
@@ -53,29 +52,7 @@ CREATE TABLE IF NOT EXISTS pgzm.sync_errors (
     at              timestamptz NOT NULL DEFAULT clock_timestamp()
 );";
 
-/// Objects a run created in the destination before its swap, with their oids.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct RecordedObjects {
-    /// Shadow tables (name, oid).
-    pub tables: Vec<(String, Oid)>,
-    /// Shadow types (name, oid).
-    pub types: Vec<(String, Oid)>,
-    /// Shadow sequences not owned by a shadow table (name, oid).
-    pub sequences: Vec<(String, Oid)>,
-    /// Shadow index names (dropped with their tables).
-    pub indexes: Vec<String>,
-    /// Functions created for the new tables' triggers (regprocedure text).
-    pub functions: Vec<String>,
-    /// Live tables carrying sync triggers (name, oid).
-    #[serde(default)]
-    pub sync_triggers: Vec<(String, Oid)>,
-    /// Sync trigger functions (qualified, quoted; no arguments).
-    #[serde(default)]
-    pub sync_functions: Vec<String>,
-    /// Shadow materialized views (schema, name, oid).
-    #[serde(default)]
-    pub matviews: Vec<(String, String, Oid)>,
-}
+pub use crate::records::RecordedObjects;
 
 /// Takes the destination's run lock on this session; false when another run holds it.
 ///
@@ -321,7 +298,7 @@ pub async fn clean_leftovers(
     client: &Client,
     id: i64,
     objects: &RecordedObjects,
-    locks: crate::swap::SwapSettings,
+    locks: crate::locked::SwapSettings,
 ) -> Result<Vec<String>, CoordinatorError> {
     use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
     let ended = client
@@ -372,7 +349,7 @@ pub async fn clean_leftovers(
     }
     if statements.len() > 2 {
         statements.push("COMMIT".into());
-        crate::swap::run_with_lock_retry(
+        crate::locked::run_with_lock_retry(
             client,
             &statements.join(";\n"),
             locks,
@@ -440,7 +417,7 @@ pub async fn clean_leftovers(
     ));
     statements.push("COMMIT".into());
     let sql = statements.join(";\n");
-    crate::swap::run_with_lock_retry(
+    crate::locked::run_with_lock_retry(
         client,
         &sql,
         locks,
@@ -834,7 +811,7 @@ pub struct Aborted {
 pub async fn abort(
     destination: &crate::conninfo::DbUrl,
     dry_run: bool,
-    locks: crate::swap::SwapSettings,
+    locks: crate::locked::SwapSettings,
 ) -> Result<Aborted, CoordinatorError> {
     let client = destination.connect("pgzm-abort").await?;
     if !try_lock(&client).await? {

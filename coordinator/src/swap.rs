@@ -11,33 +11,17 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use pgzm_agent::pg::{classify, describe, ErrorClass};
+use pgzm_agent::pg::describe;
 use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
 use tokio_postgres::{Client, SimpleQueryMessage};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::ddl::grants_sql;
 use crate::error::CoordinatorError;
 use crate::plan::{FunctionPlan, ObjectKind, Plan, ViewPlan};
 use crate::state::AsideSet;
 
-/// Lock behaviour of the swap.
-#[derive(Debug, Clone, Copy)]
-pub struct SwapSettings {
-    /// `lock_timeout` of each attempt.
-    pub lock_timeout: Duration,
-    /// Give up after this much time in total.
-    pub total_timeout: Duration,
-}
-
-impl Default for SwapSettings {
-    fn default() -> Self {
-        SwapSettings {
-            lock_timeout: Duration::from_millis(50),
-            total_timeout: Duration::from_secs(30),
-        }
-    }
-}
+pub use crate::locked::{run_with_lock_retry, SwapSettings};
 
 /// What a successful swap measured.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -102,7 +86,7 @@ pub fn swap_sql(plan: &Plan, aside: Option<&AsideSet>, lock_timeout: Duration) -
     let relations = plan.relation_names();
     for v in &plan.views {
         let shadow = crate::naming::prefixed(crate::naming::SHADOW, &v.name);
-        let definition = crate::matview::alias_relations(
+        let definition = crate::rewrite::alias_relations(
             v.definition.trim_end().trim_end_matches(';'),
             &relations,
         );
@@ -316,57 +300,6 @@ pub async fn swap(
         "swap committed"
     );
     Ok(outcome)
-}
-
-/// Sends `sql` (a whole `BEGIN; SET LOCAL lock_timeout …; …; COMMIT` batch) and, when a lock
-/// was not granted within the timeout, rolls back and retries with jittered backoff until
-/// `settings.total_timeout`. Any other error is returned at once (after the rollback), labelled
-/// with `action`. Returns the attempts made and the messages of the successful attempt.
-pub async fn run_with_lock_retry(
-    client: &Client,
-    sql: &str,
-    settings: SwapSettings,
-    lock_action: &str,
-    action: &str,
-) -> Result<(u32, Vec<SimpleQueryMessage>), CoordinatorError> {
-    let started = Instant::now();
-    let mut attempts = 0u32;
-    loop {
-        attempts += 1;
-        match client.simple_query(sql).await {
-            Ok(messages) => return Ok((attempts, messages)),
-            Err(err) => {
-                // The transaction is aborted (or was never opened): end it so the session is usable.
-                let _ = client.batch_execute("ROLLBACK").await;
-                if classify(&err) != ErrorClass::LockTimeout {
-                    return Err(CoordinatorError::destination(action, &err));
-                }
-                let elapsed = started.elapsed();
-                if elapsed >= settings.total_timeout {
-                    return Err(CoordinatorError::SwapLockTimeout {
-                        action: lock_action.to_string(),
-                        attempts,
-                        lock_timeout_ms: settings.lock_timeout.as_millis() as u64,
-                        waited_ms: elapsed.as_millis() as u64,
-                    });
-                }
-                let backoff = backoff(attempts).min(settings.total_timeout.saturating_sub(elapsed));
-                warn!(attempts, error = %describe(&err), backoff_ms = backoff.as_millis() as u64, "could not take the locks in time; retrying");
-                tokio::time::sleep(backoff).await;
-            }
-        }
-    }
-}
-
-/// Exponential backoff from 50 ms, capped at 2 s, with ±50 % jitter.
-fn backoff(attempt: u32) -> Duration {
-    let base = 50u64.saturating_mul(1 << attempt.min(6)).min(2000);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let jitter = u64::from(nanos % 1000) * base / 1000; // 0..base
-    Duration::from_millis(base / 2 + jitter)
 }
 
 /// Validates, after the swap, the foreign keys involving preserved tables that the swap added
