@@ -106,8 +106,14 @@ pub async fn swap_prepared(
         "swap": outcome, "phases": phases.0, "backup_rows": backup_rows,
         "throughput": report.throughput,
     });
-    if let Err(e) =
-        state::set_status(control, plan.migration_id, "swapped", Some(&stats), None).await
+    if let Err(e) = state::set_status(
+        control,
+        plan.migration_id,
+        state::RunStatus::Swapped,
+        Some(&stats),
+        None,
+    )
+    .await
     {
         report.warnings.push(format!(
             "the swap committed but its statistics could not be recorded: {e}"
@@ -206,15 +212,15 @@ async fn swap_locked(
             ]))
         }
     };
-    match row.status.as_str() {
-        "prepared" => {}
-        "swapped" => {
+    match row.status {
+        state::RunStatus::Prepared => {}
+        state::RunStatus::Swapped => {
             return Err(CoordinatorError::Refused(vec![format!(
                 "migration {} is already swapped; nothing prepared: run `pgzm prepare` for a new one",
                 row.id
             )]))
         }
-        "preparing" => {
+        state::RunStatus::Preparing => {
             return Err(CoordinatorError::Refused(vec![format!(
                 "migration {} is still preparing (or was interrupted): wait for `pgzm prepare` to finish, or run it again",
                 row.id

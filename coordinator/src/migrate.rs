@@ -43,7 +43,7 @@ pub async fn start_with_phases(
         &mut prepared.control,
         &opts.destination,
         prepared.report.migration_id,
-        "prepared",
+        state::RunStatus::Prepared,
     )
     .await
     {

@@ -380,7 +380,7 @@ pub async fn abandon(
     if let Err(clean_err) = state::clean_leftovers(control, id, created, locks).await {
         warn!(error = %clean_err, "could not remove this run's shadow objects now; the next run will");
     }
-    let _ = state::set_status(control, id, "failed", None, Some(&message)).await;
+    let _ = state::set_status(control, id, state::RunStatus::Failed, None, Some(&message)).await;
 }
 
 /// What the swap does about foreign keys involving a preserved table (and the source's
@@ -611,7 +611,13 @@ async fn fill(
     let _ = source_client.batch_execute("COMMIT").await;
     drop(source_client);
     // The destination may have restarted during the copy (the tasks and builds were retried).
-    state::reattach(control, &opts.destination, plan.migration_id, "preparing").await?;
+    state::reattach(
+        control,
+        &opts.destination,
+        plan.migration_id,
+        state::RunStatus::Preparing,
+    )
+    .await?;
     let control: &Client = control;
     check_recorded(control, plan.migration_id, &copied).await?;
     // The agents are done: their roles lose what they were granted for the copy, before any
@@ -671,7 +677,14 @@ async fn fill(
         u64::try_from(copied.data_time.as_millis()).unwrap_or(u64::MAX),
     );
     let stats = serde_json::json!({ "tables": report.tables, "rows": report.rows, "bytes": report.bytes, "phases": phases.0, "throughput": report.throughput });
-    state::set_status(control, plan.migration_id, "prepared", Some(&stats), None).await?;
+    state::set_status(
+        control,
+        plan.migration_id,
+        state::RunStatus::Prepared,
+        Some(&stats),
+        None,
+    )
+    .await?;
     Ok(())
 }
 

@@ -29,3 +29,67 @@ pub struct RecordedObjects {
     #[serde(default)]
     pub matviews: Vec<(String, String, Oid)>,
 }
+
+/// The status of a run, as `pgzm.migrations.status` stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Creating its shadow set and copying (or interrupted while doing so).
+    Preparing,
+    /// Its shadow set is complete and waits for the swap.
+    Prepared,
+    /// Swapped: its backup set holds the previous live objects.
+    Swapped,
+    /// Failed before its swap; its objects were removed (or are recorded for removal).
+    Failed,
+    /// Its backup set was restored by a rollback.
+    RolledBack,
+}
+
+impl RunStatus {
+    /// Every status.
+    pub const ALL: [RunStatus; 5] = [
+        RunStatus::Preparing,
+        RunStatus::Prepared,
+        RunStatus::Swapped,
+        RunStatus::Failed,
+        RunStatus::RolledBack,
+    ];
+
+    /// The stored text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Preparing => "preparing",
+            RunStatus::Prepared => "prepared",
+            RunStatus::Swapped => "swapped",
+            RunStatus::Failed => "failed",
+            RunStatus::RolledBack => "rolled_back",
+        }
+    }
+
+    /// The status stored as `text`, if it is one.
+    pub fn parse(text: &str) -> Option<RunStatus> {
+        RunStatus::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_read_back_as_stored() {
+        for s in RunStatus::ALL {
+            assert_eq!(RunStatus::parse(s.as_str()), Some(s));
+            let json = serde_json::to_string(&s).unwrap();
+            assert_eq!(json, format!("\"{}\"", s.as_str()));
+        }
+        assert_eq!(RunStatus::parse("swapping"), None);
+    }
+}

@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS pgzm.sync_errors (
     at              timestamptz NOT NULL DEFAULT clock_timestamp()
 );";
 
-pub use crate::records::RecordedObjects;
+pub use crate::records::{RecordedObjects, RunStatus};
 
 /// Takes the destination's run lock on this session; false when another run holds it.
 ///
@@ -85,7 +85,7 @@ pub async fn reattach(
     control: &mut Client,
     destination: &crate::conninfo::DbUrl,
     id: i64,
-    status: &str,
+    status: RunStatus,
 ) -> Result<(), CoordinatorError> {
     if !control.is_closed() && control.simple_query("SELECT 1").await.is_ok() {
         return Ok(());
@@ -118,7 +118,7 @@ pub async fn reattach(
         )]));
     }
     let newest = newest(&client).await?;
-    if newest.as_ref() != Some(&(id, status.to_string())) {
+    if newest.as_ref() != Some(&(id, status.as_str().to_string())) {
         let (other, now) = newest.unwrap_or_default();
         return Err(CoordinatorError::Refused(vec![format!(
             "migration {id} lost its connection to the destination, and meanwhile the newest run became migration {other} ({now}): this run stops; check `pgzm status`"
@@ -199,7 +199,7 @@ pub async fn earlier_runs(client: &Client) -> Result<crate::plan::Earlier, Coord
         if row.get::<_, bool>(3) {
             let objects: RecordedObjects = serde_json::from_value(row.get(1)).unwrap_or_default();
             earlier.leftovers.push((id, objects));
-            if row.get::<_, String>(5) == "prepared" {
+            if row.get::<_, String>(5) == RunStatus::Prepared.as_str() {
                 earlier.prepared = Some(id);
             }
         }
@@ -269,7 +269,7 @@ pub async fn record_objects(
 pub async fn set_status(
     client: &impl GenericClient,
     id: i64,
-    status: &str,
+    status: RunStatus,
     stats: Option<&serde_json::Value>,
     error: Option<&str>,
 ) -> Result<(), CoordinatorError> {
@@ -278,7 +278,7 @@ pub async fn set_status(
             "UPDATE pgzm.migrations SET status = $2, stats = coalesce($3, stats), error = $4,
                     prepared_at = CASE WHEN $2 = 'prepared' THEN now() ELSE prepared_at END
              WHERE id = $1",
-            &[&id, &status, &stats, &error],
+            &[&id, &status.as_str(), &stats, &error],
         )
         .await
         .map_err(|e| CoordinatorError::destination(format!("mark migration {id} {status}"), &e))?;
@@ -873,8 +873,8 @@ pub async fn sync_triggers_present(
 pub struct MigrationRow {
     /// Migration id (ms since the epoch).
     pub id: i64,
-    /// preparing, prepared, swapped, failed, rolled_back.
-    pub status: String,
+    /// Its status.
+    pub status: RunStatus,
     /// Source (`user@host:port/db`).
     pub source: String,
     /// The plan recorded at prepare time.
@@ -927,9 +927,17 @@ pub async fn load(
             ),
             class: pgzm_agent::pg::ErrorClass::Fatal,
         })?;
+    let status: String = row.get(1);
+    let status = RunStatus::parse(&status).ok_or_else(|| CoordinatorError::Destination {
+        action: format!("read migration {id}"),
+        message: format!(
+            "its status {status:?} is unknown; it was written by another pgzm version"
+        ),
+        class: pgzm_agent::pg::ErrorClass::Fatal,
+    })?;
     Ok(Some(MigrationRow {
         id,
-        status: row.get(1),
+        status,
         source: row.get(2),
         plan,
         objects: serde_json::from_value(row.get(4)).unwrap_or_default(),

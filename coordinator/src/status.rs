@@ -8,6 +8,7 @@ use crate::conninfo::DbUrl;
 use crate::error::CoordinatorError;
 use crate::plan::Plan;
 use crate::preserve::TRIGGERS;
+use crate::records::RunStatus;
 use crate::state::{self, RecordedObjects};
 
 /// A shadow table and its rows.
@@ -252,7 +253,7 @@ pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
         return Ok(s);
     };
     let mut run_active = run_lock_held(&client).await?;
-    if run_active && row.status == "prepared" {
+    if run_active && row.status == RunStatus::Prepared {
         // A run that just ended (a failed `swap`, a refused `prepare`) holds the lock until the
         // server notices its closed connection, a moment later: look again for as long as
         // `try_lock` would wait before calling the destination busy, then read the outcome.
@@ -267,9 +268,9 @@ pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
             }
         }
     }
-    s.state = match row.status.as_str() {
-        "prepared" if run_active => "swapping".into(),
-        other => other.to_string(),
+    s.state = match row.status {
+        RunStatus::Prepared if run_active => "swapping".into(),
+        other => other.as_str().to_string(),
     };
     s.migration_id = Some(row.id);
     s.age_seconds = Some(row.age_seconds);
@@ -281,10 +282,10 @@ pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
     s.preserved_tables = row.plan.preserved.iter().map(|p| p.table.clone()).collect();
     s.backup_present = row.backup_present;
     s.error = row.error.clone();
-    if row.status == "preparing" && !run_active {
+    if row.status == RunStatus::Preparing && !run_active {
         s.problems.push("this run was interrupted: `pgzm abort` removes its shadow objects and sync triggers now (the next `pgzm prepare` or `pgzm start` would too)".into());
     }
-    if row.status != "prepared" {
+    if row.status != RunStatus::Prepared {
         // Whatever the metadata says, report the mirroring triggers that exist.
         let present = state::sync_triggers_present(&client).await?;
         if !present.is_empty() {
@@ -302,7 +303,7 @@ pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
                 enabled,
             })
             .collect();
-        if row.status != "preparing" {
+        if row.status != RunStatus::Preparing {
             s.problems.push(format!(
                 "nothing prepared (the newest migration is {})",
                 row.status
@@ -381,7 +382,7 @@ pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
         .collect();
     s.problems
         .extend(shadow_problems(&client, &row.plan, &row.objects).await?);
-    s.safe_to_swap = s.problems.is_empty() && s.state == "prepared";
+    s.safe_to_swap = s.problems.is_empty() && s.state == RunStatus::Prepared.as_str();
     if s.state == "swapping" {
         s.problems
             .push("a pgzm run holds this destination right now".into());
