@@ -160,6 +160,22 @@ async fn dependents_in_any_schema_follow_the_swap_and_the_rollback() -> anyhow::
         .iter()
         .map(|d| format!("{} | {}", d.object, d.action))
         .collect();
+    if int(
+        &dst,
+        "SELECT current_setting('server_version_num')::int8 / 10000",
+    )
+    .await
+        == 15
+    {
+        let mut lines: Vec<String> = plan
+            .dependents
+            .iter()
+            .map(|d| format!("{} | on {} | {}", d.object, d.on, d.action))
+            .collect();
+        lines.sort();
+        insta::assert_snapshot!("dependents_plan", lines.join("\n"));
+    }
+    golden_swap(&dst, "dependents", &plan).await;
     for object in [
         "function public.active_users(integer)",
         "function public.user_label(public.\"User\")",
@@ -572,6 +588,17 @@ async fn sample_pair(label: &str, fixture: &str) -> common::Pair {
 /// tables equal the source's (catalog signature and per-table checksums); nothing is bound to
 /// a backup object; `cleanup` and a second `start` succeed; `rollback --latest` then restores
 /// the destination exactly as the second run found it.
+/// The swap transaction planned for `plan` (one statement per line, run-specific ids elided:
+/// `checks::golden_text`): the golden text the planner must keep producing for a sample
+/// schema. Server versions deparse views and defaults differently: the goldens are PostgreSQL
+/// 15's.
+async fn golden_swap(c: &Client, name: &str, plan: &pgzm_coordinator::plan::Plan) {
+    let sql = pgzm_coordinator::swap::swap_sql(plan, None, std::time::Duration::from_millis(50));
+    if let Some(text) = checks::golden_text(c, &sql, plan.migration_id).await {
+        insta::assert_snapshot!(format!("swap_{name}"), text);
+    }
+}
+
 async fn sample_database_round_trip(fixture: &str) -> anyhow::Result<()> {
     let p = sample_pair(&format!("sample_{fixture}"), fixture).await;
     let src = p.source.connect().await?;
@@ -586,6 +613,7 @@ async fn sample_database_round_trip(fixture: &str) -> anyhow::Result<()> {
     dry.dry_run = true;
     let rehearsed = common::run(dry).await?;
     assert!(rehearsed.phases.iter().any(|ph| ph.phase == "rehearsal"));
+    golden_swap(&dst, fixture, &rehearsed.plan).await;
     assert_eq!(
         live_sums(&dst).await,
         before,

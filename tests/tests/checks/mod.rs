@@ -272,3 +272,47 @@ pub async fn assert_backup_of(
     assert_eq!(backup_sums(client).await, *sums, "{what}: rows");
     assert_same_signature(&backup_signature(client).await, sig, what);
 }
+
+/// A planned statement list as golden text: the migration id becomes `<id>` and object ids
+/// (`16434::oid`) become `<oid>::oid`, the parts that differ from one run to the next. `None`
+/// unless the server is PostgreSQL 15, whose deparsing the goldens hold.
+pub async fn golden_text(client: &Client, sql: &str, migration_id: i64) -> Option<String> {
+    let major: i32 = client
+        .query_one(
+            "SELECT (current_setting('server_version_num')::int / 10000)",
+            &[],
+        )
+        .await
+        .expect("read server_version_num")
+        .get(0);
+    if major != 15 {
+        return None;
+    }
+    let text = sql.replace(&migration_id.to_string(), "<id>");
+    let mut out = String::with_capacity(text.len());
+    let mut digits = String::new();
+    let mut rest = text.as_str();
+    while let Some(c) = rest.chars().next() {
+        rest = &rest[c.len_utf8()..];
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        if !digits.is_empty() {
+            let oid = c == ':' && rest.starts_with(":oid");
+            let after_word = out
+                .chars()
+                .last()
+                .is_some_and(|p| p.is_alphanumeric() || p == '_');
+            if oid && !after_word {
+                out.push_str("<oid>");
+            } else {
+                out.push_str(&digits);
+            }
+            digits.clear();
+        }
+        out.push(c);
+    }
+    out.push_str(&digits);
+    Some(out)
+}
