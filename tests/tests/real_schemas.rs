@@ -272,6 +272,7 @@ async fn dependents_in_any_schema_follow_the_swap_and_the_rollback() -> anyhow::
     // Rollback restores the first migration's tables, and every dependent follows them back.
     let rb = rollback_latest(&p).await?;
     assert!(rb.warnings.is_empty(), "{:?}", rb.warnings);
+    golden_statements(&dst, "rollback_dependents", &rb.statements, rb.timestamp).await;
     assert_eq!(live_sums(&dst).await, migrated);
     assert_eq!(bindings(&dst).await, migrated_bindings);
     assert_eq!(active_users_attributes(&dst).await, attributes);
@@ -599,6 +600,13 @@ async fn golden_swap(c: &Client, name: &str, plan: &pgzm_coordinator::plan::Plan
     }
 }
 
+/// A planned transaction's statements (the rollback's) as golden text (see `golden_swap`).
+async fn golden_statements(c: &Client, name: &str, statements: &[String], migration_id: i64) {
+    if let Some(text) = checks::golden_text(c, &statements.join(";\n"), migration_id).await {
+        insta::assert_snapshot!(name.to_string(), text);
+    }
+}
+
 async fn sample_database_round_trip(fixture: &str) -> anyhow::Result<()> {
     let p = sample_pair(&format!("sample_{fixture}"), fixture).await;
     let src = p.source.connect().await?;
@@ -656,6 +664,13 @@ async fn sample_database_round_trip(fixture: &str) -> anyhow::Result<()> {
     assert_eq!(live_sums(&dst).await, source_sums);
     let rb = rollback_latest(&p).await?;
     assert!(rb.warnings.is_empty(), "{:?}", rb.warnings);
+    golden_statements(
+        &dst,
+        &format!("rollback_{fixture}"),
+        &rb.statements,
+        rb.timestamp,
+    )
+    .await;
     assert_eq!(live_sums(&dst).await, before_second, "{fixture}: rollback");
     checks::assert_same_signature(
         &checks::signature(&dst).await,
