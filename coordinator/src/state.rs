@@ -442,6 +442,93 @@ async fn relation_oid(
     Ok(row.map(|r| r.get(0)))
 }
 
+/// What dropping a backup set runs: its views and functions (one block, dependency order),
+/// its tables (one statement), its sequences; and the types to drop one by one (a type still
+/// used by a destination-only table is kept under another name, see [`drop_backup_set`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DropBackupPlan {
+    /// Statements, in order.
+    pub statements: Vec<String>,
+    /// What they drop, for the report.
+    pub dropped: Vec<String>,
+    /// Backup types to drop.
+    pub types: Vec<String>,
+}
+
+/// The statements dropping the backup objects of `moves` that exist (one catalog query).
+pub async fn drop_backup_statements(
+    client: &impl GenericClient,
+    moves: &[Move],
+) -> Result<DropBackupPlan, CoordinatorError> {
+    use crate::plan::ObjectKind;
+    let names: Vec<String> = moves
+        .iter()
+        .filter(|m| matches!(m.kind, ObjectKind::Table | ObjectKind::Sequence))
+        .map(|m| m.to.clone())
+        .collect();
+    let present: std::collections::BTreeSet<(String, bool)> = client
+        .query(
+            "SELECT relname::text, relkind = 'S' FROM pg_class
+              WHERE relnamespace = 'public'::regnamespace AND relname = ANY($1)
+                AND relkind IN ('r', 'p', 'S')",
+            &[&names],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("look up the backup objects", &e))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    Ok(plan_drop_backup(moves, &present))
+}
+
+/// [`drop_backup_statements`]' decisions: `present` holds the backup relations that exist, as
+/// (name, is a sequence).
+pub fn plan_drop_backup(
+    moves: &[Move],
+    present: &std::collections::BTreeSet<(String, bool)>,
+) -> DropBackupPlan {
+    use crate::plan::ObjectKind;
+    use pgzm_agent::sql::{quote_qualified, quote_qualified_list};
+    let of_kind = |kind: ObjectKind, sequence: bool| -> Vec<String> {
+        moves
+            .iter()
+            .filter(|m| m.kind == kind && present.contains(&(m.to.clone(), sequence)))
+            .map(|m| m.to.clone())
+            .collect()
+    };
+    let tables = of_kind(ObjectKind::Table, false);
+    let sequences = of_kind(ObjectKind::Sequence, true);
+    let mut out = DropBackupPlan {
+        types: moves
+            .iter()
+            .filter(|m| m.kind == ObjectKind::Type)
+            .map(|m| m.to.clone())
+            .collect(),
+        ..DropBackupPlan::default()
+    };
+    // Views and functions (in any schema) may depend on each other: dropped in dependency order.
+    let (block, names) = drop_views_and_functions(moves);
+    if let Some(block) = block {
+        out.statements.push(block);
+        out.dropped.extend(names);
+    }
+    if !tables.is_empty() {
+        out.statements.push(format!(
+            "DROP TABLE {}",
+            quote_qualified_list("public", tables.iter().map(String::as_str))
+        ));
+        out.dropped
+            .extend(tables.iter().map(|n| format!("table {n}")));
+    }
+    for n in &sequences {
+        out.statements.push(format!(
+            "DROP SEQUENCE IF EXISTS {}",
+            quote_qualified("public", n)
+        ));
+    }
+    out
+}
+
 /// Drops the backup set of migration `id` (its backup-named tables, sequences, types, views).
 pub async fn drop_backup_set(
     client: &mut Client,
@@ -449,7 +536,7 @@ pub async fn drop_backup_set(
     moves: &[Move],
 ) -> Result<Vec<String>, CoordinatorError> {
     use crate::plan::ObjectKind;
-    use pgzm_agent::sql::{quote_qualified, quote_qualified_list};
+    use pgzm_agent::sql::quote_qualified;
     let action = |what: &str| format!("drop the backup set of migration {id}: {what}");
     let tx = client
         .transaction()
@@ -458,57 +545,8 @@ pub async fn drop_backup_set(
     tx.batch_execute("SET LOCAL lock_timeout = '5s'")
         .await
         .map_err(|e| CoordinatorError::destination(action("set lock_timeout"), &e))?;
-    let existing = |kind: ObjectKind| {
-        moves
-            .iter()
-            .filter(move |m| m.kind == kind)
-            .map(|m| m.to.clone())
-    };
-    let mut dropped = Vec::new();
-    let mut statements = Vec::new();
-    let tables: Vec<String> = existing(ObjectKind::Table).collect();
-    let sequences: Vec<String> = existing(ObjectKind::Sequence).collect();
-    let types: Vec<String> = existing(ObjectKind::Type).collect();
-    let present = |names: Vec<String>, relkinds: &'static str| {
-        let tx = &tx;
-        async move {
-            let mut out = Vec::new();
-            for n in names {
-                let row = tx
-                    .query_opt(
-                        "SELECT 1 FROM pg_class WHERE relname = $1 AND relnamespace = 'public'::regnamespace AND relkind = ANY(string_to_array($2, ','))",
-                        &[&n, &relkinds],
-                    )
-                    .await
-                    .map_err(|e| CoordinatorError::destination("look up a backup object", &e))?;
-                if row.is_some() {
-                    out.push(n);
-                }
-            }
-            Ok::<_, CoordinatorError>(out)
-        }
-    };
-    let tables = present(tables, "r,p").await?;
-    let sequences = present(sequences, "S").await?;
-    // Views and functions (in any schema) may depend on each other: dropped in dependency order.
-    let (block, names) = drop_views_and_functions(moves);
-    if let Some(block) = block {
-        statements.push(block);
-        dropped.extend(names);
-    }
-    if !tables.is_empty() {
-        statements.push(format!(
-            "DROP TABLE {}",
-            quote_qualified_list("public", tables.iter().map(String::as_str))
-        ));
-        dropped.extend(tables.iter().map(|n| format!("table {n}")));
-    }
-    for n in &sequences {
-        statements.push(format!(
-            "DROP SEQUENCE IF EXISTS {}",
-            quote_qualified("public", n)
-        ));
-    }
+    let planned = drop_backup_statements(&tx, moves).await?;
+    let (statements, mut dropped, types) = (planned.statements, planned.dropped, planned.types);
     for sql in statements {
         tx.batch_execute(&sql)
             .await

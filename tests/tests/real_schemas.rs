@@ -653,6 +653,14 @@ async fn sample_database_round_trip(fixture: &str) -> anyhow::Result<()> {
             "{fixture}: materialized view {mv}"
         );
     }
+    let drop = pgzm_coordinator::state::drop_backup_statements(&dst, &first.plan.to_backup).await?;
+    golden_statements(
+        &dst,
+        &format!("drop_backup_{fixture}"),
+        &drop.statements,
+        first.migration_id,
+    )
+    .await;
     let c = backup::cleanup(&dest_url(&p), i64::MAX / 2, false).await?;
     assert_eq!(c.backup_sets, [first.migration_id]);
     assert!(checks::backup_sums(&dst).await.is_empty());
