@@ -13,16 +13,15 @@ pub mod digest;
 pub mod endpoint;
 pub mod error;
 pub mod guard;
-pub mod libpq;
 pub mod metrics;
 pub mod peer;
-pub mod pg;
 pub mod pool;
 pub mod service;
-pub mod sql;
 pub mod stream;
+
+// The PostgreSQL plumbing shared with the coordinator, under the names the agent's modules use.
+pub use pgzm_pg::{conn as pg, libpq, sql, tls};
 pub mod telemetry;
-pub mod tls;
 
 pub use error::AgentError;
 

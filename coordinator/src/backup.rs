@@ -4,7 +4,7 @@
 //! sequences, types and views) under `backup_` names, recorded in the migration's plan. The
 //! newest successful prepare replaces it; `rollback` consumes it.
 
-use pgzm_agent::sql::{quote_ident, quote_qualified};
+use pgzm_pg::sql::{quote_ident, quote_qualified};
 use serde::Serialize;
 use tokio_postgres::Client;
 

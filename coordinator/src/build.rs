@@ -4,11 +4,11 @@
 use std::sync::Arc;
 
 use futures_util::future::try_join_all;
-use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
+use pgzm_pg::sql::{quote_ident, quote_literal, quote_qualified};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
-use pgzm_agent::pg::{classify, ErrorClass};
+use pgzm_pg::conn::{classify, ErrorClass};
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::catalog::{SourceSchema, Table};
@@ -364,7 +364,7 @@ impl BuildSessions {
                     }
                     Err(e) if classify(&e) == ErrorClass::Retryable && attempt < BUILD_RETRIES => {
                         attempt += 1;
-                        warn!(attempt, error = %pgzm_agent::pg::describe(&e), "{label}: transient failure; retrying on a new session");
+                        warn!(attempt, error = %pgzm_pg::conn::describe(&e), "{label}: transient failure; retrying on a new session");
                         drop(c);
                         tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
                     }

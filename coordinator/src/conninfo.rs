@@ -1,7 +1,7 @@
 //! Connection strings: parsed once and completed as libpq does (service file, `PG*` variables,
 //! password file), passed on to agents completed, printed without secrets.
 
-use pgzm_agent::pg::PgTarget;
+use pgzm_pg::conn::PgTarget;
 use tokio_postgres::config::Host;
 
 use crate::error::CoordinatorError;
@@ -25,7 +25,7 @@ impl DbUrl {
                 message: "it is empty".into(),
             });
         }
-        let config = pgzm_agent::pg::parse_config(raw)
+        let config = pgzm_pg::conn::parse_config(raw)
             .map_err(|message| CoordinatorError::InvalidUrl { side, message })?;
         if config.get_hosts().is_empty() {
             return Err(CoordinatorError::InvalidUrl {
@@ -84,12 +84,12 @@ impl DbUrl {
         &self,
         application_name: &str,
     ) -> Result<tokio_postgres::Client, CoordinatorError> {
-        pgzm_agent::pg::connect(self.config.clone(), application_name)
+        pgzm_pg::conn::connect(self.config.clone(), application_name)
             .await
             .map_err(|e| CoordinatorError::Connect {
                 side: self.side,
                 target: self.to_string(),
-                message: pgzm_agent::pg::describe(&e),
+                message: pgzm_pg::conn::describe(&e),
             })
     }
 }

@@ -114,7 +114,7 @@ pub async fn terminate_sessions(db: &DbUrl, pattern: &str) -> Result<u64, String
             &[&pattern],
         )
         .await
-        .map_err(|e| pgzm_agent::pg::describe(&e))?;
+        .map_err(|e| pgzm_pg::conn::describe(&e))?;
     Ok(row.get::<_, i64>(0).max(0) as u64)
 }
 

@@ -129,7 +129,7 @@ async fn count_backups(
     plan: &Plan,
     warnings: &mut Vec<String>,
 ) -> serde_json::Map<String, serde_json::Value> {
-    use pgzm_agent::sql::{quote_literal, quote_qualified};
+    use pgzm_pg::sql::{quote_literal, quote_qualified};
     let tables: Vec<&crate::plan::Move> = plan
         .to_backup
         .iter()
@@ -164,7 +164,7 @@ async fn count_backups(
                 Err(e) => warnings.push(format!(
                     "could not count the rows of backup table \"{}\": {}",
                     m.to,
-                    pgzm_agent::pg::describe(&e)
+                    pgzm_pg::conn::describe(&e)
                 )),
             }
         }

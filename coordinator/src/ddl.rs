@@ -1,9 +1,9 @@
 //! SQL for the shadow objects, built from the source catalog and the plan.
 //!
-//! Every statement quotes identifiers through `pgzm_agent::sql` and re-points deparsed
+//! Every statement quotes identifiers through `pgzm_pg::sql` and re-points deparsed
 //! expressions at shadow objects through [`Renames`].
 
-use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
+use pgzm_pg::sql::{quote_ident, quote_literal, quote_qualified};
 
 use crate::catalog::{
     Column, Constraint, Identity, Index, Sequence, Table, UserType, UserTypeKind,

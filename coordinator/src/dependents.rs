@@ -11,7 +11,7 @@
 
 use std::collections::BTreeSet;
 
-use pgzm_agent::sql::{quote_ident, quote_qualified};
+use pgzm_pg::sql::{quote_ident, quote_qualified};
 use tokio_postgres::Client;
 
 use crate::catalog::Oid;

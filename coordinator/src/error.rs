@@ -1,7 +1,7 @@
 //! Errors of the coordinator. Each variant is a failure the operator can act on; its message is
 //! one line saying what failed and what to do.
 
-use pgzm_agent::pg::{classify, describe, ErrorClass};
+use pgzm_pg::conn::{classify, describe, ErrorClass};
 
 /// A coordinator failure.
 #[derive(Debug, thiserror::Error)]

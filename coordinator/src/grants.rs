@@ -13,7 +13,7 @@
 use tokio_postgres::Client;
 
 use crate::error::CoordinatorError;
-use pgzm_agent::sql::{quote_ident, quote_ident_list};
+use pgzm_pg::sql::{quote_ident, quote_ident_list};
 
 /// Privileges granted for a copy, to be revoked when it ends.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgzm_agent::pg::{classify, describe, ErrorClass};
+use pgzm_pg::conn::{classify, describe, ErrorClass};
 use tokio_postgres::{Client, SimpleQueryMessage};
 use tracing::warn;
 

@@ -3,7 +3,7 @@
 //! names), populated as the original was, with its indexes, owner, privileges and comment. The
 //! swap only renames it: there is never a `REFRESH` inside the lock window.
 
-use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
+use pgzm_pg::sql::{quote_ident, quote_literal, quote_qualified};
 use tokio_postgres::Client;
 
 use crate::ddl::grants_sql;

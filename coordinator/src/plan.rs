@@ -112,27 +112,27 @@ impl Move {
             (&self.from, &self.to)
         };
         match (self.kind, self.oid) {
-            (ObjectKind::Function, Some(oid)) => pgzm_agent::sql::do_block(&format!(
+            (ObjectKind::Function, Some(oid)) => pgzm_pg::sql::do_block(&format!(
                 "BEGIN EXECUTE format('ALTER ROUTINE %s RENAME TO %I', {oid}::oid::pg_catalog.regprocedure, {}); END",
-                pgzm_agent::sql::quote_literal(to)
+                pgzm_pg::sql::quote_literal(to)
             )),
             _ => format!(
                 "ALTER {} {} RENAME TO {}",
                 self.kind.keyword(),
-                pgzm_agent::sql::quote_qualified(&self.schema, from),
-                pgzm_agent::sql::quote_ident(to)
+                pgzm_pg::sql::quote_qualified(&self.schema, from),
+                pgzm_pg::sql::quote_ident(to)
             ),
         }
     }
 
     /// The quoted, schema-qualified current name.
     pub fn qualified_from(&self) -> String {
-        pgzm_agent::sql::quote_qualified(&self.schema, &self.from)
+        pgzm_pg::sql::quote_qualified(&self.schema, &self.from)
     }
 
     /// The quoted, schema-qualified new name.
     pub fn qualified_to(&self) -> String {
-        pgzm_agent::sql::quote_qualified(&self.schema, &self.to)
+        pgzm_pg::sql::quote_qualified(&self.schema, &self.to)
     }
 }
 

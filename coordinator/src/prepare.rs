@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
+use pgzm_pg::sql::{quote_ident, quote_literal, quote_qualified};
 use tokio_postgres::{Client, GenericClient};
 use tracing::{info_span, warn, Instrument};
 
@@ -91,7 +91,7 @@ pub async fn prepare(
                     CoordinatorError::Usage(format!(
                         "--maintenance-work-mem {:?} is not a valid size for the destination: {}",
                         opts.build.maintenance_work_mem,
-                        pgzm_agent::pg::describe(&e)
+                        pgzm_pg::conn::describe(&e)
                     ))
                 })?;
             if newest != seen {
@@ -500,7 +500,7 @@ fn foreign_key_check(plan: &Plan, table: &str, c: &crate::catalog::Constraint) -
         table,
         c.references.as_deref().unwrap_or_default()
     );
-    Some(pgzm_agent::sql::do_block(&format!(
+    Some(pgzm_pg::sql::do_block(&format!(
         "BEGIN IF EXISTS (SELECT 1 FROM {} c WHERE {broken}) THEN \
          RAISE EXCEPTION USING ERRCODE = 'foreign_key_violation', MESSAGE = {}; END IF; END",
         quote_qualified("public", &child.shadow),
@@ -726,7 +726,7 @@ async fn sync_preserved(
             ),
         ];
         sql.extend(p.setup_sql(plan.migration_id));
-        sql.push(pgzm_agent::sql::do_block(&format!(
+        sql.push(pgzm_pg::sql::do_block(&format!(
             "BEGIN IF (SELECT count(*) FROM {shadow}) <> (SELECT count(*) FROM {live}) THEN RAISE EXCEPTION 'row counts differ after the initial copy'; END IF; END",
             shadow = quote_qualified("public", &p.shadow),
             live = quote_qualified("public", &p.table)
@@ -759,7 +759,7 @@ async fn create_shadow(
     dest: &Destination,
     renames: &Renames,
 ) -> Result<RecordedObjects, CoordinatorError> {
-    use pgzm_agent::sql::quote_ident;
+    use pgzm_pg::sql::quote_ident;
     for (ext, ext_schema) in &plan.extensions_to_create {
         control
             .batch_execute(&format!(

@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use pgzm_agent::sql::{dollar_quote, quote_ident, quote_literal, quote_qualified};
+use pgzm_pg::sql::{dollar_quote, quote_ident, quote_literal, quote_qualified};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 

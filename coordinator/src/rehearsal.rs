@@ -10,8 +10,8 @@
 //! swap's statements that need a live table's lock (renames, foreign keys and defaults of other
 //! tables re-pointed) are not rehearsed.
 
-use pgzm_agent::pg::describe;
-use pgzm_agent::sql::{quote_ident, quote_qualified};
+use pgzm_pg::conn::describe;
+use pgzm_pg::sql::{quote_ident, quote_qualified};
 use tokio_postgres::Client;
 
 use crate::build;

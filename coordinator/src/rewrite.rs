@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use pgzm_agent::sql::{quote_ident, quote_literal};
+use pgzm_pg::sql::{quote_ident, quote_literal};
 
 /// Name changes to apply to qualified references in `public`.
 #[derive(Debug, Clone, Default)]

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified, quote_qualified_list};
+use pgzm_pg::sql::{quote_ident, quote_literal, quote_qualified, quote_qualified_list};
 use serde::Serialize;
 use tokio_postgres::Client;
 
@@ -424,7 +424,7 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
     }) {
         let kw = m.kind.keyword();
         let aside = quote_ident(&prefixed(ROLLEDBACK, &m.to));
-        sql.push(pgzm_agent::sql::do_block(&format!(
+        sql.push(pgzm_pg::sql::do_block(&format!(
             "BEGIN IF EXISTS (SELECT 1 FROM pg_catalog.{cat} WHERE {col} = {name} AND {ns} = 'public'::regnamespace) THEN \
              BEGIN EXECUTE {drop}; EXCEPTION WHEN dependent_objects_still_exist THEN EXECUTE {rename}; END; END IF; END",
             cat = if m.kind == ObjectKind::Type { "pg_type" } else { "pg_class" },
@@ -560,7 +560,7 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
             report.warnings.push(format!(
                 "foreign key \"{}\" on \"{table}\" does not validate after the rollback: {}; it stays NOT VALID until the rows are fixed and you run: {validate}",
                 fk.name,
-                pgzm_agent::pg::describe(&e)
+                pgzm_pg::conn::describe(&e)
             ));
         }
     }
@@ -739,7 +739,7 @@ fn conversion_sql(conversions: &[Conversion]) -> Vec<String> {
     let types: BTreeSet<&str> = conversions.iter().map(|c| c.type_name.as_str()).collect();
     for t in types {
         let aside = prefixed(ROLLEDBACK, t);
-        sql.push(pgzm_agent::sql::do_block(&format!(
+        sql.push(pgzm_pg::sql::do_block(&format!(
             "BEGIN IF EXISTS (SELECT 1 FROM pg_catalog.pg_type WHERE typname = {name} AND typnamespace = 'public'::regnamespace) THEN \
              BEGIN EXECUTE {drop}; EXCEPTION WHEN dependent_objects_still_exist THEN NULL; END; END IF; END",
             name = quote_literal(&aside),

@@ -1,7 +1,7 @@
 //! The shadow schema as statements: a pure function of the plan, the source's catalog and the
 //! destination's (no I/O), run by `prepare` in one transaction and by the dry run's rehearsal.
 
-use pgzm_agent::sql::quote_qualified;
+use pgzm_pg::sql::quote_qualified;
 
 use crate::catalog::SourceSchema;
 use crate::ddl;
@@ -18,7 +18,7 @@ pub fn statements(
     dest: &Destination,
     renames: &Renames,
 ) -> Vec<(String, String)> {
-    use pgzm_agent::sql::quote_ident;
+    use pgzm_pg::sql::quote_ident;
     let mut statements: Vec<(String, String)> = Vec::new();
     for (signature, definition) in &plan.functions_to_create {
         statements.push((

@@ -210,7 +210,7 @@ pub async fn earlier_runs(client: &Client) -> Result<crate::plan::Earlier, Coord
                     message: format!(
                         "its recorded plan is unreadable ({e}); inspect pgzm.migrations"
                     ),
-                    class: pgzm_agent::pg::ErrorClass::Fatal,
+                    class: pgzm_pg::conn::ErrorClass::Fatal,
                 })?;
             earlier.backup_set = Some((id, plan.to_backup));
         }
@@ -300,7 +300,7 @@ pub async fn clean_leftovers(
     objects: &RecordedObjects,
     locks: crate::locked::SwapSettings,
 ) -> Result<Vec<String>, CoordinatorError> {
-    use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
+    use pgzm_pg::sql::{quote_ident, quote_literal, quote_qualified};
     let ended = client
         .query_one(
             "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
@@ -318,7 +318,7 @@ pub async fn clean_leftovers(
         ),
         Ok(_) => {}
         Err(e) => {
-            tracing::warn!(migration = id, error = %pgzm_agent::pg::describe(&e), "could not end the run's agents' sessions")
+            tracing::warn!(migration = id, error = %pgzm_pg::conn::describe(&e), "could not end the run's agents' sessions")
         }
     }
     let mut dropped = Vec::new();
@@ -362,7 +362,7 @@ pub async fn clean_leftovers(
     // Shadow materialized views read shadow tables: they go first, dependents first.
     for (schema, name, oid) in objects.matviews.iter().rev() {
         let qualified = quote_qualified(schema, name);
-        statements.push(pgzm_agent::sql::do_block(&format!(
+        statements.push(pgzm_pg::sql::do_block(&format!(
             "BEGIN IF to_regclass({lit}) = {oid}::oid THEN EXECUTE {drop}; END IF; END",
             lit = quote_literal(&qualified),
             drop = quote_literal(&format!("DROP MATERIALIZED VIEW {qualified}"))
@@ -404,7 +404,7 @@ pub async fn clean_leftovers(
     }
     for signature in &objects.functions {
         // Only if nothing else uses it by now: no CASCADE, and a refusal is not fatal.
-        statements.push(pgzm_agent::sql::do_block(&format!(
+        statements.push(pgzm_pg::sql::do_block(&format!(
             "BEGIN EXECUTE {}; EXCEPTION WHEN dependent_objects_still_exist THEN NULL; END",
             quote_literal(&format!("DROP FUNCTION IF EXISTS {signature}"))
         )));
@@ -488,7 +488,7 @@ pub fn plan_drop_backup(
     present: &std::collections::BTreeSet<(String, bool)>,
 ) -> DropBackupPlan {
     use crate::plan::ObjectKind;
-    use pgzm_agent::sql::{quote_qualified, quote_qualified_list};
+    use pgzm_pg::sql::{quote_qualified, quote_qualified_list};
     let of_kind = |kind: ObjectKind, sequence: bool| -> Vec<String> {
         moves
             .iter()
@@ -536,7 +536,7 @@ pub async fn drop_backup_set(
     moves: &[Move],
 ) -> Result<Vec<String>, CoordinatorError> {
     use crate::plan::ObjectKind;
-    use pgzm_agent::sql::quote_qualified;
+    use pgzm_pg::sql::quote_qualified;
     let action = |what: &str| format!("drop the backup set of migration {id}: {what}");
     let tx = client
         .transaction()
@@ -604,12 +604,12 @@ pub async fn drop_backup_set(
                 let rename = format!(
                     "ALTER TYPE {} RENAME TO {}",
                     quote_qualified("public", n),
-                    pgzm_agent::sql::quote_ident(&aside)
+                    pgzm_pg::sql::quote_ident(&aside)
                 );
                 tx.batch_execute(&rename)
                     .await
                     .map_err(|e| CoordinatorError::destination(action(&rename), &e))?;
-                tracing::warn!(r#type = %n, renamed_to = %aside, used_by = %used_by, error = %pgzm_agent::pg::describe(&e), "backup type kept: still in use");
+                tracing::warn!(r#type = %n, renamed_to = %aside, used_by = %used_by, error = %pgzm_pg::conn::describe(&e), "backup type kept: still in use");
                 dropped.push(format!(
                     "type {n} kept, still used by {used_by}: renamed to {aside}"
                 ));
@@ -647,7 +647,7 @@ impl AsideSet {
         let json = serde_json::to_string(&self.recorded).unwrap_or_else(|_| "[]".into());
         format!(
             "UPDATE pgzm.migrations SET plan = jsonb_set(plan, '{{to_backup}}', {}::jsonb) WHERE id = {}",
-            pgzm_agent::sql::quote_literal(&json),
+            pgzm_pg::sql::quote_literal(&json),
             self.id
         )
     }
@@ -744,7 +744,7 @@ pub async fn drop_old_sets(client: &mut Client, keep: u32) -> (Vec<String>, Vec<
                 Vec::new(),
                 vec![format!(
                 "older backup sets could not be listed ({}); run `pgzm list` and `pgzm cleanup`",
-                pgzm_agent::pg::describe(&e)
+                pgzm_pg::conn::describe(&e)
             )],
             )
         }
@@ -778,7 +778,7 @@ pub async fn drop_old_sets(client: &mut Client, keep: u32) -> (Vec<String>, Vec<
 /// Returns the block (None when there is nothing to drop) and what it may drop.
 pub fn drop_views_and_functions(moves: &[Move]) -> (Option<String>, Vec<String>) {
     use crate::plan::ObjectKind;
-    use pgzm_agent::sql::{quote_literal, quote_qualified};
+    use pgzm_pg::sql::{quote_literal, quote_qualified};
     let mut checks = Vec::new();
     let mut names = Vec::new();
     for m in moves {
@@ -816,7 +816,7 @@ pub fn drop_views_and_functions(moves: &[Move]) -> (Option<String>, Vec<String>)
     if checks.is_empty() {
         return (None, names);
     }
-    let block = pgzm_agent::sql::do_block(&format!(
+    let block = pgzm_pg::sql::do_block(&format!(
         "DECLARE todo text[] := array_remove(ARRAY[{}], NULL); rest text[]; s text; \
          BEGIN \
          LOOP rest := '{{}}'; \
@@ -963,7 +963,7 @@ pub async fn load(
             message: format!(
                 "its recorded plan is unreadable ({e}); it was written by another pgzm version"
             ),
-            class: pgzm_agent::pg::ErrorClass::Fatal,
+            class: pgzm_pg::conn::ErrorClass::Fatal,
         })?;
     let status: String = row.get(1);
     let status = RunStatus::parse(&status).ok_or_else(|| CoordinatorError::Destination {
@@ -971,7 +971,7 @@ pub async fn load(
         message: format!(
             "its status {status:?} is unknown; it was written by another pgzm version"
         ),
-        class: pgzm_agent::pg::ErrorClass::Fatal,
+        class: pgzm_pg::conn::ErrorClass::Fatal,
     })?;
     Ok(Some(MigrationRow {
         id,

@@ -186,7 +186,7 @@ pub async fn shadow_problems(
 async fn count(client: &Client, table: &str) -> Result<i64, CoordinatorError> {
     let sql = format!(
         "SELECT count(*) FROM ONLY {}",
-        pgzm_agent::sql::quote_qualified("public", table)
+        pgzm_pg::sql::quote_qualified("public", table)
     );
     let row = client
         .query_one(&sql, &[])
@@ -201,7 +201,7 @@ async fn count_pair(
     shadow: &str,
     live: &str,
 ) -> Result<(i64, i64), CoordinatorError> {
-    use pgzm_agent::sql::quote_qualified;
+    use pgzm_pg::sql::quote_qualified;
     let sql = format!(
         "SELECT (SELECT count(*) FROM ONLY {}), (SELECT count(*) FROM ONLY {})",
         quote_qualified("public", shadow),

@@ -11,8 +11,8 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use pgzm_agent::pg::describe;
-use pgzm_agent::sql::{quote_ident, quote_literal, quote_qualified};
+use pgzm_pg::conn::describe;
+use pgzm_pg::sql::{quote_ident, quote_literal, quote_qualified};
 use tokio_postgres::{Client, SimpleQueryMessage};
 use tracing::info;
 
@@ -146,7 +146,7 @@ pub fn swap_sql(plan: &Plan, aside: Option<&AsideSet>, lock_timeout: Duration) -
     if !plan.preserved.is_empty() {
         // Under the locks no more writes can reach the preserved tables: a mirror that failed
         // before now means a stale shadow, and the swap must not happen.
-        push(pgzm_agent::sql::do_block(&format!(
+        push(pgzm_pg::sql::do_block(&format!(
             "BEGIN IF EXISTS (SELECT 1 FROM pgzm.sync_errors WHERE migration_id = {id}) THEN \
              RAISE EXCEPTION 'a write to a preserved table could not be mirrored into its shadow (see pgzm.sync_errors): prepare again with --force'; \
              END IF; END",
