@@ -35,6 +35,68 @@ pub struct AgentSettings {
     pub destination_database: Option<String>,
 }
 
+/// Which databases an agent serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentSide {
+    /// Both: runs whole tasks.
+    Both,
+    /// Near the source: serves exports.
+    Source,
+    /// Near the destination: runs tasks, reading from a source-side agent.
+    Destination,
+}
+
+/// What an agent said about itself, checked: the domain form of `proto::InfoResponse`.
+#[derive(Debug, Clone)]
+pub struct AgentInfo {
+    /// Its crate version (for messages).
+    pub agent_version: String,
+    /// Copy tasks it runs at once (at least 1).
+    pub capacity: u32,
+    /// Which databases it serves.
+    pub side: AgentSide,
+    /// Placement label.
+    pub region: String,
+    /// Names of the connection strings it holds.
+    pub databases: Vec<String>,
+    /// The address other agents use to reach it, when it says.
+    pub advertise_url: Option<String>,
+}
+
+impl TryFrom<proto::InfoResponse> for AgentInfo {
+    type Error = String;
+
+    fn try_from(r: proto::InfoResponse) -> Result<Self, String> {
+        let side = match proto::Side::try_from(r.side) {
+            Ok(proto::Side::Both) => AgentSide::Both,
+            Ok(proto::Side::Source) => AgentSide::Source,
+            Ok(proto::Side::Destination) => AgentSide::Destination,
+            Ok(proto::Side::Unspecified) => {
+                return Err(
+                    "does not say which side it serves: run the same version on both".into(),
+                )
+            }
+            Err(_) => {
+                return Err(format!(
+                    "reports side {}, which this pgzm does not know: run the same version on both",
+                    r.side
+                ))
+            }
+        };
+        if r.max_concurrent_tasks == 0 && side != AgentSide::Source {
+            return Err("reports no task slots (--max-tasks 0?)".into());
+        }
+        Ok(AgentInfo {
+            agent_version: r.agent_version,
+            capacity: r.max_concurrent_tasks.max(1),
+            side,
+            region: r.region,
+            databases: r.databases,
+            advertise_url: Some(r.advertise_url).filter(|u| !u.is_empty()),
+        })
+    }
+}
+
 /// One agent.
 pub struct AgentHandle {
     /// URL, or "in-process".
@@ -44,15 +106,15 @@ pub struct AgentHandle {
     /// Client.
     pub client: AgentClient<Channel>,
     /// What it said about itself.
-    pub info: proto::InfoResponse,
+    pub info: AgentInfo,
     /// Address peers use to reach it.
     pub peer_url: String,
 }
 
 impl AgentHandle {
     /// Its side.
-    pub fn side(&self) -> proto::Side {
-        proto::Side::try_from(self.info.side).unwrap_or(proto::Side::Both)
+    pub fn side(&self) -> AgentSide {
+        self.info.side
     }
 }
 
@@ -71,7 +133,7 @@ async fn info(
     client: &mut AgentClient<Channel>,
     connector: &PeerConnector,
     label: &str,
-) -> Result<proto::InfoResponse, CoordinatorError> {
+) -> Result<AgentInfo, CoordinatorError> {
     let info = client
         .info(connector.request(proto::InfoRequest {
             protocol_version: pgzm_proto::PROTOCOL_VERSION,
@@ -109,7 +171,10 @@ async fn info(
             ),
         });
     }
-    Ok(info)
+    AgentInfo::try_from(info).map_err(|message| CoordinatorError::Agent {
+        agent: label.to_string(),
+        message,
+    })
 }
 
 impl AgentPool {
@@ -161,12 +226,8 @@ impl AgentPool {
                         message: format!("cannot connect: {}", transport_message(&e)),
                     })?;
             let info = info(&mut client, &settings.connector, url).await?;
-            let peer_url = if info.advertise_url.is_empty() {
-                url.clone()
-            } else {
-                info.advertise_url.clone()
-            };
-            info!(agent = %url, side = ?proto::Side::try_from(info.side), region = %info.region, capacity = info.max_concurrent_tasks, "agent ready");
+            let peer_url = info.advertise_url.clone().unwrap_or_else(|| url.clone());
+            info!(agent = %url, side = ?info.side, region = %info.region, capacity = info.capacity, "agent ready");
             agents.push(Arc::new(AgentHandle {
                 label: url.clone(),
                 index: agents.len(),
@@ -190,7 +251,7 @@ impl AgentPool {
         if pool
             .executors()
             .iter()
-            .any(|a| a.side() == proto::Side::Destination)
+            .any(|a| a.side() == AgentSide::Destination)
             && pool.sources().is_empty()
         {
             return Err(CoordinatorError::Usage(
@@ -204,7 +265,7 @@ impl AgentPool {
     pub fn executors(&self) -> Vec<Arc<AgentHandle>> {
         self.agents
             .iter()
-            .filter(|a| a.side() != proto::Side::Source)
+            .filter(|a| a.side() != AgentSide::Source)
             .cloned()
             .collect()
     }
@@ -212,7 +273,7 @@ impl AgentPool {
     fn sources(&self) -> Vec<Arc<AgentHandle>> {
         self.agents
             .iter()
-            .filter(|a| a.side() == proto::Side::Source)
+            .filter(|a| a.side() == AgentSide::Source)
             .cloned()
             .collect()
     }
@@ -221,7 +282,7 @@ impl AgentPool {
     pub fn capacity(&self) -> usize {
         self.executors()
             .iter()
-            .map(|a| a.info.max_concurrent_tasks.max(1) as usize)
+            .map(|a| a.info.capacity as usize)
             .sum()
     }
 
@@ -270,10 +331,10 @@ impl AgentPool {
                 continue;
             }
             let mut wanted = Vec::new();
-            if a.side() != proto::Side::Destination {
+            if a.side() != AgentSide::Destination {
                 wanted.push(("source", self.endpoint(source, false, "pgzm-agent")));
             }
-            if a.side() != proto::Side::Source {
+            if a.side() != AgentSide::Source {
                 wanted.push((
                     "destination",
                     self.endpoint(destination, true, "pgzm-agent"),
@@ -329,4 +390,35 @@ fn with_causes(mut out: String, mut source: Option<&(dyn std::error::Error + 'st
         source = cause.source();
     }
     out
+}
+
+#[cfg(test)]
+mod info_tests {
+    use super::*;
+
+    fn response(side: i32, slots: u32) -> proto::InfoResponse {
+        proto::InfoResponse {
+            protocol_version: pgzm_proto::PROTOCOL_VERSION,
+            agent_version: "0".into(),
+            max_concurrent_tasks: slots,
+            side,
+            ..proto::InfoResponse::default()
+        }
+    }
+
+    #[test]
+    fn agent_info_is_checked_on_receipt() {
+        let ok = AgentInfo::try_from(response(proto::Side::Destination as i32, 4)).unwrap();
+        assert_eq!(
+            (ok.side, ok.capacity, ok.advertise_url),
+            (AgentSide::Destination, 4, None)
+        );
+        let unspecified = AgentInfo::try_from(response(0, 4)).unwrap_err();
+        assert!(unspecified.contains("which side"), "{unspecified}");
+        let unknown = AgentInfo::try_from(response(42, 4)).unwrap_err();
+        assert!(unknown.contains("side 42"), "{unknown}");
+        let no_slots = AgentInfo::try_from(response(proto::Side::Both as i32, 0)).unwrap_err();
+        assert!(no_slots.contains("no task slots"), "{no_slots}");
+        assert!(AgentInfo::try_from(response(proto::Side::Source as i32, 0)).is_ok());
+    }
 }

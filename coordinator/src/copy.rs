@@ -296,7 +296,7 @@ where
     while slots.len() < parallel.max(1) {
         let before = slots.len();
         for a in &executors {
-            if round < a.info.max_concurrent_tasks.max(1) && slots.len() < parallel.max(1) {
+            if round < a.info.capacity && slots.len() < parallel.max(1) {
                 slots.push(Arc::clone(a));
             }
         }
@@ -691,7 +691,7 @@ impl Worker {
     }
 
     async fn attempt(&self, task: &Task, job: &CopyJob) -> Outcome {
-        let peer_url = if self.agent.side() == proto::Side::Destination {
+        let peer_url = if self.agent.side() == crate::agents::AgentSide::Destination {
             self.pool.source_peer().unwrap_or_default()
         } else {
             String::new()

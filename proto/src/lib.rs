@@ -14,4 +14,4 @@ pub mod agent {
 }
 
 /// Protocol version spoken by this build; agents refuse coordinators with another one.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
