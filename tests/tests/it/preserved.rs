@@ -6,8 +6,8 @@
 //! never failing the application, blocking the swap); and a concurrent writer, before and during
 //! the swap, whose own record of what it committed must equal the final live tables.
 
-mod checks;
-mod common;
+use crate::checks;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

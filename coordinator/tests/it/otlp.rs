@@ -46,7 +46,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 
-mod support;
+use crate::support;
 use tokio::sync::watch;
 
 /// A password that must never be printed or exported.

@@ -7,8 +7,8 @@
 //! server (`pg_stat_activity`, the catalog) against a deadline; nothing sleeps to "let things
 //! happen".
 
-mod blocking;
-mod common;
+use crate::blocking;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -1,8 +1,8 @@
 //! Scenario 7 of the original tool (without preserved tables): the whole Tree Equity Score
 //! schema with PostGIS geometries, GiST indexes, enums and serial sequences.
 
-mod checks;
-mod common;
+use crate::checks;
+use crate::common;
 
 use std::collections::BTreeMap;
 

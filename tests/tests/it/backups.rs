@@ -3,8 +3,8 @@
 //! the original tool. Everything runs against real PostgreSQL servers through the
 //! coordinator's library API (what the `pgzm` commands call).
 
-mod checks;
-mod common;
+use crate::checks;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -4,8 +4,8 @@
 //! change, long and awkward names work, destination-only foreign keys and views follow the new
 //! tables, privileges and row-level security carry over, and the source is never written.
 
-mod checks;
-mod common;
+use crate::checks;
+use crate::common;
 
 use checks::{
     assert_fails_with, assert_live_unchanged, assert_none_with_prefix, assert_same_signature,

@@ -10,7 +10,7 @@ use pgzm_tests::{PgCluster, TestDb};
 use support::{one_json, pgzm_command, WorkDir};
 use tokio::process::Command;
 
-mod support;
+use crate::support;
 
 /// A password put in every URL: trust authentication ignores it, and it must never be printed
 /// or written to a log.

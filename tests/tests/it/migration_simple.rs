@@ -2,8 +2,8 @@
 //! a complete migration with data integrity, a dry run that changes nothing, and two
 //! migrations in a row (the second replaces the first backup set).
 
-mod checks;
-mod common;
+use crate::checks;
+use crate::common;
 
 use std::collections::BTreeMap;
 

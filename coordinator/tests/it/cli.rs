@@ -11,7 +11,7 @@ use pgzm_tests::TestDb;
 use support::{one_json, pgzm_command, simple_pair, text, WorkDir};
 use tokio::process::Command;
 
-mod support;
+use crate::support;
 
 /// A password that must never be printed.
 const SECRET: &str = "Sup3rSecret";

@@ -3,7 +3,7 @@
 //! table after the swap; the digests of a table's page ranges add up to the table's; a run with
 //! `verify: false` records none.
 
-mod common;
+use crate::common;
 
 use futures_util::StreamExt;
 use pgzm_agent::digest::{Digest, StreamDigester};

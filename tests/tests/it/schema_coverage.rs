@@ -4,8 +4,8 @@
 //! catalog definitions — into an empty destination, and over a destination that already has
 //! the schema with other data or none.
 
-mod checks;
-mod common;
+use crate::checks;
+use crate::common;
 
 use checks::{
     assert_live_unchanged, assert_none_with_prefix, assert_same_signature, backup_signature,

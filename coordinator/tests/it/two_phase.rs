@@ -5,7 +5,7 @@
 use pgzm_tests::inspect;
 use tokio_postgres::Client;
 
-mod support;
+use crate::support;
 
 /// A password put in the URLs (the test servers trust every local connection, so it is accepted
 /// and ignored); it must never be printed.

@@ -6,8 +6,8 @@
 //! Nothing stays bound to a `backup_` object: `cleanup` and the next `start` succeed, and
 //! `rollback` puts every dependent back on the restored tables.
 
-mod checks;
-mod common;
+use crate::checks;
+use crate::common;
 
 use checks::{boolean, int, live_sums, text, texts};
 use common::dest_url;
