@@ -380,17 +380,7 @@ pub fn status_message(s: &tonic::Status) -> String {
     with_causes(s.message().to_string(), std::error::Error::source(s))
 }
 
-fn with_causes(mut out: String, mut source: Option<&(dyn std::error::Error + 'static)>) -> String {
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = cause.source();
-    }
-    out
-}
+use pgzm_pg::conn::with_causes;
 
 #[cfg(test)]
 mod info_tests {

@@ -11,6 +11,7 @@ use pgzm_agent::error::RETRYABLE_KEY;
 use pgzm_proto::agent::v1 as proto;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
+use tokio_postgres::Client;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::agents::{AgentHandle, AgentPool};
@@ -105,6 +106,14 @@ pub async fn terminate_sessions(db: &DbUrl, pattern: &str) -> Result<u64, String
         .connect("pgzm-coordinator")
         .await
         .map_err(|e| e.to_string())?;
+    end_sessions(&client, pattern)
+        .await
+        .map_err(|e| pgzm_pg::conn::describe(&e))
+}
+
+/// Ends, through `client`, the other sessions of its database whose `application_name` is
+/// `LIKE pattern`; how many.
+pub async fn end_sessions(client: &Client, pattern: &str) -> Result<u64, tokio_postgres::Error> {
     let row = client
         .query_one(
             "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
@@ -113,8 +122,7 @@ pub async fn terminate_sessions(db: &DbUrl, pattern: &str) -> Result<u64, String
                 AND datname = current_database()",
             &[&pattern],
         )
-        .await
-        .map_err(|e| pgzm_pg::conn::describe(&e))?;
+        .await?;
     Ok(row.get::<_, i64>(0).max(0) as u64)
 }
 

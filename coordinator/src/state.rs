@@ -301,19 +301,11 @@ pub async fn clean_leftovers(
     locks: crate::locked::SwapSettings,
 ) -> Result<Vec<String>, CoordinatorError> {
     use pgzm_pg::sql::{quote_ident, quote_literal, quote_qualified};
-    let ended = client
-        .query_one(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
-               FROM pg_stat_activity
-              WHERE application_name LIKE $1 AND pid <> pg_backend_pid()
-                AND datname = current_database()",
-            &[&crate::copy::session_tag_pattern(id)],
-        )
-        .await;
+    let ended = crate::copy::end_sessions(client, &crate::copy::session_tag_pattern(id)).await;
     match ended {
-        Ok(row) if row.get::<_, i64>(0) > 0 => tracing::info!(
+        Ok(n) if n > 0 => tracing::info!(
             migration = id,
-            sessions = row.get::<_, i64>(0),
+            sessions = n,
             "ended the database sessions of the run's agents"
         ),
         Ok(_) => {}

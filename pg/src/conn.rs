@@ -59,8 +59,18 @@ pub fn describe(err: &tokio_postgres::Error) -> String {
         out.push(']');
         return one_line(&out);
     }
-    let mut out = err.to_string();
-    let mut source = std::error::Error::source(err);
+    one_line(&with_causes(
+        err.to_string(),
+        std::error::Error::source(err),
+    ))
+}
+
+/// `out` followed by the messages of an error's chain of causes (`: cause`), each one that
+/// `out` does not contain yet.
+pub fn with_causes(
+    mut out: String,
+    mut source: Option<&(dyn std::error::Error + 'static)>,
+) -> String {
     while let Some(cause) = source {
         let text = cause.to_string();
         if !out.contains(&text) {
@@ -69,7 +79,7 @@ pub fn describe(err: &tokio_postgres::Error) -> String {
         }
         source = cause.source();
     }
-    one_line(&out)
+    out
 }
 
 fn one_line(text: &str) -> String {
