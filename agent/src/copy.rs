@@ -565,7 +565,7 @@ pub async fn run_copy(
             step: "read COPY data",
             side: Side::Source,
             message: "the source stream ended without its row count".into(),
-            class: pg::ErrorClass::Retryable,
+            kind: pg::ErrorKind::Connection,
         })?;
         let rows_written = sink
             .as_mut()
@@ -669,7 +669,7 @@ pub(crate) fn connect_error(side: Side, err: &tokio_postgres::Error) -> AgentErr
     AgentError::Connect {
         side,
         message: pg::describe(err),
-        class: pg::classify(err),
+        kind: pg::ErrorKind::of(err),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Errors of the agent's data plane.
 
-use crate::pg::{classify, describe, ErrorClass};
+use crate::pg::{describe, ErrorClass, ErrorKind};
 
 /// Which database a connection or statement went to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,8 +47,8 @@ pub enum AgentError {
         side: Side,
         /// One-line reason.
         message: String,
-        /// Whether a retry may succeed.
-        class: ErrorClass,
+        /// What went wrong (sets the retry policy).
+        kind: ErrorKind,
     },
     /// The exported snapshot is gone (the coordinator's snapshot transaction ended).
     #[error("import source snapshot {snapshot}: {message}; the coordinator's snapshot transaction has ended, restart the migration")]
@@ -69,8 +69,8 @@ pub enum AgentError {
         side: Side,
         /// One-line reason.
         message: String,
-        /// Whether a retry may succeed.
-        class: ErrorClass,
+        /// What went wrong (sets the retry policy).
+        kind: ErrorKind,
     },
     /// The destination received another number of rows than the source snapshot holds.
     #[error("copy {table}: wrote {written} rows but the source snapshot holds {in_source}; nothing was committed")]
@@ -103,15 +103,15 @@ impl AgentError {
             step,
             side,
             message: describe(err),
-            class: classify(err),
+            kind: ErrorKind::of(err),
         }
     }
 
     /// Whether retrying the task from a clean state may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            AgentError::Connect { class, .. } | AgentError::Copy { class, .. } => {
-                *class != ErrorClass::Fatal
+            AgentError::Connect { kind, .. } | AgentError::Copy { kind, .. } => {
+                kind.class() != ErrorClass::Fatal
             }
             AgentError::InvalidTask(_)
             | AgentError::Refused(_)
@@ -132,11 +132,25 @@ pub const RETRYABLE_KEY: &str = "pgzm-retryable";
 /// server may be restarting, and the coordinator keeps retrying for a while.
 pub const CONNECT_KEY: &str = "pgzm-connect-failed";
 
+/// Metadata key on an error status from a database: the [`ErrorKind`]'s name.
+pub const KIND_KEY: &str = "pgzm-error-kind";
+
+impl AgentError {
+    /// The kind of a database failure (None for the agent's own refusals and checks).
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            AgentError::Connect { kind, .. } | AgentError::Copy { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+}
+
 impl From<AgentError> for tonic::Status {
     fn from(err: AgentError) -> Self {
         let message = err.to_string();
         let retryable = err.is_retryable();
         let connect = matches!(err, AgentError::Connect { .. });
+        let kind = err.kind();
         let mut status = match err {
             AgentError::InvalidTask(_) | AgentError::InvalidConnection { .. } => {
                 tonic::Status::invalid_argument(message)
@@ -156,6 +170,12 @@ impl From<AgentError> for tonic::Status {
             status.metadata_mut().insert(
                 CONNECT_KEY,
                 tonic::metadata::MetadataValue::from_static("1"),
+            );
+        }
+        if let Some(kind) = kind {
+            status.metadata_mut().insert(
+                KIND_KEY,
+                tonic::metadata::MetadataValue::from_static(kind.as_str()),
             );
         }
         status

@@ -11,7 +11,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
 use crate::error::{AgentError, Side};
-use crate::pg::ErrorClass;
+use crate::pg::ErrorKind;
 use crate::stream::{SourceItem, SourceStream};
 
 /// How this process connects to agents: TLS settings, the shared token, compression.
@@ -83,21 +83,21 @@ impl PeerConnector {
         request: proto::ExportRequest,
         table: &str,
     ) -> Result<SourceStream, AgentError> {
-        let peer_err = |message: String, class: ErrorClass| AgentError::Copy {
+        let peer_err = |message: String, kind: ErrorKind| AgentError::Copy {
             table: table.to_string(),
             step: "read from the source-side agent",
             side: Side::Source,
             message,
-            class,
+            kind,
         };
         let mut client = self
             .connect(url)
             .await
-            .map_err(|e| peer_err(format!("cannot reach {url}: {e}"), ErrorClass::Retryable))?;
+            .map_err(|e| peer_err(format!("cannot reach {url}: {e}"), ErrorKind::Connection))?;
         let stream = client
             .export_range(self.request(request))
             .await
-            .map_err(|s| peer_err(s.message().to_string(), status_class(&s)))?
+            .map_err(|s| peer_err(s.message().to_string(), status_kind(&s)))?
             .into_inner();
         let table = table.to_string();
         let mut digest = None;
@@ -126,22 +126,31 @@ impl PeerConnector {
                     step: "read from the source-side agent",
                     side: Side::Source,
                     message: s.message().to_string(),
-                    class: status_class(&s),
+                    kind: status_kind(&s),
                 }),
             }
         })))
     }
 }
 
-/// Retry class of a status received from another agent.
-pub fn status_class(s: &Status) -> ErrorClass {
+/// The kind of a failure received from another agent: the one it names, else a broken
+/// transport (retryable) or another failure (not).
+pub fn status_kind(s: &Status) -> ErrorKind {
+    if let Some(kind) = s
+        .metadata()
+        .get(crate::error::KIND_KEY)
+        .and_then(|v| v.to_str().ok())
+        .and_then(ErrorKind::parse)
+    {
+        return kind;
+    }
     match s.code() {
         tonic::Code::Unavailable
         | tonic::Code::Unknown
         | tonic::Code::Internal
         | tonic::Code::Cancelled
-        | tonic::Code::DeadlineExceeded => ErrorClass::Retryable,
-        _ => ErrorClass::Fatal,
+        | tonic::Code::DeadlineExceeded => ErrorKind::Connection,
+        _ => ErrorKind::Other,
     }
 }
 

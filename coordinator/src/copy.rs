@@ -242,6 +242,8 @@ enum Outcome {
     Failed {
         /// The agent could not connect to a database (the server may be restarting).
         connect: bool,
+        /// What went wrong in the database, as the agent classified it.
+        kind: Option<pgzm_pg::conn::ErrorKind>,
         message: String,
         retry: bool,
     },
@@ -573,7 +575,9 @@ impl Worker {
                     message,
                     retry,
                     connect,
+                    kind,
                 } => {
+                    let kind = kind.map_or("task", |k| k.as_str());
                     crate::progress::task_reset(&task.key);
                     // Transient failures are retried their count of times; failures to connect
                     // also beyond it, for up to RESTART_PATIENCE (a server restarting).
@@ -588,7 +592,7 @@ impl Worker {
                             1,
                             &[opentelemetry::KeyValue::new("table", job.table.clone())],
                         );
-                        warn!(table = %job.table, attempt = task.attempts, error = %message, "copy task failed; retrying");
+                        warn!(table = %job.table, attempt = task.attempts, kind, error = %message, "copy task failed; retrying");
                         tokio::time::sleep(Duration::from_millis(
                             (200 * u64::from(task.attempts)).min(2000),
                         ))
@@ -768,6 +772,11 @@ fn classify(s: tonic::Status) -> Outcome {
     {
         Some(flag) => Outcome::Failed {
             connect: s.metadata().get(pgzm_agent::error::CONNECT_KEY).is_some(),
+            kind: s
+                .metadata()
+                .get(pgzm_agent::error::KIND_KEY)
+                .and_then(|v| v.to_str().ok())
+                .and_then(pgzm_pg::conn::ErrorKind::parse),
             message: s.message().to_string(),
             retry: flag == "1",
         },
@@ -776,6 +785,7 @@ fn classify(s: tonic::Status) -> Outcome {
         {
             Outcome::Failed {
                 connect: false,
+                kind: None,
                 message: s.message().to_string(),
                 retry: false,
             }

@@ -18,25 +18,124 @@ pub enum ErrorClass {
     Fatal,
 }
 
-/// Classifies an error by SQLSTATE (or as retryable when the connection itself failed).
-pub fn classify(err: &tokio_postgres::Error) -> ErrorClass {
-    match err.code() {
-        Some(code) if *code == SqlState::LOCK_NOT_AVAILABLE => ErrorClass::LockTimeout,
-        Some(code)
-            if *code == SqlState::T_R_SERIALIZATION_FAILURE
-                || *code == SqlState::T_R_DEADLOCK_DETECTED
-                || *code == SqlState::ADMIN_SHUTDOWN
-                || *code == SqlState::CRASH_SHUTDOWN
-                || *code == SqlState::CANNOT_CONNECT_NOW
-                || *code == SqlState::TOO_MANY_CONNECTIONS
-                || code.code().starts_with("08") =>
+/// What went wrong, read from the SQLSTATE (or from the connection failing): the retry policy
+/// ([`ErrorClass`]) follows from it, and it travels across gRPC by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The server could not be reached, refused connections for now (starting, recovering, too
+    /// many), or the connection broke (class 08, 57P03, 53300, or no server answer at all).
+    Connection,
+    /// The server shut the session down, or crashed (57P01, 57P02).
+    Shutdown,
+    /// Authentication failed (class 28).
+    Auth,
+    /// A lock was not granted within `lock_timeout` (55P03).
+    LockTimeout,
+    /// A serialization failure or deadlock (40001, 40P01).
+    Serialization,
+    /// A constraint was violated (class 23).
+    Constraint,
+    /// A privilege is missing (42501).
+    InsufficientPrivilege,
+    /// A relation, type or function does not exist (42P01, 42704, 42883).
+    UndefinedObject,
+    /// Anything else.
+    Other,
+}
+
+impl ErrorKind {
+    /// Every kind.
+    pub const ALL: [ErrorKind; 9] = [
+        ErrorKind::Connection,
+        ErrorKind::Shutdown,
+        ErrorKind::Auth,
+        ErrorKind::LockTimeout,
+        ErrorKind::Serialization,
+        ErrorKind::Constraint,
+        ErrorKind::InsufficientPrivilege,
+        ErrorKind::UndefinedObject,
+        ErrorKind::Other,
+    ];
+
+    /// The kind of a PostgreSQL error.
+    pub fn of(err: &tokio_postgres::Error) -> ErrorKind {
+        let Some(code) = err.code() else {
+            return if err.is_closed() || err.as_db_error().is_none() {
+                ErrorKind::Connection
+            } else {
+                ErrorKind::Other
+            };
+        };
+        let c = code.code();
+        if *code == SqlState::CANNOT_CONNECT_NOW
+            || *code == SqlState::TOO_MANY_CONNECTIONS
+            || c.starts_with("08")
         {
-            ErrorClass::Retryable
+            ErrorKind::Connection
+        } else if *code == SqlState::ADMIN_SHUTDOWN || *code == SqlState::CRASH_SHUTDOWN {
+            ErrorKind::Shutdown
+        } else if c.starts_with("28") {
+            ErrorKind::Auth
+        } else if *code == SqlState::LOCK_NOT_AVAILABLE {
+            ErrorKind::LockTimeout
+        } else if *code == SqlState::T_R_SERIALIZATION_FAILURE
+            || *code == SqlState::T_R_DEADLOCK_DETECTED
+        {
+            ErrorKind::Serialization
+        } else if c.starts_with("23") {
+            ErrorKind::Constraint
+        } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+            ErrorKind::InsufficientPrivilege
+        } else if *code == SqlState::UNDEFINED_TABLE
+            || *code == SqlState::UNDEFINED_OBJECT
+            || *code == SqlState::UNDEFINED_FUNCTION
+        {
+            ErrorKind::UndefinedObject
+        } else {
+            ErrorKind::Other
         }
-        Some(_) => ErrorClass::Fatal,
-        None if err.is_closed() || err.as_db_error().is_none() => ErrorClass::Retryable,
-        None => ErrorClass::Fatal,
     }
+
+    /// The retry policy of the kind.
+    pub fn class(self) -> ErrorClass {
+        match self {
+            ErrorKind::LockTimeout => ErrorClass::LockTimeout,
+            ErrorKind::Connection | ErrorKind::Shutdown | ErrorKind::Serialization => {
+                ErrorClass::Retryable
+            }
+            ErrorKind::Auth
+            | ErrorKind::Constraint
+            | ErrorKind::InsufficientPrivilege
+            | ErrorKind::UndefinedObject
+            | ErrorKind::Other => ErrorClass::Fatal,
+        }
+    }
+
+    /// The kind's name (as it travels in gRPC metadata).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Connection => "connection",
+            ErrorKind::Shutdown => "shutdown",
+            ErrorKind::Auth => "auth",
+            ErrorKind::LockTimeout => "lock_timeout",
+            ErrorKind::Serialization => "serialization",
+            ErrorKind::Constraint => "constraint",
+            ErrorKind::InsufficientPrivilege => "insufficient_privilege",
+            ErrorKind::UndefinedObject => "undefined_object",
+            ErrorKind::Other => "other",
+        }
+    }
+
+    /// The kind named `name`.
+    pub fn parse(name: &str) -> Option<ErrorKind> {
+        ErrorKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+/// Classifies an error by SQLSTATE (or as retryable when the connection itself failed): the
+/// class of its [`ErrorKind`].
+pub fn classify(err: &tokio_postgres::Error) -> ErrorClass {
+    ErrorKind::of(err).class()
 }
 
 /// Renders an error on one line: the server's message, detail and hint, and SQLSTATE.
@@ -361,5 +460,16 @@ mod tests {
             redact_conninfo("bad password s3cr3t", "postgres://u:s3cr3t@h/d"),
             "bad password ***"
         );
+    }
+
+    #[test]
+    fn error_kinds_have_names_and_policies() {
+        for k in ErrorKind::ALL {
+            assert_eq!(ErrorKind::parse(k.as_str()), Some(k));
+        }
+        assert_eq!(ErrorKind::Connection.class(), ErrorClass::Retryable);
+        assert_eq!(ErrorKind::Auth.class(), ErrorClass::Fatal);
+        assert_eq!(ErrorKind::LockTimeout.class(), ErrorClass::LockTimeout);
+        assert_eq!(ErrorKind::parse("nonsense"), None);
     }
 }

@@ -228,3 +228,35 @@ async fn an_agent_holding_named_databases_refuses_connection_strings() {
     assert!(answer.results[0].ok, "{:?}", answer.results);
     assert_eq!(answer.results[0].role, "postgres");
 }
+
+/// A database failure reaches the coordinator with its kind (read from the SQLSTATE, or the
+/// connection failing) in the status metadata, next to the retry flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_failure_carries_its_kind_across_grpc() {
+    let p = fixture_pair("kind", "simple").await;
+    let agent = AgentProcess::start(&[]).await;
+    let mut c = client(&agent).await;
+    let mut t = task(&p, "00000003-00000002-1", 1, "User", "shadow_User");
+    t.destination = url("postgres://postgres@127.0.0.1:1/nowhere");
+    let err = run(&mut c, t)
+        .await
+        .expect_err("an unreachable destination");
+    let meta = |k: &str| {
+        err.metadata()
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    assert_eq!(
+        meta(pgzm_agent::error::KIND_KEY).as_deref(),
+        Some("connection"),
+        "{err:?}"
+    );
+    assert_eq!(meta(pgzm_agent::error::RETRYABLE_KEY).as_deref(), Some("1"));
+    assert_eq!(meta(pgzm_agent::error::CONNECT_KEY).as_deref(), Some("1"));
+    // The agent's own refusal has no database kind.
+    let err = run(&mut c, task(&p, "00000003-00000002-1", 1, "User", "User"))
+        .await
+        .expect_err("no pgzm metadata");
+    assert!(err.metadata().get(pgzm_agent::error::KIND_KEY).is_none());
+}
