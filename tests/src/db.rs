@@ -12,8 +12,24 @@ use crate::{HarnessError, PgCluster};
 const MAX_LABEL: usize = 40;
 
 /// The directory holding the SQL fixtures: `<pgzm-tests crate>/fixtures`.
+///
+/// The crate's path is the one it was compiled at; when that checkout is gone (a target
+/// directory shared between clones reused a build), the running test's own crate — every test
+/// runs with `CARGO_MANIFEST_DIR` set — finds the workspace's `tests/fixtures` instead.
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+    let compiled = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    if compiled.is_dir() {
+        return compiled;
+    }
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .and_then(|crate_dir| {
+            crate_dir
+                .ancestors()
+                .map(|d| d.join("tests").join("fixtures"))
+                .find(|d| d.is_dir())
+        })
+        .unwrap_or(compiled)
 }
 
 /// A uniquely named database on a cluster, created for one test.
