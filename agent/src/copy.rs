@@ -468,37 +468,7 @@ pub async fn run_copy(
                 .await
                 .map_err(|e| connect_error(Side::Destination, &e))?,
         };
-        // One round trip: open the copy's transaction and look for an earlier attempt's commit.
-        let progress_row = format!(
-            "SELECT rows, bytes, digest FROM pgzm.copy_progress WHERE migration_id = {} AND task_key = {}",
-            spec.migration_id,
-            quote_literal(&spec.task_key)
-        );
-        // The same round trip checks that the task may write this table (see `guard`).
-        let status = crate::guard::status_sql(spec.migration_id, &spec.destination_table);
-        let found = match dst.simple_query(&format!("BEGIN; {status}; {progress_row}")).await {
-            Ok(found) => found,
-            Err(e) => {
-                let _ = dst.batch_execute("ROLLBACK").await;
-                return Err(crate::guard::first_statement_error(&spec.destination_table, &e));
-            }
-        };
-        let answers = crate::guard::statements(&found);
-        let checked = sessions
-            .guard
-            .check(
-                &dst,
-                &spec.destination_key,
-                spec.migration_id,
-                &spec.destination_table,
-                answers.get(1).map(Vec::as_slice).unwrap_or_default(),
-            )
-            .await;
-        if let Err(e) = checked {
-            let _ = dst.batch_execute("ROLLBACK").await;
-            return Err(e);
-        }
-        if let Some(earlier) = answers.get(2).and_then(|rows| progress_of(rows)) {
+        if let Some(earlier) = begin_checked(spec, sessions, &dst).await? {
             let _ = dst.batch_execute("ROLLBACK").await;
             sessions.destination.put(spec.destination_key.clone(), dst);
             return Ok(earlier);
@@ -510,7 +480,9 @@ pub async fn run_copy(
         let copy = if spec.freeze {
             dst.batch_execute(&format!("TRUNCATE {target}"))
                 .await
-                .map_err(|e| AgentError::copy(&table, "truncate the shadow table", Side::Destination, &e))?;
+                .map_err(|e| {
+                    AgentError::copy(&table, "truncate the shadow table", Side::Destination, &e)
+                })?;
             format!("COPY {target}{columns} FROM STDIN (FORMAT binary, FREEZE)")
         } else {
             format!("COPY {target}{columns} FROM STDIN (FORMAT binary)")
@@ -520,131 +492,259 @@ pub async fn run_copy(
             .await
             .map_err(|e| AgentError::copy(&table, "start COPY FROM", Side::Destination, &e))?;
         futures_util::pin_mut!(sink);
-
-        // Rows arrive one CopyData message each; they go out in messages of about FLUSH_BYTES
-        // (fewer wakeups, channel sends and writes per byte than one message per row).
-        let mut pending = bytes::BytesMut::with_capacity(FLUSH_BYTES * 2);
-        let mut bytes = 0u64;
-        let mut next_report = spec.progress_every_bytes;
-        let mut last_report = Instant::now();
-        let mut end = None;
-        let mut written = spec.verify.then(crate::digest::StreamDigester::default);
-        while let Some(item) = source.next().await {
-            match item? {
-                SourceItem::Data(chunk) => {
-                    bytes += chunk.len() as u64;
-                    if let Some(w) = written.as_mut() {
-                        w.feed(&chunk);
-                    }
-                    if pending.is_empty() && chunk.len() >= FLUSH_BYTES {
-                        sink.feed(chunk).await
-                    } else {
-                        pending.extend_from_slice(&chunk);
-                        if pending.len() < FLUSH_BYTES {
-                            continue;
-                        }
-                        sink.feed(pending.split().freeze()).await
-                    }
-                    .map_err(|e| AgentError::copy(&table, "write COPY data", Side::Destination, &e))?;
-                    if bytes >= next_report || last_report.elapsed() >= HEARTBEAT {
-                        progress(bytes);
-                        next_report = bytes + spec.progress_every_bytes;
-                        last_report = Instant::now();
-                    }
-                }
-                SourceItem::End { rows, digest } => end = Some((rows, digest)),
-            }
-        }
-        if !pending.is_empty() {
-            sink.feed(pending.split().freeze())
-                .await
-                .map_err(|e| AgentError::copy(&table, "write COPY data", Side::Destination, &e))?;
-        }
-        let (rows_in_source, read_digest) = end.ok_or_else(|| AgentError::Copy {
-            table: table.clone(),
-            step: "read COPY data",
-            side: Side::Source,
-            message: "the source stream ended without its row count".into(),
-            kind: pg::ErrorKind::Connection,
-        })?;
+        let pumped = pump(spec, &table, &mut source, sink.as_mut(), &mut progress).await?;
         let rows_written = sink
             .as_mut()
             .finish()
             .await
             .map_err(|e| AgentError::copy(&table, "finish COPY", Side::Destination, &e))?;
-        progress(bytes);
-        if rows_in_source != rows_written {
-            let _ = dst.batch_execute("ROLLBACK").await;
-            return Err(AgentError::RowCountMismatch { table, written: rows_written, in_source: rows_in_source });
-        }
-        // Verification: the digest of the rows read from the source against the digest of the
-        // bytes handed to COPY FROM (parsed into rows here); the row counts were compared above.
-        let digest = match (written, read_digest) {
-            (Some(w), Some(read)) => {
-                let wrote = w.finish().map_err(|m| AgentError::DigestMismatch {
-                    table: table.clone(),
-                    source_digest: format!("{} rows, {}", read.rows, read.hex()),
-                    destination: format!("unreadable: {m}"),
-                });
-                match wrote {
-                    Ok(wrote) if wrote == read => Some(wrote),
-                    Ok(wrote) => {
-                        let _ = dst.batch_execute("ROLLBACK").await;
-                        return Err(AgentError::DigestMismatch {
-                            table,
-                            source_digest: format!("{} rows, {}", read.rows, read.hex()),
-                            destination: format!("{} rows, {}", wrote.rows, wrote.hex()),
-                        });
-                    }
-                    Err(e) => {
-                        let _ = dst.batch_execute("ROLLBACK").await;
-                        return Err(e);
-                    }
-                }
-            }
-            (Some(_), None) => {
-                tracing::warn!("the source side sent no row digest (an older agent?): this task is checked by row count only");
-                None
-            }
-            _ => None,
+        progress(pumped.bytes);
+        let checked = if pumped.rows_in_source == rows_written {
+            check_digest(&table, pumped.written, pumped.read_digest)
+        } else {
+            Err(AgentError::RowCountMismatch {
+                table: table.clone(),
+                written: rows_written,
+                in_source: pumped.rows_in_source,
+            })
         };
-        // Recorded in the copy's own transaction, committed in the same round trip. Another
-        // attempt of this task that committed first (an agent that stalled, then recovered)
-        // holds the key: this attempt then rolls back and reports that one's result.
-        // The status is checked again now that the copy holds its lock on the table (a swap
-        // cannot commit meanwhile, and one that did is seen).
-        let record = format!(
-            "{}; INSERT INTO pgzm.copy_progress (migration_id, task_key, rows, bytes, digest) VALUES ({}, {}, {}, {}, {}); COMMIT",
-            crate::guard::commit_check(spec.migration_id),
-            spec.migration_id,
-            quote_literal(&spec.task_key),
-            rows_written,
-            bytes,
-            digest.map(|d| quote_literal(&d.hex())).unwrap_or_else(|| "NULL".into())
-        );
-        if let Err(e) = dst.batch_execute(&record).await {
-            let _ = dst.batch_execute("ROLLBACK").await;
-            if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
-                return Err(AgentError::Refused(format!("copy into {table}: {}", pg::describe(&e))));
+        let digest = match checked {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = dst.batch_execute("ROLLBACK").await;
+                return Err(e);
             }
-            if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
-                if let Ok(found) = dst.simple_query(&progress_row).await {
-                    let answers = crate::guard::statements(&found);
-                    if let Some(earlier) = answers.first().and_then(|rows| progress_of(rows)) {
-                        sessions.destination.put(spec.destination_key.clone(), dst);
-                        return Ok(earlier);
-                    }
-                }
-            }
-            return Err(AgentError::copy(&table, "record the task in pgzm.copy_progress", Side::Destination, &e));
+        };
+        if let Some(earlier) =
+            record_and_commit(spec, &dst, &table, rows_written, pumped.bytes, digest).await?
+        {
+            sessions.destination.put(spec.destination_key.clone(), dst);
+            return Ok(earlier);
         }
         sessions.destination.put(spec.destination_key.clone(), dst);
         let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        debug!(rows = rows_written, bytes, duration_ms, "copy task done");
-        Ok(CopyOutcome { rows_written, rows_in_source, bytes, duration_ms, already_done: false, digest })
+        debug!(
+            rows = rows_written,
+            bytes = pumped.bytes,
+            duration_ms,
+            "copy task done"
+        );
+        Ok(CopyOutcome {
+            rows_written,
+            rows_in_source: pumped.rows_in_source,
+            bytes: pumped.bytes,
+            duration_ms,
+            already_done: false,
+            digest,
+        })
     }
     .instrument(span)
     .await
+}
+
+/// The statement reading an earlier attempt's record of the task.
+fn progress_sql(spec: &CopySpec) -> String {
+    format!(
+        "SELECT rows, bytes, digest FROM pgzm.copy_progress WHERE migration_id = {} AND task_key = {}",
+        spec.migration_id,
+        quote_literal(&spec.task_key)
+    )
+}
+
+/// Opens the copy's transaction on `dst`, checks that the task may write its table (see
+/// `guard`) and looks for an earlier attempt's commit, in one round trip. `Some` outcome: the
+/// task is done already (the transaction is left open, for the caller to roll back).
+async fn begin_checked(
+    spec: &CopySpec,
+    sessions: &Sessions,
+    dst: &Client,
+) -> Result<Option<CopyOutcome>, AgentError> {
+    let status = crate::guard::status_sql(spec.migration_id, &spec.destination_table);
+    let found = match dst
+        .simple_query(&format!("BEGIN; {status}; {}", progress_sql(spec)))
+        .await
+    {
+        Ok(found) => found,
+        Err(e) => {
+            let _ = dst.batch_execute("ROLLBACK").await;
+            return Err(crate::guard::first_statement_error(
+                &spec.destination_table,
+                &e,
+            ));
+        }
+    };
+    let answers = crate::guard::statements(&found);
+    let checked = sessions
+        .guard
+        .check(
+            dst,
+            &spec.destination_key,
+            spec.migration_id,
+            &spec.destination_table,
+            answers.get(1).map(Vec::as_slice).unwrap_or_default(),
+        )
+        .await;
+    if let Err(e) = checked {
+        let _ = dst.batch_execute("ROLLBACK").await;
+        return Err(e);
+    }
+    Ok(answers.get(2).and_then(|rows| progress_of(rows)))
+}
+
+/// What a copy's data pump moved: payload bytes, the source's row count and digest, and the
+/// digest of what was written (verified tasks).
+struct Pumped {
+    bytes: u64,
+    rows_in_source: u64,
+    read_digest: Option<crate::digest::Digest>,
+    written: Option<crate::digest::StreamDigester>,
+}
+
+/// Streams the source into the COPY FROM `sink`. Rows arrive one CopyData message each; they
+/// go out in messages of about FLUSH_BYTES (fewer wakeups, channel sends and writes per byte
+/// than one message per row). `progress` hears about every `progress_every_bytes`, and at
+/// least every [`HEARTBEAT`].
+async fn pump(
+    spec: &CopySpec,
+    table: &str,
+    source: &mut SourceStream,
+    mut sink: std::pin::Pin<&mut tokio_postgres::CopyInSink<Bytes>>,
+    progress: &mut (impl FnMut(u64) + Send),
+) -> Result<Pumped, AgentError> {
+    let write_error = |e: tokio_postgres::Error| {
+        AgentError::copy(table, "write COPY data", Side::Destination, &e)
+    };
+    let mut pending = bytes::BytesMut::with_capacity(FLUSH_BYTES * 2);
+    let mut bytes = 0u64;
+    let mut next_report = spec.progress_every_bytes;
+    let mut last_report = Instant::now();
+    let mut end = None;
+    let mut written = spec.verify.then(crate::digest::StreamDigester::default);
+    while let Some(item) = source.next().await {
+        match item? {
+            SourceItem::Data(chunk) => {
+                bytes += chunk.len() as u64;
+                if let Some(w) = written.as_mut() {
+                    w.feed(&chunk);
+                }
+                if pending.is_empty() && chunk.len() >= FLUSH_BYTES {
+                    sink.feed(chunk).await
+                } else {
+                    pending.extend_from_slice(&chunk);
+                    if pending.len() < FLUSH_BYTES {
+                        continue;
+                    }
+                    sink.feed(pending.split().freeze()).await
+                }
+                .map_err(write_error)?;
+                if bytes >= next_report || last_report.elapsed() >= HEARTBEAT {
+                    progress(bytes);
+                    next_report = bytes + spec.progress_every_bytes;
+                    last_report = Instant::now();
+                }
+            }
+            SourceItem::End { rows, digest } => end = Some((rows, digest)),
+        }
+    }
+    if !pending.is_empty() {
+        sink.feed(pending.split().freeze())
+            .await
+            .map_err(write_error)?;
+    }
+    let (rows_in_source, read_digest) = end.ok_or_else(|| AgentError::Copy {
+        table: table.to_string(),
+        step: "read COPY data",
+        side: Side::Source,
+        message: "the source stream ended without its row count".into(),
+        kind: pg::ErrorKind::Connection,
+    })?;
+    Ok(Pumped {
+        bytes,
+        rows_in_source,
+        read_digest,
+        written,
+    })
+}
+
+/// Verification: the digest of the rows read from the source against the digest of the bytes
+/// handed to COPY FROM (parsed into rows); the row counts are compared before. The digest to
+/// record, if any.
+fn check_digest(
+    table: &str,
+    written: Option<crate::digest::StreamDigester>,
+    read: Option<crate::digest::Digest>,
+) -> Result<Option<crate::digest::Digest>, AgentError> {
+    match (written, read) {
+        (Some(w), Some(read)) => {
+            let source_digest = format!("{} rows, {}", read.rows, read.hex());
+            match w.finish() {
+                Ok(wrote) if wrote == read => Ok(Some(wrote)),
+                Ok(wrote) => Err(AgentError::DigestMismatch {
+                    table: table.to_string(),
+                    source_digest,
+                    destination: format!("{} rows, {}", wrote.rows, wrote.hex()),
+                }),
+                Err(m) => Err(AgentError::DigestMismatch {
+                    table: table.to_string(),
+                    source_digest,
+                    destination: format!("unreadable: {m}"),
+                }),
+            }
+        }
+        (Some(_), None) => {
+            tracing::warn!("the source side sent no row digest (an older agent?): this task is checked by row count only");
+            Ok(None)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Records the task in `pgzm.copy_progress` in the copy's own transaction and commits, in one
+/// round trip, after checking the migration's status again now that the copy holds its lock on
+/// the table (a swap cannot commit meanwhile, and one that did is seen). Another attempt of
+/// this task that committed first (an agent that stalled, then recovered) holds the key: this
+/// attempt then rolls back and returns that one's outcome (`Some`).
+async fn record_and_commit(
+    spec: &CopySpec,
+    dst: &Client,
+    table: &str,
+    rows_written: u64,
+    bytes: u64,
+    digest: Option<crate::digest::Digest>,
+) -> Result<Option<CopyOutcome>, AgentError> {
+    let record = format!(
+        "{}; INSERT INTO pgzm.copy_progress (migration_id, task_key, rows, bytes, digest) VALUES ({}, {}, {}, {}, {}); COMMIT",
+        crate::guard::commit_check(spec.migration_id),
+        spec.migration_id,
+        quote_literal(&spec.task_key),
+        rows_written,
+        bytes,
+        digest.map(|d| quote_literal(&d.hex())).unwrap_or_else(|| "NULL".into())
+    );
+    let Err(e) = dst.batch_execute(&record).await else {
+        return Ok(None);
+    };
+    let _ = dst.batch_execute("ROLLBACK").await;
+    if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+        return Err(AgentError::Refused(format!(
+            "copy into {table}: {}",
+            pg::describe(&e)
+        )));
+    }
+    if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+        if let Ok(found) = dst.simple_query(&progress_sql(spec)).await {
+            let answers = crate::guard::statements(&found);
+            if let Some(earlier) = answers.first().and_then(|rows| progress_of(rows)) {
+                return Ok(Some(earlier));
+            }
+        }
+    }
+    Err(AgentError::copy(
+        table,
+        "record the task in pgzm.copy_progress",
+        Side::Destination,
+        &e,
+    ))
 }
 
 /// The outcome recorded in a `pgzm.copy_progress` row (rows, bytes, digest) of a simple-query
