@@ -508,68 +508,9 @@ impl Worker {
             let metrics = crate::metrics::get();
             match outcome {
                 Outcome::Done(done) => {
-                    // As i64: tracing-opentelemetry exports u64 fields as strings.
-                    span.record("rows", i64::try_from(done.rows_written).unwrap_or(i64::MAX))
-                        .record("bytes", i64::try_from(done.bytes).unwrap_or(i64::MAX));
-                    let attrs = [opentelemetry::KeyValue::new("table", job.table.clone())];
-                    metrics.rows.add(done.rows_written, &attrs);
-                    metrics.bytes.add(done.bytes, &attrs);
-                    metrics
-                        .task_duration
-                        .record(started.elapsed().as_secs_f64(), &attrs);
-                    if done.rows_written != done.rows_in_source {
-                        self.fail(CoordinatorError::Validation {
-                            table: job.table.clone(),
-                            shadow: done.rows_written as i64,
-                            source_rows: done.rows_in_source as i64,
-                        });
+                    if !self.landed(&task, job, &done, started, &span) {
                         return;
                     }
-                    info!(table = %job.table, agent = %self.agent.label, rows = done.rows_written, bytes = done.bytes,
-                          ms = started.elapsed().as_millis() as u64, already_done = done.already_done, "copy task done");
-                    let finished = {
-                        let mut q = lock(&self.queue);
-                        let s = q.stats.entry(task.job).or_default();
-                        s.rows += done.rows_written;
-                        s.bytes += done.bytes;
-                        s.duration_ms += done.duration_ms;
-                        s.attempts += task.attempts;
-                        let digest = (!done.digest.is_empty())
-                            .then(|| {
-                                pgzm_agent::digest::Digest::parse_hex(
-                                    done.rows_written,
-                                    &done.digest,
-                                )
-                            })
-                            .flatten();
-                        s.digest = match (s.tasks, s.digest, digest) {
-                            (0, _, d) => d,
-                            (_, Some(a), Some(b)) => Some(a.combine(b)),
-                            _ => None,
-                        };
-                        s.tasks += 1;
-                        let stats = *s;
-                        q.last_landed = Some(Instant::now());
-                        let left = q.remaining.entry(task.job).or_insert(1);
-                        *left -= 1;
-                        (*left == 0).then_some(stats)
-                    };
-                    crate::progress::task_done(
-                        &job.table,
-                        &task.key,
-                        estimate(&task, job),
-                        done.bytes,
-                        finished.map(|s| s.rows),
-                    );
-                    if let Some(stats) = finished {
-                        // The receiver lives until every worker has ended.
-                        let _ = self.builds.send((job.clone(), stats));
-                    }
-                    {
-                        let mut q = lock(&self.queue);
-                        q.in_flight = q.in_flight.saturating_sub(1);
-                    }
-                    self.notify.notify_waiters();
                 }
                 Outcome::Failed {
                     message,
@@ -641,6 +582,78 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Accounts for a task an agent finished: span fields, metrics, the table's stats and
+    /// digest; hands a table whose every task has landed to the build pool. False when the
+    /// run must stop (the row counts disagree).
+    fn landed(
+        &self,
+        task: &Task,
+        job: &CopyJob,
+        done: &proto::CopyDone,
+        started: Instant,
+        span: &tracing::Span,
+    ) -> bool {
+        let metrics = crate::metrics::get();
+        // As i64: tracing-opentelemetry exports u64 fields as strings.
+        span.record("rows", i64::try_from(done.rows_written).unwrap_or(i64::MAX))
+            .record("bytes", i64::try_from(done.bytes).unwrap_or(i64::MAX));
+        let attrs = [opentelemetry::KeyValue::new("table", job.table.clone())];
+        metrics.rows.add(done.rows_written, &attrs);
+        metrics.bytes.add(done.bytes, &attrs);
+        metrics
+            .task_duration
+            .record(started.elapsed().as_secs_f64(), &attrs);
+        if done.rows_written != done.rows_in_source {
+            self.fail(CoordinatorError::Validation {
+                table: job.table.clone(),
+                shadow: done.rows_written as i64,
+                source_rows: done.rows_in_source as i64,
+            });
+            return false;
+        }
+        info!(table = %job.table, agent = %self.agent.label, rows = done.rows_written, bytes = done.bytes,
+              ms = started.elapsed().as_millis() as u64, already_done = done.already_done, "copy task done");
+        let finished = {
+            let mut q = lock(&self.queue);
+            let s = q.stats.entry(task.job).or_default();
+            s.rows += done.rows_written;
+            s.bytes += done.bytes;
+            s.duration_ms += done.duration_ms;
+            s.attempts += task.attempts;
+            let digest = (!done.digest.is_empty())
+                .then(|| pgzm_agent::digest::Digest::parse_hex(done.rows_written, &done.digest))
+                .flatten();
+            s.digest = match (s.tasks, s.digest, digest) {
+                (0, _, d) => d,
+                (_, Some(a), Some(b)) => Some(a.combine(b)),
+                _ => None,
+            };
+            s.tasks += 1;
+            let stats = *s;
+            q.last_landed = Some(Instant::now());
+            let left = q.remaining.entry(task.job).or_insert(1);
+            *left -= 1;
+            (*left == 0).then_some(stats)
+        };
+        crate::progress::task_done(
+            &job.table,
+            &task.key,
+            estimate(task, job),
+            done.bytes,
+            finished.map(|s| s.rows),
+        );
+        if let Some(stats) = finished {
+            // The receiver lives until every worker has ended.
+            let _ = self.builds.send((job.clone(), stats));
+        }
+        {
+            let mut q = lock(&self.queue);
+            q.in_flight = q.in_flight.saturating_sub(1);
+        }
+        self.notify.notify_waiters();
+        true
     }
 
     /// This slot's agent's session tag.
