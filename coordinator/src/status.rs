@@ -227,6 +227,71 @@ async fn run_lock_held(client: &Client) -> Result<bool, CoordinatorError> {
         .get(0))
 }
 
+/// Each shadow table of the run: present (by recorded oid), its rows and the rows it should
+/// have (what the copy recorded; a preserved table's live rows). A count that differs is a
+/// problem.
+async fn shadow_tables(
+    client: &Client,
+    row: &state::MigrationRow,
+    copied: &[crate::report::TableReport],
+    problems: &mut Vec<String>,
+) -> Result<Vec<ShadowTable>, CoordinatorError> {
+    let existing = oids_of(
+        client,
+        row.plan.tables.iter().map(|t| t.shadow.clone()).collect(),
+    )
+    .await?;
+    let mut out = Vec::new();
+    for t in &row.plan.tables {
+        let recorded = row
+            .objects
+            .tables
+            .iter()
+            .find(|(n, _)| n == &t.shadow)
+            .map(|(_, o)| *o);
+        let present = recorded.is_some() && existing.get(&t.shadow).copied() == recorded;
+        let preserved = row.plan.is_preserved(&t.name);
+        let (rows, expected_rows) = match (present, preserved) {
+            // One statement, hence one snapshot: a write committing in between (mirrored into
+            // the shadow in the same transaction) cannot make the two counts differ.
+            (true, true) => {
+                let (shadow, live) = count_pair(client, &t.shadow, &t.name).await?;
+                (Some(shadow), Some(live))
+            }
+            (true, false) => (Some(count(client, &t.shadow).await?), None),
+            (false, true) => (None, Some(count(client, &t.name).await?)),
+            (false, false) => (None, None),
+        };
+        let expected_rows = if preserved {
+            expected_rows
+        } else {
+            copied
+                .iter()
+                .find(|c| c.table == t.name)
+                .map(|c| c.rows as i64)
+        };
+        if present && rows != expected_rows {
+            problems.push(format!(
+                "shadow table \"{}\" has {} rows, expected {}",
+                t.shadow,
+                rows.unwrap_or(0),
+                expected_rows
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "?".into())
+            ));
+        }
+        out.push(ShadowTable {
+            table: t.name.clone(),
+            shadow: t.shadow.clone(),
+            present,
+            rows,
+            expected_rows,
+            preserved,
+        });
+    }
+    Ok(out)
+}
+
 /// Reads the status of the newest migration of the destination.
 pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
     let client = destination.connect("pgzm-status").await?;
@@ -317,58 +382,7 @@ pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
         .and_then(|st| st.get("tables"))
         .and_then(|t| serde_json::from_value(t.clone()).ok())
         .unwrap_or_default();
-    let existing = oids_of(
-        &client,
-        row.plan.tables.iter().map(|t| t.shadow.clone()).collect(),
-    )
-    .await?;
-    for t in &row.plan.tables {
-        let recorded = row
-            .objects
-            .tables
-            .iter()
-            .find(|(n, _)| n == &t.shadow)
-            .map(|(_, o)| *o);
-        let present = recorded.is_some() && existing.get(&t.shadow).copied() == recorded;
-        let preserved = row.plan.is_preserved(&t.name);
-        let (rows, expected_rows) = match (present, preserved) {
-            // One statement, hence one snapshot: a write committing in between (mirrored into
-            // the shadow in the same transaction) cannot make the two counts differ.
-            (true, true) => {
-                let (shadow, live) = count_pair(&client, &t.shadow, &t.name).await?;
-                (Some(shadow), Some(live))
-            }
-            (true, false) => (Some(count(&client, &t.shadow).await?), None),
-            (false, true) => (None, Some(count(&client, &t.name).await?)),
-            (false, false) => (None, None),
-        };
-        let expected_rows = if preserved {
-            expected_rows
-        } else {
-            copied
-                .iter()
-                .find(|c| c.table == t.name)
-                .map(|c| c.rows as i64)
-        };
-        if present && rows != expected_rows {
-            s.problems.push(format!(
-                "shadow table \"{}\" has {} rows, expected {}",
-                t.shadow,
-                rows.unwrap_or(0),
-                expected_rows
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|| "?".into())
-            ));
-        }
-        s.shadow_tables.push(ShadowTable {
-            table: t.name.clone(),
-            shadow: t.shadow.clone(),
-            present,
-            rows,
-            expected_rows,
-            preserved,
-        });
-    }
+    s.shadow_tables = shadow_tables(&client, &row, &copied, &mut s.problems).await?;
     s.sync_triggers = triggers_of(&client, &row.plan).await?;
     s.sync_errors = state::sync_errors(&client, row.id)
         .await?
