@@ -8,8 +8,8 @@ use crate::build::BuildSettings;
 use crate::conninfo::DbUrl;
 use crate::cutover::SwapOptions;
 use crate::error::CoordinatorError;
+use crate::locked::SwapSettings;
 use crate::report::StartOptions;
-use crate::swap::SwapSettings;
 
 /// pg_zero_migration: replace the tables of a live PostgreSQL database with a freshly built
 /// set, swapped in with one short transaction; the old tables are kept as a backup.

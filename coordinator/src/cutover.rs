@@ -9,11 +9,12 @@ use tracing::info;
 
 use crate::conninfo::DbUrl;
 use crate::error::CoordinatorError;
+use crate::locked::SwapSettings;
 use crate::plan::Plan;
 use crate::report::{Phases, Report, TableReport};
 use crate::state::{self, RecordedObjects};
 use crate::status;
-use crate::swap::{self, SwapSettings};
+use crate::swap;
 
 /// Options of `pgzm swap`.
 #[derive(Debug, Clone)]

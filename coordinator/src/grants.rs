@@ -73,14 +73,10 @@ pub async fn grant(
             .await
             .map_err(|e| CoordinatorError::destination("read the agents' privileges", &e))?;
         // Grouped by object: one GRANT per object and role.
-        let mut by_object: Vec<(String, Vec<String>)> = Vec::new();
+        let mut by_object: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for r in rows {
             let object = format!("{} {}", r.get::<_, &str>(0), r.get::<_, &str>(1));
-            let privilege: String = r.get(2);
-            match by_object.iter_mut().find(|(o, _)| *o == object) {
-                Some((_, p)) => p.push(privilege),
-                None => by_object.push((object, vec![privilege])),
-            }
+            by_object.entry(object).or_default().push(r.get(2));
         }
         for (object, privileges) in by_object {
             out.grants

@@ -19,12 +19,12 @@ use crate::catalog::{self, SourceSchema, Table};
 use crate::copy::{self, CopyContext, CopyJob};
 use crate::destination::{self, Destination};
 use crate::error::CoordinatorError;
+use crate::locked::SwapSettings;
 use crate::plan::{self, Plan};
 use crate::preserve;
 use crate::report::{Phases, Report, StartOptions, TableReport, Throughput};
 use crate::rewrite::Renames;
 use crate::state::{self, RecordedObjects};
-use crate::swap::SwapSettings;
 
 /// A prepared migration, still holding the destination's run lock.
 pub struct Prepared {
@@ -737,7 +737,7 @@ async fn sync_preserved(
             plan.migration_id
         ));
         sql.push("COMMIT".into());
-        crate::swap::run_with_lock_retry(
+        crate::locked::run_with_lock_retry(
             control,
             &sql.join(";\n"),
             opts.swap,

@@ -9,8 +9,9 @@ use tracing::{info, info_span, Instrument};
 use crate::build::BuildSettings;
 use crate::conninfo::DbUrl;
 use crate::error::CoordinatorError;
+use crate::locked::SwapSettings;
 use crate::plan::Plan;
-use crate::swap::{SwapOutcome, SwapSettings};
+use crate::swap::SwapOutcome;
 
 /// Options of a `start` or `prepare` run.
 #[derive(Debug, Clone)]

@@ -24,11 +24,11 @@ use crate::catalog::{topological_order, Oid};
 use crate::conninfo::DbUrl;
 use crate::destination::{self, LiveView};
 use crate::error::CoordinatorError;
+use crate::locked::{run_with_lock_retry, SwapSettings};
 use crate::naming::prefixed;
 use crate::plan::ObjectKind;
 use crate::rewrite::Renames;
 use crate::state;
-use crate::swap::{run_with_lock_retry, SwapSettings};
 
 /// Prefix of objects moved aside by a rollback because something still uses them.
 pub const ROLLEDBACK: &str = "rolledback_";

@@ -16,14 +16,13 @@ enum Stop {
     Term,
 }
 
-/// The port of the server a pair's source database is on.
-fn source_port(p: &Pair) -> u16 {
-    let url = p.source.url();
+/// The port of the server a database URL of the harness points at.
+fn port_of(url: &str) -> u16 {
     let host_port = url.split('@').nth(1).and_then(|r| r.split('/').next());
     host_port
         .and_then(|hp| hp.rsplit_once(':'))
         .and_then(|(_, port)| port.parse().ok())
-        .expect("source port")
+        .expect("port in the URL")
 }
 
 /// Polls the source until an agent's session waits for the lock on `big`; its client port.
@@ -98,7 +97,7 @@ async fn stop_an_agent_mid_copy(stop: Stop) {
 
     let port = wait_for_blocked_session(&p, &migration, &agents).await;
     let pids: Vec<u32> = agents.iter().map(AgentProcess::pid).collect();
-    let victim_pid = pid_of_connection(port, source_port(&p), &pids)
+    let victim_pid = pid_of_connection(port, port_of(&p.source.url()), &pids)
         .expect("the agent process owning the waiting session");
     let victim = pids
         .iter()
@@ -183,16 +182,6 @@ async fn an_agent_terminated_mid_copy_finishes_its_task_and_leaves_the_rest() {
     stop_an_agent_mid_copy(Stop::Term).await;
 }
 
-/// The port of the server a pair's destination database is on.
-fn dest_port(p: &Pair) -> u16 {
-    let url = p.dest.url();
-    let host_port = url.split('@').nth(1).and_then(|r| r.split('/').next());
-    host_port
-        .and_then(|hp| hp.rsplit_once(':'))
-        .and_then(|(_, port)| port.parse().ok())
-        .expect("dest port")
-}
-
 /// An agent frozen (SIGSTOP) in the middle of its COPY into a shadow table, its session holding
 /// the table's lock: after the stall timeout the coordinator ends that agent's sessions before
 /// the task goes to the other agent, so nothing waits on the frozen session's lock (not the
@@ -252,7 +241,7 @@ async fn a_frozen_agent_is_cut_off_before_its_task_is_given_to_another() {
     )
     .await;
     let pids: Vec<u32> = agents.iter().map(AgentProcess::pid).collect();
-    let victim = pid_of_connection(port, dest_port(&p), &pids).expect("the copying agent");
+    let victim = pid_of_connection(port, port_of(&p.dest.url()), &pids).expect("the copying agent");
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(
         unsafe { libc::kill(victim as libc::pid_t, libc::SIGSTOP) },

@@ -160,20 +160,14 @@ async fn dependents_in_any_schema_follow_the_swap_and_the_rollback() -> anyhow::
         .iter()
         .map(|d| format!("{} | {}", d.object, d.action))
         .collect();
-    if int(
-        &dst,
-        "SELECT current_setting('server_version_num')::int8 / 10000",
-    )
-    .await
-        == 15
-    {
-        let mut lines: Vec<String> = plan
-            .dependents
-            .iter()
-            .map(|d| format!("{} | on {} | {}", d.object, d.on, d.action))
-            .collect();
-        lines.sort();
-        insta::assert_snapshot!("dependents_plan", lines.join("\n"));
+    let mut lines: Vec<String> = plan
+        .dependents
+        .iter()
+        .map(|d| format!("{} | on {} | {}", d.object, d.on, d.action))
+        .collect();
+    lines.sort();
+    if let Some(text) = checks::golden_text(&dst, &lines.join("\n"), plan.migration_id).await {
+        insta::assert_snapshot!("dependents_plan", text);
     }
     golden_swap(&dst, "dependents", &plan).await;
     for object in [
