@@ -64,6 +64,14 @@ pub enum Command {
     Abort(AbortArgs),
 }
 
+/// `--json`: the result as one JSON document on stdout instead of text.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct OutputArg {
+    /// Print the result as one JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// Arguments of `pgzm abort`.
 #[derive(Debug, Args)]
 pub struct AbortArgs {
@@ -73,9 +81,9 @@ pub struct AbortArgs {
     /// List what would be removed, change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Print the result as one JSON document on stdout.
-    #[arg(long)]
-    pub json: bool,
+    /// Output format.
+    #[command(flatten)]
+    pub output: OutputArg,
     /// Lock behaviour (dropping a sync trigger locks its live table briefly).
     #[command(flatten)]
     pub locks: LockArgs,
@@ -90,9 +98,9 @@ pub struct VerifyArgs {
     /// Backup set (its timestamp, as `list` shows); default: the newest.
     #[arg(long)]
     pub timestamp: Option<i64>,
-    /// Print the result as one JSON document on stdout.
-    #[arg(long)]
-    pub json: bool,
+    /// Output format.
+    #[command(flatten)]
+    pub output: OutputArg,
 }
 
 /// Arguments of `pgzm rollback`.
@@ -114,9 +122,9 @@ pub struct RollbackArgs {
     /// Print the rollback transaction, change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Print the result as one JSON document on stdout.
-    #[arg(long)]
-    pub json: bool,
+    /// Output format.
+    #[command(flatten)]
+    pub output: OutputArg,
     /// Lock behaviour.
     #[command(flatten)]
     pub locks: LockArgs,
@@ -134,9 +142,9 @@ pub struct CleanupArgs {
     /// List what would be dropped, change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Print the result as one JSON document on stdout.
-    #[arg(long)]
-    pub json: bool,
+    /// Output format.
+    #[command(flatten)]
+    pub output: OutputArg,
 }
 
 /// Destination URL argument with its environment fallbacks.
@@ -217,9 +225,9 @@ pub struct PrepareArgs {
     /// Copy tasks at once, and as many index builds beside them (default: number of CPUs).
     #[arg(long, short = 'j')]
     pub jobs: Option<usize>,
-    /// Print the final report as one JSON document on stdout.
-    #[arg(long)]
-    pub json: bool,
+    /// Output format.
+    #[command(flatten)]
+    pub output: OutputArg,
     /// Lock behaviour.
     #[command(flatten)]
     pub locks: LockArgs,
@@ -365,9 +373,9 @@ pub struct SwapArgs {
     /// Check that the prepared migration can be swapped, change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Print the final report as one JSON document on stdout.
-    #[arg(long)]
-    pub json: bool,
+    /// Output format.
+    #[command(flatten)]
+    pub output: OutputArg,
     /// Lock behaviour.
     #[command(flatten)]
     pub locks: LockArgs,
@@ -383,9 +391,9 @@ pub struct StatusArgs {
     /// Destination.
     #[command(flatten)]
     pub dest: DestArg,
-    /// Print the status as one JSON document on stdout.
-    #[arg(long)]
-    pub json: bool,
+    /// Output format.
+    #[command(flatten)]
+    pub output: OutputArg,
 }
 
 fn env_url(names: &[&str]) -> Option<String> {

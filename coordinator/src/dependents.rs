@@ -97,78 +97,90 @@ fn err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError
     move |e| CoordinatorError::destination(format!("inspect the destination: {what}"), &e)
 }
 
-/// Finds the dependents of everything `plan` replaces that the planner did not already plan
-/// for; re-points what can be re-pointed (adds to `plan.repoints`), lists every dependent in
-/// `plan.dependents`, and returns the reasons to refuse. The caller has set
-/// `search_path = pg_catalog`, so deparsed expressions are qualified.
-pub async fn check(
-    client: &Client,
+/// The oids of what the swap moves to the backup set: relations (tables, views, materialized
+/// views, sequences), types, and functions the plan recreates.
+struct Replaced {
+    relations: Vec<Oid>,
+    types: Vec<Oid>,
+    functions: Vec<Oid>,
+}
+
+impl Replaced {
+    async fn read(
+        client: &Client,
+        plan: &Plan,
+        dest: &Destination,
+    ) -> Result<Replaced, CoordinatorError> {
+        let mut relations: Vec<Oid> = Vec::new();
+        let mut types: Vec<Oid> = Vec::new();
+        let mut functions: Vec<Oid> = Vec::new();
+        for m in &plan.to_backup {
+            match m.kind {
+                ObjectKind::Table => relations.extend(dest.tables.get(&m.from).map(|t| t.oid)),
+                ObjectKind::View => relations.extend(
+                    dest.views
+                        .get(&(m.schema.clone(), m.from.clone()))
+                        .map(|v| v.oid),
+                ),
+                ObjectKind::Type => types.extend(dest.type_oids.get(&m.from).copied()),
+                ObjectKind::Function => functions.extend(m.oid),
+                ObjectKind::MaterializedView => relations.extend(
+                    dest.materialized_views
+                        .get(&(m.schema.clone(), m.from.clone()))
+                        .map(|v| v.oid),
+                ),
+                ObjectKind::Sequence | ObjectKind::Index => {}
+            }
+        }
+        // Sequences the swap renames: a default elsewhere that uses one would keep the old one.
+        let replaced_sequences: Vec<String> = plan
+            .to_backup
+            .iter()
+            .filter(|m| m.kind == ObjectKind::Sequence)
+            .map(|m| m.from.clone())
+            .collect();
+        if !replaced_sequences.is_empty() {
+            let rows = client
+                .query(
+                    "SELECT oid FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relname = ANY($1) AND relkind = 'S'",
+                    &[&replaced_sequences],
+                )
+                .await
+                .map_err(err("sequences"))?;
+            relations.extend(rows.iter().map(|r| r.get::<_, Oid>(0)));
+        }
+        Ok(Replaced {
+            relations,
+            types,
+            functions,
+        })
+    }
+}
+
+/// The dependency edges sorted by what happens to them.
+struct Sorted<'a> {
+    /// Dependents the swap cannot carry: the migration is refused.
+    problems: Vec<String>,
+    /// Column defaults to re-point at the new sequences or functions.
+    defaults: Vec<&'a Edge>,
+    /// Policies to re-point.
+    policies: Vec<&'a Edge>,
+}
+
+/// Sorts the dependency edges: parts of replaced objects and planned views, functions and
+/// foreign keys need nothing more; defaults and policies are re-pointed; a column of another
+/// table typed with a replaced enum or domain keeps it (listed in `plan.dependents`); anything
+/// else is a refusal.
+fn sort_edges<'a>(
     plan: &mut Plan,
     dest: &Destination,
-) -> Result<Vec<String>, CoordinatorError> {
-    let mut relations: Vec<Oid> = Vec::new();
-    let mut types: Vec<Oid> = Vec::new();
-    let mut functions: Vec<Oid> = Vec::new();
-    for m in &plan.to_backup {
-        match m.kind {
-            ObjectKind::Table => relations.extend(dest.tables.get(&m.from).map(|t| t.oid)),
-            ObjectKind::View => relations.extend(
-                dest.views
-                    .get(&(m.schema.clone(), m.from.clone()))
-                    .map(|v| v.oid),
-            ),
-            ObjectKind::Type => types.extend(dest.type_oids.get(&m.from).copied()),
-            ObjectKind::Function => functions.extend(m.oid),
-            ObjectKind::MaterializedView => relations.extend(
-                dest.materialized_views
-                    .get(&(m.schema.clone(), m.from.clone()))
-                    .map(|v| v.oid),
-            ),
-            ObjectKind::Sequence | ObjectKind::Index => {}
-        }
-    }
-    // Sequences the swap renames: a default elsewhere that uses one would keep the old one.
-    let replaced_sequences: Vec<String> = plan
-        .to_backup
-        .iter()
-        .filter(|m| m.kind == ObjectKind::Sequence)
-        .map(|m| m.from.clone())
-        .collect();
-    if !replaced_sequences.is_empty() {
-        let rows = client
-            .query(
-                "SELECT oid FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relname = ANY($1) AND relkind = 'S'",
-                &[&replaced_sequences],
-            )
-            .await
-            .map_err(err("sequences"))?;
-        relations.extend(rows.iter().map(|r| r.get::<_, Oid>(0)));
-    }
-    if relations.is_empty() && types.is_empty() && functions.is_empty() {
-        return Ok(Vec::new());
-    }
-    let replaced: BTreeSet<Oid> = relations.iter().copied().collect();
-    let replaced_types: BTreeSet<Oid> = types.iter().copied().collect();
-    let recreated_functions: BTreeSet<Oid> = functions.iter().copied().collect();
-    let edges: Vec<Edge> = client
-        .query(DEPENDENTS, &[&relations, &types, &functions])
-        .await
-        .map_err(err("objects that depend on the migrated tables"))?
-        .iter()
-        .map(|r| Edge {
-            catalog: r.get(0),
-            objid: r.get(1),
-            subid: r.get(2),
-            object: r.get(3),
-            on: r.get(4),
-            owner: r.get(5),
-            relkind: r.get(6),
-            contype: r.get(7),
-            on_enum_or_domain: r.get(8),
-            owner_type: r.get(9),
-        })
-        .collect();
-
+    edges: &'a [Edge],
+    fk_names: &[(Oid, (String, String, String))],
+    replaced: &Replaced,
+) -> Sorted<'a> {
+    let recreated_functions: BTreeSet<Oid> = replaced.functions.iter().copied().collect();
+    let replaced_types: BTreeSet<Oid> = replaced.types.iter().copied().collect();
+    let replaced: BTreeSet<Oid> = replaced.relations.iter().copied().collect();
     let recreated_views: BTreeSet<Oid> = plan
         .views
         .iter()
@@ -180,7 +192,6 @@ pub async fn check(
         .iter()
         .map(|f| (f.schema.clone(), f.table.clone(), f.name.clone()))
         .collect();
-    let fk_names = foreign_key_names(client, &edges).await?;
     let new_sequences: BTreeSet<&str> = plan
         .to_live
         .iter()
@@ -192,7 +203,7 @@ pub async fn check(
     let mut defaults = Vec::new();
     let mut policies = Vec::new();
     let mut seen = BTreeSet::new();
-    for e in &edges {
+    for e in edges {
         // Parts of a replaced relation go with it; views, matviews and functions are planned.
         if e.owner.is_some_and(|o| replaced.contains(&o))
             || e.owner_type.is_some_and(|t| replaced_types.contains(&t))
@@ -245,6 +256,64 @@ pub async fn check(
             _ => problems.push(refusal(e)),
         }
     }
+    Sorted {
+        problems,
+        defaults,
+        policies,
+    }
+}
+
+/// Finds the dependents of everything `plan` replaces that the planner did not already plan
+/// for; re-points what can be re-pointed (adds to `plan.repoints`), lists every dependent in
+/// `plan.dependents`, and returns the reasons to refuse. The caller has set
+/// `search_path = pg_catalog`, so deparsed expressions are qualified.
+pub async fn check(
+    client: &Client,
+    plan: &mut Plan,
+    dest: &Destination,
+) -> Result<Vec<String>, CoordinatorError> {
+    let Replaced {
+        relations,
+        types,
+        functions,
+    } = Replaced::read(client, plan, dest).await?;
+    if relations.is_empty() && types.is_empty() && functions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let edges: Vec<Edge> = client
+        .query(DEPENDENTS, &[&relations, &types, &functions])
+        .await
+        .map_err(err("objects that depend on the migrated tables"))?
+        .iter()
+        .map(|r| Edge {
+            catalog: r.get(0),
+            objid: r.get(1),
+            subid: r.get(2),
+            object: r.get(3),
+            on: r.get(4),
+            owner: r.get(5),
+            relkind: r.get(6),
+            contype: r.get(7),
+            on_enum_or_domain: r.get(8),
+            owner_type: r.get(9),
+        })
+        .collect();
+    let fk_names = foreign_key_names(client, &edges).await?;
+    let Sorted {
+        problems,
+        defaults,
+        policies,
+    } = sort_edges(
+        plan,
+        dest,
+        &edges,
+        &fk_names,
+        &Replaced {
+            relations,
+            types,
+            functions,
+        },
+    );
     plan.repoints
         .extend(default_repoints(client, &defaults).await?);
     plan.repoints

@@ -349,9 +349,20 @@ fn err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError
     move |e| CoordinatorError::destination(format!("inspect the destination: {what}"), &e)
 }
 
-/// Reads the destination. The caller has set `search_path = pg_catalog` on `client`.
+/// Reads what the planner needs to know about the destination. The caller has set
+/// `search_path = pg_catalog` on `client`.
 pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
     let mut dest = Destination::default();
+    read_tables(client, &mut dest).await?;
+    read_names(client, &mut dest).await?;
+    read_views(client, &mut dest).await?;
+    read_constraints_and_extensions(client, &mut dest).await?;
+    read_typed_functions(client, &mut dest).await?;
+    Ok(dest)
+}
+
+/// The tables of `public` with their privileges, column privileges and policies.
+async fn read_tables(client: &Client, dest: &mut Destination) -> Result<(), CoordinatorError> {
     let mut by_oid = BTreeMap::new();
     for row in client.query(TABLES, &[]).await.map_err(err("tables"))? {
         let t = LiveTable {
@@ -415,6 +426,11 @@ pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
             t.policies.push(policy);
         }
     }
+    Ok(())
+}
+
+/// Names taken by relations, types and routines, and the types' and sequences' privileges.
+async fn read_names(client: &Client, dest: &mut Destination) -> Result<(), CoordinatorError> {
     for row in client
         .query(RELATION_NAMES, &[])
         .await
@@ -447,6 +463,11 @@ pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
         dest.sequence_acl
             .insert(row.get(0), (row.get(1), parse_grants(row.get(2))));
     }
+    Ok(())
+}
+
+/// Views and materialized views, with what they read and call.
+async fn read_views(client: &Client, dest: &mut Destination) -> Result<(), CoordinatorError> {
     let mut deps: BTreeMap<Oid, BTreeSet<Oid>> = BTreeMap::new();
     for row in client
         .query(crate::catalog::VIEW_DEPENDENCIES_SQL, &[])
@@ -511,6 +532,14 @@ pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
             },
         );
     }
+    Ok(())
+}
+
+/// Foreign keys into `public`, extensions (installed and available), the functions of `public`.
+async fn read_constraints_and_extensions(
+    client: &Client,
+    dest: &mut Destination,
+) -> Result<(), CoordinatorError> {
     for row in client
         .query(FOREIGN_KEYS, &[])
         .await
@@ -545,6 +574,14 @@ pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
     {
         dest.functions.insert(row.get(0), row.get(1));
     }
+    Ok(())
+}
+
+/// Functions typed on (or reading) relations and types, and whether the role is a superuser.
+async fn read_typed_functions(
+    client: &Client,
+    dest: &mut Destination,
+) -> Result<(), CoordinatorError> {
     for row in client
         .query(TYPED_FUNCTIONS, &[])
         .await
@@ -573,5 +610,5 @@ pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
         .await
         .map_err(err("current role"))?
         .get(0);
-    Ok(dest)
+    Ok(())
 }

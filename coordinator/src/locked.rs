@@ -1,7 +1,8 @@
 //! Statements that must take locks on tables production uses, without making production queue
 //! behind them: each attempt runs with a short `lock_timeout` and is rolled back when a lock is
 //! not granted in time, then retried with jittered exponential backoff, within a total time.
-//! The swap, the rollback, the sync set-up of preserved tables and cleanup use it.
+//! The swap, the rollback, the sync set-up of preserved tables and cleanup build a
+//! [`LockedTransaction`] and run it here.
 
 use std::time::{Duration, Instant};
 
@@ -29,11 +30,75 @@ impl Default for SwapSettings {
     }
 }
 
+/// One transaction that locks tables production uses, as data: `BEGIN`, the attempt's
+/// `lock_timeout`, the statements, `COMMIT`, then statements after the commit (markers read
+/// back from the batch). Planners build it; golden tests read [`LockedTransaction::statements`];
+/// [`LockedTransaction::run`] sends it whole, retrying while a lock is not granted in time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LockedTransaction {
+    body: Vec<String>,
+    after_commit: Vec<String>,
+}
+
+impl LockedTransaction {
+    /// An empty transaction.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends a statement inside the transaction.
+    pub fn push(&mut self, statement: impl Into<String>) {
+        self.body.push(statement.into());
+    }
+
+    /// Appends a statement sent after `COMMIT`, in the same batch.
+    pub fn after_commit(&mut self, statement: impl Into<String>) {
+        self.after_commit.push(statement.into());
+    }
+
+    /// Whether there is nothing to run inside the transaction.
+    pub fn is_empty(&self) -> bool {
+        self.body.is_empty()
+    }
+
+    /// Every statement of the batch, in order, from `BEGIN` to the last after the commit.
+    pub fn statements(&self, lock_timeout: Duration) -> Vec<String> {
+        let mut out = Vec::with_capacity(self.body.len() + self.after_commit.len() + 3);
+        out.push("BEGIN".to_string());
+        out.push(format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            lock_timeout.as_millis().max(1)
+        ));
+        out.extend(self.body.iter().cloned());
+        out.push("COMMIT".to_string());
+        out.extend(self.after_commit.iter().cloned());
+        out
+    }
+
+    /// Runs the batch (see [`run_with_lock_retry`]).
+    pub async fn run(
+        &self,
+        client: &Client,
+        settings: SwapSettings,
+        lock_action: &str,
+        action: &str,
+    ) -> Result<(u32, Vec<SimpleQueryMessage>), CoordinatorError> {
+        let sql = self.statements(settings.lock_timeout).join(";\n");
+        run_with_lock_retry(client, &sql, settings, lock_action, action).await
+    }
+}
+
+impl Extend<String> for LockedTransaction {
+    fn extend<I: IntoIterator<Item = String>>(&mut self, statements: I) {
+        self.body.extend(statements);
+    }
+}
+
 /// Sends `sql` (a whole `BEGIN; SET LOCAL lock_timeout …; …; COMMIT` batch) and, when a lock
 /// was not granted within the timeout, rolls back and retries with jittered backoff until
 /// `settings.total_timeout`. Any other error is returned at once (after the rollback), labelled
 /// with `action`. Returns the attempts made and the messages of the successful attempt.
-pub async fn run_with_lock_retry(
+async fn run_with_lock_retry(
     client: &Client,
     sql: &str,
     settings: SwapSettings,

@@ -61,7 +61,9 @@ fn progress_wanted(cli: &Cli, json: bool) -> bool {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let show_progress = match &cli.command {
-        Command::Start(a) | Command::Prepare(a) => progress_wanted(&cli, a.json) && !a.dry_run,
+        Command::Start(a) | Command::Prepare(a) => {
+            progress_wanted(&cli, a.output.json) && !a.dry_run
+        }
         _ => false,
     };
     if show_progress {
@@ -101,7 +103,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             let report = result?;
-            print(args.json, &report, || output::human_report(&report))
+            print(args.output.json, &report, || output::human_report(&report))
         }
         Command::Prepare(args) => {
             let mut opts = args.to_options()?;
@@ -113,25 +115,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let mut report = prepared.release().await;
             report.phases = phases.0;
-            print(args.json, &report, || output::human_prepare(&report))
+            print(args.output.json, &report, || output::human_prepare(&report))
         }
         Command::Swap(args) => {
             let opts = args.to_options()?;
             let report = cutover::swap_command(opts).await?;
-            print(args.json, &report, || output::human_report(&report))
+            print(args.output.json, &report, || output::human_report(&report))
         }
         Command::Status(args) => {
             let dest = args.dest.url()?;
             let s = status::status(&dest).await?;
-            print(args.json, &s, || output::human_status(&s))
+            print(args.output.json, &s, || output::human_status(&s))
         }
         Command::List(args) => {
             let sets = backup::list(&args.dest.url()?).await?;
-            print(args.json, &sets, || output::human_list(&sets))
+            print(args.output.json, &sets, || output::human_list(&sets))
         }
         Command::Verify(args) => {
             let v = backup::verify(&args.dest.url()?, args.timestamp).await?;
-            print(args.json, &v, || output::human_verify(&v))?;
+            print(args.output.json, &v, || output::human_verify(&v))?;
             if !v.valid {
                 anyhow::bail!(
                     "backup set {} is not valid: {} check(s) failed",
@@ -143,12 +145,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Rollback(args) => {
             let r = rollback::rollback(args.to_options()?).await?;
-            print(args.json, &r, || output::human_rollback(&r))
+            print(args.output.json, &r, || output::human_rollback(&r))
         }
         Command::Cleanup(args) => {
             let before = backup::parse_before(&args.before)?;
             let c = backup::cleanup(&args.dest.url()?, before, args.dry_run).await?;
-            print(args.json, &c, || output::human_cleanup(&c))
+            print(args.output.json, &c, || output::human_cleanup(&c))
         }
         Command::Abort(args) => {
             let a = pgzm_coordinator::state::abort(
@@ -157,7 +159,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 args.locks.settings()?,
             )
             .await?;
-            print(args.json, &a, || output::human_abort(&a))
+            print(args.output.json, &a, || output::human_abort(&a))
         }
     }
 }

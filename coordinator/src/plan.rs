@@ -480,121 +480,12 @@ pub fn build_all(
             .then_with(|| a.name.cmp(&b.name))
     });
 
-    let shadow_of = |name: &str| prefixed(SHADOW, name);
-    let backup_of = |name: &str| prefixed(BACKUP, name);
-    let types: Vec<Move> = source
-        .types
-        .iter()
-        .map(|t| Move::public(ObjectKind::Type, t.name.clone(), shadow_of(&t.name)))
-        .collect();
-    let sequences: Vec<Move> = source
-        .sequences
-        .iter()
-        .map(|s| Move::public(ObjectKind::Sequence, s.name.clone(), shadow_of(&s.name)))
-        .collect();
-    let multiranges: Vec<Move> = source
-        .types
-        .iter()
-        .filter_map(|t| match &t.kind {
-            crate::catalog::UserTypeKind::Range {
-                multirange: Some(m),
-                ..
-            } => Some(Move::public(ObjectKind::Type, m.clone(), shadow_of(m))),
-            _ => None,
-        })
-        .collect();
-    let mut indexes = Vec::new();
-    for t in &source.tables {
-        for c in t.constraints.iter().filter(|c| c.has_index()) {
-            indexes.push(Move::public(
-                ObjectKind::Index,
-                c.name.clone(),
-                shadow_of(&c.name),
-            ));
-        }
-        for i in &t.indexes {
-            indexes.push(Move::public(
-                ObjectKind::Index,
-                i.name.clone(),
-                shadow_of(&i.name),
-            ));
-        }
-    }
-
+    let mut shadows = ShadowMoves::of(source);
     // Live objects that move to backup names: replaced tables with all their indexes and owned
     // sequences, and live types, sequences and views whose names the new objects take.
     let mut dependents = Vec::new();
-    let mut to_backup = Vec::new();
-    let mut backed_up_relations = BTreeSet::new();
-    // The live tables replaced, and the partitions and inheritance children of those that the
-    // source does not have: they stay attached to their parent, so they join the backup set
-    // with it (listed, verified, restored and dropped with it).
-    let mut replaced_live: Vec<&crate::destination::LiveTable> = Vec::new();
-    let mut seen: BTreeSet<&str> = BTreeSet::new();
-    let mut stack: Vec<(&str, Option<&str>)> = tables
-        .iter()
-        .rev()
-        .map(|t| (t.name.as_str(), None))
-        .collect();
-    while let Some((name, parent)) = stack.pop() {
-        let Some(live) = dest.tables.get(name) else {
-            continue;
-        };
-        if !seen.insert(name) {
-            continue;
-        }
-        if let Some(parent) = parent {
-            dependents.push(Dependent {
-                object: format!("table {}", qualified_display("public", name)),
-                on: format!("table {}", qualified_display("public", parent)),
-                action: "a partition or child of a replaced table that the source does not have: joins the backup set with it".into(),
-            });
-        }
-        replaced_live.push(live);
-        for child in &live.children {
-            if source.table(child).is_none() {
-                stack.push((child.as_str(), Some(name)));
-            }
-        }
-    }
-    for live in replaced_live {
-        {
-            to_backup.push(Move::public(
-                ObjectKind::Table,
-                live.name.clone(),
-                backup_of(&live.name),
-            ));
-            for i in &live.indexes {
-                to_backup.push(Move::public(ObjectKind::Index, i.clone(), backup_of(i)));
-                backed_up_relations.insert(i.clone());
-            }
-            for s in &live.owned_sequences {
-                to_backup.push(Move::public(ObjectKind::Sequence, s.clone(), backup_of(s)));
-                backed_up_relations.insert(s.clone());
-            }
-            backed_up_relations.insert(live.name.clone());
-        }
-    }
-    for s in &sequences {
-        if dest.sequence_acl.contains_key(&s.from) && !backed_up_relations.contains(&s.from) {
-            to_backup.push(Move::public(
-                ObjectKind::Sequence,
-                s.from.clone(),
-                backup_of(&s.from),
-            ));
-            backed_up_relations.insert(s.from.clone());
-        }
-    }
-    for ty in types.iter().chain(&multiranges) {
-        if dest.type_oids.contains_key(&ty.from) && !dest.tables.contains_key(&ty.from) {
-            to_backup.push(Move::public(
-                ObjectKind::Type,
-                ty.from.clone(),
-                backup_of(&ty.from),
-            ));
-        }
-    }
-
+    let mut to_backup = replaced_tables(source, dest, &tables, &mut dependents);
+    to_backup.extend(replaced_types_and_sequences(dest, &shadows, &to_backup));
     let Followers {
         views,
         functions: recreated_functions,
@@ -607,14 +498,9 @@ pub fn build_all(
         &mut dependents,
         &mut problems,
     );
-
-    let mut to_live: Vec<Move> = tables
-        .iter()
-        .map(|t| Move::public(ObjectKind::Table, t.shadow.clone(), t.name.clone()))
-        .collect();
     for mv in &matviews {
         for (index, _) in &mv.matview.indexes {
-            indexes.push(Move {
+            shadows.indexes.push(Move {
                 kind: ObjectKind::Index,
                 schema: mv.matview.schema.clone(),
                 from: index.clone(),
@@ -622,98 +508,17 @@ pub fn build_all(
                 oid: None,
             });
         }
-        to_live.push(Move {
-            kind: ObjectKind::MaterializedView,
-            schema: mv.matview.schema.clone(),
-            from: mv.shadow.clone(),
-            to: mv.matview.name.clone(),
-            oid: None,
-        });
     }
-    for m in types
-        .iter()
-        .chain(&multiranges)
-        .chain(&sequences)
-        .chain(&indexes)
-    {
-        to_live.push(Move {
-            from: m.to.clone(),
-            to: m.from.clone(),
-            ..m.clone()
-        });
-    }
-
-    let source_names = source.table_names();
-    let foreign_keys: Vec<ForeignKeyRepoint> = dest
-        .foreign_keys_in
-        .iter()
-        .filter(|fk| source_names.contains(fk.references.as_str()))
-        .filter(|fk| {
-            fk.schema != crate::naming::PUBLIC
-                || (!source_names.contains(fk.table.as_str())
-                    && dest.tables.contains_key(&fk.table)
-                    && !is_tool_object(&fk.table, earlier))
-        })
-        .map(|fk| ForeignKeyRepoint {
-            schema: fk.schema.clone(),
-            table: fk.table.clone(),
-            name: fk.name.clone(),
-            references: fk.references.clone(),
-            definition: fk.definition.clone(),
-        })
-        .collect();
-    for fk in &foreign_keys {
-        dependents.push(Dependent {
-            object: format!(
-                "foreign key {} on table {}",
-                crate::rewrite::quote_ident_like_pg(&fk.name),
-                qualified_display(&fk.schema, &fk.table)
-            ),
-            on: format!("table {}", qualified_display("public", &fk.references)),
-            action:
-                "re-pointed at the new table at the swap (NOT VALID, validated after the commit)"
-                    .into(),
-        });
-    }
-    let mut functions_to_create = Vec::new();
-    for f in &source.functions {
-        match dest.functions.get(&f.signature) {
-            None => functions_to_create.push((f.signature.clone(), f.definition.clone())),
-            Some(def) if def.trim() == f.definition.trim() => {}
-            Some(_) => problems.push(format!(
-                "function {} differs between source and destination: the new tables (their triggers, defaults, checks, indexes or views) would use the destination's version; make them equal first",
-                f.signature
-            )),
-        }
-    }
-
-    for (signature, what) in &source.required_routines {
-        if !dest.routines.contains(signature) {
-            problems.push(format!(
-                "{what} {signature} is used by the migrated tables or views and the destination does not have it: pgzm does not create it; create it in the destination first"
-            ));
-        }
-    }
-
-    let mut extensions_to_create = Vec::new();
-    let mut missing_extensions = Vec::new();
-    for (ext, schema) in &source.extensions {
-        if dest.extensions.contains(ext) {
-            continue;
-        }
-        if dest.available_extensions.contains(ext) {
-            extensions_to_create.push((ext.clone(), schema.clone()));
-        } else {
-            missing_extensions.push(ext.clone());
-        }
-    }
-    if !missing_extensions.is_empty() {
-        problems.push(format!(
-            "extensions used by the source are not available on the destination server: {}; install them there first",
-            missing_extensions.join(", ")
-        ));
-    }
-
+    let mut to_live = live_moves(&tables, &shadows, &matviews);
+    let foreign_keys = foreign_key_repoints(source, dest, earlier, &mut dependents);
+    let functions_to_create = functions_to_create(source, dest, &mut problems);
+    let extensions_to_create = extensions_to_create(source, dest, &mut problems);
+    let ShadowMoves {
+        types,
+        sequences,
+        multiranges,
+        indexes,
+    } = shadows;
     let shadows: Vec<Move> = tables
         .iter()
         .map(|t| Move::public(ObjectKind::Table, t.name.clone(), t.shadow.clone()))
@@ -778,6 +583,517 @@ pub fn build_all(
     (plan, problems)
 }
 
+/// The destination's objects a migration reaches through what it replaces, transitively:
+/// views reading a replaced relation (or calling an affected function), functions typed on a
+/// replaced relation or type, materialized views reading a replaced relation; each with what
+/// reached it (`why`, by kind letter and oid).
+struct Affected<'a> {
+    views: BTreeMap<u32, &'a crate::destination::LiveView>,
+    functions: BTreeMap<u32, &'a crate::destination::TypedFunction>,
+    rebuilt: BTreeMap<u32, (&'a QualName, &'a crate::destination::LiveMatview)>,
+    why: BTreeMap<(char, u32), String>,
+}
+
+impl<'a> Affected<'a> {
+    /// Grows the set until nothing more is reached. `replaced`: relation oid → description.
+    fn find(
+        dest: &'a Destination,
+        source_views: &BTreeSet<QualName>,
+        source_matviews: &BTreeSet<QualName>,
+        mut replaced: BTreeMap<u32, String>,
+        replaced_types: &BTreeMap<u32, String>,
+    ) -> Self {
+        let mut affected: BTreeMap<u32, &crate::destination::LiveView> = BTreeMap::new();
+        let mut functions: BTreeMap<u32, &crate::destination::TypedFunction> = BTreeMap::new();
+        let mut rebuilt: BTreeMap<u32, (&QualName, &crate::destination::LiveMatview)> =
+            BTreeMap::new();
+        let mut why: BTreeMap<(char, u32), String> = BTreeMap::new();
+        loop {
+            let before = (affected.len(), functions.len(), rebuilt.len());
+            for (name, m) in &dest.materialized_views {
+                if source_matviews.contains(name) || rebuilt.contains_key(&m.oid) {
+                    continue;
+                }
+                if let Some(hit) = m.reads.iter().find_map(|r| replaced.get(r)).cloned() {
+                    why.insert(('m', m.oid), hit);
+                    rebuilt.insert(m.oid, (name, m));
+                    replaced.insert(
+                        m.oid,
+                        format!("materialized view {}", qualified_display(&name.0, &name.1)),
+                    );
+                }
+            }
+            for f in &dest.typed_functions {
+                if functions.contains_key(&f.oid) {
+                    continue;
+                }
+                let hit = f
+                    .relations
+                    .iter()
+                    .find_map(|r| replaced.get(r))
+                    .or_else(|| f.types.iter().find_map(|t| replaced_types.get(t)));
+                if let Some(on) = hit {
+                    why.insert(('f', f.oid), on.clone());
+                    functions.insert(f.oid, f);
+                }
+            }
+            for v in dest.views.values() {
+                let key = (v.schema.clone(), v.name.clone());
+                if source_views.contains(&key) || affected.contains_key(&v.oid) {
+                    continue;
+                }
+                let hit = v
+                    .depends_on
+                    .iter()
+                    .find_map(|d| replaced.get(d).cloned())
+                    .or_else(|| {
+                        v.calls.iter().find_map(|c| {
+                            functions
+                                .get(c)
+                                .map(|f| format!("function {}", f.signature))
+                        })
+                    });
+                if let Some(on) = hit {
+                    why.insert(('v', v.oid), on);
+                    affected.insert(v.oid, v);
+                    replaced.insert(
+                        v.oid,
+                        format!("view {}", qualified_display(&v.schema, &v.name)),
+                    );
+                }
+            }
+            if (affected.len(), functions.len(), rebuilt.len()) == before {
+                break;
+            }
+        }
+        Affected {
+            views: affected,
+            functions,
+            rebuilt,
+            why,
+        }
+    }
+
+    /// The affected views, recreated over the new objects in dependency order; each listed as
+    /// a dependent, and a problem when it reads a column the new table lacks.
+    fn view_plans(
+        &self,
+        source: &SourceSchema,
+        dependents: &mut Vec<Dependent>,
+        problems: &mut Vec<String>,
+    ) -> Vec<ViewPlan> {
+        let mut out = Vec::new();
+        let deps: BTreeMap<u32, BTreeSet<u32>> = self
+            .views
+            .values()
+            .map(|v| (v.oid, v.depends_on.clone()))
+            .collect();
+        for oid in crate::catalog::topological_order(self.views.keys().copied().collect(), &deps) {
+            let v = self.views[&oid];
+            // The view is recreated over the new tables: each column it reads must exist there.
+            for (table, column) in &v.columns {
+                if let Some(t) = source.table(table) {
+                    if !t.columns.iter().any(|c| &c.name == column) {
+                        problems.push(format!(
+                            "destination view {} reads column \"{table}\".\"{column}\", which the source's \"{table}\" does not have: change or drop the view first",
+                            qualified_display(&v.schema, &v.name)
+                        ));
+                    }
+                }
+            }
+            dependents.push(Dependent {
+                object: format!("view {}", qualified_display(&v.schema, &v.name)),
+                on: self.why[&('v', v.oid)].clone(),
+                action:
+                    "recreated over the new objects at the swap (the old one joins the backup set)"
+                        .into(),
+            });
+            out.push(ViewPlan::recreating(v));
+        }
+        out
+    }
+
+    /// The affected functions, recreated over the new objects (their old versions join the
+    /// backup set); an aggregate cannot be, and is a problem.
+    fn function_plans(
+        &self,
+        to_backup: &mut Vec<Move>,
+        dependents: &mut Vec<Dependent>,
+        problems: &mut Vec<String>,
+    ) -> Vec<FunctionPlan> {
+        let mut planned = Vec::new();
+        for f in self.functions.values() {
+            let on = self.why[&('f', f.oid)].clone();
+            let object = format!(
+                "{} {}",
+                if f.kind == 'p' {
+                    "procedure"
+                } else {
+                    "function"
+                },
+                f.signature
+            );
+            let definition = match (&f.definition, f.kind) {
+                (Some(d), 'f' | 'p' | 'w') => d.clone(),
+                _ => {
+                    problems.push(format!(
+                        "aggregate {} is typed on {on}, which the migration replaces: pgzm does not recreate aggregates; drop it before the migration and create it again afterwards",
+                        f.signature
+                    ));
+                    continue;
+                }
+            };
+            dependents.push(Dependent {
+                object,
+                on,
+                action: "recreated over the new objects at the swap with its body, settings, owner, privileges and comment (the old one joins the backup set)".into(),
+            });
+            to_backup.push(Move {
+                kind: ObjectKind::Function,
+                schema: f.schema.clone(),
+                from: f.name.clone(),
+                to: prefixed(BACKUP, &f.name),
+                oid: Some(f.oid),
+            });
+            planned.push(FunctionPlan {
+                schema: f.schema.clone(),
+                name: f.name.clone(),
+                signature: f.signature.clone(),
+                definition,
+                owner: f.owner.clone(),
+                grants: f.grants.clone(),
+                comment: f.comment.clone(),
+                kind: f.kind,
+                after_views: f.relations.iter().any(|r| self.views.contains_key(r)),
+            });
+        }
+        planned
+    }
+
+    /// Materialized views built before the swap: the source's, and the affected destination
+    /// ones (rebuilt from their own definitions, in dependency order).
+    fn matview_plans(
+        &self,
+        source: &SourceSchema,
+        dest: &Destination,
+        dependents: &mut Vec<Dependent>,
+        problems: &mut Vec<String>,
+    ) -> Vec<MatviewPlan> {
+        use crate::destination::in_public;
+        // Materialized views: the source's are built over the new tables before the swap; a
+        // destination one that reads a replaced relation is self.rebuilt the same way, from its own
+        // definition; both are swapped in by rename. One that reads a view recreated at the swap
+        // cannot be built before it.
+        let mut matviews: Vec<MatviewPlan> = Vec::new();
+        for m in &source.matviews {
+            let live = dest.materialized_views.get(&in_public(&m.name));
+            matviews.push(MatviewPlan {
+                shadow: prefixed(SHADOW, &m.name),
+                matview: m.clone(),
+                owner: live.map(|l| l.owner.clone()),
+                grants: live.map(|l| l.grants.clone()).unwrap_or_default(),
+                from_source: true,
+            });
+        }
+        let deps: BTreeMap<u32, BTreeSet<u32>> = self
+            .rebuilt
+            .values()
+            .map(|(_, m)| (m.oid, m.reads.clone()))
+            .collect();
+        for oid in crate::catalog::topological_order(self.rebuilt.keys().copied().collect(), &deps)
+        {
+            let (name, m) = self.rebuilt[&oid];
+            if let Some(view) = m.reads.iter().find_map(|r| self.views.get(r)) {
+                problems.push(format!(
+                    "destination materialized view {} reads view {}, which is recreated at the swap: pgzm rebuilds materialized views before the swap, so make it read the tables directly, or drop it before the migration and recreate it afterwards",
+                    qualified_display(&name.0, &name.1),
+                    qualified_display(&view.schema, &view.name)
+                ));
+                continue;
+            }
+            dependents.push(Dependent {
+                object: format!(
+                    "materialized view {}",
+                    qualified_display(&name.0, &name.1)
+                ),
+                on: self.why[&('m', oid)].clone(),
+                action: "self.rebuilt over the new tables before the swap (with its indexes) and swapped in by rename; the old one joins the backup set".into(),
+            });
+            matviews.push(MatviewPlan {
+                shadow: prefixed(SHADOW, &name.1),
+                matview: m.matview.clone(),
+                owner: Some(m.owner.clone()),
+                grants: m.grants.clone(),
+                from_source: false,
+            });
+        }
+        matviews
+    }
+}
+
+/// The source's types, sequences, multirange types and indexes, each with its shadow name.
+struct ShadowMoves {
+    types: Vec<Move>,
+    sequences: Vec<Move>,
+    multiranges: Vec<Move>,
+    indexes: Vec<Move>,
+}
+
+impl ShadowMoves {
+    fn of(source: &SourceSchema) -> Self {
+        let shadow =
+            |kind, name: &str| Move::public(kind, name.to_string(), prefixed(SHADOW, name));
+        ShadowMoves {
+            types: source
+                .types
+                .iter()
+                .map(|t| shadow(ObjectKind::Type, &t.name))
+                .collect(),
+            sequences: source
+                .sequences
+                .iter()
+                .map(|s| shadow(ObjectKind::Sequence, &s.name))
+                .collect(),
+            multiranges: source
+                .types
+                .iter()
+                .filter_map(|t| match &t.kind {
+                    crate::catalog::UserTypeKind::Range {
+                        multirange: Some(m),
+                        ..
+                    } => Some(shadow(ObjectKind::Type, m)),
+                    _ => None,
+                })
+                .collect(),
+            indexes: source
+                .tables
+                .iter()
+                .flat_map(|t| {
+                    let constraints = t
+                        .constraints
+                        .iter()
+                        .filter(|c| c.has_index())
+                        .map(|c| &c.name);
+                    constraints.chain(t.indexes.iter().map(|i| &i.name))
+                })
+                .map(|name| shadow(ObjectKind::Index, name))
+                .collect(),
+        }
+    }
+}
+
+/// The live tables replaced, with their indexes and owned sequences, moved to backup names;
+/// with the partitions and inheritance children of those that the source does not have: they
+/// stay attached to their parent, so they join the backup set with it (listed, verified,
+/// restored and dropped with it), and are listed as dependents.
+fn replaced_tables(
+    source: &SourceSchema,
+    dest: &Destination,
+    tables: &[TablePlan],
+    dependents: &mut Vec<Dependent>,
+) -> Vec<Move> {
+    let backup_of = |name: &str| prefixed(BACKUP, name);
+    let mut to_backup = Vec::new();
+    let mut seen: BTreeSet<&str> = BTreeSet::new();
+    let mut stack: Vec<(&str, Option<&str>)> = tables
+        .iter()
+        .rev()
+        .map(|t| (t.name.as_str(), None))
+        .collect();
+    let mut replaced_live: Vec<&crate::destination::LiveTable> = Vec::new();
+    while let Some((name, parent)) = stack.pop() {
+        let Some(live) = dest.tables.get(name) else {
+            continue;
+        };
+        if !seen.insert(name) {
+            continue;
+        }
+        if let Some(parent) = parent {
+            dependents.push(Dependent {
+                object: format!("table {}", qualified_display("public", name)),
+                on: format!("table {}", qualified_display("public", parent)),
+                action: "a partition or child of a replaced table that the source does not have: joins the backup set with it".into(),
+            });
+        }
+        replaced_live.push(live);
+        for child in &live.children {
+            if source.table(child).is_none() {
+                stack.push((child.as_str(), Some(name)));
+            }
+        }
+    }
+    for live in replaced_live {
+        to_backup.push(Move::public(
+            ObjectKind::Table,
+            live.name.clone(),
+            backup_of(&live.name),
+        ));
+        for i in &live.indexes {
+            to_backup.push(Move::public(ObjectKind::Index, i.clone(), backup_of(i)));
+        }
+        for s in &live.owned_sequences {
+            to_backup.push(Move::public(ObjectKind::Sequence, s.clone(), backup_of(s)));
+        }
+    }
+    to_backup
+}
+
+/// Live sequences and types whose names the source's take (and that are not parts of a
+/// replaced table, already in `backed_up`): moved to backup names.
+fn replaced_types_and_sequences(
+    dest: &Destination,
+    shadows: &ShadowMoves,
+    backed_up: &[Move],
+) -> Vec<Move> {
+    let taken: BTreeSet<&str> = backed_up.iter().map(|m| m.from.as_str()).collect();
+    let sequences = shadows
+        .sequences
+        .iter()
+        .filter(|s| dest.sequence_acl.contains_key(&s.from) && !taken.contains(s.from.as_str()))
+        .map(|s| {
+            Move::public(
+                ObjectKind::Sequence,
+                s.from.clone(),
+                prefixed(BACKUP, &s.from),
+            )
+        });
+    let types = shadows
+        .types
+        .iter()
+        .chain(&shadows.multiranges)
+        .filter(|t| dest.type_oids.contains_key(&t.from) && !dest.tables.contains_key(&t.from))
+        .map(|t| Move::public(ObjectKind::Type, t.from.clone(), prefixed(BACKUP, &t.from)));
+    sequences.chain(types).collect()
+}
+
+/// The renames that bring the new objects to their live names: tables, materialized views,
+/// types, sequences and indexes.
+fn live_moves(tables: &[TablePlan], shadows: &ShadowMoves, matviews: &[MatviewPlan]) -> Vec<Move> {
+    tables
+        .iter()
+        .map(|t| Move::public(ObjectKind::Table, t.shadow.clone(), t.name.clone()))
+        .chain(matviews.iter().map(|mv| Move {
+            kind: ObjectKind::MaterializedView,
+            schema: mv.matview.schema.clone(),
+            from: mv.shadow.clone(),
+            to: mv.matview.name.clone(),
+            oid: None,
+        }))
+        .chain(
+            shadows
+                .types
+                .iter()
+                .chain(&shadows.multiranges)
+                .chain(&shadows.sequences)
+                .chain(&shadows.indexes)
+                .map(|m| Move {
+                    from: m.to.clone(),
+                    to: m.from.clone(),
+                    ..m.clone()
+                }),
+        )
+        .collect()
+}
+
+/// Foreign keys of destination-only tables (and of tables in other schemas) that reference a
+/// replaced table: re-pointed at the new table at the swap, and listed as dependents.
+fn foreign_key_repoints(
+    source: &SourceSchema,
+    dest: &Destination,
+    earlier: &Earlier,
+    dependents: &mut Vec<Dependent>,
+) -> Vec<ForeignKeyRepoint> {
+    let source_names = source.table_names();
+    let foreign_keys: Vec<ForeignKeyRepoint> = dest
+        .foreign_keys_in
+        .iter()
+        .filter(|fk| source_names.contains(fk.references.as_str()))
+        .filter(|fk| {
+            fk.schema != crate::naming::PUBLIC
+                || (!source_names.contains(fk.table.as_str())
+                    && dest.tables.contains_key(&fk.table)
+                    && !is_tool_object(&fk.table, earlier))
+        })
+        .map(|fk| ForeignKeyRepoint {
+            schema: fk.schema.clone(),
+            table: fk.table.clone(),
+            name: fk.name.clone(),
+            references: fk.references.clone(),
+            definition: fk.definition.clone(),
+        })
+        .collect();
+    for fk in &foreign_keys {
+        dependents.push(Dependent {
+            object: format!(
+                "foreign key {} on table {}",
+                crate::rewrite::quote_ident_like_pg(&fk.name),
+                qualified_display(&fk.schema, &fk.table)
+            ),
+            on: format!("table {}", qualified_display("public", &fk.references)),
+            action:
+                "re-pointed at the new table at the swap (NOT VALID, validated after the commit)"
+                    .into(),
+        });
+    }
+    foreign_keys
+}
+
+/// The source's functions the destination lacks (to create with the shadow tables); a function
+/// that differs, or a routine the new objects need that the destination lacks, is a problem.
+fn functions_to_create(
+    source: &SourceSchema,
+    dest: &Destination,
+    problems: &mut Vec<String>,
+) -> Vec<(String, String)> {
+    let mut create = Vec::new();
+    for f in &source.functions {
+        match dest.functions.get(&f.signature) {
+            None => create.push((f.signature.clone(), f.definition.clone())),
+            Some(def) if def.trim() == f.definition.trim() => {}
+            Some(_) => problems.push(format!(
+                "function {} differs between source and destination: the new tables (their triggers, defaults, checks, indexes or views) would use the destination's version; make them equal first",
+                f.signature
+            )),
+        }
+    }
+    for (signature, what) in &source.required_routines {
+        if !dest.routines.contains(signature) {
+            problems.push(format!(
+                "{what} {signature} is used by the migrated tables or views and the destination does not have it: pgzm does not create it; create it in the destination first"
+            ));
+        }
+    }
+    create
+}
+
+/// The source's extensions the destination lacks but can create: (name, schema). One it
+/// cannot create is a problem.
+fn extensions_to_create(
+    source: &SourceSchema,
+    dest: &Destination,
+    problems: &mut Vec<String>,
+) -> Vec<(String, String)> {
+    let mut create = Vec::new();
+    let mut missing = Vec::new();
+    for (ext, schema) in &source.extensions {
+        if dest.extensions.contains(ext) {
+            continue;
+        }
+        if dest.available_extensions.contains(ext) {
+            create.push((ext.clone(), schema.clone()));
+        } else {
+            missing.push(ext.clone());
+        }
+    }
+    if !missing.is_empty() {
+        problems.push(format!(
+            "extensions used by the source are not available on the destination server: {}; install them there first",
+            missing.join(", ")
+        ));
+    }
+    create
+}
+
 fn table_plan(t: &Table, dest: &Destination) -> TablePlan {
     TablePlan {
         name: t.name.clone(),
@@ -825,7 +1141,7 @@ fn plan_dependents(
     dependents: &mut Vec<Dependent>,
     problems: &mut Vec<String>,
 ) -> Followers {
-    use crate::destination::{in_public, LiveView, TypedFunction};
+    use crate::destination::in_public;
     let mut views = Vec::new();
     // Replaced relations (oid → description), growing as views are found.
     let mut replaced: BTreeMap<u32, String> = tables
@@ -876,93 +1192,14 @@ fn plan_dependents(
             from_source: true,
         });
     }
-    let mut affected: BTreeMap<u32, &LiveView> = BTreeMap::new();
-    let mut functions: BTreeMap<u32, &TypedFunction> = BTreeMap::new();
-    let mut rebuilt: BTreeMap<u32, (&QualName, &crate::destination::LiveMatview)> = BTreeMap::new();
-    let mut why: BTreeMap<(char, u32), String> = BTreeMap::new();
-    loop {
-        let before = (affected.len(), functions.len(), rebuilt.len());
-        for (name, m) in &dest.materialized_views {
-            if source_matviews.contains(name) || rebuilt.contains_key(&m.oid) {
-                continue;
-            }
-            if let Some(hit) = m.reads.iter().find_map(|r| replaced.get(r)).cloned() {
-                why.insert(('m', m.oid), hit);
-                rebuilt.insert(m.oid, (name, m));
-                replaced.insert(
-                    m.oid,
-                    format!("materialized view {}", qualified_display(&name.0, &name.1)),
-                );
-            }
-        }
-        for f in &dest.typed_functions {
-            if functions.contains_key(&f.oid) {
-                continue;
-            }
-            let hit = f
-                .relations
-                .iter()
-                .find_map(|r| replaced.get(r))
-                .or_else(|| f.types.iter().find_map(|t| replaced_types.get(t)));
-            if let Some(on) = hit {
-                why.insert(('f', f.oid), on.clone());
-                functions.insert(f.oid, f);
-            }
-        }
-        for v in dest.views.values() {
-            let key = (v.schema.clone(), v.name.clone());
-            if source_views.contains(&key) || affected.contains_key(&v.oid) {
-                continue;
-            }
-            let hit = v
-                .depends_on
-                .iter()
-                .find_map(|d| replaced.get(d).cloned())
-                .or_else(|| {
-                    v.calls.iter().find_map(|c| {
-                        functions
-                            .get(c)
-                            .map(|f| format!("function {}", f.signature))
-                    })
-                });
-            if let Some(on) = hit {
-                why.insert(('v', v.oid), on);
-                affected.insert(v.oid, v);
-                replaced.insert(
-                    v.oid,
-                    format!("view {}", qualified_display(&v.schema, &v.name)),
-                );
-            }
-        }
-        if (affected.len(), functions.len(), rebuilt.len()) == before {
-            break;
-        }
-    }
-    let deps: BTreeMap<u32, BTreeSet<u32>> = affected
-        .values()
-        .map(|v| (v.oid, v.depends_on.clone()))
-        .collect();
-    for oid in crate::catalog::topological_order(affected.keys().copied().collect(), &deps) {
-        let v = affected[&oid];
-        // The view is recreated over the new tables: each column it reads must exist there.
-        for (table, column) in &v.columns {
-            if let Some(t) = source.table(table) {
-                if !t.columns.iter().any(|c| &c.name == column) {
-                    problems.push(format!(
-                        "destination view {} reads column \"{table}\".\"{column}\", which the source's \"{table}\" does not have: change or drop the view first",
-                        qualified_display(&v.schema, &v.name)
-                    ));
-                }
-            }
-        }
-        dependents.push(Dependent {
-            object: format!("view {}", qualified_display(&v.schema, &v.name)),
-            on: why[&('v', v.oid)].clone(),
-            action: "recreated over the new objects at the swap (the old one joins the backup set)"
-                .into(),
-        });
-        views.push(ViewPlan::recreating(v));
-    }
+    let found = Affected::find(
+        dest,
+        &source_views,
+        &source_matviews,
+        replaced,
+        &replaced_types,
+    );
+    views.extend(found.view_plans(source, dependents, problems));
     for v in &views {
         if dest.views.contains_key(&(v.schema.clone(), v.name.clone())) {
             to_backup.insert(
@@ -977,97 +1214,8 @@ fn plan_dependents(
             );
         }
     }
-    let mut planned = Vec::new();
-    for f in functions.values() {
-        let on = why[&('f', f.oid)].clone();
-        let object = format!(
-            "{} {}",
-            if f.kind == 'p' {
-                "procedure"
-            } else {
-                "function"
-            },
-            f.signature
-        );
-        let definition = match (&f.definition, f.kind) {
-            (Some(d), 'f' | 'p' | 'w') => d.clone(),
-            _ => {
-                problems.push(format!(
-                    "aggregate {} is typed on {on}, which the migration replaces: pgzm does not recreate aggregates; drop it before the migration and create it again afterwards",
-                    f.signature
-                ));
-                continue;
-            }
-        };
-        dependents.push(Dependent {
-            object,
-            on,
-            action: "recreated over the new objects at the swap with its body, settings, owner, privileges and comment (the old one joins the backup set)".into(),
-        });
-        to_backup.push(Move {
-            kind: ObjectKind::Function,
-            schema: f.schema.clone(),
-            from: f.name.clone(),
-            to: prefixed(BACKUP, &f.name),
-            oid: Some(f.oid),
-        });
-        planned.push(FunctionPlan {
-            schema: f.schema.clone(),
-            name: f.name.clone(),
-            signature: f.signature.clone(),
-            definition,
-            owner: f.owner.clone(),
-            grants: f.grants.clone(),
-            comment: f.comment.clone(),
-            kind: f.kind,
-            after_views: f.relations.iter().any(|r| affected.contains_key(r)),
-        });
-    }
-    // Materialized views: the source's are built over the new tables before the swap; a
-    // destination one that reads a replaced relation is rebuilt the same way, from its own
-    // definition; both are swapped in by rename. One that reads a view recreated at the swap
-    // cannot be built before it.
-    let mut matviews: Vec<MatviewPlan> = Vec::new();
-    for m in &source.matviews {
-        let live = dest.materialized_views.get(&in_public(&m.name));
-        matviews.push(MatviewPlan {
-            shadow: prefixed(SHADOW, &m.name),
-            matview: m.clone(),
-            owner: live.map(|l| l.owner.clone()),
-            grants: live.map(|l| l.grants.clone()).unwrap_or_default(),
-            from_source: true,
-        });
-    }
-    let deps: BTreeMap<u32, BTreeSet<u32>> = rebuilt
-        .values()
-        .map(|(_, m)| (m.oid, m.reads.clone()))
-        .collect();
-    for oid in crate::catalog::topological_order(rebuilt.keys().copied().collect(), &deps) {
-        let (name, m) = rebuilt[&oid];
-        if let Some(view) = m.reads.iter().find_map(|r| affected.get(r)) {
-            problems.push(format!(
-                "destination materialized view {} reads view {}, which is recreated at the swap: pgzm rebuilds materialized views before the swap, so make it read the tables directly, or drop it before the migration and recreate it afterwards",
-                qualified_display(&name.0, &name.1),
-                qualified_display(&view.schema, &view.name)
-            ));
-            continue;
-        }
-        dependents.push(Dependent {
-            object: format!(
-                "materialized view {}",
-                qualified_display(&name.0, &name.1)
-            ),
-            on: why[&('m', oid)].clone(),
-            action: "rebuilt over the new tables before the swap (with its indexes) and swapped in by rename; the old one joins the backup set".into(),
-        });
-        matviews.push(MatviewPlan {
-            shadow: prefixed(SHADOW, &name.1),
-            matview: m.matview.clone(),
-            owner: Some(m.owner.clone()),
-            grants: m.grants.clone(),
-            from_source: false,
-        });
-    }
+    let planned = found.function_plans(to_backup, dependents, problems);
+    let matviews = found.matview_plans(source, dest, dependents, problems);
     for mv in &matviews {
         let key = (mv.matview.schema.clone(), mv.matview.name.clone());
         if let Some(live) = dest.materialized_views.get(&key) {

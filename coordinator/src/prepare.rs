@@ -5,7 +5,7 @@
 //! on preserved tables only read them). Until the swap, a failure removes everything this run
 //! created; a killed run's objects are recorded by oid, so the next run removes them first.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -19,6 +19,7 @@ use crate::catalog::{self, SourceSchema, Table};
 use crate::copy::{self, CopyContext, CopyJob};
 use crate::destination::{self, Destination};
 use crate::error::CoordinatorError;
+use crate::locked::LockedTransaction;
 use crate::locked::SwapSettings;
 use crate::plan::{self, Plan};
 use crate::preserve;
@@ -54,92 +55,117 @@ fn refused(mut problems: Vec<String>) -> CoordinatorError {
     CoordinatorError::Refused(problems)
 }
 
-/// Prepares a migration. With `dry_run`, returns after the plan with nothing changed.
-pub async fn prepare(
+/// What the plan phase reads: both sides, under one source snapshot held open on
+/// `source_client`, with the run lock held on `control`.
+struct Sides {
+    source_client: Client,
+    control: Client,
+    schema: SourceSchema,
+    dest: Destination,
+    earlier: plan::Earlier,
+    snapshot: String,
+    live_shapes: BTreeMap<String, preserve::LiveShape>,
+    /// The newest migration recorded when the lock was taken.
+    newest: Option<(i64, String)>,
+    agent_roles: Vec<String>,
+}
+
+/// Checks that the agents reach both sides, takes the run lock (refusing when another run
+/// changed the destination meanwhile), opens and exports the source snapshot and reads the
+/// source's schema and the destination.
+async fn read_sides(
     opts: &StartOptions,
-    pool: AgentPool,
-    phases: &mut Phases,
-) -> Result<Option<Prepared>, CoordinatorError> {
-    let started_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    let preserved_names = crate::naming::table_list(&opts.preserved);
+    pool: &AgentPool,
+    preserved_names: &[String],
+) -> Result<Sides, CoordinatorError> {
+    let agent_roles = pool.check_reach(&opts.source, &opts.destination).await?;
+    let source_client = opts.source.connect("pgzm-coordinator").await?;
+    let control = opts.destination.connect("pgzm-coordinator").await?;
+    refuse_same_database(&source_client, &control, &opts.destination).await?;
+    // What this run was started against: if another run finishes while this one waits
+    // for the run lock, this one must not plan over it unseen (and replace its backup).
+    let seen = state::newest(&control).await?;
+    if !state::try_lock(&control).await? {
+        return Err(CoordinatorError::Busy);
+    }
+    let newest = state::newest(&control).await?;
+    // A bad --maintenance-work-mem fails here, not at the first index build.
+    control
+        .execute(
+            "SELECT set_config('maintenance_work_mem', $1, true)",
+            &[&opts.build.maintenance_work_mem],
+        )
+        .await
+        .map_err(|e| {
+            CoordinatorError::Usage(format!(
+                "--maintenance-work-mem {:?} is not a valid size for the destination: {}",
+                opts.build.maintenance_work_mem,
+                pgzm_pg::conn::describe(&e)
+            ))
+        })?;
+    if newest != seen {
+        let (id, status) = newest.clone().unwrap_or_default();
+        return Err(CoordinatorError::Refused(vec![format!(
+            "another pgzm run (migration {id}, now {status}) changed this destination while this one waited for it; nothing was done: check `pgzm status` and `pgzm list`, then run again if you still mean to migrate on top of it"
+        )]));
+    }
+    source_client
+        .batch_execute(
+            // Deparsing a table's defaults and indexes takes a brief ACCESS SHARE lock
+            // on it: bounded, so DDL in progress on the source gives an error, not a hang.
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL search_path = pg_catalog; \
+             SET LOCAL lock_timeout = '30s'",
+        )
+        .await
+        .map_err(|e| CoordinatorError::source("open the snapshot transaction", &e))?;
+    let snapshot: String = source_client
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await
+        .map_err(|e| CoordinatorError::source("export a snapshot", &e))?
+        .get(0);
+    let schema = catalog::read(&source_client).await?;
+    control
+        .batch_execute("SET search_path = pg_catalog")
+        .await
+        .map_err(|e| CoordinatorError::destination("set search_path", &e))?;
+    let dest = destination::read(&control).await?;
+    let earlier = state::earlier_runs(&control).await?;
+    let live_shapes = preserve::read_live(&control, preserved_names).await?;
+    Ok(Sides {
+        source_client,
+        control,
+        schema,
+        dest,
+        earlier,
+        snapshot,
+        live_shapes,
+        newest,
+        agent_roles,
+    })
+}
 
-    // Plan: read both sides under one source snapshot; change nothing.
-    let (source_client, control, schema, dest, earlier, snapshot, live_shapes, newest, agent_roles) = phases
-        .run("plan", async {
-            let agent_roles = pool.check_reach(&opts.source, &opts.destination).await?;
-            let source_client = opts.source.connect("pgzm-coordinator").await?;
-            let control = opts.destination.connect("pgzm-coordinator").await?;
-            refuse_same_database(&source_client, &control, &opts.destination).await?;
-            // What this run was started against: if another run finishes while this one waits
-            // for the run lock, this one must not plan over it unseen (and replace its backup).
-            let seen = state::newest(&control).await?;
-            if !state::try_lock(&control).await? {
-                return Err(CoordinatorError::Busy);
-            }
-            let newest = state::newest(&control).await?;
-            // A bad --maintenance-work-mem fails here, not at the first index build.
-            control
-                .execute(
-                    "SELECT set_config('maintenance_work_mem', $1, true)",
-                    &[&opts.build.maintenance_work_mem],
-                )
-                .await
-                .map_err(|e| {
-                    CoordinatorError::Usage(format!(
-                        "--maintenance-work-mem {:?} is not a valid size for the destination: {}",
-                        opts.build.maintenance_work_mem,
-                        pgzm_pg::conn::describe(&e)
-                    ))
-                })?;
-            if newest != seen {
-                let (id, status) = newest.clone().unwrap_or_default();
-                return Err(CoordinatorError::Refused(vec![format!(
-                    "another pgzm run (migration {id}, now {status}) changed this destination while this one waited for it; nothing was done: check `pgzm status` and `pgzm list`, then run again if you still mean to migrate on top of it"
-                )]));
-            }
-            source_client
-                .batch_execute(
-                    // Deparsing a table's defaults and indexes takes a brief ACCESS SHARE lock
-                    // on it: bounded, so DDL in progress on the source gives an error, not a hang.
-                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL search_path = pg_catalog; \
-                     SET LOCAL lock_timeout = '30s'",
-                )
-                .await
-                .map_err(|e| CoordinatorError::source("open the snapshot transaction", &e))?;
-            let snapshot: String = source_client
-                .query_one("SELECT pg_export_snapshot()", &[])
-                .await
-                .map_err(|e| CoordinatorError::source("export a snapshot", &e))?
-                .get(0);
-            let schema = catalog::read(&source_client).await?;
-            control
-                .batch_execute("SET search_path = pg_catalog")
-                .await
-                .map_err(|e| CoordinatorError::destination("set search_path", &e))?;
-            let dest = destination::read(&control).await?;
-            let earlier = state::earlier_runs(&control).await?;
-            let live_shapes = preserve::read_live(&control, &preserved_names).await?;
-            Ok((source_client, control, schema, dest, earlier, snapshot, live_shapes, newest, agent_roles))
-        })
-        .await?;
-    // Unique even for runs started in the same millisecond (they are serialised by the lock).
-    let migration_id = started_ms.max(newest.map_or(0, |(id, _)| id + 1));
-
-    let (mut plan, mut problems) = plan::build_all(
-        migration_id,
-        opts.source.to_string(),
-        &schema,
-        &dest,
-        &earlier,
-    );
-    problems.extend(crate::dependents::check(&control, &mut plan, &dest).await?);
+/// The migration's plan, or every reason it cannot run: the planner's, the dependents'
+/// checks, the names the swap will need, a prepared run waiting (without --force), the
+/// preserved tables' shapes.
+async fn plan_migration(
+    opts: &StartOptions,
+    control: &Client,
+    migration_id: i64,
+    preserved_names: &[String],
+    (schema, dest, earlier, live_shapes): (
+        &SourceSchema,
+        &Destination,
+        &plan::Earlier,
+        &BTreeMap<String, preserve::LiveShape>,
+    ),
+) -> Result<Plan, CoordinatorError> {
+    let (mut plan, mut problems) =
+        plan::build_all(migration_id, opts.source.to_string(), schema, dest, earlier);
+    problems.extend(crate::dependents::check(control, &mut plan, dest).await?);
     // The swap will move the current backup set aside: its names must be free (checked again
     // at the swap, but a collision is better found before the copy).
     if let Some((id, moves)) = &earlier.backup_set {
-        match state::aside_set(&control, *id, moves).await {
+        match state::aside_set(control, *id, moves).await {
             Ok(_) => {}
             Err(CoordinatorError::Refused(reasons)) => problems.extend(reasons),
             Err(e) => return Err(e),
@@ -160,10 +186,10 @@ pub async fn prepare(
             .map(|m| m.to.clone())
     };
     plan.preserved = preserve::plan(
-        &preserved_names,
+        preserved_names,
         migration_id,
-        &schema,
-        &live_shapes,
+        schema,
+        live_shapes,
         &renames,
         backup_of,
         &mut problems,
@@ -171,10 +197,72 @@ pub async fn prepare(
     if !problems.is_empty() {
         return Err(refused(problems));
     }
-    let deferred = deferred_statements(&schema, &plan);
+    let deferred = deferred_statements(schema, &plan);
     plan.deferred = deferred.statements;
     plan.deferred_checks = deferred.checks;
     plan.deferred_validations = deferred.validations;
+    Ok(plan)
+}
+
+/// Drops the shadow objects interrupted runs left (only objects recorded by oid); returns
+/// what was dropped.
+async fn clean_earlier_leftovers(
+    control: &Client,
+    earlier: &plan::Earlier,
+    locks: SwapSettings,
+) -> Result<Vec<String>, CoordinatorError> {
+    let mut cleaned = Vec::new();
+    for (id, objects) in &earlier.leftovers {
+        let dropped = state::clean_leftovers(control, *id, objects, locks).await?;
+        if !dropped.is_empty() {
+            warn!(
+                migration = id,
+                objects = dropped.len(),
+                "cleaned up an earlier run's shadow objects"
+            );
+        }
+        cleaned.extend(dropped);
+    }
+    Ok(cleaned)
+}
+
+/// Prepares a migration. With `dry_run`, returns after the plan with nothing changed.
+pub async fn prepare(
+    opts: &StartOptions,
+    pool: AgentPool,
+    phases: &mut Phases,
+) -> Result<Option<Prepared>, CoordinatorError> {
+    let started_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let preserved_names = crate::naming::table_list(&opts.preserved);
+
+    // Plan: read both sides under one source snapshot; change nothing.
+    let Sides {
+        source_client,
+        control,
+        schema,
+        dest,
+        earlier,
+        snapshot,
+        live_shapes,
+        newest,
+        agent_roles,
+    } = phases
+        .run("plan", read_sides(opts, &pool, &preserved_names))
+        .await?;
+    // Unique even for runs started in the same millisecond (they are serialised by the lock).
+    let migration_id = started_ms.max(newest.map_or(0, |(id, _)| id + 1));
+    let plan = plan_migration(
+        opts,
+        &control,
+        migration_id,
+        &preserved_names,
+        (&schema, &dest, &earlier, &live_shapes),
+    )
+    .await?;
+    let renames = plan.shadow_renames();
 
     let mut report = Report::new(&plan, opts.dry_run);
     if opts.dry_run {
@@ -196,17 +284,9 @@ pub async fn prepare(
     }
 
     // Leftovers of interrupted runs go first (only objects recorded by oid).
-    for (id, objects) in &earlier.leftovers {
-        let dropped = state::clean_leftovers(&control, *id, objects, opts.swap).await?;
-        if !dropped.is_empty() {
-            warn!(
-                migration = id,
-                objects = dropped.len(),
-                "cleaned up an earlier run's shadow objects"
-            );
-        }
-        report.cleaned_up.extend(dropped);
-    }
+    report
+        .cleaned_up
+        .extend(clean_earlier_leftovers(&control, &earlier, opts.swap).await?);
 
     let mut control = control;
     let mut created = phases
@@ -508,33 +588,21 @@ fn foreign_key_check(plan: &Plan, table: &str, c: &crate::catalog::Constraint) -
     )))
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn fill(
+/// The copy phase: every table that is neither preserved nor partitioned is copied by the
+/// agents, and built (indexes, keys) on a build session as soon as it lands.
+async fn copy_and_build(
     opts: &StartOptions,
     pool: AgentPool,
-    phases: &mut Phases,
-    report: &mut Report,
-    control: &mut Client,
-    source_client: Client,
     plan: &Plan,
     schema: &SourceSchema,
-    dest: &Destination,
-    renames: Renames,
+    renames: &Renames,
     snapshot: String,
-    created: &mut RecordedObjects,
-    grants: &crate::grants::AgentGrants,
-) -> Result<(), CoordinatorError> {
-    if !plan.preserved.is_empty() {
-        phases
-            .run(
-                "preserve",
-                sync_preserved(opts, control, plan, schema, dest, &renames, created),
-            )
-            .await?;
-    }
+    sessions: &Arc<build::BuildSessions>,
+) -> Result<copy::Copied, CoordinatorError> {
     let schema = Arc::new(schema.clone());
     let plan_arc = Arc::new(plan.clone());
-    let renames = Arc::new(renames);
+    let renames = Arc::new(renames.clone());
+    let sessions = Arc::clone(sessions);
     let jobs: Vec<CopyJob> = plan
         .tables
         .iter()
@@ -559,52 +627,75 @@ async fn fill(
         verify: opts.verify,
         stall: opts.stall_timeout,
     };
-    let sessions = Arc::new(
-        build::BuildSessions::new(opts.destination.clone(), opts.build.clone())
-            .with_parallel_statements(opts.jobs),
-    );
-    let copied: copy::Copied = phases
-        .run("copy", {
+    copy::copy_all(
+        ctx,
+        Arc::clone(&pool),
+        jobs,
+        opts.jobs,
+        move |job: CopyJob, _stats| {
             let (schema, plan_arc, renames, sessions) = (
                 Arc::clone(&schema),
                 Arc::clone(&plan_arc),
                 Arc::clone(&renames),
                 Arc::clone(&sessions),
             );
-            copy::copy_all(
-                ctx,
-                Arc::clone(&pool),
-                jobs,
-                opts.jobs,
-                move |job: CopyJob, _stats| {
-                    let (schema, plan_arc, renames, sessions) = (
-                        Arc::clone(&schema),
-                        Arc::clone(&plan_arc),
-                        Arc::clone(&renames),
-                        Arc::clone(&sessions),
-                    );
-                    async move {
-                        let Some(table) = schema.table(&job.table) else {
-                            return Ok(());
-                        };
-                        let statements = build::table_build(table, &plan_arc, &schema, &renames)?;
-                        let label = format!("build \"{}\"", job.table);
-                        let span = info_span!("build_table", table = %job.table);
-                        if job.bytes < build::BATCH_BELOW_BYTES {
-                            sessions
-                                .run_batch(&label, statements.sequential())
-                                .instrument(span)
-                                .await
-                        } else {
-                            sessions
-                                .run_table(&label, statements)
-                                .instrument(span)
-                                .await
-                        }
-                    }
-                },
+            async move {
+                let Some(table) = schema.table(&job.table) else {
+                    return Ok(());
+                };
+                let statements = build::table_build(table, &plan_arc, &schema, &renames)?;
+                let label = format!("build \"{}\"", job.table);
+                let span = info_span!("build_table", table = %job.table);
+                if job.bytes < build::BATCH_BELOW_BYTES {
+                    sessions
+                        .run_batch(&label, statements.sequential())
+                        .instrument(span)
+                        .await
+                } else {
+                    sessions
+                        .run_table(&label, statements)
+                        .instrument(span)
+                        .await
+                }
+            }
+        },
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fill(
+    opts: &StartOptions,
+    pool: AgentPool,
+    phases: &mut Phases,
+    report: &mut Report,
+    control: &mut Client,
+    source_client: Client,
+    plan: &Plan,
+    schema: &SourceSchema,
+    dest: &Destination,
+    renames: Renames,
+    snapshot: String,
+    created: &mut RecordedObjects,
+    grants: &crate::grants::AgentGrants,
+) -> Result<(), CoordinatorError> {
+    if !plan.preserved.is_empty() {
+        phases
+            .run(
+                "preserve",
+                sync_preserved(opts, control, plan, schema, dest, &renames, created),
             )
-        })
+            .await?;
+    }
+    let sessions = Arc::new(
+        build::BuildSessions::new(opts.destination.clone(), opts.build.clone())
+            .with_parallel_statements(opts.jobs),
+    );
+    let copied = phases
+        .run(
+            "copy",
+            copy_and_build(opts, pool, plan, schema, &renames, snapshot, &sessions),
+        )
         .await?;
     crate::progress::disable();
     // Every task has read the snapshot: release it so the source's vacuum is not held back.
@@ -626,12 +717,12 @@ async fn fill(
 
     // Partitioned tables, once all their partitions are built, deepest level first: their keys
     // and indexes attach the partitions' (built already) instead of building new ones.
-    let parents = partitioned_build_order(&schema, plan);
+    let parents = partitioned_build_order(schema, plan);
     if !parents.is_empty() {
         phases
             .run("partitioned", async {
                 for t in parents {
-                    let statements = build::table_build(t, plan, &schema, &renames)?.sequential();
+                    let statements = build::table_build(t, plan, schema, &renames)?.sequential();
                     sessions
                         .run_batch(&format!("build partitioned \"{}\"", t.name), statements)
                         .instrument(info_span!("build_table", table = %t.name))
@@ -645,7 +736,7 @@ async fn fill(
     phases
         .run(
             "constraints",
-            build::foreign_keys(&opts.destination, plan, &schema, &renames, opts.jobs),
+            build::foreign_keys(&opts.destination, plan, schema, &renames, opts.jobs),
         )
         .await?;
     if !plan.matviews.is_empty() {
@@ -718,33 +809,20 @@ async fn sync_preserved(
         next.sync_triggers.push((p.table.clone(), live_oid));
         next.sync_functions.push(p.function.clone());
         let objects_json = serde_json::to_string(&next).unwrap_or_default();
-        let mut sql = vec![
-            "BEGIN".to_string(),
-            format!(
-                "SET LOCAL lock_timeout = '{}ms'",
-                opts.swap.lock_timeout.as_millis().max(1)
-            ),
-        ];
-        sql.extend(p.setup_sql(plan.migration_id));
-        sql.push(pgzm_pg::sql::do_block(&format!(
+        let mut tx = LockedTransaction::new();
+        tx.extend(p.setup_sql(plan.migration_id));
+        tx.push(pgzm_pg::sql::do_block(&format!(
             "BEGIN IF (SELECT count(*) FROM {shadow}) <> (SELECT count(*) FROM {live}) THEN RAISE EXCEPTION 'row counts differ after the initial copy'; END IF; END",
             shadow = quote_qualified("public", &p.shadow),
             live = quote_qualified("public", &p.table)
         )));
-        sql.push(format!(
+        tx.push(format!(
             "UPDATE pgzm.migrations SET created_objects = {}::jsonb WHERE id = {}",
             quote_literal(&objects_json),
             plan.migration_id
         ));
-        sql.push("COMMIT".into());
-        crate::locked::run_with_lock_retry(
-            control,
-            &sql.join(";\n"),
-            opts.swap,
-            &format!("set up the sync of preserved table \"{}\"", p.table),
-            &format!("set up the sync of preserved table \"{}\"", p.table),
-        )
-        .await?;
+        let action = format!("set up the sync of preserved table \"{}\"", p.table);
+        tx.run(control, opts.swap, &action, &action).await?;
         *created = next;
     }
     Ok(())

@@ -24,9 +24,9 @@ use crate::catalog::{topological_order, Oid};
 use crate::conninfo::DbUrl;
 use crate::destination::{self, LiveView};
 use crate::error::CoordinatorError;
-use crate::locked::{run_with_lock_retry, SwapSettings};
+use crate::locked::{LockedTransaction, SwapSettings};
 use crate::naming::prefixed;
-use crate::plan::ObjectKind;
+use crate::plan::{ObjectKind, Plan};
 use crate::rewrite::Renames;
 use crate::state;
 
@@ -143,300 +143,145 @@ SELECT (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c.relnamespace)
 FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
 WHERE k.contype = 'f' AND k.conrelid = ANY($1) AND k.confrelid = ANY($2)";
 
-/// `pgzm rollback`.
-pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, CoordinatorError> {
-    let control = opts.destination.connect("pgzm-coordinator").await?;
-    if !state::try_lock(&control).await? {
-        return Err(CoordinatorError::Busy);
-    }
-    control
-        .batch_execute("SET search_path = pg_catalog")
-        .await
-        .map_err(|e| CoordinatorError::destination("set search_path", &e))?;
-    let row = backup::find(&control, opts.migration_id).await?;
-    let plan = &row.plan;
-    let migrated: BTreeSet<&str> = plan.tables.iter().map(|t| t.name.as_str()).collect();
-    let keep: BTreeSet<String> = crate::naming::table_list(&opts.keep_tables)
-        .into_iter()
-        .collect();
-    let mut problems = Vec::new();
-    for k in &keep {
-        if !migrated.contains(k.as_str()) {
-            problems.push(format!(
-                "--keep-tables: \"{k}\" is not a table of migration {}",
-                row.id
-            ));
-        }
-    }
-    let backups: Vec<(String, String)> = plan
-        .to_backup
-        .iter()
-        .filter(|m| m.kind == ObjectKind::Table)
-        .map(|m| (m.from.clone(), m.to.clone()))
-        .collect();
-    let restored: Vec<(String, String)> = backups
-        .iter()
-        .filter(|(l, _)| !keep.contains(l))
-        .cloned()
-        .collect();
-    let kept_backups: Vec<String> = backups
-        .iter()
-        .filter(|(l, _)| keep.contains(l))
-        .map(|(_, b)| b.clone())
-        .collect();
-    let current_drop: Vec<String> = plan
-        .tables
-        .iter()
-        .map(|t| t.name.clone())
-        .filter(|n| !keep.contains(n))
-        .collect();
+/// The tables of a backup set, sorted by what the rollback does with them.
+struct TableSets {
+    /// `--keep-tables`: live tables that keep their current data.
+    keep: BTreeSet<String>,
+    /// Every table of the backup set: (live name, backup name).
+    backups: Vec<(String, String)>,
+    /// Backup tables that take their live names again: (live name, backup name).
+    restored: Vec<(String, String)>,
+    /// Backups of kept tables: dropped.
+    kept_backups: Vec<String>,
+    /// The migration's live tables that go (all but the kept ones).
+    current_drop: Vec<String>,
+}
 
-    let all_names: Vec<String> = backups
-        .iter()
-        .flat_map(|(l, b)| [l.clone(), b.clone()])
-        .chain(current_drop.iter().cloned())
-        .chain(keep.iter().cloned())
-        .collect();
-    let oid_of = oids(&control, &all_names).await?;
-    for (_, b) in &backups {
-        if !oid_of.contains_key(b) {
-            problems.push(format!(
-                "backup table \"{b}\" is missing: the backup set is incomplete (see `pgzm verify`)"
-            ));
-        }
-    }
-    for k in &keep {
-        if !oid_of.contains_key(k) {
-            problems.push(format!("--keep-tables: live table \"{k}\" does not exist"));
-        }
-    }
-    if !problems.is_empty() {
-        return Err(CoordinatorError::Refused(problems));
-    }
-    let current_oids: Vec<Oid> = current_drop
-        .iter()
-        .filter_map(|n| oid_of.get(n).copied())
-        .collect();
-    let kept_backup_oids: Vec<Oid> = kept_backups
-        .iter()
-        .filter_map(|n| oid_of.get(n).copied())
-        .collect();
-    let restored_oids: Vec<Oid> = restored
-        .iter()
-        .filter_map(|(_, b)| oid_of.get(b).copied())
-        .collect();
-    let gone: Vec<Oid> = current_oids
-        .iter()
-        .chain(&kept_backup_oids)
-        .copied()
-        .collect();
-
-    // Names after the rollback, for rewriting definitions read now.
-    let mut back = Renames::new();
-    for m in &plan.to_backup {
-        back.insert(&m.to, &m.from);
-    }
-
-    let fks_in = foreign_keys(&control, FKS_INTO, &current_oids, &gone).await?;
-    let kept_oids: Vec<Oid> = keep.iter().filter_map(|k| oid_of.get(k).copied()).collect();
-    let conversions = type_conversions(&control, plan, &kept_oids).await?;
-    let converted_oids: BTreeSet<Oid> = conversions.iter().map(|c| c.table_oid).collect();
-    let fks_kept = foreign_keys(&control, FKS_FROM, &restored_oids, &kept_backup_oids).await?;
-
-    // Views. A backup view comes back by renaming it (it reads the restored tables by oid),
-    // unless it reads a kept table's backup, which is dropped. Current views that read something
-    // dropped (or whose name a restored view takes) are dropped; those the migration did not
-    // create are recreated from their current definition, which names the tables by their live
-    // names — the restored tables after the renames.
-    let dest = destination::read(&control).await?;
-    // Views by (schema, live name, backup name).
-    let backup_view_moves: Vec<(&str, &str, &str)> = plan
-        .to_backup
-        .iter()
-        .filter(|m| m.kind == ObjectKind::View)
-        .map(|m| (m.schema.as_str(), m.from.as_str(), m.to.as_str()))
-        .collect();
-    let kept_set: BTreeSet<Oid> = kept_backup_oids.iter().copied().collect();
-    let restorable: BTreeSet<(&str, &str)> = backup_view_moves
-        .iter()
-        .filter(|(s, _, b)| {
-            dest.views
-                .get(&(s.to_string(), b.to_string()))
-                .is_some_and(|v| v.depends_on.is_disjoint(&kept_set))
-        })
-        .map(|(s, live, _)| (*s, *live))
-        .collect();
-    let gone_set: BTreeSet<Oid> = gone.iter().copied().collect();
-    // Views that read (transitively) one of `seeds`, or whose name a restored view takes.
-    let views_reading = |seeds: &BTreeSet<Oid>| {
-        let mut dropped: BTreeMap<Oid, &LiveView> = BTreeMap::new();
-        loop {
-            let before = dropped.len();
-            for v in dest.views.values() {
-                if dropped.contains_key(&v.oid) {
-                    continue;
-                }
-                let restorable_backup = backup_view_moves.iter().any(|(s, l, b)| {
-                    *s == v.schema && *b == v.name && restorable.contains(&(*s, *l))
-                });
-                if restorable_backup {
-                    continue;
-                }
-                if restorable.contains(&(v.schema.as_str(), v.name.as_str()))
-                    || v.depends_on
-                        .iter()
-                        .any(|d| seeds.contains(d) || dropped.contains_key(d))
-                {
-                    dropped.insert(v.oid, v);
-                }
-            }
-            if dropped.len() == before {
-                break dropped;
-            }
-        }
-    };
-    let dropped_for_gone = views_reading(&gone_set);
-    // Views reading a kept table whose columns change type are dropped too (ALTER COLUMN TYPE
-    // refuses columns a view reads), and always recreated: nothing they read goes away.
-    let dropped_views = views_reading(&gone_set.union(&converted_oids).copied().collect());
-    let created_by_migration: BTreeSet<(&str, &str)> = plan
-        .views
-        .iter()
-        .filter(|v| {
-            !backup_view_moves
-                .iter()
-                .any(|(s, l, _)| *s == v.schema && *l == v.name)
-        })
-        .map(|v| (v.schema.as_str(), v.name.as_str()))
-        .collect();
-    let backup_view_names: BTreeSet<(&str, &str)> =
-        backup_view_moves.iter().map(|(s, _, b)| (*s, *b)).collect();
-    let deps: BTreeMap<Oid, BTreeSet<Oid>> = dropped_views
-        .values()
-        .map(|v| (v.oid, v.depends_on.clone()))
-        .collect();
-    let recreate: Vec<&LiveView> =
-        topological_order(dropped_views.keys().copied().collect(), &deps)
+impl TableSets {
+    fn new(plan: &Plan, keep_tables: &[String]) -> Self {
+        let keep: BTreeSet<String> = crate::naming::table_list(keep_tables).into_iter().collect();
+        let backups: Vec<(String, String)> = plan
+            .to_backup
             .iter()
-            .map(|o| dropped_views[o])
-            .filter(|v| {
-                // A view the migration created is not recreated when it read a dropped table.
-                let key = (v.schema.as_str(), v.name.as_str());
-                let migration_view_of_gone =
-                    created_by_migration.contains(&key) && dropped_for_gone.contains_key(&v.oid);
-                !restorable.contains(&key)
-                    && !backup_view_names.contains(&key)
-                    && !migration_view_of_gone
-            })
+            .filter(|m| m.kind == ObjectKind::Table)
+            .map(|m| (m.from.clone(), m.to.clone()))
             .collect();
-    let restore_views: Vec<(&str, &str, &str)> = backup_view_moves
-        .iter()
-        .filter(|(s, l, _)| restorable.contains(&(*s, *l)))
-        .copied()
-        .collect();
+        let (kept, restored): (Vec<_>, Vec<_>) =
+            backups.iter().cloned().partition(|(l, _)| keep.contains(l));
+        let current_drop = plan
+            .tables
+            .iter()
+            .map(|t| t.name.clone())
+            .filter(|n| !keep.contains(n))
+            .collect();
+        TableSets {
+            kept_backups: kept.into_iter().map(|(_, b)| b).collect(),
+            keep,
+            backups,
+            restored,
+            current_drop,
+        }
+    }
 
-    let mut sql: Vec<String> = vec![
-        "BEGIN".into(),
-        format!(
-            "SET LOCAL lock_timeout = '{}ms'",
-            opts.locks.lock_timeout.as_millis().max(1)
-        ),
-    ];
-    let mut lock: BTreeSet<String> = BTreeSet::new();
-    lock.extend(
-        current_drop
+    /// Every name whose oid the rollback needs.
+    fn names(&self) -> Vec<String> {
+        self.backups
             .iter()
-            .filter(|n| oid_of.contains_key(*n))
-            .map(|n| public(n)),
-    );
-    lock.extend(backups.iter().map(|(_, b)| public(b)));
-    lock.extend(fks_in.iter().map(|f| quote_qualified(&f.schema, &f.table)));
-    lock.extend(
-        dropped_views
-            .values()
-            .map(|v| quote_qualified(&v.schema, &v.name)),
-    );
-    lock.extend(restore_views.iter().map(|(s, _, b)| quote_qualified(s, b)));
-    lock.extend(conversions.iter().map(|c| public(&c.table)));
-    lock.extend(
-        plan.repoints
-            .iter()
-            .map(|r| quote_qualified(&r.schema, &r.table)),
-    );
-    sql.push(format!(
-        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-        lock.iter().cloned().collect::<Vec<_>>().join(", ")
-    ));
-    if !dropped_views.is_empty() {
-        sql.push(format!(
-            "DROP VIEW {}",
-            dropped_views
-                .values()
-                .map(|v| quote_qualified(&v.schema, &v.name))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+            .flat_map(|(l, b)| [l.clone(), b.clone()])
+            .chain(self.current_drop.iter().cloned())
+            .chain(self.keep.iter().cloned())
+            .collect()
     }
-    // Functions the swap recreated over the migration's objects go before those objects; their
-    // backup (the original) takes the name back below.
-    for f in &plan.functions {
-        sql.push(format!("DROP ROUTINE IF EXISTS {}", f.signature));
+
+    /// What makes the rollback impossible: a kept table that is not the migration's or not
+    /// live, a backup table that is gone.
+    fn problems(&self, plan: &Plan, id: i64, oid_of: &BTreeMap<String, Oid>) -> Vec<String> {
+        let mut problems = Vec::new();
+        for k in &self.keep {
+            if !plan.tables.iter().any(|t| &t.name == k) {
+                problems.push(format!(
+                    "--keep-tables: \"{k}\" is not a table of migration {id}"
+                ));
+            }
+        }
+        for (_, b) in &self.backups {
+            if !oid_of.contains_key(b) {
+                problems.push(format!(
+                    "backup table \"{b}\" is missing: the backup set is incomplete (see `pgzm verify`)"
+                ));
+            }
+        }
+        for k in &self.keep {
+            if !oid_of.contains_key(k) {
+                problems.push(format!("--keep-tables: live table \"{k}\" does not exist"));
+            }
+        }
+        problems
     }
-    // The migration's materialized views read its tables: they go first, dependents first.
-    for mv in plan.matviews.iter().rev() {
-        sql.push(format!(
-            "DROP MATERIALIZED VIEW IF EXISTS {}",
-            quote_qualified(&mv.matview.schema, &mv.matview.name)
-        ));
+}
+
+/// The oids of `names` (those that exist).
+fn oids_of<'a>(
+    oid_of: &BTreeMap<String, Oid>,
+    names: impl IntoIterator<Item = &'a String>,
+) -> Vec<Oid> {
+    names
+        .into_iter()
+        .filter_map(|n| oid_of.get(n).copied())
+        .collect()
+}
+
+/// What the rollback reads of the destination, once the table sets are known.
+struct Facts {
+    oid_of: BTreeMap<String, Oid>,
+    /// Foreign keys of other tables into the tables that go.
+    fks_in: Vec<ForeignKey>,
+    /// Foreign keys from restored tables into kept tables' backups.
+    fks_kept: Vec<ForeignKey>,
+    /// Kept tables' columns that change type.
+    conversions: Vec<Conversion>,
+    /// The destination's views.
+    views: BTreeMap<(String, String), LiveView>,
+    /// Sequences owned by the kept tables.
+    kept_sequences: BTreeSet<String>,
+    /// Indexes and sequences of the restored tables and indexes of backup materialized views.
+    child_names: BTreeSet<String>,
+    /// Sequences owned by the kept tables' backups.
+    kept_children: BTreeSet<String>,
+}
+
+impl Facts {
+    async fn read(
+        control: &Client,
+        plan: &Plan,
+        sets: &TableSets,
+        oid_of: BTreeMap<String, Oid>,
+    ) -> Result<Facts, CoordinatorError> {
+        let current = oids_of(&oid_of, &sets.current_drop);
+        let kept_backups = oids_of(&oid_of, &sets.kept_backups);
+        let restored = oids_of(&oid_of, sets.restored.iter().map(|(_, b)| b));
+        let kept = oids_of(&oid_of, &sets.keep);
+        let gone: Vec<Oid> = current.iter().chain(&kept_backups).copied().collect();
+        Ok(Facts {
+            fks_in: foreign_keys(control, FKS_INTO, &current, &gone).await?,
+            fks_kept: foreign_keys(control, FKS_FROM, &restored, &kept_backups).await?,
+            conversions: type_conversions(control, plan, &kept).await?,
+            views: destination::read(control).await?.views,
+            kept_sequences: owned_sequences(control, &kept).await?,
+            child_names: restored_children(control, plan, &restored).await?,
+            kept_children: owned_sequences(control, &kept_backups).await?,
+            oid_of,
+        })
     }
-    for r in &plan.repoints {
-        sql.extend(r.detach.iter().cloned());
-    }
-    for fk in fks_in.iter().chain(&fks_kept) {
-        sql.push(format!(
-            "ALTER TABLE {} DROP CONSTRAINT {}",
-            quote_qualified(&fk.schema, &fk.table),
-            quote_ident(&fk.name)
-        ));
-    }
-    let dropping: Vec<String> = current_drop
-        .iter()
-        .filter(|n| oid_of.contains_key(*n))
-        .cloned()
-        .collect();
-    if !dropping.is_empty() {
-        sql.push(format!(
-            "DROP TABLE {}",
-            quote_qualified_list("public", dropping.iter().map(String::as_str))
-        ));
-    }
-    if !kept_backups.is_empty() {
-        sql.push(format!(
-            "DROP TABLE {}",
-            quote_qualified_list("public", kept_backups.iter().map(String::as_str))
-        ));
-    }
-    // Types and free-standing sequences the migration brought in: dropped, or moved aside when a
-    // kept table still uses them.
-    let kept_sequences = owned_sequences(&control, &kept_oids).await?;
-    for m in plan.to_live.iter().filter(|m| {
-        matches!(m.kind, ObjectKind::Type | ObjectKind::Sequence) && !kept_sequences.contains(&m.to)
-    }) {
-        let kw = m.kind.keyword();
-        let aside = quote_ident(&prefixed(ROLLEDBACK, &m.to));
-        sql.push(pgzm_pg::sql::do_block(&format!(
-            "BEGIN IF EXISTS (SELECT 1 FROM pg_catalog.{cat} WHERE {col} = {name} AND {ns} = 'public'::regnamespace) THEN \
-             BEGIN EXECUTE {drop}; EXCEPTION WHEN dependent_objects_still_exist THEN EXECUTE {rename}; END; END IF; END",
-            cat = if m.kind == ObjectKind::Type { "pg_type" } else { "pg_class" },
-            col = if m.kind == ObjectKind::Type { "typname" } else { "relname" },
-            ns = if m.kind == ObjectKind::Type { "typnamespace" } else { "relnamespace" },
-            name = quote_literal(&m.to),
-            drop = quote_literal(&format!("DROP {kw} {}", public(&m.to))),
-            rename = quote_literal(&format!("ALTER {kw} {} RENAME TO {aside}", public(&m.to))),
-        )));
-    }
-    // Backups take their names back: tables, then their indexes and sequences, types, sequences.
-    let restored_backup_names: BTreeSet<&str> = restored.iter().map(|(_, b)| b.as_str()).collect();
+}
+
+/// Names of the restored tables' indexes and owned sequences, and of the backup materialized
+/// views' indexes: they take their live names back with their tables.
+async fn restored_children(
+    control: &Client,
+    plan: &Plan,
+    restored_oids: &[Oid],
+) -> Result<BTreeSet<String>, CoordinatorError> {
     let children = control
         .query(
             "SELECT c.relname::text, x.relname::text FROM pg_class c
@@ -452,9 +297,7 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
         )
         .await
         .map_err(|e| CoordinatorError::destination("inspect backup indexes and sequences", &e))?;
-    let mut child_names: BTreeSet<String> =
-        children.iter().map(|r| r.get::<_, String>(1)).collect();
-    // Indexes of the backup materialized views come back with them.
+    let mut names: BTreeSet<String> = children.iter().map(|r| r.get::<_, String>(1)).collect();
     let backup_matviews: Vec<String> = plan
         .to_backup
         .iter()
@@ -470,82 +313,371 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
             )
             .await
             .map_err(|e| CoordinatorError::destination("inspect backup materialized views", &e))?;
-        child_names.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+        names.extend(rows.iter().map(|r| r.get::<_, String>(0)));
     }
-    let kept_children = owned_sequences(&control, &kept_backup_oids).await?;
-    for m in &plan.to_backup {
-        let rename = match m.kind {
-            ObjectKind::Table => restored_backup_names.contains(m.to.as_str()),
-            ObjectKind::Index => child_names.contains(&m.to),
-            // Owned by a restored table, or free-standing (a kept backup's went with it).
-            ObjectKind::Sequence => child_names.contains(&m.to) || !kept_children.contains(&m.to),
-            ObjectKind::Type | ObjectKind::Function | ObjectKind::MaterializedView => true,
-            ObjectKind::View => restorable.contains(&(m.schema.as_str(), m.from.as_str())),
+    Ok(names)
+}
+
+/// What happens to views. A backup view comes back by renaming it (it reads the restored
+/// tables by oid), unless it reads a kept table's backup, which is dropped. Current views that
+/// read something dropped (or whose name a restored view takes) are dropped; those the
+/// migration did not create are recreated from their current definition, which names the
+/// tables by their live names — the restored tables after the renames. Views reading a kept
+/// table whose columns change type are dropped too (ALTER COLUMN TYPE refuses columns a view
+/// reads), and always recreated: nothing they read goes away.
+struct ViewChanges<'a> {
+    /// Dropped at the start, by oid.
+    dropped: BTreeMap<Oid, &'a LiveView>,
+    /// Recreated at the end, in dependency order.
+    recreate: Vec<&'a LiveView>,
+    /// Backup views that take their live names again: (schema, live name).
+    restorable: BTreeSet<(&'a str, &'a str)>,
+    /// Their moves: (schema, live name, backup name).
+    restore: Vec<(&'a str, &'a str, &'a str)>,
+}
+
+impl<'a> ViewChanges<'a> {
+    fn plan(
+        plan: &'a Plan,
+        views: &'a BTreeMap<(String, String), LiveView>,
+        kept_backups: &BTreeSet<Oid>,
+        gone: &BTreeSet<Oid>,
+        converted: &BTreeSet<Oid>,
+    ) -> Self {
+        // Views by (schema, live name, backup name).
+        let moves: Vec<(&str, &str, &str)> = plan
+            .to_backup
+            .iter()
+            .filter(|m| m.kind == ObjectKind::View)
+            .map(|m| (m.schema.as_str(), m.from.as_str(), m.to.as_str()))
+            .collect();
+        let restorable: BTreeSet<(&str, &str)> = moves
+            .iter()
+            .filter(|(s, _, b)| {
+                views
+                    .get(&(s.to_string(), b.to_string()))
+                    .is_some_and(|v| v.depends_on.is_disjoint(kept_backups))
+            })
+            .map(|(s, live, _)| (*s, *live))
+            .collect();
+        // Views that read (transitively) one of `seeds`, or whose name a restored view takes.
+        let views_reading = |seeds: &BTreeSet<Oid>| {
+            let mut dropped: BTreeMap<Oid, &LiveView> = BTreeMap::new();
+            loop {
+                let before = dropped.len();
+                for v in views.values() {
+                    if dropped.contains_key(&v.oid) {
+                        continue;
+                    }
+                    let restorable_backup = moves.iter().any(|(s, l, b)| {
+                        *s == v.schema && *b == v.name && restorable.contains(&(*s, *l))
+                    });
+                    if restorable_backup {
+                        continue;
+                    }
+                    if restorable.contains(&(v.schema.as_str(), v.name.as_str()))
+                        || v.depends_on
+                            .iter()
+                            .any(|d| seeds.contains(d) || dropped.contains_key(d))
+                    {
+                        dropped.insert(v.oid, v);
+                    }
+                }
+                if dropped.len() == before {
+                    break dropped;
+                }
+            }
         };
-        if rename {
-            sql.push(m.rename_sql(true));
+        let dropped_for_gone = views_reading(gone);
+        let dropped = views_reading(&gone.union(converted).copied().collect());
+        let created_by_migration: BTreeSet<(&str, &str)> = plan
+            .views
+            .iter()
+            .filter(|v| !moves.iter().any(|(s, l, _)| *s == v.schema && *l == v.name))
+            .map(|v| (v.schema.as_str(), v.name.as_str()))
+            .collect();
+        let backup_names: BTreeSet<(&str, &str)> = moves.iter().map(|(s, _, b)| (*s, *b)).collect();
+        let deps: BTreeMap<Oid, BTreeSet<Oid>> = dropped
+            .values()
+            .map(|v| (v.oid, v.depends_on.clone()))
+            .collect();
+        let recreate = topological_order(dropped.keys().copied().collect(), &deps)
+            .iter()
+            .map(|o| dropped[o])
+            .filter(|v| {
+                // A view the migration created is not recreated when it read a dropped table.
+                let key = (v.schema.as_str(), v.name.as_str());
+                let migration_view_of_gone =
+                    created_by_migration.contains(&key) && dropped_for_gone.contains_key(&v.oid);
+                !restorable.contains(&key)
+                    && !backup_names.contains(&key)
+                    && !migration_view_of_gone
+            })
+            .collect();
+        let restore = moves
+            .iter()
+            .filter(|(s, l, _)| restorable.contains(&(*s, *l)))
+            .copied()
+            .collect();
+        ViewChanges {
+            dropped,
+            recreate,
+            restorable,
+            restore,
         }
     }
-    for fk in &fks_in {
-        sql.push(format!(
-            "ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID",
-            quote_qualified(&fk.schema, &fk.table),
-            quote_ident(&fk.name),
-            fk.definition.trim_end_matches(" NOT VALID")
-        ));
-    }
-    for fk in &fks_kept {
-        let table = back.get(&fk.table).unwrap_or(&fk.table).to_string();
-        sql.push(format!(
-            "ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID",
-            public(&table),
-            quote_ident(&fk.name),
-            back.apply(fk.definition.trim_end_matches(" NOT VALID"))
-        ));
-    }
-    sql.extend(conversion_sql(&conversions));
-    for r in &plan.repoints {
-        sql.extend(r.attach.iter().cloned());
-    }
-    for v in &recreate {
-        sql.extend(crate::swap::view_sql(&crate::plan::ViewPlan::recreating(v)));
-    }
-    sql.push(format!(
-        "UPDATE pgzm.migrations SET status = 'rolled_back', backup_present = false WHERE id = {}",
-        row.id
-    ));
-    sql.push("COMMIT".into());
+}
 
+/// The rollback transaction, planned from what was read: pure.
+fn rollback_transaction(
+    plan: &Plan,
+    id: i64,
+    sets: &TableSets,
+    facts: &Facts,
+) -> LockedTransaction {
+    let oid_of = &facts.oid_of;
+    let kept_backup_oids: BTreeSet<Oid> = oids_of(oid_of, &sets.kept_backups).into_iter().collect();
+    let gone: BTreeSet<Oid> = oids_of(oid_of, &sets.current_drop)
+        .into_iter()
+        .chain(kept_backup_oids.iter().copied())
+        .collect();
+    let converted: BTreeSet<Oid> = facts.conversions.iter().map(|c| c.table_oid).collect();
+    let views = ViewChanges::plan(plan, &facts.views, &kept_backup_oids, &gone, &converted);
+    let dropping: Vec<&String> = sets
+        .current_drop
+        .iter()
+        .filter(|n| oid_of.contains_key(*n))
+        .collect();
+
+    let mut tx = LockedTransaction::new();
+    let mut lock: BTreeSet<String> = BTreeSet::new();
+    lock.extend(dropping.iter().map(|n| public(n)));
+    lock.extend(sets.backups.iter().map(|(_, b)| public(b)));
+    lock.extend(
+        facts
+            .fks_in
+            .iter()
+            .map(|f| quote_qualified(&f.schema, &f.table)),
+    );
+    lock.extend(
+        views
+            .dropped
+            .values()
+            .map(|v| quote_qualified(&v.schema, &v.name)),
+    );
+    lock.extend(views.restore.iter().map(|(s, _, b)| quote_qualified(s, b)));
+    lock.extend(facts.conversions.iter().map(|c| public(&c.table)));
+    lock.extend(
+        plan.repoints
+            .iter()
+            .map(|r| quote_qualified(&r.schema, &r.table)),
+    );
+    tx.push(format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        lock.into_iter().collect::<Vec<_>>().join(", ")
+    ));
+    if !views.dropped.is_empty() {
+        tx.push(format!(
+            "DROP VIEW {}",
+            views
+                .dropped
+                .values()
+                .map(|v| quote_qualified(&v.schema, &v.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    drop_migration_objects(&mut tx, plan, sets, facts, &dropping);
+    restore_backups(&mut tx, plan, sets, facts, &views.restorable);
+    for fk in &facts.fks_in {
+        tx.push(add_not_valid(
+            &fk.schema,
+            &fk.table,
+            &fk.name,
+            &fk.definition,
+        ));
+    }
+    let back = back_renames(plan);
+    for fk in &facts.fks_kept {
+        let table = back.get(&fk.table).unwrap_or(&fk.table);
+        tx.push(add_not_valid(
+            "public",
+            table,
+            &fk.name,
+            &back.apply(&fk.definition),
+        ));
+    }
+    tx.extend(conversion_sql(&facts.conversions));
+    for r in &plan.repoints {
+        tx.extend(r.attach.iter().cloned());
+    }
+    for v in &views.recreate {
+        tx.extend(crate::swap::view_sql(&crate::plan::ViewPlan::recreating(v)));
+    }
+    tx.push(format!(
+        "UPDATE pgzm.migrations SET status = 'rolled_back', backup_present = false WHERE id = {id}"
+    ));
+    tx
+}
+
+/// Names after the rollback, for rewriting definitions read now.
+fn back_renames(plan: &Plan) -> Renames {
+    let mut back = Renames::new();
+    for m in &plan.to_backup {
+        back.insert(&m.to, &m.from);
+    }
+    back
+}
+
+fn add_not_valid(schema: &str, table: &str, name: &str, definition: &str) -> String {
+    format!(
+        "ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID",
+        quote_qualified(schema, table),
+        quote_ident(name),
+        definition.trim_end_matches(" NOT VALID")
+    )
+}
+
+/// What the migration brought in goes: functions the swap recreated over its objects (their
+/// backups, the originals, take the name back), its materialized views, re-pointed and other
+/// foreign keys, its tables and the kept tables' backups, and its types and free-standing
+/// sequences (moved aside instead when a kept table still uses them).
+fn drop_migration_objects(
+    tx: &mut LockedTransaction,
+    plan: &Plan,
+    sets: &TableSets,
+    facts: &Facts,
+    dropping: &[&String],
+) {
+    for f in &plan.functions {
+        tx.push(format!("DROP ROUTINE IF EXISTS {}", f.signature));
+    }
+    // The migration's materialized views read its tables: they go first, dependents first.
+    for mv in plan.matviews.iter().rev() {
+        tx.push(format!(
+            "DROP MATERIALIZED VIEW IF EXISTS {}",
+            quote_qualified(&mv.matview.schema, &mv.matview.name)
+        ));
+    }
+    for r in &plan.repoints {
+        tx.extend(r.detach.iter().cloned());
+    }
+    for fk in facts.fks_in.iter().chain(&facts.fks_kept) {
+        tx.push(format!(
+            "ALTER TABLE {} DROP CONSTRAINT {}",
+            quote_qualified(&fk.schema, &fk.table),
+            quote_ident(&fk.name)
+        ));
+    }
+    for tables in [dropping.to_vec(), sets.kept_backups.iter().collect()] {
+        if !tables.is_empty() {
+            tx.push(format!(
+                "DROP TABLE {}",
+                quote_qualified_list("public", tables.iter().map(|n| n.as_str()))
+            ));
+        }
+    }
+    for m in plan.to_live.iter().filter(|m| {
+        matches!(m.kind, ObjectKind::Type | ObjectKind::Sequence)
+            && !facts.kept_sequences.contains(&m.to)
+    }) {
+        let kw = m.kind.keyword();
+        let aside = quote_ident(&prefixed(ROLLEDBACK, &m.to));
+        let (cat, col, ns) = if m.kind == ObjectKind::Type {
+            ("pg_type", "typname", "typnamespace")
+        } else {
+            ("pg_class", "relname", "relnamespace")
+        };
+        tx.push(pgzm_pg::sql::do_block(&format!(
+            "BEGIN IF EXISTS (SELECT 1 FROM pg_catalog.{cat} WHERE {col} = {name} AND {ns} = 'public'::regnamespace) THEN \
+             BEGIN EXECUTE {drop}; EXCEPTION WHEN dependent_objects_still_exist THEN EXECUTE {rename}; END; END IF; END",
+            name = quote_literal(&m.to),
+            drop = quote_literal(&format!("DROP {kw} {}", public(&m.to))),
+            rename = quote_literal(&format!("ALTER {kw} {} RENAME TO {aside}", public(&m.to))),
+        )));
+    }
+}
+
+/// Backups take their names back: tables, then their indexes and sequences, types, sequences,
+/// functions, materialized views and the restorable views.
+fn restore_backups(
+    tx: &mut LockedTransaction,
+    plan: &Plan,
+    sets: &TableSets,
+    facts: &Facts,
+    restorable_views: &BTreeSet<(&str, &str)>,
+) {
+    let restored: BTreeSet<&str> = sets.restored.iter().map(|(_, b)| b.as_str()).collect();
+    for m in &plan.to_backup {
+        let rename = match m.kind {
+            ObjectKind::Table => restored.contains(m.to.as_str()),
+            ObjectKind::Index => facts.child_names.contains(&m.to),
+            // Owned by a restored table, or free-standing (a kept backup's went with it).
+            ObjectKind::Sequence => {
+                facts.child_names.contains(&m.to) || !facts.kept_children.contains(&m.to)
+            }
+            ObjectKind::Type | ObjectKind::Function | ObjectKind::MaterializedView => true,
+            ObjectKind::View => restorable_views.contains(&(m.schema.as_str(), m.from.as_str())),
+        };
+        if rename {
+            tx.push(m.rename_sql(true));
+        }
+    }
+}
+
+/// `pgzm rollback`: reads the backup set and the destination, plans the transaction, runs it
+/// with the swap's lock strategy, then validates the foreign keys it added `NOT VALID`.
+pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, CoordinatorError> {
+    let control = opts.destination.connect("pgzm-coordinator").await?;
+    if !state::try_lock(&control).await? {
+        return Err(CoordinatorError::Busy);
+    }
+    control
+        .batch_execute("SET search_path = pg_catalog")
+        .await
+        .map_err(|e| CoordinatorError::destination("set search_path", &e))?;
+    let row = backup::find(&control, opts.migration_id).await?;
+    let plan = &row.plan;
+    let sets = TableSets::new(plan, &opts.keep_tables);
+    let oid_of = oids(&control, &sets.names()).await?;
+    let problems = sets.problems(plan, row.id, &oid_of);
+    if !problems.is_empty() {
+        return Err(CoordinatorError::Refused(problems));
+    }
+    let facts = Facts::read(&control, plan, &sets, oid_of).await?;
+    let tx = rollback_transaction(plan, row.id, &sets, &facts);
     let mut report = RollbackReport {
         timestamp: row.id,
         dry_run: opts.dry_run,
-        restored: restored.iter().map(|(l, _)| l.clone()).collect(),
-        kept: keep.iter().cloned().collect(),
-        dropped: current_drop
+        restored: sets.restored.iter().map(|(l, _)| l.clone()).collect(),
+        kept: sets.keep.iter().cloned().collect(),
+        dropped: sets
+            .current_drop
             .iter()
-            .filter(|n| !backups.iter().any(|(l, _)| l == *n))
+            .filter(|n| !sets.backups.iter().any(|(l, _)| l == *n))
             .cloned()
             .collect(),
-        statements: sql.clone(),
+        statements: tx.statements(opts.locks.lock_timeout),
         attempts: 0,
-        warnings: pending_prepares(&control, row.id, &current_drop).await?,
+        warnings: pending_prepares(&control, row.id, &sets.current_drop).await?,
     };
     if opts.dry_run {
         return Ok(report);
     }
-    let (attempts, _) = run_with_lock_retry(
-        &control,
-        &sql.join(";\n"),
-        opts.locks,
-        "rollback",
-        &format!(
-            "rollback to backup set {} (rolled back, nothing changed)",
-            row.id
-        ),
-    )
-    .await?;
+    let (attempts, _) = tx
+        .run(
+            &control,
+            opts.locks,
+            "rollback",
+            &format!(
+                "rollback to backup set {} (rolled back, nothing changed)",
+                row.id
+            ),
+        )
+        .await?;
     report.attempts = attempts;
-    for fk in fks_in.iter().chain(&fks_kept) {
+    let back = back_renames(plan);
+    for fk in facts.fks_in.iter().chain(&facts.fks_kept) {
         let table = if fk.schema == crate::naming::PUBLIC {
             back.get(&fk.table).unwrap_or(&fk.table).to_string()
         } else {

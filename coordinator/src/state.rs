@@ -9,6 +9,7 @@ use tokio_postgres::{Client, GenericClient};
 
 use crate::catalog::Oid;
 use crate::error::CoordinatorError;
+use crate::locked::LockedTransaction;
 use crate::plan::{Move, Plan};
 
 /// Schema holding the tool's metadata.
@@ -300,7 +301,7 @@ pub async fn clean_leftovers(
     objects: &RecordedObjects,
     locks: crate::locked::SwapSettings,
 ) -> Result<Vec<String>, CoordinatorError> {
-    use pgzm_pg::sql::{quote_ident, quote_literal, quote_qualified};
+    use pgzm_pg::sql::{quote_ident, quote_qualified};
     let ended = crate::copy::end_sessions(client, &crate::copy::session_tag_pattern(id)).await;
     match ended {
         Ok(n) if n > 0 => tracing::info!(
@@ -314,20 +315,11 @@ pub async fn clean_leftovers(
         }
     }
     let mut dropped = Vec::new();
-    let begin = || {
-        vec![
-            "BEGIN".to_string(),
-            format!(
-                "SET LOCAL lock_timeout = '{}ms'",
-                locks.lock_timeout.as_millis().max(1)
-            ),
-        ]
-    };
-    let mut statements = begin();
+    let mut triggers = LockedTransaction::new();
     for (table, oid) in &objects.sync_triggers {
         if relation_oid(client, table).await? == Some(*oid) {
             for (name, _) in crate::preserve::TRIGGERS {
-                statements.push(format!(
+                triggers.push(format!(
                     "DROP TRIGGER IF EXISTS {} ON {}",
                     quote_ident(name),
                     quote_qualified("public", table)
@@ -337,24 +329,45 @@ pub async fn clean_leftovers(
         }
     }
     for function in &objects.sync_functions {
-        statements.push(format!("DROP FUNCTION IF EXISTS {function}()"));
+        triggers.push(format!("DROP FUNCTION IF EXISTS {function}()"));
     }
-    if statements.len() > 2 {
-        statements.push("COMMIT".into());
-        crate::locked::run_with_lock_retry(
+    if !triggers.is_empty() {
+        triggers
+            .run(
+                client,
+                locks,
+                &format!("remove the sync triggers of migration {id}"),
+                &format!("remove the sync triggers of migration {id} from the live tables"),
+            )
+            .await?;
+    }
+    let (shadows, names) = shadow_drops(client, id, objects).await?;
+    dropped.extend(names);
+    shadows
+        .run(
             client,
-            &statements.join(";\n"),
             locks,
-            &format!("remove the sync triggers of migration {id}"),
-            &format!("remove the sync triggers of migration {id} from the live tables"),
+            &format!("clean up migration {id}"),
+            &format!("clean up the shadow objects of migration {id}"),
         )
         .await?;
-    }
-    let mut statements = begin();
+    Ok(dropped)
+}
+
+/// The transaction dropping the shadow objects of migration `id` that are still the recorded
+/// ones (same oid), and marking the run failed; with what it drops, for the report.
+async fn shadow_drops(
+    client: &Client,
+    id: i64,
+    objects: &RecordedObjects,
+) -> Result<(LockedTransaction, Vec<String>), CoordinatorError> {
+    use pgzm_pg::sql::{quote_literal, quote_qualified};
+    let mut dropped = Vec::new();
+    let mut tx = LockedTransaction::new();
     // Shadow materialized views read shadow tables: they go first, dependents first.
     for (schema, name, oid) in objects.matviews.iter().rev() {
         let qualified = quote_qualified(schema, name);
-        statements.push(pgzm_pg::sql::do_block(&format!(
+        tx.push(pgzm_pg::sql::do_block(&format!(
             "BEGIN IF to_regclass({lit}) = {oid}::oid THEN EXECUTE {drop}; END IF; END",
             lit = quote_literal(&qualified),
             drop = quote_literal(&format!("DROP MATERIALIZED VIEW {qualified}"))
@@ -369,12 +382,12 @@ pub async fn clean_leftovers(
         }
     }
     if !tables.is_empty() {
-        statements.push(format!("DROP TABLE {}", tables.join(", ")));
+        tx.push(format!("DROP TABLE {}", tables.join(", ")));
     }
     for (name, oid) in &objects.sequences {
         if relation_oid(client, name).await? == Some(*oid) {
             // Owned sequences went with their tables.
-            statements.push(format!(
+            tx.push(format!(
                 "DROP SEQUENCE IF EXISTS {}",
                 quote_qualified("public", name)
             ));
@@ -390,34 +403,24 @@ pub async fn clean_leftovers(
             .await
             .map_err(|e| CoordinatorError::destination("look up a shadow type", &e))?;
         if row.map(|r| r.get::<_, Oid>(0)) == Some(*oid) {
-            statements.push(format!("DROP TYPE {}", quote_qualified("public", name)));
+            tx.push(format!("DROP TYPE {}", quote_qualified("public", name)));
             dropped.push(format!("type {name}"));
         }
     }
     for signature in &objects.functions {
         // Only if nothing else uses it by now: no CASCADE, and a refusal is not fatal.
-        statements.push(pgzm_pg::sql::do_block(&format!(
+        tx.push(pgzm_pg::sql::do_block(&format!(
             "BEGIN EXECUTE {}; EXCEPTION WHEN dependent_objects_still_exist THEN NULL; END",
             quote_literal(&format!("DROP FUNCTION IF EXISTS {signature}"))
         )));
     }
-    statements.push(format!(
+    tx.push(format!(
         "UPDATE pgzm.migrations SET shadow_present = false,
                 status = CASE WHEN status IN ('preparing', 'prepared') THEN 'failed' ELSE status END,
                 error = coalesce(error, 'interrupted; cleaned up by a later run')
          WHERE id = {id}"
     ));
-    statements.push("COMMIT".into());
-    let sql = statements.join(";\n");
-    crate::locked::run_with_lock_retry(
-        client,
-        &sql,
-        locks,
-        &format!("clean up migration {id}"),
-        &format!("clean up the shadow objects of migration {id}"),
-    )
-    .await?;
-    Ok(dropped)
+    Ok((tx, dropped))
 }
 
 async fn relation_oid(

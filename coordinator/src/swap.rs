@@ -21,7 +21,8 @@ use crate::error::CoordinatorError;
 use crate::plan::{FunctionPlan, ObjectKind, Plan, ViewPlan};
 use crate::state::AsideSet;
 
-pub use crate::locked::{run_with_lock_retry, SwapSettings};
+use crate::locked::LockedTransaction;
+pub use crate::locked::SwapSettings;
 
 /// What a successful swap measured.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -35,42 +36,52 @@ pub struct SwapOutcome {
     pub total_ms: u64,
 }
 
-/// The swap transaction's SQL (without the lock-timeout retry loop).
+/// The swap transaction's SQL (without the lock-timeout retry loop), one statement per line.
 pub fn swap_sql(plan: &Plan, aside: Option<&AsideSet>, lock_timeout: Duration) -> String {
-    let mut sql = String::new();
-    let mut push = |s: String| {
-        sql.push_str(&s);
-        sql.push_str(";\n");
-    };
-    push("BEGIN".into());
-    push(format!(
-        "SET LOCAL lock_timeout = '{}ms'",
-        lock_timeout.as_millis().max(1)
-    ));
-    // Index and type renames first, before the table locks: renaming an index takes only SHARE
-    // UPDATE EXCLUSIVE on the index (not on its table), and a type rename locks nothing that
-    // queries take, so production keeps reading and writing while they run. What is left under
-    // the ACCESS EXCLUSIVE locks is the table and sequence renames: the lock window is about
-    // half as long. (Other sessions keep seeing the old names until the commit.)
-    // The current backup set moves aside first, freeing the `backup_` names, and its new names
-    // are recorded in the same transaction: if the swap fails, it is untouched.
+    swap_transaction(plan, aside)
+        .statements(lock_timeout)
+        .iter()
+        .map(|s| format!("{s};\n"))
+        .collect()
+}
+
+/// The swap transaction planned for `plan` (and the backup set moved aside, if any): what can
+/// run before the table locks, the locks in one sorted statement, then the renames and the
+/// constraint and view work under them.
+pub fn swap_transaction(plan: &Plan, aside: Option<&AsideSet>) -> LockedTransaction {
+    let mut tx = LockedTransaction::new();
+    before_locks(&mut tx, plan, aside);
+    tx.extend(lock_statement(plan));
+    tx.push("SELECT 'locked', (extract(epoch FROM clock_timestamp()) * 1000000)::int8");
+    under_locks(&mut tx, plan);
+    tx.after_commit("SELECT 'committed', (extract(epoch FROM clock_timestamp()) * 1000000)::int8");
+    tx
+}
+
+/// Renames of indexes, types and routines, recreated functions and views, and the migration's
+/// record: statements that take no lock queries conflict with.
+///
+/// Index and type renames come before the table locks: renaming an index takes only SHARE
+/// UPDATE EXCLUSIVE on the index (not on its table), and a type rename locks nothing that
+/// queries take, so production keeps reading and writing while they run. What is left under
+/// the ACCESS EXCLUSIVE locks is the table and sequence renames: the lock window is about half
+/// as long. (Other sessions keep seeing the old names until the commit.) The current backup set
+/// moves aside first, freeing the `backup_` names, and its new names are recorded in the same
+/// transaction: if the swap fails, it is untouched.
+fn before_locks(tx: &mut LockedTransaction, plan: &Plan, aside: Option<&AsideSet>) {
     if let Some(a) = aside {
-        for m in &a.renames {
-            push(m.rename_sql(false));
-        }
-        push(a.record_sql());
+        tx.extend(a.renames.iter().map(|m| m.rename_sql(false)));
+        tx.push(a.record_sql());
     }
     // Functions bound to replaced objects move to their backup names here too (a routine
     // rename takes no lock).
-    let early = |k: ObjectKind| k.renamed_before_locks();
-    for m in plan
-        .to_backup
-        .iter()
-        .chain(&plan.to_live)
-        .filter(|m| early(m.kind))
-    {
-        push(m.rename_sql(false));
-    }
+    tx.extend(
+        plan.to_backup
+            .iter()
+            .chain(&plan.to_live)
+            .filter(|m| m.kind.renamed_before_locks())
+            .map(|m| m.rename_sql(false)),
+    );
     // Recreated functions and views are created here, before the locks, over the shadow
     // objects (so they follow them through the renames): views as `shadow_<name>`, renamed
     // after the locks; functions under their own name (the old ones are `backup_` by now).
@@ -79,9 +90,7 @@ pub fn swap_sql(plan: &Plan, aside: Option<&AsideSet>, lock_timeout: Duration) -
     let (after_views, before_views): (Vec<_>, Vec<_>) =
         plan.functions.iter().partition(|f| f.after_views);
     for f in &before_views {
-        for s in function_sql(f, &over_shadows) {
-            push(s);
-        }
+        tx.extend(function_sql(f, &over_shadows));
     }
     let relations = plan.relation_names();
     for v in &plan.views {
@@ -95,119 +104,110 @@ pub fn swap_sql(plan: &Plan, aside: Option<&AsideSet>, lock_timeout: Duration) -
             definition: over_shadows.apply(&definition),
             ..v.clone()
         };
-        for s in view_sql(&created) {
-            push(s);
-        }
+        tx.extend(view_sql(&created));
         over_shadows.insert_in(&v.schema, &v.name, &shadow);
     }
     for f in &after_views {
-        for s in function_sql(f, &over_shadows) {
-            push(s);
-        }
+        tx.extend(function_sql(f, &over_shadows));
     }
     // The migration is recorded as swapped in the same transaction (so only if the swap
     // commits), but before the locks: it touches only pgzm's own table.
-    push(format!(
+    tx.push(format!(
         "UPDATE pgzm.migrations SET status = 'swapped', swapped_at = now(), shadow_present = false, backup_present = {} WHERE id = {}",
         !plan.to_backup.is_empty(),
         plan.migration_id
     ));
-    // Every relation whose name changes or whose constraints are rewritten, sorted: one order
-    // for every run, so two swaps can never deadlock on each other.
-    let mut lock: BTreeSet<(String, String)> = BTreeSet::new();
+    // Foreign keys involving a preserved table are checked now, while production still runs
+    // (no lock that blocks it: the anti-joins read the shadow tables), not in the lock window.
+    tx.extend(plan.deferred_checks.iter().cloned());
+}
+
+/// `LOCK TABLE` of every relation whose name changes or whose constraints are rewritten,
+/// sorted: one order for every run, so two swaps can never deadlock on each other. (LOCK TABLE
+/// refuses materialized views: their renames take the lock themselves, under the same
+/// lock_timeout.)
+fn lock_statement(plan: &Plan) -> Option<String> {
+    let mut lock: BTreeSet<(&str, &str)> = BTreeSet::new();
     for m in plan.to_backup.iter().chain(&plan.to_live) {
-        // (LOCK TABLE refuses materialized views: their renames take the lock themselves,
-        // under the same lock_timeout.)
         if matches!(m.kind, ObjectKind::Table | ObjectKind::View) {
-            lock.insert((m.schema.clone(), m.from.clone()));
+            lock.insert((&m.schema, &m.from));
         }
     }
     for fk in &plan.foreign_keys {
-        lock.insert((fk.schema.clone(), fk.table.clone()));
+        lock.insert((&fk.schema, &fk.table));
     }
     for r in &plan.repoints {
-        lock.insert((r.schema.clone(), r.table.clone()));
+        lock.insert((&r.schema, &r.table));
     }
-    // Foreign keys involving a preserved table are checked now, while production still runs
-    // (no lock that blocks it: the anti-joins read the shadow tables), not in the lock window.
-    for check in &plan.deferred_checks {
-        push(check.clone());
-    }
-    if !lock.is_empty() {
-        push(format!(
+    (!lock.is_empty()).then(|| {
+        format!(
             "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
             lock.iter()
                 .map(|(s, n)| quote_qualified(s, n))
                 .collect::<Vec<_>>()
                 .join(", ")
-        ));
-    }
-    push("SELECT 'locked', (extract(epoch FROM clock_timestamp()) * 1000000)::int8".into());
+        )
+    })
+}
+
+/// Under the locks: the preserved tables' last check and sync teardown, the foreign keys of
+/// other tables dropped, the table and sequence renames, the foreign keys added again (now
+/// naming the new tables), deferred statements, sequences, the views renamed into place and
+/// re-pointed constraints.
+fn under_locks(tx: &mut LockedTransaction, plan: &Plan) {
     if !plan.preserved.is_empty() {
         // Under the locks no more writes can reach the preserved tables: a mirror that failed
         // before now means a stale shadow, and the swap must not happen.
-        push(pgzm_pg::sql::do_block(&format!(
+        tx.push(pgzm_pg::sql::do_block(&format!(
             "BEGIN IF EXISTS (SELECT 1 FROM pgzm.sync_errors WHERE migration_id = {id}) THEN \
              RAISE EXCEPTION 'a write to a preserved table could not be mirrored into its shadow (see pgzm.sync_errors): prepare again with --force'; \
              END IF; END",
             id = plan.migration_id
         )));
         for p in &plan.preserved {
-            for s in p.teardown_sql(&p.table) {
-                push(s);
-            }
+            tx.extend(p.teardown_sql(&p.table));
         }
     }
-    for fk in &plan.foreign_keys {
-        push(format!(
+    tx.extend(plan.foreign_keys.iter().map(|fk| {
+        format!(
             "ALTER TABLE {} DROP CONSTRAINT {}",
             quote_qualified(&fk.schema, &fk.table),
             quote_ident(&fk.name)
-        ));
-    }
-    for m in plan
-        .to_backup
-        .iter()
-        .chain(&plan.to_live)
-        .filter(|m| !early(m.kind))
-    {
-        push(m.rename_sql(false));
-    }
-    for fk in &plan.foreign_keys {
-        // The definition names the referenced table by its live name, which is now the new table.
-        push(format!(
+        )
+    }));
+    tx.extend(
+        plan.to_backup
+            .iter()
+            .chain(&plan.to_live)
+            .filter(|m| !m.kind.renamed_before_locks())
+            .map(|m| m.rename_sql(false)),
+    );
+    // The definition names the referenced table by its live name, which is now the new table.
+    tx.extend(plan.foreign_keys.iter().map(|fk| {
+        format!(
             "ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID",
             quote_qualified(&fk.schema, &fk.table),
             quote_ident(&fk.name),
             fk.definition.trim_end_matches(" NOT VALID")
-        ));
-    }
-    for s in &plan.deferred {
-        push(s.clone());
-    }
+        )
+    }));
+    tx.extend(plan.deferred.iter().cloned());
     for p in &plan.preserved {
-        for s in p.sequence_sql() {
-            push(s);
-        }
+        tx.extend(p.sequence_sql());
     }
-    for v in &plan.views {
-        push(format!(
+    tx.extend(plan.views.iter().map(|v| {
+        format!(
             "ALTER VIEW {} RENAME TO {}",
             quote_qualified(
                 &v.schema,
                 &crate::naming::prefixed(crate::naming::SHADOW, &v.name)
             ),
             quote_ident(&v.name)
-        ));
-    }
+        )
+    }));
     for r in &plan.repoints {
-        for s in r.detach.iter().chain(&r.attach) {
-            push(s.clone());
-        }
+        tx.extend(r.detach.iter().chain(&r.attach).cloned());
     }
-    push("COMMIT".into());
-    push("SELECT 'committed', (extract(epoch FROM clock_timestamp()) * 1000000)::int8".into());
-    sql
 }
 
 /// `CREATE VIEW` with its options, owner, privileges and comment.
@@ -277,16 +277,15 @@ pub async fn swap(
     aside: Option<&AsideSet>,
     settings: SwapSettings,
 ) -> Result<SwapOutcome, CoordinatorError> {
-    let sql = swap_sql(plan, aside, settings.lock_timeout);
     let started = Instant::now();
-    let (attempts, messages) = run_with_lock_retry(
-        client,
-        &sql,
-        settings,
-        "swap",
-        "swap transaction (rolled back, nothing changed)",
-    )
-    .await?;
+    let (attempts, messages) = swap_transaction(plan, aside)
+        .run(
+            client,
+            settings,
+            "swap",
+            "swap transaction (rolled back, nothing changed)",
+        )
+        .await?;
     let locked = marker(&messages, "locked").unwrap_or(0);
     let committed = marker(&messages, "committed").unwrap_or(locked);
     let outcome = SwapOutcome {

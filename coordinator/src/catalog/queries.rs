@@ -224,6 +224,60 @@ fn catalog_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> Coordina
 /// snapshot transaction.
 pub async fn read_schema(client: &Client) -> Result<SourceSchema, CoordinatorError> {
     let mut schema = SourceSchema::default();
+    let matview_oids = read_tables(client, &mut schema).await?;
+    let t = TableIndex::of(&schema);
+    let type_oids = read_columns(client, &t, &mut schema).await?;
+    read_constraints(client, &t, &mut schema).await?;
+    read_indexes(client, &t, &mut schema).await?;
+    read_triggers(client, &t, &mut schema).await?;
+    read_large_object_columns(client, &t, &mut schema).await?;
+    read_types(client, type_oids, &mut schema).await?;
+    read_sequences(client, &t.oids, &mut schema).await?;
+    read_views(client, &mut schema).await?;
+    read_matviews(client, &matview_oids, &mut schema).await?;
+    read_used_functions(client, &t.oids, &mut schema).await?;
+    for row in client
+        .query(EXTENSIONS, &[])
+        .await
+        .map_err(catalog_err("read extensions"))?
+    {
+        schema.extensions.push((row.get(0), row.get(1)));
+    }
+    Ok(schema)
+}
+
+/// The migrated tables' oids, and each one's position in `schema.tables` and name.
+struct TableIndex {
+    oids: Vec<Oid>,
+    index_of: HashMap<Oid, usize>,
+    name_of: HashMap<Oid, String>,
+}
+
+impl TableIndex {
+    fn of(schema: &SourceSchema) -> Self {
+        TableIndex {
+            oids: schema.tables.iter().map(|t| t.oid).collect(),
+            index_of: schema
+                .tables
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.oid, i))
+                .collect(),
+            name_of: schema
+                .tables
+                .iter()
+                .map(|t| (t.oid, t.name.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// The tables of the schema (what cannot be migrated goes to `unsupported`); returns the
+/// materialized views' oids.
+async fn read_tables(
+    client: &Client,
+    schema: &mut SourceSchema,
+) -> Result<Vec<Oid>, CoordinatorError> {
     let mut matview_oids: Vec<Oid> = Vec::new();
     for row in client
         .query(TABLES, &[])
@@ -261,26 +315,22 @@ pub async fn read_schema(client: &Client) -> Result<SourceSchema, CoordinatorErr
             }),
         }
     }
-    let oids: Vec<Oid> = schema.tables.iter().map(|t| t.oid).collect();
-    let index_of: HashMap<Oid, usize> = schema
-        .tables
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.oid, i))
-        .collect();
-    let name_of: HashMap<Oid, String> = schema
-        .tables
-        .iter()
-        .map(|t| (t.oid, t.name.clone()))
-        .collect();
+    Ok(matview_oids)
+}
 
+/// The tables' columns; returns the oids of the types they use (element types included).
+async fn read_columns(
+    client: &Client,
+    t: &TableIndex,
+    schema: &mut SourceSchema,
+) -> Result<BTreeSet<Oid>, CoordinatorError> {
     let mut type_oids = BTreeSet::new();
     for row in client
-        .query(COLUMNS, &[&oids])
+        .query(COLUMNS, &[&t.oids])
         .await
         .map_err(catalog_err("read columns"))?
     {
-        let table = index_of[&row.get::<_, Oid>(0)];
+        let table = t.index_of[&row.get::<_, Oid>(0)];
         let type_oid: Oid = row.get(3);
         let elem_type_oid: Oid = row.get(4);
         type_oids.insert(type_oid);
@@ -306,18 +356,26 @@ pub async fn read_schema(client: &Client) -> Result<SourceSchema, CoordinatorErr
             comment: row.get(10),
         });
     }
+    Ok(type_oids)
+}
 
+/// The tables' constraints; a foreign key to a table outside the set is unsupported.
+async fn read_constraints(
+    client: &Client,
+    t: &TableIndex,
+    schema: &mut SourceSchema,
+) -> Result<(), CoordinatorError> {
     for row in client
-        .query(CONSTRAINTS, &[&oids])
+        .query(CONSTRAINTS, &[&t.oids])
         .await
         .map_err(catalog_err("read constraints"))?
     {
-        let table = index_of[&row.get::<_, Oid>(0)];
+        let table = t.index_of[&row.get::<_, Oid>(0)];
         let kind = row.get::<_, String>(2).chars().next().unwrap_or('c');
         let name: String = row.get(1);
         let references = if kind == 'f' {
             let target: Oid = row.get(4);
-            match name_of.get(&target) {
+            match t.name_of.get(&target) {
                 Some(t) => Some(t.clone()),
                 None => {
                     schema.unsupported.push(format!(
@@ -342,27 +400,43 @@ pub async fn read_schema(client: &Client) -> Result<SourceSchema, CoordinatorErr
             match_full: row.get::<_, Option<bool>>(9).unwrap_or(false),
         });
     }
+    Ok(())
+}
 
+/// The tables' indexes (those that do not back a constraint).
+async fn read_indexes(
+    client: &Client,
+    t: &TableIndex,
+    schema: &mut SourceSchema,
+) -> Result<(), CoordinatorError> {
     for row in client
-        .query(INDEXES, &[&oids])
+        .query(INDEXES, &[&t.oids])
         .await
         .map_err(catalog_err("read indexes"))?
     {
-        let table = index_of[&row.get::<_, Oid>(0)];
+        let table = t.index_of[&row.get::<_, Oid>(0)];
         schema.tables[table].indexes.push(Index {
             name: row.get(1),
             definition: row.get(2),
             comment: row.get(3),
         });
     }
+    Ok(())
+}
 
+/// The tables' triggers and the functions of `public` they call.
+async fn read_triggers(
+    client: &Client,
+    t: &TableIndex,
+    schema: &mut SourceSchema,
+) -> Result<(), CoordinatorError> {
     let mut function_oids = BTreeSet::new();
     for row in client
-        .query(TRIGGERS, &[&oids])
+        .query(TRIGGERS, &[&t.oids])
         .await
         .map_err(catalog_err("read triggers"))?
     {
-        let table = index_of[&row.get::<_, Oid>(0)];
+        let table = t.index_of[&row.get::<_, Oid>(0)];
         let name: String = row.get(1);
         let in_public: bool = row.get(5);
         let in_catalog: bool = row.get(6);
@@ -391,9 +465,18 @@ pub async fn read_schema(client: &Client) -> Result<SourceSchema, CoordinatorErr
             definition: row.get(1),
         });
     }
+    Ok(())
+}
 
+/// Columns that can hold large object references while the source has large objects:
+/// unsupported.
+async fn read_large_object_columns(
+    client: &Client,
+    t: &TableIndex,
+    schema: &mut SourceSchema,
+) -> Result<(), CoordinatorError> {
     for row in client
-        .query(LARGE_OBJECT_COLUMNS, &[&oids])
+        .query(LARGE_OBJECT_COLUMNS, &[&t.oids])
         .await
         .map_err(catalog_err("read large object columns"))?
     {
@@ -402,19 +485,7 @@ pub async fn read_schema(client: &Client) -> Result<SourceSchema, CoordinatorErr
             "column \"{table}\".\"{column}\" ({ty}) can hold large object references and the source has large objects: pgzm does not copy large objects, so the copied oids would point at missing or different objects in the destination; store the data as bytea, or leave the table out of the source"
         ));
     }
-    read_types(client, type_oids, &mut schema).await?;
-    read_sequences(client, &oids, &mut schema).await?;
-    read_views(client, &mut schema).await?;
-    read_matviews(client, &matview_oids, &mut schema).await?;
-    read_used_functions(client, &oids, &mut schema).await?;
-    for row in client
-        .query(EXTENSIONS, &[])
-        .await
-        .map_err(catalog_err("read extensions"))?
-    {
-        schema.extensions.push((row.get(0), row.get(1)));
-    }
-    Ok(schema)
+    Ok(())
 }
 
 async fn read_types(
@@ -434,160 +505,212 @@ async fn read_types(
         if batch.is_empty() {
             break;
         }
-        let mut domains = Vec::new();
-        let mut composites = Vec::new();
-        let mut ranges = Vec::new();
-        let mut multiranges = Vec::new();
-        for row in client
-            .query(TYPES, &[&batch])
-            .await
-            .map_err(catalog_err("read types"))?
-        {
-            let oid: Oid = row.get(0);
-            let name: String = row.get(2);
-            let kind: String = row.get(3);
-            let user_owned: bool = row.get(4);
-            let is_array: bool = row.get(12);
-            if is_array {
-                pending.insert(row.get(13));
+        let kinds = read_type_batch(
+            client,
+            &batch,
+            &mut found,
+            &mut pending,
+            &mut schema.unsupported,
+        )
+        .await?;
+        read_type_details(
+            client,
+            &kinds,
+            &mut found,
+            &mut pending,
+            &mut schema.unsupported,
+        )
+        .await?;
+    }
+    schema.types = creation_order(found.into_values().collect());
+    Ok(())
+}
+
+/// The user types of one batch whose details take a query of their kind.
+#[derive(Default)]
+struct TypeKinds {
+    domains: Vec<Oid>,
+    composites: Vec<Oid>,
+    ranges: Vec<Oid>,
+    multiranges: Vec<Oid>,
+}
+
+/// Reads the types of `batch` into `found` (the types they are built on go to `pending`: an
+/// array's element, a domain's base); returns which need their details read.
+async fn read_type_batch(
+    client: &Client,
+    batch: &[Oid],
+    found: &mut BTreeMap<Oid, UserType>,
+    pending: &mut BTreeSet<Oid>,
+    unsupported: &mut Vec<String>,
+) -> Result<TypeKinds, CoordinatorError> {
+    let mut kinds = TypeKinds::default();
+    for row in client
+        .query(TYPES, &[&batch])
+        .await
+        .map_err(catalog_err("read types"))?
+    {
+        let oid: Oid = row.get(0);
+        let name: String = row.get(2);
+        let kind: String = row.get(3);
+        let user_owned: bool = row.get(4);
+        let is_array: bool = row.get(12);
+        if is_array {
+            pending.insert(row.get(13));
+            continue;
+        }
+        if !user_owned {
+            continue;
+        }
+        let kind = match kind.as_str() {
+            "e" => UserTypeKind::Enum(row.get(6)),
+            "d" => {
+                let base: Oid = row.get(8);
+                pending.insert(base);
+                kinds.domains.push(oid);
+                UserTypeKind::Domain {
+                    base_type_sql: row.get(7),
+                    base_type_oid: base,
+                    not_null: row.get(9),
+                    default: row.get(10),
+                    collation: row.get(11),
+                    checks: Vec::new(),
+                }
+            }
+            "c" => {
+                kinds.composites.push(oid);
+                UserTypeKind::Composite(Vec::new())
+            }
+            "r" => {
+                kinds.ranges.push(oid);
+                UserTypeKind::Range {
+                    subtype_sql: String::new(),
+                    subtype_oid: 0,
+                    opclass: None,
+                    collation: None,
+                    subdiff: None,
+                    multirange: None,
+                }
+            }
+            // A multirange comes with its range.
+            "m" => {
+                kinds.multiranges.push(oid);
                 continue;
             }
-            if !user_owned {
+            _ => {
+                unsupported.push(format!(
+                    "base type \"{name}\" defined outside an extension: not migrated"
+                ));
                 continue;
             }
-            let kind = match kind.as_str() {
-                "e" => UserTypeKind::Enum(row.get(6)),
-                "d" => {
-                    let base: Oid = row.get(8);
-                    pending.insert(base);
-                    domains.push(oid);
-                    UserTypeKind::Domain {
-                        base_type_sql: row.get(7),
-                        base_type_oid: base,
-                        not_null: row.get(9),
-                        default: row.get(10),
-                        collation: row.get(11),
-                        checks: Vec::new(),
-                    }
-                }
-                "c" => {
-                    composites.push(oid);
-                    UserTypeKind::Composite(Vec::new())
-                }
-                "r" => {
-                    ranges.push(oid);
-                    UserTypeKind::Range {
-                        subtype_sql: String::new(),
-                        subtype_oid: 0,
-                        opclass: None,
-                        collation: None,
-                        subdiff: None,
-                        multirange: None,
-                    }
-                }
-                // A multirange comes with its range.
-                "m" => {
-                    multiranges.push(oid);
-                    continue;
-                }
-                _ => {
-                    schema.unsupported.push(format!(
-                        "base type \"{name}\" defined outside an extension: not migrated"
-                    ));
-                    continue;
-                }
-            };
-            found.insert(
+        };
+        found.insert(
+            oid,
+            UserType {
                 oid,
-                UserType {
-                    oid,
-                    array_oid: row.get(1),
-                    name,
-                    kind,
-                    comment: row.get(5),
-                },
-            );
+                array_oid: row.get(1),
+                name,
+                kind,
+                comment: row.get(5),
+            },
+        );
+    }
+    Ok(kinds)
+}
+
+/// Fills in ranges' subtypes, composites' attributes and domains' checks, and finds the range
+/// of each multirange; the types these use go to `pending`.
+async fn read_type_details(
+    client: &Client,
+    kinds: &TypeKinds,
+    found: &mut BTreeMap<Oid, UserType>,
+    pending: &mut BTreeSet<Oid>,
+    unsupported: &mut Vec<String>,
+) -> Result<(), CoordinatorError> {
+    if !kinds.multiranges.is_empty() {
+        for row in client
+            .query(RANGES_OF_MULTIRANGES, &[&kinds.multiranges])
+            .await
+            .map_err(catalog_err("read multirange types"))?
+        {
+            pending.insert(row.get::<_, Oid>(0));
         }
-        if !multiranges.is_empty() {
-            for row in client
-                .query(RANGES_OF_MULTIRANGES, &[&multiranges])
-                .await
-                .map_err(catalog_err("read multirange types"))?
-            {
-                pending.insert(row.get::<_, Oid>(0));
+    }
+    if !kinds.ranges.is_empty() {
+        for row in client
+            .query(RANGES, &[&kinds.ranges])
+            .await
+            .map_err(catalog_err("read range types"))?
+        {
+            let subtype: Oid = row.get(2);
+            pending.insert(subtype);
+            if let Some(canonical) = row.get::<_, Option<String>>(5) {
+                unsupported.push(format!(
+                    "range type with canonical function {canonical}: pgzm cannot create it (canonical functions are written in C); create the range type in the destination first"
+                ));
             }
-        }
-        if !ranges.is_empty() {
-            for row in client
-                .query(RANGES, &[&ranges])
-                .await
-                .map_err(catalog_err("read range types"))?
+            if let Some(UserType {
+                kind:
+                    UserTypeKind::Range {
+                        subtype_sql,
+                        subtype_oid,
+                        opclass,
+                        collation,
+                        subdiff,
+                        multirange,
+                    },
+                ..
+            }) = found.get_mut(&row.get::<_, Oid>(0))
             {
-                let subtype: Oid = row.get(2);
-                pending.insert(subtype);
-                if let Some(canonical) = row.get::<_, Option<String>>(5) {
-                    schema.unsupported.push(format!(
-                        "range type with canonical function {canonical}: pgzm cannot create it (canonical functions are written in C); create the range type in the destination first"
-                    ));
-                }
-                if let Some(UserType {
-                    kind:
-                        UserTypeKind::Range {
-                            subtype_sql,
-                            subtype_oid,
-                            opclass,
-                            collation,
-                            subdiff,
-                            multirange,
-                        },
-                    ..
-                }) = found.get_mut(&row.get::<_, Oid>(0))
-                {
-                    *subtype_sql = row.get(1);
-                    *subtype_oid = subtype;
-                    *opclass = row.get(3);
-                    *collation = row.get(4);
-                    *subdiff = row.get(6);
-                    *multirange = row.get(7);
-                }
-            }
-        }
-        if !composites.is_empty() {
-            for row in client
-                .query(COMPOSITE_ATTRIBUTES, &[&composites])
-                .await
-                .map_err(catalog_err("read composite types"))?
-            {
-                let attribute_type: Oid = row.get(3);
-                pending.insert(attribute_type);
-                if let Some(UserType {
-                    kind: UserTypeKind::Composite(attributes),
-                    ..
-                }) = found.get_mut(&row.get::<_, Oid>(0))
-                {
-                    attributes.push((row.get(1), row.get(2), attribute_type, row.get(4)));
-                }
-            }
-        }
-        if !domains.is_empty() {
-            for row in client
-                .query(DOMAIN_CHECKS, &[&domains])
-                .await
-                .map_err(catalog_err("read domain constraints"))?
-            {
-                if let Some(UserType {
-                    kind: UserTypeKind::Domain { checks, .. },
-                    ..
-                }) = found.get_mut(&row.get::<_, Oid>(0))
-                {
-                    checks.push((row.get(1), row.get(2)));
-                }
+                *subtype_sql = row.get(1);
+                *subtype_oid = subtype;
+                *opclass = row.get(3);
+                *collation = row.get(4);
+                *subdiff = row.get(6);
+                *multirange = row.get(7);
             }
         }
     }
+    if !kinds.composites.is_empty() {
+        for row in client
+            .query(COMPOSITE_ATTRIBUTES, &[&kinds.composites])
+            .await
+            .map_err(catalog_err("read composite types"))?
+        {
+            let attribute_type: Oid = row.get(3);
+            pending.insert(attribute_type);
+            if let Some(UserType {
+                kind: UserTypeKind::Composite(attributes),
+                ..
+            }) = found.get_mut(&row.get::<_, Oid>(0))
+            {
+                attributes.push((row.get(1), row.get(2), attribute_type, row.get(4)));
+            }
+        }
+    }
+    if !kinds.domains.is_empty() {
+        for row in client
+            .query(DOMAIN_CHECKS, &[&kinds.domains])
+            .await
+            .map_err(catalog_err("read domain constraints"))?
+        {
+            if let Some(UserType {
+                kind: UserTypeKind::Domain { checks, .. },
+                ..
+            }) = found.get_mut(&row.get::<_, Oid>(0))
+            {
+                checks.push((row.get(1), row.get(2)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Types in an order they can be created in: a domain after its base type, a composite after
+/// its attributes' types, a range after its subtype (a cycle keeps the rest in place).
+fn creation_order(mut remaining: Vec<UserType>) -> Vec<UserType> {
     // Domains over user types must be created after their base type: order by dependency.
     let mut ordered: Vec<UserType> = Vec::new();
-    let mut remaining: Vec<UserType> = found.into_values().collect();
     while !remaining.is_empty() {
         let before = remaining.len();
         let done: BTreeSet<Oid> = ordered.iter().map(|t| t.oid).collect();
@@ -607,8 +730,7 @@ async fn read_types(
             ordered.append(&mut remaining);
         }
     }
-    schema.types = ordered;
-    Ok(())
+    ordered
 }
 
 async fn read_sequences(
