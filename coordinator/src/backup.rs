@@ -57,7 +57,7 @@ async fn backup_rows(client: &Client) -> Result<Vec<MigrationRow>, CoordinatorEr
     if client
         .query_one("SELECT to_regclass('pgzm.migrations') IS NOT NULL", &[])
         .await
-        .map_err(|e| CoordinatorError::destination("read pgzm metadata", &e))?
+        .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?
         .get::<_, bool>(0)
     {
         for row in client
@@ -66,7 +66,7 @@ async fn backup_rows(client: &Client) -> Result<Vec<MigrationRow>, CoordinatorEr
                 &[],
             )
             .await
-            .map_err(|e| CoordinatorError::destination("read pgzm metadata", &e))?
+            .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?
         {
             ids.push(row.get::<_, i64>(0));
         }
@@ -113,7 +113,7 @@ async fn describe_set(client: &Client, row: &MigrationRow) -> Result<BackupSet, 
                 &[&m.to],
             )
             .await
-            .map_err(|e| CoordinatorError::destination("inspect backup tables", &e))?;
+            .map_err(|e| CoordinatorError::destination("inspect backup tables", e))?;
         let present = info.is_some();
         let rows = if present {
             Some(count(client, &m.to).await?)
@@ -152,7 +152,7 @@ async fn count(client: &Client, table: &str) -> Result<i64, CoordinatorError> {
     Ok(client
         .query_one(&sql, &[])
         .await
-        .map_err(|e| CoordinatorError::destination(format!("count rows of \"{table}\""), &e))?
+        .map_err(|e| CoordinatorError::destination(format!("count rows of \"{table}\""), e))?
         .get(0))
 }
 
@@ -223,7 +223,7 @@ pub async fn verify(
                     &[&t.name],
                 )
                 .await
-                .map_err(|e| CoordinatorError::destination("inspect live tables", &e))?;
+                .map_err(|e| CoordinatorError::destination("inspect live tables", e))?;
             check(
                 format!("live table \"{}\" exists", t.name),
                 twin.is_none().then(|| "missing".to_string()),
@@ -247,7 +247,7 @@ pub async fn verify(
                 &[&t.backup],
             )
             .await
-            .map_err(|e| CoordinatorError::destination("inspect primary keys", &e))?;
+            .map_err(|e| CoordinatorError::destination("inspect primary keys", e))?;
         if let Some(pk) = pk {
             let cols: Vec<String> = pk.get(0);
             let cond = cols
@@ -262,7 +262,7 @@ pub async fn verify(
             let nulls: i64 = client
                 .query_one(&sql, &[])
                 .await
-                .map_err(|e| CoordinatorError::destination("check primary keys", &e))?
+                .map_err(|e| CoordinatorError::destination("check primary keys", e))?
                 .get(0);
             check(
                 format!("primary key of \"{}\" has no NULL", t.backup),
@@ -288,7 +288,7 @@ pub async fn verify(
                 &[&m.to],
             )
             .await
-            .map_err(|e| CoordinatorError::destination("inspect sequences", &e))?
+            .map_err(|e| CoordinatorError::destination("inspect sequences", e))?
             .is_some();
         check(
             format!("backup sequence \"{}\" exists", m.to),
@@ -327,7 +327,7 @@ async fn orphans_in_set(
             &[&tables],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("inspect foreign keys of the backup set", &e))?;
+        .map_err(|e| CoordinatorError::destination("inspect foreign keys of the backup set", e))?;
     let mut out = Vec::new();
     for fk in fks {
         let (name, table, target): (String, String, String) = (fk.get(0), fk.get(1), fk.get(2));
@@ -352,9 +352,7 @@ async fn orphans_in_set(
         let n: i64 = client
             .query_one(&sql, &[])
             .await
-            .map_err(|e| {
-                CoordinatorError::destination(format!("check foreign key \"{name}\""), &e)
-            })?
+            .map_err(|e| CoordinatorError::destination(format!("check foreign key \"{name}\""), e))?
             .get(0);
         out.push((name, table, n));
     }
@@ -512,7 +510,7 @@ pub async fn cleanup(
             &[],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("read pgzm metadata", &e))?
+        .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();

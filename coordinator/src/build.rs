@@ -371,7 +371,7 @@ impl BuildSessions {
                     Err(e) => {
                         return Err(CoordinatorError::destination(
                             format!("{label}: {}", first_line(sql)),
-                            &e,
+                            e,
                         ))
                     }
                 }
@@ -406,7 +406,7 @@ impl BuildSessions {
                             classify(&e) == ErrorClass::Retryable,
                             CoordinatorError::destination(
                                 format!("{label}: set maintenance_work_mem"),
-                                &e,
+                                e,
                             ),
                         )
                     }),

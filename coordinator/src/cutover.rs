@@ -195,7 +195,7 @@ async fn swap_locked(
     control
         .batch_execute("SET search_path = pg_catalog")
         .await
-        .map_err(|e| CoordinatorError::destination("set search_path", &e))?;
+        .map_err(|e| CoordinatorError::destination("set search_path", e))?;
     let row = match (
         state::load(control, opts.migration_id).await?,
         opts.migration_id,

@@ -94,7 +94,7 @@ struct Edge {
 }
 
 fn err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError {
-    move |e| CoordinatorError::destination(format!("inspect the destination: {what}"), &e)
+    move |e| CoordinatorError::destination(format!("inspect the destination: {what}"), e)
 }
 
 /// The oids of what the swap moves to the backup set: relations (tables, views, materialized

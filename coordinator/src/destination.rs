@@ -346,7 +346,7 @@ fn parse_grants(items: Vec<String>) -> Vec<Grant> {
 }
 
 fn err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError {
-    move |e| CoordinatorError::destination(format!("inspect the destination: {what}"), &e)
+    move |e| CoordinatorError::destination(format!("inspect the destination: {what}"), e)
 }
 
 /// Reads what the planner needs to know about the destination. The caller has set

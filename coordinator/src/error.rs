@@ -1,7 +1,7 @@
 //! Errors of the coordinator. Each variant is a failure the operator can act on; its message is
 //! one line saying what failed and what to do.
 
-use pgzm_pg::conn::{classify, describe, ErrorClass};
+use pgzm_pg::conn::{ErrorClass, ErrorKind, PgError};
 
 /// A coordinator failure.
 #[derive(Debug, thiserror::Error)]
@@ -28,12 +28,12 @@ pub enum CoordinatorError {
         message: String,
     },
     /// Reading the catalog failed.
-    #[error("read the source catalog: {what}: {message}")]
+    #[error("read the source catalog: {what}: {source}")]
     Catalog {
         /// Which query.
         what: &'static str,
-        /// One-line reason.
-        message: String,
+        /// The server's error.
+        source: PgError,
     },
     /// The plan found reasons not to start; nothing was changed.
     #[error("{}", .0.join("; "))]
@@ -42,21 +42,28 @@ pub enum CoordinatorError {
     #[error("another pgzm run is working on this destination (advisory lock held); wait for it to finish or stop it")]
     Busy,
     /// A DDL or metadata statement on the destination failed.
-    #[error("{action}: {message}")]
+    #[error("{action}: {source}")]
     Destination {
         /// What was being done, e.g. `create shadow table "Area"`.
         action: String,
-        /// One-line reason.
-        message: String,
-        /// Classification of the underlying error.
-        class: ErrorClass,
+        /// The server's error (its kind sets the retry policy).
+        source: PgError,
     },
     /// A statement on the source failed.
-    #[error("{action} on the source: {message}")]
+    #[error("{action} on the source: {source}")]
     Source {
         /// What was being done.
         action: String,
-        /// One-line reason.
+        /// The server's error.
+        source: PgError,
+    },
+    /// pgzm's own record of a run (in `pgzm.migrations`) cannot be read: written by another
+    /// version, or edited by hand.
+    #[error("{what}: {message}")]
+    Metadata {
+        /// Which record.
+        what: String,
+        /// What is wrong with it and what to do.
         message: String,
     },
     /// A copy task failed for good.
@@ -102,39 +109,48 @@ pub enum CoordinatorError {
 
 impl CoordinatorError {
     /// A catalog query failure.
-    pub fn catalog(what: &'static str, err: &tokio_postgres::Error) -> Self {
+    pub fn catalog(what: &'static str, err: tokio_postgres::Error) -> Self {
         CoordinatorError::Catalog {
             what,
-            message: describe(err),
+            source: err.into(),
         }
     }
 
     /// A destination statement failure while doing `action`.
-    pub fn destination(action: impl Into<String>, err: &tokio_postgres::Error) -> Self {
+    pub fn destination(action: impl Into<String>, err: tokio_postgres::Error) -> Self {
         CoordinatorError::Destination {
             action: action.into(),
-            message: describe(err),
-            class: classify(err),
+            source: err.into(),
         }
     }
 
     /// A source statement failure while doing `action`.
-    pub fn source(action: impl Into<String>, err: &tokio_postgres::Error) -> Self {
+    pub fn source(action: impl Into<String>, err: tokio_postgres::Error) -> Self {
         CoordinatorError::Source {
             action: action.into(),
-            message: describe(err),
+            source: err.into(),
         }
+    }
+
+    /// The kind of the database error behind this one, if a database error is behind it.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            CoordinatorError::Catalog { source, .. }
+            | CoordinatorError::Destination { source, .. }
+            | CoordinatorError::Source { source, .. } => Some(source.kind()),
+            CoordinatorError::SwapLockTimeout { .. } => Some(ErrorKind::LockTimeout),
+            _ => None,
+        }
+    }
+
+    /// The retry policy: whether trying again later (from a clean state) may succeed.
+    pub fn class(&self) -> ErrorClass {
+        self.kind().map_or(ErrorClass::Fatal, ErrorKind::class)
     }
 
     /// Whether this is a lock timeout.
     pub fn is_lock_timeout(&self) -> bool {
-        matches!(
-            self,
-            CoordinatorError::Destination {
-                class: ErrorClass::LockTimeout,
-                ..
-            }
-        )
+        self.class() == ErrorClass::LockTimeout
     }
 }
 

@@ -53,7 +53,7 @@ pub async fn grant(
     let me: String = control
         .query_one("SELECT current_user::text", &[])
         .await
-        .map_err(|e| CoordinatorError::destination("read the coordinator's role", &e))?
+        .map_err(|e| CoordinatorError::destination("read the coordinator's role", e))?
         .get(0);
     let mut out = AgentGrants::default();
     for role in roles.iter().filter(|r| **r != me) {
@@ -63,7 +63,7 @@ pub async fn grant(
                 &[role],
             )
             .await
-            .map_err(|e| CoordinatorError::destination("read the agents' roles", &e))?
+            .map_err(|e| CoordinatorError::destination("read the agents' roles", e))?
             .get::<_, bool>(0);
         if !exists {
             continue;
@@ -71,7 +71,7 @@ pub async fn grant(
         let rows = control
             .query(NEEDS, &[&shadow_oids, role])
             .await
-            .map_err(|e| CoordinatorError::destination("read the agents' privileges", &e))?;
+            .map_err(|e| CoordinatorError::destination("read the agents' privileges", e))?;
         // Grouped by object: one GRANT per object and role.
         let mut by_object: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for r in rows {
@@ -91,7 +91,7 @@ pub async fn grant(
         .batch_execute(&format!("BEGIN; {sql}; COMMIT"))
         .await
         .map_err(|e| {
-            CoordinatorError::destination("grant the agents' roles access to the shadow tables", &e)
+            CoordinatorError::destination("grant the agents' roles access to the shadow tables", e)
         })?;
     tracing::info!(
         grants = out.grants.len(),
@@ -114,7 +114,7 @@ pub async fn revoke(control: &Client, grants: &AgentGrants) -> Result<(), Coordi
         let _ = control.batch_execute("ROLLBACK").await;
         return Err(CoordinatorError::destination(
             "revoke the agents' roles' access to the shadow tables",
-            &e,
+            e,
         ));
     }
     Ok(())

@@ -115,7 +115,7 @@ async fn run_with_lock_retry(
                 // The transaction is aborted (or was never opened): end it so the session is usable.
                 let _ = client.batch_execute("ROLLBACK").await;
                 if classify(&err) != ErrorClass::LockTimeout {
-                    return Err(CoordinatorError::destination(action, &err));
+                    return Err(CoordinatorError::destination(action, err));
                 }
                 let elapsed = started.elapsed();
                 if elapsed >= settings.total_timeout {

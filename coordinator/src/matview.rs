@@ -121,14 +121,14 @@ pub async fn build_all(
     control
         .batch_execute("BEGIN")
         .await
-        .map_err(|e| CoordinatorError::destination("begin building materialized views", &e))?;
+        .map_err(|e| CoordinatorError::destination("begin building materialized views", e))?;
     let result = build_in_transaction(control, plan, renames, created).await;
     match result {
         Ok(recorded) => {
             control
                 .batch_execute("COMMIT")
                 .await
-                .map_err(|e| CoordinatorError::destination("commit the materialized views", &e))?;
+                .map_err(|e| CoordinatorError::destination("commit the materialized views", e))?;
             *created = recorded;
             Ok(())
         }
@@ -154,14 +154,14 @@ async fn build_in_transaction(
         let sql = build_sql(mv, plan, renames)?.join(";\n");
         tx.batch_execute(&sql)
             .await
-            .map_err(|e| CoordinatorError::destination(action.clone(), &e))?;
+            .map_err(|e| CoordinatorError::destination(action.clone(), e))?;
         let oid: u32 = tx
             .query_one(
                 "SELECT to_regclass($1)::oid",
                 &[&quote_qualified(&mv.matview.schema, &mv.shadow)],
             )
             .await
-            .map_err(|e| CoordinatorError::destination(action, &e))?
+            .map_err(|e| CoordinatorError::destination(action, e))?
             .get(0);
         recorded
             .matviews

@@ -60,7 +60,7 @@ pub fn table_list(raw: &[String]) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -86,5 +86,43 @@ mod tests {
         let s = prefixed(BACKUP, &name);
         assert!(s.len() <= MAX_IDENTIFIER_BYTES);
         assert!(s.is_char_boundary(s.len()));
+    }
+
+    /// Names as a hostile schema has them: quotes, dots, spaces, keywords, upper case,
+    /// multi-byte characters, and lengths up to PostgreSQL's 63-byte limit.
+    pub(crate) fn hostile_name() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            "[a-z_][a-z0-9_]{0,20}",
+            "[A-Z][A-Za-z0-9 ]{0,20}",
+            "[a-z]{1,4}[\"'.;$ -][a-z]{0,4}[\"'.;$ -]{0,2}",
+            "[a-zé日本ß]{1,20}",
+            "[a-z]{50,63}",
+            "[é]{25,31}[a-z]{0,2}",
+            prop::sample::select(vec![
+                "user", "select", "order", "shadow_x", "backup_x", "public"
+            ])
+            .prop_map(String::from),
+        ]
+        .prop_filter("an identifier of 1 to 63 bytes", |n| {
+            !n.is_empty() && n.len() <= MAX_IDENTIFIER_BYTES
+        })
+    }
+
+    proptest::proptest! {
+        /// A prefixed name is a valid identifier that PostgreSQL keeps as it is (at most 63
+        /// bytes), starts with the prefix, and tells distinct names apart.
+        #[test]
+        fn prefixed_names_fit_and_stay_distinct(a in hostile_name(), b in hostile_name()) {
+            for prefix in [SHADOW, BACKUP] {
+                let pa = prefixed(prefix, &a);
+                proptest::prop_assert!(pa.len() <= MAX_IDENTIFIER_BYTES, "{pa:?}");
+                proptest::prop_assert!(pa.starts_with(prefix));
+                proptest::prop_assert_eq!(&pa, &prefixed(prefix, &a));
+                if a != b {
+                    proptest::prop_assert_ne!(pa, prefixed(prefix, &b));
+                }
+            }
+        }
     }
 }

@@ -117,17 +117,17 @@ async fn read_sides(
              SET LOCAL lock_timeout = '30s'",
         )
         .await
-        .map_err(|e| CoordinatorError::source("open the snapshot transaction", &e))?;
+        .map_err(|e| CoordinatorError::source("open the snapshot transaction", e))?;
     let snapshot: String = source_client
         .query_one("SELECT pg_export_snapshot()", &[])
         .await
-        .map_err(|e| CoordinatorError::source("export a snapshot", &e))?
+        .map_err(|e| CoordinatorError::source("export a snapshot", e))?
         .get(0);
     let schema = catalog::read(&source_client).await?;
     control
         .batch_execute("SET search_path = pg_catalog")
         .await
-        .map_err(|e| CoordinatorError::destination("set search_path", &e))?;
+        .map_err(|e| CoordinatorError::destination("set search_path", e))?;
     let dest = destination::read(&control).await?;
     let earlier = state::earlier_runs(&control).await?;
     let live_shapes = preserve::read_live(&control, preserved_names).await?;
@@ -367,7 +367,7 @@ async fn check_recorded(
             &[&id],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("read pgzm.copy_progress", &e))?;
+        .map_err(|e| CoordinatorError::destination("read pgzm.copy_progress", e))?;
     let (recorded, recorded_rows): (i64, i64) = (row.get(0), row.get(1));
     if recorded < tasks || recorded_rows < rows {
         return Err(CoordinatorError::Refused(vec![format!(
@@ -399,12 +399,12 @@ async fn refuse_same_database(
         .query_one(DATABASE_IDENTITY, &[])
         .await
         .map(identity)
-        .map_err(|e| CoordinatorError::source("identify the source database", &e))?;
+        .map_err(|e| CoordinatorError::source("identify the source database", e))?;
     let d = destination
         .query_one(DATABASE_IDENTITY, &[])
         .await
         .map(identity)
-        .map_err(|e| CoordinatorError::destination("identify the destination database", &e))?;
+        .map_err(|e| CoordinatorError::destination("identify the destination database", e))?;
     let same_system = match (&s.2, &d.2) {
         (Some(a), Some(b)) => a == b,
         _ => true,
@@ -849,14 +849,14 @@ async fn create_shadow(
             .map_err(|e| {
                 CoordinatorError::destination(
                     format!("create extension {ext} (needed by the source's tables)"),
-                    &e,
+                    e,
                 )
             })?;
     }
     let tx = control
         .transaction()
         .await
-        .map_err(|e| CoordinatorError::destination("begin the shadow transaction", &e))?;
+        .map_err(|e| CoordinatorError::destination("begin the shadow transaction", e))?;
     state::ensure_schema(&tx).await?;
     state::insert(&tx, plan).await?;
     let statements = crate::shadow::statements(plan, schema, dest, renames);
@@ -887,7 +887,7 @@ async fn create_shadow(
             } else {
                 format!("{first} … {last}")
             };
-            CoordinatorError::destination(what, &e)
+            CoordinatorError::destination(what, e)
         })?;
         i = j;
     }
@@ -895,7 +895,7 @@ async fn create_shadow(
     state::record_objects(&tx, plan.migration_id, &objects).await?;
     tx.commit()
         .await
-        .map_err(|e| CoordinatorError::destination("commit the shadow transaction", &e))?;
+        .map_err(|e| CoordinatorError::destination("commit the shadow transaction", e))?;
     Ok(objects)
 }
 
@@ -904,7 +904,7 @@ async fn record(tx: &impl GenericClient, plan: &Plan) -> Result<RecordedObjects,
         let rows = tx
             .query(sql, &[&names])
             .await
-            .map_err(|e| CoordinatorError::destination("record created objects", &e))?;
+            .map_err(|e| CoordinatorError::destination("record created objects", e))?;
         Ok::<_, CoordinatorError>(
             rows.iter()
                 .map(|r| (r.get::<_, String>(0), r.get::<_, u32>(1)))

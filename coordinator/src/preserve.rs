@@ -76,7 +76,7 @@ pub async fn read_live(
     tables: &[String],
 ) -> Result<BTreeMap<String, LiveShape>, CoordinatorError> {
     let rows = client.query(LIVE_SHAPE, &[&tables]).await.map_err(|e| {
-        CoordinatorError::destination("inspect the destination: preserved tables", &e)
+        CoordinatorError::destination("inspect the destination: preserved tables", e)
     })?;
     Ok(rows
         .into_iter()

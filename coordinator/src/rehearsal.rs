@@ -40,7 +40,7 @@ impl Rehearsal<'_> {
         let savepoint = |what: &str| {
             let what = what.to_string();
             move |e: tokio_postgres::Error| {
-                CoordinatorError::destination(format!("dry run: {what}"), &e)
+                CoordinatorError::destination(format!("dry run: {what}"), e)
             }
         };
         self.client
@@ -79,7 +79,7 @@ pub async fn rehearse(
     client
         .batch_execute("BEGIN")
         .await
-        .map_err(|e| CoordinatorError::destination("dry run: begin", &e))?;
+        .map_err(|e| CoordinatorError::destination("dry run: begin", e))?;
     let mut r = Rehearsal {
         client,
         failures: Vec::new(),
@@ -87,7 +87,7 @@ pub async fn rehearse(
     let result = rehearse_in_transaction(&mut r, plan, schema, dest, renames).await;
     let rolled_back = client.batch_execute("ROLLBACK").await;
     result?;
-    rolled_back.map_err(|e| CoordinatorError::destination("dry run: roll back", &e))?;
+    rolled_back.map_err(|e| CoordinatorError::destination("dry run: roll back", e))?;
     Ok(r.failures)
 }
 

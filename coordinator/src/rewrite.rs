@@ -438,4 +438,53 @@ mod tests {
         assert_eq!(r.apply("'it''s public.role'"), "'it''s public.role'");
         assert_eq!(r.apply("é public.role"), "é public.\"shadow_role\"");
     }
+
+    proptest::proptest! {
+        /// Deparsed SQL (names quoted as PostgreSQL quotes them) with references to two hostile
+        /// names, one renamed: exactly the schema-qualified references to the renamed one
+        /// change; a string literal, a column or alias that happens to carry the name, and the
+        /// other name (even when the renamed name is its prefix) stay as they were.
+        #[test]
+        fn renames_touch_only_references_to_the_renamed_name(
+            a in crate::naming::tests::hostile_name(),
+            other in crate::naming::tests::hostile_name(),
+            suffix in proptest::option::of("[a-z_ .\"]{1,3}"),
+        ) {
+            let b = match suffix {
+                Some(s) if (a.len() + s.len()) <= crate::naming::MAX_IDENTIFIER_BYTES => format!("{a}{s}"),
+                _ => other,
+            };
+            proptest::prop_assume!(a != b);
+            let new = crate::naming::prefixed(crate::naming::SHADOW, &a);
+            let text = |renamed: &str| {
+                let (qa, qb) = (quote_ident_like_pg(&a), quote_ident_like_pg(&b));
+                format!(
+                    "SELECT {qa}.{qb}, {lit} FROM (public.{renamed} {qa} JOIN public.{qb} x ON (x.{qa} = {qa}.id)) WHERE {qa}.k = {lit}::public.{renamed}",
+                    lit = quote_literal(&format!("public.{qa} {a}")),
+                )
+            };
+            let mut r = Renames::new();
+            r.insert(&a, &new);
+            let out = r.apply(&text(&quote_ident_like_pg(&a)));
+            proptest::prop_assert_eq!(out, text(&quote_ident(&new)));
+        }
+
+        /// A `'public.name'::regclass` literal follows the rename; any other literal does not.
+        #[test]
+        fn regclass_literals_follow_the_rename(a in crate::naming::tests::hostile_name()) {
+            let new = crate::naming::prefixed(crate::naming::SHADOW, &a);
+            let mut r = Renames::new();
+            r.insert(&a, &new);
+            let lit = |n: &str| quote_literal(&format!("public.{n}"));
+            let sql = format!(
+                "nextval({}::regclass), {}",
+                lit(&quote_ident_like_pg(&a)),
+                lit(&quote_ident_like_pg(&a))
+            );
+            proptest::prop_assert_eq!(
+                r.apply(&sql),
+                format!("nextval({}::regclass), {}", lit(&quote_ident(&new)), lit(&quote_ident_like_pg(&a)))
+            );
+        }
+    }
 }

@@ -83,7 +83,7 @@ async fn oids(
             &[&names],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("inspect tables for the rollback", &e))?;
+        .map_err(|e| CoordinatorError::destination("inspect tables for the rollback", e))?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
@@ -99,7 +99,7 @@ async fn owned_sequences(
     Ok(client
         .query(OWNED_SEQUENCES, &[&tables])
         .await
-        .map_err(|e| CoordinatorError::destination("inspect owned sequences", &e))?
+        .map_err(|e| CoordinatorError::destination("inspect owned sequences", e))?
         .iter()
         .map(|r| r.get(0))
         .collect())
@@ -121,7 +121,7 @@ async fn foreign_keys(
     let rows = client
         .query(sql, &[&a, &b])
         .await
-        .map_err(|e| CoordinatorError::destination("inspect foreign keys for the rollback", &e))?;
+        .map_err(|e| CoordinatorError::destination("inspect foreign keys for the rollback", e))?;
     Ok(rows
         .iter()
         .map(|r| ForeignKey {
@@ -296,7 +296,7 @@ async fn restored_children(
             &[&restored_oids],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("inspect backup indexes and sequences", &e))?;
+        .map_err(|e| CoordinatorError::destination("inspect backup indexes and sequences", e))?;
     let mut names: BTreeSet<String> = children.iter().map(|r| r.get::<_, String>(1)).collect();
     let backup_matviews: Vec<String> = plan
         .to_backup
@@ -312,7 +312,7 @@ async fn restored_children(
                 &[&backup_matviews],
             )
             .await
-            .map_err(|e| CoordinatorError::destination("inspect backup materialized views", &e))?;
+            .map_err(|e| CoordinatorError::destination("inspect backup materialized views", e))?;
         names.extend(rows.iter().map(|r| r.get::<_, String>(0)));
     }
     Ok(names)
@@ -635,7 +635,7 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
     control
         .batch_execute("SET search_path = pg_catalog")
         .await
-        .map_err(|e| CoordinatorError::destination("set search_path", &e))?;
+        .map_err(|e| CoordinatorError::destination("set search_path", e))?;
     let row = backup::find(&control, opts.migration_id).await?;
     let plan = &row.plan;
     let sets = TableSets::new(plan, &opts.keep_tables);
@@ -714,7 +714,7 @@ async fn pending_prepares(
             &[&rolled_back],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("read pgzm metadata", &e))?
+        .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?
         .iter()
         .map(|r| r.get(0))
         .collect();
@@ -798,7 +798,7 @@ async fn type_conversions(
             &[&kept_oids, &replaced],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("inspect kept tables' column types", &e))?;
+        .map_err(|e| CoordinatorError::destination("inspect kept tables' column types", e))?;
     Ok(rows
         .iter()
         .map(|r| Conversion {

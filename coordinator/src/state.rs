@@ -66,7 +66,7 @@ pub async fn try_lock(client: &Client) -> Result<bool, CoordinatorError> {
         let row = client
             .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
             .await
-            .map_err(|e| CoordinatorError::destination("take the pgzm run lock", &e))?;
+            .map_err(|e| CoordinatorError::destination("take the pgzm run lock", e))?;
         if row.get(0) {
             return Ok(true);
         }
@@ -101,7 +101,7 @@ pub async fn reattach(
             let c = destination.connect("pgzm-coordinator").await?;
             c.batch_execute("SET search_path = pg_catalog")
                 .await
-                .map_err(|e| CoordinatorError::destination("set search_path", &e))?;
+                .map_err(|e| CoordinatorError::destination("set search_path", e))?;
             Ok::<_, CoordinatorError>(c)
         };
         match attempt.await {
@@ -152,7 +152,7 @@ pub async fn ensure_schema(client: &impl GenericClient) -> Result<(), Coordinato
     client
         .batch_execute(DDL)
         .await
-        .map_err(|e| CoordinatorError::destination("create the pgzm metadata schema", &e))
+        .map_err(|e| CoordinatorError::destination("create the pgzm metadata schema", e))
 }
 
 /// The comment pgzm puts on its schema: a schema named `pgzm` without it is someone else's.
@@ -170,7 +170,7 @@ async fn exists(client: &Client) -> Result<bool, CoordinatorError> {
             &[],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("read pgzm metadata", &e))?;
+        .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?;
     let (table, comment, schema): (bool, Option<String>, bool) =
         (row.get(0), row.get(1), row.get(2));
     if schema && comment.as_deref() != Some(SCHEMA_COMMENT) {
@@ -194,7 +194,7 @@ pub async fn earlier_runs(client: &Client) -> Result<crate::plan::Earlier, Coord
             &[],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("read pgzm metadata", &e))?;
+        .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?;
     for row in rows {
         let id: i64 = row.get(0);
         if row.get::<_, bool>(3) {
@@ -206,12 +206,11 @@ pub async fn earlier_runs(client: &Client) -> Result<crate::plan::Earlier, Coord
         }
         if row.get::<_, bool>(4) {
             let plan: Plan =
-                serde_json::from_value(row.get(2)).map_err(|e| CoordinatorError::Destination {
-                    action: format!("read the backup set of migration {id}"),
+                serde_json::from_value(row.get(2)).map_err(|e| CoordinatorError::Metadata {
+                    what: format!("read the backup set of migration {id}"),
                     message: format!(
                         "its recorded plan is unreadable ({e}); inspect pgzm.migrations"
                     ),
-                    class: pgzm_pg::conn::ErrorClass::Fatal,
                 })?;
             earlier.backup_set = Some((id, plan.to_backup));
         }
@@ -232,7 +231,7 @@ pub async fn newest(client: &Client) -> Result<Option<(i64, String)>, Coordinato
             &[],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("read pgzm metadata", &e))?;
+        .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?;
     Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
@@ -245,7 +244,7 @@ pub async fn insert(client: &impl GenericClient, plan: &Plan) -> Result<(), Coor
             &[&plan.migration_id, &plan.source, &plan_json],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("record the migration in pgzm.migrations", &e))?;
+        .map_err(|e| CoordinatorError::destination("record the migration in pgzm.migrations", e))?;
     Ok(())
 }
 
@@ -262,7 +261,7 @@ pub async fn record_objects(
             &[&id, &json],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("record created objects", &e))?;
+        .map_err(|e| CoordinatorError::destination("record created objects", e))?;
     Ok(())
 }
 
@@ -282,7 +281,7 @@ pub async fn set_status(
             &[&id, &status.as_str(), &stats, &error],
         )
         .await
-        .map_err(|e| CoordinatorError::destination(format!("mark migration {id} {status}"), &e))?;
+        .map_err(|e| CoordinatorError::destination(format!("mark migration {id} {status}"), e))?;
     Ok(())
 }
 
@@ -401,7 +400,7 @@ async fn shadow_drops(
                 &[name],
             )
             .await
-            .map_err(|e| CoordinatorError::destination("look up a shadow type", &e))?;
+            .map_err(|e| CoordinatorError::destination("look up a shadow type", e))?;
         if row.map(|r| r.get::<_, Oid>(0)) == Some(*oid) {
             tx.push(format!("DROP TYPE {}", quote_qualified("public", name)));
             dropped.push(format!("type {name}"));
@@ -433,7 +432,7 @@ async fn relation_oid(
             &[&name],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("look up a relation", &e))?;
+        .map_err(|e| CoordinatorError::destination("look up a relation", e))?;
     Ok(row.map(|r| r.get(0)))
 }
 
@@ -469,7 +468,7 @@ pub async fn drop_backup_statements(
             &[&names],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("look up the backup objects", &e))?
+        .map_err(|e| CoordinatorError::destination("look up the backup objects", e))?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
@@ -536,16 +535,16 @@ pub async fn drop_backup_set(
     let tx = client
         .transaction()
         .await
-        .map_err(|e| CoordinatorError::destination(action("begin"), &e))?;
+        .map_err(|e| CoordinatorError::destination(action("begin"), e))?;
     tx.batch_execute("SET LOCAL lock_timeout = '5s'")
         .await
-        .map_err(|e| CoordinatorError::destination(action("set lock_timeout"), &e))?;
+        .map_err(|e| CoordinatorError::destination(action("set lock_timeout"), e))?;
     let planned = drop_backup_statements(&tx, moves).await?;
     let (statements, mut dropped, types) = (planned.statements, planned.dropped, planned.types);
     for sql in statements {
         tx.batch_execute(&sql)
             .await
-            .map_err(|e| CoordinatorError::destination(action(&sql), &e))?;
+            .map_err(|e| CoordinatorError::destination(action(&sql), e))?;
     }
     // A backup type may still be used by a destination-only table (it kept the live type when
     // the migration replaced it): such a type stays instead of failing the run, but leaves the
@@ -555,14 +554,14 @@ pub async fn drop_backup_set(
         let sql = format!("DROP TYPE IF EXISTS {}", quote_qualified("public", n));
         tx.batch_execute("SAVEPOINT drop_type")
             .await
-            .map_err(|e| CoordinatorError::destination(action("savepoint"), &e))?;
+            .map_err(|e| CoordinatorError::destination(action("savepoint"), e))?;
         match tx.batch_execute(&sql).await {
             Ok(()) => dropped.push(format!("type {n}")),
             Err(e) => {
                 tx.batch_execute("ROLLBACK TO SAVEPOINT drop_type")
                     .await
                     .map_err(|e| {
-                        CoordinatorError::destination(action("rollback to savepoint"), &e)
+                        CoordinatorError::destination(action("rollback to savepoint"), e)
                     })?;
                 let live = moves
                     .iter()
@@ -578,7 +577,7 @@ pub async fn drop_backup_set(
                         &[n],
                     )
                     .await
-                    .map_err(|e| CoordinatorError::destination(action("find a type's users"), &e))?
+                    .map_err(|e| CoordinatorError::destination(action("find a type's users"), e))?
                     .get(0);
                 let mut aside = crate::naming::prefixed("replaced_", live);
                 let taken = |name: String| {
@@ -590,7 +589,7 @@ pub async fn drop_backup_set(
                         )
                         .await
                         .map(|r| r.is_some())
-                        .map_err(|e| CoordinatorError::destination("look up a type", &e))
+                        .map_err(|e| CoordinatorError::destination("look up a type", e))
                     }
                 };
                 if taken(aside.clone()).await? {
@@ -603,7 +602,7 @@ pub async fn drop_backup_set(
                 );
                 tx.batch_execute(&rename)
                     .await
-                    .map_err(|e| CoordinatorError::destination(action(&rename), &e))?;
+                    .map_err(|e| CoordinatorError::destination(action(&rename), e))?;
                 tracing::warn!(r#type = %n, renamed_to = %aside, used_by = %used_by, error = %pgzm_pg::conn::describe(&e), "backup type kept: still in use");
                 dropped.push(format!(
                     "type {n} kept, still used by {used_by}: renamed to {aside}"
@@ -616,10 +615,10 @@ pub async fn drop_backup_set(
         &[&id],
     )
     .await
-    .map_err(|e| CoordinatorError::destination(action("update metadata"), &e))?;
+    .map_err(|e| CoordinatorError::destination(action("update metadata"), e))?;
     tx.commit()
         .await
-        .map_err(|e| CoordinatorError::destination(action("commit"), &e))?;
+        .map_err(|e| CoordinatorError::destination(action("commit"), e))?;
     Ok(dropped)
 }
 
@@ -692,7 +691,7 @@ pub async fn aside_set(
     let rows = client
         .query(ASIDE_CHECK, &[&kinds, &schemas, &names, &targets, &oids])
         .await
-        .map_err(|e| CoordinatorError::destination("inspect the current backup set", &e))?;
+        .map_err(|e| CoordinatorError::destination("inspect the current backup set", e))?;
     let mut renames = Vec::new();
     let mut problems = Vec::new();
     for r in rows {
@@ -853,7 +852,7 @@ pub async fn abort(
     client
         .batch_execute("SET search_path = pg_catalog")
         .await
-        .map_err(|e| CoordinatorError::destination("set search_path", &e))?;
+        .map_err(|e| CoordinatorError::destination("set search_path", e))?;
     let earlier = earlier_runs(&client).await?;
     let mut out = Aborted {
         dry_run,
@@ -894,7 +893,7 @@ pub async fn sync_triggers_present(
             &[],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("inspect sync triggers", &e))?;
+        .map_err(|e| CoordinatorError::destination("inspect sync triggers", e))?;
     Ok(rows
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
@@ -949,24 +948,22 @@ pub async fn load(
             &[&id],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("read pgzm metadata", &e))?;
+        .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?;
     let Some(row) = row else { return Ok(None) };
     let id: i64 = row.get(0);
     let plan: Plan =
-        serde_json::from_value(row.get(3)).map_err(|e| CoordinatorError::Destination {
-            action: format!("read migration {id}"),
+        serde_json::from_value(row.get(3)).map_err(|e| CoordinatorError::Metadata {
+            what: format!("read migration {id}"),
             message: format!(
                 "its recorded plan is unreadable ({e}); it was written by another pgzm version"
             ),
-            class: pgzm_pg::conn::ErrorClass::Fatal,
         })?;
     let status: String = row.get(1);
-    let status = RunStatus::parse(&status).ok_or_else(|| CoordinatorError::Destination {
-        action: format!("read migration {id}"),
+    let status = RunStatus::parse(&status).ok_or_else(|| CoordinatorError::Metadata {
+        what: format!("read migration {id}"),
         message: format!(
             "its status {status:?} is unknown; it was written by another pgzm version"
         ),
-        class: pgzm_pg::conn::ErrorClass::Fatal,
     })?;
     Ok(Some(MigrationRow {
         id,
@@ -996,7 +993,7 @@ pub async fn sync_errors(
             &[&id],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("read pgzm.sync_errors", &e))?;
+        .map_err(|e| CoordinatorError::destination("read pgzm.sync_errors", e))?;
     Ok(rows
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))

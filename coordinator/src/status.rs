@@ -102,7 +102,7 @@ async fn oids_of(
             &[&names],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("inspect shadow tables", &e))?;
+        .map_err(|e| CoordinatorError::destination("inspect shadow tables", e))?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
@@ -117,7 +117,7 @@ async fn triggers_of(client: &Client, plan: &Plan) -> Result<Vec<SyncTrigger>, C
                     &[&p.table, &name],
                 )
                 .await
-                .map_err(|e| CoordinatorError::destination("inspect sync triggers", &e))?;
+                .map_err(|e| CoordinatorError::destination("inspect sync triggers", e))?;
             out.push(SyncTrigger {
                 table: p.table.clone(),
                 trigger: name.to_string(),
@@ -191,7 +191,7 @@ async fn count(client: &Client, table: &str) -> Result<i64, CoordinatorError> {
     let row = client
         .query_one(&sql, &[])
         .await
-        .map_err(|e| CoordinatorError::destination(format!("count rows of \"{table}\""), &e))?;
+        .map_err(|e| CoordinatorError::destination(format!("count rows of \"{table}\""), e))?;
     Ok(row.get(0))
 }
 
@@ -208,7 +208,7 @@ async fn count_pair(
         quote_qualified("public", live)
     );
     let row = client.query_one(&sql, &[]).await.map_err(|e| {
-        CoordinatorError::destination(format!("count rows of \"{shadow}\" and \"{live}\""), &e)
+        CoordinatorError::destination(format!("count rows of \"{shadow}\" and \"{live}\""), e)
     })?;
     Ok((row.get(0), row.get(1)))
 }
@@ -223,7 +223,7 @@ async fn run_lock_held(client: &Client) -> Result<bool, CoordinatorError> {
             &[&state::LOCK_KEY],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("inspect pg_locks", &e))?
+        .map_err(|e| CoordinatorError::destination("inspect pg_locks", e))?
         .get(0))
 }
 

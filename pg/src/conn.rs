@@ -132,6 +132,50 @@ impl ErrorKind {
     }
 }
 
+/// A PostgreSQL error as the tools report it: its [`ErrorKind`] (the retry policy follows from
+/// it), its one-line rendering ([`describe`]: message, detail, hint, SQLSTATE) as the
+/// `Display`, and the original error kept as the `source`.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct PgError {
+    kind: ErrorKind,
+    message: String,
+    #[source]
+    source: tokio_postgres::Error,
+}
+
+impl PgError {
+    /// What went wrong.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The retry policy.
+    pub fn class(&self) -> ErrorClass {
+        self.kind.class()
+    }
+
+    /// The SQLSTATE, when the server sent one.
+    pub fn code(&self) -> Option<&SqlState> {
+        self.source.code()
+    }
+
+    /// The original error.
+    pub fn inner(&self) -> &tokio_postgres::Error {
+        &self.source
+    }
+}
+
+impl From<tokio_postgres::Error> for PgError {
+    fn from(source: tokio_postgres::Error) -> Self {
+        PgError {
+            kind: ErrorKind::of(&source),
+            message: describe(&source),
+            source,
+        }
+    }
+}
+
 /// Classifies an error by SQLSTATE (or as retryable when the connection itself failed): the
 /// class of its [`ErrorKind`].
 pub fn classify(err: &tokio_postgres::Error) -> ErrorClass {

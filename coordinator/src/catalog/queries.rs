@@ -217,7 +217,7 @@ SELECT e.extname::text, n.nspname::text FROM pg_extension e JOIN pg_namespace n 
 WHERE e.extname <> 'plpgsql' ORDER BY 1";
 
 fn catalog_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError {
-    move |e| CoordinatorError::catalog(what, &e)
+    move |e| CoordinatorError::catalog(what, e)
 }
 
 /// Reads the whole source schema. The caller has set `search_path = pg_catalog` and holds the
