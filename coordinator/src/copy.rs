@@ -259,23 +259,10 @@ where
     Fut: std::future::Future<Output = Result<(), CoordinatorError>> + Send + 'static,
 {
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    let mut remaining = BTreeMap::new();
-    for (i, job) in jobs.iter().enumerate() {
-        let parts = split(i, job, ctx.range_bytes);
-        remaining.insert(i, parts.len());
-        tasks.extend(parts);
-    }
+    let queue = Queue::planned(&jobs, ctx.range_bytes);
     // The progress total is the sum of the tasks' own estimates, so that it is reached exactly.
-    crate::progress::enable(tasks.iter().map(|t| estimate(t, &jobs[t.job])).sum());
-    let queue = Arc::new(Mutex::new(Queue {
-        tasks: tasks.into(),
-        in_flight: 0,
-        failed: None,
-        remaining,
-        stats: BTreeMap::new(),
-        last_landed: None,
-    }));
+    crate::progress::enable(queue.tasks.iter().map(|t| estimate(t, &jobs[t.job])).sum());
+    let queue = Arc::new(Mutex::new(queue));
     let notify = Arc::new(Notify::new());
     let jobs = Arc::new(jobs);
     let (build_tx, build_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -292,22 +279,7 @@ where
     let executors = pool.executors();
     let agent_count = executors.len() as u32;
     let mut set = JoinSet::new();
-    // Slots: each executor's capacity, in turn, until `parallel` are handed out.
-    let mut slots = Vec::new();
-    let mut round = 0u32;
-    while slots.len() < parallel.max(1) {
-        let before = slots.len();
-        for a in &executors {
-            if round < a.info.capacity && slots.len() < parallel.max(1) {
-                slots.push(Arc::clone(a));
-            }
-        }
-        if slots.len() == before {
-            break;
-        }
-        round += 1;
-    }
-    for (n, agent) in slots.into_iter().enumerate() {
+    for (n, agent) in slots(&executors, parallel.max(1)).into_iter().enumerate() {
         let w = Worker {
             phase: tracing::Span::current(),
             ctx: ctx.clone(),
@@ -322,36 +294,97 @@ where
         set.spawn(w.run().instrument(info_span!("copy_slot", slot = n)));
     }
     drop(build_tx);
+    join_slots(set, &queue, &notify).await;
+    // Every copy has ended: the builds still running finish (or, after a failure, stop).
+    crate::progress::disable();
+    finish_builds(builder, &queue).await;
+    copied(&queue, &jobs, started)
+}
+
+impl Queue {
+    /// Every job's tasks (a job larger than `range_bytes` split into page ranges), in order.
+    fn planned(jobs: &[CopyJob], range_bytes: i64) -> Queue {
+        let mut tasks = Vec::new();
+        let mut remaining = BTreeMap::new();
+        for (i, job) in jobs.iter().enumerate() {
+            let parts = split(i, job, range_bytes);
+            remaining.insert(i, parts.len());
+            tasks.extend(parts);
+        }
+        Queue {
+            tasks: tasks.into(),
+            in_flight: 0,
+            failed: None,
+            remaining,
+            stats: BTreeMap::new(),
+            last_landed: None,
+        }
+    }
+}
+
+/// The copy slots: each executor's capacity, in turn, until `parallel` are handed out.
+fn slots(executors: &[Arc<AgentHandle>], parallel: usize) -> Vec<Arc<AgentHandle>> {
+    let mut slots = Vec::new();
+    let mut round = 0u32;
+    while slots.len() < parallel {
+        let before = slots.len();
+        for a in executors {
+            if round < a.info.capacity && slots.len() < parallel {
+                slots.push(Arc::clone(a));
+            }
+        }
+        if slots.len() == before {
+            break;
+        }
+        round += 1;
+    }
+    slots
+}
+
+/// Waits for every copy slot to end; after the first failure the others are stopped.
+async fn join_slots(mut set: JoinSet<()>, queue: &Mutex<Queue>, notify: &Notify) {
     while let Some(joined) = set.join_next().await {
         if let Err(e) = joined {
-            let mut q = lock(&queue);
+            let mut q = lock(queue);
             q.failed.get_or_insert(CoordinatorError::Copy {
                 table: "?".into(),
                 message: format!("copy worker failed: {e}"),
             });
         }
-        let failed = lock(&queue).failed.is_some();
+        let failed = lock(queue).failed.is_some();
         if failed {
             set.abort_all();
             notify.notify_waiters();
         }
     }
-    // Every copy has ended: the builds still running finish (or, after a failure, stop).
-    crate::progress::disable();
-    let failed = lock(&queue).failed.is_some();
+}
+
+/// Waits for the builds still running, or stops them after a failure; a build pool that
+/// panicked fails the phase.
+async fn finish_builds(builder: tokio::task::JoinHandle<()>, queue: &Mutex<Queue>) {
+    let failed = lock(queue).failed.is_some();
     if failed {
         builder.abort();
     }
     if let Err(e) = builder.await {
         if !e.is_cancelled() {
-            let mut q = lock(&queue);
+            let mut q = lock(queue);
             q.failed.get_or_insert(CoordinatorError::Copy {
                 table: "?".into(),
                 message: format!("index builds failed: {e}"),
             });
         }
     }
-    let mut q = lock(&queue);
+}
+
+/// What the phase did, once every slot and build has ended: the first failure, a task that no
+/// agent was left to run, or every table's stats and the data time.
+fn copied(
+    queue: &Mutex<Queue>,
+    jobs: &[CopyJob],
+    started: Instant,
+) -> Result<Copied, CoordinatorError> {
+    let mut q = lock(queue);
     if let Some(err) = q.failed.take() {
         return Err(err);
     }
