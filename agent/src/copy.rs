@@ -1,11 +1,11 @@
 //! One copy task: stream a table (or a page range of it) from the source snapshot into its
 //! shadow table, exactly once.
 
+use std::num::NonZeroU64;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use pgzm_proto::agent::v1 as proto;
 use tokio_postgres::Client;
 
 use crate::pg::PgTarget;
@@ -14,6 +14,8 @@ use tracing::{debug, info_span, Instrument};
 
 use crate::endpoint::Databases;
 use crate::error::{AgentError, Side};
+pub use crate::model::PageRange;
+use crate::model::{CopyDone, CopyTask, ExportTask};
 use crate::pg;
 pub use crate::sql::QualifiedName;
 use crate::sql::{quote_ident_list, quote_literal};
@@ -28,51 +30,28 @@ const FLUSH_BYTES: usize = 64 * 1024;
 /// Longest time between two progress reports (a heartbeat for the coordinator).
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 
-/// Heap pages `[start, end)`; `end == 0` means to the end of the table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PageRange {
-    /// First page.
-    pub start: u64,
-    /// Page after the last (0: open-ended).
-    pub end: u64,
-}
-
-impl PageRange {
-    /// The TID-range predicate selecting the range.
-    pub fn predicate(&self) -> String {
-        let mut p = format!("ctid >= '({},0)'::tid", self.start);
-        if self.end > 0 {
-            p.push_str(&format!(" AND ctid < '({},0)'::tid", self.end));
-        }
-        p
-    }
-}
-
 /// Where the source data comes from.
 #[derive(Clone)]
 pub enum SourceSpec {
     /// The agent connects to the source itself.
     Direct(PgTarget),
-    /// A source-side agent streams it (`ExportRange`); the request is forwarded as is.
+    /// A source-side agent streams it (`ExportRange`).
     Peer {
         /// The peer's URL.
         url: String,
-        /// The export request for the peer.
-        request: proto::ExportRequest,
+        /// The export to ask of the peer.
+        request: ExportTask,
     },
 }
 
-/// A validated copy task (the domain form of [`proto::CopyTask`]).
+/// A validated copy task resolved against the databases this agent holds: where it connects,
+/// and the settings the agent derives from it.
 ///
 /// `Debug` leaves the connection configs out: they may hold passwords.
 #[derive(Clone)]
 pub struct CopySpec {
-    /// Unique id of this task attempt.
-    pub task_id: String,
-    /// Task identity across attempts.
-    pub task_key: String,
-    /// Migration.
-    pub migration_id: i64,
+    /// The task as received.
+    pub task: CopyTask,
     /// Source data.
     pub source: SourceSpec,
     /// Destination connection.
@@ -83,153 +62,49 @@ pub struct CopySpec {
     pub destination_key: String,
     /// application_name for the connections.
     pub application_name: String,
-    /// Exported source snapshot.
-    pub snapshot_id: String,
-    /// Table read on the source.
-    pub source_table: QualifiedName,
-    /// Shadow table written on the destination.
-    pub destination_table: QualifiedName,
-    /// Columns, in order.
-    pub columns: Vec<String>,
-    /// Part of the table, or all of it.
-    pub range: Option<PageRange>,
+    /// Truncate first and load with `COPY FREEZE`: the task asks, and it is a whole table.
+    pub freeze: bool,
     /// Progress interval in bytes.
     pub progress_every_bytes: u64,
-    /// Truncate first and load with `COPY FREEZE` (whole-table tasks only).
-    pub freeze: bool,
-    /// Digest the rows on both sides and compare.
-    pub verify: bool,
 }
 
 impl std::fmt::Debug for CopySpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CopySpec")
-            .field("task_id", &self.task_id)
-            .field("source_table", &self.source_table)
-            .field("destination_table", &self.destination_table)
-            .field("range", &self.range)
+            .field("task_id", &self.task.task_id)
+            .field("source_table", &self.task.source_table)
+            .field("destination_table", &self.task.destination_table)
+            .field("range", &self.task.range)
             .finish_non_exhaustive()
     }
 }
 
-fn table_name(side: &str, t: Option<proto::TableName>) -> Result<QualifiedName, AgentError> {
-    let t = t.ok_or_else(|| AgentError::InvalidTask(format!("{side} table missing")))?;
-    if t.schema.is_empty() || t.name.is_empty() {
-        return Err(AgentError::InvalidTask(format!(
-            "{side} table name is empty"
-        )));
-    }
-    Ok(QualifiedName {
-        schema: t.schema,
-        name: t.name,
-    })
-}
-
-fn range(r: Option<proto::PageRange>) -> Result<Option<PageRange>, AgentError> {
-    match r {
-        None => Ok(None),
-        Some(r) if r.end_page != 0 && r.end_page <= r.start_page => Err(AgentError::InvalidTask(
-            format!("empty page range [{}, {})", r.start_page, r.end_page),
-        )),
-        Some(r) => Ok(Some(PageRange {
-            start: r.start_page,
-            end: r.end_page,
-        })),
-    }
-}
-
 impl CopySpec {
-    /// Validates a task against the databases this agent holds.
-    pub fn from_task(task: proto::CopyTask, databases: &Databases) -> Result<Self, AgentError> {
-        if task.task_id.is_empty() || task.task_key.is_empty() {
-            return Err(AgentError::InvalidTask(
-                "task_id or task_key is empty".into(),
-            ));
-        }
-        if task.snapshot_id.is_empty() {
-            return Err(AgentError::InvalidTask("snapshot_id is empty".into()));
-        }
+    /// Resolves a task's endpoints against the databases this agent holds.
+    pub fn resolve(task: CopyTask, databases: &Databases) -> Result<Self, AgentError> {
         let (destination, application_name) =
-            databases.resolve(Side::Destination, task.destination.as_ref())?;
-        let source_table = table_name("source", task.source_table)?;
-        let source_key = format!(
-            "{}\u{0}{}",
-            crate::endpoint::session_key(task.source.as_ref()),
-            task.snapshot_id
-        );
-        let destination_key = crate::endpoint::session_key(task.destination.as_ref());
-        let range = range(task.range)?;
-        let source = if task.peer_url.is_empty() {
-            SourceSpec::Direct(databases.resolve(Side::Source, task.source.as_ref())?.0)
-        } else {
-            SourceSpec::Peer {
-                url: task.peer_url.clone(),
-                request: proto::ExportRequest {
-                    task_id: task.task_id.clone(),
-                    source: task.source.clone(),
-                    snapshot_id: task.snapshot_id.clone(),
-                    table: Some(proto::TableName {
-                        schema: source_table.schema.clone(),
-                        name: source_table.name.clone(),
-                    }),
-                    columns: task.columns.clone(),
-                    range: task.range,
-                    verify: task.verify,
-                },
-            }
+            databases.resolve(Side::Destination, &task.destination)?;
+        let source_key = format!("{}\u{0}{}", task.source.session_key(), task.snapshot);
+        let destination_key = task.destination.session_key();
+        let source = match &task.peer_url {
+            None => SourceSpec::Direct(databases.resolve(Side::Source, &task.source)?.0),
+            Some(url) => SourceSpec::Peer {
+                url: url.clone(),
+                request: task.export(),
+            },
         };
         Ok(CopySpec {
-            task_id: task.task_id,
-            task_key: task.task_key,
-            migration_id: task.migration_id,
+            freeze: task.freeze && task.range.is_none(),
+            progress_every_bytes: task
+                .progress_every_bytes
+                .map_or(DEFAULT_PROGRESS_EVERY_BYTES, NonZeroU64::get),
+            task,
             source,
             destination,
             source_key,
             destination_key,
             application_name,
-            snapshot_id: task.snapshot_id,
-            source_table,
-            destination_table: table_name("destination", task.destination_table)?,
-            columns: task.columns,
-            freeze: task.freeze && range.is_none(),
-            verify: task.verify,
-            range,
-            progress_every_bytes: if task.progress_every_bytes == 0 {
-                DEFAULT_PROGRESS_EVERY_BYTES
-            } else {
-                task.progress_every_bytes
-            },
         })
-    }
-}
-
-/// What a finished copy task reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CopyOutcome {
-    /// Rows the destination's COPY wrote.
-    pub rows_written: u64,
-    /// Rows the source sent under the snapshot.
-    pub rows_in_source: u64,
-    /// COPY payload bytes.
-    pub bytes: u64,
-    /// Wall time in milliseconds.
-    pub duration_ms: u64,
-    /// Committed by an earlier attempt; nothing copied now.
-    pub already_done: bool,
-    /// The rows' digest, when verified.
-    pub digest: Option<crate::digest::Digest>,
-}
-
-impl From<CopyOutcome> for proto::CopyDone {
-    fn from(o: CopyOutcome) -> Self {
-        proto::CopyDone {
-            rows_written: o.rows_written,
-            rows_in_source: o.rows_in_source,
-            bytes: o.bytes,
-            duration_ms: o.duration_ms,
-            already_done: o.already_done,
-            digest: o.digest.map(|d| d.hex()).unwrap_or_default(),
-        }
     }
 }
 
@@ -363,24 +238,28 @@ async fn source_stream(
     peers: &crate::peer::PeerConnector,
     sessions: &Sessions,
 ) -> Result<SourceStream, AgentError> {
-    let table = spec.destination_table.to_string();
+    let table = spec.task.destination_table.to_string();
     match &spec.source {
         SourceSpec::Direct(config) => {
             let (client, out) = open_source(
                 config.clone(),
                 &spec.application_name,
-                &spec.snapshot_id,
-                &spec.source_table,
-                &spec.columns,
-                spec.range,
+                spec.task.snapshot.as_str(),
+                &spec.task.source_table,
+                &spec.task.columns,
+                spec.task.range,
                 sessions.source.take(&spec.source_key),
             )
             .await?;
             let pool = std::sync::Arc::clone(&sessions.source);
             let key = spec.source_key.clone();
-            Ok(direct_stream(client, out, table, spec.verify, move |c| {
-                pool.put(key, c)
-            }))
+            Ok(direct_stream(
+                client,
+                out,
+                table,
+                spec.task.verify,
+                move |c| pool.put(key, c),
+            ))
         }
         SourceSpec::Peer { url, request } => peers.export(url, request.clone(), &table).await,
     }
@@ -457,11 +336,12 @@ pub async fn run_copy(
     peers: &crate::peer::PeerConnector,
     sessions: &Sessions,
     mut progress: impl FnMut(u64) + Send,
-) -> Result<CopyOutcome, AgentError> {
-    let span = info_span!("copy_task", task = %spec.task_id, table = %spec.destination_table);
+) -> Result<CopyDone, AgentError> {
+    let span =
+        info_span!("copy_task", task = %spec.task.task_id, table = %spec.task.destination_table);
     async move {
         let started = Instant::now();
-        let table = spec.destination_table.to_string();
+        let table = spec.task.destination_table.to_string();
         let dst = match sessions.destination.take(&spec.destination_key) {
             Some(c) => c,
             None => pg::connect(spec.destination.clone(), &spec.application_name)
@@ -475,8 +355,8 @@ pub async fn run_copy(
         }
         let mut source = source_stream(spec, peers, sessions).await?;
 
-        let columns = column_list(&spec.columns);
-        let target = spec.destination_table.quoted();
+        let columns = column_list(&spec.task.columns);
+        let target = spec.task.destination_table.quoted();
         let copy = if spec.freeze {
             dst.batch_execute(&format!("TRUNCATE {target}"))
                 .await
@@ -529,7 +409,7 @@ pub async fn run_copy(
             duration_ms,
             "copy task done"
         );
-        Ok(CopyOutcome {
+        Ok(CopyDone {
             rows_written,
             rows_in_source: pumped.rows_in_source,
             bytes: pumped.bytes,
@@ -546,8 +426,8 @@ pub async fn run_copy(
 fn progress_sql(spec: &CopySpec) -> String {
     format!(
         "SELECT rows, bytes, digest FROM pgzm.copy_progress WHERE migration_id = {} AND task_key = {}",
-        spec.migration_id,
-        quote_literal(&spec.task_key)
+        spec.task.migration_id.0,
+        quote_literal(spec.task.task_key.as_str())
     )
 }
 
@@ -558,8 +438,8 @@ async fn begin_checked(
     spec: &CopySpec,
     sessions: &Sessions,
     dst: &Client,
-) -> Result<Option<CopyOutcome>, AgentError> {
-    let status = crate::guard::status_sql(spec.migration_id, &spec.destination_table);
+) -> Result<Option<CopyDone>, AgentError> {
+    let status = crate::guard::status_sql(spec.task.migration_id.0, &spec.task.destination_table);
     let found = match dst
         .simple_query(&format!("BEGIN; {status}; {}", progress_sql(spec)))
         .await
@@ -568,7 +448,7 @@ async fn begin_checked(
         Err(e) => {
             let _ = dst.batch_execute("ROLLBACK").await;
             return Err(crate::guard::first_statement_error(
-                &spec.destination_table,
+                &spec.task.destination_table,
                 &e,
             ));
         }
@@ -579,8 +459,8 @@ async fn begin_checked(
         .check(
             dst,
             &spec.destination_key,
-            spec.migration_id,
-            &spec.destination_table,
+            spec.task.migration_id.0,
+            &spec.task.destination_table,
             answers.get(1).map(Vec::as_slice).unwrap_or_default(),
         )
         .await;
@@ -619,7 +499,10 @@ async fn pump(
     let mut next_report = spec.progress_every_bytes;
     let mut last_report = Instant::now();
     let mut end = None;
-    let mut written = spec.verify.then(crate::digest::StreamDigester::default);
+    let mut written = spec
+        .task
+        .verify
+        .then(crate::digest::StreamDigester::default);
     while let Some(item) = source.next().await {
         match item? {
             SourceItem::Data(chunk) => {
@@ -711,12 +594,12 @@ async fn record_and_commit(
     rows_written: u64,
     bytes: u64,
     digest: Option<crate::digest::Digest>,
-) -> Result<Option<CopyOutcome>, AgentError> {
+) -> Result<Option<CopyDone>, AgentError> {
     let record = format!(
         "{}; INSERT INTO pgzm.copy_progress (migration_id, task_key, rows, bytes, digest) VALUES ({}, {}, {}, {}, {}); COMMIT",
-        crate::guard::commit_check(spec.migration_id),
-        spec.migration_id,
-        quote_literal(&spec.task_key),
+        crate::guard::commit_check(spec.task.migration_id.0),
+        spec.task.migration_id.0,
+        quote_literal(spec.task.task_key.as_str()),
         rows_written,
         bytes,
         digest.map(|d| quote_literal(&d.hex())).unwrap_or_else(|| "NULL".into())
@@ -749,18 +632,21 @@ async fn record_and_commit(
 
 /// The outcome recorded in a `pgzm.copy_progress` row (rows, bytes, digest) of a simple-query
 /// answer: a task an earlier attempt committed.
-fn progress_of(answer: &[&tokio_postgres::SimpleQueryRow]) -> Option<CopyOutcome> {
+fn progress_of(answer: &[&tokio_postgres::SimpleQueryRow]) -> Option<CopyDone> {
     answer.first().and_then(|r| {
         let rows: u64 = r.get(0)?.parse().ok()?;
-        Some(CopyOutcome {
+        Some(CopyDone {
             rows_written: rows,
             rows_in_source: rows,
             bytes: r.get(1)?.parse().ok()?,
             duration_ms: 0,
             already_done: true,
-            digest: r
-                .get(2)
-                .and_then(|h| crate::digest::Digest::parse_hex(rows, h)),
+            digest: r.get(2).and_then(|h| {
+                Some(crate::digest::Digest {
+                    rows,
+                    sum: h.parse().ok()?,
+                })
+            }),
         })
     })
 }
@@ -805,17 +691,5 @@ mod tests {
         c.message(&header());
         c.message(&[0xff, 0xff]);
         assert_eq!(c.rows(), 0);
-    }
-
-    #[test]
-    fn page_range_predicates() {
-        assert_eq!(
-            PageRange { start: 0, end: 10 }.predicate(),
-            "ctid >= '(0,0)'::tid AND ctid < '(10,0)'::tid"
-        );
-        assert_eq!(
-            PageRange { start: 10, end: 0 }.predicate(),
-            "ctid >= '(10,0)'::tid"
-        );
     }
 }

@@ -11,13 +11,63 @@
 
 use xxhash_rust::xxh3::{xxh3_128, Xxh3};
 
+/// The order-independent hash of a set of rows: the wrapping sum of their XXH3-128 hashes.
+///
+/// It travels (`CopyDone.digest`, `CopyChunk.source_digest`) and is recorded
+/// (`pgzm.copy_progress.digest`) as 32 hex digits: [`Display`](std::fmt::Display) and
+/// [`FromStr`](std::str::FromStr) here are the one place of that format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct RowHash(pub u128);
+
+impl RowHash {
+    /// The hash of the union of two disjoint row sets.
+    pub fn combine(self, other: RowHash) -> RowHash {
+        RowHash(self.0.wrapping_add(other.0))
+    }
+}
+
+/// 32 lowercase hex digits.
+impl std::fmt::Display for RowHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// A row hash that is not 32 hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DigestError {
+    /// Too short or too long.
+    #[error("a row digest is 32 hex digits, not {0} characters")]
+    Length(usize),
+    /// Something other than hex digits.
+    #[error("a row digest is 32 hex digits; {0:?} is not hex")]
+    NotHex(String),
+}
+
+impl std::str::FromStr for RowHash {
+    type Err = DigestError;
+
+    fn from_str(hex: &str) -> Result<Self, DigestError> {
+        if hex.len() != 32 {
+            return Err(DigestError::Length(hex.len()));
+        }
+        // from_str_radix alone would take a leading '+'.
+        if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(DigestError::NotHex(hex.to_string()));
+        }
+        u128::from_str_radix(hex, 16)
+            .map(RowHash)
+            .map_err(|_| DigestError::NotHex(hex.to_string()))
+    }
+}
+
 /// Row count and order-independent hash of a set of rows.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Digest {
     /// Rows.
     pub rows: u64,
     /// Wrapping sum of the rows' XXH3-128 hashes.
-    pub sum: u128,
+    pub sum: RowHash,
 }
 
 impl Digest {
@@ -28,30 +78,20 @@ impl Digest {
 
     fn add_hash(&mut self, h: u128) {
         self.rows += 1;
-        self.sum = self.sum.wrapping_add(h);
+        self.sum = self.sum.combine(RowHash(h));
     }
 
     /// The digest of the union of two disjoint row sets.
     pub fn combine(self, other: Digest) -> Digest {
         Digest {
             rows: self.rows + other.rows,
-            sum: self.sum.wrapping_add(other.sum),
+            sum: self.sum.combine(other.sum),
         }
     }
 
     /// The hash as 32 hex digits (the row count travels separately).
     pub fn hex(&self) -> String {
-        format!("{:032x}", self.sum)
-    }
-
-    /// Parses [`Digest::hex`] output.
-    pub fn parse_hex(rows: u64, hex: &str) -> Option<Digest> {
-        if hex.len() != 32 {
-            return None;
-        }
-        u128::from_str_radix(hex, 16)
-            .ok()
-            .map(|sum| Digest { rows, sum })
+        self.sum.to_string()
     }
 }
 
@@ -370,7 +410,30 @@ mod tests {
     #[test]
     fn hex_round_trips() {
         let d = expected(&sample());
-        assert_eq!(Digest::parse_hex(d.rows, &d.hex()), Some(d));
-        assert_eq!(Digest::parse_hex(1, "zz"), None);
+        assert_eq!(d.hex().parse::<RowHash>(), Ok(d.sum));
+        assert_eq!(RowHash(1).to_string(), "00000000000000000000000000000001");
+        assert_eq!(
+            "0123456789ABCDEF0123456789abcdef".parse(),
+            Ok(RowHash(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef))
+        );
+    }
+
+    #[test]
+    fn malformed_hex_is_refused() {
+        assert_eq!("zz".parse::<RowHash>(), Err(DigestError::Length(2)));
+        assert_eq!("".parse::<RowHash>(), Err(DigestError::Length(0)));
+        let plus = format!("+{}", "0".repeat(31));
+        assert_eq!(
+            plus.parse::<RowHash>(),
+            Err(DigestError::NotHex(plus.clone()))
+        );
+        let g = format!("{}g", "0".repeat(31));
+        assert_eq!(g.parse::<RowHash>(), Err(DigestError::NotHex(g.clone())));
+    }
+
+    #[test]
+    fn hashes_add_up_wrapping() {
+        let max = RowHash(u128::MAX);
+        assert_eq!(max.combine(RowHash(2)), RowHash(1));
     }
 }

@@ -8,9 +8,9 @@
 use std::collections::BTreeMap;
 
 use crate::pg::PgTarget;
-use pgzm_proto::agent::v1 as proto;
 
 use crate::error::{AgentError, Side};
+use crate::model::{Endpoint, Target};
 use crate::pg;
 
 /// Named connection strings held by the agent.
@@ -47,14 +47,9 @@ impl Databases {
     }
 
     /// Resolves an endpoint to a connection config and application name.
-    pub fn resolve(
-        &self,
-        side: Side,
-        e: Option<&proto::Endpoint>,
-    ) -> Result<(PgTarget, String), AgentError> {
-        let e = e.ok_or_else(|| AgentError::InvalidTask(format!("{side} endpoint missing")))?;
+    pub fn resolve(&self, side: Side, e: &Endpoint) -> Result<(PgTarget, String), AgentError> {
         let config = match &e.target {
-            Some(proto::endpoint::Target::Url(_)) if !self.named.is_empty() => {
+            Target::Url(_) if !self.named.is_empty() => {
                 let flag = match side {
                     Side::Source => "--agent-source-db",
                     Side::Destination => "--agent-dest-db",
@@ -64,27 +59,15 @@ impl Databases {
                     self.names().join(", ")
                 )));
             }
-            Some(proto::endpoint::Target::Url(url)) => pg::parse_config(url)
+            Target::Url(url) => pg::parse_config(url)
                 .map_err(|message| AgentError::InvalidConnection { side, message })?,
-            Some(proto::endpoint::Target::Database(name)) => {
-                self.named.get(name).cloned().ok_or_else(|| {
-                    AgentError::InvalidTask(format!(
-                        "this agent holds no database named \"{name}\" (it has: {})",
-                        self.names().join(", ")
-                    ))
-                })?
-            }
-            None => return Err(AgentError::InvalidTask(format!("{side} endpoint is empty"))),
+            Target::Database(name) => self.named.get(name).cloned().ok_or_else(|| {
+                AgentError::InvalidTask(format!(
+                    "this agent holds no database named \"{name}\" (it has: {})",
+                    self.names().join(", ")
+                ))
+            })?,
         };
         Ok((config, e.application_name.clone()))
-    }
-}
-
-/// A key identifying where an endpoint connects (for session reuse; kept in memory only).
-pub fn session_key(e: Option<&proto::Endpoint>) -> String {
-    match e.and_then(|e| e.target.as_ref().map(|t| (t, &e.application_name))) {
-        Some((proto::endpoint::Target::Url(u), app)) => format!("url\u{0}{u}\u{0}{app}"),
-        Some((proto::endpoint::Target::Database(d), app)) => format!("db\u{0}{d}\u{0}{app}"),
-        None => String::new(),
     }
 }

@@ -27,6 +27,10 @@ pub enum AgentError {
     /// The task message is incomplete or contradictory.
     #[error("invalid copy task: {0}")]
     InvalidTask(String),
+    /// A message broke the protocol (see [`crate::model`]): a required field missing or
+    /// empty, an impossible page range, a malformed digest.
+    #[error("invalid copy task: {0}")]
+    Invalid(#[from] crate::model::ModelError),
     /// A connection string could not be parsed.
     #[error("invalid {side} connection string: {message}")]
     InvalidConnection {
@@ -114,6 +118,7 @@ impl AgentError {
                 kind.class() != ErrorClass::Fatal
             }
             AgentError::InvalidTask(_)
+            | AgentError::Invalid(_)
             | AgentError::Refused(_)
             | AgentError::InvalidConnection { .. }
             | AgentError::Snapshot { .. }
@@ -152,9 +157,9 @@ impl From<AgentError> for tonic::Status {
         let connect = matches!(err, AgentError::Connect { .. });
         let kind = err.kind();
         let mut status = match err {
-            AgentError::InvalidTask(_) | AgentError::InvalidConnection { .. } => {
-                tonic::Status::invalid_argument(message)
-            }
+            AgentError::InvalidTask(_)
+            | AgentError::Invalid(_)
+            | AgentError::InvalidConnection { .. } => tonic::Status::invalid_argument(message),
             AgentError::Snapshot { .. } => tonic::Status::failed_precondition(message),
             AgentError::Refused(_) => tonic::Status::permission_denied(message),
             AgentError::RowCountMismatch { .. } | AgentError::DigestMismatch { .. } => {

@@ -14,6 +14,7 @@ pub mod endpoint;
 pub mod error;
 pub mod guard;
 pub mod metrics;
+pub mod model;
 pub mod peer;
 pub mod pool;
 pub mod service;

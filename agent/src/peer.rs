@@ -10,7 +10,9 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
+use crate::digest::Digest;
 use crate::error::{AgentError, Side};
+use crate::model::{ExportChunk, ExportTask};
 use crate::pg::ErrorKind;
 use crate::stream::{SourceItem, SourceStream};
 
@@ -76,11 +78,12 @@ impl PeerConnector {
         req
     }
 
-    /// Opens a source-side agent's export stream for `table`.
+    /// Opens a source-side agent's export stream for `table`. A chunk that breaks the
+    /// protocol (a malformed digest) fails the stream.
     pub async fn export(
         &self,
         url: &str,
-        request: proto::ExportRequest,
+        request: ExportTask,
         table: &str,
     ) -> Result<SourceStream, AgentError> {
         let peer_err = |message: String, kind: ErrorKind| AgentError::Copy {
@@ -95,38 +98,38 @@ impl PeerConnector {
             .await
             .map_err(|e| peer_err(format!("cannot reach {url}: {e}"), ErrorKind::Connection))?;
         let stream = client
-            .export_range(self.request(request))
+            .export_range(self.request(proto::ExportRequest::from(request)))
             .await
             .map_err(|s| peer_err(s.message().to_string(), status_kind(&s)))?
             .into_inner();
         let table = table.to_string();
         let mut digest = None;
         Ok(Box::pin(stream.map(move |item| {
-            match item {
-                Ok(proto::CopyChunk {
-                    chunk: Some(proto::copy_chunk::Chunk::Data(d)),
-                }) => Ok(SourceItem::Data(d)),
-                Ok(proto::CopyChunk {
-                    chunk: Some(proto::copy_chunk::Chunk::SourceDigest(hex)),
-                }) => {
-                    digest = Some(hex);
+            let chunk = item.map_err(|s| (s.message().to_string(), status_kind(&s)));
+            let chunk = chunk.and_then(|c| {
+                ExportChunk::try_from(c).map_err(|e| {
+                    (
+                        format!("the source-side agent broke the protocol: {e}"),
+                        ErrorKind::Other,
+                    )
+                })
+            });
+            match chunk {
+                Ok(ExportChunk::Data(d)) => Ok(SourceItem::Data(d)),
+                Ok(ExportChunk::SourceDigest(sum)) => {
+                    digest = Some(sum);
                     Ok(SourceItem::Data(Bytes::new()))
                 }
-                Ok(proto::CopyChunk {
-                    chunk: Some(proto::copy_chunk::Chunk::RowsInSource(n)),
-                }) => Ok(SourceItem::End {
-                    rows: n,
-                    digest: digest
-                        .take()
-                        .and_then(|h| crate::digest::Digest::parse_hex(n, &h)),
+                Ok(ExportChunk::RowsInSource(rows)) => Ok(SourceItem::End {
+                    rows,
+                    digest: digest.take().map(|sum| Digest { rows, sum }),
                 }),
-                Ok(proto::CopyChunk { chunk: None }) => Ok(SourceItem::Data(Bytes::new())),
-                Err(s) => Err(AgentError::Copy {
+                Err((message, kind)) => Err(AgentError::Copy {
                     table: table.clone(),
                     step: "read from the source-side agent",
                     side: Side::Source,
-                    message: s.message().to_string(),
-                    kind: status_kind(&s),
+                    message,
+                    kind,
                 }),
             }
         })))

@@ -3,22 +3,26 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures_util::StreamExt;
 use pgzm_proto::agent::v1 as proto;
 use pgzm_proto::agent::v1::agent_client::AgentClient;
 use pgzm_proto::agent::v1::agent_server::{Agent, AgentServer};
 use tokio::sync::{mpsc, Semaphore};
+use tokio_postgres::{Client, CopyOutStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::{Channel, Endpoint, Server, Uri};
 use tonic::{Request, Response, Status};
 use tracing::{info_span, warn, Instrument};
 
-use crate::copy::{open_source, run_copy, CopySpec, PageRange, QualifiedName, RowCounter};
+use crate::copy::{open_source, run_copy, CopySpec, RowCounter};
 use crate::endpoint::Databases;
 use crate::error::{AgentError, Side};
+use crate::model::{endpoint, CopyTask, ExportChunk, ExportTask};
 use crate::peer::PeerConnector;
+use crate::pg::PgTarget;
+use crate::pool::SessionPool;
 
 /// Size of the chunks an export stream sends (many COPY rows per gRPC message).
 const EXPORT_CHUNK_BYTES: usize = 256 * 1024;
@@ -176,11 +180,22 @@ impl Agent for AgentService {
     ) -> Result<Response<proto::ProbeResponse>, Status> {
         let mut results = Vec::new();
         for e in request.into_inner().endpoints {
+            let e = match endpoint("destination endpoint", "destination endpoint", Some(e)) {
+                Ok(e) => e,
+                Err(err) => {
+                    results.push(proto::ProbeResult {
+                        ok: false,
+                        message: AgentError::from(err).to_string(),
+                        role: String::new(),
+                    });
+                    continue;
+                }
+            };
             // A probe does not say which side an endpoint is for: the refusal names both flags.
             let resolved = self
                 .config
                 .databases
-                .resolve(Side::Destination, Some(&e))
+                .resolve(Side::Destination, &e)
                 .map_err(|err| match err {
                     AgentError::Refused(_) => AgentError::Refused(format!(
                         "this agent connects only to the databases it holds ({}), not to connection strings from callers: give the coordinator --agent-source-db and --agent-dest-db",
@@ -243,12 +258,13 @@ impl Agent for AgentService {
             bytes = tracing::field::Empty
         );
         crate::telemetry::follow(&span, request.metadata());
-        let spec = CopySpec::from_task(request.into_inner(), &self.config.databases)
-            .map_err(|e| logged("RunCopy", e))?;
-        span.record("task", spec.task_id.as_str());
-        span.record("table", spec.destination_table.to_string().as_str());
-        if let Some(r) = spec.range {
-            span.record("range", format!("{}..{}", r.start, r.end).as_str());
+        let task = CopyTask::try_from(request.into_inner()).map_err(AgentError::from)?;
+        let spec =
+            CopySpec::resolve(task, &self.config.databases).map_err(|e| logged("RunCopy", e))?;
+        span.record("task", spec.task.task_id.as_str());
+        span.record("table", spec.task.destination_table.to_string().as_str());
+        if let Some(r) = spec.task.range {
+            span.record("range", r.to_string().as_str());
         }
         let permits = Arc::clone(&self.permits);
         let config = Arc::clone(&self.config);
@@ -280,7 +296,7 @@ impl Agent for AgentService {
                 let metrics = crate::metrics::get();
                 let attrs = [opentelemetry::KeyValue::new(
                     "table",
-                    spec.destination_table.to_string(),
+                    spec.task.destination_table.to_string(),
                 )];
                 match &result {
                     Ok(o) => {
@@ -323,135 +339,197 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::ExportRequest>,
     ) -> Result<Response<Self::ExportRangeStream>, Status> {
-        let parent = crate::telemetry::extract(request.metadata());
-        let req = request.into_inner();
-        if req.snapshot_id.is_empty() || req.columns.is_empty() {
-            return Err(
-                AgentError::InvalidTask("export needs a snapshot and columns".into()).into(),
-            );
-        }
+        let span = info_span!(
+            "export_range",
+            task = tracing::field::Empty,
+            table = tracing::field::Empty,
+            rows = tracing::field::Empty
+        );
+        crate::telemetry::follow(&span, request.metadata());
+        let task = ExportTask::try_from(request.into_inner()).map_err(AgentError::from)?;
         let (config, app) = self
             .config
             .databases
-            .resolve(Side::Source, req.source.as_ref())
+            .resolve(Side::Source, &task.source)
             .map_err(|e| logged("ExportRange", e))?;
-        let table = req
-            .table
-            .map(|t| QualifiedName {
-                schema: t.schema,
-                name: t.name,
-            })
-            .ok_or_else(|| Status::invalid_argument("export needs a table"))?;
-        let range = req.range.map(|r| PageRange {
-            start: r.start_page,
-            end: r.end_page,
-        });
-        let source_key = format!(
-            "{}\u{0}{}",
-            crate::endpoint::session_key(req.source.as_ref()),
-            req.snapshot_id
-        );
-        let pool = Arc::clone(&self.sessions.source);
+        span.record("task", task.task_id.as_str());
+        span.record("table", task.table.to_string().as_str());
         let (tx, rx) = mpsc::channel(8);
-        let span = info_span!("export_range", task = %req.task_id, table = %table, rows = tracing::field::Empty);
-        {
-            use opentelemetry::trace::TraceContextExt as _;
-            use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-            if parent.span().span_context().is_valid() {
-                let _ = span.set_parent(parent);
+        let export = Export {
+            source_key: format!("{}\u{0}{}", task.source.session_key(), task.snapshot),
+            application_name: if app.is_empty() {
+                "pgzm-agent".into()
+            } else {
+                app
+            },
+            pool: Arc::clone(&self.sessions.source),
+            task,
+            tx,
+        };
+        tokio::spawn(export.run(config).instrument(span));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// One `ExportRange` stream: the COPY data of a table (range) read under the snapshot, in
+/// chunks of about [`EXPORT_CHUNK_BYTES`], then the rows' digest (verified exports) and count.
+struct Export {
+    task: ExportTask,
+    application_name: String,
+    /// Session-reuse key of the source (includes the snapshot).
+    source_key: String,
+    pool: Arc<SessionPool>,
+    tx: mpsc::Sender<Result<proto::CopyChunk, Status>>,
+}
+
+/// What an export's data stream moved.
+struct Exported {
+    counter: RowCounter,
+    bytes: u64,
+}
+
+impl Export {
+    /// Opens the source, streams the data, gives the session back for reuse, and ends with the
+    /// digest and the row count. A failure ends the stream with its status.
+    async fn run(self, config: PgTarget) {
+        let started = Instant::now();
+        let Some((client, out)) = self.open(config).await else {
+            return;
+        };
+        let Some(exported) = self.stream(out).await else {
+            return;
+        };
+        // Read to the end without error: still in the snapshot's transaction, reusable.
+        self.pool.put(self.source_key.clone(), client);
+        self.finish(exported, started).await;
+    }
+
+    /// The source session (an idle one inside this snapshot, or a new one) and its COPY TO
+    /// stream; `None` once the failure is sent.
+    async fn open(&self, config: PgTarget) -> Option<(Client, CopyOutStream)> {
+        let opened = open_source(
+            config,
+            &self.application_name,
+            self.task.snapshot.as_str(),
+            &self.task.table,
+            &self.task.columns,
+            self.task.range,
+            self.pool.take(&self.source_key),
+        )
+        .await;
+        match opened {
+            Ok(x) => Some(x),
+            Err(e) => {
+                let _ = self.tx.send(Err(Status::from(e))).await;
+                None
             }
         }
-        tokio::spawn(
-            async move {
-                let started = Instant::now();
-                let opened = open_source(
-                    config,
-                    if app.is_empty() { "pgzm-agent" } else { &app },
-                    &req.snapshot_id,
-                    &table,
-                    &req.columns,
-                    range,
-                    pool.take(&source_key),
-                )
-                .await;
-                let (client, out) = match opened {
-                    Ok(x) => x,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        return;
-                    }
-                };
-                futures_util::pin_mut!(out);
-                let mut counter = RowCounter::new(req.verify);
-                let mut exported = 0u64;
-                let mut buf = BytesMut::with_capacity(EXPORT_CHUNK_BYTES * 2);
-                while let Some(item) = out.next().await {
-                    match item {
-                        Ok(bytes) => {
-                            counter.message(&bytes);
-                            exported += bytes.len() as u64;
-                            buf.extend_from_slice(&bytes);
-                            if buf.len() >= EXPORT_CHUNK_BYTES {
-                                let data: Bytes = buf.split().freeze();
-                                if tx
-                                    .send(Ok(proto::CopyChunk {
-                                        chunk: Some(proto::copy_chunk::Chunk::Data(data)),
-                                    }))
-                                    .await
-                                    .is_err()
-                                {
-                                    return; // the importer went away
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            let err = AgentError::copy(
-                                &table.to_string(),
-                                "read COPY data",
-                                Side::Source,
-                                &e,
-                            );
-                            let _ = tx.send(Err(Status::from(err))).await;
-                            return;
-                        }
+    }
+
+    /// Sends the COPY data in chunks, counting (and digesting) the rows as they pass; `None`
+    /// when reading failed (the failure sent) or the importer went away.
+    async fn stream(&self, out: CopyOutStream) -> Option<Exported> {
+        futures_util::pin_mut!(out);
+        let mut exported = Exported {
+            counter: RowCounter::new(self.task.verify),
+            bytes: 0,
+        };
+        let mut buf = BytesMut::with_capacity(EXPORT_CHUNK_BYTES * 2);
+        while let Some(item) = out.next().await {
+            match item {
+                Ok(bytes) => {
+                    exported.counter.message(&bytes);
+                    exported.bytes += bytes.len() as u64;
+                    buf.extend_from_slice(&bytes);
+                    if buf.len() >= EXPORT_CHUNK_BYTES
+                        && !self.send(ExportChunk::Data(buf.split().freeze())).await
+                    {
+                        return None; // the importer went away
                     }
                 }
-                if !buf.is_empty() {
-                    let data = buf.split().freeze();
-                    let _ = tx
-                        .send(Ok(proto::CopyChunk {
-                            chunk: Some(proto::copy_chunk::Chunk::Data(data)),
-                        }))
-                        .await;
+                Err(e) => {
+                    let table = self.task.table.to_string();
+                    let err = AgentError::copy(&table, "read COPY data", Side::Source, &e);
+                    let _ = self.tx.send(Err(Status::from(err))).await;
+                    return None;
                 }
-                // Read to the end without error: still in the snapshot's transaction, reusable.
-                pool.put(source_key, client);
-                crate::metrics::get().exported_bytes.add(
-                    exported,
-                    &[opentelemetry::KeyValue::new("table", table.to_string())],
-                );
-                tracing::Span::current()
-                    .record("rows", i64::try_from(counter.rows()).unwrap_or(i64::MAX));
-                if let Some(d) = counter.digest() {
-                    let _ = tx
-                        .send(Ok(proto::CopyChunk {
-                            chunk: Some(proto::copy_chunk::Chunk::SourceDigest(d.hex())),
-                        }))
-                        .await;
-                }
-                let _ = tx
-                    .send(Ok(proto::CopyChunk {
-                        chunk: Some(proto::copy_chunk::Chunk::RowsInSource(counter.rows())),
-                    }))
-                    .await;
-                tracing::debug!(
-                    rows = counter.rows(),
-                    ms = started.elapsed().as_millis() as u64,
-                    "export done"
-                );
             }
-            .instrument(span),
+        }
+        if !buf.is_empty() {
+            self.send(ExportChunk::Data(buf.split().freeze())).await;
+        }
+        Some(exported)
+    }
+
+    /// Metrics and span fields, then the last messages: the digest (verified exports) and the
+    /// row count.
+    async fn finish(&self, exported: Exported, started: Instant) {
+        let Exported { counter, bytes } = exported;
+        crate::metrics::get().exported_bytes.add(
+            bytes,
+            &[opentelemetry::KeyValue::new(
+                "table",
+                self.task.table.to_string(),
+            )],
         );
-        Ok(Response::new(ReceiverStream::new(rx)))
+        tracing::Span::current().record("rows", i64::try_from(counter.rows()).unwrap_or(i64::MAX));
+        if let Some(d) = counter.digest() {
+            self.send(ExportChunk::SourceDigest(d.sum)).await;
+        }
+        self.send(ExportChunk::RowsInSource(counter.rows())).await;
+        tracing::debug!(
+            rows = counter.rows(),
+            ms = started.elapsed().as_millis() as u64,
+            "export done"
+        );
+    }
+
+    /// Sends one message; false when the importer went away.
+    async fn send(&self, chunk: ExportChunk) -> bool {
+        self.tx.send(Ok(chunk.into())).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Malformed requests are refused at the boundary, before any connection: INVALID_ARGUMENT,
+    /// not retryable.
+    #[tokio::test]
+    async fn malformed_requests_are_invalid_arguments() {
+        let mut client = AgentService::new(1)
+            .into_in_process_client()
+            .await
+            .expect("in-process agent");
+        let status = client
+            .run_copy(proto::CopyTask {
+                task_id: "m1/t0/a1".into(),
+                ..proto::CopyTask::default()
+            })
+            .await
+            .expect_err("a task without a key is refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(status.message(), "invalid copy task: task_key is empty");
+        assert_eq!(
+            status
+                .metadata()
+                .get(crate::error::RETRYABLE_KEY)
+                .map(|v| v.to_str().ok()),
+            Some(Some("0"))
+        );
+        let status = client
+            .export_range(proto::ExportRequest {
+                snapshot_id: "00000003-0000001B-1".into(),
+                columns: vec!["id".into()],
+                ..proto::ExportRequest::default()
+            })
+            .await
+            .expect_err("an export without a source is refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            status.message(),
+            "invalid copy task: source endpoint missing"
+        );
     }
 }

@@ -13,6 +13,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use pgzm_agent::model::{Endpoint, Target};
 use pgzm_agent::peer::PeerConnector;
 use pgzm_proto::agent::v1 as proto;
 use pgzm_proto::agent::v1::agent_client::AgentClient;
@@ -297,22 +298,17 @@ impl AgentPool {
     }
 
     /// The endpoint tasks use for `url`'s database, their sessions named `application_name`.
-    pub fn endpoint(
-        &self,
-        url: &DbUrl,
-        destination: bool,
-        application_name: &str,
-    ) -> proto::Endpoint {
+    pub fn endpoint(&self, url: &DbUrl, destination: bool, application_name: &str) -> Endpoint {
         let named = if destination {
             &self.destination_database
         } else {
             &self.source_database
         };
-        proto::Endpoint {
-            target: Some(match named {
-                Some(name) => proto::endpoint::Target::Database(name.clone()),
-                None => proto::endpoint::Target::Url(url.expose()),
-            }),
+        Endpoint {
+            target: match named {
+                Some(name) => Target::Database(name.clone()),
+                None => Target::Url(url.expose()),
+            },
             application_name: application_name.to_string(),
         }
     }
@@ -343,7 +339,7 @@ impl AgentPool {
             let mut client = a.client.clone();
             let results = client
                 .probe(self.connector.request(proto::ProbeRequest {
-                    endpoints: wanted.iter().map(|(_, e)| e.clone()).collect(),
+                    endpoints: wanted.iter().map(|(_, e)| e.clone().into()).collect(),
                 }))
                 .await
                 .map_err(|s| CoordinatorError::Agent {

@@ -4,10 +4,13 @@
 //! when one dies or stalls) never duplicates rows and completed ranges are never copied again.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgzm_agent::error::RETRYABLE_KEY;
+use pgzm_agent::model::{CopyDone, CopyTask, MigrationId, PageRange, SnapshotId, TaskId, TaskKey};
+use pgzm_pg::sql::QualifiedName;
 use pgzm_proto::agent::v1 as proto;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -130,7 +133,7 @@ pub async fn end_sessions(client: &Client, pattern: &str) -> Result<u64, tokio_p
 struct Task {
     job: usize,
     key: String,
-    range: Option<proto::PageRange>,
+    range: Option<PageRange>,
     attempts: u32,
     failovers: u32,
     /// When its first failure to connect happened (see [`RESTART_PATIENCE`]).
@@ -156,13 +159,8 @@ fn estimate(task: &Task, job: &CopyJob) -> u64 {
     match task.range {
         Some(r) if job.pages > 0 => {
             let pages = job.pages as u64;
-            let end = if r.end_page == 0 {
-                pages
-            } else {
-                r.end_page.min(pages)
-            };
-            (bytes as u128 * u128::from(end.saturating_sub(r.start_page)) / u128::from(pages))
-                as u64
+            let end = r.end.map_or(pages, |end| end.min(pages));
+            (bytes as u128 * u128::from(end.saturating_sub(r.start)) / u128::from(pages)) as u64
         }
         _ => bytes,
     }
@@ -191,18 +189,12 @@ fn split(job_index: usize, job: &CopyJob, range_bytes: i64) -> Vec<Task> {
     (0..parts)
         .map(|i| {
             let start = (i * per) as u64;
-            let end = if i == parts - 1 {
-                0
-            } else {
-                ((i + 1) * per) as u64
-            };
+            // The last range is open: it takes the pages the table grew by since its statistics.
+            let end = (i != parts - 1).then_some(((i + 1) * per) as u64);
             Task {
                 job: job_index,
                 key: format!("t{job_index}/p{start}"),
-                range: Some(proto::PageRange {
-                    start_page: start,
-                    end_page: end,
-                }),
+                range: Some(PageRange { start, end }),
                 attempts: 0,
                 failovers: 0,
                 failing_since: None,
@@ -237,7 +229,7 @@ fn lock(queue: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
 }
 
 enum Outcome {
-    Done(proto::CopyDone),
+    Done(CopyDone),
     /// The task failed; retry when `retry`.
     Failed {
         /// The agent could not connect to a database (the server may be restarting).
@@ -267,23 +259,10 @@ where
     Fut: std::future::Future<Output = Result<(), CoordinatorError>> + Send + 'static,
 {
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    let mut remaining = BTreeMap::new();
-    for (i, job) in jobs.iter().enumerate() {
-        let parts = split(i, job, ctx.range_bytes);
-        remaining.insert(i, parts.len());
-        tasks.extend(parts);
-    }
+    let queue = Queue::planned(&jobs, ctx.range_bytes);
     // The progress total is the sum of the tasks' own estimates, so that it is reached exactly.
-    crate::progress::enable(tasks.iter().map(|t| estimate(t, &jobs[t.job])).sum());
-    let queue = Arc::new(Mutex::new(Queue {
-        tasks: tasks.into(),
-        in_flight: 0,
-        failed: None,
-        remaining,
-        stats: BTreeMap::new(),
-        last_landed: None,
-    }));
+    crate::progress::enable(queue.tasks.iter().map(|t| estimate(t, &jobs[t.job])).sum());
+    let queue = Arc::new(Mutex::new(queue));
     let notify = Arc::new(Notify::new());
     let jobs = Arc::new(jobs);
     let (build_tx, build_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -300,22 +279,7 @@ where
     let executors = pool.executors();
     let agent_count = executors.len() as u32;
     let mut set = JoinSet::new();
-    // Slots: each executor's capacity, in turn, until `parallel` are handed out.
-    let mut slots = Vec::new();
-    let mut round = 0u32;
-    while slots.len() < parallel.max(1) {
-        let before = slots.len();
-        for a in &executors {
-            if round < a.info.capacity && slots.len() < parallel.max(1) {
-                slots.push(Arc::clone(a));
-            }
-        }
-        if slots.len() == before {
-            break;
-        }
-        round += 1;
-    }
-    for (n, agent) in slots.into_iter().enumerate() {
+    for (n, agent) in slots(&executors, parallel.max(1)).into_iter().enumerate() {
         let w = Worker {
             phase: tracing::Span::current(),
             ctx: ctx.clone(),
@@ -330,36 +294,97 @@ where
         set.spawn(w.run().instrument(info_span!("copy_slot", slot = n)));
     }
     drop(build_tx);
+    join_slots(set, &queue, &notify).await;
+    // Every copy has ended: the builds still running finish (or, after a failure, stop).
+    crate::progress::disable();
+    finish_builds(builder, &queue).await;
+    copied(&queue, &jobs, started)
+}
+
+impl Queue {
+    /// Every job's tasks (a job larger than `range_bytes` split into page ranges), in order.
+    fn planned(jobs: &[CopyJob], range_bytes: i64) -> Queue {
+        let mut tasks = Vec::new();
+        let mut remaining = BTreeMap::new();
+        for (i, job) in jobs.iter().enumerate() {
+            let parts = split(i, job, range_bytes);
+            remaining.insert(i, parts.len());
+            tasks.extend(parts);
+        }
+        Queue {
+            tasks: tasks.into(),
+            in_flight: 0,
+            failed: None,
+            remaining,
+            stats: BTreeMap::new(),
+            last_landed: None,
+        }
+    }
+}
+
+/// The copy slots: each executor's capacity, in turn, until `parallel` are handed out.
+fn slots(executors: &[Arc<AgentHandle>], parallel: usize) -> Vec<Arc<AgentHandle>> {
+    let mut slots = Vec::new();
+    let mut round = 0u32;
+    while slots.len() < parallel {
+        let before = slots.len();
+        for a in executors {
+            if round < a.info.capacity && slots.len() < parallel {
+                slots.push(Arc::clone(a));
+            }
+        }
+        if slots.len() == before {
+            break;
+        }
+        round += 1;
+    }
+    slots
+}
+
+/// Waits for every copy slot to end; after the first failure the others are stopped.
+async fn join_slots(mut set: JoinSet<()>, queue: &Mutex<Queue>, notify: &Notify) {
     while let Some(joined) = set.join_next().await {
         if let Err(e) = joined {
-            let mut q = lock(&queue);
+            let mut q = lock(queue);
             q.failed.get_or_insert(CoordinatorError::Copy {
                 table: "?".into(),
                 message: format!("copy worker failed: {e}"),
             });
         }
-        let failed = lock(&queue).failed.is_some();
+        let failed = lock(queue).failed.is_some();
         if failed {
             set.abort_all();
             notify.notify_waiters();
         }
     }
-    // Every copy has ended: the builds still running finish (or, after a failure, stop).
-    crate::progress::disable();
-    let failed = lock(&queue).failed.is_some();
+}
+
+/// Waits for the builds still running, or stops them after a failure; a build pool that
+/// panicked fails the phase.
+async fn finish_builds(builder: tokio::task::JoinHandle<()>, queue: &Mutex<Queue>) {
+    let failed = lock(queue).failed.is_some();
     if failed {
         builder.abort();
     }
     if let Err(e) = builder.await {
         if !e.is_cancelled() {
-            let mut q = lock(&queue);
+            let mut q = lock(queue);
             q.failed.get_or_insert(CoordinatorError::Copy {
                 table: "?".into(),
                 message: format!("index builds failed: {e}"),
             });
         }
     }
-    let mut q = lock(&queue);
+}
+
+/// What the phase did, once every slot and build has ended: the first failure, a task that no
+/// agent was left to run, or every table's stats and the data time.
+fn copied(
+    queue: &Mutex<Queue>,
+    jobs: &[CopyJob],
+    started: Instant,
+) -> Result<Copied, CoordinatorError> {
+    let mut q = lock(queue);
     if let Some(err) = q.failed.take() {
         return Err(err);
     }
@@ -498,7 +523,7 @@ impl Worker {
                 "table_task",
                 table = %job.table,
                 task = %task.key,
-                range = task.range.map(|r| format!("{}..{}", r.start_page, r.end_page)).unwrap_or_default(),
+                range = task.range.map(|r| r.to_string()).unwrap_or_default(),
                 agent = %self.agent.label,
                 attempt = i64::from(task.attempts),
                 rows = tracing::field::Empty,
@@ -591,7 +616,7 @@ impl Worker {
         &self,
         task: &Task,
         job: &CopyJob,
-        done: &proto::CopyDone,
+        done: &CopyDone,
         started: Instant,
         span: &tracing::Span,
     ) -> bool {
@@ -622,10 +647,7 @@ impl Worker {
             s.bytes += done.bytes;
             s.duration_ms += done.duration_ms;
             s.attempts += task.attempts;
-            let digest = (!done.digest.is_empty())
-                .then(|| pgzm_agent::digest::Digest::parse_hex(done.rows_written, &done.digest))
-                .flatten();
-            s.digest = match (s.tasks, s.digest, digest) {
+            s.digest = match (s.tasks, s.digest, done.digest) {
                 (0, _, d) => d,
                 (_, Some(a), Some(b)) => Some(a.combine(b)),
                 _ => None,
@@ -715,34 +737,41 @@ impl Worker {
         false
     }
 
-    async fn attempt(&self, task: &Task, job: &CopyJob) -> Outcome {
+    /// The copy task message of this attempt of `task`, for this slot's agent.
+    fn copy_task(&self, task: &Task, job: &CopyJob) -> CopyTask {
+        let migration_id = MigrationId(self.ctx.migration_id);
+        let task_key = TaskKey(task.key.clone());
         let peer_url = if self.agent.side() == crate::agents::AgentSide::Destination {
-            self.pool.source_peer().unwrap_or_default()
+            self.pool.source_peer()
         } else {
-            String::new()
+            None
         };
-        let message = proto::CopyTask {
-            task_id: format!("m{}/{}/a{}", self.ctx.migration_id, task.key, task.attempts),
-            source: Some(self.pool.endpoint(&self.ctx.source, false, &self.tag())),
-            destination: Some(self.pool.endpoint(&self.ctx.destination, true, &self.tag())),
-            snapshot_id: self.ctx.snapshot.clone(),
-            source_table: Some(proto::TableName {
+        CopyTask {
+            task_id: TaskId::attempt(migration_id, &task_key, task.attempts),
+            task_key,
+            migration_id,
+            source: self.pool.endpoint(&self.ctx.source, false, &self.tag()),
+            destination: self.pool.endpoint(&self.ctx.destination, true, &self.tag()),
+            snapshot: SnapshotId(self.ctx.snapshot.clone()),
+            source_table: QualifiedName {
                 schema: "public".into(),
                 name: job.table.clone(),
-            }),
-            destination_table: Some(proto::TableName {
+            },
+            destination_table: QualifiedName {
                 schema: "public".into(),
                 name: job.shadow.clone(),
-            }),
+            },
             columns: job.columns.clone(),
-            progress_every_bytes: PROGRESS_EVERY_BYTES,
             range: task.range,
-            task_key: task.key.clone(),
-            migration_id: self.ctx.migration_id,
+            progress_every_bytes: NonZeroU64::new(PROGRESS_EVERY_BYTES),
             peer_url,
             freeze: task.range.is_none() && job.bytes >= FREEZE_MIN_BYTES,
             verify: self.ctx.verify,
-        };
+        }
+    }
+
+    async fn attempt(&self, task: &Task, job: &CopyJob) -> Outcome {
+        let message = proto::CopyTask::from(self.copy_task(task, job));
         let mut client = self.agent.client.clone();
         let mut stream = match client.run_copy(self.pool.connector.request(message)).await {
             Ok(r) => r.into_inner(),
@@ -764,9 +793,7 @@ impl Worker {
                     )
                 }
                 Ok(Ok(Some(event))) => match event.event {
-                    Some(proto::copy_event::Event::Done(done)) => {
-                        return Outcome::Done(done);
-                    }
+                    Some(proto::copy_event::Event::Done(done)) => return landed(done),
                     Some(proto::copy_event::Event::Progress(p)) => {
                         crate::progress::task_progress(&job.table, &task.key, est, p.bytes);
                     }
@@ -774,6 +801,21 @@ impl Worker {
                 },
             }
         }
+    }
+}
+
+/// The outcome of a task whose agent reported it done: its result, validated. A result that
+/// breaks the protocol (a malformed digest) fails the run: the task may have committed, so it
+/// is not retried.
+fn landed(done: proto::CopyDone) -> Outcome {
+    match CopyDone::try_from(done) {
+        Ok(done) => Outcome::Done(done),
+        Err(e) => Outcome::Failed {
+            connect: false,
+            kind: None,
+            message: format!("the agent sent an invalid result: {e}"),
+            retry: false,
+        },
     }
 }
 
@@ -823,6 +865,64 @@ mod tests {
     }
 
     #[test]
+    fn a_result_is_validated_once_it_lands() {
+        let done = proto::CopyDone {
+            rows_written: 3,
+            rows_in_source: 3,
+            digest: "000000000000000000000000000000ff".into(),
+            ..proto::CopyDone::default()
+        };
+        match landed(done.clone()) {
+            Outcome::Done(d) => assert_eq!(
+                d.digest,
+                Some(pgzm_agent::digest::Digest {
+                    rows: 3,
+                    sum: pgzm_agent::digest::RowHash(0xff),
+                })
+            ),
+            _ => panic!("a valid result is done"),
+        }
+        let bad = proto::CopyDone {
+            digest: "ff".into(),
+            ..done
+        };
+        match landed(bad) {
+            Outcome::Failed { retry, message, .. } => {
+                assert!(!retry);
+                assert!(
+                    message.starts_with("the agent sent an invalid result: digest:"),
+                    "{message}"
+                );
+            }
+            _ => panic!("a malformed digest fails the task"),
+        }
+    }
+
+    #[test]
+    fn range_estimates_and_open_last_range() {
+        let j = job(100, 1000);
+        let task = |range| Task {
+            job: 0,
+            key: "t0".into(),
+            range,
+            attempts: 0,
+            failovers: 0,
+            failing_since: None,
+        };
+        let bounded = PageRange {
+            start: 0,
+            end: Some(25),
+        };
+        let open = PageRange {
+            start: 75,
+            end: None,
+        };
+        assert_eq!(estimate(&task(Some(bounded)), &j), 250);
+        assert_eq!(estimate(&task(Some(open)), &j), 250);
+        assert_eq!(estimate(&task(None), &j), 1000);
+    }
+
+    #[test]
     fn small_tables_are_one_task() {
         let t = split(3, &job(10, 80_000), 256 << 20);
         assert_eq!(t.len(), 1);
@@ -834,13 +934,18 @@ mod tests {
     fn large_tables_are_split_into_contiguous_ranges() {
         let t = split(0, &job(100_000, 1 << 30), 256 << 20);
         assert_eq!(t.len(), 4);
-        let r: Vec<(u64, u64)> = t
+        let r: Vec<(u64, Option<u64>)> = t
             .iter()
-            .map(|t| t.range.map(|r| (r.start_page, r.end_page)).unwrap())
+            .map(|t| t.range.map(|r| (r.start, r.end)).unwrap())
             .collect();
         assert_eq!(
             r,
-            vec![(0, 25_000), (25_000, 50_000), (50_000, 75_000), (75_000, 0)]
+            vec![
+                (0, Some(25_000)),
+                (25_000, Some(50_000)),
+                (50_000, Some(75_000)),
+                (75_000, None)
+            ]
         );
         let keys: std::collections::BTreeSet<_> = t.iter().map(|t| t.key.clone()).collect();
         assert_eq!(keys.len(), 4);
