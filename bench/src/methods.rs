@@ -217,6 +217,23 @@ pub async fn pgzm_embedded(
     run_pgzm_embedded(&src, ds, dest, bins, jobs, true).await
 }
 
+/// `pgzm start` from `src` to `dst` with `jobs`, its report as JSON, no log file.
+fn start_args(src: &str, dst: &str, jobs: usize) -> Vec<String> {
+    [
+        "start",
+        "--json",
+        "--no-log-file",
+        "--source",
+        src,
+        "--dest",
+        dst,
+        "--jobs",
+        &jobs.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// pgzm embedded; `verify: false` adds `--no-verify` (to measure what verification costs).
 /// Progress is logged as JSON every 50 ms, for the ETA's accuracy.
 async fn run_pgzm_embedded(
@@ -229,21 +246,9 @@ async fn run_pgzm_embedded(
 ) -> anyhow::Result<MethodResult> {
     let dst = fresh_db(dest, "bench_dst", ds.postgis).await?;
     let mut cmd = Command::new(&bins.pgzm);
-    cmd.args([
-        "--log-format",
-        "json",
-        "start",
-        "--json",
-        "--no-log-file",
-        "--progress-every",
-        "0.05",
-        "--source",
-        src,
-        "--dest",
-        &dst,
-        "--jobs",
-        &jobs.to_string(),
-    ]);
+    cmd.args(["--log-format", "json"])
+        .args(start_args(src, &dst, jobs))
+        .args(["--progress-every", "0.05"]);
     if !verify {
         cmd.arg("--no-verify");
     }
@@ -322,22 +327,12 @@ async fn run_pgzm_agents(
     let per = jobs.div_ceil(2).max(1);
     let a = AgentProcess::start(&bins.agent, per)?;
     let b = AgentProcess::start(&bins.agent, per)?;
-    let m = run_measured(Command::new(&bins.pgzm).args([
-        "-q",
-        "start",
-        "--json",
-        "--no-log-file",
-        "--source",
-        src,
-        "--dest",
-        &dst,
-        "--jobs",
-        &jobs.to_string(),
-        "--agent",
-        &a.url,
-        "--agent",
-        &b.url,
-    ]))?;
+    let m = run_measured(
+        Command::new(&bins.pgzm)
+            .arg("-q")
+            .args(start_args(src, &dst, jobs))
+            .args(["--agent", &a.url, "--agent", &b.url]),
+    )?;
     let agents_rss = a.peak_rss_kib().max(b.peak_rss_kib());
     from_report("pgzm (2 agent processes)", &m, agents_rss)
 }

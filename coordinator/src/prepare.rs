@@ -149,16 +149,12 @@ async fn read_sides(
 /// preserved tables' shapes.
 async fn plan_migration(
     opts: &StartOptions,
-    control: &Client,
     migration_id: i64,
     preserved_names: &[String],
-    (schema, dest, earlier, live_shapes): (
-        &SourceSchema,
-        &Destination,
-        &plan::Earlier,
-        &BTreeMap<String, preserve::LiveShape>,
-    ),
+    sides: &Sides,
 ) -> Result<Plan, CoordinatorError> {
+    let (control, schema, dest, earlier) =
+        (&sides.control, &sides.schema, &sides.dest, &sides.earlier);
     let (mut plan, mut problems) =
         plan::build_all(migration_id, opts.source.to_string(), schema, dest, earlier);
     problems.extend(crate::dependents::check(control, &mut plan, dest).await?);
@@ -189,7 +185,7 @@ async fn plan_migration(
         preserved_names,
         migration_id,
         schema,
-        live_shapes,
+        &sides.live_shapes,
         &renames,
         backup_of,
         &mut problems,
@@ -239,29 +235,14 @@ pub async fn prepare(
     let preserved_names = crate::naming::table_list(&opts.preserved);
 
     // Plan: read both sides under one source snapshot; change nothing.
-    let Sides {
-        source_client,
-        control,
-        schema,
-        dest,
-        earlier,
-        snapshot,
-        live_shapes,
-        newest,
-        agent_roles,
-    } = phases
+    let sides = phases
         .run("plan", read_sides(opts, &pool, &preserved_names))
         .await?;
     // Unique even for runs started in the same millisecond (they are serialised by the lock).
-    let migration_id = started_ms.max(newest.map_or(0, |(id, _)| id + 1));
-    let plan = plan_migration(
-        opts,
-        &control,
-        migration_id,
-        &preserved_names,
-        (&schema, &dest, &earlier, &live_shapes),
-    )
-    .await?;
+    let migration_id = started_ms.max(sides.newest.as_ref().map_or(0, |(id, _)| id + 1));
+    let plan = plan_migration(opts, migration_id, &preserved_names, &sides).await?;
+    let (control, source_client) = (sides.control, sides.source_client);
+    let (schema, dest, earlier) = (&sides.schema, &sides.dest, &sides.earlier);
     let renames = plan.shadow_renames();
 
     let mut report = Report::new(&plan, opts.dry_run);
@@ -270,7 +251,7 @@ pub async fn prepare(
         let failures = phases
             .run(
                 "rehearsal",
-                crate::rehearsal::rehearse(&control, &plan, &schema, &dest, &renames),
+                crate::rehearsal::rehearse(&control, &plan, schema, dest, &renames),
             )
             .await?;
         if !failures.is_empty() {
@@ -286,13 +267,13 @@ pub async fn prepare(
     // Leftovers of interrupted runs go first (only objects recorded by oid).
     report
         .cleaned_up
-        .extend(clean_earlier_leftovers(&control, &earlier, opts.swap).await?);
+        .extend(clean_earlier_leftovers(&control, earlier, opts.swap).await?);
 
     let mut control = control;
     let mut created = phases
         .run(
             "shadow",
-            create_shadow(&mut control, &plan, &schema, &dest, &renames),
+            create_shadow(&mut control, &plan, schema, dest, &renames),
         )
         .await?;
     // Remote agents' roles get what the copy needs on the tables they load, until it ends.
@@ -306,7 +287,7 @@ pub async fn prepare(
         })
         .map(|(_, oid)| *oid)
         .collect();
-    let result = match crate::grants::grant(&control, &agent_roles, &loaded).await {
+    let result = match crate::grants::grant(&control, &sides.agent_roles, &loaded).await {
         Err(e) => Err(e),
         Ok(grants) => {
             let result = fill(
@@ -317,10 +298,10 @@ pub async fn prepare(
                 &mut control,
                 source_client,
                 &plan,
-                &schema,
-                &dest,
+                schema,
+                dest,
                 renames,
-                snapshot,
+                sides.snapshot,
                 &mut created,
                 &grants,
             )
