@@ -472,7 +472,7 @@ pub fn foreign_key_statements(
     plan: &Plan,
     source: &SourceSchema,
     renames: &Renames,
-) -> (Vec<String>, Vec<(String, String)>) {
+) -> (Vec<String>, Vec<(String, String, String)>) {
     let mut add = Vec::new();
     let mut validate = Vec::new();
     for t in &source.tables {
@@ -500,7 +500,15 @@ pub fn foreign_key_statements(
                 &tp.shadow, &not_valid, &c.name, renames,
             ));
             if c.validated {
-                validate.push((tp.shadow.clone(), c.name.clone()));
+                // A key into a table the filters left out is checked against its live rows.
+                let label = match c.references.as_deref() {
+                    Some(r) if plan.excluded.iter().any(|e| e == r) => format!(
+                        "validate foreign key \"{}\" on \"{}\" (it references \"{r}\", which the table filters leave out: the destination's rows of \"{r}\" must hold every key the new rows use)",
+                        c.name, tp.shadow
+                    ),
+                    _ => format!("validate foreign key \"{}\" on \"{}\"", c.name, tp.shadow),
+                };
+                validate.push((tp.shadow.clone(), c.name.clone(), label));
             }
         }
     }
@@ -536,7 +544,7 @@ pub async fn foreign_keys(
         .await?;
     let permits = Arc::new(Semaphore::new(parallel.max(1)));
     let sessions = &sessions;
-    let tasks = validate.into_iter().map(|(table, name)| {
+    let tasks = validate.into_iter().map(|(table, name, label)| {
         let span = info_span!("validate_fk", table = %table);
         let permits = Arc::clone(&permits);
         async move {
@@ -546,7 +554,7 @@ pub async fn foreign_keys(
                 .map_err(|_| CoordinatorError::Usage("cancelled".into()))?;
             sessions
                 .run(
-                    &format!("validate foreign key \"{name}\" on \"{table}\""),
+                    &label,
                     vec![format!(
                         "ALTER TABLE {} VALIDATE CONSTRAINT {}",
                         quote_qualified("public", &table),

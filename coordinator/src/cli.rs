@@ -216,6 +216,16 @@ pub struct PrepareArgs {
         hide_env_values = true
     )]
     pub preserved_tables: Vec<String>,
+    /// Migrate only the tables matching this pattern (pg_dump's rules: `*`, `?`, case folded
+    /// unless double-quoted, `schema.table`); repeatable. Tables left out stay as they are.
+    #[arg(long = "table", short = 't', value_name = "PATTERN")]
+    pub tables: Vec<String>,
+    /// Do not migrate the tables matching this pattern (they stay as they are); repeatable.
+    #[arg(long = "exclude-table", short = 'T', value_name = "PATTERN")]
+    pub exclude_tables: Vec<String>,
+    /// Migrate the tables matching this pattern without their rows; repeatable.
+    #[arg(long = "exclude-table-data", value_name = "PATTERN")]
+    pub exclude_table_data: Vec<String>,
     /// Print the plan and change nothing in either database.
     #[arg(long)]
     pub dry_run: bool,
@@ -437,6 +447,12 @@ impl PrepareArgs {
                 maintenance_work_mem: self.maintenance_work_mem.clone(),
             },
             preserved: crate::naming::table_list(&self.preserved_tables),
+            tables: crate::filter::TableFilter::parse(
+                &self.tables,
+                &self.exclude_tables,
+                &self.exclude_table_data,
+            )
+            .map_err(|e| CoordinatorError::Usage(e.to_string()))?,
             force: self.force,
             range_bytes: self.range_size_mb.max(1) << 20,
             verify: !self.no_verify,

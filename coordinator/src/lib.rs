@@ -17,6 +17,7 @@ pub mod ddl;
 pub mod dependents;
 pub mod destination;
 pub mod error;
+pub mod filter;
 pub mod grants;
 pub mod locked;
 pub mod logfile;

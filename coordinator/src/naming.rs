@@ -21,6 +21,11 @@ pub fn public_schema() -> String {
     PUBLIC.to_string()
 }
 
+/// `true`: the serde default of flags that older recorded plans lack and that were always on.
+pub fn yes() -> bool {
+    true
+}
+
 /// `prefix + name`, shortened to fit 63 bytes when needed.
 pub fn prefixed(prefix: &str, name: &str) -> String {
     let full = format!("{prefix}{name}");

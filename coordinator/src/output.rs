@@ -29,14 +29,26 @@ pub fn human_plan(plan: &Plan) -> String {
         };
         let _ = writeln!(
             s,
-            "    {:<40} ~{rows} rows, {:>10}  -> {}{}",
+            "    {:<40} ~{rows} rows, {:>10}  -> {}{}{}",
             format!("\"{}\"", t.name),
             size(t.estimated_bytes),
             t.shadow,
             t.backup
                 .as_ref()
                 .map(|b| format!(", live table kept as {b}"))
-                .unwrap_or_else(|| ", new table".into())
+                .unwrap_or_else(|| ", new table".into()),
+            if t.copy_data {
+                ""
+            } else {
+                ", without its rows"
+            }
+        );
+    }
+    if !plan.excluded.is_empty() {
+        let _ = writeln!(
+            s,
+            "  left out by the table filters (stay as they are): {}",
+            plan.excluded.join(", ")
         );
     }
     let _ = writeln!(

@@ -160,6 +160,9 @@ pub struct TablePlan {
     /// A partitioned table: no rows of its own (its partitions are copied), built after them.
     #[serde(default)]
     pub partitioned: bool,
+    /// Whether its rows are copied (`false`: `--exclude-table-data`, created empty).
+    #[serde(default = "crate::naming::yes")]
+    pub copy_data: bool,
 }
 
 /// A view created in the swap transaction.
@@ -372,6 +375,9 @@ pub struct Plan {
     /// after its commit (without blocking writes).
     #[serde(default)]
     pub deferred_validations: Vec<(String, String)>,
+    /// Tables of the source the filters left out (`--table`, `--exclude-table`): not migrated.
+    #[serde(default)]
+    pub excluded: Vec<String>,
 }
 
 /// What the tool's metadata says about earlier runs.
@@ -473,7 +479,11 @@ pub fn build_all(
         problems.push("the source has no tables in schema public: nothing to migrate".into());
     }
 
-    let mut tables: Vec<TablePlan> = source.tables.iter().map(|t| table_plan(t, dest)).collect();
+    let mut tables: Vec<TablePlan> = source
+        .tables
+        .iter()
+        .map(|t| table_plan(t, source, dest))
+        .collect();
     tables.sort_by(|a, b| {
         b.estimated_bytes
             .cmp(&a.estimated_bytes)
@@ -511,6 +521,7 @@ pub fn build_all(
     }
     let mut to_live = live_moves(&tables, &shadows, &matviews);
     let foreign_keys = foreign_key_repoints(source, dest, earlier, &mut dependents);
+    problems.extend(keys_to_excluded_tables(source, dest));
     let functions_to_create = functions_to_create(source, dest, &mut problems);
     let extensions_to_create = extensions_to_create(source, dest, &mut problems);
     let ShadowMoves {
@@ -579,6 +590,7 @@ pub fn build_all(
         deferred: Vec::new(),
         deferred_checks: Vec::new(),
         deferred_validations: Vec::new(),
+        excluded: source.excluded.clone(),
     };
     (plan, problems)
 }
@@ -995,6 +1007,26 @@ fn live_moves(tables: &[TablePlan], shadows: &ShadowMoves, matviews: &[MatviewPl
         .collect()
 }
 
+/// A migrated table's foreign key to a table the filters left out references the live table
+/// of that name: the destination must have it.
+fn keys_to_excluded_tables(source: &SourceSchema, dest: &Destination) -> Vec<String> {
+    let excluded: BTreeSet<&str> = source.excluded.iter().map(String::as_str).collect();
+    source
+        .tables
+        .iter()
+        .flat_map(|t| t.constraints.iter().map(move |c| (t, c)))
+        .filter_map(|(t, c)| {
+            let target = c.references.as_deref()?;
+            (excluded.contains(target) && !dest.tables.contains_key(target)).then(|| {
+                format!(
+                    "foreign key \"{}\" of table \"{}\" references \"{target}\", which the table filters leave out and the destination does not have: include it, or create it in the destination first",
+                    c.name, t.name
+                )
+            })
+        })
+        .collect()
+}
+
 /// Foreign keys of destination-only tables (and of tables in other schemas) that reference a
 /// replaced table: re-pointed at the new table at the swap, and listed as dependents.
 fn foreign_key_repoints(
@@ -1094,7 +1126,7 @@ fn extensions_to_create(
     create
 }
 
-fn table_plan(t: &Table, dest: &Destination) -> TablePlan {
+fn table_plan(t: &Table, source: &SourceSchema, dest: &Destination) -> TablePlan {
     TablePlan {
         name: t.name.clone(),
         shadow: prefixed(SHADOW, &t.name),
@@ -1105,6 +1137,7 @@ fn table_plan(t: &Table, dest: &Destination) -> TablePlan {
         estimated_copy_bytes: t.estimated_copy_bytes,
         pages: t.pages,
         partitioned: t.is_partitioned(),
+        copy_data: !source.without_data.contains(&t.name),
     }
 }
 

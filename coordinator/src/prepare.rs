@@ -123,7 +123,7 @@ async fn read_sides(
         .await
         .map_err(|e| CoordinatorError::source("export a snapshot", e))?
         .get(0);
-    let schema = catalog::read(&source_client).await?;
+    let schema = catalog::read(&source_client, &opts.tables).await?;
     control
         .batch_execute("SET search_path = pg_catalog")
         .await
@@ -158,6 +158,14 @@ async fn plan_migration(
     let (mut plan, mut problems) =
         plan::build_all(migration_id, opts.source.to_string(), schema, dest, earlier);
     problems.extend(crate::dependents::check(control, &mut plan, dest).await?);
+    for name in preserved_names
+        .iter()
+        .filter(|n| schema.excluded.contains(n))
+    {
+        problems.push(format!(
+            "--preserved-tables: \"{name}\" is left out by the table filters; a preserved table is migrated with the destination's rows: include it, or do not preserve it"
+        ));
+    }
     // The swap will move the current backup set aside: its names must be free (checked again
     // at the swap, but a collision is better found before the copy).
     if let Some((id, moves)) = &earlier.backup_set {
@@ -587,7 +595,7 @@ async fn copy_and_build(
     let jobs: Vec<CopyJob> = plan
         .tables
         .iter()
-        .filter(|t| !plan.is_preserved(&t.name) && !t.partitioned)
+        .filter(|t| !plan.is_preserved(&t.name) && !t.partitioned && t.copy_data)
         .map(|t| CopyJob {
             table: t.name.clone(),
             shadow: t.shadow.clone(),
@@ -696,6 +704,32 @@ async fn fill(
     // shadow table can become live.
     crate::grants::revoke(control, grants).await?;
 
+    // Tables migrated without their rows (`--exclude-table-data`): no copy task hands them to
+    // the builds, so they are built here, before any partitioned parent they belong to.
+    let empty: Vec<&Table> = schema
+        .tables
+        .iter()
+        .filter(|t| {
+            !t.is_partitioned()
+                && plan
+                    .table(&t.name)
+                    .is_some_and(|tp| !tp.copy_data && !plan.is_preserved(&t.name))
+        })
+        .collect();
+    if !empty.is_empty() {
+        phases
+            .run("empty_tables", async {
+                for t in empty {
+                    let statements = build::table_build(t, plan, schema, &renames)?.sequential();
+                    sessions
+                        .run_batch(&format!("build \"{}\" (without rows)", t.name), statements)
+                        .instrument(info_span!("build_table", table = %t.name))
+                        .await?;
+                }
+                Ok(())
+            })
+            .await?;
+    }
     // Partitioned tables, once all their partitions are built, deepest level first: their keys
     // and indexes attach the partitions' (built already) instead of building new ones.
     let parents = partitioned_build_order(schema, plan);

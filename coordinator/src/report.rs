@@ -32,6 +32,8 @@ pub struct StartOptions {
     pub build: BuildSettings,
     /// Tables whose destination rows survive the migration (kept in sync until the swap).
     pub preserved: Vec<String>,
+    /// Which tables are migrated, and which without their rows.
+    pub tables: crate::filter::TableFilter,
     /// Replace a prepared migration that is waiting for its swap.
     pub force: bool,
     /// Split tables larger than this (heap + TOAST bytes) into page ranges copied in parallel.
@@ -60,6 +62,7 @@ impl StartOptions {
             copy_retries: 2,
             build: BuildSettings::default(),
             preserved: Vec::new(),
+            tables: crate::filter::TableFilter::default(),
             force: false,
             range_bytes: DEFAULT_RANGE_BYTES,
             stall_timeout: crate::copy::STALL,

@@ -264,6 +264,8 @@ async fn shadow_tables(
         };
         let expected_rows = if preserved {
             expected_rows
+        } else if !t.copy_data {
+            Some(0)
         } else {
             copied
                 .iter()

@@ -41,6 +41,10 @@ pub struct SourceSchema {
     pub extensions: Vec<(String, String)>,
     /// Objects the migration cannot carry, with the reason (the plan refuses when not empty).
     pub unsupported: Vec<String>,
+    /// Tables the filters left out: not migrated (they stay as they are in the destination).
+    pub excluded: Vec<String>,
+    /// Tables migrated without their rows (`--exclude-table-data`).
+    pub without_data: BTreeSet<String>,
 }
 
 impl SourceSchema {
@@ -329,6 +333,9 @@ pub struct Function {
 }
 
 /// Reads the source schema inside the caller's snapshot transaction.
-pub async fn read(client: &Client) -> Result<SourceSchema, CoordinatorError> {
-    read_schema(client).await
+pub async fn read(
+    client: &Client,
+    filter: &crate::filter::TableFilter,
+) -> Result<SourceSchema, CoordinatorError> {
+    read_schema(client, filter).await
 }

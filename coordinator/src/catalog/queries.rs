@@ -6,6 +6,7 @@ use tokio_postgres::Client;
 
 use super::*;
 use crate::error::CoordinatorError;
+use crate::filter::TableFilter;
 
 const TABLES: &str = "
 SELECT c.oid, c.relname::text, c.relkind::text, c.relpersistence::text,
@@ -222,10 +223,14 @@ fn catalog_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> Coordina
 
 /// Reads the whole source schema. The caller has set `search_path = pg_catalog` and holds the
 /// snapshot transaction.
-pub async fn read_schema(client: &Client) -> Result<SourceSchema, CoordinatorError> {
+pub async fn read_schema(
+    client: &Client,
+    filter: &TableFilter,
+) -> Result<SourceSchema, CoordinatorError> {
     let mut schema = SourceSchema::default();
     let matview_oids = read_tables(client, &mut schema).await?;
-    let t = TableIndex::of(&schema);
+    let excluded = apply_filter(client, filter, &mut schema).await?;
+    let t = TableIndex::of(&schema, excluded);
     let type_oids = read_columns(client, &t, &mut schema).await?;
     read_constraints(client, &t, &mut schema).await?;
     read_indexes(client, &t, &mut schema).await?;
@@ -246,16 +251,53 @@ pub async fn read_schema(client: &Client) -> Result<SourceSchema, CoordinatorErr
     Ok(schema)
 }
 
-/// The migrated tables' oids, and each one's position in `schema.tables` and name.
+/// Applies the table filters: the tables left out leave `schema.tables` (returned by oid), and
+/// the selection is recorded in `schema`. A partition or inheritance tree must be selected
+/// whole.
+async fn apply_filter(
+    client: &Client,
+    filter: &TableFilter,
+    schema: &mut SourceSchema,
+) -> Result<HashMap<Oid, String>, CoordinatorError> {
+    let names: Vec<String> = schema.tables.iter().map(|t| t.name.clone()).collect();
+    let selection = filter.select(client, crate::naming::PUBLIC, &names).await?;
+    for t in &schema.tables {
+        let parents = t
+            .partition_of
+            .iter()
+            .map(|(parent, _)| parent)
+            .chain(&t.inherits);
+        for parent in parents {
+            if selection.excluded.contains(&t.name) != selection.excluded.contains(parent) {
+                schema.unsupported.push(format!(
+                    "table \"{}\" is a partition or child of \"{parent}\" and the table filters select one of them but not the other: select whole partition and inheritance trees",
+                    t.name
+                ));
+            }
+        }
+    }
+    let (kept, left_out): (Vec<Table>, Vec<Table>) = std::mem::take(&mut schema.tables)
+        .into_iter()
+        .partition(|t| !selection.excluded.contains(&t.name));
+    schema.tables = kept;
+    schema.excluded = selection.excluded.into_iter().collect();
+    schema.without_data = selection.without_data;
+    Ok(left_out.into_iter().map(|t| (t.oid, t.name)).collect())
+}
+
+/// The migrated tables' oids, and each one's position in `schema.tables` and name; the names
+/// of the tables the filters left out.
 struct TableIndex {
     oids: Vec<Oid>,
     index_of: HashMap<Oid, usize>,
     name_of: HashMap<Oid, String>,
+    excluded: HashMap<Oid, String>,
 }
 
 impl TableIndex {
-    fn of(schema: &SourceSchema) -> Self {
+    fn of(schema: &SourceSchema, excluded: HashMap<Oid, String>) -> Self {
         TableIndex {
+            excluded,
             oids: schema.tables.iter().map(|t| t.oid).collect(),
             index_of: schema
                 .tables
@@ -375,7 +417,8 @@ async fn read_constraints(
         let name: String = row.get(1);
         let references = if kind == 'f' {
             let target: Oid = row.get(4);
-            match t.name_of.get(&target) {
+            // A table the filters left out stays live: the key references it there.
+            match t.name_of.get(&target).or_else(|| t.excluded.get(&target)) {
                 Some(t) => Some(t.clone()),
                 None => {
                     schema.unsupported.push(format!(

@@ -9,6 +9,7 @@ mod common;
 
 mod backups;
 mod failures;
+mod filters;
 mod hostile_names;
 mod migration_simple;
 mod migration_tes;

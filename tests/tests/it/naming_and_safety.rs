@@ -695,7 +695,7 @@ async fn extensions_the_source_needs() -> anyhow::Result<()> {
         "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL search_path = pg_catalog",
     )
     .await?;
-    let schema = pgzm_coordinator::catalog::read(&src).await?;
+    let schema = pgzm_coordinator::catalog::read(&src, &Default::default()).await?;
     src.batch_execute("COMMIT").await?;
     dst.batch_execute("SET search_path = pg_catalog").await?;
     let mut dest = pgzm_coordinator::destination::read(&dst).await?;

@@ -561,24 +561,6 @@ async fn rollback_latest(
     .await
 }
 
-/// Loads a vendored sample database (`schema.sql` + `data.sql`) on both sides and applies its
-/// `source_changes.sql` to the source: production and its rebuilt data set.
-async fn sample_pair(label: &str, fixture: &str) -> common::Pair {
-    let p = common::pair(label).await;
-    for db in [&p.source, &p.dest] {
-        for f in ["schema.sql", "data.sql"] {
-            db.load_fixture(&format!("{fixture}/{f}"))
-                .await
-                .unwrap_or_else(|e| panic!("load {fixture}/{f}: {e}"));
-        }
-    }
-    p.source
-        .load_fixture(&format!("{fixture}/source_changes.sql"))
-        .await
-        .unwrap_or_else(|e| panic!("load {fixture}/source_changes.sql: {e}"));
-    p
-}
-
 /// The whole life of a migration on a public sample database: `start` succeeds; the live
 /// tables equal the source's (catalog signature and per-table checksums); nothing is bound to
 /// a backup object; `cleanup` and a second `start` succeed; `rollback --latest` then restores
@@ -602,7 +584,7 @@ async fn golden_statements(c: &Client, name: &str, statements: &[String], migrat
 }
 
 async fn sample_database_round_trip(fixture: &str) -> anyhow::Result<()> {
-    let p = sample_pair(&format!("sample_{fixture}"), fixture).await;
+    let p = common::sample_pair(&format!("sample_{fixture}"), fixture).await;
     let src = p.source.connect().await?;
     let dst = p.dest.connect().await?;
     let source_sums = live_sums(&src).await;

@@ -42,6 +42,24 @@ pub async fn fixture_pair(label: &str, fixture: &str) -> Pair {
     Pair { source, dest }
 }
 
+/// Loads a vendored sample database (`schema.sql` + `data.sql`) on both sides and applies its
+/// `source_changes.sql` to the source: production and its rebuilt data set.
+pub async fn sample_pair(label: &str, fixture: &str) -> Pair {
+    let p = pair(label).await;
+    for db in [&p.source, &p.dest] {
+        for f in ["schema.sql", "data.sql"] {
+            db.load_fixture(&format!("{fixture}/{f}"))
+                .await
+                .unwrap_or_else(|e| panic!("load {fixture}/{f}: {e}"));
+        }
+    }
+    p.source
+        .load_fixture(&format!("{fixture}/source_changes.sql"))
+        .await
+        .unwrap_or_else(|e| panic!("load {fixture}/source_changes.sql: {e}"));
+    p
+}
+
 /// Creates a pair with the coverage fixture in the source and only PostGIS in the destination.
 pub async fn coverage_pair(label: &str) -> Pair {
     let p = pair(label).await;
