@@ -283,7 +283,7 @@ pub fn carry_privileges(
                 "GRANT {} ({}) ON TABLE {target} TO {}{}",
                 g.privilege,
                 quote_ident(column),
-                grantee(&g.grantee),
+                g.grantee.sql(),
                 if g.grantable {
                     " WITH GRANT OPTION"
                 } else {
@@ -342,14 +342,6 @@ pub fn create_policy_sql(
     sql
 }
 
-fn grantee(name: &str) -> String {
-    if name == "PUBLIC" {
-        "PUBLIC".to_string()
-    } else {
-        quote_ident(name)
-    }
-}
-
 /// GRANT statements re-creating `grants` on `target` (an already quoted name).
 pub fn grants_sql(object_kind: &str, target: &str, grants: &[Grant]) -> Vec<String> {
     grants
@@ -358,7 +350,7 @@ pub fn grants_sql(object_kind: &str, target: &str, grants: &[Grant]) -> Vec<Stri
             format!(
                 "GRANT {} ON {object_kind} {target} TO {}{}",
                 g.privilege,
-                grantee(&g.grantee),
+                g.grantee.sql(),
                 if g.grantable {
                     " WITH GRANT OPTION"
                 } else {

@@ -17,7 +17,7 @@ pub struct LiveTable {
     pub name: String,
     /// Owner role name.
     pub owner: String,
-    /// Table privileges: (grantee or "PUBLIC", privilege, grantable).
+    /// Table privileges.
     pub grants: Vec<Grant>,
     /// Column privileges: (column, grant).
     pub column_grants: Vec<(String, Grant)>,
@@ -35,11 +35,64 @@ pub struct LiveTable {
     pub children: Vec<String>,
 }
 
+/// Who a privilege is granted to: the PUBLIC pseudo-role (every role), or one role, which may
+/// itself be named `"PUBLIC"`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(from = "GranteeRecord")]
+pub enum Grantee {
+    /// Every role (written `"PUBLIC"` in recorded plans, as before roles were told apart).
+    #[serde(rename = "PUBLIC")]
+    Public,
+    /// One role, by name (recorded as `{"Role": name}`).
+    Role(String),
+}
+
+impl Grantee {
+    /// The grantee of an `aclexplode` row: `''` (grantee 0) is PUBLIC.
+    pub fn from_acl(name: String) -> Grantee {
+        if name.is_empty() {
+            Grantee::Public
+        } else {
+            Grantee::Role(name)
+        }
+    }
+
+    /// As it goes into `GRANT … TO`.
+    pub fn sql(&self) -> String {
+        match self {
+            Grantee::Public => "PUBLIC".to_string(),
+            Grantee::Role(name) => pgzm_pg::sql::quote_ident(name),
+        }
+    }
+}
+
+/// A grantee as recorded: this version's form, or a bare role name from plans recorded before
+/// roles were told apart from PUBLIC (where `"PUBLIC"` meant the pseudo-role).
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum GranteeRecord {
+    Role {
+        #[serde(rename = "Role")]
+        role: String,
+    },
+    Bare(String),
+}
+
+impl From<GranteeRecord> for Grantee {
+    fn from(r: GranteeRecord) -> Self {
+        match r {
+            GranteeRecord::Role { role } => Grantee::Role(role),
+            GranteeRecord::Bare(name) if name == "PUBLIC" => Grantee::Public,
+            GranteeRecord::Bare(name) => Grantee::Role(name),
+        }
+    }
+}
+
 /// One privilege granted on an object.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Grant {
-    /// Role name, or `PUBLIC`.
-    pub grantee: String,
+    /// PUBLIC or a role.
+    pub grantee: Grantee,
     /// SELECT, INSERT, USAGE…
     pub privilege: String,
     /// WITH GRANT OPTION.
@@ -330,12 +383,7 @@ fn parse_grants(items: Vec<String>) -> Vec<Grant> {
             let mut parts = item.rsplitn(3, '|');
             let grantable = parts.next()? == "true";
             let privilege = parts.next()?.to_string();
-            let grantee = parts.next()?;
-            let grantee = if grantee.is_empty() {
-                "PUBLIC".to_string()
-            } else {
-                grantee.to_string()
-            };
+            let grantee = Grantee::from_acl(parts.next()?.to_string());
             Some(Grant {
                 grantee,
                 privilege,
@@ -389,13 +437,8 @@ async fn read_tables(client: &Client, dest: &mut Destination) -> Result<(), Coor
         let Some(table) = by_oid.get(&row.get::<_, Oid>(0)) else {
             continue;
         };
-        let grantee: String = row.get(2);
         let grant = Grant {
-            grantee: if grantee.is_empty() {
-                "PUBLIC".into()
-            } else {
-                grantee
-            },
+            grantee: Grantee::from_acl(row.get(2)),
             privilege: row.get(3),
             grantable: row.get(4),
         };
@@ -611,4 +654,24 @@ async fn read_typed_functions(
         .map_err(err("current role"))?
         .get(0);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_role_named_public_is_not_the_public_pseudo_role() {
+        let role = Grantee::from_acl("PUBLIC".into());
+        assert_eq!(role.sql(), "\"PUBLIC\"");
+        assert_eq!(Grantee::from_acl(String::new()).sql(), "PUBLIC");
+        for g in [Grantee::Public, role, Grantee::Role("app \"rw\"".into())] {
+            let json = serde_json::to_string(&g).expect("serialize");
+            assert_eq!(serde_json::from_str::<Grantee>(&json).expect(&json), g);
+        }
+        // Plans recorded by earlier versions named PUBLIC and roles by bare strings.
+        let legacy = |s: &str| serde_json::from_str::<Grantee>(s).expect(s);
+        assert_eq!(legacy("\"PUBLIC\""), Grantee::Public);
+        assert_eq!(legacy("\"app_ro\""), Grantee::Role("app_ro".into()));
+    }
 }

@@ -519,6 +519,8 @@ async fn privileges_and_row_level_security_carry_over() -> anyhow::Result<()> {
     let p = common::fixture_pair("privileges", "simple").await;
     ensure_role(&p.dest, "app_rw").await;
     ensure_role(&p.dest, "app_owner").await;
+    // A role really named "PUBLIC" is not the PUBLIC pseudo-role: its grants stay its own.
+    ensure_role(&p.dest, "PUBLIC").await;
     p.dest
         .batch(
             r#"ALTER TABLE "User" OWNER TO app_owner;
@@ -526,6 +528,8 @@ async fn privileges_and_row_level_security_carry_over() -> anyhow::Result<()> {
                GRANT UPDATE (name) ON "User" TO app_rw;
                GRANT USAGE ON SEQUENCE "User_id_seq" TO app_rw;
                GRANT SELECT ON "Post" TO PUBLIC;
+               GRANT SELECT, UPDATE ON "Comment" TO "PUBLIC";
+               GRANT INSERT ("content") ON "Comment" TO "PUBLIC";
                ALTER TABLE "User" ENABLE ROW LEVEL SECURITY;
                CREATE POLICY app_rw_example ON "User" FOR ALL TO app_rw
                    USING (true) WITH CHECK (email LIKE '%@example.com');"#,
@@ -554,6 +558,7 @@ async fn privileges_and_row_level_security_carry_over() -> anyhow::Result<()> {
     };
     let user_before = read(r#"public."User""#).await;
     let post_before = read(r#"public."Post""#).await;
+    let comment_before = read(r#"public."Comment""#).await;
     let seq_acl = r#"SELECT pg_get_userbyid(relowner)::text || ' ' || relacl::text
                      FROM pg_class WHERE oid = 'public."User_id_seq"'::regclass"#;
     let seq_before = text(&dst, seq_acl).await;
@@ -568,6 +573,11 @@ async fn privileges_and_row_level_security_carry_over() -> anyhow::Result<()> {
         "owner, ACL, RLS, policy, column grants"
     );
     assert_eq!(read(r#"public."Post""#).await, post_before);
+    assert_eq!(
+        read(r#"public."Comment""#).await,
+        comment_before,
+        "the role named \"PUBLIC\" keeps its grants, and PUBLIC gets none"
+    );
     assert_eq!(text(&dst, seq_acl).await, seq_before);
     assert_eq!(
         text(&dst, r#"SELECT name FROM "User" WHERE id = 1"#).await,
