@@ -6,7 +6,8 @@
 //! `shadow_`/`backup_` names must be shortened and PostgreSQL shortens the names it chooses
 //! for keys and sequences), and names that look like pgzm's own. The migration must bring the
 //! source's rows in with working sequences and the view re-pointed; the rollback must restore
-//! the destination's rows, view and relation names exactly.
+//! the destination's rows, view and relation names exactly; a second migration and `cleanup`
+//! must leave the source's rows and no backup set.
 //!
 //! The cases come from a fixed seed, so a run is reproducible; `PGZM_PROPTEST_CASES` asks for
 //! more of them.
@@ -44,6 +45,8 @@ fn hostile_name() -> impl Strategy<Value = String> {
         prop::sample::select(vec!["user", "select", "order", "shadow_x", "backup_x"])
             .prop_map(String::from),
         "[a-z_][a-z0-9_]{0,12}",
+        // Dollar quotes, backslashes, line breaks and tabs.
+        "[a-z]{1,3}(\\$\\$|\\$[a-z]*\\$|\\\\|\n|\t)[a-z]{0,3}",
     ]
     .prop_filter("an identifier of 1 to 63 bytes", |n| {
         !n.is_empty() && n.len() <= 63
@@ -183,6 +186,30 @@ async fn migrate_and_roll_back(n: Names) -> anyhow::Result<()> {
     ensure!(
         relation_names(&dst).await == before_names,
         "the rollback leaves exactly the relations the destination had"
+    );
+
+    common::migrate(&p).await.context("migrate again")?;
+    let cleaned = pgzm_coordinator::backup::cleanup(&dest_url(&p), i64::MAX, false)
+        .await
+        .context("cleanup")?;
+    ensure!(cleaned.backup_sets.len() == 1, "{cleaned:?}");
+    ensure!(
+        checks::live_sums(&dst).await == checks::live_sums(&src).await,
+        "the second migration holds the source's rows"
+    );
+    ensure!(
+        count(&dst, &n.view).await? == 5,
+        "the view reads the new tables"
+    );
+    let mut expected = before_names.clone();
+    expected.extend(relation_names(&src).await);
+    ensure!(
+        relation_names(&dst).await == expected,
+        "after cleanup only the live relations remain: {:?}",
+        relation_names(&dst)
+            .await
+            .symmetric_difference(&expected)
+            .collect::<Vec<_>>()
     );
     Ok(())
 }
