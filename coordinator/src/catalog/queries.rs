@@ -9,16 +9,16 @@ use crate::error::CoordinatorError;
 use crate::filter::TableFilter;
 
 const TABLES: &str = "
-SELECT c.oid, c.relname::text, c.relkind::text, c.relpersistence::text,
-       coalesce(c.reloptions, '{}')::text[],
+SELECT c.oid AS oid, c.relname::text AS name, c.relkind::text AS kind, c.relpersistence::text AS persistence,
+       coalesce(c.reloptions, '{}')::text[] AS reloptions,
        -- Parents outside the migrated schema (a partition or child of another schema's table).
        EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
-               WHERE i.inhrelid = c.oid AND p.relnamespace <> c.relnamespace),
-       obj_description(c.oid, 'pg_class'),
-       c.reltuples::int8,
+               WHERE i.inhrelid = c.oid AND p.relnamespace <> c.relnamespace) AS parent_elsewhere,
+       obj_description(c.oid, 'pg_class') AS comment,
+       c.reltuples::int8 AS estimated_rows,
        (c.relpages::int8 + coalesce((SELECT t.relpages FROM pg_class t WHERE t.oid = c.reltoastrelid), 0))
-         * current_setting('block_size')::int8,
-       c.relpages::int8,
+         * current_setting('block_size')::int8 AS estimated_bytes,
+       c.relpages::int8 AS pages,
        -- Expected binary COPY bytes, from the statistics (0 without them): per row 2 bytes of
        -- field count, per column 4 bytes of length and the average width of its non-null values.
        (SELECT CASE WHEN c.reltuples > 0 AND count(s.attname) > 0
@@ -26,13 +26,13 @@ SELECT c.oid, c.relname::text, c.relkind::text, c.relpersistence::text,
                     ELSE 0 END
           FROM pg_attribute a
           LEFT JOIN pg_stats s ON s.schemaname = 'public' AND s.tablename = c.relname AND s.attname = a.attname
-         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''),
-       CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END,
+         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '') AS estimated_copy_bytes,
+       CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END AS partition_key,
        (SELECT p.relname::text FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
-         WHERE i.inhrelid = c.oid AND c.relispartition),
-       CASE WHEN c.relispartition THEN pg_get_expr(c.relpartbound, c.oid) END,
+         WHERE i.inhrelid = c.oid AND c.relispartition) AS partition_parent,
+       CASE WHEN c.relispartition THEN pg_get_expr(c.relpartbound, c.oid) END AS partition_bound,
        ARRAY(SELECT p.relname::text FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
-              WHERE i.inhrelid = c.oid AND NOT c.relispartition ORDER BY i.inhseqno)
+              WHERE i.inhrelid = c.oid AND NOT c.relispartition ORDER BY i.inhseqno) AS inherits
 FROM pg_class c
 WHERE c.relnamespace = 'public'::regnamespace
   AND c.relkind IN ('r', 'p', 'm', 'f')
@@ -41,15 +41,15 @@ WHERE c.relnamespace = 'public'::regnamespace
 ORDER BY c.relname";
 
 const COLUMNS: &str = "
-SELECT a.attrelid, a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid,
-       CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE 0::oid END,
-       a.attnotnull,
-       CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, d.adrelid) END,
-       a.attidentity::text,
-       CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END,
+SELECT a.attrelid AS table_oid, a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS type_sql, a.atttypid AS type_oid,
+       CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE 0::oid END AS elem_type_oid,
+       a.attnotnull AS not_null,
+       CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, d.adrelid) END AS default_expr,
+       a.attidentity::text AS identity,
+       CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END AS generated,
        CASE WHEN a.attcollation <> t.typcollation AND a.attcollation <> 0
-            THEN quote_ident(cn.nspname) || '.' || quote_ident(co.collname) END,
-       col_description(a.attrelid, a.attnum)
+            THEN quote_ident(cn.nspname) || '.' || quote_ident(co.collname) END AS collation,
+       col_description(a.attrelid, a.attnum) AS comment
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
@@ -59,15 +59,15 @@ WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attrelid, a.attnum";
 
 const CONSTRAINTS: &str = "
-SELECT con.conrelid, con.conname::text, con.contype::text, pg_get_constraintdef(con.oid),
-       con.confrelid, con.convalidated, obj_description(con.oid, 'pg_constraint'),
+SELECT con.conrelid AS table_oid, con.conname::text AS name, con.contype::text AS kind, pg_get_constraintdef(con.oid) AS definition,
+       con.confrelid AS references_oid, con.convalidated AS validated, obj_description(con.oid, 'pg_constraint') AS comment,
        CASE WHEN con.contype = 'f' THEN ARRAY(
            SELECT a.attname::text FROM unnest(con.conkey) WITH ORDINALITY k(n, i)
-           JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n ORDER BY k.i) END,
+           JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n ORDER BY k.i) END AS columns,
        CASE WHEN con.contype = 'f' THEN ARRAY(
            SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(n, i)
-           JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n ORDER BY k.i) END,
-       con.confmatchtype = 'f'
+           JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n ORDER BY k.i) END AS ref_columns,
+       con.confmatchtype = 'f' AS match_full
 FROM pg_constraint con
 WHERE con.conrelid = ANY($1::oid[]) AND con.contype IN ('p', 'u', 'x', 'c', 'f')
   -- A foreign key of a partitioned table is cloned onto its partitions (and onto the
@@ -76,7 +76,7 @@ WHERE con.conrelid = ANY($1::oid[]) AND con.contype IN ('p', 'u', 'x', 'c', 'f')
 ORDER BY con.conrelid, con.conname";
 
 const INDEXES: &str = "
-SELECT i.indrelid, ic.relname::text, pg_get_indexdef(i.indexrelid), obj_description(i.indexrelid, 'pg_class')
+SELECT i.indrelid AS table_oid, ic.relname::text AS name, pg_get_indexdef(i.indexrelid) AS definition, obj_description(i.indexrelid, 'pg_class') AS comment
 FROM pg_index i
 JOIN pg_class ic ON ic.oid = i.indexrelid
 WHERE i.indrelid = ANY($1::oid[])
@@ -85,8 +85,8 @@ WHERE i.indrelid = ANY($1::oid[])
 ORDER BY i.indrelid, ic.relname";
 
 const TRIGGERS: &str = "
-SELECT tg.tgrelid, tg.tgname::text, pg_get_triggerdef(tg.oid), tg.tgenabled <> 'D', tg.tgfoid,
-       p.pronamespace = 'public'::regnamespace, p.pronamespace = 'pg_catalog'::regnamespace
+SELECT tg.tgrelid AS table_oid, tg.tgname::text AS name, pg_get_triggerdef(tg.oid) AS definition, tg.tgenabled <> 'D' AS enabled, tg.tgfoid AS function_oid,
+       p.pronamespace = 'public'::regnamespace AS function_in_public, p.pronamespace = 'pg_catalog'::regnamespace AS function_in_catalog
 FROM pg_trigger tg
 JOIN pg_proc p ON p.oid = tg.tgfoid
 WHERE tg.tgrelid = ANY($1::oid[]) AND NOT tg.tgisinternal
@@ -95,37 +95,37 @@ WHERE tg.tgrelid = ANY($1::oid[]) AND NOT tg.tgisinternal
 ORDER BY tg.tgrelid, tg.tgname";
 
 const FUNCTIONS: &str = "
-SELECT p.oid::regprocedure::text, pg_get_functiondef(p.oid)
+SELECT p.oid::regprocedure::text AS signature, pg_get_functiondef(p.oid) AS definition
 FROM pg_proc p WHERE p.oid = ANY($1::oid[]) ORDER BY 1";
 
 const TYPES: &str = "
-SELECT t.oid, t.typarray, t.typname::text, t.typtype::text,
+SELECT t.oid AS oid, t.typarray AS array_oid, t.typname::text AS name, t.typtype::text AS kind,
        t.typnamespace = 'public'::regnamespace
          AND NOT EXISTS (SELECT 1 FROM pg_depend d
-                         WHERE d.classid = 'pg_type'::regclass AND d.objid = t.oid AND d.deptype = 'e'),
-       obj_description(t.oid, 'pg_type'),
+                         WHERE d.classid = 'pg_type'::regclass AND d.objid = t.oid AND d.deptype = 'e') AS user_owned,
+       obj_description(t.oid, 'pg_type') AS comment,
        CASE WHEN t.typtype = 'e'
-            THEN ARRAY(SELECT e.enumlabel::text FROM pg_enum e WHERE e.enumtypid = t.oid ORDER BY e.enumsortorder) END,
-       CASE WHEN t.typtype = 'd' THEN format_type(t.typbasetype, t.typtypmod) END,
-       t.typbasetype, t.typnotnull,
-       CASE WHEN t.typtype = 'd' THEN pg_get_expr(t.typdefaultbin, 0) END,
+            THEN ARRAY(SELECT e.enumlabel::text FROM pg_enum e WHERE e.enumtypid = t.oid ORDER BY e.enumsortorder) END AS labels,
+       CASE WHEN t.typtype = 'd' THEN format_type(t.typbasetype, t.typtypmod) END AS base_type_sql,
+       t.typbasetype AS base_type_oid, t.typnotnull AS not_null,
+       CASE WHEN t.typtype = 'd' THEN pg_get_expr(t.typdefaultbin, 0) END AS default_expr,
        CASE WHEN t.typtype = 'd' AND t.typcollation <> 0
                  AND t.typcollation <> (SELECT b.typcollation FROM pg_type b WHERE b.oid = t.typbasetype)
             THEN (SELECT quote_ident(n.nspname) || '.' || quote_ident(c.collname)
-                  FROM pg_collation c JOIN pg_namespace n ON n.oid = c.collnamespace WHERE c.oid = t.typcollation) END,
-       t.typcategory = 'A', t.typelem
+                  FROM pg_collation c JOIN pg_namespace n ON n.oid = c.collnamespace WHERE c.oid = t.typcollation) END AS collation,
+       t.typcategory = 'A' AS is_array, t.typelem AS elem_type_oid
 FROM pg_type t WHERE t.oid = ANY($1::oid[])";
 
 /// Range types (`rngmultitypid` read through `to_jsonb`: it exists from PostgreSQL 14 on).
 const RANGES: &str = "
-SELECT r.rngtypid, format_type(r.rngsubtype, NULL), r.rngsubtype,
-       CASE WHEN NOT opc.opcdefault THEN quote_ident(n.nspname) || '.' || quote_ident(opc.opcname) END,
+SELECT r.rngtypid AS oid, format_type(r.rngsubtype, NULL) AS subtype_sql, r.rngsubtype AS subtype_oid,
+       CASE WHEN NOT opc.opcdefault THEN quote_ident(n.nspname) || '.' || quote_ident(opc.opcname) END AS opclass,
        CASE WHEN r.rngcollation <> 0 AND r.rngcollation <> st.typcollation
             THEN (SELECT quote_ident(cn.nspname) || '.' || quote_ident(c.collname)
-                  FROM pg_collation c JOIN pg_namespace cn ON cn.oid = c.collnamespace WHERE c.oid = r.rngcollation) END,
-       CASE WHEN r.rngcanonical <> 0 THEN r.rngcanonical::regproc::text END,
-       CASE WHEN r.rngsubdiff <> 0 THEN r.rngsubdiff::regproc::text END,
-       (SELECT m.typname::text FROM pg_type m WHERE m.oid = (to_jsonb(r) ->> 'rngmultitypid')::oid)
+                  FROM pg_collation c JOIN pg_namespace cn ON cn.oid = c.collnamespace WHERE c.oid = r.rngcollation) END AS collation,
+       CASE WHEN r.rngcanonical <> 0 THEN r.rngcanonical::regproc::text END AS canonical,
+       CASE WHEN r.rngsubdiff <> 0 THEN r.rngsubdiff::regproc::text END AS subdiff,
+       (SELECT m.typname::text FROM pg_type m WHERE m.oid = (to_jsonb(r) ->> 'rngmultitypid')::oid) AS multirange
 FROM pg_range r
 JOIN pg_type st ON st.oid = r.rngsubtype
 JOIN pg_opclass opc ON opc.oid = r.rngsubopc
@@ -133,14 +133,14 @@ JOIN pg_namespace n ON n.oid = opc.opcnamespace
 WHERE r.rngtypid = ANY($1::oid[])";
 
 const RANGES_OF_MULTIRANGES: &str = "
-SELECT r.rngtypid FROM pg_range r WHERE (to_jsonb(r) ->> 'rngmultitypid')::oid = ANY($1::oid[])";
+SELECT r.rngtypid AS range_oid FROM pg_range r WHERE (to_jsonb(r) ->> 'rngmultitypid')::oid = ANY($1::oid[])";
 
 const COMPOSITE_ATTRIBUTES: &str = "
-SELECT t.oid, a.attname::text, format_type(a.atttypid, a.atttypmod),
-       CASE WHEN at.typcategory = 'A' THEN at.typelem ELSE a.atttypid END,
+SELECT t.oid AS type_oid, a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS type_sql,
+       CASE WHEN at.typcategory = 'A' THEN at.typelem ELSE a.atttypid END AS attribute_type_oid,
        CASE WHEN a.attcollation <> at.typcollation AND a.attcollation <> 0
             THEN (SELECT quote_ident(n.nspname) || '.' || quote_ident(c.collname)
-                  FROM pg_collation c JOIN pg_namespace n ON n.oid = c.collnamespace WHERE c.oid = a.attcollation) END
+                  FROM pg_collation c JOIN pg_namespace n ON n.oid = c.collnamespace WHERE c.oid = a.attcollation) END AS collation
 FROM pg_type t
 JOIN pg_attribute a ON a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped
 JOIN pg_type at ON at.oid = a.atttypid
@@ -148,7 +148,7 @@ WHERE t.oid = ANY($1::oid[])
 ORDER BY t.oid, a.attnum";
 
 const DOMAIN_CHECKS: &str = "
-SELECT contypid, conname::text, pg_get_constraintdef(oid)
+SELECT contypid AS type_oid, conname::text AS name, pg_get_constraintdef(oid) AS definition
 FROM pg_constraint WHERE contypid = ANY($1::oid[]) AND contype = 'c' ORDER BY contypid, conname";
 
 const SEQUENCES: &str = "
@@ -164,21 +164,21 @@ WITH used AS (
                      AND dd.refclassid = 'pg_class'::regclass
     WHERE ad.adrelid = ANY($1::oid[])
 )
-SELECT s.oid, s.relname::text, format_type(sq.seqtypid, NULL), sq.seqstart, sq.seqincrement, sq.seqmin,
-       sq.seqmax, sq.seqcache, sq.seqcycle,
-       (SELECT c.relname::text FROM pg_class c WHERE c.oid = o.refobjid),
-       (SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = o.refobjid AND a.attnum = o.refobjsubid),
-       coalesce(o.deptype = 'i', false),
-       coalesce(pg_sequence_last_value(s.oid), sq.seqstart),
-       pg_sequence_last_value(s.oid) IS NOT NULL,
-       s.relnamespace = 'public'::regnamespace,
+SELECT s.oid AS oid, s.relname::text AS name, format_type(sq.seqtypid, NULL) AS type_sql, sq.seqstart AS start, sq.seqincrement AS increment, sq.seqmin AS min,
+       sq.seqmax AS max, sq.seqcache AS cache, sq.seqcycle AS cycle,
+       (SELECT c.relname::text FROM pg_class c WHERE c.oid = o.refobjid) AS owner_table,
+       (SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = o.refobjid AND a.attnum = o.refobjsubid) AS owner_column,
+       coalesce(o.deptype = 'i', false) AS identity,
+       coalesce(pg_sequence_last_value(s.oid), sq.seqstart) AS last_value,
+       pg_sequence_last_value(s.oid) IS NOT NULL AS is_called,
+       s.relnamespace = 'public'::regnamespace AS in_public,
        ARRAY(SELECT DISTINCT c.relname::text || '|' || a.attname::text
              FROM pg_depend dd
              JOIN pg_attrdef ad ON ad.oid = dd.objid
              JOIN pg_class c ON c.oid = ad.adrelid AND c.relnamespace = 'public'::regnamespace
              JOIN pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
              WHERE dd.classid = 'pg_attrdef'::regclass AND dd.refclassid = 'pg_class'::regclass
-               AND dd.refobjid = s.oid)
+               AND dd.refobjid = s.oid) AS used_by
 FROM pg_class s
 JOIN pg_sequence sq ON sq.seqrelid = s.oid
 LEFT JOIN pg_depend o ON o.classid = 'pg_class'::regclass AND o.objid = s.oid
@@ -187,8 +187,8 @@ WHERE s.relkind = 'S' AND s.oid IN (SELECT seq FROM used)
 ORDER BY s.relname";
 
 const VIEWS: &str = "
-SELECT c.oid, c.relname::text, pg_get_viewdef(c.oid), coalesce(c.reloptions, '{}')::text[],
-       obj_description(c.oid, 'pg_class')
+SELECT c.oid AS oid, c.relname::text AS name, pg_get_viewdef(c.oid) AS definition, coalesce(c.reloptions, '{}')::text[] AS options,
+       obj_description(c.oid, 'pg_class') AS comment
 FROM pg_class c
 WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'v'
   AND NOT EXISTS (SELECT 1 FROM pg_depend d
@@ -196,7 +196,7 @@ WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'v'
 
 /// Dependencies of views on other relations (view oid, referenced relation oid).
 pub const VIEW_DEPENDENCIES_SQL: &str = "
-SELECT DISTINCT r.ev_class, d.refobjid
+SELECT DISTINCT r.ev_class AS view_oid, d.refobjid AS depends_on
 FROM pg_rewrite r
 JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
 WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid <> r.ev_class";
@@ -204,7 +204,7 @@ WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid <> r.ev_class";
 /// Columns that may reference large objects (type `oid`, or a domain over it such as the `lo`
 /// extension's), when the source has large objects at all.
 const LARGE_OBJECT_COLUMNS: &str = "
-SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod)
+SELECT c.relname::text AS table_name, a.attname::text AS column_name, format_type(a.atttypid, a.atttypmod) AS type_sql
 FROM pg_attribute a
 JOIN pg_class c ON c.oid = a.attrelid
 JOIN pg_type t ON t.oid = a.atttypid
@@ -214,7 +214,7 @@ WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY 1, 2";
 
 const EXTENSIONS: &str = "
-SELECT e.extname::text, n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+SELECT e.extname::text AS name, n.nspname::text AS schema_name FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
 WHERE e.extname <> 'plpgsql' ORDER BY 1";
 
 fn catalog_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError {
@@ -246,7 +246,9 @@ pub async fn read_schema(
         .await
         .map_err(catalog_err("read extensions"))?
     {
-        schema.extensions.push((row.get(0), row.get(1)));
+        schema
+            .extensions
+            .push((row.get("name"), row.get("schema_name")));
     }
     Ok(schema)
 }
@@ -326,34 +328,34 @@ async fn read_tables(
         .await
         .map_err(catalog_err("read tables"))?
     {
-        let name: String = row.get(1);
-        let kind: String = row.get(2);
-        let inherits: bool = row.get(5);
+        let name: String = row.get("name");
+        let kind: String = row.get("kind");
+        let inherits: bool = row.get("parent_elsewhere");
         match kind.as_str() {
-            "m" => matview_oids.push(row.get::<_, Oid>(0)),
+            "m" => matview_oids.push(row.get::<_, Oid>("oid")),
             "f" => schema.unsupported.push(format!("foreign table \"{name}\": foreign tables are not migrated")),
             _ if inherits => schema.unsupported.push(format!(
                 "table \"{name}\" is a partition or child of a table in another schema: migrate that schema's tables together with it"
             )),
             _ => schema.tables.push(Table {
-                oid: row.get(0),
+                oid: row.get("oid"),
                 name,
-                persistence: row.get::<_, String>(3).chars().next().unwrap_or('p'),
-                reloptions: row.get(4),
+                persistence: row.get::<_, String>("persistence").chars().next().unwrap_or('p'),
+                reloptions: row.get("reloptions"),
                 columns: Vec::new(),
                 constraints: Vec::new(),
                 indexes: Vec::new(),
                 triggers: Vec::new(),
-                comment: row.get(6),
-                estimated_rows: row.get(7),
-                estimated_bytes: row.get(8),
-                pages: row.get(9),
-                estimated_copy_bytes: row.get(10),
-                partition_key: row.get(11),
+                comment: row.get("comment"),
+                estimated_rows: row.get("estimated_rows"),
+                estimated_bytes: row.get("estimated_bytes"),
+                pages: row.get("pages"),
+                estimated_copy_bytes: row.get("estimated_copy_bytes"),
+                partition_key: row.get("partition_key"),
                 partition_of: row
                     .get::<_, Option<String>>(12)
-                    .zip(row.get::<_, Option<String>>(13)),
-                inherits: row.get(14),
+                    .zip(row.get::<_, Option<String>>("partition_bound")),
+                inherits: row.get("inherits"),
             }),
         }
     }
@@ -372,30 +374,30 @@ async fn read_columns(
         .await
         .map_err(catalog_err("read columns"))?
     {
-        let table = t.index_of[&row.get::<_, Oid>(0)];
-        let type_oid: Oid = row.get(3);
-        let elem_type_oid: Oid = row.get(4);
+        let table = t.index_of[&row.get::<_, Oid>("table_oid")];
+        let type_oid: Oid = row.get("type_oid");
+        let elem_type_oid: Oid = row.get("elem_type_oid");
         type_oids.insert(type_oid);
         if elem_type_oid != 0 {
             type_oids.insert(elem_type_oid);
         }
-        let identity = match row.get::<_, String>(7).as_str() {
+        let identity = match row.get::<_, String>("identity").as_str() {
             "a" => Some(Identity::Always),
             "d" => Some(Identity::ByDefault),
             _ => None,
         };
         schema.tables[table].columns.push(Column {
-            name: row.get(1),
-            type_sql: row.get(2),
+            name: row.get("name"),
+            type_sql: row.get("type_sql"),
             type_oid,
             elem_type_oid,
-            not_null: row.get(5),
-            default: row.get(6),
+            not_null: row.get("not_null"),
+            default: row.get("default_expr"),
             identity,
             identity_sequence: None,
-            generated: row.get(8),
-            collation: row.get(9),
-            comment: row.get(10),
+            generated: row.get("generated"),
+            collation: row.get("collation"),
+            comment: row.get("comment"),
         });
     }
     Ok(type_oids)
@@ -412,11 +414,11 @@ async fn read_constraints(
         .await
         .map_err(catalog_err("read constraints"))?
     {
-        let table = t.index_of[&row.get::<_, Oid>(0)];
-        let kind = row.get::<_, String>(2).chars().next().unwrap_or('c');
-        let name: String = row.get(1);
+        let table = t.index_of[&row.get::<_, Oid>("table_oid")];
+        let kind = row.get::<_, String>("kind").chars().next().unwrap_or('c');
+        let name: String = row.get("name");
         let references = if kind == 'f' {
-            let target: Oid = row.get(4);
+            let target: Oid = row.get("references_oid");
             // A table the filters left out stays live: the key references it there.
             match t.name_of.get(&target).or_else(|| t.excluded.get(&target)) {
                 Some(t) => Some(t.clone()),
@@ -434,13 +436,13 @@ async fn read_constraints(
         schema.tables[table].constraints.push(Constraint {
             name,
             kind,
-            definition: row.get(3),
+            definition: row.get("definition"),
             references,
-            validated: row.get(5),
-            comment: row.get(6),
+            validated: row.get("validated"),
+            comment: row.get("comment"),
             columns: row.get::<_, Option<Vec<String>>>(7).unwrap_or_default(),
             ref_columns: row.get::<_, Option<Vec<String>>>(8).unwrap_or_default(),
-            match_full: row.get::<_, Option<bool>>(9).unwrap_or(false),
+            match_full: row.get::<_, Option<bool>>("match_full").unwrap_or(false),
         });
     }
     Ok(())
@@ -457,11 +459,11 @@ async fn read_indexes(
         .await
         .map_err(catalog_err("read indexes"))?
     {
-        let table = t.index_of[&row.get::<_, Oid>(0)];
+        let table = t.index_of[&row.get::<_, Oid>("table_oid")];
         schema.tables[table].indexes.push(Index {
-            name: row.get(1),
-            definition: row.get(2),
-            comment: row.get(3),
+            name: row.get("name"),
+            definition: row.get("definition"),
+            comment: row.get("comment"),
         });
     }
     Ok(())
@@ -479,12 +481,12 @@ async fn read_triggers(
         .await
         .map_err(catalog_err("read triggers"))?
     {
-        let table = t.index_of[&row.get::<_, Oid>(0)];
-        let name: String = row.get(1);
-        let in_public: bool = row.get(5);
-        let in_catalog: bool = row.get(6);
+        let table = t.index_of[&row.get::<_, Oid>("table_oid")];
+        let name: String = row.get("name");
+        let in_public: bool = row.get("function_in_public");
+        let in_catalog: bool = row.get("function_in_catalog");
         if in_public {
-            function_oids.insert(row.get::<_, Oid>(4));
+            function_oids.insert(row.get::<_, Oid>("function_oid"));
         } else if !in_catalog {
             schema.unsupported.push(format!(
                 "trigger \"{name}\" of table \"{}\" calls a function outside schema public",
@@ -493,8 +495,8 @@ async fn read_triggers(
         }
         schema.tables[table].triggers.push(Trigger {
             name,
-            definition: row.get(2),
-            enabled: row.get(3),
+            definition: row.get("definition"),
+            enabled: row.get("enabled"),
         });
     }
     let function_oids: Vec<Oid> = function_oids.into_iter().collect();
@@ -504,8 +506,8 @@ async fn read_triggers(
         .map_err(catalog_err("read trigger functions"))?
     {
         schema.functions.push(Function {
-            signature: row.get(0),
-            definition: row.get(1),
+            signature: row.get("signature"),
+            definition: row.get("definition"),
         });
     }
     Ok(())
@@ -523,7 +525,11 @@ async fn read_large_object_columns(
         .await
         .map_err(catalog_err("read large object columns"))?
     {
-        let (table, column, ty): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+        let (table, column, ty): (String, String, String) = (
+            row.get("table_name"),
+            row.get("column_name"),
+            row.get("type_sql"),
+        );
         schema.unsupported.push(format!(
             "column \"{table}\".\"{column}\" ({ty}) can hold large object references and the source has large objects: pgzm does not copy large objects, so the copied oids would point at missing or different objects in the destination; store the data as bytea, or leave the table out of the source"
         ));
@@ -593,30 +599,30 @@ async fn read_type_batch(
         .await
         .map_err(catalog_err("read types"))?
     {
-        let oid: Oid = row.get(0);
-        let name: String = row.get(2);
-        let kind: String = row.get(3);
-        let user_owned: bool = row.get(4);
-        let is_array: bool = row.get(12);
+        let oid: Oid = row.get("oid");
+        let name: String = row.get("name");
+        let kind: String = row.get("kind");
+        let user_owned: bool = row.get("user_owned");
+        let is_array: bool = row.get("is_array");
         if is_array {
-            pending.insert(row.get(13));
+            pending.insert(row.get("elem_type_oid"));
             continue;
         }
         if !user_owned {
             continue;
         }
         let kind = match kind.as_str() {
-            "e" => UserTypeKind::Enum(row.get(6)),
+            "e" => UserTypeKind::Enum(row.get("labels")),
             "d" => {
-                let base: Oid = row.get(8);
+                let base: Oid = row.get("base_type_oid");
                 pending.insert(base);
                 kinds.domains.push(oid);
                 UserTypeKind::Domain {
-                    base_type_sql: row.get(7),
+                    base_type_sql: row.get("base_type_sql"),
                     base_type_oid: base,
-                    not_null: row.get(9),
-                    default: row.get(10),
-                    collation: row.get(11),
+                    not_null: row.get("not_null"),
+                    default: row.get("default_expr"),
+                    collation: row.get("collation"),
                     checks: Vec::new(),
                 }
             }
@@ -651,10 +657,10 @@ async fn read_type_batch(
             oid,
             UserType {
                 oid,
-                array_oid: row.get(1),
+                array_oid: row.get("array_oid"),
                 name,
                 kind,
-                comment: row.get(5),
+                comment: row.get("comment"),
             },
         );
     }
@@ -676,7 +682,7 @@ async fn read_type_details(
             .await
             .map_err(catalog_err("read multirange types"))?
         {
-            pending.insert(row.get::<_, Oid>(0));
+            pending.insert(row.get::<_, Oid>("range_oid"));
         }
     }
     if !kinds.ranges.is_empty() {
@@ -685,9 +691,9 @@ async fn read_type_details(
             .await
             .map_err(catalog_err("read range types"))?
         {
-            let subtype: Oid = row.get(2);
+            let subtype: Oid = row.get("subtype_oid");
             pending.insert(subtype);
-            if let Some(canonical) = row.get::<_, Option<String>>(5) {
+            if let Some(canonical) = row.get::<_, Option<String>>("canonical") {
                 unsupported.push(format!(
                     "range type with canonical function {canonical}: pgzm cannot create it (canonical functions are written in C); create the range type in the destination first"
                 ));
@@ -703,14 +709,14 @@ async fn read_type_details(
                         multirange,
                     },
                 ..
-            }) = found.get_mut(&row.get::<_, Oid>(0))
+            }) = found.get_mut(&row.get::<_, Oid>("oid"))
             {
-                *subtype_sql = row.get(1);
+                *subtype_sql = row.get("subtype_sql");
                 *subtype_oid = subtype;
-                *opclass = row.get(3);
-                *collation = row.get(4);
-                *subdiff = row.get(6);
-                *multirange = row.get(7);
+                *opclass = row.get("opclass");
+                *collation = row.get("collation");
+                *subdiff = row.get("subdiff");
+                *multirange = row.get("multirange");
             }
         }
     }
@@ -720,14 +726,19 @@ async fn read_type_details(
             .await
             .map_err(catalog_err("read composite types"))?
         {
-            let attribute_type: Oid = row.get(3);
+            let attribute_type: Oid = row.get("attribute_type_oid");
             pending.insert(attribute_type);
             if let Some(UserType {
                 kind: UserTypeKind::Composite(attributes),
                 ..
-            }) = found.get_mut(&row.get::<_, Oid>(0))
+            }) = found.get_mut(&row.get::<_, Oid>("type_oid"))
             {
-                attributes.push((row.get(1), row.get(2), attribute_type, row.get(4)));
+                attributes.push((
+                    row.get("name"),
+                    row.get("type_sql"),
+                    attribute_type,
+                    row.get("collation"),
+                ));
             }
         }
     }
@@ -740,9 +751,9 @@ async fn read_type_details(
             if let Some(UserType {
                 kind: UserTypeKind::Domain { checks, .. },
                 ..
-            }) = found.get_mut(&row.get::<_, Oid>(0))
+            }) = found.get_mut(&row.get::<_, Oid>("type_oid"))
             {
-                checks.push((row.get(1), row.get(2)));
+                checks.push((row.get("name"), row.get("definition")));
             }
         }
     }
@@ -786,19 +797,19 @@ async fn read_sequences(
         .await
         .map_err(catalog_err("read sequences"))?
     {
-        let name: String = row.get(1);
-        let in_public: bool = row.get(14);
+        let name: String = row.get("name");
+        let in_public: bool = row.get("in_public");
         if !in_public {
             continue;
         }
         let owned_by = match (
-            row.get::<_, Option<String>>(9),
-            row.get::<_, Option<String>>(10),
+            row.get::<_, Option<String>>("owner_table"),
+            row.get::<_, Option<String>>("owner_column"),
         ) {
             (Some(t), Some(c)) => Some((t, c)),
             _ => None,
         };
-        let identity: bool = row.get(11);
+        let identity: bool = row.get("identity");
         if identity {
             if let Some((table, column)) = &owned_by {
                 if let Some(t) = schema.tables.iter_mut().find(|t| &t.name == table) {
@@ -809,19 +820,19 @@ async fn read_sequences(
             }
         }
         schema.sequences.push(Sequence {
-            oid: row.get(0),
+            oid: row.get("oid"),
             name,
-            type_sql: row.get(2),
-            start: row.get(3),
-            increment: row.get(4),
-            min: row.get(5),
-            max: row.get(6),
-            cache: row.get(7),
-            cycle: row.get(8),
+            type_sql: row.get("type_sql"),
+            start: row.get("start"),
+            increment: row.get("increment"),
+            min: row.get("min"),
+            max: row.get("max"),
+            cache: row.get("cache"),
+            cycle: row.get("cycle"),
             owned_by,
             identity,
-            last_value: row.get(12),
-            is_called: row.get(13),
+            last_value: row.get("last_value"),
+            is_called: row.get("is_called"),
             used_by: row
                 .get::<_, Vec<String>>(15)
                 .into_iter()
@@ -845,12 +856,12 @@ async fn read_views(client: &Client, schema: &mut SourceSchema) -> Result<(), Co
         .map_err(catalog_err("read views"))?
     {
         views.insert(
-            row.get(0),
+            row.get("oid"),
             View {
-                name: row.get(1),
-                definition: row.get(2),
-                options: row.get(3),
-                comment: row.get(4),
+                name: row.get("name"),
+                definition: row.get("definition"),
+                options: row.get("options"),
+                comment: row.get("comment"),
             },
         );
     }
@@ -863,8 +874,8 @@ async fn read_views(client: &Client, schema: &mut SourceSchema) -> Result<(), Co
         .await
         .map_err(catalog_err("read view dependencies"))?
     {
-        let view: Oid = row.get(0);
-        let on: Oid = row.get(1);
+        let view: Oid = row.get("view_oid");
+        let on: Oid = row.get("depends_on");
         if views.contains_key(&view) && views.contains_key(&on) {
             deps.entry(view).or_default().insert(on);
         }
@@ -892,9 +903,9 @@ WITH objs AS (
     UNION ALL SELECT 'pg_type'::regclass, oid FROM pg_type WHERE oid = ANY($2::oid[])
     UNION ALL SELECT 'pg_proc'::regclass, oid FROM pg_proc WHERE oid = ANY($3::oid[])
 )
-SELECT DISTINCT p.oid, p.oid::regprocedure::text, n.nspname::text,
-       EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = 'pg_proc'::regclass AND x.objid = p.oid AND x.deptype = 'e'),
-       p.prokind::text
+SELECT DISTINCT p.oid AS oid, p.oid::regprocedure::text AS signature, n.nspname::text AS schema_name,
+       EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = 'pg_proc'::regclass AND x.objid = p.oid AND x.deptype = 'e') AS in_extension,
+       p.prokind::text AS kind
 FROM pg_depend d
 JOIN objs o ON o.cls = d.classid AND o.oid = d.objid
 JOIN pg_proc p ON p.oid = d.refobjid
@@ -918,12 +929,16 @@ async fn read_used_functions(
             .await
             .map_err(catalog_err("read functions the tables use"))?
         {
-            let oid: Oid = row.get(0);
+            let oid: Oid = row.get("oid");
             if !found.insert(oid) {
                 continue;
             }
-            let (signature, namespace, extension, kind): (String, String, bool, String) =
-                (row.get(1), row.get(2), row.get(3), row.get(4));
+            let (signature, namespace, extension, kind): (String, String, bool, String) = (
+                row.get("signature"),
+                row.get("schema_name"),
+                row.get("in_extension"),
+                row.get("kind"),
+            );
             if extension {
                 continue;
             }
@@ -951,11 +966,11 @@ async fn read_used_functions(
         .await
         .map_err(catalog_err("read functions the tables use"))?
     {
-        let signature: String = row.get(0);
+        let signature: String = row.get("signature");
         if !schema.functions.iter().any(|f| f.signature == signature) {
             schema.functions.push(Function {
                 signature,
-                definition: row.get(1),
+                definition: row.get("definition"),
             });
         }
     }
@@ -964,12 +979,12 @@ async fn read_used_functions(
 
 /// Materialized views (by oid): definition, population, indexes, options, comment.
 pub const MATVIEWS_SQL: &str = "
-SELECT c.oid, n.nspname::text, c.relname::text, pg_get_viewdef(c.oid), c.relispopulated,
+SELECT c.oid AS oid, n.nspname::text AS schema_name, c.relname::text AS name, pg_get_viewdef(c.oid) AS definition, c.relispopulated AS populated,
        ARRAY(SELECT i.relname::text
-             FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = c.oid ORDER BY i.oid),
-       coalesce(c.reloptions, '{}')::text[], obj_description(c.oid, 'pg_class'),
+             FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = c.oid ORDER BY i.oid) AS index_names,
+       coalesce(c.reloptions, '{}')::text[] AS options, obj_description(c.oid, 'pg_class') AS comment,
        ARRAY(SELECT pg_get_indexdef(i.oid)
-             FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = c.oid ORDER BY i.oid)
+             FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = c.oid ORDER BY i.oid) AS index_definitions
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.oid = ANY($1::oid[])";
 
@@ -985,19 +1000,19 @@ pub async fn matviews_by_oid(
     }
     for row in client.query(MATVIEWS_SQL, &[&oids]).await? {
         out.insert(
-            row.get::<_, Oid>(0),
+            row.get::<_, Oid>("oid"),
             Matview {
-                schema: row.get(1),
-                name: row.get(2),
-                definition: row.get(3),
-                populated: row.get(4),
+                schema: row.get("schema_name"),
+                name: row.get("name"),
+                definition: row.get("definition"),
+                populated: row.get("populated"),
                 indexes: row
                     .get::<_, Vec<String>>(5)
                     .into_iter()
-                    .zip(row.get::<_, Vec<String>>(8))
+                    .zip(row.get::<_, Vec<String>>("index_definitions"))
                     .collect(),
-                options: row.get(6),
-                comment: row.get(7),
+                options: row.get("options"),
+                comment: row.get("comment"),
             },
         );
     }
@@ -1023,7 +1038,7 @@ async fn read_matviews(
         .await
         .map_err(catalog_err("read views"))?
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get("oid"), r.get("relname")))
         .collect();
     let mut deps: BTreeMap<Oid, BTreeSet<Oid>> = BTreeMap::new();
     for row in client
@@ -1031,7 +1046,7 @@ async fn read_matviews(
         .await
         .map_err(catalog_err("read materialized view dependencies"))?
     {
-        let (mv, on): (Oid, Oid) = (row.get(0), row.get(1));
+        let (mv, on): (Oid, Oid) = (row.get("view_oid"), row.get("depends_on"));
         if !found.contains_key(&mv) {
             continue;
         }
