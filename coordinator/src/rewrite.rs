@@ -11,15 +11,12 @@ use std::collections::HashMap;
 
 use pgzm_pg::sql::{quote_ident, quote_literal};
 
-/// Name changes to apply to qualified references in `public`.
+/// Name changes to apply to schema-qualified references: (schema, name) → new name (in the
+/// same schema).
 #[derive(Debug, Clone, Default)]
 pub struct Renames {
-    map: HashMap<String, String>,
-    /// Renames in other schemas: (schema, name) → new name.
-    qualified: HashMap<(String, String), String>,
+    map: HashMap<(String, String), String>,
 }
-
-const PREFIX: &str = "public.";
 
 impl Renames {
     /// Empty map.
@@ -27,27 +24,31 @@ impl Renames {
         Self::default()
     }
 
-    /// Adds `from` → `to` (unquoted names).
+    /// Adds `public.from` → `public.to` (unquoted names).
     pub fn insert(&mut self, from: &str, to: &str) {
-        self.map.insert(from.to_string(), to.to_string());
+        self.insert_in(crate::naming::PUBLIC, from, to);
     }
 
-    /// Adds `schema.from` → `schema.to` for a schema other than `public` (unquoted names).
+    /// Adds `schema.from` → `schema.to` (unquoted names).
     pub fn insert_in(&mut self, schema: &str, from: &str, to: &str) {
-        if schema == PREFIX.trim_end_matches('.') {
-            self.insert(from, to);
-        } else {
-            self.qualified
-                .insert((schema.to_string(), from.to_string()), to.to_string());
-        }
+        self.map
+            .insert((schema.to_string(), from.to_string()), to.to_string());
     }
 
-    /// The new name for `name`, if renamed.
+    /// The new name for `public.name`, if renamed.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.map.get(name).map(String::as_str)
+        self.get_in(crate::naming::PUBLIC, name)
     }
 
-    /// Rewrites qualified references in deparsed SQL.
+    /// The new name for `schema.name`, if renamed.
+    pub fn get_in(&self, schema: &str, name: &str) -> Option<&str> {
+        self.map
+            .get(&(schema.to_string(), name.to_string()))
+            .map(String::as_str)
+    }
+
+    /// Rewrites the schema-qualified references in deparsed SQL (and `'schema.name'::regclass`
+    /// literals) to renamed objects; anything else, string literals included, is left as it is.
     pub fn apply(&self, sql: &str) -> String {
         let bytes = sql.as_bytes();
         let mut out = String::with_capacity(sql.len() + 16);
@@ -65,18 +66,14 @@ impl Renames {
                 i = end;
                 continue;
             }
-            if !self.qualified.is_empty() && (i == 0 || !is_ident_byte(bytes[i - 1])) {
-                if let Some((schema, dot)) = parse_ident(sql, i) {
-                    if bytes.get(dot) == Some(&b'.') {
-                        if let Some((name, end)) = parse_ident(sql, dot + 1) {
-                            if let Some(new) = self.qualified.get(&(schema, name)) {
-                                out.push_str(&sql[i..=dot]);
-                                out.push_str(&quote_ident(new));
-                                i = end;
-                                continue;
-                            }
-                        }
-                    }
+            // A reference starts a word: not inside one, nor after a dot (`x.public.t` is a
+            // field of `public`, not a schema).
+            let starts = i == 0 || !(is_ident_byte(bytes[i - 1]) || bytes[i - 1] == b'.');
+            if starts && (c == b'"' || is_ident_byte(c)) {
+                if let Some((new, end)) = self.renamed_reference(sql, i) {
+                    out.push_str(&new);
+                    i = end;
+                    continue;
                 }
             }
             if c == b'"' {
@@ -84,16 +81,6 @@ impl Renames {
                 out.push_str(&sql[i..end]);
                 i = end;
                 continue;
-            }
-            if sql[i..].starts_with(PREFIX) && (i == 0 || !is_ident_byte(bytes[i - 1])) {
-                if let Some((name, end)) = parse_ident(sql, i + PREFIX.len()) {
-                    if let Some(new) = self.map.get(&name) {
-                        out.push_str(PREFIX);
-                        out.push_str(&quote_ident(new));
-                        i = end;
-                        continue;
-                    }
-                }
             }
             if is_ident_byte(c) {
                 // Copy a whole word so that `xpublic.` is never seen as a reference.
@@ -111,18 +98,36 @@ impl Renames {
         out
     }
 
+    /// At `start`, a `schema.name` reference to a renamed object: its new text and end.
+    fn renamed_reference(&self, sql: &str, start: usize) -> Option<(String, usize)> {
+        let (schema, dot) = parse_ident(sql, start)?;
+        if sql.as_bytes().get(dot) != Some(&b'.') {
+            return None;
+        }
+        let (name, end) = parse_ident(sql, dot + 1)?;
+        let new = self.get_in(&schema, &name)?;
+        Some((format!("{}{}", &sql[start..=dot], quote_ident(new)), end))
+    }
+
     fn rewrite_regclass_literal(&self, literal: &str, rest: &str) -> Option<String> {
         if !rest.starts_with("::regclass") || !literal.starts_with('\'') {
             return None;
         }
         let content = literal[1..literal.len() - 1].replace("''", "'");
-        let name_part = content.strip_prefix(PREFIX)?;
-        let (name, end) = parse_ident(name_part, 0)?;
-        if end != name_part.len() {
+        let (schema, dot) = parse_ident(&content, 0)?;
+        if content.as_bytes().get(dot) != Some(&b'.') {
             return None;
         }
-        let new = self.map.get(&name)?;
-        Some(quote_literal(&format!("{PREFIX}{}", quote_ident(new))))
+        let (name, end) = parse_ident(&content, dot + 1)?;
+        if end != content.len() {
+            return None;
+        }
+        let new = self.get_in(&schema, &name)?;
+        Some(quote_literal(&format!(
+            "{}{}",
+            &content[..=dot],
+            quote_ident(new)
+        )))
     }
 }
 
@@ -467,6 +472,27 @@ mod tests {
             r.insert(&a, &new);
             let out = r.apply(&text(&quote_ident_like_pg(&a)));
             proptest::prop_assert_eq!(out, text(&quote_ident(&new)));
+        }
+
+        /// The same in any schema, the schema's name hostile too: only references qualified by
+        /// that schema follow the rename; the same name in `public` does not.
+        #[test]
+        fn renames_in_any_schema(
+            schema in crate::naming::tests::hostile_name(),
+            a in crate::naming::tests::hostile_name(),
+        ) {
+            proptest::prop_assume!(schema != crate::naming::PUBLIC);
+            let new = crate::naming::prefixed(crate::naming::SHADOW, &a);
+            let (qs, qa) = (quote_ident_like_pg(&schema), quote_ident_like_pg(&a));
+            let text = |renamed: &str| {
+                format!(
+                    "SELECT 1 FROM {qs}.{renamed} JOIN public.{qa} p ON true WHERE x = nextval({}::regclass)",
+                    quote_literal(&format!("{qs}.{renamed}"))
+                )
+            };
+            let mut r = Renames::new();
+            r.insert_in(&schema, &a, &new);
+            proptest::prop_assert_eq!(r.apply(&text(&qa)), text(&quote_ident(&new)));
         }
 
         /// A `'public.name'::regclass` literal follows the rename; any other literal does not.
