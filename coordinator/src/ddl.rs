@@ -25,7 +25,7 @@ pub fn create_type(t: &UserType, shadow: &str, renames: &Renames) -> Vec<String>
             let labels: Vec<String> = labels.iter().map(|l| quote_literal(l)).collect();
             out.push(format!(
                 "CREATE TYPE {} AS ENUM ({})",
-                public(shadow),
+                quote_qualified(&t.schema, shadow),
                 labels.join(", ")
             ));
         }
@@ -50,12 +50,12 @@ pub fn create_type(t: &UserType, shadow: &str, renames: &Renames) -> Vec<String>
             if let Some(m) = multirange {
                 options.push(format!(
                     "MULTIRANGE_TYPE_NAME = {}",
-                    public(renames.get(m).unwrap_or(m))
+                    quote_qualified(&t.schema, renames.get_in(&t.schema, m).unwrap_or(m))
                 ));
             }
             out.push(format!(
                 "CREATE TYPE {} AS RANGE ({})",
-                public(shadow),
+                quote_qualified(&t.schema, shadow),
                 options.join(", ")
             ));
         }
@@ -72,7 +72,7 @@ pub fn create_type(t: &UserType, shadow: &str, renames: &Renames) -> Vec<String>
                 .collect();
             out.push(format!(
                 "CREATE TYPE {} AS ({})",
-                public(shadow),
+                quote_qualified(&t.schema, shadow),
                 attributes.join(", ")
             ));
         }
@@ -86,7 +86,7 @@ pub fn create_type(t: &UserType, shadow: &str, renames: &Renames) -> Vec<String>
         } => {
             let mut sql = format!(
                 "CREATE DOMAIN {} AS {}",
-                public(shadow),
+                quote_qualified(&t.schema, shadow),
                 renames.apply(base_type_sql)
             );
             if let Some(c) = collation {
@@ -111,7 +111,7 @@ pub fn create_type(t: &UserType, shadow: &str, renames: &Renames) -> Vec<String>
     if let Some(c) = &t.comment {
         out.push(format!(
             "COMMENT ON TYPE {} IS {}",
-            public(shadow),
+            quote_qualified(&t.schema, shadow),
             quote_literal(c)
         ));
     }
@@ -138,14 +138,18 @@ fn sequence_options_untyped(s: &Sequence) -> String {
 
 /// `CREATE SEQUENCE` for a shadow sequence that is not an identity sequence.
 pub fn create_sequence(s: &Sequence, shadow: &str) -> String {
-    format!("CREATE SEQUENCE {} {}", public(shadow), sequence_options(s))
+    format!(
+        "CREATE SEQUENCE {} {}",
+        quote_qualified(&s.schema, shadow),
+        sequence_options(s)
+    )
 }
 
 /// `setval` restoring the source's sequence position on a shadow sequence.
 pub fn set_sequence(shadow: &str, s: &Sequence) -> String {
     format!(
         "SELECT setval({}::regclass, {}, {})",
-        quote_literal(&public(shadow)),
+        quote_literal(&quote_qualified(&s.schema, shadow)),
         s.last_value,
         s.is_called
     )
@@ -166,10 +170,10 @@ fn column_sql(c: &Column, sequences: &[Sequence], renames: &Renames) -> String {
             .as_ref()
             .and_then(|n| sequences.iter().find(|s| &s.name == n))
         {
-            let shadow = renames.get(&seq.name).unwrap_or(&seq.name);
+            let shadow = renames.get_in(&seq.schema, &seq.name).unwrap_or(&seq.name);
             sql.push_str(&format!(
                 " (SEQUENCE NAME {} {})",
-                public(shadow),
+                quote_qualified(&seq.schema, shadow),
                 sequence_options_untyped(seq)
             ));
         }
@@ -221,7 +225,7 @@ pub fn create_table(
         } else {
             ""
         },
-        public(shadow),
+        quote_qualified(&t.schema, shadow),
         parts.join(",\n    ")
     );
     if let Some(key) = &t.partition_key {
@@ -234,11 +238,11 @@ pub fn create_table(
     for s in sequences.iter().filter(|s| !s.identity) {
         if let Some((table, column)) = &s.owned_by {
             if table == &t.name {
-                let seq_shadow = renames.get(&s.name).unwrap_or(&s.name);
+                let seq_shadow = renames.get_in(&s.schema, &s.name).unwrap_or(&s.name);
                 out.push(format!(
                     "ALTER SEQUENCE {} OWNED BY {}.{}",
-                    public(seq_shadow),
-                    public(shadow),
+                    quote_qualified(&s.schema, seq_shadow),
+                    quote_qualified(&t.schema, shadow),
                     quote_ident(column)
                 ));
             }
@@ -247,7 +251,7 @@ pub fn create_table(
     if let Some(c) = &t.comment {
         out.push(format!(
             "COMMENT ON TABLE {} IS {}",
-            public(shadow),
+            quote_qualified(&t.schema, shadow),
             quote_literal(c)
         ));
     }
@@ -255,7 +259,7 @@ pub fn create_table(
         if let Some(comment) = &c.comment {
             out.push(format!(
                 "COMMENT ON COLUMN {}.{} IS {}",
-                public(shadow),
+                quote_qualified(&t.schema, shadow),
                 quote_ident(&c.name),
                 quote_literal(comment)
             ));

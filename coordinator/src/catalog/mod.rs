@@ -64,6 +64,8 @@ impl SourceSchema {
 pub struct Table {
     /// pg_class oid in the source.
     pub oid: Oid,
+    /// Schema (unquoted).
+    pub schema: String,
     /// Unquoted name.
     pub name: String,
     /// `p` permanent or `u` unlogged.
@@ -207,6 +209,8 @@ pub struct Trigger {
 pub struct UserType {
     /// pg_type oid.
     pub oid: Oid,
+    /// Schema (unquoted).
+    pub schema: String,
     /// Array type oid.
     pub array_oid: Oid,
     /// Unquoted name.
@@ -262,6 +266,8 @@ pub enum UserTypeKind {
 pub struct Sequence {
     /// pg_class oid.
     pub oid: Oid,
+    /// Schema (unquoted).
+    pub schema: String,
     /// Unquoted name.
     pub name: String,
     /// Data type (`integer`, `bigint`, `smallint`).
@@ -293,6 +299,8 @@ pub struct Sequence {
 /// A view of the source.
 #[derive(Debug, Clone)]
 pub struct View {
+    /// Schema (unquoted).
+    pub schema: String,
     /// Unquoted name.
     pub name: String,
     /// `pg_get_viewdef`, qualified.

@@ -9,7 +9,7 @@ use crate::error::CoordinatorError;
 use crate::filter::TableFilter;
 
 const TABLES: &str = "
-SELECT c.oid AS oid, c.relname::text AS name, c.relkind::text AS kind, c.relpersistence::text AS persistence,
+SELECT c.oid AS oid, (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c.relnamespace) AS schema_name, c.relname::text AS name, c.relkind::text AS kind, c.relpersistence::text AS persistence,
        coalesce(c.reloptions, '{}')::text[] AS reloptions,
        -- Parents outside the migrated schema (a partition or child of another schema's table).
        EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
@@ -99,7 +99,7 @@ SELECT p.oid::regprocedure::text AS signature, pg_get_functiondef(p.oid) AS defi
 FROM pg_proc p WHERE p.oid = ANY($1::oid[]) ORDER BY 1";
 
 const TYPES: &str = "
-SELECT t.oid AS oid, t.typarray AS array_oid, t.typname::text AS name, t.typtype::text AS kind,
+SELECT t.oid AS oid, (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = t.typnamespace) AS schema_name, t.typarray AS array_oid, t.typname::text AS name, t.typtype::text AS kind,
        t.typnamespace = 'public'::regnamespace
          AND NOT EXISTS (SELECT 1 FROM pg_depend d
                          WHERE d.classid = 'pg_type'::regclass AND d.objid = t.oid AND d.deptype = 'e') AS user_owned,
@@ -164,7 +164,7 @@ WITH used AS (
                      AND dd.refclassid = 'pg_class'::regclass
     WHERE ad.adrelid = ANY($1::oid[])
 )
-SELECT s.oid AS oid, s.relname::text AS name, format_type(sq.seqtypid, NULL) AS type_sql, sq.seqstart AS start, sq.seqincrement AS increment, sq.seqmin AS min,
+SELECT s.oid AS oid, (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = s.relnamespace) AS schema_name, s.relname::text AS name, format_type(sq.seqtypid, NULL) AS type_sql, sq.seqstart AS start, sq.seqincrement AS increment, sq.seqmin AS min,
        sq.seqmax AS max, sq.seqcache AS cache, sq.seqcycle AS cycle,
        (SELECT c.relname::text FROM pg_class c WHERE c.oid = o.refobjid) AS owner_table,
        (SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = o.refobjid AND a.attnum = o.refobjsubid) AS owner_column,
@@ -187,7 +187,7 @@ WHERE s.relkind = 'S' AND s.oid IN (SELECT seq FROM used)
 ORDER BY s.relname";
 
 const VIEWS: &str = "
-SELECT c.oid AS oid, c.relname::text AS name, pg_get_viewdef(c.oid) AS definition, coalesce(c.reloptions, '{}')::text[] AS options,
+SELECT c.oid AS oid, (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c.relnamespace) AS schema_name, c.relname::text AS name, pg_get_viewdef(c.oid) AS definition, coalesce(c.reloptions, '{}')::text[] AS options,
        obj_description(c.oid, 'pg_class') AS comment
 FROM pg_class c
 WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'v'
@@ -339,6 +339,7 @@ async fn read_tables(
             )),
             _ => schema.tables.push(Table {
                 oid: row.get("oid"),
+                schema: row.get("schema_name"),
                 name,
                 persistence: row.get::<_, String>("persistence").chars().next().unwrap_or('p'),
                 reloptions: row.get("reloptions"),
@@ -657,6 +658,7 @@ async fn read_type_batch(
             oid,
             UserType {
                 oid,
+                schema: row.get("schema_name"),
                 array_oid: row.get("array_oid"),
                 name,
                 kind,
@@ -821,6 +823,7 @@ async fn read_sequences(
         }
         schema.sequences.push(Sequence {
             oid: row.get("oid"),
+            schema: row.get("schema_name"),
             name,
             type_sql: row.get("type_sql"),
             start: row.get("start"),
@@ -858,6 +861,7 @@ async fn read_views(client: &Client, schema: &mut SourceSchema) -> Result<(), Co
         views.insert(
             row.get("oid"),
             View {
+                schema: row.get("schema_name"),
                 name: row.get("name"),
                 definition: row.get("definition"),
                 options: row.get("options"),
