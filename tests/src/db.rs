@@ -11,25 +11,19 @@ use crate::{HarnessError, PgCluster};
 /// Longest label kept in a database name (names are limited to 63 bytes).
 const MAX_LABEL: usize = 40;
 
-/// The directory holding the SQL fixtures: `<pgzm-tests crate>/fixtures`.
-///
-/// The crate's path is the one it was compiled at; when that checkout is gone (a target
-/// directory shared between clones reused a build), the running test's own crate — every test
-/// runs with `CARGO_MANIFEST_DIR` set — finds the workspace's `tests/fixtures` instead.
+/// The directory holding the SQL fixtures: `tests/fixtures` of the running test's workspace
+/// (every test runs with `CARGO_MANIFEST_DIR` set), else `<pgzm-tests crate>/fixtures` as
+/// compiled.
 pub fn fixtures_dir() -> PathBuf {
-    let compiled = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-    if compiled.is_dir() {
-        return compiled;
-    }
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .and_then(|crate_dir| {
-            crate_dir
-                .ancestors()
-                .map(|d| d.join("tests").join("fixtures"))
-                .find(|d| d.is_dir())
-        })
-        .unwrap_or(compiled)
+    // The running test's own crate directory first: a shared CARGO_TARGET_DIR may hold this
+    // library compiled from another checkout, whose compile-time path is not this one.
+    let at_runtime = std::env::var_os("CARGO_MANIFEST_DIR").and_then(|crate_dir| {
+        PathBuf::from(crate_dir)
+            .ancestors()
+            .map(|d| d.join("tests").join("fixtures"))
+            .find(|d| d.is_dir())
+    });
+    at_runtime.unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"))
 }
 
 /// A uniquely named database on a cluster, created for one test.

@@ -1056,3 +1056,33 @@ async fn a_dry_run_finds_every_failure_of_the_real_run() -> anyhow::Result<()> {
 async fn pgcopydb_test_schemas_migrate_and_roll_back() -> anyhow::Result<()> {
     sample_database_round_trip("pgcopydb").await
 }
+
+/// The multi-schema sample (AdventureWorks for Postgres, `--schema` is next) loads on both
+/// sides with its cross-schema keys and views intact: the fixture the multi-schema migration
+/// tests start from.
+#[tokio::test]
+async fn adventureworks_fixture_loads_with_cross_schema_keys() -> anyhow::Result<()> {
+    let p = common::sample_pair("adventureworks_load", "adventureworks").await;
+    for db in [&p.source, &p.dest] {
+        let c = db.connect().await?;
+        let keys = |cross: bool| {
+            format!(
+                "SELECT count(*) FROM pg_constraint k JOIN pg_class a ON a.oid = k.conrelid
+                 JOIN pg_class b ON b.oid = k.confrelid
+                 WHERE k.contype = 'f' AND k.convalidated AND ({cross} = (a.relnamespace <> b.relnamespace))"
+            )
+        };
+        assert_eq!(checks::int(&c, &keys(true)).await, 20);
+        assert_eq!(checks::int(&c, &keys(false)).await, 70);
+        assert_eq!(
+            checks::int(
+                &c,
+                "SELECT count(*) FROM pg_class WHERE relkind = 'r' AND relnamespace::regnamespace::text
+                   IN ('humanresources', 'person', 'production', 'purchasing', 'sales')"
+            )
+            .await,
+            68
+        );
+    }
+    Ok(())
+}
