@@ -55,10 +55,13 @@ async fn backup_rows(client: &Client) -> Result<Vec<MigrationRow>, CoordinatorEr
     let mut out = Vec::new();
     let mut ids = Vec::new();
     if client
-        .query_one("SELECT to_regclass('pgzm.migrations') IS NOT NULL", &[])
+        .query_one(
+            "SELECT to_regclass('pgzm.migrations') IS NOT NULL AS table_exists",
+            &[],
+        )
         .await
         .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?
-        .get::<_, bool>(0)
+        .get::<_, bool>("table_exists")
     {
         for row in client
             .query(
@@ -68,7 +71,7 @@ async fn backup_rows(client: &Client) -> Result<Vec<MigrationRow>, CoordinatorEr
             .await
             .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?
         {
-            ids.push(row.get::<_, i64>(0));
+            ids.push(row.get::<_, i64>("id"));
         }
     }
     for id in ids {
@@ -108,7 +111,7 @@ async fn describe_set(client: &Client, row: &MigrationRow) -> Result<BackupSet, 
     {
         let info = client
             .query_opt(
-                "SELECT pg_total_relation_size(c.oid) FROM pg_class c
+                "SELECT pg_total_relation_size(c.oid) AS bytes FROM pg_class c
                  WHERE c.relnamespace = 'public'::regnamespace AND c.relname = $1 AND c.relkind IN ('r', 'p')",
                 &[&m.to],
             )
@@ -126,7 +129,7 @@ async fn describe_set(client: &Client, row: &MigrationRow) -> Result<BackupSet, 
             present,
             rows,
             rows_at_swap: recorded_rows(row, &m.from),
-            bytes: info.map(|r| r.get(0)),
+            bytes: info.map(|r| r.get("bytes")),
         });
     }
     let bytes: i64 = tables.iter().filter_map(|t| t.bytes).sum();
@@ -146,14 +149,14 @@ async fn describe_set(client: &Client, row: &MigrationRow) -> Result<BackupSet, 
 
 async fn count(client: &Client, table: &str) -> Result<i64, CoordinatorError> {
     let sql = format!(
-        "SELECT count(*) FROM ONLY {}",
+        "SELECT count(*) AS row_count FROM ONLY {}",
         quote_qualified("public", table)
     );
     Ok(client
         .query_one(&sql, &[])
         .await
         .map_err(|e| CoordinatorError::destination(format!("count rows of \"{table}\""), e))?
-        .get(0))
+        .get("row_count"))
 }
 
 /// `pgzm list`.
@@ -241,7 +244,7 @@ pub async fn verify(
         let pk = client
             .query_opt(
                 "SELECT ARRAY(SELECT a.attname::text FROM unnest(k.conkey) AS u(n)
-                              JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n)
+                              JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n) AS key_columns
                  FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
                  WHERE c.relnamespace = 'public'::regnamespace AND c.relname = $1 AND k.contype = 'p'",
                 &[&t.backup],
@@ -249,21 +252,21 @@ pub async fn verify(
             .await
             .map_err(|e| CoordinatorError::destination("inspect primary keys", e))?;
         if let Some(pk) = pk {
-            let cols: Vec<String> = pk.get(0);
+            let cols: Vec<String> = pk.get("key_columns");
             let cond = cols
                 .iter()
                 .map(|c| format!("{} IS NULL", quote_ident(c)))
                 .collect::<Vec<_>>()
                 .join(" OR ");
             let sql = format!(
-                "SELECT count(*) FROM {} WHERE {cond}",
+                "SELECT count(*) AS null_keys FROM {} WHERE {cond}",
                 quote_qualified("public", &t.backup)
             );
             let nulls: i64 = client
                 .query_one(&sql, &[])
                 .await
                 .map_err(|e| CoordinatorError::destination("check primary keys", e))?
-                .get(0);
+                .get("null_keys");
             check(
                 format!("primary key of \"{}\" has no NULL", t.backup),
                 (nulls > 0).then(|| format!("{nulls} rows")),
@@ -315,11 +318,11 @@ async fn orphans_in_set(
         .collect();
     let fks = client
         .query(
-            "SELECT k.conname::text, c.relname::text, r.relname::text,
+            "SELECT k.conname::text AS name, c.relname::text AS table_name, r.relname::text AS referenced_table,
                     ARRAY(SELECT a.attname::text FROM unnest(k.conkey) WITH ORDINALITY u(n, o)
-                          JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n ORDER BY u.o),
+                          JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n ORDER BY u.o) AS columns,
                     ARRAY(SELECT a.attname::text FROM unnest(k.confkey) WITH ORDINALITY u(n, o)
-                          JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = u.n ORDER BY u.o)
+                          JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = u.n ORDER BY u.o) AS referenced_columns
              FROM pg_constraint k
              JOIN pg_class c ON c.oid = k.conrelid
              JOIN pg_class r ON r.oid = k.confrelid
@@ -330,9 +333,13 @@ async fn orphans_in_set(
         .map_err(|e| CoordinatorError::destination("inspect foreign keys of the backup set", e))?;
     let mut out = Vec::new();
     for fk in fks {
-        let (name, table, target): (String, String, String) = (fk.get(0), fk.get(1), fk.get(2));
-        let cols: Vec<String> = fk.get(3);
-        let refs: Vec<String> = fk.get(4);
+        let (name, table, target): (String, String, String) = (
+            fk.get("name"),
+            fk.get("table_name"),
+            fk.get("referenced_table"),
+        );
+        let cols: Vec<String> = fk.get("columns");
+        let refs: Vec<String> = fk.get("referenced_columns");
         let not_null = cols
             .iter()
             .map(|c| format!("t.{} IS NOT NULL", quote_ident(c)))
@@ -345,7 +352,7 @@ async fn orphans_in_set(
             .collect::<Vec<_>>()
             .join(" AND ");
         let sql = format!(
-            "SELECT count(*) FROM {} t WHERE {not_null} AND NOT EXISTS (SELECT 1 FROM {} r WHERE {join})",
+            "SELECT count(*) AS orphans FROM {} t WHERE {not_null} AND NOT EXISTS (SELECT 1 FROM {} r WHERE {join})",
             quote_qualified("public", &table),
             quote_qualified("public", &target)
         );
@@ -353,7 +360,7 @@ async fn orphans_in_set(
             .query_one(&sql, &[])
             .await
             .map_err(|e| CoordinatorError::destination(format!("check foreign key \"{name}\""), e))?
-            .get(0);
+            .get("orphans");
         out.push((name, table, n));
     }
     Ok(out)
@@ -505,14 +512,14 @@ pub async fn cleanup(
     }
     let created: std::collections::BTreeMap<i64, i64> = client
         .query(
-            "SELECT id, (extract(epoch FROM coalesce(swapped_at, created_at)) * 1000)::int8
+            "SELECT id, (extract(epoch FROM coalesce(swapped_at, created_at)) * 1000)::int8 AS created_ms
              FROM pgzm.migrations WHERE backup_present",
             &[],
         )
         .await
         .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get("id"), r.get("created_ms")))
         .collect();
     for row in rows {
         if created.get(&row.id).copied().unwrap_or(row.id).max(row.id) >= before {

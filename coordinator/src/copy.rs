@@ -119,14 +119,14 @@ pub async fn terminate_sessions(db: &DbUrl, pattern: &str) -> Result<u64, String
 pub async fn end_sessions(client: &Client, pattern: &str) -> Result<u64, tokio_postgres::Error> {
     let row = client
         .query_one(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) AS ended
                FROM pg_stat_activity
               WHERE application_name LIKE $1 AND pid <> pg_backend_pid()
                 AND datname = current_database()",
             &[&pattern],
         )
         .await?;
-    Ok(row.get::<_, i64>(0).max(0) as u64)
+    Ok(row.get::<_, i64>("ended").max(0) as u64)
 }
 
 #[derive(Debug, Clone)]

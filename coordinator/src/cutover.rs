@@ -141,7 +141,7 @@ async fn count_backups(
             .iter()
             .map(|m| {
                 format!(
-                    "SELECT {}::text, count(*) FROM ONLY {}",
+                    "SELECT {}::text AS table_name, count(*) AS row_count FROM ONLY {}",
                     quote_literal(&m.from),
                     quote_qualified("public", &m.to)
                 )
@@ -149,18 +149,23 @@ async fn count_backups(
             .collect::<Vec<_>>()
             .join(" UNION ALL ")
     };
+    let count_of = |r: &tokio_postgres::Row| {
+        (
+            r.get::<_, String>("table_name"),
+            serde_json::json!(r.get::<_, i64>("row_count")),
+        )
+    };
     let mut out = serde_json::Map::new();
     for chunk in tables.chunks(200) {
         if let Ok(rows) = control.query(&count_sql(chunk), &[]).await {
-            for r in rows {
-                out.insert(r.get(0), serde_json::json!(r.get::<_, i64>(1)));
-            }
+            out.extend(rows.iter().map(count_of));
             continue;
         }
         for m in chunk {
             match control.query_one(&count_sql(&[*m]), &[]).await {
                 Ok(r) => {
-                    out.insert(r.get(0), serde_json::json!(r.get::<_, i64>(1)));
+                    let (table, rows) = count_of(&r);
+                    out.insert(table, rows);
                 }
                 Err(e) => warnings.push(format!(
                     "could not count the rows of backup table \"{}\": {}",

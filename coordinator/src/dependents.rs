@@ -35,9 +35,9 @@ WITH rel AS (SELECT unnest($1::oid[]) AS oid),
           AND ((d.refclassid = 'pg_class'::regclass AND d.refobjid IN (SELECT oid FROM rel))
             OR (d.refclassid = 'pg_type'::regclass AND d.refobjid IN (SELECT oid FROM typ))
             OR (d.refclassid = 'pg_proc'::regclass AND d.refobjid = ANY($3::oid[]))))
-SELECT d.classid::regclass::text, d.objid, d.objsubid,
-       pg_describe_object(d.classid, d.objid, d.objsubid),
-       pg_describe_object(d.refclassid, d.refobjid, 0),
+SELECT d.classid::regclass::text AS catalog, d.objid, d.objsubid,
+       pg_describe_object(d.classid, d.objid, d.objsubid) AS object,
+       pg_describe_object(d.refclassid, d.refobjid, 0) AS referenced_object,
        CASE d.classid
          WHEN 'pg_class'::regclass THEN (SELECT CASE WHEN c.relkind IN ('i', 'I')
                                                      THEN (SELECT x.indrelid FROM pg_index x WHERE x.indexrelid = c.oid)
@@ -50,19 +50,20 @@ SELECT d.classid::regclass::text, d.objid, d.objsubid,
          WHEN 'pg_policy'::regclass THEN (SELECT p.polrelid FROM pg_policy p WHERE p.oid = d.objid)
          WHEN 'pg_type'::regclass THEN (SELECT nullif(t.typrelid, 0) FROM pg_type t WHERE t.oid = d.objid)
          WHEN 'pg_statistic_ext'::regclass THEN (SELECT s.stxrelid FROM pg_statistic_ext s WHERE s.oid = d.objid)
-       END,
-       (SELECT c.relkind::text FROM pg_class c WHERE c.oid = d.objid AND d.classid = 'pg_class'::regclass),
-       (SELECT k.contype::text FROM pg_constraint k WHERE k.oid = d.objid AND d.classid = 'pg_constraint'::regclass),
+       END AS owner_relation,
+       (SELECT c.relkind::text FROM pg_class c WHERE c.oid = d.objid AND d.classid = 'pg_class'::regclass) AS relkind,
+       (SELECT k.contype::text FROM pg_constraint k WHERE k.oid = d.objid AND d.classid = 'pg_constraint'::regclass) AS contype,
        d.refclassid = 'pg_type'::regclass AND EXISTS (SELECT 1 FROM pg_type t WHERE t.oid = d.refobjid AND t.typtype IN ('e', 'd')
                                                       OR t.oid = d.refobjid AND t.typcategory = 'A'
-                                                         AND EXISTS (SELECT 1 FROM pg_type e WHERE e.oid = t.typelem AND e.typtype IN ('e', 'd'))),
-       (SELECT nullif(k.contypid, 0) FROM pg_constraint k WHERE k.oid = d.objid AND d.classid = 'pg_constraint'::regclass)
+                                                         AND EXISTS (SELECT 1 FROM pg_type e WHERE e.oid = t.typelem AND e.typtype IN ('e', 'd'))) AS on_enum_or_domain,
+       (SELECT nullif(k.contypid, 0) FROM pg_constraint k WHERE k.oid = d.objid AND d.classid = 'pg_constraint'::regclass) AS owner_type
 FROM dep d
 ORDER BY 4";
 
 /// A column default of another table, with what it needs to be set again.
 const DEFAULTS: &str = "
-SELECT a.oid, n.nspname::text, c.relname::text, att.attname::text, pg_get_expr(a.adbin, a.adrelid)
+SELECT a.oid, n.nspname::text AS schema_name, c.relname::text AS table_name, att.attname::text AS column_name,
+       pg_get_expr(a.adbin, a.adrelid) AS expression
 FROM pg_attrdef a
 JOIN pg_class c ON c.oid = a.adrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -71,9 +72,10 @@ WHERE a.oid = ANY($1::oid[])";
 
 /// A policy of another table, with what it needs to be created again.
 const POLICIES: &str = "
-SELECT p.oid, n.nspname::text, c.relname::text, p.polname::text, p.polpermissive, p.polcmd::text,
-       ARRAY(SELECT CASE WHEN r = 0 THEN 'public' ELSE pg_get_userbyid(r)::text END FROM unnest(p.polroles) r),
-       pg_get_expr(p.polqual, p.polrelid), pg_get_expr(p.polwithcheck, p.polrelid)
+SELECT p.oid, n.nspname::text AS schema_name, c.relname::text AS table_name,
+       p.polname::text AS name, p.polpermissive AS permissive, p.polcmd::text AS command,
+       ARRAY(SELECT CASE WHEN r = 0 THEN 'public' ELSE pg_get_userbyid(r)::text END FROM unnest(p.polroles) r) AS roles,
+       pg_get_expr(p.polqual, p.polrelid) AS using_expr, pg_get_expr(p.polwithcheck, p.polrelid) AS with_check
 FROM pg_policy p
 JOIN pg_class c ON c.oid = p.polrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -91,6 +93,24 @@ struct Edge {
     on_enum_or_domain: bool,
     /// The domain a constraint belongs to.
     owner_type: Option<Oid>,
+}
+
+impl Edge {
+    /// A row of [`DEPENDENTS`].
+    fn from_row(row: &tokio_postgres::Row) -> Self {
+        Edge {
+            catalog: row.get("catalog"),
+            objid: row.get("objid"),
+            subid: row.get("objsubid"),
+            object: row.get("object"),
+            on: row.get("referenced_object"),
+            owner: row.get("owner_relation"),
+            relkind: row.get("relkind"),
+            contype: row.get("contype"),
+            on_enum_or_domain: row.get("on_enum_or_domain"),
+            owner_type: row.get("owner_type"),
+        }
+    }
 }
 
 fn err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError {
@@ -147,7 +167,7 @@ impl Replaced {
                 )
                 .await
                 .map_err(err("sequences"))?;
-            relations.extend(rows.iter().map(|r| r.get::<_, Oid>(0)));
+            relations.extend(rows.iter().map(|r| r.get::<_, Oid>("oid")));
         }
         Ok(Replaced {
             relations,
@@ -285,18 +305,7 @@ pub async fn check(
         .await
         .map_err(err("objects that depend on the migrated tables"))?
         .iter()
-        .map(|r| Edge {
-            catalog: r.get(0),
-            objid: r.get(1),
-            subid: r.get(2),
-            object: r.get(3),
-            on: r.get(4),
-            owner: r.get(5),
-            relkind: r.get(6),
-            contype: r.get(7),
-            on_enum_or_domain: r.get(8),
-            owner_type: r.get(9),
-        })
+        .map(Edge::from_row)
         .collect();
     let fk_names = foreign_key_names(client, &edges).await?;
     let Sorted {
@@ -350,7 +359,8 @@ async fn foreign_key_names(
     }
     Ok(client
         .query(
-            "SELECT k.oid, n.nspname::text, c.relname::text, k.conname::text FROM pg_constraint k
+            "SELECT k.oid, n.nspname::text AS schema_name, c.relname::text AS table_name, k.conname::text AS name
+             FROM pg_constraint k
              JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE k.oid = ANY($1::oid[])",
             &[&oids],
@@ -358,11 +368,16 @@ async fn foreign_key_names(
         .await
         .map_err(err("foreign keys"))?
         .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+        .map(|r| {
+            (
+                r.get("oid"),
+                (r.get("schema_name"), r.get("table_name"), r.get("name")),
+            )
+        })
         .collect())
 }
 
-/// The rows `sql` returns for the dependents `edges` (by oid, column 0), each with what it
+/// The rows `sql` returns for the dependents `edges` (by oid, column `oid`), each with what it
 /// depends on.
 async fn rows_of(
     client: &Client,
@@ -378,7 +393,7 @@ async fn rows_of(
     Ok(rows
         .into_iter()
         .map(|r| {
-            let oid: Oid = r.get(0);
+            let oid: Oid = r.get("oid");
             let on = edges
                 .iter()
                 .find(|e| e.objid == oid)
@@ -397,10 +412,10 @@ async fn default_repoints(
         .await?
         .into_iter()
         .map(|(r, on)| {
-            let schema: String = r.get(1);
-            let table: String = r.get(2);
-            let column: String = r.get(3);
-            let expr: String = r.get(4);
+            let schema: String = r.get("schema_name");
+            let table: String = r.get("table_name");
+            let column: String = r.get("column_name");
+            let expr: String = r.get("expression");
             let t = quote_qualified(&schema, &table);
             let c = quote_ident(&column);
             Repoint {
@@ -431,23 +446,9 @@ async fn policy_repoints(
         .await?
         .into_iter()
         .map(|(r, on)| {
-            let schema: String = r.get(1);
-            let table: String = r.get(2);
-            let policy = crate::destination::Policy {
-                name: r.get(3),
-                permissive: r.get(4),
-                command: match r.get::<_, String>(5).as_str() {
-                    "r" => "SELECT",
-                    "a" => "INSERT",
-                    "w" => "UPDATE",
-                    "d" => "DELETE",
-                    _ => "ALL",
-                }
-                .into(),
-                roles: r.get(6),
-                using: r.get(7),
-                with_check: r.get(8),
-            };
+            let schema: String = r.get("schema_name");
+            let table: String = r.get("table_name");
+            let policy = crate::destination::Policy::from_row(&r);
             let t = quote_qualified(&schema, &table);
             Repoint {
                 object: format!(

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Row};
 
 use crate::catalog::Oid;
 use crate::error::CoordinatorError;
@@ -33,6 +33,25 @@ pub struct LiveTable {
     pub owned_sequences: Vec<String>,
     /// Its partitions and inheritance children in the same schema.
     pub children: Vec<String>,
+}
+
+impl LiveTable {
+    /// A row of [`TABLES`]; column privileges and policies are read apart.
+    fn from_row(row: &Row) -> Self {
+        LiveTable {
+            oid: row.get("oid"),
+            name: row.get("name"),
+            owner: row.get("owner"),
+            row_security: row.get("row_security"),
+            force_row_security: row.get("force_row_security"),
+            grants: parse_grants(row.get("grants")),
+            column_grants: Vec::new(),
+            policies: Vec::new(),
+            indexes: row.get("indexes"),
+            owned_sequences: row.get("owned_sequences"),
+            children: row.get("children"),
+        }
+    }
 }
 
 /// Who a privilege is granted to: the PUBLIC pseudo-role (every role), or one role, which may
@@ -116,6 +135,28 @@ pub struct Policy {
     pub with_check: Option<String>,
 }
 
+impl Policy {
+    /// A row of a policy query (here and in [`crate::dependents`]): columns `name`,
+    /// `permissive`, `command` (`pg_policy.polcmd`), `roles`, `using_expr`, `with_check`.
+    pub(crate) fn from_row(row: &Row) -> Self {
+        let command = match row.get::<_, &str>("command") {
+            "r" => "SELECT",
+            "a" => "INSERT",
+            "w" => "UPDATE",
+            "d" => "DELETE",
+            _ => "ALL",
+        };
+        Policy {
+            name: row.get("name"),
+            permissive: row.get("permissive"),
+            command: command.into(),
+            roles: row.get("roles"),
+            using: row.get("using_expr"),
+            with_check: row.get("with_check"),
+        }
+    }
+}
+
 /// A schema-qualified name: (schema, name), both unquoted.
 pub type QualName = (String, String);
 
@@ -181,6 +222,19 @@ pub struct ForeignKeyIn {
     pub definition: String,
 }
 
+impl ForeignKeyIn {
+    /// A row of [`FOREIGN_KEYS`].
+    fn from_row(row: &Row) -> Self {
+        ForeignKeyIn {
+            schema: row.get("schema_name"),
+            table: row.get("table_name"),
+            name: row.get("name"),
+            references: row.get("referenced_table"),
+            definition: row.get("definition"),
+        }
+    }
+}
+
 /// Snapshot of the destination.
 #[derive(Debug, Clone, Default)]
 pub struct Destination {
@@ -221,56 +275,58 @@ pub struct Destination {
 }
 
 const TABLES: &str = "
-SELECT c.oid, c.relname::text, pg_get_userbyid(c.relowner)::text, c.relrowsecurity, c.relforcerowsecurity,
+SELECT c.oid, c.relname::text AS name, pg_get_userbyid(c.relowner)::text AS owner,
+       c.relrowsecurity AS row_security, c.relforcerowsecurity AS force_row_security,
        ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
-             FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner),
-       ARRAY(SELECT i.relname::text FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = c.oid ORDER BY 1),
+             FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner) AS grants,
+       ARRAY(SELECT i.relname::text FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = c.oid ORDER BY 1) AS indexes,
        ARRAY(SELECT s.relname::text FROM pg_depend d JOIN pg_class s ON s.oid = d.objid
              WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
-               AND d.refobjid = c.oid AND d.deptype IN ('a', 'i') AND s.relkind = 'S' ORDER BY 1),
+               AND d.refobjid = c.oid AND d.deptype IN ('a', 'i') AND s.relkind = 'S' ORDER BY 1) AS owned_sequences,
        ARRAY(SELECT ch.relname::text FROM pg_inherits i JOIN pg_class ch ON ch.oid = i.inhrelid
-             WHERE i.inhparent = c.oid AND ch.relnamespace = c.relnamespace ORDER BY 1)
+             WHERE i.inhparent = c.oid AND ch.relnamespace = c.relnamespace ORDER BY 1) AS children
 FROM pg_class c
 WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
 
 const COLUMN_GRANTS: &str = "
-SELECT a.attrelid, a.attname::text,
-       CASE WHEN x.grantee = 0 THEN '' ELSE pg_get_userbyid(x.grantee)::text END, x.privilege_type, x.is_grantable
+SELECT a.attrelid AS table_oid, a.attname::text AS column_name,
+       CASE WHEN x.grantee = 0 THEN '' ELSE pg_get_userbyid(x.grantee)::text END AS grantee,
+       x.privilege_type, x.is_grantable
 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid, aclexplode(a.attacl) x
 WHERE c.relnamespace = 'public'::regnamespace AND a.attacl IS NOT NULL AND a.attnum > 0 AND NOT a.attisdropped";
 
 const POLICIES: &str = "
-SELECT p.polrelid, p.polname::text, p.polpermissive, p.polcmd::text,
-       ARRAY(SELECT CASE WHEN r = 0 THEN 'public' ELSE pg_get_userbyid(r)::text END FROM unnest(p.polroles) r),
-       pg_get_expr(p.polqual, p.polrelid), pg_get_expr(p.polwithcheck, p.polrelid)
+SELECT p.polrelid AS table_oid, p.polname::text AS name, p.polpermissive AS permissive, p.polcmd::text AS command,
+       ARRAY(SELECT CASE WHEN r = 0 THEN 'public' ELSE pg_get_userbyid(r)::text END FROM unnest(p.polroles) r) AS roles,
+       pg_get_expr(p.polqual, p.polrelid) AS using_expr, pg_get_expr(p.polwithcheck, p.polrelid) AS with_check
 FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
 WHERE c.relnamespace = 'public'::regnamespace ORDER BY p.polname";
 
 const RELATION_NAMES: &str = "
-SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+SELECT n.nspname::text AS schema_name, c.relname::text AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND NOT n.nspname ^@ 'pg_toast'";
 
 const TYPE_NAMES: &str = "
-SELECT n.nspname::text, t.typname::text FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+SELECT n.nspname::text AS schema_name, t.typname::text AS name FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND NOT n.nspname ^@ 'pg_toast' AND t.typcategory <> 'A'";
 
 const ROUTINES: &str = "
-SELECT n.nspname::text, p.proname::text, p.oid::regprocedure::text
+SELECT n.nspname::text AS schema_name, p.proname::text AS name, p.oid::regprocedure::text AS signature
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')";
 
 const TYPES: &str = "
-SELECT t.oid, t.typname::text, pg_get_userbyid(t.typowner)::text,
+SELECT t.oid, t.typname::text AS name, pg_get_userbyid(t.typowner)::text AS owner,
        ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
-             FROM aclexplode(t.typacl) a WHERE a.grantee <> t.typowner)
+             FROM aclexplode(t.typacl) a WHERE a.grantee <> t.typowner) AS grants
 FROM pg_type t
 WHERE t.typnamespace = 'public'::regnamespace AND t.typcategory <> 'A'";
 
 const SEQUENCE_ACL: &str = "
-SELECT c.relname::text, pg_get_userbyid(c.relowner)::text,
+SELECT c.relname::text AS name, pg_get_userbyid(c.relowner)::text AS owner,
        ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
-             FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner)
+             FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner) AS grants
 FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'S'";
 
 /// A function (or procedure) of the destination whose signature or body depends on relations
@@ -302,6 +358,26 @@ pub struct TypedFunction {
     pub types: BTreeSet<Oid>,
 }
 
+impl TypedFunction {
+    /// A row of [`TYPED_FUNCTIONS`].
+    fn from_row(row: &Row) -> Self {
+        let default_acl: bool = row.get("default_acl");
+        TypedFunction {
+            oid: row.get("oid"),
+            schema: row.get("schema_name"),
+            name: row.get("name"),
+            signature: row.get("signature"),
+            kind: row.get::<_, String>("kind").chars().next().unwrap_or('f'),
+            definition: row.get("definition"),
+            owner: row.get("owner"),
+            grants: (!default_acl).then(|| parse_grants(row.get("grants"))),
+            comment: row.get("comment"),
+            relations: row.get::<_, Vec<Oid>>("relations").into_iter().collect(),
+            types: row.get::<_, Vec<Oid>>("types").into_iter().collect(),
+        }
+    }
+}
+
 const TYPED_FUNCTIONS: &str = "
 WITH refs AS (
     SELECT d.objid AS fn,
@@ -315,15 +391,16 @@ WITH refs AS (
     WHERE d.classid = 'pg_proc'::regclass AND d.deptype = 'n'
       AND d.refclassid IN ('pg_class'::regclass, 'pg_type'::regclass)
 )
-SELECT p.oid, n.nspname::text, p.proname::text, p.oid::regprocedure::text, p.prokind::text,
-       CASE WHEN p.prokind <> 'a' THEN pg_get_functiondef(p.oid) END,
-       pg_get_userbyid(p.proowner)::text,
-       p.proacl IS NULL,
+SELECT p.oid, n.nspname::text AS schema_name, p.proname::text AS name, p.oid::regprocedure::text AS signature,
+       p.prokind::text AS kind,
+       CASE WHEN p.prokind <> 'a' THEN pg_get_functiondef(p.oid) END AS definition,
+       pg_get_userbyid(p.proowner)::text AS owner,
+       p.proacl IS NULL AS default_acl,
        ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
-             FROM aclexplode(p.proacl) a WHERE a.grantee <> p.proowner),
-       obj_description(p.oid, 'pg_proc'),
-       ARRAY(SELECT DISTINCT r.rel FROM refs r WHERE r.fn = p.oid AND r.rel IS NOT NULL),
-       ARRAY(SELECT DISTINCT r.typ FROM refs r WHERE r.fn = p.oid AND r.typ IS NOT NULL)
+             FROM aclexplode(p.proacl) a WHERE a.grantee <> p.proowner) AS grants,
+       obj_description(p.oid, 'pg_proc') AS comment,
+       ARRAY(SELECT DISTINCT r.rel FROM refs r WHERE r.fn = p.oid AND r.rel IS NOT NULL) AS relations,
+       ARRAY(SELECT DISTINCT r.typ FROM refs r WHERE r.fn = p.oid AND r.typ IS NOT NULL) AS types
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE p.oid IN (SELECT fn FROM refs WHERE rel IS NOT NULL OR typ IS NOT NULL)
   AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgzm')
@@ -331,38 +408,41 @@ WHERE p.oid IN (SELECT fn FROM refs WHERE rel IS NOT NULL OR typ IS NOT NULL)
 
 /// Functions views call (view oid, function oid).
 const VIEW_CALLS: &str = "
-SELECT DISTINCT r.ev_class, d.refobjid
+SELECT DISTINCT r.ev_class AS view_oid, d.refobjid AS function_oid
 FROM pg_rewrite r
 JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
 WHERE d.refclassid = 'pg_proc'::regclass";
 
 const VIEWS: &str = "
-SELECT c.oid, n.nspname::text, c.relname::text, pg_get_viewdef(c.oid), coalesce(c.reloptions, '{}')::text[],
-       pg_get_userbyid(c.relowner)::text,
+SELECT c.oid, n.nspname::text AS schema_name, c.relname::text AS name, pg_get_viewdef(c.oid) AS definition,
+       coalesce(c.reloptions, '{}')::text[] AS options,
+       pg_get_userbyid(c.relowner)::text AS owner,
        ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
-             FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner),
-       obj_description(c.oid, 'pg_class'),
+             FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner) AS grants,
+       obj_description(c.oid, 'pg_class') AS comment,
        ARRAY(SELECT DISTINCT t.relname::text || '|' || a.attname::text
              FROM pg_rewrite r
              JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
                               AND d.refclassid = 'pg_class'::regclass AND d.refobjsubid > 0
              JOIN pg_class t ON t.oid = d.refobjid AND t.relnamespace = 'public'::regnamespace
              JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
-             WHERE r.ev_class = c.oid AND d.refobjid <> c.oid)
+             WHERE r.ev_class = c.oid AND d.refobjid <> c.oid) AS columns
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgzm')
   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
 
 const MATERIALIZED_VIEWS: &str = "
-SELECT c.oid, n.nspname::text, c.relname::text, pg_get_userbyid(c.relowner)::text,
+SELECT c.oid, n.nspname::text AS schema_name, c.relname::text AS name, pg_get_userbyid(c.relowner)::text AS owner,
        ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
-             FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner)
+             FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner) AS grants
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'm' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgzm')
   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
 
 const FOREIGN_KEYS: &str = "
-SELECT (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = src.relnamespace), src.relname::text, con.conname::text, dst.relname::text, pg_get_constraintdef(con.oid)
+SELECT (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = src.relnamespace) AS schema_name,
+       src.relname::text AS table_name, con.conname::text AS name, dst.relname::text AS referenced_table,
+       pg_get_constraintdef(con.oid) AS definition
 FROM pg_constraint con
 JOIN pg_class src ON src.oid = con.conrelid
 JOIN pg_class dst ON dst.oid = con.confrelid
@@ -371,7 +451,7 @@ WHERE con.contype = 'f' AND dst.relnamespace = 'public'::regnamespace";
 const EXTENSIONS: &str = "SELECT extname::text FROM pg_extension";
 const AVAILABLE_EXTENSIONS: &str = "SELECT name::text FROM pg_available_extensions";
 const FUNCTIONS: &str = "
-SELECT p.oid::regprocedure::text, pg_get_functiondef(p.oid)
+SELECT p.oid::regprocedure::text AS signature, pg_get_functiondef(p.oid) AS definition
 FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace AND p.prokind = 'f'
   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')";
 
@@ -413,19 +493,7 @@ pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
 async fn read_tables(client: &Client, dest: &mut Destination) -> Result<(), CoordinatorError> {
     let mut by_oid = BTreeMap::new();
     for row in client.query(TABLES, &[]).await.map_err(err("tables"))? {
-        let t = LiveTable {
-            oid: row.get(0),
-            name: row.get(1),
-            owner: row.get(2),
-            row_security: row.get(3),
-            force_row_security: row.get(4),
-            grants: parse_grants(row.get(5)),
-            column_grants: Vec::new(),
-            policies: Vec::new(),
-            indexes: row.get(6),
-            owned_sequences: row.get(7),
-            children: row.get(8),
-        };
+        let t = LiveTable::from_row(&row);
         by_oid.insert(t.oid, t.name.clone());
         dest.tables.insert(t.name.clone(), t);
     }
@@ -434,37 +502,23 @@ async fn read_tables(client: &Client, dest: &mut Destination) -> Result<(), Coor
         .await
         .map_err(err("column privileges"))?
     {
-        let Some(table) = by_oid.get(&row.get::<_, Oid>(0)) else {
+        let Some(table) = by_oid.get(&row.get::<_, Oid>("table_oid")) else {
             continue;
         };
         let grant = Grant {
-            grantee: Grantee::from_acl(row.get(2)),
-            privilege: row.get(3),
-            grantable: row.get(4),
+            grantee: Grantee::from_acl(row.get("grantee")),
+            privilege: row.get("privilege_type"),
+            grantable: row.get("is_grantable"),
         };
         if let Some(t) = dest.tables.get_mut(table) {
-            t.column_grants.push((row.get(1), grant));
+            t.column_grants.push((row.get("column_name"), grant));
         }
     }
     for row in client.query(POLICIES, &[]).await.map_err(err("policies"))? {
-        let Some(table) = by_oid.get(&row.get::<_, Oid>(0)) else {
+        let Some(table) = by_oid.get(&row.get::<_, Oid>("table_oid")) else {
             continue;
         };
-        let command = match row.get::<_, String>(3).as_str() {
-            "r" => "SELECT",
-            "a" => "INSERT",
-            "w" => "UPDATE",
-            "d" => "DELETE",
-            _ => "ALL",
-        };
-        let policy = Policy {
-            name: row.get(1),
-            permissive: row.get(2),
-            command: command.into(),
-            roles: row.get(4),
-            using: row.get(5),
-            with_check: row.get(6),
-        };
+        let policy = Policy::from_row(&row);
         if let Some(t) = dest.tables.get_mut(table) {
             t.policies.push(policy);
         }
@@ -479,32 +533,37 @@ async fn read_names(client: &Client, dest: &mut Destination) -> Result<(), Coord
         .await
         .map_err(err("relation names"))?
     {
-        dest.relation_names.insert((row.get(0), row.get(1)));
+        dest.relation_names
+            .insert((row.get("schema_name"), row.get("name")));
     }
     for row in client
         .query(TYPE_NAMES, &[])
         .await
         .map_err(err("type names"))?
     {
-        dest.type_qualnames.insert((row.get(0), row.get(1)));
+        dest.type_qualnames
+            .insert((row.get("schema_name"), row.get("name")));
     }
     for row in client.query(ROUTINES, &[]).await.map_err(err("routines"))? {
-        dest.function_names.insert((row.get(0), row.get(1)));
-        dest.routines.insert(row.get(2));
+        dest.function_names
+            .insert((row.get("schema_name"), row.get("name")));
+        dest.routines.insert(row.get("signature"));
     }
     for row in client.query(TYPES, &[]).await.map_err(err("types"))? {
-        let name: String = row.get(1);
-        dest.type_oids.insert(name.clone(), row.get(0));
+        let name: String = row.get("name");
+        dest.type_oids.insert(name.clone(), row.get("oid"));
         dest.type_acl
-            .insert(name, (row.get(2), parse_grants(row.get(3))));
+            .insert(name, (row.get("owner"), parse_grants(row.get("grants"))));
     }
     for row in client
         .query(SEQUENCE_ACL, &[])
         .await
         .map_err(err("sequences"))?
     {
-        dest.sequence_acl
-            .insert(row.get(0), (row.get(1), parse_grants(row.get(2))));
+        dest.sequence_acl.insert(
+            row.get("name"),
+            (row.get("owner"), parse_grants(row.get("grants"))),
+        );
     }
     Ok(())
 }
@@ -517,6 +576,8 @@ async fn read_views(client: &Client, dest: &mut Destination) -> Result<(), Coord
         .await
         .map_err(err("view dependencies"))?
     {
+        // (view, relation it reads), by position: the catalog module owns this query and
+        // its column names.
         deps.entry(row.get(0)).or_default().insert(row.get(1));
     }
     let mut calls: BTreeMap<Oid, BTreeSet<Oid>> = BTreeMap::new();
@@ -525,23 +586,26 @@ async fn read_views(client: &Client, dest: &mut Destination) -> Result<(), Coord
         .await
         .map_err(err("functions called by views"))?
     {
-        calls.entry(row.get(0)).or_default().insert(row.get(1));
+        calls
+            .entry(row.get("view_oid"))
+            .or_default()
+            .insert(row.get("function_oid"));
     }
     for row in client.query(VIEWS, &[]).await.map_err(err("views"))? {
-        let oid: Oid = row.get(0);
+        let oid: Oid = row.get("oid");
         let v = LiveView {
             oid,
-            schema: row.get(1),
-            name: row.get(2),
-            definition: row.get(3),
-            options: row.get(4),
-            owner: row.get(5),
-            grants: parse_grants(row.get(6)),
-            comment: row.get(7),
+            schema: row.get("schema_name"),
+            name: row.get("name"),
+            definition: row.get("definition"),
+            options: row.get("options"),
+            owner: row.get("owner"),
+            grants: parse_grants(row.get("grants")),
+            comment: row.get("comment"),
             depends_on: deps.remove(&oid).unwrap_or_default(),
             calls: calls.remove(&oid).unwrap_or_default(),
             columns: row
-                .get::<_, Vec<String>>(8)
+                .get::<_, Vec<String>>("columns")
                 .into_iter()
                 .filter_map(|s| {
                     s.split_once('|')
@@ -555,23 +619,23 @@ async fn read_views(client: &Client, dest: &mut Destination) -> Result<(), Coord
         .query(MATERIALIZED_VIEWS, &[])
         .await
         .map_err(err("materialized views"))?;
-    let oids: Vec<Oid> = rows.iter().map(|r| r.get(0)).collect();
+    let oids: Vec<Oid> = rows.iter().map(|r| r.get("oid")).collect();
     let mut details = crate::catalog::matviews_by_oid(client, &oids)
         .await
         .map_err(err("materialized view definitions"))?;
     for row in rows {
-        let oid: Oid = row.get(0);
+        let oid: Oid = row.get("oid");
         let Some(matview) = details.remove(&oid) else {
             continue;
         };
         dest.materialized_views.insert(
-            (row.get(1), row.get(2)),
+            (row.get("schema_name"), row.get("name")),
             LiveMatview {
                 oid,
                 reads: deps.remove(&oid).unwrap_or_default(),
                 matview,
-                owner: row.get(3),
-                grants: parse_grants(row.get(4)),
+                owner: row.get("owner"),
+                grants: parse_grants(row.get("grants")),
             },
         );
     }
@@ -588,34 +652,29 @@ async fn read_constraints_and_extensions(
         .await
         .map_err(err("foreign keys"))?
     {
-        dest.foreign_keys_in.push(ForeignKeyIn {
-            schema: row.get(0),
-            table: row.get(1),
-            name: row.get(2),
-            references: row.get(3),
-            definition: row.get(4),
-        });
+        dest.foreign_keys_in.push(ForeignKeyIn::from_row(&row));
     }
     for row in client
         .query(EXTENSIONS, &[])
         .await
         .map_err(err("extensions"))?
     {
-        dest.extensions.insert(row.get(0));
+        dest.extensions.insert(row.get("extname"));
     }
     for row in client
         .query(AVAILABLE_EXTENSIONS, &[])
         .await
         .map_err(err("available extensions"))?
     {
-        dest.available_extensions.insert(row.get(0));
+        dest.available_extensions.insert(row.get("name"));
     }
     for row in client
         .query(FUNCTIONS, &[])
         .await
         .map_err(err("functions"))?
     {
-        dest.functions.insert(row.get(0), row.get(1));
+        dest.functions
+            .insert(row.get("signature"), row.get("definition"));
     }
     Ok(())
 }
@@ -630,20 +689,7 @@ async fn read_typed_functions(
         .await
         .map_err(err("functions typed on relations"))?
     {
-        let default_acl: bool = row.get(7);
-        dest.typed_functions.push(TypedFunction {
-            oid: row.get(0),
-            schema: row.get(1),
-            name: row.get(2),
-            signature: row.get(3),
-            kind: row.get::<_, String>(4).chars().next().unwrap_or('f'),
-            definition: row.get(5),
-            owner: row.get(6),
-            grants: (!default_acl).then(|| parse_grants(row.get(8))),
-            comment: row.get(9),
-            relations: row.get::<_, Vec<Oid>>(10).into_iter().collect(),
-            types: row.get::<_, Vec<Oid>>(11).into_iter().collect(),
-        });
+        dest.typed_functions.push(TypedFunction::from_row(&row));
     }
     dest.superuser = client
         .query_one(
@@ -652,7 +698,7 @@ async fn read_typed_functions(
         )
         .await
         .map_err(err("current role"))?
-        .get(0);
+        .get("rolsuper");
     Ok(())
 }
 

@@ -26,20 +26,20 @@ pub struct AgentGrants {
 /// What a copy needs, by object: (object type, object as `regclass`/schema text, privileges).
 const NEEDS: &str = "
 WITH tables AS (SELECT unnest($1::oid[]) AS oid)
-SELECT 'TABLE', c.oid::regclass::text, p
+SELECT 'TABLE' AS object_type, c.oid::regclass::text AS object_name, p AS privilege
   FROM tables t JOIN pg_class c ON c.oid = t.oid,
        unnest(ARRAY['SELECT', 'INSERT', 'TRUNCATE']) p
  WHERE NOT has_table_privilege($2, c.oid, p)
 UNION ALL
-SELECT 'SCHEMA', quote_ident(n.nspname), 'USAGE'
+SELECT 'SCHEMA' AS object_type, quote_ident(n.nspname) AS object_name, 'USAGE' AS privilege
   FROM pg_namespace n
  WHERE (n.nspname = 'pgzm' OR n.oid IN (SELECT relnamespace FROM pg_class WHERE oid = ANY($1::oid[])))
    AND NOT has_schema_privilege($2, n.oid, 'USAGE')
 UNION ALL
-SELECT 'TABLE', 'pgzm.migrations', 'SELECT'
+SELECT 'TABLE' AS object_type, 'pgzm.migrations' AS object_name, 'SELECT' AS privilege
  WHERE NOT has_table_privilege($2, 'pgzm.migrations', 'SELECT')
 UNION ALL
-SELECT 'TABLE', 'pgzm.copy_progress', p
+SELECT 'TABLE' AS object_type, 'pgzm.copy_progress' AS object_name, p AS privilege
   FROM unnest(ARRAY['SELECT', 'INSERT']) p
  WHERE NOT has_table_privilege($2, 'pgzm.copy_progress', p)";
 
@@ -51,20 +51,20 @@ pub async fn grant(
     shadow_oids: &[u32],
 ) -> Result<AgentGrants, CoordinatorError> {
     let me: String = control
-        .query_one("SELECT current_user::text", &[])
+        .query_one("SELECT current_user::text AS role_name", &[])
         .await
         .map_err(|e| CoordinatorError::destination("read the coordinator's role", e))?
-        .get(0);
+        .get("role_name");
     let mut out = AgentGrants::default();
     for role in roles.iter().filter(|r| **r != me) {
         let exists = control
             .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
+                "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) AS role_exists",
                 &[role],
             )
             .await
             .map_err(|e| CoordinatorError::destination("read the agents' roles", e))?
-            .get::<_, bool>(0);
+            .get::<_, bool>("role_exists");
         if !exists {
             continue;
         }
@@ -75,8 +75,15 @@ pub async fn grant(
         // Grouped by object: one GRANT per object and role.
         let mut by_object: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for r in rows {
-            let object = format!("{} {}", r.get::<_, &str>(0), r.get::<_, &str>(1));
-            by_object.entry(object).or_default().push(r.get(2));
+            let object = format!(
+                "{} {}",
+                r.get::<_, &str>("object_type"),
+                r.get::<_, &str>("object_name")
+            );
+            by_object
+                .entry(object)
+                .or_default()
+                .push(r.get("privilege"));
         }
         for (object, privileges) in by_object {
             out.grants

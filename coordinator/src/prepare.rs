@@ -119,10 +119,10 @@ async fn read_sides(
         .await
         .map_err(|e| CoordinatorError::source("open the snapshot transaction", e))?;
     let snapshot: String = source_client
-        .query_one("SELECT pg_export_snapshot()", &[])
+        .query_one("SELECT pg_export_snapshot() AS snapshot", &[])
         .await
         .map_err(|e| CoordinatorError::source("export a snapshot", e))?
-        .get(0);
+        .get("snapshot");
     let schema = catalog::read(&source_client, &opts.tables).await?;
     control
         .batch_execute("SET search_path = pg_catalog")
@@ -352,12 +352,12 @@ async fn check_recorded(
         .sum();
     let row = control
         .query_one(
-            "SELECT count(*), coalesce(sum(rows), 0)::int8 FROM pgzm.copy_progress WHERE migration_id = $1",
+            "SELECT count(*) AS tasks, coalesce(sum(rows), 0)::int8 AS total_rows FROM pgzm.copy_progress WHERE migration_id = $1",
             &[&id],
         )
         .await
         .map_err(|e| CoordinatorError::destination("read pgzm.copy_progress", e))?;
-    let (recorded, recorded_rows): (i64, i64) = (row.get(0), row.get(1));
+    let (recorded, recorded_rows): (i64, i64) = (row.get("tasks"), row.get("total_rows"));
     if recorded < tasks || recorded_rows < rows {
         return Err(CoordinatorError::Refused(vec![format!(
             "the destination lost committed copies: {recorded} of {tasks} copy tasks ({recorded_rows} of {rows} rows) are recorded (did it restart with synchronous_commit = off, or fail over to a replica that had not received them?); nothing was swapped: run again"
@@ -369,10 +369,10 @@ async fn check_recorded(
 /// The identity of the database a session is connected to: its server's start time
 /// (microseconds) and system identifier (when the role may read it), and the database's oid.
 const DATABASE_IDENTITY: &str = "
-SELECT pg_postmaster_start_time()::text,
-       (SELECT oid FROM pg_database WHERE datname = current_database()),
+SELECT pg_postmaster_start_time()::text AS started_at,
+       (SELECT oid FROM pg_database WHERE datname = current_database()) AS database_oid,
        CASE WHEN has_function_privilege('pg_control_system()', 'EXECUTE')
-            THEN (SELECT system_identifier::text FROM pg_control_system()) END";
+            THEN (SELECT system_identifier::text FROM pg_control_system()) END AS system_identifier";
 
 /// Refuses when the source and the destination are one database reached through two different
 /// connection strings (`localhost` and `127.0.0.1`, a socket and TCP, another user…): the same
@@ -383,7 +383,13 @@ async fn refuse_same_database(
     dest_url: &crate::conninfo::DbUrl,
 ) -> Result<(), CoordinatorError> {
     type Identity = (String, u32, Option<String>);
-    let identity = |r: tokio_postgres::Row| -> Identity { (r.get(0), r.get(1), r.get(2)) };
+    let identity = |r: tokio_postgres::Row| -> Identity {
+        (
+            r.get("started_at"),
+            r.get("database_oid"),
+            r.get("system_identifier"),
+        )
+    };
     let s = source
         .query_one(DATABASE_IDENTITY, &[])
         .await
@@ -922,12 +928,12 @@ async fn record(tx: &impl GenericClient, plan: &Plan) -> Result<RecordedObjects,
             .map_err(|e| CoordinatorError::destination("record created objects", e))?;
         Ok::<_, CoordinatorError>(
             rows.iter()
-                .map(|r| (r.get::<_, String>(0), r.get::<_, u32>(1)))
+                .map(|r| (r.get::<_, String>("name"), r.get::<_, u32>("oid")))
                 .collect::<Vec<_>>(),
         )
     };
-    const RELS: &str = "SELECT relname::text, oid FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relname = ANY($1)";
-    const TYPES: &str = "SELECT typname::text, oid FROM pg_type WHERE typnamespace = 'public'::regnamespace AND typname = ANY($1)";
+    const RELS: &str = "SELECT relname::text AS name, oid FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relname = ANY($1)";
+    const TYPES: &str = "SELECT typname::text AS name, oid FROM pg_type WHERE typnamespace = 'public'::regnamespace AND typname = ANY($1)";
     Ok(RecordedObjects {
         tables: oids(RELS, plan.tables.iter().map(|t| t.shadow.clone()).collect()).await?,
         types: oids(TYPES, plan.types.iter().map(|m| m.to.clone()).collect()).await?,

@@ -44,14 +44,32 @@ pub struct LiveShape {
     pub sequences: Vec<(String, String)>,
 }
 
+impl LiveShape {
+    /// A row of [`LIVE_SHAPE`] (its table name apart).
+    fn from_row(row: &tokio_postgres::Row) -> Self {
+        LiveShape {
+            columns: row.get("columns"),
+            key: row.get("key_columns"),
+            sequences: row
+                .get::<_, Vec<String>>("sequences")
+                .into_iter()
+                .filter_map(|s| {
+                    s.split_once('|')
+                        .map(|(c, q)| (c.to_string(), q.to_string()))
+                })
+                .collect(),
+        }
+    }
+}
+
 const LIVE_SHAPE: &str = "
-SELECT c.relname::text,
+SELECT c.relname::text AS table_name,
        ARRAY(SELECT a.attname::text FROM pg_attribute a
-             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum) AS columns,
        ARRAY(SELECT a.attname::text
              FROM pg_constraint k, unnest(k.conkey) WITH ORDINALITY AS u(attnum, ord)
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = u.attnum
-             WHERE k.conrelid = c.oid AND k.contype = 'p' ORDER BY u.ord),
+             WHERE k.conrelid = c.oid AND k.contype = 'p' ORDER BY u.ord) AS key_columns,
        ARRAY(SELECT a.attname::text || '|' || s.relname::text
              FROM pg_depend d
              JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
@@ -66,7 +84,7 @@ SELECT c.relname::text,
              JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S'
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ad.adnum
              WHERE ad.adrelid = c.oid
-             ORDER BY 1)
+             ORDER BY 1) AS sequences
 FROM pg_class c
 WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r' AND c.relname = ANY($1)";
 
@@ -80,24 +98,7 @@ pub async fn read_live(
     })?;
     Ok(rows
         .into_iter()
-        .map(|r| {
-            let sequences = r
-                .get::<_, Vec<String>>(3)
-                .into_iter()
-                .filter_map(|s| {
-                    s.split_once('|')
-                        .map(|(c, q)| (c.to_string(), q.to_string()))
-                })
-                .collect();
-            (
-                r.get(0),
-                LiveShape {
-                    columns: r.get(1),
-                    key: r.get(2),
-                    sequences,
-                },
-            )
-        })
+        .map(|r| (r.get("table_name"), LiveShape::from_row(&r)))
         .collect())
 }
 

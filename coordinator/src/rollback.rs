@@ -84,7 +84,10 @@ async fn oids(
         )
         .await
         .map_err(|e| CoordinatorError::destination("inspect tables for the rollback", e))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| (r.get("relname"), r.get("oid")))
+        .collect())
 }
 
 /// Names of the sequences owned by (serial or identity columns of) the given tables.
@@ -101,7 +104,7 @@ async fn owned_sequences(
         .await
         .map_err(|e| CoordinatorError::destination("inspect owned sequences", e))?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| r.get("relname"))
         .collect())
 }
 
@@ -110,6 +113,18 @@ struct ForeignKey {
     table: String,
     name: String,
     definition: String,
+}
+
+impl ForeignKey {
+    /// A row of [`FKS_INTO`] or [`FKS_FROM`].
+    fn from_row(row: &tokio_postgres::Row) -> Self {
+        ForeignKey {
+            schema: row.get("schema_name"),
+            table: row.get("table_name"),
+            name: row.get("name"),
+            definition: row.get("definition"),
+        }
+    }
 }
 
 async fn foreign_keys(
@@ -122,24 +137,18 @@ async fn foreign_keys(
         .query(sql, &[&a, &b])
         .await
         .map_err(|e| CoordinatorError::destination("inspect foreign keys for the rollback", e))?;
-    Ok(rows
-        .iter()
-        .map(|r| ForeignKey {
-            schema: r.get(0),
-            table: r.get(1),
-            name: r.get(2),
-            definition: r.get(3),
-        })
-        .collect())
+    Ok(rows.iter().map(ForeignKey::from_row).collect())
 }
 
 const FKS_INTO: &str = "
-SELECT (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c.relnamespace), c.relname::text, k.conname::text, pg_get_constraintdef(k.oid)
+SELECT (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c.relnamespace) AS schema_name,
+       c.relname::text AS table_name, k.conname::text AS name, pg_get_constraintdef(k.oid) AS definition
 FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
 WHERE k.contype = 'f' AND k.confrelid = ANY($1) AND NOT (k.conrelid = ANY($2))";
 
 const FKS_FROM: &str = "
-SELECT (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c.relnamespace), c.relname::text, k.conname::text, pg_get_constraintdef(k.oid)
+SELECT (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c.relnamespace) AS schema_name,
+       c.relname::text AS table_name, k.conname::text AS name, pg_get_constraintdef(k.oid) AS definition
 FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
 WHERE k.contype = 'f' AND k.conrelid = ANY($1) AND k.confrelid = ANY($2)";
 
@@ -284,11 +293,11 @@ async fn restored_children(
 ) -> Result<BTreeSet<String>, CoordinatorError> {
     let children = control
         .query(
-            "SELECT c.relname::text, x.relname::text FROM pg_class c
+            "SELECT c.relname::text AS table_name, x.relname::text AS child_name FROM pg_class c
              JOIN pg_index i ON i.indrelid = c.oid JOIN pg_class x ON x.oid = i.indexrelid
              WHERE c.oid = ANY($1)
              UNION ALL
-             SELECT c.relname::text, s.relname::text FROM pg_class c
+             SELECT c.relname::text AS table_name, s.relname::text AS child_name FROM pg_class c
              JOIN pg_depend d ON d.refobjid = c.oid AND d.refclassid = 'pg_class'::regclass
                               AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
              JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
@@ -297,7 +306,10 @@ async fn restored_children(
         )
         .await
         .map_err(|e| CoordinatorError::destination("inspect backup indexes and sequences", e))?;
-    let mut names: BTreeSet<String> = children.iter().map(|r| r.get::<_, String>(1)).collect();
+    let mut names: BTreeSet<String> = children
+        .iter()
+        .map(|r| r.get::<_, String>("child_name"))
+        .collect();
     let backup_matviews: Vec<String> = plan
         .to_backup
         .iter()
@@ -313,7 +325,7 @@ async fn restored_children(
             )
             .await
             .map_err(|e| CoordinatorError::destination("inspect backup materialized views", e))?;
-        names.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+        names.extend(rows.iter().map(|r| r.get::<_, String>("relname")));
     }
     Ok(names)
 }
@@ -716,7 +728,7 @@ async fn pending_prepares(
         .await
         .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| r.get("id"))
         .collect();
     let mut warnings = Vec::new();
     for id in ids {
@@ -761,6 +773,20 @@ struct Conversion {
     default: Option<String>,
 }
 
+impl Conversion {
+    /// A row of the query of [`type_conversions`].
+    fn from_row(row: &tokio_postgres::Row) -> Self {
+        Conversion {
+            table_oid: row.get("table_oid"),
+            table: row.get("table_name"),
+            column: row.get("column_name"),
+            type_name: row.get("type_name"),
+            array: row.get("is_array"),
+            default: row.get("default_expr"),
+        }
+    }
+}
+
 /// Columns of the kept tables typed with a migration type that a restored (backup) type
 /// replaces. Left alone, they would keep the migration's type under a `rolledback_` name, and
 /// values of the kept table would no longer compare with the restored tables' (no operator
@@ -786,8 +812,9 @@ async fn type_conversions(
     }
     let rows = control
         .query(
-            "SELECT c.oid, c.relname::text, a.attname::text, t.typname::text, a.atttypid = t.typarray,
-                    pg_get_expr(d.adbin, d.adrelid)
+            "SELECT c.oid AS table_oid, c.relname::text AS table_name, a.attname::text AS column_name,
+                    t.typname::text AS type_name, a.atttypid = t.typarray AS is_array,
+                    pg_get_expr(d.adbin, d.adrelid) AS default_expr
              FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
              JOIN pg_type t ON (t.oid = a.atttypid OR t.typarray = a.atttypid)
                            AND t.typnamespace = 'public'::regnamespace
@@ -799,17 +826,7 @@ async fn type_conversions(
         )
         .await
         .map_err(|e| CoordinatorError::destination("inspect kept tables' column types", e))?;
-    Ok(rows
-        .iter()
-        .map(|r| Conversion {
-            table_oid: r.get(0),
-            table: r.get(1),
-            column: r.get(2),
-            type_name: r.get(3),
-            array: r.get(4),
-            default: r.get(5),
-        })
-        .collect())
+    Ok(rows.iter().map(Conversion::from_row).collect())
 }
 
 /// Statements converting kept tables' columns to the restored types (run after the renames):

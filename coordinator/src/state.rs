@@ -64,10 +64,10 @@ pub async fn try_lock(client: &Client) -> Result<bool, CoordinatorError> {
     let started = std::time::Instant::now();
     loop {
         let row = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
+            .query_one("SELECT pg_try_advisory_lock($1) AS locked", &[&LOCK_KEY])
             .await
             .map_err(|e| CoordinatorError::destination("take the pgzm run lock", e))?;
-        if row.get(0) {
+        if row.get("locked") {
             return Ok(true);
         }
         if started.elapsed() >= LOCK_GRACE {
@@ -164,15 +164,18 @@ const SCHEMA_COMMENT: &str =
 async fn exists(client: &Client) -> Result<bool, CoordinatorError> {
     let row = client
         .query_one(
-            "SELECT to_regclass('pgzm.migrations') IS NOT NULL,
-                    (SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = 'pgzm'),
-                    EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'pgzm')",
+            "SELECT to_regclass('pgzm.migrations') IS NOT NULL AS table_exists,
+                    (SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = 'pgzm') AS schema_comment,
+                    EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'pgzm') AS schema_exists",
             &[],
         )
         .await
         .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?;
-    let (table, comment, schema): (bool, Option<String>, bool) =
-        (row.get(0), row.get(1), row.get(2));
+    let (table, comment, schema): (bool, Option<String>, bool) = (
+        row.get("table_exists"),
+        row.get("schema_comment"),
+        row.get("schema_exists"),
+    );
     if schema && comment.as_deref() != Some(SCHEMA_COMMENT) {
         return Err(CoordinatorError::Refused(vec![
             "the destination has a schema named \"pgzm\" that pgzm did not create (pgzm keeps its metadata there): rename that schema, then run again".into(),
@@ -196,22 +199,24 @@ pub async fn earlier_runs(client: &Client) -> Result<crate::plan::Earlier, Coord
         .await
         .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?;
     for row in rows {
-        let id: i64 = row.get(0);
-        if row.get::<_, bool>(3) {
-            let objects: RecordedObjects = serde_json::from_value(row.get(1)).unwrap_or_default();
+        let id: i64 = row.get("id");
+        if row.get::<_, bool>("shadow_present") {
+            let objects: RecordedObjects =
+                serde_json::from_value(row.get("created_objects")).unwrap_or_default();
             earlier.leftovers.push((id, objects));
-            if row.get::<_, String>(5) == RunStatus::Prepared.as_str() {
+            if row.get::<_, String>("status") == RunStatus::Prepared.as_str() {
                 earlier.prepared = Some(id);
             }
         }
-        if row.get::<_, bool>(4) {
-            let plan: Plan =
-                serde_json::from_value(row.get(2)).map_err(|e| CoordinatorError::Metadata {
+        if row.get::<_, bool>("backup_present") {
+            let plan: Plan = serde_json::from_value(row.get("plan")).map_err(|e| {
+                CoordinatorError::Metadata {
                     what: format!("read the backup set of migration {id}"),
                     message: format!(
                         "its recorded plan is unreadable ({e}); inspect pgzm.migrations"
                     ),
-                })?;
+                }
+            })?;
             earlier.backup_set = Some((id, plan.to_backup));
         }
     }
@@ -232,7 +237,7 @@ pub async fn newest(client: &Client) -> Result<Option<(i64, String)>, Coordinato
         )
         .await
         .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?;
-    Ok(row.map(|r| (r.get(0), r.get(1))))
+    Ok(row.map(|r| (r.get("id"), r.get("status"))))
 }
 
 /// Records a new run in the shadow-creation transaction.
@@ -401,7 +406,7 @@ async fn shadow_drops(
             )
             .await
             .map_err(|e| CoordinatorError::destination("look up a shadow type", e))?;
-        if row.map(|r| r.get::<_, Oid>(0)) == Some(*oid) {
+        if row.map(|r| r.get::<_, Oid>("oid")) == Some(*oid) {
             tx.push(format!("DROP TYPE {}", quote_qualified("public", name)));
             dropped.push(format!("type {name}"));
         }
@@ -433,7 +438,7 @@ async fn relation_oid(
         )
         .await
         .map_err(|e| CoordinatorError::destination("look up a relation", e))?;
-    Ok(row.map(|r| r.get(0)))
+    Ok(row.map(|r| r.get("oid")))
 }
 
 /// What dropping a backup set runs: its views and functions (one block, dependency order),
@@ -462,7 +467,7 @@ pub async fn drop_backup_statements(
         .collect();
     let present: std::collections::BTreeSet<(String, bool)> = client
         .query(
-            "SELECT relname::text, relkind = 'S' FROM pg_class
+            "SELECT relname::text, relkind = 'S' AS is_sequence FROM pg_class
               WHERE relnamespace = 'public'::regnamespace AND relname = ANY($1)
                 AND relkind IN ('r', 'p', 'S')",
             &[&names],
@@ -470,7 +475,7 @@ pub async fn drop_backup_statements(
         .await
         .map_err(|e| CoordinatorError::destination("look up the backup objects", e))?
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get("relname"), r.get("is_sequence")))
         .collect();
     Ok(plan_drop_backup(moves, &present))
 }
@@ -569,7 +574,7 @@ pub async fn drop_backup_set(
                     .map_or(n.as_str(), |m| m.from.as_str());
                 let used_by: String = tx
                     .query_one(
-                        "SELECT coalesce(string_agg(DISTINCT format('%I.%I', c.relname, a.attname), ', '), '')
+                        "SELECT coalesce(string_agg(DISTINCT format('%I.%I', c.relname, a.attname), ', '), '') AS used_by
                          FROM pg_type t JOIN pg_attribute a ON a.atttypid IN (t.oid, t.typarray)
                          JOIN pg_class c ON c.oid = a.attrelid
                          WHERE t.typname = $1 AND t.typnamespace = 'public'::regnamespace
@@ -578,7 +583,7 @@ pub async fn drop_backup_set(
                     )
                     .await
                     .map_err(|e| CoordinatorError::destination(action("find a type's users"), e))?
-                    .get(0);
+                    .get("used_by");
                 let mut aside = crate::naming::prefixed("replaced_", live);
                 let taken = |name: String| {
                     let tx = &tx;
@@ -648,18 +653,18 @@ impl AsideSet {
 }
 
 const ASIDE_CHECK: &str = "
-SELECT x.i::int4,
+SELECT x.i::int4 AS move_index,
        CASE x.k WHEN 'function' THEN EXISTS (SELECT 1 FROM pg_proc p WHERE p.oid = x.o AND p.proname = x.n)
                 WHEN 'type' THEN EXISTS (SELECT 1 FROM pg_type t JOIN pg_namespace s ON s.oid = t.typnamespace
                                          WHERE s.nspname = x.sc AND t.typname = x.n)
                 ELSE EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace
-                             WHERE s.nspname = x.sc AND c.relname = x.n) END,
+                             WHERE s.nspname = x.sc AND c.relname = x.n) END AS present,
        CASE x.k WHEN 'function' THEN EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace s ON s.oid = p.pronamespace
                                              WHERE s.nspname = x.sc AND p.proname = x.t)
                 ELSE EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace
                              WHERE s.nspname = x.sc AND c.relname = x.t)
                   OR EXISTS (SELECT 1 FROM pg_type t JOIN pg_namespace s ON s.oid = t.typnamespace
-                             WHERE s.nspname = x.sc AND t.typname = x.t) END
+                             WHERE s.nspname = x.sc AND t.typname = x.t) END AS target_taken
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::oid[]) WITH ORDINALITY AS x(k, sc, n, t, o, i)";
 
 /// Plans moving backup set `id` (its recorded `moves`) aside for the next swap. Refuses, before
@@ -695,8 +700,8 @@ pub async fn aside_set(
     let mut renames = Vec::new();
     let mut problems = Vec::new();
     for r in rows {
-        let i = usize::try_from(r.get::<_, i32>(0) - 1).unwrap_or(0);
-        let (exists, taken): (bool, bool) = (r.get(1), r.get(2));
+        let i = usize::try_from(r.get::<_, i32>("move_index") - 1).unwrap_or(0);
+        let (exists, taken): (bool, bool) = (r.get("present"), r.get("target_taken"));
         if !exists {
             continue;
         }
@@ -746,8 +751,8 @@ pub async fn drop_old_sets(client: &mut Client, keep: u32) -> (Vec<String>, Vec<
     let mut dropped = Vec::new();
     let mut warnings = Vec::new();
     for row in rows.iter().skip(usize::try_from(keep.max(1)).unwrap_or(1)) {
-        let id: i64 = row.get(0);
-        let moves = match serde_json::from_value::<Plan>(row.get(1)) {
+        let id: i64 = row.get("id");
+        let moves = match serde_json::from_value::<Plan>(row.get("plan")) {
             Ok(plan) => plan.to_backup,
             Err(e) => {
                 warnings.push(format!(
@@ -886,7 +891,7 @@ pub async fn sync_triggers_present(
 ) -> Result<Vec<(String, String, bool)>, CoordinatorError> {
     let rows = client
         .query(
-            "SELECT c.relname::text, t.tgname::text, t.tgenabled <> 'D'
+            "SELECT c.relname::text, t.tgname::text, t.tgenabled <> 'D' AS enabled
              FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_proc p ON p.oid = t.tgfoid
              WHERE p.pronamespace = (SELECT oid FROM pg_namespace WHERE nspname = 'pgzm')
              ORDER BY 1, 2",
@@ -896,7 +901,7 @@ pub async fn sync_triggers_present(
         .map_err(|e| CoordinatorError::destination("inspect sync triggers", e))?;
     Ok(rows
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .map(|r| (r.get("relname"), r.get("tgname"), r.get("enabled")))
         .collect())
 }
 
@@ -942,44 +947,50 @@ pub async fn load(
     let row = client
         .query_opt(
             "SELECT id, status, source, plan, created_objects, shadow_present, backup_present,
-                    extract(epoch FROM now() - created_at)::float8, created_at::text, prepared_at::text,
+                    extract(epoch FROM now() - created_at)::float8 AS age_seconds, created_at::text, prepared_at::text,
                     swapped_at::text, stats, error
              FROM pgzm.migrations WHERE $1::int8 IS NULL OR id = $1 ORDER BY id DESC LIMIT 1",
             &[&id],
         )
         .await
         .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?;
-    let Some(row) = row else { return Ok(None) };
-    let id: i64 = row.get(0);
-    let plan: Plan =
-        serde_json::from_value(row.get(3)).map_err(|e| CoordinatorError::Metadata {
+    row.as_ref().map(MigrationRow::from_row).transpose()
+}
+
+impl MigrationRow {
+    /// A row of the query of [`load`].
+    fn from_row(row: &tokio_postgres::Row) -> Result<Self, CoordinatorError> {
+        let id: i64 = row.get("id");
+        let plan: Plan =
+            serde_json::from_value(row.get("plan")).map_err(|e| CoordinatorError::Metadata {
+                what: format!("read migration {id}"),
+                message: format!(
+                    "its recorded plan is unreadable ({e}); it was written by another pgzm version"
+                ),
+            })?;
+        let status: String = row.get("status");
+        let status = RunStatus::parse(&status).ok_or_else(|| CoordinatorError::Metadata {
             what: format!("read migration {id}"),
             message: format!(
-                "its recorded plan is unreadable ({e}); it was written by another pgzm version"
+                "its status {status:?} is unknown; it was written by another pgzm version"
             ),
         })?;
-    let status: String = row.get(1);
-    let status = RunStatus::parse(&status).ok_or_else(|| CoordinatorError::Metadata {
-        what: format!("read migration {id}"),
-        message: format!(
-            "its status {status:?} is unknown; it was written by another pgzm version"
-        ),
-    })?;
-    Ok(Some(MigrationRow {
-        id,
-        status,
-        source: row.get(2),
-        plan,
-        objects: serde_json::from_value(row.get(4)).unwrap_or_default(),
-        shadow_present: row.get(5),
-        backup_present: row.get(6),
-        age_seconds: row.get(7),
-        created_at: row.get(8),
-        prepared_at: row.get(9),
-        swapped_at: row.get(10),
-        stats: row.get(11),
-        error: row.get(12),
-    }))
+        Ok(MigrationRow {
+            id,
+            status,
+            source: row.get("source"),
+            plan,
+            objects: serde_json::from_value(row.get("created_objects")).unwrap_or_default(),
+            shadow_present: row.get("shadow_present"),
+            backup_present: row.get("backup_present"),
+            age_seconds: row.get("age_seconds"),
+            created_at: row.get("created_at"),
+            prepared_at: row.get("prepared_at"),
+            swapped_at: row.get("swapped_at"),
+            stats: row.get("stats"),
+            error: row.get("error"),
+        })
+    }
 }
 
 /// Sync errors recorded for a migration: (table, operation, message, at).
@@ -996,6 +1007,13 @@ pub async fn sync_errors(
         .map_err(|e| CoordinatorError::destination("read pgzm.sync_errors", e))?;
     Ok(rows
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .map(|r| {
+            (
+                r.get("table_name"),
+                r.get("operation"),
+                r.get("message"),
+                r.get("at"),
+            )
+        })
         .collect())
 }

@@ -103,7 +103,10 @@ async fn oids_of(
         )
         .await
         .map_err(|e| CoordinatorError::destination("inspect shadow tables", e))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| (r.get("relname"), r.get("oid")))
+        .collect())
 }
 
 async fn triggers_of(client: &Client, plan: &Plan) -> Result<Vec<SyncTrigger>, CoordinatorError> {
@@ -112,7 +115,7 @@ async fn triggers_of(client: &Client, plan: &Plan) -> Result<Vec<SyncTrigger>, C
         for (name, _) in TRIGGERS {
             let row = client
                 .query_opt(
-                    "SELECT t.tgenabled <> 'D' FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+                    "SELECT t.tgenabled <> 'D' AS enabled FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
                      WHERE c.relnamespace = 'public'::regnamespace AND c.relname = $1 AND t.tgname = $2",
                     &[&p.table, &name],
                 )
@@ -122,7 +125,7 @@ async fn triggers_of(client: &Client, plan: &Plan) -> Result<Vec<SyncTrigger>, C
                 table: p.table.clone(),
                 trigger: name.to_string(),
                 present: row.is_some(),
-                enabled: row.map(|r| r.get(0)).unwrap_or(false),
+                enabled: row.map(|r| r.get("enabled")).unwrap_or(false),
             });
         }
     }
@@ -185,14 +188,14 @@ pub async fn shadow_problems(
 
 async fn count(client: &Client, table: &str) -> Result<i64, CoordinatorError> {
     let sql = format!(
-        "SELECT count(*) FROM ONLY {}",
+        "SELECT count(*) AS row_count FROM ONLY {}",
         pgzm_pg::sql::quote_qualified("public", table)
     );
     let row = client
         .query_one(&sql, &[])
         .await
         .map_err(|e| CoordinatorError::destination(format!("count rows of \"{table}\""), e))?;
-    Ok(row.get(0))
+    Ok(row.get("row_count"))
 }
 
 /// Row counts of a shadow table and its live table, read in one statement (one snapshot).
@@ -203,14 +206,14 @@ async fn count_pair(
 ) -> Result<(i64, i64), CoordinatorError> {
     use pgzm_pg::sql::quote_qualified;
     let sql = format!(
-        "SELECT (SELECT count(*) FROM ONLY {}), (SELECT count(*) FROM ONLY {})",
+        "SELECT (SELECT count(*) FROM ONLY {}) AS shadow_rows, (SELECT count(*) FROM ONLY {}) AS live_rows",
         quote_qualified("public", shadow),
         quote_qualified("public", live)
     );
     let row = client.query_one(&sql, &[]).await.map_err(|e| {
         CoordinatorError::destination(format!("count rows of \"{shadow}\" and \"{live}\""), e)
     })?;
-    Ok((row.get(0), row.get(1)))
+    Ok((row.get("shadow_rows"), row.get("live_rows")))
 }
 
 /// Whether a pgzm run holds the destination's run lock.
@@ -219,12 +222,12 @@ async fn run_lock_held(client: &Client) -> Result<bool, CoordinatorError> {
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
                              AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                             AND ((classid::int8 << 32) | objid::int8) = $1)",
+                             AND ((classid::int8 << 32) | objid::int8) = $1) AS held",
             &[&state::LOCK_KEY],
         )
         .await
         .map_err(|e| CoordinatorError::destination("inspect pg_locks", e))?
-        .get(0))
+        .get("held"))
 }
 
 /// Each shadow table of the run: present (by recorded oid), its rows and the rows it should

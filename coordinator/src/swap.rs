@@ -261,6 +261,8 @@ pub fn function_sql(f: &FunctionPlan, over_shadows: &crate::rewrite::Renames) ->
     out
 }
 
+/// The value of the `SELECT '<name>', …` marker row among a simple query's results (text
+/// rows, read by position: the marker statements are part of the swap's recorded SQL).
 fn marker(messages: &[SimpleQueryMessage], name: &str) -> Option<i64> {
     messages.iter().find_map(|m| match m {
         SimpleQueryMessage::Row(row) if row.get(0) == Some(name) => {
