@@ -576,9 +576,9 @@ async fn read_views(client: &Client, dest: &mut Destination) -> Result<(), Coord
         .await
         .map_err(err("view dependencies"))?
     {
-        // (view, relation it reads), by position: the catalog module owns this query and
-        // its column names.
-        deps.entry(row.get(0)).or_default().insert(row.get(1));
+        deps.entry(row.get("view_oid"))
+            .or_default()
+            .insert(row.get("depends_on"));
     }
     let mut calls: BTreeMap<Oid, BTreeSet<Oid>> = BTreeMap::new();
     for row in client

@@ -224,7 +224,7 @@ async fn matches(
     let names: Vec<String> = patterns.iter().map(|p| p.name.clone()).collect();
     let rows = client
         .query(
-            "SELECT p.i::int4, coalesce(array_agg(t.name ORDER BY t.name) FILTER (WHERE t.name IS NOT NULL), '{}')
+            "SELECT p.i::int4 AS pattern, coalesce(array_agg(t.name ORDER BY t.name) FILTER (WHERE t.name IS NOT NULL), '{}') AS tables
              FROM unnest($2::text[], $3::text[]) WITH ORDINALITY p(s, n, i)
              LEFT JOIN unnest($4::text[]) t(name) ON $1 ~ p.s AND t.name ~ p.n
              GROUP BY p.i ORDER BY p.i",
@@ -232,7 +232,10 @@ async fn matches(
         )
         .await
         .map_err(|e| CoordinatorError::source("match the table patterns", e))?;
-    Ok(rows.iter().map(|r| r.get::<_, Vec<String>>(1)).collect())
+    Ok(rows
+        .iter()
+        .map(|r| r.get::<_, Vec<String>>("tables"))
+        .collect())
 }
 
 #[cfg(test)]

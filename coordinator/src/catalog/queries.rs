@@ -354,7 +354,7 @@ async fn read_tables(
                 estimated_copy_bytes: row.get("estimated_copy_bytes"),
                 partition_key: row.get("partition_key"),
                 partition_of: row
-                    .get::<_, Option<String>>(12)
+                    .get::<_, Option<String>>("partition_parent")
                     .zip(row.get::<_, Option<String>>("partition_bound")),
                 inherits: row.get("inherits"),
             }),
@@ -441,8 +441,12 @@ async fn read_constraints(
             references,
             validated: row.get("validated"),
             comment: row.get("comment"),
-            columns: row.get::<_, Option<Vec<String>>>(7).unwrap_or_default(),
-            ref_columns: row.get::<_, Option<Vec<String>>>(8).unwrap_or_default(),
+            columns: row
+                .get::<_, Option<Vec<String>>>("columns")
+                .unwrap_or_default(),
+            ref_columns: row
+                .get::<_, Option<Vec<String>>>("ref_columns")
+                .unwrap_or_default(),
             match_full: row.get::<_, Option<bool>>("match_full").unwrap_or(false),
         });
     }
@@ -837,7 +841,7 @@ async fn read_sequences(
             last_value: row.get("last_value"),
             is_called: row.get("is_called"),
             used_by: row
-                .get::<_, Vec<String>>(15)
+                .get::<_, Vec<String>>("used_by")
                 .into_iter()
                 .filter_map(|s| {
                     // A table name containing '|' is split wrongly and then matches no
@@ -1011,7 +1015,7 @@ pub async fn matviews_by_oid(
                 definition: row.get("definition"),
                 populated: row.get("populated"),
                 indexes: row
-                    .get::<_, Vec<String>>(5)
+                    .get::<_, Vec<String>>("index_names")
                     .into_iter()
                     .zip(row.get::<_, Vec<String>>("index_definitions"))
                     .collect(),
