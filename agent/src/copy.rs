@@ -15,7 +15,7 @@ use tracing::{debug, info_span, Instrument};
 use crate::endpoint::Databases;
 use crate::error::{AgentError, Side};
 pub use crate::model::PageRange;
-use crate::model::{CopyDone, CopyTask, ExportTask};
+use crate::model::{CopyDone, CopyTask, ExportTask, SourceRead};
 use crate::pg;
 pub use crate::sql::QualifiedName;
 use crate::sql::{quote_ident_list, quote_literal};
@@ -72,9 +72,9 @@ impl std::fmt::Debug for CopySpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CopySpec")
             .field("task_id", &self.task.task_id)
-            .field("source_table", &self.task.source_table)
+            .field("source_table", &self.task.read.table)
             .field("destination_table", &self.task.destination_table)
-            .field("range", &self.task.range)
+            .field("range", &self.task.read.range)
             .finish_non_exhaustive()
     }
 }
@@ -84,7 +84,7 @@ impl CopySpec {
     pub fn resolve(task: CopyTask, databases: &Databases) -> Result<Self, AgentError> {
         let (destination, application_name) =
             databases.resolve(Side::Destination, &task.destination)?;
-        let source_key = format!("{}\u{0}{}", task.source.session_key(), task.snapshot);
+        let source_key = format!("{}\u{0}{}", task.source.session_key(), task.read.snapshot);
         let destination_key = task.destination.session_key();
         let source = match &task.peer_url {
             None => SourceSpec::Direct(databases.resolve(Side::Source, &task.source)?.0),
@@ -94,7 +94,7 @@ impl CopySpec {
             },
         };
         Ok(CopySpec {
-            freeze: task.freeze && task.range.is_none(),
+            freeze: task.freeze && task.read.range.is_none(),
             progress_every_bytes: task
                 .progress_every_bytes
                 .map_or(DEFAULT_PROGRESS_EVERY_BYTES, NonZeroU64::get),
@@ -186,12 +186,16 @@ fn column_list(columns: &[String]) -> String {
 pub async fn open_source(
     config: PgTarget,
     application_name: &str,
-    snapshot_id: &str,
-    table: &QualifiedName,
-    columns: &[String],
-    range: Option<PageRange>,
+    read: &SourceRead,
     reuse: Option<Client>,
 ) -> Result<(Client, tokio_postgres::CopyOutStream), AgentError> {
+    let SourceRead {
+        snapshot,
+        table,
+        columns,
+        range,
+    } = read;
+    let (snapshot_id, range) = (snapshot.as_str(), *range);
     let name = table.to_string();
     let src = match reuse {
         Some(c) => c,
@@ -244,10 +248,7 @@ async fn source_stream(
             let (client, out) = open_source(
                 config.clone(),
                 &spec.application_name,
-                spec.task.snapshot.as_str(),
-                &spec.task.source_table,
-                &spec.task.columns,
-                spec.task.range,
+                &spec.task.read,
                 sessions.source.take(&spec.source_key),
             )
             .await?;
@@ -355,7 +356,7 @@ pub async fn run_copy(
         }
         let mut source = source_stream(spec, peers, sessions).await?;
 
-        let columns = column_list(&spec.task.columns);
+        let columns = column_list(&spec.task.read.columns);
         let target = spec.task.destination_table.quoted();
         let copy = if spec.freeze {
             dst.batch_execute(&format!("TRUNCATE {target}"))

@@ -274,6 +274,20 @@ pub fn endpoint(
     })
 }
 
+/// What a copy reads on the source: columns of a table, or of a page range of it, under the
+/// migration's snapshot. A copy task and the export its source-side peer streams read the same.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceRead {
+    /// The snapshot every task of the migration reads under.
+    pub snapshot: SnapshotId,
+    /// The table.
+    pub table: QualifiedName,
+    /// Columns, in order.
+    pub columns: Vec<String>,
+    /// The part of the table (`None`: all of it).
+    pub range: Option<PageRange>,
+}
+
 /// One copy task: a table, or a page range of it, from the source snapshot into its shadow
 /// table (the domain form of [`proto::CopyTask`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -288,16 +302,10 @@ pub struct CopyTask {
     pub source: Endpoint,
     /// The destination database.
     pub destination: Endpoint,
-    /// The snapshot every task of the migration reads under.
-    pub snapshot: SnapshotId,
-    /// Table read on the source.
-    pub source_table: QualifiedName,
+    /// What is read on the source (columns may be none: rows of zero fields).
+    pub read: SourceRead,
     /// Shadow table written on the destination.
     pub destination_table: QualifiedName,
-    /// Columns to copy, in order (may be none: rows of zero fields).
-    pub columns: Vec<String>,
-    /// The part of the table (`None`: all of it).
-    pub range: Option<PageRange>,
     /// Progress reports about every this many bytes (`None`: the agent's default).
     pub progress_every_bytes: Option<NonZeroU64>,
     /// Read the data from this source-side agent's `ExportRange` instead of the source.
@@ -315,10 +323,7 @@ impl CopyTask {
         ExportTask {
             task_id: self.task_id.0.clone(),
             source: self.source.clone(),
-            snapshot: self.snapshot.clone(),
-            table: self.source_table.clone(),
-            columns: self.columns.clone(),
-            range: self.range,
+            read: self.read.clone(),
             verify: self.verify,
         }
     }
@@ -328,25 +333,35 @@ impl TryFrom<proto::CopyTask> for CopyTask {
     type Error = ModelError;
 
     fn try_from(t: proto::CopyTask) -> Result<Self, ModelError> {
+        // Checked in a fixed order (the first problem is the one reported).
+        let task_id = required("task_id", t.task_id, TaskId)?;
+        let task_key = required("task_key", t.task_key, TaskKey)?;
+        let snapshot = required("snapshot_id", t.snapshot_id, SnapshotId)?;
+        let destination = endpoint(
+            "destination endpoint",
+            "destination endpoint",
+            t.destination,
+        )?;
+        let source = endpoint("source endpoint", "source endpoint", t.source)?;
+        let source_table = table_name("source table", "source table name", t.source_table)?;
+        let destination_table = table_name(
+            "destination table",
+            "destination table name",
+            t.destination_table,
+        )?;
         Ok(CopyTask {
-            task_id: required("task_id", t.task_id, TaskId)?,
-            task_key: required("task_key", t.task_key, TaskKey)?,
+            task_id,
+            task_key,
             migration_id: MigrationId(t.migration_id),
-            snapshot: required("snapshot_id", t.snapshot_id, SnapshotId)?,
-            destination: endpoint(
-                "destination endpoint",
-                "destination endpoint",
-                t.destination,
-            )?,
-            source: endpoint("source endpoint", "source endpoint", t.source)?,
-            source_table: table_name("source table", "source table name", t.source_table)?,
-            destination_table: table_name(
-                "destination table",
-                "destination table name",
-                t.destination_table,
-            )?,
-            columns: t.columns,
-            range: page_range(t.range)?,
+            read: SourceRead {
+                snapshot,
+                table: source_table,
+                columns: t.columns,
+                range: page_range(t.range)?,
+            },
+            destination,
+            source,
+            destination_table,
             progress_every_bytes: NonZeroU64::new(t.progress_every_bytes),
             peer_url: Some(t.peer_url).filter(|u| !u.is_empty()),
             freeze: t.freeze,
@@ -361,12 +376,12 @@ impl From<CopyTask> for proto::CopyTask {
             task_id: t.task_id.0,
             source: Some(t.source.into()),
             destination: Some(t.destination.into()),
-            snapshot_id: t.snapshot.0,
-            source_table: Some(table_message(t.source_table)),
+            snapshot_id: t.read.snapshot.0,
+            source_table: Some(table_message(t.read.table)),
             destination_table: Some(table_message(t.destination_table)),
-            columns: t.columns,
+            columns: t.read.columns,
             progress_every_bytes: t.progress_every_bytes.map_or(0, NonZeroU64::get),
-            range: t.range.map(Into::into),
+            range: t.read.range.map(Into::into),
             task_key: t.task_key.0,
             migration_id: t.migration_id.0,
             peer_url: t.peer_url.unwrap_or_default(),
@@ -384,14 +399,8 @@ pub struct ExportTask {
     pub task_id: String,
     /// The source database.
     pub source: Endpoint,
-    /// The snapshot to read under.
-    pub snapshot: SnapshotId,
-    /// The table.
-    pub table: QualifiedName,
-    /// Columns, in order (at least one).
-    pub columns: Vec<String>,
-    /// The part of the table (`None`: all of it).
-    pub range: Option<PageRange>,
+    /// What is read (at least one column).
+    pub read: SourceRead,
     /// Digest the rows (sent before the row count).
     pub verify: bool,
 }
@@ -403,13 +412,18 @@ impl TryFrom<proto::ExportRequest> for ExportTask {
         if r.columns.is_empty() {
             return Err(ModelError::Empty("columns"));
         }
+        // Checked in a fixed order (the first problem is the one reported).
+        let snapshot = required("snapshot_id", r.snapshot_id, SnapshotId)?;
+        let source = endpoint("source endpoint", "source endpoint", r.source)?;
         Ok(ExportTask {
-            snapshot: required("snapshot_id", r.snapshot_id, SnapshotId)?,
-            source: endpoint("source endpoint", "source endpoint", r.source)?,
-            table: table_name("table", "table name", r.table)?,
+            read: SourceRead {
+                snapshot,
+                table: table_name("table", "table name", r.table)?,
+                columns: r.columns,
+                range: page_range(r.range)?,
+            },
+            source,
             task_id: r.task_id,
-            columns: r.columns,
-            range: page_range(r.range)?,
             verify: r.verify,
         })
     }
@@ -420,10 +434,10 @@ impl From<ExportTask> for proto::ExportRequest {
         proto::ExportRequest {
             task_id: t.task_id,
             source: Some(t.source.into()),
-            snapshot_id: t.snapshot.0,
-            table: Some(table_message(t.table)),
-            columns: t.columns,
-            range: t.range.map(Into::into),
+            snapshot_id: t.read.snapshot.0,
+            table: Some(table_message(t.read.table)),
+            columns: t.read.columns,
+            range: t.read.range.map(Into::into),
             verify: t.verify,
         }
     }
@@ -551,14 +565,16 @@ mod tests {
                 target: Target::Database("dest".into()),
                 application_name: "pgzm-agent m7 a0".into(),
             },
-            snapshot: SnapshotId("00000003-0000001B-1".into()),
-            source_table: name("public", "Area"),
+            read: SourceRead {
+                snapshot: SnapshotId("00000003-0000001B-1".into()),
+                table: name("public", "Area"),
+                columns: vec!["id".into(), "name".into()],
+                range: Some(PageRange {
+                    start: 100,
+                    end: Some(200),
+                }),
+            },
             destination_table: name("public", "shadow_Area"),
-            columns: vec!["id".into(), "name".into()],
-            range: Some(PageRange {
-                start: 100,
-                end: Some(200),
-            }),
             progress_every_bytes: NonZeroU64::new(1 << 20),
             peer_url: Some("https://source-agent:7000".into()),
             freeze: false,
@@ -581,12 +597,15 @@ mod tests {
         let t = task();
         assert_eq!(CopyTask::try_from(proto::CopyTask::from(t.clone())), Ok(t));
         let whole = CopyTask {
-            range: None,
+            read: SourceRead {
+                range: None,
+                columns: vec![],
+                ..task().read
+            },
             progress_every_bytes: None,
             peer_url: None,
             freeze: true,
             verify: false,
-            columns: vec![],
             ..task()
         };
         let m = proto::CopyTask::from(whole.clone());
@@ -694,7 +713,7 @@ mod tests {
     #[test]
     fn an_export_round_trips_and_is_validated() {
         let e = task().export();
-        assert_eq!(e.table, name("public", "Area"));
+        assert_eq!(e.read.table, name("public", "Area"));
         assert_eq!(
             ExportTask::try_from(proto::ExportRequest::from(e.clone())),
             Ok(e.clone())

@@ -263,7 +263,7 @@ impl Agent for AgentService {
             CopySpec::resolve(task, &self.config.databases).map_err(|e| logged("RunCopy", e))?;
         span.record("task", spec.task.task_id.as_str());
         span.record("table", spec.task.destination_table.to_string().as_str());
-        if let Some(r) = spec.task.range {
+        if let Some(r) = spec.task.read.range {
             span.record("range", r.to_string().as_str());
         }
         let permits = Arc::clone(&self.permits);
@@ -353,10 +353,10 @@ impl Agent for AgentService {
             .resolve(Side::Source, &task.source)
             .map_err(|e| logged("ExportRange", e))?;
         span.record("task", task.task_id.as_str());
-        span.record("table", task.table.to_string().as_str());
+        span.record("table", task.read.table.to_string().as_str());
         let (tx, rx) = mpsc::channel(8);
         let export = Export {
-            source_key: format!("{}\u{0}{}", task.source.session_key(), task.snapshot),
+            source_key: format!("{}\u{0}{}", task.source.session_key(), task.read.snapshot),
             application_name: if app.is_empty() {
                 "pgzm-agent".into()
             } else {
@@ -410,10 +410,7 @@ impl Export {
         let opened = open_source(
             config,
             &self.application_name,
-            self.task.snapshot.as_str(),
-            &self.task.table,
-            &self.task.columns,
-            self.task.range,
+            &self.task.read,
             self.pool.take(&self.source_key),
         )
         .await;
@@ -448,7 +445,7 @@ impl Export {
                     }
                 }
                 Err(e) => {
-                    let table = self.task.table.to_string();
+                    let table = self.task.read.table.to_string();
                     let err = AgentError::copy(&table, "read COPY data", Side::Source, &e);
                     let _ = self.tx.send(Err(Status::from(err))).await;
                     return None;
@@ -469,7 +466,7 @@ impl Export {
             bytes,
             &[opentelemetry::KeyValue::new(
                 "table",
-                self.task.table.to_string(),
+                self.task.read.table.to_string(),
             )],
         );
         tracing::Span::current().record("rows", i64::try_from(counter.rows()).unwrap_or(i64::MAX));

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgzm_agent::error::RETRYABLE_KEY;
-use pgzm_agent::model::{CopyDone, CopyTask, MigrationId, PageRange, SnapshotId, TaskId, TaskKey};
+use pgzm_agent::model::{
+    CopyDone, CopyTask, MigrationId, PageRange, SnapshotId, SourceRead, TaskId, TaskKey,
+};
 use pgzm_pg::sql::QualifiedName;
 use pgzm_proto::agent::v1 as proto;
 use tokio::sync::Notify;
@@ -752,17 +754,19 @@ impl Worker {
             migration_id,
             source: self.pool.endpoint(&self.ctx.source, false, &self.tag()),
             destination: self.pool.endpoint(&self.ctx.destination, true, &self.tag()),
-            snapshot: SnapshotId(self.ctx.snapshot.clone()),
-            source_table: QualifiedName {
-                schema: "public".into(),
-                name: job.table.clone(),
+            read: SourceRead {
+                snapshot: SnapshotId(self.ctx.snapshot.clone()),
+                table: QualifiedName {
+                    schema: "public".into(),
+                    name: job.table.clone(),
+                },
+                columns: job.columns.clone(),
+                range: task.range,
             },
             destination_table: QualifiedName {
                 schema: "public".into(),
                 name: job.shadow.clone(),
             },
-            columns: job.columns.clone(),
-            range: task.range,
             progress_every_bytes: NonZeroU64::new(PROGRESS_EVERY_BYTES),
             peer_url,
             freeze: task.range.is_none() && job.bytes >= FREEZE_MIN_BYTES,
