@@ -159,7 +159,7 @@ pub fn table_build(
         .unwrap_or_default();
     let mut b = TableBuild::default();
     for c in t.constraints.iter().filter(|c| c.has_index()) {
-        let name = renames.get(&c.name).unwrap_or(&c.name);
+        let name = renames.get_in(&t.schema, &c.name).unwrap_or(&c.name);
         // `ADD CONSTRAINT … USING INDEX` is not supported on partitioned tables: their keys are
         // added directly (attaching the partitions' keys, built already).
         let index = if t.is_partitioned() {
@@ -172,12 +172,12 @@ pub fn table_build(
                 b.parallel.push(format!(
                     "CREATE UNIQUE INDEX {} ON {} {}",
                     quote_ident(name),
-                    quote_qualified("public", shadow),
+                    quote_qualified(&t.schema, shadow),
                     renames.apply(&tail)
                 ));
                 b.last.push(format!(
                     "ALTER TABLE {} ADD CONSTRAINT {} {} USING INDEX {}",
-                    quote_qualified("public", shadow),
+                    quote_qualified(&t.schema, shadow),
                     quote_ident(name),
                     if c.kind == 'p' {
                         "PRIMARY KEY"
@@ -190,19 +190,19 @@ pub fn table_build(
                     b.last.push(format!(
                         "COMMENT ON CONSTRAINT {} ON {} IS {}",
                         quote_ident(name),
-                        quote_qualified("public", shadow),
+                        quote_qualified(&t.schema, shadow),
                         quote_literal(comment)
                     ));
                 }
             }
             None => b
                 .first
-                .extend(ddl::add_constraint(shadow, c, name, renames)),
+                .extend(ddl::add_constraint(&t.schema, shadow, c, name, renames)),
         }
     }
     for ix in &t.indexes {
-        let name = renames.get(&ix.name).unwrap_or(&ix.name);
-        let mut stmts = ddl::create_index(ix, name, renames)?.into_iter();
+        let name = renames.get_in(&t.schema, &ix.name).unwrap_or(&ix.name);
+        let mut stmts = ddl::create_index(ix, &t.schema, name, renames)?.into_iter();
         // The build itself in parallel; its comment after.
         b.parallel.extend(stmts.next());
         b.last.extend(stmts);
@@ -213,7 +213,7 @@ pub fn table_build(
         .iter()
         .filter(|c| c.kind == 'c' && !c.validated)
     {
-        out.extend(ddl::add_constraint(shadow, c, &c.name, renames));
+        out.extend(ddl::add_constraint(&t.schema, shadow, c, &c.name, renames));
     }
     // A preserved table's own triggers would fire on mirrored writes: they are created in the swap.
     let triggers = if plan.is_preserved(&t.name) {
@@ -226,6 +226,7 @@ pub fn table_build(
             &tg.definition,
             tg.enabled,
             &tg.name,
+            &t.schema,
             shadow,
             renames,
         ));
@@ -238,8 +239,8 @@ pub fn table_build(
             continue;
         }
         let seq = quote_literal(&quote_qualified(
-            "public",
-            renames.get(&s.name).unwrap_or(&s.name),
+            &s.schema,
+            renames.get_in(&s.schema, &s.name).unwrap_or(&s.name),
         ));
         let (agg, beyond) = if s.increment >= 0 {
             ("max", ">")
@@ -254,10 +255,10 @@ pub fn table_build(
             "SELECT setval({seq}::regclass, CASE WHEN past THEN m ELSE {last} END, CASE WHEN past THEN true ELSE {called} END)
              FROM (SELECT m, m IS NOT NULL AND (m {beyond} {last} OR (NOT {called} AND m = {last})) AS past
                    FROM (SELECT {agg}({col})::int8 AS m FROM {}) a) b",
-            quote_qualified("public", shadow)
+            quote_qualified(&t.schema, shadow)
         ));
     }
-    out.push(format!("ANALYZE {}", quote_qualified("public", shadow)));
+    out.push(format!("ANALYZE {}", quote_qualified(&t.schema, shadow)));
     Ok(b)
 }
 
@@ -465,6 +466,19 @@ fn first_line(sql: &str) -> String {
     }
 }
 
+/// A foreign key added `NOT VALID` to a shadow table and validated after.
+#[derive(Debug, Clone)]
+pub struct Validation {
+    /// The shadow table, schema-qualified and quoted.
+    pub table: String,
+    /// The shadow table's name (for traces).
+    pub shadow: String,
+    /// The constraint.
+    pub constraint: String,
+    /// What the failure message says was being done.
+    pub label: String,
+}
+
 /// The foreign keys of the shadow tables: the statements adding them (`NOT VALID`, except on
 /// partitioned tables) and the (table, constraint) pairs to validate afterwards. Keys involving
 /// a preserved table are left to the swap.
@@ -472,7 +486,7 @@ pub fn foreign_key_statements(
     plan: &Plan,
     source: &SourceSchema,
     renames: &Renames,
-) -> (Vec<String>, Vec<(String, String, String)>) {
+) -> (Vec<String>, Vec<Validation>) {
     let mut add = Vec::new();
     let mut validate = Vec::new();
     for t in &source.tables {
@@ -491,13 +505,15 @@ pub fn foreign_key_statements(
             // A partitioned table's foreign key cannot be added NOT VALID (before PostgreSQL
             // 18): it is added validated, checking every partition once.
             if t.is_partitioned() {
-                add.extend(ddl::add_constraint(&tp.shadow, c, &c.name, renames));
+                add.extend(ddl::add_constraint(
+                    &t.schema, &tp.shadow, c, &c.name, renames,
+                ));
                 continue;
             }
             let mut not_valid = c.clone();
             not_valid.validated = false;
             add.extend(ddl::add_constraint(
-                &tp.shadow, &not_valid, &c.name, renames,
+                &t.schema, &tp.shadow, &not_valid, &c.name, renames,
             ));
             if c.validated {
                 // A key into a table the filters left out is checked against its live rows.
@@ -508,7 +524,12 @@ pub fn foreign_key_statements(
                     ),
                     _ => format!("validate foreign key \"{}\" on \"{}\"", c.name, tp.shadow),
                 };
-                validate.push((tp.shadow.clone(), c.name.clone(), label));
+                validate.push(Validation {
+                    table: quote_qualified(&t.schema, &tp.shadow),
+                    shadow: tp.shadow.clone(),
+                    constraint: c.name.clone(),
+                    label,
+                });
             }
         }
     }
@@ -544,8 +565,8 @@ pub async fn foreign_keys(
         .await?;
     let permits = Arc::new(Semaphore::new(parallel.max(1)));
     let sessions = &sessions;
-    let tasks = validate.into_iter().map(|(table, name, label)| {
-        let span = info_span!("validate_fk", table = %table);
+    let tasks = validate.into_iter().map(|v| {
+        let span = info_span!("validate_fk", table = %v.shadow);
         let permits = Arc::clone(&permits);
         async move {
             let _p = permits
@@ -554,11 +575,11 @@ pub async fn foreign_keys(
                 .map_err(|_| CoordinatorError::Usage("cancelled".into()))?;
             sessions
                 .run(
-                    &label,
+                    &v.label,
                     vec![format!(
                         "ALTER TABLE {} VALIDATE CONSTRAINT {}",
-                        quote_qualified("public", &table),
-                        quote_ident(&name)
+                        v.table,
+                        quote_ident(&v.constraint)
                     )],
                 )
                 .await

@@ -37,6 +37,8 @@ const PROGRESS_EVERY_BYTES: u64 = 1 << 20;
 /// One table to copy.
 #[derive(Debug, Clone)]
 pub struct CopyJob {
+    /// Schema of the source table and its shadow.
+    pub schema: String,
     /// Source table name.
     pub table: String,
     /// Shadow table name.
@@ -757,14 +759,14 @@ impl Worker {
             read: SourceRead {
                 snapshot: SnapshotId(self.ctx.snapshot.clone()),
                 table: QualifiedName {
-                    schema: "public".into(),
+                    schema: job.schema.clone(),
                     name: job.table.clone(),
                 },
                 columns: job.columns.clone(),
                 range: task.range,
             },
             destination_table: QualifiedName {
-                schema: "public".into(),
+                schema: job.schema.clone(),
                 name: job.shadow.clone(),
             },
             progress_every_bytes: NonZeroU64::new(PROGRESS_EVERY_BYTES),
@@ -859,6 +861,7 @@ mod tests {
 
     fn job(pages: i64, bytes: i64) -> CopyJob {
         CopyJob {
+            schema: "public".into(),
             table: "t".into(),
             shadow: "shadow_t".into(),
             columns: vec!["a".into()],

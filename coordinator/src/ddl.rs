@@ -13,10 +13,6 @@ use crate::error::CoordinatorError;
 use crate::rewrite::quote_ident_like_pg;
 use crate::rewrite::Renames;
 
-fn public(name: &str) -> String {
-    quote_qualified("public", name)
-}
-
 /// `CREATE TYPE` / `CREATE DOMAIN` for a shadow type.
 pub fn create_type(t: &UserType, shadow: &str, renames: &Renames) -> Vec<String> {
     let mut out = Vec::new();
@@ -271,11 +267,12 @@ pub fn create_table(
 /// Owner, privileges and row-level security of the live table, applied to its shadow.
 pub fn carry_privileges(
     live: &LiveTable,
+    schema: &str,
     shadow: &str,
     shadow_columns: &[&str],
     renames: &Renames,
 ) -> Vec<String> {
-    let target = public(shadow);
+    let target = quote_qualified(schema, shadow);
     let mut out = vec![format!(
         "ALTER TABLE {target} OWNER TO {}",
         quote_ident(&live.owner)
@@ -369,6 +366,7 @@ pub fn grants_sql(object_kind: &str, target: &str, grants: &[Grant]) -> Vec<Stri
 /// `shadow_index`.
 pub fn create_index(
     ix: &Index,
+    schema: &str,
     shadow_index: &str,
     renames: &Renames,
 ) -> Result<Vec<String>, CoordinatorError> {
@@ -396,7 +394,7 @@ pub fn create_index(
     if let Some(c) = &ix.comment {
         out.push(format!(
             "COMMENT ON INDEX {} IS {}",
-            public(shadow_index),
+            quote_qualified(schema, shadow_index),
             quote_literal(c)
         ));
     }
@@ -406,6 +404,7 @@ pub fn create_index(
 /// `ALTER TABLE … ADD CONSTRAINT` for a key, exclusion, NOT VALID check or foreign key on a
 /// shadow table. Index-backed constraints take the shadow index name.
 pub fn add_constraint(
+    schema: &str,
     shadow_table: &str,
     c: &Constraint,
     name: &str,
@@ -413,7 +412,7 @@ pub fn add_constraint(
 ) -> Vec<String> {
     let mut sql = format!(
         "ALTER TABLE {} ADD CONSTRAINT {} {}",
-        public(shadow_table),
+        quote_qualified(schema, shadow_table),
         quote_ident(name),
         renames.apply(&c.definition)
     );
@@ -425,7 +424,7 @@ pub fn add_constraint(
         out.push(format!(
             "COMMENT ON CONSTRAINT {} ON {} IS {}",
             quote_ident(name),
-            public(shadow_table),
+            quote_qualified(schema, shadow_table),
             quote_literal(comment)
         ));
     }
@@ -437,6 +436,7 @@ pub fn create_trigger(
     definition: &str,
     enabled: bool,
     name: &str,
+    schema: &str,
     shadow_table: &str,
     renames: &Renames,
 ) -> Vec<String> {
@@ -444,7 +444,7 @@ pub fn create_trigger(
     if !enabled {
         out.push(format!(
             "ALTER TABLE {} DISABLE TRIGGER {}",
-            public(shadow_table),
+            quote_qualified(schema, shadow_table),
             quote_ident(name)
         ));
     }
@@ -466,7 +466,7 @@ mod tests {
                     .into(),
             comment: None,
         };
-        let sql = create_index(&ix, "shadow_User_email_key", &r).unwrap();
+        let sql = create_index(&ix, "public", "shadow_User_email_key", &r).unwrap();
         assert_eq!(
             sql[0],
             "CREATE UNIQUE INDEX \"shadow_User_email_key\" ON public.\"shadow_User\" USING btree (email)"
@@ -480,7 +480,7 @@ mod tests {
         let mut r = Renames::new();
         r.insert("area", "shadow_area");
         assert_eq!(
-            create_index(&ix, "shadow_area_geom_idx", &r).unwrap()[0],
+            create_index(&ix, "public", "shadow_area_geom_idx", &r).unwrap()[0],
             "CREATE INDEX \"shadow_area_geom_idx\" ON public.\"shadow_area\" USING gist (geom) WHERE (id > 0)"
         );
     }

@@ -139,6 +139,9 @@ impl Move {
 /// A table to migrate.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TablePlan {
+    /// Schema of the table, its shadow and its backup.
+    #[serde(default = "crate::naming::public_schema")]
+    pub schema: String,
     /// Live name (the source's name).
     pub name: String,
     /// Shadow table name.
@@ -1128,6 +1131,7 @@ fn extensions_to_create(
 
 fn table_plan(t: &Table, source: &SourceSchema, dest: &Destination) -> TablePlan {
     TablePlan {
+        schema: t.schema.clone(),
         name: t.name.clone(),
         shadow: prefixed(SHADOW, &t.name),
         backup: dest.tables.get(&t.name).map(|_| prefixed(BACKUP, &t.name)),

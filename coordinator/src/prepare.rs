@@ -603,6 +603,7 @@ async fn copy_and_build(
         .iter()
         .filter(|t| !plan.is_preserved(&t.name) && !t.partitioned && t.copy_data)
         .map(|t| CopyJob {
+            schema: t.schema.clone(),
             table: t.name.clone(),
             shadow: t.shadow.clone(),
             columns: t.copy_columns.clone(),

@@ -63,7 +63,7 @@ pub fn statements(
         }
         if let Some(live) = dest.tables.get(&t.name) {
             let cols: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
-            for sql in ddl::carry_privileges(live, &tp.shadow, &cols, renames) {
+            for sql in ddl::carry_privileges(live, &t.schema, &tp.shadow, &cols, renames) {
                 statements.push((
                     format!("carry privileges of \"{}\" to its shadow", t.name),
                     sql,
