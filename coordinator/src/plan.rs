@@ -92,15 +92,25 @@ pub struct Move {
 }
 
 impl Move {
-    /// A rename in `public`.
-    pub fn public(kind: ObjectKind, from: impl Into<String>, to: impl Into<String>) -> Move {
+    /// A rename in `schema`.
+    pub fn in_schema(
+        kind: ObjectKind,
+        schema: &str,
+        from: impl Into<String>,
+        to: impl Into<String>,
+    ) -> Move {
         Move {
             kind,
-            schema: crate::naming::public_schema(),
+            schema: schema.to_string(),
             from: from.into(),
             to: to.into(),
             oid: None,
         }
+    }
+
+    /// A rename in `public`.
+    pub fn public(kind: ObjectKind, from: impl Into<String>, to: impl Into<String>) -> Move {
+        Move::in_schema(kind, crate::naming::PUBLIC, from, to)
     }
 
     /// `ALTER … RENAME` from `from` to `to` (or back, with `reverse`). A function is named by
@@ -399,7 +409,7 @@ impl Plan {
     pub fn shadow_renames(&self) -> Renames {
         let mut r = Renames::new();
         for t in &self.tables {
-            r.insert(&t.name, &t.shadow);
+            r.insert_in(&t.schema, &t.name, &t.shadow);
         }
         for mv in &self.matviews {
             r.insert_in(&mv.matview.schema, &mv.matview.name, &mv.shadow);
@@ -411,7 +421,7 @@ impl Plan {
             .chain(&self.sequences)
             .chain(&self.indexes)
         {
-            r.insert(&m.from, &m.to);
+            r.insert_in(&m.schema, &m.from, &m.to);
         }
         r
     }
@@ -421,7 +431,7 @@ impl Plan {
     pub fn relation_names(&self) -> Vec<(&str, &str)> {
         self.tables
             .iter()
-            .map(|t| (crate::naming::PUBLIC, t.name.as_str()))
+            .map(|t| (t.schema.as_str(), t.name.as_str()))
             .chain(
                 self.views
                     .iter()
@@ -535,7 +545,14 @@ pub fn build_all(
     } = shadows;
     let shadows: Vec<Move> = tables
         .iter()
-        .map(|t| Move::public(ObjectKind::Table, t.name.clone(), t.shadow.clone()))
+        .map(|t| {
+            Move::in_schema(
+                ObjectKind::Table,
+                &t.schema,
+                t.name.clone(),
+                t.shadow.clone(),
+            )
+        })
         .chain(types.iter().cloned())
         .chain(multiranges.iter().cloned())
         .chain(sequences.iter().cloned())
@@ -856,18 +873,19 @@ struct ShadowMoves {
 
 impl ShadowMoves {
     fn of(source: &SourceSchema) -> Self {
-        let shadow =
-            |kind, name: &str| Move::public(kind, name.to_string(), prefixed(SHADOW, name));
+        let shadow = |kind, schema: &str, name: &str| {
+            Move::in_schema(kind, schema, name.to_string(), prefixed(SHADOW, name))
+        };
         ShadowMoves {
             types: source
                 .types
                 .iter()
-                .map(|t| shadow(ObjectKind::Type, &t.name))
+                .map(|t| shadow(ObjectKind::Type, &t.schema, &t.name))
                 .collect(),
             sequences: source
                 .sequences
                 .iter()
-                .map(|s| shadow(ObjectKind::Sequence, &s.name))
+                .map(|s| shadow(ObjectKind::Sequence, &s.schema, &s.name))
                 .collect(),
             multiranges: source
                 .types
@@ -876,7 +894,7 @@ impl ShadowMoves {
                     crate::catalog::UserTypeKind::Range {
                         multirange: Some(m),
                         ..
-                    } => Some(shadow(ObjectKind::Type, m)),
+                    } => Some(shadow(ObjectKind::Type, &t.schema, m)),
                     _ => None,
                 })
                 .collect(),
@@ -889,9 +907,10 @@ impl ShadowMoves {
                         .iter()
                         .filter(|c| c.has_index())
                         .map(|c| &c.name);
-                    constraints.chain(t.indexes.iter().map(|i| &i.name))
+                    constraints
+                        .chain(t.indexes.iter().map(|i| &i.name))
+                        .map(|name| shadow(ObjectKind::Index, &t.schema, name))
                 })
-                .map(|name| shadow(ObjectKind::Index, name))
                 .collect(),
         }
     }
@@ -986,7 +1005,14 @@ fn replaced_types_and_sequences(
 fn live_moves(tables: &[TablePlan], shadows: &ShadowMoves, matviews: &[MatviewPlan]) -> Vec<Move> {
     tables
         .iter()
-        .map(|t| Move::public(ObjectKind::Table, t.shadow.clone(), t.name.clone()))
+        .map(|t| {
+            Move::in_schema(
+                ObjectKind::Table,
+                &t.schema,
+                t.shadow.clone(),
+                t.name.clone(),
+            )
+        })
         .chain(matviews.iter().map(|mv| Move {
             kind: ObjectKind::MaterializedView,
             schema: mv.matview.schema.clone(),
