@@ -507,7 +507,11 @@ pub fn build_all(
     // Live objects that move to backup names: replaced tables with all their indexes and owned
     // sequences, and live types, sequences and views whose names the new objects take.
     let mut dependents = Vec::new();
-    let mut to_backup = replaced_tables(source, dest, &tables, &mut dependents);
+    // Statements follow the tables' names, not their sizes (which follow the statistics):
+    // the same schema always gives the same swap and rollback.
+    let mut by_name: Vec<TablePlan> = tables.clone();
+    by_name.sort_by(|a, b| (&a.schema, &a.name).cmp(&(&b.schema, &b.name)));
+    let mut to_backup = replaced_tables(source, dest, &by_name, &mut dependents);
     to_backup.extend(replaced_types_and_sequences(dest, &shadows, &to_backup));
     let Followers {
         views,
@@ -532,7 +536,7 @@ pub fn build_all(
             });
         }
     }
-    let mut to_live = live_moves(&tables, &shadows, &matviews);
+    let mut to_live = live_moves(&by_name, &shadows, &matviews);
     let foreign_keys = foreign_key_repoints(source, dest, earlier, &mut dependents);
     problems.extend(keys_to_excluded_tables(source, dest));
     let functions_to_create = functions_to_create(source, dest, &mut problems);
@@ -543,7 +547,7 @@ pub fn build_all(
         multiranges,
         indexes,
     } = shadows;
-    let shadows: Vec<Move> = tables
+    let shadows: Vec<Move> = by_name
         .iter()
         .map(|t| {
             Move::in_schema(

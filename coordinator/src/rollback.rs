@@ -177,7 +177,8 @@ impl TableSets {
             .collect();
         let (kept, restored): (Vec<_>, Vec<_>) =
             backups.iter().cloned().partition(|(l, _)| keep.contains(l));
-        let current_drop = plan
+        // By name: the statements must not follow the tables' sizes (statistics).
+        let current_drop: BTreeSet<String> = plan
             .tables
             .iter()
             .map(|t| t.name.clone())
@@ -188,7 +189,7 @@ impl TableSets {
             keep,
             backups,
             restored,
-            current_drop,
+            current_drop: current_drop.into_iter().collect(),
         }
     }
 

@@ -587,6 +587,10 @@ async fn sample_database_round_trip(fixture: &str) -> anyhow::Result<()> {
     let p = common::sample_pair(&format!("sample_{fixture}"), fixture).await;
     let src = p.source.connect().await?;
     let dst = p.dest.connect().await?;
+    // With statistics, as in production: the planned statements must not follow them (table
+    // sizes order the copy, never the SQL).
+    src.batch_execute("ANALYZE").await?;
+    dst.batch_execute("ANALYZE").await?;
     let source_sums = live_sums(&src).await;
     let source_sig = checks::signature(&src).await;
     let before = live_sums(&dst).await;
