@@ -15,7 +15,6 @@
 
 use std::collections::BTreeSet;
 
-use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::error::CoordinatorError;
@@ -116,7 +115,7 @@ pub struct TableFilter {
 }
 
 /// What a filter selects among the source's tables of one schema.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Selection {
     /// Tables left out: not migrated.
     pub excluded: BTreeSet<String>,
@@ -160,29 +159,29 @@ impl TableFilter {
         if self.is_empty() {
             return Ok(Selection::default());
         }
+        // One round trip for the three lists.
+        let all: Vec<TablePattern> = self
+            .include
+            .iter()
+            .chain(&self.exclude)
+            .chain(&self.exclude_data)
+            .cloned()
+            .collect();
+        let mut found = matches(client, schema, tables, &all).await?.into_iter();
         let mut unmatched = Vec::new();
-        let mut matching = |patterns: &[TablePattern], found: Vec<Vec<String>>| {
-            let mut all = BTreeSet::new();
-            for (p, names) in patterns.iter().zip(found) {
-                if names.is_empty() {
+        let mut matching = |patterns: &[TablePattern]| {
+            let mut names = BTreeSet::new();
+            for (p, matched) in patterns.iter().zip(found.by_ref()) {
+                if matched.is_empty() {
                     unmatched.push(p.text.clone());
                 }
-                all.extend(names);
+                names.extend(matched);
             }
-            all
+            names
         };
-        let included = matching(
-            &self.include,
-            matches(client, schema, tables, &self.include).await?,
-        );
-        let excluded = matching(
-            &self.exclude,
-            matches(client, schema, tables, &self.exclude).await?,
-        );
-        let without_data = matching(
-            &self.exclude_data,
-            matches(client, schema, tables, &self.exclude_data).await?,
-        );
+        let included = matching(&self.include);
+        let excluded = matching(&self.exclude);
+        let without_data = matching(&self.exclude_data);
         if !unmatched.is_empty() {
             return Err(CoordinatorError::Refused(vec![format!(
                 "table pattern(s) {} match no table of the source's schema \"{schema}\"; nothing was done: check the spelling (pg_dump's pattern rules: unquoted names are folded to lower case, quote \"MixedCase\" names)",

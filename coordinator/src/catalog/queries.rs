@@ -228,8 +228,8 @@ pub async fn read_schema(
     filter: &TableFilter,
 ) -> Result<SourceSchema, CoordinatorError> {
     let mut schema = SourceSchema::default();
-    let matview_oids = read_tables(client, &mut schema).await?;
-    let excluded = apply_filter(client, filter, &mut schema).await?;
+    let (matview_oids, cannot) = read_tables(client, &mut schema).await?;
+    let excluded = apply_filter(client, filter, &mut schema, cannot).await?;
     let t = TableIndex::of(&schema, excluded);
     let type_oids = read_columns(client, &t, &mut schema).await?;
     read_constraints(client, &t, &mut schema).await?;
@@ -255,14 +255,26 @@ pub async fn read_schema(
 
 /// Applies the table filters: the tables left out leave `schema.tables` (returned by oid), and
 /// the selection is recorded in `schema`. A partition or inheritance tree must be selected
-/// whole.
+/// whole. A table that `cannot` be migrated (a foreign table…) is refused unless left out.
 async fn apply_filter(
     client: &Client,
     filter: &TableFilter,
     schema: &mut SourceSchema,
+    cannot: Vec<(String, String)>,
 ) -> Result<HashMap<Oid, String>, CoordinatorError> {
-    let names: Vec<String> = schema.tables.iter().map(|t| t.name.clone()).collect();
+    let names: Vec<String> = schema
+        .tables
+        .iter()
+        .map(|t| t.name.clone())
+        .chain(cannot.iter().map(|(n, _)| n.clone()))
+        .collect();
     let selection = filter.select(client, crate::naming::PUBLIC, &names).await?;
+    schema.unsupported.extend(
+        cannot
+            .into_iter()
+            .filter(|(name, _)| !selection.excluded.contains(name))
+            .map(|(_, why)| why),
+    );
     for t in &schema.tables {
         let parents = t
             .partition_of
@@ -316,13 +328,15 @@ impl TableIndex {
     }
 }
 
-/// The tables of the schema (what cannot be migrated goes to `unsupported`); returns the
-/// materialized views' oids.
+/// The tables of the schema; returns the materialized views' oids and the tables that cannot
+/// be migrated, each with the reason.
 async fn read_tables(
     client: &Client,
     schema: &mut SourceSchema,
-) -> Result<Vec<Oid>, CoordinatorError> {
+) -> Result<(Vec<Oid>, Vec<(String, String)>), CoordinatorError> {
     let mut matview_oids: Vec<Oid> = Vec::new();
+    // Tables pgzm cannot migrate, with the reason: refused unless the filters leave them out.
+    let mut cannot: Vec<(String, String)> = Vec::new();
     for row in client
         .query(TABLES, &[])
         .await
@@ -333,15 +347,25 @@ async fn read_tables(
         let inherits: bool = row.get("parent_elsewhere");
         match kind.as_str() {
             "m" => matview_oids.push(row.get::<_, Oid>("oid")),
-            "f" => schema.unsupported.push(format!("foreign table \"{name}\": foreign tables are not migrated")),
-            _ if inherits => schema.unsupported.push(format!(
-                "table \"{name}\" is a partition or child of a table in another schema: migrate that schema's tables together with it"
-            )),
+            "f" => {
+                let why = format!("foreign table \"{name}\": foreign tables are not migrated (leave it out with --exclude-table)");
+                cannot.push((name, why));
+            }
+            _ if inherits => {
+                let why = format!(
+                    "table \"{name}\" is a partition or child of a table in another schema: migrate that schema's tables together with it"
+                );
+                cannot.push((name, why));
+            }
             _ => schema.tables.push(Table {
                 oid: row.get("oid"),
                 schema: row.get("schema_name"),
                 name,
-                persistence: row.get::<_, String>("persistence").chars().next().unwrap_or('p'),
+                persistence: row
+                    .get::<_, String>("persistence")
+                    .chars()
+                    .next()
+                    .unwrap_or('p'),
                 reloptions: row.get("reloptions"),
                 columns: Vec::new(),
                 constraints: Vec::new(),
@@ -360,7 +384,7 @@ async fn read_tables(
             }),
         }
     }
-    Ok(matview_oids)
+    Ok((matview_oids, cannot))
 }
 
 /// The tables' columns; returns the oids of the types they use (element types included).

@@ -188,17 +188,44 @@ async fn only_included_tables_are_migrated() -> anyhow::Result<()> {
 }
 
 /// A pattern that matches nothing, a partition tree split by the filters, a preserved table
-/// left out and a malformed pattern are refused before any change.
+/// left out and a malformed pattern are refused before any change; a foreign table is refused
+/// unless the filters leave it out.
 #[tokio::test]
 async fn filter_mistakes_are_refused_before_any_change() -> anyhow::Result<()> {
     let p = common::sample_pair("filters_refused", "pagila").await;
+    // A foreign table pgzm cannot migrate: refused, unless the filters leave it out.
+    p.source
+        .batch(
+            "CREATE FOREIGN DATA WRAPPER pgzm_test_fdw;
+             CREATE SERVER pgzm_test_server FOREIGN DATA WRAPPER pgzm_test_fdw;
+             CREATE FOREIGN TABLE public.remote_rates (day date, rate numeric) SERVER pgzm_test_server;",
+        )
+        .await?;
     let dst = p.dest.connect().await?;
     let before = live_sums(&dst).await;
+    let mut dry = common::options(&p);
+    dry.dry_run = true;
+    let err = common::run(dry.clone()).await.expect_err("a foreign table");
+    assert!(
+        err.to_string().contains("foreign table \"remote_rates\""),
+        "{err}"
+    );
+    dry.tables = filter(&[], &["remote_rates"], &[]);
+    let planned = common::run(dry).await?;
+    assert_eq!(planned.plan.excluded, ["remote_rates"]);
     for (f, preserved, expected) in [
-        (filter(&[], &["paymnet*"], &[]), vec![], "match no table"),
-        (filter(&[], &["Payment"], &[]), vec![], "whole partition"),
         (
-            filter(&[], &["customer"], &[]),
+            filter(&[], &["paymnet*", "remote_rates"], &[]),
+            vec![],
+            "match no table",
+        ),
+        (
+            filter(&[], &["Payment", "remote_rates"], &[]),
+            vec![],
+            "whole partition",
+        ),
+        (
+            filter(&[], &["customer", "remote_rates"], &[]),
             vec!["customer".to_string()],
             "left out by the table filters",
         ),
@@ -215,7 +242,7 @@ async fn filter_mistakes_are_refused_before_any_change() -> anyhow::Result<()> {
     // The source has a category the destination lacks: a new film_category row referencing
     // it cannot be checked against the live categories; the run stops before the swap.
     let mut opts = common::options(&p);
-    opts.tables = filter(&[], &["category"], &[]);
+    opts.tables = filter(&[], &["category", "remote_rates"], &[]);
     let err = common::run(opts)
         .await
         .expect_err("key into a left-out table");
