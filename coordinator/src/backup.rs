@@ -10,12 +10,15 @@ use tokio_postgres::Client;
 
 use crate::conninfo::DbUrl;
 use crate::error::CoordinatorError;
+use crate::naming::QualName;
 use crate::plan::{Move, ObjectKind};
 use crate::state::{self, MigrationRow};
 
 /// One table of a backup set.
 #[derive(Debug, Clone, Serialize)]
 pub struct BackupTable {
+    /// Schema of the table and its backup.
+    pub schema: String,
     /// Name it had when live (and has again after a rollback).
     pub name: String,
     /// Backup name.
@@ -97,8 +100,12 @@ pub async fn find(client: &Client, id: Option<i64>) -> Result<MigrationRow, Coor
     })
 }
 
-fn recorded_rows(row: &MigrationRow, table: &str) -> Option<i64> {
-    row.stats.as_ref()?.get("backup_rows")?.get(table)?.as_i64()
+fn recorded_rows(row: &MigrationRow, table: &Move) -> Option<i64> {
+    row.stats
+        .as_ref()?
+        .get("backup_rows")?
+        .get(table.stats_key())?
+        .as_i64()
 }
 
 async fn describe_set(client: &Client, row: &MigrationRow) -> Result<BackupSet, CoordinatorError> {
@@ -112,23 +119,25 @@ async fn describe_set(client: &Client, row: &MigrationRow) -> Result<BackupSet, 
         let info = client
             .query_opt(
                 "SELECT pg_total_relation_size(c.oid) AS bytes FROM pg_class c
-                 WHERE c.relnamespace = 'public'::regnamespace AND c.relname = $1 AND c.relkind IN ('r', 'p')",
-                &[&m.to],
+                 WHERE c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = $2)
+                   AND c.relname = $1 AND c.relkind IN ('r', 'p')",
+                &[&m.to, &m.schema],
             )
             .await
             .map_err(|e| CoordinatorError::destination("inspect backup tables", e))?;
         let present = info.is_some();
         let rows = if present {
-            Some(count(client, &m.to).await?)
+            Some(count(client, &m.schema, &m.to).await?)
         } else {
             None
         };
         tables.push(BackupTable {
+            schema: m.schema.clone(),
             name: m.from.clone(),
             backup: m.to.clone(),
             present,
             rows,
-            rows_at_swap: recorded_rows(row, &m.from),
+            rows_at_swap: recorded_rows(row, m),
             bytes: info.map(|r| r.get("bytes")),
         });
     }
@@ -147,10 +156,10 @@ async fn describe_set(client: &Client, row: &MigrationRow) -> Result<BackupSet, 
     })
 }
 
-async fn count(client: &Client, table: &str) -> Result<i64, CoordinatorError> {
+async fn count(client: &Client, schema: &str, table: &str) -> Result<i64, CoordinatorError> {
     let sql = format!(
         "SELECT count(*) AS row_count FROM ONLY {}",
-        quote_qualified("public", table)
+        quote_qualified(schema, table)
     );
     Ok(client
         .query_one(&sql, &[])
@@ -210,8 +219,10 @@ pub async fn verify(
         });
     };
     for t in &set.tables {
+        let backup = QualName::new(t.schema.clone(), t.backup.clone());
+        let live = QualName::new(t.schema.clone(), t.name.clone());
         check(
-            format!("backup table \"{}\" exists", t.backup),
+            format!("backup table {} exists", backup.plain()),
             (!t.present).then(|| "missing".to_string()),
         );
         if !t.present {
@@ -219,24 +230,25 @@ pub async fn verify(
         }
         // A partition of a replaced table that the source did not have joined the backup set
         // with its parent: it has no live twin.
-        if row.plan.table(&t.name).is_some() {
+        if row.plan.table(&live).is_some() {
             let twin = client
                 .query_opt(
-                    "SELECT 1 FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relname = $1 AND relkind IN ('r', 'p')",
-                    &[&t.name],
+                    "SELECT 1 FROM pg_class WHERE relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = $2)
+                       AND relname = $1 AND relkind IN ('r', 'p')",
+                    &[&t.name, &t.schema],
                 )
                 .await
                 .map_err(|e| CoordinatorError::destination("inspect live tables", e))?;
             check(
-                format!("live table \"{}\" exists", t.name),
+                format!("live table {} exists", live.plain()),
                 twin.is_none().then(|| "missing".to_string()),
             );
         }
         if let (Some(now), Some(then)) = (t.rows, t.rows_at_swap) {
             check(
                 format!(
-                    "\"{}\" still holds the {then} rows it had at the swap",
-                    t.backup
+                    "{} still holds the {then} rows it had at the swap",
+                    backup.plain()
                 ),
                 (now != then).then(|| format!("it holds {now}")),
             );
@@ -246,8 +258,9 @@ pub async fn verify(
                 "SELECT ARRAY(SELECT a.attname::text FROM unnest(k.conkey) AS u(n)
                               JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n) AS key_columns
                  FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
-                 WHERE c.relnamespace = 'public'::regnamespace AND c.relname = $1 AND k.contype = 'p'",
-                &[&t.backup],
+                 WHERE c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = $2)
+                   AND c.relname = $1 AND k.contype = 'p'",
+                &[&t.backup, &t.schema],
             )
             .await
             .map_err(|e| CoordinatorError::destination("inspect primary keys", e))?;
@@ -258,24 +271,24 @@ pub async fn verify(
                 .map(|c| format!("{} IS NULL", quote_ident(c)))
                 .collect::<Vec<_>>()
                 .join(" OR ");
-            let sql = format!(
-                "SELECT count(*) AS null_keys FROM {} WHERE {cond}",
-                quote_qualified("public", &t.backup)
-            );
+            let sql = format!("SELECT count(*) AS null_keys FROM {backup} WHERE {cond}");
             let nulls: i64 = client
                 .query_one(&sql, &[])
                 .await
                 .map_err(|e| CoordinatorError::destination("check primary keys", e))?
                 .get("null_keys");
             check(
-                format!("primary key of \"{}\" has no NULL", t.backup),
+                format!("primary key of {} has no NULL", backup.plain()),
                 (nulls > 0).then(|| format!("{nulls} rows")),
             );
         }
     }
     for (constraint, table, orphans) in orphans_in_set(&client, &row.plan.to_backup).await? {
         check(
-            format!("foreign key \"{constraint}\" of \"{table}\" has no orphans"),
+            format!(
+                "foreign key \"{constraint}\" of {} has no orphans",
+                table.plain()
+            ),
             (orphans > 0).then(|| format!("{orphans} orphaned rows")),
         );
     }
@@ -287,14 +300,18 @@ pub async fn verify(
     {
         let present = client
             .query_opt(
-                "SELECT 1 FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relname = $1 AND relkind = 'S'",
-                &[&m.to],
+                "SELECT 1 FROM pg_class WHERE relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = $2)
+                   AND relname = $1 AND relkind = 'S'",
+                &[&m.to, &m.schema],
             )
             .await
             .map_err(|e| CoordinatorError::destination("inspect sequences", e))?
             .is_some();
         check(
-            format!("backup sequence \"{}\" exists", m.to),
+            format!(
+                "backup sequence {} exists",
+                QualName::new(m.schema.clone(), m.to.clone()).plain()
+            ),
             (!present).then(|| "missing".to_string()),
         );
     }
@@ -310,33 +327,42 @@ pub async fn verify(
 async fn orphans_in_set(
     client: &Client,
     moves: &[Move],
-) -> Result<Vec<(String, String, i64)>, CoordinatorError> {
-    let tables: Vec<String> = moves
+) -> Result<Vec<(String, QualName, i64)>, CoordinatorError> {
+    let tables: Vec<&Move> = moves
         .iter()
         .filter(|m| m.kind == ObjectKind::Table)
-        .map(|m| m.to.clone())
         .collect();
+    let schemas: Vec<&str> = tables.iter().map(|m| m.schema.as_str()).collect();
+    let names: Vec<&str> = tables.iter().map(|m| m.to.as_str()).collect();
     let fks = client
         .query(
-            "SELECT k.conname::text AS name, c.relname::text AS table_name, r.relname::text AS referenced_table,
+            "SELECT k.conname::text AS name, cn.nspname::text AS schema_name, c.relname::text AS table_name,
+                    rn.nspname::text AS referenced_schema, r.relname::text AS referenced_table,
                     ARRAY(SELECT a.attname::text FROM unnest(k.conkey) WITH ORDINALITY u(n, o)
                           JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n ORDER BY u.o) AS columns,
                     ARRAY(SELECT a.attname::text FROM unnest(k.confkey) WITH ORDINALITY u(n, o)
                           JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = u.n ORDER BY u.o) AS referenced_columns
              FROM pg_constraint k
              JOIN pg_class c ON c.oid = k.conrelid
+             JOIN pg_namespace cn ON cn.oid = c.relnamespace
              JOIN pg_class r ON r.oid = k.confrelid
-             WHERE k.contype = 'f' AND c.relnamespace = 'public'::regnamespace AND c.relname = ANY($1)",
-            &[&tables],
+             JOIN pg_namespace rn ON rn.oid = r.relnamespace
+             JOIN unnest($1::text[], $2::text[]) w(s, t) ON w.s = cn.nspname AND w.t = c.relname
+             WHERE k.contype = 'f'",
+            &[&schemas, &names],
         )
         .await
         .map_err(|e| CoordinatorError::destination("inspect foreign keys of the backup set", e))?;
     let mut out = Vec::new();
     for fk in fks {
-        let (name, table, target): (String, String, String) = (
-            fk.get("name"),
-            fk.get("table_name"),
-            fk.get("referenced_table"),
+        let name: String = fk.get("name");
+        let table = QualName::new(
+            fk.get::<_, String>("schema_name"),
+            fk.get::<_, String>("table_name"),
+        );
+        let target = QualName::new(
+            fk.get::<_, String>("referenced_schema"),
+            fk.get::<_, String>("referenced_table"),
         );
         let cols: Vec<String> = fk.get("columns");
         let refs: Vec<String> = fk.get("referenced_columns");
@@ -352,9 +378,7 @@ async fn orphans_in_set(
             .collect::<Vec<_>>()
             .join(" AND ");
         let sql = format!(
-            "SELECT count(*) AS orphans FROM {} t WHERE {not_null} AND NOT EXISTS (SELECT 1 FROM {} r WHERE {join})",
-            quote_qualified("public", &table),
-            quote_qualified("public", &target)
+            "SELECT count(*) AS orphans FROM {table} t WHERE {not_null} AND NOT EXISTS (SELECT 1 FROM {target} r WHERE {join})"
         );
         let n: i64 = client
             .query_one(&sql, &[])

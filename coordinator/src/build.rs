@@ -154,7 +154,7 @@ pub fn table_build(
     renames: &Renames,
 ) -> Result<TableBuild, CoordinatorError> {
     let shadow = &plan
-        .table(&t.name)
+        .table(&t.qualname())
         .map(|p| p.shadow.clone())
         .unwrap_or_default();
     let mut b = TableBuild::default();
@@ -216,7 +216,7 @@ pub fn table_build(
         out.extend(ddl::add_constraint(&t.schema, shadow, c, &c.name, renames));
     }
     // A preserved table's own triggers would fire on mirrored writes: they are created in the swap.
-    let triggers = if plan.is_preserved(&t.name) {
+    let triggers = if plan.is_preserved(&t.qualname()) {
         &[][..]
     } else {
         &t.triggers[..]
@@ -490,15 +490,13 @@ pub fn foreign_key_statements(
     let mut add = Vec::new();
     let mut validate = Vec::new();
     for t in &source.tables {
-        let Some(tp) = plan.table(&t.name) else {
+        let Some(tp) = plan.table(&t.qualname()) else {
             continue;
         };
         for c in t.constraints.iter().filter(|c| c.kind == 'f') {
             // Keys involving a preserved table are added in the swap (see `preserve`).
-            if plan.is_preserved(&t.name)
-                || c.references
-                    .as_deref()
-                    .is_some_and(|r| plan.is_preserved(r))
+            if plan.is_preserved(&t.qualname())
+                || c.references.as_ref().is_some_and(|r| plan.is_preserved(r))
             {
                 continue;
             }
@@ -517,10 +515,10 @@ pub fn foreign_key_statements(
             ));
             if c.validated {
                 // A key into a table the filters left out is checked against its live rows.
-                let label = match c.references.as_deref() {
-                    Some(r) if plan.excluded.iter().any(|e| e == r) => format!(
-                        "validate foreign key \"{}\" on \"{}\" (it references \"{r}\", which the table filters leave out: the destination's rows of \"{r}\" must hold every key the new rows use)",
-                        c.name, tp.shadow
+                let label = match c.references.as_ref() {
+                    Some(r) if plan.excluded.contains(r) => format!(
+                        "validate foreign key \"{}\" on \"{}\" (it references {r}, which the table filters leave out: the destination's rows of {r} must hold every key the new rows use)",
+                        c.name, tp.shadow, r = r.plain()
                     ),
                     _ => format!("validate foreign key \"{}\" on \"{}\"", c.name, tp.shadow),
                 };

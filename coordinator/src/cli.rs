@@ -207,8 +207,19 @@ pub struct PrepareArgs {
     /// Destination.
     #[command(flatten)]
     pub dest: DestArg,
+    /// Schema to migrate into the destination schema of the same name; repeatable or
+    /// comma-separated. Default: $PGZM_SCHEMAS, else `public`.
+    #[arg(
+        long = "schema",
+        short = 'n',
+        value_name = "NAME",
+        env = "PGZM_SCHEMAS",
+        value_delimiter = ','
+    )]
+    pub schemas: Vec<String>,
     /// Tables whose destination rows survive the migration, comma-separated (kept in sync with
-    /// triggers until the swap). Default: $PRESERVED_TABLES.
+    /// triggers until the swap): `name`, or `schema.name` (double-quote a part that contains
+    /// a dot). Default: $PRESERVED_TABLES.
     #[arg(
         long,
         env = "PRESERVED_TABLES",
@@ -446,6 +457,7 @@ impl PrepareArgs {
             build: BuildSettings {
                 maintenance_work_mem: self.maintenance_work_mem.clone(),
             },
+            schemas: schema_list(&self.schemas)?,
             preserved: crate::naming::table_list(&self.preserved_tables),
             tables: crate::filter::TableFilter::parse(
                 &self.tables,
@@ -460,6 +472,24 @@ impl PrepareArgs {
             ..defaults
         })
     }
+}
+
+/// The `--schema` list: trimmed, duplicates dropped, `public` when empty. A schema name is
+/// taken as written (no case folding), as in the catalog.
+fn schema_list(raw: &[String]) -> Result<Vec<String>, CoordinatorError> {
+    let list = crate::naming::table_list(raw);
+    if let Some(bad) = list
+        .iter()
+        .find(|s| s.starts_with("pg_") || *s == "information_schema" || *s == "pgzm")
+    {
+        return Err(CoordinatorError::Usage(format!(
+            "--schema {bad:?}: system schemas and pgzm's own schema cannot be migrated"
+        )));
+    }
+    if list.is_empty() {
+        return Ok(vec![crate::naming::public_schema()]);
+    }
+    Ok(list)
 }
 
 impl RollbackArgs {

@@ -53,6 +53,13 @@ pub struct CopyJob {
     pub copy_bytes: i64,
 }
 
+impl CopyJob {
+    /// The table as reports name it: its name in `public`, `schema.name` elsewhere.
+    pub fn report_name(&self) -> String {
+        crate::naming::QualName::new(self.schema.clone(), self.table.clone()).display_name()
+    }
+}
+
 /// Result of one table's copy.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct CopyStats {
@@ -405,7 +412,7 @@ fn copied(
     Ok(Copied {
         tables: std::mem::take(&mut q.stats)
             .into_iter()
-            .map(|(i, s)| (jobs[i].table.clone(), s))
+            .map(|(i, s)| (jobs[i].report_name(), s))
             .collect(),
         data_time,
     })

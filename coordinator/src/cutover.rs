@@ -142,8 +142,8 @@ async fn count_backups(
             .map(|m| {
                 format!(
                     "SELECT {}::text AS table_name, count(*) AS row_count FROM ONLY {}",
-                    quote_literal(&m.from),
-                    quote_qualified("public", &m.to)
+                    quote_literal(&m.stats_key()),
+                    quote_qualified(&m.schema, &m.to)
                 )
             })
             .collect::<Vec<_>>()

@@ -15,7 +15,7 @@ use pgzm_pg::sql::{quote_ident, quote_qualified};
 use tokio_postgres::Client;
 
 use crate::catalog::Oid;
-use crate::destination::Destination;
+use crate::destination::{Destination, QualName};
 use crate::error::CoordinatorError;
 use crate::plan::{qualified_display, Dependent, ObjectKind, Plan, Repoint};
 
@@ -136,34 +136,48 @@ impl Replaced {
         let mut functions: Vec<Oid> = Vec::new();
         for m in &plan.to_backup {
             match m.kind {
-                ObjectKind::Table => relations.extend(dest.tables.get(&m.from).map(|t| t.oid)),
+                ObjectKind::Table => relations.extend(
+                    dest.tables
+                        .get(&QualName::new(m.schema.clone(), m.from.clone()))
+                        .map(|t| t.oid),
+                ),
                 ObjectKind::View => relations.extend(
                     dest.views
-                        .get(&(m.schema.clone(), m.from.clone()))
+                        .get(&QualName::new(m.schema.clone(), m.from.clone()))
                         .map(|v| v.oid),
                 ),
-                ObjectKind::Type => types.extend(dest.type_oids.get(&m.from).copied()),
+                ObjectKind::Type => types.extend(
+                    dest.type_oids
+                        .get(&QualName::new(m.schema.clone(), m.from.clone()))
+                        .copied(),
+                ),
                 ObjectKind::Function => functions.extend(m.oid),
                 ObjectKind::MaterializedView => relations.extend(
                     dest.materialized_views
-                        .get(&(m.schema.clone(), m.from.clone()))
+                        .get(&QualName::new(m.schema.clone(), m.from.clone()))
                         .map(|v| v.oid),
                 ),
                 ObjectKind::Sequence | ObjectKind::Index => {}
             }
         }
         // Sequences the swap renames: a default elsewhere that uses one would keep the old one.
-        let replaced_sequences: Vec<String> = plan
+        let replaced_sequences: Vec<&crate::plan::Move> = plan
             .to_backup
             .iter()
             .filter(|m| m.kind == ObjectKind::Sequence)
-            .map(|m| m.from.clone())
             .collect();
         if !replaced_sequences.is_empty() {
+            let schemas: Vec<&str> = replaced_sequences
+                .iter()
+                .map(|m| m.schema.as_str())
+                .collect();
+            let names: Vec<&str> = replaced_sequences.iter().map(|m| m.from.as_str()).collect();
             let rows = client
                 .query(
-                    "SELECT oid FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relname = ANY($1) AND relkind = 'S'",
-                    &[&replaced_sequences],
+                    "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                       JOIN unnest($1::text[], $2::text[]) w(s, r) ON w.s = n.nspname AND w.r = c.relname
+                      WHERE c.relkind = 'S'",
+                    &[&schemas, &names],
                 )
                 .await
                 .map_err(err("sequences"))?;
@@ -204,7 +218,10 @@ fn sort_edges<'a>(
     let recreated_views: BTreeSet<Oid> = plan
         .views
         .iter()
-        .filter_map(|v| dest.views.get(&(v.schema.clone(), v.name.clone())))
+        .filter_map(|v| {
+            dest.views
+                .get(&QualName::new(v.schema.clone(), v.name.clone()))
+        })
         .map(|v| v.oid)
         .collect();
     let repointed_fks: BTreeSet<(String, String, String)> = plan

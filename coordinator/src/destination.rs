@@ -8,11 +8,13 @@ use tokio_postgres::{Client, Row};
 use crate::catalog::Oid;
 use crate::error::CoordinatorError;
 
-/// A live table of the destination's `public` schema.
+/// A live table of one of the destination's migrated schemas.
 #[derive(Debug, Clone)]
 pub struct LiveTable {
     /// pg_class oid.
     pub oid: Oid,
+    /// Schema.
+    pub schema: String,
     /// Unquoted name.
     pub name: String,
     /// Owner role name.
@@ -40,6 +42,7 @@ impl LiveTable {
     fn from_row(row: &Row) -> Self {
         LiveTable {
             oid: row.get("oid"),
+            schema: row.get("schema_name"),
             name: row.get("name"),
             owner: row.get("owner"),
             row_security: row.get("row_security"),
@@ -157,12 +160,11 @@ impl Policy {
     }
 }
 
-/// A schema-qualified name: (schema, name), both unquoted.
-pub type QualName = (String, String);
+pub use crate::naming::QualName;
 
-/// `(public, name)`.
+/// `public.name`.
 pub fn in_public(name: &str) -> QualName {
-    (crate::naming::public_schema(), name.to_string())
+    QualName::public(name)
 }
 
 /// A view of the destination (any schema but the system's and the tool's).
@@ -189,7 +191,7 @@ pub struct LiveView {
     /// Functions (oids) it calls.
     pub calls: BTreeSet<Oid>,
     /// Columns it reads: (relation, column).
-    pub columns: Vec<(String, String)>,
+    pub columns: Vec<(QualName, String)>,
 }
 
 /// A materialized view of the destination.
@@ -217,7 +219,7 @@ pub struct ForeignKeyIn {
     /// Constraint name.
     pub name: String,
     /// Referenced (swapped) table.
-    pub references: String,
+    pub references: QualName,
     /// `pg_get_constraintdef`, qualified.
     pub definition: String,
 }
@@ -229,7 +231,10 @@ impl ForeignKeyIn {
             schema: row.get("schema_name"),
             table: row.get("table_name"),
             name: row.get("name"),
-            references: row.get("referenced_table"),
+            references: QualName::new(
+                row.get::<_, String>("referenced_schema"),
+                row.get::<_, String>("referenced_table"),
+            ),
             definition: row.get("definition"),
         }
     }
@@ -238,8 +243,10 @@ impl ForeignKeyIn {
 /// Snapshot of the destination.
 #[derive(Debug, Clone, Default)]
 pub struct Destination {
-    /// Live tables by name.
-    pub tables: BTreeMap<String, LiveTable>,
+    /// The schemas read (the migrated ones).
+    pub schemas: Vec<String>,
+    /// Live tables of the migrated schemas.
+    pub tables: BTreeMap<QualName, LiveTable>,
     /// Views by schema-qualified name, in every schema but the system's and the tool's.
     pub views: BTreeMap<QualName, LiveView>,
     /// Materialized views by schema-qualified name.
@@ -247,8 +254,8 @@ pub struct Destination {
     /// Functions and procedures whose signature or body depends on a relation or a user type
     /// (the candidates to follow a swap).
     pub typed_functions: Vec<TypedFunction>,
-    /// Every type of `public` (array types excluded) by name, with its oid.
-    pub type_oids: BTreeMap<String, Oid>,
+    /// Every type of the migrated schemas (array types excluded), with its oid.
+    pub type_oids: BTreeMap<QualName, Oid>,
     /// Names of every relation (table, index, sequence, view…) in every schema.
     pub relation_names: BTreeSet<QualName>,
     /// Names of every type in every schema (array types excluded).
@@ -256,9 +263,9 @@ pub struct Destination {
     /// Names of every function and procedure in every schema.
     pub function_names: BTreeSet<QualName>,
     /// Owner and grants of sequences and types by name, to carry to their replacements.
-    pub sequence_acl: BTreeMap<String, (String, Vec<Grant>)>,
+    pub sequence_acl: BTreeMap<QualName, (String, Vec<Grant>)>,
     /// Owner and grants of user types by name.
-    pub type_acl: BTreeMap<String, (String, Vec<Grant>)>,
+    pub type_acl: BTreeMap<QualName, (String, Vec<Grant>)>,
     /// Installed extensions.
     pub extensions: BTreeSet<String>,
     /// Extensions the server could install.
@@ -266,16 +273,22 @@ pub struct Destination {
     /// Foreign keys of tables not in the migration that reference tables of it (filled by the
     /// planner's request, see [`read`]).
     pub foreign_keys_in: Vec<ForeignKeyIn>,
-    /// Signatures of functions in `public` (`regprocedure` text) and their definitions.
+    /// Signatures of functions in the migrated schemas (`regprocedure` text) and their
+    /// definitions.
     pub functions: BTreeMap<String, String>,
     /// Signatures (`regprocedure` text, qualified) of every routine outside the system schemas.
     pub routines: BTreeSet<String>,
     /// Whether the current user is a superuser.
     pub superuser: bool,
+    /// Every schema of the destination.
+    pub existing_schemas: BTreeSet<String>,
+    /// The owner a created schema gets: the database's owner when the connected role can act
+    /// as it, else the connected role.
+    pub schema_owner: String,
 }
 
 const TABLES: &str = "
-SELECT c.oid, c.relname::text AS name, pg_get_userbyid(c.relowner)::text AS owner,
+SELECT c.oid, n.nspname::text AS schema_name, c.relname::text AS name, pg_get_userbyid(c.relowner)::text AS owner,
        c.relrowsecurity AS row_security, c.relforcerowsecurity AS force_row_security,
        ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
              FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner) AS grants,
@@ -285,23 +298,23 @@ SELECT c.oid, c.relname::text AS name, pg_get_userbyid(c.relowner)::text AS owne
                AND d.refobjid = c.oid AND d.deptype IN ('a', 'i') AND s.relkind = 'S' ORDER BY 1) AS owned_sequences,
        ARRAY(SELECT ch.relname::text FROM pg_inherits i JOIN pg_class ch ON ch.oid = i.inhrelid
              WHERE i.inhparent = c.oid AND ch.relnamespace = c.relnamespace ORDER BY 1) AS children
-FROM pg_class c
-WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = ANY($1::text[]) AND c.relkind IN ('r', 'p')
   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
 
 const COLUMN_GRANTS: &str = "
 SELECT a.attrelid AS table_oid, a.attname::text AS column_name,
        CASE WHEN x.grantee = 0 THEN '' ELSE pg_get_userbyid(x.grantee)::text END AS grantee,
        x.privilege_type, x.is_grantable
-FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid, aclexplode(a.attacl) x
-WHERE c.relnamespace = 'public'::regnamespace AND a.attacl IS NOT NULL AND a.attnum > 0 AND NOT a.attisdropped";
+FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace, aclexplode(a.attacl) x
+WHERE n.nspname = ANY($1::text[]) AND a.attacl IS NOT NULL AND a.attnum > 0 AND NOT a.attisdropped";
 
 const POLICIES: &str = "
 SELECT p.polrelid AS table_oid, p.polname::text AS name, p.polpermissive AS permissive, p.polcmd::text AS command,
        ARRAY(SELECT CASE WHEN r = 0 THEN 'public' ELSE pg_get_userbyid(r)::text END FROM unnest(p.polroles) r) AS roles,
        pg_get_expr(p.polqual, p.polrelid) AS using_expr, pg_get_expr(p.polwithcheck, p.polrelid) AS with_check
-FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
-WHERE c.relnamespace = 'public'::regnamespace ORDER BY p.polname";
+FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = ANY($1::text[]) ORDER BY p.polname";
 
 const RELATION_NAMES: &str = "
 SELECT n.nspname::text AS schema_name, c.relname::text AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -317,17 +330,18 @@ FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')";
 
 const TYPES: &str = "
-SELECT t.oid, t.typname::text AS name, pg_get_userbyid(t.typowner)::text AS owner,
+SELECT t.oid, n.nspname::text AS schema_name, t.typname::text AS name, pg_get_userbyid(t.typowner)::text AS owner,
        ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
              FROM aclexplode(t.typacl) a WHERE a.grantee <> t.typowner) AS grants
-FROM pg_type t
-WHERE t.typnamespace = 'public'::regnamespace AND t.typcategory <> 'A'";
+FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+WHERE n.nspname = ANY($1::text[]) AND t.typcategory <> 'A'";
 
 const SEQUENCE_ACL: &str = "
-SELECT c.relname::text AS name, pg_get_userbyid(c.relowner)::text AS owner,
+SELECT n.nspname::text AS schema_name, c.relname::text AS name, pg_get_userbyid(c.relowner)::text AS owner,
        ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
              FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner) AS grants
-FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'S'";
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = ANY($1::text[]) AND c.relkind = 'S'";
 
 /// A function (or procedure) of the destination whose signature or body depends on relations
 /// or user types: a migrated table's row type, an enum the migration replaces, …
@@ -420,11 +434,12 @@ SELECT c.oid, n.nspname::text AS schema_name, c.relname::text AS name, pg_get_vi
        ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
              FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner) AS grants,
        obj_description(c.oid, 'pg_class') AS comment,
-       ARRAY(SELECT DISTINCT t.relname::text || '|' || a.attname::text
+       ARRAY(SELECT DISTINCT tn.nspname::text || '|' || t.relname::text || '|' || a.attname::text
              FROM pg_rewrite r
              JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
                               AND d.refclassid = 'pg_class'::regclass AND d.refobjsubid > 0
-             JOIN pg_class t ON t.oid = d.refobjid AND t.relnamespace = 'public'::regnamespace
+             JOIN pg_class t ON t.oid = d.refobjid
+             JOIN pg_namespace tn ON tn.oid = t.relnamespace AND tn.nspname = ANY($1::text[])
              JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
              WHERE r.ev_class = c.oid AND d.refobjid <> c.oid) AS columns
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -441,18 +456,21 @@ WHERE c.relkind = 'm' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 
 
 const FOREIGN_KEYS: &str = "
 SELECT (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = src.relnamespace) AS schema_name,
-       src.relname::text AS table_name, con.conname::text AS name, dst.relname::text AS referenced_table,
+       src.relname::text AS table_name, con.conname::text AS name,
+       dn.nspname::text AS referenced_schema, dst.relname::text AS referenced_table,
        pg_get_constraintdef(con.oid) AS definition
 FROM pg_constraint con
 JOIN pg_class src ON src.oid = con.conrelid
 JOIN pg_class dst ON dst.oid = con.confrelid
-WHERE con.contype = 'f' AND dst.relnamespace = 'public'::regnamespace";
+JOIN pg_namespace dn ON dn.oid = dst.relnamespace
+WHERE con.contype = 'f' AND dn.nspname = ANY($1::text[])";
 
 const EXTENSIONS: &str = "SELECT extname::text FROM pg_extension";
 const AVAILABLE_EXTENSIONS: &str = "SELECT name::text FROM pg_available_extensions";
 const FUNCTIONS: &str = "
 SELECT p.oid::regprocedure::text AS signature, pg_get_functiondef(p.oid) AS definition
-FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace AND p.prokind = 'f'
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname = ANY($1::text[]) AND p.prokind = 'f'
   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')";
 
 fn parse_grants(items: Vec<String>) -> Vec<Grant> {
@@ -479,8 +497,11 @@ fn err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError
 
 /// Reads what the planner needs to know about the destination. The caller has set
 /// `search_path = pg_catalog` on `client`.
-pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
-    let mut dest = Destination::default();
+pub async fn read(client: &Client, schemas: &[String]) -> Result<Destination, CoordinatorError> {
+    let mut dest = Destination {
+        schemas: schemas.to_vec(),
+        ..Destination::default()
+    };
     read_tables(client, &mut dest).await?;
     read_names(client, &mut dest).await?;
     read_views(client, &mut dest).await?;
@@ -489,16 +510,21 @@ pub async fn read(client: &Client) -> Result<Destination, CoordinatorError> {
     Ok(dest)
 }
 
-/// The tables of `public` with their privileges, column privileges and policies.
+/// The tables of the migrated schemas with their privileges, column privileges and policies.
 async fn read_tables(client: &Client, dest: &mut Destination) -> Result<(), CoordinatorError> {
     let mut by_oid = BTreeMap::new();
-    for row in client.query(TABLES, &[]).await.map_err(err("tables"))? {
+    for row in client
+        .query(TABLES, &[&dest.schemas])
+        .await
+        .map_err(err("tables"))?
+    {
         let t = LiveTable::from_row(&row);
-        by_oid.insert(t.oid, t.name.clone());
-        dest.tables.insert(t.name.clone(), t);
+        let name = QualName::new(t.schema.clone(), t.name.clone());
+        by_oid.insert(t.oid, name.clone());
+        dest.tables.insert(name, t);
     }
     for row in client
-        .query(COLUMN_GRANTS, &[])
+        .query(COLUMN_GRANTS, &[&dest.schemas])
         .await
         .map_err(err("column privileges"))?
     {
@@ -514,7 +540,11 @@ async fn read_tables(client: &Client, dest: &mut Destination) -> Result<(), Coor
             t.column_grants.push((row.get("column_name"), grant));
         }
     }
-    for row in client.query(POLICIES, &[]).await.map_err(err("policies"))? {
+    for row in client
+        .query(POLICIES, &[&dest.schemas])
+        .await
+        .map_err(err("policies"))?
+    {
         let Some(table) = by_oid.get(&row.get::<_, Oid>("table_oid")) else {
             continue;
         };
@@ -533,35 +563,51 @@ async fn read_names(client: &Client, dest: &mut Destination) -> Result<(), Coord
         .await
         .map_err(err("relation names"))?
     {
-        dest.relation_names
-            .insert((row.get("schema_name"), row.get("name")));
+        dest.relation_names.insert(QualName::new(
+            row.get::<_, String>("schema_name"),
+            row.get::<_, String>("name"),
+        ));
     }
     for row in client
         .query(TYPE_NAMES, &[])
         .await
         .map_err(err("type names"))?
     {
-        dest.type_qualnames
-            .insert((row.get("schema_name"), row.get("name")));
+        dest.type_qualnames.insert(QualName::new(
+            row.get::<_, String>("schema_name"),
+            row.get::<_, String>("name"),
+        ));
     }
     for row in client.query(ROUTINES, &[]).await.map_err(err("routines"))? {
-        dest.function_names
-            .insert((row.get("schema_name"), row.get("name")));
+        dest.function_names.insert(QualName::new(
+            row.get::<_, String>("schema_name"),
+            row.get::<_, String>("name"),
+        ));
         dest.routines.insert(row.get("signature"));
     }
-    for row in client.query(TYPES, &[]).await.map_err(err("types"))? {
-        let name: String = row.get("name");
+    for row in client
+        .query(TYPES, &[&dest.schemas])
+        .await
+        .map_err(err("types"))?
+    {
+        let name = QualName::new(
+            row.get::<_, String>("schema_name"),
+            row.get::<_, String>("name"),
+        );
         dest.type_oids.insert(name.clone(), row.get("oid"));
         dest.type_acl
             .insert(name, (row.get("owner"), parse_grants(row.get("grants"))));
     }
     for row in client
-        .query(SEQUENCE_ACL, &[])
+        .query(SEQUENCE_ACL, &[&dest.schemas])
         .await
         .map_err(err("sequences"))?
     {
         dest.sequence_acl.insert(
-            row.get("name"),
+            QualName::new(
+                row.get::<_, String>("schema_name"),
+                row.get::<_, String>("name"),
+            ),
             (row.get("owner"), parse_grants(row.get("grants"))),
         );
     }
@@ -591,7 +637,11 @@ async fn read_views(client: &Client, dest: &mut Destination) -> Result<(), Coord
             .or_default()
             .insert(row.get("function_oid"));
     }
-    for row in client.query(VIEWS, &[]).await.map_err(err("views"))? {
+    for row in client
+        .query(VIEWS, &[&dest.schemas])
+        .await
+        .map_err(err("views"))?
+    {
         let oid: Oid = row.get("oid");
         let v = LiveView {
             oid,
@@ -608,12 +658,14 @@ async fn read_views(client: &Client, dest: &mut Destination) -> Result<(), Coord
                 .get::<_, Vec<String>>("columns")
                 .into_iter()
                 .filter_map(|s| {
-                    s.split_once('|')
-                        .map(|(t, c)| (t.to_string(), c.to_string()))
+                    let mut parts = s.splitn(3, '|');
+                    let (schema, table, column) = (parts.next()?, parts.next()?, parts.next()?);
+                    Some((QualName::new(schema, table), column.to_string()))
                 })
                 .collect(),
         };
-        dest.views.insert((v.schema.clone(), v.name.clone()), v);
+        dest.views
+            .insert(QualName::new(v.schema.clone(), v.name.clone()), v);
     }
     let rows = client
         .query(MATERIALIZED_VIEWS, &[])
@@ -629,7 +681,10 @@ async fn read_views(client: &Client, dest: &mut Destination) -> Result<(), Coord
             continue;
         };
         dest.materialized_views.insert(
-            (row.get("schema_name"), row.get("name")),
+            QualName::new(
+                row.get::<_, String>("schema_name"),
+                row.get::<_, String>("name"),
+            ),
             LiveMatview {
                 oid,
                 reads: deps.remove(&oid).unwrap_or_default(),
@@ -642,13 +697,14 @@ async fn read_views(client: &Client, dest: &mut Destination) -> Result<(), Coord
     Ok(())
 }
 
-/// Foreign keys into `public`, extensions (installed and available), the functions of `public`.
+/// Foreign keys into the migrated schemas, extensions (installed and available), the
+/// functions of the migrated schemas.
 async fn read_constraints_and_extensions(
     client: &Client,
     dest: &mut Destination,
 ) -> Result<(), CoordinatorError> {
     for row in client
-        .query(FOREIGN_KEYS, &[])
+        .query(FOREIGN_KEYS, &[&dest.schemas])
         .await
         .map_err(err("foreign keys"))?
     {
@@ -669,7 +725,7 @@ async fn read_constraints_and_extensions(
         dest.available_extensions.insert(row.get("name"));
     }
     for row in client
-        .query(FUNCTIONS, &[])
+        .query(FUNCTIONS, &[&dest.schemas])
         .await
         .map_err(err("functions"))?
     {
@@ -691,14 +747,21 @@ async fn read_typed_functions(
     {
         dest.typed_functions.push(TypedFunction::from_row(&row));
     }
-    dest.superuser = client
+    let row = client
         .query_one(
-            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+            "SELECT r.rolsuper AS superuser,
+                    CASE WHEN pg_has_role(current_user, d.datdba, 'MEMBER') THEN pg_get_userbyid(d.datdba)::text
+                         ELSE current_user::text END AS schema_owner,
+                    ARRAY(SELECT nspname::text FROM pg_namespace) AS schemas
+             FROM pg_roles r, pg_database d
+             WHERE r.rolname = current_user AND d.datname = current_database()",
             &[],
         )
         .await
-        .map_err(err("current role"))?
-        .get("rolsuper");
+        .map_err(err("current role"))?;
+    dest.superuser = row.get("superuser");
+    dest.schema_owner = row.get("schema_owner");
+    dest.existing_schemas = row.get::<_, Vec<String>>("schemas").into_iter().collect();
     Ok(())
 }
 

@@ -18,6 +18,7 @@ use std::collections::BTreeSet;
 use tokio_postgres::Client;
 
 use crate::error::CoordinatorError;
+use crate::naming::QualName;
 
 /// One parsed pattern: regular expressions for the schema (any schema when `None`) and the
 /// name, each anchored.
@@ -114,13 +115,13 @@ pub struct TableFilter {
     pub exclude_data: Vec<TablePattern>,
 }
 
-/// What a filter selects among the source's tables of one schema.
+/// What a filter selects among the source's tables of the migrated schemas.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Selection {
     /// Tables left out: not migrated.
-    pub excluded: BTreeSet<String>,
+    pub excluded: BTreeSet<QualName>,
     /// Tables migrated without their rows.
-    pub without_data: BTreeSet<String>,
+    pub without_data: BTreeSet<QualName>,
 }
 
 impl TableFilter {
@@ -148,13 +149,12 @@ impl TableFilter {
         self.include.is_empty() && self.exclude.is_empty() && self.exclude_data.is_empty()
     }
 
-    /// Applies the filter to `tables` of `schema` on the server (its regular expressions, as
-    /// pg_dump does). A pattern that matches none of them is refused.
+    /// Applies the filter to `tables` on the server (its regular expressions, as pg_dump
+    /// does). A pattern that matches none of them is refused.
     pub async fn select(
         &self,
         client: &Client,
-        schema: &str,
-        tables: &[String],
+        tables: &[QualName],
     ) -> Result<Selection, CoordinatorError> {
         if self.is_empty() {
             return Ok(Selection::default());
@@ -167,7 +167,7 @@ impl TableFilter {
             .chain(&self.exclude_data)
             .cloned()
             .collect();
-        let mut found = matches(client, schema, tables, &all).await?.into_iter();
+        let mut found = matches(client, tables, &all).await?.into_iter();
         let mut unmatched = Vec::new();
         let mut matching = |patterns: &[TablePattern]| {
             let mut names = BTreeSet::new();
@@ -183,16 +183,18 @@ impl TableFilter {
         let excluded = matching(&self.exclude);
         let without_data = matching(&self.exclude_data);
         if !unmatched.is_empty() {
+            let schemas: BTreeSet<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
             return Err(CoordinatorError::Refused(vec![format!(
-                "table pattern(s) {} match no table of the source's schema \"{schema}\"; nothing was done: check the spelling (pg_dump's pattern rules: unquoted names are folded to lower case, quote \"MixedCase\" names)",
+                "table pattern(s) {} match no table of the migrated schema(s) {}; nothing was done: check the spelling (pg_dump's pattern rules: unquoted names are folded to lower case, quote \"MixedCase\" names)",
                 unmatched
                     .iter()
                     .map(|p| format!("{p:?}"))
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
+                schemas.into_iter().collect::<Vec<_>>().join(", ")
             )]));
         }
-        let excluded: BTreeSet<String> = tables
+        let excluded: BTreeSet<QualName> = tables
             .iter()
             .filter(|t| {
                 (!self.include.is_empty() && !included.contains(*t)) || excluded.contains(*t)
@@ -206,13 +208,12 @@ impl TableFilter {
     }
 }
 
-/// For each pattern, the names of `tables` (of `schema`) it matches.
+/// For each pattern, the names of `tables` it matches.
 async fn matches(
     client: &Client,
-    schema: &str,
-    tables: &[String],
+    tables: &[QualName],
     patterns: &[TablePattern],
-) -> Result<Vec<Vec<String>>, CoordinatorError> {
+) -> Result<Vec<Vec<QualName>>, CoordinatorError> {
     if patterns.is_empty() {
         return Ok(Vec::new());
     }
@@ -221,19 +222,29 @@ async fn matches(
         .map(|p| p.schema.clone().unwrap_or_else(|| "^(.*)$".into()))
         .collect();
     let names: Vec<String> = patterns.iter().map(|p| p.name.clone()).collect();
+    let table_schemas: Vec<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
+    let table_names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
     let rows = client
         .query(
-            "SELECT p.i::int4 AS pattern, coalesce(array_agg(t.name ORDER BY t.name) FILTER (WHERE t.name IS NOT NULL), '{}') AS tables
-             FROM unnest($2::text[], $3::text[]) WITH ORDINALITY p(s, n, i)
-             LEFT JOIN unnest($4::text[]) t(name) ON $1 ~ p.s AND t.name ~ p.n
+            "SELECT p.i::int4 AS pattern,
+                    coalesce(array_agg(t.s ORDER BY t.s, t.name) FILTER (WHERE t.name IS NOT NULL), '{}') AS schemas,
+                    coalesce(array_agg(t.name ORDER BY t.s, t.name) FILTER (WHERE t.name IS NOT NULL), '{}') AS tables
+             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY p(s, n, i)
+             LEFT JOIN unnest($3::text[], $4::text[]) t(s, name) ON t.s ~ p.s AND t.name ~ p.n
              GROUP BY p.i ORDER BY p.i",
-            &[&schema, &schemas, &names, &tables],
+            &[&schemas, &names, &table_schemas, &table_names],
         )
         .await
         .map_err(|e| CoordinatorError::source("match the table patterns", e))?;
     Ok(rows
         .iter()
-        .map(|r| r.get::<_, Vec<String>>("tables"))
+        .map(|r| {
+            r.get::<_, Vec<String>>("schemas")
+                .into_iter()
+                .zip(r.get::<_, Vec<String>>("tables"))
+                .map(|(s, n)| QualName::new(s, n))
+                .collect()
+        })
         .collect())
 }
 

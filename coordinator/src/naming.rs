@@ -13,12 +13,126 @@ pub const SHADOW: &str = "shadow_";
 /// Prefix of the previous live objects after a swap.
 pub const BACKUP: &str = "backup_";
 
-/// The schema migrated tables live in (until schemas are chosen per run).
+/// The schema migrated by default.
 pub const PUBLIC: &str = "public";
 
 /// [`PUBLIC`] as an owned string (serde default of recorded names without a schema).
 pub fn public_schema() -> String {
     PUBLIC.to_string()
+}
+
+/// A schema-qualified name, both parts unquoted: the one name type from the catalog read to
+/// the swap SQL. `Display` quotes it (`"sales"."Order"`); [`QualName::plain`] shows it as an
+/// operator would type it (`sales.Order`). Ordered by schema, then name.
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(from = "QualNameRecord")]
+pub struct QualName {
+    /// Schema.
+    pub schema: String,
+    /// Name in the schema.
+    pub name: String,
+}
+
+impl QualName {
+    /// `schema.name`.
+    pub fn new(schema: impl Into<String>, name: impl Into<String>) -> QualName {
+        QualName {
+            schema: schema.into(),
+            name: name.into(),
+        }
+    }
+
+    /// `public.name`.
+    pub fn public(name: impl Into<String>) -> QualName {
+        QualName::new(PUBLIC, name)
+    }
+
+    /// Another name in the same schema.
+    pub fn sibling(&self, name: impl Into<String>) -> QualName {
+        QualName::new(self.schema.clone(), name)
+    }
+
+    /// The quoted, qualified form for SQL.
+    pub fn quoted(&self) -> String {
+        pgzm_pg::sql::quote_qualified(&self.schema, &self.name)
+    }
+
+    /// As PostgreSQL prints it in messages and definitions: `schema.name`, each part quoted
+    /// only when it needs to be (`sales."Order"`).
+    pub fn plain(&self) -> String {
+        format!(
+            "{}.{}",
+            crate::rewrite::quote_ident_like_pg(&self.schema),
+            crate::rewrite::quote_ident_like_pg(&self.name)
+        )
+    }
+}
+
+impl QualName {
+    /// For reports: the bare name in `public` (as reports named tables before schemas were
+    /// chosen), [`QualName::plain`] elsewhere.
+    pub fn display_name(&self) -> String {
+        if self.schema == PUBLIC {
+            self.name.clone()
+        } else {
+            self.plain()
+        }
+    }
+}
+
+impl std::fmt::Display for QualName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.quoted())
+    }
+}
+
+/// A qualified name as recorded: `{schema, name}`, or a bare name from runs recorded before
+/// schemas were chosen (in `public`).
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum QualNameRecord {
+    Qualified { schema: String, name: String },
+    Bare(String),
+}
+
+impl From<QualNameRecord> for QualName {
+    fn from(r: QualNameRecord) -> Self {
+        match r {
+            QualNameRecord::Qualified { schema, name } => QualName::new(schema, name),
+            QualNameRecord::Bare(name) => QualName::public(name),
+        }
+    }
+}
+
+/// A table name as an operator gives it (`--preserved-tables`): `name` or `schema.name`, split
+/// at the first dot outside double quotes; a double-quoted part keeps dots and `""` is a
+/// quote. Case is kept (names are taken as the catalog spells them).
+pub fn split_table_name(text: &str) -> (Option<String>, String) {
+    let mut parts = vec![String::new()];
+    let mut quoted = false;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        let first = parts.len() == 1;
+        let part = parts.last_mut().expect("parts is never empty");
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                part.push('"');
+            }
+            '"' => quoted = !quoted,
+            '.' if !quoted && first => parts.push(String::new()),
+            _ => part.push(c),
+        }
+    }
+    match parts.len() {
+        2 => {
+            let name = parts.pop().unwrap_or_default();
+            (parts.pop(), name)
+        }
+        _ => (None, parts.pop().unwrap_or_default()),
+    }
 }
 
 /// `true`: the serde default of flags that older recorded plans lack and that were always on.

@@ -48,7 +48,11 @@ pub fn human_plan(plan: &Plan) -> String {
         let _ = writeln!(
             s,
             "  left out by the table filters (stay as they are): {}",
-            plan.excluded.join(", ")
+            plan.excluded
+                .iter()
+                .map(|t| t.plain())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     let _ = writeln!(

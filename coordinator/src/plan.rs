@@ -135,6 +135,16 @@ impl Move {
         }
     }
 
+    /// The key of a table in the row counts recorded at the swap: its live name in `public`
+    /// (as recorded before schemas were chosen), `schema.name` elsewhere.
+    pub fn stats_key(&self) -> String {
+        if self.schema == crate::naming::PUBLIC {
+            self.from.clone()
+        } else {
+            QualName::new(self.schema.clone(), self.from.clone()).plain()
+        }
+    }
+
     /// The quoted, schema-qualified current name.
     pub fn qualified_from(&self) -> String {
         pgzm_pg::sql::quote_qualified(&self.schema, &self.from)
@@ -212,6 +222,9 @@ pub struct ForeignKeyRepoint {
     pub name: String,
     /// Referenced table (migrated).
     pub references: String,
+    /// Schema of the referenced table.
+    #[serde(default = "crate::naming::public_schema")]
+    pub references_schema: String,
     /// Constraint definition.
     pub definition: String,
 }
@@ -275,6 +288,18 @@ impl ViewPlan {
             comment: v.comment.clone(),
             from_source: false,
         }
+    }
+}
+
+impl TablePlan {
+    /// Its live schema-qualified name.
+    pub fn qualname(&self) -> QualName {
+        QualName::new(self.schema.clone(), self.name.clone())
+    }
+
+    /// Its shadow's schema-qualified name.
+    pub fn shadow_name(&self) -> QualName {
+        QualName::new(self.schema.clone(), self.shadow.clone())
     }
 }
 
@@ -365,6 +390,14 @@ pub struct Plan {
     pub functions_to_create: Vec<(String, String)>,
     /// Extensions to create in the destination (name, schema).
     pub extensions_to_create: Vec<(String, String)>,
+    /// Migrated schemas the destination lacks: created with the shadow tables, owned by
+    /// [`Plan::schema_owner`].
+    #[serde(default)]
+    pub schemas_to_create: Vec<String>,
+    /// Owner of the schemas created: the destination database's owner (as `public` is owned
+    /// by `pg_database_owner`), or the connected role when it cannot act as that owner.
+    #[serde(default)]
+    pub schema_owner: Option<String>,
     /// Migration whose backup set this one replaces (dropped once this one is prepared).
     pub previous_backup: Option<i64>,
     /// Unfinished earlier runs whose shadow objects are removed first.
@@ -387,10 +420,10 @@ pub struct Plan {
     /// (live table, constraint) of the keys added `NOT VALID` in the swap, validated right
     /// after its commit (without blocking writes).
     #[serde(default)]
-    pub deferred_validations: Vec<(String, String)>,
+    pub deferred_validations: Vec<(QualName, String)>,
     /// Tables of the source the filters left out (`--table`, `--exclude-table`): not migrated.
     #[serde(default)]
-    pub excluded: Vec<String>,
+    pub excluded: Vec<QualName>,
 }
 
 /// What the tool's metadata says about earlier runs.
@@ -446,13 +479,23 @@ impl Plan {
     }
 
     /// Whether `table` is preserved.
-    pub fn is_preserved(&self, table: &str) -> bool {
-        self.preserved.iter().any(|p| p.table == table)
+    pub fn is_preserved(&self, table: &QualName) -> bool {
+        self.preserved
+            .iter()
+            .any(|p| p.table == table.name && p.schema == table.schema)
     }
 
     /// The table plan of that name.
-    pub fn table(&self, name: &str) -> Option<&TablePlan> {
-        self.tables.iter().find(|t| t.name == name)
+    pub fn table(&self, name: &QualName) -> Option<&TablePlan> {
+        self.tables
+            .iter()
+            .find(|t| t.name == name.name && t.schema == name.schema)
+    }
+
+    /// The schemas of the migrated tables (the destination schemas the run works in).
+    pub fn schemas(&self) -> Vec<String> {
+        let set: BTreeSet<&str> = self.tables.iter().map(|t| t.schema.as_str()).collect();
+        set.into_iter().map(str::to_string).collect()
     }
 
     /// Estimated bytes of all tables.
@@ -488,9 +531,7 @@ pub fn build_all(
 ) -> (Plan, Vec<String>) {
     let mut problems: Vec<String> = source.unsupported.clone();
     let warnings = Vec::new();
-    if source.tables.is_empty() {
-        problems.push("the source has no tables in schema public: nothing to migrate".into());
-    }
+    problems.extend(empty_schemas(source));
 
     let mut tables: Vec<TablePlan> = source
         .tables
@@ -607,6 +648,13 @@ pub fn build_all(
         repoints: Vec::new(),
         functions_to_create,
         extensions_to_create,
+        schemas_to_create: source
+            .schemas
+            .iter()
+            .filter(|s| !dest.existing_schemas.contains(*s))
+            .cloned()
+            .collect(),
+        schema_owner: Some(dest.schema_owner.clone()),
         previous_backup: earlier.backup_set.as_ref().map(|(id, _)| *id),
         leftovers: earlier.leftovers.iter().map(|(id, _)| *id).collect(),
         warnings,
@@ -617,6 +665,27 @@ pub fn build_all(
         excluded: source.excluded.clone(),
     };
     (plan, problems)
+}
+
+/// A chosen schema without tables in the source (or missing there) is a mistake: nothing of
+/// it would be migrated.
+fn empty_schemas(source: &SourceSchema) -> Vec<String> {
+    let found: BTreeSet<&str> = source
+        .tables
+        .iter()
+        .map(|t| t.schema.as_str())
+        .chain(source.excluded.iter().map(|t| t.schema.as_str()))
+        .collect();
+    source
+        .schemas
+        .iter()
+        .filter(|s| !found.contains(s.as_str()))
+        .map(|s| {
+            format!(
+                "the source has no tables in schema \"{s}\" (or no such schema): nothing of it to migrate; check --schema"
+            )
+        })
+        .collect()
 }
 
 /// The destination's objects a migration reaches through what it replaces, transitively:
@@ -655,7 +724,10 @@ impl<'a> Affected<'a> {
                     rebuilt.insert(m.oid, (name, m));
                     replaced.insert(
                         m.oid,
-                        format!("materialized view {}", qualified_display(&name.0, &name.1)),
+                        format!(
+                            "materialized view {}",
+                            qualified_display(&name.schema, &name.name)
+                        ),
                     );
                 }
             }
@@ -674,7 +746,7 @@ impl<'a> Affected<'a> {
                 }
             }
             for v in dest.views.values() {
-                let key = (v.schema.clone(), v.name.clone());
+                let key = QualName::new(v.schema.clone(), v.name.clone());
                 if source_views.contains(&key) || affected.contains_key(&v.oid) {
                     continue;
                 }
@@ -815,14 +887,15 @@ impl<'a> Affected<'a> {
         dependents: &mut Vec<Dependent>,
         problems: &mut Vec<String>,
     ) -> Vec<MatviewPlan> {
-        use crate::destination::in_public;
         // Materialized views: the source's are built over the new tables before the swap; a
         // destination one that reads a replaced relation is self.rebuilt the same way, from its own
         // definition; both are swapped in by rename. One that reads a view recreated at the swap
         // cannot be built before it.
         let mut matviews: Vec<MatviewPlan> = Vec::new();
         for m in &source.matviews {
-            let live = dest.materialized_views.get(&in_public(&m.name));
+            let live = dest
+                .materialized_views
+                .get(&QualName::new(m.schema.clone(), m.name.clone()));
             matviews.push(MatviewPlan {
                 shadow: prefixed(SHADOW, &m.name),
                 matview: m.clone(),
@@ -842,7 +915,7 @@ impl<'a> Affected<'a> {
             if let Some(view) = m.reads.iter().find_map(|r| self.views.get(r)) {
                 problems.push(format!(
                     "destination materialized view {} reads view {}, which is recreated at the swap: pgzm rebuilds materialized views before the swap, so make it read the tables directly, or drop it before the migration and recreate it afterwards",
-                    qualified_display(&name.0, &name.1),
+                    qualified_display(&name.schema, &name.name),
                     qualified_display(&view.schema, &view.name)
                 ));
                 continue;
@@ -850,13 +923,13 @@ impl<'a> Affected<'a> {
             dependents.push(Dependent {
                 object: format!(
                     "materialized view {}",
-                    qualified_display(&name.0, &name.1)
+                    qualified_display(&name.schema, &name.name)
                 ),
                 on: self.why[&('m', oid)].clone(),
                 action: "self.rebuilt over the new tables before the swap (with its indexes) and swapped in by rename; the old one joins the backup set".into(),
             });
             matviews.push(MatviewPlan {
-                shadow: prefixed(SHADOW, &name.1),
+                shadow: prefixed(SHADOW, &name.name),
                 matview: m.matview.clone(),
                 owner: Some(m.owner.clone()),
                 grants: m.grants.clone(),
@@ -932,45 +1005,56 @@ fn replaced_tables(
 ) -> Vec<Move> {
     let backup_of = |name: &str| prefixed(BACKUP, name);
     let mut to_backup = Vec::new();
-    let mut seen: BTreeSet<&str> = BTreeSet::new();
-    let mut stack: Vec<(&str, Option<&str>)> = tables
-        .iter()
-        .rev()
-        .map(|t| (t.name.as_str(), None))
-        .collect();
+    let mut seen: BTreeSet<QualName> = BTreeSet::new();
+    let mut stack: Vec<(QualName, Option<QualName>)> =
+        tables.iter().rev().map(|t| (t.qualname(), None)).collect();
     let mut replaced_live: Vec<&crate::destination::LiveTable> = Vec::new();
     while let Some((name, parent)) = stack.pop() {
-        let Some(live) = dest.tables.get(name) else {
+        let Some(live) = dest.tables.get(&name) else {
             continue;
         };
-        if !seen.insert(name) {
+        if !seen.insert(name.clone()) {
             continue;
         }
         if let Some(parent) = parent {
             dependents.push(Dependent {
-                object: format!("table {}", qualified_display("public", name)),
-                on: format!("table {}", qualified_display("public", parent)),
+                object: format!("table {}", name.plain()),
+                on: format!("table {}", parent.plain()),
                 action: "a partition or child of a replaced table that the source does not have: joins the backup set with it".into(),
             });
         }
         replaced_live.push(live);
         for child in &live.children {
-            if source.table(child).is_none() {
-                stack.push((child.as_str(), Some(name)));
+            // Children listed are in their parent's schema.
+            let child = name.sibling(child.clone());
+            if source.table(&child).is_none() {
+                stack.push((child, Some(name.clone())));
             }
         }
     }
     for live in replaced_live {
-        to_backup.push(Move::public(
+        let schema = live.schema.as_str();
+        to_backup.push(Move::in_schema(
             ObjectKind::Table,
+            schema,
             live.name.clone(),
             backup_of(&live.name),
         ));
         for i in &live.indexes {
-            to_backup.push(Move::public(ObjectKind::Index, i.clone(), backup_of(i)));
+            to_backup.push(Move::in_schema(
+                ObjectKind::Index,
+                schema,
+                i.clone(),
+                backup_of(i),
+            ));
         }
         for s in &live.owned_sequences {
-            to_backup.push(Move::public(ObjectKind::Sequence, s.clone(), backup_of(s)));
+            to_backup.push(Move::in_schema(
+                ObjectKind::Sequence,
+                schema,
+                s.clone(),
+                backup_of(s),
+            ));
         }
     }
     to_backup
@@ -983,14 +1067,19 @@ fn replaced_types_and_sequences(
     shadows: &ShadowMoves,
     backed_up: &[Move],
 ) -> Vec<Move> {
-    let taken: BTreeSet<&str> = backed_up.iter().map(|m| m.from.as_str()).collect();
+    let taken: BTreeSet<QualName> = backed_up
+        .iter()
+        .map(|m| QualName::new(m.schema.clone(), m.from.clone()))
+        .collect();
+    let from = |m: &Move| QualName::new(m.schema.clone(), m.from.clone());
     let sequences = shadows
         .sequences
         .iter()
-        .filter(|s| dest.sequence_acl.contains_key(&s.from) && !taken.contains(s.from.as_str()))
+        .filter(|s| dest.sequence_acl.contains_key(&from(s)) && !taken.contains(&from(s)))
         .map(|s| {
-            Move::public(
+            Move::in_schema(
                 ObjectKind::Sequence,
+                &s.schema,
                 s.from.clone(),
                 prefixed(BACKUP, &s.from),
             )
@@ -999,8 +1088,15 @@ fn replaced_types_and_sequences(
         .types
         .iter()
         .chain(&shadows.multiranges)
-        .filter(|t| dest.type_oids.contains_key(&t.from) && !dest.tables.contains_key(&t.from))
-        .map(|t| Move::public(ObjectKind::Type, t.from.clone(), prefixed(BACKUP, &t.from)));
+        .filter(|t| dest.type_oids.contains_key(&from(t)) && !dest.tables.contains_key(&from(t)))
+        .map(|t| {
+            Move::in_schema(
+                ObjectKind::Type,
+                &t.schema,
+                t.from.clone(),
+                prefixed(BACKUP, &t.from),
+            )
+        });
     sequences.chain(types).collect()
 }
 
@@ -1043,17 +1139,19 @@ fn live_moves(tables: &[TablePlan], shadows: &ShadowMoves, matviews: &[MatviewPl
 /// A migrated table's foreign key to a table the filters left out references the live table
 /// of that name: the destination must have it.
 fn keys_to_excluded_tables(source: &SourceSchema, dest: &Destination) -> Vec<String> {
-    let excluded: BTreeSet<&str> = source.excluded.iter().map(String::as_str).collect();
+    let excluded: BTreeSet<&QualName> = source.excluded.iter().collect();
     source
         .tables
         .iter()
         .flat_map(|t| t.constraints.iter().map(move |c| (t, c)))
         .filter_map(|(t, c)| {
-            let target = c.references.as_deref()?;
+            let target = c.references.as_ref()?;
             (excluded.contains(target) && !dest.tables.contains_key(target)).then(|| {
                 format!(
-                    "foreign key \"{}\" of table \"{}\" references \"{target}\", which the table filters leave out and the destination does not have: include it, or create it in the destination first",
-                    c.name, t.name
+                    "foreign key \"{}\" of table {} references {}, which the table filters leave out and the destination does not have: include it, or create it in the destination first",
+                    c.name,
+                    t.qualname().plain(),
+                    target.plain()
                 )
             })
         })
@@ -1072,18 +1170,20 @@ fn foreign_key_repoints(
     let foreign_keys: Vec<ForeignKeyRepoint> = dest
         .foreign_keys_in
         .iter()
-        .filter(|fk| source_names.contains(fk.references.as_str()))
+        .filter(|fk| source_names.contains(&fk.references))
         .filter(|fk| {
-            fk.schema != crate::naming::PUBLIC
-                || (!source_names.contains(fk.table.as_str())
-                    && dest.tables.contains_key(&fk.table)
-                    && !is_tool_object(&fk.table, earlier))
+            let table = QualName::new(fk.schema.clone(), fk.table.clone());
+            !dest.schemas.contains(&fk.schema)
+                || (!source_names.contains(&table)
+                    && dest.tables.contains_key(&table)
+                    && !is_tool_object(&table, earlier))
         })
         .map(|fk| ForeignKeyRepoint {
             schema: fk.schema.clone(),
             table: fk.table.clone(),
             name: fk.name.clone(),
-            references: fk.references.clone(),
+            references: fk.references.name.clone(),
+            references_schema: fk.references.schema.clone(),
             definition: fk.definition.clone(),
         })
         .collect();
@@ -1094,7 +1194,10 @@ fn foreign_key_repoints(
                 crate::rewrite::quote_ident_like_pg(&fk.name),
                 qualified_display(&fk.schema, &fk.table)
             ),
-            on: format!("table {}", qualified_display("public", &fk.references)),
+            on: format!(
+                "table {}",
+                qualified_display(&fk.references_schema, &fk.references)
+            ),
             action:
                 "re-pointed at the new table at the swap (NOT VALID, validated after the commit)"
                     .into(),
@@ -1164,26 +1267,31 @@ fn table_plan(t: &Table, source: &SourceSchema, dest: &Destination) -> TablePlan
         schema: t.schema.clone(),
         name: t.name.clone(),
         shadow: prefixed(SHADOW, &t.name),
-        backup: dest.tables.get(&t.name).map(|_| prefixed(BACKUP, &t.name)),
+        backup: dest
+            .tables
+            .get(&t.qualname())
+            .map(|_| prefixed(BACKUP, &t.name)),
         copy_columns: t.copy_columns(),
         estimated_rows: t.estimated_rows,
         estimated_bytes: t.estimated_bytes,
         estimated_copy_bytes: t.estimated_copy_bytes,
         pages: t.pages,
         partitioned: t.is_partitioned(),
-        copy_data: !source.without_data.contains(&t.name),
+        copy_data: !source.without_data.contains(&t.qualname()),
     }
 }
 
-fn is_tool_object(name: &str, earlier: &Earlier) -> bool {
-    earlier
-        .backup_set
-        .as_ref()
-        .is_some_and(|(_, moves)| moves.iter().any(|m| m.to == name))
-        || earlier
-            .leftovers
+/// Whether `name` is a backup or leftover shadow table of an earlier run (leftovers are
+/// recorded by name and oid: a name in any schema counts).
+fn is_tool_object(name: &QualName, earlier: &Earlier) -> bool {
+    earlier.backup_set.as_ref().is_some_and(|(_, moves)| {
+        moves
             .iter()
-            .any(|(_, objs)| objs.tables.iter().any(|(n, _)| n == name))
+            .any(|m| m.to == name.name && m.schema == name.schema)
+    }) || earlier
+        .leftovers
+        .iter()
+        .any(|(_, objs)| objs.tables.iter().any(|(n, _)| *n == name.name))
 }
 
 /// What follows the swap besides the tables: views, functions and materialized views, found
@@ -1208,48 +1316,52 @@ fn plan_dependents(
     dependents: &mut Vec<Dependent>,
     problems: &mut Vec<String>,
 ) -> Followers {
-    use crate::destination::in_public;
     let mut views = Vec::new();
     // Replaced relations (oid → description), growing as views are found.
     let mut replaced: BTreeMap<u32, String> = tables
         .iter()
-        .filter_map(|t| dest.tables.get(&t.name))
+        .filter_map(|t| dest.tables.get(&t.qualname()))
         .map(|t| {
             (
                 t.oid,
-                format!("table {}", qualified_display("public", &t.name)),
+                format!("table {}", qualified_display(&t.schema, &t.name)),
             )
         })
         .collect();
     let replaced_types: BTreeMap<u32, String> = to_backup
         .iter()
         .filter(|m| m.kind == ObjectKind::Type)
-        .filter_map(|m| dest.type_oids.get(&m.from).map(|o| (*o, m.from.clone())))
-        .map(|(o, n)| (o, format!("type {}", qualified_display("public", &n))))
+        .filter_map(|m| {
+            let name = QualName::new(m.schema.clone(), m.from.clone());
+            dest.type_oids.get(&name).map(|o| (*o, name))
+        })
+        .map(|(o, n)| (o, format!("type {}", n.plain())))
         .collect();
-    let source_views: BTreeSet<QualName> =
-        source.views.iter().map(|v| in_public(&v.name)).collect();
-    let source_matviews: BTreeSet<QualName> =
-        source.matviews.iter().map(|m| in_public(&m.name)).collect();
+    let source_views: BTreeSet<QualName> = source
+        .views
+        .iter()
+        .map(|v| QualName::new(v.schema.clone(), v.name.clone()))
+        .collect();
+    let source_matviews: BTreeSet<QualName> = source
+        .matviews
+        .iter()
+        .map(|m| QualName::new(m.schema.clone(), m.name.clone()))
+        .collect();
     // Source materialized views replace destination ones of the same name.
     for m in &source.matviews {
-        if let Some(live) = dest.materialized_views.get(&in_public(&m.name)) {
-            replaced.insert(
-                live.oid,
-                format!("materialized view {}", qualified_display("public", &m.name)),
-            );
+        let key = QualName::new(m.schema.clone(), m.name.clone());
+        if let Some(live) = dest.materialized_views.get(&key) {
+            replaced.insert(live.oid, format!("materialized view {}", key.plain()));
         }
     }
     for v in &source.views {
-        let live = dest.views.get(&in_public(&v.name));
+        let key = QualName::new(v.schema.clone(), v.name.clone());
+        let live = dest.views.get(&key);
         if let Some(live) = live {
-            replaced.insert(
-                live.oid,
-                format!("view {}", qualified_display("public", &v.name)),
-            );
+            replaced.insert(live.oid, format!("view {}", key.plain()));
         }
         views.push(ViewPlan {
-            schema: crate::naming::public_schema(),
+            schema: v.schema.clone(),
             name: v.name.clone(),
             definition: v.definition.clone(),
             options: v.options.clone(),
@@ -1268,7 +1380,10 @@ fn plan_dependents(
     );
     views.extend(found.view_plans(source, dependents, problems));
     for v in &views {
-        if dest.views.contains_key(&(v.schema.clone(), v.name.clone())) {
+        if dest
+            .views
+            .contains_key(&QualName::new(v.schema.clone(), v.name.clone()))
+        {
             to_backup.insert(
                 0,
                 Move {
@@ -1284,19 +1399,19 @@ fn plan_dependents(
     let planned = found.function_plans(to_backup, dependents, problems);
     let matviews = found.matview_plans(source, dest, dependents, problems);
     for mv in &matviews {
-        let key = (mv.matview.schema.clone(), mv.matview.name.clone());
+        let key = QualName::new(mv.matview.schema.clone(), mv.matview.name.clone());
         if let Some(live) = dest.materialized_views.get(&key) {
             to_backup.push(Move {
                 kind: ObjectKind::MaterializedView,
-                schema: key.0.clone(),
-                from: key.1.clone(),
-                to: prefixed(BACKUP, &key.1),
+                schema: key.schema.clone(),
+                from: key.name.clone(),
+                to: prefixed(BACKUP, &key.name),
                 oid: None,
             });
             for (index, _) in &live.matview.indexes {
                 to_backup.push(Move {
                     kind: ObjectKind::Index,
-                    schema: key.0.clone(),
+                    schema: key.schema.clone(),
                     from: index.clone(),
                     to: prefixed(BACKUP, index),
                     oid: None,
@@ -1313,11 +1428,7 @@ fn plan_dependents(
 
 /// `schema.name`, each part quoted only when PostgreSQL would need it (for messages).
 pub fn qualified_display(schema: &str, name: &str) -> String {
-    format!(
-        "{}.{}",
-        crate::rewrite::quote_ident_like_pg(schema),
-        crate::rewrite::quote_ident_like_pg(name)
-    )
+    QualName::new(schema, name).plain()
 }
 
 /// Orders renames so that one vacating a name comes before the one taking it (`shadow_x → x`
@@ -1355,7 +1466,7 @@ struct Namespaces {
 
 impl Namespaces {
     fn release(&mut self, m: &Move) {
-        let key = (m.schema.clone(), m.from.clone());
+        let key = QualName::new(m.schema.clone(), m.from.clone());
         if m.kind.is_relation() {
             self.relations.remove(&key);
         }
@@ -1412,7 +1523,6 @@ fn check_names(
     views: &[ViewPlan],
     problems: &mut Vec<String>,
 ) {
-    use crate::destination::in_public;
     let mut ns = Namespaces {
         relations: dest.relation_names.clone(),
         types: dest.type_qualnames.clone(),
@@ -1420,27 +1530,40 @@ fn check_names(
         claimed: BTreeMap::new(),
     };
     // Leftovers and the previous backup set are dropped (or moved aside) before the names are
-    // needed.
+    // needed. Their records name objects without a schema: the name is freed in each migrated
+    // schema (they are dropped by oid, wherever they are).
+    let in_each = |name: &str| {
+        dest.schemas
+            .iter()
+            .map(|s| QualName::new(s.clone(), name))
+            .collect::<Vec<_>>()
+    };
     for (_, objs) in &earlier.leftovers {
         for (name, _) in objs.tables.iter().chain(&objs.sequences) {
-            ns.relations.remove(&in_public(name));
-            ns.types.remove(&in_public(name));
+            for key in in_each(name) {
+                ns.relations.remove(&key);
+                ns.types.remove(&key);
+            }
         }
         for (name, _) in &objs.types {
-            ns.types.remove(&in_public(name));
+            for key in in_each(name) {
+                ns.types.remove(&key);
+            }
         }
         for name in &objs.indexes {
-            ns.relations.remove(&in_public(name));
+            for key in in_each(name) {
+                ns.relations.remove(&key);
+            }
         }
         for (schema, name, _) in &objs.matviews {
-            let key = (schema.clone(), name.clone());
+            let key = QualName::new(schema.clone(), name.clone());
             ns.relations.remove(&key);
             ns.types.remove(&key);
         }
     }
     if let Some((_, moves)) = &earlier.backup_set {
         for m in moves {
-            let key = (m.schema.clone(), m.to.clone());
+            let key = QualName::new(m.schema.clone(), m.to.clone());
             if m.kind == ObjectKind::Function {
                 ns.functions.remove(&key);
             } else {
@@ -1450,7 +1573,7 @@ fn check_names(
         }
     }
     let mut claim = |ns: &mut Namespaces, kind: ObjectKind, schema: &str, name: &str, why: &str| {
-        if let Err(earlier) = ns.claim_for(kind, (schema.to_string(), name.to_string()), why) {
+        if let Err(earlier) = ns.claim_for(kind, QualName::new(schema, name), why) {
             let shown = qualified_display(schema, name);
             problems.push(if earlier.is_empty() {
                 format!(

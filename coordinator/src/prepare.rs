@@ -21,6 +21,7 @@ use crate::destination::{self, Destination};
 use crate::error::CoordinatorError;
 use crate::locked::LockedTransaction;
 use crate::locked::SwapSettings;
+use crate::naming::QualName;
 use crate::plan::{self, Plan};
 use crate::preserve;
 use crate::report::{Phases, Report, StartOptions, TableReport, Throughput};
@@ -64,7 +65,11 @@ struct Sides {
     dest: Destination,
     earlier: plan::Earlier,
     snapshot: String,
-    live_shapes: BTreeMap<String, preserve::LiveShape>,
+    live_shapes: BTreeMap<QualName, preserve::LiveShape>,
+    /// The preserved tables, resolved in the migrated schemas.
+    preserved: Vec<QualName>,
+    /// Why a preserved table name cannot be resolved.
+    preserved_problems: Vec<String>,
     /// The newest migration recorded when the lock was taken.
     newest: Option<(i64, String)>,
     agent_roles: Vec<String>,
@@ -73,11 +78,7 @@ struct Sides {
 /// Checks that the agents reach both sides, takes the run lock (refusing when another run
 /// changed the destination meanwhile), opens and exports the source snapshot and reads the
 /// source's schema and the destination.
-async fn read_sides(
-    opts: &StartOptions,
-    pool: &AgentPool,
-    preserved_names: &[String],
-) -> Result<Sides, CoordinatorError> {
+async fn read_sides(opts: &StartOptions, pool: &AgentPool) -> Result<Sides, CoordinatorError> {
     let agent_roles = pool.check_reach(&opts.source, &opts.destination).await?;
     let source_client = opts.source.connect("pgzm-coordinator").await?;
     let control = opts.destination.connect("pgzm-coordinator").await?;
@@ -123,14 +124,15 @@ async fn read_sides(
         .await
         .map_err(|e| CoordinatorError::source("export a snapshot", e))?
         .get("snapshot");
-    let schema = catalog::read(&source_client, &opts.tables).await?;
+    let schema = catalog::read(&source_client, &opts.schemas, &opts.tables).await?;
+    let (preserved, preserved_problems) = resolve_tables(&opts.preserved, &schema);
     control
         .batch_execute("SET search_path = pg_catalog")
         .await
         .map_err(|e| CoordinatorError::destination("set search_path", e))?;
-    let dest = destination::read(&control).await?;
+    let dest = destination::read(&control, &opts.schemas).await?;
     let earlier = state::earlier_runs(&control).await?;
-    let live_shapes = preserve::read_live(&control, preserved_names).await?;
+    let live_shapes = preserve::read_live(&control, &preserved).await?;
     Ok(Sides {
         source_client,
         control,
@@ -139,6 +141,8 @@ async fn read_sides(
         earlier,
         snapshot,
         live_shapes,
+        preserved,
+        preserved_problems,
         newest,
         agent_roles,
     })
@@ -150,20 +154,22 @@ async fn read_sides(
 async fn plan_migration(
     opts: &StartOptions,
     migration_id: i64,
-    preserved_names: &[String],
     sides: &Sides,
 ) -> Result<Plan, CoordinatorError> {
+    let preserved_names = &sides.preserved;
     let (control, schema, dest, earlier) =
         (&sides.control, &sides.schema, &sides.dest, &sides.earlier);
     let (mut plan, mut problems) =
         plan::build_all(migration_id, opts.source.to_string(), schema, dest, earlier);
     problems.extend(crate::dependents::check(control, &mut plan, dest).await?);
+    problems.extend(sides.preserved_problems.iter().cloned());
     for name in preserved_names
         .iter()
         .filter(|n| schema.excluded.contains(n))
     {
         problems.push(format!(
-            "--preserved-tables: \"{name}\" is left out by the table filters; a preserved table is migrated with the destination's rows: include it, or do not preserve it"
+            "--preserved-tables: {} is left out by the table filters; a preserved table is migrated with the destination's rows: include it, or do not preserve it",
+            name.plain()
         ));
     }
     // The swap will move the current backup set aside: its names must be free (checked again
@@ -183,10 +189,10 @@ async fn plan_migration(
         }
     }
     let renames = plan.shadow_renames();
-    let backup_of = |live_seq: &str| {
+    let backup_of = |schema: &str, live_seq: &str| {
         plan.to_backup
             .iter()
-            .find(|m| m.from == live_seq)
+            .find(|m| m.from == live_seq && m.schema == schema)
             .map(|m| m.to.clone())
     };
     plan.preserved = preserve::plan(
@@ -240,15 +246,11 @@ pub async fn prepare(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    let preserved_names = crate::naming::table_list(&opts.preserved);
-
     // Plan: read both sides under one source snapshot; change nothing.
-    let sides = phases
-        .run("plan", read_sides(opts, &pool, &preserved_names))
-        .await?;
+    let sides = phases.run("plan", read_sides(opts, &pool)).await?;
     // Unique even for runs started in the same millisecond (they are serialised by the lock).
     let migration_id = started_ms.max(sides.newest.as_ref().map_or(0, |(id, _)| id + 1));
-    let plan = plan_migration(opts, migration_id, &preserved_names, &sides).await?;
+    let plan = plan_migration(opts, migration_id, &sides).await?;
     let (control, source_client) = (sides.control, sides.source_client);
     let (schema, dest, earlier) = (&sides.schema, &sides.dest, &sides.earlier);
     let renames = plan.shadow_renames();
@@ -291,7 +293,7 @@ pub async fn prepare(
         .filter(|(name, _)| {
             plan.tables
                 .iter()
-                .any(|t| t.shadow == *name && !t.partitioned && !plan.is_preserved(&t.name))
+                .any(|t| t.shadow == *name && !t.partitioned && !plan.is_preserved(&t.qualname()))
         })
         .map(|(_, oid)| *oid)
         .collect();
@@ -332,6 +334,54 @@ pub async fn prepare(
             Err(err)
         }
     }
+}
+
+/// The tables named on the command line (`--preserved-tables`), resolved in the migrated
+/// schemas: a name as written when a migrated schema has such a table, else `schema.name` as
+/// given, or a bare name in the one migrated schema whose source has that table (or the first migrated schema, where the plan then reports it missing). A bare
+/// name that several migrated schemas have is a problem.
+fn resolve_tables(raw: &[String], source: &SourceSchema) -> (Vec<QualName>, Vec<String>) {
+    let mut names = Vec::new();
+    let mut problems = Vec::new();
+    let literal = |text: &str| {
+        source
+            .schemas
+            .iter()
+            .any(|s| source.table(&QualName::new(s.as_str(), text)).is_some())
+    };
+    for text in crate::naming::table_list(raw) {
+        // A name is first taken as written (a table may be named `a.b` or `"x"`).
+        let (schema, name) = if literal(&text) {
+            (None, text.clone())
+        } else {
+            crate::naming::split_table_name(&text)
+        };
+        if let Some(schema) = schema {
+            names.push(QualName::new(schema, name));
+            continue;
+        }
+        let found: Vec<&String> = source
+            .schemas
+            .iter()
+            .filter(|s| {
+                source
+                    .table(&QualName::new(s.as_str(), name.as_str()))
+                    .is_some()
+            })
+            .collect();
+        match found.as_slice() {
+            [one] => names.push(QualName::new(one.as_str(), name)),
+            [] => names.push(QualName::new(
+                source.schemas.first().cloned().unwrap_or_else(crate::naming::public_schema),
+                name,
+            )),
+            several => problems.push(format!(
+                "--preserved-tables: {text:?} is a table of several migrated schemas ({}): qualify it as schema.table",
+                several.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            )),
+        }
+    }
+    (names, problems)
 }
 
 /// Every copy task the agents reported done is recorded in `pgzm.copy_progress`, with as many
@@ -418,13 +468,13 @@ async fn refuse_same_database(
 fn partitioned_build_order<'a>(schema: &'a SourceSchema, plan: &Plan) -> Vec<&'a Table> {
     let depth = |t: &Table| {
         let mut d = 0;
-        let mut parent = t.partition_of.as_ref().map(|(p, _)| p.as_str());
+        let mut parent = t.partition_of.as_ref().map(|(p, _)| p);
         while let Some(p) = parent {
             d += 1;
             parent = schema
                 .table(p)
                 .and_then(|t| t.partition_of.as_ref())
-                .map(|(p, _)| p.as_str());
+                .map(|(p, _)| p);
             if d > 64 {
                 break;
             }
@@ -435,7 +485,9 @@ fn partitioned_build_order<'a>(schema: &'a SourceSchema, plan: &Plan) -> Vec<&'a
         .tables
         .iter()
         .filter(|t| {
-            t.is_partitioned() && plan.table(&t.name).is_some() && !plan.is_preserved(&t.name)
+            t.is_partitioned()
+                && plan.table(&t.qualname()).is_some()
+                && !plan.is_preserved(&t.qualname())
         })
         .collect();
     out.sort_by_key(|t| std::cmp::Reverse(depth(t)));
@@ -468,7 +520,7 @@ struct Deferred {
     /// In the swap, before its locks: a check per key that no shadow row breaks it.
     checks: Vec<String>,
     /// After the commit: the keys to validate.
-    validations: Vec<(String, String)>,
+    validations: Vec<(QualName, String)>,
 }
 
 /// A foreign key involving a preserved table is validated inside the swap transaction, but not
@@ -477,7 +529,7 @@ struct Deferred {
 /// validated after the commit. Only a mirrored write committed between the check and the locks
 /// (milliseconds) could escape the check; the validation after the commit reports it.
 fn deferred_statements(schema: &SourceSchema, plan: &Plan) -> Deferred {
-    let preserved: BTreeSet<&str> = plan.preserved.iter().map(|p| p.table.as_str()).collect();
+    let preserved: BTreeSet<QualName> = plan.preserved.iter().map(|p| p.qualname()).collect();
     let mut out = Deferred {
         statements: Vec::new(),
         checks: Vec::new(),
@@ -485,14 +537,12 @@ fn deferred_statements(schema: &SourceSchema, plan: &Plan) -> Deferred {
     };
     for t in &schema.tables {
         for c in t.constraints.iter().filter(|c| c.kind == 'f') {
-            let involved = preserved.contains(t.name.as_str())
-                || c.references
-                    .as_deref()
-                    .is_some_and(|r| preserved.contains(r));
+            let involved = preserved.contains(&t.qualname())
+                || c.references.as_ref().is_some_and(|r| preserved.contains(r));
             if !involved {
                 continue;
             }
-            let table = quote_qualified("public", &t.name);
+            let table = t.qualname().quoted();
             let def = c.definition.trim_end_matches(" NOT VALID");
             if t.is_partitioned() {
                 out.statements.push(format!(
@@ -508,18 +558,18 @@ fn deferred_statements(schema: &SourceSchema, plan: &Plan) -> Deferred {
             if !c.validated {
                 continue;
             }
-            out.validations.push((t.name.clone(), c.name.clone()));
-            if let Some(check) = foreign_key_check(plan, &t.name, c) {
+            out.validations.push((t.qualname(), c.name.clone()));
+            if let Some(check) = foreign_key_check(plan, &t.qualname(), c) {
                 out.checks.push(check);
             }
         }
-        if preserved.contains(t.name.as_str()) {
+        if preserved.contains(&t.qualname()) {
             for tg in &t.triggers {
                 out.statements.push(tg.definition.clone());
                 if !tg.enabled {
                     out.statements.push(format!(
                         "ALTER TABLE {} DISABLE TRIGGER {}",
-                        quote_qualified("public", &t.name),
+                        t.qualname().quoted(),
                         quote_ident(&tg.name)
                     ));
                 }
@@ -532,9 +582,13 @@ fn deferred_statements(schema: &SourceSchema, plan: &Plan) -> Deferred {
 /// A DO block failing with `foreign_key_violation` when a row of `table`'s shadow breaks key
 /// `c` against the referenced table's shadow (`MATCH SIMPLE`: a row with a NULL key column is
 /// exempt; `MATCH FULL`: all or none NULL).
-fn foreign_key_check(plan: &Plan, table: &str, c: &crate::catalog::Constraint) -> Option<String> {
+fn foreign_key_check(
+    plan: &Plan,
+    table: &QualName,
+    c: &crate::catalog::Constraint,
+) -> Option<String> {
     let child = plan.table(table)?;
-    let parent = plan.table(c.references.as_deref()?)?;
+    let parent = plan.table(c.references.as_ref()?)?;
     if c.columns.is_empty() || c.columns.len() != c.ref_columns.len() {
         return None;
     }
@@ -554,7 +608,7 @@ fn foreign_key_check(plan: &Plan, table: &str, c: &crate::catalog::Constraint) -
         .join(" AND ");
     let mut broken = format!(
         "({not_null}) AND NOT EXISTS (SELECT 1 FROM {} p WHERE {join})",
-        quote_qualified("public", &parent.shadow)
+        parent.shadow_name()
     );
     if c.match_full && c.columns.len() > 1 {
         let all = c
@@ -569,16 +623,16 @@ fn foreign_key_check(plan: &Plan, table: &str, c: &crate::catalog::Constraint) -
         );
     }
     let message = format!(
-        "foreign key \"{}\" of \"{}\" would be broken by the new tables: a row of \"{}\" references a row of \"{}\" that is missing (a preserved table's rows and the new data disagree); nothing was changed: fix the rows, then swap again",
+        "foreign key \"{}\" of {} would be broken by the new tables: a row of {} references a row of {} that is missing (a preserved table's rows and the new data disagree); nothing was changed: fix the rows, then swap again",
         c.name,
-        table,
-        table,
-        c.references.as_deref().unwrap_or_default()
+        table.plain(),
+        table.plain(),
+        parent.qualname().plain()
     );
     Some(pgzm_pg::sql::do_block(&format!(
         "BEGIN IF EXISTS (SELECT 1 FROM {} c WHERE {broken}) THEN \
          RAISE EXCEPTION USING ERRCODE = 'foreign_key_violation', MESSAGE = {}; END IF; END",
-        quote_qualified("public", &child.shadow),
+        child.shadow_name(),
         quote_literal(&message)
     )))
 }
@@ -601,7 +655,7 @@ async fn copy_and_build(
     let jobs: Vec<CopyJob> = plan
         .tables
         .iter()
-        .filter(|t| !plan.is_preserved(&t.name) && !t.partitioned && t.copy_data)
+        .filter(|t| !plan.is_preserved(&t.qualname()) && !t.partitioned && t.copy_data)
         .map(|t| CopyJob {
             schema: t.schema.clone(),
             table: t.name.clone(),
@@ -636,7 +690,9 @@ async fn copy_and_build(
                 Arc::clone(&sessions),
             );
             async move {
-                let Some(table) = schema.table(&job.table) else {
+                let Some(table) =
+                    schema.table(&QualName::new(job.schema.clone(), job.table.clone()))
+                else {
                     return Ok(());
                 };
                 let statements = build::table_build(table, &plan_arc, &schema, &renames)?;
@@ -719,8 +775,8 @@ async fn fill(
         .filter(|t| {
             !t.is_partitioned()
                 && plan
-                    .table(&t.name)
-                    .is_some_and(|tp| !tp.copy_data && !plan.is_preserved(&t.name))
+                    .table(&t.qualname())
+                    .is_some_and(|tp| !tp.copy_data && !plan.is_preserved(&t.qualname()))
         })
         .collect();
     if !empty.is_empty() {
@@ -813,7 +869,7 @@ async fn sync_preserved(
     created: &mut RecordedObjects,
 ) -> Result<(), CoordinatorError> {
     for p in &plan.preserved {
-        let Some(table) = schema.table(&p.table) else {
+        let Some(table) = schema.table(&p.qualname()) else {
             continue;
         };
         let statements = build::table_build(table, plan, schema, renames)?.sequential();
@@ -826,7 +882,7 @@ async fn sync_preserved(
         .await?;
     }
     for p in &plan.preserved {
-        let live_oid = dest.tables.get(&p.table).map(|t| t.oid).unwrap_or(0);
+        let live_oid = dest.tables.get(&p.qualname()).map(|t| t.oid).unwrap_or(0);
         let mut next = created.clone();
         next.sync_triggers.push((p.table.clone(), live_oid));
         next.sync_functions.push(p.function.clone());
@@ -835,8 +891,8 @@ async fn sync_preserved(
         tx.extend(p.setup_sql(plan.migration_id));
         tx.push(pgzm_pg::sql::do_block(&format!(
             "BEGIN IF (SELECT count(*) FROM {shadow}) <> (SELECT count(*) FROM {live}) THEN RAISE EXCEPTION 'row counts differ after the initial copy'; END IF; END",
-            shadow = quote_qualified("public", &p.shadow),
-            live = quote_qualified("public", &p.table)
+            shadow = quote_qualified(&p.schema, &p.shadow),
+            live = quote_qualified(&p.schema, &p.table)
         )));
         tx.push(format!(
             "UPDATE pgzm.migrations SET created_objects = {}::jsonb WHERE id = {}",
@@ -922,9 +978,11 @@ async fn create_shadow(
 }
 
 async fn record(tx: &impl GenericClient, plan: &Plan) -> Result<RecordedObjects, CoordinatorError> {
-    let oids = |sql: &'static str, names: Vec<String>| async move {
+    let oids = |sql: &'static str, names: Vec<QualName>| async move {
+        let schemas: Vec<&str> = names.iter().map(|n| n.schema.as_str()).collect();
+        let names: Vec<&str> = names.iter().map(|n| n.name.as_str()).collect();
         let rows = tx
-            .query(sql, &[&names])
+            .query(sql, &[&schemas, &names])
             .await
             .map_err(|e| CoordinatorError::destination("record created objects", e))?;
         Ok::<_, CoordinatorError>(
@@ -933,12 +991,23 @@ async fn record(tx: &impl GenericClient, plan: &Plan) -> Result<RecordedObjects,
                 .collect::<Vec<_>>(),
         )
     };
-    const RELS: &str = "SELECT relname::text AS name, oid FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relname = ANY($1)";
-    const TYPES: &str = "SELECT typname::text AS name, oid FROM pg_type WHERE typnamespace = 'public'::regnamespace AND typname = ANY($1)";
+    const RELS: &str = "SELECT c.relname::text AS name, c.oid FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        JOIN unnest($1::text[], $2::text[]) w(s, r) ON w.s = n.nspname AND w.r = c.relname";
+    const TYPES: &str = "SELECT t.typname::text AS name, t.oid FROM pg_type t
+        JOIN pg_namespace n ON n.oid = t.typnamespace
+        JOIN unnest($1::text[], $2::text[]) w(s, r) ON w.s = n.nspname AND w.r = t.typname";
+    let moved = |moves: &[crate::plan::Move]| {
+        moves
+            .iter()
+            .map(|m| QualName::new(m.schema.clone(), m.to.clone()))
+            .collect::<Vec<_>>()
+    };
     Ok(RecordedObjects {
-        tables: oids(RELS, plan.tables.iter().map(|t| t.shadow.clone()).collect()).await?,
-        types: oids(TYPES, plan.types.iter().map(|m| m.to.clone()).collect()).await?,
-        sequences: oids(RELS, plan.sequences.iter().map(|m| m.to.clone()).collect()).await?,
+        tables: oids(RELS, plan.tables.iter().map(|t| t.shadow_name()).collect()).await?,
+        types: oids(TYPES, moved(&plan.types)).await?,
+        sequences: oids(RELS, moved(&plan.sequences)).await?,
+        schemas: plan.schemas_to_create.clone(),
         indexes: plan.indexes.iter().map(|m| m.to.clone()).collect(),
         functions: plan
             .functions_to_create

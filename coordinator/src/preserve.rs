@@ -23,6 +23,7 @@ use tokio_postgres::Client;
 
 use crate::catalog::{SourceSchema, Table};
 use crate::error::CoordinatorError;
+use crate::naming::QualName;
 use crate::rewrite::Renames;
 
 /// Names of the sync triggers created on a preserved live table.
@@ -63,7 +64,7 @@ impl LiveShape {
 }
 
 const LIVE_SHAPE: &str = "
-SELECT c.relname::text AS table_name,
+SELECT n.nspname::text AS schema_name, c.relname::text AS table_name,
        ARRAY(SELECT a.attname::text FROM pg_attribute a
              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum) AS columns,
        ARRAY(SELECT a.attname::text
@@ -85,26 +86,41 @@ SELECT c.relname::text AS table_name,
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ad.adnum
              WHERE ad.adrelid = c.oid
              ORDER BY 1) AS sequences
-FROM pg_class c
-WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r' AND c.relname = ANY($1)";
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN unnest($1::text[], $2::text[]) w(s, t) ON w.s = n.nspname AND w.t = c.relname
+WHERE c.relkind = 'r'";
 
 /// Reads the live shape of the named tables.
 pub async fn read_live(
     client: &Client,
-    tables: &[String],
-) -> Result<BTreeMap<String, LiveShape>, CoordinatorError> {
-    let rows = client.query(LIVE_SHAPE, &[&tables]).await.map_err(|e| {
-        CoordinatorError::destination("inspect the destination: preserved tables", e)
-    })?;
+    tables: &[QualName],
+) -> Result<BTreeMap<QualName, LiveShape>, CoordinatorError> {
+    let schemas: Vec<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
+    let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+    let rows = client
+        .query(LIVE_SHAPE, &[&schemas, &names])
+        .await
+        .map_err(|e| {
+            CoordinatorError::destination("inspect the destination: preserved tables", e)
+        })?;
     Ok(rows
         .into_iter()
-        .map(|r| (r.get("table_name"), LiveShape::from_row(&r)))
+        .map(|r| {
+            let name = QualName::new(
+                r.get::<_, String>("schema_name"),
+                r.get::<_, String>("table_name"),
+            );
+            (name, LiveShape::from_row(&r))
+        })
         .collect())
 }
 
 /// One preserved table, as planned (stored with the plan, so `swap` needs no source access).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PreservedTable {
+    /// Schema of the table, its shadow and its sequences (recorded plans: `public`).
+    #[serde(default = "crate::naming::public_schema")]
+    pub schema: String,
     /// Live name.
     pub table: String,
     /// Shadow name.
@@ -122,6 +138,11 @@ pub struct PreservedTable {
 }
 
 impl PreservedTable {
+    /// Its live schema-qualified name.
+    pub fn qualname(&self) -> QualName {
+        QualName::new(self.schema.clone(), self.table.clone())
+    }
+
     fn select_list(&self, alias: &str) -> String {
         self.columns
             .iter()
@@ -161,7 +182,7 @@ impl PreservedTable {
     fn insert_from(&self, from: &str, alias: &str) -> String {
         format!(
             "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {from} {alias}",
-            quote_qualified("public", &self.shadow),
+            quote_qualified(&self.schema, &self.shadow),
             self.column_list(),
             self.select_list(alias)
         )
@@ -170,8 +191,8 @@ impl PreservedTable {
     /// The trigger function, the triggers on the live table and the initial copy, to run in one
     /// transaction (the caller sets a short lock_timeout and retries).
     pub fn setup_sql(&self, migration_id: i64) -> Vec<String> {
-        let shadow = quote_qualified("public", &self.shadow);
-        let live = quote_qualified("public", &self.table);
+        let shadow = quote_qualified(&self.schema, &self.shadow);
+        let live = quote_qualified(&self.schema, &self.table);
         let delete_old = format!(
             "DELETE FROM {shadow} s USING pgzm_old o WHERE {}",
             self.key_match("s", "o")
@@ -202,7 +223,7 @@ BEGIN
     RETURN NULL;
 END",
             shadow_lit = quote_literal(&shadow),
-            table_lit = quote_literal(&self.table),
+            table_lit = quote_literal(&self.qualname().display_name()),
         );
         let mut out = vec![format!(
             "CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS {}",
@@ -230,7 +251,7 @@ END",
                 format!(
                     "DROP TRIGGER IF EXISTS {} ON {}",
                     quote_ident(name),
-                    quote_qualified("public", live_name)
+                    quote_qualified(&self.schema, live_name)
                 )
             })
             .collect();
@@ -246,16 +267,21 @@ END",
             .map(|(seq, column, live_backup)| {
                 let live_value = live_backup
                     .as_ref()
-                    .map(|b| format!(", (SELECT last_value FROM {})", quote_qualified("public", b)))
+                    .map(|b| {
+                        format!(
+                            ", (SELECT last_value FROM {})",
+                            quote_qualified(&self.schema, b)
+                        )
+                    })
                     .unwrap_or_default();
                 // The new sequence's own value counts too: a sequence shared by several
                 // columns is set once per column, and never moves back.
-                let seq = quote_qualified("public", seq);
+                let seq = quote_qualified(&self.schema, seq);
                 format!(
                     "SELECT setval({}::regclass, greatest((SELECT max({})::int8 FROM {}){live_value}, (SELECT last_value FROM {seq}), 1))",
                     quote_literal(&seq),
                     quote_ident(column),
-                    quote_qualified("public", &self.table)
+                    quote_qualified(&self.schema, &self.table)
                 )
             })
             .collect()
@@ -264,29 +290,30 @@ END",
 
 /// Plans the preserved tables, or says why one cannot be preserved.
 pub fn plan(
-    names: &[String],
+    names: &[QualName],
     migration_id: i64,
     source: &SourceSchema,
-    live: &BTreeMap<String, LiveShape>,
+    live: &BTreeMap<QualName, LiveShape>,
     renames: &Renames,
-    live_backup_of: impl Fn(&str) -> Option<String>,
+    live_backup_of: impl Fn(&str, &str) -> Option<String>,
     problems: &mut Vec<String>,
 ) -> Vec<PreservedTable> {
     let mut out = Vec::new();
-    for (n, name) in names.iter().enumerate() {
-        let Some(table) = source.table(name) else {
+    for (n, qualified) in names.iter().enumerate() {
+        let name = qualified.plain();
+        let Some(table) = source.table(qualified) else {
             problems.push(format!(
-                "preserved table \"{name}\" does not exist in the source: check --preserved-tables"
+                "preserved table {name} does not exist in the source: check --preserved-tables"
             ));
             continue;
         };
-        let Some(shape) = live.get(name) else {
-            problems.push(format!("preserved table \"{name}\" does not exist in the destination: check --preserved-tables"));
+        let Some(shape) = live.get(qualified) else {
+            problems.push(format!("preserved table {name} does not exist in the destination: check --preserved-tables"));
             continue;
         };
         if shape.key.is_empty() {
             problems.push(format!(
-                "preserved table \"{name}\" has no primary key in the destination: its rows cannot be kept in sync; add one"
+                "preserved table {name} has no primary key in the destination: its rows cannot be kept in sync; add one"
             ));
             continue;
         }
@@ -297,7 +324,7 @@ pub fn plan(
             .find(|k| !columns.iter().any(|(c, _)| c == *k))
         {
             problems.push(format!(
-                "preserved table \"{name}\": primary key column \"{missing}\" does not exist in the source's definition"
+                "preserved table {name}: primary key column \"{missing}\" does not exist in the source's definition"
             ));
             continue;
         }
@@ -305,27 +332,38 @@ pub fn plan(
         // it is set past the column's rows and past the live sequence that column used.
         let mut sequences = Vec::new();
         for s in &source.sequences {
-            let columns: BTreeSet<&String> = s
+            let owned = s
                 .owned_by
                 .iter()
-                .chain(&s.used_by)
-                .filter(|(t, _)| t == name)
-                .map(|(_, c)| c)
-                .collect();
+                .filter(|(t, _)| s.schema == qualified.schema && *t == qualified.name);
+            let used = s.used_by.iter().filter(|(t, _)| t == qualified);
+            let columns: BTreeSet<&String> =
+                owned.map(|(_, c)| c).chain(used.map(|(_, c)| c)).collect();
+            if !columns.is_empty() && s.schema != qualified.schema {
+                problems.push(format!(
+                    "preserved table {name}: its default uses sequence {} of another schema, which pgzm cannot set at the swap; move the sequence into the table's schema, or do not preserve the table",
+                    QualName::new(s.schema.clone(), s.name.clone()).plain()
+                ));
+                continue;
+            }
             for c in columns {
                 let live_seq = shape
                     .sequences
                     .iter()
                     .find(|(col, _)| col == c)
                     .map(|(_, seq)| seq.as_str());
-                let after_swap =
-                    live_seq.map(|l| live_backup_of(l).unwrap_or_else(|| l.to_string()));
+                let after_swap = live_seq
+                    .map(|l| live_backup_of(&qualified.schema, l).unwrap_or_else(|| l.to_string()));
                 sequences.push((s.name.clone(), c.clone(), after_swap));
             }
         }
         out.push(PreservedTable {
-            table: name.clone(),
-            shadow: renames.get(name).unwrap_or(name).to_string(),
+            schema: qualified.schema.clone(),
+            table: qualified.name.clone(),
+            shadow: renames
+                .get_in(&qualified.schema, &qualified.name)
+                .unwrap_or(&qualified.name)
+                .to_string(),
             columns,
             key: shape.key.clone(),
             function: quote_qualified("pgzm", &format!("sync_{migration_id}_{n}")),

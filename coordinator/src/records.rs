@@ -28,6 +28,10 @@ pub struct RecordedObjects {
     /// Shadow materialized views (schema, name, oid).
     #[serde(default)]
     pub matviews: Vec<(String, String, Oid)>,
+    /// Schemas the run created in the destination (dropped with its shadow objects when they
+    /// are empty then).
+    #[serde(default)]
+    pub schemas: Vec<String>,
 }
 
 /// The status of a run, as `pgzm.migrations.status` stores it.

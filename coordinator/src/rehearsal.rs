@@ -126,7 +126,7 @@ async fn rehearse_in_transaction(
     let (parents, tables): (Vec<_>, Vec<_>) = schema
         .tables
         .iter()
-        .filter(|t| plan.table(&t.name).is_some())
+        .filter(|t| plan.table(&t.qualname()).is_some())
         .partition(|t| t.is_partitioned());
     for t in tables.into_iter().chain(parents.into_iter().rev()) {
         let statements = build::table_build(t, plan, schema, renames)?.sequential();

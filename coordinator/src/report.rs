@@ -30,7 +30,10 @@ pub struct StartOptions {
     pub copy_retries: u32,
     /// Index build settings.
     pub build: BuildSettings,
-    /// Tables whose destination rows survive the migration (kept in sync until the swap).
+    /// Schemas migrated (each into the destination schema of the same name).
+    pub schemas: Vec<String>,
+    /// Tables whose destination rows survive the migration (kept in sync until the swap), as
+    /// given: `name` (looked up in the migrated schemas) or `schema.name`.
     pub preserved: Vec<String>,
     /// Which tables are migrated, and which without their rows.
     pub tables: crate::filter::TableFilter,
@@ -61,6 +64,7 @@ impl StartOptions {
             swap: SwapSettings::default(),
             copy_retries: 2,
             build: BuildSettings::default(),
+            schemas: vec![crate::naming::public_schema()],
             preserved: Vec::new(),
             tables: crate::filter::TableFilter::default(),
             force: false,
@@ -89,7 +93,7 @@ pub struct PhaseTiming {
 /// Per-table result.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct TableReport {
-    /// Table.
+    /// Table: its name in `public`, `schema.name` elsewhere.
     pub table: String,
     /// Rows copied.
     pub rows: u64,

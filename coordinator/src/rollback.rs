@@ -15,14 +15,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use pgzm_pg::sql::{quote_ident, quote_literal, quote_qualified, quote_qualified_list};
+use pgzm_pg::sql::{quote_ident, quote_literal, quote_qualified};
 use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::backup;
 use crate::catalog::{topological_order, Oid};
 use crate::conninfo::DbUrl;
-use crate::destination::{self, LiveView};
+use crate::destination::{self, LiveView, QualName};
 use crate::error::CoordinatorError;
 use crate::locked::{LockedTransaction, SwapSettings};
 use crate::naming::prefixed;
@@ -69,34 +69,41 @@ pub struct RollbackReport {
     pub warnings: Vec<String>,
 }
 
-fn public(name: &str) -> String {
-    quote_qualified("public", name)
+/// A row's `schema_name` and `name`.
+fn qualname(row: &tokio_postgres::Row) -> QualName {
+    QualName::new(
+        row.get::<_, String>("schema_name"),
+        row.get::<_, String>("name"),
+    )
 }
 
 async fn oids(
     client: &Client,
-    names: &[String],
-) -> Result<BTreeMap<String, Oid>, CoordinatorError> {
+    names: &[QualName],
+) -> Result<BTreeMap<QualName, Oid>, CoordinatorError> {
+    let schemas: Vec<&str> = names.iter().map(|n| n.schema.as_str()).collect();
+    let relations: Vec<&str> = names.iter().map(|n| n.name.as_str()).collect();
     let rows = client
         .query(
-            "SELECT relname::text, oid FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relname = ANY($1)",
-            &[&names],
+            "SELECT n.nspname::text AS schema_name, c.relname::text AS name, c.oid
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN unnest($1::text[], $2::text[]) w(s, r) ON w.s = n.nspname AND w.r = c.relname",
+            &[&schemas, &relations],
         )
         .await
         .map_err(|e| CoordinatorError::destination("inspect tables for the rollback", e))?;
-    Ok(rows
-        .iter()
-        .map(|r| (r.get("relname"), r.get("oid")))
-        .collect())
+    Ok(rows.iter().map(|r| (qualname(r), r.get("oid"))).collect())
 }
 
 /// Names of the sequences owned by (serial or identity columns of) the given tables.
 async fn owned_sequences(
     client: &Client,
     tables: &[Oid],
-) -> Result<BTreeSet<String>, CoordinatorError> {
+) -> Result<BTreeSet<QualName>, CoordinatorError> {
     const OWNED_SEQUENCES: &str = "
-        SELECT s.relname::text FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+        SELECT n.nspname::text AS schema_name, s.relname::text AS name
+        FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+        JOIN pg_namespace n ON n.oid = s.relnamespace
         WHERE d.refobjid = ANY($1) AND d.refclassid = 'pg_class'::regclass
           AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')";
     Ok(client
@@ -104,7 +111,7 @@ async fn owned_sequences(
         .await
         .map_err(|e| CoordinatorError::destination("inspect owned sequences", e))?
         .iter()
-        .map(|r| r.get("relname"))
+        .map(qualname)
         .collect())
 }
 
@@ -155,33 +162,40 @@ WHERE k.contype = 'f' AND k.conrelid = ANY($1) AND k.confrelid = ANY($2)";
 /// The tables of a backup set, sorted by what the rollback does with them.
 struct TableSets {
     /// `--keep-tables`: live tables that keep their current data.
-    keep: BTreeSet<String>,
+    keep: BTreeSet<QualName>,
     /// Every table of the backup set: (live name, backup name).
-    backups: Vec<(String, String)>,
+    backups: Vec<(QualName, QualName)>,
     /// Backup tables that take their live names again: (live name, backup name).
-    restored: Vec<(String, String)>,
+    restored: Vec<(QualName, QualName)>,
     /// Backups of kept tables: dropped.
-    kept_backups: Vec<String>,
+    kept_backups: Vec<QualName>,
     /// The migration's live tables that go (all but the kept ones).
-    current_drop: Vec<String>,
+    current_drop: Vec<QualName>,
+    /// `--keep-tables` names that are not tables of the migration.
+    unknown: Vec<String>,
 }
 
 impl TableSets {
     fn new(plan: &Plan, keep_tables: &[String]) -> Self {
-        let keep: BTreeSet<String> = crate::naming::table_list(keep_tables).into_iter().collect();
-        let backups: Vec<(String, String)> = plan
+        let (keep, unknown) = keep_list(plan, keep_tables);
+        let backups: Vec<(QualName, QualName)> = plan
             .to_backup
             .iter()
             .filter(|m| m.kind == ObjectKind::Table)
-            .map(|m| (m.from.clone(), m.to.clone()))
+            .map(|m| {
+                (
+                    QualName::new(m.schema.clone(), m.from.clone()),
+                    QualName::new(m.schema.clone(), m.to.clone()),
+                )
+            })
             .collect();
         let (kept, restored): (Vec<_>, Vec<_>) =
             backups.iter().cloned().partition(|(l, _)| keep.contains(l));
         // By name: the statements must not follow the tables' sizes (statistics).
-        let current_drop: BTreeSet<String> = plan
+        let current_drop: BTreeSet<QualName> = plan
             .tables
             .iter()
-            .map(|t| t.name.clone())
+            .map(|t| t.qualname())
             .filter(|n| !keep.contains(n))
             .collect();
         TableSets {
@@ -190,11 +204,12 @@ impl TableSets {
             backups,
             restored,
             current_drop: current_drop.into_iter().collect(),
+            unknown,
         }
     }
 
     /// Every name whose oid the rollback needs.
-    fn names(&self) -> Vec<String> {
+    fn names(&self) -> Vec<QualName> {
         self.backups
             .iter()
             .flat_map(|(l, b)| [l.clone(), b.clone()])
@@ -205,35 +220,70 @@ impl TableSets {
 
     /// What makes the rollback impossible: a kept table that is not the migration's or not
     /// live, a backup table that is gone.
-    fn problems(&self, plan: &Plan, id: i64, oid_of: &BTreeMap<String, Oid>) -> Vec<String> {
+    fn problems(&self, id: i64, oid_of: &BTreeMap<QualName, Oid>) -> Vec<String> {
         let mut problems = Vec::new();
-        for k in &self.keep {
-            if !plan.tables.iter().any(|t| &t.name == k) {
-                problems.push(format!(
-                    "--keep-tables: \"{k}\" is not a table of migration {id}"
-                ));
-            }
+        for k in &self.unknown {
+            problems.push(format!(
+                "--keep-tables: \"{k}\" is not a table of migration {id}"
+            ));
         }
         for (_, b) in &self.backups {
             if !oid_of.contains_key(b) {
                 problems.push(format!(
-                    "backup table \"{b}\" is missing: the backup set is incomplete (see `pgzm verify`)"
+                    "backup table {} is missing: the backup set is incomplete (see `pgzm verify`)",
+                    b.plain()
                 ));
             }
         }
         for k in &self.keep {
             if !oid_of.contains_key(k) {
-                problems.push(format!("--keep-tables: live table \"{k}\" does not exist"));
+                problems.push(format!(
+                    "--keep-tables: live table {} does not exist",
+                    k.plain()
+                ));
             }
         }
         problems
     }
 }
 
+/// The `--keep-tables` names resolved among the migration's tables (`name`, or `schema.name`;
+/// a bare name that tables of several schemas have is not resolved), and those that are not
+/// tables of it.
+fn keep_list(plan: &Plan, raw: &[String]) -> (BTreeSet<QualName>, Vec<String>) {
+    let mut keep = BTreeSet::new();
+    let mut unknown = Vec::new();
+    for text in crate::naming::table_list(raw) {
+        let literal: Vec<QualName> = plan
+            .tables
+            .iter()
+            .filter(|t| t.name == text)
+            .map(|t| t.qualname())
+            .collect();
+        let found = if literal.len() == 1 {
+            literal
+        } else {
+            let (schema, name) = crate::naming::split_table_name(&text);
+            plan.tables
+                .iter()
+                .filter(|t| t.name == name && schema.as_ref().is_none_or(|s| *s == t.schema))
+                .map(|t| t.qualname())
+                .collect()
+        };
+        match found.as_slice() {
+            [one] => {
+                keep.insert(one.clone());
+            }
+            _ => unknown.push(text),
+        }
+    }
+    (keep, unknown)
+}
+
 /// The oids of `names` (those that exist).
 fn oids_of<'a>(
-    oid_of: &BTreeMap<String, Oid>,
-    names: impl IntoIterator<Item = &'a String>,
+    oid_of: &BTreeMap<QualName, Oid>,
+    names: impl IntoIterator<Item = &'a QualName>,
 ) -> Vec<Oid> {
     names
         .into_iter()
@@ -243,7 +293,7 @@ fn oids_of<'a>(
 
 /// What the rollback reads of the destination, once the table sets are known.
 struct Facts {
-    oid_of: BTreeMap<String, Oid>,
+    oid_of: BTreeMap<QualName, Oid>,
     /// Foreign keys of other tables into the tables that go.
     fks_in: Vec<ForeignKey>,
     /// Foreign keys from restored tables into kept tables' backups.
@@ -251,13 +301,13 @@ struct Facts {
     /// Kept tables' columns that change type.
     conversions: Vec<Conversion>,
     /// The destination's views.
-    views: BTreeMap<(String, String), LiveView>,
+    views: BTreeMap<QualName, LiveView>,
     /// Sequences owned by the kept tables.
-    kept_sequences: BTreeSet<String>,
+    kept_sequences: BTreeSet<QualName>,
     /// Indexes and sequences of the restored tables and indexes of backup materialized views.
-    child_names: BTreeSet<String>,
+    child_names: BTreeSet<QualName>,
     /// Sequences owned by the kept tables' backups.
-    kept_children: BTreeSet<String>,
+    kept_children: BTreeSet<QualName>,
 }
 
 impl Facts {
@@ -265,7 +315,7 @@ impl Facts {
         control: &Client,
         plan: &Plan,
         sets: &TableSets,
-        oid_of: BTreeMap<String, Oid>,
+        oid_of: BTreeMap<QualName, Oid>,
     ) -> Result<Facts, CoordinatorError> {
         let current = oids_of(&oid_of, &sets.current_drop);
         let kept_backups = oids_of(&oid_of, &sets.kept_backups);
@@ -276,7 +326,7 @@ impl Facts {
             fks_in: foreign_keys(control, FKS_INTO, &current, &gone).await?,
             fks_kept: foreign_keys(control, FKS_FROM, &restored, &kept_backups).await?,
             conversions: type_conversions(control, plan, &kept).await?,
-            views: destination::read(control).await?.views,
+            views: destination::read(control, &plan.schemas()).await?.views,
             kept_sequences: owned_sequences(control, &kept).await?,
             child_names: restored_children(control, plan, &restored).await?,
             kept_children: owned_sequences(control, &kept_backups).await?,
@@ -291,14 +341,14 @@ async fn restored_children(
     control: &Client,
     plan: &Plan,
     restored_oids: &[Oid],
-) -> Result<BTreeSet<String>, CoordinatorError> {
+) -> Result<BTreeSet<QualName>, CoordinatorError> {
     let children = control
         .query(
-            "SELECT c.relname::text AS table_name, x.relname::text AS child_name FROM pg_class c
+            "SELECT x.relnamespace, x.relname::text AS child_name FROM pg_class c
              JOIN pg_index i ON i.indrelid = c.oid JOIN pg_class x ON x.oid = i.indexrelid
              WHERE c.oid = ANY($1)
              UNION ALL
-             SELECT c.relname::text AS table_name, s.relname::text AS child_name FROM pg_class c
+             SELECT s.relnamespace, s.relname::text AS child_name FROM pg_class c
              JOIN pg_depend d ON d.refobjid = c.oid AND d.refclassid = 'pg_class'::regclass
                               AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
              JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
@@ -307,9 +357,29 @@ async fn restored_children(
         )
         .await
         .map_err(|e| CoordinatorError::destination("inspect backup indexes and sequences", e))?;
-    let mut names: BTreeSet<String> = children
+    let schema_of = |r: &tokio_postgres::Row| {
+        let ns: Oid = r.get("relnamespace");
+        ns
+    };
+    let namespaces: Vec<Oid> = children.iter().map(schema_of).collect();
+    let nspname: BTreeMap<Oid, String> = control
+        .query(
+            "SELECT oid, nspname::text FROM pg_namespace WHERE oid = ANY($1)",
+            &[&namespaces],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("inspect schemas", e))?
         .iter()
-        .map(|r| r.get::<_, String>("child_name"))
+        .map(|r| (r.get("oid"), r.get("nspname")))
+        .collect();
+    let mut names: BTreeSet<QualName> = children
+        .iter()
+        .map(|r| {
+            QualName::new(
+                nspname.get(&schema_of(r)).cloned().unwrap_or_default(),
+                r.get::<_, String>("child_name"),
+            )
+        })
         .collect();
     let backup_matviews: Vec<String> = plan
         .to_backup
@@ -320,13 +390,15 @@ async fn restored_children(
     if !backup_matviews.is_empty() {
         let rows = control
             .query(
-                "SELECT x.relname::text FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid
+                "SELECT n.nspname::text AS schema_name, x.relname::text AS name
+                 FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid
+                 JOIN pg_namespace n ON n.oid = x.relnamespace
                  WHERE i.indrelid IN (SELECT to_regclass(n) FROM unnest($1::text[]) n)",
                 &[&backup_matviews],
             )
             .await
             .map_err(|e| CoordinatorError::destination("inspect backup materialized views", e))?;
-        names.extend(rows.iter().map(|r| r.get::<_, String>("relname")));
+        names.extend(rows.iter().map(qualname));
     }
     Ok(names)
 }
@@ -352,7 +424,7 @@ struct ViewChanges<'a> {
 impl<'a> ViewChanges<'a> {
     fn plan(
         plan: &'a Plan,
-        views: &'a BTreeMap<(String, String), LiveView>,
+        views: &'a BTreeMap<QualName, LiveView>,
         kept_backups: &BTreeSet<Oid>,
         gone: &BTreeSet<Oid>,
         converted: &BTreeSet<Oid>,
@@ -368,7 +440,7 @@ impl<'a> ViewChanges<'a> {
             .iter()
             .filter(|(s, _, b)| {
                 views
-                    .get(&(s.to_string(), b.to_string()))
+                    .get(&QualName::new(*s, *b))
                     .is_some_and(|v| v.depends_on.is_disjoint(kept_backups))
             })
             .map(|(s, live, _)| (*s, *live))
@@ -456,7 +528,7 @@ fn rollback_transaction(
         .collect();
     let converted: BTreeSet<Oid> = facts.conversions.iter().map(|c| c.table_oid).collect();
     let views = ViewChanges::plan(plan, &facts.views, &kept_backup_oids, &gone, &converted);
-    let dropping: Vec<&String> = sets
+    let dropping: Vec<&QualName> = sets
         .current_drop
         .iter()
         .filter(|n| oid_of.contains_key(*n))
@@ -464,8 +536,8 @@ fn rollback_transaction(
 
     let mut tx = LockedTransaction::new();
     let mut lock: BTreeSet<String> = BTreeSet::new();
-    lock.extend(dropping.iter().map(|n| public(n)));
-    lock.extend(sets.backups.iter().map(|(_, b)| public(b)));
+    lock.extend(dropping.iter().map(|n| n.quoted()));
+    lock.extend(sets.backups.iter().map(|(_, b)| b.quoted()));
     lock.extend(
         facts
             .fks_in
@@ -479,7 +551,7 @@ fn rollback_transaction(
             .map(|v| quote_qualified(&v.schema, &v.name)),
     );
     lock.extend(views.restore.iter().map(|(s, _, b)| quote_qualified(s, b)));
-    lock.extend(facts.conversions.iter().map(|c| public(&c.table)));
+    lock.extend(facts.conversions.iter().map(|c| c.table.quoted()));
     lock.extend(
         plan.repoints
             .iter()
@@ -512,9 +584,9 @@ fn rollback_transaction(
     }
     let back = back_renames(plan);
     for fk in &facts.fks_kept {
-        let table = back.get(&fk.table).unwrap_or(&fk.table);
+        let table = back.get_in(&fk.schema, &fk.table).unwrap_or(&fk.table);
         tx.push(add_not_valid(
-            "public",
+            &fk.schema,
             table,
             &fk.name,
             &back.apply(&fk.definition),
@@ -533,11 +605,24 @@ fn rollback_transaction(
     tx
 }
 
+/// The oid of schema `schema` in a catalog condition: `'public'::regnamespace` as before
+/// schemas were chosen (the goldens), a lookup by name elsewhere.
+fn namespace_oid(schema: &str) -> String {
+    if schema == crate::naming::PUBLIC {
+        "'public'::regnamespace".to_string()
+    } else {
+        format!(
+            "(SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = {})",
+            quote_literal(schema)
+        )
+    }
+}
+
 /// Names after the rollback, for rewriting definitions read now.
 fn back_renames(plan: &Plan) -> Renames {
     let mut back = Renames::new();
     for m in &plan.to_backup {
-        back.insert(&m.to, &m.from);
+        back.insert_in(&m.schema, &m.to, &m.from);
     }
     back
 }
@@ -560,7 +645,7 @@ fn drop_migration_objects(
     plan: &Plan,
     sets: &TableSets,
     facts: &Facts,
-    dropping: &[&String],
+    dropping: &[&QualName],
 ) {
     for f in &plan.functions {
         tx.push(format!("DROP ROUTINE IF EXISTS {}", f.signature));
@@ -586,13 +671,19 @@ fn drop_migration_objects(
         if !tables.is_empty() {
             tx.push(format!(
                 "DROP TABLE {}",
-                quote_qualified_list("public", tables.iter().map(|n| n.as_str()))
+                tables
+                    .iter()
+                    .map(|n| n.quoted())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
     }
     for m in plan.to_live.iter().filter(|m| {
         matches!(m.kind, ObjectKind::Type | ObjectKind::Sequence)
-            && !facts.kept_sequences.contains(&m.to)
+            && !facts
+                .kept_sequences
+                .contains(&QualName::new(m.schema.clone(), m.to.clone()))
     }) {
         let kw = m.kind.keyword();
         let aside = quote_ident(&prefixed(ROLLEDBACK, &m.to));
@@ -602,11 +693,12 @@ fn drop_migration_objects(
             ("pg_class", "relname", "relnamespace")
         };
         tx.push(pgzm_pg::sql::do_block(&format!(
-            "BEGIN IF EXISTS (SELECT 1 FROM pg_catalog.{cat} WHERE {col} = {name} AND {ns} = 'public'::regnamespace) THEN \
+            "BEGIN IF EXISTS (SELECT 1 FROM pg_catalog.{cat} WHERE {col} = {name} AND {ns} = {}) THEN \
              BEGIN EXECUTE {drop}; EXCEPTION WHEN dependent_objects_still_exist THEN EXECUTE {rename}; END; END IF; END",
+            namespace_oid(&m.schema),
             name = quote_literal(&m.to),
-            drop = quote_literal(&format!("DROP {kw} {}", public(&m.to))),
-            rename = quote_literal(&format!("ALTER {kw} {} RENAME TO {aside}", public(&m.to))),
+            drop = quote_literal(&format!("DROP {kw} {}", m.qualified_to())),
+            rename = quote_literal(&format!("ALTER {kw} {} RENAME TO {aside}", m.qualified_to())),
         )));
     }
 }
@@ -620,14 +712,15 @@ fn restore_backups(
     facts: &Facts,
     restorable_views: &BTreeSet<(&str, &str)>,
 ) {
-    let restored: BTreeSet<&str> = sets.restored.iter().map(|(_, b)| b.as_str()).collect();
+    let restored: BTreeSet<&QualName> = sets.restored.iter().map(|(_, b)| b).collect();
     for m in &plan.to_backup {
+        let to = QualName::new(m.schema.clone(), m.to.clone());
         let rename = match m.kind {
-            ObjectKind::Table => restored.contains(m.to.as_str()),
-            ObjectKind::Index => facts.child_names.contains(&m.to),
+            ObjectKind::Table => restored.contains(&to),
+            ObjectKind::Index => facts.child_names.contains(&to),
             // Owned by a restored table, or free-standing (a kept backup's went with it).
             ObjectKind::Sequence => {
-                facts.child_names.contains(&m.to) || !facts.kept_children.contains(&m.to)
+                facts.child_names.contains(&to) || !facts.kept_children.contains(&to)
             }
             ObjectKind::Type | ObjectKind::Function | ObjectKind::MaterializedView => true,
             ObjectKind::View => restorable_views.contains(&(m.schema.as_str(), m.from.as_str())),
@@ -653,7 +746,7 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
     let plan = &row.plan;
     let sets = TableSets::new(plan, &opts.keep_tables);
     let oid_of = oids(&control, &sets.names()).await?;
-    let problems = sets.problems(plan, row.id, &oid_of);
+    let problems = sets.problems(row.id, &oid_of);
     if !problems.is_empty() {
         return Err(CoordinatorError::Refused(problems));
     }
@@ -662,13 +755,17 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
     let mut report = RollbackReport {
         timestamp: row.id,
         dry_run: opts.dry_run,
-        restored: sets.restored.iter().map(|(l, _)| l.clone()).collect(),
-        kept: sets.keep.iter().cloned().collect(),
+        restored: sets
+            .restored
+            .iter()
+            .map(|(l, _)| l.display_name())
+            .collect(),
+        kept: sets.keep.iter().map(QualName::display_name).collect(),
         dropped: sets
             .current_drop
             .iter()
             .filter(|n| !sets.backups.iter().any(|(l, _)| l == *n))
-            .cloned()
+            .map(QualName::display_name)
             .collect(),
         statements: tx.statements(opts.locks.lock_timeout),
         attempts: 0,
@@ -691,20 +788,19 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
     report.attempts = attempts;
     let back = back_renames(plan);
     for fk in facts.fks_in.iter().chain(&facts.fks_kept) {
-        let table = if fk.schema == crate::naming::PUBLIC {
-            back.get(&fk.table).unwrap_or(&fk.table).to_string()
-        } else {
-            fk.table.clone()
-        };
+        let table = QualName::new(
+            fk.schema.clone(),
+            back.get_in(&fk.schema, &fk.table).unwrap_or(&fk.table),
+        );
         let validate = format!(
-            "ALTER TABLE {} VALIDATE CONSTRAINT {}",
-            quote_qualified(&fk.schema, &table),
+            "ALTER TABLE {table} VALIDATE CONSTRAINT {}",
             quote_ident(&fk.name)
         );
         if let Err(e) = control.batch_execute(&validate).await {
             report.warnings.push(format!(
-                "foreign key \"{}\" on \"{table}\" does not validate after the rollback: {}; it stays NOT VALID until the rows are fixed and you run: {validate}",
+                "foreign key \"{}\" on {} does not validate after the rollback: {}; it stays NOT VALID until the rows are fixed and you run: {validate}",
                 fk.name,
+                table.plain(),
                 pgzm_pg::conn::describe(&e)
             ));
         }
@@ -718,7 +814,7 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
 async fn pending_prepares(
     control: &Client,
     rolled_back: i64,
-    replaced: &[String],
+    replaced: &[QualName],
 ) -> Result<Vec<String>, CoordinatorError> {
     let ids: Vec<i64> = control
         .query(
@@ -740,8 +836,8 @@ async fn pending_prepares(
             .plan
             .preserved
             .iter()
-            .filter(|p| replaced.contains(&p.table))
-            .map(|p| format!("\"{}\"", p.table))
+            .filter(|p| replaced.contains(&p.qualname()))
+            .map(|p| p.qualname().plain())
             .collect();
         warnings.push(if synced.is_empty() {
             format!(
@@ -763,10 +859,10 @@ async fn pending_prepares(
 /// replaces by the restored type of the same name.
 struct Conversion {
     table_oid: Oid,
-    table: String,
+    table: QualName,
     column: String,
     /// The type's live name (the restored type's, after the rollback).
-    type_name: String,
+    type_name: QualName,
     /// Whether the column is an array of the type.
     array: bool,
     /// The column default, as read now (schema-qualified, so it names the restored type after
@@ -779,9 +875,15 @@ impl Conversion {
     fn from_row(row: &tokio_postgres::Row) -> Self {
         Conversion {
             table_oid: row.get("table_oid"),
-            table: row.get("table_name"),
+            table: QualName::new(
+                row.get::<_, String>("schema_name"),
+                row.get::<_, String>("table_name"),
+            ),
             column: row.get("column_name"),
-            type_name: row.get("type_name"),
+            type_name: QualName::new(
+                row.get::<_, String>("type_schema"),
+                row.get::<_, String>("type_name"),
+            ),
             array: row.get("is_array"),
             default: row.get("default_expr"),
         }
@@ -797,33 +899,37 @@ async fn type_conversions(
     plan: &crate::plan::Plan,
     kept_oids: &[Oid],
 ) -> Result<Vec<Conversion>, CoordinatorError> {
-    let replaced: Vec<String> = plan
+    let replaced: Vec<&crate::plan::Move> = plan
         .to_backup
         .iter()
         .filter(|m| m.kind == ObjectKind::Type)
         .filter(|m| {
             plan.to_live
                 .iter()
-                .any(|l| l.kind == ObjectKind::Type && l.to == m.from)
+                .any(|l| l.kind == ObjectKind::Type && l.to == m.from && l.schema == m.schema)
         })
-        .map(|m| m.from.clone())
         .collect();
+    let schemas: Vec<&str> = replaced.iter().map(|m| m.schema.as_str()).collect();
+    let replaced: Vec<&str> = replaced.iter().map(|m| m.from.as_str()).collect();
     if replaced.is_empty() || kept_oids.is_empty() {
         return Ok(Vec::new());
     }
     let rows = control
         .query(
-            "SELECT c.oid AS table_oid, c.relname::text AS table_name, a.attname::text AS column_name,
+            "SELECT c.oid AS table_oid, cn.nspname::text AS schema_name, c.relname::text AS table_name,
+                    a.attname::text AS column_name, tn.nspname::text AS type_schema,
                     t.typname::text AS type_name, a.atttypid = t.typarray AS is_array,
                     pg_get_expr(d.adbin, d.adrelid) AS default_expr
              FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+             JOIN pg_namespace cn ON cn.oid = c.relnamespace
              JOIN pg_type t ON (t.oid = a.atttypid OR t.typarray = a.atttypid)
-                           AND t.typnamespace = 'public'::regnamespace
+             JOIN pg_namespace tn ON tn.oid = t.typnamespace
+             JOIN unnest($2::text[], $3::text[]) w(s, n) ON w.s = tn.nspname AND w.n = t.typname
              LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
              WHERE a.attrelid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped
-               AND a.attgenerated = '' AND t.typname = ANY($2)
-             ORDER BY c.relname, a.attnum",
-            &[&kept_oids, &replaced],
+               AND a.attgenerated = ''
+             ORDER BY cn.nspname, c.relname, a.attnum",
+            &[&kept_oids, &schemas, &replaced],
         )
         .await
         .map_err(|e| CoordinatorError::destination("inspect kept tables' column types", e))?;
@@ -835,7 +941,7 @@ async fn type_conversions(
 /// set again; then the migration's types, now unused, are dropped.
 fn conversion_sql(conversions: &[Conversion]) -> Vec<String> {
     let mut sql = Vec::new();
-    let mut by_table: BTreeMap<&str, Vec<&Conversion>> = BTreeMap::new();
+    let mut by_table: BTreeMap<&QualName, Vec<&Conversion>> = BTreeMap::new();
     for c in conversions {
         by_table.entry(&c.table).or_default().push(c);
     }
@@ -843,8 +949,7 @@ fn conversion_sql(conversions: &[Conversion]) -> Vec<String> {
         let with_default: Vec<&&Conversion> = cols.iter().filter(|c| c.default.is_some()).collect();
         if !with_default.is_empty() {
             sql.push(format!(
-                "ALTER TABLE {} {}",
-                public(table),
+                "ALTER TABLE {table} {}",
                 with_default
                     .iter()
                     .map(|c| format!("ALTER COLUMN {} DROP DEFAULT", quote_ident(&c.column)))
@@ -853,14 +958,13 @@ fn conversion_sql(conversions: &[Conversion]) -> Vec<String> {
             ));
         }
         sql.push(format!(
-            "ALTER TABLE {} {}",
-            public(table),
+            "ALTER TABLE {table} {}",
             cols.iter()
                 .map(|c| {
                     let (text, target) = if c.array {
-                        ("text[]", format!("{}[]", public(&c.type_name)))
+                        ("text[]", format!("{}[]", c.type_name))
                     } else {
-                        ("text", public(&c.type_name))
+                        ("text", c.type_name.quoted())
                     };
                     format!(
                         "ALTER COLUMN {col} TYPE {target} USING {col}::{text}::{target}",
@@ -872,8 +976,7 @@ fn conversion_sql(conversions: &[Conversion]) -> Vec<String> {
         ));
         if !with_default.is_empty() {
             sql.push(format!(
-                "ALTER TABLE {} {}",
-                public(table),
+                "ALTER TABLE {table} {}",
                 with_default
                     .iter()
                     .map(|c| format!(
@@ -886,14 +989,15 @@ fn conversion_sql(conversions: &[Conversion]) -> Vec<String> {
             ));
         }
     }
-    let types: BTreeSet<&str> = conversions.iter().map(|c| c.type_name.as_str()).collect();
+    let types: BTreeSet<&QualName> = conversions.iter().map(|c| &c.type_name).collect();
     for t in types {
-        let aside = prefixed(ROLLEDBACK, t);
+        let aside = t.sibling(prefixed(ROLLEDBACK, &t.name));
         sql.push(pgzm_pg::sql::do_block(&format!(
-            "BEGIN IF EXISTS (SELECT 1 FROM pg_catalog.pg_type WHERE typname = {name} AND typnamespace = 'public'::regnamespace) THEN \
+            "BEGIN IF EXISTS (SELECT 1 FROM pg_catalog.pg_type WHERE typname = {name} AND typnamespace = {}) THEN \
              BEGIN EXECUTE {drop}; EXCEPTION WHEN dependent_objects_still_exist THEN NULL; END; END IF; END",
-            name = quote_literal(&aside),
-            drop = quote_literal(&format!("DROP TYPE {}", public(&aside))),
+            namespace_oid(&t.schema),
+            name = quote_literal(&aside.name),
+            drop = quote_literal(&format!("DROP TYPE {aside}")),
         )));
     }
     sql

@@ -6,6 +6,7 @@ use pgzm_pg::sql::quote_qualified;
 use crate::catalog::SourceSchema;
 use crate::ddl;
 use crate::destination::Destination;
+use crate::naming::QualName;
 use crate::plan::Plan;
 use crate::rewrite::Renames;
 
@@ -20,6 +21,17 @@ pub fn statements(
 ) -> Vec<(String, String)> {
     use pgzm_pg::sql::quote_ident;
     let mut statements: Vec<(String, String)> = Vec::new();
+    for schema in &plan.schemas_to_create {
+        let owner = plan
+            .schema_owner
+            .as_deref()
+            .map(|o| format!(" AUTHORIZATION {}", quote_ident(o)))
+            .unwrap_or_default();
+        statements.push((
+            format!("create schema \"{schema}\""),
+            format!("CREATE SCHEMA {}{owner}", quote_ident(schema)),
+        ));
+    }
     for (signature, definition) in &plan.functions_to_create {
         statements.push((
             format!("create trigger function {signature}"),
@@ -31,16 +43,17 @@ pub fn statements(
         for sql in ddl::create_type(t, &m.to, renames) {
             statements.push((action.clone(), sql));
         }
-        if let Some((owner, grants)) = dest.type_acl.get(&t.name) {
+        let name = QualName::new(t.schema.clone(), t.name.clone());
+        if let Some((owner, grants)) = dest.type_acl.get(&name) {
             statements.push((
                 action.clone(),
                 format!(
                     "ALTER TYPE {} OWNER TO {}",
-                    quote_qualified("public", &m.to),
+                    quote_qualified(&m.schema, &m.to),
                     quote_ident(owner)
                 ),
             ));
-            for g in ddl::grants_sql("TYPE", &quote_qualified("public", &m.to), grants) {
+            for g in ddl::grants_sql("TYPE", &quote_qualified(&m.schema, &m.to), grants) {
                 statements.push((action.clone(), g));
             }
         }
@@ -54,14 +67,14 @@ pub fn statements(
         }
     }
     for t in &schema.tables {
-        let Some(tp) = plan.table(&t.name) else {
+        let Some(tp) = plan.table(&t.qualname()) else {
             continue;
         };
         let action = format!("create shadow table \"{}\"", tp.shadow);
         for sql in ddl::create_table(t, &tp.shadow, &schema.sequences, renames) {
             statements.push((action.clone(), sql));
         }
-        if let Some(live) = dest.tables.get(&t.name) {
+        if let Some(live) = dest.tables.get(&t.qualname()) {
             let cols: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
             for sql in ddl::carry_privileges(live, &t.schema, &tp.shadow, &cols, renames) {
                 statements.push((
@@ -74,18 +87,16 @@ pub fn statements(
     // Partitions and inheritance children are created as tables of their own (columns in the
     // source's order), then attached while empty (no scan, no lock anyone waits on).
     for t in &schema.tables {
-        let shadow_of = |name: &str| plan.table(name).map(|p| p.shadow.clone());
-        let Some(shadow) = shadow_of(&t.name) else {
+        let shadow_of = |name: &QualName| plan.table(name).map(|p| p.shadow_name());
+        let Some(shadow) = shadow_of(&t.qualname()) else {
             continue;
         };
         if let Some((parent, bound)) = &t.partition_of {
             if let Some(parent_shadow) = shadow_of(parent) {
                 statements.push((
-                    format!("attach shadow partition \"{shadow}\""),
+                    format!("attach shadow partition {}", shadow.plain()),
                     format!(
-                        "ALTER TABLE {} ATTACH PARTITION {} {}",
-                        quote_qualified("public", &parent_shadow),
-                        quote_qualified("public", &shadow),
+                        "ALTER TABLE {parent_shadow} ATTACH PARTITION {shadow} {}",
                         renames.apply(bound)
                     ),
                 ));
@@ -94,12 +105,8 @@ pub fn statements(
         for parent in &t.inherits {
             if let Some(parent_shadow) = shadow_of(parent) {
                 statements.push((
-                    format!("make shadow table \"{shadow}\" inherit"),
-                    format!(
-                        "ALTER TABLE {} INHERIT {}",
-                        quote_qualified("public", &shadow),
-                        quote_qualified("public", &parent_shadow)
-                    ),
+                    format!("make shadow table {} inherit", shadow.plain()),
+                    format!("ALTER TABLE {shadow} INHERIT {parent_shadow}"),
                 ));
             }
         }
@@ -107,8 +114,11 @@ pub fn statements(
     for (m, s) in plan.sequences.iter().zip(&schema.sequences) {
         let action = format!("set shadow sequence \"{}\"", m.to);
         statements.push((action.clone(), ddl::set_sequence(&m.to, s)));
-        if let Some((_, grants)) = dest.sequence_acl.get(&s.name) {
-            for g in ddl::grants_sql("SEQUENCE", &quote_qualified("public", &m.to), grants) {
+        if let Some((_, grants)) = dest
+            .sequence_acl
+            .get(&QualName::new(s.schema.clone(), s.name.clone()))
+        {
+            for g in ddl::grants_sql("SEQUENCE", &quote_qualified(&m.schema, &m.to), grants) {
                 statements.push((action.clone(), g));
             }
         }

@@ -7,9 +7,12 @@
 
 use tokio_postgres::{Client, GenericClient};
 
+use std::collections::BTreeMap;
+
 use crate::catalog::Oid;
 use crate::error::CoordinatorError;
 use crate::locked::LockedTransaction;
+use crate::naming::QualName;
 use crate::plan::{Move, Plan};
 
 /// Schema holding the tool's metadata.
@@ -305,7 +308,7 @@ pub async fn clean_leftovers(
     objects: &RecordedObjects,
     locks: crate::locked::SwapSettings,
 ) -> Result<Vec<String>, CoordinatorError> {
-    use pgzm_pg::sql::{quote_ident, quote_qualified};
+    use pgzm_pg::sql::quote_ident;
     let ended = crate::copy::end_sessions(client, &crate::copy::session_tag_pattern(id)).await;
     match ended {
         Ok(n) if n > 0 => tracing::info!(
@@ -320,16 +323,16 @@ pub async fn clean_leftovers(
     }
     let mut dropped = Vec::new();
     let mut triggers = LockedTransaction::new();
+    let live = recorded_relations(client, &objects.sync_triggers).await?;
     for (table, oid) in &objects.sync_triggers {
-        if relation_oid(client, table).await? == Some(*oid) {
+        if let Some(qualified) = live.get(oid).filter(|q| &q.name == table) {
             for (name, _) in crate::preserve::TRIGGERS {
                 triggers.push(format!(
-                    "DROP TRIGGER IF EXISTS {} ON {}",
+                    "DROP TRIGGER IF EXISTS {} ON {qualified}",
                     quote_ident(name),
-                    quote_qualified("public", table)
                 ));
             }
-            dropped.push(format!("sync triggers on {table}"));
+            dropped.push(format!("sync triggers on {}", qualified.display_name()));
         }
     }
     for function in &objects.sync_functions {
@@ -378,38 +381,54 @@ async fn shadow_drops(
         )));
         dropped.push(format!("materialized view {name}"));
     }
-    let mut tables = Vec::new();
-    for (name, oid) in &objects.tables {
-        if relation_oid(client, name).await? == Some(*oid) {
-            tables.push(quote_qualified("public", name));
-            dropped.push(format!("table {name}"));
-        }
-    }
+    // Each object is dropped only while it is still the recorded one: same oid, same name
+    // (wherever its schema).
+    let relations: Vec<(String, Oid)> = objects
+        .tables
+        .iter()
+        .chain(&objects.sequences)
+        .cloned()
+        .collect();
+    let found = recorded_relations(client, &relations).await?;
+    let still = |(name, oid): &(String, Oid)| found.get(oid).filter(|q| &q.name == name);
+    let tables: Vec<&QualName> = objects.tables.iter().filter_map(still).collect();
     if !tables.is_empty() {
-        tx.push(format!("DROP TABLE {}", tables.join(", ")));
+        tx.push(format!(
+            "DROP TABLE {}",
+            tables
+                .iter()
+                .map(|t| t.quoted())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        dropped.extend(tables.iter().map(|t| format!("table {}", t.display_name())));
     }
-    for (name, oid) in &objects.sequences {
-        if relation_oid(client, name).await? == Some(*oid) {
-            // Owned sequences went with their tables.
-            tx.push(format!(
-                "DROP SEQUENCE IF EXISTS {}",
-                quote_qualified("public", name)
-            ));
-            dropped.push(format!("sequence {name}"));
-        }
+    for qualified in objects.sequences.iter().filter_map(still) {
+        // Owned sequences went with their tables.
+        tx.push(format!("DROP SEQUENCE IF EXISTS {qualified}"));
+        dropped.push(format!("sequence {}", qualified.display_name()));
     }
+    let oids: Vec<Oid> = objects.types.iter().map(|(_, oid)| *oid).collect();
+    let types: BTreeMap<Oid, QualName> = client
+        .query(
+            "SELECT t.oid, n.nspname::text AS schema_name, t.typname::text AS name
+             FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.oid = ANY($1)",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("look up the shadow types", e))?
+        .iter()
+        .map(|r| (r.get("oid"), qualname(r)))
+        .collect();
     for (name, oid) in objects.types.iter().rev() {
-        let row = client
-            .query_opt(
-                "SELECT oid FROM pg_type WHERE typname = $1 AND typnamespace = 'public'::regnamespace",
-                &[name],
-            )
-            .await
-            .map_err(|e| CoordinatorError::destination("look up a shadow type", e))?;
-        if row.map(|r| r.get::<_, Oid>("oid")) == Some(*oid) {
-            tx.push(format!("DROP TYPE {}", quote_qualified("public", name)));
-            dropped.push(format!("type {name}"));
+        if let Some(qualified) = types.get(oid).filter(|q| &q.name == name) {
+            tx.push(format!("DROP TYPE {qualified}"));
+            dropped.push(format!("type {}", qualified.display_name()));
         }
+    }
+    // Schemas the run created go last, and only when nothing else is in them by then.
+    for schema in &objects.schemas {
+        tx.push(drop_schema_if_empty(schema));
     }
     for signature in &objects.functions {
         // Only if nothing else uses it by now: no CASCADE, and a refusal is not fatal.
@@ -427,18 +446,45 @@ async fn shadow_drops(
     Ok((tx, dropped))
 }
 
-async fn relation_oid(
+/// The current schema-qualified names of the recorded relations that still exist, by oid (one
+/// query for all).
+async fn recorded_relations(
     client: &impl GenericClient,
-    name: &str,
-) -> Result<Option<Oid>, CoordinatorError> {
-    let row = client
-        .query_opt(
-            "SELECT oid FROM pg_class WHERE relname = $1 AND relnamespace = 'public'::regnamespace",
-            &[&name],
+    recorded: &[(String, Oid)],
+) -> Result<BTreeMap<Oid, QualName>, CoordinatorError> {
+    let oids: Vec<Oid> = recorded.iter().map(|(_, oid)| *oid).collect();
+    if oids.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    Ok(client
+        .query(
+            "SELECT c.oid, n.nspname::text AS schema_name, c.relname::text AS name
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = ANY($1)",
+            &[&oids],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("look up a relation", e))?;
-    Ok(row.map(|r| r.get("oid")))
+        .map_err(|e| CoordinatorError::destination("look up the recorded relations", e))?
+        .iter()
+        .map(|r| (r.get("oid"), qualname(r)))
+        .collect())
+}
+
+/// A row's `schema_name` and `name`.
+fn qualname(row: &tokio_postgres::Row) -> QualName {
+    QualName::new(
+        row.get::<_, String>("schema_name"),
+        row.get::<_, String>("name"),
+    )
+}
+
+/// A block dropping `schema` when it holds nothing (a schema a run created, once its objects
+/// are gone); a schema someone else has put objects in by then stays.
+pub fn drop_schema_if_empty(schema: &str) -> String {
+    use pgzm_pg::sql::{quote_ident, quote_literal};
+    pgzm_pg::sql::do_block(&format!(
+        "BEGIN EXECUTE {}; EXCEPTION WHEN dependent_objects_still_exist OR invalid_schema_name THEN NULL; END",
+        quote_literal(&format!("DROP SCHEMA {}", quote_ident(schema)))
+    ))
 }
 
 /// What dropping a backup set runs: its views and functions (one block, dependency order),
@@ -451,7 +497,7 @@ pub struct DropBackupPlan {
     /// What they drop, for the report.
     pub dropped: Vec<String>,
     /// Backup types to drop.
-    pub types: Vec<String>,
+    pub types: Vec<QualName>,
 }
 
 /// The statements dropping the backup objects of `moves` that exist (one catalog query).
@@ -460,22 +506,24 @@ pub async fn drop_backup_statements(
     moves: &[Move],
 ) -> Result<DropBackupPlan, CoordinatorError> {
     use crate::plan::ObjectKind;
-    let names: Vec<String> = moves
+    let relations: Vec<&Move> = moves
         .iter()
         .filter(|m| matches!(m.kind, ObjectKind::Table | ObjectKind::Sequence))
-        .map(|m| m.to.clone())
         .collect();
-    let present: std::collections::BTreeSet<(String, bool)> = client
+    let schemas: Vec<&str> = relations.iter().map(|m| m.schema.as_str()).collect();
+    let names: Vec<&str> = relations.iter().map(|m| m.to.as_str()).collect();
+    let present: std::collections::BTreeSet<(QualName, bool)> = client
         .query(
-            "SELECT relname::text, relkind = 'S' AS is_sequence FROM pg_class
-              WHERE relnamespace = 'public'::regnamespace AND relname = ANY($1)
-                AND relkind IN ('r', 'p', 'S')",
-            &[&names],
+            "SELECT n.nspname::text AS schema_name, c.relname::text AS name, c.relkind = 'S' AS is_sequence
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN unnest($1::text[], $2::text[]) w(s, r) ON w.s = n.nspname AND w.r = c.relname
+              WHERE c.relkind IN ('r', 'p', 'S')",
+            &[&schemas, &names],
         )
         .await
         .map_err(|e| CoordinatorError::destination("look up the backup objects", e))?
         .iter()
-        .map(|r| (r.get("relname"), r.get("is_sequence")))
+        .map(|r| (qualname(r), r.get("is_sequence")))
         .collect();
     Ok(plan_drop_backup(moves, &present))
 }
@@ -484,15 +532,15 @@ pub async fn drop_backup_statements(
 /// (name, is a sequence).
 pub fn plan_drop_backup(
     moves: &[Move],
-    present: &std::collections::BTreeSet<(String, bool)>,
+    present: &std::collections::BTreeSet<(QualName, bool)>,
 ) -> DropBackupPlan {
     use crate::plan::ObjectKind;
-    use pgzm_pg::sql::{quote_qualified, quote_qualified_list};
-    let of_kind = |kind: ObjectKind, sequence: bool| -> Vec<String> {
+    let of_kind = |kind: ObjectKind, sequence: bool| -> Vec<QualName> {
         moves
             .iter()
-            .filter(|m| m.kind == kind && present.contains(&(m.to.clone(), sequence)))
-            .map(|m| m.to.clone())
+            .map(|m| (m, QualName::new(m.schema.clone(), m.to.clone())))
+            .filter(|(m, q)| m.kind == kind && present.contains(&(q.clone(), sequence)))
+            .map(|(_, q)| q)
             .collect()
     };
     let tables = of_kind(ObjectKind::Table, false);
@@ -501,7 +549,7 @@ pub fn plan_drop_backup(
         types: moves
             .iter()
             .filter(|m| m.kind == ObjectKind::Type)
-            .map(|m| m.to.clone())
+            .map(|m| QualName::new(m.schema.clone(), m.to.clone()))
             .collect(),
         ..DropBackupPlan::default()
     };
@@ -514,16 +562,17 @@ pub fn plan_drop_backup(
     if !tables.is_empty() {
         out.statements.push(format!(
             "DROP TABLE {}",
-            quote_qualified_list("public", tables.iter().map(String::as_str))
+            tables
+                .iter()
+                .map(QualName::quoted)
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
         out.dropped
-            .extend(tables.iter().map(|n| format!("table {n}")));
+            .extend(tables.iter().map(|n| format!("table {}", n.display_name())));
     }
     for n in &sequences {
-        out.statements.push(format!(
-            "DROP SEQUENCE IF EXISTS {}",
-            quote_qualified("public", n)
-        ));
+        out.statements.push(format!("DROP SEQUENCE IF EXISTS {n}"));
     }
     out
 }
@@ -535,7 +584,6 @@ pub async fn drop_backup_set(
     moves: &[Move],
 ) -> Result<Vec<String>, CoordinatorError> {
     use crate::plan::ObjectKind;
-    use pgzm_pg::sql::quote_qualified;
     let action = |what: &str| format!("drop the backup set of migration {id}: {what}");
     let tx = client
         .transaction()
@@ -556,12 +604,12 @@ pub async fn drop_backup_set(
     // `backup_` name — the next swap needs that name for the type it replaces — for
     // `replaced_<name>` (or `replaced_<id>_<name>` if taken), and is reported.
     for n in &types {
-        let sql = format!("DROP TYPE IF EXISTS {}", quote_qualified("public", n));
+        let sql = format!("DROP TYPE IF EXISTS {n}");
         tx.batch_execute("SAVEPOINT drop_type")
             .await
             .map_err(|e| CoordinatorError::destination(action("savepoint"), e))?;
         match tx.batch_execute(&sql).await {
-            Ok(()) => dropped.push(format!("type {n}")),
+            Ok(()) => dropped.push(format!("type {}", n.display_name())),
             Err(e) => {
                 tx.batch_execute("ROLLBACK TO SAVEPOINT drop_type")
                     .await
@@ -570,16 +618,16 @@ pub async fn drop_backup_set(
                     })?;
                 let live = moves
                     .iter()
-                    .find(|m| m.kind == ObjectKind::Type && &m.to == n)
-                    .map_or(n.as_str(), |m| m.from.as_str());
+                    .find(|m| m.kind == ObjectKind::Type && m.to == n.name && m.schema == n.schema)
+                    .map_or(n.name.as_str(), |m| m.from.as_str());
                 let used_by: String = tx
                     .query_one(
                         "SELECT coalesce(string_agg(DISTINCT format('%I.%I', c.relname, a.attname), ', '), '') AS used_by
                          FROM pg_type t JOIN pg_attribute a ON a.atttypid IN (t.oid, t.typarray)
                          JOIN pg_class c ON c.oid = a.attrelid
-                         WHERE t.typname = $1 AND t.typnamespace = 'public'::regnamespace
+                         WHERE t.typname = $1 AND t.typnamespace = (SELECT oid FROM pg_namespace WHERE nspname = $2)
                            AND a.attnum > 0 AND NOT a.attisdropped",
-                        &[n],
+                        &[&n.name, &n.schema],
                     )
                     .await
                     .map_err(|e| CoordinatorError::destination(action("find a type's users"), e))?
@@ -589,8 +637,8 @@ pub async fn drop_backup_set(
                     let tx = &tx;
                     async move {
                         tx.query_opt(
-                            "SELECT 1 FROM pg_type WHERE typname = $1 AND typnamespace = 'public'::regnamespace",
-                            &[&name],
+                            "SELECT 1 FROM pg_type WHERE typname = $1 AND typnamespace = (SELECT oid FROM pg_namespace WHERE nspname = $2)",
+                            &[&name, &n.schema],
                         )
                         .await
                         .map(|r| r.is_some())
@@ -601,8 +649,7 @@ pub async fn drop_backup_set(
                     aside = crate::naming::prefixed(&format!("replaced_{id}_"), live);
                 }
                 let rename = format!(
-                    "ALTER TYPE {} RENAME TO {}",
-                    quote_qualified("public", n),
+                    "ALTER TYPE {n} RENAME TO {}",
                     pgzm_pg::sql::quote_ident(&aside)
                 );
                 tx.batch_execute(&rename)
@@ -610,7 +657,8 @@ pub async fn drop_backup_set(
                     .map_err(|e| CoordinatorError::destination(action(&rename), e))?;
                 tracing::warn!(r#type = %n, renamed_to = %aside, used_by = %used_by, error = %pgzm_pg::conn::describe(&e), "backup type kept: still in use");
                 dropped.push(format!(
-                    "type {n} kept, still used by {used_by}: renamed to {aside}"
+                    "type {} kept, still used by {used_by}: renamed to {aside}",
+                    n.display_name()
                 ));
             }
         }

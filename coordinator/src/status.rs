@@ -6,6 +6,7 @@ use tokio_postgres::Client;
 
 use crate::conninfo::DbUrl;
 use crate::error::CoordinatorError;
+use crate::naming::QualName;
 use crate::plan::Plan;
 use crate::preserve::TRIGGERS;
 use crate::records::RunStatus;
@@ -14,6 +15,8 @@ use crate::state::{self, RecordedObjects};
 /// A shadow table and its rows.
 #[derive(Debug, Clone, Serialize)]
 pub struct ShadowTable {
+    /// Schema of the table and its shadow.
+    pub schema: String,
     /// Live name.
     pub table: String,
     /// Shadow name.
@@ -91,22 +94,46 @@ pub struct Status {
     pub error: Option<String>,
 }
 
-/// Oids of the named relations in `public` that exist, in one query.
+/// Oids of the named relations that exist, in one query.
 async fn oids_of(
     client: &Client,
-    names: Vec<String>,
-) -> Result<std::collections::HashMap<String, u32>, CoordinatorError> {
+    names: Vec<QualName>,
+) -> Result<std::collections::HashMap<QualName, u32>, CoordinatorError> {
+    let schemas: Vec<&str> = names.iter().map(|n| n.schema.as_str()).collect();
+    let relations: Vec<&str> = names.iter().map(|n| n.name.as_str()).collect();
     let rows = client
         .query(
-            "SELECT relname::text, oid FROM pg_class WHERE relname = ANY($1) AND relnamespace = 'public'::regnamespace",
-            &[&names],
+            "SELECT n.nspname::text AS schema_name, c.relname::text AS name, c.oid
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN unnest($1::text[], $2::text[]) w(s, r) ON w.s = n.nspname AND w.r = c.relname",
+            &[&schemas, &relations],
         )
         .await
         .map_err(|e| CoordinatorError::destination("inspect shadow tables", e))?;
     Ok(rows
         .iter()
-        .map(|r| (r.get("relname"), r.get("oid")))
+        .map(|r| {
+            let name = QualName::new(
+                r.get::<_, String>("schema_name"),
+                r.get::<_, String>("name"),
+            );
+            (name, r.get("oid"))
+        })
         .collect())
+}
+
+/// Whether the shadow table of `t` exists as the run recorded it (by name and oid).
+fn recorded_shadow(
+    t: &crate::plan::TablePlan,
+    objects: &RecordedObjects,
+    existing: &std::collections::HashMap<QualName, u32>,
+) -> bool {
+    existing.get(&t.shadow_name()).is_some_and(|oid| {
+        objects
+            .tables
+            .iter()
+            .any(|(n, o)| n == &t.shadow && o == oid)
+    })
 }
 
 async fn triggers_of(client: &Client, plan: &Plan) -> Result<Vec<SyncTrigger>, CoordinatorError> {
@@ -116,13 +143,14 @@ async fn triggers_of(client: &Client, plan: &Plan) -> Result<Vec<SyncTrigger>, C
             let row = client
                 .query_opt(
                     "SELECT t.tgenabled <> 'D' AS enabled FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
-                     WHERE c.relnamespace = 'public'::regnamespace AND c.relname = $1 AND t.tgname = $2",
-                    &[&p.table, &name],
+                     WHERE c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = $3)
+                       AND c.relname = $1 AND t.tgname = $2",
+                    &[&p.table, &name, &p.schema],
                 )
                 .await
                 .map_err(|e| CoordinatorError::destination("inspect sync triggers", e))?;
             out.push(SyncTrigger {
-                table: p.table.clone(),
+                table: p.qualname().display_name(),
                 trigger: name.to_string(),
                 present: row.is_some(),
                 enabled: row.map(|r| r.get("enabled")).unwrap_or(false),
@@ -142,19 +170,14 @@ pub async fn shadow_problems(
     let mut problems = Vec::new();
     let present = oids_of(
         client,
-        plan.tables.iter().map(|t| t.shadow.clone()).collect(),
+        plan.tables.iter().map(|t| t.shadow_name()).collect(),
     )
     .await?;
     for t in &plan.tables {
-        let recorded = objects
-            .tables
-            .iter()
-            .find(|(n, _)| n == &t.shadow)
-            .map(|(_, o)| *o);
-        if recorded.is_none() || present.get(&t.shadow).copied() != recorded {
+        if !recorded_shadow(t, objects, &present) {
             problems.push(format!(
-                "shadow table \"{}\" is missing or was replaced",
-                t.shadow
+                "shadow table {} is missing or was replaced",
+                t.shadow_name().plain()
             ));
         }
     }
@@ -186,32 +209,28 @@ pub async fn shadow_problems(
     Ok(problems)
 }
 
-async fn count(client: &Client, table: &str) -> Result<i64, CoordinatorError> {
-    let sql = format!(
-        "SELECT count(*) AS row_count FROM ONLY {}",
-        pgzm_pg::sql::quote_qualified("public", table)
-    );
-    let row = client
-        .query_one(&sql, &[])
-        .await
-        .map_err(|e| CoordinatorError::destination(format!("count rows of \"{table}\""), e))?;
+async fn count(client: &Client, table: &QualName) -> Result<i64, CoordinatorError> {
+    let sql = format!("SELECT count(*) AS row_count FROM ONLY {table}");
+    let row = client.query_one(&sql, &[]).await.map_err(|e| {
+        CoordinatorError::destination(format!("count rows of {}", table.plain()), e)
+    })?;
     Ok(row.get("row_count"))
 }
 
 /// Row counts of a shadow table and its live table, read in one statement (one snapshot).
 async fn count_pair(
     client: &Client,
-    shadow: &str,
-    live: &str,
+    shadow: &QualName,
+    live: &QualName,
 ) -> Result<(i64, i64), CoordinatorError> {
-    use pgzm_pg::sql::quote_qualified;
     let sql = format!(
-        "SELECT (SELECT count(*) FROM ONLY {}) AS shadow_rows, (SELECT count(*) FROM ONLY {}) AS live_rows",
-        quote_qualified("public", shadow),
-        quote_qualified("public", live)
+        "SELECT (SELECT count(*) FROM ONLY {shadow}) AS shadow_rows, (SELECT count(*) FROM ONLY {live}) AS live_rows"
     );
     let row = client.query_one(&sql, &[]).await.map_err(|e| {
-        CoordinatorError::destination(format!("count rows of \"{shadow}\" and \"{live}\""), e)
+        CoordinatorError::destination(
+            format!("count rows of {} and {}", shadow.plain(), live.plain()),
+            e,
+        )
     })?;
     Ok((row.get("shadow_rows"), row.get("live_rows")))
 }
@@ -241,28 +260,22 @@ async fn shadow_tables(
 ) -> Result<Vec<ShadowTable>, CoordinatorError> {
     let existing = oids_of(
         client,
-        row.plan.tables.iter().map(|t| t.shadow.clone()).collect(),
+        row.plan.tables.iter().map(|t| t.shadow_name()).collect(),
     )
     .await?;
     let mut out = Vec::new();
     for t in &row.plan.tables {
-        let recorded = row
-            .objects
-            .tables
-            .iter()
-            .find(|(n, _)| n == &t.shadow)
-            .map(|(_, o)| *o);
-        let present = recorded.is_some() && existing.get(&t.shadow).copied() == recorded;
-        let preserved = row.plan.is_preserved(&t.name);
+        let present = recorded_shadow(t, &row.objects, &existing);
+        let preserved = row.plan.is_preserved(&t.qualname());
         let (rows, expected_rows) = match (present, preserved) {
             // One statement, hence one snapshot: a write committing in between (mirrored into
             // the shadow in the same transaction) cannot make the two counts differ.
             (true, true) => {
-                let (shadow, live) = count_pair(client, &t.shadow, &t.name).await?;
+                let (shadow, live) = count_pair(client, &t.shadow_name(), &t.qualname()).await?;
                 (Some(shadow), Some(live))
             }
-            (true, false) => (Some(count(client, &t.shadow).await?), None),
-            (false, true) => (None, Some(count(client, &t.name).await?)),
+            (true, false) => (Some(count(client, &t.shadow_name()).await?), None),
+            (false, true) => (None, Some(count(client, &t.qualname()).await?)),
             (false, false) => (None, None),
         };
         let expected_rows = if preserved {
@@ -272,14 +285,14 @@ async fn shadow_tables(
         } else {
             copied
                 .iter()
-                .find(|c| c.table == t.name)
+                .find(|c| c.table == t.qualname().display_name())
                 .map(|c| c.rows as i64)
         };
         // A partitioned table has no rows of its own: its partitions' are checked each.
         if present && !t.partitioned && rows != expected_rows {
             problems.push(format!(
-                "shadow table \"{}\" has {} rows, expected {}",
-                t.shadow,
+                "shadow table {} has {} rows, expected {}",
+                t.shadow_name().plain(),
                 rows.unwrap_or(0),
                 expected_rows
                     .map(|e| e.to_string())
@@ -287,6 +300,7 @@ async fn shadow_tables(
             ));
         }
         out.push(ShadowTable {
+            schema: t.schema.clone(),
             table: t.name.clone(),
             shadow: t.shadow.clone(),
             present,

@@ -18,6 +18,7 @@ use tracing::info;
 
 use crate::ddl::grants_sql;
 use crate::error::CoordinatorError;
+use crate::naming::QualName;
 use crate::plan::{FunctionPlan, ObjectKind, Plan, ViewPlan};
 use crate::state::AsideSet;
 
@@ -312,12 +313,13 @@ pub async fn validate_deferred(client: &Client, plan: &Plan) -> Vec<String> {
     for (table, name) in &plan.deferred_validations {
         let sql = format!(
             "ALTER TABLE {} VALIDATE CONSTRAINT {}",
-            quote_qualified("public", table),
+            table.quoted(),
             quote_ident(name)
         );
         if let Err(e) = client.batch_execute(&sql).await {
             problems.push(format!(
-                "foreign key \"{name}\" on \"{table}\" does not validate: {}; a write committed just before the swap broke it. It stays NOT VALID (new writes are checked) until you fix the rows and run: {sql}",
+                "foreign key \"{name}\" on {} does not validate: {}; a write committed just before the swap broke it. It stays NOT VALID (new writes are checked) until you fix the rows and run: {sql}",
+                table.plain(),
                 describe(&e)
             ));
         }
@@ -338,10 +340,10 @@ pub async fn validate_repointed(client: &Client, plan: &Plan) -> Vec<String> {
         );
         if let Err(e) = client.batch_execute(&sql).await {
             warnings.push(format!(
-                "foreign key \"{}\" on \"{}\" was re-pointed to the new \"{}\" but does not validate: {}; it stays NOT VALID until you fix the rows and run: {sql}",
+                "foreign key \"{}\" on {} was re-pointed to the new {} but does not validate: {}; it stays NOT VALID until you fix the rows and run: {sql}",
                 fk.name,
-                fk.table,
-                fk.references,
+                QualName::new(fk.schema.clone(), fk.table.clone()).plain(),
+                QualName::new(fk.references_schema.clone(), fk.references.clone()).plain(),
                 describe(&e)
             ));
         }

@@ -1,10 +1,11 @@
-//! The source's `public` schema as read from pg_catalog, as typed rows.
+//! The source's migrated schemas (`public` unless chosen) as read from pg_catalog, as typed
+//! rows.
 //!
 //! Every query here runs inside the coordinator's snapshot transaction on the source, so the
 //! schema and the copied data describe the same instant. The session's `search_path` is set to
 //! `pg_catalog` first, so every expression PostgreSQL prints (`pg_get_expr`,
 //! `pg_get_constraintdef`, `pg_get_indexdef`, `pg_get_viewdef`, `format_type`) names objects of
-//! `public` schema-qualified; [`crate::rewrite`] relies on that to point them at shadow objects.
+//! the migrated schemas schema-qualified; [`crate::rewrite`] relies on that to point them at shadow objects.
 
 mod queries;
 
@@ -13,6 +14,7 @@ use std::collections::BTreeSet;
 use tokio_postgres::Client;
 
 use crate::error::CoordinatorError;
+pub use crate::naming::QualName;
 
 pub use queries::{matviews_by_oid, read_schema, topological_order, VIEW_DEPENDENCIES_SQL};
 
@@ -22,17 +24,20 @@ pub type Oid = u32;
 /// Everything a table-swap migration carries from the source.
 #[derive(Debug, Clone, Default)]
 pub struct SourceSchema {
-    /// Ordinary tables of `public` (extension members excluded), by name.
+    /// The schemas migrated.
+    pub schemas: Vec<String>,
+    /// Ordinary and partitioned tables of the schemas (extension members excluded), by
+    /// schema and name.
     pub tables: Vec<Table>,
-    /// User-defined enum and domain types of `public` that the tables use.
+    /// User-defined types of the schemas that the tables use.
     pub types: Vec<UserType>,
     /// Sequences owned by the tables' columns or used by their defaults.
     pub sequences: Vec<Sequence>,
-    /// Views of `public`, in dependency order (a view after the views it reads).
+    /// Views of the schemas, in dependency order (a view after the views it reads).
     pub views: Vec<View>,
-    /// Materialized views of `public`, in dependency order.
+    /// Materialized views of the schemas, in dependency order.
     pub matviews: Vec<Matview>,
-    /// Functions of `public` called by the tables' triggers.
+    /// Functions of the schemas that the tables' triggers, defaults, checks and indexes call.
     pub functions: Vec<Function>,
     /// Routines the migrated objects use that pgzm does not create (aggregates, functions of
     /// other schemas): (signature, what it is), required to exist in the destination.
@@ -42,20 +47,22 @@ pub struct SourceSchema {
     /// Objects the migration cannot carry, with the reason (the plan refuses when not empty).
     pub unsupported: Vec<String>,
     /// Tables the filters left out: not migrated (they stay as they are in the destination).
-    pub excluded: Vec<String>,
+    pub excluded: Vec<QualName>,
     /// Tables migrated without their rows (`--exclude-table-data`).
-    pub without_data: BTreeSet<String>,
+    pub without_data: BTreeSet<QualName>,
 }
 
 impl SourceSchema {
     /// The table of that name.
-    pub fn table(&self, name: &str) -> Option<&Table> {
-        self.tables.iter().find(|t| t.name == name)
+    pub fn table(&self, name: &QualName) -> Option<&Table> {
+        self.tables
+            .iter()
+            .find(|t| t.name == name.name && t.schema == name.schema)
     }
 
     /// Names of all tables.
-    pub fn table_names(&self) -> BTreeSet<&str> {
-        self.tables.iter().map(|t| t.name.as_str()).collect()
+    pub fn table_names(&self) -> BTreeSet<QualName> {
+        self.tables.iter().map(Table::qualname).collect()
     }
 }
 
@@ -95,12 +102,17 @@ pub struct Table {
     pub partition_key: Option<String>,
     /// The partitioned table this one is a partition of, and its bound
     /// (`FOR VALUES …` or `DEFAULT`).
-    pub partition_of: Option<(String, String)>,
+    pub partition_of: Option<(QualName, String)>,
     /// Inheritance parents (not partitioning), in `inhseqno` order.
-    pub inherits: Vec<String>,
+    pub inherits: Vec<QualName>,
 }
 
 impl Table {
+    /// Its schema-qualified name.
+    pub fn qualname(&self) -> QualName {
+        QualName::new(self.schema.clone(), self.name.clone())
+    }
+
     /// Whether it is a partitioned table (no storage of its own: nothing to copy).
     pub fn is_partitioned(&self) -> bool {
         self.partition_key.is_some()
@@ -162,7 +174,7 @@ pub struct Constraint {
     /// `pg_get_constraintdef`, qualified.
     pub definition: String,
     /// Referenced table for foreign keys.
-    pub references: Option<String>,
+    pub references: Option<QualName>,
     /// Whether the constraint was validated in the source (NOT VALID ones are re-added NOT VALID).
     pub validated: bool,
     /// COMMENT ON CONSTRAINT.
@@ -284,7 +296,8 @@ pub struct Sequence {
     pub cache: i64,
     /// CYCLE.
     pub cycle: bool,
-    /// Owning column (table, column), for serial and identity sequences.
+    /// Owning column (table, column), for serial and identity sequences (the table is in the
+    /// sequence's schema: PostgreSQL requires it).
     pub owned_by: Option<(String, String)>,
     /// Whether this is an identity column's internal sequence.
     pub identity: bool,
@@ -293,7 +306,7 @@ pub struct Sequence {
     /// `is_called` in the source.
     pub is_called: bool,
     /// Columns whose default uses it (table, column), owned or not.
-    pub used_by: Vec<(String, String)>,
+    pub used_by: Vec<(QualName, String)>,
 }
 
 /// A view of the source.
@@ -343,7 +356,8 @@ pub struct Function {
 /// Reads the source schema inside the caller's snapshot transaction.
 pub async fn read(
     client: &Client,
+    schemas: &[String],
     filter: &crate::filter::TableFilter,
 ) -> Result<SourceSchema, CoordinatorError> {
-    read_schema(client, filter).await
+    read_schema(client, schemas, filter).await
 }

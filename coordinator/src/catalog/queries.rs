@@ -7,13 +7,15 @@ use tokio_postgres::Client;
 use super::*;
 use crate::error::CoordinatorError;
 use crate::filter::TableFilter;
+use crate::naming::QualName;
 
 const TABLES: &str = "
 SELECT c.oid AS oid, (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c.relnamespace) AS schema_name, c.relname::text AS name, c.relkind::text AS kind, c.relpersistence::text AS persistence,
        coalesce(c.reloptions, '{}')::text[] AS reloptions,
-       -- Parents outside the migrated schema (a partition or child of another schema's table).
+       -- Parents outside the migrated schemas (a partition or child of another schema's table).
        EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
-               WHERE i.inhrelid = c.oid AND p.relnamespace <> c.relnamespace) AS parent_elsewhere,
+               JOIN pg_namespace pn ON pn.oid = p.relnamespace
+               WHERE i.inhrelid = c.oid AND NOT pn.nspname = ANY($1::text[])) AS parent_elsewhere,
        obj_description(c.oid, 'pg_class') AS comment,
        c.reltuples::int8 AS estimated_rows,
        (c.relpages::int8 + coalesce((SELECT t.relpages FROM pg_class t WHERE t.oid = c.reltoastrelid), 0))
@@ -25,20 +27,24 @@ SELECT c.oid AS oid, (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c
                     THEN (c.reltuples * (2 + sum(4 + coalesce(s.avg_width * (1 - s.null_frac), 0))))::int8
                     ELSE 0 END
           FROM pg_attribute a
-          LEFT JOIN pg_stats s ON s.schemaname = 'public' AND s.tablename = c.relname AND s.attname = a.attname
+          LEFT JOIN pg_stats s ON s.schemaname = n.nspname AND s.tablename = c.relname AND s.attname = a.attname
          WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '') AS estimated_copy_bytes,
        CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END AS partition_key,
        (SELECT p.relname::text FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
          WHERE i.inhrelid = c.oid AND c.relispartition) AS partition_parent,
+       (SELECT pn.nspname::text FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace
+         WHERE i.inhrelid = c.oid AND c.relispartition) AS partition_parent_schema,
        CASE WHEN c.relispartition THEN pg_get_expr(c.relpartbound, c.oid) END AS partition_bound,
        ARRAY(SELECT p.relname::text FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
-              WHERE i.inhrelid = c.oid AND NOT c.relispartition ORDER BY i.inhseqno) AS inherits
-FROM pg_class c
-WHERE c.relnamespace = 'public'::regnamespace
+              WHERE i.inhrelid = c.oid AND NOT c.relispartition ORDER BY i.inhseqno) AS inherits,
+       ARRAY(SELECT pn.nspname::text FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace
+              WHERE i.inhrelid = c.oid AND NOT c.relispartition ORDER BY i.inhseqno) AS inherits_schemas
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = ANY($1::text[])
   AND c.relkind IN ('r', 'p', 'm', 'f')
   AND NOT EXISTS (SELECT 1 FROM pg_depend d
                   WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
-ORDER BY c.relname";
+ORDER BY n.nspname, c.relname";
 
 const COLUMNS: &str = "
 SELECT a.attrelid AS table_oid, a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS type_sql, a.atttypid AS type_oid,
@@ -86,9 +92,10 @@ ORDER BY i.indrelid, ic.relname";
 
 const TRIGGERS: &str = "
 SELECT tg.tgrelid AS table_oid, tg.tgname::text AS name, pg_get_triggerdef(tg.oid) AS definition, tg.tgenabled <> 'D' AS enabled, tg.tgfoid AS function_oid,
-       p.pronamespace = 'public'::regnamespace AS function_in_public, p.pronamespace = 'pg_catalog'::regnamespace AS function_in_catalog
+       pn.nspname = ANY($2::text[]) AS function_migrated, p.pronamespace = 'pg_catalog'::regnamespace AS function_in_catalog
 FROM pg_trigger tg
 JOIN pg_proc p ON p.oid = tg.tgfoid
+JOIN pg_namespace pn ON pn.oid = p.pronamespace
 WHERE tg.tgrelid = ANY($1::oid[]) AND NOT tg.tgisinternal
   -- A partitioned table's row trigger is cloned onto its partitions by the server.
   AND tg.tgparentid = 0
@@ -100,7 +107,7 @@ FROM pg_proc p WHERE p.oid = ANY($1::oid[]) ORDER BY 1";
 
 const TYPES: &str = "
 SELECT t.oid AS oid, (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = t.typnamespace) AS schema_name, t.typarray AS array_oid, t.typname::text AS name, t.typtype::text AS kind,
-       t.typnamespace = 'public'::regnamespace
+       (SELECT n.nspname FROM pg_namespace n WHERE n.oid = t.typnamespace) = ANY($2::text[])
          AND NOT EXISTS (SELECT 1 FROM pg_depend d
                          WHERE d.classid = 'pg_type'::regclass AND d.objid = t.oid AND d.deptype = 'e') AS user_owned,
        obj_description(t.oid, 'pg_type') AS comment,
@@ -171,11 +178,12 @@ SELECT s.oid AS oid, (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = s
        coalesce(o.deptype = 'i', false) AS identity,
        coalesce(pg_sequence_last_value(s.oid), sq.seqstart) AS last_value,
        pg_sequence_last_value(s.oid) IS NOT NULL AS is_called,
-       s.relnamespace = 'public'::regnamespace AS in_public,
-       ARRAY(SELECT DISTINCT c.relname::text || '|' || a.attname::text
+       (SELECT n.nspname FROM pg_namespace n WHERE n.oid = s.relnamespace) = ANY($2::text[]) AS migrated,
+       ARRAY(SELECT DISTINCT cn.nspname::text || '|' || c.relname::text || '|' || a.attname::text
              FROM pg_depend dd
              JOIN pg_attrdef ad ON ad.oid = dd.objid
-             JOIN pg_class c ON c.oid = ad.adrelid AND c.relnamespace = 'public'::regnamespace
+             JOIN pg_class c ON c.oid = ad.adrelid
+             JOIN pg_namespace cn ON cn.oid = c.relnamespace AND cn.nspname = ANY($2::text[])
              JOIN pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
              WHERE dd.classid = 'pg_attrdef'::regclass AND dd.refclassid = 'pg_class'::regclass
                AND dd.refobjid = s.oid) AS used_by
@@ -184,13 +192,13 @@ JOIN pg_sequence sq ON sq.seqrelid = s.oid
 LEFT JOIN pg_depend o ON o.classid = 'pg_class'::regclass AND o.objid = s.oid
                      AND o.refclassid = 'pg_class'::regclass AND o.deptype IN ('a', 'i')
 WHERE s.relkind = 'S' AND s.oid IN (SELECT seq FROM used)
-ORDER BY s.relname";
+ORDER BY 2, s.relname";
 
 const VIEWS: &str = "
 SELECT c.oid AS oid, (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c.relnamespace) AS schema_name, c.relname::text AS name, pg_get_viewdef(c.oid) AS definition, coalesce(c.reloptions, '{}')::text[] AS options,
        obj_description(c.oid, 'pg_class') AS comment
-FROM pg_class c
-WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'v'
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = ANY($1::text[]) AND c.relkind = 'v'
   AND NOT EXISTS (SELECT 1 FROM pg_depend d
                   WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
 
@@ -204,7 +212,7 @@ WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid <> r.ev_class";
 /// Columns that may reference large objects (type `oid`, or a domain over it such as the `lo`
 /// extension's), when the source has large objects at all.
 const LARGE_OBJECT_COLUMNS: &str = "
-SELECT c.relname::text AS table_name, a.attname::text AS column_name, format_type(a.atttypid, a.atttypmod) AS type_sql
+SELECT (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c.relnamespace) AS schema_name, c.relname::text AS table_name, a.attname::text AS column_name, format_type(a.atttypid, a.atttypmod) AS type_sql
 FROM pg_attribute a
 JOIN pg_class c ON c.oid = a.attrelid
 JOIN pg_type t ON t.oid = a.atttypid
@@ -225,9 +233,13 @@ fn catalog_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> Coordina
 /// snapshot transaction.
 pub async fn read_schema(
     client: &Client,
+    schemas: &[String],
     filter: &TableFilter,
 ) -> Result<SourceSchema, CoordinatorError> {
-    let mut schema = SourceSchema::default();
+    let mut schema = SourceSchema {
+        schemas: schemas.to_vec(),
+        ..SourceSchema::default()
+    };
     let (matview_oids, cannot) = read_tables(client, &mut schema).await?;
     let excluded = apply_filter(client, filter, &mut schema, cannot).await?;
     let t = TableIndex::of(&schema, excluded);
@@ -260,15 +272,15 @@ async fn apply_filter(
     client: &Client,
     filter: &TableFilter,
     schema: &mut SourceSchema,
-    cannot: Vec<(String, String)>,
-) -> Result<HashMap<Oid, String>, CoordinatorError> {
-    let names: Vec<String> = schema
+    cannot: Vec<(QualName, String)>,
+) -> Result<HashMap<Oid, QualName>, CoordinatorError> {
+    let names: Vec<QualName> = schema
         .tables
         .iter()
-        .map(|t| t.name.clone())
+        .map(Table::qualname)
         .chain(cannot.iter().map(|(n, _)| n.clone()))
         .collect();
-    let selection = filter.select(client, crate::naming::PUBLIC, &names).await?;
+    let selection = filter.select(client, &names).await?;
     schema.unsupported.extend(
         cannot
             .into_iter()
@@ -282,21 +294,25 @@ async fn apply_filter(
             .map(|(parent, _)| parent)
             .chain(&t.inherits);
         for parent in parents {
-            if selection.excluded.contains(&t.name) != selection.excluded.contains(parent) {
+            if selection.excluded.contains(&t.qualname()) != selection.excluded.contains(parent) {
                 schema.unsupported.push(format!(
-                    "table \"{}\" is a partition or child of \"{parent}\" and the table filters select one of them but not the other: select whole partition and inheritance trees",
-                    t.name
+                    "table {} is a partition or child of {} and the table filters select one of them but not the other: select whole partition and inheritance trees",
+                    t.qualname().plain(),
+                    parent.plain()
                 ));
             }
         }
     }
     let (kept, left_out): (Vec<Table>, Vec<Table>) = std::mem::take(&mut schema.tables)
         .into_iter()
-        .partition(|t| !selection.excluded.contains(&t.name));
+        .partition(|t| !selection.excluded.contains(&t.qualname()));
     schema.tables = kept;
     schema.excluded = selection.excluded.into_iter().collect();
     schema.without_data = selection.without_data;
-    Ok(left_out.into_iter().map(|t| (t.oid, t.name)).collect())
+    Ok(left_out
+        .into_iter()
+        .map(|t| (t.oid, t.qualname()))
+        .collect())
 }
 
 /// The migrated tables' oids, and each one's position in `schema.tables` and name; the names
@@ -304,12 +320,12 @@ async fn apply_filter(
 struct TableIndex {
     oids: Vec<Oid>,
     index_of: HashMap<Oid, usize>,
-    name_of: HashMap<Oid, String>,
-    excluded: HashMap<Oid, String>,
+    name_of: HashMap<Oid, QualName>,
+    excluded: HashMap<Oid, QualName>,
 }
 
 impl TableIndex {
-    fn of(schema: &SourceSchema, excluded: HashMap<Oid, String>) -> Self {
+    fn of(schema: &SourceSchema, excluded: HashMap<Oid, QualName>) -> Self {
         TableIndex {
             excluded,
             oids: schema.tables.iter().map(|t| t.oid).collect(),
@@ -322,7 +338,7 @@ impl TableIndex {
             name_of: schema
                 .tables
                 .iter()
-                .map(|t| (t.oid, t.name.clone()))
+                .map(|t| (t.oid, t.qualname()))
                 .collect(),
         }
     }
@@ -333,34 +349,38 @@ impl TableIndex {
 async fn read_tables(
     client: &Client,
     schema: &mut SourceSchema,
-) -> Result<(Vec<Oid>, Vec<(String, String)>), CoordinatorError> {
+) -> Result<(Vec<Oid>, Vec<(QualName, String)>), CoordinatorError> {
     let mut matview_oids: Vec<Oid> = Vec::new();
     // Tables pgzm cannot migrate, with the reason: refused unless the filters leave them out.
-    let mut cannot: Vec<(String, String)> = Vec::new();
+    let mut cannot: Vec<(QualName, String)> = Vec::new();
     for row in client
-        .query(TABLES, &[])
+        .query(TABLES, &[&schema.schemas])
         .await
         .map_err(catalog_err("read tables"))?
     {
-        let name: String = row.get("name");
+        let name = QualName::new(
+            row.get::<_, String>("schema_name"),
+            row.get::<_, String>("name"),
+        );
         let kind: String = row.get("kind");
         let inherits: bool = row.get("parent_elsewhere");
         match kind.as_str() {
             "m" => matview_oids.push(row.get::<_, Oid>("oid")),
             "f" => {
-                let why = format!("foreign table \"{name}\": foreign tables are not migrated (leave it out with --exclude-table)");
+                let why = format!("foreign table {}: foreign tables are not migrated (leave it out with --exclude-table)", name.plain());
                 cannot.push((name, why));
             }
             _ if inherits => {
                 let why = format!(
-                    "table \"{name}\" is a partition or child of a table in another schema: migrate that schema's tables together with it"
+                    "table {} is a partition or child of a table in a schema that is not migrated: add that schema with --schema",
+                    name.plain()
                 );
                 cannot.push((name, why));
             }
             _ => schema.tables.push(Table {
                 oid: row.get("oid"),
-                schema: row.get("schema_name"),
-                name,
+                schema: name.schema,
+                name: name.name,
                 persistence: row
                     .get::<_, String>("persistence")
                     .chars()
@@ -378,9 +398,16 @@ async fn read_tables(
                 estimated_copy_bytes: row.get("estimated_copy_bytes"),
                 partition_key: row.get("partition_key"),
                 partition_of: row
-                    .get::<_, Option<String>>("partition_parent")
+                    .get::<_, Option<String>>("partition_parent_schema")
+                    .zip(row.get::<_, Option<String>>("partition_parent"))
+                    .map(|(s, n)| QualName::new(s, n))
                     .zip(row.get::<_, Option<String>>("partition_bound")),
-                inherits: row.get("inherits"),
+                inherits: row
+                    .get::<_, Vec<String>>("inherits_schemas")
+                    .into_iter()
+                    .zip(row.get::<_, Vec<String>>("inherits"))
+                    .map(|(s, n)| QualName::new(s, n))
+                    .collect(),
             }),
         }
     }
@@ -449,8 +476,8 @@ async fn read_constraints(
                 Some(t) => Some(t.clone()),
                 None => {
                     schema.unsupported.push(format!(
-                        "foreign key \"{name}\" of table \"{}\" references a table outside the migrated set",
-                        schema.tables[table].name
+                        "foreign key \"{name}\" of table {} references a table outside the migrated schemas: add its schema with --schema",
+                        schema.tables[table].qualname().plain()
                     ));
                     None
                 }
@@ -498,7 +525,7 @@ async fn read_indexes(
     Ok(())
 }
 
-/// The tables' triggers and the functions of `public` they call.
+/// The tables' triggers and the functions of the migrated schemas they call.
 async fn read_triggers(
     client: &Client,
     t: &TableIndex,
@@ -506,20 +533,20 @@ async fn read_triggers(
 ) -> Result<(), CoordinatorError> {
     let mut function_oids = BTreeSet::new();
     for row in client
-        .query(TRIGGERS, &[&t.oids])
+        .query(TRIGGERS, &[&t.oids, &schema.schemas])
         .await
         .map_err(catalog_err("read triggers"))?
     {
         let table = t.index_of[&row.get::<_, Oid>("table_oid")];
         let name: String = row.get("name");
-        let in_public: bool = row.get("function_in_public");
+        let migrated: bool = row.get("function_migrated");
         let in_catalog: bool = row.get("function_in_catalog");
-        if in_public {
+        if migrated {
             function_oids.insert(row.get::<_, Oid>("function_oid"));
         } else if !in_catalog {
             schema.unsupported.push(format!(
-                "trigger \"{name}\" of table \"{}\" calls a function outside schema public",
-                schema.tables[table].name
+                "trigger \"{name}\" of table {} calls a function outside the migrated schemas: add its schema with --schema",
+                schema.tables[table].qualname().plain()
             ));
         }
         schema.tables[table].triggers.push(Trigger {
@@ -559,8 +586,9 @@ async fn read_large_object_columns(
             row.get("column_name"),
             row.get("type_sql"),
         );
+        let table = QualName::new(row.get::<_, String>("schema_name"), table).plain();
         schema.unsupported.push(format!(
-            "column \"{table}\".\"{column}\" ({ty}) can hold large object references and the source has large objects: pgzm does not copy large objects, so the copied oids would point at missing or different objects in the destination; store the data as bytea, or leave the table out of the source"
+            "column {table}.\"{column}\" ({ty}) can hold large object references and the source has large objects: pgzm does not copy large objects, so the copied oids would point at missing or different objects in the destination; store the data as bytea, or leave the table out of the source"
         ));
     }
     Ok(())
@@ -586,6 +614,7 @@ async fn read_types(
         let kinds = read_type_batch(
             client,
             &batch,
+            &schema.schemas,
             &mut found,
             &mut pending,
             &mut schema.unsupported,
@@ -618,13 +647,14 @@ struct TypeKinds {
 async fn read_type_batch(
     client: &Client,
     batch: &[Oid],
+    schemas: &[String],
     found: &mut BTreeMap<Oid, UserType>,
     pending: &mut BTreeSet<Oid>,
     unsupported: &mut Vec<String>,
 ) -> Result<TypeKinds, CoordinatorError> {
     let mut kinds = TypeKinds::default();
     for row in client
-        .query(TYPES, &[&batch])
+        .query(TYPES, &[&batch, &schemas])
         .await
         .map_err(catalog_err("read types"))?
     {
@@ -823,15 +853,16 @@ async fn read_sequences(
     schema: &mut SourceSchema,
 ) -> Result<(), CoordinatorError> {
     for row in client
-        .query(SEQUENCES, &[&oids])
+        .query(SEQUENCES, &[&oids, &schema.schemas])
         .await
         .map_err(catalog_err("read sequences"))?
     {
         let name: String = row.get("name");
-        let in_public: bool = row.get("in_public");
-        if !in_public {
+        let migrated: bool = row.get("migrated");
+        if !migrated {
             continue;
         }
+        let seq_schema: String = row.get("schema_name");
         let owned_by = match (
             row.get::<_, Option<String>>("owner_table"),
             row.get::<_, Option<String>>("owner_column"),
@@ -842,7 +873,12 @@ async fn read_sequences(
         let identity: bool = row.get("identity");
         if identity {
             if let Some((table, column)) = &owned_by {
-                if let Some(t) = schema.tables.iter_mut().find(|t| &t.name == table) {
+                // An owned sequence is in its table's schema.
+                if let Some(t) = schema
+                    .tables
+                    .iter_mut()
+                    .find(|t| &t.name == table && t.schema == seq_schema)
+                {
                     if let Some(c) = t.columns.iter_mut().find(|c| &c.name == column) {
                         c.identity_sequence = Some(name.clone());
                     }
@@ -851,7 +887,7 @@ async fn read_sequences(
         }
         schema.sequences.push(Sequence {
             oid: row.get("oid"),
-            schema: row.get("schema_name"),
+            schema: seq_schema,
             name,
             type_sql: row.get("type_sql"),
             start: row.get("start"),
@@ -868,10 +904,11 @@ async fn read_sequences(
                 .get::<_, Vec<String>>("used_by")
                 .into_iter()
                 .filter_map(|s| {
-                    // A table name containing '|' is split wrongly and then matches no
-                    // preserved table: only preserved tables use this list.
-                    s.split_once('|')
-                        .map(|(t, c)| (t.to_string(), c.to_string()))
+                    // A name containing '|' is split wrongly and then matches no preserved
+                    // table: only preserved tables use this list.
+                    let mut parts = s.splitn(3, '|');
+                    let (schema, table, column) = (parts.next()?, parts.next()?, parts.next()?);
+                    Some((QualName::new(schema, table), column.to_string()))
                 })
                 .collect(),
         });
@@ -882,7 +919,7 @@ async fn read_sequences(
 async fn read_views(client: &Client, schema: &mut SourceSchema) -> Result<(), CoordinatorError> {
     let mut views: BTreeMap<Oid, View> = BTreeMap::new();
     for row in client
-        .query(VIEWS, &[])
+        .query(VIEWS, &[&schema.schemas])
         .await
         .map_err(catalog_err("read views"))?
     {
@@ -931,7 +968,8 @@ WITH objs AS (
               WHERE conrelid = ANY($1::oid[]) OR contypid = ANY($2::oid[])
     UNION ALL SELECT 'pg_class'::regclass, indexrelid FROM pg_index WHERE indrelid = ANY($1::oid[])
     UNION ALL SELECT 'pg_rewrite'::regclass, r.oid FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
-              WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('v', 'm')
+              JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = ANY($4::text[]) AND c.relkind IN ('v', 'm')
     UNION ALL SELECT 'pg_type'::regclass, oid FROM pg_type WHERE oid = ANY($2::oid[])
     UNION ALL SELECT 'pg_proc'::regclass, oid FROM pg_proc WHERE oid = ANY($3::oid[])
 )
@@ -957,7 +995,7 @@ async fn read_used_functions(
         let known: Vec<Oid> = found.iter().copied().collect();
         let before = found.len();
         for row in client
-            .query(USED_FUNCTIONS, &[&tables, &types, &known])
+            .query(USED_FUNCTIONS, &[&tables, &types, &known, &schema.schemas])
             .await
             .map_err(catalog_err("read functions the tables use"))?
         {
@@ -974,7 +1012,7 @@ async fn read_used_functions(
             if extension {
                 continue;
             }
-            if namespace != crate::naming::PUBLIC {
+            if !schema.schemas.contains(&namespace) {
                 schema
                     .required_routines
                     .push((signature, format!("function (schema {namespace})")));
@@ -1064,13 +1102,21 @@ async fn read_matviews(
     }
     let views: BTreeMap<Oid, String> = client
         .query(
-            "SELECT oid, relname::text FROM pg_class WHERE relkind = 'v' AND relnamespace = 'public'::regnamespace",
-            &[],
+            "SELECT c.oid, n.nspname::text AS schema_name, c.relname::text AS name
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind = 'v' AND n.nspname = ANY($1::text[])",
+            &[&schema.schemas],
         )
         .await
         .map_err(catalog_err("read views"))?
         .iter()
-        .map(|r| (r.get("oid"), r.get("relname")))
+        .map(|r| {
+            let name = QualName::new(
+                r.get::<_, String>("schema_name"),
+                r.get::<_, String>("name"),
+            );
+            (r.get("oid"), name.plain())
+        })
         .collect();
     let mut deps: BTreeMap<Oid, BTreeSet<Oid>> = BTreeMap::new();
     for row in client
@@ -1085,8 +1131,8 @@ async fn read_matviews(
         if let Some(view) = views.get(&on) {
             // Views are created at the swap, after the materialized views are built.
             schema.unsupported.push(format!(
-                "materialized view \"{}\" reads view \"{view}\": pgzm builds materialized views over the new tables before the swap, when the new views do not exist yet; make it read the tables directly",
-                found[&mv].name
+                "materialized view {} reads view {view}: pgzm builds materialized views over the new tables before the swap, when the new views do not exist yet; make it read the tables directly",
+                QualName::new(found[&mv].schema.clone(), found[&mv].name.clone()).plain()
             ));
         }
         if found.contains_key(&on) {

@@ -99,7 +99,7 @@ async fn table_filters_from_the_command_line() {
     let report = one_json("start --dry-run --json", &text(&out.stdout));
     assert_eq!(
         report["plan"]["excluded"],
-        serde_json::json!(["Comment"]),
+        serde_json::json!([{"schema": "public", "name": "Comment"}]),
         "{report}"
     );
     let post = report["plan"]["tables"]

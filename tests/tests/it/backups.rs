@@ -338,11 +338,11 @@ async fn rollback_after_post_migration_edits_restores_the_old_destination() -> a
     let checks: Vec<&str> = v.checks.iter().map(|c| c.check.as_str()).collect();
     for t in ["User", "Post", "Comment"] {
         for expected in [
-            format!("backup table \"backup_{t}\" exists"),
-            format!("live table \"{t}\" exists"),
-            format!("\"backup_{t}\" still holds the 2 rows it had at the swap"),
-            format!("primary key of \"backup_{t}\" has no NULL"),
-            format!("backup sequence \"backup_{t}_id_seq\" exists"),
+            format!("backup table public.\"backup_{t}\" exists"),
+            format!("live table public.\"{t}\" exists"),
+            format!("public.\"backup_{t}\" still holds the 2 rows it had at the swap"),
+            format!("primary key of public.\"backup_{t}\" has no NULL"),
+            format!("backup sequence public.\"backup_{t}_id_seq\" exists"),
         ] {
             assert!(
                 checks.contains(&expected.as_str()),
@@ -1247,7 +1247,7 @@ async fn rollback_refusals_and_verify_of_a_damaged_backup() -> anyhow::Result<()
     assert!(
         v.checks
             .iter()
-            .any(|c| !c.ok && c.check == "backup table \"backup_Comment\" exists"),
+            .any(|c| !c.ok && c.check == "backup table public.\"backup_Comment\" exists"),
         "{v:#?}"
     );
     let sets = list(&p).await;

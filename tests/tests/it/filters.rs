@@ -62,7 +62,12 @@ async fn excluded_tables_stay_live_and_follow_the_new_tables() -> anyhow::Result
     opts.tables = filter(&[], &["payment*", "LANGUAGE"], &["film_category"]);
     let report = common::run(opts).await?;
     assert!(report.swap.is_some());
-    let mut excluded = report.plan.excluded.clone();
+    let mut excluded: Vec<String> = report
+        .plan
+        .excluded
+        .iter()
+        .map(|t| t.display_name())
+        .collect();
     excluded.sort();
     assert_eq!(
         excluded,
@@ -81,7 +86,7 @@ async fn excluded_tables_stay_live_and_follow_the_new_tables() -> anyhow::Result
     assert!(
         !report
             .plan
-            .table("film_category")
+            .table(&pgzm_coordinator::naming::QualName::public("film_category"))
             .expect("planned")
             .copy_data
     );
@@ -207,12 +212,16 @@ async fn filter_mistakes_are_refused_before_any_change() -> anyhow::Result<()> {
     dry.dry_run = true;
     let err = common::run(dry.clone()).await.expect_err("a foreign table");
     assert!(
-        err.to_string().contains("foreign table \"remote_rates\""),
+        err.to_string()
+            .contains("foreign table public.remote_rates"),
         "{err}"
     );
     dry.tables = filter(&[], &["remote_rates"], &[]);
     let planned = common::run(dry).await?;
-    assert_eq!(planned.plan.excluded, ["remote_rates"]);
+    assert_eq!(
+        planned.plan.excluded,
+        [pgzm_coordinator::naming::QualName::public("remote_rates")]
+    );
     for (f, preserved, expected) in [
         (
             filter(&[], &["paymnet*", "remote_rates"], &[]),

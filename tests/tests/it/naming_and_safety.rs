@@ -705,10 +705,11 @@ async fn extensions_the_source_needs() -> anyhow::Result<()> {
         "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL search_path = pg_catalog",
     )
     .await?;
-    let schema = pgzm_coordinator::catalog::read(&src, &Default::default()).await?;
+    let public = vec!["public".to_string()];
+    let schema = pgzm_coordinator::catalog::read(&src, &public, &Default::default()).await?;
     src.batch_execute("COMMIT").await?;
     dst.batch_execute("SET search_path = pg_catalog").await?;
-    let mut dest = pgzm_coordinator::destination::read(&dst).await?;
+    let mut dest = pgzm_coordinator::destination::read(&dst, &public).await?;
     dst.batch_execute("RESET search_path").await?;
     assert!(dest.available_extensions.contains("hstore"));
     dest.available_extensions.remove("hstore");

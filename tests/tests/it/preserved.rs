@@ -1422,9 +1422,9 @@ async fn unusable_preserved_tables_are_refused_before_any_change() -> anyhow::Re
         ),
         (
             vec!["only_src"],
-            "\"only_src\" does not exist in the destination",
+            "public.only_src does not exist in the destination",
         ),
-        (vec!["log"], "\"log\" has no primary key"),
+        (vec!["log"], "public.log has no primary key"),
     ] {
         let msg = common::prepare_and_release(&preserving(&p, &tables))
             .await
@@ -1483,8 +1483,8 @@ async fn preserved_foreign_keys_are_checked_before_the_locks_and_validated_after
             &dst,
             &format!(
                 "SELECT count(*) FROM pg_constraint WHERE conname = '{name}' AND convalidated \
-                 AND conrelid = 'public.{}'::regclass",
-                quote_ident(table)
+                 AND conrelid = '{}'::regclass",
+                table.quoted()
             ),
         )
         .await;

@@ -535,7 +535,7 @@ async fn large_object_references_are_refused_at_plan_time() -> anyhow::Result<()
     let message = err.to_string();
     assert!(matches!(err, CoordinatorError::Refused(_)), "{message}");
     assert!(
-        message.contains("\"document\".\"body\"") && message.contains("large object"),
+        message.contains("public.document.\"body\"") && message.contains("large object"),
         "{message}"
     );
     assert_eq!(live_sums(&dst).await, sums);
