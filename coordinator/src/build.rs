@@ -235,7 +235,7 @@ pub fn table_build(
         let Some((table, column)) = &s.owned_by else {
             continue;
         };
-        if table != &t.name {
+        if table != &t.name || s.schema != t.schema {
             continue;
         }
         let seq = quote_literal(&quote_qualified(

@@ -599,6 +599,12 @@ fn rollback_transaction(
     for v in &views.recreate {
         tx.extend(crate::swap::view_sql(&crate::plan::ViewPlan::recreating(v)));
     }
+    // A schema the migration created held only its objects, gone now.
+    tx.extend(
+        plan.schemas_to_create
+            .iter()
+            .map(|s| state::drop_schema_if_empty(s)),
+    );
     tx.push(format!(
         "UPDATE pgzm.migrations SET status = 'rolled_back', backup_present = false WHERE id = {id}"
     ));

@@ -17,7 +17,7 @@ use crate::state::{self, RecordedObjects};
 pub struct ShadowTable {
     /// Schema of the table and its shadow.
     pub schema: String,
-    /// Live name.
+    /// Live name (in `schema`).
     pub table: String,
     /// Shadow name.
     pub shadow: String,
@@ -363,8 +363,18 @@ pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
     s.created_at = Some(row.created_at.clone());
     s.prepared_at = row.prepared_at.clone();
     s.swapped_at = row.swapped_at.clone();
-    s.tables = row.plan.tables.iter().map(|t| t.name.clone()).collect();
-    s.preserved_tables = row.plan.preserved.iter().map(|p| p.table.clone()).collect();
+    s.tables = row
+        .plan
+        .tables
+        .iter()
+        .map(|t| t.qualname().display_name())
+        .collect();
+    s.preserved_tables = row
+        .plan
+        .preserved
+        .iter()
+        .map(|p| p.qualname().display_name())
+        .collect();
     s.backup_present = row.backup_present;
     s.error = row.error.clone();
     if row.status == RunStatus::Preparing && !run_active {

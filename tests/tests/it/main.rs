@@ -17,4 +17,5 @@ mod naming_and_safety;
 mod preserved;
 mod real_schemas;
 mod schema_coverage;
+mod schemas;
 mod verification;

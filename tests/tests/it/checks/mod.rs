@@ -318,3 +318,119 @@ pub async fn golden_text(client: &Client, sql: &str, migration_id: i64) -> Optio
     out.push_str(&digits);
     Some(out)
 }
+
+/// Excludes the tool's `backup_`/`shadow_` relations (by the name of the relation, or of the
+/// table an index, constraint or trigger belongs to).
+const NOT_TOOL: &str = "left(c.relname, 7) NOT IN ('backup_', 'shadow_')";
+
+/// The schema of `schemas` as PostgreSQL deparses it, one line per object, sorted: relations,
+/// columns (type, NOT NULL, default), constraints, indexes, view definitions, triggers, enums
+/// and domains, sequences' parameters. Read with `search_path = pg_catalog`, so every name is
+/// schema-qualified: two databases print the same lines when their schemas are the same. The
+/// tool's `backup_`/`shadow_` objects are left out.
+pub async fn schema_fingerprint(client: &Client, schemas: &[&str]) -> Vec<String> {
+    let sql = format!(
+        "SELECT line FROM (
+           SELECT format('rel %s %I.%I', c.relkind, n.nspname, c.relname) AS line
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = ANY($1) AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f', 'c') AND {NOT_TOOL}
+           UNION ALL
+           SELECT format('col %I.%I.%I %s %s %s', n.nspname, c.relname, a.attname,
+                         format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid))
+             FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+             LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+            WHERE n.nspname = ANY($1) AND c.relkind IN ('r', 'p', 'v', 'm') AND a.attnum > 0 AND NOT a.attisdropped AND {NOT_TOOL}
+           UNION ALL
+           SELECT format('con %I.%I %I %s', n.nspname, c.relname, k.conname, pg_get_constraintdef(k.oid))
+             FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = ANY($1) AND {NOT_TOOL}
+           UNION ALL
+           SELECT format('idx %s', pg_get_indexdef(i.indexrelid))
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = ANY($1) AND {NOT_TOOL}
+           UNION ALL
+           SELECT format('view %I.%I %s', n.nspname, c.relname, pg_get_viewdef(c.oid))
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = ANY($1) AND c.relkind IN ('v', 'm') AND {NOT_TOOL}
+           UNION ALL
+           SELECT format('trg %s', pg_get_triggerdef(t.oid))
+             FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = ANY($1) AND NOT t.tgisinternal AND {NOT_TOOL}
+           UNION ALL
+           SELECT format('type %I.%I %s %s %s', n.nspname, t.typname, t.typtype,
+                         format_type(t.typbasetype, t.typtypmod),
+                         ARRAY(SELECT e.enumlabel::text FROM pg_enum e WHERE e.enumtypid = t.oid ORDER BY e.enumsortorder))
+             FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+            WHERE n.nspname = ANY($1) AND t.typtype IN ('e', 'd') AND left(t.typname, 7) NOT IN ('backup_', 'shadow_')
+           UNION ALL
+           SELECT format('seq %I.%I %s %s %s %s', n.nspname, c.relname, s.seqtypid::regtype, s.seqincrement, s.seqmin, s.seqmax)
+             FROM pg_sequence s JOIN pg_class c ON c.oid = s.seqrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = ANY($1) AND {NOT_TOOL}
+         ) x ORDER BY line COLLATE \"C\""
+    );
+    client
+        .batch_execute("SET search_path = pg_catalog")
+        .await
+        .expect("set search_path");
+    let schemas: Vec<String> = schemas.iter().map(|s| s.to_string()).collect();
+    let lines = client
+        .query(&sql, &[&schemas])
+        .await
+        .unwrap_or_else(|e| panic!("schema fingerprint: {}", pg_error(&e)))
+        .iter()
+        .map(|r| without_self_aliases(&r.get::<_, String>("line")))
+        .collect();
+    client
+        .batch_execute("RESET search_path")
+        .await
+        .expect("reset search_path");
+    lines
+}
+
+/// A definition without the aliases that only repeat their relation's name (`FROM s.t t` reads
+/// as `FROM s.t`): pgzm recreates views with such aliases, which change nothing.
+fn without_self_aliases(line: &str) -> String {
+    const IDENT: &str = r#"("(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)"#;
+    static PATTERN: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let pattern = PATTERN.get_or_init(|| {
+        regex::Regex::new(&format!(r#"\.{IDENT} {IDENT}([^a-z0-9_$"(.]|$)"#)).expect("regex")
+    });
+    pattern
+        .replace_all(line, |c: &regex::Captures| {
+            if c[1] == c[2] {
+                format!(".{}{}", &c[1], &c[3])
+            } else {
+                c[0].to_string()
+            }
+        })
+        .into_owned()
+}
+
+/// Checksums of every table of `schemas` (`schema.name` keys; the tool's `backup_`/`shadow_`
+/// tables left out).
+pub async fn schema_sums(client: &Client, schemas: &[&str]) -> BTreeMap<String, TableChecksum> {
+    let schemas: Vec<String> = schemas.iter().map(|s| s.to_string()).collect();
+    let tables: Vec<(String, String)> = client
+        .query(
+            &format!(
+                "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = ANY($1) AND c.relkind = 'r' AND {NOT_TOOL} ORDER BY 1, 2"
+            ),
+            &[&schemas],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("list tables: {}", pg_error(&e)))
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut out = BTreeMap::new();
+    for (schema, name) in tables {
+        let qualified =
+            pgzm_coordinator::naming::QualName::new(schema.clone(), name.clone()).quoted();
+        out.insert(
+            format!("{schema}.{name}"),
+            checksum(client, &format!("ONLY {qualified}")).await,
+        );
+    }
+    out
+}
