@@ -1224,6 +1224,15 @@ fn functions_to_create(
             )),
         }
     }
+    for t in &source.required_types {
+        if !dest.type_qualnames.contains(t) {
+            problems.push(format!(
+                "type {} is used by the migrated tables and its schema is not migrated, and the destination does not have it: add --schema {}, or create the type in the destination first",
+                t.plain(),
+                crate::rewrite::quote_ident_like_pg(&t.schema)
+            ));
+        }
+    }
     for (signature, what) in &source.required_routines {
         if !dest.routines.contains(signature) {
             problems.push(format!(

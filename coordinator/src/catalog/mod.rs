@@ -42,6 +42,9 @@ pub struct SourceSchema {
     /// Routines the migrated objects use that pgzm does not create (aggregates, functions of
     /// other schemas): (signature, what it is), required to exist in the destination.
     pub required_routines: Vec<(String, String)>,
+    /// Types of schemas that are not migrated (and not of an extension) that the migrated
+    /// objects use: required to exist in the destination.
+    pub required_types: Vec<QualName>,
     /// Extensions installed in the source (name, schema).
     pub extensions: Vec<(String, String)>,
     /// Objects the migration cannot carry, with the reason (the plan refuses when not empty).

@@ -110,6 +110,9 @@ SELECT t.oid AS oid, (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = t
        (SELECT n.nspname FROM pg_namespace n WHERE n.oid = t.typnamespace) = ANY($2::text[])
          AND NOT EXISTS (SELECT 1 FROM pg_depend d
                          WHERE d.classid = 'pg_type'::regclass AND d.objid = t.oid AND d.deptype = 'e') AS user_owned,
+       EXISTS (SELECT 1 FROM pg_depend d
+               WHERE d.classid = 'pg_type'::regclass AND d.objid = t.oid AND d.deptype = 'e') AS in_extension,
+       (SELECT n.nspname FROM pg_namespace n WHERE n.oid = t.typnamespace) IN ('pg_catalog', 'information_schema') AS in_system,
        obj_description(t.oid, 'pg_type') AS comment,
        CASE WHEN t.typtype = 'e'
             THEN ARRAY(SELECT e.enumlabel::text FROM pg_enum e WHERE e.enumtypid = t.oid ORDER BY e.enumsortorder) END AS labels,
@@ -618,6 +621,7 @@ async fn read_types(
             &mut found,
             &mut pending,
             &mut schema.unsupported,
+            &mut schema.required_types,
         )
         .await?;
         read_type_details(
@@ -651,6 +655,7 @@ async fn read_type_batch(
     found: &mut BTreeMap<Oid, UserType>,
     pending: &mut BTreeSet<Oid>,
     unsupported: &mut Vec<String>,
+    required: &mut Vec<QualName>,
 ) -> Result<TypeKinds, CoordinatorError> {
     let mut kinds = TypeKinds::default();
     for row in client
@@ -668,6 +673,12 @@ async fn read_type_batch(
             continue;
         }
         if !user_owned {
+            // A type of a schema that is not migrated must exist in the destination already.
+            let (in_extension, in_system): (bool, bool) =
+                (row.get("in_extension"), row.get("in_system"));
+            if !in_extension && !in_system {
+                required.push(QualName::new(row.get::<_, String>("schema_name"), name));
+            }
             continue;
         }
         let kind = match kind.as_str() {

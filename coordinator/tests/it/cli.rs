@@ -118,6 +118,84 @@ async fn table_filters_from_the_command_line() {
     assert_eq!(live_sums(&dest).await, before);
 }
 
+/// `--schema` (repeatable, or `PGZM_SCHEMAS`): the dry run's plan names tables with their
+/// schemas and lists the schema the destination lacks; a schema the source has no tables in,
+/// and a system schema, are one-line errors that change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemas_from_the_command_line() {
+    let (source, dest) = simple_pair("cli_schemas").await;
+    source
+        .batch("CREATE SCHEMA app; CREATE TABLE app.t (id int PRIMARY KEY); INSERT INTO app.t VALUES (1);")
+        .await
+        .expect("app schema");
+    let dir = WorkDir::new("schemas");
+    let before = live_sums(&dest).await;
+    let run = |extra: &[&str]| {
+        let mut cmd = pgzm(&dir);
+        cmd.args([
+            "start",
+            "--dry-run",
+            "--json",
+            "--source",
+            &source.url(),
+            "--dest",
+            &dest.url(),
+        ]);
+        cmd.args(extra);
+        cmd
+    };
+    let out = output(&mut run(&["--schema", "public", "-n", "app"])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report = one_json("start --dry-run --json", &text(&out.stdout));
+    assert_eq!(
+        report["plan"]["schemas_to_create"],
+        serde_json::json!(["app"]),
+        "{report}"
+    );
+    let tables: Vec<String> = report["plan"]["tables"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .map(|t| {
+                    format!(
+                        "{}.{}",
+                        t["schema"].as_str().unwrap_or(""),
+                        t["name"].as_str().unwrap_or("")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(tables.contains(&"app.t".to_string()), "{tables:?}");
+    assert!(tables.contains(&"public.User".to_string()), "{tables:?}");
+
+    // The same from the environment.
+    let out = output(run(&[]).env("PGZM_SCHEMAS", "app")).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report = one_json("start --dry-run --json", &text(&out.stdout));
+    assert_eq!(
+        report["plan"]["tables"].as_array().map(|t| t.len()),
+        Some(1),
+        "{report}"
+    );
+
+    for (args, expected) in [
+        (
+            &["--schema", "nosuch"][..],
+            "no tables in schema \"nosuch\"",
+        ),
+        (&["--schema", "pg_catalog"][..], "system schemas"),
+    ] {
+        let out = output(&mut run(args)).await;
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+        assert_eq!(errors.len(), 1, "{stderr}");
+        assert!(errors[0].contains(expected), "{stderr}");
+    }
+    assert_eq!(live_sums(&dest).await, before);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_report_is_one_document_on_stdout() {
     let (source, dest) = simple_pair("cli_json").await;

@@ -1,7 +1,8 @@
 //! Generated hostile names through a whole migration and its rollback, on real servers.
 //!
-//! Each case builds two related tables, a column, an index and a destination-only view whose
-//! names come from a generator of what real schemas hold: upper case, spaces, quotes, dots,
+//! Each case builds, in a schema (`public` or one of a generated name, migrated with
+//! `--schema`), two related tables, a column, an index, and in `public` a destination-only view
+//! over them, whose names come from a generator of what real schemas hold: upper case, spaces, quotes, dots,
 //! semicolons, keywords, multi-byte characters, names near PostgreSQL's 63-byte limit (where
 //! `shadow_`/`backup_` names must be shortened and PostgreSQL shortens the names it chooses
 //! for keys and sequences), and names that look like pgzm's own. The migration must bring the
@@ -28,6 +29,7 @@ use crate::common::{self, dest_url, locks};
 /// The names of one case.
 #[derive(Debug, Clone)]
 struct Names {
+    schema: String,
     parent: String,
     child: String,
     column: String,
@@ -55,13 +57,20 @@ fn hostile_name() -> impl Strategy<Value = String> {
 
 fn names() -> impl Strategy<Value = Names> {
     (
+        prop_oneof![
+            Just("public".to_string()),
+            hostile_name().prop_filter("not a system schema nor pgzm's", |s| {
+                !s.starts_with("pg_") && s != "pgzm" && s != "information_schema"
+            })
+        ],
         hostile_name(),
         hostile_name(),
         hostile_name(),
         hostile_name(),
         hostile_name(),
     )
-        .prop_map(|(parent, child, column, index, view)| Names {
+        .prop_map(|(schema, parent, child, column, index, view)| Names {
+            schema,
             parent,
             child,
             column,
@@ -69,7 +78,7 @@ fn names() -> impl Strategy<Value = Names> {
             view,
         })
         .prop_filter("distinct names, none like a name PostgreSQL picks", |n| {
-            let all = [&n.parent, &n.child, &n.index, &n.view];
+            let all = [&n.parent, &n.child, &n.index, &n.view, &n.schema];
             let distinct: BTreeSet<&String> = all.iter().copied().collect();
             distinct.len() == all.len()
                 && n.column != "id"
@@ -83,29 +92,60 @@ fn names() -> impl Strategy<Value = Names> {
 /// The tables, index and data of one side.
 fn schema_sql(n: &Names, rows: i32, label: &str) -> String {
     let (p, c, col, idx) = (
-        quote_ident(&n.parent),
-        quote_ident(&n.child),
+        n.qualified(&n.parent),
+        n.qualified(&n.child),
         quote_ident(&n.column),
         quote_ident(&n.index),
     );
     format!(
-        "CREATE TABLE public.{p} (id serial PRIMARY KEY, {col} text NOT NULL);
-         CREATE TABLE public.{c} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-                                  ref int REFERENCES public.{p} (id), {col} text);
-         CREATE INDEX {idx} ON public.{c} ({col});
-         INSERT INTO public.{p} ({col}) SELECT '{label} ' || g FROM generate_series(1, {rows}) g;
-         INSERT INTO public.{c} (ref, {col}) SELECT g, '{label} ' || g FROM generate_series(1, {rows}) g;"
+        "CREATE SCHEMA IF NOT EXISTS {s};
+         CREATE TABLE {p} (id serial PRIMARY KEY, {col} text NOT NULL);
+         CREATE TABLE {c} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                           ref int REFERENCES {p} (id), {col} text);
+         CREATE INDEX {idx} ON {c} ({col});
+         INSERT INTO {p} ({col}) SELECT '{label} ' || g FROM generate_series(1, {rows}) g;
+         INSERT INTO {c} (ref, {col}) SELECT g, '{label} ' || g FROM generate_series(1, {rows}) g;",
+        s = quote_ident(&n.schema)
     )
 }
 
-async fn relation_names(c: &Client) -> BTreeSet<String> {
-    checks::texts(
-        c,
-        "SELECT relname::text FROM pg_class WHERE relnamespace = 'public'::regnamespace ORDER BY 1",
+impl Names {
+    /// `name` in the case's schema, quoted.
+    fn qualified(&self, name: &str) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(name))
+    }
+
+    /// The case's schemas: where the tables are, and `public` (the view).
+    fn schemas(&self) -> Vec<&str> {
+        let mut out = vec!["public"];
+        if self.schema != "public" {
+            out.push(&self.schema);
+        }
+        out
+    }
+}
+
+/// Every relation of the case's schemas, as `schema name`.
+async fn relation_names(c: &Client, n: &Names) -> BTreeSet<String> {
+    let schemas: Vec<String> = n.schemas().iter().map(|s| s.to_string()).collect();
+    c.query(
+        "SELECT n.nspname::text || ' ' || c.relname::text FROM pg_class c
+           JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = ANY($1) ORDER BY 1",
+        &[&schemas],
     )
     .await
-    .into_iter()
+    .expect("relation names")
+    .iter()
+    .map(|r| r.get(0))
     .collect()
+}
+
+/// The case's tables' checksums.
+async fn sums(
+    c: &Client,
+    n: &Names,
+) -> std::collections::BTreeMap<String, pgzm_tests::inspect::TableChecksum> {
+    checks::schema_sums(c, &n.schemas()).await
 }
 
 async fn count(c: &Client, relation: &str) -> anyhow::Result<i64> {
@@ -127,21 +167,23 @@ async fn migrate_and_roll_back(n: Names) -> anyhow::Result<()> {
     p.dest.batch(&schema_sql(&n, 3, "dst")).await?;
     p.dest
         .batch(&format!(
-            "CREATE VIEW public.{v} AS SELECT a.{col}, b.id FROM public.{p} a JOIN public.{c} b ON b.ref = a.id",
+            "CREATE VIEW public.{v} AS SELECT a.{col}, b.id FROM {p} a JOIN {c} b ON b.ref = a.id",
             v = quote_ident(&n.view),
             col = quote_ident(&n.column),
-            p = quote_ident(&n.parent),
-            c = quote_ident(&n.child),
+            p = n.qualified(&n.parent),
+            c = n.qualified(&n.child),
         ))
         .await?;
     let src = p.source.connect().await?;
     let dst = p.dest.connect().await?;
-    let before_names = relation_names(&dst).await;
-    let before = checks::live_sums(&dst).await;
+    let before_names = relation_names(&dst, &n).await;
+    let before = sums(&dst, &n).await;
+    let mut opts = common::options(&p);
+    opts.schemas = vec![n.schema.clone()];
 
-    common::migrate(&p).await.context("migrate")?;
+    common::run(opts.clone()).await.context("migrate")?;
     ensure!(
-        checks::live_sums(&dst).await == checks::live_sums(&src).await,
+        sums(&dst, &n).await == sums(&src, &n).await,
         "the live tables hold the source's rows"
     );
     ensure!(
@@ -151,8 +193,8 @@ async fn migrate_and_roll_back(n: Names) -> anyhow::Result<()> {
     let id: i32 = dst
         .query_one(
             &format!(
-                "INSERT INTO public.{} ({}) VALUES ('new') RETURNING id",
-                quote_ident(&n.parent),
+                "INSERT INTO {} ({}) VALUES ('new') RETURNING id",
+                n.qualified(&n.parent),
                 quote_ident(&n.column)
             ),
             &[],
@@ -176,7 +218,7 @@ async fn migrate_and_roll_back(n: Names) -> anyhow::Result<()> {
     .context("rollback")?;
     ensure!(report.warnings.is_empty(), "{:?}", report.warnings);
     ensure!(
-        checks::live_sums(&dst).await == before,
+        sums(&dst, &n).await == before,
         "the rollback restores the destination's rows"
     );
     ensure!(
@@ -184,17 +226,17 @@ async fn migrate_and_roll_back(n: Names) -> anyhow::Result<()> {
         "the view reads the restored tables"
     );
     ensure!(
-        relation_names(&dst).await == before_names,
+        relation_names(&dst, &n).await == before_names,
         "the rollback leaves exactly the relations the destination had"
     );
 
-    common::migrate(&p).await.context("migrate again")?;
+    common::run(opts).await.context("migrate again")?;
     let cleaned = pgzm_coordinator::backup::cleanup(&dest_url(&p), i64::MAX, false)
         .await
         .context("cleanup")?;
     ensure!(cleaned.backup_sets.len() == 1, "{cleaned:?}");
     ensure!(
-        checks::live_sums(&dst).await == checks::live_sums(&src).await,
+        sums(&dst, &n).await == sums(&src, &n).await,
         "the second migration holds the source's rows"
     );
     ensure!(
@@ -202,11 +244,11 @@ async fn migrate_and_roll_back(n: Names) -> anyhow::Result<()> {
         "the view reads the new tables"
     );
     let mut expected = before_names.clone();
-    expected.extend(relation_names(&src).await);
+    expected.extend(relation_names(&src, &n).await);
     ensure!(
-        relation_names(&dst).await == expected,
+        relation_names(&dst, &n).await == expected,
         "after cleanup only the live relations remain: {:?}",
-        relation_names(&dst)
+        relation_names(&dst, &n)
             .await
             .symmetric_difference(&expected)
             .collect::<Vec<_>>()

@@ -388,3 +388,46 @@ fn lit(s: &str) -> String {
 fn quote(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
+
+/// A type of a schema that is not migrated (AdventureWorks keeps its domains in `public`) must
+/// exist in the destination: the plan says so before any change, and the run goes through
+/// once the destination has it.
+#[tokio::test]
+async fn types_of_other_schemas_are_required_in_the_destination() -> anyhow::Result<()> {
+    let p = common::pair("schema_required_type").await;
+    p.source
+        .batch(
+            "CREATE DOMAIN public.\"Flag\" AS boolean NOT NULL;
+             CREATE SCHEMA app;
+             CREATE TABLE app.t (id int PRIMARY KEY, active public.\"Flag\" DEFAULT true);
+             INSERT INTO app.t VALUES (1, true), (2, false);",
+        )
+        .await?;
+    let mut opts = common::options(&p);
+    opts.schemas = vec!["app".into()];
+    let err = common::run(opts.clone()).await.expect_err("refused");
+    assert!(
+        err.to_string()
+            .contains("type public.\"Flag\" is used by the migrated tables"),
+        "{err}"
+    );
+    let dst = p.dest.connect().await?;
+    assert_eq!(
+        int(
+            &dst,
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'app'"
+        )
+        .await,
+        0,
+        "nothing changed"
+    );
+    p.dest
+        .batch("CREATE DOMAIN public.\"Flag\" AS boolean NOT NULL;")
+        .await?;
+    common::run(opts).await?;
+    assert_eq!(
+        int(&dst, "SELECT count(*) FROM app.t WHERE active").await,
+        1
+    );
+    Ok(())
+}
