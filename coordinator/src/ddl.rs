@@ -10,7 +10,6 @@ use crate::catalog::{
 };
 use crate::destination::{Grant, LiveTable};
 use crate::error::CoordinatorError;
-use crate::rewrite::quote_ident_like_pg;
 use crate::rewrite::Renames;
 
 /// `CREATE TYPE` / `CREATE DOMAIN` for a shadow type.
@@ -313,17 +312,7 @@ pub fn create_policy_sql(
     target: &str,
     renames: &Renames,
 ) -> String {
-    let roles: Vec<String> = p
-        .roles
-        .iter()
-        .map(|r| {
-            if r == "public" {
-                "PUBLIC".to_string()
-            } else {
-                quote_ident(r)
-            }
-        })
-        .collect();
+    let roles: Vec<String> = p.roles.iter().map(|r| r.sql()).collect();
     let mut sql = format!(
         "CREATE POLICY {} ON {target} AS {} FOR {} TO {}",
         quote_ident(&p.name),
@@ -376,7 +365,7 @@ pub fn create_index(
         .find_map(|head| {
             ix.definition
                 .strip_prefix(head)
-                .and_then(|r| r.strip_prefix(&quote_ident_like_pg(&ix.name)))
+                .and_then(|r| crate::rewrite::strip_ident(r, &ix.name))
                 .and_then(|r| r.strip_prefix(" ON "))
                 .map(|r| (*head, r))
         })
@@ -487,9 +476,31 @@ mod tests {
     }
 
     #[test]
-    fn keyword_index_names_are_recognised_quoted() {
-        assert_eq!(quote_ident_like_pg("user"), "\"user\"");
-        assert_eq!(quote_ident_like_pg("plain_1"), "plain_1");
-        assert_eq!(quote_ident_like_pg("Mixed"), "\"Mixed\"");
+    fn index_names_are_recognised_however_the_server_quotes_them() {
+        let r = Renames::new();
+        // A keyword is quoted by one server version and maybe not by another: both parse.
+        for printed in ["\"user\"", "user"] {
+            let ix = Index {
+                name: "user".into(),
+                definition: format!("CREATE INDEX {printed} ON public.t USING btree (a)"),
+                comment: None,
+            };
+            assert_eq!(
+                create_index(&ix, "public", "shadow_user", &r).unwrap()[0],
+                "CREATE INDEX \"shadow_user\" ON public.t USING btree (a)"
+            );
+        }
+        let ix = Index {
+            name: "Mixed \"q\"".into(),
+            definition: "CREATE UNIQUE INDEX \"Mixed \"\"q\"\"\" ON public.t USING btree (a)"
+                .into(),
+            comment: None,
+        };
+        assert!(create_index(&ix, "public", "s", &r).is_ok());
+        let wrong = Index {
+            name: "other".into(),
+            ..ix
+        };
+        assert!(create_index(&wrong, "public", "s", &r).is_err());
     }
 }

@@ -74,7 +74,7 @@ WHERE a.oid = ANY($1::oid[])";
 const POLICIES: &str = "
 SELECT p.oid, n.nspname::text AS schema_name, c.relname::text AS table_name,
        p.polname::text AS name, p.polpermissive AS permissive, p.polcmd::text AS command,
-       ARRAY(SELECT CASE WHEN r = 0 THEN 'public' ELSE pg_get_userbyid(r)::text END FROM unnest(p.polroles) r) AS roles,
+       ARRAY(SELECT CASE WHEN r = 0 THEN '' ELSE pg_get_userbyid(r)::text END FROM unnest(p.polroles) r) AS roles,
        pg_get_expr(p.polqual, p.polrelid) AS using_expr, pg_get_expr(p.polwithcheck, p.polrelid) AS with_check
 FROM pg_policy p
 JOIN pg_class c ON c.oid = p.polrelid
@@ -438,7 +438,7 @@ async fn default_repoints(
             Repoint {
                 object: format!(
                     "default of column {} of table {}",
-                    crate::rewrite::quote_ident_like_pg(&column),
+                    crate::rewrite::display_ident(&column),
                     qualified_display(&schema, &table)
                 ),
                 on,
@@ -470,7 +470,7 @@ async fn policy_repoints(
             Repoint {
                 object: format!(
                     "policy {} on table {}",
-                    crate::rewrite::quote_ident_like_pg(&policy.name),
+                    crate::rewrite::display_ident(&policy.name),
                     qualified_display(&schema, &table)
                 ),
                 on,

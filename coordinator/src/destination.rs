@@ -130,8 +130,8 @@ pub struct Policy {
     pub permissive: bool,
     /// ALL, SELECT, INSERT, UPDATE, DELETE.
     pub command: String,
-    /// Role names (`public` for PUBLIC).
-    pub roles: Vec<String>,
+    /// The roles it applies to (PUBLIC, or roles, one of which may be named `public`).
+    pub roles: Vec<Grantee>,
     /// USING expression.
     pub using: Option<String>,
     /// WITH CHECK expression.
@@ -153,7 +153,11 @@ impl Policy {
             name: row.get("name"),
             permissive: row.get("permissive"),
             command: command.into(),
-            roles: row.get("roles"),
+            roles: row
+                .get::<_, Vec<String>>("roles")
+                .into_iter()
+                .map(Grantee::from_acl)
+                .collect(),
             using: row.get("using_expr"),
             with_check: row.get("with_check"),
         }
@@ -161,11 +165,6 @@ impl Policy {
 }
 
 pub use crate::naming::QualName;
-
-/// `public.name`.
-pub fn in_public(name: &str) -> QualName {
-    QualName::public(name)
-}
 
 /// A view of the destination (any schema but the system's and the tool's).
 #[derive(Debug, Clone)]
@@ -311,7 +310,7 @@ WHERE n.nspname = ANY($1::text[]) AND a.attacl IS NOT NULL AND a.attnum > 0 AND 
 
 const POLICIES: &str = "
 SELECT p.polrelid AS table_oid, p.polname::text AS name, p.polpermissive AS permissive, p.polcmd::text AS command,
-       ARRAY(SELECT CASE WHEN r = 0 THEN 'public' ELSE pg_get_userbyid(r)::text END FROM unnest(p.polroles) r) AS roles,
+       ARRAY(SELECT CASE WHEN r = 0 THEN '' ELSE pg_get_userbyid(r)::text END FROM unnest(p.polroles) r) AS roles,
        pg_get_expr(p.polqual, p.polrelid) AS using_expr, pg_get_expr(p.polwithcheck, p.polrelid) AS with_check
 FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = ANY($1::text[]) ORDER BY p.polname";

@@ -9,7 +9,6 @@ use tokio_postgres::Client;
 use crate::ddl::grants_sql;
 use crate::error::CoordinatorError;
 use crate::plan::{MatviewPlan, Plan};
-use crate::rewrite::quote_ident_like_pg;
 use crate::rewrite::Renames;
 use crate::state::{self, RecordedObjects};
 
@@ -82,17 +81,13 @@ fn index_sql(
     shadow: &str,
     renames: &Renames,
 ) -> Result<String, CoordinatorError> {
-    let target = format!(
-        "{}.{}",
-        quote_ident_like_pg(schema),
-        quote_ident_like_pg(matview)
-    );
     for head in ["CREATE UNIQUE INDEX ", "CREATE INDEX "] {
         let Some(rest) = definition
             .strip_prefix(head)
-            .and_then(|r| r.strip_prefix(&quote_ident_like_pg(index)))
+            .and_then(|r| crate::rewrite::strip_ident(r, index))
             .and_then(|r| r.strip_prefix(" ON "))
-            .and_then(|r| r.strip_prefix(&target))
+            .and_then(|r| crate::rewrite::strip_qualified(r, schema, matview))
+            .map(|(_, _, rest)| rest)
         else {
             continue;
         };

@@ -59,13 +59,13 @@ impl QualName {
         pgzm_pg::sql::quote_qualified(&self.schema, &self.name)
     }
 
-    /// As PostgreSQL prints it in messages and definitions: `schema.name`, each part quoted
-    /// only when it needs to be (`sales."Order"`).
+    /// For messages: `schema.name`, each part double-quoted unless it is a simple lower-case
+    /// identifier (`sales."Order"`).
     pub fn plain(&self) -> String {
         format!(
             "{}.{}",
-            crate::rewrite::quote_ident_like_pg(&self.schema),
-            crate::rewrite::quote_ident_like_pg(&self.name)
+            crate::rewrite::display_ident(&self.schema),
+            crate::rewrite::display_ident(&self.name)
         )
     }
 }

@@ -108,11 +108,6 @@ impl Move {
         }
     }
 
-    /// A rename in `public`.
-    pub fn public(kind: ObjectKind, from: impl Into<String>, to: impl Into<String>) -> Move {
-        Move::in_schema(kind, crate::naming::PUBLIC, from, to)
-    }
-
     /// `ALTER … RENAME` from `from` to `to` (or back, with `reverse`). A function is named by
     /// its oid, resolved when the statement runs.
     pub fn rename_sql(&self, reverse: bool) -> String {
@@ -1191,7 +1186,7 @@ fn foreign_key_repoints(
         dependents.push(Dependent {
             object: format!(
                 "foreign key {} on table {}",
-                crate::rewrite::quote_ident_like_pg(&fk.name),
+                crate::rewrite::display_ident(&fk.name),
                 qualified_display(&fk.schema, &fk.table)
             ),
             on: format!(
@@ -1229,7 +1224,7 @@ fn functions_to_create(
             problems.push(format!(
                 "type {} is used by the migrated tables and its schema is not migrated, and the destination does not have it: add --schema {}, or create the type in the destination first",
                 t.plain(),
-                crate::rewrite::quote_ident_like_pg(&t.schema)
+                crate::rewrite::display_ident(&t.schema)
             ));
         }
     }

@@ -20,7 +20,7 @@ use crate::destination::Destination;
 use crate::error::CoordinatorError;
 use crate::naming::prefixed;
 use crate::plan::Plan;
-use crate::rewrite::quote_ident_like_pg;
+use crate::rewrite::display_ident;
 use crate::rewrite::Renames;
 
 /// Prefix of the stand-ins created for views and functions recreated at the swap.
@@ -190,8 +190,8 @@ async fn rehearse_function(
         let head = format!(
             "CREATE OR REPLACE {} {}.{}(",
             f.keyword(),
-            quote_ident_like_pg(&f.schema),
-            quote_ident_like_pg(&f.name)
+            display_ident(&f.schema),
+            display_ident(&f.name)
         );
         let Some(rest) = f.definition.strip_prefix(&head) else {
             return Ok(());

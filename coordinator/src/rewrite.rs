@@ -255,9 +255,8 @@ pub fn alias_relations(sql: &str, names: &[(&str, &str)]) -> String {
             .is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '"' || c == '.'));
         if at_word_start {
             for (schema, name) in names {
-                let quoted = quote_ident_like_pg(name);
-                let reference = format!("{}.{quoted}", quote_ident_like_pg(schema));
-                let Some(after) = rest.strip_prefix(&reference) else {
+                // The alias is the name as the server printed it.
+                let Some((reference, quoted, after)) = strip_qualified(rest, schema, name) else {
                     continue;
                 };
                 let next = after.chars().next();
@@ -266,7 +265,7 @@ pub fn alias_relations(sql: &str, names: &[(&str, &str)]) -> String {
                 }) {
                     continue;
                 }
-                out.push_str(&reference);
+                out.push_str(reference);
                 let trimmed = after.trim_start();
                 let word: String = trimmed
                     .chars()
@@ -275,7 +274,7 @@ pub fn alias_relations(sql: &str, names: &[(&str, &str)]) -> String {
                 let has_alias = !word.is_empty() && !AFTER_RELATION.contains(&word.as_str());
                 if !has_alias {
                     out.push(' ');
-                    out.push_str(&quoted);
+                    out.push_str(quoted);
                 }
                 rest = after;
                 continue 'scan;
@@ -288,9 +287,32 @@ pub fn alias_relations(sql: &str, names: &[(&str, &str)]) -> String {
     out
 }
 
-/// How PostgreSQL's `quote_identifier` prints a name: bare when it is a lower-case simple
-/// identifier that is not a keyword, quoted otherwise. We accept both forms.
-pub fn quote_ident_like_pg(name: &str) -> String {
+/// At the start of `text`, an identifier as PostgreSQL prints it (bare or double-quoted) whose
+/// value is `name`: the rest of `text` after it. Deparsed SQL is matched by parsing it, never
+/// by guessing how the server quotes a name (its keyword list differs between versions).
+pub fn strip_ident<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    let (value, end) = parse_ident(text, 0)?;
+    (value == name).then(|| &text[end..])
+}
+
+/// At the start of `text`, `schema.name` as PostgreSQL prints it: the printed reference, the
+/// printed name (its last part) and the rest.
+pub fn strip_qualified<'a>(
+    text: &'a str,
+    schema: &str,
+    name: &str,
+) -> Option<(&'a str, &'a str, &'a str)> {
+    let after_schema = strip_ident(text, schema)?;
+    let after_dot = after_schema.strip_prefix('.')?;
+    let rest = strip_ident(after_dot, name)?;
+    let end = text.len() - rest.len();
+    let name_start = text.len() - after_dot.len();
+    Some((&text[..end], &text[name_start..end], rest))
+}
+
+/// A name for messages: bare when it is a simple lower-case identifier, double-quoted
+/// otherwise (keywords are not quoted: a message is not SQL).
+pub fn display_ident(name: &str) -> String {
     let simple = name
         .chars()
         .next()
@@ -298,78 +320,26 @@ pub fn quote_ident_like_pg(name: &str) -> String {
         && name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if simple && !is_keyword(name) {
+    if simple {
         name.to_string()
     } else {
         quote_ident(name)
     }
 }
 
-fn is_keyword(name: &str) -> bool {
-    // The reserved and non-reserved keywords that quote_identifier quotes and that are plausible
-    // index names; anything missing here only makes `create_index` fall back to an error.
-    matches!(
-        name,
-        "all"
-            | "analyse"
-            | "analyze"
-            | "and"
-            | "any"
-            | "array"
-            | "as"
-            | "asc"
-            | "check"
-            | "collate"
-            | "column"
-            | "constraint"
-            | "create"
-            | "default"
-            | "desc"
-            | "distinct"
-            | "do"
-            | "else"
-            | "end"
-            | "except"
-            | "false"
-            | "for"
-            | "foreign"
-            | "from"
-            | "grant"
-            | "group"
-            | "having"
-            | "in"
-            | "index"
-            | "into"
-            | "is"
-            | "key"
-            | "limit"
-            | "not"
-            | "null"
-            | "offset"
-            | "on"
-            | "only"
-            | "or"
-            | "order"
-            | "primary"
-            | "references"
-            | "select"
-            | "table"
-            | "then"
-            | "to"
-            | "true"
-            | "union"
-            | "unique"
-            | "user"
-            | "using"
-            | "when"
-            | "where"
-            | "with"
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A way PostgreSQL may print `name` (bare when simple and not a common keyword).
+    fn quote_ident_like_pg(name: &str) -> String {
+        let keyword = ["user", "select", "order", "table", "group"].contains(&name);
+        if display_ident(name) == name && !keyword {
+            name.to_string()
+        } else {
+            quote_ident(name)
+        }
+    }
 
     fn renames() -> Renames {
         let mut r = Renames::new();
