@@ -30,7 +30,7 @@ pub fn human_plan(plan: &Plan) -> String {
         let _ = writeln!(
             s,
             "    {:<40} ~{rows} rows, {:>10}  -> {}{}{}",
-            format!("\"{}\"", t.name),
+            t.qualname().plain(),
             size(t.estimated_bytes),
             t.shadow,
             t.backup
@@ -50,7 +50,7 @@ pub fn human_plan(plan: &Plan) -> String {
             "  left out by the table filters (stay as they are): {}",
             plan.excluded
                 .iter()
-                .map(|t| t.plain())
+                .map(|t| t.display_name())
                 .collect::<Vec<_>>()
                 .join(", ")
         );
@@ -69,7 +69,11 @@ pub fn human_plan(plan: &Plan) -> String {
         plan.to_live.len()
     );
     if !plan.views.is_empty() {
-        let names: Vec<&str> = plan.views.iter().map(|v| v.name.as_str()).collect();
+        let names: Vec<String> = plan
+            .views
+            .iter()
+            .map(|v| crate::naming::QualName::new(v.schema.clone(), v.name.clone()).display_name())
+            .collect();
         let _ = writeln!(s, "  views created at the swap: {}", names.join(", "));
     }
     if !plan.dependents.is_empty() {
@@ -179,7 +183,12 @@ pub fn human_prepare(r: &Report) -> String {
     }
     copied_and_phases(&mut s, r);
     if !r.plan.preserved.is_empty() {
-        let names: Vec<&str> = r.plan.preserved.iter().map(|p| p.table.as_str()).collect();
+        let names: Vec<String> = r
+            .plan
+            .preserved
+            .iter()
+            .map(|p| p.qualname().display_name())
+            .collect();
         let _ = writeln!(
             s,
             "Preserved tables kept in sync until the swap: {}",
@@ -217,7 +226,7 @@ pub fn human_status(st: &crate::status::Status) -> String {
         let _ = writeln!(
             s,
             "  {:<40} {:<8} rows {:>10} expected {:>10}{}",
-            t.shadow,
+            crate::naming::QualName::new(t.schema.clone(), t.shadow.clone()).display_name(),
             if t.present { "present" } else { "MISSING" },
             t.rows.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
             t.expected_rows

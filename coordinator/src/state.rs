@@ -939,17 +939,24 @@ pub async fn sync_triggers_present(
 ) -> Result<Vec<(String, String, bool)>, CoordinatorError> {
     let rows = client
         .query(
-            "SELECT c.relname::text, t.tgname::text, t.tgenabled <> 'D' AS enabled
+            "SELECT n.nspname::text AS schema_name, c.relname::text AS name, t.tgname::text, t.tgenabled <> 'D' AS enabled
              FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_proc p ON p.oid = t.tgfoid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE p.pronamespace = (SELECT oid FROM pg_namespace WHERE nspname = 'pgzm')
-             ORDER BY 1, 2",
+             ORDER BY 1, 2, 3",
             &[],
         )
         .await
         .map_err(|e| CoordinatorError::destination("inspect sync triggers", e))?;
     Ok(rows
         .iter()
-        .map(|r| (r.get("relname"), r.get("tgname"), r.get("enabled")))
+        .map(|r| {
+            (
+                qualname(r).display_name(),
+                r.get("tgname"),
+                r.get("enabled"),
+            )
+        })
         .collect())
 }
 

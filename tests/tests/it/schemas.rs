@@ -431,3 +431,78 @@ async fn types_of_other_schemas_are_required_in_the_destination() -> anyhow::Res
     );
     Ok(())
 }
+
+/// `pgzm abort` of an interrupted run in non-`public` schemas: the sync triggers of a
+/// preserved `app.users` go first, then the shadow objects (found by oid, wherever they are),
+/// and the schema the run created goes with them; live tables stay as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_cleans_up_in_every_schema_and_drops_the_schema_it_created() -> anyhow::Result<()> {
+    let p = common::pair("schema_abort").await;
+    let app = "CREATE SCHEMA app;
+               CREATE TABLE app.users (id int PRIMARY KEY, email text);";
+    p.source
+        .batch(&format!(
+            "{app}
+             INSERT INTO app.users SELECT g, 'src' || g FROM generate_series(1, 5) g;
+             CREATE SCHEMA fresh;
+             CREATE TYPE fresh.state AS ENUM ('new', 'done');
+             CREATE TABLE fresh.jobs (id serial PRIMARY KEY, state fresh.state, user_id int REFERENCES app.users (id));
+             INSERT INTO fresh.jobs (state, user_id) SELECT 'new', 1 + g % 5 FROM generate_series(1, 20) g;"
+        ))
+        .await?;
+    p.dest
+        .batch(&format!(
+            "{app} INSERT INTO app.users SELECT g, 'dst' || g FROM generate_series(1, 7) g;"
+        ))
+        .await?;
+    let dst = p.dest.connect().await?;
+    let live = schema_sums(&dst, &["app"]).await;
+
+    let mut opts = common::options(&p);
+    opts.schemas = vec!["app".into(), "fresh".into()];
+    opts.preserved = vec!["app.users".into()];
+    let report = common::prepare_and_release(&opts).await?;
+    assert_eq!(report.plan.schemas_to_create, ["fresh"]);
+    dst.batch_execute(&format!(
+        "UPDATE pgzm.migrations SET status = 'preparing' WHERE id = {}",
+        report.migration_id
+    ))
+    .await?;
+    let st = common::status(&p).await;
+    assert_eq!(st.sync_triggers.len(), 4, "{st:?}");
+    assert!(st.sync_triggers.iter().all(|t| t.table == "app.users"));
+
+    let done = pgzm_coordinator::state::abort(&dest_url(&p), false, locks()).await?;
+    assert_eq!(done.migrations, [report.migration_id]);
+    assert!(
+        done.removed
+            .iter()
+            .any(|r| r == "sync triggers on app.users"),
+        "{:?}",
+        done.removed
+    );
+    assert!(common::status(&p).await.sync_triggers.is_empty());
+    assert_eq!(
+        texts(
+            &dst,
+            "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE left(c.relname, 7) = 'shadow_'
+             UNION ALL
+             SELECT n.nspname || '.' || t.typname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+              WHERE left(t.typname, 7) = 'shadow_'"
+        )
+        .await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        int(
+            &dst,
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'fresh'"
+        )
+        .await,
+        0,
+        "the schema the run created is gone"
+    );
+    assert_eq!(schema_sums(&dst, &["app"]).await, live);
+    Ok(())
+}
