@@ -178,9 +178,14 @@ pub struct LockArgs {
     /// lock_timeout of each attempt to lock the live tables (swap, sync triggers), in ms.
     #[arg(long, default_value_t = 50)]
     pub lock_timeout_ms: u64,
-    /// Give up after this many seconds of lock retries (nothing is changed then).
+    /// Give up after this many seconds of lock retries (nothing is changed then; exit status
+    /// 75).
     #[arg(long, default_value_t = 30)]
     pub swap_timeout: u64,
+    /// After this many seconds of lock retries, end (pg_terminate_backend) the sessions that
+    /// hold locks on the tables, logging each, then take the locks. Off by default.
+    #[arg(long, value_name = "SECS")]
+    pub kill_blockers_after: Option<u64>,
 }
 
 impl LockArgs {
@@ -191,9 +196,18 @@ impl LockArgs {
                 "--lock-timeout-ms must be at least 1".into(),
             ));
         }
+        if let Some(after) = self.kill_blockers_after {
+            if after >= self.swap_timeout {
+                return Err(CoordinatorError::Usage(format!(
+                    "--kill-blockers-after {after} must be less than --swap-timeout {}",
+                    self.swap_timeout
+                )));
+            }
+        }
         Ok(SwapSettings {
             lock_timeout: Duration::from_millis(self.lock_timeout_ms),
             total_timeout: Duration::from_secs(self.swap_timeout),
+            kill_blockers_after: self.kill_blockers_after.map(Duration::from_secs),
         })
     }
 }

@@ -94,7 +94,7 @@ pub enum CoordinatorError {
     },
     /// A transaction that needs table locks (the swap, setting up or removing sync triggers)
     /// could not take them within the allowed time; it was rolled back, nothing changed.
-    #[error("{action}: could not lock the tables within {waited_ms} ms ({attempts} attempts of {lock_timeout_ms} ms each; a long transaction holds a lock on one of them); nothing was changed: retry later or raise --swap-timeout")]
+    #[error("{action}: could not lock the tables within {waited_ms} ms ({attempts} attempts of {lock_timeout_ms} ms each); {}nothing was changed: retry later (exit status 75), end those sessions, raise --swap-timeout, or let pgzm end them with --kill-blockers-after SECS", blocked_by(.blockers))]
     SwapLockTimeout {
         /// What needed the locks ("swap", …).
         action: String,
@@ -104,10 +104,44 @@ pub enum CoordinatorError {
         lock_timeout_ms: u64,
         /// Total time spent.
         waited_ms: u64,
+        /// The sessions holding locks on the tables when it gave up.
+        blockers: Vec<crate::locked::Blocker>,
     },
 }
 
+/// `blocked by …; ` naming each session, or what to look for when none was found.
+fn blocked_by(blockers: &[crate::locked::Blocker]) -> String {
+    if blockers.is_empty() {
+        return "a transaction held a lock on one of them (it had ended when pgzm looked); "
+            .to_string();
+    }
+    format!(
+        "blocked by {}; ",
+        blockers
+            .iter()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Exit status of a failure the operator should retry later (EX_TEMPFAIL): the locks were not
+/// granted in time, or another run holds the destination.
+pub const EXIT_RETRY_LATER: u8 = 75;
+
+/// Exit status of a usage error (as for the command line's own parse errors).
+pub const EXIT_USAGE: u8 = 2;
+
 impl CoordinatorError {
+    /// The process exit status for this failure: 75 to retry later, 2 for usage, 1 otherwise.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            CoordinatorError::SwapLockTimeout { .. } | CoordinatorError::Busy => EXIT_RETRY_LATER,
+            CoordinatorError::Usage(_) | CoordinatorError::InvalidUrl { .. } => EXIT_USAGE,
+            _ => 1,
+        }
+    }
+
     /// A catalog query failure.
     pub fn catalog(what: &'static str, err: tokio_postgres::Error) -> Self {
         CoordinatorError::Catalog {

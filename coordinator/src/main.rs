@@ -164,6 +164,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The exit status of a failed run: the coordinator error's (75 to retry later, 2 for usage),
+/// else 1.
+fn exit_status(err: &anyhow::Error) -> u8 {
+    err.downcast_ref::<pgzm_coordinator::error::CoordinatorError>()
+        .map_or(1, |e| e.exit_status())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match pgzm_agent::runtime() {
@@ -214,11 +221,11 @@ fn main() -> ExitCode {
                 "message": format!("pgzm: error: {err}"),
             });
             eprintln!("{line}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_status(&err))
         }
         Err(err) => {
             eprintln!("pgzm: error: {err}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_status(&err))
         }
     }
 }

@@ -888,6 +888,7 @@ async fn sync_preserved(
         next.sync_functions.push(p.function.clone());
         let objects_json = serde_json::to_string(&next).unwrap_or_default();
         let mut tx = LockedTransaction::new();
+        tx.locks(p.qualname().quoted());
         tx.extend(p.setup_sql(plan.migration_id));
         tx.push(pgzm_pg::sql::do_block(&format!(
             "BEGIN IF (SELECT count(*) FROM {shadow}) <> (SELECT count(*) FROM {live}) THEN RAISE EXCEPTION 'row counts differ after the initial copy'; END IF; END",

@@ -557,10 +557,7 @@ fn rollback_transaction(
             .iter()
             .map(|r| quote_qualified(&r.schema, &r.table)),
     );
-    tx.push(format!(
-        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-        lock.into_iter().collect::<Vec<_>>().join(", ")
-    ));
+    tx.lock_tables(lock.into_iter().collect());
     if !views.dropped.is_empty() {
         tx.push(format!(
             "DROP VIEW {}",

@@ -326,6 +326,7 @@ pub async fn clean_leftovers(
     let live = recorded_relations(client, &objects.sync_triggers).await?;
     for (table, oid) in &objects.sync_triggers {
         if let Some(qualified) = live.get(oid).filter(|q| &q.name == table) {
+            triggers.locks(qualified.quoted());
             for (name, _) in crate::preserve::TRIGGERS {
                 triggers.push(format!(
                     "DROP TRIGGER IF EXISTS {} ON {qualified}",

@@ -52,7 +52,7 @@ pub fn swap_sql(plan: &Plan, aside: Option<&AsideSet>, lock_timeout: Duration) -
 pub fn swap_transaction(plan: &Plan, aside: Option<&AsideSet>) -> LockedTransaction {
     let mut tx = LockedTransaction::new();
     before_locks(&mut tx, plan, aside);
-    tx.extend(lock_statement(plan));
+    tx.lock_tables(lock_list(plan));
     tx.push("SELECT 'locked', (extract(epoch FROM clock_timestamp()) * 1000000)::int8");
     under_locks(&mut tx, plan);
     tx.after_commit("SELECT 'committed', (extract(epoch FROM clock_timestamp()) * 1000000)::int8");
@@ -127,7 +127,7 @@ fn before_locks(tx: &mut LockedTransaction, plan: &Plan, aside: Option<&AsideSet
 /// sorted: one order for every run, so two swaps can never deadlock on each other. (LOCK TABLE
 /// refuses materialized views: their renames take the lock themselves, under the same
 /// lock_timeout.)
-fn lock_statement(plan: &Plan) -> Option<String> {
+fn lock_list(plan: &Plan) -> Vec<String> {
     let mut lock: BTreeSet<(&str, &str)> = BTreeSet::new();
     for m in plan.to_backup.iter().chain(&plan.to_live) {
         if matches!(m.kind, ObjectKind::Table | ObjectKind::View) {
@@ -140,15 +140,7 @@ fn lock_statement(plan: &Plan) -> Option<String> {
     for r in &plan.repoints {
         lock.insert((&r.schema, &r.table));
     }
-    (!lock.is_empty()).then(|| {
-        format!(
-            "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-            lock.iter()
-                .map(|(s, n)| quote_qualified(s, n))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    })
+    lock.iter().map(|(s, n)| quote_qualified(s, n)).collect()
 }
 
 /// Under the locks: the preserved tables' last check and sync teardown, the foreign keys of

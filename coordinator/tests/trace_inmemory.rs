@@ -94,6 +94,7 @@ async fn a_migration_is_one_trace_with_phase_table_and_agent_spans() {
         swap: SwapSettings {
             lock_timeout: Duration::from_millis(50),
             total_timeout: Duration::from_secs(10),
+            kill_blockers_after: None,
         },
         copy_retries: 1,
         ..StartOptions::new(

@@ -260,6 +260,7 @@ pub fn options_for(source: &str, dest: &str) -> StartOptions {
         swap: SwapSettings {
             lock_timeout: Duration::from_millis(50),
             total_timeout: Duration::from_secs(10),
+            kill_blockers_after: None,
         },
         copy_retries: 1,
         ..StartOptions::new(

@@ -792,3 +792,93 @@ async fn libpq_service_file_password_file_and_environment() {
     let out = output(cmd.args(["status", "--dest", "service=prod"])).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+/// A swap blocked by an idle-in-transaction session: the error names it (pid, user,
+/// application, state, transaction age, lock mode, table, query) and exits 75 (retry later),
+/// changing nothing; `--kill-blockers-after` ends that session, logs it, and swaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_swap_names_its_blocker_and_can_end_it() {
+    let (source, dest) = simple_pair("cli_blocked").await;
+    let dir = WorkDir::new("blocked");
+    let live = || async {
+        let mut sums = live_sums(&dest).await;
+        sums.retain(|t, _| !t.starts_with("shadow_"));
+        sums
+    };
+    let before = live().await;
+    let prepare =
+        output(pgzm(&dir).args(["prepare", "--source", &source.url(), "--dest", &dest.url()]))
+            .await;
+    assert!(prepare.status.success(), "{}", text(&prepare.stderr));
+
+    // A reporting job that read "User" and left its transaction open.
+    let blocker = dest.connect().await.expect("blocker");
+    let pid: i32 = blocker
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    blocker
+        .batch_execute(
+            "SET application_name = 'nightly-report'; BEGIN; SELECT count(*) FROM \"User\";",
+        )
+        .await
+        .expect("open the blocking transaction");
+
+    let swap = |extra: &[&str]| {
+        let mut cmd = pgzm(&dir);
+        cmd.args(["swap", "--dest", &dest.url(), "--lock-timeout-ms", "50"]);
+        cmd.args(extra);
+        cmd
+    };
+    let out = output(&mut swap(&["--swap-timeout", "1"])).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("pgzm: error:"))
+        .unwrap_or_default();
+    for expected in [
+        format!("pid {pid}"),
+        "user postgres".to_string(),
+        "\"nightly-report\"".to_string(),
+        "idle in transaction".to_string(),
+        "AccessShareLock on public.\"User\"".to_string(),
+        "SELECT count(*) FROM \\\"User\\\"".to_string(),
+        "transaction open".to_string(),
+        "--kill-blockers-after".to_string(),
+    ] {
+        assert!(error.contains(&expected), "{expected}: {stderr}");
+    }
+    assert_eq!(live().await, before, "nothing was swapped");
+
+    let out = output(&mut swap(&[
+        "--swap-timeout",
+        "10",
+        "--kill-blockers-after",
+        "1",
+    ]))
+    .await;
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("ending a session that blocks the swap")
+            && stderr.contains(&pid.to_string()),
+        "{stderr}"
+    );
+    assert!(
+        blocker.query_one("SELECT 1", &[]).await.is_err(),
+        "the blocking session was ended"
+    );
+    assert_ne!(live().await, before, "swapped");
+
+    // Usage: the kill delay must be shorter than the swap timeout.
+    let out = output(&mut swap(&[
+        "--swap-timeout",
+        "5",
+        "--kill-blockers-after",
+        "5",
+    ]))
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}

@@ -1392,6 +1392,7 @@ async fn rollback_retries_locks_and_gives_up_without_changing_anything() -> anyh
     opts.locks = SwapSettings {
         lock_timeout: Duration::from_millis(20),
         total_timeout: Duration::from_millis(600),
+        kill_blockers_after: None,
     };
     let started = std::time::Instant::now();
     let err = rollback(opts.clone())

@@ -1030,6 +1030,7 @@ async fn triggers_go_first_even_when_the_shadow_tables_cannot_be_dropped_yet() -
     let short = pgzm_coordinator::swap::SwapSettings {
         lock_timeout: std::time::Duration::from_millis(50),
         total_timeout: std::time::Duration::from_secs(1),
+        kill_blockers_after: None,
     };
     let err = pgzm_coordinator::state::abort(&common::dest_url(&p), false, short)
         .await

@@ -360,6 +360,7 @@ async fn a_failed_swap_keeps_the_backup_set_and_older_sets_can_be_kept() -> anyh
     opts.swap = SwapSettings {
         lock_timeout: Duration::from_millis(20),
         total_timeout: Duration::from_millis(500),
+        kill_blockers_after: None,
     };
     let err = common::run(opts).await.expect_err("the swap cannot lock");
     assert!(

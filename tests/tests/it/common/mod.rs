@@ -109,6 +109,7 @@ pub fn locks() -> SwapSettings {
     SwapSettings {
         lock_timeout: Duration::from_millis(50),
         total_timeout: Duration::from_secs(10),
+        kill_blockers_after: None,
     }
 }
 
