@@ -64,6 +64,61 @@ pub enum Command {
     Abort(AbortArgs),
 }
 
+impl Command {
+    /// Its name, as typed.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Start(_) => "start",
+            Command::Prepare(_) => "prepare",
+            Command::Swap(_) => "swap",
+            Command::Status(_) => "status",
+            Command::List(_) => "list",
+            Command::Verify(_) => "verify",
+            Command::Rollback(_) => "rollback",
+            Command::Cleanup(_) => "cleanup",
+            Command::Abort(_) => "abort",
+        }
+    }
+
+    /// The destination it works on, when it parses (for what an interrupted run does).
+    pub fn destination(&self) -> Option<DbUrl> {
+        let dest = match self {
+            Command::Start(a) | Command::Prepare(a) => &a.dest,
+            Command::Swap(a) => &a.dest,
+            Command::Status(a) | Command::List(a) => &a.dest,
+            Command::Verify(a) => &a.dest,
+            Command::Rollback(a) => &a.dest,
+            Command::Cleanup(a) => &a.dest,
+            Command::Abort(a) => &a.dest,
+        };
+        dest.url().ok()
+    }
+
+    /// The source database of `start`/`prepare`, when it parses.
+    pub fn source(&self) -> Option<DbUrl> {
+        match self {
+            Command::Start(a) | Command::Prepare(a) => a
+                .source
+                .as_deref()
+                .filter(|s| !s.trim().is_empty())
+                .and_then(|s| DbUrl::parse(s, "source").ok()),
+            _ => None,
+        }
+    }
+
+    /// Its lock settings (the defaults when it takes none, or when they do not parse).
+    pub fn locks(&self) -> SwapSettings {
+        let locks = match self {
+            Command::Start(a) | Command::Prepare(a) => Some(&a.locks),
+            Command::Swap(a) => Some(&a.locks),
+            Command::Rollback(a) => Some(&a.locks),
+            Command::Abort(a) => Some(&a.locks),
+            _ => None,
+        };
+        locks.and_then(|l| l.settings().ok()).unwrap_or_default()
+    }
+}
+
 /// `--json`: the result as one JSON document on stdout instead of text.
 #[derive(Debug, Clone, Copy, Args)]
 pub struct OutputArg {

@@ -50,6 +50,7 @@ pub async fn swap_prepared(
     phases: &mut Phases,
     report: &mut Report,
 ) -> Result<(), CoordinatorError> {
+    crate::interrupt::set_run(plan.migration_id);
     let problems = status::shadow_problems(control, plan, objects).await?;
     if !problems.is_empty() {
         return Err(CoordinatorError::Refused(problems));

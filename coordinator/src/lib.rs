@@ -19,6 +19,7 @@ pub mod destination;
 pub mod error;
 pub mod filter;
 pub mod grants;
+pub mod interrupt;
 pub mod locked;
 pub mod logfile;
 pub mod matview;

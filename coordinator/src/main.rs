@@ -7,7 +7,9 @@ use pgzm_agent::telemetry;
 use pgzm_coordinator::agents::AgentPool;
 use pgzm_coordinator::cli::{Cli, Command, LogFormatArg, PrepareArgs};
 use pgzm_coordinator::migrate::StartOptions;
-use pgzm_coordinator::{backup, cutover, logfile, migrate, output, prepare, rollback, status};
+use pgzm_coordinator::{
+    backup, cutover, interrupt, logfile, migrate, output, prepare, rollback, status,
+};
 use tracing::Instrument;
 
 fn init_telemetry(cli: &Cli) -> telemetry::Telemetry {
@@ -164,6 +166,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// After a signal: leaves the destination in a known state (see `interrupt`), prints one line
+/// saying which and what to run next, and returns the exit status. A second signal exits at
+/// once.
+fn settle_interrupted(
+    command: &str,
+    source: Option<&pgzm_coordinator::conninfo::DbUrl>,
+    destination: Option<&pgzm_coordinator::conninfo::DbUrl>,
+    locks: pgzm_coordinator::locked::SwapSettings,
+    signal: interrupt::Signal,
+) -> u8 {
+    eprintln!(
+        "pgzm: {}: stopping {command}; press Ctrl-C again to exit at once",
+        signal.name()
+    );
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(_) => return signal.exit_status(),
+    };
+    runtime.block_on(async {
+        tokio::select! {
+            line = interrupt::settle(command, source, destination, locks) => {
+                eprintln!("pgzm: {}: {line}", signal.name());
+            }
+            again = interrupt::wait() => {
+                let left = interrupt::current_run()
+                    .map(|id| format!("migration {id} may be left interrupted: run `pgzm abort` (or the same command again) to remove its shadow objects"))
+                    .unwrap_or_else(|| "nothing was left to clean up".into());
+                eprintln!("pgzm: {} again: exiting at once; {left}", again.name());
+            }
+        }
+    });
+    signal.exit_status()
+}
+
 /// The exit status of a failed run: the coordinator error's (75 to retry later, 2 for usage),
 /// else 1.
 fn exit_status(err: &anyhow::Error) -> u8 {
@@ -184,17 +223,10 @@ fn main() -> ExitCode {
         let _g = runtime.enter();
         init_telemetry(&cli)
     };
-    let command = match &cli.command {
-        Command::Start(_) => "start",
-        Command::Prepare(_) => "prepare",
-        Command::Swap(_) => "swap",
-        Command::Status(_) => "status",
-        Command::List(_) => "list",
-        Command::Verify(_) => "verify",
-        Command::Rollback(_) => "rollback",
-        Command::Cleanup(_) => "cleanup",
-        Command::Abort(_) => "abort",
-    };
+    let command = cli.command.name();
+    let destination = cli.command.destination();
+    let source = cli.command.source();
+    let locks = cli.command.locks();
     let json_logs = cli.log_format == LogFormatArg::Json;
     // One root span per run: every phase and table task of the migration is in its trace.
     let root = tracing::info_span!(
@@ -202,7 +234,30 @@ fn main() -> ExitCode {
         command,
         otel.status_description = tracing::field::Empty
     );
-    let result = runtime.block_on(run(cli).instrument(root.clone()));
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            result = run(cli).instrument(root.clone()) => Ok(result),
+            signal = interrupt::wait() => Err(signal),
+        }
+    });
+    let result = match outcome {
+        Ok(result) => result,
+        Err(signal) => {
+            root.record("otel.status_description", signal.name());
+            drop(root);
+            // Every task of the run (copies, builds, an in-process agent) ends with its runtime.
+            drop(runtime);
+            let status = settle_interrupted(
+                command,
+                source.as_ref(),
+                destination.as_ref(),
+                locks,
+                signal,
+            );
+            telemetry.shutdown();
+            return ExitCode::from(status);
+        }
+    };
     if let Err(err) = &result {
         // The trace says that, and why, the run failed (the message never holds a password).
         root.record("otel.status_description", err.to_string().as_str());

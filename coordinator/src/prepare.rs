@@ -286,6 +286,8 @@ pub async fn prepare(
             create_shadow(&mut control, &plan, schema, dest, &renames),
         )
         .await?;
+    // Recorded: an interrupt from now on leaves this run to remove (see `interrupt`).
+    crate::interrupt::set_run(plan.migration_id);
     // Remote agents' roles get what the copy needs on the tables they load, until it ends.
     let loaded: Vec<u32> = created
         .tables

@@ -933,6 +933,40 @@ pub async fn abort(
     Ok(out)
 }
 
+/// After this process's run `id` was interrupted: when it was still preparing, removes its
+/// sync triggers and shadow objects (as a failed run's) and records why. Returns the status it
+/// had (None: not recorded).
+pub async fn abort_run(
+    destination: &crate::conninfo::DbUrl,
+    id: i64,
+    locks: crate::locked::SwapSettings,
+) -> Result<Option<RunStatus>, CoordinatorError> {
+    let client = destination.connect("pgzm-interrupted").await?;
+    if !try_lock(&client).await? {
+        return Err(CoordinatorError::Busy);
+    }
+    client
+        .batch_execute("SET search_path = pg_catalog")
+        .await
+        .map_err(|e| CoordinatorError::destination("set search_path", e))?;
+    let Some(row) = load(&client, Some(id)).await? else {
+        unlock(&client).await;
+        return Ok(None);
+    };
+    if row.status == RunStatus::Preparing {
+        client
+            .execute(
+                "UPDATE pgzm.migrations SET error = 'interrupted by the operator' WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(|e| CoordinatorError::destination("record the interruption", e))?;
+        clean_leftovers(&client, id, &row.objects, locks).await?;
+    }
+    unlock(&client).await;
+    Ok(Some(row.status))
+}
+
 /// The sync triggers (pgzm's, found by their function's schema) on live tables, with whether
 /// each is enabled: what `status` reports, whatever the metadata says.
 pub async fn sync_triggers_present(

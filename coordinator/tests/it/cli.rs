@@ -882,3 +882,133 @@ async fn a_blocked_swap_names_its_blocker_and_can_end_it() {
     .await;
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
 }
+
+/// Starts `pgzm start` with the copy of `audit_entry` held back by a lock on the source, and
+/// returns once an agent session waits on it (the copy is under way).
+async fn start_blocked_copy(
+    source: &TestDb,
+    dest: &TestDb,
+    dir: &WorkDir,
+) -> (tokio::process::Child, tokio_postgres::Client) {
+    for (db, rows) in [(source, 500), (dest, 5)] {
+        db.batch(&format!(
+            "CREATE TABLE audit_entry (id int PRIMARY KEY, body text NOT NULL); \
+             INSERT INTO audit_entry SELECT g, 'entry ' || g FROM generate_series(1, {rows}) g"
+        ))
+        .await
+        .expect("create audit_entry");
+    }
+    let blocker = source.connect().await.expect("connect blocker");
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE audit_entry IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock audit_entry");
+    let child = pgzm(dir)
+        .args(["start", "--jobs", "2", "--source", &source.url()])
+        .args(["--dest", &dest.url()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pgzm");
+    let started = Instant::now();
+    while sessions(source, "pgzm-agent", true).await == 0 {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the copy never waited on the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (child, blocker)
+}
+
+fn signal(child: &tokio::process::Child, sig: libc::c_int) {
+    let pid = child.id().expect("pid") as libc::pid_t;
+    // SAFETY: sends a signal to the child this test spawned.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "send signal {sig}");
+}
+
+/// Ctrl-C in the middle of the copy: the copies stop, the run's shadow objects are removed,
+/// one line says so and what to run next, and the exit status is 130; the live tables are as
+/// they were and the same command then succeeds. SIGTERM does the same, with status 143.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_mid_copy_stops_cleanly() {
+    for (sig, status) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
+        let (source, dest) = simple_pair(&format!("cli_ctrl_c_{status}")).await;
+        let dir = WorkDir::new(&format!("ctrl_c_{status}"));
+        let (child, blocker) = start_blocked_copy(&source, &dest, &dir).await;
+        let before = {
+            let mut sums = live_sums(&dest).await;
+            sums.retain(|t, _| !t.starts_with("shadow_"));
+            sums
+        };
+        signal(&child, sig);
+        let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+            .await
+            .expect("pgzm exits after the signal")
+            .expect("wait for pgzm");
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(status), "{stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.contains("the copy was stopped")
+                && last.contains("shadow objects were removed")
+                && last.contains("run the same command again"),
+            "{stderr}"
+        );
+        assert_eq!(
+            shadow_objects(&dest).await,
+            Vec::<String>::new(),
+            "{stderr}"
+        );
+        assert_eq!(live_sums(&dest).await, before);
+        assert_eq!(
+            sessions(&source, "pgzm-agent", false).await,
+            0,
+            "copies stopped"
+        );
+        blocker.batch_execute("ROLLBACK").await.expect("unlock");
+        let out =
+            output(pgzm(&dir).args(["start", "--source", &source.url(), "--dest", &dest.url()]))
+                .await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+}
+
+/// A second Ctrl-C exits at once, leaving the run as a killed run would be: `status` says so
+/// and `pgzm abort` removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_ctrl_c_exits_at_once() {
+    let (source, dest) = simple_pair("cli_ctrl_c_twice").await;
+    let dir = WorkDir::new("ctrl_c_twice");
+    let (child, blocker) = start_blocked_copy(&source, &dest, &dir).await;
+    // Keep the cleanup from finishing: it must drop shadow_audit_entry, and this session
+    // holds a lock on it.
+    let holder = dest.connect().await.expect("connect holder");
+    holder
+        .batch_execute("BEGIN; LOCK TABLE shadow_audit_entry IN ACCESS SHARE MODE")
+        .await
+        .expect("hold the shadow table");
+    signal(&child, libc::SIGINT);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(&child, libc::SIGINT);
+    let out = tokio::time::timeout(Duration::from_secs(5), child.wait_with_output())
+        .await
+        .expect("the second Ctrl-C exits at once")
+        .expect("wait for pgzm");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .contains("exiting at once")
+            && stderr.contains("pgzm abort"),
+        "{stderr}"
+    );
+    holder.batch_execute("ROLLBACK").await.expect("release");
+    blocker.batch_execute("ROLLBACK").await.expect("unlock");
+    let out = output(pgzm(&dir).args(["abort", "--dest", &dest.url()])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(shadow_objects(&dest).await, Vec::<String>::new());
+}
