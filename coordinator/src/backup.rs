@@ -15,7 +15,7 @@ use crate::plan::{Move, ObjectKind};
 use crate::state::{self, MigrationRow};
 
 /// One table of a backup set.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct BackupTable {
     /// Schema of the table and its backup.
     pub schema: String,
@@ -34,16 +34,16 @@ pub struct BackupTable {
 }
 
 /// One backup set, as `list` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct BackupSet {
     /// Migration id (milliseconds since the epoch): the `--timestamp` of rollback and verify.
     pub timestamp: i64,
     /// When the swap that made it happened.
     pub created: String,
     /// Seconds since the swap.
+    #[serde(serialize_with = "crate::document::rounded")]
     pub age_seconds: f64,
     /// Number of tables.
-    #[serde(rename = "tableCount")]
     pub table_count: usize,
     /// Total size, human readable.
     pub size: String,
@@ -179,7 +179,7 @@ pub async fn list(destination: &DbUrl) -> Result<Vec<BackupSet>, CoordinatorErro
 }
 
 /// One check of `verify`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Check {
     /// What was checked.
     pub check: String,
@@ -190,7 +190,7 @@ pub struct Check {
 }
 
 /// The result of `pgzm verify`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Verification {
     /// Backup set.
     pub timestamp: i64,
@@ -498,7 +498,7 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 }
 
 /// What `cleanup` dropped (or would drop).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Cleanup {
     /// Cut-off, ms since the epoch.
     pub before: i64,

@@ -94,6 +94,19 @@ impl Command {
         dest.url().ok()
     }
 
+    /// Whether `--json` was given.
+    pub fn json(&self) -> bool {
+        match self {
+            Command::Start(a) | Command::Prepare(a) => a.output.json,
+            Command::Swap(a) => a.output.json,
+            Command::Status(a) | Command::List(a) => a.output.json,
+            Command::Verify(a) => a.output.json,
+            Command::Rollback(a) => a.output.json,
+            Command::Cleanup(a) => a.output.json,
+            Command::Abort(a) => a.output.json,
+        }
+    }
+
     /// The source database of `start`/`prepare`, when it parses.
     pub fn source(&self) -> Option<DbUrl> {
         match self {

@@ -61,7 +61,7 @@ impl CopyJob {
 }
 
 /// Result of one table's copy.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, schemars::JsonSchema)]
 pub struct CopyStats {
     /// Rows written.
     pub rows: u64,

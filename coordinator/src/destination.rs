@@ -59,7 +59,9 @@ impl LiveTable {
 
 /// Who a privilege is granted to: the PUBLIC pseudo-role (every role), or one role, which may
 /// itself be named `"PUBLIC"`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(from = "GranteeRecord")]
 pub enum Grantee {
     /// Every role (written `"PUBLIC"` in recorded plans, as before roles were told apart).
@@ -90,7 +92,7 @@ impl Grantee {
 
 /// A grantee as recorded: this version's form, or a bare role name from plans recorded before
 /// roles were told apart from PUBLIC (where `"PUBLIC"` meant the pseudo-role).
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 enum GranteeRecord {
     Role {
@@ -111,7 +113,9 @@ impl From<GranteeRecord> for Grantee {
 }
 
 /// One privilege granted on an object.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub struct Grant {
     /// PUBLIC or a role.
     pub grantee: Grantee,

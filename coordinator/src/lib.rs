@@ -16,6 +16,7 @@ pub mod cutover;
 pub mod ddl;
 pub mod dependents;
 pub mod destination;
+pub mod document;
 pub mod error;
 pub mod filter;
 pub mod grants;

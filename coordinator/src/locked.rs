@@ -36,7 +36,7 @@ impl Default for SwapSettings {
 
 /// A session holding a lock on a relation a [`LockedTransaction`] must lock: what an operator
 /// needs to decide whether to wait for it or end it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, schemars::JsonSchema)]
 pub struct Blocker {
     /// Backend pid.
     pub pid: i32,
@@ -47,6 +47,7 @@ pub struct Blocker {
     /// `active`, `idle in transaction`, …
     pub state: String,
     /// Seconds since its transaction began.
+    #[serde(serialize_with = "crate::document::rounded")]
     pub transaction_seconds: f64,
     /// The first characters of its current (or last) query.
     pub query: String,

@@ -6,6 +6,7 @@ use clap::Parser;
 use pgzm_agent::telemetry;
 use pgzm_coordinator::agents::AgentPool;
 use pgzm_coordinator::cli::{Cli, Command, LogFormatArg, PrepareArgs};
+use pgzm_coordinator::document::{Document, ErrorDetail, Failure, Outcome};
 use pgzm_coordinator::migrate::StartOptions;
 use pgzm_coordinator::{
     backup, cutover, interrupt, logfile, migrate, output, prepare, rollback, status,
@@ -40,18 +41,43 @@ async fn agents(args: &PrepareArgs, opts: &mut StartOptions) -> anyhow::Result<A
     Ok(pool)
 }
 
+/// Prints the result: one `--json` document (see `document`), or the text for a person.
 fn print<T: serde::Serialize>(
     json: bool,
+    command: &str,
+    outcome: Outcome,
     value: &T,
     human: impl FnOnce() -> String,
 ) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(value)?);
+        let doc = Document::new(command, outcome, value);
+        println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         print!("{}", human());
     }
     Ok(())
 }
+
+/// The outcome of a command that may have been a dry run.
+fn done(dry_run: bool) -> Outcome {
+    if dry_run {
+        Outcome::DryRun
+    } else {
+        Outcome::Ok
+    }
+}
+
+/// A failure whose document was printed already (`verify` of an invalid set).
+#[derive(Debug)]
+struct Reported(String);
+
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Reported {}
 
 /// A live progress bar only for a person at a terminal.
 fn progress_wanted(cli: &Cli, json: bool) -> bool {
@@ -105,7 +131,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             let report = result?;
-            print(args.output.json, &report, || output::human_report(&report))
+            print(
+                args.output.json,
+                "start",
+                done(report.dry_run),
+                &report,
+                || output::human_report(&report),
+            )
         }
         Command::Prepare(args) => {
             let mut opts = args.to_options()?;
@@ -117,42 +149,70 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let mut report = prepared.release().await;
             report.phases = phases.0;
-            print(args.output.json, &report, || output::human_prepare(&report))
+            print(
+                args.output.json,
+                "prepare",
+                done(report.dry_run),
+                &report,
+                || output::human_prepare(&report),
+            )
         }
         Command::Swap(args) => {
             let opts = args.to_options()?;
             let report = cutover::swap_command(opts).await?;
-            print(args.output.json, &report, || output::human_report(&report))
+            print(
+                args.output.json,
+                "swap",
+                done(report.dry_run),
+                &report,
+                || output::human_report(&report),
+            )
         }
         Command::Status(args) => {
             let dest = args.dest.url()?;
             let s = status::status(&dest).await?;
-            print(args.output.json, &s, || output::human_status(&s))
+            print(args.output.json, "status", Outcome::Ok, &s, || {
+                output::human_status(&s)
+            })
         }
         Command::List(args) => {
             let sets = backup::list(&args.dest.url()?).await?;
-            print(args.output.json, &sets, || output::human_list(&sets))
+            let human = output::human_list(&sets);
+            let doc = pgzm_coordinator::document::BackupSets { backup_sets: sets };
+            print(args.output.json, "list", Outcome::Ok, &doc, || human)
         }
         Command::Verify(args) => {
             let v = backup::verify(&args.dest.url()?, args.timestamp).await?;
-            print(args.output.json, &v, || output::human_verify(&v))?;
+            let outcome = if v.valid {
+                Outcome::Ok
+            } else {
+                Outcome::Invalid
+            };
+            print(args.output.json, "verify", outcome, &v, || {
+                output::human_verify(&v)
+            })?;
             if !v.valid {
-                anyhow::bail!(
+                return Err(Reported(format!(
                     "backup set {} is not valid: {} check(s) failed",
                     v.timestamp,
                     v.checks.iter().filter(|c| !c.ok).count()
-                );
+                ))
+                .into());
             }
             Ok(())
         }
         Command::Rollback(args) => {
             let r = rollback::rollback(args.to_options()?).await?;
-            print(args.output.json, &r, || output::human_rollback(&r))
+            print(args.output.json, "rollback", done(r.dry_run), &r, || {
+                output::human_rollback(&r)
+            })
         }
         Command::Cleanup(args) => {
             let before = backup::parse_before(&args.before)?;
             let c = backup::cleanup(&args.dest.url()?, before, args.dry_run).await?;
-            print(args.output.json, &c, || output::human_cleanup(&c))
+            print(args.output.json, "cleanup", done(c.dry_run), &c, || {
+                output::human_cleanup(&c)
+            })
         }
         Command::Abort(args) => {
             let a = pgzm_coordinator::state::abort(
@@ -161,7 +221,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 args.locks.settings()?,
             )
             .await?;
-            print(args.output.json, &a, || output::human_abort(&a))
+            print(args.output.json, "abort", done(a.dry_run), &a, || {
+                output::human_abort(&a)
+            })
         }
     }
 }
@@ -227,6 +289,7 @@ fn main() -> ExitCode {
     let destination = cli.command.destination();
     let source = cli.command.source();
     let locks = cli.command.locks();
+    let json = cli.command.json();
     let json_logs = cli.log_format == LogFormatArg::Json;
     // One root span per run: every phase and table task of the migration is in its trace.
     let root = tracing::info_span!(
@@ -266,6 +329,24 @@ fn main() -> ExitCode {
     drop(runtime);
     // Spans and metrics are flushed also when the run failed.
     telemetry.shutdown();
+    if let Err(err) = &result {
+        if json && err.downcast_ref::<Reported>().is_none() {
+            // A failure is a document too.
+            let doc = Document::new(
+                command,
+                Outcome::Error,
+                Failure {
+                    error: ErrorDetail {
+                        message: err.to_string(),
+                        exit_status: exit_status(err),
+                    },
+                },
+            );
+            if let Ok(text) = serde_json::to_string_pretty(&doc) {
+                println!("{text}");
+            }
+        }
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) if json_logs => {

@@ -25,7 +25,16 @@ pub fn public_schema() -> String {
 /// the swap SQL. `Display` quotes it (`"sales"."Order"`); [`QualName::plain`] shows it as an
 /// operator would type it (`sales.Order`). Ordered by schema, then name.
 #[derive(
-    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
 )]
 #[serde(from = "QualNameRecord")]
 pub struct QualName {
@@ -90,7 +99,7 @@ impl std::fmt::Display for QualName {
 
 /// A qualified name as recorded: `{schema, name}`, or a bare name from runs recorded before
 /// schemas were chosen (in `public`).
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 enum QualNameRecord {
     Qualified { schema: String, name: String },

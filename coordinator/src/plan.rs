@@ -18,7 +18,9 @@ use crate::records::RecordedObjects;
 use crate::rewrite::Renames;
 
 /// Kind of a renamed object (decides the `ALTER … RENAME` form).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ObjectKind {
     /// A table (its row type follows it).
@@ -74,7 +76,7 @@ impl ObjectKind {
 }
 
 /// One rename: `from` → `to`, both unquoted names in `schema`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Move {
     /// Kind.
     pub kind: ObjectKind,
@@ -152,7 +154,7 @@ impl Move {
 }
 
 /// A table to migrate.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TablePlan {
     /// Schema of the table, its shadow and its backup.
     #[serde(default = "crate::naming::public_schema")]
@@ -184,7 +186,7 @@ pub struct TablePlan {
 }
 
 /// A view created in the swap transaction.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ViewPlan {
     /// Schema.
     #[serde(default = "crate::naming::public_schema")]
@@ -206,7 +208,7 @@ pub struct ViewPlan {
 }
 
 /// A foreign key of a destination-only table re-pointed at the new table in the swap.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ForeignKeyRepoint {
     /// Schema of the referencing table.
     #[serde(default = "crate::naming::public_schema")]
@@ -227,7 +229,7 @@ pub struct ForeignKeyRepoint {
 /// A materialized view built over the shadow tables before the swap (`shadow_<name>`, with its
 /// indexes) and swapped in by rename: the source's own, or a destination one that reads a
 /// replaced relation, rebuilt from its definition.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MatviewPlan {
     /// Definition (qualified, naming live objects: rewritten to shadow names when built),
     /// indexes, population, comment; `schema`/`name` are the live ones.
@@ -246,7 +248,7 @@ pub struct MatviewPlan {
 /// swap replaces (a migrated table's row type, a replaced enum, a recreated view): the old one
 /// moves to the backup set under a `backup_` name, and this one is created over the new objects
 /// in the swap transaction, with the same body, settings, owner, privileges and comment.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct FunctionPlan {
     /// Schema.
     pub schema: String,
@@ -311,7 +313,7 @@ impl FunctionPlan {
 
 /// An object outside the migrated set that depends on something the swap replaces, and what
 /// the migration does with it (listed by `plan`/`--dry-run`, human and JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Dependent {
     /// The object, as PostgreSQL describes it (`function public.f(integer)`, `view reporting.v`…).
     pub object: String,
@@ -325,7 +327,7 @@ pub struct Dependent {
 /// row-level-security policy): `detach` removes it, `attach` creates it again from its
 /// definition read before the swap, which names objects by their live names (the new objects
 /// after the swap's renames, the restored ones after a rollback's).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Repoint {
     /// The object, as PostgreSQL describes it.
     pub object: String,
@@ -342,7 +344,7 @@ pub struct Repoint {
 }
 
 /// The whole plan of one migration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Plan {
     /// Migration id: milliseconds since the epoch when planned (the backup set's timestamp).
     pub migration_id: i64,

@@ -116,7 +116,7 @@ pub async fn read_live(
 }
 
 /// One preserved table, as planned (stored with the plan, so `swap` needs no source access).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PreservedTable {
     /// Schema of the table, its shadow and its sequences (recorded plans: `public`).
     #[serde(default = "crate::naming::public_schema")]
@@ -125,9 +125,8 @@ pub struct PreservedTable {
     pub table: String,
     /// Shadow name.
     pub shadow: String,
-    /// Shadow columns filled from the live table: (column, conversion expression template
-    /// with `{row}` standing for the row alias).
-    pub columns: Vec<(String, String)>,
+    /// Shadow columns filled from the live table, each with how its live value converts.
+    pub columns: Vec<SyncColumn>,
     /// Primary key columns (of the live table, present in the shadow).
     pub key: Vec<String>,
     /// Sync function, qualified and quoted.
@@ -146,7 +145,7 @@ impl PreservedTable {
     fn select_list(&self, alias: &str) -> String {
         self.columns
             .iter()
-            .map(|(_, expr)| expr.replace("{row}", alias))
+            .map(|c| c.value(alias))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -154,7 +153,7 @@ impl PreservedTable {
     fn column_list(&self) -> String {
         self.columns
             .iter()
-            .map(|(c, _)| quote_ident(c))
+            .map(|c| quote_ident(&c.column))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -166,8 +165,8 @@ impl PreservedTable {
                 let expr = self
                     .columns
                     .iter()
-                    .find(|(c, _)| c == k)
-                    .map(|(_, e)| e.replace("{row}", other_alias))
+                    .find(|c| &c.column == k)
+                    .map(|c| c.value(other_alias))
                     .unwrap_or_else(|| format!("{other_alias}.{}", quote_ident(k)));
                 format!(
                     "{shadow_alias}.{} IS NOT DISTINCT FROM {expr}",
@@ -321,7 +320,7 @@ pub fn plan(
         if let Some(missing) = shape
             .key
             .iter()
-            .find(|k| !columns.iter().any(|(c, _)| c == *k))
+            .find(|k| !columns.iter().any(|c| &c.column == *k))
         {
             problems.push(format!(
                 "preserved table {name}: primary key column \"{missing}\" does not exist in the source's definition"
@@ -381,7 +380,7 @@ fn column_mapping(
     shape: &LiveShape,
     source: &SourceSchema,
     renames: &Renames,
-) -> Vec<(String, String)> {
+) -> Vec<SyncColumn> {
     table
         .columns
         .iter()
@@ -391,13 +390,96 @@ fn column_mapping(
                 .types
                 .iter()
                 .any(|t| t.oid == c.type_oid || (c.elem_type_oid != 0 && t.oid == c.elem_type_oid));
-            let col = quote_ident(&c.name);
-            let expr = if user_type {
-                format!("{{row}}.{col}::text::{}", renames.apply(&c.type_sql))
-            } else {
-                format!("{{row}}.{col}")
-            };
-            (c.name.clone(), expr)
+            SyncColumn {
+                column: c.name.clone(),
+                via_text_as: user_type.then(|| renames.apply(&c.type_sql)),
+            }
         })
         .collect()
+}
+
+/// A shadow column a preserved table's sync fills from the live table's column of the same
+/// name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(from = "SyncColumnRecord")]
+pub struct SyncColumn {
+    /// The column.
+    pub column: String,
+    /// The shadow column's type (qualified SQL) when the live value converts through text: a
+    /// user enum or domain, of which the shadow has its own copy.
+    pub via_text_as: Option<String>,
+}
+
+impl SyncColumn {
+    /// The value for the shadow column, read from row `alias` of the live table.
+    fn value(&self, alias: &str) -> String {
+        let col = format!("{alias}.{}", quote_ident(&self.column));
+        match &self.via_text_as {
+            Some(ty) => format!("{col}::text::{ty}"),
+            None => col,
+        }
+    }
+}
+
+/// A sync column as recorded: this version's form, or the (column, expression template) pair of
+/// plans prepared by earlier versions (`{row}.col` or `{row}.col::text::type`).
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(untagged)]
+enum SyncColumnRecord {
+    Current {
+        column: String,
+        via_text_as: Option<String>,
+    },
+    Legacy(String, String),
+}
+
+impl From<SyncColumnRecord> for SyncColumn {
+    fn from(r: SyncColumnRecord) -> Self {
+        match r {
+            SyncColumnRecord::Current {
+                column,
+                via_text_as,
+            } => SyncColumn {
+                column,
+                via_text_as,
+            },
+            SyncColumnRecord::Legacy(column, template) => {
+                let plain = format!("{{row}}.{}", quote_ident(&column));
+                let via_text_as = template
+                    .strip_prefix(&plain)
+                    .and_then(|rest| rest.strip_prefix("::text::"))
+                    .map(str::to_string);
+                SyncColumn {
+                    column,
+                    via_text_as,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_columns_of_earlier_plans_read_back() {
+        let legacy: Vec<SyncColumn> = serde_json::from_str(
+            r#"[["id", "{row}.\"id\""], ["mood", "{row}.\"mood\"::text::public.\"shadow_mood\""]]"#,
+        )
+        .expect("legacy form");
+        assert_eq!(legacy[0].via_text_as, None);
+        assert_eq!(
+            legacy[1].via_text_as.as_deref(),
+            Some("public.\"shadow_mood\"")
+        );
+        assert_eq!(
+            legacy[1].value("n"),
+            "n.\"mood\"::text::public.\"shadow_mood\""
+        );
+        let json = serde_json::to_string(&legacy).expect("serialize");
+        assert!(!json.contains("{row}"), "{json}");
+        let again: Vec<SyncColumn> = serde_json::from_str(&json).expect("current form");
+        assert_eq!(again, legacy);
+    }
 }

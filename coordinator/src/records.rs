@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::Oid;
 
 /// Objects a run created in the destination before its swap, with their oids.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RecordedObjects {
     /// Shadow tables (name, oid).
     pub tables: Vec<(String, Oid)>,
@@ -35,7 +35,7 @@ pub struct RecordedObjects {
 }
 
 /// The status of a run, as `pgzm.migrations.status` stores it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     /// Creating its shadow set and copying (or interrupted while doing so).

@@ -80,7 +80,7 @@ impl StartOptions {
 pub const DEFAULT_RANGE_BYTES: i64 = 256 << 20;
 
 /// Duration of one phase.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct PhaseTiming {
     /// Phase name.
     pub phase: &'static str,
@@ -91,7 +91,7 @@ pub struct PhaseTiming {
 }
 
 /// Per-table result.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct TableReport {
     /// Table: its name in `public`, `schema.name` elsewhere.
     pub table: String,
@@ -130,20 +130,22 @@ impl Report {
 }
 
 /// Throughput of a run's copy phase.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct Throughput {
     /// Wall time of the copy phase (copies and per-table index builds), ms.
     pub copy_ms: u64,
     /// Rows copied per second of that time.
+    #[serde(serialize_with = "crate::document::rounded")]
     pub rows_per_s: f64,
     /// COPY bytes moved per second of that time.
+    #[serde(serialize_with = "crate::document::rounded")]
     pub bytes_per_s: f64,
     /// From the start of the copy phase until the last copy task landed, ms: the data movement
     /// alone (index builds of tables that landed earlier overlap it; the last table's follow).
     #[serde(default)]
     pub data_ms: u64,
     /// COPY bytes moved per second of `data_ms`.
-    #[serde(default)]
+    #[serde(default, serialize_with = "crate::document::rounded")]
     pub data_bytes_per_s: f64,
 }
 
@@ -164,7 +166,7 @@ impl Throughput {
 }
 
 /// What a run did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Report {
     /// Migration id (backup set timestamp).
     pub migration_id: i64,

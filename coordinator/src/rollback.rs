@@ -49,7 +49,7 @@ pub struct RollbackOptions {
 }
 
 /// What a rollback did (or would do).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct RollbackReport {
     /// Backup set restored.
     pub timestamp: i64,

@@ -881,7 +881,7 @@ pub fn drop_views_and_functions(moves: &[Move]) -> (Option<String>, Vec<String>)
 }
 
 /// What `pgzm abort` removed (or would remove).
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct Aborted {
     /// Whether this was a dry run.
     pub dry_run: bool,
@@ -1037,8 +1037,8 @@ pub async fn load(
     let row = client
         .query_opt(
             "SELECT id, status, source, plan, created_objects, shadow_present, backup_present,
-                    extract(epoch FROM now() - created_at)::float8 AS age_seconds, created_at::text, prepared_at::text,
-                    swapped_at::text, stats, error
+                    extract(epoch FROM now() - created_at)::float8 AS age_seconds, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS created_at, to_char(prepared_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS prepared_at,
+                    to_char(swapped_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS swapped_at, stats, error
              FROM pgzm.migrations WHERE $1::int8 IS NULL OR id = $1 ORDER BY id DESC LIMIT 1",
             &[&id],
         )
@@ -1090,7 +1090,7 @@ pub async fn sync_errors(
 ) -> Result<Vec<(String, String, String, String)>, CoordinatorError> {
     let rows = client
         .query(
-            "SELECT table_name, operation, message, at::text FROM pgzm.sync_errors WHERE migration_id = $1 ORDER BY at",
+            "SELECT table_name, operation, message, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS at FROM pgzm.sync_errors WHERE migration_id = $1 ORDER BY at",
             &[&id],
         )
         .await

@@ -13,7 +13,7 @@ use crate::records::RunStatus;
 use crate::state::{self, RecordedObjects};
 
 /// A shadow table and its rows.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct ShadowTable {
     /// Schema of the table and its shadow.
     pub schema: String,
@@ -32,7 +32,7 @@ pub struct ShadowTable {
 }
 
 /// A sync trigger on a preserved live table.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct SyncTrigger {
     /// Live table.
     pub table: String,
@@ -45,7 +45,7 @@ pub struct SyncTrigger {
 }
 
 /// A failed mirror of a write to a preserved table.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct SyncError {
     /// Live table.
     pub table: String,
@@ -58,13 +58,14 @@ pub struct SyncError {
 }
 
 /// The status document.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Status {
     /// none, preparing, prepared, swapping, swapped, failed, rolled_back.
     pub state: String,
     /// Migration id (ms since the epoch).
     pub migration_id: Option<i64>,
     /// Seconds since the migration was created.
+    #[serde(serialize_with = "crate::document::rounded_opt")]
     pub age_seconds: Option<f64>,
     /// Source of the migration (`user@host:port/db`).
     pub source: Option<String>,

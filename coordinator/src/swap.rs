@@ -26,7 +26,7 @@ use crate::locked::LockedTransaction;
 pub use crate::locked::SwapSettings;
 
 /// What a successful swap measured.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, Copy, serde::Serialize, schemars::JsonSchema)]
 pub struct SwapOutcome {
     /// Attempts (1 when the locks were free).
     pub attempts: u32,

@@ -328,7 +328,9 @@ pub struct View {
 }
 
 /// A materialized view: a definition, indexes, and whether it holds data.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub struct Matview {
     /// Schema.
     #[serde(default = "crate::naming::public_schema")]

@@ -72,7 +72,9 @@ async fn list_json(dir: &WorkDir, dst: &str) -> serde_json::Value {
         "list",
     )
     .await;
-    one_json("list --json", &stdout)
+    let doc = one_json("list --json", &stdout);
+    assert_eq!(doc["command"], "list", "{doc}");
+    doc["backup_sets"].clone()
 }
 
 /// Checksums of the live tables (no `backup_`).
@@ -299,7 +301,7 @@ async fn multiple_migrations_then_rollback_and_clear_through_the_cli() {
         set["created"].as_str().is_some_and(|s| !s.is_empty()),
         "{set}"
     );
-    assert_eq!(set["tableCount"].as_u64(), Some(15), "{set}");
+    assert_eq!(set["table_count"].as_u64(), Some(15), "{set}");
     assert!(set["size"].as_str().is_some_and(|s| !s.is_empty()), "{set}");
     let (stdout, _) = run(pgzm(&dir).args(["list", "--dest", &dst]), true, "list").await;
     assert!(stdout.contains(&second_id.to_string()), "{stdout}");

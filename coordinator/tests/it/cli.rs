@@ -1012,3 +1012,144 @@ async fn a_second_ctrl_c_exits_at_once() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(shadow_objects(&dest).await, Vec::<String>::new());
 }
+
+/// Every `--json` document the binary prints — of a successful run, a dry run, a failure —
+/// validates against its schema in `docs/json-schema/`, and carries the envelope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_documents_match_their_schemas() {
+    let (source, dest) = simple_pair("cli_json_schema").await;
+    let dir = WorkDir::new("json_schema");
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/json-schema");
+    let check = |schema: &str, doc: &serde_json::Value| {
+        let text = std::fs::read_to_string(docs.join(schema)).expect("schema file");
+        let schema_value: serde_json::Value = serde_json::from_str(&text).expect("schema json");
+        let validator = jsonschema::validator_for(&schema_value).expect("valid schema");
+        let errors: Vec<String> = validator
+            .iter_errors(doc)
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        assert!(errors.is_empty(), "{schema}: {errors:#?}\n{doc}");
+        assert_eq!(doc["schema_version"], 1, "{doc}");
+        assert!(
+            doc["command"].is_string() && doc["outcome"].is_string(),
+            "{doc}"
+        );
+        let text = doc.to_string();
+        assert!(!text.contains("{row}"), "no internal templates: {text}");
+    };
+    let run = |args: Vec<String>| {
+        let mut cmd = pgzm(&dir);
+        cmd.args(args);
+        cmd
+    };
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<String>>();
+    let (src, dst) = (source.url(), dest.url());
+    let cases: Vec<(&str, Vec<String>, bool, &str)> = vec![
+        (
+            "start.json",
+            s(&[
+                "start",
+                "--json",
+                "--dry-run",
+                "--source",
+                &src,
+                "--dest",
+                &dst,
+            ]),
+            true,
+            "dry_run",
+        ),
+        (
+            "start.json",
+            s(&[
+                "start",
+                "--json",
+                "--preserved-tables",
+                "User",
+                "--source",
+                &src,
+                "--dest",
+                &dst,
+            ]),
+            true,
+            "ok",
+        ),
+        (
+            "status.json",
+            s(&["status", "--json", "--dest", &dst]),
+            true,
+            "ok",
+        ),
+        (
+            "list.json",
+            s(&["list", "--json", "--dest", &dst]),
+            true,
+            "ok",
+        ),
+        (
+            "verify.json",
+            s(&["verify", "--json", "--dest", &dst]),
+            true,
+            "ok",
+        ),
+        (
+            "prepare.json",
+            s(&["prepare", "--json", "--source", &src, "--dest", &dst]),
+            true,
+            "ok",
+        ),
+        (
+            "abort.json",
+            s(&["abort", "--json", "--dry-run", "--dest", &dst]),
+            true,
+            "dry_run",
+        ),
+        (
+            "swap.json",
+            s(&["swap", "--json", "--dest", &dst]),
+            true,
+            "ok",
+        ),
+        (
+            "rollback.json",
+            s(&["rollback", "--json", "--latest", "--dest", &dst]),
+            true,
+            "ok",
+        ),
+        (
+            "cleanup.json",
+            s(&[
+                "cleanup",
+                "--json",
+                "--before",
+                "2999-01-01",
+                "--dest",
+                &dst,
+            ]),
+            true,
+            "ok",
+        ),
+        (
+            "error.json",
+            s(&["swap", "--json", "--dest", &dst]),
+            false,
+            "error",
+        ),
+    ];
+    for (schema, args, ok, outcome) in cases {
+        let out = output(&mut run(args.clone())).await;
+        assert_eq!(out.status.success(), ok, "{args:?}: {}", text(&out.stderr));
+        let doc = one_json(&format!("{args:?}"), &text(&out.stdout));
+        assert_eq!(doc["outcome"], outcome, "{args:?}: {doc}");
+        assert_eq!(doc["command"], args[0], "{doc}");
+        check(schema, &doc);
+        if schema == "status.json" {
+            // RFC 3339, UTC.
+            let created = doc["created_at"].as_str().unwrap_or_default();
+            assert!(
+                created.len() == 24 && created.as_bytes()[10] == b'T' && created.ends_with('Z'),
+                "{doc}"
+            );
+        }
+    }
+}

@@ -1285,7 +1285,22 @@ async fn json_logs_and_reports() {
     assert!(!out.status.success(), "nothing left to swap: {stderr}");
     let levels = json_lines("failed swap", &stderr);
     assert!(levels.contains("ERROR"), "{stderr}");
-    assert!(text(&out.stdout).trim().is_empty(), "no report on failure");
+    // And one JSON error document on stdout.
+    let doc = one_json("failed swap --json", &text(&out.stdout));
+    assert_eq!(doc["outcome"], "error", "{doc}");
+    assert_eq!(doc["command"], "swap", "{doc}");
+    assert_eq!(doc["schema_version"], 1, "{doc}");
+    assert_eq!(
+        doc["error"]["exit_status"].as_u64(),
+        out.status.code().map(|c| c as u64),
+        "{doc}"
+    );
+    assert!(
+        doc["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{doc}"
+    );
 }
 
 /// A collector that cannot be reached (nothing listens on its port) fails neither the run nor
