@@ -359,8 +359,16 @@ pub struct PrepareArgs {
     /// Remote agents.
     #[command(flatten)]
     pub agents: AgentArgs,
-    /// Write the migration log here (start only; default:
-    /// ./migration_<time>_<source db>_to_<dest db>.log).
+    /// The migration log file.
+    #[command(flatten)]
+    pub log: LogFileArgs,
+}
+
+/// The migration log file of `start`, `prepare` and `swap` (not written by a dry run).
+#[derive(Debug, Args)]
+pub struct LogFileArgs {
+    /// Write the migration log here (default: ./migration_<time>_<source db>_to_<dest db>.log
+    /// for start; …_prepare_… and …_swap_<dest db>.log for prepare and swap).
     #[arg(long)]
     pub log_file: Option<std::path::PathBuf>,
     /// Do not write a migration log file.
@@ -486,6 +494,9 @@ pub struct SwapArgs {
     /// the swap has committed, never before).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub keep_backups: u32,
+    /// The migration log file.
+    #[command(flatten)]
+    pub log: LogFileArgs,
 }
 
 /// Arguments of `pgzm status`.

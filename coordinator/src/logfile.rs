@@ -1,15 +1,65 @@
-//! The migration log file written beside the console output of `pgzm start` (as the original
-//! tool did): outcome, times, both databases (never a password), statistics, every phase.
+//! The migration log file written beside the console output of `pgzm start`, `prepare` and
+//! `swap` (as the original tool did): pgzm's version and the command line (passwords
+//! redacted), outcome, times, both databases (never a password), statistics, every phase.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use crate::conninfo::DbUrl;
 use crate::error::CoordinatorError;
-use crate::report::{rfc3339, PhaseTiming, Report, StartOptions};
+use crate::report::{rfc3339, PhaseTiming, Report};
+
+/// What the log is about: the command and its databases.
+#[derive(Debug, Clone, Copy)]
+pub struct LogContext<'a> {
+    /// `start`, `prepare` or `swap`.
+    pub command: &'a str,
+    /// The source (none for `swap`).
+    pub source: Option<&'a DbUrl>,
+    /// The destination.
+    pub destination: &'a DbUrl,
+}
+
+/// The process's command line with every password redacted: a database URL shows as
+/// `user@host:port/db`, a `password=` setting as `password=***`.
+pub fn command_line() -> String {
+    std::env::args()
+        .map(|a| redact(&a))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// One argument without its password.
+pub fn redact(arg: &str) -> String {
+    if let Some((flag, value)) = arg.split_once('=').filter(|(f, _)| f.starts_with("--")) {
+        return format!("{flag}={}", redact(value));
+    }
+    if arg.contains("://") {
+        return match DbUrl::parse(arg, "database") {
+            Ok(url) => url.to_string(),
+            Err(_) => "<database URL>".to_string(),
+        };
+    }
+    if arg.contains("password") {
+        return arg
+            .split_whitespace()
+            .map(|kv| {
+                if kv.starts_with("password=") {
+                    "password=***"
+                } else {
+                    kv
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+    }
+    arg.to_string()
+}
 
 /// Default log path in the working directory:
-/// `migration_<YYYY-MM-DDTHH-MM-SS>_<srcdb>_to_<destdb>.log`.
-pub fn default_path(started_ms: i64, opts: &StartOptions) -> PathBuf {
+/// `migration_<YYYY-MM-DDTHH-MM-SS>_<srcdb>_to_<destdb>.log` for `start`,
+/// `…_prepare_<srcdb>_to_<destdb>.log` and `…_swap_<destdb>.log`.
+pub fn default_path(started_ms: i64, ctx: LogContext<'_>) -> PathBuf {
     let stamp: String = rfc3339(started_ms)
         .chars()
         .take(19)
@@ -20,16 +70,29 @@ pub fn default_path(started_ms: i64, opts: &StartOptions) -> PathBuf {
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect::<String>()
     };
-    PathBuf::from(format!(
-        "migration_{stamp}_{}_to_{}.log",
-        clean(opts.source.dbname()),
-        clean(opts.destination.dbname())
-    ))
+    // `start` keeps the original tool's name; the others name their command.
+    let command = if ctx.command == "start" {
+        String::new()
+    } else {
+        format!("{}_", ctx.command)
+    };
+    match ctx.source {
+        Some(source) => PathBuf::from(format!(
+            "migration_{stamp}_{command}{}_to_{}.log",
+            clean(source.dbname()),
+            clean(ctx.destination.dbname())
+        )),
+        None => PathBuf::from(format!(
+            "migration_{stamp}_{}_{}.log",
+            ctx.command,
+            clean(ctx.destination.dbname())
+        )),
+    }
 }
 
 /// Renders the log.
 pub fn render(
-    opts: &StartOptions,
+    ctx: LogContext<'_>,
     started_ms: i64,
     ended_ms: i64,
     phases: &[PhaseTiming],
@@ -38,6 +101,8 @@ pub fn render(
     let rule = "=".repeat(80);
     let mut s = String::new();
     let _ = writeln!(s, "{rule}\nDATABASE MIGRATION LOG\n{rule}");
+    let _ = writeln!(s, "pgzm {} ({})", env!("CARGO_PKG_VERSION"), ctx.command);
+    let _ = writeln!(s, "Command: {}", command_line());
     let _ = writeln!(
         s,
         "Migration Outcome: {}",
@@ -59,9 +124,12 @@ pub fn render(
         (ended_ms - started_ms) as f64 / 1000.0
     );
     for (title, url) in [
-        ("SOURCE DATABASE", &opts.source),
-        ("DESTINATION DATABASE", &opts.destination),
+        ("SOURCE DATABASE", ctx.source),
+        ("DESTINATION DATABASE", Some(ctx.destination)),
     ] {
+        let Some(url) = url else {
+            continue;
+        };
         let _ = writeln!(
             s,
             "{title}\n  Host: {}\n  Database: {}\n  User: {}\n",

@@ -41,6 +41,32 @@ async fn agents(args: &PrepareArgs, opts: &mut StartOptions) -> anyhow::Result<A
     Ok(pool)
 }
 
+/// Writes the migration log of a `start`, `prepare` or `swap` (not of a dry run); a failure to
+/// write it is a warning.
+fn write_log(
+    args: &pgzm_coordinator::cli::LogFileArgs,
+    dry_run: bool,
+    ctx: logfile::LogContext<'_>,
+    started: i64,
+    phases: &migrate::Phases,
+    result: Result<&migrate::Report, &pgzm_coordinator::error::CoordinatorError>,
+) {
+    if args.no_log_file || dry_run {
+        return;
+    }
+    let path = args
+        .log_file
+        .clone()
+        .unwrap_or_else(|| logfile::default_path(started, ctx));
+    let text = logfile::render(ctx, started, migrate::now_ms(), &phases.0, result);
+    match logfile::write(&path, &text) {
+        Ok(()) => tracing::info!(path = %path.display(), "migration log written"),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "could not write the migration log")
+        }
+    }
+}
+
 /// Prints the result: one `--json` document (see `document`), or the text for a person.
 fn print<T: serde::Serialize>(
     json: bool,
@@ -111,25 +137,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let started = migrate::now_ms();
             let mut phases = migrate::Phases(Vec::new());
             let result = migrate::start_with_phases(opts.clone(), pool, &mut phases).await;
-            if !args.no_log_file {
-                let path = args
-                    .log_file
-                    .clone()
-                    .unwrap_or_else(|| logfile::default_path(started, &opts));
-                let text = logfile::render(
-                    &opts,
-                    started,
-                    migrate::now_ms(),
-                    &phases.0,
-                    result.as_ref(),
-                );
-                match logfile::write(&path, &text) {
-                    Ok(()) => tracing::info!(path = %path.display(), "migration log written"),
-                    Err(e) => {
-                        tracing::warn!(path = %path.display(), error = %e, "could not write the migration log")
-                    }
-                }
-            }
+            let ctx = logfile::LogContext {
+                command: "start",
+                source: Some(&opts.source),
+                destination: &opts.destination,
+            };
+            write_log(
+                &args.log,
+                opts.dry_run,
+                ctx,
+                started,
+                &phases,
+                result.as_ref(),
+            );
             let report = result?;
             print(
                 args.output.json,
@@ -143,11 +163,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut opts = args.to_options()?;
             let pool = agents(&args, &mut opts).await?;
             let mut phases = migrate::Phases(Vec::new());
-            let prepared = prepare::prepare(&opts, pool, &mut phases).await?;
-            let Some(prepared) = prepared else {
-                anyhow::bail!("prepare returned nothing")
+            let started = migrate::now_ms();
+            let result = match prepare::prepare(&opts, pool, &mut phases).await {
+                Ok(Some(prepared)) => Ok(prepared.release().await),
+                Ok(None) => anyhow::bail!("prepare returned nothing"),
+                Err(e) => Err(e),
             };
-            let mut report = prepared.release().await;
+            let ctx = logfile::LogContext {
+                command: "prepare",
+                source: Some(&opts.source),
+                destination: &opts.destination,
+            };
+            write_log(
+                &args.log,
+                opts.dry_run,
+                ctx,
+                started,
+                &phases,
+                result.as_ref(),
+            );
+            let mut report = result?;
             report.phases = phases.0;
             print(
                 args.output.json,
@@ -159,7 +194,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Swap(args) => {
             let opts = args.to_options()?;
-            let report = cutover::swap_command(opts).await?;
+            let started = migrate::now_ms();
+            let destination = opts.destination.clone();
+            let dry_run = opts.dry_run;
+            let result = cutover::swap_command(opts).await;
+            let phases = migrate::Phases(
+                result
+                    .as_ref()
+                    .map(|r| r.phases.clone())
+                    .unwrap_or_default(),
+            );
+            let ctx = logfile::LogContext {
+                command: "swap",
+                source: None,
+                destination: &destination,
+            };
+            write_log(&args.log, dry_run, ctx, started, &phases, result.as_ref());
+            let report = result?;
             print(
                 args.output.json,
                 "swap",

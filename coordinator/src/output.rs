@@ -163,7 +163,8 @@ pub fn human_report(r: &Report) -> String {
             sw.lock_held_us as f64 / 1000.0
         );
     }
-    for w in &r.warnings {
+    // The plan's own warnings were printed with it.
+    for w in r.warnings.iter().filter(|w| !r.plan.warnings.contains(w)) {
         let _ = writeln!(s, "warning: {w}");
     }
     let _ = writeln!(
@@ -257,18 +258,28 @@ pub fn human_status(st: &crate::status::Status) -> String {
     if let Some(e) = &st.error {
         let _ = writeln!(s, "Error: {e}");
     }
+    let waiting = matches!(st.state.as_str(), "prepared" | "swapping" | "preparing");
     for p in &st.problems {
-        let _ = writeln!(s, "  - {p}");
-    }
-    let _ = writeln!(
-        s,
-        "{}",
-        if st.safe_to_swap {
-            "READY FOR SWAP"
-        } else {
-            "NOT READY FOR SWAP"
+        // "nothing prepared" is what the last line says, calmly.
+        if waiting || !p.starts_with("nothing prepared") {
+            let _ = writeln!(s, "  - {p}");
         }
-    );
+    }
+    let last = match st.state.as_str() {
+        _ if st.safe_to_swap => "READY FOR SWAP".to_string(),
+        "prepared" | "swapping" | "preparing" => "NOT READY FOR SWAP".to_string(),
+        "swapped" => format!(
+            "Swapped: the new tables are live{}",
+            if st.backup_present {
+                "; the previous ones are its backup set (`pgzm rollback --latest` restores them)"
+            } else {
+                ""
+            }
+        ),
+        "none" => "Nothing prepared.".to_string(),
+        other => format!("Nothing to swap (the newest migration is {other})."),
+    };
+    let _ = writeln!(s, "{last}");
     s
 }
 
@@ -281,20 +292,41 @@ pub fn human_list(sets: &[crate::backup::BackupSet]) -> String {
     }
     let _ = writeln!(
         s,
-        "{:<15}  {:<25}  {:>6}  {:>10}",
-        "Timestamp", "Created", "Tables", "Size"
+        "{:<15}  {:<24}  {:>6}  {:>10}",
+        "TIMESTAMP", "SWAPPED AT (UTC)", "TABLES", "SIZE"
     );
     for b in sets {
         let _ = writeln!(
             s,
-            "{:<15}  {:<25}  {:>6}  {:>10}",
+            "{:<15}  {:<24}  {:>6}  {:>10}",
             b.timestamp, b.created, b.table_count, b.size
         );
-        for t in &b.tables {
+    }
+    for b in sets {
+        let names: Vec<String> = b
+            .tables
+            .iter()
+            .map(|t| {
+                crate::naming::QualName::new(t.schema.clone(), t.backup.clone()).display_name()
+            })
+            .collect();
+        let width = names
+            .iter()
+            .map(|n| n.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(12);
+        let _ = writeln!(s, "\nBackup set {}:", b.timestamp);
+        let _ = writeln!(
+            s,
+            "  {:<width$}  {:>12}  {:>10}",
+            "BACKUP TABLE", "ROWS", "SIZE"
+        );
+        for (t, name) in b.tables.iter().zip(&names) {
             let _ = writeln!(
                 s,
-                "    {:<40} {:>12} rows  {:>10}",
-                t.backup,
+                "  {:<width$}  {:>12}  {:>10}",
+                name,
                 t.rows
                     .map(|r| r.to_string())
                     .unwrap_or_else(|| "missing".into()),

@@ -270,7 +270,8 @@ pub fn rfc3339(ms: i64) -> String {
 
 /// Bytes as a human-readable size.
 pub fn size(bytes: i64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    // One unit style everywhere (and the progress display's): binary, IEC names.
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes.max(0) as f64;
     let mut u = 0;
     while v >= 1024.0 && u < UNITS.len() - 1 {

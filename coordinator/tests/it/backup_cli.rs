@@ -289,7 +289,11 @@ async fn multiple_migrations_then_rollback_and_clear_through_the_cli() {
         one_json("swap --json", &stdout)["migration_id"].as_i64(),
         Some(second_id)
     );
-    assert_eq!(dir.files().len(), 1, "only `start` writes a log file");
+    assert_eq!(
+        dir.files().len(),
+        3,
+        "start, prepare and swap each write a log file"
+    );
 
     // `list`: exactly one backup set, the second migration's.
     let sets = list_json(&dir, &dst).await;

@@ -1153,3 +1153,103 @@ async fn json_documents_match_their_schemas() {
         }
     }
 }
+
+/// The command line's own surface: usage errors exit 2 with one line; `prepare` and `swap`
+/// write a migration log (pgzm's version, the command line without its password), a dry run
+/// writes none; `status` of a swapped migration is calm; `list` lines up its columns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_surface() {
+    let (source, dest) = simple_pair("cli_surface").await;
+    let dir = WorkDir::new("surface");
+    let src = support::with_password(&source.url(), SECRET);
+    let dst = support::with_password(&dest.url(), SECRET);
+    for args in [
+        vec!["start", "--jobs", "0", "--source", &src, "--dest", &dst],
+        vec!["cleanup", "--before", "yesterday-ish", "--dest", &dst],
+        vec!["start", "--dest", &dst],
+        vec!["prepare", "--source", "not a url", "--dest", &dst],
+    ] {
+        let mut cmd = pgzm(&dir);
+        cmd.env_remove("SOURCE_DATABASE_URL");
+        let out = output(cmd.args(&args)).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.lines().filter(|l| l.contains("error")).count(),
+            1,
+            "{stderr}"
+        );
+        assert!(!stderr.contains(SECRET), "{stderr}");
+    }
+
+    let out =
+        output(pgzm(&dir).args(["start", "--dry-run", "--source", &src, "--dest", &dst])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        dir.files().is_empty(),
+        "a dry run writes no log: {:?}",
+        dir.files()
+    );
+
+    for args in [
+        vec!["prepare", "--source", &src, "--dest", &dst],
+        vec!["swap", "--dest", &dst],
+    ] {
+        let out = output(pgzm(&dir).args(&args)).await;
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    let logs = dir.files();
+    assert_eq!(logs.len(), 2, "{logs:?}");
+    for (name, body) in &logs {
+        let command = if name.contains("_swap_") {
+            "swap"
+        } else {
+            "prepare"
+        };
+        assert!(
+            body.contains(&format!("pgzm {} ({command})", env!("CARGO_PKG_VERSION"))),
+            "{name}: {body}"
+        );
+        assert!(
+            body.contains("Command: ") && body.contains(command),
+            "{body}"
+        );
+        assert!(body.contains("Migration Outcome: SUCCESS"), "{body}");
+        assert!(!body.contains(SECRET), "{name} holds the password");
+    }
+
+    let out = output(pgzm(&dir).args(["status", "--dest", &dst])).await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!stdout.contains("NOT READY"), "{stdout}");
+    assert!(
+        stdout.contains("Swapped: the new tables are live"),
+        "{stdout}"
+    );
+
+    let out = output(pgzm(&dir).args(["list", "--dest", &dst])).await;
+    let stdout = text(&out.stdout);
+    // Each table's columns end where its header's do.
+    let lines: Vec<&str> = stdout.lines().collect();
+    for header in lines.iter().filter(|l| l.contains("SIZE")) {
+        let i = lines.iter().position(|l| l == header).unwrap_or(0);
+        let body: Vec<&&str> = lines[i + 1..]
+            .iter()
+            .take_while(|l| {
+                !l.trim().is_empty() && !l.contains("SIZE") && !l.starts_with("Backup set")
+            })
+            .collect();
+        assert!(!body.is_empty(), "{stdout}");
+        for l in body {
+            assert_eq!(
+                l.chars().count(),
+                header.chars().count(),
+                "misaligned:\n{stdout}"
+            );
+        }
+    }
+    assert!(
+        !stdout.contains(" MB") && !stdout.contains(" kB"),
+        "one unit style: {stdout}"
+    );
+}
