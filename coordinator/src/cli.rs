@@ -11,19 +11,52 @@ use crate::error::CoordinatorError;
 use crate::locked::SwapSettings;
 use crate::report::StartOptions;
 
-/// pg_zero_migration: replace the tables of a live PostgreSQL database with a freshly built
-/// set, swapped in with one short transaction; the old tables are kept as a backup.
+/// Examples shown after `pgzm --help`.
+const EXAMPLES: &str = "Examples:
+  # Replace production's tables with the rebuilt database's, in one short swap:
+  pgzm start --source postgres://build@rebuild/app --dest postgres://app@prod/app
+
+  # See the plan first; nothing is changed:
+  pgzm start --dry-run --source … --dest …
+
+  # Two phases: copy now, keeping users and sessions current; swap at a quiet moment:
+  pgzm prepare --preserved-tables users,sessions --source … --dest …
+  pgzm status --dest …
+  pgzm swap --dest …
+
+  # Undo the last swap:
+  pgzm rollback --latest --dest …
+
+Exit status: 0 ok, 1 failed, 2 usage, 75 retry later (locks not granted, destination busy),
+130/143 interrupted (Ctrl-C/SIGTERM). Passwords can come from PGPASSWORD or ~/.pgpass.";
+
+/// pgzm replaces the tables of a live PostgreSQL database with a freshly built data set: it
+/// builds them beside the live ones while production keeps serving, copies the data in
+/// parallel, and swaps them in with one transaction of a few milliseconds; the old tables are
+/// kept as a backup for `rollback`.
 #[derive(Debug, Parser)]
-#[command(name = "pgzm", version, about, propagate_version = true)]
+#[command(
+    name = "pgzm",
+    version,
+    about = "Replace the tables of a live PostgreSQL database with a freshly built data set, swapped in with one transaction of a few milliseconds; the old tables stay as a backup",
+    propagate_version = true,
+    after_help = EXAMPLES
+)]
 pub struct Cli {
     /// More log output on stderr (-v: debug, -vv: trace).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, help_heading = "Global options")]
     pub verbose: u8,
     /// Only warnings and errors on stderr.
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        conflicts_with = "verbose",
+        help_heading = "Global options"
+    )]
     pub quiet: bool,
     /// Log line format on stderr: text, or json (one object per line, for machines).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Text)]
+    #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Text, help_heading = "Global options")]
     pub log_format: LogFormatArg,
     /// The command.
     #[command(subcommand)]
@@ -62,6 +95,18 @@ pub enum Command {
     /// Remove an interrupted or prepared (not swapped) run: its sync triggers on the live
     /// tables first, then its shadow objects; the live tables and backup sets are untouched.
     Abort(AbortArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff) on stdout: `pgzm man > pgzm.1`.
+    Man,
+}
+
+/// Arguments of `pgzm completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 impl Command {
@@ -77,6 +122,8 @@ impl Command {
             Command::Rollback(_) => "rollback",
             Command::Cleanup(_) => "cleanup",
             Command::Abort(_) => "abort",
+            Command::Completions(_) => "completions",
+            Command::Man => "man",
         }
     }
 
@@ -90,6 +137,7 @@ impl Command {
             Command::Rollback(a) => &a.dest,
             Command::Cleanup(a) => &a.dest,
             Command::Abort(a) => &a.dest,
+            Command::Completions(_) | Command::Man => return None,
         };
         dest.url().ok()
     }
@@ -104,6 +152,7 @@ impl Command {
             Command::Rollback(a) => a.output.json,
             Command::Cleanup(a) => a.output.json,
             Command::Abort(a) => a.output.json,
+            Command::Completions(_) | Command::Man => false,
         }
     }
 
@@ -219,7 +268,7 @@ pub struct CleanupArgs {
 #[derive(Debug, Args)]
 pub struct DestArg {
     /// Destination database URL (production). Default: $DEST_DATABASE_URL, then $DATABASE_URL.
-    #[arg(long, hide_env_values = true)]
+    #[arg(long, env = "DEST_DATABASE_URL", hide_env_values = true)]
     pub dest: Option<String>,
 }
 
@@ -296,6 +345,7 @@ pub struct PrepareArgs {
         short = 'n',
         value_name = "NAME",
         env = "PGZM_SCHEMAS",
+        hide_env_values = true,
         value_delimiter = ','
     )]
     pub schemas: Vec<String>,

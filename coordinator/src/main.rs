@@ -265,6 +265,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 output::human_cleanup(&c)
             })
         }
+        Command::Completions(args) => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(args.shell, &mut cmd, "pgzm", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(())
+        }
         Command::Abort(args) => {
             let a = pgzm_coordinator::state::abort(
                 &args.dest.url()?,

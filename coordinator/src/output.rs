@@ -23,13 +23,13 @@ pub fn human_plan(plan: &Plan) -> String {
     );
     for t in &plan.tables {
         let rows = if t.estimated_rows < 0 {
-            "?".to_string()
+            "rows not yet counted".to_string()
         } else {
-            t.estimated_rows.to_string()
+            format!("~{} rows", t.estimated_rows)
         };
         let _ = writeln!(
             s,
-            "    {:<40} ~{rows} rows, {:>10}  -> {}{}{}",
+            "    {:<40} {rows}, {:>10}  -> {}{}{}",
             t.qualname().plain(),
             size(t.estimated_bytes),
             t.shadow,

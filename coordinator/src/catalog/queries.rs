@@ -10,6 +10,11 @@ use crate::filter::TableFilter;
 use crate::naming::QualName;
 
 const TABLES: &str = "
+WITH exclusive AS (
+    SELECT l.relation FROM pg_locks l
+    WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock' AND l.granted
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+)
 SELECT c.oid AS oid, (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c.relnamespace) AS schema_name, c.relname::text AS name, c.relkind::text AS kind, c.relpersistence::text AS persistence,
        coalesce(c.reloptions, '{}')::text[] AS reloptions,
        -- Parents outside the migrated schemas (a partition or child of another schema's table).
@@ -17,10 +22,17 @@ SELECT c.oid AS oid, (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c
                JOIN pg_namespace pn ON pn.oid = p.relnamespace
                WHERE i.inhrelid = c.oid AND NOT pn.nspname = ANY($1::text[])) AS parent_elsewhere,
        obj_description(c.oid, 'pg_class') AS comment,
-       c.reltuples::int8 AS estimated_rows,
-       (c.relpages::int8 + coalesce((SELECT t.relpages FROM pg_class t WHERE t.oid = c.reltoastrelid), 0))
-         * current_setting('block_size')::int8 AS estimated_bytes,
-       c.relpages::int8 AS pages,
+       -- Never analyzed: the statistics collector's count of live rows.
+       CASE WHEN c.reltuples < 0 THEN pg_stat_get_live_tuples(c.oid) ELSE c.reltuples::int8 END AS estimated_rows,
+       -- From the statistics; a table never vacuumed or analyzed (relpages 0) is measured,
+       -- unless a session holds it exclusively (measuring would wait for it).
+       CASE WHEN c.relpages = 0 AND c.relkind = 'r' AND c.oid NOT IN (SELECT relation FROM exclusive)
+            THEN pg_table_size(c.oid)
+            ELSE (c.relpages::int8 + coalesce((SELECT t.relpages FROM pg_class t WHERE t.oid = c.reltoastrelid), 0))
+                 * current_setting('block_size')::int8 END AS estimated_bytes,
+       CASE WHEN c.relpages = 0 AND c.relkind = 'r' AND c.oid NOT IN (SELECT relation FROM exclusive)
+            THEN pg_relation_size(c.oid) / current_setting('block_size')::int8
+            ELSE c.relpages::int8 END AS pages,
        -- Expected binary COPY bytes, from the statistics (0 without them): per row 2 bytes of
        -- field count, per column 4 bytes of length and the average width of its non-null values.
        (SELECT CASE WHEN c.reltuples > 0 AND count(s.attname) > 0

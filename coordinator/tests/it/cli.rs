@@ -1190,6 +1190,10 @@ async fn the_command_line_surface() {
         "a dry run writes no log: {:?}",
         dir.files()
     );
+    // Tables never analyzed are counted and measured, not shown as `~? rows, 0 B`.
+    let plan = text(&out.stdout);
+    assert!(!plan.contains("~?") && !plan.contains(" 0 B "), "{plan}");
+    assert!(plan.contains("~2 rows"), "{plan}");
 
     for args in [
         vec!["prepare", "--source", &src, "--dest", &dst],
@@ -1251,5 +1255,65 @@ async fn the_command_line_surface() {
     assert!(
         !stdout.contains(" MB") && !stdout.contains(" kB"),
         "one unit style: {stdout}"
+    );
+}
+
+/// `--help` says what the tool does, groups the global options, shows every variable a flag
+/// reads and ends with examples; completion scripts and a manual page are generated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn help_completions_and_man_page() {
+    let dir = WorkDir::new("help");
+    let out = output(pgzm(&dir).arg("--help")).await;
+    let help = text(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        help.starts_with("Replace the tables of a live PostgreSQL database"),
+        "{help}"
+    );
+    assert!(!help.contains("Control plane"), "{help}");
+    for expected in [
+        "Global options:",
+        "Examples:",
+        "pgzm rollback --latest",
+        "75 retry later",
+    ] {
+        assert!(help.contains(expected), "{expected}: {help}");
+    }
+    let out = output(pgzm(&dir).args(["swap", "--help"])).await;
+    let help = text(&out.stdout);
+    assert!(help.contains("[env: DEST_DATABASE_URL]"), "{help}");
+    let out = output(pgzm(&dir).args(["start", "--help"])).await;
+    let help = text(&out.stdout);
+    assert!(
+        help.contains("[env: SOURCE_DATABASE_URL]") && help.contains("[env: PGZM_SCHEMAS]"),
+        "{help}"
+    );
+    let out = output(pgzm(&dir).args(["list", "--help"])).await;
+    let help = text(&out.stdout);
+    assert!(
+        help.contains("Print the result as one JSON document"),
+        "{help}"
+    );
+    assert!(!help.contains("Print the status"), "{help}");
+
+    for (shell, marker) in [
+        ("bash", "_pgzm()"),
+        ("zsh", "#compdef pgzm"),
+        ("fish", "complete -c pgzm"),
+    ] {
+        let out = output(pgzm(&dir).args(["completions", shell])).await;
+        assert!(out.status.success(), "{shell}");
+        let script = text(&out.stdout);
+        assert!(
+            script.contains(marker) && script.contains("rollback"),
+            "{shell}: {script}"
+        );
+    }
+    let out = output(pgzm(&dir).arg("man")).await;
+    assert!(out.status.success());
+    let page = text(&out.stdout);
+    assert!(
+        page.contains(".TH pgzm 1") && page.contains("rollback"),
+        "{page}"
     );
 }
