@@ -176,6 +176,55 @@ fn exporter_runtime() -> std::io::Result<Arc<tokio::runtime::Runtime>> {
     ))
 }
 
+/// Where a log line goes instead of stderr while a terminal display owns stderr (the
+/// coordinator's progress bars print it above themselves).
+pub type LogSink = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
+fn log_sink() -> &'static std::sync::RwLock<Option<LogSink>> {
+    static SINK: std::sync::OnceLock<std::sync::RwLock<Option<LogSink>>> =
+        std::sync::OnceLock::new();
+    SINK.get_or_init(|| std::sync::RwLock::new(None))
+}
+
+/// Routes log lines to `sink` (None: back to stderr).
+pub fn set_log_sink(sink: Option<LogSink>) {
+    *log_sink().write().unwrap_or_else(|p| p.into_inner()) = sink;
+}
+
+/// A log line being written: sent whole, when done, to the sink or to stderr.
+struct LogLine(Vec<u8>);
+
+impl std::io::Write for LogLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let sink = log_sink().read().unwrap_or_else(|p| p.into_inner()).clone();
+        match sink {
+            Some(sink) => sink(&self.0),
+            None => {
+                use std::io::Write;
+                let _ = std::io::stderr().lock().write_all(&self.0);
+            }
+        }
+    }
+}
+
+fn log_line() -> LogLine {
+    LogLine(Vec::with_capacity(256))
+}
+
 /// Sets up logging (and OTLP export when configured) for a binary named `service`.
 /// `default_filter` is the log filter unless `PGZM_LOG` is set.
 pub fn init(service: &str, default_filter: &str, format: LogFormat) -> Telemetry {
@@ -183,7 +232,7 @@ pub fn init(service: &str, default_filter: &str, format: LogFormat) -> Telemetry
     let filter =
         || EnvFilter::try_from_env("PGZM_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
     let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(log_line as fn() -> LogLine)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let fmt: Box<dyn Layer<_> + Send + Sync> = match format {

@@ -649,8 +649,14 @@ impl Worker {
             });
             return false;
         }
-        info!(table = %job.table, agent = %self.agent.label, rows = done.rows_written, bytes = done.bytes,
-              ms = started.elapsed().as_millis() as u64, already_done = done.already_done, "copy task done");
+        // On a terminal the progress display prints a line per finished table instead.
+        if crate::progress::bars_shown() {
+            tracing::debug!(table = %job.table, agent = %self.agent.label, rows = done.rows_written, bytes = done.bytes,
+                  ms = started.elapsed().as_millis() as u64, already_done = done.already_done, "copy task done");
+        } else {
+            info!(table = %job.table, agent = %self.agent.label, rows = done.rows_written, bytes = done.bytes,
+                  ms = started.elapsed().as_millis() as u64, already_done = done.already_done, "copy task done");
+        }
         let finished = {
             let mut q = lock(&self.queue);
             let s = q.stats.entry(task.job).or_default();

@@ -153,8 +153,16 @@ pub fn enable(total_est: u64) {
     let bars = WANTED.load(Ordering::Relaxed).then(|| {
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
         let total = multi.add(ProgressBar::new(BAR_STEPS));
-        total.set_style(style("copy [{bar:30}] {percent:>3}% {msg}"));
+        // At most 80 columns: 5 + 22 + 5 + a message of under 48.
+        total.set_style(style("copy [{bar:20}] {percent:>3}% {msg}"));
         total.enable_steady_tick(Duration::from_millis(200));
+        // Log lines go above the bars (written below them, the next redraw would erase them
+        // and leave a stale frame in the scrollback).
+        let above = multi.clone();
+        pgzm_agent::telemetry::set_log_sink(Some(std::sync::Arc::new(move |line: &[u8]| {
+            let text = String::from_utf8_lossy(line);
+            let _ = above.println(text.trim_end_matches('\n'));
+        })));
         Bars {
             multi,
             total,
@@ -194,6 +202,15 @@ pub fn enable(total_est: u64) {
         bars,
         logger,
     });
+}
+
+/// Whether the terminal progress display is shown now.
+pub fn bars_shown() -> bool {
+    state()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .is_some_and(|s| s.bars.is_some())
 }
 
 /// The current progress, while tracking.
@@ -239,7 +256,7 @@ pub fn task_progress(table: &str, key: &str, est: u64, copied: u64) {
             bar.set_style(style(
                 "  {spinner} {msg:<40} {bytes:>10} {bytes_per_sec:>12}",
             ));
-            bar.set_message(format!("\"{table}\""));
+            bar.set_message(fit(table, 40));
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
         });
@@ -276,7 +293,8 @@ pub fn task_done(table: &str, key: &str, est: u64, copied: u64, table_rows: Opti
                 n
             });
             let _ = b.multi.println(format!(
-                "  done \"{table}\": {rows} rows, {}",
+                "  done {}: {rows} rows, {}",
+                fit(table, 48),
                 HumanBytes(bytes.unwrap_or(copied))
             ));
         }
@@ -290,6 +308,16 @@ pub fn task_reset(key: &str) {
     if let Some(s) = guard.as_mut() {
         s.tracker.in_flight.remove(key);
     }
+}
+
+/// `text` cut to `width` characters (with `…`), so that progress lines fit 80 columns.
+fn fit(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_string();
+    }
+    let mut out: String = text.chars().take(width.saturating_sub(1)).collect();
+    out.push('…');
+    out
 }
 
 /// Stops tracking (the copies have ended); removes the bars.
@@ -308,6 +336,7 @@ pub fn disable() {
             );
         }
         if let Some(b) = s.bars {
+            pgzm_agent::telemetry::set_log_sink(None);
             for bar in b.tables.values() {
                 bar.finish_and_clear();
             }

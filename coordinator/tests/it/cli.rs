@@ -1317,3 +1317,85 @@ async fn help_completions_and_man_page() {
         "{page}"
     );
 }
+
+/// What a person at an 80-column terminal sees of `pgzm start`: log lines intact above the
+/// progress display (none written under the bars and erased by a redraw), a line per finished
+/// table (the per-task log lines it replaces are not shown), progress lines no wider than the
+/// terminal, and no frame of the bars left once the copy is over.
+/// Run under `script` (a pseudo-terminal), rendered by a terminal emulator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_terminal_progress_display_stays_clean() {
+    let (source, dest) = simple_pair("cli_pty").await;
+    // Enough tables for the bars to redraw while logs are written.
+    source
+        .batch(
+            "DO $$ BEGIN FOR i IN 1..12 LOOP
+               EXECUTE format('CREATE TABLE t_%s (id int PRIMARY KEY, v text)', i);
+               EXECUTE format('INSERT INTO t_%s SELECT g, repeat(''x'', 200) FROM generate_series(1, 3000) g', i);
+             END LOOP; END $$;",
+        )
+        .await
+        .expect("tables");
+    let dir = WorkDir::new("pty");
+    let bin = env!("CARGO_BIN_EXE_pgzm");
+    let command = format!(
+        "stty cols 80 rows 24 && exec {bin} start --jobs 2 --no-log-file --source '{}' --dest '{}'",
+        source.url(),
+        dest.url()
+    );
+    let out = Command::new("script")
+        .args(["-qefc", &command, "/dev/null"])
+        .current_dir(&dir.0)
+        .env("TERM", "xterm-256color")
+        .env_remove("PGZM_LOG")
+        .output()
+        .await
+        .expect("run pgzm under script");
+    let mut screen = vt100::Parser::new(2000, 80, 0);
+    screen.process(&out.stdout);
+    let screen = screen.screen();
+    let rows: Vec<String> = screen.rows(0, 80).collect();
+    let shown: Vec<&str> = rows
+        .iter()
+        .map(|r| r.trim_end())
+        .filter(|r| !r.is_empty())
+        .collect();
+    let all = shown.join("\n");
+    assert!(out.status.success(), "{all}");
+    // A finished table's line is whole on one row (cut to fit, never wrapped).
+    for row in shown.iter().filter(|r| r.starts_with("  done ")) {
+        assert!(
+            row.ends_with('B') && row.contains(" rows, "),
+            "wider than 80 columns: {row:?}\n{all}"
+        );
+    }
+    assert!(
+        !all.contains("copy task done"),
+        "shown as `done` lines: {all}"
+    );
+    assert!(
+        !shown.iter().any(|l| l.starts_with("copy [")),
+        "a frame of the bars was left:\n{all}"
+    );
+    for i in 1..=12 {
+        let done = format!("done t_{i}: 3000 rows");
+        assert_eq!(
+            shown.iter().filter(|l| l.contains(&done)).count(),
+            1,
+            "{done}:\n{all}"
+        );
+    }
+    // Log lines are whole lines: each starts with its timestamp and level.
+    let logs: Vec<&&str> = shown.iter().filter(|l| l.contains(" INFO ")).collect();
+    assert!(!logs.is_empty(), "{all}");
+    for l in logs {
+        assert!(
+            l.starts_with("20") && l.as_bytes().get(4) == Some(&b'-'),
+            "a log line was overwritten: {l:?}\n{all}"
+        );
+    }
+    assert!(
+        all.contains("Migration") && all.contains("complete"),
+        "{all}"
+    );
+}
