@@ -133,6 +133,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Start(args) => {
             let mut opts = args.to_options()?;
+            opts.show_plan = !args.output.json;
             let pool = agents(&args, &mut opts).await?;
             let started = migrate::now_ms();
             let mut phases = migrate::Phases(Vec::new());
@@ -156,11 +157,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "start",
                 done(report.dry_run),
                 &report,
-                || output::human_report(&report),
+                || output::human_report(&report, true),
             )
         }
         Command::Prepare(args) => {
             let mut opts = args.to_options()?;
+            opts.show_plan = !args.output.json;
             let pool = agents(&args, &mut opts).await?;
             let mut phases = migrate::Phases(Vec::new());
             let started = migrate::now_ms();
@@ -189,7 +191,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "prepare",
                 done(report.dry_run),
                 &report,
-                || output::human_prepare(&report),
+                || output::human_prepare(&report, true),
             )
         }
         Command::Swap(args) => {
@@ -216,7 +218,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "swap",
                 done(report.dry_run),
                 &report,
-                || output::human_report(&report),
+                || output::human_report(&report, true),
             )
         }
         Command::Status(args) => {

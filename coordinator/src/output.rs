@@ -141,9 +141,14 @@ fn copied_and_phases(s: &mut String, r: &Report) {
     }
 }
 
-/// The final report.
-pub fn human_report(r: &Report) -> String {
-    let mut s = human_plan(&r.plan);
+/// The final report (`plan_shown`: the plan was printed already, before the copy; a swap's
+/// report does not repeat the plan either).
+pub fn human_report(r: &Report, plan_shown: bool) -> String {
+    let mut s = if plan_shown {
+        String::new()
+    } else {
+        human_plan(&r.plan)
+    };
     if r.dry_run {
         let _ = writeln!(s, "Dry run: nothing was changed.");
         return s;
@@ -176,8 +181,12 @@ pub fn human_report(r: &Report) -> String {
 }
 
 /// Output of `pgzm prepare`.
-pub fn human_prepare(r: &Report) -> String {
-    let mut s = human_plan(&r.plan);
+pub fn human_prepare(r: &Report, plan_shown: bool) -> String {
+    let mut s = if plan_shown {
+        String::new()
+    } else {
+        human_plan(&r.plan)
+    };
     if r.dry_run {
         let _ = writeln!(s, "Dry run: nothing was changed.");
         return s;

@@ -251,6 +251,11 @@ pub async fn prepare(
     // Unique even for runs started in the same millisecond (they are serialised by the lock).
     let migration_id = started_ms.max(sides.newest.as_ref().map_or(0, |(id, _)| id + 1));
     let plan = plan_migration(opts, migration_id, &sides).await?;
+    if opts.show_plan {
+        use std::io::Write as _;
+        print!("{}", crate::output::human_plan(&plan));
+        let _ = std::io::stdout().flush();
+    }
     let (control, source_client) = (sides.control, sides.source_client);
     let (schema, dest, earlier) = (&sides.schema, &sides.dest, &sides.earlier);
     let renames = plan.shadow_renames();

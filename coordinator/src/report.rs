@@ -30,6 +30,9 @@ pub struct StartOptions {
     pub copy_retries: u32,
     /// Index build settings.
     pub build: BuildSettings,
+    /// Print the plan on stdout as soon as it is made (before the copy), for a person reading
+    /// the run; the final report then does not repeat it.
+    pub show_plan: bool,
     /// Schemas migrated (each into the destination schema of the same name).
     pub schemas: Vec<String>,
     /// Tables whose destination rows survive the migration (kept in sync until the swap), as
@@ -64,6 +67,7 @@ impl StartOptions {
             swap: SwapSettings::default(),
             copy_retries: 2,
             build: BuildSettings::default(),
+            show_plan: false,
             schemas: vec![crate::naming::public_schema()],
             preserved: Vec::new(),
             tables: crate::filter::TableFilter::default(),

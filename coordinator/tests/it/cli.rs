@@ -1398,4 +1398,15 @@ async fn the_terminal_progress_display_stays_clean() {
         all.contains("Migration") && all.contains("complete"),
         "{all}"
     );
+    // The plan comes once, before the copy.
+    let plan_at = shown
+        .iter()
+        .position(|l| l.starts_with("Plan for migration"))
+        .unwrap_or(usize::MAX);
+    let first_done = shown
+        .iter()
+        .position(|l| l.starts_with("  done "))
+        .unwrap_or(0);
+    assert!(plan_at < first_done, "the plan before the copy:\n{all}");
+    assert_eq!(all.matches("Plan for migration").count(), 1, "{all}");
 }
