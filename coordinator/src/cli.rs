@@ -375,6 +375,10 @@ pub struct PrepareArgs {
     /// Replace a migration that is prepared and waiting for its swap.
     #[arg(long)]
     pub force: bool,
+    /// Continue the interrupted run (killed, or lost its coordinator): keep its shadow tables
+    /// that were copied and built, unchanged in the source since; copy the others again.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub resume: bool,
     /// Copy tasks at once, and as many index builds beside them (default: number of CPUs).
     #[arg(long, short = 'j')]
     pub jobs: Option<usize>,
@@ -609,6 +613,7 @@ impl PrepareArgs {
             )
             .map_err(|e| CoordinatorError::Usage(e.to_string()))?,
             force: self.force,
+            resume: self.resume,
             range_bytes: self.range_size_mb.max(1) << 20,
             verify: !self.no_verify,
             keep_backups: self.keep_backups,

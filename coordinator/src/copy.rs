@@ -37,6 +37,9 @@ const PROGRESS_EVERY_BYTES: u64 = 1 << 20;
 /// One table to copy.
 #[derive(Debug, Clone)]
 pub struct CopyJob {
+    /// Its tasks' key prefix in `pgzm.copy_progress`: stable across runs of a migration (the
+    /// table's quoted, qualified name), so that a resumed run knows what landed.
+    pub key: String,
     /// Schema of the source table and its shadow.
     pub schema: String,
     /// Source table name.
@@ -189,7 +192,7 @@ fn split(job_index: usize, job: &CopyJob, range_bytes: i64) -> Vec<Task> {
     if parts == 1 {
         return vec![Task {
             job: job_index,
-            key: format!("t{job_index}"),
+            key: job.key.clone(),
             range: None,
             attempts: 0,
             failovers: 0,
@@ -204,7 +207,7 @@ fn split(job_index: usize, job: &CopyJob, range_bytes: i64) -> Vec<Task> {
             let end = (i != parts - 1).then_some(((i + 1) * per) as u64);
             Task {
                 job: job_index,
-                key: format!("t{job_index}/p{start}"),
+                key: format!("{}/p{start}", job.key),
                 range: Some(PageRange { start, end }),
                 attempts: 0,
                 failovers: 0,
@@ -874,6 +877,7 @@ mod tests {
 
     fn job(pages: i64, bytes: i64) -> CopyJob {
         CopyJob {
+            key: "t0".into(),
             schema: "public".into(),
             table: "t".into(),
             shadow: "shadow_t".into(),
@@ -947,7 +951,9 @@ mod tests {
         let t = split(3, &job(10, 80_000), 256 << 20);
         assert_eq!(t.len(), 1);
         assert!(t[0].range.is_none());
-        assert_eq!(t[0].key, "t3");
+        // Keyed by the table, whatever its position in the queue.
+        assert_eq!(t[0].key, "t0");
+        assert_eq!(t[0].job, 3);
     }
 
     #[test]

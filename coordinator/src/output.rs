@@ -115,6 +115,18 @@ pub fn human_plan(plan: &Plan) -> String {
 
 /// Rows and bytes copied, and the phase timings.
 fn copied_and_phases(s: &mut String, r: &Report) {
+    if let Some(resumed) = &r.resumed {
+        let _ = writeln!(
+            s,
+            "Resumed migration {}: kept {} table(s) the interrupted run had copied; copied {} again",
+            r.migration_id,
+            resumed.kept.len(),
+            resumed.redone.len()
+        );
+        for t in &resumed.redone {
+            let _ = writeln!(s, "  copied again: {} ({})", t.table, t.reason);
+        }
+    }
     let _ = writeln!(
         s,
         "Copied {} rows ({}) in {} tables",

@@ -183,6 +183,21 @@ pub struct TablePlan {
     /// Whether its rows are copied (`false`: `--exclude-table-data`, created empty).
     #[serde(default = "crate::naming::yes")]
     pub copy_data: bool,
+    /// What the source table was when the run read it (for `--resume`: a table whose
+    /// evidence differs later has changed and is copied again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<SourceEvidence>,
+}
+
+/// Evidence that a source table has not changed since a run read it: its file (a TRUNCATE,
+/// VACUUM FULL or CLUSTER gives it a new one) and the statistics' cumulative count of rows
+/// inserted, updated and deleted (-1 when the statistics have none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct SourceEvidence {
+    /// `pg_relation_filenode`.
+    pub filenode: i64,
+    /// `n_tup_ins + n_tup_upd + n_tup_del`.
+    pub changes: i64,
 }
 
 /// A view created in the swap transaction.
@@ -421,6 +436,10 @@ pub struct Plan {
     /// Tables of the source the filters left out (`--table`, `--exclude-table`): not migrated.
     #[serde(default)]
     pub excluded: Vec<QualName>,
+    /// Digest of every statement that builds the shadow set (tables, types, indexes, keys,
+    /// triggers): a resumed run refuses when the source's definitions no longer give it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition_digest: Option<String>,
 }
 
 /// What the tool's metadata says about earlier runs.
@@ -660,6 +679,7 @@ pub fn build_all(
         deferred_checks: Vec::new(),
         deferred_validations: Vec::new(),
         excluded: source.excluded.clone(),
+        definition_digest: None,
     };
     (plan, problems)
 }
@@ -1284,6 +1304,7 @@ fn table_plan(t: &Table, source: &SourceSchema, dest: &Destination) -> TablePlan
         pages: t.pages,
         partitioned: t.is_partitioned(),
         copy_data: !source.without_data.contains(&t.qualname()),
+        evidence: None,
     }
 }
 

@@ -68,6 +68,8 @@ struct Sides {
     live_shapes: BTreeMap<QualName, preserve::LiveShape>,
     /// The preserved tables, resolved in the migrated schemas.
     preserved: Vec<QualName>,
+    /// Each source table's evidence at the snapshot, by oid.
+    evidence: BTreeMap<u32, plan::SourceEvidence>,
     /// Why a preserved table name cannot be resolved.
     preserved_problems: Vec<String>,
     /// The newest migration recorded when the lock was taken.
@@ -126,6 +128,7 @@ async fn read_sides(opts: &StartOptions, pool: &AgentPool) -> Result<Sides, Coor
         .get("snapshot");
     let schema = catalog::read(&source_client, &opts.schemas, &opts.tables).await?;
     let (preserved, preserved_problems) = resolve_tables(&opts.preserved, &schema);
+    let evidence = source_evidence(&source_client, &schema).await?;
     control
         .batch_execute("SET search_path = pg_catalog")
         .await
@@ -143,6 +146,7 @@ async fn read_sides(opts: &StartOptions, pool: &AgentPool) -> Result<Sides, Coor
         live_shapes,
         preserved,
         preserved_problems,
+        evidence,
         newest,
         agent_roles,
     })
@@ -248,9 +252,42 @@ pub async fn prepare(
         .unwrap_or(0);
     // Plan: read both sides under one source snapshot; change nothing.
     let sides = phases.run("plan", read_sides(opts, &pool)).await?;
+    if opts.resume && opts.dry_run {
+        return Err(CoordinatorError::Usage(
+            "--resume and --dry-run cannot be used together".into(),
+        ));
+    }
+    let interrupted = if opts.resume {
+        Some(interrupted_run(&sides.control).await?)
+    } else {
+        None
+    };
     // Unique even for runs started in the same millisecond (they are serialised by the lock).
-    let migration_id = started_ms.max(sides.newest.as_ref().map_or(0, |(id, _)| id + 1));
-    let plan = plan_migration(opts, migration_id, &sides).await?;
+    let migration_id = match &interrupted {
+        Some(run) => run.id,
+        None => started_ms.max(sides.newest.as_ref().map_or(0, |(id, _)| id + 1)),
+    };
+    let mut plan = plan_migration(opts, migration_id, &sides).await?;
+    for t in &sides.schema.tables {
+        let evidence = sides.evidence.get(&t.oid).copied();
+        if let Some(tp) = plan
+            .tables
+            .iter_mut()
+            .find(|p| p.qualname() == t.qualname())
+        {
+            tp.evidence = evidence;
+        }
+    }
+    let renames_now = plan.shadow_renames();
+    plan.definition_digest = Some(definition_digest(
+        &plan,
+        &sides.schema,
+        &sides.dest,
+        &renames_now,
+    )?);
+    if let Some(run) = &interrupted {
+        resumable(run, &plan)?;
+    }
     if opts.show_plan {
         use std::io::Write as _;
         print!("{}", crate::output::human_plan(&plan));
@@ -279,18 +316,40 @@ pub async fn prepare(
         }));
     }
 
-    // Leftovers of interrupted runs go first (only objects recorded by oid).
+    // Leftovers of interrupted runs go first (only objects recorded by oid), but the run
+    // being resumed.
+    let others = plan::Earlier {
+        leftovers: earlier
+            .leftovers
+            .iter()
+            .filter(|(id, _)| interrupted.as_ref().is_none_or(|run| run.id != *id))
+            .cloned()
+            .collect(),
+        ..earlier.clone()
+    };
     report
         .cleaned_up
-        .extend(clean_earlier_leftovers(&control, earlier, opts.swap).await?);
+        .extend(clean_earlier_leftovers(&control, &others, opts.swap).await?);
 
     let mut control = control;
-    let mut created = phases
-        .run(
-            "shadow",
-            create_shadow(&mut control, &plan, schema, dest, &renames),
-        )
-        .await?;
+    let mut created = match &interrupted {
+        Some(run) => {
+            crate::interrupt::set_run(plan.migration_id);
+            let resumed = phases
+                .run("resume", reset_for_resume(&mut control, &plan, run))
+                .await?;
+            report.resumed = Some(resumed);
+            run.objects.clone()
+        }
+        None => {
+            phases
+                .run(
+                    "shadow",
+                    create_shadow(&mut control, &plan, schema, dest, &renames),
+                )
+                .await?
+        }
+    };
     // Recorded: an interrupt from now on leaves this run to remove (see `interrupt`).
     crate::interrupt::set_run(plan.migration_id);
     // Remote agents' roles get what the copy needs on the tables they load, until it ends.
@@ -389,6 +448,273 @@ fn resolve_tables(raw: &[String], source: &SourceSchema) -> (Vec<QualName>, Vec<
         }
     }
     (names, problems)
+}
+
+/// The interrupted run `--resume` continues.
+struct Interrupted {
+    id: i64,
+    plan: Plan,
+    objects: RecordedObjects,
+}
+
+/// The newest run that was interrupted while preparing (its process killed: a run that failed
+/// or was stopped with Ctrl-C was cleaned up), or why there is none.
+async fn interrupted_run(control: &Client) -> Result<Interrupted, CoordinatorError> {
+    let none = || {
+        CoordinatorError::Refused(vec![
+            "nothing to resume: this destination has no interrupted run (a run that failed, or was stopped with Ctrl-C, was cleaned up): run without --resume".into(),
+        ])
+    };
+    if !state::exists(control).await? {
+        return Err(none());
+    }
+    let id: Option<i64> = control
+        .query_opt(
+            "SELECT id FROM pgzm.migrations WHERE status = 'preparing' AND shadow_present ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?
+        .map(|r| r.get("id"));
+    let row = match id {
+        Some(id) => state::load(control, Some(id)).await?.ok_or_else(none)?,
+        None => return Err(none()),
+    };
+    Ok(Interrupted {
+        id: row.id,
+        plan: row.plan,
+        objects: row.objects,
+    })
+}
+
+/// Whether `plan` (read now) can continue the interrupted run: same definitions, and nothing
+/// this version cannot resume yet.
+fn resumable(run: &Interrupted, plan: &Plan) -> Result<(), CoordinatorError> {
+    let id = run.id;
+    let refuse = |why: String| Err(CoordinatorError::Refused(vec![why]));
+    if run.plan.definition_digest.is_none() {
+        return refuse(format!(
+            "migration {id} was recorded by an earlier pgzm, which could not be resumed: run without --resume (the next run removes its shadow objects and starts over)"
+        ));
+    }
+    if run.plan.definition_digest != plan.definition_digest {
+        return refuse(format!(
+            "the source's definitions (or the destination's privileges) changed since migration {id} was interrupted: its shadow tables no longer fit; run without --resume to start over"
+        ));
+    }
+    let unsupported = [
+        (!plan.preserved.is_empty(), "preserved tables"),
+        (
+            plan.tables.iter().any(|t| t.partitioned),
+            "partitioned tables",
+        ),
+        (!plan.matviews.is_empty(), "materialized views"),
+    ];
+    if let Some((_, what)) = unsupported.iter().find(|(yes, _)| *yes) {
+        return refuse(format!(
+            "migration {id} has {what}, which --resume does not continue yet: run without --resume to start over"
+        ));
+    }
+    Ok(())
+}
+
+/// Prepares the interrupted run's shadow set to continue: every foreign key between shadow
+/// tables goes (the constraints phase adds them all again); each table whose copy and build
+/// had not finished, or whose source changed since, is emptied back to its created state
+/// (keys, indexes and triggers dropped, rows truncated, its copy records deleted); the run's
+/// recorded plan becomes the new one. One transaction. Returns what is kept and redone.
+async fn reset_for_resume(
+    control: &mut Client,
+    plan: &Plan,
+    run: &Interrupted,
+) -> Result<crate::report::Resumed, CoordinatorError> {
+    use crate::report::{RedoneTable, Resumed};
+    let err =
+        |what: &'static str| move |e: tokio_postgres::Error| CoordinatorError::destination(what, e);
+    // The interrupted run's agents may still hold sessions (a remote agent's task).
+    let _ = crate::copy::end_sessions(control, &crate::copy::session_tag_pattern(run.id)).await;
+    let built: BTreeSet<String> = control
+        .query(
+            "SELECT substr(task_key, 7) AS key FROM pgzm.copy_progress WHERE migration_id = $1 AND left(task_key, 6) = 'built:'",
+            &[&run.id],
+        )
+        .await
+        .map_err(err("read the interrupted run's records"))?
+        .iter()
+        .map(|r| r.get("key"))
+        .collect();
+    let mut resumed = Resumed::default();
+    let mut reset: Vec<&crate::plan::TablePlan> = Vec::new();
+    for t in &plan.tables {
+        let key = t.qualname().quoted();
+        if !t.copy_data {
+            // Created without rows: built again.
+            reset.push(t);
+            continue;
+        }
+        let before = run.plan.table(&t.qualname()).and_then(|o| o.evidence);
+        let unchanged =
+            matches!((before, t.evidence), (Some(a), Some(b)) if a == b && a.changes >= 0);
+        let reason = match (built.contains(&key), unchanged) {
+            (true, true) => {
+                resumed.kept.push(t.qualname().display_name());
+                continue;
+            }
+            (true, false) => "changed in the source since the interrupted run",
+            (false, _) => "its copy or build had not finished",
+        };
+        resumed.redone.push(RedoneTable {
+            table: t.qualname().display_name(),
+            reason: reason.into(),
+        });
+        reset.push(t);
+    }
+    let all: Vec<String> = plan
+        .tables
+        .iter()
+        .map(|t| t.shadow_name().quoted())
+        .collect();
+    let redo: Vec<String> = reset.iter().map(|t| t.shadow_name().quoted()).collect();
+    let keys: Vec<String> = reset.iter().map(|t| t.qualname().quoted()).collect();
+    let rows = control
+        .query(
+            "WITH t AS (SELECT to_regclass(x) AS oid, r FROM unnest($1::text[]) x, LATERAL (SELECT x = ANY($2::text[]) AS r) y)
+             SELECT 1 AS step, c.conrelid::regclass::text AS rel, quote_ident(c.conname) AS name
+               FROM pg_constraint c JOIN t ON t.oid = c.conrelid WHERE c.contype = 'f'
+             UNION ALL
+             SELECT 2, c.conrelid::regclass::text, quote_ident(c.conname)
+               FROM pg_constraint c JOIN t ON t.oid = c.conrelid AND t.r
+              WHERE c.contype IN ('p', 'u', 'x') OR (c.contype = 'c' AND NOT c.convalidated)
+             UNION ALL
+             SELECT 3, i.indrelid::regclass::text, i.indexrelid::regclass::text
+               FROM pg_index i JOIN t ON t.oid = i.indrelid AND t.r
+              WHERE NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid AND k.contype IN ('p', 'u', 'x'))
+             UNION ALL
+             SELECT 4, g.tgrelid::regclass::text, quote_ident(g.tgname)
+               FROM pg_trigger g JOIN t ON t.oid = g.tgrelid AND t.r WHERE NOT g.tgisinternal
+             ORDER BY 1, 2, 3",
+            &[&all, &redo],
+        )
+        .await
+        .map_err(err("read the shadow tables' keys, indexes and triggers"))?;
+    let tx = control
+        .transaction()
+        .await
+        .map_err(err("begin the resume transaction"))?;
+    for r in &rows {
+        let (step, rel, name): (i32, String, String) = (r.get("step"), r.get("rel"), r.get("name"));
+        let sql = match step {
+            1 | 2 => format!("ALTER TABLE {rel} DROP CONSTRAINT IF EXISTS {name}"),
+            3 => format!("DROP INDEX IF EXISTS {name}"),
+            _ => format!("DROP TRIGGER IF EXISTS {name} ON {rel}"),
+        };
+        tx.batch_execute(&sql)
+            .await
+            .map_err(|e| CoordinatorError::destination(format!("resume: {sql}"), e))?;
+    }
+    if !redo.is_empty() {
+        tx.batch_execute(&format!("TRUNCATE {}", redo.join(", ")))
+            .await
+            .map_err(err("empty the shadow tables to copy again"))?;
+    }
+    tx.execute(
+        "DELETE FROM pgzm.copy_progress WHERE migration_id = $1 AND EXISTS (
+           SELECT 1 FROM unnest($2::text[]) k
+            WHERE task_key = k OR task_key = 'built:' || k OR left(task_key, length(k) + 2) = k || '/p')",
+        &[&run.id, &keys],
+    )
+    .await
+    .map_err(err("forget the copies to redo"))?;
+    tx.execute(
+        "UPDATE pgzm.migrations SET plan = $2, error = NULL WHERE id = $1",
+        &[&run.id, &serde_json::to_value(plan).unwrap_or_default()],
+    )
+    .await
+    .map_err(err("record the resumed plan"))?;
+    tx.commit()
+        .await
+        .map_err(err("commit the resume transaction"))?;
+    tracing::info!(
+        migration = run.id,
+        kept = resumed.kept.len(),
+        redone = resumed.redone.len(),
+        "resuming the interrupted run"
+    );
+    Ok(resumed)
+}
+
+/// Each migrated source table's [`plan::SourceEvidence`] at the snapshot, by oid.
+async fn source_evidence(
+    source: &Client,
+    schema: &SourceSchema,
+) -> Result<BTreeMap<u32, plan::SourceEvidence>, CoordinatorError> {
+    let oids: Vec<u32> = schema.tables.iter().map(|t| t.oid).collect();
+    let rows = source
+        .query(
+            "SELECT c.oid, coalesce(pg_relation_filenode(c.oid), 0)::int8 AS filenode,
+                    coalesce(s.n_tup_ins + s.n_tup_upd + s.n_tup_del, -1)::int8 AS changes
+             FROM pg_class c LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid
+             WHERE c.oid = ANY($1)",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| CoordinatorError::source("read the tables' statistics", e))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, u32>("oid"),
+                plan::SourceEvidence {
+                    filenode: r.get("filenode"),
+                    changes: r.get("changes"),
+                },
+            )
+        })
+        .collect())
+}
+
+/// A digest (FNV-1a, 64 bits) of every statement that builds the shadow set but the sequence
+/// positions (data, not definitions): two reads of unchanged definitions give the same.
+fn definition_digest(
+    plan: &Plan,
+    schema: &SourceSchema,
+    dest: &Destination,
+    renames: &Renames,
+) -> Result<String, CoordinatorError> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |text: &str| {
+        for b in text.bytes().chain([0u8]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for (action, sql) in crate::shadow::statements(plan, schema, dest, renames) {
+        if !action.starts_with("set shadow sequence") {
+            feed(&sql);
+        }
+    }
+    for t in schema
+        .tables
+        .iter()
+        .filter(|t| plan.table(&t.qualname()).is_some())
+    {
+        for sql in build::table_build(t, plan, schema, renames)?.sequential() {
+            feed(&sql);
+        }
+    }
+    for sql in build::foreign_key_statements(plan, schema, renames).0 {
+        feed(&sql);
+    }
+    Ok(format!("{h:016x}"))
+}
+
+/// The `pgzm.copy_progress` row saying that the table whose tasks are keyed `key` is copied
+/// and built.
+fn built_marker(migration_id: i64, key: &str) -> String {
+    format!(
+        "INSERT INTO pgzm.copy_progress (migration_id, task_key, rows, bytes) VALUES ({migration_id}, {}, 0, 0) ON CONFLICT DO NOTHING",
+        quote_literal(&format!("built:{key}"))
+    )
 }
 
 /// Every copy task the agents reported done is recorded in `pgzm.copy_progress`, with as many
@@ -646,6 +972,7 @@ fn foreign_key_check(
 
 /// The copy phase: every table that is neither preserved nor partitioned is copied by the
 /// agents, and built (indexes, keys) on a build session as soon as it lands.
+#[allow(clippy::too_many_arguments)]
 async fn copy_and_build(
     opts: &StartOptions,
     pool: AgentPool,
@@ -654,7 +981,11 @@ async fn copy_and_build(
     renames: &Renames,
     snapshot: String,
     sessions: &Arc<build::BuildSessions>,
+    resumed: Option<&crate::report::Resumed>,
 ) -> Result<copy::Copied, CoordinatorError> {
+    // A resumed run copies only the tables it redoes.
+    let redo: Option<BTreeSet<String>> =
+        resumed.map(|r| r.redone.iter().map(|t| t.table.clone()).collect());
     let schema = Arc::new(schema.clone());
     let plan_arc = Arc::new(plan.clone());
     let renames = Arc::new(renames.clone());
@@ -663,7 +994,12 @@ async fn copy_and_build(
         .tables
         .iter()
         .filter(|t| !plan.is_preserved(&t.qualname()) && !t.partitioned && t.copy_data)
+        .filter(|t| {
+            redo.as_ref()
+                .is_none_or(|r| r.contains(&t.qualname().display_name()))
+        })
         .map(|t| CopyJob {
+            key: t.qualname().quoted(),
             schema: t.schema.clone(),
             table: t.name.clone(),
             shadow: t.shadow.clone(),
@@ -702,7 +1038,12 @@ async fn copy_and_build(
                 else {
                     return Ok(());
                 };
-                let statements = build::table_build(table, &plan_arc, &schema, &renames)?;
+                let mut statements = build::table_build(table, &plan_arc, &schema, &renames)?;
+                // The table is copied and built: recorded (with its last statements), so that
+                // a resumed run keeps it.
+                statements
+                    .last
+                    .push(built_marker(plan_arc.migration_id, &job.key));
                 let label = format!("build \"{}\"", job.table);
                 let span = info_span!("build_table", table = %job.table);
                 if job.bytes < build::BATCH_BELOW_BYTES {
@@ -753,7 +1094,16 @@ async fn fill(
     let copied = phases
         .run(
             "copy",
-            copy_and_build(opts, pool, plan, schema, &renames, snapshot, &sessions),
+            copy_and_build(
+                opts,
+                pool,
+                plan,
+                schema,
+                &renames,
+                snapshot,
+                &sessions,
+                report.resumed.as_ref(),
+            ),
         )
         .await?;
     crate::progress::disable();

@@ -42,6 +42,8 @@ pub struct StartOptions {
     pub tables: crate::filter::TableFilter,
     /// Replace a prepared migration that is waiting for its swap.
     pub force: bool,
+    /// Continue the interrupted run instead of starting over (`--resume`).
+    pub resume: bool,
     /// Split tables larger than this (heap + TOAST bytes) into page ranges copied in parallel.
     pub range_bytes: i64,
     /// Digest every row on both sides of the copy and compare (on by default).
@@ -72,6 +74,7 @@ impl StartOptions {
             preserved: Vec::new(),
             tables: crate::filter::TableFilter::default(),
             force: false,
+            resume: false,
             range_bytes: DEFAULT_RANGE_BYTES,
             stall_timeout: crate::copy::STALL,
             verify: true,
@@ -129,6 +132,7 @@ impl Report {
             dropped_backup: Vec::new(),
             warnings: plan.warnings.clone(),
             throughput: None,
+            resumed: None,
         }
     }
 }
@@ -169,6 +173,24 @@ impl Throughput {
     }
 }
 
+/// What a resumed run kept and redid.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, schemars::JsonSchema)]
+pub struct Resumed {
+    /// Tables copied and built by the interrupted run, unchanged in the source since: kept.
+    pub kept: Vec<String>,
+    /// Tables copied again, each with the reason.
+    pub redone: Vec<RedoneTable>,
+}
+
+/// A table a resumed run copied again.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, schemars::JsonSchema)]
+pub struct RedoneTable {
+    /// The table.
+    pub table: String,
+    /// Why: its copy or build had not finished, or it changed in the source.
+    pub reason: String,
+}
+
 /// What a run did.
 #[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Report {
@@ -196,6 +218,9 @@ pub struct Report {
     pub warnings: Vec<String>,
     /// Copy throughput (none for a dry run).
     pub throughput: Option<Throughput>,
+    /// What a `--resume` kept of the interrupted run, and what it copied again and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed: Option<Resumed>,
 }
 
 /// Timings of the phases run so far.

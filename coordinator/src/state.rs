@@ -164,7 +164,7 @@ const SCHEMA_COMMENT: &str =
 
 /// Whether the metadata table exists (read-only check, for dry runs). A schema named `pgzm`
 /// that pgzm did not create is refused, never read or written.
-async fn exists(client: &Client) -> Result<bool, CoordinatorError> {
+pub async fn exists(client: &Client) -> Result<bool, CoordinatorError> {
     let row = client
         .query_one(
             "SELECT to_regclass('pgzm.migrations') IS NOT NULL AS table_exists,

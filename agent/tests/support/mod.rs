@@ -206,8 +206,11 @@ pub async fn run_agent_to_exit(args: &[&str]) -> (Option<i32>, String) {
     )
 }
 
-/// The task key of a task id `m<migration>/<key>/a<attempt>`.
+/// The task key of a task id `m<migration>/<key>/a<attempt>` (as a log line quotes it: keys
+/// are quoted table names, their `"` escaped).
 pub fn task_key(task_id: &str) -> String {
+    let task_id = task_id.replace("\\\"", "\"");
+    let task_id = task_id.as_str();
     let without_migration = task_id.split_once('/').map_or(task_id, |(_, r)| r);
     without_migration
         .rsplit_once("/a")
@@ -371,7 +374,8 @@ pub async fn public_objects(client: &Client) -> Vec<String> {
 pub async fn recorded_tasks(client: &Client, migration_id: i64) -> (BTreeSet<String>, usize) {
     let rows = client
         .query(
-            "SELECT task_key FROM pgzm.copy_progress WHERE migration_id = $1",
+            // Copy tasks' records, not the tables' `built:` markers.
+            "SELECT task_key FROM pgzm.copy_progress WHERE migration_id = $1 AND left(task_key, 6) <> 'built:'",
             &[&migration_id],
         )
         .await

@@ -1410,3 +1410,122 @@ async fn the_terminal_progress_display_stays_clean() {
     assert!(plan_at < first_done, "the plan before the copy:\n{all}");
     assert_eq!(all.matches("Plan for migration").count(), 1, "{all}");
 }
+
+/// A run killed in the middle of its copy is resumed with `--resume`: the tables it had copied
+/// and built are kept, the one in flight and one changed in the source since are copied again
+/// (the report says which and why), and the result equals the source. With nothing to resume,
+/// `--resume` says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_run_resumes_keeping_what_it_had_copied() {
+    let (source, dest) = simple_pair("cli_resume").await;
+    let dir = WorkDir::new("resume");
+    let out = output(pgzm(&dir).args([
+        "start",
+        "--resume",
+        "--source",
+        &source.url(),
+        "--dest",
+        &dest.url(),
+    ]))
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("nothing to resume"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    source
+        .batch(
+            "DO $$ BEGIN FOR i IN 1..4 LOOP
+               EXECUTE format('CREATE TABLE k_%s (id int PRIMARY KEY, v text)', i);
+               EXECUTE format('INSERT INTO k_%s SELECT g, ''v'' || g FROM generate_series(1, 200) g', i);
+             END LOOP; END $$;",
+        )
+        .await
+        .expect("tables");
+    let (mut child, blocker) = start_blocked_copy(&source, &dest, &dir).await;
+    // Every other table copied and built: only audit_entry is in flight.
+    let dst = dest.connect().await.expect("connect dest");
+    let started = Instant::now();
+    loop {
+        let built: i64 = dst
+            .query_one(
+                "SELECT count(*) FROM pgzm.copy_progress WHERE left(task_key, 6) = 'built:'",
+                &[],
+            )
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if built == 7 {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the other tables were never built ({built})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().await.expect("kill -9 pgzm");
+    // The source changes one of the tables already copied.
+    source
+        .batch("UPDATE k_1 SET v = 'changed' WHERE id = 1")
+        .await
+        .expect("change k_1");
+    blocker.batch_execute("ROLLBACK").await.expect("unlock");
+
+    let out = output(pgzm(&dir).args([
+        "start",
+        "--resume",
+        "--json",
+        "--source",
+        &source.url(),
+        "--dest",
+        &dest.url(),
+    ]))
+    .await;
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let doc = one_json("start --resume --json", &text(&out.stdout));
+    let mut kept: Vec<String> = doc["resumed"]["kept"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    kept.sort();
+    assert_eq!(
+        kept,
+        ["Comment", "Post", "User", "k_2", "k_3", "k_4"],
+        "{doc}"
+    );
+    let redone: BTreeMap<String, String> = doc["resumed"]["redone"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|t| {
+                    (
+                        t["table"].as_str().unwrap_or_default().to_string(),
+                        t["reason"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(redone.len(), 2, "{doc}");
+    assert!(redone["audit_entry"].contains("not finished"), "{doc}");
+    assert!(redone["k_1"].contains("changed in the source"), "{doc}");
+    // Only the two were copied again.
+    assert_eq!(doc["tables"].as_array().map(Vec::len), Some(2), "{doc}");
+
+    let mut live = live_sums(&dest).await;
+    live.retain(|t, _| !t.starts_with("shadow_"));
+    assert_eq!(
+        live,
+        live_sums(&source).await,
+        "the destination holds the source's data"
+    );
+    assert_eq!(shadow_objects(&dest).await, Vec::<String>::new());
+}

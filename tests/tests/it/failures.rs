@@ -593,7 +593,7 @@ async fn a_copy_the_destination_lost_stops_the_run_before_the_swap() -> anyhow::
     let dst = p.dest.connect().await?;
     dst.batch_execute(
         "CREATE FUNCTION pgzm.lose_a_record() RETURNS trigger LANGUAGE plpgsql AS
-           $$BEGIN IF NEW.task_key = 't0' THEN RETURN NULL; END IF; RETURN NEW; END$$;
+           $$BEGIN IF NEW.task_key = '\"public\".\"Post\"' THEN RETURN NULL; END IF; RETURN NEW; END$$;
          CREATE TRIGGER lose BEFORE INSERT ON pgzm.copy_progress
            FOR EACH ROW EXECUTE FUNCTION pgzm.lose_a_record();",
     )
