@@ -63,6 +63,15 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What an interrupted `start`/`prepare` leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnInterrupt {
+    /// Remove the run's shadow objects and sync triggers.
+    Clean,
+    /// Keep them, to continue with `--resume`.
+    Keep,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormatArg {
@@ -154,6 +163,11 @@ impl Command {
             Command::Abort(a) => a.output.json,
             Command::Completions(_) | Command::Man => false,
         }
+    }
+
+    /// Whether an interrupted run keeps its shadow objects for `--resume`.
+    pub fn keep_on_interrupt(&self) -> bool {
+        matches!(self, Command::Start(a) | Command::Prepare(a) if a.on_interrupt == OnInterrupt::Keep)
     }
 
     /// The source database of `start`/`prepare`, when it parses.
@@ -379,6 +393,10 @@ pub struct PrepareArgs {
     /// that were copied and built, unchanged in the source since; copy the others again.
     #[arg(long, conflicts_with = "dry_run")]
     pub resume: bool,
+    /// On Ctrl-C or SIGTERM while preparing: `clean` removes the run's shadow objects (the
+    /// default, as for a failed run); `keep` leaves them for `--resume`.
+    #[arg(long, value_enum, default_value_t = OnInterrupt::Clean)]
+    pub on_interrupt: OnInterrupt,
     /// Copy tasks at once, and as many index builds beside them (default: number of CPUs).
     #[arg(long, short = 'j')]
     pub jobs: Option<usize>,

@@ -81,6 +81,7 @@ pub async fn settle(
     source: Option<&DbUrl>,
     destination: Option<&DbUrl>,
     locks: SwapSettings,
+    keep: bool,
 ) -> String {
     let Some(id) = current_run() else {
         return match command {
@@ -102,6 +103,13 @@ pub async fn settle(
     if let Some(source) = source {
         let _ =
             crate::copy::terminate_sessions(source, &crate::copy::session_tag_pattern(id)).await;
+    }
+    if keep {
+        let _ = crate::copy::terminate_sessions(destination, &crate::copy::session_tag_pattern(id))
+            .await;
+        return format!(
+            "the copy was stopped; migration {id} is kept as it was (--on-interrupt keep): continue it with `pgzm {command} --resume`, or remove it with `pgzm abort`; the live tables are untouched"
+        );
     }
     match crate::state::abort_run(destination, id, locks).await {
         Ok(Some(RunStatus::Preparing)) => format!(

@@ -301,6 +301,7 @@ fn settle_interrupted(
     destination: Option<&pgzm_coordinator::conninfo::DbUrl>,
     locks: pgzm_coordinator::locked::SwapSettings,
     signal: interrupt::Signal,
+    keep: bool,
 ) -> u8 {
     eprintln!(
         "pgzm: {}: stopping {command}; press Ctrl-C again to exit at once",
@@ -315,7 +316,7 @@ fn settle_interrupted(
     };
     runtime.block_on(async {
         tokio::select! {
-            line = interrupt::settle(command, source, destination, locks) => {
+            line = interrupt::settle(command, source, destination, locks, keep) => {
                 eprintln!("pgzm: {}: {line}", signal.name());
             }
             again = interrupt::wait() => {
@@ -354,6 +355,7 @@ fn main() -> ExitCode {
     let source = cli.command.source();
     let locks = cli.command.locks();
     let json = cli.command.json();
+    let keep = cli.command.keep_on_interrupt();
     let json_logs = cli.log_format == LogFormatArg::Json;
     // One root span per run: every phase and table task of the migration is in its trace.
     let root = tracing::info_span!(
@@ -380,6 +382,7 @@ fn main() -> ExitCode {
                 destination.as_ref(),
                 locks,
                 signal,
+                keep,
             );
             telemetry.shutdown();
             return ExitCode::from(status);

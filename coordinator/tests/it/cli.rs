@@ -889,6 +889,7 @@ async fn start_blocked_copy(
     source: &TestDb,
     dest: &TestDb,
     dir: &WorkDir,
+    extra: &[&str],
 ) -> (tokio::process::Child, tokio_postgres::Client) {
     for (db, rows) in [(source, 500), (dest, 5)] {
         db.batch(&format!(
@@ -906,6 +907,7 @@ async fn start_blocked_copy(
     let child = pgzm(dir)
         .args(["start", "--jobs", "2", "--source", &source.url()])
         .args(["--dest", &dest.url()])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -935,7 +937,7 @@ async fn ctrl_c_mid_copy_stops_cleanly() {
     for (sig, status) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
         let (source, dest) = simple_pair(&format!("cli_ctrl_c_{status}")).await;
         let dir = WorkDir::new(&format!("ctrl_c_{status}"));
-        let (child, blocker) = start_blocked_copy(&source, &dest, &dir).await;
+        let (child, blocker) = start_blocked_copy(&source, &dest, &dir, &[]).await;
         let before = {
             let mut sums = live_sums(&dest).await;
             sums.retain(|t, _| !t.starts_with("shadow_"));
@@ -980,7 +982,7 @@ async fn ctrl_c_mid_copy_stops_cleanly() {
 async fn a_second_ctrl_c_exits_at_once() {
     let (source, dest) = simple_pair("cli_ctrl_c_twice").await;
     let dir = WorkDir::new("ctrl_c_twice");
-    let (child, blocker) = start_blocked_copy(&source, &dest, &dir).await;
+    let (child, blocker) = start_blocked_copy(&source, &dest, &dir, &[]).await;
     // Keep the cleanup from finishing: it must drop shadow_audit_entry, and this session
     // holds a lock on it.
     let holder = dest.connect().await.expect("connect holder");
@@ -1444,7 +1446,7 @@ async fn a_killed_run_resumes_keeping_what_it_had_copied() {
         )
         .await
         .expect("tables");
-    let (mut child, blocker) = start_blocked_copy(&source, &dest, &dir).await;
+    let (mut child, blocker) = start_blocked_copy(&source, &dest, &dir, &[]).await;
     // Every other table copied and built: only audit_entry is in flight.
     let dst = dest.connect().await.expect("connect dest");
     let started = Instant::now();
@@ -1528,4 +1530,73 @@ async fn a_killed_run_resumes_keeping_what_it_had_copied() {
         "the destination holds the source's data"
     );
     assert_eq!(shadow_objects(&dest).await, Vec::<String>::new());
+}
+
+/// `--on-interrupt keep`: Ctrl-C mid-copy leaves the run as it was, says how to continue it,
+/// and `--resume` then finishes it, keeping what was copied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_can_keep_the_run_for_resume() {
+    let (source, dest) = simple_pair("cli_ctrl_c_keep").await;
+    let dir = WorkDir::new("ctrl_c_keep");
+    let (child, blocker) =
+        start_blocked_copy(&source, &dest, &dir, &["--on-interrupt", "keep"]).await;
+    // The tables other than audit_entry are copied and built first.
+    let dst = dest.connect().await.expect("connect dest");
+    let started = Instant::now();
+    while dst
+        .query_one(
+            "SELECT count(*) FROM pgzm.copy_progress WHERE left(task_key, 6) = 'built:'",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the other tables were never built"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&child, libc::SIGINT);
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("pgzm exits after the signal")
+        .expect("wait for pgzm");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("is kept") && last.contains("pgzm start --resume"),
+        "{stderr}"
+    );
+    assert!(
+        shadow_objects(&dest)
+            .await
+            .iter()
+            .any(|o| o == "shadow_audit_entry"),
+        "kept"
+    );
+    blocker.batch_execute("ROLLBACK").await.expect("unlock");
+    let out = output(pgzm(&dir).args([
+        "start",
+        "--resume",
+        "--json",
+        "--source",
+        &source.url(),
+        "--dest",
+        &dest.url(),
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc = one_json("start --resume", &text(&out.stdout));
+    assert_eq!(
+        doc["resumed"]["kept"].as_array().map(Vec::len),
+        Some(3),
+        "{doc}"
+    );
+    let mut live = live_sums(&dest).await;
+    live.retain(|t, _| !t.starts_with("shadow_"));
+    assert_eq!(live, live_sums(&source).await);
 }
