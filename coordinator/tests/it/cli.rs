@@ -1600,3 +1600,84 @@ async fn ctrl_c_can_keep_the_run_for_resume() {
     live.retain(|t, _| !t.starts_with("shadow_"));
     assert_eq!(live, live_sums(&source).await);
 }
+
+/// `kill -9` at about 10 %, 50 % and 90 % of the copy (1, 5 and 9 of 10 tables copied and
+/// built), then `--resume`: the result equals the source, the tables copied before the kill are
+/// kept and only the others are copied again, as the report says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_after_a_kill_at_10_50_and_90_percent() {
+    for done in [1i64, 5, 9] {
+        let (source, dest) = simple_pair(&format!("cli_resume_at_{done}")).await;
+        let dir = WorkDir::new(&format!("resume_at_{done}"));
+        source
+            .batch(
+                "DROP TABLE \"Comment\", \"Post\", \"User\";
+                 DO $$ BEGIN FOR i IN 10..19 LOOP
+                   EXECUTE format('CREATE TABLE r_%s (id int PRIMARY KEY, v text)', i);
+                   EXECUTE format('INSERT INTO r_%s SELECT g, md5(g::text) FROM generate_series(1, 60000) g', i);
+                 END LOOP; END $$; ANALYZE;",
+            )
+            .await
+            .expect("tables");
+        let mut child = pgzm(&dir)
+            .args(["start", "--jobs", "1", "--source", &source.url()])
+            .args(["--dest", &dest.url()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn pgzm");
+        let dst = dest.connect().await.expect("connect dest");
+        let started = Instant::now();
+        loop {
+            let built: i64 = dst
+                .query_one(
+                    "SELECT count(*) FROM pgzm.copy_progress WHERE left(task_key, 6) = 'built:'",
+                    &[],
+                )
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or(0);
+            if built >= done {
+                break;
+            }
+            assert!(
+                child.try_wait().expect("poll").is_none(),
+                "pgzm finished before the kill"
+            );
+            assert!(started.elapsed() < DEADLINE * 3, "no progress ({built})");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        child.kill().await.expect("kill -9 pgzm");
+
+        let out = output(pgzm(&dir).args([
+            "start",
+            "--resume",
+            "--json",
+            "--source",
+            &source.url(),
+            "--dest",
+            &dest.url(),
+        ]))
+        .await;
+        assert!(out.status.success(), "at {done}: {}", text(&out.stderr));
+        let doc = one_json("start --resume", &text(&out.stdout));
+        let kept = doc["resumed"]["kept"].as_array().map(Vec::len).unwrap_or(0) as i64;
+        let redone = doc["resumed"]["redone"]
+            .as_array()
+            .map(Vec::len)
+            .unwrap_or(0) as i64;
+        assert!(kept >= done && kept < 10, "at {done}: {doc}");
+        assert_eq!(kept + redone, 10, "at {done}: {doc}");
+        assert_eq!(
+            doc["tables"].as_array().map(Vec::len),
+            Some(redone as usize),
+            "only the redone tables are copied: {doc}"
+        );
+        let mut live = live_sums(&dest).await;
+        live.retain(|t, _| t.starts_with("r_"));
+        let mut expected = live_sums(&source).await;
+        expected.retain(|t, _| t.starts_with("r_"));
+        assert_eq!(live, expected, "at {done}");
+        assert_eq!(shadow_objects(&dest).await, Vec::<String>::new());
+    }
+}
