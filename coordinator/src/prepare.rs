@@ -531,8 +531,28 @@ async fn reset_for_resume(
     use crate::report::{RedoneTable, Resumed};
     let err =
         |what: &'static str| move |e: tokio_postgres::Error| CoordinatorError::destination(what, e);
-    // The interrupted run's agents may still hold sessions (a remote agent's task).
-    let _ = crate::copy::end_sessions(control, &crate::copy::session_tag_pattern(run.id)).await;
+    // The interrupted run's sessions may still be working: an agent's copy, or a build whose
+    // statement runs on after its client died (and would commit an index under the reset).
+    // This run holds the run lock, so every other build session is the interrupted run's.
+    let tag = crate::copy::session_tag_pattern(run.id);
+    for _ in 0..200 {
+        let _ = crate::copy::end_sessions(control, &tag).await;
+        let _ = crate::copy::end_sessions(control, "pgzm-build").await;
+        let left: i64 = control
+            .query_one(
+                "SELECT count(*) AS left_over FROM pg_stat_activity
+                  WHERE datname = current_database() AND pid <> pg_backend_pid()
+                    AND (application_name = 'pgzm-build' OR application_name LIKE $1)",
+                &[&tag],
+            )
+            .await
+            .map_err(err("look for the interrupted run's sessions"))?
+            .get("left_over");
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let built: BTreeSet<String> = control
         .query(
             "SELECT substr(task_key, 7) AS key FROM pgzm.copy_progress WHERE migration_id = $1 AND left(task_key, 6) = 'built:'",
