@@ -1666,7 +1666,8 @@ async fn resume_after_a_kill_at_10_50_and_90_percent() {
             .as_array()
             .map(Vec::len)
             .unwrap_or(0) as i64;
-        assert!(kept >= done && kept < 10, "at {done}: {doc}");
+        // The kill may land after the last build, before the run ended: all kept then.
+        assert!(kept >= done && kept <= 10, "at {done}: {doc}");
         assert_eq!(kept + redone, 10, "at {done}: {doc}");
         assert_eq!(
             doc["tables"].as_array().map(Vec::len),
