@@ -356,14 +356,8 @@ async fn orphans_in_set(
     let mut out = Vec::new();
     for fk in fks {
         let name: String = fk.get("name");
-        let table = QualName::new(
-            fk.get::<_, String>("schema_name"),
-            fk.get::<_, String>("table_name"),
-        );
-        let target = QualName::new(
-            fk.get::<_, String>("referenced_schema"),
-            fk.get::<_, String>("referenced_table"),
-        );
+        let table = QualName::from_columns(&fk, "schema_name", "table_name");
+        let target = QualName::from_columns(&fk, "referenced_schema", "referenced_table");
         let cols: Vec<String> = fk.get("columns");
         let refs: Vec<String> = fk.get("referenced_columns");
         let not_null = cols

@@ -234,10 +234,7 @@ impl ForeignKeyIn {
             schema: row.get("schema_name"),
             table: row.get("table_name"),
             name: row.get("name"),
-            references: QualName::new(
-                row.get::<_, String>("referenced_schema"),
-                row.get::<_, String>("referenced_table"),
-            ),
+            references: QualName::from_columns(row, "referenced_schema", "referenced_table"),
             definition: row.get("definition"),
         }
     }
@@ -566,26 +563,17 @@ async fn read_names(client: &Client, dest: &mut Destination) -> Result<(), Coord
         .await
         .map_err(err("relation names"))?
     {
-        dest.relation_names.insert(QualName::new(
-            row.get::<_, String>("schema_name"),
-            row.get::<_, String>("name"),
-        ));
+        dest.relation_names.insert(QualName::from_row(&row));
     }
     for row in client
         .query(TYPE_NAMES, &[])
         .await
         .map_err(err("type names"))?
     {
-        dest.type_qualnames.insert(QualName::new(
-            row.get::<_, String>("schema_name"),
-            row.get::<_, String>("name"),
-        ));
+        dest.type_qualnames.insert(QualName::from_row(&row));
     }
     for row in client.query(ROUTINES, &[]).await.map_err(err("routines"))? {
-        dest.function_names.insert(QualName::new(
-            row.get::<_, String>("schema_name"),
-            row.get::<_, String>("name"),
-        ));
+        dest.function_names.insert(QualName::from_row(&row));
         dest.routines.insert(row.get("signature"));
     }
     for row in client
@@ -593,10 +581,7 @@ async fn read_names(client: &Client, dest: &mut Destination) -> Result<(), Coord
         .await
         .map_err(err("types"))?
     {
-        let name = QualName::new(
-            row.get::<_, String>("schema_name"),
-            row.get::<_, String>("name"),
-        );
+        let name = QualName::from_row(&row);
         dest.type_oids.insert(name.clone(), row.get("oid"));
         dest.type_acl
             .insert(name, (row.get("owner"), parse_grants(row.get("grants"))));
@@ -607,10 +592,7 @@ async fn read_names(client: &Client, dest: &mut Destination) -> Result<(), Coord
         .map_err(err("sequences"))?
     {
         dest.sequence_acl.insert(
-            QualName::new(
-                row.get::<_, String>("schema_name"),
-                row.get::<_, String>("name"),
-            ),
+            QualName::from_row(&row),
             (row.get("owner"), parse_grants(row.get("grants"))),
         );
     }
@@ -684,10 +666,7 @@ async fn read_views(client: &Client, dest: &mut Destination) -> Result<(), Coord
             continue;
         };
         dest.materialized_views.insert(
-            QualName::new(
-                row.get::<_, String>("schema_name"),
-                row.get::<_, String>("name"),
-            ),
+            QualName::from_row(&row),
             LiveMatview {
                 oid,
                 reads: deps.remove(&oid).unwrap_or_default(),

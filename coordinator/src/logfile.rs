@@ -20,6 +20,17 @@ pub struct LogContext<'a> {
     pub destination: &'a DbUrl,
 }
 
+impl<'a> LogContext<'a> {
+    /// The log of a `start` or `prepare` run with `opts`.
+    pub fn run(command: &'a str, opts: &'a crate::report::StartOptions) -> Self {
+        LogContext {
+            command,
+            source: Some(&opts.source),
+            destination: &opts.destination,
+        }
+    }
+}
+
 /// The process's command line with every password redacted: a database URL shows as
 /// `user@host:port/db`, a `password=` setting as `password=***`.
 pub fn command_line() -> String {

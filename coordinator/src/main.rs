@@ -138,11 +138,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let started = migrate::now_ms();
             let mut phases = migrate::Phases(Vec::new());
             let result = migrate::start_with_phases(opts.clone(), pool, &mut phases).await;
-            let ctx = logfile::LogContext {
-                command: "start",
-                source: Some(&opts.source),
-                destination: &opts.destination,
-            };
+            let ctx = logfile::LogContext::run("start", &opts);
             write_log(
                 &args.log,
                 opts.dry_run,
@@ -171,11 +167,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(None) => anyhow::bail!("prepare returned nothing"),
                 Err(e) => Err(e),
             };
-            let ctx = logfile::LogContext {
-                command: "prepare",
-                source: Some(&opts.source),
-                destination: &opts.destination,
-            };
+            let ctx = logfile::LogContext::run("prepare", &opts);
             write_log(
                 &args.log,
                 opts.dry_run,

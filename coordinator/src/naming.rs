@@ -63,6 +63,16 @@ impl QualName {
         QualName::new(self.schema.clone(), name)
     }
 
+    /// A catalog row's `schema_name` and `name` columns.
+    pub fn from_row(row: &tokio_postgres::Row) -> QualName {
+        QualName::from_columns(row, "schema_name", "name")
+    }
+
+    /// A catalog row's schema and name, from the columns so named.
+    pub fn from_columns(row: &tokio_postgres::Row, schema: &str, name: &str) -> QualName {
+        QualName::new(row.get::<_, String>(schema), row.get::<_, String>(name))
+    }
+
     /// The quoted, qualified form for SQL.
     pub fn quoted(&self) -> String {
         pgzm_pg::sql::quote_qualified(&self.schema, &self.name)

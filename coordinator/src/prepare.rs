@@ -621,19 +621,24 @@ async fn reset_for_resume(
         .transaction()
         .await
         .map_err(err("begin the resume transaction"))?;
-    for r in &rows {
-        let (step, rel, name): (i32, String, String) = (r.get("step"), r.get("rel"), r.get("name"));
-        let sql = match step {
-            1 | 2 => format!("ALTER TABLE {rel} DROP CONSTRAINT IF EXISTS {name}"),
-            3 => format!("DROP INDEX IF EXISTS {name}"),
-            _ => format!("DROP TRIGGER IF EXISTS {name} ON {rel}"),
-        };
-        tx.batch_execute(&sql)
-            .await
-            .map_err(|e| CoordinatorError::destination(format!("resume: {sql}"), e))?;
-    }
+    // One round trip: the keys, indexes and triggers in dependency order, then the rows.
+    let mut batch: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let (step, rel, name): (i32, String, String) =
+                (r.get("step"), r.get("rel"), r.get("name"));
+            match step {
+                1 | 2 => format!("ALTER TABLE {rel} DROP CONSTRAINT IF EXISTS {name}"),
+                3 => format!("DROP INDEX IF EXISTS {name}"),
+                _ => format!("DROP TRIGGER IF EXISTS {name} ON {rel}"),
+            }
+        })
+        .collect();
     if !redo.is_empty() {
-        tx.batch_execute(&format!("TRUNCATE {}", redo.join(", ")))
+        batch.push(format!("TRUNCATE {}", redo.join(", ")));
+    }
+    if !batch.is_empty() {
+        tx.batch_execute(&batch.join(";\n"))
             .await
             .map_err(err("empty the shadow tables to copy again"))?;
     }

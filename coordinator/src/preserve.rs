@@ -106,10 +106,7 @@ pub async fn read_live(
     Ok(rows
         .into_iter()
         .map(|r| {
-            let name = QualName::new(
-                r.get::<_, String>("schema_name"),
-                r.get::<_, String>("table_name"),
-            );
+            let name = QualName::from_columns(&r, "schema_name", "table_name");
             (name, LiveShape::from_row(&r))
         })
         .collect())

@@ -69,14 +69,6 @@ pub struct RollbackReport {
     pub warnings: Vec<String>,
 }
 
-/// A row's `schema_name` and `name`.
-fn qualname(row: &tokio_postgres::Row) -> QualName {
-    QualName::new(
-        row.get::<_, String>("schema_name"),
-        row.get::<_, String>("name"),
-    )
-}
-
 async fn oids(
     client: &Client,
     names: &[QualName],
@@ -92,7 +84,10 @@ async fn oids(
         )
         .await
         .map_err(|e| CoordinatorError::destination("inspect tables for the rollback", e))?;
-    Ok(rows.iter().map(|r| (qualname(r), r.get("oid"))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| (QualName::from_row(r), r.get("oid")))
+        .collect())
 }
 
 /// Names of the sequences owned by (serial or identity columns of) the given tables.
@@ -111,7 +106,7 @@ async fn owned_sequences(
         .await
         .map_err(|e| CoordinatorError::destination("inspect owned sequences", e))?
         .iter()
-        .map(qualname)
+        .map(QualName::from_row)
         .collect())
 }
 
@@ -398,7 +393,7 @@ async fn restored_children(
             )
             .await
             .map_err(|e| CoordinatorError::destination("inspect backup materialized views", e))?;
-        names.extend(rows.iter().map(qualname));
+        names.extend(rows.iter().map(QualName::from_row));
     }
     Ok(names)
 }
@@ -878,15 +873,9 @@ impl Conversion {
     fn from_row(row: &tokio_postgres::Row) -> Self {
         Conversion {
             table_oid: row.get("table_oid"),
-            table: QualName::new(
-                row.get::<_, String>("schema_name"),
-                row.get::<_, String>("table_name"),
-            ),
+            table: QualName::from_columns(row, "schema_name", "table_name"),
             column: row.get("column_name"),
-            type_name: QualName::new(
-                row.get::<_, String>("type_schema"),
-                row.get::<_, String>("type_name"),
-            ),
+            type_name: QualName::from_columns(row, "type_schema", "type_name"),
             array: row.get("is_array"),
             default: row.get("default_expr"),
         }

@@ -419,7 +419,7 @@ async fn shadow_drops(
         .await
         .map_err(|e| CoordinatorError::destination("look up the shadow types", e))?
         .iter()
-        .map(|r| (r.get("oid"), qualname(r)))
+        .map(|r| (r.get("oid"), QualName::from_row(r)))
         .collect();
     for (name, oid) in objects.types.iter().rev() {
         if let Some(qualified) = types.get(oid).filter(|q| &q.name == name) {
@@ -466,16 +466,8 @@ async fn recorded_relations(
         .await
         .map_err(|e| CoordinatorError::destination("look up the recorded relations", e))?
         .iter()
-        .map(|r| (r.get("oid"), qualname(r)))
+        .map(|r| (r.get("oid"), QualName::from_row(r)))
         .collect())
-}
-
-/// A row's `schema_name` and `name`.
-fn qualname(row: &tokio_postgres::Row) -> QualName {
-    QualName::new(
-        row.get::<_, String>("schema_name"),
-        row.get::<_, String>("name"),
-    )
 }
 
 /// A block dropping `schema` when it holds nothing (a schema a run created, once its objects
@@ -524,7 +516,7 @@ pub async fn drop_backup_statements(
         .await
         .map_err(|e| CoordinatorError::destination("look up the backup objects", e))?
         .iter()
-        .map(|r| (qualname(r), r.get("is_sequence")))
+        .map(|r| (QualName::from_row(r), r.get("is_sequence")))
         .collect();
     Ok(plan_drop_backup(moves, &present))
 }
@@ -987,7 +979,7 @@ pub async fn sync_triggers_present(
         .iter()
         .map(|r| {
             (
-                qualname(r).display_name(),
+                QualName::from_row(r).display_name(),
                 r.get("tgname"),
                 r.get("enabled"),
             )

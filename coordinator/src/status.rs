@@ -114,10 +114,7 @@ async fn oids_of(
     Ok(rows
         .iter()
         .map(|r| {
-            let name = QualName::new(
-                r.get::<_, String>("schema_name"),
-                r.get::<_, String>("name"),
-            );
+            let name = QualName::from_row(r);
             (name, r.get("oid"))
         })
         .collect())

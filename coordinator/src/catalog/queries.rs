@@ -373,10 +373,7 @@ async fn read_tables(
         .await
         .map_err(catalog_err("read tables"))?
     {
-        let name = QualName::new(
-            row.get::<_, String>("schema_name"),
-            row.get::<_, String>("name"),
-        );
+        let name = QualName::from_row(&row);
         let kind: String = row.get("kind");
         let inherits: bool = row.get("parent_elsewhere");
         match kind.as_str() {
@@ -1134,10 +1131,7 @@ async fn read_matviews(
         .map_err(catalog_err("read views"))?
         .iter()
         .map(|r| {
-            let name = QualName::new(
-                r.get::<_, String>("schema_name"),
-                r.get::<_, String>("name"),
-            );
+            let name = QualName::from_row(r);
             (r.get("oid"), name.plain())
         })
         .collect();

@@ -15,7 +15,7 @@ use checks::{
 };
 use common::{dest_url, locks, ENVELOPE, GEOMETRY_TABLES, TES_PRESERVED};
 use pgzm_coordinator::backup::{self, BackupSet};
-use pgzm_coordinator::rollback::{rollback, RollbackOptions, RollbackReport};
+use pgzm_coordinator::rollback::{rollback, RollbackReport};
 use pgzm_coordinator::swap::SwapSettings;
 use pgzm_coordinator::CoordinatorError;
 use pgzm_tests::inspect::{self, CatalogSignature, TableChecksum};
@@ -26,23 +26,15 @@ use tokio_postgres::Client;
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-fn rollback_options(p: &common::Pair) -> RollbackOptions {
-    RollbackOptions {
-        destination: dest_url(p),
-        migration_id: None,
-        keep_tables: Vec::new(),
-        dry_run: false,
-        locks: locks(),
-    }
-}
-
 async fn list(p: &common::Pair) -> Vec<BackupSet> {
     backup::list(&dest_url(p)).await.expect("pgzm list")
 }
 
 /// `pgzm rollback --latest`, which must succeed without warnings.
 async fn rollback_latest(p: &common::Pair) -> RollbackReport {
-    let report = rollback(rollback_options(p)).await.expect("pgzm rollback");
+    let report = rollback(common::rollback_options(p))
+        .await
+        .expect("pgzm rollback");
     assert!(report.warnings.is_empty(), "{:?}", report.warnings);
     report
 }
@@ -411,7 +403,7 @@ async fn rollback_after_post_migration_edits_restores_the_old_destination() -> a
         migration_state(&dst, report.migration_id).await,
         ("rolled_back".to_string(), false)
     );
-    let again = rollback(rollback_options(&p))
+    let again = rollback(common::rollback_options(&p))
         .await
         .expect_err("a second rollback has nothing to restore");
     assert!(refusal(&again).contains("no backup set"), "{again}");
@@ -656,7 +648,7 @@ async fn rollback_keep_tables_keeps_the_live_data_of_kept_tables() -> anyhow::Re
     let users_after_edits = live_sums(&dst).await["User"].clone();
     assert_eq!(users_after_edits.rows, 3);
 
-    let mut opts = rollback_options(&p);
+    let mut opts = common::rollback_options(&p);
     opts.keep_tables = vec!["User".into()];
     let r = rollback(opts).await?;
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
@@ -944,7 +936,9 @@ async fn three_migrations_keep_one_backup_set_then_cleanup_drops_it() -> anyhow:
         ("swapped".to_string(), false)
     );
     // Nothing left to restore or to clean.
-    let err = rollback(rollback_options(&p)).await.expect_err("no backup");
+    let err = rollback(common::rollback_options(&p))
+        .await
+        .expect_err("no backup");
     assert!(refusal(&err).contains("no backup set"), "{err}");
     let c = backup::cleanup(&dest_url(&p), before, false).await?;
     assert!(c.backup_sets.is_empty(), "{c:?}");
@@ -1078,7 +1072,7 @@ async fn every_dry_run_leaves_both_databases_unchanged() -> anyhow::Result<()> {
     // A real swap, then rollback --dry-run.
     common::swap(&p).await?;
     let swapped = snapshots(&p).await;
-    let mut ropts = rollback_options(&p);
+    let mut ropts = common::rollback_options(&p);
     ropts.dry_run = true;
     let r = rollback(ropts.clone()).await?;
     assert!(r.dry_run);
@@ -1121,7 +1115,7 @@ async fn every_dry_run_leaves_both_databases_unchanged() -> anyhow::Result<()> {
     assert_eq!(list(&p).await.len(), 1);
 
     // The real commands still work afterwards.
-    let r = rollback(rollback_options(&p)).await?;
+    let r = rollback(common::rollback_options(&p)).await?;
     assert!(!r.dry_run && r.warnings.is_empty(), "{r:?}");
     Ok(())
 }
@@ -1137,7 +1131,9 @@ async fn rollback_refusals_and_verify_of_a_damaged_backup() -> anyhow::Result<()
 
     // Nothing was ever migrated: rollback, verify refuse; list and cleanup see nothing.
     let fresh = snapshot(&p.dest).await;
-    let err = rollback(rollback_options(&p)).await.expect_err("no backup");
+    let err = rollback(common::rollback_options(&p))
+        .await
+        .expect_err("no backup");
     let msg = refusal(&err);
     assert!(msg.contains("no backup set"), "{msg}");
     assert!(!msg.contains('\n'), "one line: {msg}");
@@ -1159,7 +1155,7 @@ async fn rollback_refusals_and_verify_of_a_damaged_backup() -> anyhow::Result<()
     let backups = backup_sums(&dst).await;
 
     // An unknown timestamp.
-    let mut opts = rollback_options(&p);
+    let mut opts = common::rollback_options(&p);
     opts.migration_id = Some(report.migration_id + 1);
     let err = rollback(opts).await.expect_err("unknown timestamp");
     let msg = refusal(&err);
@@ -1183,7 +1179,7 @@ async fn rollback_refusals_and_verify_of_a_damaged_backup() -> anyhow::Result<()
         (vec!["Nope".to_string()], "\"Nope\""),
         (vec!["User".into(), "user".into()], "\"user\""),
     ] {
-        let mut opts = rollback_options(&p);
+        let mut opts = common::rollback_options(&p);
         opts.keep_tables = keep;
         let err = rollback(opts).await.expect_err("bad --keep-tables");
         let msg = refusal(&err);
@@ -1260,7 +1256,7 @@ async fn rollback_refusals_and_verify_of_a_damaged_backup() -> anyhow::Result<()
         !comment.present && comment.rows.is_none() && comment.bytes.is_none(),
         "{comment:?}"
     );
-    let err = rollback(rollback_options(&p))
+    let err = rollback(common::rollback_options(&p))
         .await
         .expect_err("incomplete backup set");
     assert!(refusal(&err).contains("backup_Comment"), "{err}");
@@ -1387,7 +1383,7 @@ async fn rollback_retries_locks_and_gives_up_without_changing_anything() -> anyh
     blocker
         .batch_execute(r#"BEGIN; SELECT count(*) FROM "Comment""#)
         .await?;
-    let mut opts = rollback_options(&p);
+    let mut opts = common::rollback_options(&p);
     opts.migration_id = Some(report.migration_id);
     opts.locks = SwapSettings {
         lock_timeout: Duration::from_millis(20),
@@ -1459,7 +1455,7 @@ async fn rollback_reports_foreign_keys_that_no_longer_validate() -> anyhow::Resu
 
     // The rollback goes through (production keeps working), the key stays NOT VALID, and the
     // report names the key and the exact command to validate it once the rows are fixed.
-    let r = rollback(rollback_options(&p)).await?;
+    let r = rollback(common::rollback_options(&p)).await?;
     assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
     let w = &r.warnings[0];
     assert!(w.contains("PostAudit_post_id_fkey"), "{w}");
@@ -1513,7 +1509,7 @@ async fn rollback_with_a_prepared_migration_pending() -> anyhow::Result<()> {
     let r2 = common::prepare_and_release(&opts).await?;
     assert_eq!(list(&p).await[0].timestamp, r1.migration_id);
 
-    let r = rollback(rollback_options(&p)).await?;
+    let r = rollback(common::rollback_options(&p)).await?;
     assert_eq!(r.timestamp, r1.migration_id);
     // The operator is told right away that the pending migration must be prepared again.
     assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
@@ -1579,7 +1575,7 @@ async fn tes_keep_table_with_an_enum_column() -> anyhow::Result<()> {
     .await?;
     let scenario_after = live_sums(&dst).await["Scenario"].clone();
 
-    let mut opts = rollback_options(&p);
+    let mut opts = common::rollback_options(&p);
     opts.keep_tables = vec!["Scenario".into()];
     let r = rollback(opts).await?;
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);

@@ -4,7 +4,7 @@
 
 use pgzm_coordinator::backup;
 use pgzm_coordinator::naming::QualName;
-use pgzm_coordinator::rollback::{rollback, RollbackOptions};
+use pgzm_coordinator::rollback::rollback;
 use pgzm_coordinator::status;
 
 use crate::checks::{self, int, schema_fingerprint, schema_sums, texts};
@@ -34,16 +34,6 @@ const AW_ALL: [&str; 11] = [
     "sa",
     "public",
 ];
-
-fn rollback_options(p: &common::Pair) -> RollbackOptions {
-    RollbackOptions {
-        destination: dest_url(p),
-        migration_id: None,
-        keep_tables: Vec::new(),
-        dry_run: false,
-        locks: locks(),
-    }
-}
 
 /// The five data schemas of AdventureWorks migrate together: the destination ends with the
 /// source's data and schema (views of the alias schemas follow the new tables), the backup set
@@ -117,7 +107,7 @@ async fn adventureworks_migrates_its_five_schemas_and_rolls_back() -> anyhow::Re
         verified.checks
     );
 
-    let rolled = rollback(rollback_options(&p)).await?;
+    let rolled = rollback(common::rollback_options(&p)).await?;
     assert!(rolled.restored.contains(&"sales.customer".to_string()));
     assert_eq!(schema_sums(&dst, &AW).await, before_sums);
     same_lines(
@@ -158,7 +148,7 @@ async fn a_new_schema_goes_through_every_command() -> anyhow::Result<()> {
          CREATE TABLE {entry} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
                                account_id int NOT NULL REFERENCES {account} (id), amount numeric);
          CREATE VIEW {totals} AS SELECT a.name, sum(e.amount) AS total FROM {account} a JOIN {entry} e ON e.account_id = a.id GROUP BY a.name;",
-        s = quote(SCHEMA),
+        s = pgzm_tests::quote_ident(SCHEMA),
         mood = q("mood"),
         account = q("account"),
         entry = q("entry"),
@@ -200,7 +190,7 @@ async fn a_new_schema_goes_through_every_command() -> anyhow::Result<()> {
 
     // A preserved table in a schema the destination lacks does not exist there: refused.
     let mut preserving = opts.clone();
-    preserving.preserved = vec![format!("{}.account", quote(SCHEMA))];
+    preserving.preserved = vec![format!("{}.account", pgzm_tests::quote_ident(SCHEMA))];
     let err = common::prepare_and_release(&preserving)
         .await
         .expect_err("the destination has no such table");
@@ -282,7 +272,7 @@ async fn a_new_schema_goes_through_every_command() -> anyhow::Result<()> {
     assert!(verified.valid, "{:#?}", verified.checks);
 
     // Rollback: the first run's tables come back.
-    let rolled = rollback(rollback_options(&p)).await?;
+    let rolled = rollback(common::rollback_options(&p)).await?;
     assert_eq!(rolled.restored.len(), 2, "{rolled:?}");
     assert_eq!(schema_sums(&dst, &[SCHEMA]).await, first);
     assert_eq!(checks::live_sums(&dst).await, public_before);
@@ -383,10 +373,6 @@ fn same_lines(left: &[String], right: &[String], what: &str) {
 
 fn lit(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
-}
-
-fn quote(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 /// A type of a schema that is not migrated (AdventureWorks keeps its domains in `public`) must

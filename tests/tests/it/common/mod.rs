@@ -104,6 +104,18 @@ pub fn dest_url(p: &Pair) -> DbUrl {
     DbUrl::parse(&p.dest.url(), "destination").expect("dest url")
 }
 
+/// What `pgzm rollback --latest --dest URL` runs on the destination of `p`, with the short
+/// lock settings of [`locks`].
+pub fn rollback_options(p: &Pair) -> pgzm_coordinator::rollback::RollbackOptions {
+    pgzm_coordinator::rollback::RollbackOptions {
+        destination: dest_url(p),
+        migration_id: None,
+        keep_tables: Vec::new(),
+        dry_run: false,
+        locks: locks(),
+    }
+}
+
 /// The short lock settings of the tests' swaps and rollbacks.
 pub fn locks() -> SwapSettings {
     SwapSettings {
