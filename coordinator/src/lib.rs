@@ -35,6 +35,7 @@ pub mod progress;
 pub mod records;
 pub mod rehearsal;
 pub mod report;
+pub mod resume;
 pub mod rewrite;
 pub mod rollback;
 pub mod shadow;

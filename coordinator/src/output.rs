@@ -126,6 +126,9 @@ fn copied_and_phases(s: &mut String, r: &Report) {
         for t in &resumed.redone {
             let _ = writeln!(s, "  copied again: {} ({})", t.table, t.reason);
         }
+        for t in &resumed.rebuilt {
+            let _ = writeln!(s, "  built again, rows kept: {} ({})", t.table, t.reason);
+        }
     }
     let _ = writeln!(
         s,

@@ -258,7 +258,7 @@ pub async fn prepare(
         ));
     }
     let interrupted = if opts.resume {
-        Some(interrupted_run(&sides.control).await?)
+        Some(crate::resume::interrupted_run(&sides.control).await?)
     } else {
         None
     };
@@ -279,14 +279,14 @@ pub async fn prepare(
         }
     }
     let renames_now = plan.shadow_renames();
-    plan.definition_digest = Some(definition_digest(
+    plan.definition_digest = Some(crate::resume::definition_digest(
         &plan,
         &sides.schema,
         &sides.dest,
         &renames_now,
     )?);
     if let Some(run) = &interrupted {
-        resumable(run, &plan)?;
+        crate::resume::resumable(run, &plan)?;
     }
     if opts.show_plan {
         use std::io::Write as _;
@@ -335,11 +335,14 @@ pub async fn prepare(
     let mut created = match &interrupted {
         Some(run) => {
             crate::interrupt::set_run(plan.migration_id);
-            let resumed = phases
-                .run("resume", reset_for_resume(&mut control, &plan, run))
+            let (resumed, objects) = phases
+                .run(
+                    "resume",
+                    crate::resume::reset(&mut control, &plan, schema, dest, run),
+                )
                 .await?;
             report.resumed = Some(resumed);
-            run.objects.clone()
+            objects
         }
         None => {
             phases
@@ -450,224 +453,6 @@ fn resolve_tables(raw: &[String], source: &SourceSchema) -> (Vec<QualName>, Vec<
     (names, problems)
 }
 
-/// The interrupted run `--resume` continues.
-struct Interrupted {
-    id: i64,
-    plan: Plan,
-    objects: RecordedObjects,
-}
-
-/// The newest run that was interrupted while preparing (its process killed: a run that failed
-/// or was stopped with Ctrl-C was cleaned up), or why there is none.
-async fn interrupted_run(control: &Client) -> Result<Interrupted, CoordinatorError> {
-    let none = || {
-        CoordinatorError::Refused(vec![
-            "nothing to resume: this destination has no interrupted run (a run that failed, or was stopped with Ctrl-C, was cleaned up): run without --resume".into(),
-        ])
-    };
-    if !state::exists(control).await? {
-        return Err(none());
-    }
-    let id: Option<i64> = control
-        .query_opt(
-            "SELECT id FROM pgzm.migrations WHERE status = 'preparing' AND shadow_present ORDER BY id DESC LIMIT 1",
-            &[],
-        )
-        .await
-        .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?
-        .map(|r| r.get("id"));
-    let row = match id {
-        Some(id) => state::load(control, Some(id)).await?.ok_or_else(none)?,
-        None => return Err(none()),
-    };
-    Ok(Interrupted {
-        id: row.id,
-        plan: row.plan,
-        objects: row.objects,
-    })
-}
-
-/// Whether `plan` (read now) can continue the interrupted run: same definitions, and nothing
-/// this version cannot resume yet.
-fn resumable(run: &Interrupted, plan: &Plan) -> Result<(), CoordinatorError> {
-    let id = run.id;
-    let refuse = |why: String| Err(CoordinatorError::Refused(vec![why]));
-    if run.plan.definition_digest.is_none() {
-        return refuse(format!(
-            "migration {id} was recorded by an earlier pgzm, which could not be resumed: run without --resume (the next run removes its shadow objects and starts over)"
-        ));
-    }
-    if run.plan.definition_digest != plan.definition_digest {
-        return refuse(format!(
-            "the source's definitions (or the destination's privileges) changed since migration {id} was interrupted: its shadow tables no longer fit; run without --resume to start over"
-        ));
-    }
-    let unsupported = [
-        (!plan.preserved.is_empty(), "preserved tables"),
-        (
-            plan.tables.iter().any(|t| t.partitioned),
-            "partitioned tables",
-        ),
-        (!plan.matviews.is_empty(), "materialized views"),
-    ];
-    if let Some((_, what)) = unsupported.iter().find(|(yes, _)| *yes) {
-        return refuse(format!(
-            "migration {id} has {what}, which --resume does not continue yet: run without --resume to start over"
-        ));
-    }
-    Ok(())
-}
-
-/// Prepares the interrupted run's shadow set to continue: every foreign key between shadow
-/// tables goes (the constraints phase adds them all again); each table whose copy and build
-/// had not finished, or whose source changed since, is emptied back to its created state
-/// (keys, indexes and triggers dropped, rows truncated, its copy records deleted); the run's
-/// recorded plan becomes the new one. One transaction. Returns what is kept and redone.
-async fn reset_for_resume(
-    control: &mut Client,
-    plan: &Plan,
-    run: &Interrupted,
-) -> Result<crate::report::Resumed, CoordinatorError> {
-    use crate::report::{RedoneTable, Resumed};
-    let err =
-        |what: &'static str| move |e: tokio_postgres::Error| CoordinatorError::destination(what, e);
-    // The interrupted run's sessions may still be working: an agent's copy, or a build whose
-    // statement runs on after its client died (and would commit an index under the reset).
-    // This run holds the run lock, so every other build session is the interrupted run's.
-    let tag = crate::copy::session_tag_pattern(run.id);
-    for _ in 0..200 {
-        let _ = crate::copy::end_sessions(control, &tag).await;
-        let _ = crate::copy::end_sessions(control, "pgzm-build").await;
-        let left: i64 = control
-            .query_one(
-                "SELECT count(*) AS left_over FROM pg_stat_activity
-                  WHERE datname = current_database() AND pid <> pg_backend_pid()
-                    AND (application_name = 'pgzm-build' OR application_name LIKE $1)",
-                &[&tag],
-            )
-            .await
-            .map_err(err("look for the interrupted run's sessions"))?
-            .get("left_over");
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let built: BTreeSet<String> = control
-        .query(
-            "SELECT substr(task_key, 7) AS key FROM pgzm.copy_progress WHERE migration_id = $1 AND left(task_key, 6) = 'built:'",
-            &[&run.id],
-        )
-        .await
-        .map_err(err("read the interrupted run's records"))?
-        .iter()
-        .map(|r| r.get("key"))
-        .collect();
-    let mut resumed = Resumed::default();
-    let mut reset: Vec<&crate::plan::TablePlan> = Vec::new();
-    for t in &plan.tables {
-        let key = t.qualname().quoted();
-        if !t.copy_data {
-            // Created without rows: built again.
-            reset.push(t);
-            continue;
-        }
-        let before = run.plan.table(&t.qualname()).and_then(|o| o.evidence);
-        let unchanged =
-            matches!((before, t.evidence), (Some(a), Some(b)) if a == b && a.changes >= 0);
-        let reason = match (built.contains(&key), unchanged) {
-            (true, true) => {
-                resumed.kept.push(t.qualname().display_name());
-                continue;
-            }
-            (true, false) => "changed in the source since the interrupted run",
-            (false, _) => "its copy or build had not finished",
-        };
-        resumed.redone.push(RedoneTable {
-            table: t.qualname().display_name(),
-            reason: reason.into(),
-        });
-        reset.push(t);
-    }
-    let all: Vec<String> = plan
-        .tables
-        .iter()
-        .map(|t| t.shadow_name().quoted())
-        .collect();
-    let redo: Vec<String> = reset.iter().map(|t| t.shadow_name().quoted()).collect();
-    let keys: Vec<String> = reset.iter().map(|t| t.qualname().quoted()).collect();
-    let rows = control
-        .query(
-            "WITH t AS (SELECT to_regclass(x) AS oid, r FROM unnest($1::text[]) x, LATERAL (SELECT x = ANY($2::text[]) AS r) y)
-             SELECT 1 AS step, c.conrelid::regclass::text AS rel, quote_ident(c.conname) AS name
-               FROM pg_constraint c JOIN t ON t.oid = c.conrelid WHERE c.contype = 'f'
-             UNION ALL
-             SELECT 2, c.conrelid::regclass::text, quote_ident(c.conname)
-               FROM pg_constraint c JOIN t ON t.oid = c.conrelid AND t.r
-              WHERE c.contype IN ('p', 'u', 'x') OR (c.contype = 'c' AND NOT c.convalidated)
-             UNION ALL
-             SELECT 3, i.indrelid::regclass::text, i.indexrelid::regclass::text
-               FROM pg_index i JOIN t ON t.oid = i.indrelid AND t.r
-              WHERE NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid AND k.contype IN ('p', 'u', 'x'))
-             UNION ALL
-             SELECT 4, g.tgrelid::regclass::text, quote_ident(g.tgname)
-               FROM pg_trigger g JOIN t ON t.oid = g.tgrelid AND t.r WHERE NOT g.tgisinternal
-             ORDER BY 1, 2, 3",
-            &[&all, &redo],
-        )
-        .await
-        .map_err(err("read the shadow tables' keys, indexes and triggers"))?;
-    let tx = control
-        .transaction()
-        .await
-        .map_err(err("begin the resume transaction"))?;
-    // One round trip: the keys, indexes and triggers in dependency order, then the rows.
-    let mut batch: Vec<String> = rows
-        .iter()
-        .map(|r| {
-            let (step, rel, name): (i32, String, String) =
-                (r.get("step"), r.get("rel"), r.get("name"));
-            match step {
-                1 | 2 => format!("ALTER TABLE {rel} DROP CONSTRAINT IF EXISTS {name}"),
-                3 => format!("DROP INDEX IF EXISTS {name}"),
-                _ => format!("DROP TRIGGER IF EXISTS {name} ON {rel}"),
-            }
-        })
-        .collect();
-    if !redo.is_empty() {
-        batch.push(format!("TRUNCATE {}", redo.join(", ")));
-    }
-    if !batch.is_empty() {
-        tx.batch_execute(&batch.join(";\n"))
-            .await
-            .map_err(err("empty the shadow tables to copy again"))?;
-    }
-    tx.execute(
-        "DELETE FROM pgzm.copy_progress WHERE migration_id = $1 AND EXISTS (
-           SELECT 1 FROM unnest($2::text[]) k
-            WHERE task_key = k OR task_key = 'built:' || k OR left(task_key, length(k) + 2) = k || '/p')",
-        &[&run.id, &keys],
-    )
-    .await
-    .map_err(err("forget the copies to redo"))?;
-    tx.execute(
-        "UPDATE pgzm.migrations SET plan = $2, error = NULL WHERE id = $1",
-        &[&run.id, &serde_json::to_value(plan).unwrap_or_default()],
-    )
-    .await
-    .map_err(err("record the resumed plan"))?;
-    tx.commit()
-        .await
-        .map_err(err("commit the resume transaction"))?;
-    tracing::info!(
-        migration = run.id,
-        kept = resumed.kept.len(),
-        redone = resumed.redone.len(),
-        "resuming the interrupted run"
-    );
-    Ok(resumed)
-}
-
 /// Each migrated source table's [`plan::SourceEvidence`] at the snapshot, by oid.
 async fn source_evidence(
     source: &Client,
@@ -696,50 +481,6 @@ async fn source_evidence(
             )
         })
         .collect())
-}
-
-/// A digest (FNV-1a, 64 bits) of every statement that builds the shadow set but the sequence
-/// positions (data, not definitions): two reads of unchanged definitions give the same.
-fn definition_digest(
-    plan: &Plan,
-    schema: &SourceSchema,
-    dest: &Destination,
-    renames: &Renames,
-) -> Result<String, CoordinatorError> {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut feed = |text: &str| {
-        for b in text.bytes().chain([0u8]) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    for (action, sql) in crate::shadow::statements(plan, schema, dest, renames) {
-        if !action.starts_with("set shadow sequence") {
-            feed(&sql);
-        }
-    }
-    for t in schema
-        .tables
-        .iter()
-        .filter(|t| plan.table(&t.qualname()).is_some())
-    {
-        for sql in build::table_build(t, plan, schema, renames)?.sequential() {
-            feed(&sql);
-        }
-    }
-    for sql in build::foreign_key_statements(plan, schema, renames).0 {
-        feed(&sql);
-    }
-    Ok(format!("{h:016x}"))
-}
-
-/// The `pgzm.copy_progress` row saying that the table whose tasks are keyed `key` is copied
-/// and built.
-fn built_marker(migration_id: i64, key: &str) -> String {
-    format!(
-        "INSERT INTO pgzm.copy_progress (migration_id, task_key, rows, bytes) VALUES ({migration_id}, {}, 0, 0) ON CONFLICT DO NOTHING",
-        quote_literal(&format!("built:{key}"))
-    )
 }
 
 /// Every copy task the agents reported done is recorded in `pgzm.copy_progress`, with as many
@@ -1068,7 +809,7 @@ async fn copy_and_build(
                 // a resumed run keeps it.
                 statements
                     .last
-                    .push(built_marker(plan_arc.migration_id, &job.key));
+                    .push(crate::resume::built_marker(plan_arc.migration_id, &job.key));
                 let label = format!("build \"{}\"", job.table);
                 let span = info_span!("build_table", table = %job.table);
                 if job.bytes < build::BATCH_BELOW_BYTES {
@@ -1104,11 +845,14 @@ async fn fill(
     created: &mut RecordedObjects,
     grants: &crate::grants::AgentGrants,
 ) -> Result<(), CoordinatorError> {
-    if !plan.preserved.is_empty() {
+    // A resumed run keeps what the interrupted run finished.
+    let resumed = report.resumed.clone();
+    let keeps = |t: &QualName| resumed.as_ref().is_some_and(|r| r.keeps(t));
+    if plan.preserved.iter().any(|p| !keeps(&p.qualname())) {
         phases
             .run(
                 "preserve",
-                sync_preserved(opts, control, plan, schema, dest, &renames, created),
+                sync_preserved(opts, control, plan, schema, dest, &renames, created, &keeps),
             )
             .await?;
     }
@@ -1149,23 +893,35 @@ async fn fill(
     // shadow table can become live.
     crate::grants::revoke(control, grants).await?;
 
-    // Tables migrated without their rows (`--exclude-table-data`): no copy task hands them to
-    // the builds, so they are built here, before any partitioned parent they belong to.
+    // Tables migrated without their rows (`--exclude-table-data`), and a resumed run's tables
+    // built again over the rows they kept: no copy task hands them to the builds, so they are
+    // built here, before any partitioned parent they belong to.
+    let copied_again = |t: &QualName| match &resumed {
+        Some(r) => r.copies(t),
+        None => plan.table(t).is_some_and(|tp| tp.copy_data),
+    };
     let empty: Vec<&Table> = schema
         .tables
         .iter()
         .filter(|t| {
+            let name = t.qualname();
             !t.is_partitioned()
-                && plan
-                    .table(&t.qualname())
-                    .is_some_and(|tp| !tp.copy_data && !plan.is_preserved(&t.qualname()))
+                && plan.table(&name).is_some()
+                && !plan.is_preserved(&name)
+                && !keeps(&name)
+                && !copied_again(&name)
         })
         .collect();
     if !empty.is_empty() {
         phases
             .run("empty_tables", async {
                 for t in empty {
-                    let statements = build::table_build(t, plan, schema, &renames)?.sequential();
+                    let mut statements =
+                        build::table_build(t, plan, schema, &renames)?.sequential();
+                    statements.push(crate::resume::built_marker(
+                        plan.migration_id,
+                        &t.qualname().quoted(),
+                    ));
                     sessions
                         .run_batch(&format!("build \"{}\" (without rows)", t.name), statements)
                         .instrument(info_span!("build_table", table = %t.name))
@@ -1177,12 +933,18 @@ async fn fill(
     }
     // Partitioned tables, once all their partitions are built, deepest level first: their keys
     // and indexes attach the partitions' (built already) instead of building new ones.
-    let parents = partitioned_build_order(schema, plan);
+    let mut parents = partitioned_build_order(schema, plan);
+    parents.retain(|t| !keeps(&t.qualname()));
     if !parents.is_empty() {
         phases
             .run("partitioned", async {
                 for t in parents {
-                    let statements = build::table_build(t, plan, schema, &renames)?.sequential();
+                    let mut statements =
+                        build::table_build(t, plan, schema, &renames)?.sequential();
+                    statements.push(crate::resume::built_marker(
+                        plan.migration_id,
+                        &t.qualname().quoted(),
+                    ));
                     sessions
                         .run_batch(&format!("build partitioned \"{}\"", t.name), statements)
                         .instrument(info_span!("build_table", table = %t.name))
@@ -1240,7 +1002,9 @@ async fn fill(
 }
 
 /// Builds the preserved shadow tables' keys and indexes while they are empty, then, per table,
-/// creates the sync triggers and copies the live rows in one transaction.
+/// creates the sync triggers and copies the live rows in one transaction. Tables `kept` (by a
+/// resumed run: their sync was set up) are left as they are.
+#[allow(clippy::too_many_arguments)]
 async fn sync_preserved(
     opts: &StartOptions,
     control: &Client,
@@ -1249,8 +1013,14 @@ async fn sync_preserved(
     dest: &Destination,
     renames: &Renames,
     created: &mut RecordedObjects,
+    kept: &(dyn Fn(&QualName) -> bool + Sync),
 ) -> Result<(), CoordinatorError> {
-    for p in &plan.preserved {
+    let to_sync: Vec<&preserve::PreservedTable> = plan
+        .preserved
+        .iter()
+        .filter(|p| !kept(&p.qualname()))
+        .collect();
+    for p in to_sync.iter().copied() {
         let Some(table) = schema.table(&p.qualname()) else {
             continue;
         };
@@ -1263,7 +1033,7 @@ async fn sync_preserved(
         )
         .await?;
     }
-    for p in &plan.preserved {
+    for p in to_sync {
         let live_oid = dest.tables.get(&p.qualname()).map(|t| t.oid).unwrap_or(0);
         let mut next = created.clone();
         next.sync_triggers.push((p.table.clone(), live_oid));

@@ -176,18 +176,39 @@ impl Throughput {
 /// What a resumed run kept and redid.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct Resumed {
-    /// Tables copied and built by the interrupted run, unchanged in the source since: kept.
+    /// Tables the interrupted run had finished (copied and built, unchanged in the source
+    /// since; for a preserved table, kept current by its sync triggers): kept as they are.
     pub kept: Vec<String>,
     /// Tables copied again, each with the reason.
     pub redone: Vec<RedoneTable>,
+    /// Tables whose rows were kept (or that have none to copy) but whose keys, indexes and
+    /// triggers were built again, each with the reason: a build that had not finished, or a
+    /// partitioned table built again over a partition copied again.
+    #[serde(default)]
+    pub rebuilt: Vec<RedoneTable>,
 }
 
-/// A table a resumed run copied again.
+impl Resumed {
+    /// Whether the resumed run keeps `table` as the interrupted run left it.
+    pub fn keeps(&self, table: &crate::naming::QualName) -> bool {
+        let name = table.display_name();
+        self.kept.contains(&name)
+    }
+
+    /// Whether the resumed run copies `table`'s rows again.
+    pub fn copies(&self, table: &crate::naming::QualName) -> bool {
+        let name = table.display_name();
+        self.redone.iter().any(|t| t.table == name)
+    }
+}
+
+/// A table a resumed run copied (or built) again.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct RedoneTable {
     /// The table.
     pub table: String,
-    /// Why: its copy or build had not finished, or it changed in the source.
+    /// Why: its copy or build had not finished, it changed in the source, or its partitioned
+    /// table is built again.
     pub reason: String,
 }
 

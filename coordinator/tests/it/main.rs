@@ -7,4 +7,5 @@ mod support;
 mod backup_cli;
 mod cli;
 mod otlp;
+mod resume_cli;
 mod two_phase;
