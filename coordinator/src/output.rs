@@ -4,6 +4,7 @@ use std::fmt::Write;
 
 use crate::plan::Plan;
 use crate::report::Report;
+use crate::rewrite::display_ident;
 
 pub use crate::report::size;
 
@@ -32,10 +33,10 @@ pub fn human_plan(plan: &Plan) -> String {
             "    {:<40} {rows}, {:>10}  -> {}{}{}",
             t.qualname().plain(),
             size(t.estimated_bytes),
-            t.shadow,
+            display_ident(&t.shadow),
             t.backup
                 .as_ref()
-                .map(|b| format!(", live table kept as {b}"))
+                .map(|b| format!(", live table kept as {}", display_ident(b)))
                 .unwrap_or_else(|| ", new table".into()),
             if t.copy_data {
                 ""
@@ -50,7 +51,7 @@ pub fn human_plan(plan: &Plan) -> String {
             "  left out by the table filters (stay as they are): {}",
             plan.excluded
                 .iter()
-                .map(|t| t.display_name())
+                .map(|t| t.plain())
                 .collect::<Vec<_>>()
                 .join(", ")
         );

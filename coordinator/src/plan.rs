@@ -440,6 +440,10 @@ pub struct Plan {
     /// triggers): a resumed run refuses when the source's definitions no longer give it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub definition_digest: Option<String>,
+    /// The source snapshot the run copied from (`pg_current_snapshot()` as text): a resumed
+    /// run proves a kept table unchanged by finding no row version this snapshot did not see.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_snapshot: Option<String>,
 }
 
 /// What the tool's metadata says about earlier runs.
@@ -680,6 +684,7 @@ pub fn build_all(
         deferred_validations: Vec::new(),
         excluded: source.excluded.clone(),
         definition_digest: None,
+        source_snapshot: None,
     };
     (plan, problems)
 }

@@ -70,6 +70,8 @@ struct Sides {
     preserved: Vec<QualName>,
     /// Each source table's evidence at the snapshot, by oid.
     evidence: BTreeMap<u32, plan::SourceEvidence>,
+    /// The snapshot, as `pg_current_snapshot()` gives it.
+    snapshot_text: String,
     /// Why a preserved table name cannot be resolved.
     preserved_problems: Vec<String>,
     /// The newest migration recorded when the lock was taken.
@@ -129,6 +131,11 @@ async fn read_sides(opts: &StartOptions, pool: &AgentPool) -> Result<Sides, Coor
     let schema = catalog::read(&source_client, &opts.schemas, &opts.tables).await?;
     let (preserved, preserved_problems) = resolve_tables(&opts.preserved, &schema);
     let evidence = source_evidence(&source_client, &schema).await?;
+    let snapshot_text: String = source_client
+        .query_one("SELECT pg_current_snapshot()::text AS snapshot", &[])
+        .await
+        .map_err(|e| CoordinatorError::source("read the snapshot", e))?
+        .get("snapshot");
     control
         .batch_execute("SET search_path = pg_catalog")
         .await
@@ -147,6 +154,7 @@ async fn read_sides(opts: &StartOptions, pool: &AgentPool) -> Result<Sides, Coor
         preserved,
         preserved_problems,
         evidence,
+        snapshot_text,
         newest,
         agent_roles,
     })
@@ -278,6 +286,7 @@ pub async fn prepare(
             tp.evidence = evidence;
         }
     }
+    plan.source_snapshot = Some(sides.snapshot_text.clone());
     let renames_now = plan.shadow_renames();
     plan.definition_digest = Some(crate::resume::definition_digest(
         &plan,
@@ -338,7 +347,18 @@ pub async fn prepare(
             let (resumed, objects) = phases
                 .run(
                     "resume",
-                    crate::resume::reset(&mut control, &plan, schema, dest, run),
+                    crate::resume::reset(
+                        &mut control,
+                        &plan,
+                        schema,
+                        dest,
+                        run,
+                        &crate::resume::SourceSnapshot {
+                            url: &opts.source,
+                            id: &sides.snapshot,
+                            jobs: opts.jobs,
+                        },
+                    ),
                 )
                 .await?;
             report.resumed = Some(resumed);

@@ -5,8 +5,11 @@
 //! build's last transaction), a preserved table whose sync was set up has its trigger function
 //! recorded with the run's objects, and its materialized views are recorded when built.
 //!
-//! The source is proven unchanged per table by [`crate::plan::SourceEvidence`] (file node and
-//! cumulative row changes), and the definitions by [`definition_digest`]. A resumed run keeps
+//! The definitions are proven unchanged by [`definition_digest`], and each kept table's rows
+//! by its [`crate::plan::SourceEvidence`] (file node and cumulative row changes) and, because
+//! the statistics lag (a backend reports its counts when it goes idle, up to a second or more
+//! later), by reading it once in the new snapshot: no row version that the interrupted run's
+//! snapshot did not see (by its xmin), and as many rows as were copied. That read is a sequential scan on the source, without any transfer. A resumed run keeps
 //! what is finished and unchanged, copies again what is not, and builds again (rows kept) what
 //! a partition copied again forces to: a partitioned table's keys and indexes include its
 //! partitions', so a tree with a built partitioned table and one partition to redo is built
@@ -19,6 +22,7 @@ use tokio_postgres::Client;
 
 use crate::build;
 use crate::catalog::SourceSchema;
+use crate::conninfo::DbUrl;
 use crate::destination::Destination;
 use crate::error::CoordinatorError;
 use crate::naming::QualName;
@@ -157,6 +161,15 @@ struct Left<'a> {
     built: &'a BTreeSet<String>,
     /// Preserved tables (display names) a write to which could not be mirrored.
     sync_errors: &'a BTreeSet<String>,
+    /// Tables whose source rows are not those the interrupted run copied (read in the new
+    /// snapshot).
+    changed: &'a BTreeSet<QualName>,
+}
+
+/// Whether the statistics say the source table has not changed since the interrupted run.
+fn same_evidence(t: &crate::plan::TablePlan, before: &Plan) -> bool {
+    let before = before.table(&t.qualname()).and_then(|o| o.evidence);
+    matches!((before, t.evidence), (Some(a), Some(b)) if a == b && a.changes >= 0)
 }
 
 /// Each planned table's fate, in the plan's order.
@@ -190,9 +203,7 @@ fn decide(plan: &Plan, schema: &SourceSchema, left: &Left) -> Vec<(QualName, Fat
                     Fate::Build("its build had not finished")
                 }
             } else {
-                let before = left.before.table(&name).and_then(|o| o.evidence);
-                let unchanged =
-                    matches!((before, t.evidence), (Some(a), Some(b)) if a == b && a.changes >= 0);
+                let unchanged = same_evidence(t, left.before) && !left.changed.contains(&name);
                 match (built, unchanged) {
                     (true, true) => Fate::Kept,
                     (true, false) => Fate::Copy("changed in the source since the interrupted run"),
@@ -255,6 +266,7 @@ pub(crate) async fn reset(
     schema: &SourceSchema,
     dest: &Destination,
     run: &Interrupted,
+    source: &SourceSnapshot<'_>,
 ) -> Result<(Resumed, RecordedObjects), CoordinatorError> {
     let err =
         |what: &'static str| move |e: tokio_postgres::Error| CoordinatorError::destination(what, e);
@@ -297,6 +309,27 @@ pub(crate) async fn reset(
             .collect()
     };
     let (built, sync_errors) = (of_kind("built"), of_kind("sync_error"));
+    // The tables that would be kept: read in the new snapshot to prove them unchanged.
+    let candidates: Vec<QualName> = plan
+        .tables
+        .iter()
+        .filter(|t| {
+            t.copy_data
+                && !t.partitioned
+                && !plan.is_preserved(&t.qualname())
+                && built.contains(&t.qualname().quoted())
+                && same_evidence(t, &run.plan)
+        })
+        .map(|t| t.qualname())
+        .collect();
+    let changed = match &run.plan.source_snapshot {
+        Some(before) => {
+            let copied = copied_rows(control, run.id, &candidates).await?;
+            source.changed(before, &candidates, &copied).await?
+        }
+        // No record of the snapshot: nothing can be proven unchanged.
+        None => candidates.into_iter().collect(),
+    };
     let fates = decide(
         plan,
         schema,
@@ -305,6 +338,7 @@ pub(crate) async fn reset(
             objects: &run.objects,
             built: &built,
             sync_errors: &sync_errors,
+            changed: &changed,
         },
     );
 
@@ -442,4 +476,100 @@ pub(crate) async fn reset(
         "resuming the interrupted run"
     );
     Ok((resumed, objects))
+}
+
+/// Rows the interrupted run recorded as copied, per task key of a table (the quoted,
+/// qualified name: its range tasks' rows summed).
+async fn copied_rows(
+    control: &Client,
+    id: i64,
+    tables: &[QualName],
+) -> Result<BTreeMap<String, i64>, CoordinatorError> {
+    let keys: Vec<String> = tables.iter().map(QualName::quoted).collect();
+    let rows = control
+        .query(
+            "SELECT k AS key, coalesce(sum(p.rows), 0)::int8 AS rows
+               FROM unnest($2::text[]) k
+               LEFT JOIN pgzm.copy_progress p ON p.migration_id = $1
+                AND (p.task_key = k OR left(p.task_key, length(k) + 2) = k || '/p')
+              GROUP BY k",
+            &[&id, &keys],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("read the interrupted run's copy records", e))?;
+    Ok(rows.iter().map(|r| (r.get("key"), r.get("rows"))).collect())
+}
+
+/// The resumed run's source snapshot, for reading the tables it would keep.
+pub(crate) struct SourceSnapshot<'a> {
+    /// The source.
+    pub url: &'a DbUrl,
+    /// The exported snapshot (`pg_export_snapshot`).
+    pub id: &'a str,
+    /// Tables read at once (each on its own session).
+    pub jobs: usize,
+}
+
+impl SourceSnapshot<'_> {
+    /// Those of `tables` whose rows in this snapshot are not the ones copied in the snapshot
+    /// `before` (`pg_snapshot` text): a row version `before` did not see (its xmin, widened to
+    /// 64 bits by this snapshot's epoch; a frozen one was old), or another number of rows than
+    /// `copied` (a deletion leaves no new version).
+    async fn changed(
+        &self,
+        before: &str,
+        tables: &[QualName],
+        copied: &BTreeMap<String, i64>,
+    ) -> Result<BTreeSet<QualName>, CoordinatorError> {
+        if tables.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let lanes = self.jobs.clamp(1, tables.len());
+        let reads = (0..lanes).map(|lane| {
+            let mine: Vec<&QualName> = tables.iter().skip(lane).step_by(lanes).collect();
+            async move {
+                let client = self.url.connect("pgzm-coordinator").await?;
+                client
+                    .batch_execute(&format!(
+                        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; \
+                         SET LOCAL lock_timeout = '30s'",
+                        quote_literal(self.id)
+                    ))
+                    .await
+                    .map_err(|e| CoordinatorError::source("import the snapshot", e))?;
+                let mut changed = Vec::new();
+                for name in mine {
+                    let row = client
+                        .query_one(
+                            &format!(
+                                "SELECT count(*) AS rows,
+                                        count(*) FILTER (WHERE raw >= 3 AND NOT pg_visible_in_snapshot(
+                                          (CASE WHEN (hi | raw) > n THEN (hi | raw) - 4294967296 ELSE hi | raw END)::text::xid8,
+                                          $1::text::pg_snapshot)) AS newer
+                                   FROM (SELECT xmin::text::int8 AS raw FROM ONLY {name}) r,
+                                        (SELECT n, (n >> 32) << 32 AS hi
+                                           FROM (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8 AS n) s) e"
+                            ),
+                            &[&before],
+                        )
+                        .await
+                        .map_err(|e| {
+                            CoordinatorError::source(
+                                format!("read {} to prove it unchanged", name.plain()),
+                                e,
+                            )
+                        })?;
+                    let (rows, newer): (i64, i64) = (row.get("rows"), row.get("newer"));
+                    let was = copied.get(&name.quoted()).copied().unwrap_or(0);
+                    if newer > 0 || rows != was {
+                        tracing::info!(table = %name, rows, copied = was, newer, "changed since the interrupted run");
+                        changed.push(name.clone());
+                    }
+                }
+                Ok::<_, CoordinatorError>(changed)
+            }
+        });
+        let found = futures_util::future::try_join_all(reads).await?;
+        Ok(found.into_iter().flatten().collect())
+    }
 }

@@ -1682,3 +1682,74 @@ async fn resume_after_a_kill_at_10_50_and_90_percent() {
         assert_eq!(shadow_objects(&dest).await, Vec::<String>::new());
     }
 }
+
+/// What the operator reads about awkward names and swap warnings: a table whose name holds
+/// double quotes is shown as it is named (not with its quotes doubled), and a warning of the
+/// swap (a key of a table left out, re-pointed to a new table whose rows it does not find)
+/// is printed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quoted_names_and_swap_warnings_as_printed() {
+    let (source, dest) = simple_pair("cli_printed").await;
+    let dir = WorkDir::new("printed");
+    for db in [&source, &dest] {
+        db.batch("CREATE TABLE public.\"\"\"dqname\"\"\" (id int PRIMARY KEY); INSERT INTO public.\"\"\"dqname\"\"\" VALUES (1)")
+            .await
+            .expect("create \"dqname\"");
+    }
+    // The new data has none of the posts the live comments (left out) refer to.
+    source
+        .batch("DELETE FROM \"Comment\"; DELETE FROM \"Post\"")
+        .await
+        .expect("empty the posts");
+    let (src, dst) = (source.url(), dest.url());
+    let out = output(pgzm(&dir).args([
+        "start",
+        "--dry-run",
+        "-T",
+        "\"Comment\"",
+        "--source",
+        &src,
+        "--dest",
+        &dst,
+    ]))
+    .await;
+    let plan = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Quoted as SQL quotes it, wherever it is shown.
+    let line = plan
+        .lines()
+        .find(|l| l.contains("dqname"))
+        .unwrap_or_else(|| panic!("{plan}"));
+    assert!(
+        line.trim_start().starts_with(r#"public."""dqname""" "#)
+            && line.ends_with(r#"-> "shadow_""dqname""", live table kept as "backup_""dqname""""#),
+        "{plan}"
+    );
+    assert!(
+        plan.contains(r#"left out by the table filters (stay as they are): public."Comment""#),
+        "{plan}"
+    );
+
+    let out = output(pgzm(&dir).args([
+        "prepare",
+        "-T",
+        "\"Comment\"",
+        "--source",
+        &src,
+        "--dest",
+        &dst,
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = output(pgzm(&dir).args(["swap", "--dest", &dst])).await;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    let all = format!("{stdout}{stderr}");
+    assert_eq!(
+        all.lines()
+            .filter(|l| l.contains("Comment_post_id_fkey") && l.contains("does not validate"))
+            .count(),
+        1,
+        "the warning once:\n{all}"
+    );
+}

@@ -137,9 +137,10 @@ async fn write_preserved(dest: &TestDb, name: &str) -> TableChecksum {
 
 /// `kill -9` in the middle of the copy (every table copied and built but one, whose copy waits
 /// on a lock in the source), after the preserved table's sync was set up: then a write
-/// to the preserved table (mirrored by the sync triggers, which outlive the process) and a
-/// change to `actor` in the source. `--resume` keeps the partitions and the preserved table,
-/// copies the unfinished table and `actor` (changed) again, builds the partitioned `payment`
+/// to the preserved table (mirrored by the sync triggers, which outlive the process), a change
+/// to `actor` in the source, and changes the statistics do not count to `category` (an
+/// update) and `film_category` (a deletion). `--resume` keeps the partitions and the
+/// preserved table, copies the unfinished table and the three changed ones again, builds the partitioned `payment`
 /// and the materialized view, and the result is the migration that a run without the kill
 /// makes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,6 +215,17 @@ async fn a_killed_run_resumes_with_partitions_a_preserved_table_and_a_matview() 
         .batch("UPDATE public.actor SET first_name = 'RESUMED' WHERE actor_id = 7")
         .await
         .expect("change actor");
+    // Changes the statistics do not count (as they would not yet, shortly after a write):
+    // found by reading the tables in the new snapshot.
+    source
+        .batch(
+            "SET track_counts = off;
+             UPDATE public.category SET name = 'Anime!' WHERE name = 'Anime';
+             DELETE FROM public.film_category WHERE film_id = (SELECT max(film_id) FROM public.film_category);
+             REFRESH MATERIALIZED VIEW public.rental_by_category",
+        )
+        .await
+        .expect("change category and film_category, uncounted");
 
     let out = pgzm(&dir)
         .args(["start", "--resume", "--json", "--jobs", "2"])
@@ -227,7 +239,15 @@ async fn a_killed_run_resumes_with_partitions_a_preserved_table_and_a_matview() 
     let redone = resumed(&doc, "redone");
     assert_eq!(
         redone.keys().map(String::as_str).collect::<Vec<_>>(),
-        ["actor", "ledger"],
+        ["actor", "category", "film_category", "ledger"],
+        "{doc}"
+    );
+    assert!(
+        redone["category"].contains("changed in the source"),
+        "{doc}"
+    );
+    assert!(
+        redone["film_category"].contains("changed in the source"),
         "{doc}"
     );
     assert!(redone["ledger"].contains("had not finished"), "{doc}");
@@ -248,7 +268,7 @@ async fn a_killed_run_resumes_with_partitions_a_preserved_table_and_a_matview() 
     );
     assert_eq!(
         doc["tables"].as_array().map(Vec::len),
-        Some(2),
+        Some(4),
         "only the redone tables are copied: {doc}"
     );
     assert_migrated(&source, &dest, &preserved).await;
