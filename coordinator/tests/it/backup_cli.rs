@@ -56,7 +56,7 @@ fn with_password(url: &str) -> String {
 
 /// `pgzm` run in `dir`, with a clean environment.
 fn pgzm(dir: &WorkDir) -> Command {
-    pgzm_command(Some(dir))
+    pgzm_command(dir)
 }
 
 /// Runs the command; asserts it succeeded (or failed, per `ok`) and printed no password.

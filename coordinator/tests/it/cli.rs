@@ -22,7 +22,7 @@ const DEADLINE: Duration = Duration::from_secs(10);
 
 /// `pgzm` run in `dir`, with a clean environment.
 fn pgzm(dir: &WorkDir) -> Command {
-    pgzm_command(Some(dir))
+    pgzm_command(dir)
 }
 
 async fn output(cmd: &mut Command) -> Output {

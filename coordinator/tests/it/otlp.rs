@@ -493,7 +493,7 @@ fn environment(cmd: &mut Command, otel: &Otel, service: &str) {
 
 /// `pgzm` exporting to `otel` as `service`, run in `dir`.
 fn pgzm(dir: &WorkDir, otel: &Otel, service: &str) -> Command {
-    let mut cmd = support::pgzm_command(Some(dir));
+    let mut cmd = support::pgzm_command(dir);
     environment(&mut cmd, otel, service);
     cmd
 }

@@ -45,7 +45,7 @@ async fn pagila_pair(label: &str) -> (TestDb, TestDb) {
 }
 
 fn pgzm(dir: &WorkDir) -> Command {
-    pgzm_command(Some(dir))
+    pgzm_command(dir)
 }
 
 /// Checksums of the tables in `public`, without the `shadow_` and `backup_` sets.

@@ -12,9 +12,9 @@ use crate::support;
 const SECRET: &str = "TwoPhaseS3cret";
 
 /// Runs `pgzm args…`, checks it succeeded and printed no password; returns (stdout, stderr).
-async fn run_ok(args: &[&str]) -> (String, String) {
+async fn run_ok(dir: &support::WorkDir, args: &[&str]) -> (String, String) {
     let what = format!("pgzm {}", args[0]);
-    support::run_checked(support::pgzm_command(None).args(args), true, &what, SECRET).await
+    support::run_checked(support::pgzm_command(dir).args(args), true, &what, SECRET).await
 }
 
 fn with_password(url: &str) -> String {
@@ -34,6 +34,8 @@ async fn user_rows(dst: &Client) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepare_then_status_and_swap_in_other_processes() {
     let (source, dest) = support::simple_pair("two_phase").await;
+    // Each command writes its migration log in its working directory.
+    let dir = support::WorkDir::new("two_phase");
     let (src_url, dst_url) = (with_password(&source.url()), with_password(&dest.url()));
     let dst = dest.connect().await.expect("connect dest");
     let src_sums = inspect::table_checksums(&source.connect().await.expect("connect source"))
@@ -41,17 +43,20 @@ async fn prepare_then_status_and_swap_in_other_processes() {
         .expect("source checksums");
 
     // Process 1: prepare.
-    let (stdout, _) = run_ok(&[
-        "prepare",
-        "--source",
-        &src_url,
-        "--dest",
-        &dst_url,
-        "--preserved-tables",
-        "User",
-        "--jobs",
-        "2",
-    ])
+    let (stdout, _) = run_ok(
+        &dir,
+        &[
+            "prepare",
+            "--source",
+            &src_url,
+            "--dest",
+            &dst_url,
+            "--preserved-tables",
+            "User",
+            "--jobs",
+            "2",
+        ],
+    )
     .await;
     assert!(
         stdout.contains("pgzm swap"),
@@ -68,7 +73,7 @@ async fn prepare_then_status_and_swap_in_other_processes() {
     assert!(stdout.contains(&format!("--timestamp {id}")), "{stdout}");
 
     // Process 2: status.
-    let (stdout, _) = run_ok(&["status", "--dest", &dst_url, "--json"]).await;
+    let (stdout, _) = run_ok(&dir, &["status", "--dest", &dst_url, "--json"]).await;
     let st = support::one_json("status --json", &stdout);
     assert_eq!(st["state"], "prepared", "{st}");
     assert_eq!(st["safe_to_swap"], true, "{st}");
@@ -93,14 +98,17 @@ async fn prepare_then_status_and_swap_in_other_processes() {
     let users = user_rows(&dst).await;
 
     // Process 3: swap.
-    let (stdout, _) = run_ok(&[
-        "swap",
-        "--dest",
-        &dst_url,
-        "--timestamp",
-        &id.to_string(),
-        "--json",
-    ])
+    let (stdout, _) = run_ok(
+        &dir,
+        &[
+            "swap",
+            "--dest",
+            &dst_url,
+            "--timestamp",
+            &id.to_string(),
+            "--json",
+        ],
+    )
     .await;
     let report = support::one_json("swap --json", &stdout);
     assert_eq!(report["migration_id"], id, "{report}");
@@ -110,11 +118,11 @@ async fn prepare_then_status_and_swap_in_other_processes() {
     );
 
     // Process 4: status again.
-    let (stdout, _) = run_ok(&["status", "--dest", &dst_url, "--json"]).await;
+    let (stdout, _) = run_ok(&dir, &["status", "--dest", &dst_url, "--json"]).await;
     let st = support::one_json("status --json", &stdout);
     assert_eq!(st["state"], "swapped", "{st}");
     assert_eq!(st["safe_to_swap"], false, "{st}");
-    let (stdout, _) = run_ok(&["status", "--dest", &dst_url]).await;
+    let (stdout, _) = run_ok(&dir, &["status", "--dest", &dst_url]).await;
     assert!(stdout.contains("SWAPPED"), "{stdout}");
 
     // The preserved table has the destination's rows including the writes between the phases;

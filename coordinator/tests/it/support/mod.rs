@@ -82,12 +82,10 @@ pub fn clean_environment(cmd: &mut Command) {
 }
 
 /// The `pgzm` binary with a clean environment (none of the variables it falls back to), run in
-/// `dir` when given, killed when the test drops it.
-pub fn pgzm_command(dir: Option<&WorkDir>) -> Command {
+/// `dir` (where it writes its migration logs), killed when the test drops it.
+pub fn pgzm_command(dir: &WorkDir) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgzm"));
-    if let Some(dir) = dir {
-        cmd.current_dir(&dir.0);
-    }
+    cmd.current_dir(&dir.0);
     clean_environment(&mut cmd);
     cmd
 }
