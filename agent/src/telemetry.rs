@@ -221,6 +221,49 @@ impl Drop for LogLine {
     }
 }
 
+/// A log line for a terminal: `HH:MM:SS LEVEL message field=value…` (UTC).
+struct TerminalLine;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for TerminalLine
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+            % 86_400;
+        let level = *event.metadata().level();
+        let (on, off) = if writer.has_ansi_escapes() {
+            let colour = match level {
+                tracing::Level::ERROR => "\x1b[31m",
+                tracing::Level::WARN => "\x1b[33m",
+                tracing::Level::INFO => "\x1b[32m",
+                _ => "\x1b[2m",
+            };
+            (colour, "\x1b[0m")
+        } else {
+            ("", "")
+        };
+        write!(
+            writer,
+            "{:02}:{:02}:{:02} {on}{level:>5}{off} ",
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60
+        )?;
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
+}
+
 fn log_line() -> LogLine {
     LogLine(Vec::with_capacity(256))
 }
@@ -235,7 +278,11 @@ pub fn init(service: &str, default_filter: &str, format: LogFormat) -> Telemetry
         .with_writer(log_line as fn() -> LogLine)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt: Box<dyn Layer<_> + Send + Sync> = match format {
+        // A person reads a terminal: the time of day, the level and the event, without the
+        // spans' context (which `--log-format json`, the log file and the traces keep).
+        LogFormat::Text if terminal => fmt.event_format(TerminalLine).with_filter(filter()).boxed(),
         LogFormat::Text => fmt.with_filter(filter()).boxed(),
         LogFormat::Json => fmt
             .json()

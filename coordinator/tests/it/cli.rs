@@ -1387,14 +1387,17 @@ async fn the_terminal_progress_display_stays_clean() {
             "{done}:\n{all}"
         );
     }
-    // Log lines are whole lines: each starts with its timestamp and level.
+    // Log lines are whole lines: each starts with the time of day and its level, without the
+    // spans' context.
     let logs: Vec<&&str> = shown.iter().filter(|l| l.contains(" INFO ")).collect();
     assert!(!logs.is_empty(), "{all}");
     for l in logs {
+        let b = l.as_bytes();
         assert!(
-            l.starts_with("20") && l.as_bytes().get(4) == Some(&b'-'),
+            b.len() > 14 && b[2] == b':' && b[5] == b':' && &l[8..14] == "  INFO",
             "a log line was overwritten: {l:?}\n{all}"
         );
+        assert!(!l.contains("pgzm{"), "span context on a terminal: {l:?}");
     }
     assert!(
         all.contains("Migration") && all.contains("complete"),
