@@ -13,6 +13,7 @@ pub mod digest;
 pub mod endpoint;
 pub mod error;
 pub mod guard;
+pub mod health;
 pub mod metrics;
 pub mod model;
 pub mod peer;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use pgzm_agent::endpoint::Databases;
+use pgzm_agent::health::Health;
 use pgzm_agent::peer::PeerConnector;
 use pgzm_agent::service::{AgentConfig, AgentService};
 use pgzm_agent::telemetry::{self, LogFormat};
@@ -81,6 +82,11 @@ struct Args {
     /// Ask source-side agents for zstd-compressed streams (pays on links slower than ~1 Gbit/s).
     #[arg(long)]
     compress: bool,
+    /// Also serve the gRPC health service (grpc.health.v1.Health, and nothing else) on this
+    /// address, HOST:PORT, without TLS: for probes that cannot present a certificate, such as
+    /// Kubernetes' gRPC probes. NOT_SERVING once the agent drains.
+    #[arg(long, value_name = "HOST:PORT")]
+    health_listen: Option<SocketAddr>,
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
     log_format: LogFormatArg,
@@ -158,6 +164,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    let (health, health_service) = Health::new().await;
+    // The plaintext health port: up before the agent's port is announced, down after it stops.
+    let (stop_health, health_stopped) = tokio::sync::oneshot::channel::<()>();
+    let health_server = match args.health_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listen on {addr} (--health-listen)"))?;
+            let local = listener.local_addr()?;
+            info!(listen = %local, "health service listening (plaintext, health only)");
+            println!("health listening on {local}");
+            let service = health_service.clone();
+            Some(tokio::spawn(
+                Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        async {
+                            let _ = health_stopped.await;
+                        },
+                    ),
+            ))
+        }
+        None => None,
+    };
     // The port goes to stdout too, so a supervisor (or test) that asked for port 0 learns it.
     println!("listening on {local}");
     // Small messages (task events) must not wait for Nagle's algorithm.
@@ -169,18 +200,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
             })
         },
     );
+    let draining = health.clone();
     let shutdown = async move {
         tokio::select! {
             _ = terminate.recv() => {}
             _ = interrupt.recv() => {}
         }
-        info!("shutting down: no new tasks; running tasks finish");
+        draining.draining().await;
+        info!("shutting down: no new tasks; running tasks finish; health reports NOT_SERVING");
     };
-    builder
+    let served = builder
+        .add_service(health_service)
         .add_service(AgentService::with_config(config).into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
-        .context("serve")?;
+        .context("serve");
+    let _ = stop_health.send(());
+    if let Some(task) = health_server {
+        if let Ok(Err(e)) = task.await {
+            warn!(error = %e, "the health service stopped with an error");
+        }
+    }
+    served?;
     Ok(())
 }
 

@@ -86,8 +86,9 @@ impl AgentService {
         }
     }
 
-    /// The tonic server for this service: checks the token on every call, and speaks zstd when
-    /// the caller asks for it.
+    /// The tonic server for this service: checks the token on every call (refusals are logged,
+    /// rate-limited: see [`crate::health::RefusalLog`]), and speaks zstd when the caller asks
+    /// for it.
     pub fn into_server(
         self,
     ) -> tonic::service::interceptor::InterceptedService<
@@ -99,8 +100,17 @@ impl AgentService {
             .accept_compressed(CompressionEncoding::Zstd)
             .send_compressed(CompressionEncoding::Zstd)
             .max_decoding_message_size(64 << 20);
+        let refusals = Arc::new(crate::health::RefusalLog::default());
         tonic::service::interceptor::InterceptedService::new(server, move |req: Request<()>| {
-            crate::peer::check_token(&token, &req)?;
+            if let Err(status) = crate::peer::check_token(&token, &req) {
+                let reason = if req.metadata().get("authorization").is_some() {
+                    "wrong token"
+                } else {
+                    "no token"
+                };
+                refusals.refused(req.remote_addr(), reason);
+                return Err(status);
+            }
             Ok(req)
         })
     }

@@ -5,6 +5,8 @@
 //!   SIGTERMed (it finishes its running task, the rest goes elsewhere);
 //! - `auth`: mTLS with a client CA, the shared token, agent-to-agent mTLS, no plaintext beyond
 //!   loopback, SIGTERM;
+//! - `health`: the gRPC health service on the agent's port and on a plaintext health port,
+//!   NOT_SERVING while it drains; refused calls logged, rate-limited;
 //! - `guard`: what a token holder cannot make an agent do (connect where it was not told to,
 //!   write outside the shadow tables of a migration that is copying);
 //! - `placement`: source-side and destination-side agents holding only their own database's
@@ -30,6 +32,8 @@ mod auth;
 mod failover;
 #[path = "distributed/guard.rs"]
 mod guard;
+#[path = "distributed/health.rs"]
+mod health;
 #[path = "distributed/pg_tls.rs"]
 mod pg_tls;
 #[path = "distributed/placement.rs"]

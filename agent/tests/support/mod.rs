@@ -112,6 +112,11 @@ impl AgentProcess {
             let line = tokio::time::timeout_at(deadline.into(), stdout.next_line()).await;
             match line {
                 Ok(Ok(Some(line))) => {
+                    {
+                        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+                        log.push_str(&line);
+                        log.push('\n');
+                    }
                     if let Some(addr) = line.strip_prefix("listening on ") {
                         break addr.trim().parse().expect("listen address");
                     }
