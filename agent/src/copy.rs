@@ -338,8 +338,21 @@ pub async fn run_copy(
     sessions: &Sessions,
     mut progress: impl FnMut(u64) + Send,
 ) -> Result<CopyDone, AgentError> {
-    let span =
-        info_span!("copy_task", task = %spec.task.task_id, table = %spec.task.destination_table);
+    // Writes into the destination (OpenTelemetry's database conventions); `table` is the live
+    // (source) name, `shadow` the table written.
+    let span = info_span!(
+        "copy_task",
+        task = %spec.task.task_id,
+        table = %spec.task.read.table,
+        shadow = %spec.task.destination_table,
+        db.system.name = "postgresql",
+        db.namespace = tracing::field::Empty,
+        db.operation.name = "COPY",
+        db.collection.name = %spec.task.destination_table,
+        server.address = tracing::field::Empty,
+        server.port = tracing::field::Empty,
+    );
+    crate::telemetry::record_db_server(&span, &spec.destination.server());
     async move {
         let started = Instant::now();
         let table = spec.task.destination_table.to_string();

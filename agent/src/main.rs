@@ -245,7 +245,9 @@ fn main() -> ExitCode {
     };
     let telemetry = {
         let _g = runtime.enter();
-        telemetry::init("pgzm-agent", default, format)
+        let telemetry = telemetry::init("pgzm-agent", default, format, args.verbose);
+        telemetry.flush_metrics_after_tasks();
+        telemetry
     };
     let result = runtime.block_on(run(args));
     drop(runtime);

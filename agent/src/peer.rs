@@ -9,6 +9,7 @@ use tonic::codec::CompressionEncoding;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
+use tracing::Instrument;
 
 use crate::digest::Digest;
 use crate::error::{AgentError, Side};
@@ -93,19 +94,28 @@ impl PeerConnector {
             message,
             kind,
         };
+        // The CLIENT span of the call: it lasts as long as the stream.
+        let rpc = crate::telemetry::rpc_client_span("ExportRange", url);
         let mut client = self
             .connect(url)
             .await
             .map_err(|e| peer_err(format!("cannot reach {url}: {e}"), ErrorKind::Connection))?;
         let stream = client
-            .export_range(self.request(proto::ExportRequest::from(request)))
+            .export_range(rpc.in_scope(|| self.request(proto::ExportRequest::from(request))))
+            .instrument(rpc.clone())
             .await
-            .map_err(|s| peer_err(s.message().to_string(), status_kind(&s)))?
+            .map_err(|s| {
+                crate::telemetry::record_rpc_status(&rpc, s.code());
+                peer_err(s.message().to_string(), status_kind(&s))
+            })?
             .into_inner();
         let table = table.to_string();
         let mut digest = None;
         Ok(Box::pin(stream.map(move |item| {
-            let chunk = item.map_err(|s| (s.message().to_string(), status_kind(&s)));
+            let chunk = item.map_err(|s| {
+                crate::telemetry::record_rpc_status(&rpc, s.code());
+                (s.message().to_string(), status_kind(&s))
+            });
             let chunk = chunk.and_then(|c| {
                 ExportChunk::try_from(c).map_err(|e| {
                     (
@@ -120,10 +130,13 @@ impl PeerConnector {
                     digest = Some(sum);
                     Ok(SourceItem::Data(Bytes::new()))
                 }
-                Ok(ExportChunk::RowsInSource(rows)) => Ok(SourceItem::End {
-                    rows,
-                    digest: digest.take().map(|sum| Digest { rows, sum }),
-                }),
+                Ok(ExportChunk::RowsInSource(rows)) => {
+                    crate::telemetry::record_rpc_status(&rpc, tonic::Code::Ok);
+                    Ok(SourceItem::End {
+                        rows,
+                        digest: digest.take().map(|sum| Digest { rows, sum }),
+                    })
+                }
                 Err((message, kind)) => Err(AgentError::Copy {
                     table: table.clone(),
                     step: "read from the source-side agent",

@@ -259,20 +259,35 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::CopyTask>,
     ) -> Result<Response<Self::RunCopyStream>, Status> {
+        // The SERVER span of the call (OpenTelemetry's RPC conventions).
         let span = info_span!(
             "agent_task",
+            otel.name = "pgzm.agent.v1.Agent/RunCopy",
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            rpc.system = "grpc",
+            rpc.service = crate::telemetry::RPC_SERVICE,
+            rpc.method = "RunCopy",
+            rpc.grpc.status_code = tracing::field::Empty,
             task = tracing::field::Empty,
             table = tracing::field::Empty,
+            shadow = tracing::field::Empty,
             range = tracing::field::Empty,
             rows = tracing::field::Empty,
             bytes = tracing::field::Empty
         );
         crate::telemetry::follow(&span, request.metadata());
-        let task = CopyTask::try_from(request.into_inner()).map_err(AgentError::from)?;
-        let spec =
-            CopySpec::resolve(task, &self.config.databases).map_err(|e| logged("RunCopy", e))?;
+        let refused = |span: &tracing::Span, status: Status| {
+            crate::telemetry::record_rpc_status(span, status.code());
+            status
+        };
+        let task = CopyTask::try_from(request.into_inner())
+            .map_err(|e| refused(&span, AgentError::from(e).into()))?;
+        let spec = CopySpec::resolve(task, &self.config.databases)
+            .map_err(|e| refused(&span, logged("RunCopy", e).into()))?;
         span.record("task", spec.task.task_id.as_str());
-        span.record("table", spec.task.destination_table.to_string().as_str());
+        span.record("table", spec.task.read.table.to_string().as_str());
+        span.record("shadow", spec.task.destination_table.to_string().as_str());
         if let Some(r) = spec.task.read.range {
             span.record("range", r.to_string().as_str());
         }
@@ -306,7 +321,7 @@ impl Agent for AgentService {
                 let metrics = crate::metrics::get();
                 let attrs = [opentelemetry::KeyValue::new(
                     "table",
-                    spec.task.destination_table.to_string(),
+                    spec.task.read.table.to_string(),
                 )];
                 match &result {
                     Ok(o) => {
@@ -336,7 +351,14 @@ impl Agent for AgentService {
                     }),
                     Err(err) => Err(Status::from(logged("RunCopy", err))),
                 };
+                crate::telemetry::record_rpc_status(
+                    &tracing::Span::current(),
+                    message
+                        .as_ref()
+                        .map_or_else(Status::code, |_| tonic::Code::Ok),
+                );
                 let _ = tx.send(message).await;
+                crate::telemetry::task_ended();
             }
             .instrument(span),
         );
@@ -349,21 +371,43 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::ExportRequest>,
     ) -> Result<Response<Self::ExportRangeStream>, Status> {
+        // The SERVER span of the call, which also reads the source (OpenTelemetry's RPC and
+        // database conventions).
         let span = info_span!(
             "export_range",
+            otel.name = "pgzm.agent.v1.Agent/ExportRange",
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            rpc.system = "grpc",
+            rpc.service = crate::telemetry::RPC_SERVICE,
+            rpc.method = "ExportRange",
+            rpc.grpc.status_code = tracing::field::Empty,
+            db.system.name = "postgresql",
+            db.namespace = tracing::field::Empty,
+            db.operation.name = "COPY",
+            db.collection.name = tracing::field::Empty,
+            server.address = tracing::field::Empty,
+            server.port = tracing::field::Empty,
             task = tracing::field::Empty,
             table = tracing::field::Empty,
             rows = tracing::field::Empty
         );
         crate::telemetry::follow(&span, request.metadata());
-        let task = ExportTask::try_from(request.into_inner()).map_err(AgentError::from)?;
+        let refused = |span: &tracing::Span, status: Status| {
+            crate::telemetry::record_rpc_status(span, status.code());
+            status
+        };
+        let task = ExportTask::try_from(request.into_inner())
+            .map_err(|e| refused(&span, AgentError::from(e).into()))?;
         let (config, app) = self
             .config
             .databases
             .resolve(Side::Source, &task.source)
-            .map_err(|e| logged("ExportRange", e))?;
+            .map_err(|e| refused(&span, logged("ExportRange", e).into()))?;
         span.record("task", task.task_id.as_str());
         span.record("table", task.read.table.to_string().as_str());
+        span.record("db.collection.name", task.read.table.to_string().as_str());
+        crate::telemetry::record_db_server(&span, &config.server());
         let (tx, rx) = mpsc::channel(8);
         let export = Export {
             source_key: format!("{}\u{0}{}", task.source.session_key(), task.read.snapshot),
@@ -427,7 +471,9 @@ impl Export {
         match opened {
             Ok(x) => Some(x),
             Err(e) => {
-                let _ = self.tx.send(Err(Status::from(e))).await;
+                let status = Status::from(e);
+                crate::telemetry::record_rpc_status(&tracing::Span::current(), status.code());
+                let _ = self.tx.send(Err(status)).await;
                 None
             }
         }
@@ -457,7 +503,9 @@ impl Export {
                 Err(e) => {
                     let table = self.task.read.table.to_string();
                     let err = AgentError::copy(&table, "read COPY data", Side::Source, &e);
-                    let _ = self.tx.send(Err(Status::from(err))).await;
+                    let status = Status::from(err);
+                    crate::telemetry::record_rpc_status(&tracing::Span::current(), status.code());
+                    let _ = self.tx.send(Err(status)).await;
                     return None;
                 }
             }
@@ -471,6 +519,7 @@ impl Export {
     /// Metrics and span fields, then the last messages: the digest (verified exports) and the
     /// row count.
     async fn finish(&self, exported: Exported, started: Instant) {
+        crate::telemetry::record_rpc_status(&tracing::Span::current(), tonic::Code::Ok);
         let Exported { counter, bytes } = exported;
         crate::metrics::get().exported_bytes.add(
             bytes,

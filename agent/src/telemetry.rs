@@ -53,6 +53,10 @@ impl Telemetry {
     /// Flushes and stops the exporters (bounded: a collector that is down does not hang exit).
     /// A failed export is reported (once per signal), not silently dropped: an operator whose
     /// collector address is wrong learns it from the run's log.
+    ///
+    /// The spans are flushed (which reports a failed export), then the provider stops; the
+    /// meter provider's shutdown exports the metrics once (a flush before it would export them
+    /// twice) and reports a failure itself.
     pub fn shutdown(self) {
         let what = self.exporting.unwrap_or_default();
         if let Some(p) = self.tracer_provider {
@@ -62,12 +66,46 @@ impl Telemetry {
             let _ = p.shutdown();
         }
         if let Some(m) = self.meter_provider {
-            if let Err(e) = m.force_flush() {
+            if let Err(e) = m.shutdown() {
                 tracing::warn!(exporter = %what, error = %e, "could not export the run's metrics");
             }
-            let _ = m.shutdown();
         }
     }
+
+    /// Exports the metrics soon after each task that ends ([`task_ended`]), not only every
+    /// minute: for a long-running agent.
+    pub fn flush_metrics_after_tasks(&self) {
+        if let Some(m) = &self.meter_provider {
+            let _ = TASK_METRICS.set(m.clone());
+        }
+    }
+}
+
+/// The meter provider [`task_ended`] flushes (set by [`Telemetry::flush_metrics_after_tasks`]).
+static TASK_METRICS: std::sync::OnceLock<SdkMeterProvider> = std::sync::OnceLock::new();
+
+/// Minimum time between two flushes by [`task_ended`].
+const TASK_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A copy task ended: its metrics are exported within [`TASK_FLUSH_INTERVAL`] (tasks ending
+/// together share one export), off the async threads.
+pub fn task_ended() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static PENDING: AtomicBool = AtomicBool::new(false);
+    let Some(provider) = TASK_METRICS.get() else {
+        return;
+    };
+    if PENDING.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let provider = provider.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(TASK_FLUSH_INTERVAL);
+        PENDING.store(false, Ordering::Release);
+        if let Err(e) = provider.force_flush() {
+            tracing::debug!(error = %e, "could not export the agent's metrics");
+        }
+    });
 }
 
 /// Whether the standard variables ask for OTLP export.
@@ -90,13 +128,44 @@ fn grpc() -> bool {
     p.trim() == "grpc"
 }
 
+/// The resource: `OTEL_SERVICE_NAME` (else `default_service`), `service.version` (pgzm's,
+/// unless `OTEL_RESOURCE_ATTRIBUTES` gives one), the SDK's attributes and
+/// `OTEL_RESOURCE_ATTRIBUTES`.
 fn resource(default_service: &str) -> Resource {
-    let b = Resource::builder();
+    let mut b = Resource::builder();
+    let given = std::env::var("OTEL_RESOURCE_ATTRIBUTES").unwrap_or_default();
+    if !given
+        .split(',')
+        .any(|kv| kv.trim_start().starts_with("service.version="))
+    {
+        b = b.with_attribute(opentelemetry::KeyValue::new(
+            "service.version",
+            env!("CARGO_PKG_VERSION"),
+        ));
+    }
     if std::env::var("OTEL_SERVICE_NAME").is_ok_and(|s| !s.is_empty()) {
         b.build()
     } else {
         b.with_service_name(default_service.to_string()).build()
     }
+}
+
+/// The layer that turns spans into OpenTelemetry spans: `otel.kind`, `otel.name` and
+/// `otel.status_*` fields set the span's kind, name and status; tracing's own attributes only
+/// at `verbose` 2.
+fn otel_layer<S, T>(tracer: T, verbose: u8) -> tracing_opentelemetry::OpenTelemetryLayer<S, T>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    T: opentelemetry::trace::Tracer + 'static,
+    T::Span: Send + Sync,
+{
+    let noisy = verbose >= 2;
+    tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_tracked_inactivity(noisy)
+        .with_threads(noisy)
+        .with_location(noisy)
+        .with_target(noisy)
 }
 
 /// Runs an exporter on a Tokio runtime of its own (see the module docs).
@@ -269,8 +338,9 @@ fn log_line() -> LogLine {
 }
 
 /// Sets up logging (and OTLP export when configured) for a binary named `service`.
-/// `default_filter` is the log filter unless `PGZM_LOG` is set.
-pub fn init(service: &str, default_filter: &str, format: LogFormat) -> Telemetry {
+/// `default_filter` is the log filter unless `PGZM_LOG` is set. Spans carry tracing's own
+/// attributes (`busy_ns`, `idle_ns`, `thread.*`, `code.*`) only at `verbose` 2 (`-vv`).
+pub fn init(service: &str, default_filter: &str, format: LogFormat, verbose: u8) -> Telemetry {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter =
         || EnvFilter::try_from_env("PGZM_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
@@ -300,8 +370,7 @@ pub fn init(service: &str, default_filter: &str, format: LogFormat) -> Telemetry
     let otel = if otlp_configured() {
         match build_providers(service) {
             Ok((tracer, meter, what)) => {
-                let layer = tracing_opentelemetry::layer()
-                    .with_tracer(tracer.tracer(service.to_string()))
+                let layer = otel_layer(tracer.tracer(service.to_string()), verbose)
                     // `pgzm` is the target of the coordinator binary's root span: without it
                     // every phase would be a trace of its own.
                     .with_filter(EnvFilter::new(
@@ -389,7 +458,7 @@ where
         .with_resource(resource(service))
         .with_simple_exporter(exporter)
         .build();
-    let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(service.to_string()));
+    let layer = otel_layer(provider.tracer(service.to_string()), 0);
     (layer, provider)
 }
 
@@ -441,5 +510,102 @@ pub fn follow(span: &tracing::Span, metadata: &MetadataMap) {
     use opentelemetry::trace::TraceContextExt as _;
     if cx.span().span_context().is_valid() {
         let _ = span.set_parent(cx);
+    }
+}
+
+/// `rpc.service` of the agent's gRPC service.
+pub const RPC_SERVICE: &str = "pgzm.agent.v1.Agent";
+
+/// A CLIENT span for a call of `method` (`RunCopy`, `ExportRange`, `Info`, `Probe`) to the
+/// agent at `url`, by OpenTelemetry's RPC conventions. The call's request must be made inside
+/// it (its trace context is what the agent's SERVER span follows); see [`record_rpc_status`].
+pub fn rpc_client_span(method: &'static str, url: &str) -> tracing::Span {
+    let (address, port) = host_and_port(url);
+    tracing::info_span!(
+        "rpc_client",
+        otel.name = format!("{RPC_SERVICE}/{method}").as_str(),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.service = RPC_SERVICE,
+        rpc.method = method,
+        rpc.grpc.status_code = tracing::field::Empty,
+        server.address = address.as_str(),
+        server.port = port,
+    )
+}
+
+/// Records a call's gRPC status on its client or server span (`rpc.grpc.status_code`; an
+/// error status for the codes the conventions count as errors).
+pub fn record_rpc_status(span: &tracing::Span, code: tonic::Code) {
+    span.record("rpc.grpc.status_code", code as i64);
+    let error = match code {
+        tonic::Code::Ok => false,
+        // Server spans: only what is the server's fault.
+        _ if is_server(span) => matches!(
+            code,
+            tonic::Code::Unknown
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unimplemented
+                | tonic::Code::Internal
+                | tonic::Code::Unavailable
+                | tonic::Code::DataLoss
+        ),
+        _ => true,
+    };
+    if error {
+        span.record("otel.status_code", "ERROR");
+    }
+}
+
+/// The agent's SERVER spans (by their tracing names).
+fn is_server(span: &tracing::Span) -> bool {
+    span.metadata()
+        .is_some_and(|m| matches!(m.name(), "agent_task" | "export_range"))
+}
+
+/// `host` and `port` of a `scheme://host:port…` URL (port 443 or 80 by the scheme when absent).
+fn host_and_port(url: &str) -> (String, i64) {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("http", url));
+    let authority = rest.split('/').next().unwrap_or_default();
+    let authority = authority.rsplit('@').next().unwrap_or_default();
+    let default = if scheme == "https" { 443 } else { 80 };
+    if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']').unwrap_or((v6, ""));
+        let port = after.strip_prefix(':').and_then(|p| p.parse().ok());
+        return (host.to_string(), port.unwrap_or(default));
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => {
+            (host.to_string(), port.parse().unwrap_or(default))
+        }
+        _ => (authority.to_string(), default),
+    }
+}
+
+/// Records on `span` (declared with these fields) where its PostgreSQL statements go, by
+/// OpenTelemetry's database conventions: `db.namespace`, `server.address`, `server.port`.
+pub fn record_db_server(span: &tracing::Span, server: &pgzm_pg::conn::ServerOf) {
+    span.record("db.namespace", server.namespace.as_str());
+    span.record("server.address", server.address.as_str());
+    span.record("server.port", i64::from(server.port));
+}
+
+#[cfg(test)]
+mod conventions_tests {
+    use super::host_and_port;
+
+    #[test]
+    fn agent_urls_give_host_and_port() {
+        assert_eq!(
+            host_and_port("https://agent.example.com:50051"),
+            ("agent.example.com".into(), 50051)
+        );
+        assert_eq!(host_and_port("http://[::1]:7000/"), ("::1".into(), 7000));
+        assert_eq!(host_and_port("https://agent"), ("agent".into(), 443));
+        assert_eq!(
+            host_and_port("http://in-process.agent"),
+            ("in-process.agent".into(), 80)
+        );
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 use pgzm_pg::conn::{classify, ErrorClass};
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, warn, Instrument};
 
 use crate::catalog::{SourceSchema, Table};
 use crate::conninfo::DbUrl;
@@ -428,6 +428,33 @@ impl BuildSessions {
     }
 }
 
+/// The span of statements run on the destination for one table (OpenTelemetry's database
+/// conventions): `table` is its live name and `shadow` the table worked on, both
+/// `schema.name`; `operation` the statements' kind (`CREATE INDEX`, `ALTER TABLE`).
+pub fn table_span(
+    name: &'static str,
+    dest: &DbUrl,
+    schema: &str,
+    live: &str,
+    shadow: &str,
+    operation: &'static str,
+) -> tracing::Span {
+    let server = dest.server();
+    let shadow = format!("{schema}.{shadow}");
+    tracing::info_span!(
+        "table",
+        otel.name = name,
+        table = %format_args!("{schema}.{live}"),
+        shadow = shadow.as_str(),
+        db.system.name = "postgresql",
+        db.namespace = server.namespace.as_str(),
+        db.operation.name = operation,
+        db.collection.name = shadow.as_str(),
+        server.address = server.address.as_str(),
+        server.port = i64::from(server.port),
+    )
+}
+
 /// Retries of a build statement (or a small table's batch) after a transient failure.
 const BUILD_RETRIES: u32 = 3;
 
@@ -471,7 +498,11 @@ fn first_line(sql: &str) -> String {
 pub struct Validation {
     /// The shadow table, schema-qualified and quoted.
     pub table: String,
-    /// The shadow table's name (for traces).
+    /// Its schema, live name and shadow name (for traces).
+    pub schema: String,
+    /// Its live name.
+    pub live: String,
+    /// Its shadow name.
     pub shadow: String,
     /// The constraint.
     pub constraint: String,
@@ -524,6 +555,8 @@ pub fn foreign_key_statements(
                 };
                 validate.push(Validation {
                     table: quote_qualified(&t.schema, &tp.shadow),
+                    schema: t.schema.clone(),
+                    live: t.name.clone(),
                     shadow: tp.shadow.clone(),
                     constraint: c.name.clone(),
                     label,
@@ -564,7 +597,14 @@ pub async fn foreign_keys(
     let permits = Arc::new(Semaphore::new(parallel.max(1)));
     let sessions = &sessions;
     let tasks = validate.into_iter().map(|v| {
-        let span = info_span!("validate_fk", table = %v.shadow);
+        let span = table_span(
+            "validate_fk",
+            dest,
+            &v.schema,
+            &v.live,
+            &v.shadow,
+            "ALTER TABLE",
+        );
         let permits = Arc::clone(&permits);
         async move {
             let _p = permits

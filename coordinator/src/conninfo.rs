@@ -14,6 +14,11 @@ pub struct DbUrl {
 }
 
 impl DbUrl {
+    /// The database, host and port it connects to (for traces).
+    pub fn server(&self) -> pgzm_pg::conn::ServerOf {
+        self.config.server()
+    }
+
     /// Parses a URL (`postgres://user:pass@host:port/db?sslmode=…`) or `key=value` string and
     /// completes it from the environment as libpq does. `side` ("source" or "destination")
     /// names it in messages.

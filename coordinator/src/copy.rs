@@ -57,6 +57,11 @@ pub struct CopyJob {
 }
 
 impl CopyJob {
+    /// Its live name as traces and metrics label tables: `schema.name`.
+    pub fn live_label(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
+
     /// The table as reports name it: its name in `public`, `schema.name` elsewhere.
     pub fn report_name(&self) -> String {
         crate::naming::QualName::new(self.schema.clone(), self.table.clone()).display_name()
@@ -535,7 +540,8 @@ impl Worker {
             let span = info_span!(
                 parent: &self.phase,
                 "table_task",
-                table = %job.table,
+                table = %format_args!("{}.{}", job.schema, job.table),
+                shadow = %format_args!("{}.{}", job.schema, job.shadow),
                 task = %task.key,
                 range = task.range.map(|r| r.to_string()).unwrap_or_default(),
                 agent = %self.agent.label,
@@ -570,7 +576,7 @@ impl Worker {
                     if retry && (task.attempts <= self.ctx.retries + task.failovers || restarting) {
                         metrics.retries.add(
                             1,
-                            &[opentelemetry::KeyValue::new("table", job.table.clone())],
+                            &[opentelemetry::KeyValue::new("table", job.live_label())],
                         );
                         warn!(table = %job.table, attempt = task.attempts, kind, error = %message, "copy task failed; retrying");
                         tokio::time::sleep(Duration::from_millis(
@@ -596,7 +602,7 @@ impl Worker {
                     task.failovers += 1;
                     metrics.retries.add(
                         1,
-                        &[opentelemetry::KeyValue::new("table", job.table.clone())],
+                        &[opentelemetry::KeyValue::new("table", job.live_label())],
                     );
                     warn!(table = %job.table, agent = %self.agent.label, error = %message, "agent failed during a task; the task goes back to the queue");
                     // Its sessions end first: a frozen agent's open transaction would hold its
@@ -638,7 +644,7 @@ impl Worker {
         // As i64: tracing-opentelemetry exports u64 fields as strings.
         span.record("rows", i64::try_from(done.rows_written).unwrap_or(i64::MAX))
             .record("bytes", i64::try_from(done.bytes).unwrap_or(i64::MAX));
-        let attrs = [opentelemetry::KeyValue::new("table", job.table.clone())];
+        let attrs = [opentelemetry::KeyValue::new("table", job.live_label())];
         metrics.rows.add(done.rows_written, &attrs);
         metrics.bytes.add(done.bytes, &attrs);
         metrics
@@ -741,13 +747,22 @@ impl Worker {
                 continue;
             }
             let mut client = self.agent.client.clone();
-            let req = self.pool.connector.request(proto::InfoRequest {
-                protocol_version: pgzm_proto::PROTOCOL_VERSION,
+            let rpc = pgzm_agent::telemetry::rpc_client_span("Info", &self.agent.label);
+            let req = rpc.in_scope(|| {
+                self.pool.connector.request(proto::InfoRequest {
+                    protocol_version: pgzm_proto::PROTOCOL_VERSION,
+                })
             });
-            if tokio::time::timeout(Duration::from_secs(5), client.info(req))
-                .await
-                .is_ok_and(|r| r.is_ok())
-            {
+            let answered = tokio::time::timeout(Duration::from_secs(5), client.info(req))
+                .instrument(rpc.clone())
+                .await;
+            let code = match &answered {
+                Ok(Ok(_)) => tonic::Code::Ok,
+                Ok(Err(s)) => s.code(),
+                Err(_) => tonic::Code::DeadlineExceeded,
+            };
+            pgzm_agent::telemetry::record_rpc_status(&rpc, code);
+            if code == tonic::Code::Ok {
                 info!(agent = %self.agent.label, "agent is back");
                 return true;
             }
@@ -792,30 +807,55 @@ impl Worker {
         }
     }
 
+    /// One attempt of `task` on this slot's agent, in the CLIENT span of its `RunCopy` call
+    /// (the agent's SERVER span follows it).
     async fn attempt(&self, task: &Task, job: &CopyJob) -> Outcome {
+        let rpc = pgzm_agent::telemetry::rpc_client_span("RunCopy", &self.agent.label);
+        let (outcome, code) = self.call(task, job).instrument(rpc.clone()).await;
+        pgzm_agent::telemetry::record_rpc_status(&rpc, code);
+        outcome
+    }
+
+    /// The `RunCopy` call of [`Worker::attempt`], and its gRPC status (`Unavailable` when the
+    /// agent went quiet or closed the stream without a result).
+    async fn call(&self, task: &Task, job: &CopyJob) -> (Outcome, tonic::Code) {
         let message = proto::CopyTask::from(self.copy_task(task, job));
         let mut client = self.agent.client.clone();
         let mut stream = match client.run_copy(self.pool.connector.request(message)).await {
             Ok(r) => r.into_inner(),
-            Err(s) => return classify(s),
+            Err(s) => {
+                let code = s.code();
+                return (classify(s), code);
+            }
         };
         let est = estimate(task, job);
         loop {
             match tokio::time::timeout(self.ctx.stall, stream.message()).await {
                 Err(_) => {
-                    return Outcome::AgentLost(format!(
-                        "no word from the agent for {} s",
-                        self.ctx.stall.as_secs_f64()
-                    ))
+                    return (
+                        Outcome::AgentLost(format!(
+                            "no word from the agent for {} s",
+                            self.ctx.stall.as_secs_f64()
+                        )),
+                        tonic::Code::DeadlineExceeded,
+                    )
                 }
-                Ok(Err(s)) => return classify(s),
+                Ok(Err(s)) => {
+                    let code = s.code();
+                    return (classify(s), code);
+                }
                 Ok(Ok(None)) => {
-                    return Outcome::AgentLost(
-                        "the agent closed the task stream without a result".into(),
+                    return (
+                        Outcome::AgentLost(
+                            "the agent closed the task stream without a result".into(),
+                        ),
+                        tonic::Code::Unavailable,
                     )
                 }
                 Ok(Ok(Some(event))) => match event.event {
-                    Some(proto::copy_event::Event::Done(done)) => return landed(done),
+                    Some(proto::copy_event::Event::Done(done)) => {
+                        return (landed(done), tonic::Code::Ok)
+                    }
                     Some(proto::copy_event::Event::Progress(p)) => {
                         crate::progress::task_progress(&job.table, &task.key, est, p.bytes);
                     }

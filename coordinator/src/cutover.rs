@@ -73,9 +73,9 @@ pub async fn swap_prepared(
         .await?;
     let m = crate::metrics::get();
     m.swap_lock_held
-        .record(outcome.lock_held_us as f64 / 1000.0, &[]);
+        .record(outcome.lock_held_us as f64 / 1_000_000.0, &[]);
     m.swap_lock_wait.record(
-        (outcome.total_ms as f64 - outcome.lock_held_us as f64 / 1000.0).max(0.0),
+        ((outcome.total_ms as f64 - outcome.lock_held_us as f64 / 1000.0) / 1000.0).max(0.0),
         &[],
     );
     report.swap = Some(outcome);

@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use pgzm_pg::sql::{quote_ident, quote_literal, quote_qualified};
 use tokio_postgres::{Client, GenericClient};
-use tracing::{info_span, warn, Instrument};
+use tracing::{warn, Instrument};
 
 use crate::agents::AgentPool;
 use crate::build;
@@ -796,6 +796,7 @@ async fn copy_and_build(
         })
         .collect();
     let pool = Arc::new(pool);
+    let dest = opts.destination.clone();
     let ctx = CopyContext {
         source: opts.source.clone(),
         destination: opts.destination.clone(),
@@ -812,11 +813,12 @@ async fn copy_and_build(
         jobs,
         opts.jobs,
         move |job: CopyJob, _stats| {
-            let (schema, plan_arc, renames, sessions) = (
+            let (schema, plan_arc, renames, sessions, dest) = (
                 Arc::clone(&schema),
                 Arc::clone(&plan_arc),
                 Arc::clone(&renames),
                 Arc::clone(&sessions),
+                dest.clone(),
             );
             async move {
                 let Some(table) =
@@ -831,7 +833,14 @@ async fn copy_and_build(
                     .last
                     .push(crate::resume::built_marker(plan_arc.migration_id, &job.key));
                 let label = format!("build \"{}\"", job.table);
-                let span = info_span!("build_table", table = %job.table);
+                let span = build::table_span(
+                    "build_table",
+                    &dest,
+                    &job.schema,
+                    &job.table,
+                    &job.shadow,
+                    "CREATE INDEX",
+                );
                 if job.bytes < build::BATCH_BELOW_BYTES {
                     sessions
                         .run_batch(&label, statements.sequential())
@@ -944,7 +953,17 @@ async fn fill(
                     ));
                     sessions
                         .run_batch(&format!("build \"{}\" (without rows)", t.name), statements)
-                        .instrument(info_span!("build_table", table = %t.name))
+                        .instrument(build::table_span(
+                            "build_table",
+                            &opts.destination,
+                            &t.schema,
+                            &t.name,
+                            &plan
+                                .table(&t.qualname())
+                                .map(|p| p.shadow.clone())
+                                .unwrap_or_default(),
+                            "CREATE INDEX",
+                        ))
                         .await?;
                 }
                 Ok(())
@@ -967,7 +986,17 @@ async fn fill(
                     ));
                     sessions
                         .run_batch(&format!("build partitioned \"{}\"", t.name), statements)
-                        .instrument(info_span!("build_table", table = %t.name))
+                        .instrument(build::table_span(
+                            "build_table",
+                            &opts.destination,
+                            &t.schema,
+                            &t.name,
+                            &plan
+                                .table(&t.qualname())
+                                .map(|p| p.shadow.clone())
+                                .unwrap_or_default(),
+                            "CREATE INDEX",
+                        ))
                         .await?;
                 }
                 Ok(())

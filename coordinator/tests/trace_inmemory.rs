@@ -1,15 +1,16 @@
 //! One trace per migration, checked with an in-memory span exporter: a migration of the simple
 //! fixture, run through the library with the in-process agent (reached over gRPC, like a remote
 //! one), produces spans that all share the trace id of the caller's root span, a `phase` span
-//! per phase, one `table_task` span per table with its documented attributes, and `agent_task`
-//! spans whose parent is a `table_task` span (the trace context crossed the gRPC hop).
+//! per phase, one `table_task` span per table with its documented attributes, and the agent's
+//! SERVER spans of the `RunCopy` calls under the coordinator's CLIENT spans of them, under the
+//! `table_task` spans (the trace context crossed the gRPC hop).
 //!
 //! Its own test binary with a single test: it installs the global tracing subscriber.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
-use opentelemetry::trace::{SpanId, TraceId};
+use opentelemetry::trace::{SpanId, SpanKind, TraceId};
 use opentelemetry::Value;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData, SpanExporter};
@@ -23,6 +24,9 @@ use tracing::Instrument;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
+
+/// The exported name of the copy call's spans (client and server).
+const RUN_COPY: &str = "pgzm.agent.v1.Agent/RunCopy";
 
 /// Longest wait for the last spans to be exported.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -126,7 +130,11 @@ async fn a_migration_is_one_trace_with_phase_table_and_agent_spans() {
     // Every span has ended once the root has and the agent's three task spans are in.
     let all_in = |spans: &[SpanData]| {
         spans.iter().any(|s| s.name == "migration_under_test")
-            && spans.iter().filter(|s| s.name == "agent_task").count() >= expected_rows.len()
+            && spans
+                .iter()
+                .filter(|s| s.name == RUN_COPY && s.span_kind == SpanKind::Server)
+                .count()
+                >= expected_rows.len()
     };
     tokio::time::timeout(DEADLINE, async {
         loop {
@@ -211,7 +219,11 @@ async fn a_migration_is_one_trace_with_phase_table_and_agent_spans() {
     let tasks = by_name("table_task");
     let mut task_rows = BTreeMap::new();
     for t in &tasks {
-        let table = attr_str(t, "table");
+        // The live name, schema-qualified.
+        let table = attr_str(t, "table")
+            .strip_prefix("public.")
+            .unwrap_or_else(|| panic!("unqualified table: {t:?}"))
+            .to_string();
         assert!(
             task_rows
                 .insert(table.clone(), attr_i64(t, "rows"))
@@ -231,18 +243,32 @@ async fn a_migration_is_one_trace_with_phase_table_and_agent_spans() {
     }
     assert_eq!(task_rows, expected_rows, "rows per table_task span");
 
-    // The agent's side of each task is a child of the coordinator's task span.
+    // The agent's side of each task (a SERVER span) is a child of the coordinator's CLIENT
+    // span of the call, itself under the task span.
     let task_ids: HashMap<SpanId, String> = tasks
         .iter()
         .map(|t| (t.span_context.span_id(), attr_str(t, "table")))
         .collect();
-    let agent_tasks = by_name("agent_task");
+    let calls: HashMap<SpanId, String> = by_name(RUN_COPY)
+        .into_iter()
+        .filter(|s| s.span_kind == SpanKind::Client)
+        .map(|c| {
+            let table = task_ids.get(&c.parent_span_id).unwrap_or_else(|| {
+                panic!("RunCopy client span not under a table_task:\n{}", summary())
+            });
+            (c.span_context.span_id(), table.clone())
+        })
+        .collect();
+    let agent_tasks: Vec<&SpanData> = by_name(RUN_COPY)
+        .into_iter()
+        .filter(|s| s.span_kind == SpanKind::Server)
+        .collect();
     assert_eq!(agent_tasks.len(), expected_rows.len(), "{}", summary());
     let mut agent_rows = BTreeMap::new();
     for a in &agent_tasks {
-        let parent = task_ids.get(&a.parent_span_id).unwrap_or_else(|| {
+        let parent = calls.get(&a.parent_span_id).unwrap_or_else(|| {
             panic!(
-                "agent_task {:?} is not a child of a table_task span:\n{}",
+                "server span {:?} is not a child of a RunCopy client span:\n{}",
                 a.attributes,
                 summary()
             )
@@ -251,20 +277,23 @@ async fn a_migration_is_one_trace_with_phase_table_and_agent_spans() {
             a.parent_span_is_remote,
             "the parent came over gRPC metadata"
         );
-        // The agent names the shadow table it fills.
-        let table = attr_str(a, "table");
-        assert!(
-            table.contains(&format!("shadow_{parent}")),
-            "agent_task of {table} under the table_task of {parent}"
-        );
-        agent_rows.insert(parent.clone(), attr_i64(a, "rows"));
+        // The same table attribute, and the shadow table it fills beside it.
+        assert_eq!(&attr_str(a, "table"), parent);
+        let shadow = attr_str(a, "shadow");
+        let bare = parent.trim_start_matches("public.");
+        assert_eq!(shadow, format!("public.shadow_{bare}"));
+        agent_rows.insert(bare.to_string(), attr_i64(a, "rows"));
     }
     assert_eq!(agent_rows, expected_rows, "rows per agent_task span");
 
     // The indexes of each table are built under its own span.
     let builds: BTreeSet<String> = by_name("build_table")
         .iter()
-        .map(|s| attr_str(s, "table"))
+        .map(|s| {
+            attr_str(s, "table")
+                .trim_start_matches("public.")
+                .to_string()
+        })
         .collect();
     assert_eq!(
         builds,

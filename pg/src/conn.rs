@@ -256,7 +256,32 @@ impl std::ops::Deref for PgTarget {
     }
 }
 
+/// Where a connection goes, as OpenTelemetry's database conventions name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerOf {
+    /// `db.namespace`: the database.
+    pub namespace: String,
+    /// `server.address`: the first host (a socket directory for Unix sockets).
+    pub address: String,
+    /// `server.port`: the first port.
+    pub port: u16,
+}
+
 impl PgTarget {
+    /// The database, host and port this target connects to (the first of several hosts).
+    pub fn server(&self) -> ServerOf {
+        let address = match self.config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => String::new(),
+        };
+        ServerOf {
+            namespace: self.config.get_dbname().unwrap_or_default().to_string(),
+            address,
+            port: self.config.get_ports().first().copied().unwrap_or(5432),
+        }
+    }
+
     /// The TLS parameters.
     pub fn tls_params(&self) -> &crate::tls::TlsParams {
         &self.params

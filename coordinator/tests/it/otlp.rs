@@ -39,6 +39,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use prost::Message;
 use support::{one_json, simple_pair, text, WorkDir};
@@ -71,7 +72,11 @@ struct Span {
     /// Empty for a root.
     parent: String,
     name: String,
+    /// `SpanKind` (1 internal, 2 server, 3 client).
+    kind: i32,
     attributes: BTreeMap<String, Attr>,
+    /// Its resource's attributes.
+    resource: BTreeMap<String, Attr>,
     /// Event names and their attributes.
     events: Vec<(String, BTreeMap<String, Attr>)>,
     status: (i32, String),
@@ -100,9 +105,13 @@ struct Point {
     service: String,
     transport: &'static str,
     metric: String,
+    /// The instrument's unit.
+    unit: String,
     attributes: BTreeMap<String, Attr>,
     /// Sums and gauges: the value; histograms: the count.
     value: f64,
+    /// Histograms: the bucket boundaries.
+    bounds: Vec<f64>,
 }
 
 #[derive(Debug, Default)]
@@ -186,6 +195,11 @@ impl Receiver {
         c.raw.push(req.encode_to_vec());
         for rs in req.resource_spans {
             let service = service_name(&rs.resource);
+            let resource = rs
+                .resource
+                .as_ref()
+                .map(|r| attrs(&r.attributes))
+                .unwrap_or_default();
             for ss in rs.scope_spans {
                 for s in ss.spans {
                     let status = s.status.map(|st| (st.code, st.message)).unwrap_or_default();
@@ -196,7 +210,9 @@ impl Receiver {
                         span_id: hex(&s.span_id),
                         parent: hex(&s.parent_span_id),
                         name: s.name,
+                        kind: s.kind,
                         attributes: attrs(&s.attributes),
+                        resource: resource.clone(),
                         events: s
                             .events
                             .iter()
@@ -218,13 +234,15 @@ impl Receiver {
             let service = service_name(&rm.resource);
             for sm in rm.scope_metrics {
                 for m in sm.metrics {
-                    let mut push = |attributes: &[KeyValue], value: f64| {
+                    let mut push = |attributes: &[KeyValue], value: f64, bounds: &[f64]| {
                         c.points.push(Point {
                             service: service.clone(),
                             transport,
                             metric: m.name.clone(),
+                            unit: m.unit.clone(),
                             attributes: attrs(attributes),
                             value,
+                            bounds: bounds.to_vec(),
                         })
                     };
                     let number = |v: &Option<number_data_point::Value>| match v {
@@ -235,20 +253,20 @@ impl Receiver {
                     match &m.data {
                         Some(metric::Data::Sum(s)) => {
                             for p in &s.data_points {
-                                push(&p.attributes, number(&p.value));
+                                push(&p.attributes, number(&p.value), &[]);
                             }
                         }
                         Some(metric::Data::Gauge(g)) => {
                             for p in &g.data_points {
-                                push(&p.attributes, number(&p.value));
+                                push(&p.attributes, number(&p.value), &[]);
                             }
                         }
                         Some(metric::Data::Histogram(h)) => {
                             for p in &h.data_points {
-                                push(&p.attributes, p.count as f64);
+                                push(&p.attributes, p.count as f64, &p.explicit_bounds);
                             }
                         }
-                        _ => push(&[], f64::NAN),
+                        _ => push(&[], f64::NAN, &[]),
                     }
                 }
             }
@@ -586,6 +604,7 @@ fn assert_one_trace(
     agent: &str,
     agent_url: &str,
     transport: &str,
+    dest: &Dest,
 ) {
     let summary = c.summary();
     let coord = c.spans_of(coordinator);
@@ -650,6 +669,16 @@ fn assert_one_trace(
             .get("table")
             .map(Attr::to_string)
             .unwrap_or_default();
+        // The live name, schema-qualified, and the shadow table beside it.
+        let bare = table
+            .strip_prefix("public.")
+            .unwrap_or_else(|| panic!("table {table:?} is not schema-qualified"))
+            .to_string();
+        assert_eq!(
+            t.attributes.get("shadow"),
+            Some(&Attr::Str(format!("public.shadow_{bare}"))),
+            "{t:?}"
+        );
         assert_eq!(
             t.attributes.get("agent"),
             Some(&Attr::Str(agent_url.into())),
@@ -664,7 +693,7 @@ fn assert_one_trace(
             Some(Attr::Int(n)) => *n,
             other => panic!("rows of {table}: {other:?}"),
         };
-        assert!(task_of.insert(t.span_id.clone(), (table, rows)).is_none());
+        assert!(task_of.insert(t.span_id.clone(), (bare, rows)).is_none());
     }
     let mut rows: BTreeMap<String, i64> = task_of.values().cloned().collect();
     assert_eq!(
@@ -675,32 +704,159 @@ fn assert_one_trace(
     let expected = expected_rows();
     assert_eq!(rows, expected, "rows of the task spans");
 
-    // The agent process's task spans: children of the coordinator's task spans.
-    rows.clear();
-    let agent_tasks: Vec<&&Span> = agent_spans
-        .iter()
-        .filter(|s| s.name == "agent_task")
-        .collect();
-    for a in &agent_tasks {
-        let Some((table, _)) = task_of.get(&a.parent) else {
-            panic!("agent_task {a:?} is not a child of a table_task span:\n{summary}");
+    // Each task's gRPC call: a CLIENT span under the task span, and the agent's SERVER span
+    // under it, both by the RPC conventions.
+    let run_copy = "pgzm.agent.v1.Agent/RunCopy";
+    let (host, port) = agent_url
+        .trim_start_matches("http://")
+        .rsplit_once(':')
+        .expect("agent address");
+    let mut client_of = BTreeMap::new();
+    for c in coord.iter().filter(|s| s.name == run_copy) {
+        assert_eq!(c.kind, SpanKind::Client as i32, "{c:?}");
+        let Some((table, _)) = task_of.get(&c.parent) else {
+            panic!("RunCopy client span {c:?} is not under a table_task:\n{summary}");
         };
-        let shadow = a
+        assert_rpc(c, "RunCopy");
+        assert_eq!(
+            c.attributes.get("server.address"),
+            Some(&Attr::Str(host.into()))
+        );
+        assert_eq!(
+            c.attributes.get("server.port"),
+            Some(&Attr::Int(port.parse().expect("port")))
+        );
+        client_of.insert(c.span_id.clone(), table.clone());
+    }
+    assert_eq!(client_of.len(), TABLES.len(), "{summary}");
+    rows.clear();
+    let agent_tasks: Vec<&&Span> = agent_spans.iter().filter(|s| s.name == run_copy).collect();
+    let mut server_of = BTreeMap::new();
+    for a in &agent_tasks {
+        assert_eq!(a.kind, SpanKind::Server as i32, "{a:?}");
+        assert_rpc(a, "RunCopy");
+        let Some(table) = client_of.get(&a.parent) else {
+            panic!("server span {a:?} is not a child of a RunCopy client span:\n{summary}");
+        };
+        assert_eq!(
+            a.attributes.get("table"),
+            Some(&Attr::Str(format!("public.{table}")))
+        );
+        assert_eq!(
+            a.attributes.get("shadow"),
+            Some(&Attr::Str(format!("public.shadow_{table}")))
+        );
+        let Some(Attr::Int(n)) = a.attributes.get("rows") else {
+            panic!("server span without integer rows: {a:?}");
+        };
+        rows.insert(table.clone(), *n);
+        server_of.insert(a.span_id.clone(), table.clone());
+    }
+    assert_eq!(agent_tasks.len(), TABLES.len(), "{summary}");
+    assert_eq!(rows, expected, "rows of the agents' server spans");
+
+    // Spans that write into PostgreSQL carry the database conventions' attributes.
+    let copies: Vec<&&Span> = agent_spans
+        .iter()
+        .filter(|s| s.name == "copy_task")
+        .collect();
+    assert_eq!(copies.len(), TABLES.len(), "{summary}");
+    for c in copies {
+        let table = server_of
+            .get(&c.parent)
+            .unwrap_or_else(|| panic!("copy_task {c:?} not under a server span"));
+        assert_db(c, dest, &format!("public.shadow_{table}"), "COPY");
+        assert_eq!(
+            c.attributes.get("table"),
+            Some(&Attr::Str(format!("public.{table}")))
+        );
+    }
+    let builds: Vec<&&Span> = coord.iter().filter(|s| s.name == "build_table").collect();
+    assert_eq!(builds.len(), TABLES.len(), "{summary}");
+    for b in builds {
+        let table = b
             .attributes
             .get("table")
             .map(Attr::to_string)
             .unwrap_or_default();
-        assert!(
-            shadow.contains(&format!("shadow_{table}")),
-            "{shadow} under {table}"
-        );
-        let Some(Attr::Int(n)) = a.attributes.get("rows") else {
-            panic!("agent_task without integer rows: {a:?}");
-        };
-        rows.insert(table.clone(), *n);
+        let bare = table.trim_start_matches("public.");
+        assert!(expected.contains_key(bare), "{b:?}");
+        assert_db(b, dest, &format!("public.shadow_{bare}"), "CREATE INDEX");
     }
-    assert_eq!(agent_tasks.len(), TABLES.len(), "{summary}");
-    assert_eq!(rows, expected, "rows of the agent_task spans");
+
+    // No tracing noise; the resource says which pgzm.
+    for s in &c.spans {
+        for noise in ["busy_ns", "idle_ns", "thread.id", "thread.name", "target"] {
+            assert!(!s.attributes.contains_key(noise), "{noise} on {s:?}");
+        }
+        assert!(
+            !s.attributes.keys().any(|k| k.starts_with("code.")),
+            "code.* on {s:?}"
+        );
+        assert_eq!(
+            s.resource.get("service.version"),
+            Some(&Attr::Str(env!("CARGO_PKG_VERSION").into())),
+            "{s:?}"
+        );
+    }
+}
+
+/// A span of the RPC conventions for `method`, with an OK status.
+fn assert_rpc(s: &Span, method: &str) {
+    assert_eq!(
+        s.attributes.get("rpc.system"),
+        Some(&Attr::Str("grpc".into())),
+        "{s:?}"
+    );
+    assert_eq!(
+        s.attributes.get("rpc.service"),
+        Some(&Attr::Str("pgzm.agent.v1.Agent".into())),
+        "{s:?}"
+    );
+    assert_eq!(
+        s.attributes.get("rpc.method"),
+        Some(&Attr::Str(method.into())),
+        "{s:?}"
+    );
+    assert_eq!(
+        s.attributes.get("rpc.grpc.status_code"),
+        Some(&Attr::Int(0)),
+        "{s:?}"
+    );
+}
+
+/// A span of the database conventions: PostgreSQL, the destination `dest` (database, address
+/// and port), the table written and the operation.
+fn assert_db(s: &Span, dest: &Dest, collection: &str, operation: &str) {
+    let want = [
+        ("db.system.name", Attr::Str("postgresql".into())),
+        ("db.namespace", Attr::Str(dest.name.clone())),
+        ("server.address", Attr::Str("127.0.0.1".into())),
+        ("server.port", Attr::Int(i64::from(dest.port))),
+        ("db.collection.name", Attr::Str(collection.into())),
+        ("db.operation.name", Attr::Str(operation.into())),
+    ];
+    for (key, value) in want {
+        assert_eq!(s.attributes.get(key), Some(&value), "{key} of {s:?}");
+    }
+}
+
+/// The destination database, as spans name it.
+struct Dest {
+    name: String,
+    port: u16,
+}
+
+/// The port in `db`'s URL.
+fn dest_port(db: &pgzm_tests::TestDb) -> u16 {
+    let url = db.url();
+    let after = url.rsplit_once('@').map_or(url.as_str(), |(_, a)| a);
+    after
+        .split('/')
+        .next()
+        .and_then(|hp| hp.rsplit_once(':'))
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {url}"))
 }
 
 /// [`TABLES`] as a map.
@@ -711,6 +867,9 @@ fn expected_rows() -> BTreeMap<String, i64> {
 /// The copy metrics of `service`: the last value of `pgzm.copy.rows` per table.
 fn copied_rows(c: &Collected, service: &str) -> BTreeMap<String, i64> {
     rows_metric(c, service, "pgzm.copy.rows")
+        .into_iter()
+        .map(|(t, n)| (t.trim_start_matches("public.").to_string(), n))
+        .collect()
 }
 
 /// The last value of the row counter `metric` of `service`, per table.
@@ -736,7 +895,7 @@ fn has_copy_rows(c: &Collected, service: &str) -> bool {
 fn all_agent_tasks(c: &Collected, service: &str) -> bool {
     c.spans_of(service)
         .iter()
-        .filter(|s| s.name == "agent_task")
+        .filter(|s| s.name == "pgzm.agent.v1.Agent/RunCopy")
         .count()
         >= TABLES.len()
 }
@@ -822,9 +981,11 @@ async fn export_joins_coordinator_and_agent_in_one_trace(transport: Transport) -
     if transport == Transport::Grpc {
         // The coordinator flushed at exit; the agent, still running, exports on its batch
         // schedule.
+        // Its metrics too: it exports them after its tasks end, not on the minute's schedule.
         receiver
-            .wait_for("the agent's task spans", |c| {
+            .wait_for("the agent's task spans and metrics", |c| {
                 all_agent_tasks(c, &agent_service)
+                    && rows_metric(c, &agent_service, "pgzm_agent.task.rows").len() == TABLES.len()
             })
             .await;
     }
@@ -841,7 +1002,11 @@ async fn export_joins_coordinator_and_agent_in_one_trace(transport: Transport) -
         })
         .await;
     let c = receiver.lock();
-    assert_one_trace(&c, &coordinator, &agent_service, &agent_url, t);
+    let dest_db = Dest {
+        name: dest.name().to_string(),
+        port: dest_port(&dest),
+    };
+    assert_one_trace(&c, &coordinator, &agent_service, &agent_url, t, &dest_db);
     assert_eq!(
         copied_rows(&c, &coordinator),
         expected_rows(),
@@ -857,23 +1022,66 @@ async fn export_joins_coordinator_and_agent_in_one_trace(transport: Transport) -
 async fn grpc_export_joins_coordinator_and_agent_in_one_trace() {
     let receiver = export_joins_coordinator_and_agent_in_one_trace(Transport::Grpc).await;
     let c = receiver.lock();
-    // The agent counts what it wrote, under the shadow tables' names.
+    // The agent counts what it wrote, under the tables' live names.
     let agent_rows: BTreeMap<String, i64> =
         rows_metric(&c, "otlp-grpc-agent", "pgzm_agent.task.rows")
             .into_iter()
-            .map(|(t, n)| (t.trim_start_matches("public.shadow_").to_string(), n))
+            .map(|(t, n)| (t.trim_start_matches("public.").to_string(), n))
             .collect();
     assert_eq!(agent_rows, expected_rows(), "{}", c.summary());
-    let metrics: BTreeSet<&str> = c.points.iter().map(|p| p.metric.as_str()).collect();
-    for m in [
-        "pgzm.copy.rows",
-        "pgzm.copy.bytes",
-        "pgzm.copy.task.duration",
-        "pgzm.swap.lock_held",
-        "pgzm.swap.lock_wait",
+    // Every instrument has its unit; durations in seconds have buckets that fit seconds.
+    let task_seconds = pgzm_agent::metrics::TASK_SECONDS.to_vec();
+    let swap_seconds = pgzm_coordinator::metrics::SWAP_SECONDS.to_vec();
+    for (service, metric, unit, bounds) in [
+        ("otlp-grpc-coordinator", "pgzm.copy.rows", "{row}", None),
+        ("otlp-grpc-coordinator", "pgzm.copy.bytes", "By", None),
+        (
+            "otlp-grpc-coordinator",
+            "pgzm.copy.task.duration",
+            "s",
+            Some(&task_seconds),
+        ),
+        (
+            "otlp-grpc-coordinator",
+            "pgzm.swap.lock_held",
+            "s",
+            Some(&swap_seconds),
+        ),
+        (
+            "otlp-grpc-coordinator",
+            "pgzm.swap.lock_wait",
+            "s",
+            Some(&swap_seconds),
+        ),
+        ("otlp-grpc-agent", "pgzm_agent.task.rows", "{row}", None),
+        ("otlp-grpc-agent", "pgzm_agent.task.bytes", "By", None),
+        (
+            "otlp-grpc-agent",
+            "pgzm_agent.task.duration",
+            "s",
+            Some(&task_seconds),
+        ),
     ] {
-        assert!(metrics.contains(m), "metric {m} missing: {metrics:?}");
+        let points: Vec<&Point> = c
+            .points
+            .iter()
+            .filter(|p| p.service == service && p.metric == metric)
+            .collect();
+        assert!(!points.is_empty(), "metric {metric} of {service} missing");
+        for p in points {
+            assert_eq!(p.unit, unit, "{p:?}");
+            if let Some(bounds) = bounds {
+                assert_eq!(&p.bounds, bounds, "{p:?}");
+            }
+        }
     }
+    // The coordinator exports its metrics once, at exit: one point per table.
+    let coordinator_rows = c
+        .points
+        .iter()
+        .filter(|p| p.service == "otlp-grpc-coordinator" && p.metric == "pgzm.copy.rows")
+        .count();
+    assert_eq!(coordinator_rows, TABLES.len(), "{}", c.summary());
 }
 
 /// OTLP http/protobuf (the default protocol for the coordinator, explicit for the agent).
