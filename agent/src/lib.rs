@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod model;
 pub mod peer;
 pub mod pool;
+pub mod prometheus;
 pub mod service;
 pub mod stream;
 

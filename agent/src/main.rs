@@ -10,6 +10,7 @@ use clap::{Parser, ValueEnum};
 use pgzm_agent::endpoint::Databases;
 use pgzm_agent::health::Health;
 use pgzm_agent::peer::PeerConnector;
+use pgzm_agent::prometheus::Snapshot;
 use pgzm_agent::service::{AgentConfig, AgentService};
 use pgzm_agent::telemetry::{self, LogFormat};
 use pgzm_proto::agent::v1 as proto;
@@ -87,6 +88,10 @@ struct Args {
     /// Kubernetes' gRPC probes. NOT_SERVING once the agent drains.
     #[arg(long, value_name = "HOST:PORT")]
     health_listen: Option<SocketAddr>,
+    /// Serve the agent's metrics for Prometheus at http://HOST:PORT/metrics (plaintext, metrics
+    /// only; rendered every 5 s and after tasks end).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_listen: Option<SocketAddr>,
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
     log_format: LogFormatArg,
@@ -99,7 +104,7 @@ fn read(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("read {}", path.display()))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, prometheus: Option<Snapshot>) -> anyhow::Result<()> {
     let databases = Databases::parse(&args.databases).map_err(anyhow::Error::msg)?;
     let mut builder = Server::builder();
     let mut peer_tls = None;
@@ -189,6 +194,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_server = match (args.metrics_listen, prometheus) {
+        (Some(addr), Some(snapshot)) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listen on {addr} (--metrics-listen)"))?;
+            let local = listener.local_addr()?;
+            info!(listen = %local, "Prometheus metrics at /metrics (plaintext, metrics only)");
+            println!("metrics listening on {local}");
+            Some(tokio::spawn(pgzm_agent::prometheus::serve(
+                listener,
+                snapshot,
+                async {
+                    let _ = metrics_stopped.await;
+                },
+            )))
+        }
+        _ => None,
+    };
     // The port goes to stdout too, so a supervisor (or test) that asked for port 0 learns it.
     println!("listening on {local}");
     // Small messages (task events) must not wait for Nagle's algorithm.
@@ -216,6 +240,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("serve");
     let _ = stop_health.send(());
+    let _ = stop_metrics.send(());
+    if let Some(task) = metrics_server {
+        let _ = task.await;
+    }
     if let Some(task) = health_server {
         if let Ok(Err(e)) = task.await {
             warn!(error = %e, "the health service stopped with an error");
@@ -243,13 +271,20 @@ fn main() -> ExitCode {
         LogFormatArg::Text => LogFormat::Text,
         LogFormatArg::Json => LogFormat::Json,
     };
+    let prometheus = args.metrics_listen.map(|_| Snapshot::default());
     let telemetry = {
         let _g = runtime.enter();
-        let telemetry = telemetry::init("pgzm-agent", default, format, args.verbose);
+        let telemetry = telemetry::init(
+            "pgzm-agent",
+            default,
+            format,
+            args.verbose,
+            prometheus.as_ref(),
+        );
         telemetry.flush_metrics_after_tasks();
         telemetry
     };
-    let result = runtime.block_on(run(args));
+    let result = runtime.block_on(run(args, prometheus));
     drop(runtime);
     telemetry.shutdown();
     match result {

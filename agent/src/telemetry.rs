@@ -340,7 +340,16 @@ fn log_line() -> LogLine {
 /// Sets up logging (and OTLP export when configured) for a binary named `service`.
 /// `default_filter` is the log filter unless `PGZM_LOG` is set. Spans carry tracing's own
 /// attributes (`busy_ns`, `idle_ns`, `thread.*`, `code.*`) only at `verbose` 2 (`-vv`).
-pub fn init(service: &str, default_filter: &str, format: LogFormat, verbose: u8) -> Telemetry {
+///
+/// With `prometheus`, the metrics are also rendered into that snapshot (the agent's
+/// `--metrics-listen` endpoint serves it), with or without OTLP export.
+pub fn init(
+    service: &str,
+    default_filter: &str,
+    format: LogFormat,
+    verbose: u8,
+    prometheus: Option<&crate::prometheus::Snapshot>,
+) -> Telemetry {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter =
         || EnvFilter::try_from_env("PGZM_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
@@ -368,7 +377,7 @@ pub fn init(service: &str, default_filter: &str, format: LogFormat, verbose: u8)
     };
     let mut otel_error = None;
     let otel = if otlp_configured() {
-        match build_providers(service) {
+        match build_providers(service, prometheus) {
             Ok((tracer, meter, what)) => {
                 let layer = otel_layer(tracer.tracer(service.to_string()), verbose)
                     // `pgzm` is the target of the coordinator binary's root span: without it
@@ -388,6 +397,14 @@ pub fn init(service: &str, default_filter: &str, format: LogFormat, verbose: u8)
             }
         }
     } else {
+        if let Some(snapshot) = prometheus {
+            let meter = SdkMeterProvider::builder()
+                .with_resource(resource(service))
+                .with_reader(prometheus_reader(snapshot))
+                .build();
+            opentelemetry::global::set_meter_provider(meter.clone());
+            telemetry.meter_provider = Some(meter);
+        }
         None
     };
     let _ = tracing_subscriber::registry()
@@ -403,7 +420,22 @@ pub fn init(service: &str, default_filter: &str, format: LogFormat, verbose: u8)
     telemetry
 }
 
-fn build_providers(service: &str) -> Result<(SdkTracerProvider, SdkMeterProvider, String), String> {
+/// The reader that renders the metrics for Prometheus every
+/// [`crate::prometheus::SCRAPE_INTERVAL`] (and on every flush).
+fn prometheus_reader(
+    snapshot: &crate::prometheus::Snapshot,
+) -> opentelemetry_sdk::metrics::PeriodicReader<crate::prometheus::SnapshotExporter> {
+    opentelemetry_sdk::metrics::PeriodicReader::builder(crate::prometheus::SnapshotExporter(
+        snapshot.clone(),
+    ))
+    .with_interval(crate::prometheus::SCRAPE_INTERVAL)
+    .build()
+}
+
+fn build_providers(
+    service: &str,
+    prometheus: Option<&crate::prometheus::Snapshot>,
+) -> Result<(SdkTracerProvider, SdkMeterProvider, String), String> {
     use opentelemetry_otlp::{MetricExporter, SpanExporter as OtlpSpanExporter};
     let runtime = exporter_runtime().map_err(|e| format!("start the exporter runtime: {e}"))?;
     let grpc = grpc();
@@ -432,10 +464,13 @@ fn build_providers(service: &str) -> Result<(SdkTracerProvider, SdkMeterProvider
         .with_resource(resource.clone())
         .with_batch_exporter(spans)
         .build();
-    let meter = SdkMeterProvider::builder()
+    let mut meter = SdkMeterProvider::builder()
         .with_resource(resource)
-        .with_periodic_exporter(metrics)
-        .build();
+        .with_periodic_exporter(metrics);
+    if let Some(snapshot) = prometheus {
+        meter = meter.with_reader(prometheus_reader(snapshot));
+    }
+    let meter = meter.build();
     Ok((
         tracer,
         meter,

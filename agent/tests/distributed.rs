@@ -7,6 +7,7 @@
 //!   loopback, SIGTERM;
 //! - `health`: the gRPC health service on the agent's port and on a plaintext health port,
 //!   NOT_SERVING while it drains; refused calls logged, rate-limited;
+//! - `prometheus`: the `--metrics-listen` scrape endpoint after a migration;
 //! - `guard`: what a token holder cannot make an agent do (connect where it was not told to,
 //!   write outside the shadow tables of a migration that is copying);
 //! - `placement`: source-side and destination-side agents holding only their own database's
@@ -38,6 +39,8 @@ mod health;
 mod pg_tls;
 #[path = "distributed/placement.rs"]
 mod placement;
+#[path = "distributed/prometheus.rs"]
+mod prometheus;
 
 /// Migrates the TES fixture plus `big` (split into page ranges) with `n` agents of one task
 /// slot each, and checks the result and who did what.

@@ -24,7 +24,7 @@ fn init_telemetry(cli: &Cli) -> telemetry::Telemetry {
         LogFormatArg::Text => telemetry::LogFormat::Text,
         LogFormatArg::Json => telemetry::LogFormat::Json,
     };
-    telemetry::init("pgzm", default, format, cli.verbose)
+    telemetry::init("pgzm", default, format, cli.verbose, None)
 }
 
 /// The agents of a run: remote ones when given (then `--jobs` defaults to their capacity),
