@@ -46,6 +46,20 @@ impl Health {
     }
 }
 
+/// gRPC server reflection (v1) of the agent's and the health service's APIs, for tools such as
+/// `grpcurl` (served on the agent's port).
+pub fn reflection() -> Result<
+    tonic_reflection::pb::v1::server_reflection_server::ServerReflectionServer<
+        impl tonic_reflection::pb::v1::server_reflection_server::ServerReflection,
+    >,
+    tonic_reflection::server::Error,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pgzm_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+}
+
 /// How often a refusal of the same kind is logged: the first at once, then at most one line
 /// per interval, with the number of refusals left out meanwhile.
 pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);

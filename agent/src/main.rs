@@ -233,8 +233,10 @@ async fn run(args: Args, prometheus: Option<Snapshot>) -> anyhow::Result<()> {
         draining.draining().await;
         info!("shutting down: no new tasks; running tasks finish; health reports NOT_SERVING");
     };
+    let reflection = pgzm_agent::health::reflection().context("build the reflection service")?;
     let served = builder
         .add_service(health_service)
+        .add_service(reflection)
         .add_service(AgentService::with_config(config).into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

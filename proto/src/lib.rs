@@ -13,5 +13,9 @@ pub mod agent {
     }
 }
 
+/// The encoded `FileDescriptorSet` of `agent.proto`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/agent_descriptor.bin"));
+
 /// Protocol version spoken by this build; agents refuse coordinators with another one.
 pub const PROTOCOL_VERSION: u32 = 2;

@@ -1,6 +1,6 @@
 //! The agent's health as a prober sees it: `grpc.health.v1.Health` on the agent's own port and
 //! on the plaintext `--health-listen` port, SERVING while it takes tasks and NOT_SERVING from
-//! its SIGTERM until its last call ends; calls refused for want of the token are logged with
+//! its SIGTERM until its last call ends; gRPC reflection lists the services; calls refused for want of the token are logged with
 //! the peer and the reason, once per interval however many there are.
 
 use std::time::Duration;
@@ -12,6 +12,10 @@ use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
 
 use super::*;
 
@@ -66,6 +70,37 @@ async fn health_is_served_on_both_ports_and_turns_not_serving_while_draining() {
         .await
         .expect_err("an unknown service");
     assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+    // The agent's port describes its services (gRPC reflection).
+    let mut reflection = ServerReflectionClient::new(
+        Channel::from_shared(agent.http_url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect"),
+    );
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter([ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        }]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let answer = answers
+        .message()
+        .await
+        .expect("a reflection answer")
+        .expect("an answer");
+    let services: Vec<String> = match answer.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("not a service list: {other:?}"),
+    };
+    for service in [AGENT_SERVICE, "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|s| s == service), "{services:?}");
+    }
 
     // The health port serves health only (plaintext, without the token).
     let mut agent_api_on_health_port = AgentClient::new(
