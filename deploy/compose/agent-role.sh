@@ -11,8 +11,11 @@ case "${PGZM_AGENT_SIDE:?set PGZM_AGENT_SIDE to source or destination}" in
     destination) grants="" ;;
     *) echo "PGZM_AGENT_SIDE must be source or destination" >&2; exit 1 ;;
 esac
-psql -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" \
-    -v pw="${PGZM_AGENT_DB_PASSWORD:?set PGZM_AGENT_DB_PASSWORD}" <<SQL
+: "${PGZM_AGENT_DB_PASSWORD:?set PGZM_AGENT_DB_PASSWORD}"
+export PGZM_AGENT_DB_PASSWORD
+# psql reads the password from its environment (\getenv, psql 15+): never on its command line.
+psql -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" <<SQL
+\\getenv pw PGZM_AGENT_DB_PASSWORD
 CREATE ROLE pgzm_agent LOGIN PASSWORD :'pw';
 $grants
 SQL
