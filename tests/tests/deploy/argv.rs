@@ -83,18 +83,16 @@ fn argument_problems(arg: &str, kubernetes: Option<&Invocation>) -> Vec<(String,
             for c in kubernetes_ref.captures_iter(arg) {
                 let name = &c[1];
                 let why = if invocation.secret_variables.contains(name) {
-                    Some(format!("${name} comes from a Secret"))
+                    Some("comes from a Secret")
                 } else if sensitive(name) {
-                    Some(format!(
-                        "${name} may hold a password or a connection string"
-                    ))
+                    Some("may hold a password or a connection string (by its name)")
                 } else if invocation.secret_env_from {
-                    Some(format!("${name} may come from a Secret (envFrom)"))
+                    Some("may come from a Secret (envFrom)")
                 } else {
                     None
                 };
                 if let Some(why) = why {
-                    problems.push((c[0].to_string(), format!("expands {why}")));
+                    problems.push((c[0].to_string(), format!("expands $({name}), which {why}")));
                 }
             }
         }
@@ -102,7 +100,7 @@ fn argument_problems(arg: &str, kubernetes: Option<&Invocation>) -> Vec<(String,
             for name in expanded_variables(arg).into_iter().filter(|n| sensitive(n)) {
                 problems.push((
                     format!("${name}"),
-                    format!("expands ${name}, which may hold a password or a connection string"),
+                    format!("expands ${name}, which may hold a password or a connection string (by its name)"),
                 ));
             }
         }
