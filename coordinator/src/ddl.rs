@@ -150,7 +150,39 @@ pub fn set_sequence(shadow: &str, s: &Sequence) -> String {
     )
 }
 
-fn column_sql(c: &Column, schema: &str, sequences: &[Sequence], renames: &Renames) -> String {
+/// The name PostgreSQL gives a NOT NULL constraint of `column` of `table` when none is given
+/// (PostgreSQL 18: `makeObjectName(table, column, "not_null")`): the longer of the two names is
+/// cut until the whole fits in 63 bytes (on a character boundary).
+pub fn default_not_null_name(table: &str, column: &str) -> String {
+    const LABEL: &str = "not_null";
+    let available = 63 - (LABEL.len() + 1) - 1;
+    let (mut n1, mut n2) = (table.len(), column.len());
+    while n1 + n2 > available {
+        if n1 > n2 {
+            n1 -= 1;
+        } else {
+            n2 -= 1;
+        }
+    }
+    let clip = |s: &str, mut n: usize| {
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        s[..n].to_string()
+    };
+    format!("{}_{}_{LABEL}", clip(table, n1), clip(column, n2))
+}
+
+/// A column's definition in the shadow table of `table` (its live name), for a destination of
+/// `server_version`.
+fn column_sql(
+    c: &Column,
+    table: &str,
+    schema: &str,
+    sequences: &[Sequence],
+    renames: &Renames,
+    server_version: i32,
+) -> String {
     let mut sql = format!("{} {}", quote_ident(&c.name), renames.apply(&c.type_sql));
     if let Some(coll) = &c.collation {
         sql.push_str(&format!(" COLLATE {coll}"));
@@ -179,12 +211,27 @@ fn column_sql(c: &Column, schema: &str, sequences: &[Sequence], renames: &Rename
     }
     if let Some(g) = &c.generated {
         sql.push_str(&format!(
-            " GENERATED ALWAYS AS ({}) STORED",
-            renames.apply(g)
+            " GENERATED ALWAYS AS ({}) {}",
+            renames.apply(g),
+            if c.generated_virtual {
+                "VIRTUAL"
+            } else {
+                "STORED"
+            }
         ));
     }
     if c.not_null {
-        sql.push_str(" NOT NULL");
+        // PostgreSQL 18 names NOT NULL constraints: the source's name, or the one the live
+        // table's own would have (not the shadow table's).
+        if server_version >= 180000 {
+            let name = c
+                .not_null_name
+                .clone()
+                .unwrap_or_else(|| default_not_null_name(table, &c.name));
+            sql.push_str(&format!(" CONSTRAINT {} NOT NULL", quote_ident(&name)));
+        } else {
+            sql.push_str(" NOT NULL");
+        }
     }
     sql
 }
@@ -192,16 +239,33 @@ fn column_sql(c: &Column, schema: &str, sequences: &[Sequence], renames: &Rename
 /// `CREATE TABLE` for a shadow table — columns, defaults, identity, generated columns, NOT NULL
 /// and validated CHECK constraints; keys, indexes and foreign keys come after the data — plus
 /// comments and the ownership of serial sequences.
+/// `server_version` is the destination's.
 pub fn create_table(
     t: &Table,
     shadow: &str,
     sequences: &[Sequence],
     renames: &Renames,
+    server_version: i32,
 ) -> Vec<String> {
     let mut parts: Vec<String> = t
         .columns
         .iter()
-        .map(|c| column_sql(c, &t.schema, sequences, renames))
+        .map(|c| {
+            // A partition's identity is its partitioned table's (PostgreSQL 17 shows it on the
+            // partitions too, and refuses to attach a table with one of its own).
+            let own;
+            let c = if t.partition_of.is_some() && c.identity.is_some() {
+                own = Column {
+                    identity: None,
+                    identity_sequence: None,
+                    ..c.clone()
+                };
+                &own
+            } else {
+                c
+            };
+            column_sql(c, &t.name, &t.schema, sequences, renames, server_version)
+        })
         .collect();
     for c in t
         .constraints
@@ -443,6 +507,21 @@ pub fn create_trigger(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn not_null_names_are_cut_as_postgresql_cuts_them() {
+        assert_eq!(
+            default_not_null_name("account", "email"),
+            "account_email_not_null"
+        );
+        let long = default_not_null_name(&"t".repeat(60), &"c".repeat(10));
+        assert_eq!(long.len(), 63);
+        assert!(long.starts_with(&format!("{}_{}_", "t".repeat(43), "c".repeat(10))));
+        // Never inside a character.
+        let name = default_not_null_name(&"é".repeat(40), "c");
+        assert!(name.len() <= 63 && name.ends_with("_c_not_null"), "{name}");
+    }
+
     use super::*;
 
     #[test]

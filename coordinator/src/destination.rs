@@ -243,6 +243,8 @@ impl ForeignKeyIn {
 /// Snapshot of the destination.
 #[derive(Debug, Clone, Default)]
 pub struct Destination {
+    /// The destination server's `server_version_num`.
+    pub server_version: i32,
     /// The schemas read (the migrated ones).
     pub schemas: Vec<String>,
     /// Live tables of the migrated schemas.
@@ -500,6 +502,9 @@ fn err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError
 pub async fn read(client: &Client, schemas: &[String]) -> Result<Destination, CoordinatorError> {
     let mut dest = Destination {
         schemas: schemas.to_vec(),
+        server_version: crate::catalog::server_version(client)
+            .await
+            .map_err(err("the server version"))?,
         ..Destination::default()
     };
     read_tables(client, &mut dest).await?;

@@ -10,6 +10,7 @@ pub mod backup;
 pub mod build;
 pub mod catalog;
 pub mod cli;
+pub mod compat;
 pub mod conninfo;
 pub mod copy;
 pub mod cutover;

@@ -174,6 +174,7 @@ async fn plan_migration(
     let (mut plan, mut problems) =
         plan::build_all(migration_id, opts.source.to_string(), schema, dest, earlier);
     problems.extend(crate::dependents::check(control, &mut plan, dest).await?);
+    problems.extend(crate::compat::problems(schema, dest.server_version));
     problems.extend(sides.preserved_problems.iter().cloned());
     for name in preserved_names
         .iter()
@@ -340,6 +341,32 @@ pub async fn prepare(
         .cleaned_up
         .extend(clean_earlier_leftovers(&control, &others, opts.swap).await?);
 
+    // A destination older than the source may lack what the source's definitions use: every
+    // statement the run will need is rehearsed there first (rolled back), so the run is
+    // refused before it creates anything rather than failing on the way (after the earlier runs'
+    // leftovers went, whose names the rehearsal would collide with).
+    if interrupted.is_none()
+        && crate::compat::older_destination(schema.server_version, dest.server_version)
+    {
+        let failures = phases
+            .run(
+                "rehearsal",
+                crate::rehearsal::rehearse(&control, &plan, schema, dest, &renames),
+            )
+            .await?;
+        if !failures.is_empty() {
+            let (from, to) = (
+                crate::compat::major(schema.server_version),
+                crate::compat::major(dest.server_version),
+            );
+            return Err(refused(
+                failures
+                    .into_iter()
+                    .map(|f| format!("the source runs PostgreSQL {from} and the destination {to}, which cannot represent what follows: {f}"))
+                    .collect(),
+            ));
+        }
+    }
     let mut control = control;
     let mut created = match &interrupted {
         Some(run) => {

@@ -71,7 +71,13 @@ pub fn statements(
             continue;
         };
         let action = format!("create shadow table \"{}\"", tp.shadow);
-        for sql in ddl::create_table(t, &tp.shadow, &schema.sequences, renames) {
+        for sql in ddl::create_table(
+            t,
+            &tp.shadow,
+            &schema.sequences,
+            renames,
+            dest.server_version,
+        ) {
             statements.push((action.clone(), sql));
         }
         if let Some(live) = dest.tables.get(&t.qualname()) {

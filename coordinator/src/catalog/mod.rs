@@ -16,7 +16,9 @@ use tokio_postgres::Client;
 use crate::error::CoordinatorError;
 pub use crate::naming::QualName;
 
-pub use queries::{matviews_by_oid, read_schema, topological_order, VIEW_DEPENDENCIES_SQL};
+pub use queries::{
+    matviews_by_oid, read_schema, server_version, topological_order, VIEW_DEPENDENCIES_SQL,
+};
 
 /// Object id of a catalog row.
 pub type Oid = u32;
@@ -24,6 +26,8 @@ pub type Oid = u32;
 /// Everything a table-swap migration carries from the source.
 #[derive(Debug, Clone, Default)]
 pub struct SourceSchema {
+    /// The source server's `server_version_num`.
+    pub server_version: i32,
     /// The schemas migrated.
     pub schemas: Vec<String>,
     /// Ordinary and partitioned tables of the schemas (extension members excluded), by
@@ -159,8 +163,12 @@ pub struct Column {
     pub identity: Option<Identity>,
     /// Sequence behind an identity column.
     pub identity_sequence: Option<String>,
-    /// Expression of a stored generated column.
+    /// Expression of a generated column.
     pub generated: Option<String>,
+    /// Whether the generated column is virtual (PostgreSQL 18), not stored.
+    pub generated_virtual: bool,
+    /// The name of its NOT NULL constraint (PostgreSQL 18 names them).
+    pub not_null_name: Option<String>,
     /// Collation, qualified, when it differs from the type's default.
     pub collation: Option<String>,
     /// COMMENT ON COLUMN.

@@ -65,6 +65,10 @@ SELECT a.attrelid AS table_oid, a.attname::text AS name, format_type(a.atttypid,
        CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, d.adrelid) END AS default_expr,
        a.attidentity::text AS identity,
        CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END AS generated,
+       a.attgenerated = 'v' AS generated_virtual,
+       -- PostgreSQL 18 names NOT NULL constraints (`pg_constraint.contype = 'n'`).
+       (SELECT n.conname::text FROM pg_constraint n
+         WHERE n.conrelid = a.attrelid AND n.contype = 'n' AND n.conkey[1] = a.attnum LIMIT 1) AS not_null_name,
        CASE WHEN a.attcollation <> t.typcollation AND a.attcollation <> 0
             THEN quote_ident(cn.nspname) || '.' || quote_ident(co.collname) END AS collation,
        col_description(a.attrelid, a.attnum) AS comment
@@ -240,6 +244,17 @@ const EXTENSIONS: &str = "
 SELECT e.extname::text AS name, n.nspname::text AS schema_name FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
 WHERE e.extname <> 'plpgsql' ORDER BY 1";
 
+/// The server's `server_version_num` (e.g. 180004).
+pub async fn server_version(client: &Client) -> Result<i32, tokio_postgres::Error> {
+    client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int4 AS version",
+            &[],
+        )
+        .await
+        .map(|r| r.get("version"))
+}
+
 fn catalog_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError {
     move |e| CoordinatorError::catalog(what, e)
 }
@@ -253,6 +268,9 @@ pub async fn read_schema(
 ) -> Result<SourceSchema, CoordinatorError> {
     let mut schema = SourceSchema {
         schemas: schemas.to_vec(),
+        server_version: server_version(client)
+            .await
+            .map_err(catalog_err("read the server version"))?,
         ..SourceSchema::default()
     };
     let (matview_oids, cannot) = read_tables(client, &mut schema).await?;
@@ -460,6 +478,8 @@ async fn read_columns(
             identity,
             identity_sequence: None,
             generated: row.get("generated"),
+            generated_virtual: row.get("generated_virtual"),
+            not_null_name: row.get("not_null_name"),
             collation: row.get("collation"),
             comment: row.get("comment"),
         });

@@ -63,7 +63,12 @@ impl PgCluster {
     /// after the temp dir was made, the dir is left for inspection (see the error) and removed
     /// by the first harness run after this process exits.
     pub fn start() -> Result<PgCluster, HarnessError> {
-        let bindir = binaries::find_bindir()?;
+        Self::start_with(binaries::find_bindir()?)
+    }
+
+    /// [`PgCluster::start`] with the server binaries of `bindir` (another PostgreSQL version
+    /// than the default, for cross-version pairs).
+    pub fn start_with(bindir: PathBuf) -> Result<PgCluster, HarnessError> {
         let run_as = process::server_identity()?;
         sweep_stale_dirs();
         let dir = make_temp_dir(run_as)?;

@@ -23,7 +23,7 @@ impl PgCluster {
     /// If the cluster cannot be started (a test that needs PostgreSQL must fail, not skip);
     /// the message is the [`crate::HarnessError`] text. Later calls panic with the same text.
     pub fn shared() -> &'static PgCluster {
-        get(&PRIMARY, "shared")
+        get(&PRIMARY, "source")
     }
 
     /// Two distinct shared clusters: (source server, destination server), with the same
@@ -36,6 +36,29 @@ impl PgCluster {
     }
 }
 
+/// The server binaries of one side: `$PGZM_SOURCE_BINDIR` or `$PGZM_DEST_BINDIR` when set
+/// (cross-version pairs: `dev/test-versions` sets them), else the default ones.
+fn bindir_of(role: &str) -> Result<std::path::PathBuf, crate::HarnessError> {
+    let var = if role == "destination" {
+        "PGZM_DEST_BINDIR"
+    } else {
+        "PGZM_SOURCE_BINDIR"
+    };
+    match std::env::var_os(var).filter(|v| !v.is_empty()) {
+        Some(dir) => {
+            let dir = std::path::PathBuf::from(dir);
+            if dir.join("initdb").is_file() && dir.join("postgres").is_file() {
+                Ok(dir)
+            } else {
+                Err(crate::HarnessError::BinariesNotFound {
+                    searched: format!("{var}={} lacks initdb or postgres", dir.display()),
+                })
+            }
+        }
+        None => super::binaries::find_bindir(),
+    }
+}
+
 /// Starts the cluster in `cell` once, or panics with the stored start-up error.
 fn get(cell: &'static OnceLock<Result<PgCluster, String>>, role: &str) -> &'static PgCluster {
     AT_EXIT.call_once(|| {
@@ -45,7 +68,8 @@ fn get(cell: &'static OnceLock<Result<PgCluster, String>>, role: &str) -> &'stat
             libc::atexit(stop_shared_clusters);
         }
     });
-    match cell.get_or_init(|| PgCluster::start().map_err(|e| e.to_string())) {
+    let start = || bindir_of(role).and_then(PgCluster::start_with);
+    match cell.get_or_init(|| start().map_err(|e| e.to_string())) {
         Ok(cluster) => cluster,
         Err(message) => panic!("start the {role} PostgreSQL test cluster: {message}"),
     }

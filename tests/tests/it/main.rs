@@ -19,3 +19,4 @@ mod real_schemas;
 mod schema_coverage;
 mod schemas;
 mod verification;
+mod versions;
