@@ -367,6 +367,14 @@ pub async fn run_copy(
             sessions.destination.put(spec.destination_key.clone(), dst);
             return Ok(earlier);
         }
+        let relabel = relabel_for(spec, &dst, &table).await;
+        let relabel = match relabel {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = dst.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+        };
         let mut source = source_stream(spec, peers, sessions).await?;
 
         let columns = column_list(&spec.task.read.columns);
@@ -386,7 +394,15 @@ pub async fn run_copy(
             .await
             .map_err(|e| AgentError::copy(&table, "start COPY FROM", Side::Destination, &e))?;
         futures_util::pin_mut!(sink);
-        let pumped = pump(spec, &table, &mut source, sink.as_mut(), &mut progress).await?;
+        let pumped = pump(
+            spec,
+            &table,
+            &mut source,
+            sink.as_mut(),
+            &mut progress,
+            relabel.as_ref(),
+        )
+        .await?;
         let rows_written = sink
             .as_mut()
             .finish()
@@ -434,6 +450,56 @@ pub async fn run_copy(
     }
     .instrument(span)
     .await
+}
+
+/// The destinations' `server_version_num`, by session key (asked once per destination).
+fn known_versions() -> &'static std::sync::Mutex<std::collections::HashMap<String, i32>> {
+    static VERSIONS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, i32>>> =
+        std::sync::OnceLock::new();
+    VERSIONS.get_or_init(Default::default)
+}
+
+/// What the task's COPY data needs rewritten for the destination (see `crate::relabel`):
+/// nothing on PostgreSQL 14 and later.
+async fn relabel_for(
+    spec: &CopySpec,
+    dst: &Client,
+    table: &str,
+) -> Result<Option<crate::relabel::Relabel>, AgentError> {
+    let err = |e: tokio_postgres::Error| {
+        AgentError::copy(table, "read the destination's types", Side::Destination, &e)
+    };
+    let cached = known_versions()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&spec.destination_key)
+        .copied();
+    let version = match cached {
+        Some(v) => v,
+        None => {
+            let v: i32 = dst
+                .query_one(
+                    "SELECT current_setting('server_version_num')::int4 AS version",
+                    &[],
+                )
+                .await
+                .map_err(err)?
+                .get("version");
+            known_versions()
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(spec.destination_key.clone(), v);
+            v
+        }
+    };
+    crate::relabel::Relabel::for_destination(
+        dst,
+        version,
+        &spec.task.destination_table.quoted(),
+        &spec.task.read.columns,
+    )
+    .await
+    .map_err(err)
 }
 
 /// The statement reading an earlier attempt's record of the task.
@@ -504,6 +570,7 @@ async fn pump(
     source: &mut SourceStream,
     mut sink: std::pin::Pin<&mut tokio_postgres::CopyInSink<Bytes>>,
     progress: &mut (impl FnMut(u64) + Send),
+    relabel: Option<&crate::relabel::Relabel>,
 ) -> Result<Pumped, AgentError> {
     let write_error = |e: tokio_postgres::Error| {
         AgentError::copy(table, "write COPY data", Side::Destination, &e)
@@ -524,6 +591,17 @@ async fn pump(
                 if let Some(w) = written.as_mut() {
                     w.feed(&chunk);
                 }
+                // The destination's type OIDs (PostgreSQL 13), after the digest of what was read.
+                let chunk = match relabel {
+                    Some(r) => r.apply(chunk).map_err(|why| AgentError::Copy {
+                        table: table.to_string(),
+                        step: "rewrite type OIDs for the destination",
+                        side: Side::Source,
+                        message: format!("the COPY data does not parse: {why}"),
+                        kind: pg::ErrorKind::Other,
+                    })?,
+                    None => chunk,
+                };
                 if pending.is_empty() && chunk.len() >= FLUSH_BYTES {
                     sink.feed(chunk).await
                 } else {

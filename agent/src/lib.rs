@@ -19,6 +19,7 @@ pub mod model;
 pub mod peer;
 pub mod pool;
 pub mod prometheus;
+pub mod relabel;
 pub mod service;
 pub mod stream;
 

@@ -221,7 +221,7 @@ async fn coverage_schema_into_an_empty_destination() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coverage_schema_over_an_existing_schema_without_data() -> anyhow::Result<()> {
     let p = coverage_pair("cov_nodata").await;
-    p.dest.load_fixture("coverage/schema.sql").await?;
+    common::load_coverage(&p, &p.dest, "coverage/schema.sql").await;
     let src = p.source.connect().await?;
     let dst = p.dest.connect().await?;
     let dst_sig_before = inspect::catalog_signature(&dst, None).await?;
@@ -243,8 +243,8 @@ async fn coverage_schema_over_an_existing_schema_without_data() -> anyhow::Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coverage_schema_over_an_existing_schema_with_other_data() -> anyhow::Result<()> {
     let p = coverage_pair("cov_other").await;
-    p.dest.load_fixture("coverage/schema.sql").await?;
-    p.dest.load_fixture("coverage/data.sql").await?;
+    common::load_coverage(&p, &p.dest, "coverage/schema.sql").await;
+    common::load_coverage(&p, &p.dest, "coverage/data.sql").await;
     p.dest
         .batch(
             "DELETE FROM audit_log WHERE id > 1500;
