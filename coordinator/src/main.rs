@@ -267,8 +267,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Man => {
             use clap::CommandFactory;
-            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
-            Ok(())
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                // The reader stopped reading (`pgzm man | head`): not an error.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                other => Ok(other?),
+            }
         }
         Command::Abort(args) => {
             let a = pgzm_coordinator::state::abort(

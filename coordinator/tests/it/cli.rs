@@ -1318,6 +1318,17 @@ async fn help_completions_and_man_page() {
         page.contains(".TH pgzm 1") && page.contains("rollback"),
         "{page}"
     );
+    // A reader that stops early (`| head`) is not an error.
+    let out = output(Command::new("bash").args([
+        "-c",
+        &format!(
+            "set -o pipefail; {} man | head -1 >/dev/null",
+            env!("CARGO_BIN_EXE_pgzm")
+        ),
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "");
 }
 
 /// What a person at an 80-column terminal sees of `pgzm start`: log lines intact above the
