@@ -375,6 +375,22 @@ pub async fn run_copy(
                 return Err(e);
             }
         };
+        // The run's byte-rate budget (`--max-rate`), this task's share of it.
+        let bucket = if spec.task.rate_share_ppm > 0 {
+            let watch = crate::throttle::watch(
+                &spec.destination,
+                &spec.application_name,
+                &spec.destination_key,
+                spec.task.migration_id.0,
+            )
+            .await;
+            Some(crate::throttle::Bucket::new(
+                watch,
+                spec.task.rate_share_ppm,
+            ))
+        } else {
+            None
+        };
         let mut source = source_stream(spec, peers, sessions).await?;
 
         let columns = column_list(&spec.task.read.columns);
@@ -401,6 +417,7 @@ pub async fn run_copy(
             sink.as_mut(),
             &mut progress,
             relabel.as_ref(),
+            bucket,
         )
         .await?;
         let rows_written = sink
@@ -571,6 +588,7 @@ async fn pump(
     mut sink: std::pin::Pin<&mut tokio_postgres::CopyInSink<Bytes>>,
     progress: &mut (impl FnMut(u64) + Send),
     relabel: Option<&crate::relabel::Relabel>,
+    mut bucket: Option<crate::throttle::Bucket>,
 ) -> Result<Pumped, AgentError> {
     let write_error = |e: tokio_postgres::Error| {
         AgentError::copy(table, "write COPY data", Side::Destination, &e)
@@ -602,6 +620,16 @@ async fn pump(
                     })?,
                     None => chunk,
                 };
+                // Within the run's byte-rate budget; the coordinator still hears from the task.
+                if let Some(b) = bucket.as_mut() {
+                    while let Some(wait) = b.wait_for(chunk.len()) {
+                        tokio::time::sleep(wait).await;
+                        if last_report.elapsed() >= HEARTBEAT {
+                            progress(bytes);
+                            last_report = Instant::now();
+                        }
+                    }
+                }
                 if pending.is_empty() && chunk.len() >= FLUSH_BYTES {
                     sink.feed(chunk).await
                 } else {

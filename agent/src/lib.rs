@@ -26,6 +26,7 @@ pub mod stream;
 // The PostgreSQL plumbing shared with the coordinator, under the names the agent's modules use.
 pub use pgzm_pg::{conn as pg, libpq, sql, tls};
 pub mod telemetry;
+pub mod throttle;
 
 pub use error::AgentError;
 

@@ -36,6 +36,9 @@ pub enum ModelError {
         /// Page after the last.
         end: u64,
     },
+    /// A share of the byte-rate budget above the whole.
+    #[error("rate_share_ppm {0} is more than the whole budget (1000000)")]
+    RateShare(u32),
     /// A row digest that is not 32 hex digits.
     #[error("{field}: {source}")]
     Digest {
@@ -315,6 +318,8 @@ pub struct CopyTask {
     pub freeze: bool,
     /// Digest the rows on both sides and fail the task when the digests differ.
     pub verify: bool,
+    /// Its share (parts per million) of the run's byte-rate budget (0: not throttled).
+    pub rate_share_ppm: u32,
 }
 
 impl CopyTask {
@@ -366,6 +371,11 @@ impl TryFrom<proto::CopyTask> for CopyTask {
             peer_url: Some(t.peer_url).filter(|u| !u.is_empty()),
             freeze: t.freeze,
             verify: t.verify,
+            rate_share_ppm: if t.rate_share_ppm <= 1_000_000 {
+                t.rate_share_ppm
+            } else {
+                return Err(ModelError::RateShare(t.rate_share_ppm));
+            },
         })
     }
 }
@@ -387,6 +397,7 @@ impl From<CopyTask> for proto::CopyTask {
             peer_url: t.peer_url.unwrap_or_default(),
             freeze: t.freeze,
             verify: t.verify,
+            rate_share_ppm: t.rate_share_ppm,
         }
     }
 }
@@ -579,6 +590,7 @@ mod tests {
             peer_url: Some("https://source-agent:7000".into()),
             freeze: false,
             verify: true,
+            rate_share_ppm: 250_000,
         }
     }
 

@@ -104,6 +104,9 @@ pub enum Command {
     /// Remove an interrupted or prepared (not swapped) run: its sync triggers on the live
     /// tables first, then its shadow objects; the live tables and backup sets are untouched.
     Abort(AbortArgs),
+    /// Change the byte-rate budget of the migration that is copying into the destination
+    /// (`--max-rate`); its agents apply it within a second.
+    Throttle(ThrottleArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
     Completions(CompletionsArgs),
     /// Print the manual page (roff) on stdout: `pgzm man > pgzm.1`.
@@ -131,6 +134,7 @@ impl Command {
             Command::Rollback(_) => "rollback",
             Command::Cleanup(_) => "cleanup",
             Command::Abort(_) => "abort",
+            Command::Throttle(_) => "throttle",
             Command::Completions(_) => "completions",
             Command::Man => "man",
         }
@@ -146,6 +150,7 @@ impl Command {
             Command::Rollback(a) => &a.dest,
             Command::Cleanup(a) => &a.dest,
             Command::Abort(a) => &a.dest,
+            Command::Throttle(a) => &a.dest,
             Command::Completions(_) | Command::Man => return None,
         };
         dest.url().ok()
@@ -161,6 +166,7 @@ impl Command {
             Command::Rollback(a) => a.output.json,
             Command::Cleanup(a) => a.output.json,
             Command::Abort(a) => a.output.json,
+            Command::Throttle(a) => a.output.json,
             Command::Completions(_) | Command::Man => false,
         }
     }
@@ -201,6 +207,64 @@ pub struct OutputArg {
     /// Print the result as one JSON document on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Arguments of `pgzm throttle`.
+#[derive(Debug, Args)]
+pub struct ThrottleArgs {
+    /// Destination.
+    #[command(flatten)]
+    pub dest: DestArg,
+    /// The copy's new byte-rate budget over all its tasks and agents, e.g. `50MB/s`, `2GiB/s`,
+    /// or `off`.
+    #[arg(long, value_name = "SIZE/s|off", value_parser = parse_rate)]
+    pub max_rate: Rate,
+    /// Output format.
+    #[command(flatten)]
+    pub output: OutputArg,
+}
+
+/// A byte rate (`None`: unlimited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate(pub Option<u64>);
+
+/// Parses `50MB/s`, `512KiB/s`, `1000000` (bytes), or `off`: decimal units (kB, MB, GB) are
+/// powers of 1000, binary ones (KiB, MiB, GiB) of 1024.
+pub fn parse_rate(text: &str) -> Result<Rate, String> {
+    let t = text.trim();
+    if matches!(
+        t.to_ascii_lowercase().as_str(),
+        "off" | "none" | "unlimited"
+    ) {
+        return Ok(Rate(None));
+    }
+    let t = t.strip_suffix("/s").unwrap_or(t).trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = (&t[..split], t[split..].trim());
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a rate such as 50MB/s, 512KiB/s or off"))?;
+    let scale: f64 = match unit {
+        "" | "B" => 1.0,
+        "kB" | "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (B, kB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    let bytes = (value * scale).round();
+    if !(1.0..1e18).contains(&bytes) {
+        return Err(format!("{text:?}: the rate must be at least 1 B/s"));
+    }
+    Ok(Rate(Some(bytes as u64)))
 }
 
 /// Arguments of `pgzm abort`.
@@ -420,6 +484,11 @@ pub struct PrepareArgs {
     /// and a table whose digests differ is copied again.
     #[arg(long)]
     pub no_verify: bool,
+    /// Limit the copy to this many bytes per second over all its tasks and agents (what it
+    /// writes into production while production serves), e.g. `50MB/s`; `pgzm throttle`
+    /// changes it while the run copies. Default: unlimited.
+    #[arg(long, value_name = "SIZE/s", value_parser = parse_rate)]
+    pub max_rate: Option<Rate>,
     /// Backup sets to keep after a swap, the new one included (older ones are dropped once the
     /// swap has committed, never before).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
@@ -635,6 +704,7 @@ impl PrepareArgs {
             range_bytes: self.range_size_mb.max(1) << 20,
             verify: !self.no_verify,
             keep_backups: self.keep_backups,
+            max_rate: self.max_rate.and_then(|r| r.0),
             ..defaults
         })
     }

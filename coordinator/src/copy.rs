@@ -105,6 +105,9 @@ pub struct CopyContext {
     pub verify: bool,
     /// A task with no word from its agent for this long is taken from it.
     pub stall: Duration,
+    /// Each task's share (parts per million) of the run's byte-rate budget (`--max-rate`,
+    /// changeable with `pgzm throttle`): the budget over the tasks that run at once.
+    pub rate_share_ppm: u32,
 }
 
 /// The `application_name` of the database sessions of agent `agent` (its index in the pool) in
@@ -804,6 +807,7 @@ impl Worker {
             peer_url,
             freeze: task.range.is_none() && job.bytes >= FREEZE_MIN_BYTES,
             verify: self.ctx.verify,
+            rate_share_ppm: self.ctx.rate_share_ppm,
         }
     }
 

@@ -118,6 +118,10 @@ pub fn schemas() -> Vec<(&'static str, serde_json::Value)> {
         ),
         ("cleanup.json", schema::<Document<crate::backup::Cleanup>>()),
         ("abort.json", schema::<Document<crate::state::Aborted>>()),
+        (
+            "throttle.json",
+            schema::<Document<crate::state::Throttled>>(),
+        ),
         ("error.json", schema::<Document<Failure>>()),
     ]
 }

@@ -273,6 +273,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 other => Ok(other?),
             }
         }
+        Command::Throttle(args) => {
+            let t = pgzm_coordinator::state::throttle(&args.dest.url()?, args.max_rate.0).await?;
+            print(args.output.json, "throttle", Outcome::Ok, &t, || {
+                output::human_throttle(&t)
+            })
+        }
         Command::Abort(args) => {
             let a = pgzm_coordinator::state::abort(
                 &args.dest.url()?,

@@ -422,6 +422,18 @@ pub fn human_rollback(r: &crate::rollback::RollbackReport) -> String {
     s
 }
 
+/// Output of `pgzm throttle`.
+pub fn human_throttle(t: &crate::state::Throttled) -> String {
+    match t.max_rate_bytes_per_s {
+        Some(rate) => format!(
+            "Migration {}: the copy is limited to {}/s (within a second)\n",
+            t.migration_id,
+            crate::report::size(i64::try_from(rate).unwrap_or(i64::MAX))
+        ),
+        None => format!("Migration {}: the copy is not limited\n", t.migration_id),
+    }
+}
+
 /// Output of `pgzm cleanup`.
 /// `pgzm abort`, for a terminal.
 pub fn human_abort(a: &crate::state::Aborted) -> String {

@@ -395,7 +395,7 @@ pub async fn prepare(
             phases
                 .run(
                     "shadow",
-                    create_shadow(&mut control, &plan, schema, dest, &renames),
+                    create_shadow(&mut control, &plan, schema, dest, &renames, opts.max_rate),
                 )
                 .await?
         }
@@ -833,6 +833,7 @@ async fn copy_and_build(
         range_bytes: opts.range_bytes,
         verify: opts.verify,
         stall: opts.stall_timeout,
+        rate_share_ppm: u32::try_from(1_000_000 / opts.jobs.max(1)).unwrap_or(1_000_000),
     };
     copy::copy_all(
         ctx,
@@ -1143,6 +1144,7 @@ async fn create_shadow(
     schema: &SourceSchema,
     dest: &Destination,
     renames: &Renames,
+    max_rate: Option<u64>,
 ) -> Result<RecordedObjects, CoordinatorError> {
     use pgzm_pg::sql::quote_ident;
     for (ext, ext_schema) in &plan.extensions_to_create {
@@ -1165,7 +1167,7 @@ async fn create_shadow(
         .await
         .map_err(|e| CoordinatorError::destination("begin the shadow transaction", e))?;
     state::ensure_schema(&tx).await?;
-    state::insert(&tx, plan).await?;
+    state::insert(&tx, plan, max_rate).await?;
     let statements = crate::shadow::statements(plan, schema, dest, renames);
     // Up to SHADOW_BATCH actions (one table, one type…) go in one round trip; an error names the
     // actions of its batch (and the server's message names the object).

@@ -53,6 +53,9 @@ pub struct StartOptions {
     /// A copy task whose agent sends no word for this long is given to another agent (after
     /// its sessions are ended).
     pub stall_timeout: std::time::Duration,
+    /// The copy's byte-rate budget, bytes per second over all tasks and agents (`None`:
+    /// unlimited); `pgzm throttle` changes it while the run copies.
+    pub max_rate: Option<u64>,
 }
 
 impl StartOptions {
@@ -79,6 +82,7 @@ impl StartOptions {
             stall_timeout: crate::copy::STALL,
             verify: true,
             keep_backups: 1,
+            max_rate: None,
         }
     }
 }

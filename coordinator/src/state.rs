@@ -10,6 +10,7 @@ use tokio_postgres::{Client, GenericClient};
 use std::collections::BTreeMap;
 
 use crate::catalog::Oid;
+use crate::conninfo::DbUrl;
 use crate::error::CoordinatorError;
 use crate::locked::LockedTransaction;
 use crate::naming::QualName;
@@ -48,6 +49,9 @@ CREATE TABLE IF NOT EXISTS pgzm.copy_progress (
 );
 -- The rows' digest (verified copies); added after the first release.
 ALTER TABLE pgzm.copy_progress ADD COLUMN IF NOT EXISTS digest text;
+-- The copy's byte-rate budget (bytes per second, all tasks and agents; NULL: none), which
+-- `pgzm throttle` changes while the run copies and the agents read every second.
+ALTER TABLE pgzm.migrations ADD COLUMN IF NOT EXISTS max_rate bigint;
 CREATE TABLE IF NOT EXISTS pgzm.sync_errors (
     migration_id    bigint NOT NULL,
     table_name      text NOT NULL,
@@ -244,12 +248,17 @@ pub async fn newest(client: &Client) -> Result<Option<(i64, String)>, Coordinato
 }
 
 /// Records a new run in the shadow-creation transaction.
-pub async fn insert(client: &impl GenericClient, plan: &Plan) -> Result<(), CoordinatorError> {
+pub async fn insert(
+    client: &impl GenericClient,
+    plan: &Plan,
+    max_rate: Option<u64>,
+) -> Result<(), CoordinatorError> {
     let plan_json = serde_json::to_value(plan).unwrap_or_default();
+    let max_rate = max_rate.map(|r| i64::try_from(r).unwrap_or(i64::MAX));
     client
         .execute(
-            "INSERT INTO pgzm.migrations (id, status, source, plan, shadow_present) VALUES ($1, 'preparing', $2, $3, true)",
-            &[&plan.migration_id, &plan.source, &plan_json],
+            "INSERT INTO pgzm.migrations (id, status, source, plan, shadow_present, max_rate) VALUES ($1, 'preparing', $2, $3, true, $4)",
+            &[&plan.migration_id, &plan.source, &plan_json, &max_rate],
         )
         .await
         .map_err(|e| CoordinatorError::destination("record the migration in pgzm.migrations", e))?;
@@ -870,6 +879,45 @@ pub fn drop_views_and_functions(moves: &[Move]) -> (Option<String>, Vec<String>)
         checks.join(", ")
     ));
     (Some(block), names)
+}
+
+/// What `pgzm throttle` set.
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+pub struct Throttled {
+    /// The migration that is copying.
+    pub migration_id: i64,
+    /// Its byte-rate budget now, bytes per second (none: unlimited).
+    pub max_rate_bytes_per_s: Option<u64>,
+}
+
+/// Sets the byte-rate budget of the run that is copying into `dest` (`None`: unlimited); its
+/// agents apply it within a second.
+pub async fn throttle(dest: &DbUrl, max_rate: Option<u64>) -> Result<Throttled, CoordinatorError> {
+    let client = dest.connect("pgzm-coordinator").await?;
+    let none = || {
+        CoordinatorError::Refused(vec![
+            "no migration is copying into this destination (pgzm status shows where the newest stands): --max-rate applies to a run's copy only".into(),
+        ])
+    };
+    if !exists(&client).await? {
+        return Err(none());
+    }
+    let rate = max_rate.map(|r| i64::try_from(r).unwrap_or(i64::MAX));
+    let row = client
+        .query_opt(
+            "UPDATE pgzm.migrations SET max_rate = $1
+              WHERE id = (SELECT max(id) FROM pgzm.migrations WHERE status = 'preparing')
+              RETURNING id",
+            &[&rate],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("set the copy's byte-rate budget", e))?;
+    let id: i64 = row.ok_or_else(none)?.get("id");
+    tracing::info!(migration = id, max_rate = ?max_rate, "byte-rate budget set");
+    Ok(Throttled {
+        migration_id: id,
+        max_rate_bytes_per_s: max_rate,
+    })
 }
 
 /// What `pgzm abort` removed (or would remove).

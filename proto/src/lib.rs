@@ -18,4 +18,4 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/agent_descriptor.bin"));
 
 /// Protocol version spoken by this build; agents refuse coordinators with another one.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;

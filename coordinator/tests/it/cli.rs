@@ -1015,30 +1015,33 @@ async fn a_second_ctrl_c_exits_at_once() {
     assert_eq!(shadow_objects(&dest).await, Vec::<String>::new());
 }
 
+/// Asserts `doc` validates against `docs/json-schema/<schema>` and carries the envelope.
+fn matches_schema(schema: &str, doc: &serde_json::Value) {
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/json-schema");
+    let text = std::fs::read_to_string(docs.join(schema)).expect("schema file");
+    let schema_value: serde_json::Value = serde_json::from_str(&text).expect("schema json");
+    let validator = jsonschema::validator_for(&schema_value).expect("valid schema");
+    let errors: Vec<String> = validator
+        .iter_errors(doc)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(errors.is_empty(), "{schema}: {errors:#?}\n{doc}");
+    assert_eq!(doc["schema_version"], 1, "{doc}");
+    assert!(
+        doc["command"].is_string() && doc["outcome"].is_string(),
+        "{doc}"
+    );
+    let text = doc.to_string();
+    assert!(!text.contains("{row}"), "no internal templates: {text}");
+}
+
 /// Every `--json` document the binary prints — of a successful run, a dry run, a failure —
 /// validates against its schema in `docs/json-schema/`, and carries the envelope.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_documents_match_their_schemas() {
     let (source, dest) = simple_pair("cli_json_schema").await;
     let dir = WorkDir::new("json_schema");
-    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/json-schema");
-    let check = |schema: &str, doc: &serde_json::Value| {
-        let text = std::fs::read_to_string(docs.join(schema)).expect("schema file");
-        let schema_value: serde_json::Value = serde_json::from_str(&text).expect("schema json");
-        let validator = jsonschema::validator_for(&schema_value).expect("valid schema");
-        let errors: Vec<String> = validator
-            .iter_errors(doc)
-            .map(|e| format!("{} at {}", e, e.instance_path()))
-            .collect();
-        assert!(errors.is_empty(), "{schema}: {errors:#?}\n{doc}");
-        assert_eq!(doc["schema_version"], 1, "{doc}");
-        assert!(
-            doc["command"].is_string() && doc["outcome"].is_string(),
-            "{doc}"
-        );
-        let text = doc.to_string();
-        assert!(!text.contains("{row}"), "no internal templates: {text}");
-    };
+    let check = matches_schema;
     let run = |args: Vec<String>| {
         let mut cmd = pgzm(&dir);
         cmd.args(args);
@@ -1766,4 +1769,106 @@ async fn quoted_names_and_swap_warnings_as_printed() {
         1,
         "the warning once:\n{all}"
     );
+}
+
+/// `--max-rate` keeps the copy to its byte-rate budget (what the destination's COPY has
+/// processed stays within it), and `pgzm throttle` changes the budget of the running copy,
+/// which then finishes at full speed; with nothing copying, `throttle` says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_copy_keeps_to_its_byte_rate_budget_and_throttle_changes_it() {
+    const RATE: f64 = 100.0 * 1024.0;
+    let (source, dest) = simple_pair("cli_throttle").await;
+    let dir = WorkDir::new("throttle");
+    let out =
+        output(pgzm(&dir).args(["throttle", "--max-rate", "1MB/s", "--dest", &dest.url()])).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no migration is copying"),
+        "{}",
+        text(&out.stderr)
+    );
+    source
+        .batch(
+            "CREATE TABLE blob (id int PRIMARY KEY, body text);
+             INSERT INTO blob SELECT g, repeat(md5(g::text), 16) FROM generate_series(1, 6000) g;
+             ANALYZE blob",
+        )
+        .await
+        .expect("blob");
+    let started = Instant::now();
+    let child = pgzm(&dir)
+        .args([
+            "start",
+            "--jobs",
+            "1",
+            "--max-rate",
+            "100KiB/s",
+            "--no-log-file",
+        ])
+        .args(["--source", &source.url(), "--dest", &dest.url()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pgzm");
+    let dst = dest.connect().await.expect("connect dest");
+    let copied = || async {
+        dst.query_opt(
+            "SELECT bytes_processed FROM pg_stat_progress_copy WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database()) AND relid = 'public.shadow_blob'::regclass",
+            &[],
+        )
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.get::<_, i64>(0))
+    };
+    // The blob table's copy: paced by the budget.
+    let copy_started = loop {
+        if copied().await.is_some() {
+            break Instant::now();
+        }
+        assert!(
+            started.elapsed() < DEADLINE * 3,
+            "the blob table's copy never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let bytes = copied().await.unwrap_or(0) as f64;
+    let allowed = RATE * copy_started.elapsed().as_secs_f64() + 160.0 * 1024.0;
+    assert!(
+        bytes > 0.0 && bytes <= allowed,
+        "{bytes} bytes in {:?}: more than the budget allows ({allowed})",
+        copy_started.elapsed()
+    );
+    // Lifted while it runs: the copy (about 3 MB, 30 s at the budget) ends at once.
+    let out = output(pgzm(&dir).args([
+        "throttle",
+        "--max-rate",
+        "off",
+        "--json",
+        "--dest",
+        &dest.url(),
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc = one_json("throttle", &text(&out.stdout));
+    assert!(doc["migration_id"].as_i64().is_some(), "{doc}");
+    assert!(doc["max_rate_bytes_per_s"].is_null(), "{doc}");
+    matches_schema("throttle.json", &doc);
+    let lifted = Instant::now();
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("pgzm ends")
+        .expect("wait");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        lifted.elapsed() < Duration::from_secs(15),
+        "the copy went on at the old budget: {:?} after the throttle was lifted",
+        lifted.elapsed()
+    );
+    let mut live = live_sums(&dest).await;
+    live.retain(|t, _| t == "blob");
+    let mut expected = live_sums(&source).await;
+    expected.retain(|t, _| t == "blob");
+    assert_eq!(live, expected);
 }

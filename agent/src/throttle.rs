@@ -1,0 +1,201 @@
+//! The copy's byte-rate budget (`pgzm --max-rate`, changed while it runs by `pgzm throttle`):
+//! how much a run may write into production per second, over all its tasks and agents.
+//!
+//! The budget lives in the destination (`pgzm.migrations.max_rate`). One [`RateWatch`] per
+//! destination and migration in this process reads it every [`POLL`] on a session of its own,
+//! while tasks of that migration run. Each task writes at most its share of it (the coordinator
+//! gives each task `1 / jobs`), through a token bucket ([`Bucket`]) that follows changes of the
+//! budget within a second.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use pgzm_pg::conn::PgTarget;
+use tracing::debug;
+
+/// How often the budget is read.
+pub const POLL: Duration = Duration::from_secs(1);
+
+/// The budget of one migration, as last read (bytes per second; 0: unlimited).
+#[derive(Debug, Default)]
+pub struct RateWatch {
+    bytes_per_s: AtomicU64,
+}
+
+impl RateWatch {
+    /// The budget now (0: unlimited).
+    pub fn rate(&self) -> u64 {
+        self.bytes_per_s.load(Ordering::Relaxed)
+    }
+}
+
+type Registry = Mutex<HashMap<(String, i64), Weak<RateWatch>>>;
+
+fn registry() -> &'static Registry {
+    static REGISTRY: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+/// Reads `max_rate` of migration `id` (0 when none, or when it cannot be read).
+async fn read(client: &tokio_postgres::Client, id: i64) -> Result<u64, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT coalesce(max_rate, 0) AS rate FROM pgzm.migrations WHERE id = $1",
+            &[&id],
+        )
+        .await?;
+    Ok(row
+        .map(|r| r.get::<_, i64>("rate"))
+        .and_then(|r| u64::try_from(r).ok())
+        .unwrap_or(0))
+}
+
+/// The watch of migration `id` on the destination `key` (`target`), started with a first read
+/// when no task of this process holds one; it stops once no task does.
+pub async fn watch(
+    target: &PgTarget,
+    application_name: &str,
+    key: &str,
+    id: i64,
+) -> Arc<RateWatch> {
+    let slot = (key.to_string(), id);
+    if let Some(w) = registry()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&slot)
+        .and_then(Weak::upgrade)
+    {
+        return w;
+    }
+    let watch = Arc::new(RateWatch::default());
+    let client = match crate::pg::connect(target.clone(), application_name).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            debug!(error = %crate::pg::describe(&e), "cannot read the copy's byte-rate budget now");
+            None
+        }
+    };
+    if let Some(c) = &client {
+        if let Ok(rate) = read(c, id).await {
+            watch.bytes_per_s.store(rate, Ordering::Relaxed);
+        }
+    }
+    {
+        let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
+        // Another task may have started one meanwhile: one watch per migration.
+        if let Some(w) = reg.get(&slot).and_then(Weak::upgrade) {
+            return w;
+        }
+        reg.insert(slot.clone(), Arc::downgrade(&watch));
+    }
+    let weak = Arc::downgrade(&watch);
+    let (target, application_name) = (target.clone(), application_name.to_string());
+    tokio::spawn(async move {
+        let mut client = client;
+        loop {
+            tokio::time::sleep(POLL).await;
+            let Some(watch) = weak.upgrade() else { break };
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                client = crate::pg::connect(target.clone(), &application_name)
+                    .await
+                    .ok();
+            }
+            if let Some(c) = &client {
+                match read(c, id).await {
+                    Ok(rate) => {
+                        let before = watch.bytes_per_s.swap(rate, Ordering::Relaxed);
+                        if before != rate {
+                            debug!(
+                                migration = id,
+                                bytes_per_s = rate,
+                                "byte-rate budget changed"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        debug!(error = %crate::pg::describe(&e), "cannot read the copy's byte-rate budget now");
+                        client = None;
+                    }
+                }
+            }
+        }
+        registry()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, w| w.strong_count() > 0);
+    });
+    watch
+}
+
+/// A task's token bucket: `share_ppm` parts per million of the budget, a burst of a quarter
+/// second of it (or one chunk, when larger).
+#[derive(Debug)]
+pub struct Bucket {
+    watch: Arc<RateWatch>,
+    share_ppm: u32,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    /// A bucket, full.
+    pub fn new(watch: Arc<RateWatch>, share_ppm: u32) -> Bucket {
+        Bucket {
+            watch,
+            share_ppm,
+            tokens: 0.0,
+            last: Instant::now(),
+        }
+    }
+
+    /// This task's rate now, bytes per second (`None`: unlimited).
+    fn rate(&self) -> Option<f64> {
+        let rate = self.watch.rate() as f64 * f64::from(self.share_ppm) / 1e6;
+        (self.share_ppm > 0 && self.watch.rate() > 0).then_some(rate.max(1.0))
+    }
+
+    /// How long to wait before writing `n` more bytes (`None`: go on), taking them when none.
+    /// Call again after the wait: the budget may have changed.
+    pub fn wait_for(&mut self, n: usize) -> Option<Duration> {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        let Some(rate) = self.rate() else {
+            self.tokens = 0.0;
+            return None;
+        };
+        let n = n as f64;
+        let burst = (rate / 4.0).max(n);
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        if self.tokens >= n {
+            self.tokens -= n;
+            return None;
+        }
+        Some(Duration::from_secs_f64((n - self.tokens) / rate).min(POLL))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_paces_its_share_and_follows_the_budget() {
+        let watch = Arc::new(RateWatch::default());
+        let mut b = Bucket::new(Arc::clone(&watch), 500_000);
+        // Unlimited: never waits.
+        assert_eq!(b.wait_for(1 << 20), None);
+        // 2000 B/s, half of it: 1000 B take about a second from empty.
+        watch.bytes_per_s.store(2000, Ordering::Relaxed);
+        let wait = b.wait_for(1000).expect("a wait");
+        assert!(
+            wait > Duration::from_millis(900) && wait <= POLL,
+            "{wait:?}"
+        );
+        // Lifted again: no wait.
+        watch.bytes_per_s.store(0, Ordering::Relaxed);
+        assert_eq!(b.wait_for(1000), None);
+    }
+}
