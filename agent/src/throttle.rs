@@ -18,16 +18,30 @@ use tracing::debug;
 /// How often the budget is read.
 pub const POLL: Duration = Duration::from_secs(1);
 
-/// The budget of one migration, as last read (bytes per second; 0: unlimited).
+/// The budget of one migration, as last read (bytes per second; 0: unlimited), and whether
+/// its copy is paused (a standby lags more than `--max-replication-lag`).
 #[derive(Debug, Default)]
 pub struct RateWatch {
     bytes_per_s: AtomicU64,
+    paused: std::sync::atomic::AtomicBool,
 }
 
 impl RateWatch {
     /// The budget now (0: unlimited).
     pub fn rate(&self) -> u64 {
         self.bytes_per_s.load(Ordering::Relaxed)
+    }
+
+    /// Whether the copy is paused now.
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, (rate, paused): (u64, bool)) -> (u64, bool) {
+        (
+            self.bytes_per_s.swap(rate, Ordering::Relaxed),
+            self.paused.swap(paused, Ordering::Relaxed),
+        )
     }
 }
 
@@ -38,18 +52,24 @@ fn registry() -> &'static Registry {
     REGISTRY.get_or_init(Default::default)
 }
 
-/// Reads `max_rate` of migration `id` (0 when none, or when it cannot be read).
-async fn read(client: &tokio_postgres::Client, id: i64) -> Result<u64, tokio_postgres::Error> {
+/// Reads `max_rate` (0 when none) and whether the copy is `paused`, of migration `id`.
+async fn read(
+    client: &tokio_postgres::Client,
+    id: i64,
+) -> Result<(u64, bool), tokio_postgres::Error> {
     let row = client
         .query_opt(
-            "SELECT coalesce(max_rate, 0) AS rate FROM pgzm.migrations WHERE id = $1",
+            "SELECT coalesce(max_rate, 0) AS rate, paused IS NOT NULL AS paused
+               FROM pgzm.migrations WHERE id = $1",
             &[&id],
         )
         .await?;
-    Ok(row
-        .map(|r| r.get::<_, i64>("rate"))
-        .and_then(|r| u64::try_from(r).ok())
-        .unwrap_or(0))
+    Ok(row.map_or((0, false), |r| {
+        (
+            u64::try_from(r.get::<_, i64>("rate")).unwrap_or(0),
+            r.get("paused"),
+        )
+    }))
 }
 
 /// The watch of migration `id` on the destination `key` (`target`), started with a first read
@@ -78,8 +98,8 @@ pub async fn watch(
         }
     };
     if let Some(c) = &client {
-        if let Ok(rate) = read(c, id).await {
-            watch.bytes_per_s.store(rate, Ordering::Relaxed);
+        if let Ok(now) = read(c, id).await {
+            watch.set(now);
         }
     }
     {
@@ -104,13 +124,13 @@ pub async fn watch(
             }
             if let Some(c) = &client {
                 match read(c, id).await {
-                    Ok(rate) => {
-                        let before = watch.bytes_per_s.swap(rate, Ordering::Relaxed);
-                        if before != rate {
+                    Ok(now) => {
+                        if watch.set(now) != now {
                             debug!(
                                 migration = id,
-                                bytes_per_s = rate,
-                                "byte-rate budget changed"
+                                bytes_per_s = now.0,
+                                paused = now.1,
+                                "copy budget changed"
                             );
                         }
                     }
@@ -159,6 +179,10 @@ impl Bucket {
     /// How long to wait before writing `n` more bytes (`None`: go on), taking them when none.
     /// Call again after the wait: the budget may have changed.
     pub fn wait_for(&mut self, n: usize) -> Option<Duration> {
+        if self.watch.paused() {
+            self.last = Instant::now();
+            return Some(POLL);
+        }
         let now = Instant::now();
         let elapsed = now.duration_since(self.last).as_secs_f64();
         self.last = now;

@@ -217,8 +217,12 @@ pub struct ThrottleArgs {
     pub dest: DestArg,
     /// The copy's new byte-rate budget over all its tasks and agents, e.g. `50MB/s`, `2GiB/s`,
     /// or `off`.
-    #[arg(long, value_name = "SIZE/s|off", value_parser = parse_rate)]
-    pub max_rate: Rate,
+    #[arg(long, value_name = "SIZE/s|off", value_parser = parse_rate, required_unless_present = "max_replication_lag")]
+    pub max_rate: Option<Rate>,
+    /// Pause the copy while a standby of the destination lags more than this, e.g. `10s`, or
+    /// `off`.
+    #[arg(long, value_name = "DURATION|off", value_parser = parse_lag)]
+    pub max_replication_lag: Option<Lag>,
     /// Output format.
     #[command(flatten)]
     pub output: OutputArg,
@@ -265,6 +269,37 @@ pub fn parse_rate(text: &str) -> Result<Rate, String> {
         return Err(format!("{text:?}: the rate must be at least 1 B/s"));
     }
     Ok(Rate(Some(bytes as u64)))
+}
+
+/// A replication-lag limit (`None`: none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lag(pub Option<std::time::Duration>);
+
+/// Parses `10s`, `500ms`, `2m`, `1h`, `30` (seconds), or `off`.
+pub fn parse_lag(text: &str) -> Result<Lag, String> {
+    let t = text.trim();
+    if matches!(t.to_ascii_lowercase().as_str(), "off" | "none") {
+        return Ok(Lag(None));
+    }
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = (&t[..split], t[split..].trim());
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 10s, 500ms or 2m"))?;
+    let seconds = value
+        * match unit {
+            "" | "s" => 1.0,
+            "ms" => 0.001,
+            "m" | "min" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m, h)")),
+        };
+    if !(0.001..1e7).contains(&seconds) {
+        return Err(format!("{text:?}: the limit must be at least 1ms"));
+    }
+    Ok(Lag(Some(std::time::Duration::from_secs_f64(seconds))))
 }
 
 /// Arguments of `pgzm abort`.
@@ -489,6 +524,11 @@ pub struct PrepareArgs {
     /// changes it while the run copies. Default: unlimited.
     #[arg(long, value_name = "SIZE/s", value_parser = parse_rate)]
     pub max_rate: Option<Rate>,
+    /// Pause the copy (at its next chunks) while a standby of the destination lags more than
+    /// this behind it, e.g. `10s`; it goes on once the standbys are within it again. `pgzm
+    /// throttle` changes it while the run copies. Default: no limit.
+    #[arg(long, value_name = "DURATION", value_parser = parse_lag)]
+    pub max_replication_lag: Option<Lag>,
     /// Backup sets to keep after a swap, the new one included (older ones are dropped once the
     /// swap has committed, never before).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
@@ -705,6 +745,7 @@ impl PrepareArgs {
             verify: !self.no_verify,
             keep_backups: self.keep_backups,
             max_rate: self.max_rate.and_then(|r| r.0),
+            max_replication_lag: self.max_replication_lag.and_then(|l| l.0),
             ..defaults
         })
     }

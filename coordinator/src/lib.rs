@@ -35,6 +35,7 @@ pub mod preserve;
 pub mod progress;
 pub mod records;
 pub mod rehearsal;
+pub mod replication;
 pub mod report;
 pub mod resume;
 pub mod rewrite;

@@ -274,7 +274,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Throttle(args) => {
-            let t = pgzm_coordinator::state::throttle(&args.dest.url()?, args.max_rate.0).await?;
+            let t = pgzm_coordinator::state::throttle(
+                &args.dest.url()?,
+                args.max_rate.map(|r| r.0),
+                args.max_replication_lag.map(|l| l.0),
+            )
+            .await?;
             print(args.output.json, "throttle", Outcome::Ok, &t, || {
                 output::human_throttle(&t)
             })

@@ -424,14 +424,21 @@ pub fn human_rollback(r: &crate::rollback::RollbackReport) -> String {
 
 /// Output of `pgzm throttle`.
 pub fn human_throttle(t: &crate::state::Throttled) -> String {
-    match t.max_rate_bytes_per_s {
+    let rate = match t.max_rate_bytes_per_s {
         Some(rate) => format!(
-            "Migration {}: the copy is limited to {}/s (within a second)\n",
-            t.migration_id,
+            "at most {}/s",
             crate::report::size(i64::try_from(rate).unwrap_or(i64::MAX))
         ),
-        None => format!("Migration {}: the copy is not limited\n", t.migration_id),
-    }
+        None => "no byte-rate limit".into(),
+    };
+    let lag = match t.max_replication_lag_s {
+        Some(s) => format!("paused while a standby lags more than {s} s"),
+        None => "no replication-lag limit".into(),
+    };
+    format!(
+        "Migration {}: the copy runs with {rate}, {lag} (applied within a second)\n",
+        t.migration_id
+    )
 }
 
 /// Output of `pgzm cleanup`.

@@ -395,7 +395,15 @@ pub async fn prepare(
             phases
                 .run(
                     "shadow",
-                    create_shadow(&mut control, &plan, schema, dest, &renames, opts.max_rate),
+                    create_shadow(
+                        &mut control,
+                        &plan,
+                        schema,
+                        dest,
+                        &renames,
+                        opts.max_rate,
+                        opts.max_replication_lag,
+                    ),
                 )
                 .await?
         }
@@ -835,6 +843,9 @@ async fn copy_and_build(
         stall: opts.stall_timeout,
         rate_share_ppm: u32::try_from(1_000_000 / opts.jobs.max(1)).unwrap_or(1_000_000),
     };
+    // Holds the copy back while a standby lags too much (`--max-replication-lag`, or set later
+    // by `pgzm throttle`), until the copy ends.
+    let _lag = crate::replication::LagMonitor::start(&opts.destination, plan.migration_id);
     copy::copy_all(
         ctx,
         Arc::clone(&pool),
@@ -1145,6 +1156,7 @@ async fn create_shadow(
     dest: &Destination,
     renames: &Renames,
     max_rate: Option<u64>,
+    max_lag: Option<std::time::Duration>,
 ) -> Result<RecordedObjects, CoordinatorError> {
     use pgzm_pg::sql::quote_ident;
     for (ext, ext_schema) in &plan.extensions_to_create {
@@ -1167,7 +1179,7 @@ async fn create_shadow(
         .await
         .map_err(|e| CoordinatorError::destination("begin the shadow transaction", e))?;
     state::ensure_schema(&tx).await?;
-    state::insert(&tx, plan, max_rate).await?;
+    state::insert(&tx, plan, max_rate, max_lag).await?;
     let statements = crate::shadow::statements(plan, schema, dest, renames);
     // Up to SHADOW_BATCH actions (one table, one type…) go in one round trip; an error names the
     // actions of its batch (and the server's message names the object).

@@ -188,11 +188,12 @@ pub fn enable(total_est: u64) {
                     percent = (s.fraction * 1000.0).round() / 10.0,
                     copied_bytes = s.copied_bytes,
                     eta_ms = s.eta.map(|d| d.as_millis() as u64),
-                    "copy progress: {:.1}%, {} copied, {}/s, ETA {}",
+                    "copy progress: {:.1}%, {} copied, {}/s, ETA {}{}",
                     s.fraction * 100.0,
                     HumanBytes(s.copied_bytes),
                     HumanBytes((s.copied_bytes as f64 / s.elapsed.as_secs_f64().max(0.001)) as u64),
-                    eta_text(s.eta)
+                    eta_text(s.eta),
+                    note_suffix()
                 );
             }
         }))
@@ -202,6 +203,30 @@ pub fn enable(total_est: u64) {
         bars,
         logger,
     });
+}
+
+/// Why the copy is held back now (e.g. `throttled: replica lag 12 s`), shown with its
+/// progress; `None` clears it.
+pub fn set_note(note: Option<String>) {
+    *note_cell().lock().unwrap_or_else(|p| p.into_inner()) = note;
+    if let Some(s) = state().lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        redraw(s);
+    }
+}
+
+fn note_cell() -> &'static Mutex<Option<String>> {
+    static NOTE: std::sync::OnceLock<Mutex<Option<String>>> = std::sync::OnceLock::new();
+    NOTE.get_or_init(Default::default)
+}
+
+/// The note of [`set_note`], as a suffix (`; throttled: …`), or nothing.
+fn note_suffix() -> String {
+    note_cell()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .map(|n| format!("; {n}"))
+        .unwrap_or_default()
 }
 
 /// Whether the terminal progress display is shown now.
@@ -228,10 +253,11 @@ fn redraw(s: &mut State) {
         b.total
             .set_position((snap.fraction * BAR_STEPS as f64) as u64);
         b.total.set_message(format!(
-            "{} copied, {}/s, ETA {}",
+            "{} copied, {}/s, ETA {}{}",
             HumanBytes(snap.copied_bytes),
             HumanBytes((snap.copied_bytes as f64 / snap.elapsed.as_secs_f64().max(0.001)) as u64),
-            eta_text(snap.eta)
+            eta_text(snap.eta),
+            note_suffix()
         ));
     }
 }

@@ -56,6 +56,9 @@ pub struct StartOptions {
     /// The copy's byte-rate budget, bytes per second over all tasks and agents (`None`:
     /// unlimited); `pgzm throttle` changes it while the run copies.
     pub max_rate: Option<u64>,
+    /// Pause the copy while a standby of the destination lags more than this (`None`: never);
+    /// `pgzm throttle` changes it while the run copies.
+    pub max_replication_lag: Option<std::time::Duration>,
 }
 
 impl StartOptions {
@@ -83,6 +86,7 @@ impl StartOptions {
             verify: true,
             keep_backups: 1,
             max_rate: None,
+            max_replication_lag: None,
         }
     }
 }

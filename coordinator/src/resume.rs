@@ -460,7 +460,7 @@ pub(crate) async fn reset(
     .map_err(err("forget the copies to redo"))?;
     state::record_objects(&tx, run.id, &objects).await?;
     tx.execute(
-        "UPDATE pgzm.migrations SET plan = $2, error = NULL WHERE id = $1",
+        "UPDATE pgzm.migrations SET plan = $2, error = NULL, paused = NULL WHERE id = $1",
         &[&run.id, &serde_json::to_value(plan).unwrap_or_default()],
     )
     .await

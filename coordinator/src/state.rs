@@ -52,6 +52,10 @@ ALTER TABLE pgzm.copy_progress ADD COLUMN IF NOT EXISTS digest text;
 -- The copy's byte-rate budget (bytes per second, all tasks and agents; NULL: none), which
 -- `pgzm throttle` changes while the run copies and the agents read every second.
 ALTER TABLE pgzm.migrations ADD COLUMN IF NOT EXISTS max_rate bigint;
+-- `--max-replication-lag` in milliseconds (NULL: none), and why the copy is paused now (NULL:
+-- it is not), set by the run's lag monitor and read by the agents.
+ALTER TABLE pgzm.migrations ADD COLUMN IF NOT EXISTS max_lag_ms bigint;
+ALTER TABLE pgzm.migrations ADD COLUMN IF NOT EXISTS paused text;
 CREATE TABLE IF NOT EXISTS pgzm.sync_errors (
     migration_id    bigint NOT NULL,
     table_name      text NOT NULL,
@@ -252,13 +256,15 @@ pub async fn insert(
     client: &impl GenericClient,
     plan: &Plan,
     max_rate: Option<u64>,
+    max_lag: Option<std::time::Duration>,
 ) -> Result<(), CoordinatorError> {
     let plan_json = serde_json::to_value(plan).unwrap_or_default();
     let max_rate = max_rate.map(|r| i64::try_from(r).unwrap_or(i64::MAX));
+    let max_lag = max_lag.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
     client
         .execute(
-            "INSERT INTO pgzm.migrations (id, status, source, plan, shadow_present, max_rate) VALUES ($1, 'preparing', $2, $3, true, $4)",
-            &[&plan.migration_id, &plan.source, &plan_json, &max_rate],
+            "INSERT INTO pgzm.migrations (id, status, source, plan, shadow_present, max_rate, max_lag_ms) VALUES ($1, 'preparing', $2, $3, true, $4, $5)",
+            &[&plan.migration_id, &plan.source, &plan_json, &max_rate, &max_lag],
         )
         .await
         .map_err(|e| CoordinatorError::destination("record the migration in pgzm.migrations", e))?;
@@ -888,11 +894,18 @@ pub struct Throttled {
     pub migration_id: i64,
     /// Its byte-rate budget now, bytes per second (none: unlimited).
     pub max_rate_bytes_per_s: Option<u64>,
+    /// Its replication-lag limit now, seconds (none: no limit).
+    pub max_replication_lag_s: Option<f64>,
 }
 
-/// Sets the byte-rate budget of the run that is copying into `dest` (`None`: unlimited); its
-/// agents apply it within a second.
-pub async fn throttle(dest: &DbUrl, max_rate: Option<u64>) -> Result<Throttled, CoordinatorError> {
+/// Changes the byte-rate budget (`Some(None)`: unlimited) and the replication-lag limit
+/// (`Some(None)`: none) of the run that is copying into `dest` (`None`: left as they are); its
+/// agents and its lag monitor apply them within a second.
+pub async fn throttle(
+    dest: &DbUrl,
+    max_rate: Option<Option<u64>>,
+    max_lag: Option<Option<std::time::Duration>>,
+) -> Result<Throttled, CoordinatorError> {
     let client = dest.connect("pgzm-coordinator").await?;
     let none = || {
         CoordinatorError::Refused(vec![
@@ -902,22 +915,36 @@ pub async fn throttle(dest: &DbUrl, max_rate: Option<u64>) -> Result<Throttled, 
     if !exists(&client).await? {
         return Err(none());
     }
-    let rate = max_rate.map(|r| i64::try_from(r).unwrap_or(i64::MAX));
+    let rate = max_rate.map(|r| r.map(|r| i64::try_from(r).unwrap_or(i64::MAX)));
+    let lag = max_lag.map(|l| l.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
     let row = client
         .query_opt(
-            "UPDATE pgzm.migrations SET max_rate = $1
+            "UPDATE pgzm.migrations
+                SET max_rate = CASE WHEN $1 THEN $2 ELSE max_rate END,
+                    max_lag_ms = CASE WHEN $3 THEN $4 ELSE max_lag_ms END
               WHERE id = (SELECT max(id) FROM pgzm.migrations WHERE status = 'preparing')
-              RETURNING id",
-            &[&rate],
+              RETURNING id, max_rate, max_lag_ms",
+            &[
+                &rate.is_some(),
+                &rate.flatten(),
+                &lag.is_some(),
+                &lag.flatten(),
+            ],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("set the copy's byte-rate budget", e))?;
-    let id: i64 = row.ok_or_else(none)?.get("id");
-    tracing::info!(migration = id, max_rate = ?max_rate, "byte-rate budget set");
-    Ok(Throttled {
-        migration_id: id,
-        max_rate_bytes_per_s: max_rate,
-    })
+        .map_err(|e| CoordinatorError::destination("set the copy's budget", e))?;
+    let row = row.ok_or_else(none)?;
+    let t = Throttled {
+        migration_id: row.get("id"),
+        max_rate_bytes_per_s: row
+            .get::<_, Option<i64>>("max_rate")
+            .and_then(|r| u64::try_from(r).ok()),
+        max_replication_lag_s: row
+            .get::<_, Option<i64>>("max_lag_ms")
+            .map(|ms| ms as f64 / 1000.0),
+    };
+    tracing::info!(migration = t.migration_id, max_rate = ?t.max_rate_bytes_per_s, max_replication_lag_s = ?t.max_replication_lag_s, "copy budget set");
+    Ok(t)
 }
 
 /// What `pgzm abort` removed (or would remove).

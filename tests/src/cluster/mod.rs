@@ -80,6 +80,54 @@ impl PgCluster {
     fn start_in(bindir: PathBuf, dir: PathBuf, run_as: RunAs) -> Result<PgCluster, HarnessError> {
         let data_dir = dir.join("data");
         initdb(&bindir, &dir, &data_dir, run_as)?;
+        Self::launch(bindir, dir, data_dir, run_as)
+    }
+
+    /// A streaming standby of `primary`: a base backup of it (`pg_basebackup -R`, from its bin
+    /// directory or the default one), started on a port of its own. Read-only; its replay can
+    /// be paused (`pg_wal_replay_pause()`) to make it lag.
+    pub fn standby_of(primary: &PgCluster) -> Result<PgCluster, HarnessError> {
+        let run_as = process::server_identity()?;
+        let dir = make_temp_dir(run_as)?;
+        let data_dir = dir.join("data");
+        let tool = Some(primary.bindir.join("pg_basebackup"))
+            .filter(|p| p.is_file())
+            .or_else(|| {
+                binaries::find_bindir()
+                    .ok()
+                    .map(|d| d.join("pg_basebackup"))
+                    .filter(|p| p.is_file())
+            })
+            .ok_or(HarnessError::BinariesNotFound {
+                searched: "pg_basebackup, for a standby".into(),
+            })?;
+        let mut cmd = Command::new(&tool);
+        cmd.args(["-h", HOST, "-p", &primary.port.to_string(), "-U", SUPERUSER])
+            .arg("-D")
+            .arg(&data_dir)
+            .args(["-R", "-X", "stream", "--no-sync", "-c", "fast"])
+            .current_dir(&dir)
+            .stdin(Stdio::null());
+        process::configure(&mut cmd, run_as, false);
+        let out = cmd
+            .output()
+            .map_err(|e| HarnessError::io(format!("run {}", tool.display()), e))?;
+        if !out.status.success() {
+            return Err(HarnessError::io(
+                "pg_basebackup",
+                std::io::Error::other(one_line(&String::from_utf8_lossy(&out.stderr))),
+            ));
+        }
+        Self::launch(primary.bindir.clone(), dir, data_dir, run_as)
+    }
+
+    /// Starts `postgres` on `data_dir` on a free port and waits until it answers.
+    fn launch(
+        bindir: PathBuf,
+        dir: PathBuf,
+        data_dir: PathBuf,
+        run_as: RunAs,
+    ) -> Result<PgCluster, HarnessError> {
         let log_path = dir.join("postgres.log");
         let mut last_error = None;
         for _ in 0..PORT_ATTEMPTS {

@@ -16,6 +16,7 @@ mod migration_tes;
 mod naming_and_safety;
 mod preserved;
 mod real_schemas;
+mod replication;
 mod schema_coverage;
 mod schemas;
 mod verification;
