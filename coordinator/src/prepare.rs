@@ -956,6 +956,15 @@ async fn fill(
     )
     .await?;
     let control: &Client = control;
+    // The copy is over: a pause its lag monitor recorded last no longer holds.
+    crate::progress::set_note(None);
+    control
+        .execute(
+            "UPDATE pgzm.migrations SET paused = NULL WHERE id = $1 AND paused IS NOT NULL",
+            &[&plan.migration_id],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("clear the copy's pause", e))?;
     check_recorded(control, plan.migration_id, &copied).await?;
     // The agents are done: their roles lose what they were granted for the copy, before any
     // shadow table can become live.
