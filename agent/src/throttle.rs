@@ -20,11 +20,27 @@ pub const POLL: Duration = Duration::from_secs(1);
 
 /// The budget of one migration, as last read (bytes per second; 0: unlimited), and whether
 /// its copy is paused (a standby lags more than `--max-replication-lag`).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RateWatch {
     bytes_per_s: AtomicU64,
     paused: std::sync::atomic::AtomicBool,
+    /// When a task last took it.
+    last_used: Mutex<Instant>,
 }
+
+impl Default for RateWatch {
+    fn default() -> Self {
+        RateWatch {
+            bytes_per_s: AtomicU64::new(0),
+            paused: std::sync::atomic::AtomicBool::new(false),
+            last_used: Mutex::new(Instant::now()),
+        }
+    }
+}
+
+/// A watch no task has held for this long stops (its session closes). Tasks of one run follow
+/// each other closely: one watch, one session, serves them all.
+const IDLE: Duration = Duration::from_secs(10);
 
 impl RateWatch {
     /// The budget now (0: unlimited).
@@ -35,6 +51,17 @@ impl RateWatch {
     /// Whether the copy is paused now.
     pub fn paused(&self) -> bool {
         self.paused.load(Ordering::Relaxed)
+    }
+
+    fn touch(&self) {
+        *self.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    fn idle(&self) -> Duration {
+        self.last_used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
     }
 
     fn set(&self, (rate, paused): (u64, bool)) -> (u64, bool) {
@@ -73,7 +100,7 @@ async fn read(
 }
 
 /// The watch of migration `id` on the destination `key` (`target`), started with a first read
-/// when no task of this process holds one; it stops once no task does.
+/// when there is none; it stops once no task has held it for [`IDLE`].
 pub async fn watch(
     target: &PgTarget,
     application_name: &str,
@@ -87,6 +114,7 @@ pub async fn watch(
         .get(&slot)
         .and_then(Weak::upgrade)
     {
+        w.touch();
         return w;
     }
     let watch = Arc::new(RateWatch::default());
@@ -106,17 +134,22 @@ pub async fn watch(
         let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
         // Another task may have started one meanwhile: one watch per migration.
         if let Some(w) = reg.get(&slot).and_then(Weak::upgrade) {
+            w.touch();
             return w;
         }
         reg.insert(slot.clone(), Arc::downgrade(&watch));
     }
-    let weak = Arc::downgrade(&watch);
+    let kept = Arc::clone(&watch);
     let (target, application_name) = (target.clone(), application_name.to_string());
     tokio::spawn(async move {
         let mut client = client;
+        let watch = kept;
         loop {
             tokio::time::sleep(POLL).await;
-            let Some(watch) = weak.upgrade() else { break };
+            // Only this loop holds it, and no task took it for a while: done.
+            if Arc::strong_count(&watch) == 1 && watch.idle() > IDLE {
+                break;
+            }
             if client.as_ref().is_none_or(|c| c.is_closed()) {
                 client = crate::pg::connect(target.clone(), &application_name)
                     .await
@@ -141,6 +174,7 @@ pub async fn watch(
                 }
             }
         }
+        drop(watch);
         registry()
             .lock()
             .unwrap_or_else(|p| p.into_inner())
