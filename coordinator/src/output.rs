@@ -248,6 +248,21 @@ pub fn human_status(st: &crate::status::Status) -> String {
     if !st.preserved_tables.is_empty() {
         let _ = writeln!(s, "Preserved: {}", st.preserved_tables.join(", "));
     }
+    if let Some(l) = &st.copy_limits {
+        let rate = l.max_rate_bytes_per_s.map_or("unlimited".to_string(), |r| {
+            format!(
+                "{}/s",
+                crate::report::size(i64::try_from(r).unwrap_or(i64::MAX))
+            )
+        });
+        let lag = l
+            .max_replication_lag_s
+            .map_or("none".to_string(), |s| format!("{s} s"));
+        let _ = writeln!(s, "Copy limits: rate {rate}, replication lag {lag}");
+        if let Some(p) = &l.paused {
+            let _ = writeln!(s, "Copy paused: {p}");
+        }
+    }
     for t in &st.shadow_tables {
         let _ = writeln!(
             s,

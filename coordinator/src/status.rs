@@ -93,6 +93,20 @@ pub struct Status {
     pub problems: Vec<String>,
     /// Recorded error of a failed migration.
     pub error: Option<String>,
+    /// While it copies: its limits (`--max-rate`, `--max-replication-lag`, as `pgzm throttle`
+    /// last set them) and why it is paused, if it is.
+    pub copy_limits: Option<CopyLimits>,
+}
+
+/// The limits of a run that is copying.
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+pub struct CopyLimits {
+    /// Byte-rate budget, bytes per second (none: unlimited).
+    pub max_rate_bytes_per_s: Option<u64>,
+    /// Replication-lag limit, seconds (none: no limit).
+    pub max_replication_lag_s: Option<f64>,
+    /// Why the copy is paused now (none: it is not).
+    pub paused: Option<String>,
 }
 
 /// Oids of the named relations that exist, in one query.
@@ -326,6 +340,7 @@ pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
         shadow_tables: Vec::new(),
         sync_triggers: Vec::new(),
         sync_errors: Vec::new(),
+        copy_limits: None,
         backup_present: false,
         safe_to_swap: false,
         problems: Vec::new(),
@@ -377,6 +392,24 @@ pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
     s.error = row.error.clone();
     if row.status == RunStatus::Preparing && !run_active {
         s.problems.push("this run was interrupted: `pgzm abort` removes its shadow objects and sync triggers now (the next `pgzm prepare` or `pgzm start` would too)".into());
+    }
+    if row.status == RunStatus::Preparing {
+        let limits = client
+            .query_one(
+                "SELECT max_rate, max_lag_ms, paused FROM pgzm.migrations WHERE id = $1",
+                &[&row.id],
+            )
+            .await
+            .map_err(|e| CoordinatorError::destination("read the copy's limits", e))?;
+        s.copy_limits = Some(CopyLimits {
+            max_rate_bytes_per_s: limits
+                .get::<_, Option<i64>>("max_rate")
+                .and_then(|r| u64::try_from(r).ok()),
+            max_replication_lag_s: limits
+                .get::<_, Option<i64>>("max_lag_ms")
+                .map(|ms| ms as f64 / 1000.0),
+            paused: limits.get("paused"),
+        });
     }
     if row.status != RunStatus::Prepared {
         // Whatever the metadata says, report the mirroring triggers that exist.

@@ -79,6 +79,14 @@ async fn the_copy_pauses_while_a_standby_lags_and_goes_on_once_it_caught_up() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(reason.contains("replica lag"), "{reason}");
+    // `status` shows the limits and the pause.
+    let limits = common::status(&p)
+        .await
+        .copy_limits
+        .expect("the copy's limits");
+    assert_eq!(limits.max_rate_bytes_per_s, Some(300 << 10));
+    assert_eq!(limits.max_replication_lag_s, Some(1.0));
+    assert_eq!(limits.paused.as_deref(), Some(reason.as_str()));
     // Paused: what the destination's COPY has processed stays put (a chunk at most).
     let processed = || async {
         dst.query_opt(
