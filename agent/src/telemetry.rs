@@ -570,6 +570,29 @@ pub fn rpc_client_span(method: &'static str, url: &str) -> tracing::Span {
     )
 }
 
+/// Makes the call `call` (which builds its request: the request carries this span's trace
+/// context) in a CLIENT span of `method` on the agent at `url` ([`rpc_client_span`]), and
+/// records its status.
+pub async fn traced_call<T, Fut>(
+    method: &'static str,
+    url: &str,
+    call: impl FnOnce() -> Fut,
+) -> Result<T, tonic::Status>
+where
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    use tracing::Instrument as _;
+    let span = rpc_client_span(method, url);
+    let result = span.in_scope(call).instrument(span.clone()).await;
+    record_rpc_status(
+        &span,
+        result
+            .as_ref()
+            .map_or_else(tonic::Status::code, |_| tonic::Code::Ok),
+    );
+    result
+}
+
 /// Records a call's gRPC status on its client or server span (`rpc.grpc.status_code`; an
 /// error status for the codes the conventions count as errors).
 pub fn record_rpc_status(span: &tracing::Span, code: tonic::Code) {

@@ -18,7 +18,7 @@ use pgzm_agent::peer::PeerConnector;
 use pgzm_proto::agent::v1 as proto;
 use pgzm_proto::agent::v1::agent_client::AgentClient;
 use tonic::transport::Channel;
-use tracing::{info, Instrument};
+use tracing::info;
 
 use crate::conninfo::DbUrl;
 use crate::error::CoordinatorError;
@@ -135,22 +135,12 @@ async fn info(
     connector: &PeerConnector,
     label: &str,
 ) -> Result<AgentInfo, CoordinatorError> {
-    let rpc = pgzm_agent::telemetry::rpc_client_span("Info", label);
-    let called = client
-        .info(rpc.in_scope(|| {
-            connector.request(proto::InfoRequest {
-                protocol_version: pgzm_proto::PROTOCOL_VERSION,
-            })
+    let info = pgzm_agent::telemetry::traced_call("Info", label, || {
+        client.info(connector.request(proto::InfoRequest {
+            protocol_version: pgzm_proto::PROTOCOL_VERSION,
         }))
-        .instrument(rpc.clone())
-        .await;
-    pgzm_agent::telemetry::record_rpc_status(
-        &rpc,
-        called
-            .as_ref()
-            .map_or_else(tonic::Status::code, |_| tonic::Code::Ok),
-    );
-    let info = called
+    })
+    .await
         .map_err(|s| {
             let mut message = status_message(&s);
             // With TLS 1.3 a server that rejects the client's certificate (or its absence)
@@ -348,28 +338,18 @@ impl AgentPool {
                 ));
             }
             let mut client = a.client.clone();
-            let rpc = pgzm_agent::telemetry::rpc_client_span("Probe", &a.label);
-            let called = client
-                .probe(rpc.in_scope(|| {
-                    self.connector.request(proto::ProbeRequest {
-                        endpoints: wanted.iter().map(|(_, e)| e.clone().into()).collect(),
-                    })
+            let results = pgzm_agent::telemetry::traced_call("Probe", &a.label, || {
+                client.probe(self.connector.request(proto::ProbeRequest {
+                    endpoints: wanted.iter().map(|(_, e)| e.clone().into()).collect(),
                 }))
-                .instrument(rpc.clone())
-                .await;
-            pgzm_agent::telemetry::record_rpc_status(
-                &rpc,
-                called
-                    .as_ref()
-                    .map_or_else(tonic::Status::code, |_| tonic::Code::Ok),
-            );
-            let results = called
-                .map_err(|s| CoordinatorError::Agent {
-                    agent: a.label.clone(),
-                    message: status_message(&s),
-                })?
-                .into_inner()
-                .results;
+            })
+            .await
+            .map_err(|s| CoordinatorError::Agent {
+                agent: a.label.clone(),
+                message: status_message(&s),
+            })?
+            .into_inner()
+            .results;
             for ((side, _), r) in wanted.iter().zip(results) {
                 if !r.ok {
                     return Err(CoordinatorError::Agent {

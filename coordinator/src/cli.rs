@@ -242,14 +242,8 @@ pub fn parse_rate(text: &str) -> Result<Rate, String> {
     ) {
         return Ok(Rate(None));
     }
-    let t = t.strip_suffix("/s").unwrap_or(t).trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = (&t[..split], t[split..].trim());
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a rate such as 50MB/s, 512KiB/s or off"))?;
+    let (value, unit) = number_and_unit(t.strip_suffix("/s").unwrap_or(t))
+        .ok_or_else(|| format!("{text:?} is not a rate such as 50MB/s, 512KiB/s or off"))?;
     let scale: f64 = match unit {
         "" | "B" => 1.0,
         "kB" | "KB" => 1e3,
@@ -271,6 +265,15 @@ pub fn parse_rate(text: &str) -> Result<Rate, String> {
     Ok(Rate(Some(bytes as u64)))
 }
 
+/// `12.5MB` → (12.5, "MB"): a number and the unit after it.
+fn number_and_unit(text: &str) -> Option<(f64, &str)> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    Some((t[..split].parse().ok()?, t[split..].trim()))
+}
+
 /// A replication-lag limit (`None`: none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lag(pub Option<std::time::Duration>);
@@ -281,13 +284,8 @@ pub fn parse_lag(text: &str) -> Result<Lag, String> {
     if matches!(t.to_ascii_lowercase().as_str(), "off" | "none") {
         return Ok(Lag(None));
     }
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = (&t[..split], t[split..].trim());
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as 10s, 500ms or 2m"))?;
+    let (value, unit) = number_and_unit(t)
+        .ok_or_else(|| format!("{text:?} is not a duration such as 10s, 500ms or 2m"))?;
     let seconds = value
         * match unit {
             "" | "s" => 1.0,
@@ -797,7 +795,28 @@ impl SwapArgs {
 
 #[cfg(test)]
 mod tests {
-    use super::is_loopback_agent;
+    use super::{is_loopback_agent, parse_lag, parse_rate, Lag, Rate};
+
+    #[test]
+    fn rates_and_lags_parse_with_their_units() {
+        assert_eq!(parse_rate("50MB/s"), Ok(Rate(Some(50_000_000))));
+        assert_eq!(parse_rate("512KiB/s"), Ok(Rate(Some(512 * 1024))));
+        assert_eq!(parse_rate("1000"), Ok(Rate(Some(1000))));
+        assert_eq!(parse_rate("off"), Ok(Rate(None)));
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("5 parsecs/s").is_err());
+        assert!(parse_rate("0.1B/s").is_err());
+        assert_eq!(
+            parse_lag("500ms"),
+            Ok(Lag(Some(std::time::Duration::from_millis(500))))
+        );
+        assert_eq!(
+            parse_lag("2m"),
+            Ok(Lag(Some(std::time::Duration::from_secs(120))))
+        );
+        assert_eq!(parse_lag("OFF"), Ok(Lag(None)));
+        assert!(parse_lag("soon").is_err());
+    }
 
     #[test]
     fn loopback_agents_are_recognised() {

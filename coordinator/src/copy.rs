@@ -750,22 +750,18 @@ impl Worker {
                 continue;
             }
             let mut client = self.agent.client.clone();
-            let rpc = pgzm_agent::telemetry::rpc_client_span("Info", &self.agent.label);
-            let req = rpc.in_scope(|| {
-                self.pool.connector.request(proto::InfoRequest {
+            let answered = pgzm_agent::telemetry::traced_call("Info", &self.agent.label, || {
+                let call = client.info(self.pool.connector.request(proto::InfoRequest {
                     protocol_version: pgzm_proto::PROTOCOL_VERSION,
-                })
-            });
-            let answered = tokio::time::timeout(Duration::from_secs(5), client.info(req))
-                .instrument(rpc.clone())
-                .await;
-            let code = match &answered {
-                Ok(Ok(_)) => tonic::Code::Ok,
-                Ok(Err(s)) => s.code(),
-                Err(_) => tonic::Code::DeadlineExceeded,
-            };
-            pgzm_agent::telemetry::record_rpc_status(&rpc, code);
-            if code == tonic::Code::Ok {
+                }));
+                async {
+                    tokio::time::timeout(Duration::from_secs(5), call)
+                        .await
+                        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer")))
+                }
+            })
+            .await;
+            if answered.is_ok() {
                 info!(agent = %self.agent.label, "agent is back");
                 return true;
             }

@@ -249,16 +249,7 @@ pub fn human_status(st: &crate::status::Status) -> String {
         let _ = writeln!(s, "Preserved: {}", st.preserved_tables.join(", "));
     }
     if let Some(l) = &st.copy_limits {
-        let rate = l.max_rate_bytes_per_s.map_or("unlimited".to_string(), |r| {
-            format!(
-                "{}/s",
-                crate::report::size(i64::try_from(r).unwrap_or(i64::MAX))
-            )
-        });
-        let lag = l
-            .max_replication_lag_s
-            .map_or("none".to_string(), |s| format!("{s} s"));
-        let _ = writeln!(s, "Copy limits: rate {rate}, replication lag {lag}");
+        let _ = writeln!(s, "Copy limits: {}", limits_text(l));
         if let Some(p) = &l.paused {
             let _ = writeln!(s, "Copy paused: {p}");
         }
@@ -439,21 +430,25 @@ pub fn human_rollback(r: &crate::rollback::RollbackReport) -> String {
 
 /// Output of `pgzm throttle`.
 pub fn human_throttle(t: &crate::state::Throttled) -> String {
-    let rate = match t.max_rate_bytes_per_s {
-        Some(rate) => format!(
-            "at most {}/s",
-            crate::report::size(i64::try_from(rate).unwrap_or(i64::MAX))
-        ),
-        None => "no byte-rate limit".into(),
-    };
-    let lag = match t.max_replication_lag_s {
-        Some(s) => format!("paused while a standby lags more than {s} s"),
-        None => "no replication-lag limit".into(),
-    };
     format!(
-        "Migration {}: the copy runs with {rate}, {lag} (applied within a second)\n",
-        t.migration_id
+        "Migration {}: copy limits now {} (applied within a second)\n",
+        t.migration_id,
+        limits_text(&t.limits)
     )
+}
+
+/// `rate 50.0 MiB/s, replication lag 10 s` (or `unlimited`, `none`).
+fn limits_text(l: &crate::state::CopyLimits) -> String {
+    let rate = l.max_rate_bytes_per_s.map_or("unlimited".to_string(), |r| {
+        format!(
+            "{}/s",
+            crate::report::size(i64::try_from(r).unwrap_or(i64::MAX))
+        )
+    });
+    let lag = l
+        .max_replication_lag_s
+        .map_or("none".to_string(), |s| format!("{s} s"));
+    format!("rate {rate}, replication lag {lag}")
 }
 
 /// Output of `pgzm cleanup`.

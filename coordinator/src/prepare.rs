@@ -993,26 +993,16 @@ async fn fill(
         phases
             .run("empty_tables", async {
                 for t in empty {
-                    let mut statements =
-                        build::table_build(t, plan, schema, &renames)?.sequential();
-                    statements.push(crate::resume::built_marker(
-                        plan.migration_id,
-                        &t.qualname().quoted(),
-                    ));
-                    sessions
-                        .run_batch(&format!("build \"{}\" (without rows)", t.name), statements)
-                        .instrument(build::table_span(
-                            "build_table",
-                            &opts.destination,
-                            &t.schema,
-                            &t.name,
-                            &plan
-                                .table(&t.qualname())
-                                .map(|p| p.shadow.clone())
-                                .unwrap_or_default(),
-                            "CREATE INDEX",
-                        ))
-                        .await?;
+                    build_in_one_batch(
+                        &sessions,
+                        opts,
+                        plan,
+                        schema,
+                        &renames,
+                        t,
+                        &format!("build \"{}\" (without rows)", t.name),
+                    )
+                    .await?;
                 }
                 Ok(())
             })
@@ -1026,26 +1016,16 @@ async fn fill(
         phases
             .run("partitioned", async {
                 for t in parents {
-                    let mut statements =
-                        build::table_build(t, plan, schema, &renames)?.sequential();
-                    statements.push(crate::resume::built_marker(
-                        plan.migration_id,
-                        &t.qualname().quoted(),
-                    ));
-                    sessions
-                        .run_batch(&format!("build partitioned \"{}\"", t.name), statements)
-                        .instrument(build::table_span(
-                            "build_table",
-                            &opts.destination,
-                            &t.schema,
-                            &t.name,
-                            &plan
-                                .table(&t.qualname())
-                                .map(|p| p.shadow.clone())
-                                .unwrap_or_default(),
-                            "CREATE INDEX",
-                        ))
-                        .await?;
+                    build_in_one_batch(
+                        &sessions,
+                        opts,
+                        plan,
+                        schema,
+                        &renames,
+                        t,
+                        &format!("build partitioned \"{}\"", t.name),
+                    )
+                    .await?;
                 }
                 Ok(())
             })
@@ -1096,6 +1076,39 @@ async fn fill(
     )
     .await?;
     Ok(())
+}
+
+/// Builds `t`'s keys, indexes and triggers in one transaction with its `built:` marker (a
+/// table without rows to copy, or a partitioned table).
+async fn build_in_one_batch(
+    sessions: &build::BuildSessions,
+    opts: &StartOptions,
+    plan: &Plan,
+    schema: &SourceSchema,
+    renames: &Renames,
+    t: &Table,
+    label: &str,
+) -> Result<(), CoordinatorError> {
+    let mut statements = build::table_build(t, plan, schema, renames)?.sequential();
+    statements.push(crate::resume::built_marker(
+        plan.migration_id,
+        &t.qualname().quoted(),
+    ));
+    let shadow = plan
+        .table(&t.qualname())
+        .map(|p| p.shadow.clone())
+        .unwrap_or_default();
+    sessions
+        .run_batch(label, statements)
+        .instrument(build::table_span(
+            "build_table",
+            &opts.destination,
+            &t.schema,
+            &t.name,
+            &shadow,
+            "CREATE INDEX",
+        ))
+        .await
 }
 
 /// Builds the preserved shadow tables' keys and indexes while they are empty, then, per table,

@@ -259,8 +259,7 @@ pub async fn insert(
     max_lag: Option<std::time::Duration>,
 ) -> Result<(), CoordinatorError> {
     let plan_json = serde_json::to_value(plan).unwrap_or_default();
-    let max_rate = max_rate.map(|r| i64::try_from(r).unwrap_or(i64::MAX));
-    let max_lag = max_lag.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let (max_rate, max_lag) = (rate_column(max_rate), lag_column(max_lag));
     client
         .execute(
             "INSERT INTO pgzm.migrations (id, status, source, plan, shadow_present, max_rate, max_lag_ms) VALUES ($1, 'preparing', $2, $3, true, $4, $5)",
@@ -887,15 +886,51 @@ pub fn drop_views_and_functions(moves: &[Move]) -> (Option<String>, Vec<String>)
     (Some(block), names)
 }
 
+/// The limits of a run that is copying (`--max-rate`, `--max-replication-lag`, as `pgzm
+/// throttle` last set them), and why it is paused, if it is.
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+pub struct CopyLimits {
+    /// Byte-rate budget, bytes per second (none: unlimited).
+    pub max_rate_bytes_per_s: Option<u64>,
+    /// Replication-lag limit, seconds (none: no limit).
+    pub max_replication_lag_s: Option<f64>,
+    /// Why the copy is paused now (none: it is not).
+    pub paused: Option<String>,
+}
+
+impl CopyLimits {
+    /// From the `max_rate`, `max_lag_ms` and `paused` columns of its `pgzm.migrations` row.
+    pub fn from_row(row: &tokio_postgres::Row) -> CopyLimits {
+        CopyLimits {
+            max_rate_bytes_per_s: row
+                .get::<_, Option<i64>>("max_rate")
+                .and_then(|r| u64::try_from(r).ok()),
+            max_replication_lag_s: row
+                .get::<_, Option<i64>>("max_lag_ms")
+                .map(|ms| ms as f64 / 1000.0),
+            paused: row.get("paused"),
+        }
+    }
+}
+
+/// `max_rate` as stored.
+fn rate_column(rate: Option<u64>) -> Option<i64> {
+    rate.map(|r| i64::try_from(r).unwrap_or(i64::MAX))
+}
+
+/// `max_lag_ms` as stored.
+fn lag_column(lag: Option<std::time::Duration>) -> Option<i64> {
+    lag.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// What `pgzm throttle` set.
 #[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct Throttled {
     /// The migration that is copying.
     pub migration_id: i64,
-    /// Its byte-rate budget now, bytes per second (none: unlimited).
-    pub max_rate_bytes_per_s: Option<u64>,
-    /// Its replication-lag limit now, seconds (none: no limit).
-    pub max_replication_lag_s: Option<f64>,
+    /// Its limits now.
+    #[serde(flatten)]
+    pub limits: CopyLimits,
 }
 
 /// Changes the byte-rate budget (`Some(None)`: unlimited) and the replication-lag limit
@@ -915,15 +950,14 @@ pub async fn throttle(
     if !exists(&client).await? {
         return Err(none());
     }
-    let rate = max_rate.map(|r| r.map(|r| i64::try_from(r).unwrap_or(i64::MAX)));
-    let lag = max_lag.map(|l| l.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
+    let (rate, lag) = (max_rate.map(rate_column), max_lag.map(lag_column));
     let row = client
         .query_opt(
             "UPDATE pgzm.migrations
                 SET max_rate = CASE WHEN $1 THEN $2 ELSE max_rate END,
                     max_lag_ms = CASE WHEN $3 THEN $4 ELSE max_lag_ms END
               WHERE id = (SELECT max(id) FROM pgzm.migrations WHERE status = 'preparing')
-              RETURNING id, max_rate, max_lag_ms",
+              RETURNING id, max_rate, max_lag_ms, paused",
             &[
                 &rate.is_some(),
                 &rate.flatten(),
@@ -936,14 +970,9 @@ pub async fn throttle(
     let row = row.ok_or_else(none)?;
     let t = Throttled {
         migration_id: row.get("id"),
-        max_rate_bytes_per_s: row
-            .get::<_, Option<i64>>("max_rate")
-            .and_then(|r| u64::try_from(r).ok()),
-        max_replication_lag_s: row
-            .get::<_, Option<i64>>("max_lag_ms")
-            .map(|ms| ms as f64 / 1000.0),
+        limits: CopyLimits::from_row(&row),
     };
-    tracing::info!(migration = t.migration_id, max_rate = ?t.max_rate_bytes_per_s, max_replication_lag_s = ?t.max_replication_lag_s, "copy budget set");
+    tracing::info!(migration = t.migration_id, limits = ?t.limits, "copy limits set");
     Ok(t)
 }
 

@@ -95,18 +95,7 @@ pub struct Status {
     pub error: Option<String>,
     /// While it copies: its limits (`--max-rate`, `--max-replication-lag`, as `pgzm throttle`
     /// last set them) and why it is paused, if it is.
-    pub copy_limits: Option<CopyLimits>,
-}
-
-/// The limits of a run that is copying.
-#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
-pub struct CopyLimits {
-    /// Byte-rate budget, bytes per second (none: unlimited).
-    pub max_rate_bytes_per_s: Option<u64>,
-    /// Replication-lag limit, seconds (none: no limit).
-    pub max_replication_lag_s: Option<f64>,
-    /// Why the copy is paused now (none: it is not).
-    pub paused: Option<String>,
+    pub copy_limits: Option<state::CopyLimits>,
 }
 
 /// Oids of the named relations that exist, in one query.
@@ -401,15 +390,7 @@ pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
             )
             .await
             .map_err(|e| CoordinatorError::destination("read the copy's limits", e))?;
-        s.copy_limits = Some(CopyLimits {
-            max_rate_bytes_per_s: limits
-                .get::<_, Option<i64>>("max_rate")
-                .and_then(|r| u64::try_from(r).ok()),
-            max_replication_lag_s: limits
-                .get::<_, Option<i64>>("max_lag_ms")
-                .map(|ms| ms as f64 / 1000.0),
-            paused: limits.get("paused"),
-        });
+        s.copy_limits = Some(state::CopyLimits::from_row(&limits));
     }
     if row.status != RunStatus::Prepared {
         // Whatever the metadata says, report the mirroring triggers that exist.
