@@ -38,6 +38,7 @@ pub mod cluster;
 pub mod db;
 pub mod error;
 pub mod inspect;
+pub mod netns;
 pub mod sql;
 
 pub use cluster::PgCluster;

@@ -184,6 +184,17 @@ impl PgCluster {
         )
     }
 
+    /// A key-value connection string for `dbname` through the server's unix socket, which
+    /// reaches it from any network namespace (see [`crate::netns`]).
+    pub fn socket_conninfo(&self, dbname: &str) -> String {
+        format!(
+            "host={} port={} user={SUPERUSER} dbname='{}'",
+            self.dir.display(),
+            self.port,
+            dbname.replace('\\', "\\\\").replace('\'', "\\'")
+        )
+    }
+
     /// The directory holding the server binaries this cluster runs (`initdb`, `postgres`,
     /// `pg_dump`, `psql`, ...).
     pub fn bindir(&self) -> &Path {
