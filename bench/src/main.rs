@@ -6,7 +6,9 @@
 
 mod cutover;
 mod datasets;
+mod impact;
 mod methods;
+mod regions;
 mod report;
 
 use std::path::PathBuf;
@@ -51,6 +53,27 @@ pub struct Args {
     /// Skip the scaling measurements.
     #[arg(long)]
     pub skip_scaling: bool,
+    /// Only the two-region benchmark (needs root): the source in one network namespace, the
+    /// destination in another, joined by a link of --link-mbit and --rtt-ms; every method runs
+    /// from the destination's region.
+    #[arg(long)]
+    pub regions: bool,
+    /// The link's bandwidth each way, Mbit/s (--regions).
+    #[arg(long, default_value_t = 100)]
+    pub link_mbit: u32,
+    /// The link's round-trip time, ms (--regions).
+    #[arg(long, default_value_t = 50)]
+    pub rtt_ms: u64,
+    /// Only the production-impact measurement: pgbench on the destination server at
+    /// --pgbench-rate, alone and beside each method.
+    #[arg(long)]
+    pub impact: bool,
+    /// pgbench's rate, transactions per second (--impact).
+    #[arg(long, default_value_t = 300)]
+    pub pgbench_rate: u32,
+    /// The --max-rate of the throttled pgzm run, MB/s (--impact).
+    #[arg(long, default_value_t = 20)]
+    pub limited_mb: u64,
 }
 
 /// Paths of the binaries under test, next to this one.
@@ -66,6 +89,10 @@ pub struct Binaries {
 }
 
 fn binaries(cluster: &PgCluster) -> anyhow::Result<Binaries> {
+    binaries_with(cluster.bindir().to_path_buf())
+}
+
+fn binaries_with(pg: PathBuf) -> anyhow::Result<Binaries> {
     let me = std::env::current_exe()?;
     let pgzm = me.with_file_name("pgzm");
     let agent = me.with_file_name("pgzm-agent");
@@ -83,7 +110,7 @@ fn binaries(cluster: &PgCluster) -> anyhow::Result<Binaries> {
     Ok(Binaries {
         pgzm,
         agent,
-        pg: cluster.bindir().to_path_buf(),
+        pg,
         pgcopydb,
     })
 }
@@ -91,11 +118,31 @@ fn binaries(cluster: &PgCluster) -> anyhow::Result<Binaries> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.regions {
+        return two_regions(&args).await;
+    }
     eprintln!("starting two throwaway PostgreSQL servers…");
     let source = PgCluster::start().context("start the source server")?;
     let dest = PgCluster::start().context("start the destination server")?;
     let bins = binaries(&source)?;
     let mut report = report::Report::new(&args, &bins);
+    if args.impact {
+        let ds = datasets::copy_datasets(args.scale).swap_remove(0);
+        eprintln!("== production impact: {}", ds.name);
+        report.impact = Some(
+            impact::measure(
+                &ds,
+                &source,
+                &dest,
+                &bins,
+                args.jobs,
+                args.pgbench_rate,
+                args.limited_mb,
+            )
+            .await?,
+        );
+        return report.write(&args.out);
+    }
     if !args.skip_copy {
         for ds in datasets::copy_datasets(args.scale) {
             eprintln!("== dataset {}", ds.name);
@@ -136,12 +183,29 @@ async fn main() -> anyhow::Result<()> {
             report.scaling.push((ds, r));
         }
     }
-    let text = report.render();
-    if let Some(dir) = args.out.parent() {
-        std::fs::create_dir_all(dir).ok();
+    report.write(&args.out)
+}
+
+/// `--regions`: every method across the simulated link, on every data set.
+async fn two_regions(args: &Args) -> anyhow::Result<()> {
+    let link = regions::Link {
+        mbit: args.link_mbit,
+        rtt_ms: args.rtt_ms,
+    };
+    eprintln!(
+        "creating two regions ({} Mbit/s, {} ms RTT) with a server in each…",
+        link.mbit, link.rtt_ms
+    );
+    let bins = binaries_with(pgzm_tests::cluster::default_bindir()?)?;
+    let setup = regions::Setup::start(&bins, link, args.jobs)?;
+    let mut report = report::Report::new(args, &bins);
+    let mut measured = Vec::new();
+    for ds in datasets::copy_datasets(args.scale) {
+        eprintln!("== dataset {} across the link", ds.name);
+        let results = setup.compare(&ds, &bins, args.rounds).await?;
+        measured.push((ds, results));
     }
-    std::fs::write(&args.out, &text).with_context(|| format!("write {}", args.out.display()))?;
-    println!("{text}");
-    eprintln!("report written to {}", args.out.display());
-    Ok(())
+    report.regions = Some((setup.link(), measured));
+    drop(setup);
+    report.write(&args.out)
 }

@@ -101,38 +101,37 @@ pub fn run_measured(cmd: &mut Command) -> anyhow::Result<Measured> {
     })
 }
 
-fn mib(kib: u64) -> f64 {
+pub fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-async fn admin(cluster: &PgCluster) -> anyhow::Result<tokio_postgres::Client> {
+/// A session on `cluster`'s database `db` through its unix socket (which reaches servers in
+/// other network namespaces too).
+pub async fn connect(cluster: &PgCluster, db: &str) -> anyhow::Result<tokio_postgres::Client> {
     let (c, conn) =
-        tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls).await?;
+        tokio_postgres::connect(&cluster.socket_conninfo(db), tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     Ok(c)
 }
 
-/// Creates (or recreates) an empty database, with PostGIS when asked.
+/// Creates (or recreates) an empty database, with PostGIS when asked; returns its TCP URL.
 pub async fn fresh_db(cluster: &PgCluster, name: &str, postgis: bool) -> anyhow::Result<String> {
-    let c = admin(cluster).await?;
+    let c = connect(cluster, "postgres").await?;
     // One statement each: neither may run inside the implicit transaction of a batch.
     c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .await?;
     c.batch_execute(&format!("CREATE DATABASE {name}")).await?;
-    let url = cluster.url(name);
     if postgis {
-        let (d, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
+        let d = connect(cluster, name).await?;
         d.batch_execute("CREATE EXTENSION postgis").await?;
     }
-    Ok(url)
+    Ok(cluster.url(name))
 }
 
 /// Loads a data set into a fresh source database; returns its URL.
 pub async fn load_source(ds: &Dataset, source: &PgCluster) -> anyhow::Result<String> {
     let url = fresh_db(source, "bench_src", false).await?;
-    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
+    let c = connect(source, "bench_src").await?;
     c.batch_execute(&ds.sql)
         .await
         .with_context(|| format!("generate {}", ds.name))?;
@@ -142,7 +141,7 @@ pub async fn load_source(ds: &Dataset, source: &PgCluster) -> anyhow::Result<Str
     Ok(url)
 }
 
-fn json_report(stdout: &str) -> anyhow::Result<serde_json::Value> {
+pub fn json_report(stdout: &str) -> anyhow::Result<serde_json::Value> {
     serde_json::from_str(stdout).context("parse the pgzm --json report")
 }
 
@@ -218,7 +217,7 @@ pub async fn pgzm_embedded(
 }
 
 /// `pgzm start` from `src` to `dst` with `jobs`, its report as JSON, no log file.
-fn start_args(src: &str, dst: &str, jobs: usize) -> Vec<String> {
+pub fn start_args(src: &str, dst: &str, jobs: usize) -> Vec<String> {
     [
         "start",
         "--json",
@@ -265,15 +264,22 @@ async fn run_pgzm_embedded(
 }
 
 /// A `pgzm-agent` process on a free loopback port.
-struct AgentProcess {
+pub struct AgentProcess {
     child: std::process::Child,
-    url: String,
+    /// `http://ADDR` it listens on.
+    pub url: String,
 }
 
 impl AgentProcess {
     fn start(bin: &Path, tasks: usize) -> anyhow::Result<AgentProcess> {
-        let mut child = Command::new(bin)
-            .args(["--listen", "127.0.0.1:0", "--max-tasks", &tasks.to_string()])
+        let mut cmd = Command::new(bin);
+        cmd.args(["--listen", "127.0.0.1:0", "--max-tasks", &tasks.to_string()]);
+        AgentProcess::spawn(cmd)
+    }
+
+    /// Starts `cmd` (a `pgzm-agent` command line) and waits for the address it reports.
+    pub fn spawn(mut cmd: Command) -> anyhow::Result<AgentProcess> {
+        let mut child = cmd
             .env("PGZM_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -297,7 +303,7 @@ impl AgentProcess {
     }
 
     /// Peak RSS so far (VmHWM), KiB.
-    fn peak_rss_kib(&self) -> u64 {
+    pub fn peak_rss_kib(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .ok()
             .and_then(|s| {

@@ -55,6 +55,12 @@ impl std::fmt::Debug for PgCluster {
     }
 }
 
+/// The bin directory [`PgCluster::start`] would use (`$PG_BINDIR`, `pg_config --bindir`, or the
+/// highest-numbered `/usr/lib/postgresql/*/bin`).
+pub fn default_bindir() -> Result<PathBuf, HarnessError> {
+    binaries::find_bindir()
+}
+
 impl PgCluster {
     /// Creates and starts a new cluster: finds the binaries, runs initdb (as an unprivileged
     /// user when we are root), starts `postgres` on a free port and waits until it answers.
