@@ -122,18 +122,33 @@ pub fn session_tag_pattern(migration_id: i64) -> String {
     format!("pgzm-agent m{migration_id} a%")
 }
 
+/// How long [`terminate_sessions`] tries: the database may be behind a link that is down
+/// (a connection attempt would wait for TCP to give up, minutes).
+pub const TERMINATE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Ends the sessions whose `application_name` is `LIKE pattern` on `db` (other than this
 /// one), so that a stalled or frozen agent's open transaction neither holds locks on shadow
-/// tables nor writes after its task was given to another agent. Best effort: returns how many
-/// were ended, or why none could be.
+/// tables nor writes after its task was given to another agent. Best effort, for at most
+/// [`TERMINATE_TIMEOUT`]: returns how many were ended, or why none could be.
 pub async fn terminate_sessions(db: &DbUrl, pattern: &str) -> Result<u64, String> {
-    let client = db
-        .connect("pgzm-coordinator")
+    let ended = async {
+        let client = db
+            .connect("pgzm-coordinator")
+            .await
+            .map_err(|e| e.to_string())?;
+        end_sessions(&client, pattern)
+            .await
+            .map_err(|e| pgzm_pg::conn::describe(&e))
+    };
+    tokio::time::timeout(TERMINATE_TIMEOUT, ended)
         .await
-        .map_err(|e| e.to_string())?;
-    end_sessions(&client, pattern)
-        .await
-        .map_err(|e| pgzm_pg::conn::describe(&e))
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no answer from the {} database within {} s",
+                db.side(),
+                TERMINATE_TIMEOUT.as_secs()
+            ))
+        })
 }
 
 /// Ends, through `client`, the other sessions of its database whose `application_name` is
@@ -282,6 +297,13 @@ where
 {
     let started = Instant::now();
     let queue = Queue::planned(&jobs, ctx.range_bytes);
+    // Fewer tasks than slots: the tasks that can run at once split the byte-rate budget, so a
+    // run of one table gets all of it rather than its 1/--jobs share.
+    let mut ctx = ctx;
+    let at_once = parallel.min(queue.tasks.len()).max(1) as u64;
+    ctx.rate_share_ppm = ctx
+        .rate_share_ppm
+        .max(u32::try_from(1_000_000 / at_once).unwrap_or(1_000_000));
     // The progress total is the sum of the tasks' own estimates, so that it is reached exactly.
     crate::progress::enable(queue.tasks.iter().map(|t| estimate(t, &jobs[t.job])).sum());
     let queue = Arc::new(Mutex::new(queue));
@@ -552,7 +574,7 @@ impl Worker {
                 rows = tracing::field::Empty,
                 bytes = tracing::field::Empty,
             );
-            let outcome = self.attempt(&task, job).instrument(span.clone()).await;
+            let (outcome, peer) = self.attempt(&task, job).instrument(span.clone()).await;
             let metrics = crate::metrics::get();
             match outcome {
                 Outcome::Done(done) => {
@@ -566,6 +588,9 @@ impl Worker {
                     connect,
                     kind,
                 } => {
+                    // Unreachable, or its stream broke: the source-side agent may be gone.
+                    let lost_peer =
+                        connect || kind == Some(pgzm_pg::conn::ErrorKind::Connection);
                     let kind = kind.map_or("task", |k| k.as_str());
                     crate::progress::task_reset(&task.key);
                     // Transient failures are retried their count of times; failures to connect
@@ -577,6 +602,11 @@ impl Worker {
                             .elapsed()
                             < RESTART_PATIENCE;
                     if retry && (task.attempts <= self.ctx.retries + task.failovers || restarting) {
+                        // The source-side agent it read from may be gone: if so, the retry
+                        // reads from another one.
+                        if let Some(peer) = peer.as_deref().filter(|_| lost_peer) {
+                            self.pool.check_source(peer).await;
+                        }
                         metrics.retries.add(
                             1,
                             &[opentelemetry::KeyValue::new("table", job.live_label())],
@@ -749,19 +779,7 @@ impl Worker {
                 }
                 continue;
             }
-            let mut client = self.agent.client.clone();
-            let answered = pgzm_agent::telemetry::traced_call("Info", &self.agent.label, || {
-                let call = client.info(self.pool.connector.request(proto::InfoRequest {
-                    protocol_version: pgzm_proto::PROTOCOL_VERSION,
-                }));
-                async {
-                    tokio::time::timeout(Duration::from_secs(5), call)
-                        .await
-                        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer")))
-                }
-            })
-            .await;
-            if answered.is_ok() {
+            if self.pool.answers(&self.agent).await {
                 info!(agent = %self.agent.label, "agent is back");
                 return true;
             }
@@ -771,15 +789,21 @@ impl Worker {
         false
     }
 
-    /// The copy task message of this attempt of `task`, for this slot's agent.
-    fn copy_task(&self, task: &Task, job: &CopyJob) -> CopyTask {
-        let migration_id = MigrationId(self.ctx.migration_id);
-        let task_key = TaskKey(task.key.clone());
-        let peer_url = if self.agent.side() == crate::agents::AgentSide::Destination {
+    /// The source-side agent this slot's next attempt reads from: one for a destination-side
+    /// agent, none for an agent that reads the source itself.
+    fn peer(&self) -> Option<String> {
+        if self.agent.side() == crate::agents::AgentSide::Destination {
             self.pool.source_peer()
         } else {
             None
-        };
+        }
+    }
+
+    /// The copy task message of this attempt of `task`, for this slot's agent, reading from
+    /// `peer_url` (see [`Worker::peer`]).
+    fn copy_task(&self, task: &Task, job: &CopyJob, peer_url: Option<String>) -> CopyTask {
+        let migration_id = MigrationId(self.ctx.migration_id);
+        let task_key = TaskKey(task.key.clone());
         CopyTask {
             task_id: TaskId::attempt(migration_id, &task_key, task.attempts),
             task_key,
@@ -808,18 +832,27 @@ impl Worker {
     }
 
     /// One attempt of `task` on this slot's agent, in the CLIENT span of its `RunCopy` call
-    /// (the agent's SERVER span follows it).
-    async fn attempt(&self, task: &Task, job: &CopyJob) -> Outcome {
+    /// (the agent's SERVER span follows it); also the source-side agent it read from.
+    async fn attempt(&self, task: &Task, job: &CopyJob) -> (Outcome, Option<String>) {
         let rpc = pgzm_agent::telemetry::rpc_client_span("RunCopy", &self.agent.label);
-        let (outcome, code) = self.call(task, job).instrument(rpc.clone()).await;
+        let peer = self.peer();
+        let (outcome, code) = self
+            .call(task, job, peer.clone())
+            .instrument(rpc.clone())
+            .await;
         pgzm_agent::telemetry::record_rpc_status(&rpc, code);
-        outcome
+        (outcome, peer)
     }
 
     /// The `RunCopy` call of [`Worker::attempt`], and its gRPC status (`Unavailable` when the
     /// agent went quiet or closed the stream without a result).
-    async fn call(&self, task: &Task, job: &CopyJob) -> (Outcome, tonic::Code) {
-        let message = proto::CopyTask::from(self.copy_task(task, job));
+    async fn call(
+        &self,
+        task: &Task,
+        job: &CopyJob,
+        peer: Option<String>,
+    ) -> (Outcome, tonic::Code) {
+        let message = proto::CopyTask::from(self.copy_task(task, job, peer));
         let mut client = self.agent.client.clone();
         let mut stream = match client.run_copy(self.pool.connector.request(message)).await {
             Ok(r) => r.into_inner(),
