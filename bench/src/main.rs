@@ -64,6 +64,12 @@ pub struct Args {
     /// The link's round-trip time, ms (--regions).
     #[arg(long, default_value_t = 50)]
     pub rtt_ms: u64,
+    /// Only these methods (--regions): dump, pgcopydb, embedded, zstd, plain.
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Vec<String>,
+    /// Only the data sets whose name starts with one of these (e.g. large,mixed).
+    #[arg(long, value_delimiter = ',')]
+    pub datasets: Vec<String>,
     /// Only the production-impact measurement: pgbench on the destination server at
     /// --pgbench-rate, alone and beside each method.
     #[arg(long)]
@@ -201,8 +207,18 @@ async fn two_regions(args: &Args) -> anyhow::Result<()> {
     let mut report = report::Report::new(args, &bins);
     let mut measured = Vec::new();
     for ds in datasets::copy_datasets(args.scale) {
+        if !args.datasets.is_empty()
+            && !args
+                .datasets
+                .iter()
+                .any(|d| ds.name.starts_with(d.as_str()))
+        {
+            continue;
+        }
         eprintln!("== dataset {} across the link", ds.name);
-        let results = setup.compare(&ds, &bins, args.rounds).await?;
+        let results = setup
+            .compare(&ds, &bins, args.rounds, &args.methods)
+            .await?;
         measured.push((ds, results));
     }
     report.regions = Some((setup.link(), measured));

@@ -51,6 +51,8 @@ pub struct RegionResult {
     pub wal_bytes: u64,
     /// pgzm's swap lock-held time, ms.
     pub lock_held_ms: Option<f64>,
+    /// pgzm's phases: (name, seconds).
+    pub phases: Vec<(String, f64)>,
 }
 
 /// The two regions with their servers, the proxy in front of the source server and the
@@ -192,6 +194,18 @@ impl Setup {
                 .as_ref()
                 .and_then(|r| r["swap"]["lock_held_us"].as_f64())
                 .map(|us| us / 1000.0),
+            phases: report
+                .as_ref()
+                .and_then(|r| r["phases"].as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|p| {
+                    Some((
+                        p["phase"].as_str()?.to_string(),
+                        p["duration_ms"].as_f64()? / 1000.0,
+                    ))
+                })
+                .collect(),
         })
     }
 
@@ -347,6 +361,7 @@ impl Setup {
         ds: &Dataset,
         bins: &Binaries,
         rounds: usize,
+        only: &[String],
     ) -> anyhow::Result<Vec<RegionResult>> {
         methods::load_source(ds, &self.source).await?;
         let mut all: Vec<RegionResult> = Vec::new();
@@ -357,6 +372,9 @@ impl Setup {
                 steps.reverse();
             }
             for step in steps {
+                if !only.is_empty() && !only.iter().any(|o| o == step) {
+                    continue;
+                }
                 let r = match step {
                     "dump" => Some(self.dump_restore(bins).await?),
                     "pgcopydb" => self.pgcopydb(bins).await?,
@@ -372,6 +390,14 @@ impl Setup {
                         r.seconds,
                         r.wire_bytes as f64 / 1e6
                     );
+                    if !r.phases.is_empty() {
+                        let phases: Vec<String> = r
+                            .phases
+                            .iter()
+                            .map(|(p, s)| format!("{p} {s:.2}"))
+                            .collect();
+                        eprintln!("      phases (s): {}", phases.join(", "));
+                    }
                     if round == 0 {
                         order.push(r.method.clone());
                     }
