@@ -54,6 +54,16 @@ pub enum AgentError {
         /// What went wrong (sets the retry policy).
         kind: ErrorKind,
     },
+    /// The source-side agent a task reads from could not be reached (its address refuses
+    /// connections, or the link to it is down): retried, for a while even beyond the retry
+    /// count (see [`CONNECT_KEY`]).
+    #[error("cannot reach the source-side agent {url}: {message}")]
+    PeerUnreachable {
+        /// The agent's URL.
+        url: String,
+        /// One-line reason (the transport error and its causes).
+        message: String,
+    },
     /// The exported snapshot is gone (the coordinator's snapshot transaction ended).
     #[error("import source snapshot {snapshot}: {message}; the coordinator's snapshot transaction has ended, restart the migration")]
     Snapshot {
@@ -123,7 +133,7 @@ impl AgentError {
             | AgentError::InvalidConnection { .. }
             | AgentError::Snapshot { .. }
             | AgentError::RowCountMismatch { .. } => false,
-            AgentError::DigestMismatch { .. } => true,
+            AgentError::DigestMismatch { .. } | AgentError::PeerUnreachable { .. } => true,
         }
     }
 }
@@ -133,8 +143,9 @@ impl AgentError {
 /// unreachable), not from the task.
 pub const RETRYABLE_KEY: &str = "pgzm-retryable";
 
-/// Metadata key on an error status whose task could not connect to a database (`1`): the
-/// server may be restarting, and the coordinator keeps retrying for a while.
+/// Metadata key on an error status whose task could not connect to a database or to the
+/// source-side agent (`1`): the server may be restarting, or the link be down for a while, and
+/// the coordinator keeps retrying for a while.
 pub const CONNECT_KEY: &str = "pgzm-connect-failed";
 
 /// Metadata key on an error status from a database: the [`ErrorKind`]'s name.
@@ -145,6 +156,7 @@ impl AgentError {
     pub fn kind(&self) -> Option<ErrorKind> {
         match self {
             AgentError::Connect { kind, .. } | AgentError::Copy { kind, .. } => Some(*kind),
+            AgentError::PeerUnreachable { .. } => Some(ErrorKind::Connection),
             _ => None,
         }
     }
@@ -154,7 +166,10 @@ impl From<AgentError> for tonic::Status {
     fn from(err: AgentError) -> Self {
         let message = err.to_string();
         let retryable = err.is_retryable();
-        let connect = matches!(err, AgentError::Connect { .. });
+        let connect = matches!(
+            err,
+            AgentError::Connect { .. } | AgentError::PeerUnreachable { .. }
+        );
         let kind = err.kind();
         let mut status = match err {
             AgentError::InvalidTask(_)
@@ -165,7 +180,9 @@ impl From<AgentError> for tonic::Status {
             AgentError::RowCountMismatch { .. } | AgentError::DigestMismatch { .. } => {
                 tonic::Status::data_loss(message)
             }
-            AgentError::Connect { .. } | AgentError::Copy { .. } => tonic::Status::aborted(message),
+            AgentError::Connect { .. }
+            | AgentError::Copy { .. }
+            | AgentError::PeerUnreachable { .. } => tonic::Status::aborted(message),
         };
         status.metadata_mut().insert(
             RETRYABLE_KEY,
@@ -184,5 +201,28 @@ impl From<AgentError> for tonic::Status {
             );
         }
         status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A source-side agent out of reach is a connection failure the coordinator retries for a
+    /// while (like a database that restarts), named by its URL.
+    #[test]
+    fn an_unreachable_peer_is_retried_like_a_failed_connection() {
+        let status = tonic::Status::from(AgentError::PeerUnreachable {
+            url: "http://10.0.0.1:50051".into(),
+            message: "transport error: tcp connect error: deadline has elapsed".into(),
+        });
+        let meta = |key| status.metadata().get(key).and_then(|v| v.to_str().ok());
+        assert_eq!(meta(RETRYABLE_KEY), Some("1"));
+        assert_eq!(meta(CONNECT_KEY), Some("1"));
+        assert_eq!(meta(KIND_KEY), Some(ErrorKind::Connection.as_str()));
+        assert_eq!(
+            status.message(),
+            "cannot reach the source-side agent http://10.0.0.1:50051: transport error: tcp connect error: deadline has elapsed"
+        );
     }
 }

@@ -106,7 +106,13 @@ fn read(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
 
 async fn run(args: Args, prometheus: Option<Snapshot>) -> anyhow::Result<()> {
     let databases = Databases::parse(&args.databases).map_err(anyhow::Error::msg)?;
-    let mut builder = Server::builder();
+    // Pings on every connection, idle or not: a caller gone behind a partitioned link is given
+    // up after `KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT`, and the calls it made with it (an
+    // export waiting to send its next chunk, holding a source session in the snapshot) end
+    // instead of waiting for TCP to give up (about 15 minutes).
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(pgzm_agent::peer::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(pgzm_agent::peer::KEEPALIVE_TIMEOUT));
     let mut peer_tls = None;
     match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {

@@ -17,6 +17,15 @@ use crate::model::{ExportChunk, ExportTask};
 use crate::pg::ErrorKind;
 use crate::stream::{SourceItem, SourceStream};
 
+/// Silence on an agent connection after which an HTTP/2 ping is sent (by callers and, on its
+/// port, by the agent).
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a ping may go unanswered before the connection, and every call on it, is given up:
+/// a link partitioned for longer fails the streams crossing it (the tasks are retried) rather
+/// than leaving them waiting.
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// How this process connects to agents: TLS settings, the shared token, compression.
 #[derive(Clone, Default)]
 pub struct PeerConnector {
@@ -47,8 +56,8 @@ impl PeerConnector {
         let mut endpoint = Endpoint::from_shared(url.to_string())?
             .connect_timeout(std::time::Duration::from_secs(10))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(std::time::Duration::from_secs(10))
-            .keep_alive_timeout(std::time::Duration::from_secs(20));
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT);
         if url.starts_with("https://") {
             endpoint = endpoint.tls_config(
                 self.tls
@@ -99,7 +108,10 @@ impl PeerConnector {
         let mut client = self
             .connect(url)
             .await
-            .map_err(|e| peer_err(format!("cannot reach {url}: {e}"), ErrorKind::Connection))?;
+            .map_err(|e| AgentError::PeerUnreachable {
+                url: url.to_string(),
+                message: crate::pg::with_causes(e.to_string(), std::error::Error::source(&e)),
+            })?;
         let stream = client
             .export_range(rpc.in_scope(|| self.request(proto::ExportRequest::from(request))))
             .instrument(rpc.clone())
@@ -111,7 +123,13 @@ impl PeerConnector {
             .into_inner();
         let table = table.to_string();
         let mut digest = None;
+        // The stream keeps its client: hyper pings (HTTP/2 keepalive) only on a connection that
+        // a client still holds, and without the pings a stream stalled by a partitioned link
+        // would wait for TCP to give up (about 15 minutes) instead of failing after
+        // `KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT` of silence.
+        let client = client;
         Ok(Box::pin(stream.map(move |item| {
+            let _ = &client;
             let chunk = item.map_err(|s| {
                 crate::telemetry::record_rpc_status(&rpc, s.code());
                 (s.message().to_string(), status_kind(&s))

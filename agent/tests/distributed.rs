@@ -10,6 +10,9 @@
 //! - `prometheus`: the `--metrics-listen` scrape endpoint after a migration;
 //! - `guard`: what a token holder cannot make an agent do (connect where it was not told to,
 //!   write outside the shadow tables of a migration that is copying);
+//! - `regions`: two network namespaces joined by a shaped link (root only): the link cut for
+//!   10 s mid-copy, a source-side agent killed mid-export (the run finishes, nothing that had
+//!   committed is copied again);
 //! - `placement`: source-side and destination-side agents holding only their own database's
 //!   credentials (password authentication), and the refusals before any change: another
 //!   protocol version, an unreachable or unknown database, a pool that cannot run tasks.
@@ -41,6 +44,8 @@ mod pg_tls;
 mod placement;
 #[path = "distributed/prometheus.rs"]
 mod prometheus;
+#[path = "distributed/regions.rs"]
+mod regions;
 
 /// Migrates the TES fixture plus `big` (split into page ranges) with `n` agents of one task
 /// slot each, and checks the result and who did what.

@@ -10,18 +10,27 @@
 //! With `--agent-source-db NAME` / `--agent-dest-db NAME`, tasks name a connection string the
 //! agents hold (`pgzm-agent --database NAME=URL`) instead of carrying the coordinator's.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use pgzm_agent::model::{Endpoint, Target};
 use pgzm_agent::peer::PeerConnector;
 use pgzm_proto::agent::v1 as proto;
 use pgzm_proto::agent::v1::agent_client::AgentClient;
 use tonic::transport::Channel;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::conninfo::DbUrl;
 use crate::error::CoordinatorError;
+
+/// How long an agent gets to answer the `Info` call that checks it is alive.
+const ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a source-side agent that a task could not read from, and that does not answer
+/// either, gets no exports while other source-side agents are left.
+pub const SIDELINE: Duration = Duration::from_secs(30);
 
 /// How to reach and address remote agents.
 #[derive(Debug, Clone, Default)]
@@ -128,6 +137,8 @@ pub struct AgentPool {
     source_database: Option<String>,
     destination_database: Option<String>,
     next_source: AtomicUsize,
+    /// Source-side agents given no exports until then, by index (see [`AgentPool::check_source`]).
+    sidelined: Mutex<HashMap<usize, Instant>>,
 }
 
 async fn info(
@@ -211,6 +222,7 @@ impl AgentPool {
             source_database: None,
             destination_database: None,
             next_source: AtomicUsize::new(0),
+            sidelined: Mutex::default(),
         })
     }
 
@@ -244,6 +256,7 @@ impl AgentPool {
             source_database: settings.source_database.clone(),
             destination_database: settings.destination_database.clone(),
             next_source: AtomicUsize::new(0),
+            sidelined: Mutex::default(),
         };
         if pool.executors().is_empty() {
             return Err(CoordinatorError::Usage(
@@ -288,14 +301,69 @@ impl AgentPool {
             .sum()
     }
 
-    /// A source-side agent to read from (round robin), for tasks on a destination-side agent.
+    /// A source-side agent to read from (round robin over those not sidelined), for tasks on a
+    /// destination-side agent.
     pub fn source_peer(&self) -> Option<String> {
         let sources = self.sources();
         if sources.is_empty() {
             return None;
         }
-        let n = self.next_source.fetch_add(1, Ordering::Relaxed) % sources.len();
-        Some(sources[n].peer_url.clone())
+        let now = Instant::now();
+        let up: Vec<&Arc<AgentHandle>> = {
+            let sidelined = self.sidelined.lock().unwrap_or_else(|p| p.into_inner());
+            sources
+                .iter()
+                .filter(|a| sidelined.get(&a.index).is_none_or(|until| *until <= now))
+                .collect()
+        };
+        // Every one sidelined: they all take turns again (a task that may fail and be retried
+        // rather than none).
+        let turns: Vec<&Arc<AgentHandle>> = if up.is_empty() {
+            sources.iter().collect()
+        } else {
+            up
+        };
+        let n = self.next_source.fetch_add(1, Ordering::Relaxed) % turns.len();
+        Some(turns[n].peer_url.clone())
+    }
+
+    /// Whether `agent` answers an `Info` call within [`ALIVE_TIMEOUT`].
+    pub async fn answers(&self, agent: &AgentHandle) -> bool {
+        let mut client = agent.client.clone();
+        pgzm_agent::telemetry::traced_call("Info", &agent.label, || {
+            let call = client.info(self.connector.request(proto::InfoRequest {
+                protocol_version: pgzm_proto::PROTOCOL_VERSION,
+            }));
+            async {
+                tokio::time::timeout(ALIVE_TIMEOUT, call)
+                    .await
+                    .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer")))
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    /// After a task could not read from the source-side agent at `peer_url`: if it does not
+    /// answer either and other source-side agents exist, it gets no exports for [`SIDELINE`].
+    /// Without this, a dead source-side agent keeps its turn in the round robin and fails
+    /// every other task, each failure spending a retry.
+    pub async fn check_source(&self, peer_url: &str) {
+        let sources = self.sources();
+        if sources.len() < 2 {
+            return;
+        }
+        let Some(agent) = sources.iter().find(|a| a.peer_url == peer_url) else {
+            return;
+        };
+        if self.answers(agent).await {
+            return;
+        }
+        self.sidelined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(agent.index, Instant::now() + SIDELINE);
+        warn!(agent = %agent.label, seconds = SIDELINE.as_secs(), "a source-side agent does not answer: the other source-side agents serve the exports meanwhile");
     }
 
     /// The endpoint tasks use for `url`'s database, their sessions named `application_name`.
@@ -408,5 +476,69 @@ mod info_tests {
         let no_slots = AgentInfo::try_from(response(proto::Side::Both as i32, 0)).unwrap_err();
         assert!(no_slots.contains("no task slots"), "{no_slots}");
         assert!(AgentInfo::try_from(response(proto::Side::Source as i32, 0)).is_ok());
+    }
+
+    /// A pool of `sides` whose clients point nowhere (never called).
+    fn pool(sides: &[AgentSide]) -> AgentPool {
+        let agents = sides
+            .iter()
+            .enumerate()
+            .map(|(index, side)| {
+                let url = format!("http://127.0.0.1:{}", 1 + index);
+                let channel = tonic::transport::Endpoint::from_shared(url.clone())
+                    .expect("url")
+                    .connect_lazy();
+                Arc::new(AgentHandle {
+                    label: url.clone(),
+                    index,
+                    client: AgentClient::new(channel),
+                    info: AgentInfo {
+                        agent_version: "0".into(),
+                        capacity: 1,
+                        side: *side,
+                        region: String::new(),
+                        databases: Vec::new(),
+                        advertise_url: None,
+                    },
+                    peer_url: url,
+                })
+            })
+            .collect();
+        AgentPool {
+            agents,
+            connector: PeerConnector::default(),
+            source_database: None,
+            destination_database: None,
+            next_source: AtomicUsize::new(0),
+            sidelined: Mutex::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sidelined_source_gets_no_exports_while_another_is_left() {
+        use AgentSide::{Destination, Source};
+        let p = pool(&[Destination, Source, Source]);
+        let turns = |n: usize| (0..n).map(|_| p.source_peer().expect("a source")).collect();
+        let both: std::collections::BTreeSet<String> = turns(4);
+        assert_eq!(both.len(), 2, "round robin over both: {both:?}");
+        p.sidelined
+            .lock()
+            .unwrap()
+            .insert(1, Instant::now() + SIDELINE);
+        let left: std::collections::BTreeSet<String> = turns(4);
+        assert_eq!(
+            left.into_iter().collect::<Vec<_>>(),
+            vec!["http://127.0.0.1:3".to_string()]
+        );
+        // Both sidelined: both take turns again rather than none.
+        p.sidelined
+            .lock()
+            .unwrap()
+            .insert(2, Instant::now() + SIDELINE);
+        assert_eq!(turns(4).len(), 2);
+        // Its time over, an agent is back in the round robin.
+        p.sidelined.lock().unwrap().clear();
+        p.sidelined.lock().unwrap().insert(1, Instant::now());
+        assert_eq!(turns(4).len(), 2);
     }
 }

@@ -589,8 +589,7 @@ impl Worker {
                     kind,
                 } => {
                     // Unreachable, or its stream broke: the source-side agent may be gone.
-                    let lost_peer =
-                        connect || kind == Some(pgzm_pg::conn::ErrorKind::Connection);
+                    let lost_peer = connect || kind == Some(pgzm_pg::conn::ErrorKind::Connection);
                     let kind = kind.map_or("task", |k| k.as_str());
                     crate::progress::task_reset(&task.key);
                     // Transient failures are retried their count of times; failures to connect

@@ -570,6 +570,9 @@ async fn check_recorded(
     Ok(())
 }
 
+/// How long the source's snapshot transaction gets to commit once the copy is over.
+const SNAPSHOT_RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The identity of the database a session is connected to: its server's start time
 /// (microseconds) and system identifier (when the role may read it), and the database's oid.
 const DATABASE_IDENTITY: &str = "
@@ -945,7 +948,14 @@ async fn fill(
         .await?;
     crate::progress::disable();
     // Every task has read the snapshot: release it so the source's vacuum is not held back.
-    let _ = source_client.batch_execute("COMMIT").await;
+    // Bounded: with the link to the source down, the COMMIT would wait for TCP to give up
+    // (minutes); the connection is dropped instead, and the server ends the transaction when it
+    // notices.
+    let _ = tokio::time::timeout(
+        SNAPSHOT_RELEASE_TIMEOUT,
+        source_client.batch_execute("COMMIT"),
+    )
+    .await;
     drop(source_client);
     // The destination may have restarted during the copy (the tasks and builds were retried).
     state::reattach(

@@ -16,6 +16,7 @@ use pgzm_coordinator::conninfo::DbUrl;
 use pgzm_coordinator::migrate::StartOptions;
 use pgzm_coordinator::swap::SwapSettings;
 use pgzm_tests::inspect::{self, TableChecksum};
+use pgzm_tests::netns::Netns;
 use pgzm_tests::{PgCluster, TestDb};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
@@ -45,7 +46,13 @@ const SCRUBBED_ENV: [&str; 4] = [
 ];
 
 fn agent_command(args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgzm-agent"));
+    child_command(Command::new(env!("CARGO_BIN_EXE_pgzm-agent")), args, env)
+}
+
+/// `cmd ARGS` with the settings of every child of these tests: piped output, no inherited
+/// agent, telemetry or libpq settings, killed with its guard and with the thread that spawned
+/// it.
+pub fn child_command(mut cmd: Command, args: &[&str], env: &[(&str, &str)]) -> Command {
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -76,7 +83,7 @@ fn agent_command(args: &[&str], env: &[(&str, &str)]) -> Command {
 }
 
 /// Appends every line of `pipe` to `log` until it closes.
-fn drain(pipe: impl AsyncRead + Unpin + Send + 'static, log: Arc<Mutex<String>>) {
+pub fn drain(pipe: impl AsyncRead + Unpin + Send + 'static, log: Arc<Mutex<String>>) {
     tokio::spawn(async move {
         let mut lines = BufReader::new(pipe).lines();
         while let Ok(Some(line)) = lines.next_line().await {
@@ -103,7 +110,18 @@ impl AgentProcess {
     /// Starts `pgzm-agent ARGS` (which must contain `--listen`) and waits for its
     /// `listening on` line; panics with the agent's stderr when it exits instead.
     pub async fn spawn(args: &[&str], env: &[(&str, &str)]) -> AgentProcess {
-        let mut child = agent_command(args, env).spawn().expect("spawn pgzm-agent");
+        Self::spawn_command(agent_command(args, env), args).await
+    }
+
+    /// [`AgentProcess::spawn`] inside the network namespace `ns` (`ip netns exec`, which execs
+    /// the agent: the child's pid is the agent's).
+    pub async fn spawn_in(ns: &Netns, args: &[&str], env: &[(&str, &str)]) -> AgentProcess {
+        let cmd = Command::from(ns.command(env!("CARGO_BIN_EXE_pgzm-agent")));
+        Self::spawn_command(child_command(cmd, args, env), args).await
+    }
+
+    async fn spawn_command(mut cmd: Command, args: &[&str]) -> AgentProcess {
+        let mut child = cmd.spawn().expect("spawn pgzm-agent");
         let log = Arc::new(Mutex::new(String::new()));
         drain(child.stderr.take().expect("stderr"), Arc::clone(&log));
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
