@@ -430,6 +430,37 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// Silence on a connection after which TCP keepalive probes start, unless the connection
+/// string sets `keepalives_idle` (tokio-postgres' own default is 2 hours).
+pub const KEEPALIVES_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+/// Time between unanswered probes, unless the string sets `keepalives_interval`.
+pub const KEEPALIVES_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Unanswered probes after which the connection is given up.
+pub const KEEPALIVES_RETRIES: u32 = 3;
+
+/// tokio-postgres' default `keepalives_idle`, which it cannot tell from a value the string gave.
+const DRIVER_KEEPALIVES_IDLE: std::time::Duration = std::time::Duration::from_secs(2 * 60 * 60);
+
+/// Keepalive settings for connections that may cross a WAN: a session whose peer went silent
+/// behind a partitioned link (a snapshot holder, a COPY reader waiting for rows) fails after
+/// about a minute of silence ([`KEEPALIVES_IDLE`] + [`KEEPALIVES_RETRIES`] ×
+/// [`KEEPALIVES_INTERVAL`]) instead of waiting for TCP to give up (hours when idle). Values the
+/// connection string gives are kept; `keepalives=0` turns the probes off.
+pub fn apply_keepalive_defaults(config: &mut Config) {
+    if !config.get_keepalives() {
+        return;
+    }
+    if config.get_keepalives_idle() == DRIVER_KEEPALIVES_IDLE {
+        config.keepalives_idle(KEEPALIVES_IDLE);
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(KEEPALIVES_INTERVAL);
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(KEEPALIVES_RETRIES);
+    }
+}
+
 /// Connects with the given target and application name, driving the connection on tokio.
 pub async fn connect(
     target: PgTarget,
@@ -441,6 +472,7 @@ pub async fn connect(
     if !application_name.is_empty() {
         config.application_name(application_name);
     }
+    apply_keepalive_defaults(&mut config);
     let client = match tls {
         None => {
             let (client, connection) = config.connect(NoTls).await?;
@@ -514,6 +546,35 @@ mod tests {
             }
             assert!(!err.contains("db.example.com/prod"), "{conninfo}: {err}");
         }
+    }
+
+    /// Connections probe a silent peer after 30 s, every 10 s, three times; what the
+    /// connection string says wins, and `keepalives=0` keeps them off.
+    #[test]
+    fn keepalive_defaults_fill_only_what_the_string_left_unset() {
+        let mut c = parse_config("host=db dbname=d").expect("parse").config;
+        apply_keepalive_defaults(&mut c);
+        assert_eq!(c.get_keepalives_idle(), KEEPALIVES_IDLE);
+        assert_eq!(c.get_keepalives_interval(), Some(KEEPALIVES_INTERVAL));
+        assert_eq!(c.get_keepalives_retries(), Some(KEEPALIVES_RETRIES));
+        let mut c = parse_config(
+            "host=db dbname=d keepalives_idle=5 keepalives_interval=2 keepalives_retries=7",
+        )
+        .expect("parse")
+        .config;
+        apply_keepalive_defaults(&mut c);
+        assert_eq!(c.get_keepalives_idle(), std::time::Duration::from_secs(5));
+        assert_eq!(
+            c.get_keepalives_interval(),
+            Some(std::time::Duration::from_secs(2))
+        );
+        assert_eq!(c.get_keepalives_retries(), Some(7));
+        let mut c = parse_config("postgres://db/d?keepalives=0")
+            .expect("parse")
+            .config;
+        apply_keepalive_defaults(&mut c);
+        assert!(!c.get_keepalives());
+        assert_eq!(c.get_keepalives_interval(), None);
     }
 
     #[test]
