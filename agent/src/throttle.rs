@@ -23,6 +23,8 @@ pub const POLL: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct RateWatch {
     bytes_per_s: AtomicU64,
+    /// Copy tasks of the run not finished yet (0: not known), as the coordinator publishes it.
+    tasks_left: AtomicU64,
     paused: std::sync::atomic::AtomicBool,
     /// When a task last took it.
     last_used: Mutex<Instant>,
@@ -32,6 +34,7 @@ impl Default for RateWatch {
     fn default() -> Self {
         RateWatch {
             bytes_per_s: AtomicU64::new(0),
+            tasks_left: AtomicU64::new(0),
             paused: std::sync::atomic::AtomicBool::new(false),
             last_used: Mutex::new(Instant::now()),
         }
@@ -64,10 +67,16 @@ impl RateWatch {
             .elapsed()
     }
 
-    fn set(&self, (rate, paused): (u64, bool)) -> (u64, bool) {
+    /// Copy tasks of the run not finished yet; 0 when not known.
+    pub fn tasks_left(&self) -> u64 {
+        self.tasks_left.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, (rate, paused, left): (u64, bool, u64)) -> (u64, bool, u64) {
         (
             self.bytes_per_s.swap(rate, Ordering::Relaxed),
             self.paused.swap(paused, Ordering::Relaxed),
+            self.tasks_left.swap(left, Ordering::Relaxed),
         )
     }
 }
@@ -83,18 +92,20 @@ fn registry() -> &'static Registry {
 async fn read(
     client: &tokio_postgres::Client,
     id: i64,
-) -> Result<(u64, bool), tokio_postgres::Error> {
+) -> Result<(u64, bool, u64), tokio_postgres::Error> {
     let row = client
         .query_opt(
-            "SELECT coalesce(max_rate, 0) AS rate, paused IS NOT NULL AS paused
+            "SELECT coalesce(max_rate, 0) AS rate, paused IS NOT NULL AS paused,
+                    coalesce(copy_tasks_left, 0)::int8 AS left
                FROM pgzm.migrations WHERE id = $1",
             &[&id],
         )
         .await?;
-    Ok(row.map_or((0, false), |r| {
+    Ok(row.map_or((0, false, 0), |r| {
         (
             u64::try_from(r.get::<_, i64>("rate")).unwrap_or(0),
             r.get("paused"),
+            u64::try_from(r.get::<_, i64>("left")).unwrap_or(0),
         )
     }))
 }
@@ -205,8 +216,14 @@ impl Bucket {
     }
 
     /// This task's rate now, bytes per second (`None`: unlimited).
+    /// This task's part of the budget: its share of `--jobs` slots, or, once fewer tasks than
+    /// that are left, an equal part among them.
     fn rate(&self) -> Option<f64> {
-        let rate = self.watch.rate() as f64 * f64::from(self.share_ppm) / 1e6;
+        let mut share = f64::from(self.share_ppm) / 1e6;
+        if let Some(left) = Some(self.watch.tasks_left()).filter(|l| *l > 0) {
+            share = share.max(1.0 / left as f64);
+        }
+        let rate = self.watch.rate() as f64 * share.min(1.0);
         (self.share_ppm > 0 && self.watch.rate() > 0).then_some(rate.max(1.0))
     }
 

@@ -259,6 +259,52 @@ pub struct Copied {
     pub data_time: Duration,
 }
 
+/// Keeps `pgzm.migrations.copy_tasks_left` at the number of tasks not finished (queued or
+/// running), checked every second, until dropped. A task that fails goes back to the queue,
+/// so the number never grows: what an agent read a moment ago is at least the number running
+/// now, and dividing the budget by it never gives more than the budget away.
+struct TasksLeft(Option<tokio::task::JoinHandle<()>>);
+
+impl TasksLeft {
+    async fn start(dest: &DbUrl, migration_id: i64, queue: Arc<Mutex<Queue>>) -> TasksLeft {
+        const SQL: &str = "UPDATE pgzm.migrations SET copy_tasks_left = $2 WHERE id = $1";
+        let left = |q: &Mutex<Queue>| {
+            let q = lock(q);
+            i32::try_from(q.tasks.len() + q.in_flight).unwrap_or(i32::MAX)
+        };
+        let client = match dest.connect("pgzm-coordinator").await {
+            Ok(c) => c,
+            Err(e) => {
+                // The budget then stays split by --jobs alone.
+                tracing::debug!(error = %e, "cannot publish the copy tasks left");
+                return TasksLeft(None);
+            }
+        };
+        let mut published = left(&queue);
+        if let Err(e) = client.execute(SQL, &[&migration_id, &published]).await {
+            tracing::debug!(error = %pgzm_pg::conn::describe(&e), "cannot publish the copy tasks left");
+            return TasksLeft(None);
+        }
+        TasksLeft(Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let now = left(&queue);
+                if now != published && client.execute(SQL, &[&migration_id, &now]).await.is_ok() {
+                    published = now;
+                }
+            }
+        })))
+    }
+}
+
+impl Drop for TasksLeft {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
 /// The queue, also after a panic of another holder (its state is still consistent: every
 /// change is a single assignment).
 fn lock(queue: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
@@ -307,6 +353,10 @@ where
     // The progress total is the sum of the tasks' own estimates, so that it is reached exactly.
     crate::progress::enable(queue.tasks.iter().map(|t| estimate(t, &jobs[t.job])).sum());
     let queue = Arc::new(Mutex::new(queue));
+    // Publishes how many tasks are left, for the agents' share of the byte-rate budget; the
+    // first value is in place before any task starts (a resumed run's row holds the old one).
+    let _tasks_left =
+        TasksLeft::start(&ctx.destination, ctx.migration_id, Arc::clone(&queue)).await;
     let notify = Arc::new(Notify::new());
     let jobs = Arc::new(jobs);
     let (build_tx, build_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -52,6 +52,10 @@ ALTER TABLE pgzm.copy_progress ADD COLUMN IF NOT EXISTS digest text;
 -- The copy's byte-rate budget (bytes per second, all tasks and agents; NULL: none), which
 -- `pgzm throttle` changes while the run copies and the agents read every second.
 ALTER TABLE pgzm.migrations ADD COLUMN IF NOT EXISTS max_rate bigint;
+-- Copy tasks not finished yet (queued or running), kept by the coordinator while it copies: it
+-- never grows, so an agent that read it a moment ago never gives a task more than its part of
+-- the budget (at the end of a run, fewer tasks than --jobs share all of it).
+ALTER TABLE pgzm.migrations ADD COLUMN IF NOT EXISTS copy_tasks_left integer;
 -- `--max-replication-lag` in milliseconds (NULL: none), and why the copy is paused now (NULL:
 -- it is not), set by the run's lag monitor and read by the agents.
 ALTER TABLE pgzm.migrations ADD COLUMN IF NOT EXISTS max_lag_ms bigint;

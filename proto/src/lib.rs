@@ -18,4 +18,6 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/agent_descriptor.bin"));
 
 /// Protocol version spoken by this build; agents refuse coordinators with another one.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: agents divide the byte-rate budget by `pgzm.migrations.copy_tasks_left`, which only a
+/// coordinator of this version creates and keeps.
+pub const PROTOCOL_VERSION: u32 = 4;
