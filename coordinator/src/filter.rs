@@ -15,6 +15,7 @@
 
 use std::collections::BTreeSet;
 
+use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
 use crate::error::CoordinatorError;
@@ -225,14 +226,19 @@ async fn matches(
     let table_schemas: Vec<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
     let table_names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
     let rows = client
-        .query(
+        .query_typed(
             "SELECT p.i::int4 AS pattern,
                     coalesce(array_agg(t.s ORDER BY t.s, t.name) FILTER (WHERE t.name IS NOT NULL), '{}') AS schemas,
                     coalesce(array_agg(t.name ORDER BY t.s, t.name) FILTER (WHERE t.name IS NOT NULL), '{}') AS tables
              FROM unnest($1::text[], $2::text[]) WITH ORDINALITY p(s, n, i)
              LEFT JOIN unnest($3::text[], $4::text[]) t(s, name) ON t.s ~ p.s AND t.name ~ p.n
              GROUP BY p.i ORDER BY p.i",
-            &[&schemas, &names, &table_schemas, &table_names],
+            &[
+                (&schemas, Type::TEXT_ARRAY),
+                (&names, Type::TEXT_ARRAY),
+                (&table_schemas, Type::TEXT_ARRAY),
+                (&table_names, Type::TEXT_ARRAY),
+            ],
         )
         .await
         .map_err(|e| CoordinatorError::source("match the table patterns", e))?;

@@ -124,7 +124,7 @@ async fn read_sides(opts: &StartOptions, pool: &AgentPool) -> Result<Sides, Coor
         .await
         .map_err(|e| CoordinatorError::source("open the snapshot transaction", e))?;
     let snapshot: String = source_client
-        .query_one("SELECT pg_export_snapshot() AS snapshot", &[])
+        .query_typed_one("SELECT pg_export_snapshot() AS snapshot", &[])
         .await
         .map_err(|e| CoordinatorError::source("export a snapshot", e))?
         .get("snapshot");
@@ -132,7 +132,7 @@ async fn read_sides(opts: &StartOptions, pool: &AgentPool) -> Result<Sides, Coor
     let (preserved, preserved_problems) = resolve_tables(&opts.preserved, &schema);
     let evidence = source_evidence(&source_client, &schema).await?;
     let snapshot_text: String = source_client
-        .query_one("SELECT pg_current_snapshot()::text AS snapshot", &[])
+        .query_typed_one("SELECT pg_current_snapshot()::text AS snapshot", &[])
         .await
         .map_err(|e| CoordinatorError::source("read the snapshot", e))?
         .get("snapshot");
@@ -515,12 +515,12 @@ async fn source_evidence(
 ) -> Result<BTreeMap<u32, plan::SourceEvidence>, CoordinatorError> {
     let oids: Vec<u32> = schema.tables.iter().map(|t| t.oid).collect();
     let rows = source
-        .query(
+        .query_typed(
             "SELECT c.oid, coalesce(pg_relation_filenode(c.oid), 0)::int8 AS filenode,
                     coalesce(s.n_tup_ins + s.n_tup_upd + s.n_tup_del, -1)::int8 AS changes
              FROM pg_class c LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid
              WHERE c.oid = ANY($1)",
-            &[&oids],
+            &[(&oids, tokio_postgres::types::Type::OID_ARRAY)],
         )
         .await
         .map_err(|e| CoordinatorError::source("read the tables' statistics", e))?;
@@ -597,14 +597,15 @@ async fn refuse_same_database(
             r.get("system_identifier"),
         )
     };
-    let s = source
-        .query_one(DATABASE_IDENTITY, &[])
-        .await
+    // Both at once; one round trip each (the source may be across a WAN).
+    let (s, d) = tokio::join!(
+        source.query_typed_one(DATABASE_IDENTITY, &[]),
+        destination.query_typed_one(DATABASE_IDENTITY, &[])
+    );
+    let s = s
         .map(identity)
         .map_err(|e| CoordinatorError::source("identify the source database", e))?;
-    let d = destination
-        .query_one(DATABASE_IDENTITY, &[])
-        .await
+    let d = d
         .map(identity)
         .map_err(|e| CoordinatorError::destination("identify the destination database", e))?;
     let same_system = match (&s.2, &d.2) {

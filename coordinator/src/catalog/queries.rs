@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Row};
 
 use super::*;
@@ -248,7 +248,7 @@ WHERE e.extname <> 'plpgsql' ORDER BY 1";
 /// The server's `server_version_num` (e.g. 180004).
 pub async fn server_version(client: &Client) -> Result<i32, tokio_postgres::Error> {
     client
-        .query_one(
+        .query_typed_one(
             "SELECT current_setting('server_version_num')::int4 AS version",
             &[],
         )
@@ -260,10 +260,13 @@ pub async fn server_version(client: &Client) -> Result<i32, tokio_postgres::Erro
 async fn rows(
     client: &Client,
     sql: &str,
-    params: &[&(dyn ToSql + Sync)],
+    params: &[(&(dyn ToSql + Sync), Type)],
     what: &'static str,
 ) -> Result<Vec<Row>, CoordinatorError> {
-    client.query(sql, params).await.map_err(catalog_err(what))
+    client
+        .query_typed(sql, params)
+        .await
+        .map_err(catalog_err(what))
 }
 
 fn catalog_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError {
@@ -291,7 +294,12 @@ pub async fn read_schema(
     // pipelined, so a source across a WAN costs a couple of round trips for all of them rather
     // than two per query (the plan took 2 s at 50 ms RTT, mostly waiting).
     let (oids, schemas): (&(dyn ToSql + Sync), &(dyn ToSql + Sync)) = (&t.oids, &schema.schemas);
-    let (by_oids, by_oids_schemas, by_schemas) = ([oids], [oids, schemas], [schemas]);
+    let (oids, schemas) = ((oids, Type::OID_ARRAY), (schemas, Type::TEXT_ARRAY));
+    let (by_oids, by_oids_schemas, by_schemas) = (
+        [oids.clone()],
+        [oids.clone(), schemas.clone()],
+        [schemas.clone()],
+    );
     let (
         columns,
         constraints,
@@ -425,7 +433,7 @@ async fn read_tables(
     // Tables pgzm cannot migrate, with the reason: refused unless the filters leave them out.
     let mut cannot: Vec<(QualName, String)> = Vec::new();
     for row in client
-        .query(TABLES, &[&schema.schemas])
+        .query_typed(TABLES, &[(&schema.schemas, Type::TEXT_ARRAY)])
         .await
         .map_err(catalog_err("read tables"))?
     {
@@ -612,7 +620,7 @@ async fn read_triggers(
     }
     let function_oids: Vec<Oid> = function_oids.into_iter().collect();
     for row in client
-        .query(FUNCTIONS, &[&function_oids])
+        .query_typed(FUNCTIONS, &[(&function_oids, Type::OID_ARRAY)])
         .await
         .map_err(catalog_err("read trigger functions"))?
     {
@@ -706,7 +714,10 @@ async fn read_type_batch(
 ) -> Result<TypeKinds, CoordinatorError> {
     let mut kinds = TypeKinds::default();
     for row in client
-        .query(TYPES, &[&batch, &schemas])
+        .query_typed(
+            TYPES,
+            &[(&batch, Type::OID_ARRAY), (&schemas, Type::TEXT_ARRAY)],
+        )
         .await
         .map_err(catalog_err("read types"))?
     {
@@ -796,7 +807,10 @@ async fn read_type_details(
 ) -> Result<(), CoordinatorError> {
     if !kinds.multiranges.is_empty() {
         for row in client
-            .query(RANGES_OF_MULTIRANGES, &[&kinds.multiranges])
+            .query_typed(
+                RANGES_OF_MULTIRANGES,
+                &[(&kinds.multiranges, Type::OID_ARRAY)],
+            )
             .await
             .map_err(catalog_err("read multirange types"))?
         {
@@ -805,7 +819,7 @@ async fn read_type_details(
     }
     if !kinds.ranges.is_empty() {
         for row in client
-            .query(RANGES, &[&kinds.ranges])
+            .query_typed(RANGES, &[(&kinds.ranges, Type::OID_ARRAY)])
             .await
             .map_err(catalog_err("read range types"))?
         {
@@ -840,7 +854,10 @@ async fn read_type_details(
     }
     if !kinds.composites.is_empty() {
         for row in client
-            .query(COMPOSITE_ATTRIBUTES, &[&kinds.composites])
+            .query_typed(
+                COMPOSITE_ATTRIBUTES,
+                &[(&kinds.composites, Type::OID_ARRAY)],
+            )
             .await
             .map_err(catalog_err("read composite types"))?
         {
@@ -862,7 +879,7 @@ async fn read_type_details(
     }
     if !kinds.domains.is_empty() {
         for row in client
-            .query(DOMAIN_CHECKS, &[&kinds.domains])
+            .query_typed(DOMAIN_CHECKS, &[(&kinds.domains, Type::OID_ARRAY)])
             .await
             .map_err(catalog_err("read domain constraints"))?
         {
@@ -1041,7 +1058,15 @@ async fn read_used_functions(
         let known: Vec<Oid> = found.iter().copied().collect();
         let before = found.len();
         for row in client
-            .query(USED_FUNCTIONS, &[&tables, &types, &known, &schema.schemas])
+            .query_typed(
+                USED_FUNCTIONS,
+                &[
+                    (&tables, Type::OID_ARRAY),
+                    (&types, Type::OID_ARRAY),
+                    (&known, Type::OID_ARRAY),
+                    (&schema.schemas, Type::TEXT_ARRAY),
+                ],
+            )
             .await
             .map_err(catalog_err("read functions the tables use"))?
         {
@@ -1078,7 +1103,7 @@ async fn read_used_functions(
         return Ok(());
     }
     for row in client
-        .query(FUNCTIONS, &[&public])
+        .query_typed(FUNCTIONS, &[(&public, Type::OID_ARRAY)])
         .await
         .map_err(catalog_err("read functions the tables use"))?
     {
@@ -1114,7 +1139,10 @@ pub async fn matviews_by_oid(
     if oids.is_empty() {
         return Ok(out);
     }
-    for row in client.query(MATVIEWS_SQL, &[&oids]).await? {
+    for row in client
+        .query_typed(MATVIEWS_SQL, &[(&oids, Type::OID_ARRAY)])
+        .await?
+    {
         out.insert(
             row.get::<_, Oid>("oid"),
             Matview {
@@ -1148,11 +1176,11 @@ async fn read_matviews(
         return Ok(());
     }
     let views: BTreeMap<Oid, String> = client
-        .query(
+        .query_typed(
             "SELECT c.oid, n.nspname::text AS schema_name, c.relname::text AS name
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE c.relkind = 'v' AND n.nspname = ANY($1::text[])",
-            &[&schema.schemas],
+            &[(&schema.schemas, Type::TEXT_ARRAY)],
         )
         .await
         .map_err(catalog_err("read views"))?
