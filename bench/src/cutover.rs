@@ -59,7 +59,7 @@ fn dependents_sql(n: usize) -> String {
     s
 }
 
-async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+pub async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     Ok(c)
@@ -89,28 +89,10 @@ pub async fn measure(
             .args(["-q", "prepare", "--json", "--source", &src, "--dest", &dst]),
     )?;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let samples: Arc<Mutex<Vec<(Instant, Duration, bool)>>> = Arc::new(Mutex::new(Vec::new()));
-    let client = {
-        let (stop, samples, dst) = (Arc::clone(&stop), Arc::clone(&samples), dst.clone());
-        tokio::spawn(async move {
-            let c = connect(&dst).await?;
-            let mut i = 0usize;
-            while !stop.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                let ok = c
-                    .simple_query(&format!("SELECT v FROM t_{:04} WHERE id = 7", i % n))
-                    .await
-                    .is_ok();
-                samples
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((t, t.elapsed(), ok));
-                i += 1;
-            }
-            anyhow::Ok(())
-        })
-    };
+    let queries = (0..n)
+        .map(|i| format!("SELECT v FROM t_{i:04} WHERE id = 7"))
+        .collect();
+    let probe = Probe::start(&dst, queries).await?;
     let holder = if blocker {
         let c = connect(&dst).await?;
         c.batch_execute(&format!("BEGIN; SELECT count(*) FROM t_{:04}", n - 1))
@@ -122,34 +104,17 @@ pub async fn measure(
     } else {
         None
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let swap_started = Instant::now();
     let pgzm = bins.pgzm.clone();
     let dst2 = dst.clone();
-    let m = tokio::task::spawn_blocking(move || {
-        run_measured(Command::new(&pgzm).args(["-q", "swap", "--json", "--dest", &dst2]))
-    })
-    .await??;
-    let swap_ended = Instant::now();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    stop.store(true, Ordering::Relaxed);
-    client.await??;
+    let (m, during) = probe
+        .around(move || {
+            run_measured(Command::new(&pgzm).args(["-q", "swap", "--json", "--dest", &dst2]))
+        })
+        .await?;
     if let Some(h) = holder {
         h.await??;
     }
     let report: serde_json::Value = serde_json::from_str(&m.stdout)?;
-    let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let mut during: Vec<f64> = samples
-        .iter()
-        .filter(|(t, d, _)| *t + *d >= swap_started && *t <= swap_ended)
-        .map(|(_, d, _)| d.as_secs_f64() * 1000.0)
-        .collect();
-    during.sort_by(f64::total_cmp);
-    let p99 = during
-        .get(((during.len() as f64) * 0.99).floor() as usize)
-        .copied()
-        .or(during.last().copied())
-        .unwrap_or(0.0);
     Ok(CutoverResult {
         tables: n,
         blocker,
@@ -157,9 +122,110 @@ pub async fn measure(
         lock_held_ms: report["swap"]["lock_held_us"].as_f64().unwrap_or(0.0) / 1000.0,
         attempts: report["swap"]["attempts"].as_u64().unwrap_or(0),
         swap_ms: m.elapsed.as_secs_f64() * 1000.0,
-        queries: during.len(),
-        worst_ms: during.last().copied().unwrap_or(0.0),
-        p99_ms: p99,
-        errors: samples.iter().filter(|s| !s.2).count(),
+        queries: during.queries,
+        worst_ms: during.worst_ms,
+        p99_ms: during.p99_ms,
+        errors: during.errors,
     })
+}
+
+/// What a probing client saw while a step ran.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Latencies {
+    /// Queries that overlapped the step.
+    pub queries: usize,
+    /// The slowest of them, ms.
+    pub worst_ms: f64,
+    /// Their 99th percentile, ms.
+    pub p99_ms: f64,
+    /// Queries that failed, during the whole probe.
+    pub errors: usize,
+}
+
+/// The `application_name` of a [`Probe`]'s session.
+pub const PROBE_APPLICATION: &str = "pgzm-bench-probe";
+
+/// A client running short queries on the destination in a loop (one session, the queries in
+/// turn), each timed: what production sees of a step that takes locks.
+pub struct Probe {
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<(Instant, Duration, bool)>>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Probe {
+    /// Connects to `url` and starts running `queries` in turn.
+    pub async fn start(url: &str, queries: Vec<String>) -> anyhow::Result<Probe> {
+        anyhow::ensure!(!queries.is_empty(), "a probe needs queries");
+        // Named, so that samplers of the server's sessions can tell it from the tool's.
+        let mut config: tokio_postgres::Config = url.parse()?;
+        config.application_name(PROBE_APPLICATION);
+        let (c, conn) = config.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples: Arc<Mutex<Vec<(Instant, Duration, bool)>>> = Arc::default();
+        let task = {
+            let (stop, samples) = (Arc::clone(&stop), Arc::clone(&samples));
+            tokio::spawn(async move {
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let ok = c.simple_query(&queries[i % queries.len()]).await.is_ok();
+                    samples
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((t, t.elapsed(), ok));
+                    i += 1;
+                }
+                anyhow::Ok(())
+            })
+        };
+        Ok(Probe {
+            stop,
+            samples,
+            task,
+        })
+    }
+
+    /// Runs `step` (blocking: a child process) 300 ms after the probe settled in, lets the
+    /// probe go on 200 ms after it, stops the probe and returns the step's result with what the
+    /// probe saw of the queries that overlapped it.
+    pub async fn around<T: Send + 'static>(
+        self,
+        step: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<(T, Latencies)> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        let r = tokio::task::spawn_blocking(step).await?;
+        let ended = Instant::now();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await??;
+        let r = r?;
+        let samples = self
+            .samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut during: Vec<f64> = samples
+            .iter()
+            .filter(|(t, d, _)| *t + *d >= started && *t <= ended)
+            .map(|(_, d, _)| d.as_secs_f64() * 1000.0)
+            .collect();
+        during.sort_by(f64::total_cmp);
+        let p99 = during
+            .get(((during.len() as f64) * 0.99).floor() as usize)
+            .copied()
+            .or(during.last().copied())
+            .unwrap_or(0.0);
+        Ok((
+            r,
+            Latencies {
+                queries: during.len(),
+                worst_ms: during.last().copied().unwrap_or(0.0),
+                p99_ms: p99,
+                errors: samples.iter().filter(|s| !s.2).count(),
+            },
+        ))
+    }
 }

@@ -79,7 +79,8 @@ fn mixed(rows: u64) -> Dataset {
 /// The data sets of the copy comparison.
 pub fn copy_datasets(scale: Scale) -> Vec<Dataset> {
     let (rows, tables, mixed_rows) = match scale {
-        Scale::Small => (1_000_000, 300, 200_000),
+        // `Schema` runs no copy comparison of its own: small, if asked.
+        Scale::Small | Scale::Schema => (1_000_000, 300, 200_000),
         Scale::Medium => (5_000_000, 300, 1_000_000),
         Scale::Large => (10_000_000, 500, 2_000_000),
     };
@@ -89,7 +90,7 @@ pub fn copy_datasets(scale: Scale) -> Vec<Dataset> {
 /// The data sets of the scaling measurements: three sizes, three table counts.
 pub fn scaling_datasets(scale: Scale) -> Vec<Dataset> {
     let base = match scale {
-        Scale::Small => 250_000,
+        Scale::Small | Scale::Schema => 250_000,
         Scale::Medium => 1_000_000,
         Scale::Large => 2_000_000,
     };

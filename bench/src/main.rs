@@ -2,7 +2,8 @@
 //! (when installed) and a plain binary COPY pipe, on the same data in the same run, on two
 //! throwaway local servers; writes a markdown report (docs/BENCHMARKS.md).
 //!
-//! Run with `./bench/run [--scale small|medium|large]` (builds the release binaries first).
+//! Run with `./bench/run [--scale small|medium|large]` (builds the release binaries first);
+//! `--scale schema` measures large schemas (thousands of tables) phase by phase instead.
 
 mod cutover;
 mod datasets;
@@ -10,6 +11,7 @@ mod impact;
 mod methods;
 mod regions;
 mod report;
+mod schema_scale;
 
 use std::path::PathBuf;
 
@@ -26,6 +28,10 @@ pub enum Scale {
     Medium,
     /// About 10 M rows.
     Large,
+    /// Not a data size: large schemas (`--tables`, thousands of mostly small tables with
+    /// foreign keys, views, functions, enums, a preserved table), measured phase by phase
+    /// beside pg_dump/pg_restore and pgcopydb; only that section runs.
+    Schema,
 }
 
 /// Benchmarks pgzm against pg_dump/pg_restore and pgcopydb.
@@ -80,6 +86,23 @@ pub struct Args {
     /// The --max-rate of the throttled pgzm run, MB/s (--impact).
     #[arg(long, default_value_t = 20)]
     pub limited_mb: u64,
+    /// Table counts of the schema-scale runs (--scale schema).
+    #[arg(long, value_delimiter = ',', default_values_t = [3000usize, 10000])]
+    pub tables: Vec<usize>,
+    /// pgcopydb runs only up to this many tables (--scale schema): beyond, it is skipped with a
+    /// note (it pays round trips and processes per table).
+    #[arg(long, default_value_t = 3000)]
+    pub pgcopydb_max_tables: usize,
+    /// The servers' max_locks_per_transaction (--scale schema): pgzm's shadow set and swap
+    /// each lock every table in one transaction.
+    #[arg(long, default_value_t = 1024)]
+    pub max_locks_per_transaction: u32,
+    /// With --scale schema: log every statement on both servers with its duration, pgzm's log
+    /// at -v and each step's pg_stat_statements (every statement of the swap on its own) into
+    /// this directory, for finding what bounds each phase (the timings then include the
+    /// logging).
+    #[arg(long)]
+    pub statement_log: Option<PathBuf>,
 }
 
 /// Paths of the binaries under test, next to this one.
@@ -126,6 +149,13 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.regions {
         return two_regions(&args).await;
+    }
+    if args.scale == Scale::Schema {
+        let measured = schema_scale::run(&args).await?;
+        let bins = binaries_with(pgzm_tests::cluster::default_bindir()?)?;
+        let mut report = report::Report::new(&args, &bins);
+        report.schema = Some(measured);
+        return report.write(&args.out);
     }
     eprintln!("starting two throwaway PostgreSQL servers…");
     let source = PgCluster::start().context("start the source server")?;

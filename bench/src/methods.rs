@@ -347,6 +347,57 @@ fn pg(bins: &Binaries, tool: &str) -> std::path::PathBuf {
     bins.pg.join(tool)
 }
 
+/// `pg_dump -Fd -j jobs -f dir src`.
+pub fn dump_command(bins: &Binaries, jobs: usize, dir: &Path, src: &str) -> Command {
+    let mut cmd = Command::new(pg(bins, "pg_dump"));
+    cmd.args(["-Fd", "-j", &jobs.to_string(), "-f"])
+        .arg(dir)
+        .arg(src);
+    cmd
+}
+
+/// `pg_restore -j jobs -d dst dir`.
+pub fn restore_command(bins: &Binaries, jobs: usize, dir: &Path, dst: &str) -> Command {
+    let mut cmd = Command::new(pg(bins, "pg_restore"));
+    cmd.args(["-j", &jobs.to_string(), "-d", dst]).arg(dir);
+    cmd
+}
+
+/// `pgcopydb clone` from `src` to `dst` with `jobs` table and index jobs, its work files in
+/// `dir`, PostgreSQL's tools of `bins` first on its PATH (it runs pg_dump and pg_restore).
+pub fn pgcopydb_command(
+    bins: &Binaries,
+    pgcopydb: &Path,
+    jobs: usize,
+    dir: &Path,
+    src: &str,
+    dst: &str,
+) -> Command {
+    let mut cmd = Command::new(pgcopydb);
+    cmd.args([
+        "clone",
+        "--source",
+        src,
+        "--target",
+        dst,
+        "--table-jobs",
+        &jobs.to_string(),
+        "--index-jobs",
+        &jobs.to_string(),
+    ])
+    .arg("--dir")
+    .arg(dir)
+    .env(
+        "PATH",
+        format!(
+            "{}:{}",
+            bins.pg.display(),
+            std::env::var("PATH").unwrap_or_default()
+        ),
+    );
+    cmd
+}
+
 async fn run_dump_restore(
     src: &str,
     ds: &Dataset,
@@ -357,17 +408,8 @@ async fn run_dump_restore(
     let dst = fresh_db(dest, "bench_dst", false).await?;
     let dir = std::env::temp_dir().join(format!("pgzm-bench-dump-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let dump = run_measured(
-        Command::new(pg(bins, "pg_dump"))
-            .args(["-Fd", "-j", &jobs.to_string(), "-f"])
-            .arg(&dir)
-            .arg(src),
-    )?;
-    let restore = run_measured(
-        Command::new(pg(bins, "pg_restore"))
-            .args(["-j", &jobs.to_string(), "-d", &dst])
-            .arg(&dir),
-    )?;
+    let dump = run_measured(&mut dump_command(bins, jobs, &dir, src))?;
+    let restore = run_measured(&mut restore_command(bins, jobs, &dir, &dst))?;
     let _ = std::fs::remove_dir_all(&dir);
     let _ = ds;
     Ok(MethodResult {
@@ -396,30 +438,7 @@ async fn run_pgcopydb(
     let _ = ds;
     let dir = std::env::temp_dir().join(format!("pgzm-bench-pgcopydb-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let m = run_measured(
-        Command::new(pgcopydb)
-            .args([
-                "clone",
-                "--source",
-                src,
-                "--target",
-                &dst,
-                "--table-jobs",
-                &jobs.to_string(),
-                "--index-jobs",
-                &jobs.to_string(),
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .env(
-                "PATH",
-                format!(
-                    "{}:{}",
-                    bins.pg.display(),
-                    std::env::var("PATH").unwrap_or_default()
-                ),
-            ),
-    )?;
+    let m = run_measured(&mut pgcopydb_command(bins, pgcopydb, jobs, &dir, src, &dst))?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Some(MethodResult {
         method: format!("pgcopydb clone (table/index jobs {jobs})"),

@@ -11,6 +11,7 @@ use crate::datasets::Dataset;
 use crate::impact::Impact;
 use crate::methods::MethodResult;
 use crate::regions::{Link, RegionResult, RegionRuns};
+use crate::schema_scale::SchemaScale;
 use crate::{Args, Binaries};
 
 /// The report's title and what precedes its sections.
@@ -33,6 +34,8 @@ pub struct Report {
     pub regions: Option<(Link, RegionRuns)>,
     /// The production-impact measurement.
     pub impact: Option<Impact>,
+    /// The schema-scale measurement (`--scale schema`).
+    pub schema: Option<SchemaScale>,
 }
 
 fn today() -> String {
@@ -127,6 +130,7 @@ impl Report {
             scaling: Vec::new(),
             regions: None,
             impact: None,
+            schema: None,
         }
     }
 
@@ -157,6 +161,9 @@ impl Report {
         }
         if let Some(impact) = &self.impact {
             out.push(("impact", self.render_impact(impact)));
+        }
+        if let Some(schema) = &self.schema {
+            out.push(("schema", schema.render(&self.command, &self.machine)));
         }
         out
     }

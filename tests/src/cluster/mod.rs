@@ -75,18 +75,25 @@ impl PgCluster {
     /// [`PgCluster::start`] with the server binaries of `bindir` (another PostgreSQL version
     /// than the default, for cross-version pairs).
     pub fn start_with(bindir: PathBuf) -> Result<PgCluster, HarnessError> {
+        Self::start_configured(bindir, &[])
+    }
+
+    /// [`PgCluster::start`] with extra server settings (`name=value`, passed as `-c`, after
+    /// and so over the defaults): for settings only a restart changes, such as
+    /// `max_locks_per_transaction`, which a schema of thousands of tables needs raised.
+    pub fn start_with_settings(settings: &[String]) -> Result<PgCluster, HarnessError> {
+        Self::start_configured(binaries::find_bindir()?, settings)
+    }
+
+    fn start_configured(bindir: PathBuf, settings: &[String]) -> Result<PgCluster, HarnessError> {
         let run_as = process::server_identity()?;
         sweep_stale_dirs();
         let dir = make_temp_dir(run_as)?;
         // On failure the directory is kept so the log named in the error can be read; a later
         // run sweeps it once this process is gone.
-        Self::start_in(bindir, dir, run_as)
-    }
-
-    fn start_in(bindir: PathBuf, dir: PathBuf, run_as: RunAs) -> Result<PgCluster, HarnessError> {
         let data_dir = dir.join("data");
         initdb(&bindir, &dir, &data_dir, run_as)?;
-        Self::launch(bindir, dir, data_dir, run_as)
+        Self::launch(bindir, dir, data_dir, run_as, settings)
     }
 
     /// A streaming standby of `primary`: a base backup of it (`pg_basebackup -R`, from its bin
@@ -124,7 +131,7 @@ impl PgCluster {
                 std::io::Error::other(one_line(&String::from_utf8_lossy(&out.stderr))),
             ));
         }
-        Self::launch(primary.bindir.clone(), dir, data_dir, run_as)
+        Self::launch(primary.bindir.clone(), dir, data_dir, run_as, &[])
     }
 
     /// Starts `postgres` on `data_dir` on a free port and waits until it answers.
@@ -133,13 +140,14 @@ impl PgCluster {
         dir: PathBuf,
         data_dir: PathBuf,
         run_as: RunAs,
+        extra: &[String],
     ) -> Result<PgCluster, HarnessError> {
         let log_path = dir.join("postgres.log");
         let mut last_error = None;
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port()?;
             let log_offset = fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
-            let cmd = postgres_command(&bindir, &dir, &data_dir, &log_path, port, run_as)?;
+            let cmd = postgres_command(&bindir, &dir, &data_dir, &log_path, port, run_as, extra)?;
             let postmaster = Postmaster::spawn(cmd, format!("postmaster-{port}"))?;
             match wait_ready(port, &postmaster, &log_path) {
                 Ok(()) => {
@@ -372,7 +380,7 @@ fn free_port() -> Result<u16, HarnessError> {
         .map_err(|e| HarnessError::io("read the port of a bound socket", e))
 }
 
-/// The `postgres` command line: settings for speed, logging to `log_path`.
+/// The `postgres` command line: settings for speed, then `extra`, logging to `log_path`.
 fn postgres_command(
     bindir: &Path,
     dir: &Path,
@@ -380,6 +388,7 @@ fn postgres_command(
     log_path: &Path,
     port: u16,
     run_as: RunAs,
+    extra: &[String],
 ) -> Result<Command, HarnessError> {
     let log = File::options()
         .create(true)
@@ -405,7 +414,7 @@ fn postgres_command(
     ];
     let mut cmd = Command::new(bindir.join("postgres"));
     cmd.arg("-D").arg(data_dir).arg("-p").arg(port.to_string());
-    for setting in &settings {
+    for setting in settings.iter().chain(extra) {
         cmd.arg("-c").arg(setting);
     }
     cmd.current_dir(dir)
