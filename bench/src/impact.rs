@@ -76,17 +76,8 @@ async fn run_method(
     let _ = std::fs::remove_dir_all(&dir);
     let out = match method {
         Method::DumpRestore => {
-            let dump = run_measured(
-                Command::new(bins.pg.join("pg_dump"))
-                    .args(["-Fd", "-j", &j, "-f"])
-                    .arg(&dir)
-                    .arg(src),
-            )?;
-            let restore = run_measured(
-                Command::new(bins.pg.join("pg_restore"))
-                    .args(["-j", &j, "-d", &dst])
-                    .arg(&dir),
-            )?;
+            let dump = run_measured(&mut methods::dump_command(bins, jobs, &dir, src))?;
+            let restore = run_measured(&mut methods::restore_command(bins, jobs, &dir, &dst))?;
             Some((
                 format!("pg_dump -Fd -j{j} + pg_restore -j{j}"),
                 (dump.elapsed + restore.elapsed).as_secs_f64(),
@@ -95,20 +86,9 @@ async fn run_method(
         Method::Pgcopydb => match &bins.pgcopydb {
             None => None,
             Some(pgcopydb) => {
-                let m = run_measured(
-                    Command::new(pgcopydb)
-                        .args(["clone", "--source", src, "--target", &dst])
-                        .args(["--table-jobs", &j, "--index-jobs", &j, "--dir"])
-                        .arg(&dir)
-                        .env(
-                            "PATH",
-                            format!(
-                                "{}:{}",
-                                bins.pg.display(),
-                                std::env::var("PATH").unwrap_or_default()
-                            ),
-                        ),
-                )?;
+                let m = run_measured(&mut methods::pgcopydb_command(
+                    bins, pgcopydb, jobs, &dir, src, &dst,
+                ))?;
                 Some((
                     format!("pgcopydb clone (table/index jobs {j})"),
                     m.elapsed.as_secs_f64(),
@@ -129,26 +109,6 @@ async fn run_method(
     };
     let _ = std::fs::remove_dir_all(&dir);
     Ok(out)
-}
-
-async fn wal_lsn(dest: &PgCluster) -> anyhow::Result<String> {
-    let c = methods::connect(dest, "postgres").await?;
-    c.batch_execute("CHECKPOINT").await?;
-    Ok(c.query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await?
-        .get(0))
-}
-
-async fn wal_since(dest: &PgCluster, lsn: &str) -> anyhow::Result<u64> {
-    let c = methods::connect(dest, "postgres").await?;
-    let n: f64 = c
-        .query_one(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::float8",
-            &[&lsn],
-        )
-        .await?
-        .get(0);
-    Ok(n.max(0.0) as u64)
 }
 
 /// A pgbench run in the background for `seconds`, logging every transaction.
@@ -284,11 +244,11 @@ pub async fn measure(
         Method::Pgzm,
         Method::PgzmLimited(limit_mb),
     ] {
-        let lsn = wal_lsn(dest).await?;
+        let lsn = methods::wal_lsn(dest).await?;
         let Some((label, seconds)) = run_method(method, &src, ds, dest, bins, jobs).await? else {
             continue;
         };
-        let wal_bytes = wal_since(dest, &lsn).await?;
+        let wal_bytes = methods::wal_since(dest, &lsn).await?;
         // pgbench covers the method's time alone; the method usually takes a little longer
         // beside it, so pgbench's window is inside the method's.
         let window = seconds.ceil().max(2.0) as u64;

@@ -387,15 +387,40 @@ pub fn pgcopydb_command(
     ])
     .arg("--dir")
     .arg(dir)
-    .env(
-        "PATH",
-        format!(
-            "{}:{}",
-            bins.pg.display(),
-            std::env::var("PATH").unwrap_or_default()
-        ),
-    );
+    .env("PATH", pg_first_path(bins));
     cmd
+}
+
+/// `$PATH` with PostgreSQL's tools of `bins` first (pgcopydb runs pg_dump and pg_restore).
+pub fn pg_first_path(bins: &Binaries) -> String {
+    format!(
+        "{}:{}",
+        bins.pg.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// After a checkpoint (so that no method pays for another's dirty buffers), `cluster`'s WAL
+/// position, for [`wal_since`].
+pub async fn wal_lsn(cluster: &PgCluster) -> anyhow::Result<String> {
+    let c = connect(cluster, "postgres").await?;
+    c.batch_execute("CHECKPOINT").await?;
+    Ok(c.query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0))
+}
+
+/// WAL bytes `cluster` wrote since `lsn`.
+pub async fn wal_since(cluster: &PgCluster, lsn: &str) -> anyhow::Result<u64> {
+    let c = connect(cluster, "postgres").await?;
+    let n: f64 = c
+        .query_one(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::float8",
+            &[&lsn],
+        )
+        .await?
+        .get(0);
+    Ok(n.max(0.0) as u64)
 }
 
 async fn run_dump_restore(

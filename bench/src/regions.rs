@@ -147,43 +147,19 @@ impl Setup {
         )
     }
 
-    async fn wal_lsn(&self) -> anyhow::Result<String> {
-        let c = methods::connect(&self.dest, "postgres").await?;
-        Ok(c.query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await?
-            .get(0))
-    }
-
-    async fn wal_since(&self, lsn: &str) -> anyhow::Result<u64> {
-        let c = methods::connect(&self.dest, "postgres").await?;
-        let n: f64 = c
-            .query_one(
-                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::float8",
-                &[&lsn],
-            )
-            .await?
-            .get(0);
-        Ok(n.max(0.0) as u64)
-    }
-
     /// Runs `f` (a method) and measures the link and the destination's WAL around it.
     async fn measured(
         &self,
         method: &str,
         f: impl std::future::Future<Output = anyhow::Result<(Measured, Option<serde_json::Value>)>>,
     ) -> anyhow::Result<RegionResult> {
-        // Every method starts from a checkpoint, so none pays for another's dirty buffers.
-        methods::connect(&self.dest, "postgres")
-            .await?
-            .batch_execute("CHECKPOINT")
-            .await?;
-        let lsn = self.wal_lsn().await?;
+        let lsn = methods::wal_lsn(&self.dest).await?;
         let (a0, b0) = self.regions.bytes()?;
         let (m, report) = f
             .await
             .with_context(|| format!("{method} across the link"))?;
         let (a1, b1) = self.regions.bytes()?;
-        let wal_bytes = self.wal_since(&lsn).await?;
+        let wal_bytes = methods::wal_since(&self.dest, &lsn).await?;
         Ok(RegionResult {
             method: method.into(),
             seconds: m.elapsed.as_secs_f64(),
@@ -253,11 +229,7 @@ impl Setup {
         let dir = dump_dir("pgcopydb");
         let jobs = self.jobs.to_string();
         let (src, dst) = (self.source_url(), self.dest_url());
-        let path = format!(
-            "{}:{}",
-            bins.pg.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
+        let path = methods::pg_first_path(bins);
         let r = self
             .measured(
                 &format!("pgcopydb clone (table/index jobs {jobs})"),
