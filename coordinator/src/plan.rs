@@ -7,7 +7,8 @@
 //! makes the plan refuse, so a collision is found before the first change, never in the middle
 //! of the swap.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -1466,23 +1467,58 @@ pub fn qualified_display(schema: &str, name: &str) -> String {
 /// Orders renames so that one vacating a name comes before the one taking it (`shadow_x → x`
 /// before `shadow_shadow_x → shadow_x`), keeping the order otherwise.
 pub fn order_renames(moves: &mut Vec<Move>) {
-    let key = |m: &Move, name: &str| {
-        (
-            m.kind == ObjectKind::Function,
-            m.schema.clone(),
-            name.to_string(),
-        )
-    };
-    let mut remaining: Vec<Move> = std::mem::take(moves);
-    while !remaining.is_empty() {
-        let froms: BTreeSet<(bool, String, String)> =
-            remaining.iter().map(|m| key(m, &m.from)).collect();
-        let next = remaining
-            .iter()
-            .position(|m| !froms.contains(&key(m, &m.to)))
-            .unwrap_or(0);
-        moves.push(remaining.remove(next));
+    // Kahn's algorithm over "vacates the name I take": a move waits for every move whose
+    // current name is its new name. Among the ready moves the earliest goes first; when none is
+    // ready (a cycle), the earliest left goes. O(n log n): at 10 000 tables the quadratic
+    // version took minutes.
+    fn key<'a>(m: &'a Move, name: &'a str) -> (bool, &'a str, &'a str) {
+        (m.kind == ObjectKind::Function, m.schema.as_str(), name)
     }
+    let n = moves.len();
+    let mut by_from: HashMap<(bool, &str, &str), Vec<usize>> = HashMap::with_capacity(n);
+    for (i, m) in moves.iter().enumerate() {
+        by_from.entry(key(m, &m.from)).or_default().push(i);
+    }
+    let mut waiting_on: Vec<usize> = moves
+        .iter()
+        .map(|m| by_from.get(&key(m, &m.to)).map_or(0, Vec::len))
+        .collect();
+    let mut by_to: HashMap<(bool, &str, &str), Vec<usize>> = HashMap::with_capacity(n);
+    for (i, m) in moves.iter().enumerate() {
+        by_to.entry(key(m, &m.to)).or_default().push(i);
+    }
+    let mut ready: BinaryHeap<Reverse<usize>> = (0..n)
+        .filter(|&i| waiting_on[i] == 0)
+        .map(Reverse)
+        .collect();
+    let mut done = vec![false; n];
+    let mut earliest_left = 0;
+    let mut order = Vec::with_capacity(n);
+    while order.len() < n {
+        let next = loop {
+            match ready.pop() {
+                Some(Reverse(i)) if !done[i] => break i,
+                Some(_) => continue,
+                None => {
+                    while done[earliest_left] {
+                        earliest_left += 1;
+                    }
+                    break earliest_left;
+                }
+            }
+        };
+        done[next] = true;
+        order.push(next);
+        let vacated = key(&moves[next], &moves[next].from);
+        for &j in by_to.get(&vacated).map_or(&[][..], Vec::as_slice) {
+            waiting_on[j] -= 1;
+            if waiting_on[j] == 0 && !done[j] {
+                ready.push(Reverse(j));
+            }
+        }
+    }
+    let mut slots: Vec<Option<Move>> = std::mem::take(moves).into_iter().map(Some).collect();
+    moves.extend(order.into_iter().filter_map(|i| slots[i].take()));
 }
 
 /// The destination's namespaces as the plan's steps change them: relations and types share
@@ -1651,5 +1687,99 @@ fn check_names(
             &v.name,
             "the name of a view created at the swap",
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The original quadratic definition: repeatedly the first move whose new name no move
+    /// left still holds, else the first left.
+    fn reference(moves: &mut Vec<Move>) {
+        let key = |m: &Move, name: &str| {
+            (
+                m.kind == ObjectKind::Function,
+                m.schema.clone(),
+                name.to_string(),
+            )
+        };
+        let mut remaining: Vec<Move> = std::mem::take(moves);
+        while !remaining.is_empty() {
+            let froms: BTreeSet<(bool, String, String)> =
+                remaining.iter().map(|m| key(m, &m.from)).collect();
+            let next = remaining
+                .iter()
+                .position(|m| !froms.contains(&key(m, &m.to)))
+                .unwrap_or(0);
+            moves.push(remaining.remove(next));
+        }
+    }
+
+    fn mv(kind: ObjectKind, schema: &str, from: &str, to: &str) -> Move {
+        Move {
+            kind,
+            schema: schema.into(),
+            from: from.into(),
+            to: to.into(),
+            oid: None,
+        }
+    }
+
+    fn names(moves: &[Move]) -> Vec<String> {
+        moves
+            .iter()
+            .map(|m| format!("{:?} {}.{}→{}", m.kind, m.schema, m.from, m.to))
+            .collect()
+    }
+
+    #[test]
+    fn a_move_vacating_a_name_goes_before_the_one_taking_it() {
+        let mut moves = vec![
+            mv(ObjectKind::Table, "public", "shadow_shadow_x", "shadow_x"),
+            mv(ObjectKind::Table, "public", "shadow_x", "x"),
+            mv(ObjectKind::Table, "public", "x", "backup_x"),
+        ];
+        order_renames(&mut moves);
+        assert_eq!(
+            names(&moves),
+            [
+                "Table public.x→backup_x",
+                "Table public.shadow_x→x",
+                "Table public.shadow_shadow_x→shadow_x"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_linear_order_equals_the_reference_order_on_random_plans() {
+        // Small name pools make chains, shared names and cycles (a→b, b→a) frequent.
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |bound: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % bound
+        };
+        let kinds = [ObjectKind::Table, ObjectKind::Function, ObjectKind::Index];
+        let schemas = ["public", "s"];
+        for _ in 0..2000 {
+            let n = next(12) as usize;
+            let pool = 1 + next(8);
+            let mut moves: Vec<Move> = (0..n)
+                .map(|_| {
+                    mv(
+                        kinds[next(3) as usize],
+                        schemas[next(2) as usize],
+                        &format!("n{}", next(pool)),
+                        &format!("n{}", next(pool)),
+                    )
+                })
+                .collect();
+            let mut expected = moves.clone();
+            reference(&mut expected);
+            order_renames(&mut moves);
+            assert_eq!(names(&moves), names(&expected));
+        }
     }
 }
