@@ -103,6 +103,10 @@ pub struct Args {
     /// logging).
     #[arg(long)]
     pub statement_log: Option<PathBuf>,
+    /// With --scale schema: print the SQL that generates the first of --tables (variant 1: the
+    /// source's rows; 2: the destination's) and exit, for profiling one step by hand.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub print_schema_sql: Option<u8>,
 }
 
 /// Paths of the binaries under test, next to this one.
@@ -151,6 +155,11 @@ async fn main() -> anyhow::Result<()> {
         return two_regions(&args).await;
     }
     if args.scale == Scale::Schema {
+        if let Some(variant) = args.print_schema_sql {
+            let n = args.tables.first().copied().unwrap_or(3000);
+            print!("{}", schema_scale::generation_sql(n, usize::from(variant)));
+            return Ok(());
+        }
         let measured = schema_scale::run(&args).await?;
         let bins = binaries_with(pgzm_tests::cluster::default_bindir()?)?;
         let mut report = report::Report::new(&args, &bins);

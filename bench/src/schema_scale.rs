@@ -311,6 +311,25 @@ fn probe_queries(n: usize) -> Vec<String> {
 }
 
 /// Creates the schema with `n` tables in database `db` of `cluster`, analyzed and vacuumed.
+/// The statements [`generate`] sends, as one script (`--print-schema-sql`).
+pub fn generation_sql(n: usize, variant: usize) -> String {
+    let mut out = format!("{};\n", base_sql(variant));
+    for from in (0..n).step_by(GENERATE_CHUNK) {
+        out.push_str(&format!(
+            "{};\n",
+            tables_sql(from, (from + GENERATE_CHUNK).min(n), variant)
+        ));
+    }
+    for from in (0..n).step_by(GENERATE_CHUNK * 4) {
+        out.push_str(&format!(
+            "{};\n",
+            dependents_sql(from, (from + GENERATE_CHUNK * 4).min(n))
+        ));
+    }
+    out.push_str("VACUUM (ANALYZE);\n");
+    out
+}
+
 async fn generate(cluster: &PgCluster, db: &str, n: usize, variant: usize) -> anyhow::Result<()> {
     let c = methods::connect(cluster, db).await?;
     c.batch_execute(&base_sql(variant)).await?;

@@ -29,35 +29,50 @@ WITH rel AS (SELECT unnest($1::oid[]) AS oid),
         UNION
         SELECT t.typarray FROM pg_type t
         WHERE (t.oid = ANY($2::oid[]) OR t.typrelid IN (SELECT oid FROM rel)) AND t.typarray <> 0),
+     -- One join per kind of referenced object (an OR of IN-subqueries rescanned `typ` for every
+     -- pg_depend row: 2 s at 3 000 tables).
      dep AS (
-        SELECT DISTINCT d.classid, d.objid, d.objsubid, d.refclassid, d.refobjid FROM pg_depend d
-        WHERE d.deptype IN ('n', 'a')
-          AND ((d.refclassid = 'pg_class'::regclass AND d.refobjid IN (SELECT oid FROM rel))
-            OR (d.refclassid = 'pg_type'::regclass AND d.refobjid IN (SELECT oid FROM typ))
-            OR (d.refclassid = 'pg_proc'::regclass AND d.refobjid = ANY($3::oid[]))))
+        SELECT DISTINCT d.classid, d.objid, d.objsubid, d.refclassid, d.refobjid FROM (
+            SELECT d.* FROM pg_depend d JOIN rel r ON d.refclassid = 'pg_class'::regclass AND d.refobjid = r.oid
+            UNION ALL
+            SELECT d.* FROM pg_depend d JOIN typ t ON d.refclassid = 'pg_type'::regclass AND d.refobjid = t.oid
+            UNION ALL
+            SELECT d.* FROM pg_depend d WHERE d.refclassid = 'pg_proc'::regclass AND d.refobjid = ANY($3::oid[])
+        ) d
+        WHERE d.deptype IN ('n', 'a')),
+     -- The relation (or domain) owning each dependent: a replaced relation's own parts (its
+     -- indexes, constraints, defaults, triggers, row type) go with it and are filtered out here,
+     -- so the descriptions are computed only for what is left (at 3 000 tables, ~1 s less).
+     owned AS (
+        SELECT d.*,
+               CASE d.classid
+                 WHEN 'pg_class'::regclass THEN (SELECT CASE WHEN c.relkind IN ('i', 'I')
+                                                             THEN (SELECT x.indrelid FROM pg_index x WHERE x.indexrelid = c.oid)
+                                                             ELSE c.oid END
+                                                 FROM pg_class c WHERE c.oid = d.objid)
+                 WHEN 'pg_rewrite'::regclass THEN (SELECT r.ev_class FROM pg_rewrite r WHERE r.oid = d.objid)
+                 WHEN 'pg_constraint'::regclass THEN (SELECT nullif(k.conrelid, 0) FROM pg_constraint k WHERE k.oid = d.objid)
+                 WHEN 'pg_attrdef'::regclass THEN (SELECT a.adrelid FROM pg_attrdef a WHERE a.oid = d.objid)
+                 WHEN 'pg_trigger'::regclass THEN (SELECT g.tgrelid FROM pg_trigger g WHERE g.oid = d.objid)
+                 WHEN 'pg_policy'::regclass THEN (SELECT p.polrelid FROM pg_policy p WHERE p.oid = d.objid)
+                 WHEN 'pg_type'::regclass THEN (SELECT nullif(t.typrelid, 0) FROM pg_type t WHERE t.oid = d.objid)
+                 WHEN 'pg_statistic_ext'::regclass THEN (SELECT s.stxrelid FROM pg_statistic_ext s WHERE s.oid = d.objid)
+               END AS owner_relation,
+               (SELECT nullif(k.contypid, 0) FROM pg_constraint k
+                WHERE k.oid = d.objid AND d.classid = 'pg_constraint'::regclass) AS owner_type
+        FROM dep d)
 SELECT d.classid::regclass::text AS catalog, d.objid, d.objsubid,
        pg_describe_object(d.classid, d.objid, d.objsubid) AS object,
        pg_describe_object(d.refclassid, d.refobjid, 0) AS referenced_object,
-       CASE d.classid
-         WHEN 'pg_class'::regclass THEN (SELECT CASE WHEN c.relkind IN ('i', 'I')
-                                                     THEN (SELECT x.indrelid FROM pg_index x WHERE x.indexrelid = c.oid)
-                                                     ELSE c.oid END
-                                         FROM pg_class c WHERE c.oid = d.objid)
-         WHEN 'pg_rewrite'::regclass THEN (SELECT r.ev_class FROM pg_rewrite r WHERE r.oid = d.objid)
-         WHEN 'pg_constraint'::regclass THEN (SELECT nullif(k.conrelid, 0) FROM pg_constraint k WHERE k.oid = d.objid)
-         WHEN 'pg_attrdef'::regclass THEN (SELECT a.adrelid FROM pg_attrdef a WHERE a.oid = d.objid)
-         WHEN 'pg_trigger'::regclass THEN (SELECT g.tgrelid FROM pg_trigger g WHERE g.oid = d.objid)
-         WHEN 'pg_policy'::regclass THEN (SELECT p.polrelid FROM pg_policy p WHERE p.oid = d.objid)
-         WHEN 'pg_type'::regclass THEN (SELECT nullif(t.typrelid, 0) FROM pg_type t WHERE t.oid = d.objid)
-         WHEN 'pg_statistic_ext'::regclass THEN (SELECT s.stxrelid FROM pg_statistic_ext s WHERE s.oid = d.objid)
-       END AS owner_relation,
        (SELECT c.relkind::text FROM pg_class c WHERE c.oid = d.objid AND d.classid = 'pg_class'::regclass) AS relkind,
        (SELECT k.contype::text FROM pg_constraint k WHERE k.oid = d.objid AND d.classid = 'pg_constraint'::regclass) AS contype,
        d.refclassid = 'pg_type'::regclass AND EXISTS (SELECT 1 FROM pg_type t WHERE t.oid = d.refobjid AND t.typtype IN ('e', 'd')
                                                       OR t.oid = d.refobjid AND t.typcategory = 'A'
                                                          AND EXISTS (SELECT 1 FROM pg_type e WHERE e.oid = t.typelem AND e.typtype IN ('e', 'd'))) AS on_enum_or_domain,
-       (SELECT nullif(k.contypid, 0) FROM pg_constraint k WHERE k.oid = d.objid AND d.classid = 'pg_constraint'::regclass) AS owner_type
-FROM dep d
+       d.owner_relation, d.owner_type
+FROM owned d
+WHERE NOT coalesce(d.owner_relation = ANY($1::oid[]), false)
+  AND NOT coalesce(d.owner_type = ANY($2::oid[]), false)
 ORDER BY 4";
 
 /// A column default of another table, with what it needs to be set again.

@@ -445,6 +445,10 @@ pub struct Plan {
     /// run proves a kept table unchanged by finding no row version this snapshot did not see.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_snapshot: Option<String>,
+    /// [`Plan::table`]'s index of `tables` (not recorded: built on first use).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub table_index: crate::naming::NameIndex,
 }
 
 /// What the tool's metadata says about earlier runs.
@@ -508,9 +512,8 @@ impl Plan {
 
     /// The table plan of that name.
     pub fn table(&self, name: &QualName) -> Option<&TablePlan> {
-        self.tables
-            .iter()
-            .find(|t| t.name == name.name && t.schema == name.schema)
+        self.table_index
+            .find(&self.tables, name, |t| (&t.schema, &t.name))
     }
 
     /// The schemas of the migrated tables (the destination schemas the run works in).
@@ -686,6 +689,7 @@ pub fn build_all(
         excluded: source.excluded.clone(),
         definition_digest: None,
         source_snapshot: None,
+        table_index: Default::default(),
     };
     (plan, problems)
 }

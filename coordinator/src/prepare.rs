@@ -277,14 +277,9 @@ pub async fn prepare(
         None => started_ms.max(sides.newest.as_ref().map_or(0, |(id, _)| id + 1)),
     };
     let mut plan = plan_migration(opts, migration_id, &sides).await?;
-    for t in &sides.schema.tables {
-        let evidence = sides.evidence.get(&t.oid).copied();
-        if let Some(tp) = plan
-            .tables
-            .iter_mut()
-            .find(|p| p.qualname() == t.qualname())
-        {
-            tp.evidence = evidence;
+    for tp in &mut plan.tables {
+        if let Some(t) = sides.schema.table(&tp.qualname()) {
+            tp.evidence = sides.evidence.get(&t.oid).copied();
         }
     }
     plan.source_snapshot = Some(sides.snapshot_text.clone());
@@ -411,14 +406,16 @@ pub async fn prepare(
     // Recorded: an interrupt from now on leaves this run to remove (see `interrupt`).
     crate::interrupt::set_run(plan.migration_id);
     // Remote agents' roles get what the copy needs on the tables they load, until it ends.
+    let copied_into: std::collections::HashSet<&str> = plan
+        .tables
+        .iter()
+        .filter(|t| !t.partitioned && !plan.is_preserved(&t.qualname()))
+        .map(|t| t.shadow.as_str())
+        .collect();
     let loaded: Vec<u32> = created
         .tables
         .iter()
-        .filter(|(name, _)| {
-            plan.tables
-                .iter()
-                .any(|t| t.shadow == *name && !t.partitioned && !plan.is_preserved(&t.qualname()))
-        })
+        .filter(|(name, _)| copied_into.contains(name.as_str()))
         .map(|(_, oid)| *oid)
         .collect();
     let result = match crate::grants::grant(&control, &sides.agent_roles, &loaded).await {

@@ -57,14 +57,15 @@ pub struct SourceSchema {
     pub excluded: Vec<QualName>,
     /// Tables migrated without their rows (`--exclude-table-data`).
     pub without_data: BTreeSet<QualName>,
+    /// [`SourceSchema::table`]'s index of `tables`.
+    pub table_index: crate::naming::NameIndex,
 }
 
 impl SourceSchema {
     /// The table of that name.
     pub fn table(&self, name: &QualName) -> Option<&Table> {
-        self.tables
-            .iter()
-            .find(|t| t.name == name.name && t.schema == name.schema)
+        self.table_index
+            .find(&self.tables, name, |t| (&t.schema, &t.name))
     }
 
     /// Names of all tables.
