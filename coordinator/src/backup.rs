@@ -505,7 +505,8 @@ pub struct Cleanup {
 }
 
 /// `pgzm cleanup --before`: drops backup sets older than the cut-off — created (swapped in)
-/// before it, and with a timestamp (migration id) before it.
+/// before it, and with a timestamp (migration id) before it — and, whatever the cut-off, what
+/// a rollback moved aside and did not drop (it was interrupted after its commit).
 pub async fn cleanup(
     destination: &DbUrl,
     before: i64,
@@ -521,12 +522,26 @@ pub async fn cleanup(
         backup_sets: Vec::new(),
         objects: Vec::new(),
     };
+    let mut aside_left = Vec::new();
+    if dry_run {
+        out.objects.extend(
+            state::rolled_back_objects(&client, None)
+                .await?
+                .iter()
+                .map(state::RolledBackObject::describe),
+        );
+    } else {
+        let drops =
+            state::drop_rolled_back(&client, None, crate::locked::SwapSettings::default()).await?;
+        out.objects.extend(drops.dropped);
+        aside_left = drops.warnings;
+    }
     // A backup set's age is that of its swap (when the live tables became the backup), not of
     // its prepare: with two-phase runs they can be days apart, and a set swapped in an hour ago
     // must not go because its prepare started last week.
     let rows = backup_rows(&client).await?;
     if rows.is_empty() {
-        return Ok(out);
+        return finished(out, aside_left);
     }
     let created: std::collections::BTreeMap<i64, i64> = client
         .query(
@@ -557,7 +572,17 @@ pub async fn cleanup(
                 .extend(state::drop_backup_set(&mut client, row.id, &row.plan.to_backup).await?);
         }
     }
-    Ok(out)
+    finished(out, aside_left)
+}
+
+/// The cleanup's outcome: an error naming what a rollback moved aside and is still left, if
+/// anything is.
+fn finished(out: Cleanup, aside_left: Vec<String>) -> Result<Cleanup, CoordinatorError> {
+    if aside_left.is_empty() {
+        Ok(out)
+    } else {
+        Err(CoordinatorError::Refused(aside_left))
+    }
 }
 
 #[cfg(test)]

@@ -7,9 +7,10 @@
 use std::time::{Duration, Instant};
 
 use pgzm_pg::conn::{classify, describe, ErrorClass};
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::{Client, GenericClient, SimpleQueryMessage};
 use tracing::warn;
 
+use crate::catalog::Oid;
 use crate::error::CoordinatorError;
 
 /// Lock behaviour of the swap.
@@ -291,4 +292,142 @@ fn backoff(attempt: u32) -> Duration {
         .unwrap_or(0);
     let jitter = u64::from(nanos % 1000) * base / 1000; // 0..base
     Duration::from_millis(base / 2 + jitter)
+}
+
+/// The server's shared lock table, which every lock a transaction holds takes a slot of (apart
+/// from the few weak relation locks of its fast path): `max_locks_per_transaction ×
+/// (max_connections + max_prepared_transactions)` slots, shared by all sessions, sized at
+/// server start. A transaction that needs more fails with "out of shared memory" — after
+/// having queued production behind the locks it took. [`LockBudget::check`] refuses it before.
+///
+/// How to use it for a transaction over many tables (the rollback does; the swap can):
+/// `LockBudget::read(client).await?.check(needed, "the swap")?`, with `needed` the locks the
+/// transaction takes: [`relation_locks`] counts those of relations a statement locks with
+/// everything that goes with them (DROP, a rewrite), one each for relations only renamed or
+/// named in `LOCK TABLE`, plus [`TRANSACTION_LOCKS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockBudget {
+    /// `max_locks_per_transaction`.
+    pub max_locks_per_transaction: i64,
+    /// `max_connections`.
+    pub max_connections: i64,
+    /// `max_prepared_transactions`.
+    pub max_prepared_transactions: i64,
+}
+
+/// Locks any transaction of pgzm's takes besides those counted per object: its own ids, the
+/// system catalogs and their indexes it writes, pgzm's metadata tables (most catalog locks go
+/// to the fast path; counted anyway).
+pub const TRANSACTION_LOCKS: i64 = 64;
+
+impl LockBudget {
+    /// Reads the three settings (one query).
+    pub async fn read(client: &impl GenericClient) -> Result<LockBudget, CoordinatorError> {
+        let row = client
+            .query_one(
+                "SELECT current_setting('max_locks_per_transaction')::int8 AS max_locks,
+                        current_setting('max_connections')::int8 AS max_connections,
+                        current_setting('max_prepared_transactions')::int8 AS max_prepared",
+                &[],
+            )
+            .await
+            .map_err(|e| CoordinatorError::destination("read the server's lock settings", e))?;
+        Ok(LockBudget {
+            max_locks_per_transaction: row.get("max_locks"),
+            max_connections: row.get("max_connections"),
+            max_prepared_transactions: row.get("max_prepared"),
+        })
+    }
+
+    /// Slots of the lock table.
+    pub fn capacity(&self) -> i64 {
+        self.max_locks_per_transaction
+            .saturating_mul(self.max_connections + self.max_prepared_transactions)
+    }
+
+    /// The smallest `max_locks_per_transaction` whose table holds `needed` locks with a quarter
+    /// to spare for the other sessions, rounded up to a multiple of 64.
+    pub fn setting_for(&self, needed: i64) -> i64 {
+        let sessions = (self.max_connections + self.max_prepared_transactions).max(1);
+        let per_session = (needed.saturating_mul(5) / 4 + sessions - 1) / sessions;
+        ((per_session + 63) / 64 * 64).max(64)
+    }
+
+    /// Refuses, with one line saying what to raise, a transaction (`what`) that needs more
+    /// than the lock table holds.
+    pub fn check(&self, needed: i64, what: &str) -> Result<(), CoordinatorError> {
+        if needed <= self.capacity() {
+            return Ok(());
+        }
+        Err(CoordinatorError::Refused(vec![format!(
+            "{what} takes about {needed} locks in one transaction, more than this server's lock table holds ({} = max_locks_per_transaction {} × (max_connections {} + max_prepared_transactions {})); nothing was changed: raise max_locks_per_transaction to {} or more (ALTER SYSTEM SET max_locks_per_transaction = {}; it takes effect at a server restart), then run again",
+            self.capacity(),
+            self.max_locks_per_transaction,
+            self.max_connections,
+            self.max_prepared_transactions,
+            self.setting_for(needed),
+            self.setting_for(needed),
+        )]))
+    }
+}
+
+/// Locks a transaction takes on the relations `oids` when it drops or rewrites them: each
+/// relation, its indexes, its TOAST table and TOAST index, and the sequences it owns (one
+/// query; relations that do not exist count nothing).
+pub async fn relation_locks(
+    client: &impl GenericClient,
+    oids: &[Oid],
+) -> Result<i64, CoordinatorError> {
+    if oids.is_empty() {
+        return Ok(0);
+    }
+    const COUNT: &str = "
+        SELECT (SELECT count(*) FROM pg_catalog.pg_class c WHERE c.oid = ANY($1))
+             + (SELECT count(*) FROM pg_catalog.pg_index i WHERE i.indrelid = ANY($1))
+             + (SELECT count(*) * 2 FROM pg_catalog.pg_class c
+                 WHERE c.oid = ANY($1) AND c.reltoastrelid <> 0)
+             + (SELECT count(*) FROM pg_catalog.pg_depend d
+                 WHERE d.refobjid = ANY($1) AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                   AND d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.deptype IN ('a', 'i')
+                   AND EXISTS (SELECT 1 FROM pg_catalog.pg_class s WHERE s.oid = d.objid AND s.relkind = 'S'))
+               AS locks";
+    Ok(client
+        .query_one(COUNT, &[&oids])
+        .await
+        .map_err(|e| CoordinatorError::destination("count the locks a transaction takes", e))?
+        .get("locks"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_budget_refuses_with_the_setting_to_raise() {
+        let budget = LockBudget {
+            max_locks_per_transaction: 64,
+            max_connections: 100,
+            max_prepared_transactions: 0,
+        };
+        assert_eq!(budget.capacity(), 6400);
+        assert!(budget.check(6400, "the rollback").is_ok());
+        let err = budget.check(20_000, "the rollback").unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, CoordinatorError::Refused(_)));
+        assert!(!text.contains('\n'), "{text}");
+        // 20 000 × 1.25 / 100 = 250 → 256.
+        assert!(
+            text.contains("raise max_locks_per_transaction to 256 or more")
+                && text.contains("restart")
+                && text.contains("6400"),
+            "{text}"
+        );
+        assert_eq!(budget.setting_for(1), 64);
+        let prepared = LockBudget {
+            max_prepared_transactions: 100,
+            ..budget
+        };
+        assert_eq!(prepared.capacity(), 12_800);
+        assert_eq!(prepared.setting_for(20_000), 128);
+    }
 }

@@ -1,21 +1,33 @@
 //! `pgzm rollback`: put a backup set back in place, in one transaction with the swap's lock
 //! strategy.
 //!
-//! Inside the transaction: the tables the migration brought in are dropped (except those named
-//! in `--keep-tables`, which keep their current data), the backup tables — with their indexes,
-//! sequences and types — take their live names again, foreign keys of other tables are
-//! re-pointed at the restored tables, views are recreated, and the backup set is marked consumed.
-//! The rolled-back tables are dropped, not kept: after a rollback nothing `backup_` or
-//! `rolledback_` remains. A kept table's columns typed with a migration type that a restored type
-//! of the same name replaces are converted to the restored type in the same transaction (one
-//! rewrite of the kept table; views reading it are recreated), so kept and restored tables share
-//! one type again; this fails — changing nothing — if a kept row holds a value the restored type
-//! lacks. Only a type the migration introduced (no restored counterpart) that a kept table still
-//! uses stays, renamed `rolledback_…`.
+//! Inside the transaction: the tables the migration brought in are moved aside (renamed
+//! `rolledback_<id>_<name>`, except those named in `--keep-tables`, which keep their current
+//! data), with their indexes and sequences, its types and materialized views, and the backups of
+//! kept tables; the backup tables — with their indexes, sequences and types — take their live
+//! names again, foreign keys of other tables are re-pointed at the restored tables, views are
+//! recreated, and the backup set is marked consumed. As in the swap, index and type renames go
+//! before the `LOCK TABLE` (they take no lock queries conflict with), so under the locks only
+//! renames and the few statements that re-point dependents are left: no `DROP TABLE` (which
+//! locks and unlinks every index and TOAST table) and no procedural block.
+//!
+//! What was moved aside is recorded (`pgzm.rolled_back_objects`) in the same transaction and
+//! dropped after the commit in batches ([`state::drop_rolled_back`]), each transaction with the
+//! same lock strategy, locking only objects production no longer uses; a crash in between
+//! leaves the record, and the next `pgzm rollback`, `pgzm cleanup` or `pgzm prepare` finishes
+//! it. After a rollback nothing `backup_` or `rolledback_` remains. A kept table's columns typed
+//! with a migration type that a restored type of the same name replaces are converted to the
+//! restored type in the same transaction (one rewrite of the kept table; views reading it are
+//! recreated), so kept and restored tables share one type again; this fails — changing nothing
+//! — if a kept row holds a value the restored type lacks. Only a type (or sequence) the
+//! migration introduced that a kept table still uses stays, renamed `rolledback_<name>`.
+//!
+//! Before anything, the locks the transaction takes are counted against the server's lock
+//! table ([`LockBudget`]): a rollback that cannot fit is refused, saying what to raise.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use pgzm_pg::sql::{quote_ident, quote_literal, quote_qualified};
+use pgzm_pg::sql::{quote_ident, quote_qualified};
 use serde::Serialize;
 use tokio_postgres::Client;
 
@@ -24,14 +36,21 @@ use crate::catalog::{topological_order, Oid};
 use crate::conninfo::DbUrl;
 use crate::destination::{self, LiveView, QualName};
 use crate::error::CoordinatorError;
-use crate::locked::{LockedTransaction, SwapSettings};
+use crate::locked::{LockBudget, LockedTransaction, SwapSettings};
 use crate::naming::prefixed;
 use crate::plan::{ObjectKind, Plan};
 use crate::rewrite::Renames;
-use crate::state;
+use crate::state::{self, AsideKind, RolledBackObject};
 
-/// Prefix of objects moved aside by a rollback because something still uses them.
+/// Prefix of objects moved aside by a rollback: `rolledback_<id>_<name>` until they are
+/// dropped after its commit, `rolledback_<name>` for a type or sequence kept because something
+/// still uses it.
 pub const ROLLEDBACK: &str = "rolledback_";
+
+/// The name a rollback of migration `id` moves `name` aside to.
+pub fn aside_name(id: i64, name: &str) -> String {
+    prefixed(&format!("{ROLLEDBACK}{id}_"), name)
+}
 
 /// Options of `pgzm rollback`.
 #[derive(Debug, Clone)]
@@ -147,6 +166,17 @@ SELECT (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c.relnamespace)
        c.relname::text AS table_name, k.conname::text AS name, pg_get_constraintdef(k.oid) AS definition
 FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
 WHERE k.contype = 'f' AND k.confrelid = ANY($1) AND NOT (k.conrelid = ANY($2))";
+
+/// Foreign keys of the tables that go (`$1`) into tables that stay: dropped under the locks
+/// (their triggers on the referenced table would otherwise go on checking the aside table).
+const FKS_OUT: &str = "
+SELECT (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c.relnamespace) AS schema_name,
+       c.relname::text AS table_name, k.conname::text AS name, pg_get_constraintdef(k.oid) AS definition,
+       (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = r.relnamespace) AS referenced_schema,
+       r.relname::text AS referenced_table
+FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid JOIN pg_class r ON r.oid = k.confrelid
+WHERE k.contype = 'f' AND k.conparentid = 0 AND k.conrelid = ANY($1) AND NOT (k.confrelid = ANY($2))
+ORDER BY 1, 2, 3";
 
 const FKS_FROM: &str = "
 SELECT (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c.relnamespace) AS schema_name,
@@ -286,6 +316,252 @@ fn oids_of<'a>(
         .collect()
 }
 
+/// A relation or type of the migration's side that the rollback moves aside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Aside {
+    oid: Oid,
+    /// Its name now.
+    name: QualName,
+    /// The name it is moved to.
+    to: String,
+}
+
+impl Aside {
+    fn rename_sql(&self, keyword: &str) -> String {
+        format!(
+            "ALTER {keyword} {} RENAME TO {}",
+            self.name,
+            quote_ident(&self.to)
+        )
+    }
+
+    fn record(&self, id: i64, kind: AsideKind) -> RolledBackObject {
+        RolledBackObject {
+            migration_id: id,
+            kind,
+            schema: self.name.schema.clone(),
+            name: self.to.clone(),
+            live: self.name.name.clone(),
+            oid: self.oid,
+        }
+    }
+}
+
+/// Everything the rollback moves aside, read in one query.
+#[derive(Debug, Default)]
+struct AsideSet {
+    /// The migration's tables that go and the kept tables' backups (renamed under the locks).
+    tables: Vec<Aside>,
+    /// The migration's materialized views (renamed under the locks, which their renames take).
+    matviews: Vec<Aside>,
+    /// Indexes of all of those (renamed before the locks).
+    indexes: Vec<Aside>,
+    /// Sequences they own (renamed under the locks, dropped with their tables).
+    owned_sequences: Vec<Aside>,
+    /// The migration's other sequences (renamed under the locks).
+    sequences: Vec<Aside>,
+    /// The migration's types (renamed before the locks).
+    types: Vec<Aside>,
+}
+
+const ASIDE: &str = "
+WITH mv AS (
+    SELECT c.oid FROM unnest($2::text[], $3::text[]) w(s, n)
+    JOIN pg_namespace ns ON ns.nspname = w.s
+    JOIN pg_class c ON c.relnamespace = ns.oid AND c.relname = w.n AND c.relkind = 'm'
+), roots AS (
+    SELECT unnest($1::oid[]) AS oid UNION SELECT oid FROM mv
+)
+SELECT 'root' AS part, c.oid, c.relkind::text AS relkind, ns.nspname::text AS schema_name, c.relname::text AS name
+  FROM roots r JOIN pg_class c ON c.oid = r.oid JOIN pg_namespace ns ON ns.oid = c.relnamespace
+UNION ALL
+SELECT 'index', x.oid, x.relkind::text, ns.nspname::text, x.relname::text
+  FROM pg_index i JOIN roots r ON r.oid = i.indrelid JOIN pg_class x ON x.oid = i.indexrelid
+  JOIN pg_namespace ns ON ns.oid = x.relnamespace
+UNION ALL
+SELECT 'owned', s.oid, 'S', ns.nspname::text, s.relname::text
+  FROM pg_depend d JOIN roots r ON r.oid = d.refobjid
+  JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' JOIN pg_namespace ns ON ns.oid = s.relnamespace
+ WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+UNION ALL
+SELECT 'sequence', c.oid, 'S', ns.nspname::text, c.relname::text FROM unnest($4::text[], $5::text[]) w(s, n)
+  JOIN pg_namespace ns ON ns.nspname = w.s
+  JOIN pg_class c ON c.relnamespace = ns.oid AND c.relname = w.n AND c.relkind = 'S'
+UNION ALL
+SELECT 'type', t.oid, t.typtype::text, ns.nspname::text, t.typname::text FROM unnest($6::text[], $7::text[]) w(s, n)
+  JOIN pg_namespace ns ON ns.nspname = w.s JOIN pg_type t ON t.typnamespace = ns.oid AND t.typname = w.n
+ORDER BY 4, 5";
+
+/// The names in `names` (schema, name) taken by a relation or a type.
+const TAKEN: &str = "
+SELECT w.s AS schema_name, w.n AS name FROM unnest($1::text[], $2::text[]) w(s, n)
+ WHERE EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
+               WHERE ns.nspname = w.s AND c.relname = w.n)
+    OR EXISTS (SELECT 1 FROM pg_type t JOIN pg_namespace ns ON ns.oid = t.typnamespace
+               WHERE ns.nspname = w.s AND t.typname = w.n)";
+
+impl AsideSet {
+    /// Reads what goes aside: the tables `roots` (the migration's that go and the kept
+    /// tables' backups), the migration's materialized views, the indexes and owned sequences of
+    /// all of them, and the migration's other sequences and types (by name; those that exist).
+    async fn read(
+        control: &Client,
+        id: i64,
+        plan: &Plan,
+        roots: &[Oid],
+        kept_sequences: &BTreeSet<QualName>,
+    ) -> Result<AsideSet, CoordinatorError> {
+        let matviews: Vec<(&str, &str)> = plan
+            .matviews
+            .iter()
+            .map(|m| (m.matview.schema.as_str(), m.matview.name.as_str()))
+            .collect();
+        let named = |kind: ObjectKind| -> Vec<(&str, &str)> {
+            plan.to_live
+                .iter()
+                .filter(|m| m.kind == kind)
+                .filter(|m| {
+                    !kept_sequences.contains(&QualName::new(m.schema.clone(), m.to.clone()))
+                })
+                .map(|m| (m.schema.as_str(), m.to.as_str()))
+                .collect()
+        };
+        let (sequences, types) = (named(ObjectKind::Sequence), named(ObjectKind::Type));
+        let column = |v: &[(&str, &str)], first: bool| -> Vec<String> {
+            v.iter()
+                .map(|(s, n)| if first { s } else { n }.to_string())
+                .collect()
+        };
+        let rows = control
+            .query(
+                ASIDE,
+                &[
+                    &roots,
+                    &column(&matviews, true),
+                    &column(&matviews, false),
+                    &column(&sequences, true),
+                    &column(&sequences, false),
+                    &column(&types, true),
+                    &column(&types, false),
+                ],
+            )
+            .await
+            .map_err(|e| {
+                CoordinatorError::destination("inspect what the rollback moves aside", e)
+            })?;
+        let mut set = AsideSet::default();
+        let mut seen: BTreeSet<(bool, Oid)> = BTreeSet::new();
+        // Owned sequences first: a migration sequence owned by a table goes with it.
+        let mut rows: Vec<&tokio_postgres::Row> = rows.iter().collect();
+        rows.sort_by_key(|r| r.get::<_, &str>("part") != "owned");
+        for r in rows {
+            let part: &str = r.get("part");
+            let oid: Oid = r.get("oid");
+            if !seen.insert((part == "type", oid)) {
+                continue;
+            }
+            let name = QualName::from_row(r);
+            let aside = Aside {
+                oid,
+                to: aside_name(id, &name.name),
+                name,
+            };
+            match (part, r.get::<_, &str>("relkind")) {
+                ("root", "m") => set.matviews.push(aside),
+                ("root", _) => set.tables.push(aside),
+                ("index", _) => set.indexes.push(aside),
+                ("owned", _) => set.owned_sequences.push(aside),
+                ("sequence", _) => set.sequences.push(aside),
+                _ => set.types.push(aside),
+            }
+        }
+        for v in [
+            &mut set.tables,
+            &mut set.matviews,
+            &mut set.indexes,
+            &mut set.owned_sequences,
+            &mut set.sequences,
+            &mut set.types,
+        ] {
+            v.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        Ok(set)
+    }
+
+    /// Relations whose names change under the locks.
+    fn relations_under_locks(&self) -> impl Iterator<Item = &Aside> {
+        self.tables
+            .iter()
+            .chain(&self.matviews)
+            .chain(&self.owned_sequences)
+            .chain(&self.sequences)
+    }
+
+    /// What the rollback's transaction records to drop after its commit.
+    fn records(&self, id: i64, schemas: &[String]) -> Vec<RolledBackObject> {
+        let mut out = Vec::new();
+        out.extend(
+            self.matviews
+                .iter()
+                .map(|a| a.record(id, AsideKind::MaterializedView)),
+        );
+        out.extend(self.tables.iter().map(|a| a.record(id, AsideKind::Table)));
+        out.extend(
+            self.sequences
+                .iter()
+                .map(|a| a.record(id, AsideKind::Sequence)),
+        );
+        out.extend(self.types.iter().map(|a| a.record(id, AsideKind::Type)));
+        out.extend(schemas.iter().map(|s| RolledBackObject {
+            migration_id: id,
+            kind: AsideKind::Schema,
+            schema: s.clone(),
+            name: s.clone(),
+            live: s.clone(),
+            oid: 0,
+        }));
+        out
+    }
+
+    /// Every aside name that is taken already (by an object pgzm did not put there), or
+    /// that two objects would share: the rollback refuses before any change.
+    async fn problems(&self, control: &Client) -> Result<Vec<String>, CoordinatorError> {
+        let all: Vec<(&str, &Aside)> = [
+            ("table", &self.tables),
+            ("materialized view", &self.matviews),
+            ("index", &self.indexes),
+            ("sequence", &self.owned_sequences),
+            ("sequence", &self.sequences),
+            ("type", &self.types),
+        ]
+        .into_iter()
+        .flat_map(|(kind, v)| v.iter().map(move |a| (kind, a)))
+        .collect();
+        let schemas: Vec<&str> = all.iter().map(|(_, a)| a.name.schema.as_str()).collect();
+        let names: Vec<&str> = all.iter().map(|(_, a)| a.to.as_str()).collect();
+        let taken: BTreeSet<QualName> = control
+            .query(TAKEN, &[&schemas, &names])
+            .await
+            .map_err(|e| CoordinatorError::destination("check the names the rollback takes", e))?
+            .iter()
+            .map(QualName::from_row)
+            .collect();
+        let mut seen = BTreeSet::new();
+        let mut problems = Vec::new();
+        for (kind, a) in &all {
+            let to = a.name.sibling(a.to.clone());
+            if taken.contains(&to) || !seen.insert(to.clone()) {
+                problems.push(format!(
+                    "the rollback moves {kind} {} aside as {}, but that name is taken: rename or drop what holds it, then run the rollback again",
+                    a.name.plain(),
+                    to.plain()
+                ));
+            }
+        }
+        Ok(problems)
+    }
+}
+
 /// What the rollback reads of the destination, once the table sets are known.
 struct Facts {
     oid_of: BTreeMap<QualName, Oid>,
@@ -297,17 +573,105 @@ struct Facts {
     conversions: Vec<Conversion>,
     /// The destination's views.
     views: BTreeMap<QualName, LiveView>,
-    /// Sequences owned by the kept tables.
-    kept_sequences: BTreeSet<QualName>,
     /// Indexes and sequences of the restored tables and indexes of backup materialized views.
     child_names: BTreeSet<QualName>,
     /// Sequences owned by the kept tables' backups.
     kept_children: BTreeSet<QualName>,
+    /// Foreign keys of the tables that go into tables that stay, with the table referenced.
+    fks_out: Vec<(ForeignKey, QualName)>,
+    /// What goes aside.
+    aside: AsideSet,
+    /// The functions the swap recreated over the migration's objects that exist.
+    functions: Vec<RecreatedFunction>,
+    /// The backup functions that exist, by oid: their signatures now.
+    backup_functions: BTreeMap<Oid, String>,
+}
+
+/// The signatures (`regprocedure` text, qualified) of the backup functions of `plan` that are
+/// still the recorded ones (same oid, same name), by oid.
+async fn backup_functions(
+    control: &Client,
+    plan: &Plan,
+) -> Result<BTreeMap<Oid, String>, CoordinatorError> {
+    let (oids, names): (Vec<Oid>, Vec<&str>) = plan
+        .to_backup
+        .iter()
+        .filter(|m| m.kind == ObjectKind::Function)
+        .filter_map(|m| Some((m.oid?, m.to.as_str())))
+        .unzip();
+    if oids.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    Ok(control
+        .query(
+            "SELECT p.oid, p.oid::regprocedure::text AS signature
+             FROM unnest($1::oid[], $2::text[]) w(o, n) JOIN pg_proc p ON p.oid = w.o AND p.proname = w.n",
+            &[&oids, &names],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("inspect the backup functions", e))?
+        .iter()
+        .map(|r| (r.get("oid"), r.get("signature")))
+        .collect())
+}
+
+/// A function the swap recreated over the migration's objects: moved aside before the locks
+/// (its backup, the original, takes the name back there too), dropped under them once the
+/// views calling it are gone.
+struct RecreatedFunction {
+    /// Its signature now (`regprocedure` text, as the plan recorded it).
+    signature: String,
+    /// Its schema.
+    schema: String,
+    /// The name it is moved aside to.
+    aside: String,
+    /// Its arguments (`pg_get_function_identity_arguments`, qualified), naming types as
+    /// before the rollback.
+    arguments: String,
+}
+
+impl RecreatedFunction {
+    /// Those of `plan` that exist, read in one query.
+    async fn read(
+        control: &Client,
+        id: i64,
+        plan: &Plan,
+    ) -> Result<Vec<RecreatedFunction>, CoordinatorError> {
+        let signatures: Vec<&str> = plan
+            .functions
+            .iter()
+            .map(|f| f.signature.as_str())
+            .collect();
+        if signatures.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = control
+            .query(
+                "SELECT w.s AS signature, n.nspname::text AS schema_name, p.proname::text AS name,
+                        pg_get_function_identity_arguments(p.oid) AS arguments
+                 FROM unnest($1::text[]) WITH ORDINALITY w(s, i)
+                 JOIN pg_proc p ON p.oid = to_regprocedure(w.s)
+                 JOIN pg_namespace n ON n.oid = p.pronamespace ORDER BY w.i",
+                &[&signatures],
+            )
+            .await
+            .map_err(|e| CoordinatorError::destination("inspect the recreated functions", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| RecreatedFunction {
+                signature: r.get("signature"),
+                schema: r.get("schema_name"),
+                aside: aside_name(id, r.get("name")),
+                arguments: r.get("arguments"),
+            })
+            .collect())
+    }
 }
 
 impl Facts {
     async fn read(
         control: &Client,
+        id: i64,
         plan: &Plan,
         sets: &TableSets,
         oid_of: BTreeMap<QualName, Oid>,
@@ -317,14 +681,30 @@ impl Facts {
         let restored = oids_of(&oid_of, sets.restored.iter().map(|(_, b)| b));
         let kept = oids_of(&oid_of, &sets.keep);
         let gone: Vec<Oid> = current.iter().chain(&kept_backups).copied().collect();
+        let kept_sequences = owned_sequences(control, &kept).await?;
+        let fks_out = control
+            .query(FKS_OUT, &[&gone, &gone])
+            .await
+            .map_err(|e| CoordinatorError::destination("inspect foreign keys for the rollback", e))?
+            .iter()
+            .map(|r| {
+                (
+                    ForeignKey::from_row(r),
+                    QualName::from_columns(r, "referenced_schema", "referenced_table"),
+                )
+            })
+            .collect();
         Ok(Facts {
             fks_in: foreign_keys(control, FKS_INTO, &current, &gone).await?,
             fks_kept: foreign_keys(control, FKS_FROM, &restored, &kept_backups).await?,
             conversions: type_conversions(control, plan, &kept).await?,
             views: destination::read(control, &plan.schemas()).await?.views,
-            kept_sequences: owned_sequences(control, &kept).await?,
+            aside: AsideSet::read(control, id, plan, &gone, &kept_sequences).await?,
+            functions: RecreatedFunction::read(control, id, plan).await?,
+            backup_functions: backup_functions(control, plan).await?,
             child_names: restored_children(control, plan, &restored).await?,
             kept_children: owned_sequences(control, &kept_backups).await?,
+            fks_out,
             oid_of,
         })
     }
@@ -508,14 +888,46 @@ impl<'a> ViewChanges<'a> {
     }
 }
 
+/// The rollback's transaction, planned: its statements, what it records to drop after its
+/// commit, and about how many locks it takes at once.
+struct Planned {
+    tx: LockedTransaction,
+    record: Vec<RolledBackObject>,
+    locks: i64,
+}
+
+/// The server clock when the locks were granted (microseconds), read back from the batch;
+/// with the clock read right after the commit, the lock window (logged, as the swap's).
+const LOCKED_MARKER: &str =
+    "SELECT 'locked', (extract(epoch FROM clock_timestamp()) * 1000000)::int8";
+
+/// The value of marker `name` (a row `name, value`) among the batch's messages.
+fn marker(messages: &[tokio_postgres::SimpleQueryMessage], name: &str) -> Option<i64> {
+    messages.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some(name) => {
+            row.get(1).and_then(|v| v.parse().ok())
+        }
+        _ => None,
+    })
+}
+
+/// Locks each dropped or added foreign key takes beyond its tables' (the constraint, its
+/// triggers; the referenced table's indexes when added).
+const LOCKS_PER_FOREIGN_KEY: i64 = 5;
+/// Locks of a kept table's rewrite (its indexes, TOAST table and index) beyond the table's.
+const LOCKS_PER_CONVERSION: i64 = 8;
+
 /// The rollback transaction, planned from what was read: pure.
-fn rollback_transaction(
-    plan: &Plan,
-    id: i64,
-    sets: &TableSets,
-    facts: &Facts,
-) -> LockedTransaction {
+///
+/// Before the locks: the migration recorded rolled back, with what it moves aside; the
+/// migration's indexes and types moved aside, the backups' indexes and types renamed back.
+/// Then `LOCK TABLE` in sorted order. Under the locks: views reading what goes are dropped,
+/// recreated functions dropped, foreign keys into (and out of) what goes dropped, tables,
+/// materialized views and sequences moved aside, backups renamed back, foreign keys added
+/// again `NOT VALID`, kept tables' columns converted, dependents re-pointed, views recreated.
+fn rollback_transaction(plan: &Plan, id: i64, sets: &TableSets, facts: &Facts) -> Planned {
     let oid_of = &facts.oid_of;
+    let aside = &facts.aside;
     let kept_backup_oids: BTreeSet<Oid> = oids_of(oid_of, &sets.kept_backups).into_iter().collect();
     let gone: BTreeSet<Oid> = oids_of(oid_of, &sets.current_drop)
         .into_iter()
@@ -523,21 +935,65 @@ fn rollback_transaction(
         .collect();
     let converted: BTreeSet<Oid> = facts.conversions.iter().map(|c| c.table_oid).collect();
     let views = ViewChanges::plan(plan, &facts.views, &kept_backup_oids, &gone, &converted);
-    let dropping: Vec<&QualName> = sets
-        .current_drop
-        .iter()
-        .filter(|n| oid_of.contains_key(*n))
-        .collect();
+    let record = aside.records(id, &plan.schemas_to_create);
+    let mut locks = crate::locked::TRANSACTION_LOCKS;
 
     let mut tx = LockedTransaction::new();
+    // Before the locks: pgzm's own record, then renames that take no lock queries conflict
+    // with.
+    tx.push(format!(
+        "UPDATE pgzm.migrations SET status = 'rolled_back', backup_present = false WHERE id = {id}"
+    ));
+    if let Some(sql) = state::record_rolled_back_sql(&record) {
+        tx.push(sql);
+    }
+    // Functions first, while their signatures still name the types they were read with.
+    tx.extend(facts.functions.iter().map(|f| {
+        format!(
+            "ALTER ROUTINE {} RENAME TO {}",
+            f.signature,
+            quote_ident(&f.aside)
+        )
+    }));
+    let (before, under) = restore_moves(plan, sets, facts, &views.restorable);
+    let (functions, before): (Vec<&crate::plan::Move>, Vec<&crate::plan::Move>) = before
+        .into_iter()
+        .partition(|m| m.kind == ObjectKind::Function);
+    // Backup functions by their signatures now (read before; no type is renamed yet).
+    tx.extend(functions.iter().map(
+        |m| match m.oid.and_then(|o| facts.backup_functions.get(&o)) {
+            Some(signature) => format!(
+                "ALTER ROUTINE {signature} RENAME TO {}",
+                quote_ident(&m.from)
+            ),
+            None => m.rename_sql(true),
+        },
+    ));
+    tx.extend(aside.indexes.iter().map(|a| a.rename_sql("INDEX")));
+    tx.extend(aside.types.iter().map(|a| a.rename_sql("TYPE")));
+    locks += (aside.indexes.len() + aside.types.len()) as i64;
+    // A backup index or type whose live name is held by a relation (or its row type) that
+    // moves aside under the locks takes it back there.
+    let held: BTreeSet<&QualName> = aside.relations_under_locks().map(|a| &a.name).collect();
+    let (deferred, early): (Vec<&crate::plan::Move>, Vec<&crate::plan::Move>) = before
+        .into_iter()
+        .partition(|m| held.contains(&QualName::new(m.schema.clone(), m.from.clone())));
+    tx.extend(early.iter().map(|m| m.rename_sql(true)));
+
     let mut lock: BTreeSet<String> = BTreeSet::new();
-    lock.extend(dropping.iter().map(|n| n.quoted()));
+    lock.extend(aside.tables.iter().map(|a| a.name.quoted()));
     lock.extend(sets.backups.iter().map(|(_, b)| b.quoted()));
     lock.extend(
         facts
             .fks_in
             .iter()
             .map(|f| quote_qualified(&f.schema, &f.table)),
+    );
+    lock.extend(
+        facts
+            .fks_out
+            .iter()
+            .map(|(_, referenced)| referenced.quoted()),
     );
     lock.extend(
         views
@@ -552,7 +1008,11 @@ fn rollback_transaction(
             .iter()
             .map(|r| quote_qualified(&r.schema, &r.table)),
     );
+    locks += lock.len() as i64;
     tx.lock_tables(lock.into_iter().collect());
+    tx.push(LOCKED_MARKER);
+
+    // Under the locks.
     if !views.dropped.is_empty() {
         tx.push(format!(
             "DROP VIEW {}",
@@ -564,8 +1024,18 @@ fn rollback_transaction(
                 .join(", ")
         ));
     }
-    drop_migration_objects(&mut tx, plan, sets, facts, &dropping);
-    restore_backups(&mut tx, plan, sets, facts, &views.restorable);
+    move_migration_aside(&mut tx, plan, facts);
+    tx.extend(deferred.iter().map(|m| m.rename_sql(true)));
+    tx.extend(under.iter().map(|m| m.rename_sql(true)));
+    locks += (aside.matviews.len()
+        + aside.owned_sequences.len()
+        + aside.sequences.len()
+        + functions.len()
+        + early.len()
+        + deferred.len()
+        + under.len()
+        + views.recreate.len()
+        + 2 * plan.functions.len()) as i64;
     for fk in &facts.fks_in {
         tx.push(add_not_valid(
             &fk.schema,
@@ -584,36 +1054,18 @@ fn rollback_transaction(
             &back.apply(&fk.definition),
         ));
     }
+    locks += LOCKS_PER_FOREIGN_KEY
+        * (2 * (facts.fks_in.len() + facts.fks_kept.len()) + facts.fks_out.len()) as i64;
     tx.extend(conversion_sql(&facts.conversions));
+    locks += LOCKS_PER_CONVERSION * facts.conversions.len() as i64;
     for r in &plan.repoints {
         tx.extend(r.attach.iter().cloned());
     }
+    locks += 2 * (plan.repoints.len() as i64);
     for v in &views.recreate {
         tx.extend(crate::swap::view_sql(&crate::plan::ViewPlan::recreating(v)));
     }
-    // A schema the migration created held only its objects, gone now.
-    tx.extend(
-        plan.schemas_to_create
-            .iter()
-            .map(|s| state::drop_schema_if_empty(s)),
-    );
-    tx.push(format!(
-        "UPDATE pgzm.migrations SET status = 'rolled_back', backup_present = false WHERE id = {id}"
-    ));
-    tx
-}
-
-/// The oid of schema `schema` in a catalog condition: `'public'::regnamespace` as before
-/// schemas were chosen (the goldens), a lookup by name elsewhere.
-fn namespace_oid(schema: &str) -> String {
-    if schema == crate::naming::PUBLIC {
-        "'public'::regnamespace".to_string()
-    } else {
-        format!(
-            "(SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = {})",
-            quote_literal(schema)
-        )
-    }
+    Planned { tx, record, locks }
 }
 
 /// Names after the rollback, for rewriting definitions read now.
@@ -634,104 +1086,135 @@ fn add_not_valid(schema: &str, table: &str, name: &str, definition: &str) -> Str
     )
 }
 
-/// What the migration brought in goes: functions the swap recreated over its objects (their
-/// backups, the originals, take the name back), its materialized views, re-pointed and other
-/// foreign keys, its tables and the kept tables' backups, and its types and free-standing
-/// sequences (moved aside instead when a kept table still uses them).
-fn drop_migration_objects(
-    tx: &mut LockedTransaction,
-    plan: &Plan,
-    sets: &TableSets,
-    facts: &Facts,
-    dropping: &[&QualName],
-) {
-    for f in &plan.functions {
-        tx.push(format!("DROP ROUTINE IF EXISTS {}", f.signature));
+/// Under the locks, what the migration brought in leaves the live names: functions the swap
+/// recreated over its objects are dropped (their backups, the originals, take the names back),
+/// its materialized views move aside, re-pointed defaults and policies are detached, foreign
+/// keys into what goes (and out of it, into what stays) are dropped, and its tables, the kept
+/// tables' backups and its sequences move aside (to be dropped after the commit). Plain
+/// statements, decided from what was read before: no procedural block.
+fn move_migration_aside(tx: &mut LockedTransaction, plan: &Plan, facts: &Facts) {
+    // The types the functions' arguments name were moved aside before the locks.
+    let mut types = Renames::new();
+    for a in &facts.aside.types {
+        types.insert_in(&a.name.schema, &a.name.name, &a.to);
     }
-    // The migration's materialized views read its tables: they go first, dependents first.
-    for mv in plan.matviews.iter().rev() {
+    for f in &facts.functions {
         tx.push(format!(
-            "DROP MATERIALIZED VIEW IF EXISTS {}",
-            quote_qualified(&mv.matview.schema, &mv.matview.name)
+            "DROP ROUTINE {}({})",
+            quote_qualified(&f.schema, &f.aside),
+            types.apply(&f.arguments)
         ));
     }
+    tx.extend(
+        facts
+            .aside
+            .matviews
+            .iter()
+            .map(|a| a.rename_sql("MATERIALIZED VIEW")),
+    );
     for r in &plan.repoints {
         tx.extend(r.detach.iter().cloned());
     }
-    for fk in facts.fks_in.iter().chain(&facts.fks_kept) {
+    for fk in facts
+        .fks_in
+        .iter()
+        .chain(&facts.fks_kept)
+        .chain(facts.fks_out.iter().map(|(fk, _)| fk))
+    {
         tx.push(format!(
             "ALTER TABLE {} DROP CONSTRAINT {}",
             quote_qualified(&fk.schema, &fk.table),
             quote_ident(&fk.name)
         ));
     }
-    for tables in [dropping.to_vec(), sets.kept_backups.iter().collect()] {
-        if !tables.is_empty() {
-            tx.push(format!(
-                "DROP TABLE {}",
-                tables
-                    .iter()
-                    .map(|n| n.quoted())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        }
-    }
-    for m in plan.to_live.iter().filter(|m| {
-        matches!(m.kind, ObjectKind::Type | ObjectKind::Sequence)
-            && !facts
-                .kept_sequences
-                .contains(&QualName::new(m.schema.clone(), m.to.clone()))
-    }) {
-        let kw = m.kind.keyword();
-        let aside = quote_ident(&prefixed(ROLLEDBACK, &m.to));
-        let (cat, col, ns) = if m.kind == ObjectKind::Type {
-            ("pg_type", "typname", "typnamespace")
-        } else {
-            ("pg_class", "relname", "relnamespace")
-        };
-        tx.push(pgzm_pg::sql::do_block(&format!(
-            "BEGIN IF EXISTS (SELECT 1 FROM pg_catalog.{cat} WHERE {col} = {name} AND {ns} = {}) THEN \
-             BEGIN EXECUTE {drop}; EXCEPTION WHEN dependent_objects_still_exist THEN EXECUTE {rename}; END; END IF; END",
-            namespace_oid(&m.schema),
-            name = quote_literal(&m.to),
-            drop = quote_literal(&format!("DROP {kw} {}", m.qualified_to())),
-            rename = quote_literal(&format!("ALTER {kw} {} RENAME TO {aside}", m.qualified_to())),
-        )));
-    }
+    tx.extend(facts.aside.tables.iter().map(|a| a.rename_sql("TABLE")));
+    tx.extend(
+        facts
+            .aside
+            .owned_sequences
+            .iter()
+            .chain(&facts.aside.sequences)
+            .map(|a| a.rename_sql("SEQUENCE")),
+    );
 }
 
-/// Backups take their names back: tables, then their indexes and sequences, types, sequences,
-/// functions, materialized views and the restorable views.
-fn restore_backups(
-    tx: &mut LockedTransaction,
-    plan: &Plan,
+/// The backups' renames back to their live names: functions, indexes and types (before the
+/// locks), then tables, sequences, materialized views and the restorable views (under them).
+fn restore_moves<'a>(
+    plan: &'a Plan,
     sets: &TableSets,
     facts: &Facts,
     restorable_views: &BTreeSet<(&str, &str)>,
-) {
+) -> (Vec<&'a crate::plan::Move>, Vec<&'a crate::plan::Move>) {
     let restored: BTreeSet<&QualName> = sets.restored.iter().map(|(_, b)| b).collect();
-    for m in &plan.to_backup {
-        let to = QualName::new(m.schema.clone(), m.to.clone());
-        let rename = match m.kind {
-            ObjectKind::Table => restored.contains(&to),
-            ObjectKind::Index => facts.child_names.contains(&to),
-            // Owned by a restored table, or free-standing (a kept backup's went with it).
-            ObjectKind::Sequence => {
-                facts.child_names.contains(&to) || !facts.kept_children.contains(&to)
+    plan.to_backup
+        .iter()
+        .filter(|m| {
+            let to = QualName::new(m.schema.clone(), m.to.clone());
+            match m.kind {
+                ObjectKind::Table => restored.contains(&to),
+                ObjectKind::Index => facts.child_names.contains(&to),
+                // Owned by a restored table, or free-standing (a kept backup's went with it).
+                ObjectKind::Sequence => {
+                    facts.child_names.contains(&to) || !facts.kept_children.contains(&to)
+                }
+                ObjectKind::Type | ObjectKind::Function | ObjectKind::MaterializedView => true,
+                ObjectKind::View => {
+                    restorable_views.contains(&(m.schema.as_str(), m.from.as_str()))
+                }
             }
-            ObjectKind::Type | ObjectKind::Function | ObjectKind::MaterializedView => true,
-            ObjectKind::View => restorable_views.contains(&(m.schema.as_str(), m.from.as_str())),
-        };
-        if rename {
-            tx.push(m.rename_sql(true));
-        }
-    }
+        })
+        .partition(|m| {
+            matches!(
+                m.kind,
+                ObjectKind::Index | ObjectKind::Type | ObjectKind::Function
+            )
+        })
 }
 
-/// `pgzm rollback`: reads the backup set and the destination, plans the transaction, runs it
-/// with the swap's lock strategy, then validates the foreign keys it added `NOT VALID`.
+/// `pgzm rollback`: reads the backup set and the destination, plans the transaction, checks
+/// that its locks fit in the server's lock table, runs it with the swap's lock strategy,
+/// validates the foreign keys it added `NOT VALID`, then drops what it moved aside (and what
+/// earlier rollbacks left) in batches.
 pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, CoordinatorError> {
+    let (control, mut report) = commit(&opts).await?;
+    if opts.dry_run {
+        return Ok(report);
+    }
+    let started = std::time::Instant::now();
+    match state::drop_rolled_back(&control, None, opts.locks).await {
+        Ok(drops) => {
+            if !drops.dropped.is_empty() {
+                tracing::info!(
+                    objects = drops.dropped.len(),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "dropped what the rollback moved aside"
+                );
+            }
+            report.warnings.extend(drops.warnings);
+        }
+        Err(e) => report.warnings.push(format!(
+            "what the rollback moved aside (recorded in pgzm.rolled_back_objects) was not dropped: {e}; `pgzm cleanup` drops it"
+        )),
+    }
+    state::unlock(&control).await;
+    Ok(report)
+}
+
+/// [`rollback`] up to its commit and the validations after it, without dropping what it moved
+/// aside: what stays recorded in `pgzm.rolled_back_objects` is what a crash right after the
+/// commit leaves (the next `pgzm rollback`, `pgzm cleanup` or `pgzm prepare` drops it).
+pub async fn rollback_leaving_aside(
+    opts: RollbackOptions,
+) -> Result<RollbackReport, CoordinatorError> {
+    let (control, report) = commit(&opts).await?;
+    state::unlock(&control).await;
+    Ok(report)
+}
+
+/// The rollback up to its commit (or its plan, for a dry run), with the session that holds the
+/// run lock.
+async fn commit(opts: &RollbackOptions) -> Result<(Client, RollbackReport), CoordinatorError> {
     let control = opts.destination.connect("pgzm-coordinator").await?;
     if !state::try_lock(&control).await? {
         return Err(CoordinatorError::Busy);
@@ -744,12 +1227,20 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
     let plan = &row.plan;
     let sets = TableSets::new(plan, &opts.keep_tables);
     let oid_of = oids(&control, &sets.names()).await?;
-    let problems = sets.problems(row.id, &oid_of);
+    let mut problems = sets.problems(row.id, &oid_of);
     if !problems.is_empty() {
         return Err(CoordinatorError::Refused(problems));
     }
-    let facts = Facts::read(&control, plan, &sets, oid_of).await?;
-    let tx = rollback_transaction(plan, row.id, &sets, &facts);
+    let facts = Facts::read(&control, row.id, plan, &sets, oid_of).await?;
+    problems.extend(facts.aside.problems(&control).await?);
+    if !problems.is_empty() {
+        return Err(CoordinatorError::Refused(problems));
+    }
+    let planned = rollback_transaction(plan, row.id, &sets, &facts);
+    LockBudget::read(&control)
+        .await?
+        .check(planned.locks, "the rollback")?;
+    let tx = &planned.tx;
     let mut report = RollbackReport {
         timestamp: row.id,
         dry_run: opts.dry_run,
@@ -770,9 +1261,16 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
         warnings: pending_prepares(&control, row.id, &sets.current_drop).await?,
     };
     if opts.dry_run {
-        return Ok(report);
+        return Ok((control, report));
     }
-    let (attempts, _) = tx
+    tracing::debug!(
+        locks = planned.locks,
+        aside = planned.record.len(),
+        "rollback planned"
+    );
+    // pgzm.rolled_back_objects may be missing from metadata an older pgzm created.
+    state::ensure_schema(&control).await?;
+    let (attempts, messages) = tx
         .run(
             &control,
             opts.locks,
@@ -784,6 +1282,22 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
         )
         .await?;
     report.attempts = attempts;
+    let locked = marker(&messages, "locked").unwrap_or(0);
+    let committed: i64 = control
+        .query_one(
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now",
+            &[],
+        )
+        .await
+        .map(|r| r.get("now"))
+        .unwrap_or(locked);
+    tracing::info!(
+        migration = row.id,
+        attempts,
+        lock_held_ms = (committed - locked) as f64 / 1000.0,
+        moved_aside = planned.record.len(),
+        "rollback committed"
+    );
     let back = back_renames(plan);
     for fk in facts.fks_in.iter().chain(&facts.fks_kept) {
         let table = QualName::new(
@@ -803,7 +1317,7 @@ pub async fn rollback(opts: RollbackOptions) -> Result<RollbackReport, Coordinat
             ));
         }
     }
-    Ok(report)
+    Ok((control, report))
 }
 
 /// Warnings about migrations prepared (or being prepared) against the live tables this rollback
@@ -930,7 +1444,8 @@ async fn type_conversions(
 
 /// Statements converting kept tables' columns to the restored types (run after the renames):
 /// per table, defaults dropped, one ALTER TABLE changing every column (one rewrite), defaults
-/// set again; then the migration's types, now unused, are dropped.
+/// set again. The migration's types, unused then, are dropped after the commit with the rest
+/// of what the rollback moved aside.
 fn conversion_sql(conversions: &[Conversion]) -> Vec<String> {
     let mut sql = Vec::new();
     let mut by_table: BTreeMap<&QualName, Vec<&Conversion>> = BTreeMap::new();
@@ -980,17 +1495,6 @@ fn conversion_sql(conversions: &[Conversion]) -> Vec<String> {
                     .join(", ")
             ));
         }
-    }
-    let types: BTreeSet<&QualName> = conversions.iter().map(|c| &c.type_name).collect();
-    for t in types {
-        let aside = t.sibling(prefixed(ROLLEDBACK, &t.name));
-        sql.push(pgzm_pg::sql::do_block(&format!(
-            "BEGIN IF EXISTS (SELECT 1 FROM pg_catalog.pg_type WHERE typname = {name} AND typnamespace = {}) THEN \
-             BEGIN EXECUTE {drop}; EXCEPTION WHEN dependent_objects_still_exist THEN NULL; END; END IF; END",
-            namespace_oid(&t.schema),
-            name = quote_literal(&aside.name),
-            drop = quote_literal(&format!("DROP TYPE {aside}")),
-        )));
     }
     sql
 }

@@ -60,6 +60,20 @@ ALTER TABLE pgzm.migrations ADD COLUMN IF NOT EXISTS copy_tasks_left integer;
 -- it is not), set by the run's lag monitor and read by the agents.
 ALTER TABLE pgzm.migrations ADD COLUMN IF NOT EXISTS max_lag_ms bigint;
 ALTER TABLE pgzm.migrations ADD COLUMN IF NOT EXISTS paused text;
+-- What a rollback moved aside (renamed, in its transaction) and drops after its commit, in
+-- batches: a row is written by the rollback's transaction and deleted by the one that drops its
+-- object, so what a crash leaves here is what is left to drop (by the next `pgzm rollback`,
+-- `pgzm cleanup` or `pgzm prepare`). `name` is the name it was moved aside to, `live_name` the
+-- one it had; only an object whose oid and name still match is dropped.
+CREATE TABLE IF NOT EXISTS pgzm.rolled_back_objects (
+    migration_id    bigint NOT NULL,
+    kind            text NOT NULL,
+    schema_name     text NOT NULL,
+    name            text NOT NULL,
+    live_name       text NOT NULL,
+    object_oid      oid NOT NULL,
+    PRIMARY KEY (migration_id, kind, schema_name, name)
+);
 CREATE TABLE IF NOT EXISTS pgzm.sync_errors (
     migration_id    bigint NOT NULL,
     table_name      text NOT NULL,
@@ -235,6 +249,16 @@ pub async fn earlier_runs(client: &Client) -> Result<crate::plan::Earlier, Coord
             earlier.backup_set = Some((id, plan.to_backup));
         }
     }
+    // What rollbacks moved aside and did not drop yet (a crash after their commit): cleaned up
+    // first, as an interrupted run's objects are.
+    let aside = rolled_back_objects(client, None).await?;
+    let ids: std::collections::BTreeSet<i64> = aside.iter().map(|o| o.migration_id).collect();
+    for id in ids {
+        earlier.leftovers.push((
+            id,
+            as_recorded(aside.iter().filter(|o| o.migration_id == id)),
+        ));
+    }
     Ok(earlier)
 }
 
@@ -327,6 +351,14 @@ pub async fn clean_leftovers(
     locks: crate::locked::SwapSettings,
 ) -> Result<Vec<String>, CoordinatorError> {
     use pgzm_pg::sql::quote_ident;
+    if !rolled_back_objects(client, Some(id)).await?.is_empty() {
+        // A rollback's objects moved aside: no sessions or sync triggers of its own.
+        let outcome = drop_rolled_back(client, Some(id), locks).await?;
+        for w in &outcome.warnings {
+            tracing::warn!(migration = id, "{w}");
+        }
+        return Ok(outcome.dropped);
+    }
     let ended = crate::copy::end_sessions(client, &crate::copy::session_tag_pattern(id)).await;
     match ended {
         Ok(n) if n > 0 => tracing::info!(
@@ -1206,4 +1238,643 @@ pub async fn sync_errors(
             )
         })
         .collect())
+}
+
+/// What a rollback moves aside, in the order the objects are dropped after its commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AsideKind {
+    /// One of the migration's materialized views (they read its tables: dropped first).
+    MaterializedView,
+    /// One of the migration's tables, or the backup of a `--keep-tables` table (its indexes
+    /// and owned sequences go with it).
+    Table,
+    /// One of the migration's sequences that no table of it owns.
+    Sequence,
+    /// One of the migration's types.
+    Type,
+    /// A schema the migration created: dropped last, when it is empty.
+    Schema,
+}
+
+impl AsideKind {
+    /// Every kind, in drop order.
+    pub const ALL: [AsideKind; 5] = [
+        AsideKind::MaterializedView,
+        AsideKind::Table,
+        AsideKind::Sequence,
+        AsideKind::Type,
+        AsideKind::Schema,
+    ];
+
+    /// As stored in `pgzm.rolled_back_objects.kind` (and shown in reports).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AsideKind::MaterializedView => "materialized view",
+            AsideKind::Table => "table",
+            AsideKind::Sequence => "sequence",
+            AsideKind::Type => "type",
+            AsideKind::Schema => "schema",
+        }
+    }
+
+    /// The kind stored as `text`, if it is one.
+    pub fn parse(text: &str) -> Option<AsideKind> {
+        AsideKind::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+}
+
+/// One object a rollback moved aside to drop it after its commit, as `pgzm.rolled_back_objects`
+/// records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolledBackObject {
+    /// The migration rolled back.
+    pub migration_id: i64,
+    /// What it is.
+    pub kind: AsideKind,
+    /// Its schema (a schema's own name for [`AsideKind::Schema`]).
+    pub schema: String,
+    /// The name it was moved aside to.
+    pub name: String,
+    /// The name it had.
+    pub live: String,
+    /// Its oid (0 for a schema).
+    pub oid: Oid,
+}
+
+impl RolledBackObject {
+    /// Its name now.
+    pub fn qualname(&self) -> QualName {
+        QualName::new(self.schema.clone(), self.name.clone())
+    }
+
+    /// For reports: `table rolledback_…_film` (`table sales.rolledback_…_order` outside public).
+    pub fn describe(&self) -> String {
+        match self.kind {
+            AsideKind::Schema => format!("schema {} (if empty)", self.schema),
+            kind => format!("{} {}", kind.as_str(), self.qualname().display_name()),
+        }
+    }
+
+    /// Its key in `pgzm.rolled_back_objects`, as a row of a `VALUES` list.
+    fn key_sql(&self) -> String {
+        use pgzm_pg::sql::quote_literal;
+        format!(
+            "({}, {}, {})",
+            quote_literal(self.kind.as_str()),
+            quote_literal(&self.schema),
+            quote_literal(&self.name)
+        )
+    }
+}
+
+/// The statement recording what a rollback moves aside (part of its transaction, before its
+/// locks: it writes only pgzm's own table); None when there is nothing.
+pub fn record_rolled_back_sql(objects: &[RolledBackObject]) -> Option<String> {
+    use pgzm_pg::sql::quote_literal;
+    if objects.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "INSERT INTO pgzm.rolled_back_objects (migration_id, kind, schema_name, name, live_name, object_oid) VALUES {}",
+        objects
+            .iter()
+            .map(|o| format!(
+                "({}, {}, {}, {}, {}, {}::oid)",
+                o.migration_id,
+                quote_literal(o.kind.as_str()),
+                quote_literal(&o.schema),
+                quote_literal(&o.name),
+                quote_literal(&o.live),
+                o.oid
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
+/// The statement forgetting `objects` of migration `id` (in the transaction that drops them).
+fn forget_sql(id: i64, objects: &[&RolledBackObject]) -> String {
+    format!(
+        "DELETE FROM pgzm.rolled_back_objects WHERE migration_id = {id} AND (kind, schema_name, name) IN (VALUES {})",
+        objects
+            .iter()
+            .map(|o| o.key_sql())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// What rollbacks moved aside and did not drop yet (of migration `id`, or all), in drop order;
+/// nothing when the table does not exist (metadata of an older pgzm, or none).
+pub async fn rolled_back_objects(
+    client: &impl GenericClient,
+    id: Option<i64>,
+) -> Result<Vec<RolledBackObject>, CoordinatorError> {
+    let present: bool = client
+        .query_one(
+            "SELECT to_regclass('pgzm.rolled_back_objects') IS NOT NULL AS present",
+            &[],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?
+        .get("present");
+    if !present {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT migration_id, kind, schema_name, name, live_name, object_oid
+             FROM pgzm.rolled_back_objects WHERE $1::int8 IS NULL OR migration_id = $1
+             ORDER BY migration_id, schema_name, name",
+            &[&id],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("read pgzm.rolled_back_objects", e))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let kind: String = r.get("kind");
+        let id: i64 = r.get("migration_id");
+        let kind = AsideKind::parse(&kind).ok_or_else(|| CoordinatorError::Metadata {
+            what: format!("read what the rollback of migration {id} left to drop"),
+            message: format!(
+                "kind {kind:?} is unknown; it was written by another pgzm version (see pgzm.rolled_back_objects)"
+            ),
+        })?;
+        out.push(RolledBackObject {
+            migration_id: id,
+            kind,
+            schema: r.get("schema_name"),
+            name: r.get("name"),
+            live: r.get("live_name"),
+            oid: r.get("object_oid"),
+        });
+    }
+    out.sort_by_key(|o| o.kind);
+    out.sort_by_key(|o| o.migration_id);
+    Ok(out)
+}
+
+/// Rolled-back objects as a run's recorded objects (what the plan counts as going first).
+fn as_recorded<'a>(objects: impl Iterator<Item = &'a RolledBackObject>) -> RecordedObjects {
+    let mut r = RecordedObjects::default();
+    for o in objects {
+        match o.kind {
+            AsideKind::MaterializedView => {
+                r.matviews.push((o.schema.clone(), o.name.clone(), o.oid))
+            }
+            AsideKind::Table => r.tables.push((o.name.clone(), o.oid)),
+            AsideKind::Sequence => r.sequences.push((o.name.clone(), o.oid)),
+            AsideKind::Type => r.types.push((o.name.clone(), o.oid)),
+            AsideKind::Schema => r.schemas.push(o.schema.clone()),
+        }
+    }
+    r
+}
+
+/// What [`drop_rolled_back`] dropped, and what it could not.
+#[derive(Debug, Clone, Default)]
+pub struct AsideDrops {
+    /// Objects dropped (or, for a type or sequence still in use, kept and renamed).
+    pub dropped: Vec<String>,
+    /// What is left and why.
+    pub warnings: Vec<String>,
+}
+
+/// Most tables dropped in one transaction after a rollback: few enough locks for any server,
+/// and no transaction long enough to matter (a batch locks only tables production no longer
+/// uses, but its commit still sends every dropped relation's invalidations at once).
+pub const TABLES_PER_BATCH: usize = 200;
+
+/// Drops what rollbacks moved aside (of migration `id`, or all that is left), each object
+/// only while its oid and name are still the recorded ones: materialized views, then tables in
+/// batches of up to [`TABLES_PER_BATCH`] (fewer on a server with a small lock table; an
+/// inheritance tree in one batch; foreign keys from a later batch's tables dropped first), then
+/// sequences and types — one still in use (by a kept table) is not dropped but renamed
+/// `rolledback_<name>` — and last the schemas the migration created, if empty. Each transaction
+/// runs with the lock strategy of `locks` (never ending other sessions) and forgets what it
+/// dropped; what fails is left recorded for the next `pgzm rollback`, `cleanup` or `prepare`, and
+/// reported.
+pub async fn drop_rolled_back(
+    client: &Client,
+    id: Option<i64>,
+    locks: crate::locked::SwapSettings,
+) -> Result<AsideDrops, CoordinatorError> {
+    let all = rolled_back_objects(client, id).await?;
+    let mut out = AsideDrops::default();
+    if all.is_empty() {
+        return Ok(out);
+    }
+    let locks = crate::locked::SwapSettings {
+        kill_blockers_after: None,
+        ..locks
+    };
+    let budget = crate::locked::LockBudget::read(client).await?;
+    // About ten locks per table (indexes, TOAST, sequences, row types), a quarter of the table.
+    let batch = usize::try_from(budget.capacity() / 40)
+        .unwrap_or(TABLES_PER_BATCH)
+        .clamp(10, TABLES_PER_BATCH);
+    let ids: std::collections::BTreeSet<i64> = all.iter().map(|o| o.migration_id).collect();
+    for mid in ids {
+        let objects: Vec<&RolledBackObject> =
+            all.iter().filter(|o| o.migration_id == mid).collect();
+        drop_aside_of(client, mid, &objects, locks, batch, &mut out).await?;
+    }
+    Ok(out)
+}
+
+/// Which of `objects` still exist as recorded (same oid, same name, same schema).
+async fn aside_present(
+    client: &Client,
+    objects: &[&RolledBackObject],
+) -> Result<std::collections::BTreeSet<(AsideKind, Oid)>, CoordinatorError> {
+    let kinds: Vec<&str> = objects.iter().map(|o| o.kind.as_str()).collect();
+    let schemas: Vec<&str> = objects.iter().map(|o| o.schema.as_str()).collect();
+    let names: Vec<&str> = objects.iter().map(|o| o.name.as_str()).collect();
+    let oids: Vec<Oid> = objects.iter().map(|o| o.oid).collect();
+    let rows = client
+        .query(
+            "SELECT x.k AS kind, x.o AS oid FROM unnest($1::text[], $2::text[], $3::text[], $4::oid[]) AS x(k, s, n, o)
+             WHERE CASE x.k
+                 WHEN 'schema' THEN false
+                 WHEN 'type' THEN EXISTS (SELECT 1 FROM pg_type t JOIN pg_namespace ns ON ns.oid = t.typnamespace
+                                          WHERE t.oid = x.o AND t.typname = x.n AND ns.nspname = x.s)
+                 ELSE EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace ns ON ns.oid = c.relnamespace
+                              WHERE c.oid = x.o AND c.relname = x.n AND ns.nspname = x.s) END",
+            &[&kinds, &schemas, &names, &oids],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("look up what a rollback moved aside", e))?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            AsideKind::parse(r.get::<_, &str>("kind")).map(|k| (k, r.get::<_, Oid>("oid")))
+        })
+        .collect())
+}
+
+/// Runs `tx` (dropping `what`, of the rollback of migration `id`); a failure becomes a warning.
+async fn run_drop(
+    client: &Client,
+    tx: &LockedTransaction,
+    locks: crate::locked::SwapSettings,
+    id: i64,
+    what: &str,
+    out: &mut AsideDrops,
+) -> Result<(), CoordinatorError> {
+    tx.run(
+        client,
+        locks,
+        &format!("drop {what} the rollback of migration {id} moved aside"),
+        &format!("drop {what} the rollback of migration {id} moved aside"),
+    )
+    .await
+    .map(|_| ())
+    .inspect_err(|e| {
+        out.warnings.push(format!(
+            "{what} the rollback of migration {id} moved aside could not be dropped yet ({e}); they are recorded in pgzm.rolled_back_objects: `pgzm cleanup` drops them"
+        ));
+    })
+}
+
+/// [`drop_rolled_back`] for the objects of one migration.
+async fn drop_aside_of(
+    client: &Client,
+    id: i64,
+    objects: &[&RolledBackObject],
+    locks: crate::locked::SwapSettings,
+    batch: usize,
+    out: &mut AsideDrops,
+) -> Result<(), CoordinatorError> {
+    use pgzm_pg::sql::quote_ident;
+    let present = aside_present(client, objects).await?;
+    let exists = |o: &&RolledBackObject| present.contains(&(o.kind, o.oid));
+    // Recorded objects that are gone already (or are not the recorded ones any more).
+    let gone: Vec<&RolledBackObject> = objects
+        .iter()
+        .filter(|o| o.kind != AsideKind::Schema && !exists(o))
+        .copied()
+        .collect();
+    if !gone.is_empty() {
+        client
+            .batch_execute(&forget_sql(id, &gone))
+            .await
+            .map_err(|e| CoordinatorError::destination("update pgzm.rolled_back_objects", e))?;
+    }
+    let of_kind = |kind: AsideKind| -> Vec<&RolledBackObject> {
+        objects
+            .iter()
+            .filter(|o| o.kind == kind && exists(o))
+            .copied()
+            .collect()
+    };
+    let mut left = 0usize;
+
+    // Materialized views: one statement (they may read each other).
+    let matviews = of_kind(AsideKind::MaterializedView);
+    if !matviews.is_empty() {
+        let mut tx = LockedTransaction::new();
+        tx.push(format!(
+            "DROP MATERIALIZED VIEW {}",
+            matviews
+                .iter()
+                .map(|o| o.qualname().quoted())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        tx.push(forget_sql(id, &matviews));
+        match run_drop(client, &tx, locks, id, "materialized views", out).await {
+            Ok(()) => out.dropped.extend(matviews.iter().map(|o| o.describe())),
+            Err(_) => left += matviews.len(),
+        }
+    }
+
+    // Tables, in batches.
+    let tables = of_kind(AsideKind::Table);
+    if !tables.is_empty() {
+        left += drop_aside_tables(client, id, &tables, locks, batch, out).await?;
+    }
+
+    // Sequences and types: dropped, or renamed when still in use — once the tables are gone
+    // (a table left would make its types look in use by something that stays).
+    let sequences = of_kind(AsideKind::Sequence);
+    let types = of_kind(AsideKind::Type);
+    if left > 0 {
+        left += sequences.len() + types.len();
+    } else if !sequences.is_empty() || !types.is_empty() {
+        let used = still_used(client, &sequences, &types).await?;
+        let mut tx = LockedTransaction::new();
+        let mut done = Vec::new();
+        for (objs, keyword) in [(&sequences, "SEQUENCE"), (&types, "TYPE")] {
+            let (kept, dropping): (Vec<&RolledBackObject>, Vec<&RolledBackObject>) =
+                objs.iter().partition(|o| used.contains(&o.oid));
+            if !dropping.is_empty() {
+                tx.push(format!(
+                    "DROP {keyword} {}",
+                    dropping
+                        .iter()
+                        .map(|o| o.qualname().quoted())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+                done.extend(dropping.iter().map(|o| o.describe()));
+            }
+            for o in kept {
+                let permanent = crate::naming::prefixed(crate::rollback::ROLLEDBACK, &o.live);
+                if name_taken(client, &o.schema, &permanent).await? {
+                    done.push(format!(
+                        "{} kept, still in use (the name {permanent} is taken)",
+                        o.describe()
+                    ));
+                } else {
+                    tx.push(format!(
+                        "ALTER {keyword} {} RENAME TO {}",
+                        o.qualname().quoted(),
+                        quote_ident(&permanent)
+                    ));
+                    done.push(format!(
+                        "{} kept, still in use: renamed to {permanent}",
+                        o.describe()
+                    ));
+                }
+            }
+        }
+        let all: Vec<&RolledBackObject> = sequences.iter().chain(&types).copied().collect();
+        tx.push(forget_sql(id, &all));
+        match run_drop(client, &tx, locks, id, "sequences and types", out).await {
+            Ok(()) => out.dropped.extend(done),
+            Err(_) => left += all.len(),
+        }
+    }
+
+    // Schemas the migration created, once nothing else of it is left.
+    let schemas: Vec<&RolledBackObject> = objects
+        .iter()
+        .filter(|o| o.kind == AsideKind::Schema)
+        .copied()
+        .collect();
+    if !schemas.is_empty() && left == 0 {
+        let mut tx = LockedTransaction::new();
+        tx.extend(schemas.iter().map(|o| drop_schema_if_empty(&o.schema)));
+        tx.push(forget_sql(id, &schemas));
+        if run_drop(client, &tx, locks, id, "schemas", out)
+            .await
+            .is_ok()
+        {
+            out.dropped.extend(schemas.iter().map(|o| o.describe()));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `name` is taken in `schema` by a relation or a type.
+async fn name_taken(client: &Client, schema: &str, name: &str) -> Result<bool, CoordinatorError> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                            WHERE n.nspname = $1 AND c.relname = $2)
+                 OR EXISTS (SELECT 1 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+                            WHERE n.nspname = $1 AND t.typname = $2) AS taken",
+            &[&schema, &name],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("look up a name", e))?
+        .get("taken"))
+}
+
+/// Oids of the sequences and types something else still uses (a column, a default, a domain,
+/// a function): a type used only by others of `types` is not in use, unless they are.
+async fn still_used(
+    client: &Client,
+    sequences: &[&RolledBackObject],
+    types: &[&RolledBackObject],
+) -> Result<std::collections::BTreeSet<Oid>, CoordinatorError> {
+    let seq_oids: Vec<Oid> = sequences.iter().map(|o| o.oid).collect();
+    let type_oids: Vec<Oid> = types.iter().map(|o| o.oid).collect();
+    let mut used: std::collections::BTreeSet<Oid> = client
+        .query(
+            "SELECT s.o AS oid FROM unnest($1::oid[]) s(o)
+             WHERE EXISTS (SELECT 1 FROM pg_depend d WHERE d.refclassid = 'pg_class'::regclass
+                             AND d.refobjid = s.o AND d.deptype = 'n')",
+            &[&seq_oids],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("look up what uses a sequence", e))?
+        .iter()
+        .map(|r| r.get("oid"))
+        .collect();
+    let edges: Vec<(Oid, Option<Oid>)> = client
+        .query(
+            "SELECT t.oid AS type_oid,
+                    CASE WHEN d.classid = 'pg_type'::regclass THEN d.objid
+                         WHEN d.classid = 'pg_class'::regclass
+                         THEN (SELECT c.reltype FROM pg_class c WHERE c.oid = d.objid AND c.relkind = 'c')
+                    END AS dependent_type
+             FROM pg_type t JOIN pg_depend d ON d.refclassid = 'pg_type'::regclass
+                  AND d.refobjid IN (t.oid, t.typarray) AND d.deptype = 'n'
+             WHERE t.oid = ANY($1)",
+            &[&type_oids],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("look up what uses a type", e))?
+        .iter()
+        .map(|r| (r.get("type_oid"), r.get("dependent_type")))
+        .collect();
+    // In use: a dependent outside the set; then, to a fixpoint, a dependent in the set that is.
+    for (t, dependent) in &edges {
+        if dependent.is_none_or(|d| !type_oids.contains(&d)) {
+            used.insert(*t);
+        }
+    }
+    loop {
+        let before = used.len();
+        for (t, dependent) in &edges {
+            if dependent.is_some_and(|d| used.contains(&d)) {
+                used.insert(*t);
+            }
+        }
+        if used.len() == before {
+            return Ok(used);
+        }
+    }
+}
+
+/// Drops the aside `tables` of the rollback of migration `id` in batches of about `batch`;
+/// returns how many are left.
+async fn drop_aside_tables(
+    client: &Client,
+    id: i64,
+    tables: &[&RolledBackObject],
+    locks: crate::locked::SwapSettings,
+    batch: usize,
+    out: &mut AsideDrops,
+) -> Result<usize, CoordinatorError> {
+    use pgzm_pg::sql::quote_ident;
+    let oids: Vec<Oid> = tables.iter().map(|t| t.oid).collect();
+    let by_oid: BTreeMap<Oid, &RolledBackObject> = tables.iter().map(|t| (t.oid, *t)).collect();
+    // Inheritance trees (partitions included) stay in one batch: a parent goes with its
+    // children.
+    let parent_of: BTreeMap<Oid, Oid> = client
+        .query(
+            "SELECT inhrelid, inhparent FROM pg_inherits WHERE inhrelid = ANY($1) AND inhparent = ANY($1)",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("look up inheritance", e))?
+        .iter()
+        .map(|r| (r.get("inhrelid"), r.get("inhparent")))
+        .collect();
+    let root = |mut oid: Oid| {
+        for _ in 0..=parent_of.len() {
+            match parent_of.get(&oid) {
+                Some(p) => oid = *p,
+                None => break,
+            }
+        }
+        oid
+    };
+    let mut trees: Vec<(Oid, Vec<Oid>)> = Vec::new();
+    for t in tables {
+        let r = root(t.oid);
+        match trees.iter_mut().find(|(top, _)| *top == r) {
+            Some((_, members)) => members.push(t.oid),
+            None => trees.push((r, vec![t.oid])),
+        }
+    }
+    let mut batches: Vec<Vec<Oid>> = Vec::new();
+    for (_, members) in trees {
+        match batches.last_mut() {
+            Some(b) if b.len() + members.len() <= batch => b.extend(members),
+            _ => batches.push(members),
+        }
+    }
+    // Foreign keys between them: one from a table of a later batch into one of this batch is
+    // dropped first (DROP TABLE drops the keys of the tables it drops).
+    let fks: Vec<(Oid, Oid, String)> = client
+        .query(
+            "SELECT conrelid, confrelid, conname::text AS name FROM pg_constraint
+             WHERE contype = 'f' AND conparentid = 0 AND conrelid <> confrelid
+               AND conrelid = ANY($1) AND confrelid = ANY($1)",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("look up foreign keys", e))?
+        .iter()
+        .map(|r| (r.get("conrelid"), r.get("confrelid"), r.get("name")))
+        .collect();
+    let statements = |members: &[Oid], dropped: &std::collections::BTreeSet<Oid>| {
+        let mut tx = LockedTransaction::new();
+        let inside: std::collections::BTreeSet<Oid> = members.iter().copied().collect();
+        for (from, to, name) in &fks {
+            if inside.contains(to) && !inside.contains(from) && !dropped.contains(from) {
+                let referencing = by_oid[from].qualname();
+                tx.locks(referencing.quoted());
+                tx.push(format!(
+                    "ALTER TABLE {referencing} DROP CONSTRAINT {}",
+                    quote_ident(name)
+                ));
+            }
+        }
+        let objs: Vec<&RolledBackObject> = members.iter().map(|o| by_oid[o]).collect();
+        for o in &objs {
+            tx.locks(o.qualname().quoted());
+        }
+        tx.push(format!(
+            "DROP TABLE {}",
+            objs.iter()
+                .map(|o| o.qualname().quoted())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        tx.push(forget_sql(id, &objs));
+        (tx, objs)
+    };
+    let mut dropped: std::collections::BTreeSet<Oid> = std::collections::BTreeSet::new();
+    let mut retry: Vec<Oid> = Vec::new();
+    let mut failures = Vec::new();
+    for members in &batches {
+        let (tx, objs) = statements(members, &dropped);
+        let sql = tx.statements(locks.lock_timeout).join(";\n");
+        match run_with_lock_retry_simple(client, &tx, locks, id).await {
+            Ok(()) => {
+                dropped.extend(members.iter().copied());
+                out.dropped.extend(objs.iter().map(|o| o.describe()));
+            }
+            // Something depends on one of them (the next pass drops them one by one, after
+            // the others), or their locks were not granted in time (left for later).
+            Err(e) if !e.is_lock_timeout() => {
+                tracing::debug!(migration = id, error = %e, statements = %sql, "a batch of tables moved aside could not be dropped at once");
+                retry.extend(members.iter().copied());
+            }
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    for oid in retry {
+        let (tx, objs) = statements(&[oid], &dropped);
+        match run_with_lock_retry_simple(client, &tx, locks, id).await {
+            Ok(()) => {
+                dropped.insert(oid);
+                out.dropped.extend(objs.iter().map(|o| o.describe()));
+            }
+            Err(e) => failures.push(format!("{}: {e}", by_oid[&oid].describe())),
+        }
+    }
+    let left = tables.len() - dropped.len();
+    if left > 0 {
+        out.warnings.push(format!(
+            "{left} table(s) the rollback of migration {id} moved aside could not be dropped yet ({}); they are recorded in pgzm.rolled_back_objects: `pgzm cleanup` drops them",
+            failures.join("; ")
+        ));
+    }
+    Ok(left)
+}
+
+/// Runs one drop transaction of the rollback of migration `id` with the lock strategy.
+async fn run_with_lock_retry_simple(
+    client: &Client,
+    tx: &LockedTransaction,
+    locks: crate::locked::SwapSettings,
+    id: i64,
+) -> Result<(), CoordinatorError> {
+    let action = format!("drop tables the rollback of migration {id} moved aside");
+    tx.run(client, locks, &action, &action).await.map(|_| ())
 }

@@ -392,7 +392,15 @@ pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
             .map_err(|e| CoordinatorError::destination("read the copy's limits", e))?;
         s.copy_limits = Some(state::CopyLimits::from_row(&limits));
     }
+    // What an interrupted rollback left to drop (it does not stand in a swap's way).
+    let aside = state::rolled_back_objects(&client, None).await?;
+    let aside_left = aside.first().map(|first| format!(
+        "the rollback of migration {} moved {} object(s) aside that are not dropped yet (it was interrupted after its commit; they are recorded in pgzm.rolled_back_objects): `pgzm cleanup` drops them",
+        first.migration_id,
+        aside.len()
+    ));
     if row.status != RunStatus::Prepared {
+        s.problems.extend(aside_left);
         // Whatever the metadata says, report the mirroring triggers that exist.
         let present = state::sync_triggers_present(&client).await?;
         if !present.is_empty() {
@@ -439,6 +447,7 @@ pub async fn status(destination: &DbUrl) -> Result<Status, CoordinatorError> {
     s.problems
         .extend(shadow_problems(&client, &row.plan, &row.objects).await?);
     s.safe_to_swap = s.problems.is_empty() && s.state == RunStatus::Prepared.as_str();
+    s.problems.extend(aside_left);
     if s.state == "swapping" {
         s.problems
             .push("a pgzm run holds this destination right now".into());

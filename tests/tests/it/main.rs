@@ -17,6 +17,7 @@ mod naming_and_safety;
 mod preserved;
 mod real_schemas;
 mod replication;
+mod rollback_aside;
 mod schema_coverage;
 mod schemas;
 mod verification;
