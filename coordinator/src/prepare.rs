@@ -277,6 +277,13 @@ pub async fn prepare(
         None => started_ms.max(sides.newest.as_ref().map_or(0, |(id, _)| id + 1)),
     };
     let mut plan = plan_migration(opts, migration_id, &sides).await?;
+    // The swap is one transaction holding a lock per renamed relation: refused now, before
+    // anything is built, when the destination's lock table cannot hold them.
+    let lock_budget = crate::locked::LockBudget::read(&sides.control).await?;
+    lock_budget.check(
+        crate::swap::lock_estimate(&plan),
+        "the swap of this migration",
+    )?;
     for tp in &mut plan.tables {
         if let Some(t) = sides.schema.table(&tp.qualname()) {
             tp.evidence = sides.evidence.get(&t.oid).copied();
@@ -396,8 +403,8 @@ pub async fn prepare(
                         schema,
                         dest,
                         &renames,
-                        opts.max_rate,
-                        opts.max_replication_lag,
+                        opts,
+                        lock_budget,
                     ),
                 )
                 .await?
@@ -808,9 +815,6 @@ async fn copy_and_build(
     // A resumed run copies only the tables it redoes.
     let redo: Option<BTreeSet<String>> =
         resumed.map(|r| r.redone.iter().map(|t| t.table.clone()).collect());
-    let schema = Arc::new(schema.clone());
-    let plan_arc = Arc::new(plan.clone());
-    let renames = Arc::new(renames.clone());
     let sessions = Arc::clone(sessions);
     let jobs: Vec<CopyJob> = plan
         .tables
@@ -831,6 +835,19 @@ async fn copy_and_build(
             copy_bytes: t.estimated_copy_bytes,
         })
         .collect();
+    // Each table's build statements, planned now: the tasks then need neither the plan nor the
+    // source schema (copies of both were held through the copy: tens of MB at 10 000 tables).
+    let mut builds = std::collections::HashMap::with_capacity(jobs.len());
+    for job in &jobs {
+        if let Some(table) = schema.table(&QualName::new(job.schema.clone(), job.table.clone())) {
+            builds.insert(
+                job.key.clone(),
+                build::table_build(table, plan, schema, renames)?,
+            );
+        }
+    }
+    let builds = Arc::new(builds);
+    let migration_id = plan.migration_id;
     let pool = Arc::new(pool);
     let dest = opts.destination.clone();
     let ctx = CopyContext {
@@ -853,25 +870,17 @@ async fn copy_and_build(
         jobs,
         opts.jobs,
         move |job: CopyJob, _stats| {
-            let (schema, plan_arc, renames, sessions, dest) = (
-                Arc::clone(&schema),
-                Arc::clone(&plan_arc),
-                Arc::clone(&renames),
-                Arc::clone(&sessions),
-                dest.clone(),
-            );
+            let (builds, sessions, dest) =
+                (Arc::clone(&builds), Arc::clone(&sessions), dest.clone());
             async move {
-                let Some(table) =
-                    schema.table(&QualName::new(job.schema.clone(), job.table.clone()))
-                else {
+                let Some(mut statements) = builds.get(&job.key).cloned() else {
                     return Ok(());
                 };
-                let mut statements = build::table_build(table, &plan_arc, &schema, &renames)?;
                 // The table is copied and built: recorded (with its last statements), so that
                 // a resumed run keeps it.
                 statements
                     .last
-                    .push(crate::resume::built_marker(plan_arc.migration_id, &job.key));
+                    .push(crate::resume::built_marker(migration_id, &job.key));
                 let label = format!("build \"{}\"", job.table);
                 let span = build::table_span(
                     "build_table",
@@ -1185,9 +1194,10 @@ async fn create_shadow(
     schema: &SourceSchema,
     dest: &Destination,
     renames: &Renames,
-    max_rate: Option<u64>,
-    max_lag: Option<std::time::Duration>,
+    opts: &StartOptions,
+    lock_budget: crate::locked::LockBudget,
 ) -> Result<RecordedObjects, CoordinatorError> {
+    let (max_rate, max_lag, locks) = (opts.max_rate, opts.max_replication_lag, opts.swap);
     use pgzm_pg::sql::quote_ident;
     for (ext, ext_schema) in &plan.extensions_to_create {
         control
@@ -1204,51 +1214,136 @@ async fn create_shadow(
                 )
             })?;
     }
-    let tx = control
-        .transaction()
-        .await
-        .map_err(|e| CoordinatorError::destination("begin the shadow transaction", e))?;
-    state::ensure_schema(&tx).await?;
-    state::insert(&tx, plan, max_rate, max_lag).await?;
     let statements = crate::shadow::statements(plan, schema, dest, renames);
-    // Up to SHADOW_BATCH actions (one table, one type…) go in one round trip; an error names the
-    // actions of its batch (and the server's message names the object).
-    const SHADOW_BATCH: usize = 64;
+    let transactions =
+        shadow_transactions(&statements, shadow_actions_per_transaction(lock_budget));
+    let several = transactions.len() > 1;
+    let mut committed: Option<RecordedObjects> = None;
+    for (n, round_trips) in transactions.iter().enumerate() {
+        let first = n == 0;
+        let last = n + 1 == transactions.len();
+        let done = async {
+            let tx = control
+                .transaction()
+                .await
+                .map_err(|e| CoordinatorError::destination("begin the shadow transaction", e))?;
+            if first {
+                state::ensure_schema(&tx).await?;
+                state::insert(&tx, plan, max_rate, max_lag).await?;
+                if several {
+                    tx.batch_execute(&shadow_incomplete_sql(plan.migration_id, true))
+                        .await
+                        .map_err(|e| CoordinatorError::destination("record the shadow set", e))?;
+                }
+            }
+            for range in round_trips {
+                let batch: String = statements[range.clone()]
+                    .iter()
+                    .map(|(_, sql)| format!("{sql};\n"))
+                    .collect();
+                tx.batch_execute(&batch).await.map_err(|e| {
+                    let (first, last) = (&statements[range.start].0, &statements[range.end - 1].0);
+                    let what = if first == last {
+                        first.clone()
+                    } else {
+                        format!("{first} … {last}")
+                    };
+                    CoordinatorError::destination(what, e)
+                })?;
+            }
+            if last && several {
+                tx.batch_execute(&shadow_incomplete_sql(plan.migration_id, false))
+                    .await
+                    .map_err(|e| CoordinatorError::destination("record the shadow set", e))?;
+            }
+            let objects = record(&tx, plan).await?;
+            state::record_objects(&tx, plan.migration_id, &objects).await?;
+            tx.commit()
+                .await
+                .map_err(|e| CoordinatorError::destination("commit the shadow transaction", e))?;
+            Ok::<_, CoordinatorError>(objects)
+        }
+        .await;
+        match done {
+            Ok(objects) => committed = Some(objects),
+            Err(err) => {
+                // The transactions before this one committed their part of the shadow set (and
+                // recorded it): it goes, as a failed run's does.
+                if let Some(objects) = &committed {
+                    abandon(control, plan.migration_id, objects, locks, &err).await;
+                }
+                return Err(err);
+            }
+        }
+    }
+    Ok(committed.unwrap_or_default())
+}
+
+/// Shadow actions (one table, one type…) per round trip: an error names the actions of its
+/// batch (and the server's message names the object).
+const SHADOW_BATCH: usize = 64;
+/// Locks a shadow action holds until its transaction commits: a table takes about 9 (itself,
+/// its sequence, TOAST table and index, some in several modes).
+const LOCKS_PER_SHADOW_ACTION: i64 = 9;
+
+/// Shadow actions per transaction: each transaction holds the locks of what it created until
+/// it commits, and the server's lock table is shared by every session and sized at its start
+/// (a shadow set of 1 500 tables in one transaction ran out of shared memory at the default
+/// `max_locks_per_transaction`). A transaction may use half of it, and holds up to 1 024
+/// actions (fewer commits, each recording what exists so far).
+fn shadow_actions_per_transaction(budget: crate::locked::LockBudget) -> usize {
+    let actions = budget.capacity() / 2 / LOCKS_PER_SHADOW_ACTION;
+    usize::try_from(actions.clamp(16, 1024)).unwrap_or(16)
+}
+
+/// The shadow statements (action, SQL) cut into transactions of up to `per_transaction`
+/// actions, each sent in round trips of up to [`SHADOW_BATCH`] actions (index ranges). The
+/// statements of one action are never split.
+fn shadow_transactions(
+    statements: &[(String, String)],
+    per_transaction: usize,
+) -> Vec<Vec<std::ops::Range<usize>>> {
+    let per_round_trip = SHADOW_BATCH.min(per_transaction.max(1));
+    let mut round_trips = Vec::new();
     let mut i = 0;
     while i < statements.len() {
-        let first = &statements[i].0;
         let mut actions = 0;
         let mut j = i;
-        let mut batch = String::new();
         while j < statements.len() {
             if j == i || statements[j].0 != statements[j - 1].0 {
-                if actions == SHADOW_BATCH {
+                if actions == per_round_trip {
                     break;
                 }
                 actions += 1;
             }
-            batch.push_str(&statements[j].1);
-            batch.push_str(";\n");
             j += 1;
         }
-        let last = &statements[j - 1].0;
-        tx.batch_execute(&batch).await.map_err(|e| {
-            let what = if actions == 1 {
-                first.clone()
-            } else {
-                format!("{first} … {last}")
-            };
-            CoordinatorError::destination(what, e)
-        })?;
+        round_trips.push(i..j);
         i = j;
     }
-    let objects = record(&tx, plan).await?;
-    state::record_objects(&tx, plan.migration_id, &objects).await?;
-    tx.commit()
-        .await
-        .map_err(|e| CoordinatorError::destination("commit the shadow transaction", e))?;
-    Ok(objects)
+    round_trips
+        .chunks((per_transaction / per_round_trip).max(1))
+        .map(<[_]>::to_vec)
+        .collect()
 }
+
+/// Marks (or unmarks) a run whose shadow set is being created over several transactions: an
+/// interrupted run so marked has copied nothing and cannot be resumed (its objects are removed
+/// as leftovers by the next run).
+fn shadow_incomplete_sql(migration_id: i64, incomplete: bool) -> String {
+    if incomplete {
+        format!(
+            "INSERT INTO pgzm.copy_progress (migration_id, task_key, rows, bytes) VALUES ({migration_id}, '{SHADOW_INCOMPLETE}', 0, 0) ON CONFLICT DO NOTHING"
+        )
+    } else {
+        format!(
+            "DELETE FROM pgzm.copy_progress WHERE migration_id = {migration_id} AND task_key = '{SHADOW_INCOMPLETE}'"
+        )
+    }
+}
+
+/// `pgzm.copy_progress.task_key` of the mark of [`shadow_incomplete_sql`].
+pub(crate) const SHADOW_INCOMPLETE: &str = "shadow:incomplete";
 
 async fn record(tx: &impl GenericClient, plan: &Plan) -> Result<RecordedObjects, CoordinatorError> {
     let oids = |sql: &'static str, names: Vec<QualName>| async move {

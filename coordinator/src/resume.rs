@@ -61,6 +61,20 @@ pub(crate) async fn interrupted_run(control: &Client) -> Result<Interrupted, Coo
         Some(id) => state::load(control, Some(id)).await?.ok_or_else(none)?,
         None => return Err(none()),
     };
+    let shadow_incomplete: bool = control
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pgzm.copy_progress WHERE migration_id = $1 AND task_key = $2)",
+            &[&row.id, &crate::prepare::SHADOW_INCOMPLETE],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?
+        .get(0);
+    if shadow_incomplete {
+        return Err(CoordinatorError::Refused(vec![format!(
+            "nothing to resume: run {} was interrupted while it created its shadow tables, before any copy: run without --resume (what it created is removed first)",
+            row.id
+        )]));
+    }
     Ok(Interrupted {
         id: row.id,
         plan: row.plan,
@@ -461,7 +475,7 @@ pub(crate) async fn reset(
     state::record_objects(&tx, run.id, &objects).await?;
     tx.execute(
         "UPDATE pgzm.migrations SET plan = $2, error = NULL, paused = NULL WHERE id = $1",
-        &[&run.id, &serde_json::to_value(plan).unwrap_or_default()],
+        &[&run.id, &tokio_postgres::types::Json(plan)],
     )
     .await
     .map_err(err("record the resumed plan"))?;

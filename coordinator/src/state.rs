@@ -286,7 +286,9 @@ pub async fn insert(
     max_rate: Option<u64>,
     max_lag: Option<std::time::Duration>,
 ) -> Result<(), CoordinatorError> {
-    let plan_json = serde_json::to_value(plan).unwrap_or_default();
+    // Serialized straight into the message: a `serde_json::Value` of the plan first was the
+    // peak of a prepare's memory (~45 MB of 70 at 3 000 tables).
+    let plan_json = tokio_postgres::types::Json(plan);
     let (max_rate, max_lag) = (rate_column(max_rate), lag_column(max_lag));
     client
         .execute(

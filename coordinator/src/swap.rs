@@ -76,17 +76,25 @@ fn before_locks(tx: &mut LockedTransaction, plan: &Plan, aside: Option<&AsideSet
     }
     // Functions bound to replaced objects move to their backup names here too (a routine
     // rename takes no lock).
-    tx.extend(
-        plan.to_backup
-            .iter()
-            .chain(&plan.to_live)
-            .filter(|m| m.kind.renamed_before_locks())
-            .map(|m| m.rename_sql(false)),
-    );
+    let early = plan
+        .to_backup
+        .iter()
+        .chain(&plan.to_live)
+        .filter(|m| m.kind.renamed_before_locks());
+    let (routines, indexes_and_types): (Vec<_>, Vec<_>) =
+        early.partition(|m| m.kind == ObjectKind::Function);
+    tx.extend(routines.iter().map(|m| m.rename_sql(false)));
     // Recreated functions and views are created here, before the locks, over the shadow
     // objects (so they follow them through the renames): views as `shadow_<name>`, renamed
     // after the locks; functions under their own name (the old ones are `backup_` by now).
-    // Under the locks only renames are left.
+    // They are created before the shadow types take their live names below: a signature or a
+    // cast naming `shadow_<type>` must still find it. Under the locks only renames are left.
+    // As pg_restore does: a SQL function's string body is not checked at creation (it names
+    // tables unqualified, which this session's search_path does not resolve); it resolves its
+    // names when it runs, as it did before.
+    if !plan.functions.is_empty() {
+        tx.push("SET LOCAL check_function_bodies = off");
+    }
     let mut over_shadows = plan.shadow_renames();
     let (after_views, before_views): (Vec<_>, Vec<_>) =
         plan.functions.iter().partition(|f| f.after_views);
@@ -111,6 +119,8 @@ fn before_locks(tx: &mut LockedTransaction, plan: &Plan, aside: Option<&AsideSet
     for f in &after_views {
         tx.extend(function_sql(f, &over_shadows));
     }
+    // Index and type renames.
+    tx.extend(indexes_and_types.iter().map(|m| m.rename_sql(false)));
     // The migration is recorded as swapped in the same transaction (so only if the swap
     // commits), but before the locks: it touches only pgzm's own table.
     tx.push(format!(
@@ -121,6 +131,23 @@ fn before_locks(tx: &mut LockedTransaction, plan: &Plan, aside: Option<&AsideSet
     // Foreign keys involving a preserved table are checked now, while production still runs
     // (no lock that blocks it: the anti-joins read the shadow tables), not in the lock window.
     tx.extend(plan.deferred_checks.iter().cloned());
+}
+
+/// About how many locks the swap transaction holds at its commit (it keeps every lock it
+/// takes): one per relation it renames (tables, indexes, sequences, views, materialized views)
+/// or locks for its constraints, one per view it creates, and the transaction's own. At 3 000
+/// tables with a serial key each that is ~18 000, more than a server with the default
+/// `max_locks_per_transaction` holds: checked before anything is built
+/// ([`crate::locked::LockBudget::check`]).
+pub fn lock_estimate(plan: &Plan) -> i64 {
+    let renamed = plan
+        .to_backup
+        .iter()
+        .chain(&plan.to_live)
+        .filter(|m| m.kind.is_relation())
+        .count();
+    let aside = plan.views.len() + plan.foreign_keys.len() + plan.repoints.len();
+    i64::try_from(renamed + aside).unwrap_or(i64::MAX) + crate::locked::TRANSACTION_LOCKS
 }
 
 /// `LOCK TABLE` of every relation whose name changes or whose constraints are rewritten,
@@ -273,6 +300,9 @@ pub async fn swap(
     settings: SwapSettings,
 ) -> Result<SwapOutcome, CoordinatorError> {
     let started = Instant::now();
+    crate::locked::LockBudget::read(client)
+        .await?
+        .check(lock_estimate(plan), "the swap")?;
     let (attempts, messages) = swap_transaction(plan, aside)
         .run(
             client,

@@ -11,6 +11,7 @@ mod backups;
 mod failures;
 mod filters;
 mod hostile_names;
+mod lock_budget;
 mod migration_simple;
 mod migration_tes;
 mod naming_and_safety;

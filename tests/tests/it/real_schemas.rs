@@ -548,6 +548,60 @@ async fn large_object_references_are_refused_at_plan_time() -> anyhow::Result<()
     Ok(())
 }
 
+/// Destination functions and a view typed on an enum the migration replaces: the swap recreates
+/// them over the shadow type before the shadow type takes the live name (the other way round
+/// the swap failed with "type public.shadow_mood does not exist", and nothing migrated). After
+/// the swap they take and return the new type; after the rollback the restored one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_and_views_typed_on_a_replaced_enum_follow_the_swap() -> anyhow::Result<()> {
+    let p = common::pair("enum_dependents").await;
+    let schema = "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+                  CREATE TABLE diary (id int PRIMARY KEY, m mood NOT NULL);";
+    p.source.batch(schema).await?;
+    p.source
+        .batch("ALTER TYPE mood ADD VALUE 'ecstatic'; INSERT INTO diary VALUES (1, 'ok'), (2, 'happy'), (3, 'sad');")
+        .await?;
+    p.dest.batch(schema).await?;
+    p.dest
+        .batch(
+            "INSERT INTO diary VALUES (1, 'sad');
+             CREATE FUNCTION describe(x mood) RETURNS text LANGUAGE sql IMMUTABLE AS 'SELECT ''feeling '' || x::text';
+             CREATE FUNCTION best() RETURNS mood LANGUAGE sql AS 'SELECT max(m) FROM diary';
+             CREATE VIEW moods AS SELECT id, describe(m) AS said, m = 'ok'::mood AS fine FROM diary;",
+        )
+        .await?;
+    let dst = p.dest.connect().await?;
+
+    common::migrate(&p).await?;
+    assert_eq!(
+        text(&dst, "SELECT string_agg(said, ',' ORDER BY id) FROM moods").await,
+        "feeling ok,feeling happy,feeling sad"
+    );
+    assert_eq!(int(&dst, "SELECT count(*) FROM moods WHERE fine").await, 1);
+    assert_eq!(text(&dst, "SELECT best()::text").await, "happy");
+    // Bound to the live (new) type: it has the value only the source's type has.
+    assert_eq!(
+        text(&dst, "SELECT describe('ecstatic')").await,
+        "feeling ecstatic"
+    );
+    assert!(
+        boolean(
+            &dst,
+            "SELECT p.proargtypes[0] = 'public.mood'::regtype AND p.prorettype = 'text'::regtype
+               FROM pg_proc p WHERE p.proname = 'describe' AND p.pronamespace = 'public'::regnamespace"
+        )
+        .await
+    );
+
+    rollback_latest(&p).await?;
+    assert_eq!(
+        text(&dst, "SELECT string_agg(said, ',' ORDER BY id) FROM moods").await,
+        "feeling sad"
+    );
+    assert_eq!(text(&dst, "SELECT best()::text").await, "sad");
+    Ok(())
+}
+
 /// `pgzm rollback --latest` with the tests' short lock settings.
 async fn rollback_latest(
     p: &common::Pair,

@@ -1,0 +1,155 @@
+//! The destination's lock table against a migration of many tables (issue 19): the swap is one
+//! transaction holding a lock per relation it renames, so a migration whose swap the lock table
+//! cannot hold is refused before anything is built, saying what to raise; and the shadow set is
+//! created over several transactions, each holding at most half of the lock table.
+//!
+//! The destination is a server of its own, started with `max_locks_per_transaction = 10` and
+//! `max_connections = 20`: a lock table of 200 slots as pgzm counts it.
+
+use crate::common;
+
+use common::Pair;
+use pgzm_coordinator::CoordinatorError;
+use pgzm_tests::{PgCluster, TestDb};
+
+fn small_lock_table() -> anyhow::Result<PgCluster> {
+    Ok(PgCluster::start_with_settings(&[
+        "max_locks_per_transaction=10".into(),
+        "max_connections=20".into(),
+    ])?)
+}
+
+/// `n` tables `t_NN (id <key>, v text)` with 3 rows each, created a few per transaction (the
+/// small server's lock table cannot hold them all in one).
+async fn create_tables(db: &TestDb, n: usize, key: &str, label: &str) -> anyhow::Result<()> {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(4) {
+        let sql: String = chunk
+            .iter()
+            .map(|i| {
+                format!(
+                    "CREATE TABLE t_{i:02} (id {key} PRIMARY KEY, v text NOT NULL);
+                     INSERT INTO t_{i:02} (id, v) SELECT g, '{label} ' || g FROM generate_series(1, 3) g;"
+                )
+            })
+            .collect();
+        db.batch(&sql).await?;
+    }
+    Ok(())
+}
+
+async fn int(db: &TestDb, sql: &str) -> anyhow::Result<i64> {
+    Ok(db.connect().await?.query_one(sql, &[]).await?.get(0))
+}
+
+async fn pair_on(small: &PgCluster, label: &str) -> anyhow::Result<Pair> {
+    let source = common::pair(label).await.source;
+    let dest = TestDb::create(small, &format!("{label}_dst")).await?;
+    Ok(Pair { source, dest })
+}
+
+fn options_for(p: &Pair) -> pgzm_coordinator::migrate::StartOptions {
+    common::options(p)
+}
+
+/// 40 tables with a serial key: the swap would rename 240 relations (tables, keys, sequences,
+/// both ways), more than 200 slots. Refused at the plan with one line naming the setting and
+/// the value to raise it to; the destination is as it was (no shadow object, no pgzm state).
+/// Fails without the check: the run builds the shadow set, then its swap fails with "out of
+/// shared memory" (or fits only in the lock table's slack).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_whose_swap_the_lock_table_cannot_hold_is_refused_before_anything_is_built(
+) -> anyhow::Result<()> {
+    let small = small_lock_table()?;
+    let p = pair_on(&small, "lockbudget_refused").await?;
+    create_tables(&p.source, 40, "serial", "source").await?;
+    create_tables(&p.dest, 40, "serial", "live").await?;
+    let live_rows = "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = 'public' AND c.relkind IN ('r', 'S', 'i')";
+    let before = int(&p.dest, live_rows).await?;
+
+    let err = common::run(options_for(&p))
+        .await
+        .expect_err("the swap cannot fit in the lock table");
+    assert!(matches!(err, CoordinatorError::Refused(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("the swap")
+            && text.contains("max_locks_per_transaction 10")
+            && text.contains("max_connections 20")
+            && text.contains("raise max_locks_per_transaction to")
+            && text.contains("restart")
+            && !text.contains('\n'),
+        "{text}"
+    );
+    assert_eq!(int(&p.dest, live_rows).await?, before);
+    assert_eq!(
+        int(
+            &p.dest,
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'shadow\\_%'"
+        )
+        .await?,
+        0
+    );
+    assert_eq!(
+        int(
+            &p.dest,
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'pgzm'"
+        )
+        .await?,
+        0,
+        "nothing recorded"
+    );
+    assert_eq!(
+        int(&p.dest, "SELECT count(*) FROM t_07 WHERE v LIKE 'live %'").await?,
+        3
+    );
+    Ok(())
+}
+
+/// 20 tables with an int key fit the swap (80 relations renamed), and the shadow set is
+/// created 16 actions per transaction (half of 200 slots at 9 locks an action, at least 16):
+/// its row types were created by several transactions. The migration then completes and the live
+/// tables hold the source's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_small_lock_table_the_shadow_set_is_created_over_several_transactions(
+) -> anyhow::Result<()> {
+    let small = small_lock_table()?;
+    let p = pair_on(&small, "lockbudget_batches").await?;
+    create_tables(&p.source, 20, "int", "source").await?;
+    create_tables(&p.dest, 20, "int", "live").await?;
+    let opts = options_for(&p);
+
+    common::prepare_and_release(&opts).await?;
+    let transactions = int(
+        &p.dest,
+        "SELECT count(DISTINCT t.xmin::text) FROM pg_type t JOIN pg_class c ON c.oid = t.typrelid
+          WHERE c.relname LIKE 'shadow\\_t\\_%' AND c.relkind = 'r'",
+    )
+    .await?;
+    assert!(
+        transactions >= 2,
+        "20 tables at 16 actions per transaction: {transactions} transaction(s)"
+    );
+    assert_eq!(
+        int(
+            &p.dest,
+            "SELECT count(*) FROM pgzm.copy_progress WHERE task_key = 'shadow:incomplete'"
+        )
+        .await?,
+        0,
+        "the mark of an unfinished shadow set is gone once it is complete"
+    );
+
+    common::swap(&p).await?;
+    for i in [0, 13, 19] {
+        assert_eq!(
+            int(
+                &p.dest,
+                &format!("SELECT count(*) FROM t_{i:02} WHERE v LIKE 'source %'")
+            )
+            .await?,
+            3
+        );
+    }
+    Ok(())
+}
