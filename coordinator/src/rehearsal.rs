@@ -145,7 +145,12 @@ async fn rehearse_in_transaction(
         )
         .await?;
     }
-    // What the swap recreates, as stand-ins over the shadow objects.
+    // What the swap recreates, as stand-ins over the shadow objects, with SQL function bodies
+    // not checked at creation, as in the swap (they resolve their names when they run).
+    r.client
+        .batch_execute("SET LOCAL check_function_bodies = off")
+        .await
+        .map_err(|e| CoordinatorError::destination("dry run: set check_function_bodies", e))?;
     let mut stand_ins = renames.clone();
     let relations = plan.relation_names();
     let (after_views, before_views): (Vec<_>, Vec<_>) =

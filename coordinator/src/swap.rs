@@ -2,11 +2,11 @@
 //! backup names and the shadow objects to the live names, re-points foreign keys of
 //! destination-only tables, recreates views, and records the migration as swapped.
 //!
-//! Index and type renames come first: they take no lock that queries conflict with. The table
-//! locks are then taken in a fixed (sorted) order, with a short `lock_timeout`: if any lock
-//! is not granted in time the transaction rolls back and the swap retries with jittered
-//! exponential backoff, so production queries never queue behind a waiting ACCESS EXCLUSIVE
-//! request for longer than the timeout.
+//! Index and type renames come before the table locks: they take no lock that queries conflict
+//! with. The table locks are then taken in a fixed (sorted) order, with a short `lock_timeout`:
+//! if any lock is not granted in time the transaction rolls back and the swap retries with
+//! jittered exponential backoff, so production queries never queue behind a waiting ACCESS
+//! EXCLUSIVE request for longer than the timeout.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
