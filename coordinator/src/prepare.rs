@@ -1265,7 +1265,12 @@ async fn create_shadow(
         }
         .await;
         match done {
-            Ok(objects) => committed = Some(objects),
+            Ok(objects) => {
+                // Recorded: an interrupt from now on removes what the run created (see
+                // `interrupt`), even while the shadow set is still being created.
+                crate::interrupt::set_run(plan.migration_id);
+                committed = Some(objects);
+            }
             Err(err) => {
                 // The transactions before this one committed their part of the shadow set (and
                 // recorded it): it goes, as a failed run's does.

@@ -47,10 +47,6 @@ async fn pair_on(small: &PgCluster, label: &str) -> anyhow::Result<Pair> {
     Ok(Pair { source, dest })
 }
 
-fn options_for(p: &Pair) -> pgzm_coordinator::migrate::StartOptions {
-    common::options(p)
-}
-
 /// 40 tables with a serial key: the swap would rename 240 relations (tables, keys, sequences,
 /// both ways), more than 200 slots. Refused at the plan with one line naming the setting and
 /// the value to raise it to; the destination is as it was (no shadow object, no pgzm state).
@@ -67,7 +63,7 @@ async fn a_migration_whose_swap_the_lock_table_cannot_hold_is_refused_before_any
                      WHERE n.nspname = 'public' AND c.relkind IN ('r', 'S', 'i')";
     let before = int(&p.dest, live_rows).await?;
 
-    let err = common::run(options_for(&p))
+    let err = common::run(common::options(&p))
         .await
         .expect_err("the swap cannot fit in the lock table");
     assert!(matches!(err, CoordinatorError::Refused(_)), "{err:?}");
@@ -117,7 +113,7 @@ async fn on_a_small_lock_table_the_shadow_set_is_created_over_several_transactio
     let p = pair_on(&small, "lockbudget_batches").await?;
     create_tables(&p.source, 20, "int", "source").await?;
     create_tables(&p.dest, 20, "int", "live").await?;
-    let opts = options_for(&p);
+    let opts = common::options(&p);
 
     common::prepare_and_release(&opts).await?;
     let transactions = int(
