@@ -231,13 +231,10 @@ pub fn table_build(
             renames,
         ));
     }
-    for s in source.sequences.iter() {
-        let Some((table, column)) = &s.owned_by else {
+    for s in source.owned_sequences(t) {
+        let Some((_, column)) = &s.owned_by else {
             continue;
         };
-        if table != &t.name || s.schema != t.schema {
-            continue;
-        }
         let seq = quote_literal(&quote_qualified(
             &s.schema,
             renames.get_in(&s.schema, &s.name).unwrap_or(&s.name),

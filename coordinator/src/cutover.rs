@@ -199,7 +199,7 @@ async fn swap_locked(
     phases: &mut Phases,
 ) -> Result<Report, CoordinatorError> {
     control
-        .batch_execute("SET search_path = pg_catalog")
+        .batch_execute(crate::state::CATALOG_SESSION)
         .await
         .map_err(|e| CoordinatorError::destination("set search_path", e))?;
     let row = match (

@@ -179,7 +179,7 @@ fn column_sql(
     c: &Column,
     table: &str,
     schema: &str,
-    sequences: &[Sequence],
+    sequences: &[&Sequence],
     renames: &Renames,
     server_version: i32,
 ) -> String {
@@ -238,12 +238,12 @@ fn column_sql(
 
 /// `CREATE TABLE` for a shadow table — columns, defaults, identity, generated columns, NOT NULL
 /// and validated CHECK constraints; keys, indexes and foreign keys come after the data — plus
-/// comments and the ownership of serial sequences.
-/// `server_version` is the destination's.
+/// comments and the ownership of serial sequences. `sequences` are the ones the table owns
+/// ([`crate::catalog::SourceSchema::owned_sequences`]); `server_version` is the destination's.
 pub fn create_table(
     t: &Table,
     shadow: &str,
-    sequences: &[Sequence],
+    sequences: &[&Sequence],
     renames: &Renames,
     server_version: i32,
 ) -> Vec<String> {

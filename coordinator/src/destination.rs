@@ -414,7 +414,7 @@ SELECT p.oid, n.nspname::text AS schema_name, p.proname::text AS name, p.oid::re
        p.proacl IS NULL AS default_acl,
        ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
              FROM aclexplode(p.proacl) a WHERE a.grantee <> p.proowner) AS grants,
-       obj_description(p.oid, 'pg_proc') AS comment,
+       (SELECT ds.description FROM pg_description ds WHERE ds.objoid = p.oid AND ds.classoid = 'pg_proc'::regclass AND ds.objsubid = 0) AS comment,
        ARRAY(SELECT DISTINCT r.rel FROM refs r WHERE r.fn = p.oid AND r.rel IS NOT NULL) AS relations,
        ARRAY(SELECT DISTINCT r.typ FROM refs r WHERE r.fn = p.oid AND r.typ IS NOT NULL) AS types
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
@@ -435,7 +435,7 @@ SELECT c.oid, n.nspname::text AS schema_name, c.relname::text AS name, pg_get_vi
        pg_get_userbyid(c.relowner)::text AS owner,
        ARRAY(SELECT CASE WHEN a.grantee = 0 THEN '' ELSE pg_get_userbyid(a.grantee)::text END || '|' || a.privilege_type || '|' || a.is_grantable::text
              FROM aclexplode(c.relacl) a WHERE a.grantee <> c.relowner) AS grants,
-       obj_description(c.oid, 'pg_class') AS comment,
+       (SELECT ds.description FROM pg_description ds WHERE ds.objoid = c.oid AND ds.classoid = 'pg_class'::regclass AND ds.objsubid = 0) AS comment,
        ARRAY(SELECT DISTINCT tn.nspname::text || '|' || t.relname::text || '|' || a.attname::text
              FROM pg_rewrite r
              JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid

@@ -251,6 +251,70 @@ impl NameIndex {
     }
 }
 
+/// Items grouped under the name of what they belong to (the sequences by the table owning
+/// them), indexed on first use, so a loop over thousands of tables that asks each for its
+/// items stays linear instead of scanning the whole list per table. A hit is checked against
+/// the list, and the index is rebuilt when the list's length changed since it was built (the
+/// lists indexed are only appended to).
+#[derive(Default)]
+pub struct GroupIndex(std::sync::RwLock<Option<Groups>>);
+
+/// The length of the list indexed, and each name's positions in it.
+type Groups = (usize, std::collections::HashMap<QualName, Vec<usize>>);
+
+impl GroupIndex {
+    /// The items under `name`, in the list's order (`key` gives the name an item belongs to).
+    pub fn find<'a, T>(
+        &self,
+        items: &'a [T],
+        name: &QualName,
+        key: impl Fn(&T) -> Option<(&str, &str)>,
+    ) -> Vec<&'a T> {
+        let under = |i: &usize| {
+            items
+                .get(*i)
+                .filter(|t| key(t) == Some((name.schema.as_str(), name.name.as_str())))
+        };
+        {
+            let index = self.0.read().unwrap_or_else(|e| e.into_inner());
+            if let Some((len, map)) = index.as_ref() {
+                if *len == items.len() {
+                    return map
+                        .get(name)
+                        .map(|found| found.iter().filter_map(under).collect())
+                        .unwrap_or_default();
+                }
+            }
+        }
+        let mut map: std::collections::HashMap<QualName, Vec<usize>> =
+            std::collections::HashMap::new();
+        for (i, t) in items.iter().enumerate() {
+            if let Some((schema, name)) = key(t) {
+                map.entry(QualName::new(schema, name)).or_default().push(i);
+            }
+        }
+        let found = map
+            .get(name)
+            .map(|found| found.iter().filter_map(under).collect())
+            .unwrap_or_default();
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Some((items.len(), map));
+        found
+    }
+}
+
+impl Clone for GroupIndex {
+    /// A clone starts without an index.
+    fn clone(&self) -> Self {
+        GroupIndex::default()
+    }
+}
+
+impl std::fmt::Debug for GroupIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GroupIndex")
+    }
+}
+
 impl Clone for NameIndex {
     /// A clone starts without an index (its list may be changed apart from this one's).
     fn clone(&self) -> Self {
@@ -267,6 +331,51 @@ impl std::fmt::Debug for NameIndex {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn the_group_index_answers_as_a_filter_would_as_the_list_grows() {
+        // (schema, owner table, name): sequences and the tables owning them.
+        type Item = (String, Option<String>, String);
+        fn key(t: &Item) -> Option<(&str, &str)> {
+            t.1.as_deref().map(|owner| (t.0.as_str(), owner))
+        }
+        let item = |s: &str, owner: Option<&str>, n: &str| {
+            (s.to_string(), owner.map(str::to_string), n.to_string())
+        };
+        let scan = |items: &[Item], s: &str, n: &str| -> Vec<String> {
+            items
+                .iter()
+                .filter(|t| key(t) == Some((s, n)))
+                .map(|t| t.2.clone())
+                .collect()
+        };
+        let mut items = vec![
+            item("public", Some("a"), "a_id_seq"),
+            item("public", None, "free_seq"),
+            item("s", Some("a"), "s_a_id_seq"),
+            item("public", Some("a"), "a_n_seq"),
+        ];
+        let index = GroupIndex::default();
+        let found = |index: &GroupIndex, items: &[Item], s: &str, n: &str| -> Vec<String> {
+            index
+                .find(items, &QualName::new(s, n), key)
+                .into_iter()
+                .map(|t| t.2.clone())
+                .collect()
+        };
+        for round in 0..3 {
+            for (s, n) in [("public", "a"), ("s", "a"), ("public", "b"), ("x", "y")] {
+                assert_eq!(found(&index, &items, s, n), scan(&items, s, n), "{s}.{n}");
+            }
+            // Appended after the index was built: it is rebuilt.
+            items.push(item(
+                "public",
+                Some(["a", "b"][round % 2]),
+                &format!("n{round}"),
+            ));
+        }
+        assert_eq!(found(&index, &items, "public", "a").len(), 4);
+    }
 
     #[test]
     fn the_name_index_answers_as_a_scan_would_after_the_list_changes() {

@@ -84,8 +84,12 @@ struct Sides {
 /// source's schema and the destination.
 async fn read_sides(opts: &StartOptions, pool: &AgentPool) -> Result<Sides, CoordinatorError> {
     let agent_roles = pool.check_reach(&opts.source, &opts.destination).await?;
-    let source_client = opts.source.connect("pgzm-coordinator").await?;
-    let control = opts.destination.connect("pgzm-coordinator").await?;
+    // A second source session shares the catalog reads (see `catalog::read`).
+    let (source_client, second_source, control) = tokio::try_join!(
+        opts.source.connect("pgzm-coordinator"),
+        opts.source.connect("pgzm-coordinator"),
+        opts.destination.connect("pgzm-coordinator"),
+    )?;
     refuse_same_database(&source_client, &control, &opts.destination).await?;
     // What this run was started against: if another run finishes while this one waits
     // for the run lock, this one must not plan over it unseen (and replace its backup).
@@ -114,34 +118,53 @@ async fn read_sides(opts: &StartOptions, pool: &AgentPool) -> Result<Sides, Coor
             "another pgzm run (migration {id}, now {status}) changed this destination while this one waited for it; nothing was done: check `pgzm status` and `pgzm list`, then run again if you still mean to migrate on top of it"
         )]));
     }
-    source_client
-        .batch_execute(
-            // Deparsing a table's defaults and indexes takes a brief ACCESS SHARE lock
-            // on it: bounded, so DDL in progress on the source gives an error, not a hang.
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL search_path = pg_catalog; \
-             SET LOCAL lock_timeout = '30s'",
-        )
-        .await
-        .map_err(|e| CoordinatorError::source("open the snapshot transaction", e))?;
-    let snapshot: String = source_client
-        .query_typed_one("SELECT pg_export_snapshot() AS snapshot", &[])
-        .await
-        .map_err(|e| CoordinatorError::source("export a snapshot", e))?
-        .get("snapshot");
-    let schema = catalog::read(&source_client, &opts.schemas, &opts.tables).await?;
+    // The source's reads and the destination's go on at once: different servers.
+    let source_side = async {
+        // Deparsing a table's indexes takes a brief ACCESS SHARE lock on it: bounded, so DDL
+        // in progress on the source gives an error, not a hang.
+        const SETTINGS: &str =
+            "SET LOCAL search_path = pg_catalog; SET LOCAL jit = off; SET LOCAL lock_timeout = '30s'";
+        source_client
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {SETTINGS}"
+            ))
+            .await
+            .map_err(|e| CoordinatorError::source("open the snapshot transaction", e))?;
+        let snapshot: String = source_client
+            .query_typed_one("SELECT pg_export_snapshot() AS snapshot", &[])
+            .await
+            .map_err(|e| CoordinatorError::source("export a snapshot", e))?
+            .get("snapshot");
+        second_source
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; {SETTINGS}",
+                pgzm_pg::sql::quote_literal(&snapshot)
+            ))
+            .await
+            .map_err(|e| CoordinatorError::source("import the snapshot", e))?;
+        let schema =
+            catalog::read(&source_client, &second_source, &opts.schemas, &opts.tables).await?;
+        drop(second_source);
+        let evidence = source_evidence(&source_client, &schema).await?;
+        let snapshot_text: String = source_client
+            .query_typed_one("SELECT pg_current_snapshot()::text AS snapshot", &[])
+            .await
+            .map_err(|e| CoordinatorError::source("read the snapshot", e))?
+            .get("snapshot");
+        Ok::<_, CoordinatorError>((snapshot, schema, evidence, snapshot_text))
+    };
+    let destination_side = async {
+        control
+            .batch_execute(crate::state::CATALOG_SESSION)
+            .await
+            .map_err(|e| CoordinatorError::destination("set search_path", e))?;
+        let dest = destination::read(&control, &opts.schemas).await?;
+        let earlier = state::earlier_runs(&control).await?;
+        Ok((dest, earlier))
+    };
+    let ((snapshot, schema, evidence, snapshot_text), (dest, earlier)) =
+        tokio::try_join!(source_side, destination_side)?;
     let (preserved, preserved_problems) = resolve_tables(&opts.preserved, &schema);
-    let evidence = source_evidence(&source_client, &schema).await?;
-    let snapshot_text: String = source_client
-        .query_typed_one("SELECT pg_current_snapshot()::text AS snapshot", &[])
-        .await
-        .map_err(|e| CoordinatorError::source("read the snapshot", e))?
-        .get("snapshot");
-    control
-        .batch_execute("SET search_path = pg_catalog")
-        .await
-        .map_err(|e| CoordinatorError::destination("set search_path", e))?;
-    let dest = destination::read(&control, &opts.schemas).await?;
-    let earlier = state::earlier_runs(&control).await?;
     let live_shapes = preserve::read_live(&control, &preserved).await?;
     Ok(Sides {
         source_client,
@@ -259,31 +282,36 @@ pub async fn prepare(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    // Plan: read both sides under one source snapshot; change nothing.
-    let sides = phases.run("plan", read_sides(opts, &pool)).await?;
     if opts.resume && opts.dry_run {
         return Err(CoordinatorError::Usage(
             "--resume and --dry-run cannot be used together".into(),
         ));
     }
-    let interrupted = if opts.resume {
-        Some(crate::resume::interrupted_run(&sides.control).await?)
-    } else {
-        None
+    // Plan: read both sides under one source snapshot; change nothing.
+    let planned = async {
+        let sides = read_sides(opts, &pool).await?;
+        let interrupted = if opts.resume {
+            Some(crate::resume::interrupted_run(&sides.control).await?)
+        } else {
+            None
+        };
+        // Unique even for runs started in the same millisecond (serialised by the run lock).
+        let migration_id = match &interrupted {
+            Some(run) => run.id,
+            None => started_ms.max(sides.newest.as_ref().map_or(0, |(id, _)| id + 1)),
+        };
+        let plan = plan_migration(opts, migration_id, &sides).await?;
+        // The swap is one transaction holding a lock per renamed relation: refused now,
+        // before anything is built, when the destination's lock table cannot hold them.
+        let lock_budget = crate::locked::LockBudget::read(&sides.control).await?;
+        lock_budget.check(
+            crate::swap::lock_estimate(&plan),
+            "the swap of this migration",
+        )?;
+        Ok((sides, interrupted, plan, lock_budget))
     };
-    // Unique even for runs started in the same millisecond (they are serialised by the lock).
-    let migration_id = match &interrupted {
-        Some(run) => run.id,
-        None => started_ms.max(sides.newest.as_ref().map_or(0, |(id, _)| id + 1)),
-    };
-    let mut plan = plan_migration(opts, migration_id, &sides).await?;
-    // The swap is one transaction holding a lock per renamed relation: refused now, before
-    // anything is built, when the destination's lock table cannot hold them.
-    let lock_budget = crate::locked::LockBudget::read(&sides.control).await?;
-    lock_budget.check(
-        crate::swap::lock_estimate(&plan),
-        "the swap of this migration",
-    )?;
+    let (sides, interrupted, mut plan, lock_budget) = phases.run("plan", planned).await?;
+    let migration_id = plan.migration_id;
     for tp in &mut plan.tables {
         if let Some(t) = sides.schema.table(&tp.qualname()) {
             tp.evidence = sides.evidence.get(&t.oid).copied();

@@ -1220,7 +1220,7 @@ async fn commit(opts: &RollbackOptions) -> Result<(Client, RollbackReport), Coor
         return Err(CoordinatorError::Busy);
     }
     control
-        .batch_execute("SET search_path = pg_catalog")
+        .batch_execute(crate::state::CATALOG_SESSION)
         .await
         .map_err(|e| CoordinatorError::destination("set search_path", e))?;
     let row = backup::find(&control, opts.migration_id).await?;

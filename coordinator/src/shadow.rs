@@ -74,7 +74,7 @@ pub fn statements(
         for sql in ddl::create_table(
             t,
             &tp.shadow,
-            &schema.sequences,
+            &schema.owned_sequences(t),
             renames,
             dest.server_version,
         ) {

@@ -16,6 +16,12 @@ use crate::locked::LockedTransaction;
 use crate::naming::QualName;
 use crate::plan::{Move, Plan};
 
+/// The settings of a session that reads the catalog: `search_path = pg_catalog`, so every
+/// expression PostgreSQL prints is qualified; and no JIT. The catalog queries pass thousands
+/// of oids in an array, which the planner costs high enough to JIT-compile each query: ~0.6 s
+/// of compilation for a query of 0.4 s at 10 000 tables.
+pub const CATALOG_SESSION: &str = "SET search_path = pg_catalog; SET jit = off";
+
 /// Schema holding the tool's metadata.
 pub const SCHEMA: &str = "pgzm";
 
@@ -128,7 +134,7 @@ pub async fn reattach(
     let client = loop {
         let attempt = async {
             let c = destination.connect("pgzm-coordinator").await?;
-            c.batch_execute("SET search_path = pg_catalog")
+            c.batch_execute(crate::state::CATALOG_SESSION)
                 .await
                 .map_err(|e| CoordinatorError::destination("set search_path", e))?;
             Ok::<_, CoordinatorError>(c)
@@ -1049,7 +1055,7 @@ pub async fn abort(
         return Err(CoordinatorError::Busy);
     }
     client
-        .batch_execute("SET search_path = pg_catalog")
+        .batch_execute(crate::state::CATALOG_SESSION)
         .await
         .map_err(|e| CoordinatorError::destination("set search_path", e))?;
     let earlier = earlier_runs(&client).await?;
@@ -1091,7 +1097,7 @@ pub async fn abort_run(
         return Err(CoordinatorError::Busy);
     }
     client
-        .batch_execute("SET search_path = pg_catalog")
+        .batch_execute(crate::state::CATALOG_SESSION)
         .await
         .map_err(|e| CoordinatorError::destination("set search_path", e))?;
     let Some(row) = load(&client, Some(id)).await? else {

@@ -59,6 +59,8 @@ pub struct SourceSchema {
     pub without_data: BTreeSet<QualName>,
     /// [`SourceSchema::table`]'s index of `tables`.
     pub table_index: crate::naming::NameIndex,
+    /// [`SourceSchema::owned_sequences`]'s index of `sequences`.
+    pub sequence_owners: crate::naming::GroupIndex,
 }
 
 impl SourceSchema {
@@ -66,6 +68,17 @@ impl SourceSchema {
     pub fn table(&self, name: &QualName) -> Option<&Table> {
         self.table_index
             .find(&self.tables, name, |t| (&t.schema, &t.name))
+    }
+
+    /// The sequences owned by a column of `t` (serial and identity), in `sequences`' order.
+    pub fn owned_sequences(&self, t: &Table) -> Vec<&Sequence> {
+        // An owned sequence is in its table's schema.
+        self.sequence_owners
+            .find(&self.sequences, &t.qualname(), |s| {
+                s.owned_by
+                    .as_ref()
+                    .map(|(table, _)| (s.schema.as_str(), table.as_str()))
+            })
     }
 
     /// Names of all tables.
@@ -367,11 +380,13 @@ pub struct Function {
     pub definition: String,
 }
 
-/// Reads the source schema inside the caller's snapshot transaction.
+/// Reads the source schema inside the caller's snapshot transaction, on `client` and on
+/// `second` (a session in the same snapshot, or `client` again).
 pub async fn read(
     client: &Client,
+    second: &Client,
     schemas: &[String],
     filter: &crate::filter::TableFilter,
 ) -> Result<SourceSchema, CoordinatorError> {
-    read_schema(client, schemas, filter).await
+    read_schema(client, second, schemas, filter).await
 }

@@ -22,7 +22,7 @@ SELECT c.oid AS oid, (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c
        EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
                JOIN pg_namespace pn ON pn.oid = p.relnamespace
                WHERE i.inhrelid = c.oid AND NOT pn.nspname = ANY($1::text[])) AS parent_elsewhere,
-       obj_description(c.oid, 'pg_class') AS comment,
+       (SELECT ds.description FROM pg_description ds WHERE ds.objoid = c.oid AND ds.classoid = 'pg_class'::regclass AND ds.objsubid = 0) AS comment,
        -- Never analyzed: the statistics collector's count of live rows.
        CASE WHEN c.reltuples < 0 THEN pg_stat_get_live_tuples(c.oid) ELSE c.reltuples::int8 END AS estimated_rows,
        -- From the statistics; a table never vacuumed or analyzed (relpages 0) is measured,
@@ -52,7 +52,8 @@ SELECT c.oid AS oid, (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c
          WHERE i.inhrelid = c.oid AND c.relispartition) AS partition_parent,
        (SELECT pn.nspname::text FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace
          WHERE i.inhrelid = c.oid AND c.relispartition) AS partition_parent_schema,
-       CASE WHEN c.relispartition THEN pg_get_expr(c.relpartbound, c.oid) END AS partition_bound,
+       -- Bounds are constants: deparsed without opening the table.
+       CASE WHEN c.relispartition THEN pg_get_expr(c.relpartbound, 0) END AS partition_bound,
        ARRAY(SELECT p.relname::text FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
               WHERE i.inhrelid = c.oid AND NOT c.relispartition ORDER BY i.inhseqno) AS inherits,
        ARRAY(SELECT pn.nspname::text FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace
@@ -68,7 +69,9 @@ const COLUMNS: &str = "
 SELECT a.attrelid AS table_oid, a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS type_sql, a.atttypid AS type_oid,
        CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE 0::oid END AS elem_type_oid,
        a.attnotnull AS not_null,
-       CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, d.adrelid) END AS default_expr,
+       -- A default has no column references: deparsed without the table, which pg_get_expr
+       -- would open and lock (10 000 tables: 10 000 relcache entries and locks, ~0.4 s).
+       CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, 0) END AS default_expr,
        a.attidentity::text AS identity,
        CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END AS generated,
        a.attgenerated = 'v' AS generated_virtual,
@@ -77,7 +80,7 @@ SELECT a.attrelid AS table_oid, a.attname::text AS name, format_type(a.atttypid,
          WHERE n.conrelid = a.attrelid AND n.contype = 'n' AND n.conkey[1] = a.attnum LIMIT 1) AS not_null_name,
        CASE WHEN a.attcollation <> t.typcollation AND a.attcollation <> 0
             THEN quote_ident(cn.nspname) || '.' || quote_ident(co.collname) END AS collation,
-       col_description(a.attrelid, a.attnum) AS comment
+       (SELECT ds.description FROM pg_description ds WHERE ds.objoid = a.attrelid AND ds.classoid = 'pg_class'::regclass AND ds.objsubid = a.attnum) AS comment
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
@@ -88,7 +91,7 @@ ORDER BY a.attrelid, a.attnum";
 
 const CONSTRAINTS: &str = "
 SELECT con.conrelid AS table_oid, con.conname::text AS name, con.contype::text AS kind, pg_get_constraintdef(con.oid) AS definition,
-       con.confrelid AS references_oid, con.convalidated AS validated, obj_description(con.oid, 'pg_constraint') AS comment,
+       con.confrelid AS references_oid, con.convalidated AS validated, (SELECT ds.description FROM pg_description ds WHERE ds.objoid = con.oid AND ds.classoid = 'pg_constraint'::regclass AND ds.objsubid = 0) AS comment,
        CASE WHEN con.contype = 'f' THEN ARRAY(
            SELECT a.attname::text FROM unnest(con.conkey) WITH ORDINALITY k(n, i)
            JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n ORDER BY k.i) END AS columns,
@@ -104,7 +107,7 @@ WHERE con.conrelid = ANY($1::oid[]) AND con.contype IN ('p', 'u', 'x', 'c', 'f')
 ORDER BY con.conrelid, con.conname";
 
 const INDEXES: &str = "
-SELECT i.indrelid AS table_oid, ic.relname::text AS name, pg_get_indexdef(i.indexrelid) AS definition, obj_description(i.indexrelid, 'pg_class') AS comment
+SELECT i.indrelid AS table_oid, ic.relname::text AS name, pg_get_indexdef(i.indexrelid) AS definition, (SELECT ds.description FROM pg_description ds WHERE ds.objoid = i.indexrelid AND ds.classoid = 'pg_class'::regclass AND ds.objsubid = 0) AS comment
 FROM pg_index i
 JOIN pg_class ic ON ic.oid = i.indexrelid
 WHERE i.indrelid = ANY($1::oid[])
@@ -135,7 +138,7 @@ SELECT t.oid AS oid, (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = t
        EXISTS (SELECT 1 FROM pg_depend d
                WHERE d.classid = 'pg_type'::regclass AND d.objid = t.oid AND d.deptype = 'e') AS in_extension,
        (SELECT n.nspname FROM pg_namespace n WHERE n.oid = t.typnamespace) IN ('pg_catalog', 'information_schema') AS in_system,
-       obj_description(t.oid, 'pg_type') AS comment,
+       (SELECT ds.description FROM pg_description ds WHERE ds.objoid = t.oid AND ds.classoid = 'pg_type'::regclass AND ds.objsubid = 0) AS comment,
        CASE WHEN t.typtype = 'e'
             THEN ARRAY(SELECT e.enumlabel::text FROM pg_enum e WHERE e.enumtypid = t.oid ORDER BY e.enumsortorder) END AS labels,
        CASE WHEN t.typtype = 'd' THEN format_type(t.typbasetype, t.typtypmod) END AS base_type_sql,
@@ -201,8 +204,8 @@ SELECT s.oid AS oid, (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = s
        (SELECT c.relname::text FROM pg_class c WHERE c.oid = o.refobjid) AS owner_table,
        (SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = o.refobjid AND a.attnum = o.refobjsubid) AS owner_column,
        coalesce(o.deptype = 'i', false) AS identity,
-       coalesce(pg_sequence_last_value(s.oid), sq.seqstart) AS last_value,
-       pg_sequence_last_value(s.oid) IS NOT NULL AS is_called,
+       coalesce(lv.last_value, sq.seqstart) AS last_value,
+       lv.last_value IS NOT NULL AS is_called,
        (SELECT n.nspname FROM pg_namespace n WHERE n.oid = s.relnamespace) = ANY($2::text[]) AS migrated,
        ARRAY(SELECT DISTINCT cn.nspname::text || '|' || c.relname::text || '|' || a.attname::text
              FROM pg_depend dd
@@ -216,12 +219,14 @@ FROM pg_class s
 JOIN pg_sequence sq ON sq.seqrelid = s.oid
 LEFT JOIN pg_depend o ON o.classid = 'pg_class'::regclass AND o.objid = s.oid
                      AND o.refclassid = 'pg_class'::regclass AND o.deptype IN ('a', 'i')
+-- Read once per sequence (it opens the sequence).
+CROSS JOIN LATERAL (SELECT pg_sequence_last_value(s.oid) AS last_value) lv
 WHERE s.relkind = 'S' AND s.oid IN (SELECT seq FROM used)
 ORDER BY 2, s.relname";
 
 const VIEWS: &str = "
 SELECT c.oid AS oid, (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = c.relnamespace) AS schema_name, c.relname::text AS name, pg_get_viewdef(c.oid) AS definition, coalesce(c.reloptions, '{}')::text[] AS options,
-       obj_description(c.oid, 'pg_class') AS comment
+       (SELECT ds.description FROM pg_description ds WHERE ds.objoid = c.oid AND ds.classoid = 'pg_class'::regclass AND ds.objsubid = 0) AS comment
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = ANY($1::text[]) AND c.relkind = 'v'
   AND NOT EXISTS (SELECT 1 FROM pg_depend d
@@ -282,6 +287,7 @@ fn catalog_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> Coordina
 /// snapshot transaction.
 pub async fn read_schema(
     client: &Client,
+    second: &Client,
     schemas: &[String],
     filter: &TableFilter,
 ) -> Result<SourceSchema, CoordinatorError> {
@@ -295,9 +301,13 @@ pub async fn read_schema(
     let (matview_oids, cannot) = read_tables(client, &mut schema).await?;
     let excluded = apply_filter(client, filter, &mut schema, cannot).await?;
     let t = TableIndex::of(&schema, excluded);
-    // The reads that depend only on the tables go out at once: on one connection they are
-    // pipelined, so a source across a WAN costs a couple of round trips for all of them rather
-    // than two per query (the plan took 2 s at 50 ms RTT, mostly waiting).
+    // The reads that depend only on the tables go out at once, pipelined, so a source across a
+    // WAN costs a couple of round trips for all of them rather than two per query (the plan
+    // took 2 s at 50 ms RTT, mostly waiting). They are shared between two sessions in the same
+    // snapshot (`second` may be `client`): each is one backend's work, so with two the source
+    // reads on two cores: at 10 000 tables the columns and the indexes take ~0.9 s, the
+    // constraints and the views as long, the sequences ~0.7 s: the sequences go to the session
+    // whose other reads finish first.
     let (oids, schemas): (&(dyn ToSql + Sync), &(dyn ToSql + Sync)) = (&t.oids, &schema.schemas);
     let (oids, schemas) = ((oids, Type::OID_ARRAY), (schemas, Type::TEXT_ARRAY));
     let (by_oids, by_oids_schemas, by_schemas) = (
@@ -317,9 +327,9 @@ pub async fn read_schema(
         extensions,
     ) = tokio::try_join!(
         rows(client, COLUMNS, &by_oids, "read columns"),
-        rows(client, CONSTRAINTS, &by_oids, "read constraints"),
+        rows(second, CONSTRAINTS, &by_oids, "read constraints"),
         rows(client, INDEXES, &by_oids, "read indexes"),
-        rows(client, TRIGGERS, &by_oids_schemas, "read triggers"),
+        rows(second, TRIGGERS, &by_oids_schemas, "read triggers"),
         rows(
             client,
             LARGE_OBJECT_COLUMNS,
@@ -327,9 +337,9 @@ pub async fn read_schema(
             "read large object columns"
         ),
         rows(client, SEQUENCES, &by_oids_schemas, "read sequences"),
-        rows(client, VIEWS, &by_schemas, "read views"),
-        rows(client, VIEW_DEPENDENCIES_SQL, &[], "read view dependencies"),
-        rows(client, EXTENSIONS, &[], "read extensions"),
+        rows(second, VIEWS, &by_schemas, "read views"),
+        rows(second, VIEW_DEPENDENCIES_SQL, &[], "read view dependencies"),
+        rows(second, EXTENSIONS, &[], "read extensions"),
     )?;
     let type_oids = read_columns(columns, &t, &mut schema).await?;
     read_constraints(constraints, &t, &mut schema).await?;
@@ -928,6 +938,12 @@ fn creation_order(mut remaining: Vec<UserType>) -> Vec<UserType> {
 }
 
 async fn read_sequences(rows: Vec<Row>, schema: &mut SourceSchema) -> Result<(), CoordinatorError> {
+    let position: HashMap<QualName, usize> = schema
+        .tables
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.qualname(), i))
+        .collect();
     for row in rows {
         let name: String = row.get("name");
         let migrated: bool = row.get("migrated");
@@ -946,11 +962,8 @@ async fn read_sequences(rows: Vec<Row>, schema: &mut SourceSchema) -> Result<(),
         if identity {
             if let Some((table, column)) = &owned_by {
                 // An owned sequence is in its table's schema.
-                if let Some(t) = schema
-                    .tables
-                    .iter_mut()
-                    .find(|t| &t.name == table && t.schema == seq_schema)
-                {
+                let at = position.get(&QualName::new(seq_schema.clone(), table.clone()));
+                if let Some(t) = at.and_then(|&i| schema.tables.get_mut(i)) {
                     if let Some(c) = t.columns.iter_mut().find(|c| &c.name == column) {
                         c.identity_sequence = Some(name.clone());
                     }
@@ -1128,7 +1141,7 @@ pub const MATVIEWS_SQL: &str = "
 SELECT c.oid AS oid, n.nspname::text AS schema_name, c.relname::text AS name, pg_get_viewdef(c.oid) AS definition, c.relispopulated AS populated,
        ARRAY(SELECT i.relname::text
              FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = c.oid ORDER BY i.oid) AS index_names,
-       coalesce(c.reloptions, '{}')::text[] AS options, obj_description(c.oid, 'pg_class') AS comment,
+       coalesce(c.reloptions, '{}')::text[] AS options, (SELECT ds.description FROM pg_description ds WHERE ds.objoid = c.oid AND ds.classoid = 'pg_class'::regclass AND ds.objsubid = 0) AS comment,
        ARRAY(SELECT pg_get_indexdef(i.oid)
              FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = c.oid ORDER BY i.oid) AS index_definitions
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace

@@ -706,7 +706,7 @@ async fn extensions_the_source_needs() -> anyhow::Result<()> {
     )
     .await?;
     let public = vec!["public".to_string()];
-    let schema = pgzm_coordinator::catalog::read(&src, &public, &Default::default()).await?;
+    let schema = pgzm_coordinator::catalog::read(&src, &src, &public, &Default::default()).await?;
     src.batch_execute("COMMIT").await?;
     dst.batch_execute("SET search_path = pg_catalog").await?;
     let mut dest = pgzm_coordinator::destination::read(&dst, &public).await?;
