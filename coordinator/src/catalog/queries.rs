@@ -187,26 +187,28 @@ SELECT contypid AS type_oid, conname::text AS name, pg_get_constraintdef(oid) AS
 FROM pg_constraint WHERE contypid = ANY($1::oid[]) AND contype = 'c' ORDER BY contypid, conname";
 
 const SEQUENCES: &str = "
-WITH used AS (
-    SELECT d.objid AS seq, d.refobjid AS tab, d.refobjsubid AS col, d.deptype
-    FROM pg_depend d
-    WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
-      AND d.deptype IN ('a', 'i') AND d.refobjid = ANY($1::oid[])
-    UNION
-    SELECT dd.refobjid, NULL, NULL, NULL
-    FROM pg_attrdef ad
-    JOIN pg_depend dd ON dd.classid = 'pg_attrdef'::regclass AND dd.objid = ad.oid
-                     AND dd.refclassid = 'pg_class'::regclass
-    WHERE ad.adrelid = ANY($1::oid[])
-)
-SELECT s.oid AS oid, (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = s.relnamespace) AS schema_name, s.relname::text AS name, format_type(sq.seqtypid, NULL) AS type_sql, sq.seqstart AS start, sq.seqincrement AS increment, sq.seqmin AS min,
+WITH tab AS (SELECT unnest($1::oid[]) AS oid),
+     -- The sequences of the migrated schemas owned by a migrated table's column, or used by a
+     -- migrated table's default. (Found from the sequences' side: from the tables' side,
+     -- through every relation depending on them, it took twice as long at 10 000 tables.)
+     seqs AS MATERIALIZED (
+        SELECT s.oid, n.nspname::text AS schema_name, s.relname, o.refobjid, o.refobjsubid, o.deptype
+        FROM pg_class s
+        JOIN pg_namespace n ON n.oid = s.relnamespace
+        LEFT JOIN pg_depend o ON o.classid = 'pg_class'::regclass AND o.objid = s.oid
+                             AND o.refclassid = 'pg_class'::regclass AND o.deptype IN ('a', 'i')
+        WHERE s.relkind = 'S' AND n.nspname = ANY($2::text[])
+          AND (o.refobjid IN (SELECT oid FROM tab)
+               OR EXISTS (SELECT 1 FROM pg_depend dd JOIN pg_attrdef ad ON ad.oid = dd.objid
+                          WHERE dd.classid = 'pg_attrdef'::regclass AND dd.refclassid = 'pg_class'::regclass
+                            AND dd.refobjid = s.oid AND ad.adrelid IN (SELECT oid FROM tab))))
+SELECT s.oid AS oid, s.schema_name, s.relname::text AS name, format_type(sq.seqtypid, NULL) AS type_sql, sq.seqstart AS start, sq.seqincrement AS increment, sq.seqmin AS min,
        sq.seqmax AS max, sq.seqcache AS cache, sq.seqcycle AS cycle,
-       (SELECT c.relname::text FROM pg_class c WHERE c.oid = o.refobjid) AS owner_table,
-       (SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = o.refobjid AND a.attnum = o.refobjsubid) AS owner_column,
-       coalesce(o.deptype = 'i', false) AS identity,
+       (SELECT c.relname::text FROM pg_class c WHERE c.oid = s.refobjid) AS owner_table,
+       (SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = s.refobjid AND a.attnum = s.refobjsubid) AS owner_column,
+       coalesce(s.deptype = 'i', false) AS identity,
        coalesce(lv.last_value, sq.seqstart) AS last_value,
        lv.last_value IS NOT NULL AS is_called,
-       (SELECT n.nspname FROM pg_namespace n WHERE n.oid = s.relnamespace) = ANY($2::text[]) AS migrated,
        ARRAY(SELECT DISTINCT cn.nspname::text || '|' || c.relname::text || '|' || a.attname::text
              FROM pg_depend dd
              JOIN pg_attrdef ad ON ad.oid = dd.objid
@@ -215,13 +217,10 @@ SELECT s.oid AS oid, (SELECT n.nspname::text FROM pg_namespace n WHERE n.oid = s
              JOIN pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
              WHERE dd.classid = 'pg_attrdef'::regclass AND dd.refclassid = 'pg_class'::regclass
                AND dd.refobjid = s.oid) AS used_by
-FROM pg_class s
+FROM seqs s
 JOIN pg_sequence sq ON sq.seqrelid = s.oid
-LEFT JOIN pg_depend o ON o.classid = 'pg_class'::regclass AND o.objid = s.oid
-                     AND o.refclassid = 'pg_class'::regclass AND o.deptype IN ('a', 'i')
 -- Read once per sequence (it opens the sequence).
 CROSS JOIN LATERAL (SELECT pg_sequence_last_value(s.oid) AS last_value) lv
-WHERE s.relkind = 'S' AND s.oid IN (SELECT seq FROM used)
 ORDER BY 2, s.relname";
 
 const VIEWS: &str = "
@@ -946,10 +945,6 @@ async fn read_sequences(rows: Vec<Row>, schema: &mut SourceSchema) -> Result<(),
         .collect();
     for row in rows {
         let name: String = row.get("name");
-        let migrated: bool = row.get("migrated");
-        if !migrated {
-            continue;
-        }
         let seq_schema: String = row.get("schema_name");
         let owned_by = match (
             row.get::<_, Option<String>>("owner_table"),
