@@ -169,34 +169,35 @@ async fn build_in_transaction(
 #[cfg(test)]
 mod tests {
     use crate::rewrite::alias_relations;
+    use std::collections::HashSet;
 
     #[test]
     fn relations_without_an_alias_get_their_own_name() {
         let def = r#" SELECT "Post".user_id, count(*) AS posts FROM public."Post" GROUP BY "Post".user_id"#;
         assert_eq!(
-            alias_relations(def, &[("public", "Post")]),
+            alias_relations(def, &HashSet::from([("public", "Post")])),
             r#" SELECT "Post".user_id, count(*) AS posts FROM public."Post" "Post" GROUP BY "Post".user_id"#
         );
         let def = "SELECT c.name FROM (public.category c JOIN public.film_category fc ON ((c.id = fc.id)))";
         assert_eq!(
-            alias_relations(def, &[("public", "category"), ("public", "film_category")]),
+            alias_relations(def, &HashSet::from([("public", "category"), ("public", "film_category")])),
             def
         );
         let def = "SELECT category.name FROM public.category, public.film WHERE true";
         assert_eq!(
-            alias_relations(def, &[("public", "category"), ("public", "film")]),
+            alias_relations(def, &HashSet::from([("public", "category"), ("public", "film")])),
             "SELECT category.name FROM public.category category, public.film film WHERE true"
         );
         let def = "SELECT 'public.category' AS t, public.category_name(x) FROM public.categoryx";
-        assert_eq!(alias_relations(def, &[("public", "category")]), def);
+        assert_eq!(alias_relations(def, &HashSet::from([("public", "category")])), def);
         let def = "SELECT n FROM reporting.user_names WHERE true";
         assert_eq!(
-            alias_relations(def, &[("reporting", "user_names")]),
+            alias_relations(def, &HashSet::from([("reporting", "user_names")])),
             "SELECT n FROM reporting.user_names user_names WHERE true"
         );
         let def = "SELECT x FROM public.category";
         assert_eq!(
-            alias_relations(def, &[("public", "category")]),
+            alias_relations(def, &HashSet::from([("public", "category")])),
             "SELECT x FROM public.category category"
         );
     }

@@ -486,7 +486,7 @@ impl Plan {
 
     /// Every relation the migration brings in or recreates, as (schema, name): tables, views,
     /// materialized views. Definitions naming them are re-pointed at their shadows.
-    pub fn relation_names(&self) -> Vec<(&str, &str)> {
+    pub fn relation_names(&self) -> std::collections::HashSet<(&str, &str)> {
         self.tables
             .iter()
             .map(|t| (t.schema.as_str(), t.name.as_str()))

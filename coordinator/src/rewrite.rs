@@ -225,8 +225,10 @@ const AFTER_RELATION: [&str; 24] = [
 ];
 
 /// Adds the relation's own name as an alias after each `schema.name` reference (for `names`)
-/// that has none, in a `pg_get_viewdef` text (string literals left alone).
-pub fn alias_relations(sql: &str, names: &[(&str, &str)]) -> String {
+/// that has none, in a `pg_get_viewdef` text (string literals left alone). The reference at a
+/// word's start is parsed once and looked up (trying each name there made the swap's SQL for
+/// 1 100 views over 10 000 tables take 6 s to build).
+pub fn alias_relations(sql: &str, names: &std::collections::HashSet<(&str, &str)>) -> String {
     let mut out = String::with_capacity(sql.len() + 32);
     let mut rest = sql;
     'scan: while !rest.is_empty() {
@@ -254,17 +256,16 @@ pub fn alias_relations(sql: &str, names: &[(&str, &str)]) -> String {
             .next_back()
             .is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '"' || c == '.'));
         if at_word_start {
-            for (schema, name) in names {
+            if let Some((reference, quoted, after)) = qualified_reference(rest)
+                .filter(|(schema, name, ..)| names.contains(&(schema.as_str(), name.as_str())))
+                .map(|(_, _, reference, quoted, after)| (reference, quoted, after))
+                .filter(|(_, _, after)| {
+                    !after.chars().next().is_some_and(|c| {
+                        c.is_alphanumeric() || c == '_' || c == '"' || c == '.' || c == '('
+                    })
+                })
+            {
                 // The alias is the name as the server printed it.
-                let Some((reference, quoted, after)) = strip_qualified(rest, schema, name) else {
-                    continue;
-                };
-                let next = after.chars().next();
-                if next.is_some_and(|c| {
-                    c.is_alphanumeric() || c == '_' || c == '"' || c == '.' || c == '('
-                }) {
-                    continue;
-                }
                 out.push_str(reference);
                 let trimmed = after.trim_start();
                 let word: String = trimmed
@@ -293,6 +294,18 @@ pub fn alias_relations(sql: &str, names: &[(&str, &str)]) -> String {
 pub fn strip_ident<'a>(text: &'a str, name: &str) -> Option<&'a str> {
     let (value, end) = parse_ident(text, 0)?;
     (value == name).then(|| &text[end..])
+}
+
+/// At the start of `text`, a `schema.name` reference: the schema and the name (unquoted), the
+/// printed reference, the printed name (its last part) and the rest.
+fn qualified_reference(text: &str) -> Option<(String, String, &str, &str, &str)> {
+    let (schema, schema_end) = parse_ident(text, 0)?;
+    let name_start = schema_end + 1;
+    if text.as_bytes().get(schema_end) != Some(&b'.') {
+        return None;
+    }
+    let (name, end) = parse_ident(text, name_start)?;
+    Some((schema, name, &text[..end], &text[name_start..end], &text[end..]))
 }
 
 /// At the start of `text`, `schema.name` as PostgreSQL prints it: the printed reference, the
