@@ -1106,6 +1106,53 @@ async fn a_dry_run_finds_every_failure_of_the_real_run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The rehearsal runs its actions in batches of 200 under one savepoint; a batch that fails is
+/// undone and replayed one action at a time. With 450 more tables, two of them failing in
+/// different batches, each failure is reported, and nothing else: the other actions of a failing
+/// batch pass on replay, and the batches after it run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_of_many_tables_reports_each_failure_of_any_batch() -> anyhow::Result<()> {
+    let p = common::fixture_pair("rehearsal_batches", "simple").await;
+    p.source
+        .batch(
+            r#"CREATE COLLATION german_sort FROM "C";
+               DO $$BEGIN FOR i IN 0..449 LOOP
+                 EXECUTE format('CREATE TABLE many_%s (id int PRIMARY KEY, name text %s)',
+                                lpad(i::text, 3, '0'),
+                                CASE WHEN i IN (17, 333) THEN 'COLLATE german_sort' ELSE '' END);
+               END LOOP; END$$;"#,
+        )
+        .await?;
+    let dst = p.dest.connect().await?;
+    let sig = checks::signature(&dst).await;
+    let mut opts = common::options(&p);
+    opts.dry_run = true;
+    let err = common::run(opts).await.expect_err("the rehearsal fails");
+    let CoordinatorError::Refused(failures) = &err else {
+        panic!("refused expected: {err}");
+    };
+    let named = |t: &str| failures.iter().any(|f| f.contains(t));
+    assert!(
+        named("create shadow table \"shadow_many_017\" would fail")
+            && named("create shadow table \"shadow_many_333\" would fail"),
+        "{failures:?}"
+    );
+    assert!(
+        failures
+            .iter()
+            .all(|f| f.contains("many_017") || f.contains("many_333")),
+        "only the two tables fail: {failures:?}"
+    );
+    checks::assert_same_signature(&checks::signature(&dst).await, &sig, "after the dry run");
+    assert!(texts(
+        &dst,
+        "SELECT relname::text FROM pg_class WHERE left(relname, 7) IN ('shadow_', 'pgzm_re')"
+    )
+    .await
+    .is_empty());
+    Ok(())
+}
+
 /// pgcopydb's test schemas (dimitri/pgcopydb `tests/unit` and friends), schema `public`:
 /// inheritance, a table with no columns, one with only a generated column, identity columns,
 /// sequences no column owns (one shared by two tables), EXCLUDE constraints, a NOT VALID check,
