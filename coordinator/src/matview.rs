@@ -180,16 +180,25 @@ mod tests {
         );
         let def = "SELECT c.name FROM (public.category c JOIN public.film_category fc ON ((c.id = fc.id)))";
         assert_eq!(
-            alias_relations(def, &HashSet::from([("public", "category"), ("public", "film_category")])),
+            alias_relations(
+                def,
+                &HashSet::from([("public", "category"), ("public", "film_category")])
+            ),
             def
         );
         let def = "SELECT category.name FROM public.category, public.film WHERE true";
         assert_eq!(
-            alias_relations(def, &HashSet::from([("public", "category"), ("public", "film")])),
+            alias_relations(
+                def,
+                &HashSet::from([("public", "category"), ("public", "film")])
+            ),
             "SELECT category.name FROM public.category category, public.film film WHERE true"
         );
         let def = "SELECT 'public.category' AS t, public.category_name(x) FROM public.categoryx";
-        assert_eq!(alias_relations(def, &HashSet::from([("public", "category")])), def);
+        assert_eq!(
+            alias_relations(def, &HashSet::from([("public", "category")])),
+            def
+        );
         let def = "SELECT n FROM reporting.user_names WHERE true";
         assert_eq!(
             alias_relations(def, &HashSet::from([("reporting", "user_names")])),
