@@ -305,7 +305,13 @@ fn qualified_reference(text: &str) -> Option<(String, String, &str, &str, &str)>
         return None;
     }
     let (name, end) = parse_ident(text, name_start)?;
-    Some((schema, name, &text[..end], &text[name_start..end], &text[end..]))
+    Some((
+        schema,
+        name,
+        &text[..end],
+        &text[name_start..end],
+        &text[end..],
+    ))
 }
 
 /// At the start of `text`, `schema.name` as PostgreSQL prints it: the printed reference, the
