@@ -149,3 +149,89 @@ async fn on_a_small_lock_table_the_shadow_set_is_created_over_several_transactio
     }
     Ok(())
 }
+
+/// The shadow set's later transaction fails after an earlier one committed (a source column's
+/// collation the destination lacks, on the last of 20 tables at 16 actions per transaction): the
+/// run fails saying why, removes what the committed transaction created (no shadow object; the
+/// run recorded as failed), the live tables are as they were, and a run after the fix succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_transaction_failing_after_one_committed_leaves_nothing_behind(
+) -> anyhow::Result<()> {
+    let small = small_lock_table()?;
+    let p = pair_on(&small, "lockbudget_late_failure").await?;
+    create_tables(&p.source, 20, "int", "source").await?;
+    create_tables(&p.dest, 20, "int", "live").await?;
+    p.source
+        .batch(
+            r#"CREATE COLLATION german_sort FROM "C";
+               ALTER TABLE t_19 ALTER COLUMN v TYPE text COLLATE german_sort;"#,
+        )
+        .await?;
+    let opts = common::options(&p);
+
+    let err = common::prepare_and_release(&opts)
+        .await
+        .expect_err("the second shadow transaction fails");
+    let message = err.to_string();
+    assert!(
+        message.contains("german_sort") && !message.contains('\n'),
+        "{message}"
+    );
+    assert_eq!(
+        int(
+            &p.dest,
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'shadow\\_%'"
+        )
+        .await?,
+        0,
+        "the first transaction's shadow tables are removed"
+    );
+    assert_eq!(
+        int(
+            &p.dest,
+            "SELECT count(*) FROM pg_type WHERE typname LIKE 'shadow\\_%'"
+        )
+        .await?,
+        0
+    );
+    assert_eq!(
+        int(
+            &p.dest,
+            "SELECT count(*) FROM pgzm.migrations WHERE status = 'failed' AND NOT shadow_present"
+        )
+        .await?,
+        1,
+        "the run is recorded as failed, without shadow objects"
+    );
+    assert!(
+        int(
+            &p.dest,
+            "SELECT coalesce(jsonb_array_length(created_objects->'tables'), 0)::int8 FROM pgzm.migrations WHERE status = 'failed'"
+        )
+        .await?
+            >= 16,
+        "the first transaction had committed (and recorded) its tables"
+    );
+    for i in [0, 15, 19] {
+        assert_eq!(
+            int(
+                &p.dest,
+                &format!("SELECT count(*) FROM t_{i:02} WHERE v LIKE 'live %'")
+            )
+            .await?,
+            3
+        );
+    }
+
+    // Fixed in the source: the next run migrates.
+    p.source
+        .batch("ALTER TABLE t_19 ALTER COLUMN v TYPE text COLLATE \"default\"")
+        .await?;
+    common::prepare_and_release(&opts).await?;
+    common::swap(&p).await?;
+    assert_eq!(
+        int(&p.dest, "SELECT count(*) FROM t_19 WHERE v LIKE 'source %'").await?,
+        3
+    );
+    Ok(())
+}
