@@ -12,7 +12,7 @@ use crate::conninfo::DbUrl;
 use crate::error::CoordinatorError;
 use crate::naming::QualName;
 use crate::plan::{Move, ObjectKind};
-use crate::state::{self, MigrationRow};
+use crate::state;
 
 /// One table of a backup set.
 #[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
@@ -53,41 +53,58 @@ pub struct BackupSet {
     pub tables: Vec<BackupTable>,
 }
 
-/// Backup-set rows of `pgzm.migrations`, newest first.
-async fn backup_rows(client: &Client) -> Result<Vec<MigrationRow>, CoordinatorError> {
-    let mut out = Vec::new();
-    let mut ids = Vec::new();
-    if client
+/// A backup set's row of `pgzm.migrations`, without its plan: what a command needs of the plan
+/// is read in parts ([`state::plan_array`]), so that a set of 10 000 tables never holds its
+/// whole recorded plan (~13 MB of JSON, several times that parsed).
+#[derive(Debug, Clone)]
+pub struct SetRow {
+    /// Migration id (ms since the epoch).
+    pub id: i64,
+    /// When the swap that made it happened (its creation, for metadata without it), RFC 3339.
+    pub created: String,
+    /// The same, ms since the epoch.
+    pub created_ms: i64,
+    /// Seconds since the migration was created.
+    pub age_seconds: f64,
+}
+
+/// The backup sets of `pgzm.migrations`, newest first.
+async fn backup_sets(client: &Client) -> Result<Vec<SetRow>, CoordinatorError> {
+    let read = |e| CoordinatorError::destination("read pgzm metadata", e);
+    if !client
         .query_one(
             "SELECT to_regclass('pgzm.migrations') IS NOT NULL AS table_exists",
             &[],
         )
         .await
-        .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?
+        .map_err(read)?
         .get::<_, bool>("table_exists")
     {
-        for row in client
-            .query(
-                "SELECT id FROM pgzm.migrations WHERE backup_present ORDER BY id DESC",
-                &[],
-            )
-            .await
-            .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?
-        {
-            ids.push(row.get::<_, i64>("id"));
-        }
+        return Ok(Vec::new());
     }
-    for id in ids {
-        if let Some(row) = state::load(client, Some(id)).await? {
-            out.push(row);
-        }
-    }
-    Ok(out)
+    Ok(client
+        .query(
+            "SELECT id, extract(epoch FROM now() - created_at)::float8 AS age_seconds,
+                    to_char(coalesce(swapped_at, created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS created,
+                    (extract(epoch FROM coalesce(swapped_at, created_at)) * 1000)::int8 AS created_ms
+             FROM pgzm.migrations WHERE backup_present ORDER BY id DESC",
+            &[],
+        )
+        .await
+        .map_err(read)?
+        .iter()
+        .map(|r| SetRow {
+            id: r.get("id"),
+            created: r.get("created"),
+            created_ms: r.get("created_ms"),
+            age_seconds: r.get("age_seconds"),
+        })
+        .collect())
 }
 
 /// The backup set of migration `id`, or the newest; an error saying what exists when missing.
-pub async fn find(client: &Client, id: Option<i64>) -> Result<MigrationRow, CoordinatorError> {
-    let rows = backup_rows(client).await?;
+pub async fn find(client: &Client, id: Option<i64>) -> Result<SetRow, CoordinatorError> {
+    let rows = backup_sets(client).await?;
     let found = match id {
         Some(id) => rows.into_iter().find(|r| r.id == id),
         None => rows.into_iter().next(),
@@ -100,22 +117,43 @@ pub async fn find(client: &Client, id: Option<i64>) -> Result<MigrationRow, Coor
     })
 }
 
-fn recorded_rows(row: &MigrationRow, table: &Move) -> Option<i64> {
-    row.stats
-        .as_ref()?
-        .get("backup_rows")?
-        .get(table.stats_key())?
-        .as_i64()
+/// The recorded backup moves of set `id` of the `kinds` given.
+async fn backup_moves(
+    client: &Client,
+    id: i64,
+    kinds: &[ObjectKind],
+) -> Result<Vec<Move>, CoordinatorError> {
+    state::plan_array(client, id, "to_backup", |m: &Move| kinds.contains(&m.kind)).await
 }
 
-async fn describe_set(client: &Client, row: &MigrationRow) -> Result<BackupSet, CoordinatorError> {
+/// The row counts recorded right after the swap (`stats.backup_rows`), by table.
+async fn rows_at_swap(
+    client: &Client,
+    id: i64,
+) -> Result<Option<serde_json::Value>, CoordinatorError> {
+    Ok(client
+        .query_opt(
+            "SELECT stats -> 'backup_rows' AS backup_rows FROM pgzm.migrations WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?
+        .and_then(|r| r.get("backup_rows")))
+}
+
+fn recorded_rows(rows_at_swap: Option<&serde_json::Value>, table: &Move) -> Option<i64> {
+    rows_at_swap?.get(table.stats_key())?.as_i64()
+}
+
+/// Set `set` as `list` shows it; `moves` are its recorded backup moves (its tables at least).
+async fn describe_set(
+    client: &Client,
+    set: &SetRow,
+    moves: &[Move],
+) -> Result<BackupSet, CoordinatorError> {
+    let recorded = rows_at_swap(client, set.id).await?;
     let mut tables = Vec::new();
-    for m in row
-        .plan
-        .to_backup
-        .iter()
-        .filter(|m| m.kind == ObjectKind::Table)
-    {
+    for m in moves.iter().filter(|m| m.kind == ObjectKind::Table) {
         let info = client
             .query_opt(
                 "SELECT pg_total_relation_size(c.oid) AS bytes FROM pg_class c
@@ -137,18 +175,15 @@ async fn describe_set(client: &Client, row: &MigrationRow) -> Result<BackupSet, 
             backup: m.to.clone(),
             present,
             rows,
-            rows_at_swap: recorded_rows(row, m),
+            rows_at_swap: recorded_rows(recorded.as_ref(), m),
             bytes: info.map(|r| r.get("bytes")),
         });
     }
     let bytes: i64 = tables.iter().filter_map(|t| t.bytes).sum();
     Ok(BackupSet {
-        timestamp: row.id,
-        created: row
-            .swapped_at
-            .clone()
-            .unwrap_or_else(|| row.created_at.clone()),
-        age_seconds: row.age_seconds,
+        timestamp: set.id,
+        created: set.created.clone(),
+        age_seconds: set.age_seconds,
         table_count: tables.len(),
         size: crate::report::size(bytes),
         bytes,
@@ -172,8 +207,9 @@ async fn count(client: &Client, schema: &str, table: &str) -> Result<i64, Coordi
 pub async fn list(destination: &DbUrl) -> Result<Vec<BackupSet>, CoordinatorError> {
     let client = destination.connect("pgzm-list").await?;
     let mut out = Vec::new();
-    for row in backup_rows(&client).await? {
-        out.push(describe_set(&client, &row).await?);
+    for set in backup_sets(&client).await? {
+        let tables = backup_moves(&client, set.id, &[ObjectKind::Table]).await?;
+        out.push(describe_set(&client, &set, &tables).await?);
     }
     Ok(out)
 }
@@ -209,7 +245,22 @@ pub async fn verify(
 ) -> Result<Verification, CoordinatorError> {
     let client = destination.connect("pgzm-verify").await?;
     let row = find(&client, id).await?;
-    let set = describe_set(&client, &row).await?;
+    let moves = backup_moves(&client, row.id, &[ObjectKind::Table, ObjectKind::Sequence]).await?;
+    // The migration's tables, by name: a backup table without one is a partition the source
+    // did not have.
+    #[derive(serde::Deserialize)]
+    struct TableName {
+        #[serde(default = "crate::naming::public_schema")]
+        schema: String,
+        name: String,
+    }
+    let migrated: std::collections::BTreeSet<QualName> =
+        state::plan_array(&client, row.id, "tables", |_: &TableName| true)
+            .await?
+            .into_iter()
+            .map(|t| QualName::new(t.schema, t.name))
+            .collect();
+    let set = describe_set(&client, &row, &moves).await?;
     let mut checks = Vec::new();
     let mut check = |check: String, problem: Option<String>| {
         checks.push(Check {
@@ -230,7 +281,7 @@ pub async fn verify(
         }
         // A partition of a replaced table that the source did not have joined the backup set
         // with its parent: it has no live twin.
-        if row.plan.table(&live).is_some() {
+        if migrated.contains(&live) {
             let twin = client
                 .query_opt(
                     "SELECT 1 FROM pg_class WHERE relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = $2)
@@ -283,7 +334,7 @@ pub async fn verify(
             );
         }
     }
-    for (constraint, table, orphans) in orphans_in_set(&client, &row.plan.to_backup).await? {
+    for (constraint, table, orphans) in orphans_in_set(&client, &moves).await? {
         check(
             format!(
                 "foreign key \"{constraint}\" of {} has no orphans",
@@ -292,12 +343,7 @@ pub async fn verify(
             (orphans > 0).then(|| format!("{orphans} orphaned rows")),
         );
     }
-    for m in row
-        .plan
-        .to_backup
-        .iter()
-        .filter(|m| m.kind == ObjectKind::Sequence)
-    {
+    for m in moves.iter().filter(|m| m.kind == ObjectKind::Sequence) {
         let present = client
             .query_opt(
                 "SELECT 1 FROM pg_class WHERE relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = $2)
@@ -539,37 +585,25 @@ pub async fn cleanup(
     // A backup set's age is that of its swap (when the live tables became the backup), not of
     // its prepare: with two-phase runs they can be days apart, and a set swapped in an hour ago
     // must not go because its prepare started last week.
-    let rows = backup_rows(&client).await?;
-    if rows.is_empty() {
-        return finished(out, aside_left);
-    }
-    let created: std::collections::BTreeMap<i64, i64> = client
-        .query(
-            "SELECT id, (extract(epoch FROM coalesce(swapped_at, created_at)) * 1000)::int8 AS created_ms
-             FROM pgzm.migrations WHERE backup_present",
-            &[],
-        )
-        .await
-        .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?
-        .iter()
-        .map(|r| (r.get("id"), r.get("created_ms")))
-        .collect();
-    for row in rows {
-        if created.get(&row.id).copied().unwrap_or(row.id).max(row.id) >= before {
+    for set in backup_sets(&client).await? {
+        if set.created_ms.max(set.id) >= before {
             continue;
         }
-        out.backup_sets.push(row.id);
+        out.backup_sets.push(set.id);
+        // Read a set at a time, without their indexes (they go with their tables).
+        let moves = state::plan_array(&client, set.id, "to_backup", |m: &Move| {
+            m.kind != ObjectKind::Index
+        })
+        .await?;
         if dry_run {
             out.objects.extend(
-                row.plan
-                    .to_backup
+                moves
                     .iter()
-                    .filter(|m| m.kind != ObjectKind::Index)
                     .map(|m| format!("{} {}", m.kind.keyword().to_lowercase(), m.to)),
             );
         } else {
             out.objects
-                .extend(state::drop_backup_set(&mut client, row.id, &row.plan.to_backup).await?);
+                .extend(state::drop_backup_set(&mut client, set.id, &moves).await?);
         }
     }
     finished(out, aside_left)

@@ -675,6 +675,7 @@ impl Facts {
         plan: &Plan,
         sets: &TableSets,
         oid_of: BTreeMap<QualName, Oid>,
+        views: BTreeMap<QualName, LiveView>,
     ) -> Result<Facts, CoordinatorError> {
         let current = oids_of(&oid_of, &sets.current_drop);
         let kept_backups = oids_of(&oid_of, &sets.kept_backups);
@@ -698,7 +699,7 @@ impl Facts {
             fks_in: foreign_keys(control, FKS_INTO, &current, &gone).await?,
             fks_kept: foreign_keys(control, FKS_FROM, &restored, &kept_backups).await?,
             conversions: type_conversions(control, plan, &kept).await?,
-            views: destination::read(control, &plan.schemas()).await?.views,
+            views,
             aside: AsideSet::read(control, id, plan, &gone, &kept_sequences).await?,
             functions: RecreatedFunction::read(control, id, plan).await?,
             backup_functions: backup_functions(control, plan).await?,
@@ -1044,7 +1045,11 @@ fn rollback_transaction(plan: &Plan, id: i64, sets: &TableSets, facts: &Facts) -
             &fk.definition,
         ));
     }
-    let back = back_renames(plan);
+    let back = if facts.fks_kept.is_empty() {
+        Renames::new()
+    } else {
+        back_renames(plan)
+    };
     for fk in &facts.fks_kept {
         let table = back.get_in(&fk.schema, &fk.table).unwrap_or(&fk.table);
         tx.push(add_not_valid(
@@ -1066,6 +1071,63 @@ fn rollback_transaction(plan: &Plan, id: i64, sets: &TableSets, facts: &Facts) -
         tx.extend(crate::swap::view_sql(&crate::plan::ViewPlan::recreating(v)));
     }
     Planned { tx, record, locks }
+}
+
+/// The foreign keys the rollback adds `NOT VALID` (into the tables it restores, and from them
+/// into the kept tables), to validate after its commit: (table, constraint), by the names they
+/// have then.
+fn validations(plan: &Plan, facts: &Facts) -> Vec<(QualName, String)> {
+    if facts.fks_in.is_empty() && facts.fks_kept.is_empty() {
+        return Vec::new();
+    }
+    let back = back_renames(plan);
+    facts
+        .fks_in
+        .iter()
+        .chain(&facts.fks_kept)
+        .map(|fk| {
+            (
+                QualName::new(
+                    fk.schema.clone(),
+                    back.get_in(&fk.schema, &fk.table).unwrap_or(&fk.table),
+                ),
+                fk.name.clone(),
+            )
+        })
+        .collect()
+}
+
+/// What a rollback reads of migration `id`'s recorded plan: all of it but the arrays it has
+/// no use for (the shadow set's indexes and sequences, the dependents and deferred checks of
+/// the prepare), and of `to_live` only the sequences and types; the large arrays are read an
+/// element at a time ([`state::plan_array`]).
+async fn recorded_plan(control: &Client, id: i64) -> Result<Plan, CoordinatorError> {
+    const STREAMED: [&str; 3] = ["tables", "to_backup", "to_live"];
+    const UNUSED: [&str; 9] = [
+        "indexes",
+        "sequences",
+        "types",
+        "multiranges",
+        "foreign_keys",
+        "dependents",
+        "deferred",
+        "deferred_checks",
+        "deferred_validations",
+    ];
+    let blank: Vec<&str> = STREAMED.iter().chain(&UNUSED).copied().collect();
+    let mut plan = state::plan_without(control, id, &blank)
+        .await?
+        .ok_or_else(|| CoordinatorError::Metadata {
+            what: format!("read migration {id}"),
+            message: "it is gone from pgzm.migrations".into(),
+        })?;
+    plan.tables = state::plan_array(control, id, "tables", |_| true).await?;
+    plan.to_backup = state::plan_array(control, id, "to_backup", |_| true).await?;
+    plan.to_live = state::plan_array(control, id, "to_live", |m: &crate::plan::Move| {
+        matches!(m.kind, ObjectKind::Sequence | ObjectKind::Type)
+    })
+    .await?;
+    Ok(plan)
 }
 
 /// Names after the rollback, for rewriting definitions read now.
@@ -1224,23 +1286,41 @@ async fn commit(opts: &RollbackOptions) -> Result<(Client, RollbackReport), Coor
         .await
         .map_err(|e| CoordinatorError::destination("set search_path", e))?;
     let row = backup::find(&control, opts.migration_id).await?;
-    let plan = &row.plan;
-    let sets = TableSets::new(plan, &opts.keep_tables);
+    // The destination's views, read first: `destination::read` reads the whole catalog of the
+    // migrated schemas (tens of MB at 10 000 tables), of which the rollback keeps the views.
+    let views = {
+        #[derive(serde::Deserialize)]
+        struct TableSchema {
+            #[serde(default = "crate::naming::public_schema")]
+            schema: String,
+        }
+        // The schemas of the migrated tables, as `Plan::schemas` names them (collected as the
+        // tables are read; none is kept).
+        let mut schemas = BTreeSet::new();
+        state::plan_array(&control, row.id, "tables", |t: &TableSchema| {
+            schemas.insert(t.schema.clone());
+            false
+        })
+        .await?;
+        let schemas: Vec<String> = schemas.into_iter().collect();
+        destination::read(&control, &schemas).await?.views
+    };
+    let plan = recorded_plan(&control, row.id).await?;
+    let sets = TableSets::new(&plan, &opts.keep_tables);
     let oid_of = oids(&control, &sets.names()).await?;
     let mut problems = sets.problems(row.id, &oid_of);
     if !problems.is_empty() {
         return Err(CoordinatorError::Refused(problems));
     }
-    let facts = Facts::read(&control, row.id, plan, &sets, oid_of).await?;
+    let facts = Facts::read(&control, row.id, &plan, &sets, oid_of, views).await?;
     problems.extend(facts.aside.problems(&control).await?);
     if !problems.is_empty() {
         return Err(CoordinatorError::Refused(problems));
     }
-    let planned = rollback_transaction(plan, row.id, &sets, &facts);
+    let planned = rollback_transaction(&plan, row.id, &sets, &facts);
     LockBudget::read(&control)
         .await?
         .check(planned.locks, "the rollback")?;
-    let tx = &planned.tx;
     let mut report = RollbackReport {
         timestamp: row.id,
         dry_run: opts.dry_run,
@@ -1250,24 +1330,31 @@ async fn commit(opts: &RollbackOptions) -> Result<(Client, RollbackReport), Coor
             .map(|(l, _)| l.display_name())
             .collect(),
         kept: sets.keep.iter().map(QualName::display_name).collect(),
-        dropped: sets
-            .current_drop
-            .iter()
-            .filter(|n| !sets.backups.iter().any(|(l, _)| l == *n))
-            .map(QualName::display_name)
-            .collect(),
-        statements: tx.statements(opts.locks.lock_timeout),
+        dropped: {
+            let backups: BTreeSet<&QualName> = sets.backups.iter().map(|(l, _)| l).collect();
+            sets.current_drop
+                .iter()
+                .filter(|n| !backups.contains(n))
+                .map(QualName::display_name)
+                .collect()
+        },
+        statements: Vec::new(),
         attempts: 0,
         warnings: pending_prepares(&control, row.id, &sets.current_drop).await?,
     };
+    let Planned { tx, record, locks } = planned;
     if opts.dry_run {
+        report.statements = tx.statements(opts.locks.lock_timeout);
         return Ok((control, report));
     }
-    tracing::debug!(
-        locks = planned.locks,
-        aside = planned.record.len(),
-        "rollback planned"
-    );
+    // The foreign keys added NOT VALID, validated after the commit: (table, constraint), by
+    // the names they have then.
+    let validations = validations(&plan, &facts);
+    let moved_aside = record.len();
+    // What the transaction needs is in it: the plan and what was read go before it is sent (at
+    // 10 000 tables the batch is ~8 MB of SQL, which the client copies on its way out).
+    drop((record, sets, facts, plan));
+    tracing::debug!(locks, aside = moved_aside, "rollback planned");
     // pgzm.rolled_back_objects may be missing from metadata an older pgzm created.
     state::ensure_schema(&control).await?;
     let (attempts, messages) = tx
@@ -1283,6 +1370,7 @@ async fn commit(opts: &RollbackOptions) -> Result<(Client, RollbackReport), Coor
         .await?;
     report.attempts = attempts;
     let locked = marker(&messages, "locked").unwrap_or(0);
+    drop(messages);
     let committed: i64 = control
         .query_one(
             "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS now",
@@ -1295,23 +1383,20 @@ async fn commit(opts: &RollbackOptions) -> Result<(Client, RollbackReport), Coor
         migration = row.id,
         attempts,
         lock_held_ms = (committed - locked) as f64 / 1000.0,
-        moved_aside = planned.record.len(),
+        moved_aside,
         "rollback committed"
     );
-    let back = back_renames(plan);
-    for fk in facts.fks_in.iter().chain(&facts.fks_kept) {
-        let table = QualName::new(
-            fk.schema.clone(),
-            back.get_in(&fk.schema, &fk.table).unwrap_or(&fk.table),
-        );
+    report.statements = tx.statements(opts.locks.lock_timeout);
+    drop(tx);
+    for (table, name) in validations {
         let validate = format!(
             "ALTER TABLE {table} VALIDATE CONSTRAINT {}",
-            quote_ident(&fk.name)
+            quote_ident(&name)
         );
         if let Err(e) = control.batch_execute(&validate).await {
             report.warnings.push(format!(
                 "foreign key \"{}\" on {} does not validate after the rollback: {}; it stays NOT VALID until the rows are fixed and you run: {validate}",
-                fk.name,
+                name,
                 table.plain(),
                 pgzm_pg::conn::describe(&e)
             ));
@@ -1328,38 +1413,36 @@ async fn pending_prepares(
     rolled_back: i64,
     replaced: &[QualName],
 ) -> Result<Vec<String>, CoordinatorError> {
-    let ids: Vec<i64> = control
+    let pending: Vec<(i64, String)> = control
         .query(
-            "SELECT id FROM pgzm.migrations
+            "SELECT id, status FROM pgzm.migrations
              WHERE shadow_present AND status IN ('preparing', 'prepared') AND id <> $1 ORDER BY id",
             &[&rolled_back],
         )
         .await
         .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?
         .iter()
-        .map(|r| r.get("id"))
+        .map(|r| (r.get("id"), r.get("status")))
         .collect();
     let mut warnings = Vec::new();
-    for id in ids {
-        let Some(pending) = state::load(control, Some(id)).await? else {
-            continue;
-        };
-        let synced: Vec<String> = pending
-            .plan
-            .preserved
-            .iter()
-            .filter(|p| replaced.contains(&p.qualname()))
-            .map(|p| p.qualname().plain())
-            .collect();
+    for (id, status) in pending {
+        let synced: Vec<String> = state::plan_array(
+            control,
+            id,
+            "preserved",
+            |p: &crate::preserve::PreservedTable| replaced.contains(&p.qualname()),
+        )
+        .await?
+        .iter()
+        .map(|p| p.qualname().plain())
+        .collect();
         warnings.push(if synced.is_empty() {
             format!(
-                "migration {id} is {} against the tables this rollback replaces: run `pgzm prepare --force` again before swapping it",
-                pending.status
+                "migration {id} is {status} against the tables this rollback replaces: run `pgzm prepare --force` again before swapping it"
             )
         } else {
             format!(
-                "migration {id} is {} and keeps {} in sync with triggers on the tables this rollback replaces; those triggers go with them, so its swap will be refused: run `pgzm prepare --force` again",
-                pending.status,
+                "migration {id} is {status} and keeps {} in sync with triggers on the tables this rollback replaces; those triggers go with them, so its swap will be refused: run `pgzm prepare --force` again",
                 synced.join(", ")
             )
         });

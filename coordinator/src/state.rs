@@ -1238,6 +1238,85 @@ impl MigrationRow {
     }
 }
 
+/// The error of a recorded plan that does not parse.
+fn unreadable_plan(id: i64, e: impl std::fmt::Display) -> CoordinatorError {
+    CoordinatorError::Metadata {
+        what: format!("read migration {id}"),
+        message: format!(
+            "its recorded plan is unreadable ({e}); it was written by another pgzm version"
+        ),
+    }
+}
+
+/// Migration `id`'s recorded plan with its arrays `blank` read as empty: the large ones the
+/// caller reads an element at a time ([`plan_array`]) or does not need. At 10 000 tables the
+/// plan is ~13 MB of JSON in one column: read whole, the row sits in the connection's read
+/// buffer (which keeps that size for the session) beside the parsed plan. `None` when there is
+/// no such migration.
+pub async fn plan_without(
+    client: &impl GenericClient,
+    id: i64,
+    blank: &[&str],
+) -> Result<Option<Plan>, CoordinatorError> {
+    let row = client
+        .query_opt(
+            "SELECT m.plan || (SELECT coalesce(jsonb_object_agg(k, '[]'::jsonb), '{}'::jsonb)
+                               FROM unnest($2::text[]) k) AS plan
+             FROM pgzm.migrations m WHERE m.id = $1",
+            &[&id, &blank],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("read pgzm metadata", e))?;
+    row.map(|r| {
+        r.try_get::<_, tokio_postgres::types::Json<Plan>>("plan")
+            .map(|p| p.0)
+            .map_err(|e| unreadable_plan(id, e))
+    })
+    .transpose()
+}
+
+/// The elements of array `key` of migration `id`'s recorded plan (`tables`, `to_backup`, …)
+/// that `keep` accepts, in order. Read a row per element and parsed as they arrive: no message
+/// holds the whole array, no row is kept, only what `keep` accepts is. Nothing when the plan
+/// has no such array (or there is no such migration).
+pub async fn plan_array<T, F>(
+    client: &impl GenericClient,
+    id: i64,
+    key: &str,
+    mut keep: F,
+) -> Result<Vec<T>, CoordinatorError>
+where
+    T: serde::de::DeserializeOwned,
+    F: FnMut(&T) -> bool,
+{
+    use futures_util::TryStreamExt;
+    let read = |e| CoordinatorError::destination("read pgzm metadata", e);
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&id, &key];
+    let rows = client
+        .query_raw(
+            "SELECT e.value FROM pgzm.migrations m
+             CROSS JOIN LATERAL jsonb_array_elements(CASE jsonb_typeof(m.plan -> $2::text)
+                                                     WHEN 'array' THEN m.plan -> $2::text END)
+                        WITH ORDINALITY AS e(value, n)
+             WHERE m.id = $1 ORDER BY e.n",
+            params,
+        )
+        .await
+        .map_err(read)?;
+    futures_util::pin_mut!(rows);
+    let mut out = Vec::new();
+    while let Some(row) = rows.try_next().await.map_err(read)? {
+        let element = row
+            .try_get::<_, tokio_postgres::types::Json<T>>(0)
+            .map_err(|e| unreadable_plan(id, e))?
+            .0;
+        if keep(&element) {
+            out.push(element);
+        }
+    }
+    Ok(out)
+}
+
 /// Sync errors recorded for a migration: (table, operation, message, at).
 pub async fn sync_errors(
     client: &Client,
