@@ -150,6 +150,10 @@ fn binaries_with(pg: PathBuf) -> anyhow::Result<Binaries> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some(methods::PEAK_RSS_LAUNCHER) {
+        std::process::exit(methods::launch_and_report_peak(&argv[2..])?);
+    }
     let args = Args::parse();
     if args.regions {
         return two_regions(&args).await;

@@ -46,9 +46,70 @@ pub struct Measured {
     pub stderr: String,
 }
 
-/// Runs a command to completion, measuring wall time and peak RSS (wait4's rusage).
+/// The first argument that makes `pgzm-bench` a launcher ([`launch_and_report_peak`]).
+pub const PEAK_RSS_LAUNCHER: &str = "__peak-rss";
+
+/// Runs `pgzm-bench __peak-rss <file> <program> <args…>`: starts the program (stdio inherited),
+/// waits for it, writes its peak RSS in KiB (wait4's rusage) to `<file>` and exits with its
+/// exit code.
+///
+/// Why a launcher: the bench itself grows to 100–200 MB over a run, and a child the bench starts
+/// directly reports the bench's peak when that is larger than its own. Rust starts children with
+/// `posix_spawn`, whose child shares the parent's memory until it execs, and at the exec the
+/// kernel records that memory's high-water mark as the child's (`ru_maxrss`): a pgzm `cleanup`
+/// of 30 MB was reported as 148 MB. This launcher is a fresh, small process, so what its child
+/// inherits is a few MB.
+pub fn launch_and_report_peak(args: &[String]) -> anyhow::Result<i32> {
+    let [file, program, rest @ ..] = args else {
+        bail!("usage: pgzm-bench {PEAK_RSS_LAUNCHER} <file> <program> [args…]");
+    };
+    let child = Command::new(program)
+        .args(rest)
+        .spawn()
+        .with_context(|| format!("spawn {program}"))?;
+    let (status, usage) = wait_with_usage(child.id() as libc::pid_t)?;
+    std::fs::write(file, usage.ru_maxrss.to_string()).with_context(|| format!("write {file}"))?;
+    Ok(if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        1
+    })
+}
+
+/// Waits for our child `pid`: its wait status and resource use.
+fn wait_with_usage(pid: libc::pid_t) -> anyhow::Result<(i32, libc::rusage)> {
+    let mut status = 0;
+    // SAFETY: rusage is plain data, filled in by the kernel.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; the pointers are valid for the call.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if r < 0 {
+        bail!("wait4 failed for pid {pid}");
+    }
+    Ok((status, usage))
+}
+
+/// Runs a command to completion, measuring wall time and peak RSS: through this binary as a
+/// launcher ([`launch_and_report_peak`]), which reports the command's own peak.
 pub fn run_measured(cmd: &mut Command) -> anyhow::Result<Measured> {
     let started = Instant::now();
+    let peak_file = tempfile_path("peak-rss");
+    let mut launcher = Command::new(std::env::current_exe().context("the bench's own path")?);
+    launcher
+        .arg(PEAK_RSS_LAUNCHER)
+        .arg(&peak_file)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(v) => launcher.env(key, v),
+            None => launcher.env_remove(key),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        launcher.current_dir(dir);
+    }
+    let cmd = &mut launcher;
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -67,17 +128,15 @@ pub fn run_measured(cmd: &mut Command) -> anyhow::Result<Measured> {
         s
     });
     let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: rusage is plain data, filled in by the kernel.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own child; the pointers are valid for the call.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let waited = wait_with_usage(pid);
     let elapsed = started.elapsed();
     let stdout = reader.join().unwrap_or_default();
     let stderr = err_reader.join().unwrap_or_default();
-    if r < 0 {
-        bail!("wait4 failed for {cmd:?}");
-    }
+    let (status, _) = waited?;
+    let max_rss_kib = std::fs::read_to_string(&peak_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let _ = std::fs::remove_file(&peak_file);
     let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
     if !ok {
         bail!(
@@ -95,10 +154,21 @@ pub fn run_measured(cmd: &mut Command) -> anyhow::Result<Measured> {
     }
     Ok(Measured {
         elapsed,
-        max_rss_kib: usage.ru_maxrss as u64,
+        max_rss_kib: max_rss_kib.context("the launcher did not report the peak RSS")?,
         stdout,
         stderr,
     })
+}
+
+/// A fresh path in the temporary directory (unique per process and call).
+fn tempfile_path(what: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    std::env::temp_dir().join(format!(
+        "pgzm-bench-{what}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
 pub fn mib(kib: u64) -> f64 {

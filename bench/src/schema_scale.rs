@@ -1251,7 +1251,7 @@ impl SchemaScale {
             s,
             "\n### Beside pg_dump/pg_restore and pgcopydb\n\nThe same source database, into an empty database of the destination server (`-j{j}` / table and index jobs {j}). \
              pgzm's time is prepare + swap, into a destination that already holds the schema (it builds beside it, then swaps). \
-             Client RSS is the peak of the process (for pg_dump and pg_restore, of the larger); backends are the server sessions of the databases involved (not the probing client's), sampled every {} ms \
+             Client RSS is the peak of the process, reported by a small launcher so that the bench's own memory is not counted (for pg_dump and pg_restore, of the larger); backends are the server sessions of the databases involved (not the probing client's), sampled every {} ms \
              from /proc: \"private\" is their largest RssAnon (caches, plans), \"with shared\" their largest VmHWM, which also counts the shared buffers and lock table they touched.\n",
             SAMPLE_EVERY.as_millis(),
             j = self.jobs
