@@ -587,7 +587,102 @@ pub async fn drop_backup_statements(
         .iter()
         .map(|r| (QualName::from_row(r), r.get("is_sequence")))
         .collect();
-    Ok(plan_drop_backup(moves, &present))
+    let tables = present.iter().filter(|(_, sequence)| !sequence).count();
+    let before = if tables > TABLES_PER_BATCH {
+        drop_dependencies(client, &schemas, &names).await?
+    } else {
+        Vec::new()
+    };
+    Ok(plan_drop_backup(moves, &present, &before))
+}
+
+/// Among the backup tables named (`schemas`, `names`): (a, b) when `a` must be dropped no later
+/// than `b` in statements of their own: `a` has a foreign key into `b`, or inherits from it (or
+/// is a partition of it: dropping `b` would drop `a` with it).
+async fn drop_dependencies(
+    client: &impl GenericClient,
+    schemas: &[&str],
+    names: &[&str],
+) -> Result<Vec<(QualName, QualName)>, CoordinatorError> {
+    Ok(client
+        .query(
+            "WITH t AS (SELECT c.oid, n.nspname::text AS s, c.relname::text AS r
+                          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                          JOIN unnest($1::text[], $2::text[]) w(s, r) ON w.s = n.nspname AND w.r = c.relname
+                         WHERE c.relkind IN ('r', 'p'))
+             SELECT a.s AS first_schema, a.r AS first_name, b.s AS then_schema, b.r AS then_name
+               FROM (SELECT conrelid AS first, confrelid AS next FROM pg_constraint
+                      WHERE contype = 'f' AND conrelid <> confrelid
+                     UNION
+                     SELECT inhrelid, inhparent FROM pg_inherits) e
+               JOIN t a ON a.oid = e.first JOIN t b ON b.oid = e.next",
+            &[&schemas, &names],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("look up the backup tables' keys", e))?
+        .iter()
+        .map(|r| {
+            (
+                QualName::new(r.get::<_, String>("first_schema"), r.get::<_, String>("first_name")),
+                QualName::new(r.get::<_, String>("then_schema"), r.get::<_, String>("then_name")),
+            )
+        })
+        .collect())
+}
+
+/// `tables` in groups of at most [`TABLES_PER_BATCH`], one `DROP TABLE` each, ordered so that
+/// for every (a, b) of `before` `a` is in the same group as `b` or an earlier one (Kahn's
+/// ordering, the list's order among the tables free to go; tables in a cycle all go in one last
+/// group). PostgreSQL's dependency code is superlinear in the objects of one statement: one
+/// `DROP TABLE` of a 10 000-table backup set took 28 s of server time. Up to
+/// [`TABLES_PER_BATCH`] tables stay one statement, in the list's order.
+pub fn drop_groups(tables: &[QualName], before: &[(QualName, QualName)]) -> Vec<Vec<QualName>> {
+    use std::cmp::Reverse;
+    use std::collections::{BinaryHeap, HashMap};
+    if tables.len() <= TABLES_PER_BATCH {
+        return vec![tables.to_vec()];
+    }
+    let position: HashMap<&QualName, usize> =
+        tables.iter().enumerate().map(|(i, t)| (t, i)).collect();
+    let mut waiting = vec![0usize; tables.len()];
+    let mut next: Vec<Vec<usize>> = vec![Vec::new(); tables.len()];
+    let edges: std::collections::BTreeSet<(usize, usize)> = before
+        .iter()
+        .filter_map(|(a, b)| Some((*position.get(a)?, *position.get(b)?)))
+        .filter(|(a, b)| a != b)
+        .collect();
+    for &(a, b) in &edges {
+        waiting[b] += 1;
+        next[a].push(b);
+    }
+    let mut ready: BinaryHeap<Reverse<usize>> = (0..tables.len())
+        .filter(|&i| waiting[i] == 0)
+        .map(Reverse)
+        .collect();
+    let mut order = Vec::with_capacity(tables.len());
+    let mut done = vec![false; tables.len()];
+    while let Some(Reverse(i)) = ready.pop() {
+        order.push(i);
+        done[i] = true;
+        for &b in &next[i] {
+            waiting[b] -= 1;
+            if waiting[b] == 0 {
+                ready.push(Reverse(b));
+            }
+        }
+    }
+    let mut groups: Vec<Vec<QualName>> = order
+        .chunks(TABLES_PER_BATCH)
+        .map(|c| c.iter().map(|&i| tables[i].clone()).collect())
+        .collect();
+    let cycle: Vec<QualName> = (0..tables.len())
+        .filter(|&i| !done[i])
+        .map(|i| tables[i].clone())
+        .collect();
+    if !cycle.is_empty() {
+        groups.push(cycle);
+    }
+    groups
 }
 
 /// [`drop_backup_statements`]' decisions: `present` holds the backup relations that exist, as
@@ -595,6 +690,7 @@ pub async fn drop_backup_statements(
 pub fn plan_drop_backup(
     moves: &[Move],
     present: &std::collections::BTreeSet<(QualName, bool)>,
+    before: &[(QualName, QualName)],
 ) -> DropBackupPlan {
     use crate::plan::ObjectKind;
     let of_kind = |kind: ObjectKind, sequence: bool| -> Vec<QualName> {
@@ -622,14 +718,16 @@ pub fn plan_drop_backup(
         out.dropped.extend(names);
     }
     if !tables.is_empty() {
-        out.statements.push(format!(
-            "DROP TABLE {}",
-            tables
-                .iter()
-                .map(QualName::quoted)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+        for group in drop_groups(&tables, before) {
+            out.statements.push(format!(
+                "DROP TABLE {}",
+                group
+                    .iter()
+                    .map(QualName::quoted)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         out.dropped
             .extend(tables.iter().map(|n| format!("table {}", n.display_name())));
     }
@@ -1979,4 +2077,56 @@ async fn run_with_lock_retry_simple(
 ) -> Result<(), CoordinatorError> {
     let action = format!("drop tables the rollback of migration {id} moved aside");
     tx.run(client, locks, &action, &action).await.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Up to 200 tables: one group in the list's order (the goldens of small schemas unchanged).
+    /// Beyond: groups of at most 200, each table after (or with) what must go before it, a cycle
+    /// together in the last group, every table exactly once.
+    #[test]
+    fn drop_groups_keep_what_must_go_first_in_an_earlier_or_the_same_group() {
+        let t = |i: usize| QualName::new("public", format!("backup_t_{i:04}"));
+        let small: Vec<QualName> = (0..150).map(t).collect();
+        assert_eq!(
+            drop_groups(&small, &[(t(3), t(1))]),
+            vec![small.clone()],
+            "small sets stay one statement"
+        );
+        let tables: Vec<QualName> = (0..1000).map(t).collect();
+        // Three of every four reference the first of their group of four (as the bench's schema);
+        // the last tables reference the first ones (across groups); 10 inherits from 990;
+        // 500 ↔ 501 form a cycle.
+        let mut before: Vec<(QualName, QualName)> = Vec::new();
+        for i in 0..1000 {
+            if i % 4 != 0 {
+                before.push((t(i), t(i - i % 4)));
+            }
+        }
+        for i in 900..1000 {
+            before.push((t(i), t(i - 900)));
+        }
+        before.push((t(10), t(990)));
+        before.push((t(500), t(501)));
+        before.push((t(501), t(500)));
+        let groups = drop_groups(&tables, &before);
+        assert!(groups[..groups.len() - 1]
+            .iter()
+            .all(|g| g.len() <= TABLES_PER_BATCH));
+        let group_of: std::collections::HashMap<&QualName, usize> = groups
+            .iter()
+            .enumerate()
+            .flat_map(|(i, g)| g.iter().map(move |n| (n, i)))
+            .collect();
+        assert_eq!(group_of.len(), 1000, "every table once");
+        assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), 1000);
+        for (a, b) in &before {
+            assert!(group_of[a] <= group_of[b], "{a:?} must go before {b:?}");
+        }
+        // The cycle is the last group (with what waits on it).
+        let last = groups.last().unwrap();
+        assert!(last.contains(&t(500)) && last.contains(&t(501)));
+    }
 }
