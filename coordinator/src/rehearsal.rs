@@ -61,70 +61,46 @@ impl Rehearsal<'_> {
     /// again one by one, recording each that fails.
     async fn flush(&mut self) -> Result<(), CoordinatorError> {
         let batch = std::mem::take(&mut self.pending);
-        match batch.as_slice() {
-            [] => return Ok(()),
-            [(action, statements)] => return self.run_one(action, statements).await,
-            _ => {}
-        }
-        let sql: String = batch
-            .iter()
-            .flat_map(|(_, statements)| statements)
-            .map(|s| format!("{s};\n"))
-            .collect();
-        self.client
-            .batch_execute("SAVEPOINT pgzm_rehearsal")
-            .await
-            .map_err(dry_run_error("savepoint"))?;
-        match self.client.batch_execute(&sql).await {
-            Ok(()) => self
-                .client
-                .batch_execute("RELEASE SAVEPOINT pgzm_rehearsal")
-                .await
-                .map_err(dry_run_error("release savepoint")),
-            Err(_) => {
-                self.client
-                    .batch_execute(
-                        "ROLLBACK TO SAVEPOINT pgzm_rehearsal; RELEASE SAVEPOINT pgzm_rehearsal",
-                    )
-                    .await
-                    .map_err(dry_run_error("rollback to savepoint"))?;
-                for (action, statements) in &batch {
-                    self.run_one(action, statements).await?;
-                }
-                Ok(())
+        if batch.len() > 1 {
+            let sql: Vec<&String> = batch.iter().flat_map(|(_, s)| s).collect();
+            if self.under_savepoint(&sql).await?.is_ok() {
+                return Ok(());
             }
         }
-    }
-
-    /// Runs one action's statements under a savepoint; a failure is recorded and undone.
-    async fn run_one(
-        &mut self,
-        action: &str,
-        statements: &[String],
-    ) -> Result<(), CoordinatorError> {
-        self.client
-            .batch_execute("SAVEPOINT pgzm_rehearsal")
-            .await
-            .map_err(dry_run_error("savepoint"))?;
-        let mut sql = statements.join(";\n");
-        sql.push(';');
-        match self.client.batch_execute(&sql).await {
-            Ok(()) => self
-                .client
-                .batch_execute("RELEASE SAVEPOINT pgzm_rehearsal")
-                .await
-                .map_err(dry_run_error("release savepoint")),
-            Err(e) => {
+        for (action, statements) in &batch {
+            if let Err(e) = self.under_savepoint(statements).await? {
                 self.failures
                     .push(format!("{action} would fail: {}", describe(&e)));
-                self.client
-                    .batch_execute(
-                        "ROLLBACK TO SAVEPOINT pgzm_rehearsal; RELEASE SAVEPOINT pgzm_rehearsal",
-                    )
-                    .await
-                    .map_err(dry_run_error("rollback to savepoint"))
             }
         }
+        Ok(())
+    }
+
+    /// Runs `statements` under a savepoint, released when they pass and rolled back to when
+    /// they fail: their error (inner), or the savepoint's own (outer).
+    async fn under_savepoint(
+        &self,
+        statements: &[impl AsRef<str>],
+    ) -> Result<Result<(), tokio_postgres::Error>, CoordinatorError> {
+        self.client
+            .batch_execute("SAVEPOINT pgzm_rehearsal")
+            .await
+            .map_err(dry_run_error("savepoint"))?;
+        let sql: String = statements
+            .iter()
+            .map(|s| format!("{};\n", s.as_ref()))
+            .collect();
+        let ran = self.client.batch_execute(&sql).await;
+        let end = if ran.is_ok() {
+            "RELEASE SAVEPOINT pgzm_rehearsal"
+        } else {
+            "ROLLBACK TO SAVEPOINT pgzm_rehearsal; RELEASE SAVEPOINT pgzm_rehearsal"
+        };
+        self.client
+            .batch_execute(end)
+            .await
+            .map_err(dry_run_error("end the savepoint"))?;
+        Ok(ran)
     }
 }
 

@@ -660,10 +660,8 @@ pub fn drop_groups(tables: &[QualName], before: &[(QualName, QualName)]) -> Vec<
         .map(Reverse)
         .collect();
     let mut order = Vec::with_capacity(tables.len());
-    let mut done = vec![false; tables.len()];
     while let Some(Reverse(i)) = ready.pop() {
         order.push(i);
-        done[i] = true;
         for &b in &next[i] {
             waiting[b] -= 1;
             if waiting[b] == 0 {
@@ -675,8 +673,9 @@ pub fn drop_groups(tables: &[QualName], before: &[(QualName, QualName)]) -> Vec<
         .chunks(TABLES_PER_BATCH)
         .map(|c| c.iter().map(|&i| tables[i].clone()).collect())
         .collect();
+    // Never ready: still waiting on a table of a cycle.
     let cycle: Vec<QualName> = (0..tables.len())
-        .filter(|&i| !done[i])
+        .filter(|&i| waiting[i] > 0)
         .map(|i| tables[i].clone())
         .collect();
     if !cycle.is_empty() {

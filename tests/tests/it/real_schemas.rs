@@ -1049,6 +1049,16 @@ async fn objects_only_the_source_has_are_created_when_used() -> anyhow::Result<(
     Ok(())
 }
 
+/// Nothing of a dry run's rehearsal is left: no shadow relation, no stand-in.
+async fn assert_no_rehearsal_left(dst: &Client) {
+    let left = texts(
+        dst,
+        "SELECT relname::text FROM pg_class WHERE left(relname, 7) IN ('shadow_', 'pgzm_re')",
+    )
+    .await;
+    assert!(left.is_empty(), "left by the rehearsal: {left:?}");
+}
+
 /// Item 9: a dry run rehearses what the real run would create — the shadow schema, every
 /// table's keys and indexes, foreign keys, materialized views, stand-ins for the views and
 /// functions the swap recreates — in a transaction that is always rolled back, and reports
@@ -1088,12 +1098,7 @@ async fn a_dry_run_finds_every_failure_of_the_real_run() -> anyhow::Result<()> {
     // Nothing is left of the rehearsal.
     assert_eq!(live_sums(&dst).await, sums);
     checks::assert_same_signature(&checks::signature(&dst).await, &sig, "after the dry run");
-    assert!(texts(
-        &dst,
-        "SELECT relname::text FROM pg_class WHERE left(relname, 7) IN ('shadow_', 'pgzm_re')"
-    )
-    .await
-    .is_empty());
+    assert_no_rehearsal_left(&dst).await;
     assert!(texts(
         &dst,
         "SELECT nspname::text FROM pg_namespace WHERE nspname = 'pgzm'"
@@ -1144,12 +1149,7 @@ async fn a_dry_run_of_many_tables_reports_each_failure_of_any_batch() -> anyhow:
         "only the two tables fail: {failures:?}"
     );
     checks::assert_same_signature(&checks::signature(&dst).await, &sig, "after the dry run");
-    assert!(texts(
-        &dst,
-        "SELECT relname::text FROM pg_class WHERE left(relname, 7) IN ('shadow_', 'pgzm_re')"
-    )
-    .await
-    .is_empty());
+    assert_no_rehearsal_left(&dst).await;
     Ok(())
 }
 
