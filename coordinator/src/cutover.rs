@@ -202,10 +202,18 @@ async fn swap_locked(
         .batch_execute(crate::state::CATALOG_SESSION)
         .await
         .map_err(|e| CoordinatorError::destination("set search_path", e))?;
-    let row = match (
-        state::load(control, opts.migration_id).await?,
-        opts.migration_id,
-    ) {
+    // Read on a session of its own: a session keeps the buffer of its largest response (the
+    // plan: ~12 MB at 10 000 tables) for as long as it lives, and the control session lives
+    // through the swap.
+    let loaded = {
+        let reader = opts.destination.connect("pgzm-coordinator").await?;
+        reader
+            .batch_execute(crate::state::CATALOG_SESSION)
+            .await
+            .map_err(|e| CoordinatorError::destination("set search_path", e))?;
+        state::load(&reader, opts.migration_id).await?
+    };
+    let mut row = match (loaded, opts.migration_id) {
         (Some(row), _) => row,
         (None, Some(id)) => {
             return Err(CoordinatorError::Refused(vec![format!(
@@ -241,9 +249,9 @@ async fn swap_locked(
         }
     }
     let mut report = Report::new(&row.plan, opts.dry_run);
-    if let Some(tables) = row.stats.as_ref().and_then(|s| s.get("tables")) {
+    if let Some(tables) = row.stats.as_mut().and_then(|s| s.get_mut("tables")) {
         report.tables =
-            serde_json::from_value::<Vec<TableReport>>(tables.clone()).unwrap_or_default();
+            serde_json::from_value::<Vec<TableReport>>(tables.take()).unwrap_or_default();
         report.rows = report.tables.iter().map(|t| t.rows).sum();
         report.bytes = report.tables.iter().map(|t| t.bytes).sum();
     }
@@ -258,6 +266,7 @@ async fn swap_locked(
         if !problems.is_empty() {
             return Err(CoordinatorError::Refused(problems));
         }
+        report.plan = row.plan;
         return Ok(report);
     }
     swap_prepared(
@@ -275,5 +284,6 @@ async fn swap_locked(
     .await?;
     info!(migration = row.id, "swapped");
     report.phases = std::mem::take(&mut phases.0);
+    report.plan = row.plan;
     Ok(report)
 }

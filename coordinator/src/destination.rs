@@ -289,6 +289,54 @@ pub struct Destination {
     pub schema_owner: String,
 }
 
+impl Destination {
+    /// Drops what only the planning needs (names taken, views, functions, keys into the
+    /// tables…), keeping what building the shadow set and resuming it read: the server version,
+    /// the live tables' oids, owners, privileges and policies, and the types' and sequences'
+    /// privileges. At 10 000 tables the rest is ~25 MB held through the copy for nothing.
+    pub fn keep_for_build(&mut self) {
+        let Destination {
+            server_version: _,
+            schemas: _,
+            tables,
+            views,
+            materialized_views,
+            typed_functions,
+            type_oids,
+            relation_names,
+            type_qualnames,
+            function_names,
+            sequence_acl: _,
+            type_acl: _,
+            extensions,
+            available_extensions,
+            foreign_keys_in,
+            functions,
+            routines,
+            superuser: _,
+            existing_schemas,
+            schema_owner: _,
+        } = self;
+        for t in tables.values_mut() {
+            for names in [&mut t.indexes, &mut t.owned_sequences, &mut t.children] {
+                *names = Vec::new();
+            }
+        }
+        *views = BTreeMap::new();
+        *materialized_views = BTreeMap::new();
+        *typed_functions = Vec::new();
+        *type_oids = BTreeMap::new();
+        *foreign_keys_in = Vec::new();
+        *functions = BTreeMap::new();
+        for set in [relation_names, type_qualnames, function_names] {
+            *set = BTreeSet::new();
+        }
+        for set in [extensions, available_extensions, routines, existing_schemas] {
+            *set = BTreeSet::new();
+        }
+    }
+}
+
 const TABLES: &str = "
 SELECT c.oid, n.nspname::text AS schema_name, c.relname::text AS name, pg_get_userbyid(c.relowner)::text AS owner,
        c.relrowsecurity AS row_security, c.relforcerowsecurity AS force_row_security,

@@ -169,16 +169,35 @@ impl LockedTransaction {
 
     /// Every statement of the batch, in order, from `BEGIN` to the last after the commit.
     pub fn statements(&self, lock_timeout: Duration) -> Vec<String> {
-        let mut out = Vec::with_capacity(self.body.len() + self.after_commit.len() + 3);
-        out.push("BEGIN".to_string());
-        out.push(format!(
+        let mut out = Vec::new();
+        self.each_statement(lock_timeout, |s| out.push(s.to_string()));
+        out
+    }
+
+    /// The batch as sent: [`LockedTransaction::statements`] joined, built without a copy of
+    /// each statement first (at 10 000 tables the statements are ~8 MB).
+    fn batch(&self, lock_timeout: Duration) -> String {
+        let mut len = 0;
+        self.each_statement(lock_timeout, |s| len += s.len() + 2);
+        let mut out = String::with_capacity(len);
+        self.each_statement(lock_timeout, |s| {
+            if !out.is_empty() {
+                out.push_str(";\n");
+            }
+            out.push_str(s);
+        });
+        out
+    }
+
+    fn each_statement(&self, lock_timeout: Duration, mut f: impl FnMut(&str)) {
+        f("BEGIN");
+        f(&format!(
             "SET LOCAL lock_timeout = '{}ms'",
             lock_timeout.as_millis().max(1)
         ));
-        out.extend(self.body.iter().cloned());
-        out.push("COMMIT".to_string());
-        out.extend(self.after_commit.iter().cloned());
-        out
+        self.body.iter().for_each(|s| f(s));
+        f("COMMIT");
+        self.after_commit.iter().for_each(|s| f(s));
     }
 
     /// Runs the batch (see [`run_with_lock_retry`]).
@@ -189,7 +208,7 @@ impl LockedTransaction {
         lock_action: &str,
         action: &str,
     ) -> Result<(u32, Vec<SimpleQueryMessage>), CoordinatorError> {
-        let sql = self.statements(settings.lock_timeout).join(";\n");
+        let sql = self.batch(settings.lock_timeout);
         run_with_lock_retry(client, &sql, &self.relations, settings, lock_action, action).await
     }
 }

@@ -343,7 +343,21 @@ fn exit_status(err: &anyhow::Error) -> u8 {
         .map_or(1, |e| e.exit_status())
 }
 
+/// glibc's malloc raises its mmap threshold to the size of each large block freed, so later
+/// large, short-lived blocks (a catalog read's buffers, the plan as JSON, a swap's statements:
+/// megabytes each at 10 000 tables) come from the heap and leave it fragmented at its
+/// high-water mark. A fixed threshold hands them back to the kernel when freed: `prepare`'s peak
+/// RSS at 10 000 tables 135 → 121 MiB.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a malloc parameter; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let runtime = match pgzm_agent::runtime() {
         Ok(rt) => rt,

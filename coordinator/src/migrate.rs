@@ -39,6 +39,8 @@ pub async fn start_with_phases(
     }
     // The builds after the copy may have outlived a destination restart; the control session
     // must be alive (and hold the run lock) for the swap.
+    // The plan goes back into the report once the swap is done (one copy of it, not two).
+    let plan = std::mem::take(&mut prepared.report.plan);
     let result = match state::reattach(
         &mut prepared.control,
         &opts.destination,
@@ -52,7 +54,7 @@ pub async fn start_with_phases(
             cutover::swap_prepared(
                 &prepared.control,
                 &opts.destination,
-                &prepared.report.plan.clone(),
+                &plan,
                 &prepared.created,
                 cutover::SwapPolicy {
                     locks: opts.swap,
@@ -67,6 +69,7 @@ pub async fn start_with_phases(
     match result {
         Ok(()) => {
             prepared.report.phases = phases.0.clone();
+            prepared.report.plan = plan;
             Ok(prepared.report)
         }
         Err(err) => {

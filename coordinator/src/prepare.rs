@@ -61,6 +61,9 @@ fn refused(mut problems: Vec<String>) -> CoordinatorError {
 struct Sides {
     source_client: Client,
     control: Client,
+    /// A destination session for the plan's reads, closed after the plan: a session keeps the
+    /// buffer its largest response needed (tens of MB at 10 000 tables) as long as it lives.
+    catalog: Client,
     schema: SourceSchema,
     dest: Destination,
     earlier: plan::Earlier,
@@ -84,11 +87,18 @@ struct Sides {
 /// source's schema and the destination.
 async fn read_sides(opts: &StartOptions, pool: &AgentPool) -> Result<Sides, CoordinatorError> {
     let agent_roles = pool.check_reach(&opts.source, &opts.destination).await?;
-    // A second source session shares the catalog reads (see `catalog::read`).
-    let (source_client, second_source, control) = tokio::try_join!(
-        opts.source.connect("pgzm-coordinator"),
-        opts.source.connect("pgzm-coordinator"),
-        opts.destination.connect("pgzm-coordinator"),
+    // The snapshot's session only holds the snapshot through the copy; two sessions importing
+    // it share the catalog reads (see `catalog::read`) and close after them, and so does the
+    // destination's catalog session: a session keeps the buffers its largest response and
+    // message needed for as long as it lives.
+    // Boxed: five connection futures side by side overflowed a debug build's test stack.
+    let (source, destination) = (&opts.source, &opts.destination);
+    let (source_client, reader, second_reader, control, catalog) = tokio::try_join!(
+        Box::pin(source.connect("pgzm-coordinator")),
+        Box::pin(source.connect("pgzm-coordinator")),
+        Box::pin(source.connect("pgzm-coordinator")),
+        Box::pin(destination.connect("pgzm-coordinator")),
+        Box::pin(destination.connect("pgzm-coordinator")),
     )?;
     refuse_same_database(&source_client, &control, &opts.destination).await?;
     // What this run was started against: if another run finishes while this one waits
@@ -135,17 +145,19 @@ async fn read_sides(opts: &StartOptions, pool: &AgentPool) -> Result<Sides, Coor
             .await
             .map_err(|e| CoordinatorError::source("export a snapshot", e))?
             .get("snapshot");
-        second_source
-            .batch_execute(&format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; {SETTINGS}",
-                pgzm_pg::sql::quote_literal(&snapshot)
-            ))
-            .await
-            .map_err(|e| CoordinatorError::source("import the snapshot", e))?;
-        let schema =
-            catalog::read(&source_client, &second_source, &opts.schemas, &opts.tables).await?;
-        drop(second_source);
-        let evidence = source_evidence(&source_client, &schema).await?;
+        let import = format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; {SETTINGS}",
+            pgzm_pg::sql::quote_literal(&snapshot)
+        );
+        tokio::try_join!(
+            reader.batch_execute(&import),
+            second_reader.batch_execute(&import)
+        )
+        .map_err(|e| CoordinatorError::source("import the snapshot", e))?;
+        let schema = catalog::read(&reader, &second_reader, &opts.schemas, &opts.tables).await?;
+        drop(second_reader);
+        let evidence = source_evidence(&reader, &schema).await?;
+        drop(reader);
         let snapshot_text: String = source_client
             .query_typed_one("SELECT pg_current_snapshot()::text AS snapshot", &[])
             .await
@@ -154,21 +166,24 @@ async fn read_sides(opts: &StartOptions, pool: &AgentPool) -> Result<Sides, Coor
         Ok::<_, CoordinatorError>((snapshot, schema, evidence, snapshot_text))
     };
     let destination_side = async {
-        control
-            .batch_execute(crate::state::CATALOG_SESSION)
-            .await
-            .map_err(|e| CoordinatorError::destination("set search_path", e))?;
-        let dest = destination::read(&control, &opts.schemas).await?;
-        let earlier = state::earlier_runs(&control).await?;
+        for session in [&control, &catalog] {
+            session
+                .batch_execute(crate::state::CATALOG_SESSION)
+                .await
+                .map_err(|e| CoordinatorError::destination("set search_path", e))?;
+        }
+        let dest = destination::read(&catalog, &opts.schemas).await?;
+        let earlier = state::earlier_runs(&catalog).await?;
         Ok((dest, earlier))
     };
     let ((snapshot, schema, evidence, snapshot_text), (dest, earlier)) =
         tokio::try_join!(source_side, destination_side)?;
     let (preserved, preserved_problems) = resolve_tables(&opts.preserved, &schema);
-    let live_shapes = preserve::read_live(&control, &preserved).await?;
+    let live_shapes = preserve::read_live(&catalog, &preserved).await?;
     Ok(Sides {
         source_client,
         control,
+        catalog,
         schema,
         dest,
         earlier,
@@ -192,11 +207,11 @@ async fn plan_migration(
     sides: &Sides,
 ) -> Result<Plan, CoordinatorError> {
     let preserved_names = &sides.preserved;
-    let (control, schema, dest, earlier) =
-        (&sides.control, &sides.schema, &sides.dest, &sides.earlier);
+    let (catalog, schema, dest, earlier) =
+        (&sides.catalog, &sides.schema, &sides.dest, &sides.earlier);
     let (mut plan, mut problems) =
         plan::build_all(migration_id, opts.source.to_string(), schema, dest, earlier);
-    problems.extend(crate::dependents::check(control, &mut plan, dest).await?);
+    problems.extend(crate::dependents::check(catalog, &mut plan, dest).await?);
     problems.extend(crate::compat::problems(schema, dest.server_version));
     problems.extend(sides.preserved_problems.iter().cloned());
     for name in preserved_names
@@ -211,7 +226,7 @@ async fn plan_migration(
     // The swap will move the current backup set aside: its names must be free (checked again
     // at the swap, but a collision is better found before the copy).
     if let Some((id, moves)) = &earlier.backup_set {
-        match state::aside_set(control, *id, moves).await {
+        match state::aside_set(catalog, *id, moves).await {
             Ok(_) => {}
             Err(CoordinatorError::Refused(reasons)) => problems.extend(reasons),
             Err(e) => return Err(e),
@@ -310,7 +325,10 @@ pub async fn prepare(
         )?;
         Ok((sides, interrupted, plan, lock_budget))
     };
-    let (sides, interrupted, mut plan, lock_budget) = phases.run("plan", planned).await?;
+    let (mut sides, interrupted, mut plan, lock_budget) = phases.run("plan", planned).await?;
+    // Planned: what only the planning read goes before anything else is built.
+    sides.dest.keep_for_build();
+    drop(sides.catalog);
     let migration_id = plan.migration_id;
     for tp in &mut plan.tables {
         if let Some(t) = sides.schema.table(&tp.qualname()) {
@@ -318,12 +336,12 @@ pub async fn prepare(
         }
     }
     plan.source_snapshot = Some(sides.snapshot_text.clone());
-    let renames_now = plan.shadow_renames();
+    let renames = plan.shadow_renames();
     plan.definition_digest = Some(crate::resume::definition_digest(
         &plan,
         &sides.schema,
         &sides.dest,
-        &renames_now,
+        &renames,
     )?);
     if let Some(run) = &interrupted {
         crate::resume::resumable(run, &plan)?;
@@ -335,7 +353,6 @@ pub async fn prepare(
     }
     let (control, source_client) = (sides.control, sides.source_client);
     let (schema, dest, earlier) = (&sides.schema, &sides.dest, &sides.earlier);
-    let renames = plan.shadow_renames();
 
     let mut report = Report::new(&plan, opts.dry_run);
     if opts.dry_run {
@@ -349,6 +366,7 @@ pub async fn prepare(
         if !failures.is_empty() {
             return Err(refused(failures));
         }
+        report.plan = plan;
         return Ok(Some(Prepared {
             control,
             created: RecordedObjects::default(),
@@ -480,11 +498,14 @@ pub async fn prepare(
         }
     };
     match result {
-        Ok(()) => Ok(Some(Prepared {
-            control,
-            created,
-            report,
-        })),
+        Ok(()) => {
+            report.plan = plan;
+            Ok(Some(Prepared {
+                control,
+                created,
+                report,
+            }))
+        }
         Err(err) => {
             abandon(&control, migration_id, &created, opts.swap, &err).await;
             Err(err)

@@ -303,18 +303,70 @@ pub async fn insert(
     max_rate: Option<u64>,
     max_lag: Option<std::time::Duration>,
 ) -> Result<(), CoordinatorError> {
-    // Serialized straight into the message: a `serde_json::Value` of the plan first was the
-    // peak of a prepare's memory (~45 MB of 70 at 3 000 tables).
-    let plan_json = tokio_postgres::types::Json(plan);
-    let (max_rate, max_lag) = (rate_column(max_rate), lag_column(max_lag));
-    client
-        .execute(
-            "INSERT INTO pgzm.migrations (id, status, source, plan, shadow_present, max_rate, max_lag_ms) VALUES ($1, 'preparing', $2, $3, true, $4, $5)",
-            &[&plan.migration_id, &plan.source, &plan_json, &max_rate, &max_lag],
+    use futures_util::SinkExt as _;
+    let err = |e| CoordinatorError::destination("record the migration in pgzm.migrations", e);
+    // The row goes as `COPY` data in pieces, not as one `INSERT` parameter: a session keeps
+    // the buffers of its largest message for as long as it lives, and the plan's JSON is
+    // ~12 MB at 10 000 tables (twice over: the client's buffer and the connection's).
+    let text = |v: Option<i64>| v.map_or_else(|| "\\N".to_string(), |v| v.to_string());
+    // Delimiters go in as they are; the fields' text through `CopyText`, escaped.
+    let mut row = CopyText(format!("{}\tpreparing\t", plan.migration_id).into_bytes());
+    std::io::Write::write_all(&mut row, plan.source.as_bytes())
+        .and_then(|()| {
+            row.0.push(b'\t');
+            serde_json::to_writer(&mut row, plan).map_err(std::io::Error::other)
+        })
+        .map_err(|e| CoordinatorError::Usage(format!("internal: the plan as JSON: {e}")))?;
+    row.0.extend_from_slice(
+        format!(
+            "\ttrue\t{}\t{}\n",
+            text(rate_column(max_rate)),
+            text(lag_column(max_lag))
+        )
+        .as_bytes(),
+    );
+    let sink = client
+        .client()
+        .copy_in::<_, bytes::Bytes>(
+            "COPY pgzm.migrations (id, status, source, plan, shadow_present, max_rate, max_lag_ms) FROM STDIN",
         )
         .await
-        .map_err(|e| CoordinatorError::destination("record the migration in pgzm.migrations", e))?;
+        .map_err(err)?;
+    let mut sink = std::pin::pin!(sink);
+    for piece in row.0.chunks(COPY_PIECE) {
+        sink.feed(bytes::Bytes::copy_from_slice(piece))
+            .await
+            .map_err(err)?;
+    }
+    drop(row);
+    sink.as_mut().finish().await.map_err(err)?;
     Ok(())
+}
+
+/// Bytes of `COPY` data per message when recording a plan.
+const COPY_PIECE: usize = 64 << 10;
+
+/// Text of one `COPY … FROM STDIN` field, escaped as it is written (backslash, and the
+/// characters that end a field or a row).
+struct CopyText(Vec<u8>);
+
+impl std::io::Write for CopyText {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for &b in buf {
+            match b {
+                b'\\' => self.0.extend_from_slice(b"\\\\"),
+                b'\n' => self.0.extend_from_slice(b"\\n"),
+                b'\r' => self.0.extend_from_slice(b"\\r"),
+                b'\t' => self.0.extend_from_slice(b"\\t"),
+                _ => self.0.push(b),
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Stores what a run created (in the transaction that created it).
@@ -1322,7 +1374,10 @@ impl MigrationRow {
             status,
             source: row.get("source"),
             plan,
-            objects: serde_json::from_value(row.get("created_objects")).unwrap_or_default(),
+            objects: row
+                .try_get::<_, tokio_postgres::types::Json<RecordedObjects>>("created_objects")
+                .map(|o| o.0)
+                .unwrap_or_default(),
             shadow_present: row.get("shadow_present"),
             backup_present: row.get("backup_present"),
             age_seconds: row.get("age_seconds"),

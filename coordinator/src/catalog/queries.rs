@@ -272,10 +272,43 @@ async fn rows(
     params: &[(&(dyn ToSql + Sync), Type)],
     what: &'static str,
 ) -> Result<Vec<Row>, CoordinatorError> {
-    client
-        .query_typed(sql, params)
+    parsed(client, sql, params, what, |row| row).await
+}
+
+/// One catalog query's rows, each made into a `T` as it arrives: the rows themselves are not
+/// kept (a row holds its message and a range per column; at 10 000 tables the columns' rows
+/// alone were ~20 MB, held beside every other query's until all had arrived). Boxed: nine of
+/// these are joined at once, and a debug build's stack would hold them all.
+fn parsed<'a, T: Send + 'a>(
+    client: &'a Client,
+    sql: &'a str,
+    params: &'a [(&'a (dyn ToSql + Sync), Type)],
+    what: &'static str,
+    parse: impl FnMut(Row) -> T + Send + 'a,
+) -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Vec<T>, CoordinatorError>> + Send + 'a>,
+> {
+    Box::pin(parsed_rows(client, sql, params, what, parse))
+}
+
+async fn parsed_rows<T>(
+    client: &Client,
+    sql: &str,
+    params: &[(&(dyn ToSql + Sync), Type)],
+    what: &'static str,
+    mut parse: impl FnMut(Row) -> T,
+) -> Result<Vec<T>, CoordinatorError> {
+    use futures_util::TryStreamExt as _;
+    let stream = client
+        .query_typed_raw(sql, params.iter().map(|(v, t)| (*v, t.clone())))
         .await
-        .map_err(catalog_err(what))
+        .map_err(catalog_err(what))?;
+    let mut stream = std::pin::pin!(stream);
+    let mut out = Vec::new();
+    while let Some(row) = stream.try_next().await.map_err(catalog_err(what))? {
+        out.push(parse(row));
+    }
+    Ok(out)
 }
 
 fn catalog_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError {
@@ -325,9 +358,15 @@ pub async fn read_schema(
         view_deps,
         extensions,
     ) = tokio::try_join!(
-        rows(client, COLUMNS, &by_oids, "read columns"),
-        rows(second, CONSTRAINTS, &by_oids, "read constraints"),
-        rows(client, INDEXES, &by_oids, "read indexes"),
+        parsed(client, COLUMNS, &by_oids, "read columns", |r| column_of(
+            &r, &t
+        )),
+        parsed(second, CONSTRAINTS, &by_oids, "read constraints", |r| {
+            constraint_of(&r, &t)
+        }),
+        parsed(client, INDEXES, &by_oids, "read indexes", |r| index_of(
+            &r, &t
+        )),
         rows(second, TRIGGERS, &by_oids_schemas, "read triggers"),
         rows(
             client,
@@ -340,9 +379,9 @@ pub async fn read_schema(
         rows(second, VIEW_DEPENDENCIES_SQL, &[], "read view dependencies"),
         rows(second, EXTENSIONS, &[], "read extensions"),
     )?;
-    let type_oids = read_columns(columns, &t, &mut schema).await?;
-    read_constraints(constraints, &t, &mut schema).await?;
-    read_indexes(indexes, &t, &mut schema).await?;
+    let type_oids = add_columns(columns, &mut schema);
+    add_constraints(constraints, &mut schema);
+    add_indexes(indexes, &mut schema);
     read_triggers(client, triggers, &t, &mut schema).await?;
     read_large_object_columns(large_objects, &mut schema).await?;
     read_types(client, type_oids, &mut schema).await?;
@@ -400,6 +439,7 @@ async fn apply_filter(
         .into_iter()
         .partition(|t| !selection.excluded.contains(&t.qualname()));
     schema.tables = kept;
+    schema.tables.shrink_to_fit();
     schema.excluded = selection.excluded.into_iter().collect();
     schema.without_data = selection.without_data;
     Ok(left_out
@@ -504,105 +544,115 @@ async fn read_tables(
     Ok((matview_oids, cannot))
 }
 
-/// The tables' columns; returns the oids of the types they use (element types included).
-async fn read_columns(
-    rows: Vec<Row>,
-    t: &TableIndex,
-    schema: &mut SourceSchema,
-) -> Result<BTreeSet<Oid>, CoordinatorError> {
+/// A column of a migrated table (and the table's position).
+fn column_of(row: &Row, t: &TableIndex) -> (usize, Column) {
+    let identity = match row.get::<_, &str>("identity") {
+        "a" => Some(Identity::Always),
+        "d" => Some(Identity::ByDefault),
+        _ => None,
+    };
+    let column = Column {
+        name: row.get("name"),
+        type_sql: row.get("type_sql"),
+        type_oid: row.get("type_oid"),
+        elem_type_oid: row.get("elem_type_oid"),
+        not_null: row.get("not_null"),
+        default: row.get("default_expr"),
+        identity,
+        identity_sequence: None,
+        generated: row.get("generated"),
+        generated_virtual: row.get("generated_virtual"),
+        not_null_name: row.get("not_null_name"),
+        collation: row.get("collation"),
+        comment: row.get("comment"),
+    };
+    (t.index_of[&row.get::<_, Oid>("table_oid")], column)
+}
+
+/// Adds the columns to their tables; returns the types they use.
+fn add_columns(columns: Vec<(usize, Column)>, schema: &mut SourceSchema) -> BTreeSet<Oid> {
     let mut type_oids = BTreeSet::new();
-    for row in rows {
-        let table = t.index_of[&row.get::<_, Oid>("table_oid")];
-        let type_oid: Oid = row.get("type_oid");
-        let elem_type_oid: Oid = row.get("elem_type_oid");
-        type_oids.insert(type_oid);
-        if elem_type_oid != 0 {
-            type_oids.insert(elem_type_oid);
+    for (table, column) in columns {
+        type_oids.insert(column.type_oid);
+        if column.elem_type_oid != 0 {
+            type_oids.insert(column.elem_type_oid);
         }
-        let identity = match row.get::<_, String>("identity").as_str() {
-            "a" => Some(Identity::Always),
-            "d" => Some(Identity::ByDefault),
-            _ => None,
-        };
-        schema.tables[table].columns.push(Column {
-            name: row.get("name"),
-            type_sql: row.get("type_sql"),
-            type_oid,
-            elem_type_oid,
-            not_null: row.get("not_null"),
-            default: row.get("default_expr"),
-            identity,
-            identity_sequence: None,
-            generated: row.get("generated"),
-            generated_virtual: row.get("generated_virtual"),
-            not_null_name: row.get("not_null_name"),
-            collation: row.get("collation"),
-            comment: row.get("comment"),
-        });
+        schema.tables[table].columns.push(column);
     }
-    Ok(type_oids)
+    for table in &mut schema.tables {
+        table.columns.shrink_to_fit();
+    }
+    type_oids
 }
 
-/// The tables' constraints; a foreign key to a table outside the set is unsupported.
-async fn read_constraints(
-    rows: Vec<Row>,
-    t: &TableIndex,
-    schema: &mut SourceSchema,
-) -> Result<(), CoordinatorError> {
-    for row in rows {
-        let table = t.index_of[&row.get::<_, Oid>("table_oid")];
-        let kind = row.get::<_, String>("kind").chars().next().unwrap_or('c');
-        let name: String = row.get("name");
-        let references = if kind == 'f' {
-            let target: Oid = row.get("references_oid");
-            // A table the filters left out stays live: the key references it there.
-            match t.name_of.get(&target).or_else(|| t.excluded.get(&target)) {
-                Some(t) => Some(t.clone()),
-                None => {
-                    schema.unsupported.push(format!(
-                        "foreign key \"{name}\" of table {} references a table outside the migrated schemas: add its schema with --schema",
-                        schema.tables[table].qualname().plain()
-                    ));
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        schema.tables[table].constraints.push(Constraint {
-            name,
-            kind,
-            definition: row.get("definition"),
-            references,
-            validated: row.get("validated"),
-            comment: row.get("comment"),
-            columns: row
-                .get::<_, Option<Vec<String>>>("columns")
-                .unwrap_or_default(),
-            ref_columns: row
-                .get::<_, Option<Vec<String>>>("ref_columns")
-                .unwrap_or_default(),
-            match_full: row.get::<_, Option<bool>>("match_full").unwrap_or(false),
-        });
-    }
-    Ok(())
+/// A constraint of a migrated table (and the table's position). A foreign key to a table
+/// outside the set has no `references` (see [`add_constraints`]).
+fn constraint_of(row: &Row, t: &TableIndex) -> (usize, Constraint) {
+    let kind = row.get::<_, &str>("kind").chars().next().unwrap_or('c');
+    let references = if kind == 'f' {
+        let target: Oid = row.get("references_oid");
+        // A table the filters left out stays live: the key references it there.
+        t.name_of
+            .get(&target)
+            .or_else(|| t.excluded.get(&target))
+            .cloned()
+    } else {
+        None
+    };
+    let constraint = Constraint {
+        name: row.get("name"),
+        kind,
+        definition: row.get("definition"),
+        references,
+        validated: row.get("validated"),
+        comment: row.get("comment"),
+        columns: row
+            .get::<_, Option<Vec<String>>>("columns")
+            .unwrap_or_default(),
+        ref_columns: row
+            .get::<_, Option<Vec<String>>>("ref_columns")
+            .unwrap_or_default(),
+        match_full: row.get::<_, Option<bool>>("match_full").unwrap_or(false),
+    };
+    (t.index_of[&row.get::<_, Oid>("table_oid")], constraint)
 }
 
-/// The tables' indexes (those that do not back a constraint).
-async fn read_indexes(
-    rows: Vec<Row>,
-    t: &TableIndex,
-    schema: &mut SourceSchema,
-) -> Result<(), CoordinatorError> {
-    for row in rows {
-        let table = t.index_of[&row.get::<_, Oid>("table_oid")];
-        schema.tables[table].indexes.push(Index {
-            name: row.get("name"),
-            definition: row.get("definition"),
-            comment: row.get("comment"),
-        });
+/// Adds the constraints to their tables; a foreign key to a table outside the set is
+/// unsupported.
+fn add_constraints(constraints: Vec<(usize, Constraint)>, schema: &mut SourceSchema) {
+    for (table, c) in constraints {
+        if c.kind == 'f' && c.references.is_none() {
+            schema.unsupported.push(format!(
+                "foreign key \"{}\" of table {} references a table outside the migrated schemas: add its schema with --schema",
+                c.name,
+                schema.tables[table].qualname().plain()
+            ));
+        }
+        schema.tables[table].constraints.push(c);
     }
-    Ok(())
+    for table in &mut schema.tables {
+        table.constraints.shrink_to_fit();
+    }
+}
+
+/// An index of a migrated table that does not back a constraint (and the table's position).
+fn index_of(row: &Row, t: &TableIndex) -> (usize, Index) {
+    let index = Index {
+        name: row.get("name"),
+        definition: row.get("definition"),
+        comment: row.get("comment"),
+    };
+    (t.index_of[&row.get::<_, Oid>("table_oid")], index)
+}
+
+/// Adds the indexes to their tables.
+fn add_indexes(indexes: Vec<(usize, Index)>, schema: &mut SourceSchema) {
+    for (table, index) in indexes {
+        schema.tables[table].indexes.push(index);
+    }
+    for table in &mut schema.tables {
+        table.indexes.shrink_to_fit();
+    }
 }
 
 /// The tables' triggers and the functions of the migrated schemas they call.
