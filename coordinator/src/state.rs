@@ -2137,6 +2137,17 @@ async fn run_with_lock_retry_simple(
 mod tests {
     use super::*;
 
+    /// A recorded plan's text reaches `COPY` with what would end its field or its row escaped
+    /// (names may hold any of them: the hostile-name tests send such plans through a real
+    /// server).
+    #[test]
+    fn copy_text_escapes_what_ends_a_field_or_a_row() {
+        use std::io::Write as _;
+        let mut text = CopyText(b"1\t".to_vec());
+        text.write_all(b"a\\b\tc\nd\re\\N").unwrap();
+        assert_eq!(text.0, b"1\ta\\\\b\\tc\\nd\\re\\\\N".to_vec());
+    }
+
     /// Up to 200 tables: one group in the list's order (the goldens of small schemas unchanged).
     /// Beyond: groups of at most 200, each table after (or with) what must go before it, a cycle
     /// together in the last group, every table exactly once.
