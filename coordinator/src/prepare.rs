@@ -591,6 +591,56 @@ async fn source_evidence(
         .collect())
 }
 
+/// Refuses when a source table's storage is no longer the one recorded at the plan
+/// ([`plan::SourceEvidence::filenode`]): `TRUNCATE` and the commands that rewrite a table
+/// (`VACUUM FULL`, `CLUSTER`, a rewriting `ALTER TABLE`) are not MVCC-safe, so a snapshot taken
+/// before them reads the table empty (or without rows the rewrite did not keep), and the copy's
+/// digests agree with it: the copy would be short without any error. Run after the copy, on
+/// the snapshot's session (`pg_relation_filenode` reads the current catalog, not the snapshot):
+/// a change before a table's copy is caught; one after it refuses a copy that was whole (the
+/// safe side). What happens between the snapshot and the plan's reading of the evidence (the
+/// catalog reads, seconds) is not seen, as with pg_dump's locks taken after its snapshot.
+async fn source_unchanged(
+    source: &Client,
+    plan: &Plan,
+    schema: &SourceSchema,
+) -> Result<(), CoordinatorError> {
+    let (mut oids, mut filenodes) = (Vec::new(), Vec::new());
+    for tp in &plan.tables {
+        if let (Some(t), Some(e)) = (schema.table(&tp.qualname()), tp.evidence) {
+            oids.push(t.oid);
+            filenodes.push(e.filenode);
+        }
+    }
+    let changed = source
+        .query_typed(
+            "SELECT e.oid FROM unnest($1::oid[], $2::int8[]) AS e(oid, filenode)
+             WHERE coalesce(pg_relation_filenode(e.oid), 0) <> e.filenode",
+            &[
+                (&oids, tokio_postgres::types::Type::OID_ARRAY),
+                (&filenodes, tokio_postgres::types::Type::INT8_ARRAY),
+            ],
+        )
+        .await
+        .map_err(|e| CoordinatorError::source("check the source tables after the copy", e))?;
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let changed: std::collections::HashSet<u32> =
+        changed.iter().map(|r| r.get::<_, u32>("oid")).collect();
+    Err(CoordinatorError::Refused(
+        schema
+            .tables
+            .iter()
+            .filter(|t| changed.contains(&t.oid))
+            .map(|t| format!(
+                "source table {} was truncated, dropped or rewritten (TRUNCATE, VACUUM FULL, CLUSTER, a rewriting ALTER TABLE) while this run copied from its snapshot, which then reads it short; nothing was swapped and the shadow set is removed: run again once the source is quiet",
+                t.qualname().plain()
+            ))
+            .collect(),
+    ))
+}
+
 /// Every copy task the agents reported done is recorded in `pgzm.copy_progress`, with as many
 /// rows: a task's rows and its record commit together, so a missing record means the
 /// destination lost a committed copy (a crash with `synchronous_commit = off`, a failover to a
@@ -1003,6 +1053,7 @@ async fn fill(
         )
         .await?;
     crate::progress::disable();
+    source_unchanged(&source_client, plan, schema).await?;
     // Every task has read the snapshot: release it so the source's vacuum is not held back.
     // Bounded: with the link to the source down, the COMMIT would wait for TCP to give up
     // (minutes); the connection is dropped instead, and the server ends the transaction when it

@@ -150,3 +150,84 @@ async fn without_verification_no_digest_is_recorded() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A source table truncated after the run's snapshot reads empty in that snapshot (TRUNCATE is
+/// not MVCC-safe), and the copy's digests agree with the empty read: the run must notice
+/// (its storage is no longer the one recorded at the plan), refuse, and leave production and
+/// nothing of its own behind. The copy is throttled so the truncation lands while it runs, on a
+/// small table the one copy job has not reached (tables go largest first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_table_truncated_during_the_copy_fails_the_run() -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    let p = common::pair("src_truncated").await;
+    let schema = "CREATE TABLE big (id int PRIMARY KEY, body text);
+                  CREATE TABLE small (id int PRIMARY KEY, v int);";
+    p.source
+        .batch(&format!(
+            "{schema}
+             INSERT INTO big SELECT g, repeat(md5(g::text), 16) FROM generate_series(1, 6000) g;
+             INSERT INTO small SELECT g, g FROM generate_series(1, 50) g;
+             ANALYZE"
+        ))
+        .await?;
+    p.dest
+        .batch(&format!(
+            "{schema} INSERT INTO small SELECT g, -g FROM generate_series(1, 7) g;"
+        ))
+        .await?;
+    let mut opts = common::options(&p);
+    opts.jobs = 1;
+    // About 6 s of copy for `big`.
+    opts.max_rate = Some(300 << 10);
+    let run = tokio::spawn(common::run(opts));
+
+    // Once `big`'s copy runs (its task holds the snapshot), `small` is truncated on the source.
+    let src = p.source.connect().await?;
+    let started = Instant::now();
+    loop {
+        let copying: i64 = src
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'COPY%big%' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await?
+            .get(0);
+        if copying > 0 {
+            break;
+        }
+        assert!(!run.is_finished(), "the run ended before the copy was seen");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the copy never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    src.batch_execute("TRUNCATE small").await?;
+
+    let err = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the run ends")
+        .expect("join")
+        .expect_err("a run that copied a truncated table must fail");
+    let message = err.to_string();
+    assert!(
+        message.contains("source table public.small was truncated"),
+        "{message}"
+    );
+    // Production untouched, nothing of the run left.
+    let dst = p.dest.connect().await?;
+    let live: i64 = dst
+        .query_one("SELECT count(*) FROM small WHERE v < 0", &[])
+        .await?
+        .get(0);
+    assert_eq!(live, 7, "the live table changed");
+    let leftovers: i64 = dst
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'shadow\\_%' OR relname LIKE 'backup\\_%'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(leftovers, 0, "the run left shadow or backup objects");
+    Ok(())
+}
