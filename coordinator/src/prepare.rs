@@ -605,40 +605,23 @@ async fn source_unchanged(
     plan: &Plan,
     schema: &SourceSchema,
 ) -> Result<(), CoordinatorError> {
-    let (mut oids, mut filenodes) = (Vec::new(), Vec::new());
-    for tp in &plan.tables {
-        if let (Some(t), Some(e)) = (schema.table(&tp.qualname()), tp.evidence) {
-            oids.push(t.oid);
-            filenodes.push(e.filenode);
-        }
-    }
-    let changed = source
-        .query_typed(
-            "SELECT e.oid FROM unnest($1::oid[], $2::int8[]) AS e(oid, filenode)
-             WHERE coalesce(pg_relation_filenode(e.oid), 0) <> e.filenode",
-            &[
-                (&oids, tokio_postgres::types::Type::OID_ARRAY),
-                (&filenodes, tokio_postgres::types::Type::INT8_ARRAY),
-            ],
-        )
-        .await
-        .map_err(|e| CoordinatorError::source("check the source tables after the copy", e))?;
-    if changed.is_empty() {
-        return Ok(());
-    }
-    let changed: std::collections::HashSet<u32> =
-        changed.iter().map(|r| r.get::<_, u32>("oid")).collect();
-    Err(CoordinatorError::Refused(
-        schema
-            .tables
-            .iter()
-            .filter(|t| changed.contains(&t.oid))
-            .map(|t| format!(
+    let now = source_evidence(source, schema).await?;
+    let changed: Vec<String> = plan
+        .tables
+        .iter()
+        .filter_map(|tp| {
+            let (t, planned) = (schema.table(&tp.qualname())?, tp.evidence?);
+            (now.get(&t.oid).map(|e| e.filenode) != Some(planned.filenode)).then(|| format!(
                 "source table {} was truncated, dropped or rewritten (TRUNCATE, VACUUM FULL, CLUSTER, a rewriting ALTER TABLE) while this run copied from its snapshot, which then reads it short; nothing was swapped and the shadow set is removed: run again once the source is quiet",
                 t.qualname().plain()
             ))
-            .collect(),
-    ))
+        })
+        .collect();
+    if changed.is_empty() {
+        Ok(())
+    } else {
+        Err(CoordinatorError::Refused(changed))
+    }
 }
 
 /// Every copy task the agents reported done is recorded in `pgzm.copy_progress`, with as many

@@ -382,6 +382,11 @@ pub async fn read_schema(
     let type_oids = add_columns(columns, &mut schema);
     add_constraints(constraints, &mut schema);
     add_indexes(indexes, &mut schema);
+    for table in &mut schema.tables {
+        table.columns.shrink_to_fit();
+        table.constraints.shrink_to_fit();
+        table.indexes.shrink_to_fit();
+    }
     read_triggers(client, triggers, &t, &mut schema).await?;
     read_large_object_columns(large_objects, &mut schema).await?;
     read_types(client, type_oids, &mut schema).await?;
@@ -579,9 +584,6 @@ fn add_columns(columns: Vec<(usize, Column)>, schema: &mut SourceSchema) -> BTre
         }
         schema.tables[table].columns.push(column);
     }
-    for table in &mut schema.tables {
-        table.columns.shrink_to_fit();
-    }
     type_oids
 }
 
@@ -630,9 +632,6 @@ fn add_constraints(constraints: Vec<(usize, Constraint)>, schema: &mut SourceSch
         }
         schema.tables[table].constraints.push(c);
     }
-    for table in &mut schema.tables {
-        table.constraints.shrink_to_fit();
-    }
 }
 
 /// An index of a migrated table that does not back a constraint (and the table's position).
@@ -649,9 +648,6 @@ fn index_of(row: &Row, t: &TableIndex) -> (usize, Index) {
 fn add_indexes(indexes: Vec<(usize, Index)>, schema: &mut SourceSchema) {
     for (table, index) in indexes {
         schema.tables[table].indexes.push(index);
-    }
-    for table in &mut schema.tables {
-        table.indexes.shrink_to_fit();
     }
 }
 

@@ -183,12 +183,15 @@ async fn a_source_table_truncated_during_the_copy_fails_the_run() -> anyhow::Res
 
     // Once `big`'s copy runs (its task holds the snapshot), `small` is truncated on the source.
     let src = p.source.connect().await?;
+    let src_db = p.source.name().to_string();
     let started = Instant::now();
     loop {
+        // This run's agent only: the shared servers run other tests' copies meanwhile.
         let copying: i64 = src
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'COPY%big%' AND pid <> pg_backend_pid()",
-                &[],
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1
+                   AND application_name LIKE 'pgzm-agent%' AND query ILIKE 'COPY%big%'",
+                &[&src_db],
             )
             .await?
             .get(0);
