@@ -352,7 +352,12 @@ pub async fn prepare(
         let _ = std::io::stdout().flush();
     }
     let (control, source_client) = (sides.control, sides.source_client);
-    let (schema, dest, earlier) = (&sides.schema, &sides.dest, &sides.earlier);
+    // Shared with the copy's tasks, which plan each table's build as it lands.
+    let source_schema = Arc::new(std::mem::take(&mut sides.schema));
+    let renames = Arc::new(renames);
+    let (schema, dest, earlier) = (&*source_schema, &sides.dest, &sides.earlier);
+    // Shared with the task that writes its JSON as it is recorded (`state::insert`).
+    let plan = Arc::new(plan);
 
     let mut report = Report::new(&plan, opts.dry_run);
     if opts.dry_run {
@@ -366,7 +371,7 @@ pub async fn prepare(
         if !failures.is_empty() {
             return Err(refused(failures));
         }
-        report.plan = plan;
+        report.plan = Arc::unwrap_or_clone(plan);
         return Ok(Some(Prepared {
             control,
             created: RecordedObjects::default(),
@@ -482,7 +487,7 @@ pub async fn prepare(
                 &mut control,
                 source_client,
                 &plan,
-                schema,
+                &source_schema,
                 dest,
                 renames,
                 sides.snapshot,
@@ -499,7 +504,7 @@ pub async fn prepare(
     };
     match result {
         Ok(()) => {
-            report.plan = plan;
+            report.plan = Arc::unwrap_or_clone(plan);
             Ok(Some(Prepared {
                 control,
                 created,
@@ -887,9 +892,9 @@ fn foreign_key_check(
 async fn copy_and_build(
     opts: &StartOptions,
     pool: AgentPool,
-    plan: &Plan,
-    schema: &SourceSchema,
-    renames: &Renames,
+    plan: &Arc<Plan>,
+    schema: &Arc<SourceSchema>,
+    renames: &Arc<Renames>,
     snapshot: String,
     sessions: &Arc<build::BuildSessions>,
     resumed: Option<&crate::report::Resumed>,
@@ -917,18 +922,10 @@ async fn copy_and_build(
             copy_bytes: t.estimated_copy_bytes,
         })
         .collect();
-    // Each table's build statements, planned now: the tasks then need neither the plan nor the
-    // source schema (copies of both were held through the copy: tens of MB at 10 000 tables).
-    let mut builds = std::collections::HashMap::with_capacity(jobs.len());
-    for job in &jobs {
-        if let Some(table) = schema.table(&QualName::new(job.schema.clone(), job.table.clone())) {
-            builds.insert(
-                job.key.clone(),
-                build::table_build(table, plan, schema, renames)?,
-            );
-        }
-    }
-    let builds = Arc::new(builds);
+    // Each table's build statements are planned when it lands, from the plan and the source
+    // schema shared with the tasks (planned up front they were ~10 MB at 10 000 tables; the
+    // resume digest has already planned every build once, so none fails here first).
+    let shared = (Arc::clone(plan), Arc::clone(schema), Arc::clone(renames));
     let migration_id = plan.migration_id;
     let pool = Arc::new(pool);
     let dest = opts.destination.clone();
@@ -952,12 +949,21 @@ async fn copy_and_build(
         jobs,
         opts.jobs,
         move |job: CopyJob, _stats| {
-            let (builds, sessions, dest) =
-                (Arc::clone(&builds), Arc::clone(&sessions), dest.clone());
+            let ((plan, schema, renames), sessions, dest) = (
+                (
+                    Arc::clone(&shared.0),
+                    Arc::clone(&shared.1),
+                    Arc::clone(&shared.2),
+                ),
+                Arc::clone(&sessions),
+                dest.clone(),
+            );
             async move {
-                let Some(mut statements) = builds.get(&job.key).cloned() else {
+                let name = QualName::new(job.schema.clone(), job.table.clone());
+                let Some(table) = schema.table(&name) else {
                     return Ok(());
                 };
+                let mut statements = build::table_build(table, &plan, &schema, &renames)?;
                 // The table is copied and built: recorded (with its last statements), so that
                 // a resumed run keeps it.
                 statements
@@ -997,14 +1003,15 @@ async fn fill(
     report: &mut Report,
     control: &mut Client,
     source_client: Client,
-    plan: &Plan,
-    schema: &SourceSchema,
+    plan: &Arc<Plan>,
+    source_schema: &Arc<SourceSchema>,
     dest: &Destination,
-    renames: Renames,
+    renames: Arc<Renames>,
     snapshot: String,
     created: &mut RecordedObjects,
     grants: &crate::grants::AgentGrants,
 ) -> Result<(), CoordinatorError> {
+    let schema: &SourceSchema = source_schema;
     // A resumed run keeps what the interrupted run finished.
     let resumed = report.resumed.clone();
     let keeps = |t: &QualName| resumed.as_ref().is_some_and(|r| r.keeps(t));
@@ -1027,7 +1034,7 @@ async fn fill(
                 opts,
                 pool,
                 plan,
-                schema,
+                source_schema,
                 &renames,
                 snapshot,
                 &sessions,
@@ -1273,7 +1280,7 @@ async fn sync_preserved(
 /// migration's metadata row and the record of every object (with its oid).
 async fn create_shadow(
     control: &mut Client,
-    plan: &Plan,
+    plan: &Arc<Plan>,
     schema: &SourceSchema,
     dest: &Destination,
     renames: &Renames,
@@ -1297,14 +1304,15 @@ async fn create_shadow(
                 )
             })?;
     }
-    let statements = crate::shadow::statements(plan, schema, dest, renames);
-    let transactions =
-        shadow_transactions(&statements, shadow_actions_per_transaction(lock_budget));
-    let several = transactions.len() > 1;
+    // The statements are made a transaction at a time, after the plan is recorded: the whole
+    // shadow set's SQL is ~12 MB at 10 000 tables, and the plan's JSON ~14 MB.
+    let per_transaction = shadow_actions_per_transaction(lock_budget);
+    let mut pending = crate::shadow::objects(plan, schema, dest, renames)
+        .flatten()
+        .peekable();
     let mut committed: Option<RecordedObjects> = None;
-    for (n, round_trips) in transactions.iter().enumerate() {
-        let first = n == 0;
-        let last = n + 1 == transactions.len();
+    loop {
+        let first = committed.is_none();
         let done = async {
             let tx = control
                 .transaction()
@@ -1313,19 +1321,13 @@ async fn create_shadow(
             if first {
                 state::ensure_schema(&tx).await?;
                 state::insert(&tx, plan, max_rate, max_lag).await?;
-                if several {
-                    tx.batch_execute(&shadow_incomplete_sql(plan.migration_id, true))
-                        .await
-                        .map_err(|e| CoordinatorError::destination("record the shadow set", e))?;
-                }
             }
-            for range in round_trips {
-                let batch: String = statements[range.clone()]
-                    .iter()
-                    .map(|(_, sql)| format!("{sql};\n"))
-                    .collect();
-                tx.batch_execute(&batch).await.map_err(|e| {
-                    let (first, last) = (&statements[range.start].0, &statements[range.end - 1].0);
+            let round_trips = next_shadow_transaction(&mut pending, per_transaction);
+            let last = pending.peek().is_none();
+            for batch in &round_trips {
+                let sql: String = batch.iter().map(|(_, sql)| format!("{sql};\n")).collect();
+                tx.batch_execute(&sql).await.map_err(|e| {
+                    let (first, last) = (&batch[0].0, &batch[batch.len() - 1].0);
                     let what = if first == last {
                         first.clone()
                     } else {
@@ -1334,8 +1336,11 @@ async fn create_shadow(
                     CoordinatorError::destination(what, e)
                 })?;
             }
-            if last && several {
-                tx.batch_execute(&shadow_incomplete_sql(plan.migration_id, false))
+            drop(round_trips);
+            // Over several transactions, the first marks the set incomplete and the last
+            // clears the mark.
+            if first != last {
+                tx.batch_execute(&shadow_incomplete_sql(plan.migration_id, first))
                     .await
                     .map_err(|e| CoordinatorError::destination("record the shadow set", e))?;
             }
@@ -1344,15 +1349,18 @@ async fn create_shadow(
             tx.commit()
                 .await
                 .map_err(|e| CoordinatorError::destination("commit the shadow transaction", e))?;
-            Ok::<_, CoordinatorError>(objects)
+            Ok::<_, CoordinatorError>((objects, last))
         }
         .await;
         match done {
-            Ok(objects) => {
+            Ok((objects, last)) => {
                 // Recorded: an interrupt from now on removes what the run created (see
                 // `interrupt`), even while the shadow set is still being created.
                 crate::interrupt::set_run(plan.migration_id);
                 committed = Some(objects);
+                if last {
+                    break;
+                }
             }
             Err(err) => {
                 // The transactions before this one committed their part of the shadow set (and
@@ -1384,35 +1392,30 @@ fn shadow_actions_per_transaction(budget: crate::locked::LockBudget) -> usize {
     usize::try_from(actions.clamp(16, 1024)).unwrap_or(16)
 }
 
-/// The shadow statements (action, SQL) cut into transactions of up to `per_transaction`
-/// actions, each sent in round trips of up to [`SHADOW_BATCH`] actions (index ranges). The
-/// statements of one action are never split.
-fn shadow_transactions(
-    statements: &[(String, String)],
+/// The next transaction's shadow statements, taken from `pending`: up to `per_transaction`
+/// actions, in round trips of up to [`SHADOW_BATCH`] actions. The statements of one action are
+/// never split.
+fn next_shadow_transaction(
+    pending: &mut std::iter::Peekable<impl Iterator<Item = crate::shadow::Statement>>,
     per_transaction: usize,
-) -> Vec<Vec<std::ops::Range<usize>>> {
+) -> Vec<Vec<crate::shadow::Statement>> {
     let per_round_trip = SHADOW_BATCH.min(per_transaction.max(1));
+    let round_trips_per_transaction = (per_transaction / per_round_trip).max(1);
     let mut round_trips = Vec::new();
-    let mut i = 0;
-    while i < statements.len() {
+    while round_trips.len() < round_trips_per_transaction && pending.peek().is_some() {
+        let mut batch: Vec<crate::shadow::Statement> = Vec::new();
         let mut actions = 0;
-        let mut j = i;
-        while j < statements.len() {
-            if j == i || statements[j].0 != statements[j - 1].0 {
-                if actions == per_round_trip {
-                    break;
-                }
-                actions += 1;
+        while let Some(next) = pending.peek() {
+            let new_action = batch.last().is_none_or(|(action, _)| *action != next.0);
+            if new_action && actions == per_round_trip {
+                break;
             }
-            j += 1;
+            actions += usize::from(new_action);
+            batch.extend(pending.next());
         }
-        round_trips.push(i..j);
-        i = j;
+        round_trips.push(batch);
     }
     round_trips
-        .chunks((per_transaction / per_round_trip).max(1))
-        .map(<[_]>::to_vec)
-        .collect()
 }
 
 /// Marks (or unmarks) a run whose shadow set is being created over several transactions: an
@@ -1472,4 +1475,63 @@ async fn record(tx: &impl GenericClient, plan: &Plan) -> Result<RecordedObjects,
             .collect(),
         ..RecordedObjects::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn statements(actions: &[(&str, usize)]) -> Vec<crate::shadow::Statement> {
+        actions
+            .iter()
+            .flat_map(|(action, n)| (0..*n).map(move |i| (action.to_string(), format!("{i}"))))
+            .collect()
+    }
+
+    /// Transactions of up to `per_transaction` actions, round trips of up to 64, an action's
+    /// statements never split, every statement sent once and in order.
+    #[test]
+    fn shadow_transactions_cut_between_actions() {
+        let actions: Vec<(String, usize)> =
+            (0..300).map(|i| (format!("a{i}"), 1 + i % 3)).collect();
+        let actions: Vec<(&str, usize)> = actions.iter().map(|(a, n)| (a.as_str(), *n)).collect();
+        let all = statements(&actions);
+        for per_transaction in [1, 16, 64, 100, 128, 1024] {
+            let mut pending = all.clone().into_iter().peekable();
+            let mut sent = Vec::new();
+            let mut transactions = 0;
+            while pending.peek().is_some() {
+                let round_trips = next_shadow_transaction(&mut pending, per_transaction);
+                transactions += 1;
+                let count = |b: &[crate::shadow::Statement]| {
+                    b.iter()
+                        .enumerate()
+                        .filter(|(i, s)| *i == 0 || b[i - 1].0 != s.0)
+                        .count()
+                };
+                let in_transaction: usize = round_trips.iter().map(|b| count(b)).sum();
+                assert!(in_transaction <= per_transaction.max(SHADOW_BATCH.min(per_transaction)));
+                for b in &round_trips {
+                    assert!(!b.is_empty());
+                    assert!(count(b) <= SHADOW_BATCH);
+                    // A batch starts a new action: the previous one was sent whole.
+                    assert_ne!(
+                        sent.last().map(|(a, _): &crate::shadow::Statement| a),
+                        Some(&b[0].0)
+                    );
+                    sent.extend(b.iter().cloned());
+                }
+            }
+            assert_eq!(sent, all, "per transaction {per_transaction}");
+            let expected = 300usize.div_ceil(
+                per_transaction.min(SHADOW_BATCH)
+                    * (per_transaction / per_transaction.min(SHADOW_BATCH)).max(1),
+            );
+            assert_eq!(transactions, expected, "per transaction {per_transaction}");
+        }
+        let mut empty = Vec::<crate::shadow::Statement>::new()
+            .into_iter()
+            .peekable();
+        assert!(next_shadow_transaction(&mut empty, 64).is_empty());
+    }
 }

@@ -98,7 +98,7 @@ pub(crate) fn definition_digest(
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
     };
-    for (action, sql) in crate::shadow::statements(plan, schema, dest, renames) {
+    for (action, sql) in crate::shadow::objects(plan, schema, dest, renames).flatten() {
         if !action.starts_with("set shadow sequence") {
             feed(&sql);
         }

@@ -299,31 +299,22 @@ fn backup_moves(
 /// Records a new run in the shadow-creation transaction.
 pub async fn insert(
     client: &impl GenericClient,
-    plan: &Plan,
+    plan: &std::sync::Arc<Plan>,
     max_rate: Option<u64>,
     max_lag: Option<std::time::Duration>,
 ) -> Result<(), CoordinatorError> {
     use futures_util::SinkExt as _;
+    use std::io::Write as _;
     let err = |e| CoordinatorError::destination("record the migration in pgzm.migrations", e);
-    // The row goes as `COPY` data in pieces, not as one `INSERT` parameter: a session keeps
-    // the buffers of its largest message for as long as it lives, and the plan's JSON is
-    // ~12 MB at 10 000 tables (twice over: the client's buffer and the connection's).
+    // The row goes as `COPY` data in pieces, not as one `INSERT` parameter, and the plan's JSON
+    // (~14 MB at 10 000 tables) is written by a blocking task a piece at a time as it is sent:
+    // neither the client nor the session ever holds all of it.
     let text = |v: Option<i64>| v.map_or_else(|| "\\N".to_string(), |v| v.to_string());
-    // Delimiters go in as they are; the fields' text through `CopyText`, escaped.
-    let mut row = CopyText(format!("{}\tpreparing\t", plan.migration_id).into_bytes());
-    std::io::Write::write_all(&mut row, plan.source.as_bytes())
-        .and_then(|()| {
-            row.0.push(b'\t');
-            serde_json::to_writer(&mut row, plan).map_err(std::io::Error::other)
-        })
-        .map_err(|e| CoordinatorError::Usage(format!("internal: the plan as JSON: {e}")))?;
-    row.0.extend_from_slice(
-        format!(
-            "\ttrue\t{}\t{}\n",
-            text(rate_column(max_rate)),
-            text(lag_column(max_lag))
-        )
-        .as_bytes(),
+    let head = format!("{}\tpreparing\t", plan.migration_id);
+    let tail = format!(
+        "\ttrue\t{}\t{}\n",
+        text(rate_column(max_rate)),
+        text(lag_column(max_lag))
     );
     let sink = client
         .client()
@@ -333,14 +324,63 @@ pub async fn insert(
         .await
         .map_err(err)?;
     let mut sink = std::pin::pin!(sink);
-    for piece in row.0.chunks(COPY_PIECE) {
-        sink.feed(bytes::Bytes::copy_from_slice(piece))
-            .await
-            .map_err(err)?;
+    let (pieces, mut received) = tokio::sync::mpsc::channel::<bytes::Bytes>(2);
+    let plan = std::sync::Arc::clone(plan);
+    let writer = tokio::task::spawn_blocking(move || {
+        // Delimiters go in as they are; the fields' text through `CopyText`, escaped.
+        let mut row = CopyPieces {
+            text: CopyText(head.into_bytes()),
+            pieces,
+        };
+        row.write_all(plan.source.as_bytes())?;
+        row.text.0.push(b'\t');
+        serde_json::to_writer(&mut row, &*plan).map_err(std::io::Error::other)?;
+        row.text.0.extend_from_slice(tail.as_bytes());
+        row.ship()
+    });
+    while let Some(piece) = received.recv().await {
+        sink.feed(piece).await.map_err(err)?;
     }
-    drop(row);
+    writer
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|written| written)
+        .map_err(|e| CoordinatorError::Usage(format!("internal: the plan as JSON: {e}")))?;
     sink.as_mut().finish().await.map_err(err)?;
     Ok(())
+}
+
+/// `COPY` text sent in pieces of [`COPY_PIECE`] bytes as it is written (from a blocking task).
+struct CopyPieces {
+    text: CopyText,
+    pieces: tokio::sync::mpsc::Sender<bytes::Bytes>,
+}
+
+impl CopyPieces {
+    /// Sends what is written so far.
+    fn ship(&mut self) -> std::io::Result<()> {
+        if self.text.0.is_empty() {
+            return Ok(());
+        }
+        let piece = std::mem::replace(&mut self.text.0, Vec::with_capacity(COPY_PIECE + 64));
+        self.pieces
+            .blocking_send(piece.into())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+    }
+}
+
+impl std::io::Write for CopyPieces {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.text.write_all(buf)?;
+        if self.text.0.len() >= COPY_PIECE {
+            self.ship()?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Bytes of `COPY` data per message when recording a plan.
