@@ -949,15 +949,8 @@ async fn copy_and_build(
         jobs,
         opts.jobs,
         move |job: CopyJob, _stats| {
-            let ((plan, schema, renames), sessions, dest) = (
-                (
-                    Arc::clone(&shared.0),
-                    Arc::clone(&shared.1),
-                    Arc::clone(&shared.2),
-                ),
-                Arc::clone(&sessions),
-                dest.clone(),
-            );
+            let ((plan, schema, renames), sessions, dest) =
+                (shared.clone(), Arc::clone(&sessions), dest.clone());
             async move {
                 let name = QualName::new(job.schema.clone(), job.table.clone());
                 let Some(table) = schema.table(&name) else {
