@@ -32,7 +32,7 @@ pub fn problems(schema: &SourceSchema, dest_version: i32) -> Vec<String> {
     for t in &schema.tables {
         let table = t.qualname().plain();
         for c in &t.columns {
-            if c.generated_virtual && dest_version < 180000 {
+            if c.more().generated_virtual && dest_version < 180000 {
                 out.push(format!(
                     "column {} of table {table} is a virtual generated column (PostgreSQL 18); the destination runs PostgreSQL {dest}, which has none: make it a STORED generated column in the source, or migrate into PostgreSQL 18 or later",
                     crate::rewrite::display_ident(&c.name)
@@ -40,7 +40,7 @@ pub fn problems(schema: &SourceSchema, dest_version: i32) -> Vec<String> {
             }
             for (what, expr) in [
                 ("default", &c.default),
-                ("generation expression", &c.generated),
+                ("generation expression", &c.more().generated),
             ] {
                 let Some(expr) = expr else { continue };
                 for f in ["uuidv7(", "uuidv4("] {

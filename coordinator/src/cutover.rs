@@ -112,7 +112,7 @@ pub async fn swap_prepared(
         control,
         plan.migration_id,
         state::RunStatus::Swapped,
-        Some(&stats),
+        Some(&stats.to_string()),
         None,
     )
     .await

@@ -8,7 +8,7 @@
 //! of the swap.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -1473,38 +1473,58 @@ pub fn qualified_display(schema: &str, name: &str) -> String {
 
 /// Orders renames so that one vacating a name comes before the one taking it (`shadow_x → x`
 /// before `shadow_shadow_x → shadow_x`), keeping the order otherwise.
-pub fn order_renames(moves: &mut Vec<Move>) {
+pub fn order_renames(moves: &mut [Move]) {
     // Kahn's algorithm over "vacates the name I take": a move waits for every move whose
     // current name is its new name. Among the ready moves the earliest goes first; when none is
     // ready (a cycle), the earliest left goes. O(n log n): at 10 000 tables the quadratic
-    // version took minutes.
+    // version took minutes. The moves are looked up by name through index lists sorted by
+    // name (4 bytes a move; maps of names to moves were ~9 MB at 10 000 tables, the peak of
+    // the plan).
     fn key<'a>(m: &'a Move, name: &'a str) -> (bool, &'a str, &'a str) {
         (m.kind == ObjectKind::Function, m.schema.as_str(), name)
     }
+    fn from(m: &Move) -> (bool, &str, &str) {
+        key(m, &m.from)
+    }
+    fn to(m: &Move) -> (bool, &str, &str) {
+        key(m, &m.to)
+    }
+    /// The indices of `moves` sorted by `name_of`.
+    fn sorted(moves: &[Move], name_of: fn(&Move) -> (bool, &str, &str)) -> Vec<u32> {
+        let mut ix: Vec<u32> = (0..moves.len() as u32).collect();
+        ix.sort_unstable_by(|&a, &b| name_of(&moves[a as usize]).cmp(&name_of(&moves[b as usize])));
+        ix
+    }
+    /// The indices in `sorted` (by `name_of`) of the moves whose name is `k`.
+    fn equal<'s>(
+        moves: &[Move],
+        sorted: &'s [u32],
+        name_of: fn(&Move) -> (bool, &str, &str),
+        k: (bool, &str, &str),
+    ) -> &'s [u32] {
+        let start = sorted.partition_point(|&i| name_of(&moves[i as usize]) < k);
+        let len = sorted[start..].partition_point(|&i| name_of(&moves[i as usize]) == k);
+        &sorted[start..start + len]
+    }
     let n = moves.len();
-    let mut by_from: HashMap<(bool, &str, &str), Vec<usize>> = HashMap::with_capacity(n);
-    for (i, m) in moves.iter().enumerate() {
-        by_from.entry(key(m, &m.from)).or_default().push(i);
-    }
-    let mut waiting_on: Vec<usize> = moves
+    let by_from = sorted(moves, from);
+    let mut waiting_on: Vec<u32> = moves
         .iter()
-        .map(|m| by_from.get(&key(m, &m.to)).map_or(0, Vec::len))
+        .map(|m| equal(moves, &by_from, from, to(m)).len() as u32)
         .collect();
-    let mut by_to: HashMap<(bool, &str, &str), Vec<usize>> = HashMap::with_capacity(n);
-    for (i, m) in moves.iter().enumerate() {
-        by_to.entry(key(m, &m.to)).or_default().push(i);
-    }
-    let mut ready: BinaryHeap<Reverse<usize>> = (0..n)
-        .filter(|&i| waiting_on[i] == 0)
+    drop(by_from);
+    let by_to = sorted(moves, to);
+    let mut ready: BinaryHeap<Reverse<u32>> = (0..n as u32)
+        .filter(|&i| waiting_on[i as usize] == 0)
         .map(Reverse)
         .collect();
     let mut done = vec![false; n];
     let mut earliest_left = 0;
-    let mut order = Vec::with_capacity(n);
+    let mut order: Vec<u32> = Vec::with_capacity(n);
     while order.len() < n {
         let next = loop {
             match ready.pop() {
-                Some(Reverse(i)) if !done[i] => break i,
+                Some(Reverse(i)) if !done[i as usize] => break i as usize,
                 Some(_) => continue,
                 None => {
                     while done[earliest_left] {
@@ -1515,116 +1535,171 @@ pub fn order_renames(moves: &mut Vec<Move>) {
             }
         };
         done[next] = true;
-        order.push(next);
-        let vacated = key(&moves[next], &moves[next].from);
-        for &j in by_to.get(&vacated).map_or(&[][..], Vec::as_slice) {
+        order.push(next as u32);
+        for &j in equal(moves, &by_to, to, from(&moves[next])) {
+            let j = j as usize;
             waiting_on[j] -= 1;
             if waiting_on[j] == 0 && !done[j] {
-                ready.push(Reverse(j));
+                ready.push(Reverse(j as u32));
             }
         }
     }
-    let mut slots: Vec<Option<Move>> = std::mem::take(moves).into_iter().map(Some).collect();
-    moves.extend(order.into_iter().filter_map(|i| slots[i].take()));
+    // Put the move `order[p]` at `p`, one cycle of the permutation at a time, by swaps.
+    let mut placed = done;
+    placed.fill(false);
+    for start in 0..n {
+        let mut p = start;
+        while !placed[p] {
+            placed[p] = true;
+            let q = order[p] as usize;
+            if q == start {
+                break;
+            }
+            moves.swap(p, q);
+            p = q;
+        }
+    }
 }
 
 /// The destination's namespaces as the plan's steps change them: relations and types share
 /// pg_class/pg_type names per schema; functions have their own. Each is the destination's
-/// names (borrowed) with this plan's changes on top: a copy of every name was ~20 MB at
-/// 10 000 tables, the peak of the plan.
+/// names (borrowed) with this plan's changes on top, kept in one map entry per name touched (a
+/// set per namespace and change, then a copy of every name, were ~20 MB at 10 000 tables, the
+/// peak of the plan).
 struct Namespaces<'a> {
-    relations: Namespace<'a>,
-    types: Namespace<'a>,
-    functions: Namespace<'a>,
-    /// Names taken by an earlier step of this plan, with the reason (so a clash between two
-    /// of the migration's own objects is not blamed on the destination).
-    claimed: HashMap<NameKey<'a>, &'static str>,
+    /// The destination's names, by [`Space`].
+    destination: [&'a BTreeSet<QualName>; 3],
+    /// Every name the plan frees or takes, with what it did to it.
+    changed: HashMap<NameKey<'a>, Changes>,
 }
 
 /// (schema, name).
 type NameKey<'a> = (&'a str, &'a str);
 
-/// One namespace: the destination's names, less those the plan frees, plus those it takes.
-struct Namespace<'a> {
-    destination: &'a BTreeSet<QualName>,
-    freed: HashSet<NameKey<'a>>,
-    taken: HashSet<NameKey<'a>>,
+/// A namespace: relations (pg_class), types (pg_type), functions (pg_proc).
+#[derive(Debug, Clone, Copy)]
+enum Space {
+    Relations = 0,
+    Types = 1,
+    Functions = 2,
 }
 
-impl<'a> Namespace<'a> {
-    fn of(destination: &'a BTreeSet<QualName>) -> Self {
-        Namespace {
-            destination,
-            freed: HashSet::new(),
-            taken: HashSet::new(),
+/// Why the plan takes a name (so a clash between two of the migration's own objects is not
+/// blamed on the destination).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    Shadow,
+    Backup,
+    Live,
+    View,
+}
+
+impl Claim {
+    fn reason(self) -> &'static str {
+        match self {
+            Claim::Shadow => "needed for a shadow object",
+            Claim::Backup => "needed for the backup set",
+            Claim::Live => "the name a migrated object takes at the swap",
+            Claim::View => "the name of a view created at the swap",
         }
     }
+}
 
-    fn contains(&self, name: &NameKey<'a>) -> bool {
-        self.taken.contains(name)
-            || (!self.freed.contains(name)
-                && self.destination.contains(&QualName::new(name.0, name.1)))
+/// What the plan did to one name: per [`Space`], whether it took it (bit `2 × space`) and
+/// whether it freed it (bit `2 × space + 1`); and its latest claim of the name.
+#[derive(Debug, Clone, Copy, Default)]
+struct Changes {
+    bits: u8,
+    claim: Option<Claim>,
+}
+
+impl Changes {
+    fn taken(self, space: Space) -> bool {
+        self.bits & (1 << (2 * space as u8)) != 0
     }
 
-    fn insert(&mut self, name: NameKey<'a>) {
-        self.taken.insert(name);
-    }
-
-    fn remove(&mut self, name: &NameKey<'a>) {
-        self.taken.remove(name);
-        self.freed.insert(*name);
+    fn freed(self, space: Space) -> bool {
+        self.bits & (2 << (2 * space as u8)) != 0
     }
 }
 
 impl<'a> Namespaces<'a> {
-    fn release(&mut self, m: &'a Move) {
-        let key = (m.schema.as_str(), m.from.as_str());
-        if m.kind.is_relation() {
-            self.relations.remove(&key);
-        }
-        if m.kind.has_row_type() {
-            self.types.remove(&key);
-        }
-        if m.kind == ObjectKind::Function {
-            self.functions.remove(&key);
+    fn of(dest: &'a Destination) -> Self {
+        Namespaces {
+            destination: [
+                &dest.relation_names,
+                &dest.type_qualnames,
+                &dest.function_names,
+            ],
+            changed: HashMap::new(),
         }
     }
 
-    /// Takes `name` for `why`; on a clash, the reason of the plan's own earlier claim (empty
+    /// Whether `name` is taken in `space`: by the plan, or by the destination and not freed.
+    fn contains(&self, space: Space, name: &NameKey<'a>) -> bool {
+        let changes = self.changed.get(name).copied().unwrap_or_default();
+        changes.taken(space)
+            || (!changes.freed(space)
+                && self.destination[space as usize].contains(&QualName::new(name.0, name.1)))
+    }
+
+    fn insert(&mut self, space: Space, name: NameKey<'a>) {
+        self.changed.entry(name).or_default().bits |= 1 << (2 * space as u8);
+    }
+
+    fn remove(&mut self, space: Space, name: &NameKey<'a>) {
+        let c = self.changed.entry(*name).or_default();
+        c.bits = (c.bits & !(1 << (2 * space as u8))) | (2 << (2 * space as u8));
+    }
+
+    fn release(&mut self, m: &'a Move) {
+        let key = (m.schema.as_str(), m.from.as_str());
+        if m.kind.is_relation() {
+            self.remove(Space::Relations, &key);
+        }
+        if m.kind.has_row_type() {
+            self.remove(Space::Types, &key);
+        }
+        if m.kind == ObjectKind::Function {
+            self.remove(Space::Functions, &key);
+        }
+    }
+
+    /// Takes `name` for `why`; on a clash, the reason of the plan's own earlier claim (`None`
     /// when the destination had the name).
     fn claim_for(
         &mut self,
         kind: ObjectKind,
         name: NameKey<'a>,
-        why: &'static str,
-    ) -> Result<(), &'static str> {
+        why: Claim,
+    ) -> Result<(), Option<Claim>> {
         let free = self.claim(kind, name);
-        let earlier = self.claimed.insert(name, why);
+        let earlier = self.changed.entry(name).or_default().claim.replace(why);
         if free {
             Ok(())
         } else {
-            Err(earlier.unwrap_or_default())
+            Err(earlier)
         }
     }
 
     /// Takes `name`; false when it is already taken.
     fn claim(&mut self, kind: ObjectKind, name: NameKey<'a>) -> bool {
         let taken = match kind {
-            ObjectKind::Function => self.functions.contains(&name),
+            ObjectKind::Function => self.contains(Space::Functions, &name),
             k if k.is_relation() => {
-                self.relations.contains(&name)
-                    || (k == ObjectKind::Table && self.types.contains(&name))
+                self.contains(Space::Relations, &name)
+                    || (k == ObjectKind::Table && self.contains(Space::Types, &name))
             }
-            _ => self.types.contains(&name),
+            _ => self.contains(Space::Types, &name),
         };
         if kind.is_relation() {
-            self.relations.insert(name);
+            self.insert(Space::Relations, name);
         }
         if kind.has_row_type() {
-            self.types.insert(name);
+            self.insert(Space::Types, name);
         }
         if kind == ObjectKind::Function {
-            self.functions.insert(name);
+            self.insert(Space::Functions, name);
         }
         !taken
     }
@@ -1640,12 +1715,7 @@ fn check_names<'a>(
     views: &'a [ViewPlan],
     problems: &mut Vec<String>,
 ) {
-    let mut ns = Namespaces {
-        relations: Namespace::of(&dest.relation_names),
-        types: Namespace::of(&dest.type_qualnames),
-        functions: Namespace::of(&dest.function_names),
-        claimed: HashMap::new(),
-    };
+    let mut ns = Namespaces::of(dest);
     // Leftovers and the previous backup set are dropped (or moved aside) before the names are
     // needed. Their records name objects without a schema: the name is freed in each migrated
     // schema (they are dropped by oid, wherever they are).
@@ -1653,34 +1723,34 @@ fn check_names<'a>(
     for (_, objs) in &earlier.leftovers {
         for (name, _) in objs.tables.iter().chain(&objs.sequences) {
             for key in in_each(name) {
-                ns.relations.remove(&key);
-                ns.types.remove(&key);
+                ns.remove(Space::Relations, &key);
+                ns.remove(Space::Types, &key);
             }
         }
         for (name, _) in &objs.types {
             for key in in_each(name) {
-                ns.types.remove(&key);
+                ns.remove(Space::Types, &key);
             }
         }
         for name in &objs.indexes {
             for key in in_each(name) {
-                ns.relations.remove(&key);
+                ns.remove(Space::Relations, &key);
             }
         }
         for (schema, name, _) in &objs.matviews {
             let key = (schema.as_str(), name.as_str());
-            ns.relations.remove(&key);
-            ns.types.remove(&key);
+            ns.remove(Space::Relations, &key);
+            ns.remove(Space::Types, &key);
         }
     }
     if let Some((_, moves)) = &earlier.backup_set {
         for m in moves {
             let key = (m.schema.as_str(), m.to.as_str());
             if m.kind == ObjectKind::Function {
-                ns.functions.remove(&key);
+                ns.remove(Space::Functions, &key);
             } else {
-                ns.relations.remove(&key);
-                ns.types.remove(&key);
+                ns.remove(Space::Relations, &key);
+                ns.remove(Space::Types, &key);
             }
         }
     }
@@ -1688,30 +1758,28 @@ fn check_names<'a>(
                      kind: ObjectKind,
                      schema: &'a str,
                      name: &'a str,
-                     why: &'static str| {
+                     why: Claim| {
         if let Err(earlier) = ns.claim_for(kind, (schema, name), why) {
             let shown = qualified_display(schema, name);
-            problems.push(if earlier.is_empty() {
-                format!(
+            let why = why.reason();
+            problems.push(match earlier {
+                None => format!(
                     "the destination already has an object named {shown} ({why}) that pgzm did not create: rename or drop it first"
-                )
-            } else {
-                format!(
-                    "two objects of this migration need the name {shown} ({earlier}, and {why}): rename one of them in the source"
-                )
+                ),
+                Some(earlier) => format!(
+                    "two objects of this migration need the name {shown} ({}, and {why}): rename one of them in the source",
+                    earlier.reason()
+                ),
             });
         }
     };
     for (kind, schema, name) in shadows {
-        claim(&mut ns, kind, schema, name, "needed for a shadow object");
+        claim(&mut ns, kind, schema, name, Claim::Shadow);
     }
     // The swap's renames, in the order it runs them: those before the locks (indexes, types,
     // routines), backup then live, then the rest.
     for early in [true, false] {
-        for (moves, why) in [
-            (to_backup, "needed for the backup set"),
-            (to_live, "the name a migrated object takes at the swap"),
-        ] {
+        for (moves, why) in [(to_backup, Claim::Backup), (to_live, Claim::Live)] {
             for m in moves
                 .iter()
                 .filter(|m| m.kind.renamed_before_locks() == early)
@@ -1722,13 +1790,7 @@ fn check_names<'a>(
         }
     }
     for v in views {
-        claim(
-            &mut ns,
-            ObjectKind::View,
-            &v.schema,
-            &v.name,
-            "the name of a view created at the swap",
-        );
+        claim(&mut ns, ObjectKind::View, &v.schema, &v.name, Claim::View);
     }
 }
 

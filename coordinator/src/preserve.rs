@@ -381,7 +381,7 @@ fn column_mapping(
     table
         .columns
         .iter()
-        .filter(|c| c.generated.is_none() && shape.columns.contains(&c.name))
+        .filter(|c| c.more().generated.is_none() && shape.columns.contains(&c.name))
         .map(|c| {
             let user_type = source
                 .types

@@ -431,12 +431,12 @@ pub async fn set_status(
     client: &impl GenericClient,
     id: i64,
     status: RunStatus,
-    stats: Option<&serde_json::Value>,
+    stats: Option<&str>,
     error: Option<&str>,
 ) -> Result<(), CoordinatorError> {
     client
         .execute(
-            "UPDATE pgzm.migrations SET status = $2, stats = coalesce($3, stats), error = $4,
+            "UPDATE pgzm.migrations SET status = $2, stats = coalesce($3::text::jsonb, stats), error = $4,
                     prepared_at = CASE WHEN $2 = 'prepared' THEN now() ELSE prepared_at END
              WHERE id = $1",
             &[&id, &status.as_str(), &stats, &error],

@@ -143,7 +143,7 @@ impl Table {
     pub fn copy_columns(&self) -> Vec<String> {
         self.columns
             .iter()
-            .filter(|c| c.generated.is_none())
+            .filter(|c| c.more().generated.is_none())
             .map(|c| c.name.clone())
             .collect()
     }
@@ -175,6 +175,14 @@ pub struct Column {
     pub default: Option<String>,
     /// Identity.
     pub identity: Option<Identity>,
+    /// What most columns lack, boxed (`None`: all unset): a column was ~230 bytes, 11 MB at
+    /// 10 000 tables of five columns, held through the whole run.
+    pub more: Option<Box<ColumnMore>>,
+}
+
+/// The attributes most columns do not have.
+#[derive(Debug, Clone, Default)]
+pub struct ColumnMore {
     /// Sequence behind an identity column.
     pub identity_sequence: Option<String>,
     /// Expression of a generated column.
@@ -187,6 +195,28 @@ pub struct Column {
     pub collation: Option<String>,
     /// COMMENT ON COLUMN.
     pub comment: Option<String>,
+}
+
+/// A column's [`ColumnMore`] when it has none.
+static NO_MORE: ColumnMore = ColumnMore {
+    identity_sequence: None,
+    generated: None,
+    generated_virtual: false,
+    not_null_name: None,
+    collation: None,
+    comment: None,
+};
+
+impl Column {
+    /// Its less common attributes (all unset for most columns).
+    pub fn more(&self) -> &ColumnMore {
+        self.more.as_deref().unwrap_or(&NO_MORE)
+    }
+
+    /// Its less common attributes, to set one.
+    pub fn more_mut(&mut self) -> &mut ColumnMore {
+        self.more.get_or_insert_with(Default::default)
+    }
 }
 
 /// A table constraint (primary key, unique, exclusion, check, foreign key).

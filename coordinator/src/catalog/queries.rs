@@ -564,12 +564,24 @@ fn column_of(row: &Row, t: &TableIndex) -> (usize, Column) {
         not_null: row.get("not_null"),
         default: row.get("default_expr"),
         identity,
+        more: None,
+    };
+    let more = ColumnMore {
         identity_sequence: None,
         generated: row.get("generated"),
         generated_virtual: row.get("generated_virtual"),
         not_null_name: row.get("not_null_name"),
         collation: row.get("collation"),
         comment: row.get("comment"),
+    };
+    let column = Column {
+        more: (more.generated.is_some()
+            || more.generated_virtual
+            || more.not_null_name.is_some()
+            || more.collation.is_some()
+            || more.comment.is_some())
+        .then(|| Box::new(more)),
+        ..column
     };
     (t.index_of[&row.get::<_, Oid>("table_oid")], column)
 }
@@ -1006,7 +1018,7 @@ async fn read_sequences(rows: Vec<Row>, schema: &mut SourceSchema) -> Result<(),
                 let at = position.get(&QualName::new(seq_schema.clone(), table.clone()));
                 if let Some(t) = at.and_then(|&i| schema.tables.get_mut(i)) {
                     if let Some(c) = t.columns.iter_mut().find(|c| &c.name == column) {
-                        c.identity_sequence = Some(name.clone());
+                        c.more_mut().identity_sequence = Some(name.clone());
                     }
                 }
             }
