@@ -20,8 +20,8 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::error::{AgentError, Side};
 use crate::pg;
+use crate::sql::quote_literal;
 use crate::sql::QualifiedName;
-use crate::sql::{do_block, quote_literal};
 
 /// Prefix of the tables an agent writes into.
 pub const SHADOW_PREFIX: &str = "shadow_";
@@ -44,14 +44,12 @@ pub fn status_sql(migration_id: i64, table: &QualifiedName) -> String {
     )
 }
 
-/// A DO block that fails (insufficient_privilege) unless the migration is still `preparing`:
-/// run after the copy, before the commit.
+/// The statement that fails (insufficient_privilege) unless the migration is still
+/// `preparing`: run after the copy, before the commit. `pgzm.assert_copying` is created with
+/// the metadata schema; PL/pgSQL compiles it once per session (a DO block is compiled at every
+/// call).
 pub fn commit_check(migration_id: i64) -> String {
-    do_block(&format!(
-        "BEGIN IF NOT EXISTS (SELECT 1 FROM pgzm.migrations WHERE id = {migration_id} AND status = 'preparing') THEN \
-         RAISE EXCEPTION 'migration {migration_id} is no longer copying: the copy is rolled back' USING ERRCODE = 'insufficient_privilege'; \
-         END IF; END"
-    ))
+    format!("SELECT pgzm.assert_copying({migration_id})")
 }
 
 impl WriteGuard {

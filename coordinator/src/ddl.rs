@@ -225,7 +225,8 @@ fn column_sql(
         // table's own would have (not the shadow table's).
         if server_version >= 180000 {
             let name = c
-                .more().not_null_name
+                .more()
+                .not_null_name
                 .clone()
                 .unwrap_or_else(|| default_not_null_name(table, &c.name));
             sql.push_str(&format!(" CONSTRAINT {} NOT NULL", quote_ident(&name)));

@@ -1255,7 +1255,7 @@ fn functions_to_create(
         }
     }
     for t in &source.required_types {
-        if !dest.type_qualnames.contains(t) {
+        if !dest.type_qualnames.contains(&t.schema, &t.name) {
             problems.push(format!(
                 "type {} is used by the migrated tables and its schema is not migrated, and the destination does not have it: add --schema {}, or create the type in the destination first",
                 t.plain(),
@@ -1568,7 +1568,7 @@ pub fn order_renames(moves: &mut [Move]) {
 /// peak of the plan).
 struct Namespaces<'a> {
     /// The destination's names, by [`Space`].
-    destination: [&'a BTreeSet<QualName>; 3],
+    destination: [&'a crate::destination::NameSet; 3],
     /// Every name the plan frees or takes, with what it did to it.
     changed: HashMap<NameKey<'a>, Changes>,
 }
@@ -1639,8 +1639,7 @@ impl<'a> Namespaces<'a> {
     fn contains(&self, space: Space, name: &NameKey<'a>) -> bool {
         let changes = self.changed.get(name).copied().unwrap_or_default();
         changes.taken(space)
-            || (!changes.freed(space)
-                && self.destination[space as usize].contains(&QualName::new(name.0, name.1)))
+            || (!changes.freed(space) && self.destination[space as usize].contains(name.0, name.1))
     }
 
     fn insert(&mut self, space: Space, name: NameKey<'a>) {

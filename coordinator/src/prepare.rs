@@ -901,6 +901,7 @@ async fn copy_and_build(
     snapshot: String,
     sessions: &Arc<build::BuildSessions>,
     resumed: Option<&crate::report::Resumed>,
+    analyze_threshold: i64,
 ) -> Result<copy::Copied, CoordinatorError> {
     // A resumed run copies only the tables it redoes.
     let redo: Option<BTreeSet<String>> =
@@ -951,7 +952,7 @@ async fn copy_and_build(
         Arc::clone(&pool),
         jobs,
         opts.jobs,
-        move |job: CopyJob, _stats| {
+        move |job: CopyJob, stats: copy::CopyStats| {
             let ((plan, schema, renames), sessions, dest) =
                 (shared.clone(), Arc::clone(&sessions), dest.clone());
             async move {
@@ -960,6 +961,9 @@ async fn copy_and_build(
                     return Ok(());
                 };
                 let mut statements = build::table_build(table, &plan, &schema, &renames)?;
+                if i64::try_from(stats.rows).unwrap_or(i64::MAX) < analyze_threshold {
+                    statements.skip_statistics();
+                }
                 // The table is copied and built: recorded (with its last statements), so that
                 // a resumed run keeps it.
                 statements
@@ -1035,6 +1039,7 @@ async fn fill(
                 snapshot,
                 &sessions,
                 report.resumed.as_ref(),
+                dest.analyze_threshold,
             ),
         )
         .await?;

@@ -12,10 +12,11 @@ use std::collections::HashMap;
 use pgzm_pg::sql::{quote_ident, quote_literal};
 
 /// Name changes to apply to schema-qualified references: (schema, name) → new name (in the
-/// same schema).
+/// same schema). Keyed by schema first so a lookup borrows its names (no allocation per
+/// reference) and the thousands of entries of a large schema hold two boxed names each.
 #[derive(Debug, Clone, Default)]
 pub struct Renames {
-    map: HashMap<(String, String), String>,
+    map: HashMap<Box<str>, HashMap<Box<str>, Box<str>>>,
 }
 
 impl Renames {
@@ -31,8 +32,11 @@ impl Renames {
 
     /// Adds `schema.from` → `schema.to` (unquoted names).
     pub fn insert_in(&mut self, schema: &str, from: &str, to: &str) {
-        self.map
-            .insert((schema.to_string(), from.to_string()), to.to_string());
+        let names = match self.map.get_mut(schema) {
+            Some(names) => names,
+            None => self.map.entry(schema.into()).or_default(),
+        };
+        names.insert(from.into(), to.into());
     }
 
     /// The new name for `public.name`, if renamed.
@@ -42,9 +46,7 @@ impl Renames {
 
     /// The new name for `schema.name`, if renamed.
     pub fn get_in(&self, schema: &str, name: &str) -> Option<&str> {
-        self.map
-            .get(&(schema.to_string(), name.to_string()))
-            .map(String::as_str)
+        self.map.get(schema)?.get(name).map(|to| &**to)
     }
 
     /// Rewrites the schema-qualified references in deparsed SQL (and `'schema.name'::regclass`

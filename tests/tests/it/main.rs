@@ -21,5 +21,6 @@ mod replication;
 mod rollback_aside;
 mod schema_coverage;
 mod schemas;
+mod statistics;
 mod verification;
 mod versions;

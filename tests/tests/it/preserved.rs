@@ -56,12 +56,14 @@ async fn sync_triggers(c: &Client) -> Vec<(String, String, bool)> {
     .collect()
 }
 
-/// Every function in schema `pgzm`, as regprocedure text.
+/// Every function in schema `pgzm` but the metadata's own (`assert_copying`, which the copy
+/// tasks call), as regprocedure text.
 async fn pgzm_functions(c: &Client) -> Vec<String> {
     texts(
         c,
         "SELECT p.oid::regprocedure::text FROM pg_proc p \
-         WHERE p.pronamespace = (SELECT oid FROM pg_namespace WHERE nspname = 'pgzm') ORDER BY 1",
+         WHERE p.pronamespace = (SELECT oid FROM pg_namespace WHERE nspname = 'pgzm') \
+           AND p.oid <> 'pgzm.assert_copying(bigint)'::regprocedure ORDER BY 1",
     )
     .await
 }
