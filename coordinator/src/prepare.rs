@@ -1294,8 +1294,10 @@ async fn sync_preserved(
     Ok(())
 }
 
-/// Creates the shadow types, sequences and tables in one transaction, together with the
-/// migration's metadata row and the record of every object (with its oid).
+/// Creates the shadow set (schemas, types, sequences, tables…), recording the migration's row in
+/// the first transaction and every object (with its oid) in each: in one transaction when the
+/// lock table allows, else in several, on two sessions for the sequences and tables (see
+/// [`ShadowRun::staged`]).
 async fn create_shadow(
     control: &mut Client,
     plan: &Arc<Plan>,
@@ -1324,79 +1326,270 @@ async fn create_shadow(
     }
     // The statements are made a transaction at a time, after the plan is recorded: the whole
     // shadow set's SQL is ~12 MB at 10 000 tables, and the plan's JSON ~14 MB.
-    let per_transaction = shadow_actions_per_transaction(lock_budget);
-    let mut pending = crate::shadow::objects(plan, schema, dest, renames)
-        .flatten()
-        .peekable();
-    let mut committed: Option<RecordedObjects> = None;
-    loop {
-        let first = committed.is_none();
-        let done = async {
-            let tx = control
-                .transaction()
-                .await
-                .map_err(|e| CoordinatorError::destination("begin the shadow transaction", e))?;
-            if first {
-                state::ensure_schema(&tx).await?;
-                state::insert(&tx, plan, max_rate, max_lag).await?;
+    let per_transaction = shadow_actions_per_transaction(lock_budget, 1);
+    let stages = crate::shadow::stages(plan, schema, dest, renames);
+    let run = ShadowRun {
+        plan,
+        max_rate,
+        max_lag,
+        recorded: std::sync::Mutex::new(None),
+    };
+    let shared = stages.sequences.len + stages.tables.len;
+    let done = if stages.count() <= per_transaction || shared < PARALLEL_SHADOW_MIN {
+        run.serially(control, stages.into_objects(), per_transaction)
+            .await
+    } else {
+        run.staged(control, &opts.destination, stages, lock_budget)
+            .await
+    };
+    let recorded = run.recorded.into_inner().unwrap_or_else(|e| e.into_inner());
+    match done {
+        Ok(()) => Ok(recorded.unwrap_or_default()),
+        Err(err) => {
+            // The transactions that committed created (and recorded) part of the shadow set:
+            // it goes, as a failed run's does.
+            if let Some(objects) = &recorded {
+                abandon(control, plan.migration_id, objects, locks, &err).await;
             }
-            let round_trips = next_shadow_transaction(&mut pending, per_transaction);
-            let last = pending.peek().is_none();
-            for batch in &round_trips {
-                let sql: String = batch.iter().map(|(_, sql)| format!("{sql};\n")).collect();
-                tx.batch_execute(&sql).await.map_err(|e| {
-                    let (first, last) = (&batch[0].0, &batch[batch.len() - 1].0);
-                    let what = if first == last {
-                        first.clone()
-                    } else {
-                        format!("{first} … {last}")
-                    };
-                    CoordinatorError::destination(what, e)
-                })?;
-            }
-            drop(round_trips);
-            // Over several transactions, the first marks the set incomplete and the last
-            // clears the mark.
-            if first != last {
-                tx.batch_execute(&shadow_incomplete_sql(plan.migration_id, first))
-                    .await
-                    .map_err(|e| CoordinatorError::destination("record the shadow set", e))?;
-            }
-            let objects = record(&tx, plan).await?;
-            state::record_objects(&tx, plan.migration_id, &objects).await?;
-            tx.commit()
-                .await
-                .map_err(|e| CoordinatorError::destination("commit the shadow transaction", e))?;
-            Ok::<_, CoordinatorError>((objects, last))
+            Err(err)
         }
-        .await;
-        match done {
-            Ok((objects, last)) => {
-                // Recorded: an interrupt from now on removes what the run created (see
-                // `interrupt`), even while the shadow set is still being created.
-                crate::interrupt::set_run(plan.migration_id);
-                committed = Some(objects);
-                if last {
-                    break;
-                }
+    }
+}
+
+/// Below this many sequences and tables (the objects two sessions share), the shadow set is
+/// created on one session.
+const PARALLEL_SHADOW_MIN: usize = 2 * SHADOW_BATCH;
+
+/// A run's shadow set being created, a transaction at a time, on one session or two.
+struct ShadowRun<'a> {
+    plan: &'a Arc<Plan>,
+    max_rate: Option<u64>,
+    max_lag: Option<std::time::Duration>,
+    /// What the committed transactions recorded.
+    recorded: std::sync::Mutex<Option<RecordedObjects>>,
+}
+
+/// Where a transaction stands in its run's shadow set.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// The first: it also records the migration.
+    First,
+    /// One between.
+    Between,
+    /// The last.
+    Last,
+    /// The only one.
+    Only,
+}
+
+impl ShadowRun<'_> {
+    /// The objects in order on `control`, up to `per_transaction` actions per transaction.
+    async fn serially(
+        &self,
+        control: &mut Client,
+        objects: impl Iterator<Item = crate::shadow::Object>,
+        per_transaction: usize,
+    ) -> Result<(), CoordinatorError> {
+        let mut pending = objects.peekable();
+        let mut first = true;
+        loop {
+            let next = next_shadow_transaction(&mut pending, per_transaction);
+            let place = match (first, pending.peek().is_none()) {
+                (true, true) => Place::Only,
+                (true, false) => Place::First,
+                (false, true) => Place::Last,
+                (false, false) => Place::Between,
+            };
+            self.transaction(control, next, place).await?;
+            if matches!(place, Place::Only | Place::Last) {
+                return Ok(());
             }
-            Err(err) => {
-                // The transactions before this one committed their part of the shadow set (and
-                // recorded it): it goes, as a failed run's does.
-                if let Some(objects) = &committed {
-                    abandon(control, plan.migration_id, objects, locks, &err).await;
+            first = false;
+        }
+    }
+
+    /// The shadow set in its [`Stages`](crate::shadow::Stages): the definitions on `control`
+    /// (the first transaction records the migration and marks the set incomplete), then the
+    /// sequences and then the independent tables shared by `control` and a second session
+    /// (each takes the next transaction's worth as it finishes one), then the rest on
+    /// `control` (its last transaction clears the mark).
+    async fn staged(
+        &self,
+        control: &mut Client,
+        destination: &crate::conninfo::DbUrl,
+        stages: crate::shadow::Stages<'_>,
+        lock_budget: crate::locked::LockBudget,
+    ) -> Result<(), CoordinatorError> {
+        let per_transaction = shadow_actions_per_transaction(lock_budget, 1);
+        let opening = async {
+            let mut pending = stages.definitions.objects.peekable();
+            let mut place = Place::First;
+            loop {
+                let next = next_shadow_transaction(&mut pending, per_transaction);
+                self.transaction(control, next, place).await?;
+                if pending.peek().is_none() {
+                    return Ok::<_, CoordinatorError>(());
                 }
-                return Err(err);
+                place = Place::Between;
+            }
+        };
+        let second = async {
+            let client = destination.connect("pgzm-coordinator").await?;
+            client
+                .batch_execute(state::CATALOG_SESSION)
+                .await
+                .map_err(|e| CoordinatorError::destination("set search_path", e))?;
+            Ok(client)
+        };
+        let ((), mut second) = tokio::try_join!(opening, second)?;
+        // Each of two sessions holds the locks of its transaction's objects.
+        let per_shared = shadow_actions_per_transaction(lock_budget, 2);
+        for stage in [stages.sequences, stages.tables] {
+            let shared = std::sync::Mutex::new(Shared {
+                pending: stage.objects.peekable(),
+                left: stage.len,
+            });
+            tokio::try_join!(
+                self.share(&mut *control, &shared, per_shared),
+                self.share(&mut second, &shared, per_shared)
+            )?;
+        }
+        drop(second);
+        let mut pending = stages.last.objects.peekable();
+        loop {
+            let next = next_shadow_transaction(&mut pending, per_transaction);
+            let place = if pending.peek().is_none() {
+                Place::Last
+            } else {
+                Place::Between
+            };
+            self.transaction(control, next, place).await?;
+            if place == Place::Last {
+                return Ok(());
             }
         }
     }
-    Ok(committed.unwrap_or_default())
+
+    /// Transactions on `client` of what is left of a shared stage, each taking the next
+    /// transaction's worth (smaller near the end, so that the two sessions finish together).
+    async fn share<I: Iterator<Item = crate::shadow::Object>>(
+        &self,
+        client: &mut Client,
+        shared: &std::sync::Mutex<Shared<I>>,
+        per_transaction: usize,
+    ) -> Result<(), CoordinatorError> {
+        loop {
+            let next = {
+                let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
+                let Shared { pending, left } = &mut *shared;
+                if pending.peek().is_none() {
+                    return Ok(());
+                }
+                let size = per_transaction.min((*left / 4).max(SHADOW_BATCH));
+                *left = left.saturating_sub(size);
+                next_shadow_transaction(pending, size)
+            };
+            self.transaction(client, next, Place::Between).await?;
+        }
+    }
+
+    /// One transaction of the shadow set on `client`: its statements, then the record of what
+    /// it created, with oids, appended to the migration's `created_objects` (an `UPDATE` of
+    /// the row waits for the other session's transaction that updated it first, and appends to
+    /// what that one committed). The first records the migration and what the plan names
+    /// (schemas, trigger functions, index names); over several transactions, the first marks
+    /// the set incomplete and the last clears the mark.
+    async fn transaction(
+        &self,
+        client: &mut Client,
+        next: ShadowTransaction,
+        place: Place,
+    ) -> Result<(), CoordinatorError> {
+        let plan = self.plan;
+        let ShadowTransaction {
+            round_trips,
+            creates,
+        } = next;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| CoordinatorError::destination("begin the shadow transaction", e))?;
+        let first = matches!(place, Place::First | Place::Only);
+        if first {
+            state::ensure_schema(&tx).await?;
+            state::insert(&tx, plan, self.max_rate, self.max_lag).await?;
+        }
+        for batch in &round_trips {
+            let sql: String = batch.iter().map(|(_, sql)| format!("{sql};\n")).collect();
+            tx.batch_execute(&sql).await.map_err(|e| {
+                let (first, last) = (&batch[0].0, &batch[batch.len() - 1].0);
+                let what = if first == last {
+                    first.clone()
+                } else {
+                    format!("{first} … {last}")
+                };
+                CoordinatorError::destination(what, e)
+            })?;
+        }
+        drop(round_trips);
+        let mark = match place {
+            Place::First => Some(true),
+            Place::Last => Some(false),
+            Place::Between | Place::Only => None,
+        };
+        if let Some(incomplete) = mark {
+            tx.batch_execute(&shadow_incomplete_sql(plan.migration_id, incomplete))
+                .await
+                .map_err(|e| CoordinatorError::destination("record the shadow set", e))?;
+        }
+        let created = record(&tx, &creates).await?;
+        let created = if first {
+            let all = RecordedObjects {
+                schemas: plan.schemas_to_create.clone(),
+                indexes: plan.indexes.iter().map(|m| m.to.clone()).collect(),
+                functions: plan
+                    .functions_to_create
+                    .iter()
+                    .map(|(signature, _)| signature.clone())
+                    .collect(),
+                ..created
+            };
+            state::record_objects(&tx, plan.migration_id, &all).await?;
+            all
+        } else {
+            state::append_objects(&tx, plan.migration_id, &created).await?;
+            created
+        };
+        tx.commit()
+            .await
+            .map_err(|e| CoordinatorError::destination("commit the shadow transaction", e))?;
+        // Recorded: an interrupt from now on removes what the run created (see `interrupt`),
+        // even while the shadow set is still being created.
+        crate::interrupt::set_run(plan.migration_id);
+        let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        match recorded.as_mut() {
+            None => *recorded = Some(created),
+            Some(all) => {
+                all.tables.extend(created.tables);
+                all.types.extend(created.types);
+                all.sequences.extend(created.sequences);
+            }
+        }
+        Ok(())
+    }
 }
 
-/// Shadow actions (one table, one type…) per round trip: an error names the actions of its
-/// batch (and the server's message names the object).
+/// A stage's objects two sessions take from.
+struct Shared<I: Iterator<Item = crate::shadow::Object>> {
+    pending: std::iter::Peekable<I>,
+    /// Objects not yet taken.
+    left: usize,
+}
+
+/// Shadow objects (one table with its privileges, one type…) per round trip: an error names
+/// the actions of its batch (and the server's message names the object).
 const SHADOW_BATCH: usize = 64;
-/// Locks a shadow action holds until its transaction commits: a table takes about 9 (itself,
+/// Locks a shadow object holds until its transaction commits: a table takes about 9 (itself,
 /// its sequence, TOAST table and index, some in several modes).
 const LOCKS_PER_SHADOW_ACTION: i64 = 9;
 
@@ -1405,35 +1598,41 @@ const LOCKS_PER_SHADOW_ACTION: i64 = 9;
 /// (a shadow set of 1 500 tables in one transaction ran out of shared memory at the default
 /// `max_locks_per_transaction`). A transaction may use half of it, and holds up to 1 024
 /// actions (fewer commits, each recording what exists so far).
-fn shadow_actions_per_transaction(budget: crate::locked::LockBudget) -> usize {
-    let actions = budget.capacity() / 2 / LOCKS_PER_SHADOW_ACTION;
+fn shadow_actions_per_transaction(budget: crate::locked::LockBudget, sessions: i64) -> usize {
+    let actions = budget.capacity() / 2 / sessions.max(1) / LOCKS_PER_SHADOW_ACTION;
     usize::try_from(actions.clamp(16, 1024)).unwrap_or(16)
 }
 
+/// One transaction's worth of the shadow set.
+#[derive(Debug, Default)]
+struct ShadowTransaction {
+    /// Its statements, a round trip's at a time.
+    round_trips: Vec<Vec<crate::shadow::Statement>>,
+    /// What it creates that is recorded by oid.
+    creates: Vec<crate::shadow::Created>,
+}
+
 /// The next transaction's shadow statements, taken from `pending`: up to `per_transaction`
-/// actions, in round trips of up to [`SHADOW_BATCH`] actions. The statements of one action are
-/// never split.
+/// objects, in round trips of up to [`SHADOW_BATCH`] objects. An object (a table and its
+/// privileges…) is never split: a later transaction may run on the other session.
 fn next_shadow_transaction(
-    pending: &mut std::iter::Peekable<impl Iterator<Item = crate::shadow::Statement>>,
+    pending: &mut std::iter::Peekable<impl Iterator<Item = crate::shadow::Object>>,
     per_transaction: usize,
-) -> Vec<Vec<crate::shadow::Statement>> {
+) -> ShadowTransaction {
     let per_round_trip = SHADOW_BATCH.min(per_transaction.max(1));
     let round_trips_per_transaction = (per_transaction / per_round_trip).max(1);
-    let mut round_trips = Vec::new();
-    while round_trips.len() < round_trips_per_transaction && pending.peek().is_some() {
-        let mut batch: Vec<crate::shadow::Statement> = Vec::new();
-        let mut actions = 0;
-        while let Some(next) = pending.peek() {
-            let new_action = batch.last().is_none_or(|(action, _)| *action != next.0);
-            if new_action && actions == per_round_trip {
-                break;
-            }
-            actions += usize::from(new_action);
-            batch.extend(pending.next());
+    let mut next = ShadowTransaction::default();
+    while next.round_trips.len() < round_trips_per_transaction && pending.peek().is_some() {
+        let mut batch = Vec::new();
+        for object in pending.by_ref().take(per_round_trip) {
+            batch.extend(object.statements);
+            next.creates.extend(object.creates);
         }
-        round_trips.push(batch);
+        if !batch.is_empty() {
+            next.round_trips.push(batch);
+        }
     }
-    round_trips
+    next
 }
 
 /// Marks (or unmarks) a run whose shadow set is being created over several transactions: an
@@ -1454,102 +1653,149 @@ fn shadow_incomplete_sql(migration_id: i64, incomplete: bool) -> String {
 /// `pgzm.copy_progress.task_key` of the mark of [`shadow_incomplete_sql`].
 pub(crate) const SHADOW_INCOMPLETE: &str = "shadow:incomplete";
 
-async fn record(tx: &impl GenericClient, plan: &Plan) -> Result<RecordedObjects, CoordinatorError> {
-    let oids = |sql: &'static str, names: Vec<QualName>| async move {
-        let schemas: Vec<&str> = names.iter().map(|n| n.schema.as_str()).collect();
-        let names: Vec<&str> = names.iter().map(|n| n.name.as_str()).collect();
-        let rows = tx
-            .query(sql, &[&schemas, &names])
-            .await
-            .map_err(|e| CoordinatorError::destination("record created objects", e))?;
-        Ok::<_, CoordinatorError>(
-            rows.iter()
-                .map(|r| (r.get::<_, String>("name"), r.get::<_, u32>("oid")))
-                .collect::<Vec<_>>(),
-        )
+/// The oids of the tables, sequences and types a shadow transaction created (the names come
+/// from the plan, the oids from the catalog as the transaction sees it).
+async fn record(
+    tx: &impl GenericClient,
+    creates: &[crate::shadow::Created],
+) -> Result<RecordedObjects, CoordinatorError> {
+    use crate::shadow::Created;
+    let (mut relations, mut types): (Vec<&QualName>, Vec<&QualName>) = (Vec::new(), Vec::new());
+    for created in creates {
+        match created {
+            Created::Table(name) | Created::Sequence(name) => relations.push(name),
+            Created::Type(name) => types.push(name),
+        }
+    }
+    let oids = |sql: &'static str, names: Vec<&QualName>| {
+        let schemas: Vec<String> = names.iter().map(|n| n.schema.clone()).collect();
+        let names: Vec<String> = names.iter().map(|n| n.name.clone()).collect();
+        async move {
+            if names.is_empty() {
+                return Ok(Vec::new());
+            }
+            tx.query(sql, &[&schemas, &names])
+                .await
+                .map_err(|e| CoordinatorError::destination("record created objects", e))
+        }
     };
-    const RELS: &str = "SELECT c.relname::text AS name, c.oid FROM pg_class c
+    const RELS: &str = "SELECT c.relname::text AS name, c.oid, c.relkind = 'S' AS sequence FROM pg_class c
         JOIN pg_namespace n ON n.oid = c.relnamespace
         JOIN unnest($1::text[], $2::text[]) w(s, r) ON w.s = n.nspname AND w.r = c.relname";
     const TYPES: &str = "SELECT t.typname::text AS name, t.oid FROM pg_type t
         JOIN pg_namespace n ON n.oid = t.typnamespace
         JOIN unnest($1::text[], $2::text[]) w(s, r) ON w.s = n.nspname AND w.r = t.typname";
-    let moved = |moves: &[crate::plan::Move]| {
-        moves
-            .iter()
-            .map(|m| QualName::new(m.schema.clone(), m.to.clone()))
-            .collect::<Vec<_>>()
-    };
-    Ok(RecordedObjects {
-        tables: oids(RELS, plan.tables.iter().map(|t| t.shadow_name()).collect()).await?,
-        types: oids(TYPES, moved(&plan.types)).await?,
-        sequences: oids(RELS, moved(&plan.sequences)).await?,
-        schemas: plan.schemas_to_create.clone(),
-        indexes: plan.indexes.iter().map(|m| m.to.clone()).collect(),
-        functions: plan
-            .functions_to_create
-            .iter()
-            .map(|(signature, _)| signature.clone())
-            .collect(),
-        ..RecordedObjects::default()
-    })
+    let mut recorded = RecordedObjects::default();
+    for row in oids(RELS, relations).await? {
+        let entry = (row.get::<_, String>("name"), row.get::<_, u32>("oid"));
+        if row.get::<_, bool>("sequence") {
+            recorded.sequences.push(entry);
+        } else {
+            recorded.tables.push(entry);
+        }
+    }
+    for row in oids(TYPES, types).await? {
+        recorded
+            .types
+            .push((row.get::<_, String>("name"), row.get::<_, u32>("oid")));
+    }
+    Ok(recorded)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn statements(actions: &[(&str, usize)]) -> Vec<crate::shadow::Statement> {
-        actions
-            .iter()
-            .flat_map(|(action, n)| (0..*n).map(move |i| (action.to_string(), format!("{i}"))))
+    /// 300 objects of one to three statements, some of two actions (a table and its
+    /// privileges).
+    fn objects() -> Vec<crate::shadow::Object> {
+        (0..300)
+            .map(|i| crate::shadow::Object {
+                statements: (0..1 + i % 3)
+                    .map(|j| {
+                        let action = if j == 2 { "privileges of" } else { "table" };
+                        (format!("{action} o{i}"), format!("o{i} s{j}"))
+                    })
+                    .collect(),
+                creates: vec![crate::shadow::Created::Table(QualName::new(
+                    "public",
+                    format!("o{i}"),
+                ))],
+            })
             .collect()
     }
 
-    /// Transactions of up to `per_transaction` actions, round trips of up to 64, an action's
-    /// statements never split, every statement sent once and in order.
+    /// Transactions of up to `per_transaction` objects, round trips of up to 64, an object's
+    /// statements never split (the next transaction may run on another session), every
+    /// statement sent once and in order.
     #[test]
-    fn shadow_transactions_cut_between_actions() {
-        let actions: Vec<(String, usize)> =
-            (0..300).map(|i| (format!("a{i}"), 1 + i % 3)).collect();
-        let actions: Vec<(&str, usize)> = actions.iter().map(|(a, n)| (a.as_str(), *n)).collect();
-        let all = statements(&actions);
+    fn shadow_transactions_cut_between_objects() {
+        let all = objects();
+        let object_of = |sql: &str| sql.split(' ').next().unwrap_or_default().to_string();
         for per_transaction in [1, 16, 64, 100, 128, 1024] {
             let mut pending = all.clone().into_iter().peekable();
-            let mut sent = Vec::new();
+            let mut sent: Vec<crate::shadow::Statement> = Vec::new();
+            let mut created = Vec::new();
             let mut transactions = 0;
             while pending.peek().is_some() {
-                let round_trips = next_shadow_transaction(&mut pending, per_transaction);
+                let next = next_shadow_transaction(&mut pending, per_transaction);
+                let round_trips = next.round_trips;
                 transactions += 1;
+                // What it creates is its objects'.
+                let objects: Vec<String> = round_trips
+                    .iter()
+                    .flatten()
+                    .map(|(_, sql)| object_of(sql))
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                let mut creates: Vec<String> = next
+                    .creates
+                    .iter()
+                    .map(|c| match c {
+                        crate::shadow::Created::Table(name) => name.name.clone(),
+                        other => panic!("{other:?}"),
+                    })
+                    .collect();
+                creates.sort();
+                assert_eq!(creates, objects);
+                created.extend(creates);
                 let count = |b: &[crate::shadow::Statement]| {
                     b.iter()
                         .enumerate()
-                        .filter(|(i, s)| *i == 0 || b[i - 1].0 != s.0)
+                        .filter(|(i, s)| *i == 0 || object_of(&b[i - 1].1) != object_of(&s.1))
                         .count()
                 };
                 let in_transaction: usize = round_trips.iter().map(|b| count(b)).sum();
-                assert!(in_transaction <= per_transaction.max(SHADOW_BATCH.min(per_transaction)));
+                assert!(in_transaction <= per_transaction.max(1));
                 for b in &round_trips {
                     assert!(!b.is_empty());
                     assert!(count(b) <= SHADOW_BATCH);
-                    // A batch starts a new action: the previous one was sent whole.
+                    // A batch starts a new object: the previous one was sent whole.
                     assert_ne!(
-                        sent.last().map(|(a, _): &crate::shadow::Statement| a),
-                        Some(&b[0].0)
+                        sent.last().map(|(_, sql)| object_of(sql)),
+                        Some(object_of(&b[0].1))
                     );
+                    assert!(b[0].1.ends_with(" s0"), "{:?}", b[0]);
                     sent.extend(b.iter().cloned());
                 }
             }
-            assert_eq!(sent, all, "per transaction {per_transaction}");
+            let flat: Vec<crate::shadow::Statement> = all
+                .iter()
+                .flat_map(|o| o.statements.iter().cloned())
+                .collect();
+            assert_eq!(created.len(), 300);
+            assert_eq!(sent, flat, "per transaction {per_transaction}");
             let expected = 300usize.div_ceil(
                 per_transaction.min(SHADOW_BATCH)
                     * (per_transaction / per_transaction.min(SHADOW_BATCH)).max(1),
             );
             assert_eq!(transactions, expected, "per transaction {per_transaction}");
         }
-        let mut empty = Vec::<crate::shadow::Statement>::new()
+        let mut empty = Vec::<crate::shadow::Object>::new()
             .into_iter()
             .peekable();
-        assert!(next_shadow_transaction(&mut empty, 64).is_empty());
+        let none = next_shadow_transaction(&mut empty, 64);
+        assert!(none.round_trips.is_empty() && none.creates.is_empty());
     }
 }

@@ -437,6 +437,34 @@ pub async fn record_objects(
     Ok(())
 }
 
+/// Appends tables, types and sequences (with oids) to a run's `created_objects`. The `UPDATE`
+/// appends to the row as last committed: a transaction of another session appending to it
+/// first is waited for, not overwritten.
+pub async fn append_objects(
+    client: &impl GenericClient,
+    id: i64,
+    objects: &RecordedObjects,
+) -> Result<(), CoordinatorError> {
+    let json = |v: &Vec<(String, u32)>| serde_json::to_value(v).unwrap_or_default();
+    client
+        .execute(
+            "UPDATE pgzm.migrations SET created_objects = coalesce(created_objects, '{}') || jsonb_build_object(
+                 'tables', coalesce(created_objects->'tables', '[]') || $2::jsonb,
+                 'types', coalesce(created_objects->'types', '[]') || $3::jsonb,
+                 'sequences', coalesce(created_objects->'sequences', '[]') || $4::jsonb)
+             WHERE id = $1",
+            &[
+                &id,
+                &json(&objects.tables),
+                &json(&objects.types),
+                &json(&objects.sequences),
+            ],
+        )
+        .await
+        .map_err(|e| CoordinatorError::destination("record created objects", e))?;
+    Ok(())
+}
+
 /// Sets the status (and optionally stats or an error) of a run.
 pub async fn set_status(
     client: &impl GenericClient,

@@ -195,6 +195,9 @@ pub struct ColumnMore {
     pub collation: Option<String>,
     /// COMMENT ON COLUMN.
     pub comment: Option<String>,
+    /// The relation (pg_class oid in the source) whose row type the column's type is, or is an
+    /// array of; 0 for any other type.
+    pub row_type_of: Oid,
 }
 
 /// A column's [`ColumnMore`] when it has none.
@@ -205,6 +208,7 @@ static NO_MORE: ColumnMore = ColumnMore {
     not_null_name: None,
     collation: None,
     comment: None,
+    row_type_of: 0,
 };
 
 impl Column {

@@ -80,7 +80,12 @@ SELECT a.attrelid AS table_oid, a.attname::text AS name, format_type(a.atttypid,
          WHERE n.conrelid = a.attrelid AND n.contype = 'n' AND n.conkey[1] = a.attnum LIMIT 1) AS not_null_name,
        CASE WHEN a.attcollation <> t.typcollation AND a.attcollation <> 0
             THEN quote_ident(cn.nspname) || '.' || quote_ident(co.collname) END AS collation,
-       (SELECT ds.description FROM pg_description ds WHERE ds.objoid = a.attrelid AND ds.classoid = 'pg_class'::regclass AND ds.objsubid = a.attnum) AS comment
+       (SELECT ds.description FROM pg_description ds WHERE ds.objoid = a.attrelid AND ds.classoid = 'pg_class'::regclass AND ds.objsubid = a.attnum) AS comment,
+       -- The relation whose row type it is (or is an array of): a shadow table typed on another
+       -- is created after it.
+       CASE WHEN t.typrelid <> 0 THEN t.typrelid
+            WHEN t.typcategory = 'A' THEN (SELECT e.typrelid FROM pg_type e WHERE e.oid = t.typelem)
+            ELSE 0::oid END AS row_type_of
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
@@ -573,23 +578,31 @@ fn column_of(row: &Row, t: &TableIndex) -> (usize, Column) {
         not_null_name: row.get("not_null_name"),
         collation: row.get("collation"),
         comment: row.get("comment"),
+        row_type_of: row.get("row_type_of"),
     };
     let column = Column {
         more: (more.generated.is_some()
             || more.generated_virtual
             || more.not_null_name.is_some()
             || more.collation.is_some()
-            || more.comment.is_some())
+            || more.comment.is_some()
+            || more.row_type_of != 0)
         .then(|| Box::new(more)),
         ..column
     };
     (t.index_of[&row.get::<_, Oid>("table_oid")], column)
 }
 
-/// Adds the columns to their tables; returns the types they use.
+/// Adds the columns to their tables; returns the types they use (but the row types of the
+/// tables read: those follow their tables).
 fn add_columns(columns: Vec<(usize, Column)>, schema: &mut SourceSchema) -> BTreeSet<Oid> {
     let mut type_oids = BTreeSet::new();
+    let tables: std::collections::HashSet<Oid> = schema.tables.iter().map(|t| t.oid).collect();
     for (table, column) in columns {
+        if tables.contains(&column.more().row_type_of) {
+            schema.tables[table].columns.push(column);
+            continue;
+        }
         type_oids.insert(column.type_oid);
         if column.elem_type_oid != 0 {
             type_oids.insert(column.elem_type_oid);

@@ -235,3 +235,168 @@ async fn a_shadow_transaction_failing_after_one_committed_leaves_nothing_behind(
     );
     Ok(())
 }
+
+/// A lock table of 1 600 slots (`max_locks_per_transaction = 80`, `max_connections = 20`):
+/// the swap of 140 tables with a serial key fits, and the shadow set is created 88 objects per
+/// transaction, on two sessions for its sequences and tables (44 each).
+fn medium_lock_table() -> anyhow::Result<PgCluster> {
+    Ok(PgCluster::start_with_settings(&[
+        "max_locks_per_transaction=80".into(),
+        "max_connections=20".into(),
+    ])?)
+}
+
+/// `a_uses_t_05`, named to sort before the table whose row type (and an array of it) its
+/// columns use, with two rows.
+const TYPED_ON_ANOTHER: &str = "
+    CREATE TABLE a_uses_t_05 (id int PRIMARY KEY, one t_05, many t_05[]);
+    INSERT INTO a_uses_t_05 VALUES
+        (1, ROW(7, 'seven')::t_05, ARRAY[ROW(8, 'eight')::t_05, ROW(9, 'nine')::t_05]),
+        (2, NULL, '{}');";
+
+/// 140 tables with a serial key and a table typed on one of their row types: the shadow set
+/// spans many transactions, its sequences and tables shared by two sessions, the typed table
+/// created after the table whose row type it uses. Every shadow object is recorded, the mark of
+/// an unfinished set is gone, and after the swap the live tables (the typed one too, its values
+/// of the new `t_05` type) hold the source's rows and take new rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_set_over_many_transactions_is_shared_by_two_sessions() -> anyhow::Result<()> {
+    let medium = medium_lock_table()?;
+    let p = pair_on(&medium, "lockbudget_shared").await?;
+    create_tables(&p.source, 140, "serial", "source").await?;
+    create_tables(&p.dest, 140, "serial", "live").await?;
+    p.source.batch(TYPED_ON_ANOTHER).await?;
+    let opts = common::options(&p);
+
+    common::prepare_and_release(&opts).await?;
+    let transactions = int(
+        &p.dest,
+        "SELECT count(DISTINCT xmin::text) FROM pg_class WHERE relname LIKE 'shadow\\_t\\_%' AND relkind = 'r'",
+    )
+    .await?;
+    assert!(
+        transactions >= 4,
+        "140 tables at 44 per transaction: {transactions} transaction(s)"
+    );
+    assert_eq!(
+        int(
+            &p.dest,
+            "SELECT jsonb_array_length(created_objects->'tables')::int8 FROM pgzm.migrations WHERE status = 'prepared'"
+        )
+        .await?,
+        141,
+        "every shadow table is recorded, whichever session created it"
+    );
+    assert_eq!(
+        int(
+            &p.dest,
+            "SELECT count(*) FROM pgzm.copy_progress WHERE task_key = 'shadow:incomplete'"
+        )
+        .await?,
+        0
+    );
+
+    common::swap(&p).await?;
+    for i in [0, 70, 139] {
+        assert_eq!(
+            int(
+                &p.dest,
+                &format!("SELECT count(*) FROM t_{i:02} WHERE v LIKE 'source %'")
+            )
+            .await?,
+            3
+        );
+        p.dest
+            .batch(&format!("INSERT INTO t_{i:02} (v) VALUES ('new')"))
+            .await?;
+    }
+    assert_eq!(
+        int(
+            &p.dest,
+            "SELECT ((one).id + (many[2]).id)::int8 FROM a_uses_t_05 WHERE id = 1"
+        )
+        .await?,
+        16
+    );
+    assert_eq!(
+        int(
+            &p.dest,
+            "SELECT count(*) FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+              WHERE a.attrelid = 'a_uses_t_05'::regclass AND a.attname = 'one'
+                AND t.typrelid = 't_05'::regclass"
+        )
+        .await?,
+        1,
+        "the column's type is the new t_05's row type"
+    );
+    Ok(())
+}
+
+/// A transaction on one of the two sessions fails (a collation the destination lacks, on a
+/// table in the middle of 140) while the other goes on: the run fails saying why, every shadow
+/// object either session committed is removed, the live tables are as they were, and the run
+/// after the fix succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_shadow_transaction_failing_leaves_nothing_behind() -> anyhow::Result<()> {
+    let medium = medium_lock_table()?;
+    let p = pair_on(&medium, "lockbudget_shared_failure").await?;
+    create_tables(&p.source, 140, "serial", "source").await?;
+    create_tables(&p.dest, 140, "serial", "live").await?;
+    p.source
+        .batch(
+            r#"CREATE COLLATION german_sort FROM "C";
+               ALTER TABLE t_100 ALTER COLUMN v TYPE text COLLATE german_sort;"#,
+        )
+        .await?;
+    let opts = common::options(&p);
+
+    let err = common::prepare_and_release(&opts)
+        .await
+        .expect_err("a shadow transaction fails");
+    let message = err.to_string();
+    assert!(
+        message.contains("german_sort") && !message.contains('\n'),
+        "{message}"
+    );
+    for (what, sql) in [
+        (
+            "relations",
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'shadow\\_%'",
+        ),
+        (
+            "types",
+            "SELECT count(*) FROM pg_type WHERE typname LIKE 'shadow\\_%'",
+        ),
+    ] {
+        assert_eq!(int(&p.dest, sql).await?, 0, "shadow {what} left behind");
+    }
+    assert_eq!(
+        int(
+            &p.dest,
+            "SELECT count(*) FROM pgzm.migrations WHERE status = 'failed' AND NOT shadow_present"
+        )
+        .await?,
+        1
+    );
+    for i in [0, 100, 139] {
+        assert_eq!(
+            int(
+                &p.dest,
+                &format!("SELECT count(*) FROM t_{i:02} WHERE v LIKE 'live %'")
+            )
+            .await?,
+            3
+        );
+    }
+
+    p.source
+        .batch("ALTER TABLE t_100 ALTER COLUMN v TYPE text COLLATE \"default\"")
+        .await?;
+    common::prepare_and_release(&opts).await?;
+    common::swap(&p).await?;
+    assert_eq!(
+        int(&p.dest, "SELECT count(*) FROM t_100 WHERE v LIKE 'source %'").await?,
+        3
+    );
+    Ok(())
+}

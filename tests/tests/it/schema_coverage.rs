@@ -299,3 +299,48 @@ async fn coverage_schema_over_an_existing_schema_with_other_data() -> anyhow::Re
     );
     Ok(())
 }
+
+/// A table whose columns are of another migrated table's row type (and an array of it), named
+/// to sort before that table: its shadow is created after the other's, the source's values
+/// arrive, and after the swap the column's type is the new live table's row type (the backup's
+/// the backup table's). Fails when the shadow tables are created in name order: the shadow of
+/// `a_box` would use a type that does not exist yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_typed_on_another_tables_row_type_is_created_after_it() -> anyhow::Result<()> {
+    let p = common::pair("cov_row_type").await;
+    let schema = "CREATE TABLE b (id int PRIMARY KEY, label text NOT NULL);
+                  CREATE TABLE a_box (id int PRIMARY KEY, item b, items b[]);";
+    p.source.batch(schema).await?;
+    p.source
+        .batch(
+            "INSERT INTO b VALUES (1, 'source');
+             INSERT INTO a_box VALUES (1, ROW(5, 'five'), ARRAY[ROW(6, 'six')::b, ROW(7, 'seven')::b]);",
+        )
+        .await?;
+    p.dest.batch(schema).await?;
+    p.dest
+        .batch("INSERT INTO a_box VALUES (9, ROW(9, 'live'), '{}')")
+        .await?;
+
+    common::migrate(&p).await?;
+    let dst = p.dest.connect().await?;
+    assert_eq!(
+        text(
+            &dst,
+            "SELECT (item).label || ' ' || (items[2]).label FROM a_box WHERE id = 1"
+        )
+        .await,
+        "five seven"
+    );
+    assert_eq!(int(&dst, "SELECT count(*) FROM a_box").await, 1);
+    let column_type_of = |table: &str| {
+        format!(
+            "SELECT c.relname::text FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+               JOIN pg_class c ON c.oid = t.typrelid
+              WHERE a.attrelid = '{table}'::regclass AND a.attname = 'item'"
+        )
+    };
+    assert_eq!(text(&dst, &column_type_of("a_box")).await, "b");
+    assert_eq!(text(&dst, &column_type_of("backup_a_box")).await, "backup_b");
+    Ok(())
+}
