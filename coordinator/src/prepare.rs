@@ -1485,7 +1485,7 @@ impl ShadowRun<'_> {
                 if pending.peek().is_none() {
                     return Ok(());
                 }
-                let size = per_transaction.min((*left / 4).max(SHADOW_BATCH));
+                let size = per_transaction.min((*left / 4).max(2 * SHADOW_BATCH));
                 *left = left.saturating_sub(size);
                 next_shadow_transaction(pending, size)
             };
@@ -1557,7 +1557,13 @@ impl ShadowRun<'_> {
             state::record_objects(&tx, plan.migration_id, &all).await?;
             all
         } else {
-            state::append_objects(&tx, plan.migration_id, &created).await?;
+            // (Sequence positions, partitions attached: nothing new to record.)
+            if !(created.tables.is_empty()
+                && created.types.is_empty()
+                && created.sequences.is_empty())
+            {
+                state::append_objects(&tx, plan.migration_id, &created).await?;
+            }
             created
         };
         tx.commit()
@@ -1679,7 +1685,8 @@ async fn record(
                 .map_err(|e| CoordinatorError::destination("record created objects", e))
         }
     };
-    const RELS: &str = "SELECT c.relname::text AS name, c.oid, c.relkind = 'S' AS sequence FROM pg_class c
+    const RELS: &str =
+        "SELECT c.relname::text AS name, c.oid, c.relkind = 'S' AS sequence FROM pg_class c
         JOIN pg_namespace n ON n.oid = c.relnamespace
         JOIN unnest($1::text[], $2::text[]) w(s, r) ON w.s = n.nspname AND w.r = c.relname";
     const TYPES: &str = "SELECT t.typname::text AS name, t.oid FROM pg_type t
@@ -1792,9 +1799,7 @@ mod tests {
             );
             assert_eq!(transactions, expected, "per transaction {per_transaction}");
         }
-        let mut empty = Vec::<crate::shadow::Object>::new()
-            .into_iter()
-            .peekable();
+        let mut empty = Vec::<crate::shadow::Object>::new().into_iter().peekable();
         let none = next_shadow_transaction(&mut empty, 64);
         assert!(none.round_trips.is_empty() && none.creates.is_empty());
     }

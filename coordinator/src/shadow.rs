@@ -184,17 +184,15 @@ pub fn stages<'a>(
     };
     let sequences = Stage {
         len: free_sequences().count(),
-        objects: Box::new(free_sequences().map(|(m, s)| {
-            Object {
-                statements: vec![(
-                    format!("create shadow sequence \"{}\"", m.to),
-                    ddl::create_sequence(s, &m.to),
-                )],
-                creates: vec![Created::Sequence(QualName::new(
-                    m.schema.clone(),
-                    m.to.clone(),
-                ))],
-            }
+        objects: Box::new(free_sequences().map(|(m, s)| Object {
+            statements: vec![(
+                format!("create shadow sequence \"{}\"", m.to),
+                ddl::create_sequence(s, &m.to),
+            )],
+            creates: vec![Created::Sequence(QualName::new(
+                m.schema.clone(),
+                m.to.clone(),
+            ))],
         })),
     };
     let table = move |t: &'a Table| {
@@ -227,11 +225,15 @@ pub fn stages<'a>(
     let typed_on_others = typed_on_other_tables(plan, schema);
     let late_len = typed_on_others.len();
     let late: std::collections::HashSet<usize> = typed_on_others.iter().copied().collect();
-    let independent = move |(i, t): &(usize, &'a Table)| {
-        !late.contains(i) && plan.table(&t.qualname()).is_some()
-    };
+    let independent =
+        move |(i, t): &(usize, &'a Table)| !late.contains(i) && plan.table(&t.qualname()).is_some();
     let tables = Stage {
-        len: schema.tables.iter().enumerate().filter(&independent).count(),
+        len: schema
+            .tables
+            .iter()
+            .enumerate()
+            .filter(&independent)
+            .count(),
         objects: Box::new(
             schema
                 .tables

@@ -587,7 +587,7 @@ fn column_of(row: &Row, t: &TableIndex) -> (usize, Column) {
             || more.collation.is_some()
             || more.comment.is_some()
             || more.row_type_of != 0)
-        .then(|| Box::new(more)),
+            .then(|| Box::new(more)),
         ..column
     };
     (t.index_of[&row.get::<_, Oid>("table_oid")], column)

@@ -395,7 +395,11 @@ async fn a_shared_shadow_transaction_failing_leaves_nothing_behind() -> anyhow::
     common::prepare_and_release(&opts).await?;
     common::swap(&p).await?;
     assert_eq!(
-        int(&p.dest, "SELECT count(*) FROM t_100 WHERE v LIKE 'source %'").await?,
+        int(
+            &p.dest,
+            "SELECT count(*) FROM t_100 WHERE v LIKE 'source %'"
+        )
+        .await?,
         3
     );
     Ok(())

@@ -341,6 +341,9 @@ async fn a_table_typed_on_another_tables_row_type_is_created_after_it() -> anyho
         )
     };
     assert_eq!(text(&dst, &column_type_of("a_box")).await, "b");
-    assert_eq!(text(&dst, &column_type_of("backup_a_box")).await, "backup_b");
+    assert_eq!(
+        text(&dst, &column_type_of("backup_a_box")).await,
+        "backup_b"
+    );
     Ok(())
 }
