@@ -89,6 +89,11 @@ pub struct Args {
     /// Table counts of the schema-scale runs (--scale schema).
     #[arg(long, value_delimiter = ',', default_values_t = [3000usize, 10000])]
     pub tables: Vec<usize>,
+    /// Rounds of the whole-run comparison (pg_dump | pg_restore against pgzm prepare + swap,
+    /// alternating, each into a fresh copy of the destination) at up to 3 000 tables (--scale
+    /// schema; more tables: one): the report gives every round and the median ratio.
+    #[arg(long, default_value_t = 3)]
+    pub schema_rounds: usize,
     /// pgcopydb runs only up to this many tables (--scale schema): beyond, it is skipped with a
     /// note (it pays round trips and processes per table).
     #[arg(long, default_value_t = 3000)]

@@ -176,7 +176,34 @@ pub struct SchemaRun {
     /// Other CPU users seen at the start or the end (builds, test runs): the timings may be
     /// noisy then.
     pub busy: Vec<String>,
+    /// The whole-run comparison's rounds, the first being the measurements above: seconds of
+    /// pg_dump + pg_restore, and of pgzm prepare + swap.
+    pub rounds: Vec<(f64, f64)>,
 }
+
+impl SchemaRun {
+    /// The median over the rounds of pgzm's whole run against pg_dump + pg_restore.
+    pub fn median_ratio(&self) -> Option<f64> {
+        let mut ratios: Vec<f64> = self
+            .rounds
+            .iter()
+            .filter(|(dump, _)| *dump > 0.0)
+            .map(|(dump, pgzm)| pgzm / dump)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        (!ratios.is_empty()).then(|| {
+            let mid = ratios.len() / 2;
+            if ratios.len() % 2 == 1 {
+                ratios[mid]
+            } else {
+                (ratios[mid - 1] + ratios[mid]) / 2.0
+            }
+        })
+    }
+}
+
+/// Tables up to which the whole-run comparison has several rounds.
+const ROUNDS_MAX_TABLES: usize = 3000;
 
 /// The whole section.
 #[derive(Debug, Clone)]
@@ -635,6 +662,7 @@ async fn measure(
     n: usize,
     jobs: usize,
     pgcopydb_max_tables: usize,
+    rounds: usize,
 ) -> anyhow::Result<SchemaRun> {
     let (source, dest) = (servers.source, servers.dest);
     let (src_db, dst_db, restore_db, pgcopydb_db) = (
@@ -724,10 +752,49 @@ async fn measure(
         }
     };
 
+    // A copy of the destination as generated, for the comparison's later rounds.
+    let pristine = "bench_schema_dst_pristine";
+    let rounds = if n <= ROUNDS_MAX_TABLES {
+        rounds.max(1)
+    } else {
+        1
+    };
+    if rounds > 1 {
+        drop_db(dest, pristine).await?;
+        methods::connect(dest, "postgres")
+            .await?
+            .batch_execute(&format!("CREATE DATABASE {pristine} TEMPLATE {dst_db}"))
+            .await?;
+    }
     let pgzm_run = run_pgzm(servers, bins, n, jobs, &src, &dst, src_db, dst_db).await?;
+    let mut whole_runs = vec![(
+        dump.seconds + restore.seconds,
+        pgzm_run.prepare.seconds + pgzm_run.swap.seconds,
+    )];
+    for round in 2..=rounds {
+        let pgzm_first = round % 2 == 1;
+        let (mut dumped, mut migrated) = (0.0, 0.0);
+        for pgzm_turn in [pgzm_first, !pgzm_first] {
+            if pgzm_turn {
+                migrated =
+                    pgzm_round(servers, bins, n, jobs, &src, src_db, pristine, round).await?;
+            } else {
+                dumped =
+                    dump_round(servers, bins, n, jobs, src_db, &src, restore_db, round).await?;
+            }
+        }
+        eprintln!(
+            "   round {round}: pg_dump + pg_restore {dumped:.1} s, pgzm prepare + swap {migrated:.1} s"
+        );
+        whole_runs.push((dumped, migrated));
+    }
+    if rounds > 1 {
+        drop_db(dest, pristine).await?;
+    }
     drop_db(source, src_db).await?;
     drop_db(dest, dst_db).await?;
     Ok(SchemaRun {
+        rounds: whole_runs,
         tables: n,
         shape,
         generate_seconds,
@@ -737,6 +804,100 @@ async fn measure(
         pgzm: pgzm_run,
         busy: Vec::new(),
     })
+}
+
+/// A later round of the comparison: pg_dump | pg_restore into an empty database; seconds.
+#[allow(clippy::too_many_arguments)]
+async fn dump_round(
+    servers: &Servers<'_>,
+    bins: &Binaries,
+    n: usize,
+    jobs: usize,
+    src_db: &str,
+    src: &str,
+    restore_db: &str,
+    round: usize,
+) -> anyhow::Result<f64> {
+    let restore_url = fresh_db(servers.dest, restore_db, false).await?;
+    let dir = std::env::temp_dir().join(format!("pgzm-bench-schema-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (_, dump) = servers
+        .step(
+            &format!("{n}-pg_dump-{round}"),
+            &[src_db, restore_db],
+            methods::dump_command(bins, jobs, &dir, src),
+        )
+        .await
+        .context("pg_dump")?;
+    let (_, restore) = servers
+        .step(
+            &format!("{n}-pg_restore-{round}"),
+            &[src_db, restore_db],
+            methods::restore_command(bins, jobs, &dir, &restore_url),
+        )
+        .await
+        .context("pg_restore")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    drop_db(servers.dest, restore_db).await?;
+    Ok(dump.seconds + restore.seconds)
+}
+
+/// A later round of the comparison: pgzm prepare + swap into a fresh copy of the destination
+/// as generated; seconds.
+#[allow(clippy::too_many_arguments)]
+async fn pgzm_round(
+    servers: &Servers<'_>,
+    bins: &Binaries,
+    n: usize,
+    jobs: usize,
+    src: &str,
+    src_db: &str,
+    pristine: &str,
+    round: usize,
+) -> anyhow::Result<f64> {
+    let db = "bench_schema_dst_round";
+    drop_db(servers.dest, db).await?;
+    methods::connect(servers.dest, "postgres")
+        .await?
+        .batch_execute(&format!("CREATE DATABASE {db} TEMPLATE {pristine}"))
+        .await?;
+    let dst = servers.dest.url(db);
+    let j = jobs.to_string();
+    let mut seconds = 0.0;
+    for (step, args) in [
+        (
+            "prepare",
+            vec![
+                "prepare",
+                "--json",
+                "--no-log-file",
+                "--source",
+                src,
+                "--dest",
+                &dst,
+                "--jobs",
+                &j,
+                "--preserved-tables",
+                PRESERVED,
+            ],
+        ),
+        (
+            "swap",
+            vec!["swap", "--json", "--no-log-file", "--dest", &dst],
+        ),
+    ] {
+        let (_, measured) = servers
+            .step(
+                &format!("{n}-{step}-{round}"),
+                &[src_db, db],
+                servers.pgzm(bins, &args),
+            )
+            .await
+            .with_context(|| format!("pgzm {step}, round {round}"))?;
+        seconds += measured.seconds;
+    }
+    drop_db(servers.dest, db).await?;
+    Ok(seconds)
 }
 
 async fn drop_db(cluster: &PgCluster, db: &str) -> anyhow::Result<()> {
@@ -982,14 +1143,21 @@ pub async fn run(args: &Args) -> anyhow::Result<SchemaScale> {
     for &n in &args.tables {
         eprintln!("== schema scale: {n} tables");
         let busy_before = busy();
-        let r = measure(&servers, &bins, n, args.jobs, args.pgcopydb_max_tables)
-            .await
-            .map(|mut r| {
-                r.busy = busy_before.into_iter().chain(busy()).collect();
-                r.busy.sort();
-                r.busy.dedup();
-                r
-            });
+        let r = measure(
+            &servers,
+            &bins,
+            n,
+            args.jobs,
+            args.pgcopydb_max_tables,
+            args.schema_rounds,
+        )
+        .await
+        .map(|mut r| {
+            r.busy = busy_before.into_iter().chain(busy()).collect();
+            r.busy.sort();
+            r.busy.dedup();
+            r
+        });
         if let Some(dir) = &args.statement_log {
             for (name, cluster) in [("source", &source), ("destination", &dest)] {
                 std::fs::copy(cluster.log_path(), dir.join(format!("{name}.log")))?;
@@ -1087,7 +1255,7 @@ impl SchemaScale {
         let _ = writeln!(
             s,
             "\n### pgzm, phase by phase\n\nSeconds (and ms per table). `prepare` phases from its `--json` report: `plan` reads both catalogs (and checks dependents and names), \
-             `shadow` creates the shadow set in one transaction, `preserve` copies `{PRESERVED}` and sets up its sync triggers, `copy` is the data movement with each table's \
+             `shadow` creates the shadow set (its sequences and tables on two sessions, transactions sized to the lock table), `preserve` copies `{PRESERVED}` and sets up its sync triggers, `copy` is the data movement with each table's \
              builds (keys, indexes, sequences, ANALYZE) running beside it, split below into the data (until the last task landed) and the builds left after it, \
              `constraints` adds the foreign keys NOT VALID and validates them. The swap's lock-held time is pgzm's (server clock, from the locks granted to the commit); \
              the client runs primary-key lookups on every table, view and function in turn on one session, and its worst query overlapping the step is given. \
@@ -1310,6 +1478,30 @@ impl SchemaScale {
                     .fold(0.0, f64::max),
             );
         }
+        for r in self.runs.iter().filter(|r| r.rounds.len() > 1) {
+            let list = |f: fn(&(f64, f64)) -> f64| {
+                r.rounds
+                    .iter()
+                    .map(|round| format!("{:.2}", f(round)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let _ = writeln!(
+                s,
+                "\nThe whole run at {} tables in {} rounds (the first is the row above; the others alternate which goes first, pgzm each time into a fresh copy of the destination as generated): \
+                 pg_dump + pg_restore {} s; pgzm prepare + swap {} s; pgzm's ratio per round {}; **median {:.2}×**.",
+                r.tables,
+                r.rounds.len(),
+                list(|(dump, _)| *dump),
+                list(|(_, pgzm)| *pgzm),
+                r.rounds
+                    .iter()
+                    .map(|(dump, pgzm)| format!("{:.2}×", pgzm / dump.max(1e-3)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                r.median_ratio().unwrap_or(0.0)
+            );
+        }
 
         let _ = writeln!(
             s,
@@ -1416,11 +1608,21 @@ impl SchemaScale {
                 verdict(per_table_us(p.cleanup_client.worst_ms) <= 50.0),
                 p.cleanup.seconds
             );
+            // Over several rounds the median decides.
+            let ratio = match r.median_ratio() {
+                Some(median) if r.rounds.len() > 1 => median,
+                _ => whole / dump_s.max(1e-3),
+            };
             let _ = writeln!(
                 s,
-                "- whole run ≤ 0.8× pg_dump/pg_restore (the target is set at 3 000 small tables): {:.2}× ({})",
-                whole / dump_s.max(1e-3),
-                verdict(whole / dump_s.max(1e-3) <= 0.8)
+                "- whole run ≤ 0.8× pg_dump/pg_restore (the target is set at 3 000 small tables): {:.2}×{} ({})",
+                ratio,
+                if r.rounds.len() > 1 {
+                    format!(", the median of {} rounds (the first: {:.2}×)", r.rounds.len(), whole / dump_s.max(1e-3))
+                } else {
+                    String::new()
+                },
+                verdict(ratio <= 0.8)
             );
             let _ = writeln!(
                 s,
