@@ -691,31 +691,12 @@ async fn measure(
     );
 
     // pg_dump | pg_restore into an empty database of the destination server.
-    let restore_url = fresh_db(dest, restore_db, false).await?;
-    let dir = std::env::temp_dir().join(format!("pgzm-bench-schema-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let (_, dump) = servers
-        .step(
-            &format!("{n}-pg_dump"),
-            &[src_db, restore_db],
-            methods::dump_command(bins, jobs, &dir, &src),
-        )
-        .await
-        .context("pg_dump")?;
-    let (_, restore) = servers
-        .step(
-            &format!("{n}-pg_restore"),
-            &[src_db, restore_db],
-            methods::restore_command(bins, jobs, &dir, &restore_url),
-        )
-        .await
-        .context("pg_restore")?;
-    let _ = std::fs::remove_dir_all(&dir);
+    let (dump, restore) =
+        dump_restore(servers, bins, n, jobs, src_db, &src, restore_db, "").await?;
     eprintln!(
         "   pg_dump {:.1} s + pg_restore {:.1} s",
         dump.seconds, restore.seconds
     );
-    drop_db(dest, restore_db).await?;
 
     let pgcopydb = match &bins.pgcopydb {
         None => Err("not installed".to_string()),
@@ -779,8 +760,18 @@ async fn measure(
                 migrated =
                     pgzm_round(servers, bins, n, jobs, &src, src_db, pristine, round).await?;
             } else {
-                dumped =
-                    dump_round(servers, bins, n, jobs, src_db, &src, restore_db, round).await?;
+                let (dump, restore) = dump_restore(
+                    servers,
+                    bins,
+                    n,
+                    jobs,
+                    src_db,
+                    &src,
+                    restore_db,
+                    &format!("-{round}"),
+                )
+                .await?;
+                dumped = dump.seconds + restore.seconds;
             }
         }
         eprintln!(
@@ -806,9 +797,10 @@ async fn measure(
     })
 }
 
-/// A later round of the comparison: pg_dump | pg_restore into an empty database; seconds.
+/// `pg_dump -Fd` of the source, then `pg_restore` into an empty database of the destination
+/// server (dropped after), each measured; `round` suffixes the steps' labels.
 #[allow(clippy::too_many_arguments)]
-async fn dump_round(
+async fn dump_restore(
     servers: &Servers<'_>,
     bins: &Binaries,
     n: usize,
@@ -816,14 +808,14 @@ async fn dump_round(
     src_db: &str,
     src: &str,
     restore_db: &str,
-    round: usize,
-) -> anyhow::Result<f64> {
+    round: &str,
+) -> anyhow::Result<(Step, Step)> {
     let restore_url = fresh_db(servers.dest, restore_db, false).await?;
     let dir = std::env::temp_dir().join(format!("pgzm-bench-schema-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (_, dump) = servers
         .step(
-            &format!("{n}-pg_dump-{round}"),
+            &format!("{n}-pg_dump{round}"),
             &[src_db, restore_db],
             methods::dump_command(bins, jobs, &dir, src),
         )
@@ -831,7 +823,7 @@ async fn dump_round(
         .context("pg_dump")?;
     let (_, restore) = servers
         .step(
-            &format!("{n}-pg_restore-{round}"),
+            &format!("{n}-pg_restore{round}"),
             &[src_db, restore_db],
             methods::restore_command(bins, jobs, &dir, &restore_url),
         )
@@ -839,7 +831,7 @@ async fn dump_round(
         .context("pg_restore")?;
     let _ = std::fs::remove_dir_all(&dir);
     drop_db(servers.dest, restore_db).await?;
-    Ok(dump.seconds + restore.seconds)
+    Ok((dump, restore))
 }
 
 /// A later round of the comparison: pgzm prepare + swap into a fresh copy of the destination

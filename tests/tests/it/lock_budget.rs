@@ -103,7 +103,7 @@ async fn a_migration_whose_swap_the_lock_table_cannot_hold_is_refused_before_any
 }
 
 /// 20 tables with an int key fit the swap (80 relations renamed), and the shadow set is
-/// created 16 actions per transaction (half of 200 slots at 9 locks an action, at least 16):
+/// created 16 objects per transaction (half of 200 slots at 9 locks an object, at least 16):
 /// its row types were created by several transactions. The migration then completes and the live
 /// tables hold the source's rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,7 +124,7 @@ async fn on_a_small_lock_table_the_shadow_set_is_created_over_several_transactio
     .await?;
     assert!(
         transactions >= 2,
-        "20 tables at 16 actions per transaction: {transactions} transaction(s)"
+        "20 tables at 16 objects per transaction: {transactions} transaction(s)"
     );
     assert_eq!(
         int(
@@ -151,7 +151,7 @@ async fn on_a_small_lock_table_the_shadow_set_is_created_over_several_transactio
 }
 
 /// The shadow set's later transaction fails after an earlier one committed (a source column's
-/// collation the destination lacks, on the last of 20 tables at 16 actions per transaction): the
+/// collation the destination lacks, on the last of 20 tables at 16 objects per transaction): the
 /// run fails saying why, removes what the committed transaction created (no shadow object; the
 /// run recorded as failed), the live tables are as they were, and a run after the fix succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,48 +161,7 @@ async fn a_shadow_transaction_failing_after_one_committed_leaves_nothing_behind(
     let p = pair_on(&small, "lockbudget_late_failure").await?;
     create_tables(&p.source, 20, "int", "source").await?;
     create_tables(&p.dest, 20, "int", "live").await?;
-    p.source
-        .batch(
-            r#"CREATE COLLATION german_sort FROM "C";
-               ALTER TABLE t_19 ALTER COLUMN v TYPE text COLLATE german_sort;"#,
-        )
-        .await?;
-    let opts = common::options(&p);
-
-    let err = common::prepare_and_release(&opts)
-        .await
-        .expect_err("the second shadow transaction fails");
-    let message = err.to_string();
-    assert!(
-        message.contains("german_sort") && !message.contains('\n'),
-        "{message}"
-    );
-    assert_eq!(
-        int(
-            &p.dest,
-            "SELECT count(*) FROM pg_class WHERE relname LIKE 'shadow\\_%'"
-        )
-        .await?,
-        0,
-        "the first transaction's shadow tables are removed"
-    );
-    assert_eq!(
-        int(
-            &p.dest,
-            "SELECT count(*) FROM pg_type WHERE typname LIKE 'shadow\\_%'"
-        )
-        .await?,
-        0
-    );
-    assert_eq!(
-        int(
-            &p.dest,
-            "SELECT count(*) FROM pgzm.migrations WHERE status = 'failed' AND NOT shadow_present"
-        )
-        .await?,
-        1,
-        "the run is recorded as failed, without shadow objects"
-    );
+    let opts = fails_on_a_collation_the_destination_lacks(&p, 19).await?;
     assert!(
         int(
             &p.dest,
@@ -212,7 +171,59 @@ async fn a_shadow_transaction_failing_after_one_committed_leaves_nothing_behind(
             >= 16,
         "the first transaction had committed (and recorded) its tables"
     );
-    for i in [0, 15, 19] {
+    left_nothing_behind(&p, &[0, 15, 19]).await?;
+    migrates_once_fixed(&p, &opts, 19).await
+}
+
+/// Gives `t_<failing>`'s column a collation the destination lacks, then runs `prepare`: it
+/// fails naming the collation, on one line. The options, for the run after the fix.
+async fn fails_on_a_collation_the_destination_lacks(
+    p: &Pair,
+    failing: usize,
+) -> anyhow::Result<pgzm_coordinator::migrate::StartOptions> {
+    p.source
+        .batch(&format!(
+            r#"CREATE COLLATION german_sort FROM "C";
+               ALTER TABLE t_{failing:02} ALTER COLUMN v TYPE text COLLATE german_sort;"#
+        ))
+        .await?;
+    let opts = common::options(p);
+    let err = common::prepare_and_release(&opts)
+        .await
+        .expect_err("a shadow transaction fails");
+    let message = err.to_string();
+    assert!(
+        message.contains("german_sort") && !message.contains('\n'),
+        "{message}"
+    );
+    Ok(opts)
+}
+
+/// After a failed run: no shadow relation or type, the run recorded as failed without shadow
+/// objects, and the live tables `checked` hold their rows.
+async fn left_nothing_behind(p: &Pair, checked: &[usize]) -> anyhow::Result<()> {
+    for (what, sql) in [
+        (
+            "relations",
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'shadow\\_%'",
+        ),
+        (
+            "types",
+            "SELECT count(*) FROM pg_type WHERE typname LIKE 'shadow\\_%'",
+        ),
+    ] {
+        assert_eq!(int(&p.dest, sql).await?, 0, "shadow {what} left behind");
+    }
+    assert_eq!(
+        int(
+            &p.dest,
+            "SELECT count(*) FROM pgzm.migrations WHERE status = 'failed' AND NOT shadow_present"
+        )
+        .await?,
+        1,
+        "the run is recorded as failed, without shadow objects"
+    );
+    for i in checked {
         assert_eq!(
             int(
                 &p.dest,
@@ -222,15 +233,28 @@ async fn a_shadow_transaction_failing_after_one_committed_leaves_nothing_behind(
             3
         );
     }
+    Ok(())
+}
 
-    // Fixed in the source: the next run migrates.
+/// The collation fixed in the source: the next run migrates `t_<failing>`.
+async fn migrates_once_fixed(
+    p: &Pair,
+    opts: &pgzm_coordinator::migrate::StartOptions,
+    failing: usize,
+) -> anyhow::Result<()> {
     p.source
-        .batch("ALTER TABLE t_19 ALTER COLUMN v TYPE text COLLATE \"default\"")
+        .batch(&format!(
+            "ALTER TABLE t_{failing:02} ALTER COLUMN v TYPE text COLLATE \"default\""
+        ))
         .await?;
-    common::prepare_and_release(&opts).await?;
-    common::swap(&p).await?;
+    common::prepare_and_release(opts).await?;
+    common::swap(p).await?;
     assert_eq!(
-        int(&p.dest, "SELECT count(*) FROM t_19 WHERE v LIKE 'source %'").await?,
+        int(
+            &p.dest,
+            &format!("SELECT count(*) FROM t_{failing:02} WHERE v LIKE 'source %'")
+        )
+        .await?,
         3
     );
     Ok(())
@@ -342,65 +366,7 @@ async fn a_shared_shadow_transaction_failing_leaves_nothing_behind() -> anyhow::
     let p = pair_on(&medium, "lockbudget_shared_failure").await?;
     create_tables(&p.source, 140, "serial", "source").await?;
     create_tables(&p.dest, 140, "serial", "live").await?;
-    p.source
-        .batch(
-            r#"CREATE COLLATION german_sort FROM "C";
-               ALTER TABLE t_100 ALTER COLUMN v TYPE text COLLATE german_sort;"#,
-        )
-        .await?;
-    let opts = common::options(&p);
-
-    let err = common::prepare_and_release(&opts)
-        .await
-        .expect_err("a shadow transaction fails");
-    let message = err.to_string();
-    assert!(
-        message.contains("german_sort") && !message.contains('\n'),
-        "{message}"
-    );
-    for (what, sql) in [
-        (
-            "relations",
-            "SELECT count(*) FROM pg_class WHERE relname LIKE 'shadow\\_%'",
-        ),
-        (
-            "types",
-            "SELECT count(*) FROM pg_type WHERE typname LIKE 'shadow\\_%'",
-        ),
-    ] {
-        assert_eq!(int(&p.dest, sql).await?, 0, "shadow {what} left behind");
-    }
-    assert_eq!(
-        int(
-            &p.dest,
-            "SELECT count(*) FROM pgzm.migrations WHERE status = 'failed' AND NOT shadow_present"
-        )
-        .await?,
-        1
-    );
-    for i in [0, 100, 139] {
-        assert_eq!(
-            int(
-                &p.dest,
-                &format!("SELECT count(*) FROM t_{i:02} WHERE v LIKE 'live %'")
-            )
-            .await?,
-            3
-        );
-    }
-
-    p.source
-        .batch("ALTER TABLE t_100 ALTER COLUMN v TYPE text COLLATE \"default\"")
-        .await?;
-    common::prepare_and_release(&opts).await?;
-    common::swap(&p).await?;
-    assert_eq!(
-        int(
-            &p.dest,
-            "SELECT count(*) FROM t_100 WHERE v LIKE 'source %'"
-        )
-        .await?,
-        3
-    );
-    Ok(())
+    let opts = fails_on_a_collation_the_destination_lacks(&p, 100).await?;
+    left_nothing_behind(&p, &[0, 100, 139]).await?;
+    migrates_once_fixed(&p, &opts, 100).await
 }
