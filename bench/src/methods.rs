@@ -288,8 +288,14 @@ pub async fn pgzm_embedded(
 
 /// `pgzm start` from `src` to `dst` with `jobs`, its report as JSON, no log file.
 pub fn start_args(src: &str, dst: &str, jobs: usize) -> Vec<String> {
+    run_args("start", src, dst, jobs)
+}
+
+/// `pgzm <command>` (`start` or `prepare`) from `src` to `dst` with `jobs`, its report as
+/// JSON, no log file.
+pub fn run_args(command: &str, src: &str, dst: &str, jobs: usize) -> Vec<String> {
     [
-        "start",
+        command,
         "--json",
         "--no-log-file",
         "--source",

@@ -854,30 +854,17 @@ async fn pgzm_round(
         .batch_execute(&format!("CREATE DATABASE {db} TEMPLATE {pristine}"))
         .await?;
     let dst = servers.dest.url(db);
-    let j = jobs.to_string();
     let mut seconds = 0.0;
     for (step, args) in [
-        (
-            "prepare",
-            vec![
-                "prepare",
-                "--json",
-                "--no-log-file",
-                "--source",
-                src,
-                "--dest",
-                &dst,
-                "--jobs",
-                &j,
-                "--preserved-tables",
-                PRESERVED,
-            ],
-        ),
+        ("prepare", prepare_args(src, &dst, jobs)),
         (
             "swap",
-            vec!["swap", "--json", "--no-log-file", "--dest", &dst],
+            ["swap", "--json", "--no-log-file", "--dest", &dst]
+                .map(String::from)
+                .to_vec(),
         ),
     ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (_, measured) = servers
             .step(
                 &format!("{n}-{step}-{round}"),
@@ -890,6 +877,13 @@ async fn pgzm_round(
     }
     drop_db(servers.dest, db).await?;
     Ok(seconds)
+}
+
+/// `pgzm prepare` of the bench's data set, as JSON.
+fn prepare_args(src: &str, dst: &str, jobs: usize) -> Vec<String> {
+    let mut args = methods::run_args("prepare", src, dst, jobs);
+    args.extend(["--preserved-tables", PRESERVED].map(String::from));
+    args
 }
 
 async fn drop_db(cluster: &PgCluster, db: &str) -> anyhow::Result<()> {
@@ -915,20 +909,8 @@ async fn run_pgzm(
 ) -> anyhow::Result<PgzmRun> {
     let dest = servers.dest;
     let dbs = [src_db, dst_db];
-    let j = jobs.to_string();
-    let prepare_args = [
-        "prepare",
-        "--json",
-        "--no-log-file",
-        "--source",
-        src,
-        "--dest",
-        dst,
-        "--jobs",
-        &j,
-        "--preserved-tables",
-        PRESERVED,
-    ];
+    let prepare_owned = prepare_args(src, dst, jobs);
+    let prepare_args: Vec<&str> = prepare_owned.iter().map(String::as_str).collect();
     let mut run = PgzmRun::default();
     run.catalog
         .push(("before", catalog_state(dest, dst_db).await?));
