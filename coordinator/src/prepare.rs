@@ -1326,7 +1326,7 @@ async fn create_shadow(
     }
     // The statements are made a transaction at a time, after the plan is recorded: the whole
     // shadow set's SQL is ~12 MB at 10 000 tables, and the plan's JSON ~14 MB.
-    let per_transaction = shadow_actions_per_transaction(lock_budget, 1);
+    let per_transaction = shadow_objects_per_transaction(lock_budget, 1);
     let stages = crate::shadow::stages(plan, schema, dest, renames);
     let run = ShadowRun {
         plan,
@@ -1383,7 +1383,7 @@ enum Place {
 }
 
 impl ShadowRun<'_> {
-    /// The objects in order on `control`, up to `per_transaction` actions per transaction.
+    /// The objects in order on `control`, up to `per_transaction` objects per transaction.
     async fn serially(
         &self,
         control: &mut Client,
@@ -1420,7 +1420,7 @@ impl ShadowRun<'_> {
         stages: crate::shadow::Stages<'_>,
         lock_budget: crate::locked::LockBudget,
     ) -> Result<(), CoordinatorError> {
-        let per_transaction = shadow_actions_per_transaction(lock_budget, 1);
+        let per_transaction = shadow_objects_per_transaction(lock_budget, 1);
         let opening = async {
             let mut pending = stages.definitions.objects.peekable();
             let mut place = Place::First;
@@ -1443,7 +1443,7 @@ impl ShadowRun<'_> {
         };
         let ((), mut second) = tokio::try_join!(opening, second)?;
         // Each of two sessions holds the locks of its transaction's objects.
-        let per_shared = shadow_actions_per_transaction(lock_budget, 2);
+        let per_shared = shadow_objects_per_transaction(lock_budget, 2);
         for stage in [stages.sequences, stages.tables] {
             let shared = std::sync::Mutex::new(Shared {
                 pending: stage.objects.peekable(),
@@ -1597,16 +1597,16 @@ struct Shared<I: Iterator<Item = crate::shadow::Object>> {
 const SHADOW_BATCH: usize = 64;
 /// Locks a shadow object holds until its transaction commits: a table takes about 9 (itself,
 /// its sequence, TOAST table and index, some in several modes).
-const LOCKS_PER_SHADOW_ACTION: i64 = 9;
+const LOCKS_PER_SHADOW_OBJECT: i64 = 9;
 
-/// Shadow actions per transaction: each transaction holds the locks of what it created until
+/// Shadow objects per transaction: each transaction holds the locks of what it created until
 /// it commits, and the server's lock table is shared by every session and sized at its start
 /// (a shadow set of 1 500 tables in one transaction ran out of shared memory at the default
-/// `max_locks_per_transaction`). A transaction may use half of it, and holds up to 1 024
-/// actions (fewer commits, each recording what exists so far).
-fn shadow_actions_per_transaction(budget: crate::locked::LockBudget, sessions: i64) -> usize {
-    let actions = budget.capacity() / 2 / sessions.max(1) / LOCKS_PER_SHADOW_ACTION;
-    usize::try_from(actions.clamp(16, 1024)).unwrap_or(16)
+/// `max_locks_per_transaction`). The shadow set may use half of it (each of `sessions` an equal
+/// part), a transaction up to 1 024 objects.
+fn shadow_objects_per_transaction(budget: crate::locked::LockBudget, sessions: i64) -> usize {
+    let objects = budget.capacity() / 2 / sessions.max(1) / LOCKS_PER_SHADOW_OBJECT;
+    usize::try_from(objects.clamp(16, 1024)).unwrap_or(16)
 }
 
 /// One transaction's worth of the shadow set.
