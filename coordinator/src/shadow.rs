@@ -84,9 +84,9 @@ pub struct Stages<'a> {
     pub definitions: Stage<'a>,
     /// The sequences that are not identity sequences (a table's default may use any of them).
     pub sequences: Stage<'a>,
-    /// The tables that use no other migrated table's row type.
+    /// The tables that use no other migrated table's row type or identity sequence.
     pub tables: Stage<'a>,
-    /// The tables that do, after the tables whose row types they use; partitions attached and
+    /// The tables that do, after the tables they use; partitions attached and
     /// inheritance set; sequence positions.
     pub last: Stage<'a>,
 }
@@ -309,18 +309,36 @@ pub fn stages<'a>(
     }
 }
 
-/// The migrated tables (positions in `schema.tables`) with a column of another migrated table's
-/// row type (or an array of it), each after the ones among them whose row types it uses. A
+/// The migrated tables (positions in `schema.tables`) that use another migrated table's objects
+/// at their creation: a column of its row type (or an array of it), or a default taking values
+/// from its identity sequence (created with it); each after the ones among them it uses. A
 /// table cannot use its own row type, nor be used by a table it uses (PostgreSQL refuses a
 /// composite that contains itself), so the order exists.
 fn typed_on_other_tables(plan: &Plan, schema: &SourceSchema) -> Vec<usize> {
-    use std::collections::{BTreeSet, HashMap};
-    let uses_others = |t: &Table| {
+    use std::collections::{BTreeMap, BTreeSet, HashMap};
+    let uses_row_types = |t: &Table| {
         t.columns
             .iter()
             .any(|c| c.more().row_type_of != 0 && c.more().row_type_of != t.oid)
     };
-    if !schema.tables.iter().any(uses_others) {
+    // Identity sequences whose values another table's default takes.
+    let shared_identities: Vec<_> = schema
+        .sequences
+        .iter()
+        .filter(|s| s.identity)
+        .filter_map(|s| {
+            let (owner, _) = s.owned_by.as_ref()?;
+            let owner = QualName::new(s.schema.clone(), owner.clone());
+            let users: Vec<&QualName> = s
+                .used_by
+                .iter()
+                .map(|(user, _)| user)
+                .filter(|user| **user != owner)
+                .collect();
+            (!users.is_empty()).then_some((owner, users))
+        })
+        .collect();
+    if shared_identities.is_empty() && !schema.tables.iter().any(uses_row_types) {
         return Vec::new();
     }
     let migrated: HashMap<crate::catalog::Oid, usize> = schema
@@ -330,11 +348,25 @@ fn typed_on_other_tables(plan: &Plan, schema: &SourceSchema) -> Vec<usize> {
         .filter(|(_, t)| plan.table(&t.qualname()).is_some())
         .map(|(i, t)| (t.oid, i))
         .collect();
+    let position = |name: &QualName| {
+        schema
+            .table(name)
+            .and_then(|t| migrated.get(&t.oid).copied())
+    };
+    let mut identity_owners: BTreeMap<usize, BTreeSet<usize>> = BTreeMap::new();
+    for (owner, users) in &shared_identities {
+        if let Some(owner) = position(owner) {
+            for user in users.iter().filter_map(|u| position(u)) {
+                identity_owners.entry(user).or_default().insert(owner);
+            }
+        }
+    }
     let uses = |i: usize| -> BTreeSet<usize> {
         let t = &schema.tables[i];
         t.columns
             .iter()
             .filter_map(|c| migrated.get(&c.more().row_type_of).copied())
+            .chain(identity_owners.get(&i).into_iter().flatten().copied())
             .filter(|j| *j != i)
             .collect()
     };
