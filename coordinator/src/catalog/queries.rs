@@ -103,7 +103,12 @@ SELECT con.conrelid AS table_oid, con.conname::text AS name, con.contype::text A
        CASE WHEN con.contype = 'f' THEN ARRAY(
            SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(n, i)
            JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n ORDER BY k.i) END AS ref_columns,
-       con.confmatchtype = 'f' AS match_full
+       con.confmatchtype = 'f' AS match_full,
+       -- pg_get_constraintdef leaves out a key's index storage parameters (it prints them only
+       -- for pg_dump's own commands): read them from the index, as flatten_reloptions prints them.
+       CASE WHEN con.contype IN ('p', 'u') THEN (
+           SELECT string_agg(quote_ident(split_part(o, '=', 1)) || '=' || quote_literal(substr(o, strpos(o, '=') + 1)), ', ' ORDER BY n)
+           FROM pg_class ic, unnest(ic.reloptions) WITH ORDINALITY r(o, n) WHERE ic.oid = con.conindid) END AS index_options
 FROM pg_constraint con
 WHERE con.conrelid = ANY($1::oid[]) AND con.contype IN ('p', 'u', 'x', 'c', 'f')
   -- A foreign key of a partitioned table is cloned onto its partitions (and onto the
@@ -629,7 +634,7 @@ fn constraint_of(row: &Row, t: &TableIndex) -> (usize, Constraint) {
     let constraint = Constraint {
         name: row.get("name"),
         kind,
-        definition: row.get("definition"),
+        definition: with_index_options(row.get("definition"), row.get("index_options")),
         references,
         validated: row.get("validated"),
         comment: row.get("comment"),
@@ -642,6 +647,22 @@ fn constraint_of(row: &Row, t: &TableIndex) -> (usize, Constraint) {
         match_full: row.get::<_, Option<bool>>("match_full").unwrap_or(false),
     };
     (t.index_of[&row.get::<_, Oid>("table_oid")], constraint)
+}
+
+/// A primary key's or unique constraint's definition with its index's storage parameters
+/// (`WITH (fillfactor='70')`) where `pg_dump` prints them: after the columns and `INCLUDE`,
+/// before `DEFERRABLE`.
+fn with_index_options(definition: String, options: Option<String>) -> String {
+    let Some(options) = options.filter(|o| !o.is_empty()) else {
+        return definition;
+    };
+    let with = format!(" WITH ({options})");
+    for tail in [" DEFERRABLE INITIALLY DEFERRED", " DEFERRABLE"] {
+        if let Some(head) = definition.strip_suffix(tail) {
+            return format!("{head}{with}{tail}");
+        }
+    }
+    definition + &with
 }
 
 /// Adds the constraints to their tables; a foreign key to a table outside the set is
@@ -1324,4 +1345,30 @@ pub fn topological_order(nodes: Vec<Oid>, deps: &BTreeMap<Oid, BTreeSet<Oid>>) -
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_index_options;
+
+    #[test]
+    fn index_options_go_before_deferrable() {
+        let o = || Some("fillfactor='70'".to_string());
+        assert_eq!(
+            with_index_options("PRIMARY KEY (id) INCLUDE (a)".into(), o()),
+            "PRIMARY KEY (id) INCLUDE (a) WITH (fillfactor='70')"
+        );
+        assert_eq!(
+            with_index_options(
+                "UNIQUE (\"x DEFERRABLE\") DEFERRABLE INITIALLY DEFERRED".into(),
+                o()
+            ),
+            "UNIQUE (\"x DEFERRABLE\") WITH (fillfactor='70') DEFERRABLE INITIALLY DEFERRED"
+        );
+        assert_eq!(
+            with_index_options("UNIQUE (u) DEFERRABLE".into(), o()),
+            "UNIQUE (u) WITH (fillfactor='70') DEFERRABLE"
+        );
+        assert_eq!(with_index_options("UNIQUE (u)".into(), None), "UNIQUE (u)");
+    }
 }

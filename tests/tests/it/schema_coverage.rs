@@ -383,3 +383,65 @@ async fn a_default_on_another_tables_identity_sequence_is_created_after_it() -> 
     );
     Ok(())
 }
+
+/// Keys of small tables (built in one batch, each by a single `ADD CONSTRAINT`) come out as the
+/// source has them: INCLUDE columns, `NULLS NOT DISTINCT`, `DEFERRABLE`, the constraint's
+/// comment, the index named after the constraint, its storage parameters (which
+/// `pg_get_constraintdef` leaves out: they were lost before), and uniqueness enforced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_small_tables_come_out_as_the_source_has_them() -> anyhow::Result<()> {
+    let p = common::pair("cov_small_keys").await;
+    let schema = "CREATE TABLE item (
+                      id int8 NOT NULL,
+                      code text NOT NULL,
+                      label text,
+                      barcode text,
+                      CONSTRAINT item_pk PRIMARY KEY (id) INCLUDE (label) WITH (fillfactor = 70),
+                      CONSTRAINT item_code_key UNIQUE (code) WITH (fillfactor = 60),
+                      CONSTRAINT item_label_key UNIQUE (label) WITH (fillfactor = 50) DEFERRABLE,
+                      CONSTRAINT item_barcode_key UNIQUE NULLS NOT DISTINCT (barcode));
+                  COMMENT ON CONSTRAINT item_pk ON item IS 'the key';
+                  COMMENT ON CONSTRAINT item_code_key ON item IS 'one code each';";
+    p.source.batch(schema).await?;
+    p.source
+        .batch(
+            "INSERT INTO item SELECT g, 'c' || g, 'l' || g, nullif('b' || g, 'b1')
+             FROM generate_series(1, 3) g",
+        )
+        .await?;
+    p.dest.batch(schema).await?;
+
+    common::migrate(&p).await?;
+    let dst = p.dest.connect().await?;
+    let defs = text(
+        &dst,
+        "SELECT string_agg(conname || ': ' || pg_get_constraintdef(c.oid) || ' / ' || coalesce(obj_description(c.oid, 'pg_constraint'), '-') || ' / ' || i.relname || ' ' || coalesce(array_to_string(i.reloptions, ','), '-'), E'\\n' ORDER BY conname)
+         FROM pg_constraint c JOIN pg_class i ON i.oid = c.conindid
+         WHERE conrelid = 'public.item'::regclass",
+    )
+    .await;
+    assert_eq!(
+        defs,
+        "item_barcode_key: UNIQUE NULLS NOT DISTINCT (barcode) / - / item_barcode_key -\n\
+         item_code_key: UNIQUE (code) / one code each / item_code_key fillfactor=60\n\
+         item_label_key: UNIQUE (label) DEFERRABLE / - / item_label_key fillfactor=50\n\
+         item_pk: PRIMARY KEY (id) INCLUDE (label) / the key / item_pk fillfactor=70"
+    );
+    assert_eq!(
+        int(&dst, "SELECT count(*) FROM item").await,
+        3,
+        "the source's rows"
+    );
+    let duplicate = dst
+        .batch_execute("INSERT INTO item VALUES (4, 'c1', 'x', NULL)")
+        .await;
+    assert!(duplicate.is_err(), "the unique key holds after the swap");
+    let second_null = dst
+        .batch_execute("INSERT INTO item VALUES (5, 'c5', 'x', NULL)")
+        .await;
+    assert!(
+        second_null.is_err(),
+        "NULLS NOT DISTINCT holds after the swap"
+    );
+    Ok(())
+}
