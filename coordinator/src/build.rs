@@ -51,6 +51,24 @@ pub struct TableBuild {
     /// Constraints attached to their built indexes, NOT VALID checks, triggers, sequences,
     /// statistics.
     pub last: Vec<String>,
+    /// The primary keys and unique constraints split into an index build (in `parallel`) and
+    /// its attachment (in `last`), each with the one statement that does both.
+    pub keys: Vec<SplitKey>,
+}
+
+/// A primary key or unique constraint built in two steps (`CREATE UNIQUE INDEX` beside the
+/// table's other index builds, then `ADD CONSTRAINT … USING INDEX`), and the single `ADD
+/// CONSTRAINT` that does the same in one. The split pays only where builds run at once; in one
+/// batch the single statement is cheaper (on a table of 20 rows, 0.6–0.8 ms against 0.9–1.0 ms
+/// of server time for the pair, PostgreSQL 15): one catalog update and invalidation fewer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SplitKey {
+    /// The index build, as it stands in `parallel`.
+    pub index: String,
+    /// The attachment, as it stands in `last`.
+    pub attach: String,
+    /// `ALTER TABLE … ADD CONSTRAINT name PRIMARY KEY|UNIQUE (…)`.
+    pub direct: String,
 }
 
 impl TableBuild {
@@ -74,6 +92,24 @@ impl TableBuild {
             .chain(&self.parallel)
             .chain(&self.last)
             .cloned()
+            .collect()
+    }
+
+    /// Every statement, in an order that is valid one after another, for one batch: each key
+    /// built by its single `ADD CONSTRAINT` (see [`SplitKey`]) where its index build stood.
+    pub fn in_one_batch(&self) -> Vec<String> {
+        let direct = |sql: &String| {
+            self.keys
+                .iter()
+                .find(|k| &k.index == sql)
+                .map_or_else(|| sql.clone(), |k| k.direct.clone())
+        };
+        let attached = |sql: &&String| self.keys.iter().any(|k| &k.attach == *sql);
+        self.first
+            .iter()
+            .cloned()
+            .chain(self.parallel.iter().map(direct))
+            .chain(self.last.iter().filter(|s| !attached(s)).cloned())
             .collect()
     }
 }
@@ -183,13 +219,13 @@ pub fn table_build(
         };
         match index {
             Some(tail) => {
-                b.parallel.push(format!(
+                let index = format!(
                     "CREATE UNIQUE INDEX {} ON {} {}",
                     quote_ident(name),
                     quote_qualified(&t.schema, shadow),
                     renames.apply(&tail)
-                ));
-                b.last.push(format!(
+                );
+                let attach = format!(
                     "ALTER TABLE {} ADD CONSTRAINT {} {} USING INDEX {}",
                     quote_qualified(&t.schema, shadow),
                     quote_ident(name),
@@ -199,7 +235,15 @@ pub fn table_build(
                         "UNIQUE"
                     },
                     quote_ident(name)
-                ));
+                );
+                // The constraint alone (its comment follows in `last` either way).
+                b.keys.push(SplitKey {
+                    index: index.clone(),
+                    attach: attach.clone(),
+                    direct: ddl::add_constraint(&t.schema, shadow, c, name, renames).swap_remove(0),
+                });
+                b.parallel.push(index);
+                b.last.push(attach);
                 if let Some(comment) = &c.comment {
                     b.last.push(format!(
                         "COMMENT ON CONSTRAINT {} ON {} IS {}",

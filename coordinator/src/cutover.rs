@@ -86,23 +86,32 @@ pub async fn swap_prepared(
     report
         .warnings
         .extend(swap::validate_deferred(control, plan).await);
-    // Only now, with the new set in place, are sets beyond --keep-backups dropped.
-    match destination.connect("pgzm-coordinator").await {
-        Ok(mut c) => {
-            let (dropped, warnings) = phases
-                .run("drop_old_backups", async {
-                    Ok(state::drop_old_sets(&mut c, policy.keep_backups).await)
-                })
-                .await?;
-            report.dropped_backup = dropped;
-            report.warnings.extend(warnings);
+    // Only now, with the new set in place, are sets beyond --keep-backups dropped; meanwhile the
+    // new backup set's rows are counted (the two touch different sets).
+    let dropping = async {
+        match destination.connect("pgzm-coordinator").await {
+            Ok(mut c) => {
+                phases
+                    .run("drop_old_backups", async {
+                        Ok(state::drop_old_sets(&mut c, policy.keep_backups).await)
+                    })
+                    .await
+            }
+            Err(e) => Ok((
+                Vec::new(),
+                vec![format!(
+                    "the swap committed, but older backup sets could not be dropped ({e}); run `pgzm cleanup` to drop them"
+                )],
+            )),
         }
-        Err(e) => report.warnings.push(format!(
-            "the swap committed, but older backup sets could not be dropped ({e}); run `pgzm cleanup` to drop them"
-        )),
-    }
+    };
     // The backup tables are frozen from now on: their row counts are what `verify` checks.
-    let backup_rows = count_backups(control, plan, &mut report.warnings).await;
+    let counting = count_backups(control, destination, plan);
+    let (dropped, (backup_rows, count_warnings)) = tokio::join!(dropping, counting);
+    let (dropped, warnings) = dropped?;
+    report.dropped_backup = dropped;
+    report.warnings.extend(warnings);
+    report.warnings.extend(count_warnings);
     let stats = serde_json::json!({
         "tables": report.tables, "rows": report.rows, "bytes": report.bytes,
         "swap": outcome, "phases": phases.0, "backup_rows": backup_rows,
@@ -124,19 +133,48 @@ pub async fn swap_prepared(
     Ok(())
 }
 
-/// Row counts of the backup tables, a few hundred per statement; a chunk that fails is counted
-/// table by table so one unreadable table costs only its own count (and a warning).
+/// Row counts of the backup tables, a few hundred per statement, on the control session and a
+/// second one at once (each count is a statement to plan and a relation to open: ~0.15–0.25 ms
+/// of server time per table, half a second at 3 000 tables on one session). A chunk that fails
+/// is counted table by table so one unreadable table costs only its own count (and a warning).
 async fn count_backups(
     control: &Client,
+    destination: &DbUrl,
     plan: &Plan,
-    warnings: &mut Vec<String>,
-) -> serde_json::Map<String, serde_json::Value> {
-    use pgzm_pg::sql::{quote_literal, quote_qualified};
+) -> (serde_json::Map<String, serde_json::Value>, Vec<String>) {
     let tables: Vec<&crate::plan::Move> = plan
         .to_backup
         .iter()
         .filter(|m| m.kind == crate::plan::ObjectKind::Table)
         .collect();
+    let chunks: Vec<&[&crate::plan::Move]> = tables.chunks(COUNT_CHUNK).collect();
+    // A second session only where there is more than one statement's worth.
+    let second = if chunks.len() > 1 {
+        destination.connect("pgzm-coordinator").await.ok()
+    } else {
+        None
+    };
+    let Some(second) = second else {
+        return count_chunks(control, &chunks).await;
+    };
+    let (mine, theirs): (Vec<_>, Vec<_>) = chunks.iter().enumerate().partition(|(i, _)| i % 2 == 0);
+    let mine: Vec<_> = mine.into_iter().map(|(_, c)| *c).collect();
+    let theirs: Vec<_> = theirs.into_iter().map(|(_, c)| *c).collect();
+    let ((mut out, mut warnings), (more, more_warnings)) =
+        tokio::join!(count_chunks(control, &mine), count_chunks(&second, &theirs));
+    out.extend(more);
+    warnings.extend(more_warnings);
+    (out, warnings)
+}
+
+/// Backup tables counted per statement.
+const COUNT_CHUNK: usize = 200;
+
+async fn count_chunks(
+    session: &Client,
+    chunks: &[&[&crate::plan::Move]],
+) -> (serde_json::Map<String, serde_json::Value>, Vec<String>) {
+    use pgzm_pg::sql::{quote_literal, quote_qualified};
     let count_sql = |chunk: &[&crate::plan::Move]| {
         chunk
             .iter()
@@ -157,13 +195,14 @@ async fn count_backups(
         )
     };
     let mut out = serde_json::Map::new();
-    for chunk in tables.chunks(200) {
-        if let Ok(rows) = control.query(&count_sql(chunk), &[]).await {
+    let mut warnings = Vec::new();
+    for chunk in chunks {
+        if let Ok(rows) = session.query(&count_sql(chunk), &[]).await {
             out.extend(rows.iter().map(count_of));
             continue;
         }
-        for m in chunk {
-            match control.query_one(&count_sql(&[*m]), &[]).await {
+        for m in chunk.iter() {
+            match session.query_one(&count_sql(&[*m]), &[]).await {
                 Ok(r) => {
                     let (table, rows) = count_of(&r);
                     out.insert(table, rows);
@@ -176,7 +215,7 @@ async fn count_backups(
             }
         }
     }
-    out
+    (out, warnings)
 }
 
 /// `pgzm swap`: swaps the prepared migration recorded in the destination.

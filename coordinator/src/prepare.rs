@@ -980,7 +980,7 @@ async fn copy_and_build(
                 );
                 if job.bytes < build::BATCH_BELOW_BYTES {
                     sessions
-                        .run_batch(&label, statements.sequential())
+                        .run_batch(&label, statements.in_one_batch())
                         .instrument(span)
                         .await
                 } else {
@@ -1214,7 +1214,7 @@ async fn build_in_one_batch(
     t: &Table,
     label: &str,
 ) -> Result<(), CoordinatorError> {
-    let mut statements = build::table_build(t, plan, schema, renames)?.sequential();
+    let mut statements = build::table_build(t, plan, schema, renames)?.in_one_batch();
     statements.push(crate::resume::built_marker(
         plan.migration_id,
         &t.qualname().quoted(),
