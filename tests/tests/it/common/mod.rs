@@ -82,7 +82,7 @@ pub async fn coverage_pair(label: &str) -> Pair {
 }
 
 /// The server's `server_version_num`.
-async fn server_version(db: &pgzm_tests::TestDb) -> i64 {
+pub async fn server_version(db: &pgzm_tests::TestDb) -> i64 {
     let c = db.connect().await.expect("connect");
     crate::checks::int(&c, "SELECT current_setting('server_version_num')::int8").await
 }
