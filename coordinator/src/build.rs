@@ -63,10 +63,10 @@ pub struct TableBuild {
 /// of server time for the pair, PostgreSQL 15): one catalog update and invalidation fewer.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SplitKey {
-    /// The index build, as it stands in `parallel`.
-    pub index: String,
-    /// The attachment, as it stands in `last`.
-    pub attach: String,
+    /// Where the index build stands in `parallel`.
+    pub index_at: usize,
+    /// Where the attachment stands in `last`.
+    pub attach_at: usize,
     /// `ALTER TABLE … ADD CONSTRAINT name PRIMARY KEY|UNIQUE (…)`.
     pub direct: String,
 }
@@ -98,18 +98,18 @@ impl TableBuild {
     /// Every statement, in an order that is valid one after another, for one batch: each key
     /// built by its single `ADD CONSTRAINT` (see [`SplitKey`]) where its index build stood.
     pub fn in_one_batch(&self) -> Vec<String> {
-        let direct = |sql: &String| {
-            self.keys
-                .iter()
-                .find(|k| &k.index == sql)
-                .map_or_else(|| sql.clone(), |k| k.direct.clone())
-        };
-        let attached = |sql: &&String| self.keys.iter().any(|k| &k.attach == *sql);
+        let mut parallel = self.parallel.clone();
+        let mut attached = vec![false; self.last.len()];
+        for k in &self.keys {
+            parallel[k.index_at].clone_from(&k.direct);
+            attached[k.attach_at] = true;
+        }
+        let last = self.last.iter().zip(attached).filter(|(_, a)| !a);
         self.first
             .iter()
             .cloned()
-            .chain(self.parallel.iter().map(direct))
-            .chain(self.last.iter().filter(|s| !attached(s)).cloned())
+            .chain(parallel)
+            .chain(last.map(|(sql, _)| sql.clone()))
             .collect()
     }
 }
@@ -238,8 +238,8 @@ pub fn table_build(
                 );
                 // The constraint alone (its comment follows in `last` either way).
                 b.keys.push(SplitKey {
-                    index: index.clone(),
-                    attach: attach.clone(),
+                    index_at: b.parallel.len(),
+                    attach_at: b.last.len(),
                     direct: ddl::add_constraint(&t.schema, shadow, c, name, renames).swap_remove(0),
                 });
                 b.parallel.push(index);
@@ -749,5 +749,41 @@ mod tests {
             None
         );
         assert_eq!(index_for_constraint(&c('p', "PRIMARY KEY id")), None);
+    }
+
+    #[test]
+    fn one_batch_builds_each_split_key_by_its_single_statement() {
+        let v = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let b = TableBuild {
+            first: v(&["x1"]),
+            parallel: v(&["key index", "other index"]),
+            last: v(&["attach key", "comment on key", "ANALYZE t"]),
+            keys: vec![SplitKey {
+                index_at: 0,
+                attach_at: 0,
+                direct: "add key".into(),
+            }],
+        };
+        assert_eq!(
+            b.in_one_batch(),
+            v(&[
+                "x1",
+                "add key",
+                "other index",
+                "comment on key",
+                "ANALYZE t"
+            ])
+        );
+        assert_eq!(
+            b.sequential(),
+            v(&[
+                "x1",
+                "key index",
+                "other index",
+                "attach key",
+                "comment on key",
+                "ANALYZE t"
+            ])
+        );
     }
 }

@@ -157,9 +157,8 @@ async fn count_backups(
     let Some(second) = second else {
         return count_chunks(control, &chunks).await;
     };
-    let (mine, theirs): (Vec<_>, Vec<_>) = chunks.iter().enumerate().partition(|(i, _)| i % 2 == 0);
-    let mine: Vec<_> = mine.into_iter().map(|(_, c)| *c).collect();
-    let theirs: Vec<_> = theirs.into_iter().map(|(_, c)| *c).collect();
+    let mine: Vec<_> = chunks.iter().copied().step_by(2).collect();
+    let theirs: Vec<_> = chunks.iter().copied().skip(1).step_by(2).collect();
     let ((mut out, mut warnings), (more, more_warnings)) =
         tokio::join!(count_chunks(control, &mine), count_chunks(&second, &theirs));
     out.extend(more);

@@ -104,8 +104,9 @@ SELECT con.conrelid AS table_oid, con.conname::text AS name, con.contype::text A
            SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(n, i)
            JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n ORDER BY k.i) END AS ref_columns,
        con.confmatchtype = 'f' AS match_full,
-       -- pg_get_constraintdef leaves out a key's index storage parameters (it prints them only
-       -- for pg_dump's own commands): read them from the index, as flatten_reloptions prints them.
+       -- pg_get_constraintdef leaves out a key's index storage parameters (it prints them only in
+       -- the form PostgreSQL uses to rebuild a constraint itself): read them from the index, as
+       -- that form prints them.
        CASE WHEN con.contype IN ('p', 'u') THEN (
            SELECT string_agg(quote_ident(split_part(o, '=', 1)) || '=' || quote_literal(substr(o, strpos(o, '=') + 1)), ', ' ORDER BY n)
            FROM pg_class ic, unnest(ic.reloptions) WITH ORDINALITY r(o, n) WHERE ic.oid = con.conindid) END AS index_options

@@ -414,15 +414,14 @@ async fn keys_of_small_tables_come_out_as_the_source_has_them() -> anyhow::Resul
          COMMENT ON CONSTRAINT item_pk ON item IS 'the key';
          COMMENT ON CONSTRAINT item_code_key ON item IS 'one code each';"
     );
-    let schema = schema.as_str();
-    p.source.batch(schema).await?;
+    p.source.batch(&schema).await?;
     p.source
         .batch(
             "INSERT INTO item SELECT g, 'c' || g, 'l' || g, nullif('b' || g, 'b1')
              FROM generate_series(1, 3) g",
         )
         .await?;
-    p.dest.batch(schema).await?;
+    p.dest.batch(&schema).await?;
 
     common::migrate(&p).await?;
     let dst = p.dest.connect().await?;
