@@ -170,9 +170,9 @@ async fn describe_set(
             None
         };
         tables.push(BackupTable {
-            schema: m.schema.clone(),
-            name: m.from.clone(),
-            backup: m.to.clone(),
+            schema: m.schema.to_string(),
+            name: m.from.to_string(),
+            backup: m.to.to_string(),
             present,
             rows,
             rows_at_swap: recorded_rows(recorded.as_ref(), m),

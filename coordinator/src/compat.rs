@@ -39,8 +39,8 @@ pub fn problems(schema: &SourceSchema, dest_version: i32) -> Vec<String> {
                 ));
             }
             for (what, expr) in [
-                ("default", &c.default),
-                ("generation expression", &c.more().generated),
+                ("default", c.default.as_deref()),
+                ("generation expression", c.more().generated.as_deref()),
             ] {
                 let Some(expr) = expr else { continue };
                 for f in ["uuidv7(", "uuidv4("] {

@@ -22,6 +22,7 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::agents::{AgentHandle, AgentPool};
 use crate::conninfo::DbUrl;
 use crate::error::CoordinatorError;
+use crate::name::Name;
 
 /// A task's agent-side silence after which it is given up on that agent (agents report
 /// progress at least every 2 s).
@@ -41,13 +42,13 @@ pub struct CopyJob {
     /// table's quoted, qualified name), so that a resumed run knows what landed.
     pub key: String,
     /// Schema of the source table and its shadow.
-    pub schema: String,
+    pub schema: Name,
     /// Source table name.
-    pub table: String,
+    pub table: Name,
     /// Shadow table name.
-    pub shadow: String,
+    pub shadow: Name,
     /// Columns.
-    pub columns: Vec<String>,
+    pub columns: Vec<Name>,
     /// Heap pages of the source table (for splitting).
     pub pages: i64,
     /// Estimated bytes (heap + TOAST).
@@ -484,7 +485,7 @@ fn copied(
     }
     if let Some(t) = q.tasks.front() {
         return Err(CoordinatorError::Copy {
-            table: jobs[t.job].table.clone(),
+            table: jobs[t.job].table.to_string(),
             message: "no agent is left to run this task (every agent failed)".into(),
         });
     }
@@ -670,7 +671,7 @@ impl Worker {
                     }
                     let attempts = task.attempts;
                     self.fail(CoordinatorError::Copy {
-                        table: job.table.clone(),
+                        table: job.table.to_string(),
                         message: if attempts > 1 {
                             format!("{message} (after {attempts} attempts)")
                         } else {
@@ -693,7 +694,7 @@ impl Worker {
                     self.end_sessions().await;
                     if task.failovers > 2 * self.agent_count + self.ctx.retries {
                         self.fail(CoordinatorError::Copy {
-                            table: job.table.clone(),
+                            table: job.table.to_string(),
                             message: format!(
                                 "agents kept failing ({} failovers); last: {message}",
                                 task.failovers
@@ -734,7 +735,7 @@ impl Worker {
             .record(started.elapsed().as_secs_f64(), &attrs);
         if done.rows_written != done.rows_in_source {
             self.fail(CoordinatorError::Validation {
-                table: job.table.clone(),
+                table: job.table.to_string(),
                 shadow: done.rows_written as i64,
                 source_rows: done.rows_in_source as i64,
             });
@@ -862,15 +863,15 @@ impl Worker {
             read: SourceRead {
                 snapshot: SnapshotId(self.ctx.snapshot.clone()),
                 table: QualifiedName {
-                    schema: job.schema.clone(),
-                    name: job.table.clone(),
+                    schema: job.schema.to_string(),
+                    name: job.table.to_string(),
                 },
-                columns: job.columns.clone(),
+                columns: job.columns.iter().map(String::from).collect(),
                 range: task.range,
             },
             destination_table: QualifiedName {
-                schema: job.schema.clone(),
-                name: job.shadow.clone(),
+                schema: job.schema.to_string(),
+                name: job.shadow.to_string(),
             },
             progress_every_bytes: NonZeroU64::new(PROGRESS_EVERY_BYTES),
             peer_url,

@@ -7,6 +7,7 @@ use tokio_postgres::{Client, Row};
 
 use crate::catalog::Oid;
 use crate::error::CoordinatorError;
+use crate::name::Name;
 
 /// A live table of one of the destination's migrated schemas.
 #[derive(Debug, Clone)]
@@ -14,11 +15,11 @@ pub struct LiveTable {
     /// pg_class oid.
     pub oid: Oid,
     /// Schema.
-    pub schema: String,
+    pub schema: Name,
     /// Unquoted name.
     pub name: String,
     /// Owner role name.
-    pub owner: String,
+    pub owner: Name,
     /// Table privileges.
     pub grants: Vec<Grant>,
     /// Column privileges: (column, grant).
@@ -42,9 +43,9 @@ impl LiveTable {
     fn from_row(row: &Row) -> Self {
         LiveTable {
             oid: row.get("oid"),
-            schema: row.get("schema_name"),
+            schema: crate::name::schema_name(row.get("schema_name")),
             name: row.get("name"),
-            owner: row.get("owner"),
+            owner: crate::name::role_name(row.get("owner")),
             row_security: row.get("row_security"),
             force_row_security: row.get("force_row_security"),
             grants: parse_grants(row.get("grants")),

@@ -27,6 +27,7 @@ pub mod logfile;
 pub mod matview;
 pub mod metrics;
 pub mod migrate;
+pub mod name;
 pub mod naming;
 pub mod output;
 pub mod plan;

@@ -42,7 +42,7 @@ pub fn build_sql(
             .find(|i| i.schema == m.schema && &i.from == index)
             .map_or_else(
                 || crate::naming::prefixed(crate::naming::SHADOW, index),
-                |i| i.to.clone(),
+                |i| i.to.to_string(),
             );
         out.push(index_sql(
             definition,

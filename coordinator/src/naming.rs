@@ -5,6 +5,8 @@
 //! name is appended. Every name is recorded in the migration's metadata, so rollback and cleanup
 //! never have to guess.
 
+use crate::name::Name;
+
 /// Longest identifier PostgreSQL keeps (NAMEDATALEN - 1).
 pub const MAX_IDENTIFIER_BYTES: usize = 63;
 
@@ -19,6 +21,11 @@ pub const PUBLIC: &str = "public";
 /// [`PUBLIC`] as an owned string (serde default of recorded names without a schema).
 pub fn public_schema() -> String {
     PUBLIC.to_string()
+}
+
+/// [`public_schema`] as a shared [`crate::name::Name`].
+pub fn public_name() -> crate::name::Name {
+    crate::name::Name::from(PUBLIC)
 }
 
 /// A schema-qualified name, both parts unquoted: the one name type from the catalog read to
@@ -39,28 +46,31 @@ pub fn public_schema() -> String {
 #[serde(from = "QualNameRecord")]
 pub struct QualName {
     /// Schema.
-    pub schema: String,
+    pub schema: Name,
     /// Name in the schema.
-    pub name: String,
+    pub name: Name,
 }
 
 impl QualName {
     /// `schema.name`.
-    pub fn new(schema: impl Into<String>, name: impl Into<String>) -> QualName {
+    pub fn new(schema: impl AsRef<str>, name: impl Into<Name>) -> QualName {
         QualName {
-            schema: schema.into(),
+            schema: crate::name::schema_name(schema.as_ref()),
             name: name.into(),
         }
     }
 
     /// `public.name`.
-    pub fn public(name: impl Into<String>) -> QualName {
+    pub fn public(name: impl Into<Name>) -> QualName {
         QualName::new(PUBLIC, name)
     }
 
     /// Another name in the same schema.
-    pub fn sibling(&self, name: impl Into<String>) -> QualName {
-        QualName::new(self.schema.clone(), name)
+    pub fn sibling(&self, name: impl Into<Name>) -> QualName {
+        QualName {
+            schema: self.schema.clone(),
+            name: name.into(),
+        }
     }
 
     /// A catalog row's `schema_name` and `name` columns.
@@ -70,7 +80,7 @@ impl QualName {
 
     /// A catalog row's schema and name, from the columns so named.
     pub fn from_columns(row: &tokio_postgres::Row, schema: &str, name: &str) -> QualName {
-        QualName::new(row.get::<_, String>(schema), row.get::<_, String>(name))
+        QualName::new(row.get::<_, &str>(schema), row.get::<_, &str>(name))
     }
 
     /// The quoted, qualified form for SQL.
@@ -94,7 +104,7 @@ impl QualName {
     /// chosen), [`QualName::plain`] elsewhere.
     pub fn display_name(&self) -> String {
         if self.schema == PUBLIC {
-            self.name.clone()
+            self.name.to_string()
         } else {
             self.plain()
         }

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::{SourceSchema, Table};
 use crate::destination::{Destination, Grant, QualName};
+use crate::name::Name;
 use crate::naming::{prefixed, BACKUP, SHADOW};
 use crate::records::RecordedObjects;
 use crate::rewrite::Renames;
@@ -82,12 +83,12 @@ pub struct Move {
     /// Kind.
     pub kind: ObjectKind,
     /// Schema of the object (plans recorded before schemas were carried read as `public`).
-    #[serde(default = "crate::naming::public_schema")]
-    pub schema: String,
+    #[serde(default = "crate::naming::public_name")]
+    pub schema: Name,
     /// Current name.
-    pub from: String,
+    pub from: Name,
     /// New name.
-    pub to: String,
+    pub to: Name,
     /// The object's oid, for functions (their signature is not a stable handle: it may name a
     /// type that the swap renames).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -99,12 +100,12 @@ impl Move {
     pub fn in_schema(
         kind: ObjectKind,
         schema: &str,
-        from: impl Into<String>,
-        to: impl Into<String>,
+        from: impl Into<Name>,
+        to: impl Into<Name>,
     ) -> Move {
         Move {
             kind,
-            schema: schema.to_string(),
+            schema: crate::name::schema_name(schema),
             from: from.into(),
             to: to.into(),
             oid: None,
@@ -137,7 +138,7 @@ impl Move {
     /// (as recorded before schemas were chosen), `schema.name` elsewhere.
     pub fn stats_key(&self) -> String {
         if self.schema == crate::naming::PUBLIC {
-            self.from.clone()
+            self.from.to_string()
         } else {
             QualName::new(self.schema.clone(), self.from.clone()).plain()
         }
@@ -158,16 +159,16 @@ impl Move {
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TablePlan {
     /// Schema of the table, its shadow and its backup.
-    #[serde(default = "crate::naming::public_schema")]
-    pub schema: String,
+    #[serde(default = "crate::naming::public_name")]
+    pub schema: Name,
     /// Live name (the source's name).
-    pub name: String,
+    pub name: Name,
     /// Shadow table name.
-    pub shadow: String,
+    pub shadow: Name,
     /// Backup name of the live table it replaces, if the destination has one.
-    pub backup: Option<String>,
+    pub backup: Option<Name>,
     /// Columns copied.
-    pub copy_columns: Vec<String>,
+    pub copy_columns: Vec<crate::name::Name>,
     /// Planner estimate of rows in the source.
     pub estimated_rows: i64,
     /// Estimate of bytes in the source.
@@ -589,9 +590,9 @@ pub fn build_all(
         for (index, _) in &mv.matview.indexes {
             shadows.indexes.push(Move {
                 kind: ObjectKind::Index,
-                schema: mv.matview.schema.clone(),
-                from: index.clone(),
-                to: prefixed(SHADOW, index),
+                schema: crate::name::schema_name(&mv.matview.schema),
+                from: index.as_str().into(),
+                to: prefixed(SHADOW, index).into(),
                 oid: None,
             });
         }
@@ -613,17 +614,17 @@ pub fn build_all(
         .iter()
         .map(|mv| Move {
             kind: ObjectKind::MaterializedView,
-            schema: mv.matview.schema.clone(),
-            from: mv.matview.name.clone(),
-            to: mv.shadow.clone(),
+            schema: crate::name::schema_name(&mv.matview.schema),
+            from: mv.matview.name.as_str().into(),
+            to: mv.shadow.as_str().into(),
             oid: None,
         })
         // Recreated views are created as `shadow_<name>` in the swap, before its locks.
         .chain(views.iter().map(|v| Move {
             kind: ObjectKind::View,
-            schema: v.schema.clone(),
-            from: v.name.clone(),
-            to: prefixed(SHADOW, &v.name),
+            schema: crate::name::schema_name(&v.schema),
+            from: v.name.as_str().into(),
+            to: prefixed(SHADOW, &v.name).into(),
             oid: None,
         }))
         .collect();
@@ -888,9 +889,9 @@ impl<'a> Affected<'a> {
             });
             to_backup.push(Move {
                 kind: ObjectKind::Function,
-                schema: f.schema.clone(),
-                from: f.name.clone(),
-                to: prefixed(BACKUP, &f.name),
+                schema: crate::name::schema_name(&f.schema),
+                from: f.name.as_str().into(),
+                to: prefixed(BACKUP, &f.name).into(),
                 oid: Some(f.oid),
             });
             planned.push(FunctionPlan {
@@ -1145,9 +1146,9 @@ fn live_moves(tables: &[TablePlan], shadows: &ShadowMoves, matviews: &[MatviewPl
         })
         .chain(matviews.iter().map(|mv| Move {
             kind: ObjectKind::MaterializedView,
-            schema: mv.matview.schema.clone(),
-            from: mv.shadow.clone(),
-            to: mv.matview.name.clone(),
+            schema: crate::name::schema_name(&mv.matview.schema),
+            from: mv.shadow.as_str().into(),
+            to: mv.matview.name.as_str().into(),
             oid: None,
         }))
         .chain(
@@ -1212,8 +1213,8 @@ fn foreign_key_repoints(
             schema: fk.schema.clone(),
             table: fk.table.clone(),
             name: fk.name.clone(),
-            references: fk.references.name.clone(),
-            references_schema: fk.references.schema.clone(),
+            references: fk.references.name.to_string(),
+            references_schema: fk.references.schema.to_string(),
             definition: fk.definition.clone(),
         })
         .collect();
@@ -1303,13 +1304,13 @@ fn extensions_to_create(
 
 fn table_plan(t: &Table, source: &SourceSchema, dest: &Destination) -> TablePlan {
     TablePlan {
-        schema: t.schema.clone(),
+        schema: crate::name::schema_name(&t.schema),
         name: t.name.clone(),
-        shadow: prefixed(SHADOW, &t.name),
+        shadow: prefixed(SHADOW, &t.name).into(),
         backup: dest
             .tables
             .get(&t.qualname())
-            .map(|_| prefixed(BACKUP, &t.name)),
+            .map(|_| prefixed(BACKUP, &t.name).into()),
         copy_columns: t.copy_columns(),
         estimated_rows: t.estimated_rows,
         estimated_bytes: t.estimated_bytes,
@@ -1428,9 +1429,9 @@ fn plan_dependents(
                 0,
                 Move {
                     kind: ObjectKind::View,
-                    schema: v.schema.clone(),
-                    from: v.name.clone(),
-                    to: prefixed(BACKUP, &v.name),
+                    schema: crate::name::schema_name(&v.schema),
+                    from: v.name.as_str().into(),
+                    to: prefixed(BACKUP, &v.name).into(),
                     oid: None,
                 },
             );
@@ -1443,17 +1444,17 @@ fn plan_dependents(
         if let Some(live) = dest.materialized_views.get(&key) {
             to_backup.push(Move {
                 kind: ObjectKind::MaterializedView,
-                schema: key.schema.clone(),
-                from: key.name.clone(),
-                to: prefixed(BACKUP, &key.name),
+                schema: crate::name::schema_name(&key.schema),
+                from: key.name.as_str().into(),
+                to: prefixed(BACKUP, &key.name).into(),
                 oid: None,
             });
             for (index, _) in &live.matview.indexes {
                 to_backup.push(Move {
                     kind: ObjectKind::Index,
-                    schema: key.schema.clone(),
-                    from: index.clone(),
-                    to: prefixed(BACKUP, index),
+                    schema: crate::name::schema_name(&key.schema),
+                    from: index.as_str().into(),
+                    to: prefixed(BACKUP, index).into(),
                     oid: None,
                 });
             }
@@ -1803,7 +1804,7 @@ mod tests {
         let key = |m: &Move, name: &str| {
             (
                 m.kind == ObjectKind::Function,
-                m.schema.clone(),
+                m.schema.to_string(),
                 name.to_string(),
             )
         };

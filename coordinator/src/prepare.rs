@@ -244,7 +244,7 @@ async fn plan_migration(
         plan.to_backup
             .iter()
             .find(|m| m.from == live_seq && m.schema == schema)
-            .map(|m| m.to.clone())
+            .map(|m| m.to.to_string())
     };
     plan.preserved = preserve::plan(
         preserved_names,
@@ -1546,7 +1546,7 @@ impl ShadowRun<'_> {
         let created = if first {
             let all = RecordedObjects {
                 schemas: plan.schemas_to_create.clone(),
-                indexes: plan.indexes.iter().map(|m| m.to.clone()).collect(),
+                indexes: plan.indexes.iter().map(|m| m.to.to_string()).collect(),
                 functions: plan
                     .functions_to_create
                     .iter()
@@ -1674,8 +1674,8 @@ async fn record(
         }
     }
     let oids = |sql: &'static str, names: Vec<&QualName>| {
-        let schemas: Vec<String> = names.iter().map(|n| n.schema.clone()).collect();
-        let names: Vec<String> = names.iter().map(|n| n.name.clone()).collect();
+        let schemas: Vec<String> = names.iter().map(|n| n.schema.to_string()).collect();
+        let names: Vec<String> = names.iter().map(|n| n.name.to_string()).collect();
         async move {
             if names.is_empty() {
                 return Ok(Vec::new());
@@ -1760,7 +1760,7 @@ mod tests {
                     .creates
                     .iter()
                     .map(|c| match c {
-                        crate::shadow::Created::Table(name) => name.name.clone(),
+                        crate::shadow::Created::Table(name) => name.name.to_string(),
                         other => panic!("{other:?}"),
                     })
                     .collect();

@@ -354,8 +354,8 @@ pub fn plan(
             }
         }
         out.push(PreservedTable {
-            schema: qualified.schema.clone(),
-            table: qualified.name.clone(),
+            schema: qualified.schema.to_string(),
+            table: qualified.name.to_string(),
             shadow: renames
                 .get_in(&qualified.schema, &qualified.name)
                 .unwrap_or(&qualified.name)
@@ -381,14 +381,14 @@ fn column_mapping(
     table
         .columns
         .iter()
-        .filter(|c| c.more().generated.is_none() && shape.columns.contains(&c.name))
+        .filter(|c| c.more().generated.is_none() && shape.columns.iter().any(|s| *s == c.name))
         .map(|c| {
             let user_type = source
                 .types
                 .iter()
                 .any(|t| t.oid == c.type_oid || (c.elem_type_oid != 0 && t.oid == c.elem_type_oid));
             SyncColumn {
-                column: c.name.clone(),
+                column: c.name.to_string(),
                 via_text_as: user_type.then(|| renames.apply(&c.type_sql)),
             }
         })

@@ -339,9 +339,9 @@ impl Aside {
         RolledBackObject {
             migration_id: id,
             kind,
-            schema: self.name.schema.clone(),
+            schema: self.name.schema.to_string(),
             name: self.to.clone(),
-            live: self.name.name.clone(),
+            live: self.name.name.to_string(),
             oid: self.oid,
         }
     }

@@ -1017,7 +1017,7 @@ pub async fn aside_set(
     let recorded: Vec<Move> = moves
         .iter()
         .map(|m| Move {
-            to: crate::naming::prefixed(&prefix, &m.from),
+            to: crate::naming::prefixed(&prefix, &m.from).into(),
             ..m.clone()
         })
         .collect();

@@ -301,9 +301,9 @@ async fn shadow_tables(
             ));
         }
         out.push(ShadowTable {
-            schema: t.schema.clone(),
-            table: t.name.clone(),
-            shadow: t.shadow.clone(),
+            schema: t.schema.to_string(),
+            table: t.name.to_string(),
+            shadow: t.shadow.to_string(),
             present,
             rows,
             expected_rows,

@@ -14,6 +14,7 @@ use std::collections::BTreeSet;
 use tokio_postgres::Client;
 
 use crate::error::CoordinatorError;
+pub use crate::name::Name;
 pub use crate::naming::QualName;
 
 pub use queries::{
@@ -93,9 +94,9 @@ pub struct Table {
     /// pg_class oid in the source.
     pub oid: Oid,
     /// Schema (unquoted).
-    pub schema: String,
+    pub schema: Name,
     /// Unquoted name.
-    pub name: String,
+    pub name: Name,
     /// `p` permanent or `u` unlogged.
     pub persistence: char,
     /// Storage parameters (`fillfactor=70`).
@@ -140,7 +141,7 @@ impl Table {
     }
 
     /// Columns that COPY carries (stored generated columns are recomputed by the destination).
-    pub fn copy_columns(&self) -> Vec<String> {
+    pub fn copy_columns(&self) -> Vec<Name> {
         self.columns
             .iter()
             .filter(|c| c.more().generated.is_none())
@@ -162,9 +163,9 @@ pub enum Identity {
 #[derive(Debug, Clone)]
 pub struct Column {
     /// Unquoted name.
-    pub name: String,
+    pub name: Name,
     /// `format_type(atttypid, atttypmod)`, qualified.
-    pub type_sql: String,
+    pub type_sql: Name,
     /// Type oid.
     pub type_oid: Oid,
     /// Element type oid when the type is an array (0 otherwise).
@@ -172,7 +173,7 @@ pub struct Column {
     /// NOT NULL.
     pub not_null: bool,
     /// Default expression (not for generated columns).
-    pub default: Option<String>,
+    pub default: Option<Name>,
     /// Identity.
     pub identity: Option<Identity>,
     /// What most columns lack, boxed (`None`: all unset): a column was ~230 bytes, 11 MB at
@@ -231,7 +232,7 @@ pub struct Constraint {
     /// `p`, `u`, `x`, `c` or `f`.
     pub kind: char,
     /// `pg_get_constraintdef`, qualified.
-    pub definition: String,
+    pub definition: Name,
     /// Referenced table for foreign keys.
     pub references: Option<QualName>,
     /// Whether the constraint was validated in the source (NOT VALID ones are re-added NOT VALID).
@@ -239,9 +240,9 @@ pub struct Constraint {
     /// COMMENT ON CONSTRAINT.
     pub comment: Option<String>,
     /// Foreign keys: the referencing columns, in key order.
-    pub columns: Vec<String>,
+    pub columns: Vec<Name>,
     /// Foreign keys: the referenced columns, in key order.
-    pub ref_columns: Vec<String>,
+    pub ref_columns: Vec<Name>,
     /// Foreign keys: `MATCH FULL`.
     pub match_full: bool,
 }
