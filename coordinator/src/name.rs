@@ -198,6 +198,12 @@ pub fn role_name(text: &str) -> Name {
     FEW.get_or_init(Interner::default).name(text)
 }
 
+/// A recorded schema name, read as the shared [`schema_name`] (a recorded plan repeats it in
+/// every table plan and move).
+pub fn deserialize_schema<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Name, D::Error> {
+    <String as serde::Deserialize>::deserialize(d).map(|s| schema_name(&s))
+}
+
 /// Schema and role names: few per database, each repeated thousands of times.
 static FEW: std::sync::OnceLock<Interner> = std::sync::OnceLock::new();
 
@@ -254,6 +260,20 @@ mod tests {
         assert!(!Arc::ptr_eq(&a.0, &i.name("id").0));
         assert_eq!(a, "created");
         assert_eq!(String::from(b), "created");
+    }
+
+    #[test]
+    fn recorded_schemas_are_read_shared() {
+        #[derive(serde::Deserialize)]
+        struct Rec {
+            #[serde(deserialize_with = "deserialize_schema")]
+            schema: Name,
+        }
+        let a: Rec = serde_json::from_str(r#"{"schema": "sales"}"#).unwrap();
+        let b: Rec = serde_json::from_str(r#"{"schema": "sal\u0065s"}"#).unwrap();
+        assert_eq!(a.schema, "sales");
+        assert!(Arc::ptr_eq(&a.schema.0, &b.schema.0));
+        assert!(Arc::ptr_eq(&a.schema.0, &schema_name("sales").0));
     }
 
     #[test]

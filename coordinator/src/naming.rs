@@ -25,7 +25,7 @@ pub fn public_schema() -> String {
 
 /// [`public_schema`] as a shared [`crate::name::Name`].
 pub fn public_name() -> crate::name::Name {
-    crate::name::Name::from(PUBLIC)
+    crate::name::schema_name(PUBLIC)
 }
 
 /// A schema-qualified name, both parts unquoted: the one name type from the catalog read to

@@ -83,7 +83,10 @@ pub struct Move {
     /// Kind.
     pub kind: ObjectKind,
     /// Schema of the object (plans recorded before schemas were carried read as `public`).
-    #[serde(default = "crate::naming::public_name")]
+    #[serde(
+        default = "crate::naming::public_name",
+        deserialize_with = "crate::name::deserialize_schema"
+    )]
     pub schema: Name,
     /// Current name.
     pub from: Name,
@@ -159,7 +162,10 @@ impl Move {
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TablePlan {
     /// Schema of the table, its shadow and its backup.
-    #[serde(default = "crate::naming::public_name")]
+    #[serde(
+        default = "crate::naming::public_name",
+        deserialize_with = "crate::name::deserialize_schema"
+    )]
     pub schema: Name,
     /// Live name (the source's name).
     pub name: Name,
@@ -168,7 +174,7 @@ pub struct TablePlan {
     /// Backup name of the live table it replaces, if the destination has one.
     pub backup: Option<Name>,
     /// Columns copied.
-    pub copy_columns: Vec<crate::name::Name>,
+    pub copy_columns: Vec<Name>,
     /// Planner estimate of rows in the source.
     pub estimated_rows: i64,
     /// Estimate of bytes in the source.
