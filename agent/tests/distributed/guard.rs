@@ -213,7 +213,11 @@ async fn an_agent_holding_named_databases_refuses_connection_strings() {
     .await
     .expect_err("a task with connection strings");
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
-    assert!(agent.log().contains("refused a request"));
+    assert!(
+        agent.logs_soon("refused a request").await,
+        "{}",
+        agent.log()
+    );
     // Its own name still works.
     let answer = c
         .probe(proto::ProbeRequest {

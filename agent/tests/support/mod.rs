@@ -184,6 +184,22 @@ impl AgentProcess {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Whether the agent writes `needle` within 10 s: its output reaches [`AgentProcess::log`]
+    /// through a pipe read by another task, so a line logged just before an answer may arrive
+    /// after it.
+    pub async fn logs_soon(&self, needle: &str) -> bool {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits for the agent to exit.
     pub async fn wait(&mut self) -> std::process::ExitStatus {
         self.child.wait().await.expect("wait for pgzm-agent")
