@@ -43,9 +43,9 @@ impl LiveTable {
     fn from_row(row: &Row) -> Self {
         LiveTable {
             oid: row.get("oid"),
-            schema: crate::name::schema_name(row.get("schema_name")),
+            schema: crate::name::common(row.get("schema_name")),
             name: row.get("name"),
-            owner: crate::name::role_name(row.get("owner")),
+            owner: crate::name::common(row.get("owner")),
             row_security: row.get("row_security"),
             force_row_security: row.get("force_row_security"),
             grants: parse_grants(row.get("grants")),

@@ -185,23 +185,17 @@ impl<'a> tokio_postgres::types::FromSql<'a> for Name {
     }
 }
 
-/// The shared name of a schema: a handful per database, repeated in every table, plan entry
-/// and rename of it, so one process-wide set holds them (never emptied; it grows only with the
-/// distinct schema and role names a process meets).
-pub fn schema_name(text: &str) -> Name {
+/// The shared name of a schema or a role: a handful per database, each repeated in every
+/// table, plan entry and rename (a schema) or owned object (a role), so one process-wide set
+/// holds them (never emptied; it grows only with the distinct names a process meets).
+pub fn common(text: &str) -> Name {
     FEW.get_or_init(Interner::default).name(text)
 }
 
-/// The shared name of a role (an owner, repeated in every table of the destination catalog):
-/// kept with the schemas' names.
-pub fn role_name(text: &str) -> Name {
-    FEW.get_or_init(Interner::default).name(text)
-}
-
-/// A recorded schema name, read as the shared [`schema_name`] (a recorded plan repeats it in
+/// A recorded schema name, read as the shared [`common`] one (a recorded plan repeats it in
 /// every table plan and move).
 pub fn deserialize_schema<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Name, D::Error> {
-    <String as serde::Deserialize>::deserialize(d).map(|s| schema_name(&s))
+    <String as serde::Deserialize>::deserialize(d).map(|s| common(&s))
 }
 
 /// Schema and role names: few per database, each repeated thousands of times.
@@ -273,7 +267,7 @@ mod tests {
         let b: Rec = serde_json::from_str(r#"{"schema": "sal\u0065s"}"#).unwrap();
         assert_eq!(a.schema, "sales");
         assert!(Arc::ptr_eq(&a.schema.0, &b.schema.0));
-        assert!(Arc::ptr_eq(&a.schema.0, &schema_name("sales").0));
+        assert!(Arc::ptr_eq(&a.schema.0, &common("sales").0));
     }
 
     #[test]

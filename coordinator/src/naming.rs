@@ -25,7 +25,7 @@ pub fn public_schema() -> String {
 
 /// [`public_schema`] as a shared [`crate::name::Name`].
 pub fn public_name() -> crate::name::Name {
-    crate::name::schema_name(PUBLIC)
+    crate::name::common(PUBLIC)
 }
 
 /// A schema-qualified name, both parts unquoted: the one name type from the catalog read to
@@ -55,7 +55,7 @@ impl QualName {
     /// `schema.name`.
     pub fn new(schema: impl AsRef<str>, name: impl Into<Name>) -> QualName {
         QualName {
-            schema: crate::name::schema_name(schema.as_ref()),
+            schema: crate::name::common(schema.as_ref()),
             name: name.into(),
         }
     }

@@ -108,7 +108,7 @@ impl Move {
     ) -> Move {
         Move {
             kind,
-            schema: crate::name::schema_name(schema),
+            schema: crate::name::common(schema),
             from: from.into(),
             to: to.into(),
             oid: None,
@@ -596,7 +596,7 @@ pub fn build_all(
         for (index, _) in &mv.matview.indexes {
             shadows.indexes.push(Move {
                 kind: ObjectKind::Index,
-                schema: crate::name::schema_name(&mv.matview.schema),
+                schema: crate::name::common(&mv.matview.schema),
                 from: index.as_str().into(),
                 to: prefixed(SHADOW, index).into(),
                 oid: None,
@@ -620,7 +620,7 @@ pub fn build_all(
         .iter()
         .map(|mv| Move {
             kind: ObjectKind::MaterializedView,
-            schema: crate::name::schema_name(&mv.matview.schema),
+            schema: crate::name::common(&mv.matview.schema),
             from: mv.matview.name.as_str().into(),
             to: mv.shadow.as_str().into(),
             oid: None,
@@ -628,7 +628,7 @@ pub fn build_all(
         // Recreated views are created as `shadow_<name>` in the swap, before its locks.
         .chain(views.iter().map(|v| Move {
             kind: ObjectKind::View,
-            schema: crate::name::schema_name(&v.schema),
+            schema: crate::name::common(&v.schema),
             from: v.name.as_str().into(),
             to: prefixed(SHADOW, &v.name).into(),
             oid: None,
@@ -895,7 +895,7 @@ impl<'a> Affected<'a> {
             });
             to_backup.push(Move {
                 kind: ObjectKind::Function,
-                schema: crate::name::schema_name(&f.schema),
+                schema: crate::name::common(&f.schema),
                 from: f.name.as_str().into(),
                 to: prefixed(BACKUP, &f.name).into(),
                 oid: Some(f.oid),
@@ -1152,7 +1152,7 @@ fn live_moves(tables: &[TablePlan], shadows: &ShadowMoves, matviews: &[MatviewPl
         })
         .chain(matviews.iter().map(|mv| Move {
             kind: ObjectKind::MaterializedView,
-            schema: crate::name::schema_name(&mv.matview.schema),
+            schema: crate::name::common(&mv.matview.schema),
             from: mv.shadow.as_str().into(),
             to: mv.matview.name.as_str().into(),
             oid: None,
@@ -1310,7 +1310,7 @@ fn extensions_to_create(
 
 fn table_plan(t: &Table, source: &SourceSchema, dest: &Destination) -> TablePlan {
     TablePlan {
-        schema: crate::name::schema_name(&t.schema),
+        schema: t.schema.clone(),
         name: t.name.clone(),
         shadow: prefixed(SHADOW, &t.name).into(),
         backup: dest
@@ -1435,7 +1435,7 @@ fn plan_dependents(
                 0,
                 Move {
                     kind: ObjectKind::View,
-                    schema: crate::name::schema_name(&v.schema),
+                    schema: crate::name::common(&v.schema),
                     from: v.name.as_str().into(),
                     to: prefixed(BACKUP, &v.name).into(),
                     oid: None,
@@ -1450,7 +1450,7 @@ fn plan_dependents(
         if let Some(live) = dest.materialized_views.get(&key) {
             to_backup.push(Move {
                 kind: ObjectKind::MaterializedView,
-                schema: crate::name::schema_name(&key.schema),
+                schema: key.schema.clone(),
                 from: key.name.as_str().into(),
                 to: prefixed(BACKUP, &key.name).into(),
                 oid: None,
@@ -1458,7 +1458,7 @@ fn plan_dependents(
             for (index, _) in &live.matview.indexes {
                 to_backup.push(Move {
                     kind: ObjectKind::Index,
-                    schema: crate::name::schema_name(&key.schema),
+                    schema: key.schema.clone(),
                     from: index.as_str().into(),
                     to: prefixed(BACKUP, index).into(),
                     oid: None,

@@ -345,7 +345,8 @@ pub async fn read_schema(
     let (matview_oids, cannot) = read_tables(client, &mut schema).await?;
     let excluded = apply_filter(client, filter, &mut schema, cannot).await?;
     let t = TableIndex::of(&schema, excluded);
-    // Column names, types and defaults repeat across tables: one allocation each.
+    // Column names, types and defaults, and keys' definitions and columns, repeat across
+    // tables: one allocation each.
     let names = Interner::default();
     // The reads that depend only on the tables go out at once, pipelined, so a source across a
     // WAN costs a couple of round trips for all of them rather than two per query (the plan
@@ -528,7 +529,7 @@ async fn read_tables(
             }
             _ => schema.tables.push(Table {
                 oid: row.get("oid"),
-                schema: crate::name::schema_name(&name.schema),
+                schema: crate::name::common(&name.schema),
                 name: name.name,
                 persistence: row
                     .get::<_, String>("persistence")
@@ -638,11 +639,9 @@ fn constraint_of(row: &Row, t: &TableIndex, names: &Interner) -> (usize, Constra
     let constraint = Constraint {
         name: row.get("name"),
         kind,
-        definition: match row.get::<_, Option<&str>>("index_options") {
-            Some(options) if !options.is_empty() => {
-                with_index_options(row.get("definition"), options).into()
-            }
-            _ => names.get(row, "definition"),
+        definition: match with_index_options(row.get("definition"), row.get("index_options")) {
+            Some(definition) => definition.into(),
+            None => names.get(row, "definition"),
         },
         references,
         validated: row.get("validated"),
@@ -656,15 +655,16 @@ fn constraint_of(row: &Row, t: &TableIndex, names: &Interner) -> (usize, Constra
 
 /// A primary key's or unique constraint's definition with its index's storage parameters
 /// (`WITH (fillfactor='70')`) where `pg_dump` prints them: after the columns and `INCLUDE`,
-/// before `DEFERRABLE`.
-fn with_index_options(definition: String, options: &str) -> String {
+/// before `DEFERRABLE`. `None` when it has none (the definition is `pg_get_constraintdef`'s).
+fn with_index_options(definition: &str, options: Option<&str>) -> Option<String> {
+    let options = options.filter(|o| !o.is_empty())?;
     let with = format!(" WITH ({options})");
     for tail in [" DEFERRABLE INITIALLY DEFERRED", " DEFERRABLE"] {
         if let Some(head) = definition.strip_suffix(tail) {
-            return format!("{head}{with}{tail}");
+            return Some(format!("{head}{with}{tail}"));
         }
     }
-    definition + &with
+    Some(format!("{definition}{with}"))
 }
 
 /// Adds the constraints to their tables; a foreign key to a table outside the set is
@@ -1355,21 +1355,22 @@ mod tests {
 
     #[test]
     fn index_options_go_before_deferrable() {
-        let o = || "fillfactor='70'";
+        let o = Some("fillfactor='70'");
+        let with = |d: &str| with_index_options(d, o);
         assert_eq!(
-            with_index_options("PRIMARY KEY (id) INCLUDE (a)".into(), o()),
-            "PRIMARY KEY (id) INCLUDE (a) WITH (fillfactor='70')"
+            with("PRIMARY KEY (id) INCLUDE (a)").as_deref(),
+            Some("PRIMARY KEY (id) INCLUDE (a) WITH (fillfactor='70')")
         );
         assert_eq!(
-            with_index_options(
-                "UNIQUE (\"x DEFERRABLE\") DEFERRABLE INITIALLY DEFERRED".into(),
-                o()
-            ),
-            "UNIQUE (\"x DEFERRABLE\") WITH (fillfactor='70') DEFERRABLE INITIALLY DEFERRED"
+            with("UNIQUE (\"x DEFERRABLE\") DEFERRABLE INITIALLY DEFERRED").as_deref(),
+            Some("UNIQUE (\"x DEFERRABLE\") WITH (fillfactor='70') DEFERRABLE INITIALLY DEFERRED")
         );
         assert_eq!(
-            with_index_options("UNIQUE (u) DEFERRABLE".into(), o()),
-            "UNIQUE (u) WITH (fillfactor='70') DEFERRABLE"
+            with("UNIQUE (u) DEFERRABLE").as_deref(),
+            Some("UNIQUE (u) WITH (fillfactor='70') DEFERRABLE")
         );
+        // Without options the definition is pg_get_constraintdef's, unchanged.
+        assert_eq!(with_index_options("UNIQUE (u)", None), None);
+        assert_eq!(with_index_options("UNIQUE (u)", Some("")), None);
     }
 }
